@@ -1,0 +1,93 @@
+"""The root ``flywheel`` command: subcommands are imported only when they are invoked."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+try:
+    import typer
+    from typer.core import TyperCommand, TyperGroup
+except ImportError:  # pragma: no cover - the core install has numpy only
+    typer = None  # type: ignore[assignment]
+
+# name -> (module, attribute, extra that provides its dependencies, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "agent": ("fleet.edge.cli", "app", "edge", "Run the shadow-mode edge agent on a device."),
+    "hub": ("fleet.hub.cli", "app", "hub", "Serve the hub and manage its tokens."),
+    "models": ("fleet.hub.cli", "models_app", "hub", "List, promote and roll back model versions."),
+    "campaigns": ("fleet.hub.cli", "campaigns_app", "hub", "Apply and list trigger campaigns."),
+    "label": ("labeling.cli", "app", "labeling", "Keep Label Studio and the hub in step."),
+    "train": ("training.cli", "train_app", "train", "Retrain, gate, export and publish a model."),
+    "export": ("training.cli", "export_app", "train", "Export a checkpoint to signed ONNX."),
+    "keys": ("fleet.keys_cli", "app", "edge", "Generate the fleet's ed25519 signing keys."),
+    "demo": ("fleet.sim.cli", "app", "all", "Run the whole loop on one machine, against random labeling."),
+}
+
+
+def _load(name: str) -> Any:
+    module, attr, extra, _ = SUBCOMMANDS[name]
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as exc:
+        if exc.name and (exc.name == module or module.startswith(exc.name + ".")):
+            message = f"'flywheel {name}' is not available in this build ({module} is missing)"
+        else:
+            message = f"'flywheel {name}' needs {exc.name!r}: pip install 'edge-flywheel[{extra}]'"
+        sys.stderr.write(f"Error: {message}\n")
+        raise typer.Exit(2) from exc
+    return typer.main.get_command(obj) if isinstance(obj, typer.Typer) else obj
+
+
+if typer is not None:
+
+    class LazyGroup(TyperGroup):
+        """A group whose subcommands are imported on first use, so ``flywheel agent`` never loads torch."""
+
+        def list_commands(self, ctx: Any) -> list[str]:
+            return list(SUBCOMMANDS)
+
+        def get_command(self, ctx: Any, cmd_name: str) -> Any:
+            """A light placeholder for help listings: names and one-line help, nothing imported."""
+            if cmd_name not in SUBCOMMANDS:
+                return None
+            return TyperCommand(cmd_name, help=SUBCOMMANDS[cmd_name][3])
+
+        def _click_resolve_command(self, ctx: Any, args: list[str]) -> tuple[str | None, Any, list[str]]:
+            """Resolve the invoked subcommand for real: only now is its module imported."""
+            if args and args[0] in SUBCOMMANDS:
+                cmd = _load(args[0])
+                cmd.name = args[0]
+                return args[0], cmd, args[1:]
+            return super()._click_resolve_command(ctx, args)  # type: ignore[no-any-return]
+
+    app = typer.Typer(
+        cls=LazyGroup,
+        name="flywheel",
+        help="Flywheel: active-learning edge-case mining, from edge devices to signed model rollouts.",
+        no_args_is_help=True,
+        add_completion=False,
+    )
+
+    @app.callback()
+    def _root(
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+    ) -> None:
+        import logging
+
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+
+
+def main() -> None:
+    if typer is None:
+        sys.stderr.write("the flywheel command needs typer: pip install 'edge-flywheel[cli]'\n")
+        raise SystemExit(2)
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""The hub: cases, blobs, selection, labels, snapshots, model registry, rollouts, campaigns."""

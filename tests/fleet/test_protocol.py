@@ -1,0 +1,145 @@
+"""The wire contract: round trips, and every malformed field refused with a message naming it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fleet.errors import ProtocolError
+from fleet.protocol import (
+    Assignment,
+    CampaignRef,
+    Case,
+    Heartbeat,
+    InputSpec,
+    ModelManifest,
+    ModelRef,
+    OtaReport,
+    TriggerHit,
+    decode_embedding,
+    encode_embedding,
+)
+
+SHA = hashlib.sha256(b"png").hexdigest()
+
+
+def make_case(**over: object) -> Case:
+    base: dict[str, object] = dict(
+        case_id="c-1", device_id="dev-1", captured_at=1700000000.0, model_version="v1",
+        predicted_class=1, probs=[0.2, 0.7, 0.1], image_sha256=SHA, image_size=100, priority=0.5,
+        scores={"entropy": 0.8}, triggers=[TriggerHit("entropy", 0.8, 0.5)], human_action=2,
+        tags={"condition": "night"}, embedding=encode_embedding(np.arange(4, dtype=np.float32)),
+    )
+    base.update(over)
+    return Case(**base)  # type: ignore[arg-type]
+
+
+def test_case_round_trip_keeps_every_field() -> None:
+    case = make_case()
+    back = Case.from_json(case.to_json())
+    assert back == case
+    assert isinstance(back.triggers[0], TriggerHit)
+    np.testing.assert_array_equal(decode_embedding(back.embedding or ""), [0, 1, 2, 3])
+
+
+def test_embedding_is_compact_float16() -> None:
+    vec = np.linspace(-1, 1, 128).astype(np.float32)
+    text = encode_embedding(vec)
+    assert len(text) <= math.ceil(128 * 2 / 3) * 4  # base64 of 256 bytes
+    np.testing.assert_allclose(decode_embedding(text), vec, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("case_id", "../etc/passwd", "case_id"),
+        ("probs", [0.5, 0.6], "summing to 1"),
+        ("probs", [float("nan"), 1.0], "finite"),
+        ("predicted_class", 7, "out of range"),
+        ("image_sha256", "abc", "sha256"),
+        ("priority", 1.5, "priority"),
+        ("scores", {"entropy": float("inf")}, "finite"),
+        ("human_action", "cat", "integer"),
+        ("tags", {"condition": 3}, "tags['condition']"),
+    ],
+)
+def test_case_rejects_bad_fields_with_a_message(field: str, value: object, message: str) -> None:
+    data = json.loads(make_case().to_json())
+    data[field] = value
+    with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Case.from_dict(data)
+
+
+def test_unknown_field_and_wrong_schema_are_refused() -> None:
+    data = json.loads(make_case().to_json())
+    with pytest.raises(ProtocolError, match="unknown field"):
+        Case.from_dict({**data, "surprise": 1})
+    with pytest.raises(ProtocolError, match="schema 99"):
+        Case.from_dict({**data, "schema": 99})
+    with pytest.raises(ProtocolError, match="not valid JSON"):
+        Case.from_json("{nope")
+    with pytest.raises(ProtocolError, match="must be a JSON object"):
+        Case.from_json("[1, 2]")
+
+
+def test_to_json_refuses_nan() -> None:
+    case = make_case()
+    case.priority = float("nan")
+    with pytest.raises(ProtocolError, match="NaN"):
+        case.to_json()
+
+
+def test_manifest_round_trip_and_validation() -> None:
+    m = ModelManifest(
+        version="v2", parent_version="v1", onnx_sha256=SHA, onnx_size=10,
+        input=InputSpec(height=28, width=28, channels=1, mean=[0.5], std=[0.25]),
+        class_names=["a", "b"], embedding_dim=8,
+    )
+    back = ModelManifest.from_json(m.to_json())
+    assert back == m and back.canonical_bytes() == m.canonical_bytes()
+    bad = json.loads(m.to_json())
+    bad["input"]["channels"] = 2
+    with pytest.raises(ProtocolError, match="channels must be 1 or 3"):
+        ModelManifest.from_dict(bad)
+    bad = json.loads(m.to_json())
+    bad["input"]["mean"] = [0.1, 0.2, 0.3]
+    with pytest.raises(ProtocolError, match="must list 1 numbers"):
+        ModelManifest.from_dict(bad)
+
+
+def test_assignment_round_trip_and_malformed() -> None:
+    a = Assignment(
+        device_id="dev-1", active=ModelRef("v1", SHA), challenger=ModelRef("v2", SHA),
+        campaigns=[CampaignRef("camp", 3, {"format": "flywheel.trigger/1"}, expires_at=2e9)],
+        issued_at=1.0,
+    )
+    assert Assignment.from_json(a.to_json()) == a
+    bad = json.loads(a.to_json())
+    bad["active"]["onnx_sha256"] = "zz"
+    with pytest.raises(ProtocolError, match="onnx_sha256"):
+        Assignment.from_dict(bad)
+    bad = json.loads(a.to_json())
+    bad["campaigns"] = "all"
+    with pytest.raises(ProtocolError, match="campaigns must be a list"):
+        Assignment.from_dict(bad)
+
+
+def test_heartbeat_counters_are_checked() -> None:
+    hb = Heartbeat(device_id="d", sent_at=1.0, boot_id="b1", model_version="v1",
+                   counters={"frames_seen": 10, "flagged": 2}, human_compared=5, human_disagreed=1)
+    assert Heartbeat.from_json(hb.to_json()) == hb
+    with pytest.raises(ProtocolError, match="unknown counter 'bogus'"):
+        Heartbeat.from_dict({**json.loads(hb.to_json()), "counters": {"bogus": 1}})
+    with pytest.raises(ProtocolError, match="cannot exceed"):
+        Heartbeat.from_dict({**json.loads(hb.to_json()), "human_disagreed": 9})
+
+
+def test_ota_report_outcome_is_checked() -> None:
+    r = OtaReport(device_id="d", version="v2", outcome="refused", reason="signature")
+    assert OtaReport.from_json(r.to_json()) == r
+    with pytest.raises(ProtocolError, match="outcome must be one of"):
+        OtaReport.from_dict({**json.loads(r.to_json()), "outcome": "maybe"})

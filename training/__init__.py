@@ -1,0 +1,1 @@
+"""The trainer: retrain on hub snapshots, gate, export signed ONNX, publish."""
