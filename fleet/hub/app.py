@@ -1,0 +1,198 @@
+"""The hub's FastAPI app factory: ``create_app(settings, *, blob_store=None, engine=None)``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy.engine import Engine
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fleet.errors import IntegrityError, InvalidInput, ProtocolError
+from fleet.hub.blobs import BlobStore, FileBlobStore
+from fleet.hub.context import Hub
+from fleet.hub.db import make_engine, migrate
+from fleet.hub.observe import RequestMetrics
+from fleet.hub.settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: HubSettings | None = None,
+    *,
+    blob_store: BlobStore | None = None,
+    engine: Engine | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """Build a hub app. Refuses default secrets outside dev mode; migrates the database on start."""
+    settings = settings or HubSettings()
+    settings.check()
+    own_engine = engine is None
+    engine = engine or make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size)
+    if blob_store is None:
+        blob_store = FileBlobStore(settings.resolved_blob_dir(), fsync=settings.blob_fsync)
+    hub = Hub(settings=settings, engine=engine, blobs=blob_store, clock=clock)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.migrate_on_start:
+            migrate(engine)
+        log.info("hub ready: database %s, blobs %s", engine.url.render_as_string(hide_password=True),
+                 type(blob_store).__name__)
+        yield
+        hub.close()
+        if own_engine:
+            engine.dispose()
+
+    app = FastAPI(title="Flywheel hub", version="1", lifespan=lifespan)
+    app.state.hub = hub
+    metrics = RequestMetrics()
+    app.state.request_metrics = metrics
+    _install_error_handlers(app)
+    from fleet.hub.routes import ROUTERS
+
+    for router in ROUTERS:
+        app.include_router(router)
+    app.add_middleware(BodyLimit, settings=settings)  # type: ignore[arg-type]
+    app.add_middleware(metrics.middleware)  # type: ignore[arg-type]
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory``: settings from the environment."""
+    return create_app(HubSettings())
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: always {"detail": "<what was received, what was expected>"}
+# ---------------------------------------------------------------------------------------------
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            msg = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+            return JSONResponse({"detail": f"request body is not valid JSON ({msg}); expected a JSON object"},
+                                status_code=400)
+        parts = []
+        for e in errors[:10]:
+            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            received = e.get("input")
+            parts.append(f"{loc}: {e.get('msg')}; received {_short(received)}")
+        return JSONResponse({"detail": "; ".join(parts), "errors": _jsonable(errors)}, status_code=422)
+
+    @app.exception_handler(ValidationError)
+    async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}; received "
+                 f"{_short(e.get('input'))}" for e in exc.errors()[:10]]
+        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol(request: Request, exc: ProtocolError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity(request: Request, exc: IntegrityError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(InvalidInput)
+    async def _invalid(request: Request, exc: InvalidInput) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _jsonable(errors: Any) -> Any:
+    out = []
+    for e in errors:
+        out.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# request body limit (also for chunked bodies with no Content-Length)
+# ---------------------------------------------------------------------------------------------
+
+
+class BodyLimit:
+    """Refuse a request body past its route's limit with 413 before the app reads it all."""
+
+    def __init__(self, app: ASGIApp, settings: HubSettings) -> None:
+        self.app = app
+        self.settings = settings
+
+    def limit_for(self, path: str, method: str) -> int:
+        s = self.settings
+        if method == "POST" and path.rstrip("/") == "/v1/models":
+            return s.max_model_bytes + s.max_json_bytes
+        if method == "POST" and path.rstrip("/") == "/v1/cases":
+            return s.max_image_bytes + s.max_json_bytes
+        return s.max_json_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"], scope["method"])
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    length = -1
+                if length > limit:
+                    await _too_large(send, length, limit)
+                    return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge(seen, limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge as exc:
+            if not started:
+                await _too_large(send, exc.seen, limit)
+
+
+class _TooLarge(HTTPException):
+    """An HTTPException, so that FastAPI's body parsing passes it through as a 413."""
+
+    def __init__(self, seen: int, limit: int) -> None:
+        super().__init__(413, detail=f"request body of more than {limit} bytes is over this route's limit")
+        self.seen = seen
+
+
+async def _too_large(send: Send, length: int, limit: int) -> None:
+    import json
+
+    body = json.dumps({"detail": f"request body of {length} bytes is over this route's limit of {limit} bytes"})
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body.encode()})

@@ -1,0 +1,286 @@
+"""``flywheel hub`` (serve, migrate, tokens), ``flywheel models`` and ``flywheel campaigns``.
+
+``hub`` commands act on the hub's own database (run them where the hub runs, with its environment);
+``models`` and ``campaigns`` talk to a running hub over HTTP with an admin token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(help="Serve the hub and manage its tokens.", no_args_is_help=True)
+token_app = typer.Typer(help="Create, list and revoke API tokens (admin, labeler, trainer).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+models_app = typer.Typer(help="List, promote and roll back model versions.", no_args_is_help=True)
+campaigns_app = typer.Typer(help="Apply, list and delete trigger campaigns.", no_args_is_help=True)
+
+HUB_URL = typer.Option("http://127.0.0.1:8000", "--hub", envvar="FLYWHEEL_HUB_URL", help="The hub's base URL.")
+TOKEN = typer.Option(..., "--token", envvar="FLYWHEEL_HUB_TOKEN", help="An admin token for the hub.")
+
+
+@app.callback()
+def _hub() -> None:
+    """Serve the hub and manage its tokens."""
+
+
+@models_app.callback()
+def _models() -> None:
+    """List, promote and roll back model versions."""
+
+
+@campaigns_app.callback()
+def _campaigns() -> None:
+    """Apply, list and delete trigger campaigns."""
+
+
+# ---------------------------------------------------------------------------------------------
+# flywheel hub
+# ---------------------------------------------------------------------------------------------
+
+
+def _settings(data_dir: Path | None, database_url: str | None, dev: bool | None) -> Any:
+    """Settings from the environment, with command-line overrides exported so workers see them too."""
+    from fleet.hub.settings import HubSettings
+
+    if data_dir is not None:
+        os.environ["FLYWHEEL_HUB_DATA_DIR"] = str(data_dir.resolve())
+    if database_url is not None:
+        os.environ["FLYWHEEL_HUB_DATABASE_URL"] = database_url
+    if dev:
+        os.environ["FLYWHEEL_HUB_DEV"] = "1"
+    return HubSettings()
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="SQLite file and blobs (FLYWHEEL_HUB_DATA_DIR)."),
+    database_url: str | None = typer.Option(None, "--database-url", help="SQLAlchemy URL (FLYWHEEL_HUB_DATABASE_URL)."),
+    dev: bool = typer.Option(False, "--dev", help="Allow the built-in dev secrets (never in production)."),
+    workers: int = typer.Option(1, min=1, help="Worker processes (stateless; use PostgreSQL for more than one)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Migrate the database, then serve the hub's HTTP API with uvicorn."""
+    import uvicorn
+
+    from fleet.errors import InvalidInput
+    from fleet.hub.db import make_engine, migrate
+
+    settings = _settings(data_dir, database_url, dev)
+    try:
+        settings.check()
+    except InvalidInput as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    migrate(engine)
+    engine.dispose()
+    os.environ["FLYWHEEL_HUB_MIGRATE_ON_START"] = "0"  # done once, here, before the workers start
+    uvicorn.run("fleet.hub.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, access_log=False)
+
+
+@app.command("migrate")
+def migrate_cmd(
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    database_url: str | None = typer.Option(None, "--database-url"),
+) -> None:
+    """Upgrade the database to the newest schema (the hub also does this when it starts)."""
+    from fleet.hub.db import current_revision, make_engine, migrate
+
+    settings = _settings(data_dir, database_url, None)
+    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    migrate(engine)
+    typer.echo(f"database at revision {current_revision(engine)}")
+    engine.dispose()
+
+
+@token_app.command("create")
+def token_create(
+    scope: str = typer.Option(..., help="admin, labeler or trainer."),
+    name: str = typer.Option(..., help="A unique name, used to revoke it."),
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    database_url: str | None = typer.Option(None, "--database-url"),
+) -> None:
+    """Create a token and print it (the only time it is shown; the hub keeps its hash)."""
+    from sqlalchemy.exc import IntegrityError as DBIntegrityError
+
+    from fleet.errors import ProtocolError
+    from fleet.hub.auth import issue_token
+    from fleet.hub.db import make_engine, migrate, write_session
+    from fleet.protocol import check_name
+
+    if scope not in ("admin", "labeler", "trainer"):
+        raise typer.BadParameter(f"scope must be admin, labeler or trainer; received {scope!r}")
+    try:
+        check_name(name, "token name")
+    except ProtocolError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    import time
+
+    settings = _settings(data_dir, database_url, None)
+    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    migrate(engine)
+    try:
+        with write_session(engine) as s:
+            token = issue_token(s, scope=scope, name=name, now=time.time())
+    except DBIntegrityError:
+        typer.echo(f"error: a token named {name!r} already exists", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    typer.echo(token)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    name: str = typer.Argument(..., help="The token's name."),
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    database_url: str | None = typer.Option(None, "--database-url"),
+) -> None:
+    """Revoke a token by name (workers notice within FLYWHEEL_HUB_TOKEN_CACHE_TTL_S)."""
+    import time
+
+    import sqlalchemy as sa
+
+    from fleet.hub.db import make_engine, write_session
+    from fleet.hub.models import ApiToken
+
+    settings = _settings(data_dir, database_url, None)
+    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    with write_session(engine) as s:
+        n = s.execute(sa.update(ApiToken).where(ApiToken.name == name)  # type: ignore[arg-type]
+                      .values(revoked_at=time.time())).rowcount
+    engine.dispose()
+    if not n:
+        typer.echo(f"error: no token named {name!r}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked {name}")
+
+
+@token_app.command("list")
+def token_list(
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    database_url: str | None = typer.Option(None, "--database-url"),
+) -> None:
+    """List the non-device tokens."""
+    from sqlmodel import select
+
+    from fleet.hub.db import make_engine, read_session
+    from fleet.hub.models import ApiToken
+
+    settings = _settings(data_dir, database_url, None)
+    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    with read_session(engine) as s:
+        rows = s.exec(select(ApiToken).where(ApiToken.scope != "device").order_by(ApiToken.name)).all()
+    engine.dispose()
+    for t in rows:
+        typer.echo(f"{t.name}\t{t.scope}\t{'revoked' if t.revoked_at else 'active'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# flywheel models / campaigns (over HTTP)
+# ---------------------------------------------------------------------------------------------
+
+
+def _call(hub: str, token: str, method: str, path: str, **kw: Any) -> Any:
+    import httpx
+
+    try:
+        r = httpx.request(method, hub.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"},
+                          timeout=30.0, **kw)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach the hub at {hub}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if r.status_code >= 400:
+        try:
+            detail = r.json().get("detail", r.text)
+        except ValueError:
+            detail = r.text
+        typer.echo(f"error: {method} {path} -> {r.status_code}: {detail}", err=True)
+        raise typer.Exit(1)
+    return r.json() if r.content else None
+
+
+@models_app.command("list")
+def models_list(hub: str = HUB_URL, token: str = TOKEN, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every registered version with its parent, status and metrics."""
+    rows = _call(hub, token, "GET", "/v1/models")
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("version", "parent", "status", "metrics")
+    for m in rows:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m["metrics"].items()))
+        table.add_row(m["version"], m["parent_version"] or "-", m["status"], metrics)
+    Console().print(table)
+
+
+@models_app.command("promote")
+def models_promote(version: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """Make VERSION the active model now (skipping a staged rollout)."""
+    m = _call(hub, token, "POST", f"/v1/models/{version}/promote")
+    typer.echo(f"{m['version']} is {m['status']}")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    to: str | None = typer.Option(None, "--to", help="Version to re-activate (default: the previous one)."),
+    reason: str = typer.Option("rolled back by an operator", help="Recorded with the rollback."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """Roll back the running rollout, or re-activate the previously active version."""
+    r = _call(hub, token, "POST", "/v1/models/rollback", json={"to": to, "reason": reason})
+    typer.echo(f"rolled back {r['rolled_back']}; active: {r['active']}")
+
+
+@campaigns_app.command("apply")
+def campaigns_apply(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Trigger spec JSON (or {spec, groups})."),
+    group: list[str] = typer.Option([], "--group", help="Aim at this device group (repeatable; default all)."),
+    novelty_bank: str | None = typer.Option(None, "--novelty-bank", help="Ship this novelty bank with it."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """Create or update a campaign from FILE (validated by the hub with trigger.parse_spec)."""
+    try:
+        doc = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        typer.echo(f"error: {file} is not JSON: {exc}", err=True)
+        raise typer.Exit(2) from None
+    body = doc if isinstance(doc, dict) and "spec" in doc else {"spec": doc}
+    if group:
+        body["groups"] = group
+    if novelty_bank:
+        body["novelty_bank"] = novelty_bank
+    c = _call(hub, token, "POST", "/v1/campaigns", json=body)
+    state = "unchanged" if c.get("already") else "applied"
+    typer.echo(f"{state}: {c['campaign_id']} v{c['version']} -> groups {c['groups'] or ['*']}")
+
+
+@campaigns_app.command("list")
+def campaigns_list(hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """The newest version of each live campaign."""
+    for c in _call(hub, token, "GET", "/v1/campaigns"):
+        flag = " (expired)" if c.get("expired") else ""
+        typer.echo(f"{c['campaign_id']}\tv{c['version']}\t{','.join(c['groups']) or '*'}{flag}")
+
+
+@campaigns_app.command("delete")
+def campaigns_delete(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """Withdraw a campaign from every device."""
+    r = _call(hub, token, "DELETE", f"/v1/campaigns/{campaign_id}")
+    typer.echo(f"deleted {r['campaign_id']} ({r['deleted_versions']} versions)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,172 @@
+"""Engine factory (never at import time), sessions, migrations and a portable upsert."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_WRITE = "flywheel_write"
+_WRITERS: weakref.WeakKeyDictionary[Engine, tuple[Engine, Any]] = weakref.WeakKeyDictionary()
+
+
+def make_engine(url: str, *, pool_size: int = 20, **kw: Any) -> Engine:
+    """An engine for ``url``. SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE for writers."""
+    u = sa.make_url(url)
+    if u.get_backend_name() == "sqlite":
+        database = u.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            u,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=pool_size,
+            max_overflow=2 * pool_size,
+            pool_timeout=60,
+        )
+        _sqlite_events(engine)
+        return engine
+    if u.get_backend_name() == "postgresql":
+        return sa.create_engine(
+            u, pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800, pool_timeout=60, **kw,
+        )
+    raise ValueError(f"database_url must be sqlite or postgresql; received {u.get_backend_name()!r}")
+
+
+def _sqlite_events(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves, below
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        # A writer takes the write lock up front: a deferred transaction that reads and then writes
+        # fails at once with SQLITE_BUSY when another writer committed in between.
+        immediate = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+@contextmanager
+def read_session(engine: Engine) -> Iterator[Session]:
+    with Session(engine, expire_on_commit=False) as s:
+        yield s
+
+
+@contextmanager
+def write_session(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success and rolls back on any exception."""
+    writer, lock = _writer(engine)
+    with lock, Session(writer, expire_on_commit=False) as s:
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+
+
+def _writer(engine: Engine) -> tuple[Engine, Any]:
+    """The engine's write flavour, and the lock writers of this process queue on.
+
+    SQLite has one writer at a time; letting threads queue on a lock here is much cheaper than
+    letting them spin in SQLite's busy handler (which sleeps up to 100 ms a try). PostgreSQL
+    writers run in parallel (a no-op lock).
+    """
+    cached = _WRITERS.get(engine)
+    if cached is None:
+        lock: Any = threading.Lock() if is_sqlite(engine) else nullcontext()
+        cached = _WRITERS.setdefault(engine, (engine.execution_options(**{_WRITE: True}), lock))
+    return cached
+
+
+@contextmanager
+def write_connection(engine: Engine) -> Iterator[sa.Connection]:
+    """A Core connection in a write transaction (BEGIN IMMEDIATE on SQLite): commit, or roll back on error."""
+    writer, lock = _writer(engine)
+    with lock, writer.begin() as conn:
+        yield conn
+
+
+def insert_ignore(engine: Engine, table: sa.Table, values: dict[str, Any]) -> sa.Insert:
+    """INSERT ... ON CONFLICT DO NOTHING for SQLite and PostgreSQL."""
+    return dialect_insert(engine, table).values(**values).on_conflict_do_nothing()  # type: ignore[no-any-return]
+
+
+def upsert_add(engine: Engine, table: sa.Table, keys: dict[str, Any], increments: dict[str, int]) -> Any:
+    """INSERT keys+increments, or on conflict add the increments to the existing row."""
+    ins = dialect_insert(engine, table).values(**keys, **increments)
+    return ins.on_conflict_do_update(
+        index_elements=list(keys),
+        set_={k: table.c[k] + ins.excluded[k] for k in increments},
+    )
+
+
+def dialect_insert(engine: Engine, table: sa.Table) -> Any:
+    if is_sqlite(engine):
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    return insert(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# migrations
+# ---------------------------------------------------------------------------------------------
+
+
+def alembic_config(engine: Engine | None = None) -> Any:
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if engine is not None:
+        cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the database to ``revision`` (Alembic), holding a lock so workers do not race."""
+    from alembic import command
+
+    cfg = alembic_config(engine)
+    with engine.connect() as conn:
+        if not is_sqlite(engine):
+            conn.exec_driver_sql("SELECT pg_advisory_lock(724011)")
+            conn.commit()
+        try:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            conn.commit()
+        finally:
+            if not is_sqlite(engine):
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(724011)")
+                conn.commit()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()

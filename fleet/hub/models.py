@@ -1,0 +1,288 @@
+"""The hub's SQLModel tables, and the Create/Public schemas the routes speak.
+
+Times are unix seconds (float). JSON columns hold lists and objects as sent on the wire. Every table
+here is created by the Alembic revisions in ``fleet/hub/migrations``; a test checks they agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlmodel import Field, SQLModel
+
+CASE_STATES = ("unlabeled", "queued", "labeled", "held", "duplicate")
+LABEL_STATUSES = ("accepted", "held", "gold")
+MODEL_STATUSES = ("candidate", "canary", "active", "retired")
+SCOPES = ("device", "admin", "labeler", "trainer")
+ROLLOUT_STATES = ("running", "completed", "rolled_back", "aborted")
+
+
+def _json(**kw: Any) -> Any:
+    return Field(default_factory=dict, sa_column=sa.Column(sa.JSON, nullable=False), **kw)
+
+
+def _json_list(**kw: Any) -> Any:
+    return Field(default_factory=list, sa_column=sa.Column(sa.JSON, nullable=False), **kw)
+
+
+def _id(length: int = 128, **kw: Any) -> Any:
+    return Field(sa_type=sa.String(length), **kw)  # type: ignore[call-overload]
+
+
+# ---------------------------------------------------------------------------------------------
+# devices and tokens
+# ---------------------------------------------------------------------------------------------
+
+
+class Device(SQLModel, table=True):
+    __tablename__ = "devices"
+
+    device_id: str = _id(primary_key=True)
+    group: str = _id(default="default", index=True)
+    enrolled_at: float
+    revoked_at: float | None = None
+    last_seen_at: float | None = None
+    model_version: str | None = _id(default=None)
+    boot_id: str | None = _id(default=None)
+
+
+class ApiToken(SQLModel, table=True):
+    __tablename__ = "tokens"
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = _id(unique=True)
+    scope: str = _id(32)
+    token_hash: str = _id(64, unique=True)
+    device_id: str | None = _id(default=None, index=True)
+    created_at: float
+    revoked_at: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# cases, blobs, labels, selections, snapshots
+# ---------------------------------------------------------------------------------------------
+
+
+class Blob(SQLModel, table=True):
+    __tablename__ = "blobs"
+
+    sha256: str = _id(64, primary_key=True)
+    size: int
+    kind: str = _id(16, default="image")  # image | model | manifest | bank
+    created_at: float
+
+
+class CaseRow(SQLModel, table=True):
+    __tablename__ = "cases"
+    __table_args__ = (
+        sa.Index("ix_cases_state_uncertainty", "state", "uncertainty"),
+        sa.Index("ix_cases_model_version", "model_version"),
+    )
+
+    case_id: str = _id(primary_key=True)
+    device_id: str = _id(index=True)
+    captured_at: float
+    received_at: float
+    model_version: str = _id()
+    predicted_class: int
+    probs: list[float] = _json_list()
+    uncertainty: float  # normalised least confidence in [0, 1]; higher = more informative
+    priority: float = 0.0
+    scores: dict[str, float] = _json()
+    triggers: list[dict[str, Any]] = _json_list()
+    campaign_id: str | None = _id(default=None)
+    campaign_version: int | None = None
+    human_action: int | None = None
+    challenger_version: str | None = _id(default=None)
+    challenger_class: int | None = None
+    challenger_probs: list[float] | None = Field(default=None, sa_column=sa.Column(sa.JSON, nullable=True))
+    tags: dict[str, str] = _json()
+    embedding: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))
+    embedding_dim: int | None = None
+    image_sha256: str = _id(64, index=True)
+    image_size: int
+    duplicate_of: str | None = _id(default=None)
+    state: str = _id(16, default="unlabeled")
+    selection_id: str | None = _id(default=None, index=True)
+    label: int | None = None  # consensus of accepted/gold labels
+    label_status: str | None = _id(16, default=None)
+
+
+class LabelRow(SQLModel, table=True):
+    __tablename__ = "labels"
+    __table_args__ = (sa.UniqueConstraint("source", "annotation_id", name="uq_labels_source_annotation"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    case_id: str = _id(index=True)
+    label: int
+    annotator: str = _id(256)
+    source: str = _id(64)
+    task_id: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    annotation_id: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    created_at: float
+    updated_at: float
+    agreement: float | None = None
+    n_annotators: int | None = None
+    status: str = _id(16, default="accepted")
+
+
+class Selection(SQLModel, table=True):
+    __tablename__ = "selections"
+
+    selection_id: str = _id(64, primary_key=True)
+    strategy: str = _id(64)
+    budget: int
+    n_selected: int
+    created_at: float
+    case_ids: list[str] = _json_list()
+
+
+class Snapshot(SQLModel, table=True):
+    __tablename__ = "snapshots"
+
+    snapshot_id: str = _id(64, primary_key=True)
+    version: int = Field(unique=True)
+    name: str | None = _id(default=None)
+    created_at: float
+    n_labels: int
+    manifest_sha256: str = _id(64)
+
+
+# ---------------------------------------------------------------------------------------------
+# models, rollouts, field metrics
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelVersion(SQLModel, table=True):
+    __tablename__ = "model_versions"
+
+    version: str = _id(primary_key=True)
+    parent_version: str | None = _id(default=None)
+    status: str = _id(16, default="candidate")
+    onnx_sha256: str = _id(64)
+    onnx_size: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    signed_manifest: dict[str, Any] = _json()
+    class_names: list[str] = _json_list()
+    embedding_dim: int
+    metrics: dict[str, float] = _json()
+    created_at: float  # from the manifest
+    uploaded_at: float
+    status_changed_at: float
+    activated_at: float | None = None  # last time it became active (added by revision 0002)
+
+
+class Rollout(SQLModel, table=True):
+    __tablename__ = "rollouts"
+
+    rollout_id: str = _id(64, primary_key=True)
+    version: str = _id(index=True)
+    incumbent: str | None = _id(default=None)
+    stages: list[float] = _json_list()
+    stage_index: int = 0
+    stage_seconds: float | None = None
+    state: str = _id(16, default="running", index=True)
+    reason: str | None = Field(default=None, sa_type=sa.Text)  # type: ignore[call-overload]
+    created_at: float
+    stage_started_at: float
+    finished_at: float | None = None
+
+
+class HeartbeatState(SQLModel, table=True):
+    """The last cumulative counters seen per (device, boot): heartbeat deltas are taken against it."""
+
+    __tablename__ = "heartbeat_states"
+
+    device_id: str = _id(primary_key=True)
+    boot_id: str = _id(primary_key=True)
+    model_version: str | None = _id(default=None)
+    challenger_version: str | None = _id(default=None)
+    values: dict[str, int] = _json()
+    sent_at: float
+    received_at: float
+
+
+FIELD_COUNTERS = (
+    "heartbeats", "frames_seen", "flagged", "uploaded", "evicted", "upload_failures", "health_failures",
+    "human_compared", "human_disagreed", "challenger_compared", "challenger_agreed", "ota_failures",
+)
+
+
+class FieldMetric(SQLModel, table=True):
+    """Summed heartbeat deltas per model version, overall (scope "all") and per rollout (its id)."""
+
+    __tablename__ = "field_metrics"
+
+    scope: str = _id(64, primary_key=True)
+    version: str = _id(primary_key=True)
+    heartbeats: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    frames_seen: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    flagged: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    uploaded: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    evicted: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    upload_failures: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    health_failures: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    human_compared: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    human_disagreed: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    challenger_compared: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    challenger_agreed: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    ota_failures: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+
+
+class OtaReportRow(SQLModel, table=True):
+    __tablename__ = "ota_reports"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = _id(index=True)
+    version: str = _id(index=True)
+    outcome: str = _id(16)
+    reason: str = Field(default="", sa_type=sa.Text)  # type: ignore[call-overload]
+    previous_version: str | None = _id(default=None)
+    reported_at: float
+    received_at: float
+
+
+# ---------------------------------------------------------------------------------------------
+# campaigns, novelty banks, labeling inbox, small state
+# ---------------------------------------------------------------------------------------------
+
+
+class Campaign(SQLModel, table=True):
+    __tablename__ = "campaigns"
+
+    campaign_id: str = _id(primary_key=True)
+    version: int = Field(primary_key=True)
+    spec: dict[str, Any] = _json()
+    groups: list[str] = _json_list()  # empty = every group
+    expires_at: float | None = None
+    novelty_bank: str | None = _id(default=None)
+    created_at: float
+    deleted_at: float | None = None
+
+
+class NoveltyBankRow(SQLModel, table=True):
+    __tablename__ = "novelty_banks"
+
+    bank_id: str = _id(primary_key=True)
+    sha256: str = _id(64)
+    size: int
+    n: int
+    dim: int
+    model_version: str | None = _id(default=None)
+    created_at: float
+
+
+class WebhookEvent(SQLModel, table=True):
+    __tablename__ = "webhook_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    body_sha256: str = _id(64, unique=True)
+    body: str = Field(sa_type=sa.Text)  # type: ignore[call-overload]
+    received_at: float
+
+
+class HubState(SQLModel, table=True):
+    __tablename__ = "hub_state"
+
+    key: str = _id(64, primary_key=True)
+    value: str = Field(sa_type=sa.Text)  # type: ignore[call-overload]

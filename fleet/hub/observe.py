@@ -1,0 +1,172 @@
+"""Observability: per-worker request metrics, Prometheus text rendering and the JSON summary."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from sqlmodel import Session, col, func, select
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from fleet.hub import rollouts
+from fleet.hub.models import FIELD_COUNTERS, CaseRow, Device, FieldMetric, LabelRow, ModelVersion, WebhookEvent
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RequestMetrics:
+    """Counts requests and latencies by route template and status (this worker only)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.latency: dict[tuple[str, str], list[int]] = {}
+        self.latency_sum: dict[tuple[str, str], float] = defaultdict(float)
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            start = time.perf_counter()
+            status = 500
+
+            async def send_status(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = int(message["status"])
+                await send(message)
+
+            try:
+                await app(scope, receive, send_status)
+            finally:
+                route = scope.get("route")
+                path = getattr(route, "path", "unmatched")
+                self.observe(scope["method"], path, status, time.perf_counter() - start)
+
+        return wrapped
+
+    def observe(self, method: str, path: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(method, path, status)] += 1
+            key = (method, path)
+            hist = self.latency.setdefault(key, [0] * (len(BUCKETS) + 1))
+            hist[bisect.bisect_left(BUCKETS, seconds)] += 1
+            self.latency_sum[key] += seconds
+
+    def render(self) -> list[str]:
+        lines = ["# HELP flywheel_http_requests_total HTTP requests handled by this worker.",
+                 "# TYPE flywheel_http_requests_total counter"]
+        with self.lock:
+            for (method, path, status), n in sorted(self.requests.items()):
+                lines.append(f'flywheel_http_requests_total{{method="{method}",route="{_esc(path)}",'
+                             f'status="{status}"}} {n}')
+            lines += ["# HELP flywheel_http_request_seconds Request latency on this worker.",
+                      "# TYPE flywheel_http_request_seconds histogram"]
+            for (method, path), hist in sorted(self.latency.items()):
+                labels = f'method="{method}",route="{_esc(path)}"'
+                acc = 0
+                for bound, n in zip((*BUCKETS, float("inf")), hist, strict=True):
+                    acc += n
+                    le = "+Inf" if bound == float("inf") else repr(bound)
+                    lines.append(f'flywheel_http_request_seconds_bucket{{{labels},le="{le}"}} {acc}')
+                lines.append(f"flywheel_http_request_seconds_sum{{{labels}}} {self.latency_sum[(method, path)]:.6f}")
+                lines.append(f"flywheel_http_request_seconds_count{{{labels}}} {acc}")
+        return lines
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# database-backed figures
+# ---------------------------------------------------------------------------------------------
+
+
+def summary(s: Session, *, events_acked: int) -> dict[str, Any]:
+    """Per model version (cases, labels, accuracy on labeled cases, field metrics) and queue depths."""
+    states = dict(s.exec(select(CaseRow.state, func.count()).group_by(CaseRow.state)).all())
+    per_version: dict[str, dict[str, Any]] = {}
+    cases_by = dict(s.exec(select(CaseRow.model_version, func.count()).group_by(CaseRow.model_version)).all())
+    labeled_by = dict(s.exec(select(CaseRow.model_version, func.count())
+                             .where(col(CaseRow.label).is_not(None)).group_by(CaseRow.model_version)).all())
+    correct_by = dict(s.exec(select(CaseRow.model_version, func.count())
+                             .where(col(CaseRow.label).is_not(None), CaseRow.label == CaseRow.predicted_class)
+                             .group_by(CaseRow.model_version)).all())
+    models = {m.version: m for m in s.exec(select(ModelVersion)).all()}
+    for version in sorted(set(models) | set(cases_by)):
+        m = models.get(version)
+        labeled = int(labeled_by.get(version, 0))
+        fm = rollouts.field_metrics(s, version)
+        per_version[version] = {
+            "status": m.status if m else "unknown",
+            "parent_version": m.parent_version if m else None,
+            "cases": int(cases_by.get(version, 0)),
+            "labels": labeled,
+            "accuracy": (int(correct_by.get(version, 0)) / labeled) if labeled else None,
+            "field_disagreement": fm["disagreement"],
+            "trigger_rate": fm["trigger_rate"],
+            "challenger_agreement": fm["challenger_agreement"],
+            "health_failures": fm["health_failures"],
+            "field": {k: fm[k] for k in FIELD_COUNTERS},
+            "metrics": m.metrics if m else {},
+        }
+    pending_events = s.exec(select(func.count()).select_from(WebhookEvent)
+                            .where(col(WebhookEvent.id) > events_acked)).one()
+    running = rollouts.running_rollout(s)
+    active = rollouts.active_model(s)
+    return {
+        "models": per_version,
+        "queues": {
+            "unlabeled": int(states.get("unlabeled", 0)), "queued": int(states.get("queued", 0)),
+            "labeled": int(states.get("labeled", 0)), "held": int(states.get("held", 0)),
+            "duplicate": int(states.get("duplicate", 0)), "webhook_events_pending": int(pending_events),
+        },
+        "cases_total": int(sum(states.values())),
+        "labels_total": int(s.exec(select(func.count()).select_from(LabelRow)).one()),
+        "devices": int(s.exec(select(func.count()).select_from(Device)).one()),
+        "active_model": active.version if active is not None else None,
+        "rollout": rollouts.rollout_status(s, running) if running else None,
+    }
+
+
+def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int) -> str:
+    data = summary(s, events_acked=events_acked)
+    lines = ["# HELP flywheel_cases Cases held by the hub, by state.", "# TYPE flywheel_cases gauge"]
+    for state, n in data["queues"].items():
+        if state != "webhook_events_pending":
+            lines.append(f'flywheel_cases{{state="{state}"}} {n}')
+    lines += ["# HELP flywheel_webhook_events_pending Label Studio events not yet acknowledged.",
+              "# TYPE flywheel_webhook_events_pending gauge",
+              f"flywheel_webhook_events_pending {data['queues']['webhook_events_pending']}",
+              "# HELP flywheel_labels Human labels held.", "# TYPE flywheel_labels gauge",
+              f"flywheel_labels {data['labels_total']}",
+              "# HELP flywheel_devices Enrolled devices.", "# TYPE flywheel_devices gauge",
+              f"flywheel_devices {data['devices']}",
+              "# HELP flywheel_model_info Registered model versions (value 1), by status.",
+              "# TYPE flywheel_model_info gauge"]
+    for v, m in data["models"].items():
+        lines.append(f'flywheel_model_info{{version="{_esc(v)}",status="{m["status"]}"}} 1')
+    gauges = [("cases", "Cases reported from this model version."),
+              ("labels", "Labeled cases reported from this version."),
+              ("accuracy", "Accuracy on labeled cases of this version."),
+              ("field_disagreement", "Field disagreement with the human (heartbeats)."),
+              ("trigger_rate", "Flagged / seen frames in the field."),
+              ("health_failures", "Health failures (heartbeats and OTA reports).")]
+    for key, help_text in gauges:
+        lines += [f"# HELP flywheel_model_{key} {help_text}", f"# TYPE flywheel_model_{key} gauge"]
+        for v, m in data["models"].items():
+            if m[key] is not None:
+                lines.append(f'flywheel_model_{key}{{version="{_esc(v)}"}} {float(m[key]):.6g}')
+    counters = s.exec(select(FieldMetric).where(FieldMetric.scope == "all")).all()
+    lines += ["# HELP flywheel_field_total Summed device counters per model version.",
+              "# TYPE flywheel_field_total counter"]
+    for fm in counters:
+        for k in FIELD_COUNTERS:
+            lines.append(f'flywheel_field_total{{version="{_esc(fm.version)}",counter="{k}"}} {getattr(fm, k)}')
+    lines += request_metrics.render()
+    return "\n".join(lines) + "\n"

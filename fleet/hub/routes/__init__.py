@@ -1,0 +1,10 @@
+"""The hub's HTTP routes, one module per area; ROUTERS is what the app includes."""
+
+from __future__ import annotations
+
+from fleet.hub.routes import campaigns, cases, devices, labels, models, observe, rollouts, snapshots
+
+ROUTERS = [
+    observe.router, devices.router, cases.router, labels.router, snapshots.router, models.router,
+    rollouts.router, campaigns.router,
+]

@@ -1,0 +1,244 @@
+"""Case ingest, the labeling pool, selections, releases and signed image links."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
+from sqlmodel import col, func, select
+from starlette.concurrency import run_in_threadpool
+
+from fleet.hub.auth import Principal, check_image_signature, image_query, require
+from fleet.hub.context import Hub, get_hub
+from fleet.hub.db import read_session, write_session
+from fleet.hub.ingest import decode_embedding_bytes, ingest_case, model_info
+from fleet.hub.models import CASE_STATES, CaseRow, Selection
+from fleet.hub.multipart import parse_form
+from fleet.hub.schemas import SelectionRequest
+from fleet.hub.selection import assign_clusters, get_strategy
+from fleet.protocol import check_name
+
+router = APIRouter(tags=["cases"])
+
+
+@router.post("/v1/cases", status_code=201)
+async def post_case(request: Request, principal: Principal = Depends(require("device")),
+                    hub: Hub = Depends(get_hub)) -> JSONResponse:
+    """multipart: ``case`` (Case JSON, a field or a file part) and ``image`` (PNG bytes, a file part)."""
+    form = parse_form(await request.body(), request.headers.get("content-type", ""))
+    case_part, image_part = form.get("case"), form.get("image")
+    if case_part is None or image_part is None:
+        raise HTTPException(422, detail=f"expected multipart parts 'case' (JSON) and 'image' (PNG); "
+                                        f"received parts {sorted(form)}")
+    if len(case_part.data) > hub.settings.max_json_bytes:
+        raise HTTPException(413, detail=f"part 'case' is {len(case_part.data)} bytes; the limit is "
+                                        f"{hub.settings.max_json_bytes}")
+    status, body = await run_in_threadpool(ingest_case, hub, principal, case_part.data, image_part.data)
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/v1/cases/{case_id}")
+def get_case(case_id: str, request: Request, _: Principal = Depends(require("labeler", "trainer")),
+             hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    check_name(case_id, "case_id")
+    with read_session(hub.engine) as s:
+        row = s.get(CaseRow, case_id)
+    if row is None:
+        raise HTTPException(404, detail=f"unknown case {case_id!r}")
+    return case_public(hub, row, base_url(hub, request))
+
+
+@router.get("/v1/pool")
+def pool(request: Request, state: str = Query("unlabeled"), limit: int = Query(100, ge=1, le=1000),
+         offset: int = Query(0, ge=0), _: Principal = Depends(require("labeler", "trainer")),
+         hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    if state not in CASE_STATES:
+        raise HTTPException(422, detail=f"state must be one of {list(CASE_STATES)}; received {state!r}")
+    with read_session(hub.engine) as s:
+        total = s.exec(select(func.count()).select_from(CaseRow).where(CaseRow.state == state)).one()
+        rows = s.exec(select(CaseRow).where(CaseRow.state == state)
+                      .order_by(col(CaseRow.uncertainty).desc(), CaseRow.case_id).offset(offset).limit(limit)).all()
+    base = base_url(hub, request)
+    return {"total": total, "state": state, "cases": [case_public(hub, r, base) for r in rows]}
+
+
+@router.post("/v1/cases/{case_id}/release")
+def release(case_id: str, _: Principal = Depends(require("labeler")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Return a queued case to the unlabeled pool (its task was skipped, cancelled or deleted)."""
+    check_name(case_id, "case_id")
+    with write_session(hub.engine) as s:
+        row = s.get(CaseRow, case_id)
+        if row is None:
+            raise HTTPException(404, detail=f"unknown case {case_id!r}")
+        if row.state in ("labeled", "held"):
+            raise HTTPException(409, detail=f"case {case_id!r} is {row.state}; delete its annotations to release it")
+        if row.state == "queued":
+            row.state = "unlabeled"
+            row.selection_id = None
+            s.add(row)
+    return {"case_id": case_id, "state": row.state}
+
+
+@router.get("/v1/cases/{case_id}/image")
+def image(case_id: str, exp: int = Query(...), sig: str = Query(..., max_length=128),
+          hub: Hub = Depends(get_hub)) -> Response:
+    """The case's PNG, for a link signed by the hub (no bearer: annotators' browsers fetch it)."""
+    check_name(case_id, "case_id")
+    check_image_signature(hub.settings.url_secret.get_secret_value(), case_id, exp, sig, now=hub.now())
+    with read_session(hub.engine) as s:
+        sha = s.exec(select(CaseRow.image_sha256).where(CaseRow.case_id == case_id)).first()
+    if sha is None:
+        raise HTTPException(404, detail=f"unknown case {case_id!r}")
+    try:
+        data = hub.blobs.get(sha)
+    except KeyError:
+        raise HTTPException(404, detail=f"image {sha} of case {case_id!r} is missing from the blob store") from None
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
+MAX_POOL = 20_000
+
+
+@router.post("/v1/selections")
+def select_cases(body: SelectionRequest, request: Request, _: Principal = Depends(require("labeler")),
+                 hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Pick up to ``budget`` informative, non-redundant cases and move them to ``queued``."""
+    strategy = get_strategy(body.strategy)
+    cfg = hub.settings
+    if body.budget > cfg.max_selection_budget:
+        raise HTTPException(422, detail=f"budget {body.budget} is over the limit {cfg.max_selection_budget}")
+    states = ["unlabeled"] if body.exclude_queued else ["unlabeled", "queued"]
+    # cluster-proportional selection needs the whole pool to weigh each cluster's mass
+    pool_n = MAX_POOL if body.strategy == "uncertainty+diversity" else body.budget * cfg.selection_pool_factor
+    rng = np.random.default_rng(body.seed)
+    q = select(CaseRow.case_id, CaseRow.uncertainty, CaseRow.embedding, CaseRow.image_sha256).where(
+        col(CaseRow.state).in_(states))
+    q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(
+        col(CaseRow.uncertainty).desc(), CaseRow.case_id)
+    with read_session(hub.engine) as s:
+        rows = s.exec(q.limit(pool_n)).all()
+        labeled = s.exec(select(CaseRow.embedding, CaseRow.image_sha256)
+                         .where(col(CaseRow.state).in_(["labeled", "held"]))).all()
+    labeled_hashes = {h for _, h in labeled}
+    rows = [r for r in rows if r[3] not in labeled_hashes]
+    ids = [r[0] for r in rows]
+    uncertainty = np.asarray([r[1] for r in rows], dtype=np.float64)
+    embeddings, labeled_emb, with_emb = _embeddings(rows, [e for e, _ in labeled])
+    picked_local: list[int] = []
+    if rows:
+        if embeddings is not None:
+            sub = strategy(uncertainty[with_emb], embeddings, body.budget, rng=rng, labeled=labeled_emb,
+                           dup_threshold=cfg.duplicate_cosine)
+            picked_local = [int(with_emb[i]) for i in sub]
+        if len(picked_local) < body.budget:  # cases without (comparable) embeddings fill what is left
+            rest = np.setdiff1d(np.arange(len(rows)), with_emb if embeddings is not None else [])
+            sub = strategy(uncertainty[rest], None, body.budget - len(picked_local), rng=rng)
+            picked_local += [int(rest[i]) for i in sub]
+    picked_local = _drop_same_image(picked_local, rows)
+    clusters = _clusters(embeddings, with_emb, picked_local)
+    selection_id = f"sel-{secrets.token_hex(8)}"
+    chosen = [ids[i] for i in picked_local]
+    with write_session(hub.engine) as s:
+        queued: set[str] = set()
+        for start in range(0, len(chosen), 500):
+            res = s.execute(sa.update(CaseRow).where(col(CaseRow.case_id).in_(chosen[start:start + 500]),
+                                                     col(CaseRow.state).in_(states))
+                            .values(state="queued", selection_id=selection_id).returning(CaseRow.case_id))
+            queued.update(r[0] for r in res)
+        final = [c for c in chosen if c in queued]
+        s.add(Selection(selection_id=selection_id, strategy=body.strategy, budget=body.budget,
+                        n_selected=len(final), created_at=hub.now(), case_ids=final))
+    with read_session(hub.engine) as s:
+        by_id = {r.case_id: r for r in s.exec(select(CaseRow).where(col(CaseRow.case_id).in_(final))).all()}
+    base = base_url(hub, request)
+    cluster_of = dict(zip(chosen, clusters, strict=True))
+    out = []
+    for cid in final:
+        item = case_public(hub, by_id[cid], base)
+        item["cluster"] = int(cluster_of[cid])
+        out.append(item)
+    return {"selection_id": selection_id, "strategy": body.strategy, "budget": body.budget,
+            "pool_size": len(rows), "cases": out}
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def base_url(hub: Hub, request: Request) -> str:
+    return (hub.settings.public_url or str(request.base_url)).rstrip("/")
+
+
+def case_public(hub: Hub, row: CaseRow, base: str) -> dict[str, Any]:
+    info = model_info(hub, row.model_version)
+    query = image_query(hub.settings.url_secret.get_secret_value(), row.case_id, hub.settings.image_url_ttl_s,
+                        now=hub.now())
+    return {
+        "case_id": row.case_id,
+        "image_url": f"{base}/v1/cases/{row.case_id}/image?{query}",
+        "predicted_class": row.predicted_class,
+        "class_names": list(info.class_names) if info else [],
+        "probs": row.probs,
+        "score": round(1.0 - row.uncertainty, 6),
+        "uncertainty": row.uncertainty,
+        "cluster": 0,
+        "tags": row.tags,
+        "model_version": row.model_version,
+        "device_id": row.device_id,
+        "captured_at": row.captured_at,
+        "received_at": row.received_at,
+        "priority": row.priority,
+        "scores": row.scores,
+        "triggers": row.triggers,
+        "campaign_id": row.campaign_id,
+        "campaign_version": row.campaign_version,
+        "human_action": row.human_action,
+        "challenger_version": row.challenger_version,
+        "challenger_class": row.challenger_class,
+        "image_sha256": row.image_sha256,
+        "duplicate_of": row.duplicate_of,
+        "state": row.state,
+        "selection_id": row.selection_id,
+        "label": row.label,
+        "label_status": row.label_status,
+    }
+
+
+def _embeddings(rows: list[Any], labeled_raw: list[bytes | None]) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                                            np.ndarray]:
+    """The pool's embeddings of its most common width, the labeled ones of that width, and their rows."""
+    dims = [len(r[2]) // 2 if r[2] else 0 for r in rows]
+    widths = [d for d in dims if d > 0]
+    if not widths:
+        return None, None, np.zeros(0, dtype=np.int64)
+    width = max(set(widths), key=widths.count)
+    with_emb = np.asarray([i for i, d in enumerate(dims) if d == width], dtype=np.int64)
+    emb = np.stack([decode_embedding_bytes(rows[i][2]) for i in with_emb])  # type: ignore[misc]
+    lab = [decode_embedding_bytes(e) for e in labeled_raw if e and len(e) // 2 == width]
+    labeled = np.stack(lab) if lab else None  # type: ignore[arg-type]
+    return emb, labeled, with_emb
+
+
+def _drop_same_image(picked: list[int], rows: list[Any]) -> list[int]:
+    seen: set[str] = set()
+    out = []
+    for i in picked:
+        if rows[i][3] not in seen:
+            seen.add(rows[i][3])
+            out.append(i)
+    return out
+
+
+def _clusters(embeddings: np.ndarray | None, with_emb: np.ndarray, picked: list[int]) -> np.ndarray:
+    if embeddings is None or not picked:
+        return np.zeros(len(picked), dtype=np.int64)
+    pos = {int(r): j for j, r in enumerate(with_emb)}
+    local = [pos[i] for i in picked if i in pos]
+    if len(local) != len(picked):
+        return np.zeros(len(picked), dtype=np.int64)
+    return assign_clusters(embeddings, np.asarray(local, dtype=np.int64))

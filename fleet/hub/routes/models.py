@@ -1,0 +1,200 @@
+"""The model registry: signed uploads, listing, downloads, promotion, retirement and rollback."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from sqlalchemy.exc import IntegrityError as DBIntegrityError
+from sqlmodel import col, select
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from fleet.errors import IntegrityError
+from fleet.hub import rollouts
+from fleet.hub.auth import Principal, require
+from fleet.hub.context import Hub, get_hub
+from fleet.hub.db import insert_ignore, read_session, write_session
+from fleet.hub.models import Blob, ModelVersion
+from fleet.hub.schemas import RollbackRequest
+from fleet.protocol import SignedManifest, check_name
+from fleet.signing import verify_manifest
+
+router = APIRouter(tags=["models"])
+
+
+@router.post("/v1/models", status_code=201)
+async def upload_model(request: Request, _: Principal = Depends(require("trainer")),
+                       hub: Hub = Depends(get_hub)) -> JSONResponse:
+    """multipart: ``onnx`` (file) and ``manifest`` (SignedManifest JSON, a field or a file)."""
+    async with request.form(max_files=2, max_fields=2, max_part_size=hub.settings.max_json_bytes) as form:
+        onnx_part, manifest_part = form.get("onnx"), form.get("manifest")
+        if not isinstance(onnx_part, UploadFile) or manifest_part is None:
+            raise HTTPException(422, detail=f"expected multipart parts 'onnx' (file) and 'manifest' (JSON); "
+                                            f"received parts {sorted(form.keys())}")
+        text = await manifest_part.read() if isinstance(manifest_part, UploadFile) else manifest_part
+        onnx = await onnx_part.read()
+    status, body = await run_in_threadpool(register_model, hub, text, onnx)
+    return JSONResponse(body, status_code=status)
+
+
+def register_model(hub: Hub, manifest_text: str | bytes, onnx: bytes) -> tuple[int, dict[str, Any]]:
+    signed = SignedManifest.from_json(manifest_text)
+    key = hub.settings.public_key()
+    if key is None:
+        raise HTTPException(422, detail="this hub has no fleet public key configured "
+                                        "(FLYWHEEL_HUB_SIGNING_PUBLIC_KEY); it cannot verify models")
+    manifest = verify_manifest(signed, key)  # IntegrityError -> 422
+    digest = hashlib.sha256(onnx).hexdigest()
+    if len(onnx) != manifest.onnx_size or digest != manifest.onnx_sha256:
+        raise HTTPException(400, detail=f"ONNX file is {len(onnx)} bytes with sha256 {digest}; the manifest says "
+                                        f"{manifest.onnx_size} bytes with sha256 {manifest.onnx_sha256}")
+    with read_session(hub.engine) as s:
+        existing = s.get(ModelVersion, manifest.version)
+    if existing is not None:
+        if existing.onnx_sha256 == digest and existing.signed_manifest == signed.to_dict():
+            return 200, {"version": existing.version, "status": existing.status, "already": True}
+        raise HTTPException(409, detail=f"model version {manifest.version!r} already exists with different "
+                                        f"bytes or manifest; publish under a new version")
+    sha, created = hub.blobs.put(onnx, sha256=digest)
+    now = hub.now()
+    try:
+        with write_session(hub.engine) as s:
+            s.execute(insert_ignore(hub.engine, Blob.__table__,  # type: ignore[arg-type]
+                                    {"sha256": sha, "size": len(onnx), "kind": "model", "created_at": now}))
+            s.add(ModelVersion(
+                version=manifest.version, parent_version=manifest.parent_version, status="candidate",
+                onnx_sha256=digest, onnx_size=len(onnx), signed_manifest=signed.to_dict(),
+                class_names=list(manifest.class_names), embedding_dim=manifest.embedding_dim,
+                metrics=dict(manifest.metrics), created_at=manifest.created_at, uploaded_at=now,
+                status_changed_at=now,
+            ))
+    except DBIntegrityError:
+        raise HTTPException(409, detail=f"model version {manifest.version!r} was registered concurrently") from None
+    except BaseException:
+        if created:
+            hub.blobs.delete(sha)
+        raise
+    hub.models.clear()
+    return 201, {"version": manifest.version, "status": "candidate"}
+
+
+@router.get("/v1/models")
+def list_models(_: Principal = Depends(require("trainer", "labeler")),
+                hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    with read_session(hub.engine) as s:
+        rows = s.exec(select(ModelVersion).order_by(col(ModelVersion.uploaded_at))).all()
+    return [model_public(r) for r in rows]
+
+
+@router.get("/v1/models/{version}")
+def get_model(version: str, _: Principal = Depends(require("trainer", "labeler")),
+              hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    return model_public(_get(hub, version))
+
+
+@router.get("/v1/models/{version}/manifest")
+def get_manifest(version: str, _: Principal = Depends(require("device", "trainer", "labeler")),
+                 hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    return _get(hub, version).signed_manifest
+
+
+@router.get("/v1/models/{version}/onnx")
+def get_onnx(version: str, _: Principal = Depends(require("device", "trainer", "labeler")),
+             hub: Hub = Depends(get_hub)) -> Response:
+    mv = _get(hub, version)
+    try:
+        chunks = hub.blobs.iter_chunks(mv.onnx_sha256)
+        first = next(chunks, b"")
+    except KeyError:
+        raise HTTPException(404, detail=f"ONNX bytes of {version!r} are missing from the blob store") from None
+
+    def stream() -> Any:
+        yield first
+        yield from chunks
+
+    return StreamingResponse(stream(), media_type="application/octet-stream",
+                             headers={"Content-Length": str(mv.onnx_size), "X-Onnx-Sha256": mv.onnx_sha256})
+
+
+@router.post("/v1/models/{version}/promote")
+def promote(version: str, _: Principal = Depends(require("admin")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Make a version active at once (a running rollout of it completes; of another, refuses)."""
+    check_name(version, "version")
+    with write_session(hub.engine) as s:
+        running = rollouts.running_rollout(s)
+        if running is not None and running.version != version:
+            raise HTTPException(409, detail=f"rollout {running.rollout_id} of {running.version!r} is running; "
+                                            f"roll it back before promoting {version!r}")
+        if running is not None:
+            running.state, running.finished_at, running.reason = "completed", hub.now(), "promoted by an operator"
+            s.add(running)
+        mv = rollouts.promote(hub, s, version)
+        return model_public(mv)
+
+
+@router.post("/v1/models/{version}/retire")
+def retire(version: str, _: Principal = Depends(require("admin")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    check_name(version, "version")
+    with write_session(hub.engine) as s:
+        mv = s.get(ModelVersion, version)
+        if mv is None:
+            raise HTTPException(404, detail=f"unknown model version {version!r}")
+        if mv.status == "active":
+            raise HTTPException(409, detail=f"{version!r} is the active model; promote or roll back to another first")
+        running = rollouts.running_rollout(s)
+        if running is not None and running.version == version:
+            rollouts.rollback(hub, s, running, reason="retired by an operator")
+        mv.status, mv.status_changed_at = "retired", hub.now()
+        s.add(mv)
+        return model_public(mv)
+
+
+@router.post("/v1/models/rollback")
+def rollback(body: RollbackRequest | None = Body(None), _: Principal = Depends(require("admin")),
+             hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Roll back the running rollout; with none, re-activate ``to`` or the previously active version."""
+    body = body or RollbackRequest()
+    with write_session(hub.engine) as s:
+        running = rollouts.running_rollout(s)
+        if running is not None and body.to is None:
+            rollouts.rollback(hub, s, running, reason=body.reason)
+            return {"rolled_back": running.version, "active": running.incumbent, "rollout_id": running.rollout_id}
+        if running is not None:
+            rollouts.rollback(hub, s, running, reason=body.reason)
+        current = rollouts.active_model(s)
+        target = body.to
+        if target is None:
+            prev = s.exec(select(ModelVersion).where(ModelVersion.status == "retired",
+                                                     col(ModelVersion.activated_at).is_not(None))
+                          .order_by(col(ModelVersion.activated_at).desc())).first()
+            if prev is None:
+                raise HTTPException(409, detail="no running rollout and no previously active version to roll back to")
+            target = prev.version
+        check_name(target, "to")
+        rollouts.promote(hub, s, target)
+        return {"rolled_back": current.version if current else None, "active": target, "rollout_id": None}
+
+
+def _get(hub: Hub, version: str) -> ModelVersion:
+    check_name(version, "version")
+    with read_session(hub.engine) as s:
+        mv = s.get(ModelVersion, version)
+    if mv is None:
+        raise HTTPException(404, detail=f"unknown model version {version!r}")
+    return mv
+
+
+def model_public(mv: ModelVersion) -> dict[str, Any]:
+    return {
+        "version": mv.version, "parent_version": mv.parent_version, "status": mv.status, "metrics": mv.metrics,
+        "created_at": mv.created_at, "uploaded_at": mv.uploaded_at, "status_changed_at": mv.status_changed_at,
+        "activated_at": mv.activated_at, "onnx_sha256": mv.onnx_sha256, "onnx_size": mv.onnx_size,
+        "class_names": mv.class_names, "embedding_dim": mv.embedding_dim,
+    }
+
+
+__all__ = ["router", "IntegrityError", "tempfile"]

@@ -1,0 +1,149 @@
+"""Request and response bodies of the hub's JSON routes (the device messages use fleet.protocol)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
+
+from fleet.errors import ProtocolError
+from fleet.protocol import check_name, check_sha256
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+def _name(value: str, what: str) -> str:
+    try:
+        return check_name(value, what)
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class EnrollRequest(_In):
+    device_id: str
+    fleet_secret: str = Field(max_length=512)
+    group: str = "default"
+
+    @field_validator("device_id", "group")
+    @classmethod
+    def _names(cls, v: str) -> str:
+        return _name(v, "device_id/group")
+
+
+class TokenCreate(_In):
+    scope: Literal["admin", "labeler", "trainer"]
+    name: str
+
+    @field_validator("name")
+    @classmethod
+    def _n(cls, v: str) -> str:
+        return _name(v, "token name")
+
+
+class TokenPublic(BaseModel):
+    name: str
+    scope: str
+    token: str
+
+
+class SelectionRequest(_In):
+    budget: int = Field(ge=1)
+    strategy: str = "uncertainty+diversity"
+    exclude_queued: bool = True
+    seed: int | None = None
+
+
+class LabelCreate(_In):
+    case_id: str
+    label: int = Field(ge=0)
+    annotator: str = Field(min_length=1, max_length=256)
+    source: str = Field("label-studio", min_length=1, max_length=64)
+    task_id: int = Field(ge=0)
+    annotation_id: int = Field(ge=0)
+    created_at: FiniteFloat
+    deleted: bool = False
+    agreement: FiniteFloat | None = Field(None, ge=0, le=1)
+    n_annotators: int | None = Field(None, ge=0)
+    status: Literal["accepted", "held", "gold"] = "accepted"
+
+    @field_validator("case_id")
+    @classmethod
+    def _case(cls, v: str) -> str:
+        return _name(v, "case_id")
+
+
+class SnapshotCreate(_In):
+    name: str | None = Field(None, max_length=128)
+
+
+class BulkBlobs(_In):
+    sha256s: list[str] = Field(max_length=20_000)
+
+    @field_validator("sha256s")
+    @classmethod
+    def _shas(cls, v: list[str]) -> list[str]:
+        for s in v:
+            try:
+                check_sha256(s, "sha256s item")
+            except ProtocolError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+
+class RolloutCreate(_In):
+    version: str
+    stages: list[FiniteFloat] = Field(default_factory=lambda: [0.1, 0.5, 1.0], min_length=1, max_length=20)
+    stage_seconds: FiniteFloat | None = Field(None, gt=0)
+
+    @field_validator("version")
+    @classmethod
+    def _v(cls, v: str) -> str:
+        return _name(v, "version")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 < s <= 1.0 for s in v) or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"stages must be increasing fractions in (0, 1]; received {v}")
+        return v
+
+
+class RollbackRequest(_In):
+    to: str | None = None
+    reason: str = Field("rolled back by an operator", max_length=2000)
+
+
+class CampaignCreate(_In):
+    """A campaign: the trigger spec plus where it goes. A bare spec document is accepted too."""
+
+    spec: dict[str, Any]
+    groups: list[str] = Field(default_factory=list, max_length=100)
+    novelty_bank: str | None = None
+
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[str]) -> list[str]:
+        return [_name(g, "group") for g in v]
+
+    @field_validator("novelty_bank")
+    @classmethod
+    def _bank(cls, v: str | None) -> str | None:
+        return None if v is None else _name(v, "novelty_bank")
+
+
+class BankCreate(_In):
+    bank_id: str | None = None
+    model_version: str | None = None
+    max_size: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @field_validator("bank_id", "model_version")
+    @classmethod
+    def _names(cls, v: str | None) -> str | None:
+        return None if v is None else _name(v, "bank_id/model_version")
+
+
+class AckRequest(_In):
+    up_to: int = Field(ge=0)

@@ -1,0 +1,293 @@
+"""Which unlabeled cases to label next, under a budget: pure numpy strategies looked up by name.
+
+Every strategy has the same signature::
+
+    strategy(uncertainty (n,), embeddings (n, d) | None, budget, *, rng, labeled (m, d) | None,
+             dup_threshold) -> indices (<= budget,) into the pool, best first
+
+``uncertainty`` is in [0, 1], higher = more informative. Candidates whose embedding lies within
+``dup_threshold`` cosine distance of an already-labeled embedding are skipped by every strategy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from fleet.errors import InvalidInput
+
+
+class Strategy(Protocol):
+    def __call__(
+        self, uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+        rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+    ) -> np.ndarray: ...
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(name: str) -> Callable[[Strategy], Strategy]:
+    def deco(fn: Strategy) -> Strategy:
+        STRATEGIES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_strategy(name: str) -> Strategy:
+    """The strategy called ``name``; an unknown name lists the valid ones."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise InvalidInput(f"unknown selection strategy {name!r}; expected one of {sorted(STRATEGIES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# scores and geometry
+# ---------------------------------------------------------------------------------------------
+
+
+def informativeness(probs: np.ndarray, *, human: np.ndarray | None = None,
+                    challenger: np.ndarray | None = None) -> np.ndarray:
+    """probs: (n, k); human, challenger: (n,) class or -1 unknown -> (n,) in [0, 1], higher = label first.
+
+    A frame where the human's action contradicts the model is most likely a model error, so it ranks
+    above every merely uncertain one: [0.9, 1]; among those, the unsure ones first, since a confident
+    disagreement is more often the human's slip. Disagreement with a challenger model ranks next,
+    [0.5, 1]. Otherwise the normalised least confidence.
+    """
+    lc = normalized_least_confidence(probs)
+    pred = np.asarray(probs).argmax(axis=1)
+    out = lc.copy()
+    if challenger is not None:
+        c = np.asarray(challenger)
+        out = np.where((c >= 0) & (c != pred), np.maximum(out, 0.5 + 0.5 * lc), out)
+    if human is not None:
+        h = np.asarray(human)
+        out = np.where((h >= 0) & (h != pred), np.maximum(out, 0.9 + 0.1 * lc), out)
+    return np.clip(out, 0.0, 1.0)
+
+
+def normalized_least_confidence(probs: np.ndarray) -> np.ndarray:
+    """probs: (n, k) -> (n,) in [0, 1]: (1 - max p) / (1 - 1/k); 1 = uniform, 0 = one-hot."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise InvalidInput(f"probs must have shape (n, k>=2); received {p.shape}")
+    k = p.shape[1]
+    return np.clip((1.0 - p.max(axis=1)) / (1.0 - 1.0 / k), 0.0, 1.0)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """x: (n, d) -> rows of unit length (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norm, 1e-12)
+
+
+def min_cosine_distance(a: np.ndarray, b: np.ndarray, *, chunk: int = 2048) -> np.ndarray:
+    """a: (n, d), b: (m, d) -> (n,) cosine distance from each row of a to its nearest row of b (inf if m=0)."""
+    a, b = l2_normalize(a), l2_normalize(b)
+    out = np.full(len(a), np.inf, dtype=np.float32)
+    if len(b) == 0 or len(a) == 0:
+        return out
+    for i in range(0, len(b), chunk):
+        sims = a @ b[i : i + chunk].T
+        out = np.minimum(out, 1.0 - sims.max(axis=1))
+    return np.maximum(out, 0.0)
+
+
+def k_center_greedy(
+    embeddings: np.ndarray, budget: int, *, seeds: np.ndarray | None = None, first: int = 0,
+) -> np.ndarray:
+    """embeddings: (n, d) -> (<= budget,) indices of a greedy k-center cover (cosine distance).
+
+    Each step picks the point farthest from everything chosen so far and from ``seeds`` (m, d), the
+    already-labeled embeddings. Without seeds, the first pick is ``first``.
+    """
+    x = l2_normalize(embeddings)
+    n = len(x)
+    budget = min(budget, n)
+    if budget <= 0:
+        return np.zeros(0, dtype=np.int64)
+    has_seeds = seeds is not None and len(seeds) > 0
+    dist = min_cosine_distance(x, seeds) if has_seeds else np.full(n, np.inf, dtype=np.float32)  # type: ignore[arg-type]
+    chosen: list[int] = []
+    for _ in range(budget):
+        i = int(first) if not chosen and not np.isfinite(dist).any() else int(np.argmax(dist))
+        chosen.append(i)
+        dist = np.minimum(dist, np.maximum(1.0 - x @ x[i], 0.0))
+        dist[chosen] = -1.0
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def assign_clusters(embeddings: np.ndarray | None, picked: np.ndarray) -> np.ndarray:
+    """Group the picked rows: (p,) cluster ids = nearest of the first ceil(sqrt(p)) picks (0 if no embeddings)."""
+    if embeddings is None or len(picked) == 0:
+        return np.zeros(len(picked), dtype=np.int64)
+    x = l2_normalize(embeddings[picked])
+    n_centers = max(1, int(np.ceil(np.sqrt(len(picked)))))
+    centers = x[:n_centers]
+    return np.asarray(np.argmax(x @ centers.T, axis=1), dtype=np.int64)
+
+
+def _near_labeled(embeddings: np.ndarray | None, labeled: np.ndarray | None, threshold: float) -> np.ndarray:
+    if embeddings is None or labeled is None or len(labeled) == 0 or threshold <= 0:
+        n = 0 if embeddings is None else len(embeddings)
+        return np.zeros(n, dtype=bool)
+    return min_cosine_distance(embeddings, labeled) < threshold
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies
+# ---------------------------------------------------------------------------------------------
+
+
+@register("random")
+def random_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """A uniform sample of the pool (the baseline every other strategy must beat)."""
+    n = len(uncertainty)
+    keep = ~_near_labeled(embeddings, labeled, dup_threshold) if embeddings is not None else np.ones(n, bool)
+    order = rng.permutation(np.flatnonzero(keep))
+    return order[:budget].astype(np.int64)
+
+
+@register("uncertainty")
+def uncertainty_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """The most uncertain first (ties broken at random)."""
+    u = np.asarray(uncertainty, dtype=np.float64)
+    keep = ~_near_labeled(embeddings, labeled, dup_threshold) if embeddings is not None else np.ones(len(u), bool)
+    idx = np.flatnonzero(keep)
+    order = idx[np.lexsort((rng.random(len(idx)), -u[idx]))]
+    return order[:budget].astype(np.int64)
+
+
+@register("uncertainty+diversity")
+def uncertainty_diversity_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """Spread the budget over clusters of the pool in proportion to their informativeness mass.
+
+    The pool (the top-M most informative) is grouped by spherical k-means on the embeddings; each
+    cluster gets a share of the budget proportional to the sum of its members' informativeness, and
+    gives its most informative members first, skipping near-duplicates of what is already picked or
+    labeled. A tight cluster of confident mistakes (a blind spot: night frames the model maps all to
+    one place) thus keeps its share, where plain k-center would spend one label on it and move on.
+    Without embeddings it falls back to ``uncertainty``.
+    """
+    if embeddings is None or len(embeddings) == 0:
+        return uncertainty_strategy(uncertainty, None, budget, rng=rng)
+    u = np.asarray(uncertainty, dtype=np.float64)
+    keep = np.flatnonzero(~_near_labeled(embeddings, labeled, dup_threshold))
+    if len(keep) == 0 or budget <= 0:
+        return np.zeros(0, dtype=np.int64)
+    x = l2_normalize(embeddings[keep])
+    k = int(np.clip(budget, 1, min(16, len(keep))))
+    clusters = spherical_kmeans(x, k, rng=rng)
+    shares = allocate(np.bincount(clusters, weights=u[keep] + 1e-9, minlength=k),
+                      np.bincount(clusters, minlength=k), min(budget, len(keep)))
+    picked: list[int] = []
+    for c in range(k):
+        members = np.flatnonzero(clusters == c)
+        order = members[np.lexsort((rng.random(len(members)), -u[keep][members]))]
+        taken: list[int] = []
+        for i in order:
+            if len(taken) >= shares[c]:
+                break
+            if dup_threshold > 0 and taken and float(np.min(1.0 - x[taken] @ x[i])) < dup_threshold:
+                continue
+            taken.append(int(i))
+        picked.extend(taken)
+    if len(picked) < min(budget, len(keep)):  # near-duplicates left a cluster short: the best of the rest fill in
+        rest = np.setdiff1d(np.arange(len(keep)), picked)
+        rest = rest[np.argsort(-u[keep][rest], kind="stable")]
+        picked.extend(int(i) for i in rest[: min(budget, len(keep)) - len(picked)])
+    picked_arr = np.asarray(picked, dtype=np.int64)
+    best_first = picked_arr[np.argsort(-u[keep][picked_arr], kind="stable")]
+    return keep[best_first].astype(np.int64)
+
+
+@register("uncertainty+kcenter")
+def uncertainty_kcenter_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """k-center greedy over the embeddings of the pool (the top-M most uncertain), seeded by the labeled.
+
+    Pure coverage: good for a broad first look, poor at blind spots (it leaves a dense cluster of
+    errors after one pick). Without embeddings it falls back to ``uncertainty``.
+    """
+    if embeddings is None or len(embeddings) == 0:
+        return uncertainty_strategy(uncertainty, None, budget, rng=rng)
+    u = np.asarray(uncertainty, dtype=np.float64)
+    keep = np.flatnonzero(~_near_labeled(embeddings, labeled, dup_threshold))
+    if len(keep) == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = int(np.argmax(u[keep]))
+    picked = k_center_greedy(embeddings[keep], budget, seeds=labeled, first=first)
+    return keep[picked].astype(np.int64)
+
+
+def spherical_kmeans(x: np.ndarray, k: int, *, rng: np.random.Generator, iters: int = 20) -> np.ndarray:
+    """x: (n, d) unit rows -> (n,) cluster ids in [0, k), k-means++ seeding on cosine distance."""
+    n = len(x)
+    k = max(1, min(k, n))
+    centers = [int(rng.integers(n))]
+    dist = np.maximum(1.0 - x @ x[centers[0]], 0.0)
+    for _ in range(1, k):
+        p = dist / dist.sum() if dist.sum() > 0 else np.full(n, 1.0 / n)
+        centers.append(int(rng.choice(n, p=p)))
+        dist = np.minimum(dist, np.maximum(1.0 - x @ x[centers[-1]], 0.0))
+    c = x[centers].copy()
+    labels = np.zeros(n, dtype=np.int64)
+    for _ in range(iters):
+        new = np.argmax(x @ c.T, axis=1)
+        if _ and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            m = x[labels == j]
+            if len(m):
+                c[j] = l2_normalize(m.sum(axis=0, keepdims=True))[0]
+    return labels
+
+
+def allocate(weights: np.ndarray, capacity: np.ndarray, budget: int) -> np.ndarray:
+    """Split ``budget`` into integers proportional to ``weights`` (k,), none above ``capacity`` (k,).
+
+    Hamilton's largest-remainder method; what a full cluster cannot take goes to the others in the same
+    proportions. Sums to min(budget, capacity.sum()).
+    """
+    w = np.maximum(np.asarray(weights, dtype=np.float64), 0.0)
+    cap = np.asarray(capacity, dtype=np.int64)
+    out = np.zeros(len(w), dtype=np.int64)
+    left = int(min(budget, cap.sum()))
+    while left > 0:
+        open_ = out < cap
+        share = np.where(open_, w, 0.0)
+        if share.sum() <= 0:
+            share = open_.astype(np.float64)
+        quota = share / share.sum() * left
+        add = np.minimum(np.floor(quota).astype(np.int64), cap - out)
+        spare = left - int(add.sum())
+        order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+        for j in order:
+            if spare == 0:
+                break
+            if open_[j] and out[j] + add[j] < cap[j] and quota[j] > 0:
+                add[j] += 1
+                spare -= 1
+        if add.sum() == 0:  # only zero-weight room is left
+            add[int(np.flatnonzero(open_)[0])] = 1
+        out += add
+        left -= int(add.sum())
+    return out

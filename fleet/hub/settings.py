@@ -1,0 +1,102 @@
+"""Typed hub configuration (pydantic-settings, env prefix ``FLYWHEEL_HUB_``), never built at import time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fleet.errors import InvalidInput
+
+# Defaults that only a dev hub may run with; a production hub refuses to start on any of them.
+DEV_FLEET_SECRET = "dev-fleet-secret"
+DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_URL_SECRET = "dev-url-secret"
+DEV_WEBHOOK_SECRET = "dev-webhook-secret"
+_MIN_SECRET_LEN = 16
+
+
+class HubSettings(BaseSettings):
+    """Everything the hub reads from its environment. ``FLYWHEEL_HUB_DATABASE_URL`` picks the database."""
+
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_HUB_", extra="ignore", validate_default=True)
+
+    dev: bool = Field(False, description="Dev mode: allow the built-in default secrets.")
+    data_dir: Path = Field(Path("hub-data"), description="Folder for the SQLite file and the blob store.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in data_dir.")
+    blob_dir: Path | None = Field(None, description="Blob store folder; default: data_dir/blobs.")
+    public_url: str | None = Field(None, description="Base URL annotators reach the hub at (image links).")
+
+    fleet_secret: SecretStr = SecretStr(DEV_FLEET_SECRET)
+    admin_token: SecretStr = SecretStr(DEV_ADMIN_TOKEN)
+    url_secret: SecretStr = SecretStr(DEV_URL_SECRET)
+    webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
+    signing_public_key: str | None = Field(None, description="base64 of the fleet's raw ed25519 public key.")
+    signing_public_key_file: Path | None = None
+
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_image_side: int = Field(4096, ge=8)
+    max_model_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    image_url_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
+    token_cache_ttl_s: float = Field(2.0, ge=0, description="How long a worker trusts a cached token lookup.")
+    blob_fsync: bool = Field(False, description="fsync each blob before it becomes visible.")
+    migrate_on_start: bool = True
+    db_pool_size: int = Field(20, ge=1)
+
+    rollback_margin: float = Field(0.05, ge=0, le=1, description="Canary disagreement above incumbent's + this.")
+    rollback_min_compared: int = Field(200, ge=1, description="Human-compared frames needed on each side.")
+    rollback_health_failures: int = Field(3, ge=1, description="Health failures that roll a canary back.")
+    selection_pool_factor: int = Field(5, ge=1, description="uncertainty+diversity looks at budget x this.")
+    duplicate_cosine: float = Field(0.02, ge=0, le=2, description="Cosine distance under which two are dups.")
+    max_selection_budget: int = Field(5000, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and "://" not in v:
+            raise ValueError(f"database_url must be a SQLAlchemy URL like sqlite:///path or "
+                             f"postgresql+psycopg://user@host/db; received {v!r}")
+        return v
+
+    # -- derived values ------------------------------------------------------------------------
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'hub.db').resolve()}"
+
+    def resolved_blob_dir(self) -> Path:
+        return self.blob_dir or self.data_dir / "blobs"
+
+    def public_key(self) -> str | None:
+        """The fleet's public key (base64 raw ed25519), from the setting or its file."""
+        if self.signing_public_key:
+            return self.signing_public_key.strip()
+        if self.signing_public_key_file is not None:
+            if not self.signing_public_key_file.is_file():
+                raise InvalidInput(f"signing_public_key_file {self.signing_public_key_file} does not exist")
+            return self.signing_public_key_file.read_text().strip()
+        return None
+
+    def check(self) -> None:
+        """Refuse to run outside dev mode with a default, empty or short secret, or without a key."""
+        if self.dev:
+            return
+        problems = []
+        defaults = {
+            "fleet_secret": DEV_FLEET_SECRET, "admin_token": DEV_ADMIN_TOKEN,
+            "url_secret": DEV_URL_SECRET, "webhook_secret": DEV_WEBHOOK_SECRET,
+        }
+        for name, default in defaults.items():
+            value = getattr(self, name).get_secret_value()
+            if value == default or len(value) < _MIN_SECRET_LEN:
+                problems.append(f"FLYWHEEL_HUB_{name.upper()} is the dev default or shorter than "
+                                f"{_MIN_SECRET_LEN} characters")
+        if self.public_key() is None:
+            problems.append("no fleet signing key: set FLYWHEEL_HUB_SIGNING_PUBLIC_KEY or _FILE")
+        if problems:
+            raise InvalidInput("refusing to start outside dev mode (FLYWHEEL_HUB_DEV=1 allows it): "
+                               + "; ".join(problems))
+        from fleet.signing import key_id
+
+        key_id(self.public_key() or "")  # validates the key's encoding

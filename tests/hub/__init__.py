@@ -1,0 +1,1 @@
+"""Tests of the hub (fleet/hub), on SQLite and PostgreSQL."""

@@ -1,0 +1,47 @@
+"""The blob store: content-addressed, atomic, idempotent, and no name but a sha256 reaches the disk."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from fleet.errors import IntegrityError, InvalidInput
+from fleet.hub.blobs import BlobStore, FileBlobStore, MemoryBlobStore
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    return FileBlobStore(tmp_path / "blobs") if request.param == "file" else MemoryBlobStore()
+
+
+def test_put_get_idempotent(store: BlobStore) -> None:
+    sha, created = store.put(b"hello")
+    assert sha == hashlib.sha256(b"hello").hexdigest() and created
+    assert store.put(b"hello") == (sha, False)
+    assert store.get(sha) == b"hello" and store.exists(sha)
+    assert b"".join(store.iter_chunks(sha, 2)) == b"hello"
+    store.delete(sha)
+    assert not store.exists(sha)
+    with pytest.raises(KeyError):
+        store.get(sha)
+
+
+def test_expected_hash_must_match(store: BlobStore) -> None:
+    with pytest.raises(IntegrityError):
+        store.put(b"x", sha256="0" * 64)
+
+
+@pytest.mark.parametrize("key", ["../../etc/passwd", "A" * 64, "abc", "/" + "0" * 63, ""])
+def test_only_hashes_are_keys(store: BlobStore, key: str) -> None:
+    with pytest.raises(InvalidInput):
+        store.get(key)
+
+
+def test_file_store_leaves_no_temp_files(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path)
+    for i in range(5):
+        store.put(bytes([i]) * 100)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(files) == 5 and not any(p.name.startswith(".tmp") for p in files)

@@ -1,0 +1,86 @@
+"""`flywheel hub token`, `flywheel models` and `flywheel campaigns` against real hubs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from fleet.hub.cli import app, campaigns_app, models_app
+from tests.support.hub import RunningHub, start_hub
+from tests.support.models import make_model_files
+
+runner = CliRunner()
+
+
+def test_token_create_writes_a_working_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_HUB_DEV", "1")
+    r = runner.invoke(app, ["token", "create", "--scope", "trainer", "--name", "ci", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    token = r.output.strip()
+    assert token.startswith("fwt_")
+    again = runner.invoke(app, ["token", "create", "--scope", "trainer", "--name", "ci", "--data-dir", str(tmp_path)])
+    assert again.exit_code == 1
+    bad = runner.invoke(app, ["token", "create", "--scope", "device", "--name", "x", "--data-dir", str(tmp_path)])
+    assert bad.exit_code == 2
+    listing = runner.invoke(app, ["token", "list", "--data-dir", str(tmp_path)])
+    assert "ci\ttrainer\tactive" in listing.output
+    assert runner.invoke(app, ["token", "revoke", "ci", "--data-dir", str(tmp_path)]).exit_code == 0
+    assert "ci\ttrainer\trevoked" in runner.invoke(app, ["token", "list", "--data-dir", str(tmp_path)]).output
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> RunningHub:
+    with start_hub(tmp_path_factory.mktemp("cli-hub")) as hub:
+        yield hub  # type: ignore[misc]
+
+
+def test_models_list_promote_rollback(live: RunningHub, tmp_path: Path) -> None:
+    trainer = {"Authorization": f"Bearer {live.token('trainer')}"}
+    for v, seed in (("m1", 0), ("m2", 1)):
+        files = make_model_files(tmp_path, v, private_key=live.private_key(), seed=seed)
+        r = httpx.post(live.url + "/v1/models", headers=trainer, data={"manifest": files.signed.to_json()},
+                       files={"onnx": ("m.onnx", files.onnx_path.read_bytes())})
+        assert r.status_code == 201, r.text
+    opts = ["--hub", live.url, "--token", live.admin_token]
+    assert runner.invoke(models_app, ["promote", "m1", *opts]).exit_code == 0
+    assert runner.invoke(models_app, ["promote", "m2", *opts]).exit_code == 0
+    r = runner.invoke(models_app, ["list", "--json", *opts])
+    assert {m["version"]: m["status"] for m in json.loads(r.output)} == {"m1": "retired", "m2": "active"}
+    r = runner.invoke(models_app, ["rollback", *opts])
+    assert r.exit_code == 0 and "active: m1" in r.output
+    r = runner.invoke(models_app, ["promote", "nope", *opts])
+    assert r.exit_code == 1 and "404" in r.output
+    assert runner.invoke(models_app, ["list", *opts]).exit_code == 0
+    r = runner.invoke(models_app, ["list", "--hub", live.url, "--token", "wrong"])
+    assert r.exit_code == 1 and "401" in r.output
+
+
+def test_campaigns_apply_list_delete(live: RunningHub, tmp_path: Path) -> None:
+    spec = {"format": "flywheel.trigger/1", "id": "night-fog", "version": 1,
+            "rule": {"trigger": "entropy", "target_rate": 0.05}}
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps(spec))
+    opts = ["--hub", live.url, "--token", live.admin_token]
+    r = runner.invoke(campaigns_app, ["apply", str(f), "--group", "night", *opts])
+    assert r.exit_code == 0 and "applied: night-fog v1" in r.output, r.output
+    r = runner.invoke(campaigns_app, ["apply", str(f), "--group", "night", *opts])
+    assert "unchanged" in r.output
+    assert "night-fog\tv1\tnight" in runner.invoke(campaigns_app, ["list", *opts]).output
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**spec, "rule": {"trigger": "vibes"}}))
+    r = runner.invoke(campaigns_app, ["apply", str(bad), *opts])
+    assert r.exit_code == 1 and "vibes" in r.output
+    assert runner.invoke(campaigns_app, ["delete", "night-fog", *opts]).exit_code == 0
+    assert runner.invoke(campaigns_app, ["list", *opts]).output.strip() == ""
+
+
+def test_root_cli_exposes_the_hub_commands() -> None:
+    from fleet.cli import app as root
+
+    for cmd in (["hub", "--help"], ["models", "--help"], ["campaigns", "--help"]):
+        r = runner.invoke(root, cmd)
+        assert r.exit_code == 0, r.output

@@ -1,0 +1,200 @@
+"""Staged rollouts: bucketing, assignments, field metrics from heartbeat deltas, automatic rollback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fleet.hub.rollouts import bucket, deltas
+from fleet.protocol import Assignment
+from tests.hub.conftest import HubHarness
+
+N_DEVICES = 40
+
+
+def _fleet(hub: HubHarness, n: int = N_DEVICES) -> list[str]:
+    ids = [f"dev-{i:03d}" for i in range(n)]
+    for d in ids:
+        hub.enroll(d)
+    return ids
+
+
+def _assign(hub: HubHarness, device: str) -> Assignment:
+    r = hub.client.get("/v1/assignment", headers=hub.devices[device])
+    assert r.status_code == 200, r.text
+    return Assignment.from_dict(r.json())
+
+
+def _hb(hub: HubHarness, device: str, version: str, *, boot: str = "b1", compared: int = 0, disagreed: int = 0,
+        health: int = 0, seen: int = 100, flagged: int = 5, challenger: str | None = None) -> None:
+    body = {"device_id": device, "sent_at": hub.clock(), "boot_id": boot, "model_version": version,
+            "challenger_version": challenger,
+            "counters": {"frames_seen": seen, "flagged": flagged, "health_failures": health},
+            "human_compared": compared, "human_disagreed": disagreed}
+    r = hub.client.post("/v1/heartbeats", json=body, headers=hub.devices[device])
+    assert r.status_code == 204, r.text
+
+
+def _rollout(hub: HubHarness, version: str = "m2", stages: list[float] | None = None, **kw: Any) -> dict[str, Any]:
+    r = hub.client.post("/v1/rollouts", json={"version": version, "stages": stages or [0.25, 0.5, 1.0], **kw},
+                        headers=hub.trainer)
+    assert r.status_code == 201, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_bucket_is_stable_uniform_and_per_rollout() -> None:
+    b = [bucket(f"dev-{i}", "ro-1") for i in range(4000)]
+    assert all(0 <= x < 1 for x in b)
+    assert abs(sum(x < 0.1 for x in b) / 4000 - 0.1) < 0.02
+    assert bucket("dev-1", "ro-1") == bucket("dev-1", "ro-1") != bucket("dev-1", "ro-2")
+
+
+def test_deltas_handle_counter_restarts() -> None:
+    assert deltas(None, {"a": 5}) == {"a": 5}
+    assert deltas({"a": 5}, {"a": 8}) == {"a": 3}
+    assert deltas({"a": 5}, {"a": 2}) == {"a": 2}
+
+
+def test_assignment_without_rollout_is_the_active_model(hub: HubHarness) -> None:
+    a = _assign(hub, "d1")
+    assert a.active is not None and a.active.version == "m1" and a.challenger is None and a.rollout_id is None
+
+
+def test_staged_rollout_buckets_devices_and_completes(hub: HubHarness) -> None:
+    devices = _fleet(hub)
+    hub.register_model("m2", parent="m1", seed=1)
+    ro = _rollout(hub)
+    assert ro["state"] == "running" and ro["incumbent"] == "m1" and ro["fraction"] == 0.25
+    for stage, fraction in enumerate([0.25, 0.5, 1.0]):
+        got = {d: _assign(hub, d) for d in devices}
+        canary = {d for d, a in got.items() if a.active and a.active.version == "m2"}
+        expected = {d for d in devices if bucket(d, ro["rollout_id"]) < fraction}
+        assert canary == expected, stage
+        for d, a in got.items():
+            assert a.rollout_id == ro["rollout_id"]
+            if d in canary:
+                assert a.challenger is not None and a.challenger.version == "m1"  # shadow incumbent
+            else:
+                assert a.active is not None and a.active.version == "m1" and a.challenger is None
+        r = hub.client.post(f"/v1/rollouts/{ro['rollout_id']}/advance", headers=hub.trainer)
+        assert r.status_code == 200, r.text
+    assert r.json()["state"] == "completed"
+    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    assert statuses == {"m1": "retired", "m2": "active"}
+    assert all(_assign(hub, d).active.version == "m2" for d in devices[:5])  # type: ignore[union-attr]
+
+
+def test_only_one_rollout_at_a_time_and_only_of_a_candidate(hub: HubHarness) -> None:
+    hub.register_model("m2", seed=1)
+    hub.register_model("m3", seed=2)
+    assert hub.client.post("/v1/rollouts", json={"version": "m1"}, headers=hub.trainer).status_code == 409
+    assert hub.client.post("/v1/rollouts", json={"version": "zz"}, headers=hub.trainer).status_code == 404
+    _rollout(hub)
+    assert hub.client.post("/v1/rollouts", json={"version": "m3"}, headers=hub.trainer).status_code == 409
+    for stages in ([0.5, 0.2], [0, 1], [1.5], []):
+        r = hub.client.post("/v1/rollouts", json={"version": "m3", "stages": stages}, headers=hub.trainer)
+        assert r.status_code == 422, stages
+
+
+def test_field_disagreement_rolls_the_canary_back(hub: HubHarness) -> None:
+    devices = _fleet(hub)
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[0.5, 1.0])
+    canary = [d for d in devices if _assign(hub, d).active.version == "m2"]  # type: ignore[union-attr]
+    rest = [d for d in devices if d not in canary]
+    assert canary and rest
+    for d in rest:  # incumbent: 10% disagreement
+        _hb(hub, d, "m1", compared=20, disagreed=2)
+    for d in canary[:2]:  # a few frames: not enough to judge yet
+        _hb(hub, d, "m2", compared=10, disagreed=8)
+    assert hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()["state"] == "running"
+    for d in canary:  # cumulative counters: deltas are what count
+        _hb(hub, d, "m2", compared=30, disagreed=15)
+    status = hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()
+    assert status["state"] == "rolled_back" and "disagreement" in status["reason"]
+    m2 = status["metrics"]["m2"]
+    # it rolled back as soon as the canary had the minimum number of compared frames
+    assert 50 <= m2["human_compared"] < 30 * len(canary) and m2["disagreement"] >= 0.4
+    assert status["metrics"]["m1"]["disagreement"] == pytest.approx(0.1)
+    assert all(_assign(hub, d).active.version == "m1" for d in devices)  # type: ignore[union-attr]
+    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    assert statuses == {"m1": "active", "m2": "retired"}
+
+
+def test_a_healthy_canary_is_not_rolled_back(hub: HubHarness) -> None:
+    devices = _fleet(hub)
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[0.5, 1.0])
+    for d in devices:
+        v = _assign(hub, d).active.version  # type: ignore[union-attr]
+        _hb(hub, d, v, compared=40, disagreed=4 if v == "m1" else 5)
+    assert hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()["state"] == "running"
+
+
+def test_health_failures_roll_back(hub: HubHarness) -> None:
+    devices = _fleet(hub, 20)
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[1.0])
+    ota = {"device_id": devices[0], "version": "m2", "outcome": "rolled_back", "reason": "NaN logits",
+           "previous_version": "m1", "reported_at": hub.clock()}
+    assert hub.client.post("/v1/ota-reports", json=ota, headers=hub.devices[devices[0]]).status_code == 204
+    _hb(hub, devices[1], "m2", health=1)
+    assert hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()["state"] == "running"
+    _hb(hub, devices[2], "m2", health=1)
+    status = hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()
+    assert status["state"] == "rolled_back" and "health failures" in status["reason"]
+
+
+def test_stage_clock_advances_the_rollout(hub: HubHarness) -> None:
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[0.1, 1.0], stage_seconds=60)
+    hub.clock.advance(30)
+    assert hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()["stage"] == 0
+    hub.clock.advance(31)
+    _assign(hub, "d1")  # any device poll moves a due rollout on
+    assert hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()["stage"] == 1
+    hub.clock.advance(61)
+    assert hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()["state"] == "completed"
+
+
+def test_manual_rollback_and_operator_rollback(hub: HubHarness) -> None:
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[1.0])
+    assert _assign(hub, "d1").active.version == "m2"  # type: ignore[union-attr]
+    r = hub.client.post(f"/v1/rollouts/{ro['rollout_id']}/rollback", json={"reason": "looks off"},
+                        headers=hub.trainer)
+    assert r.status_code == 200 and r.json()["state"] == "rolled_back" and r.json()["reason"] == "looks off"
+    assert _assign(hub, "d1").active.version == "m1"  # type: ignore[union-attr]
+    assert hub.client.post(f"/v1/rollouts/{ro['rollout_id']}/advance", headers=hub.trainer).status_code == 409
+    assert hub.client.get("/v1/rollouts/ro-nope", headers=hub.trainer).status_code == 404
+
+
+def test_heartbeat_deltas_per_boot(hub: HubHarness) -> None:
+    _hb(hub, "d1", "m1", seen=100, flagged=10)
+    _hb(hub, "d1", "m1", seen=150, flagged=12)
+    _hb(hub, "d1", "m1", boot="b2", seen=20, flagged=1)  # the agent restarted: counters from zero
+    m = hub.client.get("/v1/summary", headers=hub.trainer).json()["models"]["m1"]
+    assert m["field"]["frames_seen"] == 170 and m["field"]["flagged"] == 13 and m["field"]["heartbeats"] == 3
+    assert m["trigger_rate"] == pytest.approx(13 / 170)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"counters": {"frames_seen": -1}}, {"counters": {"bogus": 1}}, {"human_disagreed": 5, "human_compared": 1},
+     {"latency_p50_ms": float("nan")}, {"boot_id": "../b"}, {"sent_at": "now"}],
+)
+def test_bad_heartbeats_are_refused(hub: HubHarness, change: dict[str, Any]) -> None:
+    import json
+
+    body = {"device_id": "d1", "sent_at": 1.0, "boot_id": "b1", "model_version": "m1", **change}
+    r = hub.client.post("/v1/heartbeats", content=json.dumps(body), headers={**hub.devices["d1"],
+                                                                           "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert isinstance(r.json()["detail"], str)
+
+
+def test_bad_ota_reports_are_refused(hub: HubHarness) -> None:
+    body = {"device_id": "d1", "version": "m1", "outcome": "exploded"}
+    r = hub.client.post("/v1/ota-reports", json=body, headers=hub.devices["d1"])
+    assert r.status_code == 422 and "outcome" in r.json()["detail"]

@@ -1,0 +1,230 @@
+"""Selection strategies (pure numpy) and the selection API: budgets, queues, duplicates, signed links."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlparse
+
+import numpy as np
+import pytest
+
+from fleet.errors import InvalidInput
+from fleet.hub.selection import (
+    STRATEGIES,
+    get_strategy,
+    k_center_greedy,
+    min_cosine_distance,
+    normalized_least_confidence,
+)
+from tests.hub.conftest import HubHarness
+
+# ---------------------------------------------------------------------------------------------
+# pure strategies
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_strategy_lists_the_valid_ones() -> None:
+    with pytest.raises(InvalidInput, match="random") as exc:
+        get_strategy("bald-ish")
+    assert "uncertainty+diversity" in str(exc.value)
+
+
+def test_least_confidence_rises_as_the_prediction_flattens() -> None:
+    probs = np.array([[1.0, 0.0, 0.0], [0.8, 0.1, 0.1], [0.5, 0.3, 0.2], [1 / 3, 1 / 3, 1 / 3]])
+    u = normalized_least_confidence(probs)
+    assert np.all(np.diff(u) > 0) and u[0] == 0.0 and u[-1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("budget", [0, 1, 7, 50, 500])
+def test_budget_is_never_exceeded_and_indices_are_unique(name: str, budget: int) -> None:
+    rng = np.random.default_rng(0)
+    u = rng.random(100)
+    emb = rng.normal(size=(100, 8)).astype(np.float32)
+    idx = get_strategy(name)(u, emb, budget, rng=np.random.default_rng(1))
+    assert len(idx) <= budget and len(set(idx.tolist())) == len(idx)
+    assert np.all((idx >= 0) & (idx < 100))
+
+
+def test_uncertainty_picks_the_most_uncertain() -> None:
+    u = np.array([0.1, 0.9, 0.5, 0.95, 0.2])
+    idx = get_strategy("uncertainty")(u, None, 2, rng=np.random.default_rng(0))
+    assert idx.tolist() == [3, 1]
+
+
+def test_diversity_spreads_over_clusters_where_uncertainty_piles_into_one() -> None:
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(4, 16)) * 5
+    emb = np.concatenate([c + rng.normal(scale=0.05, size=(25, 16)) for c in centers]).astype(np.float32)
+    u = np.concatenate([np.full(25, 0.9), np.full(25, 0.8), np.full(25, 0.7), np.full(25, 0.6)])
+    u += rng.random(100) * 0.01
+    cluster = np.repeat(np.arange(4), 25)
+    by_u = get_strategy("uncertainty")(u, emb, 4, rng=np.random.default_rng(0))
+    by_ud = get_strategy("uncertainty+diversity")(u, emb, 4, rng=np.random.default_rng(0))
+    assert len(set(cluster[by_u])) == 1
+    assert len(set(cluster[by_ud])) == 4
+    assert by_ud[0] == int(np.argmax(u))  # starts from the most uncertain
+
+
+def test_candidates_near_labeled_embeddings_are_skipped() -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(10, 8)).astype(np.float32)
+    labeled = emb[:3] * 1.0001  # same directions
+    for name in STRATEGIES:
+        idx = get_strategy(name)(np.linspace(1, 0, 10), emb, 10, rng=np.random.default_rng(0), labeled=labeled,
+                                 dup_threshold=0.01)
+        assert not set(idx.tolist()) & {0, 1, 2}, name
+        assert len(idx) == 7
+
+
+def test_k_center_seeded_by_labeled_avoids_covered_regions() -> None:
+    emb = np.array([[1, 0], [0.99, 0.1], [0, 1], [-1, 0]], dtype=np.float32)
+    picked = k_center_greedy(emb, 2, seeds=np.array([[1, 0.05]], dtype=np.float32))
+    assert set(picked.tolist()) == {2, 3}
+
+
+def test_min_cosine_distance() -> None:
+    a = np.array([[1, 0], [0, 1]], np.float32)
+    b = np.array([[1, 0]], np.float32)
+    assert min_cosine_distance(a, b) == pytest.approx([0.0, 1.0])
+    assert np.isinf(min_cosine_distance(a, np.zeros((0, 2), np.float32))).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the API
+# ---------------------------------------------------------------------------------------------
+
+
+def _send_pool(hub: HubHarness, n: int, *, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    ids = []
+    for i in range(n):
+        p = rng.dirichlet(np.ones(3) * (0.3 + i % 5))
+        emb = rng.normal(size=16).astype(np.float32)
+        ids.append(hub.send_case("d1", probs=[float(x) for x in p / p.sum()], embedding=emb))
+    return ids
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_selection_queues_cases_and_never_selects_them_twice(hub: HubHarness, strategy: str) -> None:
+    _send_pool(hub, 12)
+    first = hub.client.post("/v1/selections", json={"budget": 5, "strategy": strategy, "seed": 1},
+                            headers=hub.labeler)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["strategy"] == strategy and len(body["cases"]) == 5
+    for c in body["cases"]:
+        assert 0.0 <= c["score"] <= 1.0 and isinstance(c["cluster"], int)
+        assert c["class_names"] == ["class_0", "class_1", "class_2"] and c["state"] == "queued"
+    second = hub.client.post("/v1/selections", json={"budget": 10, "strategy": strategy}, headers=hub.labeler).json()
+    ids1 = {c["case_id"] for c in body["cases"]}
+    ids2 = {c["case_id"] for c in second["cases"]}
+    assert not ids1 & ids2 and len(ids2) == 7
+    pool = hub.client.get("/v1/pool", params={"state": "queued"}, headers=hub.labeler).json()
+    assert pool["total"] == 12
+    assert hub.client.get("/v1/pool", headers=hub.labeler).json()["total"] == 0
+
+
+def test_uncertainty_selection_scores_lowest_first(hub: HubHarness) -> None:
+    _send_pool(hub, 10)
+    cases = hub.client.post("/v1/selections", json={"budget": 4, "strategy": "uncertainty"},
+                            headers=hub.labeler).json()["cases"]
+    scores = [c["score"] for c in cases]
+    assert scores == sorted(scores)
+
+
+def test_release_returns_a_case_to_the_pool(hub: HubHarness) -> None:
+    _send_pool(hub, 3)
+    cases = hub.client.post("/v1/selections", json={"budget": 1}, headers=hub.labeler).json()["cases"]
+    cid = cases[0]["case_id"]
+    r = hub.client.post(f"/v1/cases/{cid}/release", headers=hub.labeler)
+    assert r.status_code == 200 and r.json()["state"] == "unlabeled"
+    assert hub.client.get("/v1/pool", headers=hub.labeler).json()["total"] == 3
+    hub.label(cid, 1)
+    assert hub.client.post(f"/v1/cases/{cid}/release", headers=hub.labeler).status_code == 409
+    assert hub.client.post("/v1/cases/nope/release", headers=hub.labeler).status_code == 404
+
+
+def test_selection_skips_near_duplicates_of_labeled_cases(hub: HubHarness) -> None:
+    emb = np.ones(16, np.float32)
+    done = hub.send_case("d1", embedding=emb, probs=[0.4, 0.3, 0.3])
+    hub.label(done, 0)
+    twin = hub.send_case("d1", embedding=emb * 1.001, probs=[0.34, 0.33, 0.33])
+    other = hub.send_case("d1", embedding=-emb, probs=[0.6, 0.2, 0.2])
+    for strategy in STRATEGIES:
+        cases = hub.client.post("/v1/selections", json={"budget": 5, "strategy": strategy, "exclude_queued": False},
+                                headers=hub.labeler).json()["cases"]
+        ids = {c["case_id"] for c in cases}
+        assert twin not in ids and other in ids, strategy
+
+
+def test_bad_selection_requests(hub: HubHarness) -> None:
+    r = hub.client.post("/v1/selections", json={"budget": 3, "strategy": "magic"}, headers=hub.labeler)
+    assert r.status_code == 400 and "uncertainty+diversity" in r.json()["detail"]
+    for body in [{"budget": 0}, {"budget": "3"}, {"budget": 10**9}, {}, {"budget": 2.5}]:
+        r = hub.client.post("/v1/selections", json=body, headers=hub.labeler)
+        assert r.status_code == 422, (body, r.text)
+    assert hub.client.get("/v1/pool", params={"state": "lost"}, headers=hub.labeler).status_code == 422
+
+
+def test_signed_image_links_expire_and_refuse_tampering(hub: HubHarness) -> None:
+    case, image = hub.make_case("d1")
+    assert hub.post_case(case, image).status_code == 201
+    url = hub.client.post("/v1/selections", json={"budget": 1}, headers=hub.labeler).json()["cases"][0]["image_url"]
+    assert url.startswith("http://hub.test/v1/cases/")
+    parsed = urlparse(url)
+    path, q = parsed.path, parse_qs(parsed.query)
+    r = hub.client.get(path, params={"exp": q["exp"][0], "sig": q["sig"][0]})  # no bearer
+    assert r.status_code == 200 and r.content == image and r.headers["content-type"] == "image/png"
+    r = hub.client.get(path, params={"exp": int(q["exp"][0]) + 1, "sig": q["sig"][0]})
+    assert r.status_code == 403 and "signature" in r.json()["detail"]
+    hub.clock.advance(hub.settings.image_url_ttl_s + 1)
+    r = hub.client.get(path, params={"exp": q["exp"][0], "sig": q["sig"][0]})
+    assert r.status_code == 403 and "expired" in r.json()["detail"]
+    assert hub.client.get(path).status_code == 422
+
+
+def test_informativeness_ranks_human_disagreement_over_uncertainty() -> None:
+    from fleet.hub.selection import informativeness
+
+    probs = np.array([[0.98, 0.01, 0.01],   # confident, human agrees
+                      [0.4, 0.35, 0.25],    # unsure
+                      [0.98, 0.01, 0.01],   # confident, human says otherwise: a blind spot
+                      [0.9, 0.05, 0.05]])   # fairly confident, challenger says otherwise
+    human = np.array([0, -1, 2, -1])
+    challenger = np.array([0, -1, -1, 1])
+    score = informativeness(probs, human=human, challenger=challenger)
+    assert score.shape == (4,) and np.all((score >= 0) & (score <= 1))
+    assert score[2] > score[1] > score[0]
+    assert score[3] > score[0] and score[3] >= 0.5
+    assert np.allclose(informativeness(probs), informativeness(probs, human=np.full(4, -1)))
+
+
+def test_unsure_disagreements_rank_before_confident_ones() -> None:
+    from fleet.hub.selection import informativeness
+
+    probs = np.array([[0.99, 0.005, 0.005], [0.4, 0.35, 0.25]])
+    score = informativeness(probs, human=np.array([1, 2]))
+    assert score[1] > score[0] >= 0.9
+
+
+def test_diversity_gives_a_dense_blind_spot_its_share_where_k_center_gives_one_pick() -> None:
+    rng = np.random.default_rng(0)
+    spot = rng.normal(size=16) * 5 + rng.normal(scale=0.01, size=(60, 16))  # 60 confident mistakes, one place
+    spread = rng.normal(size=(40, 16)) * 5  # 40 scattered, equally informative cases
+    emb = np.concatenate([spot, spread]).astype(np.float32)
+    u = np.full(100, 0.95) + rng.random(100) * 0.01
+    in_spot = np.arange(100) < 60
+    ud = get_strategy("uncertainty+diversity")(u, emb, 20, rng=np.random.default_rng(1))
+    kc = get_strategy("uncertainty+kcenter")(u, emb, 20, rng=np.random.default_rng(1))
+    assert len(ud) == len(kc) == 20
+    assert in_spot[kc].sum() <= 2
+    assert 8 <= in_spot[ud].sum() <= 16  # about its 60% share of the informativeness mass
+
+
+def test_allocate_is_proportional_capped_and_exact() -> None:
+    from fleet.hub.selection import allocate
+
+    assert allocate(np.array([3.0, 1.0]), np.array([100, 100]), 8).tolist() == [6, 2]
+    assert allocate(np.array([3.0, 1.0]), np.array([2, 100]), 8).tolist() == [2, 6]
+    assert allocate(np.array([1.0, 1.0, 1.0]), np.array([1, 1, 1]), 10).sum() == 3
+    assert allocate(np.array([0.0, 0.0]), np.array([5, 5]), 4).sum() == 4

@@ -1,0 +1,58 @@
+"""Settings: typed, from the environment, and refusing default secrets outside dev mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleet.errors import InvalidInput
+from fleet.hub.settings import HubSettings
+from fleet.signing import generate_keypair
+
+
+def test_defaults_are_refused_outside_dev_mode(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="FLYWHEEL_HUB_FLEET_SECRET"):
+        HubSettings(data_dir=tmp_path).check()
+    HubSettings(data_dir=tmp_path, dev=True).check()
+
+
+def test_strong_secrets_and_a_key_are_accepted(tmp_path: Path) -> None:
+    pair = generate_keypair()
+    s = HubSettings(data_dir=tmp_path, fleet_secret="f" * 32, admin_token="a" * 32, url_secret="u" * 32,
+                    webhook_secret="w" * 32, signing_public_key=pair.public_b64)
+    s.check()
+    no_key = s.model_copy(update={"signing_public_key": None})
+    with pytest.raises(InvalidInput, match="signing key"):
+        no_key.check()
+
+
+def test_create_app_refuses_to_start_with_defaults(tmp_path: Path) -> None:
+    from fleet.hub.app import create_app
+
+    with pytest.raises(InvalidInput, match="dev mode"):
+        create_app(HubSettings(data_dir=tmp_path))
+
+
+def test_environment_is_read_with_the_prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_HUB_DEV", "1")
+    monkeypatch.setenv("FLYWHEEL_HUB_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FLYWHEEL_HUB_ROLLBACK_MARGIN", "0.2")
+    s = HubSettings()
+    assert s.dev and s.rollback_margin == 0.2
+    assert s.resolved_database_url() == f"sqlite:///{(tmp_path / 'hub.db').resolve()}"
+    assert s.resolved_blob_dir() == tmp_path / "blobs"
+
+
+def test_bad_values_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="database_url"):
+        HubSettings(database_url="hub.db")
+    with pytest.raises(ValueError):
+        HubSettings(rollback_margin=2.0)
+
+
+def test_public_key_from_a_file(tmp_path: Path) -> None:
+    pair = generate_keypair()
+    f = tmp_path / "signing.pub"
+    f.write_text(pair.public_b64 + "\n")
+    assert HubSettings(signing_public_key_file=f).public_key() == pair.public_b64

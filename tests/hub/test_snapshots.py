@@ -1,0 +1,61 @@
+"""Dataset snapshots (versioned JSONL manifests) and blob downloads for the trainer."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+from tests.hub.conftest import HubHarness
+
+
+def test_snapshot_holds_accepted_and_gold_labels_only(hub: HubHarness) -> None:
+    a, b, c, d = (hub.send_case("d1") for _ in range(4))
+    hub.label(a, 1)
+    hub.label(b, 2, status="gold")
+    hub.label(c, 0, status="held")
+    r = hub.client.post("/v1/snapshots", json={"name": "first"}, headers=hub.trainer)
+    assert r.status_code == 201, r.text
+    snap = r.json()
+    assert snap["version"] == 1 and snap["n_labels"] == 2
+    m = hub.client.get(f"/v1/snapshots/{snap['snapshot_id']}/manifest", headers=hub.trainer)
+    assert m.status_code == 200
+    assert hashlib.sha256(m.content).hexdigest() == snap["manifest_sha256"]
+    lines = [json.loads(x) for x in m.text.splitlines()]
+    assert {x["case_id"]: x["label"] for x in lines} == {a: 1, b: 2}
+    for x in lines:
+        assert {"case_id", "label", "tags", "image_sha256", "model_version", "device_id", "captured_at"} <= set(x)
+    hub.label(d, 0)
+    snap2 = hub.client.post("/v1/snapshots", headers=hub.trainer).json()
+    assert snap2["version"] == 2 and snap2["n_labels"] == 3
+    listing = hub.client.get("/v1/snapshots", headers=hub.trainer).json()
+    assert [s["version"] for s in listing] == [1, 2]
+
+
+def test_blob_download_single_and_bulk(hub: HubHarness) -> None:
+    case, image = hub.make_case("d1")
+    assert hub.post_case(case, image).status_code == 201
+    r = hub.client.get(f"/v1/blobs/{case.image_sha256}", headers=hub.trainer)
+    assert r.status_code == 200 and r.content == image and r.headers["content-type"] == "image/png"
+    missing = "f" * 64
+    r = hub.client.post("/v1/blobs/bulk", json={"sha256s": [case.image_sha256, missing]}, headers=hub.trainer)
+    assert r.status_code == 200 and r.headers["x-missing"] == missing and r.headers["x-missing-count"] == "1"
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        names = tar.getnames()
+        assert names == [f"{case.image_sha256}.png"]
+        assert tar.extractfile(names[0]).read() == image  # type: ignore[union-attr]
+
+
+def test_blob_names_must_be_hashes(hub: HubHarness) -> None:
+    assert hub.client.get("/v1/blobs/..%2F..%2Fetc%2Fpasswd", headers=hub.trainer).status_code in (400, 404)
+    r = hub.client.get("/v1/blobs/abc", headers=hub.trainer)
+    assert r.status_code == 400 and "sha256" in r.json()["detail"]
+    r = hub.client.post("/v1/blobs/bulk", json={"sha256s": ["../../x"]}, headers=hub.trainer)
+    assert r.status_code == 422
+    assert hub.client.get(f"/v1/blobs/{'0' * 64}", headers=hub.trainer).status_code == 404
+
+
+def test_devices_cannot_read_snapshots_or_blobs(hub: HubHarness) -> None:
+    assert hub.client.post("/v1/snapshots", headers=hub.devices["d1"]).status_code == 403
+    assert hub.client.get(f"/v1/blobs/{'0' * 64}", headers=hub.devices["d1"]).status_code == 403
