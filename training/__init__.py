@@ -1,1 +1,11 @@
-"""The trainer: retrain on hub snapshots, gate, export signed ONNX, publish."""
+"""The trainer: retrain on hub snapshots, gate, export signed ONNX, publish.
+
+One turn (``flywheel train``, :func:`training.train.main`): :mod:`~training.prepare` pulls a snapshot
+(:mod:`~training.snapshot` over :mod:`~training.hub_client`) or loads an npz / image folder
+(:mod:`~training.data`) and mixes it with the replayed base set; :mod:`~training.train` trains a model
+from :mod:`~training.models` with :mod:`~training.augment` presets, checkpointing every epoch
+(:mod:`~training.checkpoint`); :mod:`~training.report` evaluates (:mod:`~training.evaluate`), gates
+(:mod:`~training.gate`), exports (:mod:`~training.export`) and publishes (:mod:`~training.publish`), and
+writes ``report.json``. Only this package imports torch, and only :mod:`training.cli` is imported from
+outside it (lazily, by ``flywheel``).
+"""

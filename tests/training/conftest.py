@@ -1,0 +1,90 @@
+"""Small real data for the trainer's tests: sklearn's bundled digits and a slice of Fashion-MNIST."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fleet.signing import generate_keypair, write_keypair
+from training.config import TrainArgs
+
+FASHION = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "fashion-mnist" / "fashion_mnist.npz"
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 1,797 8x8 digits as uint8 0..255, shuffled with a fixed seed."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.clip(np.rint(d.images * 255.0 / 16.0), 0, 255).astype(np.uint8)
+    p = np.random.default_rng(0).permutation(len(x))
+    return x[p], d.target[p].astype(np.int64)
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def digits_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Digits with a ``night`` condition (a third of the images, darkened) as slice tags."""
+    x, y = digits_arrays()
+    tags = np.array(["night" if i % 3 == 0 else "day" for i in range(len(x))])
+    x = x.copy()
+    x[tags == "night"] //= 3
+    path = tmp_path_factory.mktemp("digits") / "digits.npz"
+    n = 1400
+    np.savez(path, x_train=x[:n], y_train=y[:n], x_test=x[n:], y_test=y[n:], tags_train=tags[:n],
+             tags_test=tags[n:], class_names=np.array([str(i) for i in range(10)]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def fashion_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not FASHION.is_file():
+        pytest.skip(f"{FASHION} is not present")
+    with np.load(FASHION) as z:
+        path = tmp_path_factory.mktemp("fashion") / "fashion_small.npz"
+        np.savez(path, x_train=z["x_train"][:2000], y_train=z["y_train"][:2000],
+                 x_test=z["x_test"][:500], y_test=z["y_test"][:500])
+    return path
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """(private key file, base64 public key)."""
+    pair = generate_keypair()
+    priv, _ = write_keypair(pair, tmp_path_factory.mktemp("keys"))
+    return priv, pair.public_b64
+
+
+@pytest.fixture
+def make_args(digits_npz: Path, tmp_path: Path) -> Callable[..., TrainArgs]:
+    """Fast defaults: digits, a narrow smallcnn, 2 epochs, one thread (robust on a busy machine)."""
+
+    def make(**kw: Any) -> TrainArgs:
+        base: dict[str, Any] = dict(data=f"npz:{digits_npz}", out=tmp_path / "run", epochs=2, width=8,
+                                    threads=1, cache_dir=tmp_path / "cache")
+        base.update(kw)
+        return TrainArgs(**base)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained(digits_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder with a digits model trained well enough to be a parent (checkpoint.pt, report.json)."""
+    from training.train import main
+
+    out = tmp_path_factory.mktemp("parent") / "run"
+    main(TrainArgs(data=f"npz:{digits_npz}", out=out, epochs=6, width=8, threads=1, version="parent-1"))
+    return out

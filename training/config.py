@@ -1,0 +1,125 @@
+"""Typed arguments of one training run (``flywheel train``), validated once, stored in the checkpoint."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.errors import InvalidInput
+from fleet.protocol import NAME_RE
+
+OPTIMIZERS = {"sgd": 0.1, "adamw": 5e-3}  # name -> default peak learning rate at batch size 64
+WARM_START_LR_FACTOR = 0.1  # fine-tuning at the from-scratch rate forgets the parent's skills
+BALANCE = ("none", "loss", "sampler")
+
+
+@dataclass
+class TrainArgs:
+    """Everything one run needs; see ``flywheel train --help`` for each field's meaning."""
+
+    data: str
+    out: Path
+    base: str | None = None
+    replay_ratio: float = 0.5
+    snapshot: str | None = None
+    holdout: float = 0.2
+    class_names: list[str] | None = None
+    image_size: tuple[int, int] | None = None
+    channels: int | None = None
+    balance: str = "loss"
+    augment: str = "light"
+    model: str | None = None  # default: the warm start's model, else smallcnn
+    width: int | None = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.0
+    seed: int = 0
+    warm_start: Path | None = None
+    resume: bool = False
+    regression_sets: list[str] = field(default_factory=list)
+    gate_against: Path | None = None
+    tolerance: float = 0.0
+    slice_tolerance: float = 0.02
+    slice_tolerances: dict[str, float] = field(default_factory=dict)
+    min_slice_size: int = 10
+    min_accuracy: float = 0.0
+    version: str | None = None
+    parent: str | None = None
+    sign_key: str | None = None
+    int8: bool = False
+    parity_threshold: float = 1e-3
+    publish: str | None = None
+    token: str | None = None
+    rollout_stages: list[float] = field(default_factory=lambda: [0.1, 0.5, 1.0])
+    stage_seconds: float | None = None
+    dry_run: bool = False
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    threads: int | None = None
+    cache_dir: Path | None = None
+    eval_each_epoch: bool = False
+
+    def validate(self) -> TrainArgs:
+        """Check ranges and fill defaults (lr, version); returns self."""
+        self.out = Path(self.out)
+        _in_range("--replay-ratio", self.replay_ratio, 0.0, 1.0)
+        _in_range("--holdout", self.holdout, 0.0, 0.9)
+        _in_range("--tolerance", self.tolerance, 0.0, 1.0)
+        _in_range("--slice-tolerance", self.slice_tolerance, 0.0, 1.0)
+        _in_range("--min-accuracy", self.min_accuracy, 0.0, 1.0)
+        _in_range("--label-smoothing", self.label_smoothing, 0.0, 0.5)
+        for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
+            if value < 1:
+                raise InvalidInput(f"{name} must be >= 1; received {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidInput(f"unknown --optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+        if self.balance not in BALANCE:
+            raise InvalidInput(f"unknown --balance {self.balance!r}; choose one of {list(BALANCE)}")
+        if self.channels not in (None, 1, 3):
+            raise InvalidInput(f"--channels must be 1 or 3; received {self.channels}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InvalidInput(f"--device must be auto, cpu, cuda or cuda:N; received {self.device!r}")
+        if self.lr is None:  # square-root scaling with the batch size; a tenth of it to fine-tune
+            scale = math.sqrt(self.batch_size / 64) * (WARM_START_LR_FACTOR if self.warm_start else 1.0)
+            self.lr = round(OPTIMIZERS[self.optimizer] * scale, 6)
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise InvalidInput(f"--lr must be a positive number; received {self.lr}")
+        if self.parity_threshold <= 0:
+            raise InvalidInput(f"--parity-threshold must be > 0; received {self.parity_threshold}")
+        for name, value in (("--version", self.version), ("--parent", self.parent)):
+            if value is not None and not NAME_RE.match(value):
+                raise InvalidInput(f"{name} must be letters, digits, '.', '_' or '-' (max 128); received {value!r}")
+        return self
+
+    def default_version(self, model_name: str) -> str:
+        return f"{model_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (paths as strings), for the checkpoint and the report; the token is left out."""
+        d = asdict(self)
+        d["token"] = "***" if self.token else None
+        return {k: str(v) if isinstance(v, Path) else (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def parse_image_size(text: str | None) -> tuple[int, int] | None:
+    """``"28"`` -> (28, 28); ``"32x48"`` -> (32, 48) as (height, width)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m or int(m.group(1)) < 1:
+        raise InvalidInput(f"--image-size must be N or HxW; received {text!r}")
+    h = int(m.group(1))
+    return h, int(m.group(2) or h)
+
+
+def _in_range(name: str, value: float, lo: float, hi: float) -> None:
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise InvalidInput(f"{name} must be in [{lo}, {hi}]; received {value}")

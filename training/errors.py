@@ -1,0 +1,17 @@
+"""The trainer's own faults, as leaves of the fleet's exception tree (fleet.errors)."""
+
+from __future__ import annotations
+
+from fleet.errors import IntegrityError, InvalidInput
+
+
+class SnapshotError(IntegrityError):
+    """A hub snapshot that cannot be trusted: a blob is missing, corrupt, or the manifest does not verify."""
+
+
+class ParityError(IntegrityError):
+    """The exported ONNX model does not compute what the torch model computes; nothing is published."""
+
+
+class ResumeError(InvalidInput):
+    """A checkpoint that cannot be resumed with the given arguments or data."""

@@ -1,0 +1,199 @@
+"""Pull a labeled snapshot from the hub into memory, with blobs cached locally by sha256.
+
+The snapshot is refused whole (:class:`training.errors.SnapshotError`) if its manifest does not
+match the hash the hub announced, or any blob is missing or does not hash to its name; the error
+names the case ids and hashes. Nothing unverified is written to the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fleet.protocol import SHA256_RE
+from training.data import ImageSet, decode_image
+from training.errors import SnapshotError
+from training.hub_client import HubClient
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "FLYWHEEL_CACHE"
+BULK_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class SnapshotEntry:
+    """One line of a snapshot manifest."""
+
+    case_id: str
+    label: int
+    image_sha256: str
+    tags: dict[str, str]
+    model_version: str | None = None
+    device_id: str | None = None
+    captured_at: float | None = None
+
+
+@dataclass
+class Snapshot:
+    snapshot_id: str
+    entries: list[SnapshotEntry]
+    blob_paths: dict[str, Path]  # sha256 -> cached file
+    stats: dict[str, Any]
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "flywheel" / "blobs"
+
+
+def pull_snapshot(
+    client: HubClient, snapshot_id: str | None = None, *, cache_dir: Path | None = None, name: str | None = None
+) -> Snapshot:
+    """Create (when ``snapshot_id`` is None) or reuse a snapshot, then make every blob present and verified."""
+    expected_sha = None
+    if snapshot_id is None:
+        created = client.create_snapshot(name)
+        snapshot_id = str(created["snapshot_id"])
+        expected_sha = created.get("manifest_sha256")
+        log.info("created snapshot %s with %s labels", snapshot_id, created.get("n_labels"))
+    raw, stated_sha = client.snapshot_manifest(snapshot_id)
+    expected_sha = expected_sha or stated_sha
+    if expected_sha and hashlib.sha256(raw).hexdigest() != expected_sha:
+        raise SnapshotError(
+            f"snapshot {snapshot_id}: manifest sha256 {hashlib.sha256(raw).hexdigest()} does not match the "
+            f"{expected_sha} the hub announced; refusing the snapshot"
+        )
+    entries = parse_manifest(raw, snapshot_id=snapshot_id)
+    cache = BlobCache(cache_dir or default_cache_dir())
+    wanted = sorted({e.image_sha256 for e in entries})
+    cached = {s for s in wanted if cache.get(s) is not None}
+    todo = [s for s in wanted if s not in cached]
+    missing, corrupt = _fetch_into(client, cache, todo)
+    _refuse_if_bad(snapshot_id, entries, missing, corrupt)
+    paths = {s: cache.path(s) for s in wanted}
+    stats = {"entries": len(entries), "blobs": len(wanted), "cache_hits": len(cached), "fetched": len(todo)}
+    log.info("snapshot %s: %d entries, %d blobs (%d from cache)", snapshot_id, len(entries), len(wanted), len(cached))
+    return Snapshot(snapshot_id, entries, paths, stats)
+
+
+def snapshot_to_imageset(snap: Snapshot, *, channels: int, size: tuple[int, int]) -> ImageSet:
+    """Decode every case's image to (c, h, w) uint8, tagged with the case's tags and ``source=snapshot``."""
+    if not snap.entries:
+        empty = np.zeros((0, channels, *size), np.uint8)
+        return ImageSet(empty, np.zeros(0, np.int64), [], f"snapshot:{snap.snapshot_id}", [])
+    images = np.stack([
+        decode_image(snap.blob_paths[e.image_sha256].read_bytes(), channels=channels, size=size,
+                     what=f"case {e.case_id} (blob {e.image_sha256})")
+        for e in snap.entries
+    ])
+    labels = np.array([e.label for e in snap.entries], dtype=np.int64)
+    tags = [{**e.tags, "source": "snapshot"} for e in snap.entries]
+    return ImageSet(images, labels, tags, f"snapshot:{snap.snapshot_id}", [e.case_id for e in snap.entries])
+
+
+def parse_manifest(raw: bytes, *, snapshot_id: str) -> list[SnapshotEntry]:
+    """Parse the JSONL manifest; a malformed line is refused with its line number and content."""
+    out = []
+    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            label, sha, tags = d["label"], d["image_sha256"], d.get("tags") or {}
+            ok = isinstance(label, int) and not isinstance(label, bool) and label >= 0
+            ok = ok and isinstance(sha, str) and bool(SHA256_RE.match(sha)) and isinstance(tags, dict)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SnapshotError(
+                f"snapshot {snapshot_id} manifest line {n} is not a labeled case ({exc}): {line[:200]!r}"
+            ) from exc
+        if not ok:
+            raise SnapshotError(
+                f"snapshot {snapshot_id} manifest line {n}: expected label int >= 0, image_sha256 of 64 hex "
+                f"characters and tags an object; received {line[:200]!r}"
+            )
+        out.append(SnapshotEntry(
+            case_id=str(d["case_id"]), label=label, image_sha256=sha, tags={str(k): str(v) for k, v in tags.items()},
+            model_version=d.get("model_version"), device_id=d.get("device_id"), captured_at=d.get("captured_at"),
+        ))
+    return out
+
+
+class BlobCache:
+    """Content-addressed files ``ROOT/ab/abcd....png``; every read and write is verified against the name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256[:2] / f"{sha256}.png"
+
+    def get(self, sha256: str) -> bytes | None:
+        p = self.path(sha256)
+        if not p.is_file():
+            return None
+        data = p.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            log.warning("cached blob %s is corrupt; dropping it and fetching again", sha256)
+            p.unlink(missing_ok=True)
+            return None
+        return data
+
+    def put(self, sha256: str, data: bytes) -> bool:
+        """Store ``data`` if it hashes to ``sha256``; return False (and store nothing) if it does not."""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            return False
+        p = self.path(sha256)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, p)
+        return True
+
+
+def _fetch_into(client: HubClient, cache: BlobCache, todo: list[str]) -> tuple[set[str], dict[str, str]]:
+    missing: set[str] = set()
+    corrupt: dict[str, str] = {}  # expected -> received hash
+    use_bulk = True
+    for i in range(0, len(todo), BULK_CHUNK):
+        chunk = todo[i: i + BULK_CHUNK]
+        found: dict[str, bytes] = {}
+        if use_bulk:
+            try:
+                found, _ = client.blobs_bulk(chunk)
+            except NotImplementedError:
+                log.info("hub has no bulk blob endpoint; fetching blobs one by one")
+                use_bulk = False
+        for sha in chunk:
+            data = found.get(sha) if use_bulk else client.blob(sha)
+            if data is None:
+                missing.add(sha)
+            elif not cache.put(sha, data):
+                corrupt[sha] = hashlib.sha256(data).hexdigest()
+    return missing, corrupt
+
+
+def _refuse_if_bad(snapshot_id: str, entries: list[SnapshotEntry], missing: set[str], corrupt: dict[str, str]) -> None:
+    if not missing and not corrupt:
+        return
+    problems = []
+    for e in entries:
+        if e.image_sha256 in missing:
+            problems.append(f"case {e.case_id}: blob {e.image_sha256} is missing on the hub")
+        elif e.image_sha256 in corrupt:
+            problems.append(
+                f"case {e.case_id}: blob {e.image_sha256} is corrupt (its bytes hash to {corrupt[e.image_sha256]})"
+            )
+    shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+    raise SnapshotError(
+        f"snapshot {snapshot_id} refused: {len(missing)} missing and {len(corrupt)} corrupt blob(s) - {shown}"
+    )
