@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from fleet.errors import ProtocolError
 
@@ -69,13 +70,13 @@ def check_finite(value: Any, what: str) -> float:
     return float(value)
 
 
-def encode_embedding(vector: np.ndarray) -> str:
+def encode_embedding(vector: npt.NDArray[np.floating[Any]]) -> str:
     """A 1-D float vector as base64 of little-endian float16 (compact on the wire)."""
     arr = np.asarray(vector, dtype="<f2").reshape(-1)
     return base64.b64encode(arr.tobytes()).decode("ascii")
 
 
-def decode_embedding(text: str) -> np.ndarray:
+def decode_embedding(text: str) -> npt.NDArray[np.float32]:
     """Inverse of :func:`encode_embedding`; returns float32 of shape (d,)."""
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)

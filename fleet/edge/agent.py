@@ -1,0 +1,237 @@
+"""The agent: wires source, runtime, shadow mode, triggers, spool, uplink, heartbeat and OTA together.
+
+Threads: the caller's thread runs the models; ``decider`` evaluates the trigger spec over windows of
+frames and spools what it keeps; ``uplink`` sends spooled cases; ``control`` sends heartbeats and
+follows the assignment. Nothing on the inference path waits on the network or the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleet.edge.campaigns import Campaigns
+from fleet.edge.config import AgentConfig
+from fleet.edge.control import ControlLoop
+from fleet.edge.decider import Decider
+from fleet.edge.enrollment import load_enrollment
+from fleet.edge.heartbeat import HeartbeatSender, Telemetry
+from fleet.edge.hubclient import HubClient
+from fleet.edge.modelstore import HealthFrames, ModelStore
+from fleet.edge.ota import OtaManager
+from fleet.edge.pacing import Backoff
+from fleet.edge.recorder import Recorder
+from fleet.edge.shadow import Inferred, WindowResult, infer
+from fleet.edge.sources import Frame, open_source, paced
+from fleet.edge.spool import Spool
+from fleet.edge.uplink import Uplink
+from fleet.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+ROLLBACK_AFTER_BAD_BATCHES = 3  # consecutive decision windows with NaN/inf outputs before a rollback
+WINDOW_MAX_BYTES = 16 * 1024 * 1024  # frame pixels held while a trigger window fills
+
+
+@dataclass
+class RunSummary:
+    frames: int
+    flagged: int
+    spooled: int
+    uploaded: int
+    spool_items: int
+    evicted: int
+    model_version: str | None
+    challenger_version: str | None
+    stopped_by: str  # "max-frames" | "source-ended" | "signal" | "no-model"
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, client: HubClient | None = None,
+                 source: Iterable[Frame] | None = None) -> None:
+        self.config = config
+        enrollment = load_enrollment(config.data_dir)
+        if enrollment.device_id != config.device_id:
+            raise InvalidInput(
+                f"{config.data_dir} is enrolled as {enrollment.device_id!r} but the config says "
+                f"{config.device_id!r}; enroll again with --force or fix device_id"
+            )
+        self.client = client or HubClient.connect(
+            config.hub.url, token=enrollment.token, timeout_s=config.hub.timeout_s
+        )
+        self.source = source
+        data = config.data_dir
+        self.spool = Spool(data / "spool.db", max_bytes=config.spool.max_bytes)
+        self.health = HealthFrames(data / "health_frames.npz", capacity=config.ota.health_frames)
+        self.ota = OtaManager(
+            ModelStore(data / "models", enrollment.fleet_public_key), self.client,
+            device_id=config.device_id, threads=config.runtime.threads, health_frames=self.health.frames,
+        )
+        self.campaigns = Campaigns(
+            self.client, data / "campaigns", default_spec=_read_spec(config.triggers.default_spec)
+        )
+        self.telemetry = Telemetry()
+        up = config.uplink
+        self.uplink = Uplink(self.spool, self.client, bytes_per_minute=up.bytes_per_minute,
+                             backoff=Backoff(base_s=up.backoff_base_s, cap_s=up.backoff_max_s))
+        self.recorder = Recorder(self.spool, on_stored=self.uplink.wake)
+        self.decider = Decider(device_id=config.device_id, campaigns=self.campaigns, recorder=self.recorder,
+                               telemetry=self.telemetry, on_result=self._watch_health)
+        self.heartbeat = HeartbeatSender(
+            device_id=config.device_id, telemetry=self.telemetry, spool=self.spool,
+            uplink_stats=self.uplink.stats, client=self.client, versions=lambda: self.ota.models.versions,
+        )
+        self.control = ControlLoop(
+            client=self.client, ota=self.ota, campaigns=self.campaigns, heartbeat=self.heartbeat,
+            heartbeat_s=config.heartbeat.interval_s, poll_s=config.ota.poll_interval_s,
+        )
+        self._stop = threading.Event()
+        self._bad_batches = 0
+        self._window: list[Inferred] = []
+        self._window_frames = 0
+        self._window_bytes = 0
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch and shut down cleanly (safe from a signal handler)."""
+        self._stop.set()
+
+    def run(self, *, max_frames: int | None = None) -> RunSummary:
+        if max_frames is not None and max_frames < 1:
+            raise InvalidInput(f"max_frames must be >= 1; received {max_frames}")
+        self.ota.startup()
+        self.decider.start()
+        self.uplink.start()
+        self.control.start()
+        stopped_by = "source-ended"
+        try:
+            if not self._wait_for_model():
+                stopped_by = "signal" if self._stop.is_set() else "no-model"
+            else:
+                stopped_by = self._loop(max_frames)
+        finally:
+            self._shutdown()
+        return self._summary(stopped_by)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self, max_frames: int | None) -> str:
+        bs = self.config.runtime.batch_size
+        batch: list[Frame] = []
+        for seen, frame in enumerate(self._frames(), 1):
+            batch.append(frame)
+            done = max_frames is not None and seen >= max_frames
+            if len(batch) >= bs or done:
+                self._process(batch)
+                batch = []
+            if done:
+                return "max-frames"
+            if self._stop.is_set():
+                break
+        if batch:
+            self._process(batch)
+        return "signal" if self._stop.is_set() else "source-ended"
+
+    def _process(self, frames: list[Frame]) -> None:
+        models = self.ota.models
+        if models.active is None:  # rolled back to nothing: wait for the hub
+            if not self._wait_for_model():
+                return
+            models = self.ota.models
+        if self._window and self._window[0].models is not models:
+            self._decide()  # a model swap closes the window: one decision, one model generation
+        inferred = infer(frames, models)
+        if not self.health.full:
+            for f in frames[: self.health.capacity]:
+                self.health.offer(f.image)
+        self._window.append(inferred)
+        self._window_frames += len(frames)
+        self._window_bytes += sum(f.image.nbytes for f in frames)
+        rt = self.config.runtime
+        if (
+            self._window_frames >= rt.trigger_window
+            or self._window_bytes >= WINDOW_MAX_BYTES
+            or time.time() - self._window[0].seen_at >= rt.trigger_max_delay_s
+        ):
+            self._decide()
+
+    def _decide(self) -> None:
+        """Hand the frames inferred since the last decision to the decider thread."""
+        window, self._window = self._window, []
+        self._window_frames = self._window_bytes = 0
+        self.decider.submit(window)
+
+    def _watch_health(self, result: WindowResult) -> None:
+        """On the decider thread: roll back a model that keeps giving NaN or infinite outputs."""
+        if result.models is None or result.models.active is not self.ota.models.active:
+            return  # a window from a model already replaced
+        if not result.nonfinite:
+            self._bad_batches = 0
+            return
+        self.telemetry.record_health_failure()
+        self._bad_batches += 1
+        log.warning("active model gave NaN/inf outputs on %d of %d frames", result.nonfinite, len(result.predicted))
+        if self._bad_batches >= ROLLBACK_AFTER_BAD_BATCHES:
+            self.ota.rollback(f"NaN or infinite outputs in {self._bad_batches} consecutive windows of frames")
+            self._bad_batches = 0
+
+    def _frames(self) -> Iterator[Frame]:
+        src = self.source
+        if src is None:
+            s = self.config.source
+            src = open_source(s.kind, s.path, loop=s.loop)
+        return paced(iter(src), self.config.source.fps)
+
+    def _wait_for_model(self) -> bool:
+        warned = 0.0
+        while self.ota.models.active is None:
+            if self._stop.is_set():
+                return False
+            if time.monotonic() - warned > 30:
+                log.info("no model to run yet: waiting for the hub to assign one")
+                warned = time.monotonic()
+            self._stop.wait(0.1)
+        return True
+
+    def _shutdown(self) -> None:
+        if self._window:
+            self._decide()
+        self.control.stop()
+        self.decider.stop()
+        drain = self.config.uplink.drain_timeout_s
+        if drain > 0 and self.spool.stats().items and not self.uplink.drain(drain):
+            log.info("exiting with %d case(s) still spooled; they go out on the next run", self.spool.stats().items)
+        self.uplink.stop()
+        self.health.flush()
+        self.heartbeat.send()
+        self.ota.flush_reports()
+
+    def close(self) -> None:
+        self.spool.close()
+        self.client.close()
+
+    def _summary(self, stopped_by: str) -> RunSummary:
+        t = self.telemetry.snapshot()
+        st = self.spool.stats()
+        active, challenger = self.ota.models.versions
+        return RunSummary(
+            frames=t["frames_seen"], flagged=t["flagged"], spooled=self.recorder.stats.stored,
+            uploaded=self.uplink.stats.uploaded, spool_items=st.items, evicted=st.evicted,
+            model_version=active, challenger_version=challenger, stopped_by=stopped_by,
+        )
+
+
+def _read_spec(path: Path | None) -> dict[str, object] | None:
+    if path is None:
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidInput(f"triggers.default_spec {path}: cannot read a JSON spec: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise InvalidInput(f"triggers.default_spec {path}: must be a JSON object; received {type(doc).__name__}")
+    return doc

@@ -1,0 +1,194 @@
+"""The trigger campaigns a device evaluates: built from the hub's assignment, state kept across restarts.
+
+Each campaign's spec is validated with ``trigger.parse_spec``; a campaign whose spec or novelty bank
+does not check out is refused with a log line and the others go on. An evaluator's state
+(calibration, budgets, dedup memory) is saved as JSON beside the agent's data, so a restart does not
+recalibrate from scratch or spend a budget twice. With no campaign assigned, an optional local
+default spec applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet.edge.fsutil import atomic_write_json
+from fleet.edge.hubclient import HubClient
+from fleet.errors import FlywheelError, IntegrityError, InvalidInput, RetryableError
+from fleet.protocol import CampaignRef
+
+log = logging.getLogger(__name__)
+
+ASSIGNED_FILE = "assigned.json"
+
+
+@dataclass(eq=False)
+class Campaign:
+    campaign_id: str
+    version: int | None  # None for the local default spec
+    evaluator: Any  # trigger.Evaluator
+    expires_at: float | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.campaign_id}-v{self.version}" if self.version is not None else f"{self.campaign_id}-local"
+
+
+class Campaigns:
+    """Holds the live campaigns. ``apply`` runs on the control thread; ``current`` is swapped whole.
+    Hold ``lock`` while running the evaluators: saving their state takes it too."""
+
+    def __init__(
+        self,
+        client: HubClient | None,
+        state_dir: str | Path,
+        *,
+        default_spec: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.lock = threading.RLock()
+        self._default = self._build_default(default_spec) if default_spec is not None else None
+        self.current: tuple[Campaign, ...] = (self._default,) if self._default else ()
+        self._refused: set[tuple[str, int]] = set()
+        self._restore_assigned()
+
+    def apply(self, refs: Sequence[CampaignRef]) -> tuple[Campaign, ...]:
+        """Make the live set match the assignment's campaigns (or the default spec if there are none)."""
+        now = self.clock()
+        live = {(c.campaign_id, c.version): c for c in self.current}
+        out: list[Campaign] = []
+        for ref in refs:
+            if ref.expires_at is not None and ref.expires_at <= now:
+                continue
+            key = (ref.campaign_id, ref.version)
+            if key in live:
+                out.append(live[key])
+                continue
+            if key in self._refused:
+                continue
+            campaign = self._build(ref)
+            if campaign is not None:
+                log.info("campaign %s v%d is live", ref.campaign_id, ref.version)
+                out.append(campaign)
+        if not out and self._default is not None:
+            out.append(self._default)
+        with self.lock:
+            for c in self.current:
+                if all(c is not o for o in out):
+                    self._save(c)
+            self.current = tuple(out)
+        self._remember(refs)
+        return self.current
+
+    def save_state(self) -> None:
+        """Persist every live evaluator's state."""
+        with self.lock:
+            for c in self.current:
+                self._save(c)
+
+    # -- private ------------------------------------------------------------------------------
+
+    def _build(self, ref: CampaignRef) -> Campaign | None:
+        from trigger import Evaluator, SpecError, parse_spec
+
+        try:
+            spec = parse_spec(ref.spec)
+            bank = self._bank(ref) if ref.novelty_bank else None
+            evaluator = Evaluator(spec, bank=bank, clock=self.clock)
+        except RetryableError as exc:
+            log.warning("campaign %s v%d: novelty bank not fetched yet (%s); will retry",
+                        ref.campaign_id, ref.version, exc)
+            return None
+        except (SpecError, FlywheelError, ValueError) as exc:
+            self._refused.add((ref.campaign_id, ref.version))
+            log.error("refusing campaign %s v%d from the hub: %s", ref.campaign_id, ref.version, exc)
+            return None
+        campaign = Campaign(ref.campaign_id, ref.version, evaluator, ref.expires_at)
+        self._restore(campaign)
+        return campaign
+
+    def _build_default(self, doc: dict[str, Any]) -> Campaign:
+        from trigger import Evaluator, SpecError, parse_spec
+
+        try:
+            spec = parse_spec(doc)
+        except SpecError as exc:
+            raise InvalidInput(f"triggers.default_spec is not a valid trigger spec: {exc}") from exc
+        campaign = Campaign(spec.id, None, Evaluator(spec, clock=self.clock), spec.expires_at)
+        self._restore(campaign)
+        return campaign
+
+    def _bank(self, ref: CampaignRef) -> Any:
+        from trigger import NoveltyBank
+
+        assert ref.novelty_bank is not None
+        if self.client is None:
+            raise InvalidInput(f"campaign {ref.campaign_id} needs novelty bank {ref.novelty_bank} but no hub is set")
+        path = self.state_dir / f"bank-{ref.novelty_bank}.npz"
+        if not (path.exists() and ref.novelty_bank_sha256 and _sha256(path) == ref.novelty_bank_sha256):
+            tmp = path.with_suffix(".part")
+            got = self.client.download_novelty_bank(ref.novelty_bank, tmp)
+            if ref.novelty_bank_sha256 and got != ref.novelty_bank_sha256:
+                tmp.unlink(missing_ok=True)
+                raise IntegrityError(
+                    f"novelty bank {ref.novelty_bank}: sha256 {got}, expected {ref.novelty_bank_sha256}"
+                )
+            tmp.replace(path)
+        return NoveltyBank.load(path)
+
+    def _remember(self, refs: Sequence[CampaignRef]) -> None:
+        """Keep the assignment's campaigns on disk, so the next start mines at once, even offline."""
+        doc = [r.to_dict() for r in refs]
+        path = self.state_dir / ASSIGNED_FILE
+        try:
+            if not path.exists() or json.loads(path.read_text()) != doc:
+                atomic_write_json(path, doc)
+        except (OSError, ValueError) as exc:
+            log.warning("could not record the assigned campaigns: %s", exc)
+
+    def _restore_assigned(self) -> None:
+        path = self.state_dir / ASSIGNED_FILE
+        if not path.exists():
+            return
+        try:
+            refs = [CampaignRef.from_dict(d) for d in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError, FlywheelError) as exc:
+            log.warning("recorded campaigns in %s are unusable (%s); waiting for the hub", path, exc)
+            return
+        self.apply(refs)
+        if refs:
+            log.info("resumed %d campaign(s) from the last assignment", len(self.current))
+
+    def _state_path(self, c: Campaign) -> Path:
+        return self.state_dir / f"{c.key}.state.json"
+
+    def _restore(self, c: Campaign) -> None:
+        path = self._state_path(c)
+        if not path.exists():
+            return
+        try:
+            c.evaluator.load_state_dict(json.loads(path.read_text()))
+            log.info("campaign %s: restored trigger state from %s", c.key, path.name)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("campaign %s: saved trigger state unusable (%s); starting fresh", c.key, exc)
+
+    def _save(self, c: Campaign) -> None:
+        try:
+            atomic_write_json(self._state_path(c), c.evaluator.state_dict())
+        except (OSError, TypeError, ValueError) as exc:
+            log.warning("campaign %s: could not save trigger state: %s", c.key, exc)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,258 @@
+"""The agent's typed configuration: frozen dataclasses read from a TOML file, validated once.
+
+Example (every key but ``device_id``, ``hub.url`` and ``source`` has a default)::
+
+    device_id = "cam-0001"
+    data_dir = "/var/lib/flywheel"      # relative paths are relative to this file
+
+    [hub]
+    url = "http://hub.local:8000"
+    group = "default"
+    fleet_secret = "..."                # enrollment only; or FLYWHEEL_FLEET_SECRET
+    fleet_public_key = ""               # optional: refuse to enroll with a hub that offers another key
+
+    [runtime]
+    threads = 1                         # onnxruntime intra-op threads
+    batch_size = 1                      # frames per inference call
+    trigger_window = 32                 # frames per trigger decision (amortises its cost; no effect on scores)
+    trigger_max_delay_s = 1.0           # decide sooner once the oldest frame has waited this long
+
+    [source]
+    kind = "replay"                     # npz | folder | replay
+    path = "frames/replay.jsonl"
+    loop = false
+    fps = 0                             # 0: as fast as frames come
+
+    [spool]
+    max_bytes = 67108864
+
+    [uplink]
+    bytes_per_minute = 0                # 0: no limit
+    backoff_base_s = 0.5
+    backoff_max_s = 60
+    drain_timeout_s = 5                 # on exit, wait this long for the spool to empty
+
+    [heartbeat]
+    interval_s = 30
+
+    [ota]
+    poll_interval_s = 60
+    health_frames = 8
+
+    [triggers]
+    default_spec = ""                   # optional trigger spec JSON used while no campaign is assigned
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fleet.errors import InvalidInput
+from fleet.protocol import NAME_RE
+
+FLEET_SECRET_ENV = "FLYWHEEL_FLEET_SECRET"
+SOURCE_KINDS = ("npz", "folder", "replay")
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    url: str
+    group: str = "default"
+    fleet_secret: str = ""
+    fleet_public_key: str = ""
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    threads: int = 1
+    batch_size: int = 1
+    trigger_window: int = 32  # frames decided together by the trigger spec
+    trigger_max_delay_s: float = 1.0  # ... or fewer, once the oldest has waited this long
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str
+    path: Path
+    loop: bool = False
+    fps: float = 0.0
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    max_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UplinkConfig:
+    bytes_per_minute: int = 0
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 60.0
+    drain_timeout_s: float = 5.0  # on exit, wait this long for the spool to empty
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    interval_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class OtaConfig:
+    poll_interval_s: float = 60.0
+    health_frames: int = 8
+
+
+@dataclass(frozen=True)
+class TriggersConfig:
+    default_spec: Path | None = None
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    data_dir: Path
+    hub: HubConfig
+    source: SourceConfig
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    uplink: UplinkConfig = field(default_factory=UplinkConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
+    triggers: TriggersConfig = field(default_factory=TriggersConfig)
+
+    @property
+    def fleet_secret(self) -> str:
+        return self.hub.fleet_secret or os.environ.get(FLEET_SECRET_ENV, "")
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    """Read and validate an agent TOML file; raise InvalidInput naming the key and the value received."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInput(f"cannot read agent config {path}: {exc.strerror or exc}") from exc
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"agent config {path} is not valid TOML: {exc}") from exc
+    return config_from_dict(doc, base_dir=path.resolve().parent)
+
+
+def config_from_dict(doc: dict[str, Any], *, base_dir: Path) -> AgentConfig:
+    """Build an AgentConfig from a parsed TOML document; relative paths are resolved against base_dir."""
+    _check_keys(doc, AgentConfig, "")
+    sections = {
+        "hub": HubConfig, "runtime": RuntimeConfig, "source": SourceConfig, "spool": SpoolConfig,
+        "uplink": UplinkConfig, "heartbeat": HeartbeatConfig, "ota": OtaConfig, "triggers": TriggersConfig,
+    }
+    for name in ("device_id", "hub", "source"):
+        if name not in doc:
+            raise InvalidInput(f"agent config: missing required key {name!r}")
+    device_id = doc["device_id"]
+    if not isinstance(device_id, str) or not NAME_RE.match(device_id):
+        raise InvalidInput(
+            f"agent config: device_id must be 1-128 letters, digits, '.', '_' or '-'; received {device_id!r}"
+        )
+    built: dict[str, Any] = {}
+    for name, cls in sections.items():
+        raw = doc.get(name, {})
+        if not isinstance(raw, dict):
+            raise InvalidInput(f"agent config: [{name}] must be a table; received {raw!r:.60}")
+        _check_keys(raw, cls, name)
+        built[name] = cls(**{k: _coerce(cls, name, k, v, base_dir) for k, v in raw.items()})
+    cfg = AgentConfig(
+        device_id=device_id,
+        data_dir=_path(doc.get("data_dir", "flywheel-agent"), base_dir),
+        **built,
+    )
+    _validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+_PATH_KEYS = {("source", "path"), ("triggers", "default_spec")}
+
+
+def _check_keys(raw: dict[str, Any], cls: type, section: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = f"[{section}]" if section else "top level"
+        raise InvalidInput(f"agent config {where}: unknown key(s) {unknown}; expected a subset of {sorted(known)}")
+
+
+def _coerce(cls: type, section: str, key: str, value: Any, base_dir: Path) -> Any:
+    if (section, key) in _PATH_KEYS:
+        if not isinstance(value, str):
+            raise InvalidInput(f"agent config: {section}.{key} must be a path string; received {value!r}")
+        return _path(value, base_dir) if value else None
+    default = next(f for f in fields(cls) if f.name == key).default
+    expected: type | tuple[type, ...] = str if default in (None, MISSING) else type(default)
+    if expected is float:
+        expected = (int, float)
+    if isinstance(value, bool) and expected is not bool:
+        raise InvalidInput(f"agent config: {section}.{key} must be {_tname(expected)}; received {value!r}")
+    if not isinstance(value, expected):
+        raise InvalidInput(f"agent config: {section}.{key} must be {_tname(expected)}; received {value!r}")
+    number: Any = value
+    return float(number) if isinstance(expected, tuple) else value
+
+
+def _tname(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return "a number"
+    return {str: "a string", int: "an integer", bool: "true or false"}.get(t, t.__name__)
+
+
+def _path(value: Any, base_dir: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"agent config: a path must be a non-empty string; received {value!r}")
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else base_dir / p
+
+
+def _validate(cfg: AgentConfig) -> None:
+    def positive(what: str, v: float, *, allow_zero: bool = False) -> None:
+        if v < 0 or (v == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise InvalidInput(f"agent config: {what} must be {bound}; received {v!r}")
+
+    if not cfg.hub.url.startswith(("http://", "https://")):
+        raise InvalidInput(f"agent config: hub.url must start with http:// or https://; received {cfg.hub.url!r}")
+    positive("hub.timeout_s", cfg.hub.timeout_s)
+    if not 1 <= cfg.runtime.threads <= 64:
+        raise InvalidInput(f"agent config: runtime.threads must be in 1..64; received {cfg.runtime.threads}")
+    if not 1 <= cfg.runtime.batch_size <= 1024:
+        raise InvalidInput(f"agent config: runtime.batch_size must be in 1..1024; received {cfg.runtime.batch_size}")
+    if not 1 <= cfg.runtime.trigger_window <= 4096:
+        raise InvalidInput(
+            f"agent config: runtime.trigger_window must be in 1..4096; received {cfg.runtime.trigger_window}"
+        )
+    positive("runtime.trigger_max_delay_s", cfg.runtime.trigger_max_delay_s, allow_zero=True)
+    if cfg.source.kind not in SOURCE_KINDS:
+        raise InvalidInput(
+            f"agent config: source.kind must be one of {list(SOURCE_KINDS)}; received {cfg.source.kind!r}"
+        )
+    positive("source.fps", cfg.source.fps, allow_zero=True)
+    if cfg.spool.max_bytes < 64 * 1024:
+        raise InvalidInput(f"agent config: spool.max_bytes must be >= 65536; received {cfg.spool.max_bytes}")
+    positive("uplink.bytes_per_minute", cfg.uplink.bytes_per_minute, allow_zero=True)
+    positive("uplink.backoff_base_s", cfg.uplink.backoff_base_s)
+    if cfg.uplink.backoff_max_s < cfg.uplink.backoff_base_s:
+        raise InvalidInput(
+            f"agent config: uplink.backoff_max_s must be >= backoff_base_s ({cfg.uplink.backoff_base_s}); "
+            f"received {cfg.uplink.backoff_max_s}"
+        )
+    positive("uplink.drain_timeout_s", cfg.uplink.drain_timeout_s, allow_zero=True)
+    positive("heartbeat.interval_s", cfg.heartbeat.interval_s)
+    positive("ota.poll_interval_s", cfg.ota.poll_interval_s)
+    if not 1 <= cfg.ota.health_frames <= 256:
+        raise InvalidInput(f"agent config: ota.health_frames must be in 1..256; received {cfg.ota.health_frames}")

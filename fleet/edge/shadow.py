@@ -1,0 +1,274 @@
+"""Shadow mode in two stages: ``infer`` runs the active model and, beside it, the challenger on each
+batch as frames arrive; ``decide`` evaluates the live campaigns' triggers over a window of inferred
+batches and turns the frames they keep into captures with their full context.
+
+Deciding over a window (say 32 frames) rather than per frame keeps the trigger library's fixed cost
+per call off each frame; the library gives the same scores, firings and priorities either way, and
+a shadow-mode decision is not urgent. The challenger is never acted on: its outputs only feed the
+agreement counters, the triggers that compare against it, and the context recorded with a case.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fleet.edge.campaigns import Campaign
+from fleet.edge.ota import LoadedModels
+from fleet.edge.recorder import Capture, new_case_id
+from fleet.edge.runtime import ModelRuntime, Outputs
+from fleet.edge.sources import Frame
+from fleet.protocol import TriggerHit, encode_embedding
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Inferred:
+    """One batch right after inference: raw outputs only (all bookkeeping waits for the window)."""
+
+    frames: list[Frame]
+    models: LoadedModels  # the models that produced these outputs
+    logits: NDArray[Any]  # (n, k) active
+    embedding: NDArray[Any]  # (n, d) active
+    challenger_logits: NDArray[Any] | None  # (n, k), or None without a (working) challenger
+    latency_ms: float  # active model, per frame (preprocess + inference)
+    seen_at: float  # unix seconds when the batch was inferred
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+@dataclass
+class WindowResult:
+    """What a decision window produced. Arrays are (n,) over the window's frames."""
+
+    captures: list[Capture]
+    predicted: NDArray[Any]  # active top-1; -1 where its outputs were not finite
+    human: NDArray[Any]  # -1 = unknown (or a class the model does not have)
+    challenger_predicted: NDArray[Any] | None  # -1 = not comparable
+    latency_ms: NDArray[Any]  # per frame
+    nonfinite: int  # frames whose active outputs held NaN or inf (never passed to the triggers)
+    models: LoadedModels | None = None  # the models that produced the window
+
+
+def softmax(logits: NDArray[Any]) -> NDArray[Any]:
+    """Row-wise softmax in float64. ``logits``: (n, k) -> (n, k), rows sum to 1."""
+    z: NDArray[Any] = logits.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a NaN row stays NaN
+        z = z - z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+    return z
+
+
+def infer(frames: Sequence[Frame], models: LoadedModels, *, now: float | None = None) -> Inferred:
+    """Run the active model, and the challenger beside it, on a batch (models.active must be set)."""
+    active = models.active
+    assert active is not None, "infer needs an active model"
+    images = [f.image for f in frames]
+    t0 = time.perf_counter()
+    tensor = active.preprocess(images)
+    out = active.infer(tensor)
+    latency_ms = (time.perf_counter() - t0) * 1000.0 / len(images)
+    ch_out = _run_challenger(models.challenger, active, images, tensor)
+    return Inferred(
+        frames=list(frames), models=models, logits=out.logits, embedding=out.embedding,
+        challenger_logits=None if ch_out is None else ch_out.logits, latency_ms=latency_ms,
+        seen_at=time.time() if now is None else now,
+    )
+
+
+def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_id: str,
+           now: float | None = None) -> WindowResult:
+    """Evaluate the campaigns over a window of batches inferred by the same models."""
+    assert window, "decide needs at least one batch"
+    now = time.time() if now is None else now
+    models = window[0].models
+    assert all(w.models is models for w in window), "a decision window must hold one model generation"
+    frames = [f for w in window for f in w.frames]
+    n = len(frames)
+    cat = (lambda xs: xs[0]) if len(window) == 1 else np.concatenate
+    logits = cat([w.logits for w in window])
+    embedding = cat([w.embedding for w in window])
+    k = logits.shape[1]
+    human = np.array([-1 if f.human_action is None else f.human_action for f in frames], np.int64)
+    human[human >= k] = -1  # an action the model has no class for cannot be compared
+    ok = _finite_rows(logits, embedding)
+    predicted = _top1(logits, ok)
+    ch_logits = ch_pred = None
+    if all(w.challenger_logits is not None for w in window):
+        ch_logits = cat([w.challenger_logits for w in window])
+        ch_ok = _finite_rows(ch_logits)
+        ch_pred = _top1(ch_logits, ch_ok & ok)
+        if not ch_ok.all():
+            ch_logits = ch_logits.copy()
+            ch_logits[~ch_ok] = np.nan  # the trigger library reads NaN rows as "no challenger output"
+    latency = np.repeat([w.latency_ms for w in window], [len(w) for w in window])
+    result = WindowResult([], predicted, human, ch_pred, latency, int(n - ok.sum()), models)
+    idx = np.flatnonzero(ok)
+    if not campaigns or not len(idx):
+        return result
+
+    from trigger import FrameBatch
+
+    def sub(a: NDArray[Any]) -> NDArray[Any]:
+        return a if len(idx) == n else a[idx]
+
+    images_kept, hashes = _images_or_hashes([f.image for f in frames], idx)
+    batch = FrameBatch(
+        logits=sub(logits),
+        embeddings=sub(embedding),
+        human=sub(human),
+        challenger_logits=None if ch_logits is None else sub(ch_logits),
+        tags=[frames[i].tags for i in idx],
+        images=images_kept,
+        hashes=hashes,
+    )
+    best: dict[int, tuple[float, Campaign, Any]] = {}
+    for campaign in campaigns:
+        try:
+            decision = campaign.evaluator.evaluate(batch, now=now)
+        except ValueError as exc:  # a spec that needs what this device cannot give (say, embeddings)
+            _log_once(campaign.key, f"campaign {campaign.key} cannot run on this device's frames: {exc}")
+            continue
+        for j in np.flatnonzero(decision.keep):
+            prio = float(decision.priority[j])
+            if j not in best or prio > best[j][0]:
+                best[j] = (prio, campaign, decision)
+    if not best:
+        return result
+    rows = np.array(sorted(best), dtype=np.intp)
+    kept = idx[rows]
+    probs = dict(zip(kept.tolist(), softmax(logits[kept]), strict=True))
+    ch_probs = {} if ch_logits is None else dict(zip(kept.tolist(), softmax(ch_logits[kept]), strict=True))
+    seen_at = [w.seen_at for w in window for _ in w.frames]
+    for j in rows.tolist():
+        prio, campaign, decision = best[j]
+        i = int(idx[j])
+        result.captures.append(_capture(
+            frames[i], j, prio, campaign, decision, models, probs[i], embedding[i], ch_probs.get(i),
+            device_id=device_id, now=seen_at[i],
+        ))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_challenger(challenger: ModelRuntime | None, active: ModelRuntime, images: list[NDArray[Any]],
+                    tensor: NDArray[Any]) -> Outputs | None:
+    if challenger is None:
+        return None
+    try:
+        same = challenger.preprocess.key() == active.preprocess.key()
+        out = challenger.infer(tensor if same else challenger.preprocess(images))
+    except Exception as exc:  # the challenger may be broken; it must never stop the active model
+        log.warning("challenger %s failed on a batch: %s", challenger.version, exc)
+        return None
+    if out.logits.shape != (len(images), len(active.manifest.class_names)):
+        _log_once(f"shape-{challenger.version}", f"challenger {challenger.version} has another class list than "
+                  f"the active model ({out.logits.shape[1]} vs {len(active.manifest.class_names)}); not compared")
+        return None
+    return out
+
+
+def _finite_rows(*arrays: NDArray[Any]) -> NDArray[Any]:
+    """(n,) bool: rows where every array is finite (one cheap sum on the usual, all-finite path)."""
+    n = arrays[0].shape[0]
+    if all(np.isfinite(a.sum()) for a in arrays):
+        return np.ones(n, bool)
+    ok = np.ones(n, bool)
+    for a in arrays:
+        ok &= np.isfinite(a).all(axis=1)
+    return ok
+
+
+def _top1(logits: NDArray[Any], ok: NDArray[Any]) -> NDArray[Any]:
+    """(n,) argmax per row, -1 where ``ok`` is False."""
+    if ok.all():
+        return np.argmax(logits, axis=1)  # type: ignore[no-any-return]
+    return np.where(ok, np.argmax(np.where(ok[:, None], logits, 0), axis=1), -1)
+
+
+def _images_or_hashes(images: list[NDArray[Any]], idx: NDArray[Any]) -> tuple[NDArray[Any] | None, NDArray[Any] | None]:
+    """The rows as one (n, h, w[, c]) array for near-duplicate hashing (hashed lazily, only for frames
+    that fire). Frames of different sizes cannot be stacked, and frames under 8x9 pixels are too small
+    for a difference hash; those are hashed here, one by one, tiny ones enlarged first."""
+    rows = [images[int(i)] for i in idx]
+    first = rows[0].shape
+    if all(r.shape == first for r in rows) and first[0] >= 8 and first[1] >= 9:
+        return np.stack(rows), None
+    from trigger import dhash
+
+    def one(img: NDArray[Any]) -> NDArray[Any]:
+        fy, fx = -(-8 // img.shape[0]), -(-9 // img.shape[1])
+        if fy > 1 or fx > 1:
+            img = np.repeat(np.repeat(img, fy, axis=0), fx, axis=1)
+        hashed: NDArray[Any] = dhash(img[None])
+        return hashed
+
+    return None, np.concatenate([one(r) for r in rows])
+
+
+_logged: set[str] = set()
+
+
+def _log_once(key: str, message: str) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.error(message)
+
+
+def _capture(frame: Frame, j: int, prio: float, campaign: Campaign, decision: Any, models: LoadedModels,
+             probs: NDArray[Any], embedding: NDArray[Any], ch_probs: NDArray[Any] | None, *, device_id: str,
+             now: float) -> Capture:
+    """The Case fields for frame ``j`` of a decision (``probs``/``ch_probs``: (k,) for this frame)."""
+    assert models.active is not None
+    values = decision.values[j]
+    thresholds = decision.thresholds[j] if j < len(decision.thresholds) else {}
+    hits = []
+    for name in decision.fired[j]:
+        v, thr = values.get(name), thresholds.get(name)
+        hits.append(TriggerHit(
+            name=str(name)[:64],
+            value=float(v) if v is not None and math.isfinite(v) else prio,
+            threshold=float(thr) if thr is not None and math.isfinite(thr) else None,
+        ))
+    scores = {}
+    for name, arr in decision.scores.items():
+        v = float(arr[j])
+        if math.isfinite(v):
+            scores[str(name)[:64]] = v
+    fields: dict[str, Any] = dict(
+        case_id=new_case_id(),
+        device_id=device_id,
+        captured_at=frame.ts if frame.ts is not None else now,
+        model_version=models.active.version,
+        predicted_class=int(np.argmax(probs)),
+        probs=[float(p) for p in probs],
+        priority=min(1.0, max(0.0, prio)),
+        scores=scores,
+        triggers=hits,
+        campaign_id=campaign.campaign_id,
+        campaign_version=campaign.version,
+        human_action=frame.human_action,
+        tags=_tags(frame.tags),
+        embedding=encode_embedding(embedding),
+    )
+    if models.challenger is not None and ch_probs is not None and np.isfinite(ch_probs).all():
+        fields.update(challenger_version=models.challenger.version, challenger_class=int(np.argmax(ch_probs)),
+                      challenger_probs=[float(p) for p in ch_probs])
+    return Capture(image=frame.image, fields=fields)
+
+
+def _tags(tags: dict[str, str]) -> dict[str, str]:
+    """Frame tags as the Case allows them: at most 32, names up to 64 and values up to 256 characters."""
+    return {str(k)[:64]: str(v)[:256] for k, v in list(tags.items())[:32]}

@@ -1,0 +1,239 @@
+"""Frame sources: npz arrays, an image folder, and a replay stream. Each is an iterator of Frames.
+
+A camera adapter only has to yield :class:`Frame` objects too. Bad input is refused with the file,
+the line or the index, what was received and what was expected.
+
+Replay stream (JSONL, one frame per line; image paths relative to the JSONL file)::
+
+    {"image": "frames/000001.png", "human_action": 2, "tags": {"condition": "night"}, "ts": 1718000000.0}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fleet.errors import InvalidInput
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MAX_TAGS = 32
+
+
+@dataclass
+class Frame:
+    """One frame: pixels (uint8, HxW or HxWxC with C in 1, 3, 4), the human's action if known, tags."""
+
+    image: NDArray[Any]
+    frame_id: str
+    human_action: int | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    ts: float | None = None  # capture time, unix seconds; None: when the agent saw it
+
+
+def check_image(image: Any, where: str) -> NDArray[Any]:
+    """Return ``image`` as a uint8 HxW or HxWxC array, or raise InvalidInput saying what was wrong."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise InvalidInput(f"{where}: image must be uint8; received dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or 0 in arr.shape:
+        raise InvalidInput(f"{where}: image must be HxW or HxWxC with C in (1, 3, 4); received shape {arr.shape}")
+    return arr
+
+
+def open_source(kind: str, path: Path, *, loop: bool = False) -> Iterator[Frame]:
+    """The source named ``kind`` (npz, folder, replay) over ``path``."""
+    builders: dict[str, type[NpzSource | ImageFolderSource | ReplaySource]] = {
+        "npz": NpzSource, "folder": ImageFolderSource, "replay": ReplaySource,
+    }
+    if kind not in builders:
+        raise InvalidInput(f"unknown source kind {kind!r}; expected one of {sorted(builders)}")
+    return iter(builders[kind](path, loop=loop))
+
+
+def paced(frames: Iterator[Frame], fps: float) -> Iterator[Frame]:
+    """Yield frames no faster than ``fps`` (0: unpaced), like a camera would deliver them."""
+    if fps <= 0:
+        yield from frames
+        return
+    period = 1.0 / fps
+    due = time.monotonic()
+    for frame in frames:
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        due = max(due + period, time.monotonic() - period)
+        yield frame
+
+
+class NpzSource:
+    """Frames from an ``.npz`` file.
+
+    Arrays: ``images`` (n, h, w) or (n, h, w, c) uint8 (required); ``human`` (n,) int, -1 = unknown;
+    ``ts`` (n,) float; and any ``tag_<name>`` (n,) array, which becomes tag ``<name>`` per frame.
+    """
+
+    def __init__(self, path: str | Path, *, loop: bool = False) -> None:
+        self.path = Path(path)
+        try:
+            data = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"{self.path}: cannot read npz: {exc}") from exc
+        with data:
+            if "images" not in data.files:
+                raise InvalidInput(f"{self.path}: npz must hold an 'images' array; found {sorted(data.files)}")
+            self.images = data["images"]
+            n = len(self.images)
+            if self.images.dtype != np.uint8 or self.images.ndim not in (3, 4):
+                raise InvalidInput(
+                    f"{self.path}: 'images' must be uint8 (n, h, w) or (n, h, w, c); "
+                    f"received {self.images.dtype} {self.images.shape}"
+                )
+            self.human = self._column(data, "human", n, np.integer)
+            self.ts = self._column(data, "ts", n, np.number)
+            self.tags: dict[str, NDArray[Any]] = {}
+            for k in data.files:
+                col = self._column(data, k, n, None) if k.startswith("tag_") and len(k) > 4 else None
+                if col is not None:
+                    self.tags[k[4:]] = col
+        self.loop = loop
+
+    def _column(self, data: Any, key: str, n: int, kind: Any) -> NDArray[Any] | None:
+        if key not in data.files:
+            return None
+        col = data[key]
+        if col.shape != (n,) or (kind is not None and not np.issubdtype(col.dtype, kind)):
+            want = f"{kind.__name__ if kind is not None else 'an array'} of shape ({n},)"
+            raise InvalidInput(f"{self.path}: {key!r} must be {want}; received {col.dtype} {col.shape}")
+        return col  # type: ignore[no-any-return]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[Frame]:
+        human_col, ts_col = self.human, self.ts
+        while True:
+            for i in range(len(self.images)):
+                human = int(human_col[i]) if human_col is not None and human_col[i] >= 0 else None
+                yield Frame(
+                    image=check_image(self.images[i], f"{self.path}[{i}]"),
+                    frame_id=f"{self.path.name}:{i}",
+                    human_action=human,
+                    tags={name: str(col[i]) for name, col in self.tags.items()},
+                    ts=float(ts_col[i]) if ts_col is not None else None,
+                )
+            if not self.loop or not len(self.images):
+                return
+
+
+class ImageFolderSource:
+    """Frames from the image files in a folder (PNG, JPEG, BMP, WebP), in sorted name order."""
+
+    def __init__(self, path: str | Path, *, loop: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InvalidInput(f"image folder {self.path} does not exist or is not a directory")
+        self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise InvalidInput(f"image folder {self.path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+        self.loop = loop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            for p in self.files:
+                yield Frame(image=read_image(p), frame_id=p.name)
+            if not self.loop:
+                return
+
+
+class ReplaySource:
+    """A recorded stream: JSONL lines ``{image, human_action?, tags?, ts?}``, images beside the file."""
+
+    def __init__(self, path: str | Path, *, loop: bool = False) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InvalidInput(f"replay file {self.path} does not exist")
+        self.root = self.path.parent
+        self.loop = loop
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            count = 0
+            with self.path.open("r", encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    count += 1
+                    yield self._frame(line, lineno)
+            if not self.loop or not count:
+                return
+
+    def _frame(self, line: str, lineno: int) -> Frame:
+        where = f"{self.path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise InvalidInput(f"{where}: not valid JSON ({exc})") from exc
+        if not isinstance(rec, dict):
+            raise InvalidInput(f"{where}: each line must be a JSON object; received {type(rec).__name__}")
+        unknown = sorted(set(rec) - {"image", "human_action", "tags", "ts"})
+        if unknown:
+            raise InvalidInput(f"{where}: unknown key(s) {unknown}; expected image, human_action, tags, ts")
+        image = rec.get("image")
+        if not isinstance(image, str) or not image:
+            raise InvalidInput(f"{where}: 'image' must be a relative path string; received {image!r}")
+        human = rec.get("human_action")
+        if human is not None and (isinstance(human, bool) or not isinstance(human, int) or human < 0):
+            raise InvalidInput(f"{where}: 'human_action' must be an integer >= 0 or null; received {human!r}")
+        tags = rec.get("tags", {})
+        if not isinstance(tags, dict) or len(tags) > MAX_TAGS:
+            raise InvalidInput(f"{where}: 'tags' must be an object of at most {MAX_TAGS} pairs; received {tags!r:.80}")
+        ts = rec.get("ts")
+        if ts is not None and (isinstance(ts, bool) or not isinstance(ts, (int, float))):
+            raise InvalidInput(f"{where}: 'ts' must be unix seconds or null; received {ts!r}")
+        return Frame(
+            image=read_image(self.root / image),
+            frame_id=image,
+            human_action=human,
+            tags={str(k): str(v) for k, v in tags.items()},
+            ts=float(ts) if ts is not None else None,
+        )
+
+
+def read_image(path: Path) -> NDArray[Any]:
+    """Decode an image file to uint8 HxW (grayscale) or HxWx3 (colour; alpha and palettes flattened)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            im: Image.Image = opened
+            if im.mode not in ("L", "RGB"):
+                im = im.convert("L" if im.mode in ("1", "I", "I;16", "F", "LA") else "RGB")
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError as exc:
+        raise InvalidInput(f"image {path} does not exist") from exc
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidInput(f"image {path} cannot be decoded: {exc}") from exc
+    return check_image(arr, str(path))
+
+
+def encode_png(image: NDArray[Any]) -> bytes:
+    """PNG bytes of a uint8 HxW or HxWxC frame (fast compression: frames are spooled at run time)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()

@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from fleet.edge.agent import Agent
+from fleet.edge.config import AgentConfig, config_from_dict
+from fleet.edge.runtime import ModelRuntime, Outputs
+from fleet.edge.sources import Frame
+from fleet.protocol import Enrollment, decode_embedding
+from tests.edge.conftest import Keys, publish
+from tests.edge.fakehub import FakeHub
+
+KEEP_ALL = {"id": "all", "version": 1, "rule": {"trigger": "entropy", "above": -1.0}}
+DISAGREE = {"id": "disagree", "version": 2, "rule": {"trigger": "human_disagreement", "above": 0.5}}
+
+
+def campaign(spec: dict[str, Any]) -> dict[str, Any]:
+    return {"campaign_id": spec["id"], "version": spec["version"], "spec": spec}
+
+
+def frames(n: int, *, seed: int = 0, shape: tuple[int, ...] = (8, 8)) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    return [
+        Frame(image=rng.integers(0, 256, shape, dtype=np.uint8), frame_id=f"f{i}", human_action=i % 3,
+              tags={"condition": "night" if i % 2 else "day"}, ts=1_700_000_000.0 + i)
+        for i in range(n)
+    ]
+
+
+def make_agent(tmp_path: Path, hub: FakeHub, keys: Keys, source: list[Frame], **sections: dict[str, Any]) -> Agent:
+    doc: dict[str, Any] = {
+        "device_id": hub.device_id, "data_dir": "data", "hub": {"url": "http://hub.test"},
+        "source": {"kind": "npz", "path": "unused.npz"},
+        "heartbeat": {"interval_s": 0.05}, "ota": {"poll_interval_s": 0.05},
+        "uplink": {"backoff_base_s": 0.02, "backoff_max_s": 0.1, "drain_timeout_s": 5.0},
+    }
+    for name, values in sections.items():
+        doc.setdefault(name, {}).update(values)
+    cfg: AgentConfig = config_from_dict(doc, base_dir=tmp_path)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    enrollment = Enrollment(device_id=hub.device_id, token=hub.token, fleet_public_key=keys.public_b64)
+    (cfg.data_dir / "enrollment.json").write_text(enrollment.to_json())
+    return Agent(cfg, client=hub.client(), source=source)
+
+
+def test_full_loop_spools_and_uploads_cases_with_full_context(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                             make_model) -> None:
+    v1 = make_model("v1", seed=1)
+    publish(hub, v1)
+    hub.assign(active=v1.manifest, campaigns=[campaign(KEEP_ALL)])
+    agent = make_agent(tmp_path, hub, keys, frames(40), runtime={"batch_size": 4})
+    summary = agent.run()
+    agent.close()
+    assert summary.stopped_by == "source-ended" and summary.frames == 40
+    assert summary.flagged == 40 and summary.uploaded == 40 and summary.spool_items == 0
+    assert len(hub.cases) == 40
+    reference = ModelRuntime(v1.onnx_path, v1.manifest)
+    for case, png in hub.cases.values():
+        assert case.model_version == "v1" and case.campaign_id == "all" and case.campaign_version == 1
+        assert case.device_id == "dev-1" and case.triggers[0].name == "entropy"
+        assert case.triggers[0].threshold == -1.0
+        assert case.human_action in (0, 1, 2) and case.tags["condition"] in ("day", "night")
+        assert case.captured_at >= 1_700_000_000.0
+        assert set(case.scores) >= {"entropy", "margin", "energy"}
+        emb = decode_embedding(case.embedding or "")
+        assert emb.shape == (16,)
+        assert 0 < case.priority <= 1 and abs(sum(case.probs) - 1) < 1e-6
+        img = np.asarray(Image.open(io.BytesIO(png)))
+        out = reference.run([img])
+        assert int(np.argmax(out.logits[0])) == case.predicted_class
+    beats = hub.heartbeats
+    assert beats and beats[-1].counters["frames_seen"] == 40 and beats[-1].counters["uploaded"] == 40
+    assert beats[-1].human_compared == 40 and beats[-1].latency_p95_ms >= beats[-1].latency_p50_ms > 0
+    # trigger state was saved for the next start
+    assert (tmp_path / "data" / "campaigns" / "all-v1.state.json").exists()
+
+
+def test_challenger_runs_in_shadow_and_is_never_acted_on(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                         make_model) -> None:
+    v1, v2 = make_model("v1", seed=1), make_model("v2", seed=2)
+    publish(hub, v1)
+    publish(hub, v2)
+    hub.assign(active=v1.manifest, challenger=v2.manifest, campaigns=[campaign(KEEP_ALL)])
+    agent = make_agent(tmp_path, hub, keys, frames(30))
+    summary = agent.run()
+    agent.close()
+    assert (summary.model_version, summary.challenger_version) == ("v1", "v2")
+    r1, r2 = ModelRuntime(v1.onnx_path, v1.manifest), ModelRuntime(v2.onnx_path, v2.manifest)
+    imgs = [f.image for f in frames(30)]
+    p1 = np.argmax(r1.run(imgs).logits, axis=1)
+    p2 = np.argmax(r2.run(imgs).logits, axis=1)
+    assert (p1 != p2).any()  # the two models do disagree somewhere
+    by_ts = {round(c.captured_at - 1_700_000_000.0): c for c, _ in hub.cases.values()}
+    for i, case in by_ts.items():
+        assert case.predicted_class == p1[i]  # what the device acts on comes from the active model only
+        assert case.challenger_version == "v2" and case.challenger_class == p2[i]
+    hb = hub.heartbeats[-1]
+    assert hb.challenger_version == "v2" and hb.challenger_compared == 30
+    assert hb.challenger_agreed == int((p1 == p2).sum())
+    assert hb.human_disagreed == int((p1 != np.arange(30) % 3).sum())
+
+
+def test_human_disagreement_campaign_keeps_only_disagreements(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                              make_model) -> None:
+    v1 = make_model("v1", seed=1)
+    publish(hub, v1)
+    hub.assign(active=v1.manifest, campaigns=[campaign(DISAGREE)])
+    agent = make_agent(tmp_path, hub, keys, frames(60))
+    summary = agent.run()
+    agent.close()
+    assert 0 < summary.flagged < 60
+    for case, _ in hub.cases.values():
+        assert case.human_action != case.predicted_class
+        assert [t.name for t in case.triggers] == ["human_disagreement"]
+    assert summary.flagged == hub.heartbeats[-1].human_disagreed
+
+
+def test_any_frame_size_and_channels_go_through(tmp_path: Path, hub: FakeHub, keys: Keys, make_model) -> None:
+    v1 = make_model("v1", channels=3, height=12, width=12)
+    publish(hub, v1)
+    spec = dict(KEEP_ALL, dedup={"max_hamming": 0, "memory": 64})
+    hub.assign(active=v1.manifest, campaigns=[campaign(spec)])
+    mixed = frames(6, shape=(20, 30)) + frames(6, seed=1, shape=(9, 9, 3)) + frames(6, seed=2, shape=(5, 7, 4))
+    agent = make_agent(tmp_path, hub, keys, mixed, runtime={"batch_size": 5})
+    summary = agent.run()
+    agent.close()
+    assert summary.frames == 18 and summary.uploaded == summary.flagged > 0
+
+
+def test_hub_down_during_the_run_then_back_loses_nothing(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                         make_model) -> None:
+    v1 = make_model("v1")
+    publish(hub, v1)
+    hub.assign(active=v1.manifest, campaigns=[campaign(KEEP_ALL)])
+    down = {"cases": True}
+
+    def fail(request: httpx.Request) -> Exception | None:
+        if down["cases"] and request.url.path in ("/v1/cases", "/v1/heartbeats"):
+            return httpx.ConnectError("no route to host", request=request)
+        return None
+
+    hub.fail = fail
+    agent = make_agent(tmp_path, hub, keys, frames(25), uplink={"drain_timeout_s": 0.2})
+    first = agent.run()
+    agent.close()
+    assert first.frames == 25 and first.uploaded == 0 and first.spool_items == 25
+    down["cases"] = False  # the hub is back: the next start delivers what was spooled
+    agent = make_agent(tmp_path, hub, keys, [])
+    second = agent.run()
+    agent.close()
+    assert second.uploaded == 25 and second.spool_items == 0
+    assert len(hub.cases) == 25 and len(hub.case_posts) == 25
+
+
+def test_full_spool_evicts_and_the_heartbeat_counts_it(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                       make_model) -> None:
+    v1 = make_model("v1")
+    publish(hub, v1)
+    hub.assign(active=v1.manifest, campaigns=[campaign(KEEP_ALL)])
+    hub.fail = lambda r: 503 if r.url.path == "/v1/cases" else None
+    agent = make_agent(tmp_path, hub, keys, frames(200, shape=(64, 64)), spool={"max_bytes": 65536},
+                       uplink={"drain_timeout_s": 0.0})
+    summary = agent.run()
+    stats = agent.spool.check()
+    agent.close()
+    assert summary.evicted > 0 and stats.bytes <= 65536
+    assert stats.offered == 200 == stats.items + stats.evicted
+    assert hub.heartbeats[-1].counters["evicted"] == summary.evicted
+    assert hub.heartbeats[-1].spool_bytes == stats.bytes
+
+
+def test_nan_in_service_rolls_back_to_the_previous_model(tmp_path: Path, hub: FakeHub, keys: Keys, make_model,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    v1, v2 = make_model("v1", seed=1), make_model("v2", seed=2)
+    publish(hub, v1)
+    publish(hub, v2)
+    for m in (v1, v2):
+        hub.assign(active=m.manifest)
+        agent = make_agent(tmp_path, hub, keys, frames(2))
+        agent.run()
+        agent.close()
+    assert agent.ota.models.versions[0] == "v2"
+
+    import fleet.edge.agent as agent_module
+
+    real = agent_module.infer
+
+    def v2_goes_bad(frames_: list[Frame], models: Any, *args: Any, **kwargs: Any) -> Any:
+        if models.active.version == "v2":  # in service, v2 starts returning NaN
+            infer = models.active.infer
+            models.active.infer = lambda t: Outputs(logits=infer(t).logits * np.nan, embedding=infer(t).embedding)
+        return real(frames_, models, *args, **kwargs)
+
+    monkeypatch.setattr(agent_module, "infer", v2_goes_bad)
+    agent = make_agent(tmp_path, hub, keys, frames(20), runtime={"batch_size": 2, "trigger_window": 2})
+    summary = agent.run()
+    agent.close()
+    assert summary.model_version == "v1"
+    assert [(r.version, r.outcome) for r in hub.ota_reports][-1] == ("v2", "rolled_back")
+    assert "NaN or infinite outputs in 3 consecutive windows" in hub.ota_reports[-1].reason
+    assert hub.heartbeats[-1].counters["health_failures"] == 3
+    assert hub.heartbeats[-1].counters["frames_seen"] == 20
+
+
+def test_malformed_assignment_during_a_run_is_refused_and_logged(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                                make_model, caplog: pytest.LogCaptureFixture) -> None:
+    v1 = make_model("v1")
+    publish(hub, v1)
+    hub.assign(active=v1.manifest)
+    agent = make_agent(tmp_path, hub, keys, frames(4))
+    agent.run()
+    agent.close()
+    hub.assignment = {"device_id": "dev-1", "active": {"version": "v9", "onnx_sha256": "nothex"}}
+    agent = make_agent(tmp_path, hub, keys, frames(4))
+    with caplog.at_level(logging.ERROR):
+        summary = agent.run()
+    agent.close()
+    assert summary.model_version == "v1" and summary.frames == 4
+    assert "refusing malformed assignment from the hub" in caplog.text
+    assert "onnx_sha256 must be 64 lowercase hex characters" in caplog.text
+
+
+def test_bad_campaign_is_refused_and_the_rest_run(tmp_path: Path, hub: FakeHub, keys: Keys, make_model,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    v1 = make_model("v1")
+    publish(hub, v1)
+    bad = {"id": "bad", "version": 1, "rule": {"trigger": "entropyy", "above": 0.1}}
+    hub.assign(active=v1.manifest, campaigns=[campaign(bad), campaign(KEEP_ALL)])
+    agent = make_agent(tmp_path, hub, keys, frames(5))
+    with caplog.at_level(logging.ERROR):
+        summary = agent.run()
+    agent.close()
+    assert summary.flagged == 5
+    assert "refusing campaign bad v1 from the hub" in caplog.text and "entropyy" in caplog.text
+
+
+def test_local_default_spec_applies_without_campaigns(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                      make_model) -> None:
+    v1 = make_model("v1")
+    publish(hub, v1)
+    hub.assign(active=v1.manifest)
+    (tmp_path / "spec.json").write_text(json.dumps(KEEP_ALL))
+    agent = make_agent(tmp_path, hub, keys, frames(5), triggers={"default_spec": "spec.json"})
+    summary = agent.run(max_frames=3)
+    agent.close()
+    assert summary.stopped_by == "max-frames" and summary.frames == 3 and summary.uploaded == 3
+    case = next(iter(hub.cases.values()))[0]
+    assert case.campaign_id == "all" and case.campaign_version is None

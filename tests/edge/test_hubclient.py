@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from fleet.edge.heartbeat import HeartbeatSender, Telemetry
+from fleet.edge.hubclient import HubClient
+from fleet.edge.spool import Spool
+from fleet.edge.uplink import UplinkStats
+from fleet.errors import IntegrityError, InvalidInput, ServerBusy, TransportError, Unauthorized
+from tests.edge.fakehub import FakeHub
+
+
+def client_answering(status: int, body: object = None) -> HubClient:
+    def handle(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=body if body is not None else {"detail": f"status {status}"})
+
+    return HubClient(httpx.Client(base_url="http://hub", transport=httpx.MockTransport(handle)), token="t")
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(401, Unauthorized), (403, Unauthorized), (400, InvalidInput), (404, InvalidInput), (422, InvalidInput),
+     (408, ServerBusy), (429, ServerBusy), (500, ServerBusy), (503, ServerBusy)],
+)
+def test_status_codes_map_onto_the_error_tree(status: int, error: type[Exception]) -> None:
+    with pytest.raises(error, match=f"hub answered {status}: status {status}"):
+        client_answering(status).upload_case("{}", b"png")
+
+
+def test_network_faults_are_retryable_transport_errors() -> None:
+    def handle(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    client = HubClient(httpx.Client(base_url="http://hub", transport=httpx.MockTransport(handle)), token="t")
+    with pytest.raises(TransportError, match="ConnectTimeout"):
+        client.get_assignment()
+
+
+def test_calls_need_enrollment_and_send_the_token(hub: FakeHub) -> None:
+    with pytest.raises(Unauthorized, match="not enrolled"):
+        hub.client(token="").get_assignment()
+    hub.client().get_assignment()
+    assert hub.requests[-1] == "GET /v1/assignment"
+
+
+def test_download_is_streamed_hashed_and_size_capped(tmp_path: Path, hub: FakeHub) -> None:
+    hub.banks["b1"] = b"x" * 5000
+    sha = hub.client().download_novelty_bank("b1", tmp_path / "b.npz")
+    import hashlib
+
+    assert sha == hashlib.sha256(b"x" * 5000).hexdigest()
+    with pytest.raises(IntegrityError, match="more than 100 bytes"):
+        hub.client().download_novelty_bank("b1", tmp_path / "c.npz", max_bytes=100)
+    with pytest.raises(InvalidInput, match="404"):
+        hub.client().download_model("nope", tmp_path / "m.onnx")
+
+
+def test_telemetry_counts_and_percentiles() -> None:
+    t = Telemetry()
+    t.record_batch(predicted=np.array([0, 1, 2, -1]), latency_ms=np.array([1.0, 2.0, 3.0, 4.0]), flagged=1,
+                   human=np.array([0, 2, -1, 1]), challenger_predicted=np.array([0, 1, -1, 1]))
+    snap = t.snapshot()
+    assert snap["frames_seen"] == 4 and snap["flagged"] == 1
+    assert (snap["human_compared"], snap["human_disagreed"]) == (2, 1)  # the -1 frame is not compared
+    assert (snap["challenger_compared"], snap["challenger_agreed"]) == (2, 2)
+    p50, p95 = t.latency_percentiles()
+    assert p50 == pytest.approx(2.5) and 3.8 <= p95 <= 4.0
+
+
+def test_heartbeat_is_valid_and_counts_evictions_since_boot(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=70_000)
+    spool.put("old", 0.1, "{}", b"x" * 60_000)
+    spool.put("new", 0.9, "{}", b"x" * 60_000)  # evicts "old" before this boot's sender exists
+    sender = HeartbeatSender(device_id="dev-1", telemetry=Telemetry(), spool=spool, uplink_stats=UplinkStats(),
+                             client=hub.client(), versions=lambda: ("v1", None))
+    spool.put("newer", 0.95, "{}", b"x" * 60_000)
+    assert sender.send()
+    hb = hub.heartbeats[-1]
+    assert hb.counters["evicted"] == 1 and hb.spool_items == 1 and hb.model_version == "v1"
+    hub.fail = lambda r: 503
+    assert not sender.send() and sender.failed == 1
