@@ -1,0 +1,157 @@
+"""The demo's real processes: the hub server, edge agents and trainer runs, each its own OS process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fleet.errors import FlywheelError
+from fleet.signing import KeyPair
+
+log = logging.getLogger(__name__)
+
+
+class ProcessFailed(FlywheelError):
+    """A child process exited non-zero; the message carries the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flywheel_cmd(*args: str) -> list[str]:
+    """``python -m fleet.cli ARGS``: the same ``flywheel`` command, with this interpreter."""
+    return [sys.executable, "-m", "fleet.cli", *args]
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    if not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class HubProcess:
+    """A running ``flywheel hub serve`` on a free loopback port, with fresh strong secrets."""
+
+    url: str
+    admin_token: str
+    fleet_secret: str
+    webhook_secret: str
+    data_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def token(self, scope: str, name: str | None = None) -> str:
+        r = httpx.post(self.url + "/v1/tokens", headers=self.admin_headers,
+                       json={"scope": scope, "name": name or f"{scope}-{secrets.token_hex(4)}"}, timeout=30)
+        r.raise_for_status()
+        return str(r.json()["token"])
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def start_hub(data_dir: Path, keypair: KeyPair, *, database_url: str | None = None, workers: int = 1,
+              extra_env: dict[str, str] | None = None, timeout: float = 90.0,
+              log_level: str = "warning") -> HubProcess:
+    """Run the hub as a subprocess and wait until ``/healthz`` answers."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    keys = {name: secrets.token_urlsafe(24) for name in ("admin", "fleet", "url", "webhook")}
+    env = {
+        **os.environ,
+        "FLYWHEEL_HUB_ADMIN_TOKEN": keys["admin"],
+        "FLYWHEEL_HUB_FLEET_SECRET": keys["fleet"],
+        "FLYWHEEL_HUB_URL_SECRET": keys["url"],
+        "FLYWHEEL_HUB_WEBHOOK_SECRET": keys["webhook"],
+        "FLYWHEEL_HUB_SIGNING_PUBLIC_KEY": keypair.public_b64,
+        "FLYWHEEL_HUB_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        **(extra_env or {}),
+    }
+    env.pop("FLYWHEEL_HUB_DEV", None)
+    cmd = flywheel_cmd("hub", "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
+                       "--workers", str(workers), "--log-level", log_level)
+    if database_url:
+        cmd += ["--database-url", database_url]
+    log_path = data_dir / "hub.log"
+    with log_path.open("ab") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    hub = HubProcess(f"http://127.0.0.1:{port}", keys["admin"], keys["fleet"], keys["webhook"], data_dir, proc,
+                     log_path, env)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise ProcessFailed(f"the hub exited with code {proc.returncode}:\n{tail(log_path)}")
+        try:
+            if httpx.get(hub.url + "/healthz", timeout=1.0).status_code == 200:
+                return hub
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop_process(proc)
+            raise ProcessFailed(f"the hub did not answer /healthz within {timeout:.0f}s:\n{tail(log_path)}")
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL after ``grace`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        proc.wait()
+
+
+def run_logged(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None,
+               timeout: float = 900.0, ok_codes: tuple[int, ...] = (0,)) -> int:
+    """Run ``cmd`` to completion with its output in ``log_path``; raise ProcessFailed unless it exits ok."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as fh:
+        fh.write(("$ " + " ".join(cmd) + "\n").encode())
+        fh.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            stop_process(proc)
+            raise ProcessFailed(f"{cmd[3:5]} ran past {timeout:.0f}s:\n{tail(log_path)}") from None
+    if code not in ok_codes:
+        raise ProcessFailed(f"{' '.join(cmd[3:5])} exited with code {code}:\n{tail(log_path)}")
+    return code
+
+
+def start_logged(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = log_path.open("ab")
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        fh.close()
