@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the real services the integration tests need, on loopback, in throwaway data dirs.
-# Sourced by scripts/test.sh. Exports FLYWHEEL_TEST_PG_URL; stop_services tears everything down.
+# Sourced by scripts/test.sh. Exports FLYWHEEL_TEST_PG_URL and FLYWHEEL_TEST_LS_*; stop_services tears
+# everything down.
 set -euo pipefail
 
 SERVICES_DIR="${SERVICES_DIR:-$(mktemp -d /tmp/flywheel-services.XXXXXX)}"
@@ -21,6 +22,7 @@ start_postgres() {
   data="$SERVICES_DIR/pg"
   user=postgres
   mkdir -p "$data"; chown "$user" "$data"
+  touch "$SERVICES_DIR/pg.log"; chown "$user" "$SERVICES_DIR/pg.log"  # pg_ctl writes it as $user
   runuser -u "$user" -- "$bin/initdb" -D "$data" -U flywheel --auth=trust -E UTF8 >"$SERVICES_DIR/pg-initdb.log"
   runuser -u "$user" -- "$bin/pg_ctl" -D "$data" -l "$SERVICES_DIR/pg.log" -w \
     -o "-c listen_addresses=127.0.0.1 -p $port -k $data -c max_connections=200 -c fsync=off" start >/dev/null
@@ -29,6 +31,69 @@ start_postgres() {
   export FLYWHEEL_TEST_PG_ADMIN_URL="postgresql://flywheel@127.0.0.1:$port/postgres"
   PG_DATA="$data"; PG_BINDIR="$bin"
   echo "postgres: $FLYWHEEL_TEST_PG_URL"
+}
+
+# --- Label Studio, in its own virtualenv (its Django pins stay out of .venv; see pyproject's `studio` extra)
+LABEL_STUDIO_VERSION="${LABEL_STUDIO_VERSION:-1.23.2}"
+STUDIO_VENV="${STUDIO_VENV:-.venv-studio}"
+STUDIO_START_TIMEOUT="${STUDIO_START_TIMEOUT:-300}"
+
+ensure_studio_venv() {
+  if [ ! -x "$STUDIO_VENV/bin/label-studio" ] ||
+     ! "$STUDIO_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('label-studio') != '$LABEL_STUDIO_VERSION')" 2>/dev/null; then
+    [ -x "$STUDIO_VENV/bin/python" ] || python3 -m venv "$STUDIO_VENV"
+    "$STUDIO_VENV/bin/python" -m pip install -q --upgrade pip
+    "$STUDIO_VENV/bin/python" -m pip install -q "label-studio==$LABEL_STUDIO_VERSION"
+  fi
+}
+
+# Start Label Studio on a free loopback port with a fresh data dir, a known admin and a known (legacy)
+# API token; wait until the API answers with that token. Exports FLYWHEEL_TEST_LS_URL / _TOKEN / _USER /
+# _PASSWORD and FLYWHEEL_TEST_LS_BIN (tests that restart a server of their own use it).
+start_label_studio() {
+  local port data log token user password deadline url
+  ensure_studio_venv
+  port=$(free_port)
+  data="$SERVICES_DIR/label-studio"
+  log="$SERVICES_DIR/label-studio.log"
+  token=$(python3 -c 'import secrets; print(secrets.token_hex(20))')
+  user="admin@flywheel.test"
+  password=$(python3 -c 'import secrets; print("fw-" + secrets.token_urlsafe(12))')
+  url="http://127.0.0.1:$port"
+  mkdir -p "$data"
+  # legacy tokens are off by default in 1.23; webhooks go to a hub on loopback, which SSRF protection
+  # would refuse; and nothing may phone home (the version check calls pypi.org)
+  LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true \
+  LABEL_STUDIO_SSRF_PROTECTION_ENABLED=false \
+  LABEL_STUDIO_LATEST_VERSION_CHECK=false \
+  LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK=true \
+    "$STUDIO_VENV/bin/label-studio" start --no-browser --internal-host 127.0.0.1 --port "$port" \
+      --data-dir "$data" --username "$user" --password "$password" --user-token "$token" \
+      --enable-legacy-api-token >"$log" 2>&1 &
+  STUDIO_PID=$!
+  deadline=$((SECONDS + STUDIO_START_TIMEOUT))
+  until python3 - "$url" "$token" <<'PY' 2>/dev/null
+import sys, urllib.request
+req = urllib.request.Request(sys.argv[1] + "/api/current-user/whoami", headers={"Authorization": "Token " + sys.argv[2]})
+sys.exit(0 if urllib.request.urlopen(req, timeout=5).status == 200 else 1)
+PY
+  do
+    if ! kill -0 "$STUDIO_PID" 2>/dev/null; then
+      echo "label-studio exited while starting; the last lines of $log:" >&2
+      tail -n 40 "$log" >&2
+      return 1
+    fi
+    if ((SECONDS >= deadline)); then
+      echo "label-studio did not answer at $url within ${STUDIO_START_TIMEOUT}s; the last lines of $log:" >&2
+      tail -n 40 "$log" >&2
+      return 1
+    fi
+    sleep 2
+  done
+  export FLYWHEEL_TEST_LS_URL="$url" FLYWHEEL_TEST_LS_TOKEN="$token"
+  export FLYWHEEL_TEST_LS_USER="$user" FLYWHEEL_TEST_LS_PASSWORD="$password"
+  export FLYWHEEL_TEST_LS_BIN="$PWD/$STUDIO_VENV/bin/label-studio"
+  echo "label-studio $LABEL_STUDIO_VERSION: $url (pid $STUDIO_PID)"
 }
 
 stop_services() {

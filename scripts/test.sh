@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # --- system packages: PostgreSQL server, Chromium for the annotator-view tests
 need_apt=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
+# Debian's Chromium for playwright (driven through executable_path; `playwright install` is never run)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
@@ -22,6 +24,7 @@ fi
 source scripts/services.sh
 trap stop_services EXIT
 start_postgres
+start_label_studio
 
 # --- lint, types, tests
 .venv/bin/ruff check fleet trigger labeling training tests benchmarks
