@@ -77,7 +77,7 @@ def write_report(turns: list[TurnResult], out_dir: Path, *, title: str, settings
     plots = _plots(turns, out_dir)
     rows = "".join(
         f"<tr><td>{t.turn}</td><td>{t.flywheel.labels}</td><td>{t.flywheel.accuracy:.3f}</td>"
-        f"<td>{t.random.accuracy:.3f}</td><td>{t.error_capture:.0%}</td><td>{t.uploads}</td>"
+        f"<td>{t.random.accuracy:.3f}</td><td>{_capture(t)}</td><td>{t.uploads}</td>"
         f"<td>{html.escape(t.gate)}</td><td>{t.seconds:.1f}s</td></tr>"
         for t in turns
     )
@@ -88,7 +88,12 @@ def write_report(turns: list[TurnResult], out_dir: Path, *, title: str, settings
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
 img{{max-width:500px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>Labels from: <b>{html.escape(labeler)}</b>. Settings: <code>{html.escape(json.dumps(settings))}</code></p>
+<p>Labels from: <b>{html.escape(labeler)}</b>. Both arms spend the same labels per turn with the same trainer and
+seeds; the flywheel's come from the hub's selection among what the fleet uploaded, the random arm's uniformly from
+everything the fleet saw. Accuracy is on held-out test images under every condition, each condition weighing the
+same. "Errors captured" is the share of the deployed model's wrong answers on the fleet's frames that the devices
+uploaded.</p>
+<p>Settings: <code>{html.escape(json.dumps(settings))}</code></p>
 <table><tr><th>turn</th><th>labels</th><th>accuracy (flywheel)</th><th>accuracy (random)</th>
 <th>errors captured</th><th>uploads</th><th>gate</th><th>time</th></tr>{rows}</table>
 {imgs}
@@ -96,6 +101,10 @@ img{{max-width:500px}}</style></head><body>
     path = out_dir / "index.html"
     path.write_text(doc)
     return path
+
+
+def _capture(t: TurnResult) -> str:
+    return f"{t.error_capture:.0%}" if t.model_errors else "-"
 
 
 def _plots(turns: list[TurnResult], out_dir: Path) -> list[Path]:
@@ -140,6 +149,7 @@ def _plots(turns: list[TurnResult], out_dir: Path) -> list[Path]:
     if captured:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.bar([t.turn for t in captured], [t.error_capture for t in captured])
+        ax.set_xticks([t.turn for t in captured])
         ax.set_xlabel("turn")
         ax.set_ylabel("share of the model's errors uploaded")
         ax.set_ylim(0, 1)
