@@ -11,6 +11,8 @@ HTTP surface of the hub (all JSON unless said otherwise; devices send ``Authoriz
 =======================================  =========================================================
 ``POST /v1/enroll``                      ``{device_id, fleet_secret, group}`` -> :class:`Enrollment`
 ``POST /v1/cases``                       multipart: ``case`` (:class:`Case` JSON), ``image`` (PNG)
+``POST /v1/cases/batch``                 multipart: ``case_i``, ``image_i`` for i = 0..n-1 -> ``{results: [{case_id,
+                                         status: created|already|duplicate|rejected, duplicate_of, error}]}``
 ``POST /v1/heartbeats``                  :class:`Heartbeat`
 ``GET  /v1/assignment``                  -> :class:`Assignment` for the calling device
 ``GET  /v1/models/{version}/manifest``   -> :class:`SignedManifest`

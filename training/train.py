@@ -216,9 +216,11 @@ class _Trainer:
             raise InvalidInput(f"an epoch of {data.sampler.epoch_size} images is too small to train on")
         self.optimizer = _optimizer(args, self.core)
         assert args.lr is not None
+        total, pct = args.epochs * self.steps, 0.15 if warm else 0.25
+        if pct * total == 1.0:  # OneCycleLR's warm-up would end at step 0 and divide by zero (e.g. 2 epochs x 2)
+            pct = min(1.0, 2.0 / total)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            self.optimizer, max_lr=args.lr, total_steps=args.epochs * self.steps,
-            pct_start=0.15 if warm else 0.25, div_factor=10.0 if warm else 25.0,
+            self.optimizer, max_lr=args.lr, total_steps=total, pct_start=pct, div_factor=10.0 if warm else 25.0,
         )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         weights = None

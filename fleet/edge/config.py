@@ -31,6 +31,8 @@ Example (every key but ``device_id``, ``hub.url`` and ``source`` has a default):
     backoff_base_s = 0.5
     backoff_max_s = 60
     drain_timeout_s = 5                 # on exit, wait this long for the spool to empty
+    batch_max_cases = 16                # cases per upload request (1: one case per request)
+    batch_max_bytes = 4194304           # bytes per upload request (one case larger than this goes alone)
 
     [heartbeat]
     interval_s = 30
@@ -94,6 +96,8 @@ class UplinkConfig:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 60.0
     drain_timeout_s: float = 5.0  # on exit, wait this long for the spool to empty
+    batch_max_cases: int = 16  # cases per upload request to the hub's batch endpoint (1: single uploads)
+    batch_max_bytes: int = 4 * 1024 * 1024  # bytes per upload request (a larger case goes alone)
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,14 @@ def _validate(cfg: AgentConfig) -> None:
             f"received {cfg.uplink.backoff_max_s}"
         )
     positive("uplink.drain_timeout_s", cfg.uplink.drain_timeout_s, allow_zero=True)
+    if not 1 <= cfg.uplink.batch_max_cases <= 64:
+        raise InvalidInput(
+            f"agent config: uplink.batch_max_cases must be in 1..64; received {cfg.uplink.batch_max_cases}"
+        )
+    if cfg.uplink.batch_max_bytes < 64 * 1024:
+        raise InvalidInput(
+            f"agent config: uplink.batch_max_bytes must be >= 65536; received {cfg.uplink.batch_max_bytes}"
+        )
     positive("heartbeat.interval_s", cfg.heartbeat.interval_s)
     positive("ota.poll_interval_s", cfg.ota.poll_interval_s)
     if not 1 <= cfg.ota.health_frames <= 256:

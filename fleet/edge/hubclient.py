@@ -13,13 +13,23 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fleet.errors import IntegrityError, InvalidInput, ServerBusy, TransportError, Unauthorized
+from fleet.errors import (
+    FlywheelError,
+    IntegrityError,
+    InvalidInput,
+    ProtocolError,
+    ServerBusy,
+    TransportError,
+    Unauthorized,
+)
 from fleet.protocol import Assignment, Enrollment, Heartbeat, OtaReport, SignedManifest
 
 if TYPE_CHECKING:
     import httpx
 
 RETRYABLE_STATUS = frozenset({408, 425, 429})
+NO_ROUTE_STATUS = frozenset({404, 405})  # what a hub without an endpoint answers (405: a GET route shares the path)
+BATCH_STATUSES = frozenset({"created", "already", "duplicate", "rejected"})
 MAX_MODEL_BYTES = 512 * 1024 * 1024
 
 
@@ -59,6 +69,32 @@ class HubClient:
         except ValueError:
             out = {}
         return out if isinstance(out, dict) else {}
+
+    def upload_cases(self, items: list[tuple[str, bytes]]) -> list[dict[str, Any] | FlywheelError] | None:
+        """POST several cases at once (``/v1/cases/batch``); one outcome per item, in order.
+
+        An outcome is the answer the single upload would give for a delivered case (``already`` set
+        when the hub had it), or the error it would raise for a refused one (:class:`InvalidInput`,
+        :class:`Unauthorized` or :class:`ServerBusy`, from the item's own status). None: this hub has
+        no batch endpoint (an older hub), so send the items one by one. A failure of the whole
+        request raises as every call does; an answer that does not follow the contract is a
+        :class:`ProtocolError` (nothing can be told about any item).
+        """
+        import httpx
+
+        path = "/v1/cases/batch"
+        files: list[tuple[str, Any]] = []
+        for i, (case_json, image) in enumerate(items):
+            files += [(f"case_{i}", (None, case_json.encode("utf-8"), "application/json")),
+                      (f"image_{i}", (f"image_{i}.png", image, "image/png"))]
+        try:
+            resp = self.http.request("POST", path, headers=self._headers(True, None), files=files)
+        except httpx.TransportError as exc:
+            raise TransportError(f"POST {path}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code in NO_ROUTE_STATUS:
+            return None
+        _raise_for_status("POST", path, resp)
+        return _batch_outcomes(path, resp, items)
 
     def send_heartbeat(self, heartbeat: Heartbeat) -> None:
         self._call("POST", "/v1/heartbeats", content=heartbeat.to_json(), headers=_JSON)
@@ -132,13 +168,45 @@ def _raise_for_status(method: str, path: str, resp: httpx.Response) -> None:
     code = resp.status_code
     if code < 300:
         return
-    detail = _detail(resp)
-    what = f"{method} {path}: hub answered {code}: {detail}"
+    raise error_for_status(code, f"{method} {path}: hub answered {code}: {_detail(resp)}")
+
+
+def error_for_status(code: int, what: str) -> FlywheelError:
+    """The error a refusal with HTTP status ``code`` maps onto (retryable, unauthorized, or invalid)."""
     if code in (401, 403):
-        raise Unauthorized(what)
+        return Unauthorized(what)
     if code in RETRYABLE_STATUS or code >= 500:
-        raise ServerBusy(what)
-    raise InvalidInput(what)
+        return ServerBusy(what)
+    return InvalidInput(what)
+
+
+def _batch_outcomes(path: str, resp: httpx.Response, items: list[tuple[str, bytes]]
+                    ) -> list[dict[str, Any] | FlywheelError]:
+    try:
+        results = resp.json()["results"]
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError(f"POST {path}: expected a JSON object with 'results'; received "
+                            f"{resp.text[:200]!r}") from None
+    if not isinstance(results, list) or len(results) != len(items):
+        raise ProtocolError(f"POST {path}: expected {len(items)} results; received {str(results)[:200]}")
+    out: list[dict[str, Any] | FlywheelError] = []
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or r.get("status") not in BATCH_STATUSES:
+            raise ProtocolError(f"POST {path}: result {i} must be an object with status one of "
+                                f"{sorted(BATCH_STATUSES)}; received {str(r)[:200]}")
+        if r["status"] != "rejected":
+            out.append({"case_id": r.get("case_id"), "duplicate_of": r.get("duplicate_of"),
+                        "already": r["status"] == "already"})
+            continue
+        raw = r.get("error")
+        err: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        code = err.get("status")
+        if not isinstance(code, int) or not 400 <= code <= 599:
+            raise ProtocolError(f"POST {path}: rejected result {i} needs error.status, an HTTP status; "
+                                f"received {str(r)[:200]}")
+        out.append(error_for_status(code, f"POST {path} item {i} (case {r.get('case_id')}): hub answered "
+                                          f"{code}: {str(err.get('detail'))[:500]}"))
+    return out
 
 
 def _detail(resp: httpx.Response) -> str:

@@ -92,6 +92,14 @@ class ByteBudget:
                     return max(0.0, t + self.WINDOW_S - now)
             return 0.0  # pragma: no cover - the loop always returns once the log empties
 
+    def fits(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more may be sent now without going over the limit (no oversized exception)."""
+        if self.unlimited:
+            return True
+        with self._lock:
+            self._prune(self._clock())
+            return self._used + nbytes <= self.limit
+
     def consume(self, nbytes: int) -> None:
         """Record ``nbytes`` as sent now."""
         if self.unlimited:

@@ -6,6 +6,12 @@ the ack costs one duplicate that the hub absorbs. Retryable faults (network, 5xx
 exponentially with full jitter and retry the same case; a case the hub refuses for good (another
 4xx) is dropped and counted; refused credentials pause the uplink without dropping anything.
 Every attempt is charged to a bytes-per-minute budget before it is sent.
+
+Up to ``batch_max_cases`` cases (and ``batch_max_bytes``) go in one request to ``/v1/cases/batch``;
+the hub answers each case on its own, and each answer acks, drops or keeps its case exactly as a
+single upload's answer would. A hub without the batch endpoint gets single uploads (asked again
+after ``BATCH_RETRY_S``); a hub refusing a whole batch (too many cases, too many bytes) gets
+smaller ones.
 """
 
 from __future__ import annotations
@@ -13,16 +19,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fleet.edge.hubclient import HubClient
 from fleet.edge.pacing import Backoff, ByteBudget
 from fleet.edge.spool import Spool, SpoolItem
-from fleet.errors import PermanentError, RetryableError, Unauthorized
+from fleet.errors import FlywheelError, PermanentError, ProtocolError, RetryableError, Unauthorized
 
 log = logging.getLogger(__name__)
 
 MULTIPART_OVERHEAD = 400  # bytes of multipart framing and headers per upload, for the budget
+BATCH_RETRY_S = 600.0  # how long to send single uploads after a hub said it has no batch endpoint
 
 
 @dataclass
@@ -32,6 +41,7 @@ class UplinkStats:
     retries: int = 0  # retryable failures
     dropped: int = 0  # refused for good
     bytes_sent: int = 0
+    batches: int = 0  # requests to the batch endpoint that the hub answered case by case
     state: str = "idle"  # idle | sending | backoff | unauthorized | stopped
     last_error: str = ""
 
@@ -48,6 +58,9 @@ class Uplink:
         backoff: Backoff | None = None,
         idle_s: float = 1.0,
         unauthorized_pause_s: float = 60.0,
+        batch_max_cases: int = 16,
+        batch_max_bytes: int = 4 * 1024 * 1024,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
         self.client = client
@@ -55,6 +68,11 @@ class Uplink:
         self.backoff = backoff or Backoff()
         self.idle_s = idle_s
         self.unauthorized_pause_s = unauthorized_pause_s
+        self.batch_max_cases = batch_max_cases
+        self.batch_max_bytes = batch_max_bytes
+        self._batch_cap = batch_max_cases  # shrinks when the hub refuses a whole batch
+        self._single_until = float("-inf")  # single uploads until then (a hub without the batch endpoint)
+        self._clock = clock
         self.stats = UplinkStats()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -87,52 +105,98 @@ class Uplink:
         return True
 
     def step(self) -> float:
-        """Try to send the next case; return how long to wait before the next step (0: go on)."""
-        items = self.spool.peek(1)
+        """Send the next case, or the next batch of cases; return how long to wait before the next step (0: go on)."""
+        cap = self._batch_cap if self._clock() >= self._single_until else 1
+        items = self.spool.peek(cap)
         if not items:
             self.stats.state = "idle"
             return self.idle_s
-        item = items[0]
-        cost = item.nbytes + MULTIPART_OVERHEAD
-        wait = self.budget.wait_time(cost)
+        costs = [items[0].nbytes + MULTIPART_OVERHEAD]
+        wait = self.budget.wait_time(costs[0])
         if wait > 0:
             return min(wait, self.idle_s)  # re-peek afterwards: a higher-priority case may have come
-        self.budget.consume(cost)
+        for item in items[1:]:  # more cases join only while the batch stays within both caps and the budget
+            cost = item.nbytes + MULTIPART_OVERHEAD
+            total = sum(costs) + cost
+            if total > self.batch_max_bytes or not self.budget.fits(total):
+                break
+            costs.append(cost)
+        batch = items[: len(costs)]
+        self.budget.consume(sum(costs))
         self.stats.state = "sending"
-        return self._send(item, cost)
+        if len(batch) == 1:
+            return self._send(batch[0], costs[0])
+        return self._send_batch(batch, costs)
 
     # -- private ------------------------------------------------------------------------------
 
     def _send(self, item: SpoolItem, cost: int) -> float:
         try:
-            answer = self.client.upload_case(item.case_json, item.image)
+            answer: dict[str, Any] | FlywheelError = self.client.upload_case(item.case_json, item.image)
+        except (RetryableError, PermanentError) as exc:
+            answer = exc
+        return self._after([self._settle(item, cost, answer)])
+
+    def _send_batch(self, batch: list[SpoolItem], costs: list[int]) -> float:
+        try:
+            outcomes = self.client.upload_cases([(item.case_json, item.image) for item in batch])
         except Unauthorized as exc:
-            self.stats.state, self.stats.last_error = "unauthorized", str(exc)
-            log.error("uplink: the hub refused this device's token; pausing %.0fs: %s", self.unauthorized_pause_s, exc)
-            return self.unauthorized_pause_s
-        except RetryableError as exc:
-            self.stats.retries += 1
-            self.stats.state, self.stats.last_error = "backoff", str(exc)
-            delay = self.backoff.next_delay()
-            log.log(
-                logging.WARNING if self.backoff.failures == 1 else logging.DEBUG,
-                "uplink: hub unavailable (%s); retry %d in %.2fs", exc, self.backoff.failures, delay,
-            )
-            return delay
-        except PermanentError as exc:
-            self.stats.dropped += 1
-            self.stats.last_error = str(exc)
-            self.spool.drop(item.case_id)
-            log.error("uplink: the hub refused case %s for good; dropped it: %s", item.case_id, exc)
+            return self._after([exc])
+        except (RetryableError, ProtocolError) as exc:  # an unreadable answer tells nothing: keep all, retry
+            return self._after([RetryableError(str(exc))])
+        except PermanentError as exc:  # the hub refused the envelope itself: try smaller batches
+            self._batch_cap = max(1, len(batch) // 2)
+            log.warning("uplink: the hub refused a batch of %d cases (%s); sending at most %d at a time",
+                        len(batch), exc, self._batch_cap)
             return 0.0
-        if self.backoff.failures:
-            log.info("uplink: hub reachable again after %d failed tries", self.backoff.failures)
-        self.backoff.reset()
+        if outcomes is None:
+            self._single_until = self._clock() + BATCH_RETRY_S
+            log.info("uplink: the hub has no batch endpoint; uploading cases one by one")
+            return 0.0
+        self.stats.batches += 1
+        return self._after([self._settle(item, cost, outcome)
+                            for item, cost, outcome in zip(batch, costs, outcomes, strict=True)])
+
+    def _settle(self, item: SpoolItem, cost: int, outcome: dict[str, Any] | FlywheelError) -> str | FlywheelError:
+        """Ack or drop one case by the hub's answer ("acked", "dropped"), or keep it (the error that says why)."""
+        if isinstance(outcome, (Unauthorized, RetryableError)):
+            return outcome  # kept in the spool, sent again later
+        if isinstance(outcome, FlywheelError):  # refused for good
+            self.stats.dropped += 1
+            self.stats.last_error = str(outcome)
+            self.spool.drop(item.case_id)
+            log.error("uplink: the hub refused case %s for good; dropped it: %s", item.case_id, outcome)
+            return "dropped"
         self.spool.ack(item.case_id)
         self.stats.uploaded += 1
         self.stats.bytes_sent += cost
-        if answer.get("already"):
+        if outcome.get("already"):
             self.stats.duplicates += 1
+        return "acked"
+
+    def _after(self, settled: list[str | FlywheelError]) -> float:
+        """How long to wait after a request whose cases were settled so: refused credentials pause, a
+        retryable fault backs off (once per request), anything else goes straight on."""
+        if "acked" in settled:
+            if self.backoff.failures:
+                log.info("uplink: hub reachable again after %d failed tries", self.backoff.failures)
+            self.backoff.reset()
+        unauthorized = next((x for x in settled if isinstance(x, Unauthorized)), None)
+        if unauthorized is not None:
+            self.stats.state, self.stats.last_error = "unauthorized", str(unauthorized)
+            log.error("uplink: the hub refused this device's token; pausing %.0fs: %s", self.unauthorized_pause_s,
+                      unauthorized)
+            return self.unauthorized_pause_s
+        retryable = next((x for x in settled if isinstance(x, RetryableError)), None)
+        if retryable is not None:
+            self.stats.retries += 1
+            self.stats.state, self.stats.last_error = "backoff", str(retryable)
+            delay = self.backoff.next_delay()
+            log.log(
+                logging.WARNING if self.backoff.failures == 1 else logging.DEBUG,
+                "uplink: hub unavailable (%s); retry %d in %.2fs", retryable, self.backoff.failures, delay,
+            )
+            return delay
         return 0.0
 
     def _loop(self) -> None:

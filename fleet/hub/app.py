@@ -140,6 +140,8 @@ class BodyLimit:
             return s.max_model_bytes + s.max_json_bytes
         if method == "POST" and path.rstrip("/") == "/v1/cases":
             return s.max_image_bytes + s.max_json_bytes
+        if method == "POST" and path.rstrip("/") == "/v1/cases/batch":
+            return s.max_batch_bytes
         return s.max_json_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

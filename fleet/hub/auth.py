@@ -132,5 +132,6 @@ def image_query(secret: str, case_id: str, ttl_s: float, *, now: float | None = 
 def check_image_signature(secret: str, case_id: str, exp: int, sig: str, *, now: float) -> None:
     if exp < now:
         raise HTTPException(403, detail=f"image link expired at {exp} (now {int(now)}); ask for a fresh selection")
-    if not hmac.compare_digest(sign_image(secret, case_id, exp), sig or ""):
+    # as bytes: compare_digest refuses str with non-ASCII characters (a 500 on a garbled link)
+    if not hmac.compare_digest(sign_image(secret, case_id, exp).encode(), (sig or "").encode("utf-8", "replace")):
         raise HTTPException(403, detail="image link signature does not verify")

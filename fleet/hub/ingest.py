@@ -94,29 +94,9 @@ def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: b
     The hot path of the hub: SQLAlchemy Core, one short write transaction (blob row, duplicate
     lookup, case row); a repeated case id fails the insert and is answered from the stored row.
     """
-    case = Case.from_json(case_text)
-    require_device(principal, case.device_id, "case")
-    _check_image(hub, case, image)
-    probs = np.asarray(case.probs, dtype=np.float64)[None, :]
-    embedding, dim = _check_model(hub, case)
-
+    prepared = prepare_case(hub, principal, case_text, image)
+    case, row = prepared.case, prepared.row
     sha, created = hub.blobs.put(image, sha256=case.image_sha256)
-    now = hub.now()
-    row = {
-        "case_id": case.case_id, "device_id": case.device_id, "captured_at": case.captured_at, "received_at": now,
-        "model_version": case.model_version, "predicted_class": case.predicted_class, "probs": case.probs,
-        "uncertainty": float(informativeness(
-            probs, human=np.asarray([-1 if case.human_action is None else case.human_action]),
-            challenger=np.asarray([-1 if case.challenger_class is None else case.challenger_class]))[0]),
-        "priority": case.priority,
-        "scores": case.scores,
-        "triggers": [{"name": t.name, "value": t.value, "threshold": t.threshold} for t in case.triggers],
-        "campaign_id": case.campaign_id, "campaign_version": case.campaign_version,
-        "human_action": case.human_action, "challenger_version": case.challenger_version,
-        "challenger_class": case.challenger_class, "challenger_probs": case.challenger_probs, "tags": case.tags,
-        "embedding": embedding, "embedding_dim": dim, "image_sha256": sha, "image_size": len(image),
-        "duplicate_of": None, "state": "unlabeled", "selection_id": None, "label": None, "label_status": None,
-    }
     sql = _statements(hub)
     try:
         _store_row(hub, sql, row)
@@ -133,6 +113,48 @@ def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: b
         log.info("case %s from %s duplicates %s (image %s)", case.case_id, case.device_id, row["duplicate_of"],
                  sha[:12])
     return 201, {"case_id": case.case_id, "duplicate_of": row["duplicate_of"]}
+
+
+@dataclass(frozen=True)
+class PreparedCase:
+    """A case that passed every check, and the ``cases`` row it becomes (blob not stored yet)."""
+
+    case: Case
+    image: bytes
+    row: dict[str, Any]
+
+
+def prepare_case(hub: Hub, principal: Principal, case_text: str | bytes, image: bytes) -> PreparedCase:
+    """Parse and validate one case and its image for ``principal``; raise a 4xx (or ProtocolError) if bad.
+
+    The single and the batch upload both go through here, so a case is accepted or refused the same
+    way whichever endpoint carries it.
+    """
+    limit = hub.settings.max_json_bytes
+    if len(case_text) > limit:
+        raise HTTPException(413, detail=f"part 'case' is {len(case_text)} bytes; the limit is {limit}")
+    case = Case.from_json(case_text)
+    require_device(principal, case.device_id, "case")
+    _check_image(hub, case, image)
+    probs = np.asarray(case.probs, dtype=np.float64)[None, :]
+    embedding, dim = _check_model(hub, case)
+    row = {
+        "case_id": case.case_id, "device_id": case.device_id, "captured_at": case.captured_at,
+        "received_at": hub.now(),
+        "model_version": case.model_version, "predicted_class": case.predicted_class, "probs": case.probs,
+        "uncertainty": float(informativeness(
+            probs, human=np.asarray([-1 if case.human_action is None else case.human_action]),
+            challenger=np.asarray([-1 if case.challenger_class is None else case.challenger_class]))[0]),
+        "priority": case.priority,
+        "scores": case.scores,
+        "triggers": [{"name": t.name, "value": t.value, "threshold": t.threshold} for t in case.triggers],
+        "campaign_id": case.campaign_id, "campaign_version": case.campaign_version,
+        "human_action": case.human_action, "challenger_version": case.challenger_version,
+        "challenger_class": case.challenger_class, "challenger_probs": case.challenger_probs, "tags": case.tags,
+        "embedding": embedding, "embedding_dim": dim, "image_sha256": case.image_sha256, "image_size": len(image),
+        "duplicate_of": None, "state": "unlabeled", "selection_id": None, "label": None, "label_status": None,
+    }
+    return PreparedCase(case=case, image=image, row=row)
 
 
 _CASE_COLUMNS = tuple(c.name for c in CaseRow.__table__.columns)  # type: ignore[attr-defined]
@@ -288,4 +310,4 @@ def decode_embedding_bytes(raw: bytes | None) -> np.ndarray | None:
     return None if raw is None else np.frombuffer(raw, dtype="<f2").astype(np.float32)
 
 
-__all__ = ["ingest_case", "check_png", "model_info", "Session"]
+__all__ = ["ingest_case", "prepare_case", "PreparedCase", "check_png", "model_info", "Session"]

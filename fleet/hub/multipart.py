@@ -15,6 +15,14 @@ _BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^\s;]{1,200}))', re.IGNOR
 _PARAM = re.compile(rb';\s*([A-Za-z*]+)="([^"]*)"')
 
 
+class TooManyParts(HTTPException):
+    """More parts than the caller allows (a 400; a route may answer it as it sees fit)."""
+
+    def __init__(self, max_parts: int) -> None:
+        super().__init__(400, detail=f"multipart body has more than {max_parts} parts")
+        self.max_parts = max_parts
+
+
 @dataclass(frozen=True)
 class Part:
     name: str
@@ -38,7 +46,7 @@ def parse_form(body: bytes, content_type: str, *, max_parts: int = 8) -> dict[st
     parts: dict[str, Part] = {}
     for chunk in chunks[1:-1]:
         if len(parts) >= max_parts:
-            raise HTTPException(400, detail=f"multipart body has more than {max_parts} parts")
+            raise TooManyParts(max_parts)
         if not chunk.startswith(b"\r\n") or not chunk.endswith(b"\r\n"):
             raise HTTPException(400, detail="multipart part is not framed by CRLF")
         head, sep, data = chunk[2:-2].partition(b"\r\n\r\n")

@@ -60,12 +60,12 @@ class LabelCreate(_In):
     label: int = Field(ge=0)
     annotator: str = Field(min_length=1, max_length=256)
     source: str = Field("label-studio", min_length=1, max_length=64)
-    task_id: int = Field(ge=0)
-    annotation_id: int = Field(ge=0)
+    task_id: int = Field(ge=0, le=2**63 - 1)  # database BIGINTs
+    annotation_id: int = Field(ge=0, le=2**63 - 1)
     created_at: FiniteFloat
     deleted: bool = False
     agreement: FiniteFloat | None = Field(None, ge=0, le=1)
-    n_annotators: int | None = Field(None, ge=0)
+    n_annotators: int | None = Field(None, ge=0, le=2**31 - 1)  # a database INTEGER
     status: Literal["accepted", "held", "gold"] = "accepted"
 
     @field_validator("case_id")
@@ -146,4 +146,4 @@ class BankCreate(_In):
 
 
 class AckRequest(_In):
-    up_to: int = Field(ge=0)
+    up_to: int = Field(ge=0, le=2**31 - 1)  # webhook_events.id is an INTEGER on PostgreSQL

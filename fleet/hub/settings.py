@@ -39,6 +39,8 @@ class HubSettings(BaseSettings):
     max_image_side: int = Field(4096, ge=8)
     max_model_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_batch_cases: int = Field(64, ge=1, le=1000, description="Cases one POST /v1/cases/batch may carry.")
+    max_batch_bytes: int = Field(32 * 1024 * 1024, ge=4096, description="Body limit of POST /v1/cases/batch.")
     image_url_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     token_cache_ttl_s: float = Field(2.0, ge=0, description="How long a worker trusts a cached token lookup.")
     blob_fsync: bool = Field(False, description="fsync each blob before it becomes visible.")

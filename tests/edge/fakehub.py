@@ -37,6 +37,11 @@ class FakeHub:
         self.requests: list[str] = []
         # fault injection: return an exception to raise, an int status, or None to answer normally
         self.fail: Callable[[httpx.Request], Exception | int | None] = lambda request: None
+        # per-case refusal (single and batch alike): a 4xx status to refuse the case with, or None to take it
+        self.reject: Callable[[Case], int | None] = lambda case: None
+        self.batch = True  # False: an older hub without POST /v1/cases/batch (answers 404)
+        self.max_batch_cases = 64
+        self.batch_sizes: list[int] = []  # cases per accepted batch request
 
     # -- helpers for tests --------------------------------------------------------------------
 
@@ -83,6 +88,8 @@ class FakeHub:
             return httpx.Response(401, json={"detail": "unknown token"})
         if path == "/v1/cases" and request.method == "POST":
             return self._case(request)
+        if path == "/v1/cases/batch" and request.method == "POST" and self.batch:
+            return self._batch(request)
         if path == "/v1/heartbeats":
             with self.lock:
                 self.heartbeats.append(Heartbeat.from_json(request.content))
@@ -107,18 +114,45 @@ class FakeHub:
 
     def _case(self, request: httpx.Request) -> httpx.Response:
         fields = parse_multipart(request)
-        case = Case.from_json(fields["case"])
-        png = fields["image"]
+        status, body = self._store(fields["case"], fields["image"])
+        return httpx.Response(status, json=body)
+
+    def _batch(self, request: httpx.Request) -> httpx.Response:
+        fields = parse_multipart(request)
+        n = len(fields) // 2
+        if not fields or set(fields) != {f"{k}_{i}" for i in range(n) for k in ("case", "image")}:
+            return httpx.Response(422, json={"detail": f"expected case_i/image_i pairs; received {sorted(fields)}"})
+        if n > self.max_batch_cases:
+            return httpx.Response(413, json={"detail": f"a batch carries at most {self.max_batch_cases} cases"})
+        results = []
+        for i in range(n):
+            status, body = self._store(fields[f"case_{i}"], fields[f"image_{i}"])
+            if status >= 400:
+                results.append({"case_id": body.get("case_id"), "status": "rejected", "duplicate_of": None,
+                                "error": {"status": status, "detail": body["detail"]}})
+            else:
+                results.append({"case_id": body["case_id"], "status": "already" if status == 200 else "created",
+                                "duplicate_of": None, "error": None})
+        with self.lock:
+            self.batch_sizes.append(n)
+        return httpx.Response(200, json={"results": results})
+
+    def _store(self, case_json: bytes, png: bytes) -> tuple[int, dict[str, Any]]:
+        """One case, as the hub takes it from either endpoint: (status, body)."""
         import hashlib
 
+        case = Case.from_json(case_json)
         if hashlib.sha256(png).hexdigest() != case.image_sha256:
-            return httpx.Response(400, json={"detail": "image sha256 does not match the case"})
+            return 400, {"case_id": case.case_id, "detail": "image sha256 does not match the case"}
+        refused = self.reject(case)
+        if refused is not None:
+            return refused, {"case_id": case.case_id, "detail": f"case refused with {refused} by the test"}
         with self.lock:
             self.case_posts.append(case.case_id)
             if case.case_id in self.cases:
-                return httpx.Response(200, json={"case_id": case.case_id, "already": True})
+                return 200, {"case_id": case.case_id, "already": True}
             self.cases[case.case_id] = (case, png)
-        return httpx.Response(201, json={"case_id": case.case_id, "duplicate_of": None})
+        return 201, {"case_id": case.case_id, "duplicate_of": None}
 
 
 def parse_multipart(request: httpx.Request) -> dict[str, bytes]:

@@ -144,7 +144,7 @@ def test_hub_down_during_the_run_then_back_loses_nothing(tmp_path: Path, hub: Fa
     down = {"cases": True}
 
     def fail(request: httpx.Request) -> Exception | None:
-        if down["cases"] and request.url.path in ("/v1/cases", "/v1/heartbeats"):
+        if down["cases"] and request.url.path in ("/v1/cases", "/v1/cases/batch", "/v1/heartbeats"):
             return httpx.ConnectError("no route to host", request=request)
         return None
 
@@ -166,7 +166,7 @@ def test_full_spool_evicts_and_the_heartbeat_counts_it(tmp_path: Path, hub: Fake
     v1 = make_model("v1")
     publish(hub, v1)
     hub.assign(active=v1.manifest, campaigns=[campaign(KEEP_ALL)])
-    hub.fail = lambda r: 503 if r.url.path == "/v1/cases" else None
+    hub.fail = lambda r: 503 if r.url.path in ("/v1/cases", "/v1/cases/batch") else None
     agent = make_agent(tmp_path, hub, keys, frames(200, shape=(64, 64)), spool={"max_bytes": 65536},
                        uplink={"drain_timeout_s": 0.0})
     summary = agent.run()

@@ -83,3 +83,38 @@ def test_heartbeat_is_valid_and_counts_evictions_since_boot(tmp_path: Path, hub:
     assert hb.counters["evicted"] == 1 and hb.spool_items == 1 and hb.model_version == "v1"
     hub.fail = lambda r: 503
     assert not sender.send() and sender.failed == 1
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_a_hub_without_the_batch_endpoint_is_told_apart(status: int) -> None:
+    assert client_answering(status).upload_cases([("{}", b"png"), ("{}", b"png")]) is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"results": [{"case_id": "a", "status": "created"}]},  # one result for two cases
+     {"results": [{"status": "weird"}, {"status": "created"}]},
+     {"results": [{"status": "rejected", "error": {"status": "bad"}}, {"status": "created"}]},
+     {"nope": 1}, [1, 2]],
+)
+def test_a_batch_answer_off_the_contract_is_a_protocol_error(body: object) -> None:
+    from fleet.errors import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        client_answering(200, body).upload_cases([("{}", b"png"), ("{}", b"png")])
+
+
+def test_batch_outcomes_map_onto_the_error_tree_item_by_item() -> None:
+    results = [{"case_id": "a", "status": "created", "duplicate_of": None, "error": None},
+               {"case_id": "b", "status": "already", "duplicate_of": None, "error": None},
+               {"case_id": "c", "status": "duplicate", "duplicate_of": "a", "error": None},
+               {"case_id": "d", "status": "rejected", "error": {"status": 422, "detail": "probs"}},
+               {"case_id": "e", "status": "rejected", "error": {"status": 403, "detail": "device"}},
+               {"case_id": None, "status": "rejected", "error": {"status": 503, "detail": "busy"}}]
+    out = client_answering(200, {"results": results}).upload_cases([("{}", b"png")] * 6)
+    assert out is not None
+    assert out[:3] == [{"case_id": "a", "duplicate_of": None, "already": False},
+                       {"case_id": "b", "duplicate_of": None, "already": True},
+                       {"case_id": "c", "duplicate_of": "a", "already": False}]
+    assert [type(x) for x in out[3:]] == [InvalidInput, Unauthorized, ServerBusy]
+    assert "item 3 (case d): hub answered 422: probs" in str(out[3])

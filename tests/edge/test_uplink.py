@@ -12,8 +12,16 @@ import pytest
 from fleet.edge.pacing import Backoff
 from fleet.edge.recorder import Capture, Recorder, new_case_id
 from fleet.edge.spool import Spool
-from fleet.edge.uplink import Uplink
+from fleet.edge.uplink import BATCH_RETRY_S, Uplink
 from tests.edge.fakehub import FakeHub
+
+CASE_PATHS = ("/v1/cases", "/v1/cases/batch")
+
+
+@pytest.fixture(params=[1, 16], ids=["single", "batch16"])
+def batch(request: pytest.FixtureRequest) -> int:
+    """Cases per upload request: every exactly-once test runs on the single and on the batch path."""
+    return int(request.param)
 
 
 def capture(priority: float = 0.5, seed: int = 0) -> Capture:
@@ -35,22 +43,26 @@ def fill(spool: Spool, n: int) -> list[str]:
     return ids
 
 
-def test_uploads_everything_and_acks(tmp_path: Path, hub: FakeHub) -> None:
+def test_uploads_everything_and_acks(tmp_path: Path, hub: FakeHub, batch: int) -> None:
     spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
     ids = fill(spool, 12)
-    up = Uplink(spool, hub.client())
+    expected_bytes = sum(x.nbytes + 400 for x in spool.peek(12))
+    up = Uplink(spool, hub.client(), batch_max_cases=batch)
     while up.step() == 0:
         pass
     assert set(hub.cases) == set(ids) and len(hub.case_posts) == 12
     assert spool.check().items == 0 and spool.stats().acked == 12
     assert up.stats.uploaded == 12
+    assert hub.batch_sizes == ([] if batch == 1 else [12])
+    assert up.stats.bytes_sent == expected_bytes
     # the highest priority went first
     prios = [hub.cases[c][0].priority for c in hub.case_posts]
     assert prios == sorted(prios, reverse=True)
 
 
 @pytest.mark.parametrize("fault", ["connect", "503", "timeout-after-store"])
-def test_hub_unreachable_for_a_while_then_back_loses_nothing(tmp_path: Path, hub: FakeHub, fault: str) -> None:
+def test_hub_unreachable_for_a_while_then_back_loses_nothing(tmp_path: Path, hub: FakeHub, fault: str,
+                                                             batch: int) -> None:
     """The acceptance test: an outage, cases keep arriving during it, then every case lands exactly once."""
     spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
     outage_until = time.monotonic() + 1.0
@@ -67,14 +79,15 @@ def test_hub_unreachable_for_a_while_then_back_loses_nothing(tmp_path: Path, hub
 
         def store_then_time_out(request: httpx.Request) -> httpx.Response:
             resp = real(request)
-            if time.monotonic() < outage_until and request.url.path == "/v1/cases":
+            if time.monotonic() < outage_until and request.url.path in CASE_PATHS:
                 raise httpx.ReadTimeout("response lost", request=request)
             return resp
 
         hub.handle = store_then_time_out  # type: ignore[method-assign]
     else:
         hub.fail = fail
-    up = Uplink(spool, hub.client(), backoff=Backoff(base_s=0.02, cap_s=0.2, rng=random.Random(0)), idle_s=0.05)
+    up = Uplink(spool, hub.client(), backoff=Backoff(base_s=0.02, cap_s=0.2, rng=random.Random(0)), idle_s=0.05,
+                batch_max_cases=batch)
     up.start()
     rec = Recorder(spool, on_stored=up.wake)
     ids = []
@@ -94,36 +107,136 @@ def test_hub_unreachable_for_a_while_then_back_loses_nothing(tmp_path: Path, hub
     else:
         assert up.stats.retries > 0
         assert sorted(hub.case_posts) == sorted(ids)  # each case accepted exactly once
+    if batch > 1:
+        assert up.stats.batches > 0 and max(hub.batch_sizes) > 1  # the backlog after the outage went in batches
 
 
-def test_permanent_refusal_drops_the_case_and_goes_on(tmp_path: Path, hub: FakeHub) -> None:
+def test_permanent_refusal_drops_the_case_and_goes_on(tmp_path: Path, hub: FakeHub, batch: int) -> None:
     spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
     ids = fill(spool, 3)
     first = spool.peek(1)[0].case_id
-    hub.fail = lambda r: 422 if first.encode() in r.content else None
-    up = Uplink(spool, hub.client())
+    hub.reject = lambda case: 422 if case.case_id == first else None
+    up = Uplink(spool, hub.client(), batch_max_cases=batch)
     while up.step() == 0:
         pass
     assert set(hub.cases) == set(ids) - {first}
-    assert spool.stats().dropped == 1 and up.stats.dropped == 1
+    assert spool.stats().dropped == 1 and up.stats.dropped == 1 and up.stats.uploaded == 2
+    assert spool.check().items == 0
+    assert hub.batch_sizes == ([] if batch == 1 else [3])  # refused alone, inside the batch
 
 
-def test_revoked_token_pauses_without_dropping(tmp_path: Path, hub: FakeHub) -> None:
+def test_revoked_token_pauses_without_dropping(tmp_path: Path, hub: FakeHub, batch: int) -> None:
     spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
     fill(spool, 2)
-    up = Uplink(spool, hub.client(token="revoked"), unauthorized_pause_s=30.0)
+    up = Uplink(spool, hub.client(token="revoked"), unauthorized_pause_s=30.0, batch_max_cases=batch)
     assert up.step() == 30.0
     assert up.stats.state == "unauthorized" and spool.stats().items == 2
 
 
-def test_bytes_per_minute_budget_holds_back_the_uplink(tmp_path: Path, hub: FakeHub) -> None:
+def test_bytes_per_minute_budget_holds_back_the_uplink(tmp_path: Path, hub: FakeHub, batch: int) -> None:
     spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
     fill(spool, 5)
     size = spool.peek(1)[0].nbytes + 400
-    up = Uplink(spool, hub.client(), bytes_per_minute=int(size * 2.5))
-    assert up.step() == 0 and up.step() == 0
+    up = Uplink(spool, hub.client(), bytes_per_minute=int(size * 2.5), batch_max_cases=batch)
+    steps = 0
+    while up.step() == 0:
+        steps += 1
+    assert steps == (2 if batch == 1 else 1)  # two single uploads, or one batch of two
     assert up.step() > 0  # the third would exceed the budget this minute
     assert len(hub.cases) == 2 and up.budget.used() <= up.budget.limit
+
+
+# ---------------------------------------------------------------------------------------------
+# the batch path: per-case outcomes, caps, and hubs that cannot take a batch
+# ---------------------------------------------------------------------------------------------
+
+
+def test_each_case_in_a_batch_is_acked_dropped_or_kept_by_its_own_answer(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    ids = fill(spool, 6)
+    order = [x.case_id for x in spool.peek(6)]
+    bad, busy = order[1], order[3]
+    busy_answers = iter([503])
+    hub.reject = lambda case: 422 if case.case_id == bad else next(busy_answers, None) if case.case_id == busy \
+        else None
+    hub.cases[order[4]] = (None, b"")  # type: ignore[assignment]  # the hub already has this one
+    up = Uplink(spool, hub.client(), backoff=Backoff(base_s=0.5, cap_s=1.0, rng=random.Random(0)))
+    delay = up.step()
+    assert delay > 0 and up.stats.state == "backoff" and up.stats.retries == 1  # one back-off for the request
+    assert [x.case_id for x in spool.peek(10)] == [busy]  # only the busy case is kept
+    assert up.stats.dropped == 1 and up.stats.uploaded == 4 and up.stats.duplicates == 1
+    assert up.step() == 0 and up.step() > 0 and spool.stats().items == 0
+    assert set(hub.cases) == set(ids) - {bad} and up.stats.uploaded == 5
+
+
+def test_an_item_refused_as_unauthorized_is_kept_like_a_single_upload(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    ids = fill(spool, 3)
+    other = spool.peek(1)[0].case_id
+    hub.reject = lambda case: 403 if case.case_id == other else None
+    up = Uplink(spool, hub.client(), unauthorized_pause_s=30.0)
+    assert up.step() == 30.0 and up.stats.state == "unauthorized"
+    assert [x.case_id for x in spool.peek(10)] == [other] and set(hub.cases) == set(ids) - {other}
+
+
+def test_batches_stay_under_the_byte_cap(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    ids = fill(spool, 7)
+    size = max(x.nbytes for x in spool.peek(7)) + 400
+    up = Uplink(spool, hub.client(), batch_max_bytes=int(size * 3.5))
+    while up.step() == 0:
+        pass
+    assert set(hub.cases) == set(ids) and hub.batch_sizes[:2] == [3, 3] and sum(hub.batch_sizes) <= 7
+
+
+def test_a_hub_refusing_a_whole_batch_gets_smaller_ones(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    ids = fill(spool, 20)
+    hub.max_batch_cases = 5
+    up = Uplink(spool, hub.client(), batch_max_cases=16)
+    while up.step() == 0:
+        pass
+    assert set(hub.cases) == set(ids) and sorted(hub.case_posts) == sorted(ids)
+    assert max(hub.batch_sizes) <= 5 and up.stats.dropped == 0
+
+
+def test_an_older_hub_without_the_batch_endpoint_gets_single_uploads(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    ids = fill(spool, 6)
+    hub.batch = False
+    now = [0.0]
+    up = Uplink(spool, hub.client(), clock=lambda: now[0])
+    while up.step() == 0:
+        pass
+    assert set(hub.cases) == set(ids) and sorted(hub.case_posts) == sorted(ids)
+    assert hub.requests.count("POST /v1/cases/batch") == 1 and hub.requests.count("POST /v1/cases") == 6
+    hub.batch = True  # upgraded: asked again after a while
+    fill(spool, 4)
+    now[0] += BATCH_RETRY_S
+    while up.step() == 0:
+        pass
+    assert hub.batch_sizes == [4]
+
+
+def test_an_unreadable_batch_answer_keeps_every_case(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    ids = fill(spool, 4)
+    real = hub.handle
+    broken = [True]
+
+    def garble(request: httpx.Request) -> httpx.Response:
+        resp = real(request)
+        if broken[0] and request.url.path == "/v1/cases/batch":
+            broken[0] = False
+            return httpx.Response(200, json={"results": []})  # stored, but the answer says nothing usable
+        return resp
+
+    hub.handle = garble  # type: ignore[method-assign]
+    up = Uplink(spool, hub.client(), backoff=Backoff(base_s=0.01, cap_s=0.01, rng=random.Random(0)))
+    assert up.step() > 0 and spool.stats().items == 4 and up.stats.retries == 1
+    while up.step() == 0:
+        pass
+    assert set(hub.cases) == set(ids) and up.stats.duplicates == 4 and spool.stats().items == 0
 
 
 def test_inference_thread_never_waits_on_a_hanging_hub(tmp_path: Path, hub: FakeHub) -> None:

@@ -16,8 +16,9 @@ from fleet.hub.auth import Principal, check_image_signature, image_query, requir
 from fleet.hub.context import Hub, get_hub
 from fleet.hub.db import read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes, ingest_case, model_info
+from fleet.hub.ingest_batch import ingest_batch
 from fleet.hub.models import CASE_STATES, CaseRow, Selection
-from fleet.hub.multipart import parse_form
+from fleet.hub.multipart import TooManyParts, parse_form
 from fleet.hub.schemas import SelectionRequest
 from fleet.hub.selection import assign_clusters, get_strategy
 from fleet.protocol import check_name
@@ -34,11 +35,34 @@ async def post_case(request: Request, principal: Principal = Depends(require("de
     if case_part is None or image_part is None:
         raise HTTPException(422, detail=f"expected multipart parts 'case' (JSON) and 'image' (PNG); "
                                         f"received parts {sorted(form)}")
-    if len(case_part.data) > hub.settings.max_json_bytes:
-        raise HTTPException(413, detail=f"part 'case' is {len(case_part.data)} bytes; the limit is "
-                                        f"{hub.settings.max_json_bytes}")
     status, body = await run_in_threadpool(ingest_case, hub, principal, case_part.data, image_part.data)
     return JSONResponse(body, status_code=status)
+
+
+@router.post("/v1/cases/batch")
+async def post_cases(request: Request, principal: Principal = Depends(require("device")),
+                     hub: Hub = Depends(get_hub)) -> JSONResponse:
+    """multipart: ``case_0``, ``image_0``, ``case_1``, ``image_1``, ... -> ``{"results": [...]}``, one per case.
+
+    Each case is validated and stored exactly as ``POST /v1/cases`` would; one bad case is answered
+    ``rejected`` with its 4xx and the rest go on. Only a malformed envelope fails the whole request.
+    """
+    limit = hub.settings.max_batch_cases
+    try:
+        form = parse_form(await request.body(), request.headers.get("content-type", ""), max_parts=2 * limit)
+    except TooManyParts:
+        raise HTTPException(413, detail=f"a batch carries at most {limit} cases ({2 * limit} parts: case_i and "
+                                        f"image_i for i = 0..{limit - 1}); received more") from None
+    n = len(form) // 2
+    expected = [name for i in range(n) for name in (f"case_{i}", f"image_{i}")]
+    if not form or len(form) % 2 or set(form) != set(expected):
+        shown = sorted(form)[:8]
+        raise HTTPException(422, detail=f"expected parts case_i (Case JSON) and image_i (PNG) for i = 0..n-1 in "
+                                        f"pairs; received {len(form)} part(s) {shown}"
+                                        f"{' ...' if len(form) > 8 else ''}")
+    items = [(form[f"case_{i}"].data, form[f"image_{i}"].data) for i in range(n)]
+    results = await run_in_threadpool(ingest_batch, hub, principal, items)
+    return JSONResponse({"results": results})
 
 
 @router.get("/v1/cases/{case_id}")
@@ -54,7 +78,7 @@ def get_case(case_id: str, request: Request, _: Principal = Depends(require("lab
 
 @router.get("/v1/pool")
 def pool(request: Request, state: str = Query("unlabeled"), limit: int = Query(100, ge=1, le=1000),
-         offset: int = Query(0, ge=0), _: Principal = Depends(require("labeler", "trainer")),
+         offset: int = Query(0, ge=0, le=2**63 - 1), _: Principal = Depends(require("labeler", "trainer")),
          hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     if state not in CASE_STATES:
         raise HTTPException(422, detail=f"state must be one of {list(CASE_STATES)}; received {state!r}")

@@ -103,7 +103,7 @@ def _recompute(s: Session, case: CaseRow) -> None:
 
 @router.get("/v1/labels")
 def list_labels(case_id: str | None = Query(None), limit: int = Query(1000, ge=1, le=10000),
-                offset: int = Query(0, ge=0), _: Principal = Depends(require("labeler", "trainer")),
+                offset: int = Query(0, ge=0, le=2**63 - 1), _: Principal = Depends(require("labeler", "trainer")),
                 hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     q = select(LabelRow)
     if case_id is not None:
@@ -137,7 +137,7 @@ async def webhook(request: Request, hub: Hub = Depends(get_hub)) -> Response:
 
 
 @router.get("/v1/labeling/events")
-def events(after: int | None = Query(None, ge=0), limit: int = Query(100, ge=1, le=1000),
+def events(after: int | None = Query(None, ge=0, le=2**31 - 1), limit: int = Query(100, ge=1, le=1000),
            _: Principal = Depends(require("labeler")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
     with read_session(hub.engine) as s:
         if after is None:

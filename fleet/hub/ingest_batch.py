@@ -1,0 +1,182 @@
+"""Batch case ingest: many cases in one request, one outcome each, stored in one short transaction.
+
+Every case goes through :func:`fleet.hub.ingest.prepare_case`, exactly like a single upload, so one
+bad case is refused alone (``rejected`` with the 4xx and detail the single endpoint would give) and
+the others are stored. Blobs are written first (content-addressed: a crash or a retry leaves at most
+an orphan blob, never a row without its blob); then one write transaction inserts the blob rows and
+the case rows with a handful of statements, whatever the batch size. Idempotent per case id: a case
+id the hub already holds from the same device is ``already``, from another device ``rejected`` 409.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import HTTPException
+
+from fleet.errors import IntegrityError, InvalidInput, ProtocolError
+from fleet.hub.auth import Principal
+from fleet.hub.context import Hub
+from fleet.hub.db import write_connection
+from fleet.hub.ingest import _CASE_COLUMNS, _JSON_COLUMNS, PreparedCase, _dump, _undo_blob, prepare_case
+
+log = logging.getLogger(__name__)
+
+CREATED, ALREADY, DUPLICATE, REJECTED = "created", "already", "duplicate", "rejected"
+
+
+def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
+    """Validate and store ``items`` (case JSON, image bytes); one result per item, in order.
+
+    A result is ``{"case_id", "status": created|already|duplicate|rejected, "duplicate_of", "error"}``;
+    ``error`` is ``{"status": 4xx, "detail": ...}`` for a rejected item and None otherwise. A case
+    id repeated inside the batch is answered as if the copies had come one after another.
+    """
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    fresh: dict[str, tuple[int, PreparedCase]] = {}  # case id -> its first valid copy in this batch
+    repeats: list[tuple[int, PreparedCase]] = []
+    for i, (text, image) in enumerate(items):
+        try:
+            p = prepare_case(hub, principal, text, image)
+        except (HTTPException, ProtocolError, IntegrityError, InvalidInput) as exc:
+            results[i] = _rejected(_case_id_of(text), *_error(exc))
+            continue
+        if p.case.case_id in fresh:
+            repeats.append((i, p))
+        else:
+            fresh[p.case.case_id] = (i, p)
+    stored = _store_batch(hub, [p for _, p in fresh.values()]) if fresh else {}
+    for cid, (i, _) in fresh.items():
+        results[i] = stored[cid]
+    for i, p in repeats:
+        first = fresh[p.case.case_id][1]
+        answer = stored[p.case.case_id]
+        if answer["status"] == REJECTED:
+            results[i] = _rejected(p.case.case_id, answer["error"]["status"], answer["error"]["detail"])
+        elif first.case.device_id != p.case.device_id:  # only an admin token can send for two devices
+            results[i] = _rejected(p.case.case_id, 409, f"case id {p.case.case_id!r} was already sent by "
+                                                        f"another device")
+        else:
+            results[i] = _result(p.case.case_id, ALREADY)
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# storage
+# ---------------------------------------------------------------------------------------------
+
+
+def _store_batch(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, Any]]:
+    """Blobs, then one transaction for blob rows and case rows; an outcome per case id."""
+    created_blobs = []
+    for p in prepared:
+        sha, created = hub.blobs.put(p.image, sha256=p.case.image_sha256)
+        if created:
+            created_blobs.append(sha)
+    try:
+        return _store_rows(hub, prepared)
+    except BaseException:
+        for sha in created_blobs:
+            _undo_blob(hub, sha, True)
+        raise
+
+
+def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, Any]]:
+    sqlite = hub.engine.dialect.name == "sqlite"
+    p = "?" if sqlite else "%s"
+    out: dict[str, dict[str, Any]] = {}
+    by_id = {x.case.case_id: x for x in prepared}
+    with write_connection(hub.engine) as conn:
+        cur = conn.connection.cursor()
+        try:
+            owners = _owners(cur, p, list(by_id))
+            for cid, owner in owners.items():
+                out[cid] = _known(by_id[cid], owner)
+            new = sorted((x for x in prepared if x.case.case_id not in owners), key=lambda x: x.case.case_id)
+            if not new:
+                return out
+            order = {x.case.case_id: i for i, x in enumerate(prepared)}  # batch order decides the original
+            blobs = sorted({x.row["image_sha256"]: x.row for x in new}.items())  # sorted: one lock order
+            now = new[0].row["received_at"]
+            cur.execute("INSERT INTO blobs (sha256, size, kind, created_at) VALUES "
+                        + ", ".join([f"({p}, {p}, 'image', {p})"] * len(blobs)) + " ON CONFLICT DO NOTHING",
+                        [v for sha, row in blobs for v in (sha, row["image_size"], now)])
+            shas = [sha for sha, _ in blobs]
+            cur.execute(f"SELECT image_sha256, case_id FROM cases WHERE image_sha256 IN ({', '.join([p] * len(shas))}) "
+                        f"AND duplicate_of IS NULL ORDER BY received_at DESC, case_id DESC", shas)
+            original = dict(cur.fetchall())  # the earliest received wins: it comes last
+            for x in sorted(new, key=lambda x: order[x.case.case_id]):
+                sha = x.row["image_sha256"]
+                if sha in original:
+                    x.row["duplicate_of"], x.row["state"] = original[sha], "duplicate"
+                else:
+                    original[sha] = x.case.case_id
+            one = "(" + ", ".join(p if sqlite or c not in _JSON_COLUMNS else f"{p}::json" for c in _CASE_COLUMNS) + ")"
+            cur.execute(f"INSERT INTO cases ({', '.join(_CASE_COLUMNS)}) VALUES " + ", ".join([one] * len(new))
+                        + " ON CONFLICT (case_id) DO NOTHING RETURNING case_id",
+                        [_dump(x.row[c]) if c in _JSON_COLUMNS else x.row[c] for x in new for c in _CASE_COLUMNS])
+            inserted = {r[0] for r in cur.fetchall()}
+            lost = [x.case.case_id for x in new if x.case.case_id not in inserted]
+            if lost:  # PostgreSQL: another request stored the same case id since our first look
+                for cid, owner in _owners(cur, p, lost).items():
+                    out[cid] = _known(by_id[cid], owner)
+        finally:
+            cur.close()
+    for x in new:
+        cid = x.case.case_id
+        if cid in inserted:
+            dup = x.row["duplicate_of"]
+            out[cid] = _result(cid, DUPLICATE if dup else CREATED, duplicate_of=dup)
+            if dup:
+                log.info("case %s from %s duplicates %s", cid, x.case.device_id, dup)
+    return out
+
+
+def _owners(cur: Any, p: str, case_ids: list[str]) -> dict[str, str]:
+    cur.execute(f"SELECT case_id, device_id FROM cases WHERE case_id IN ({', '.join([p] * len(case_ids))})",
+                case_ids)
+    return dict(cur.fetchall())
+
+
+def _known(prepared: PreparedCase, owner: str) -> dict[str, Any]:
+    """The answer for a case id the hub already holds, exactly as the single endpoint gives it."""
+    cid = prepared.case.case_id
+    if owner != prepared.case.device_id:
+        return _rejected(cid, 409, f"case id {cid!r} was already sent by another device")
+    return _result(cid, ALREADY)
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+# ---------------------------------------------------------------------------------------------
+
+
+def _result(case_id: str | None, status: str, *, duplicate_of: str | None = None,
+            error: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"case_id": case_id, "status": status, "duplicate_of": duplicate_of, "error": error}
+
+
+def _rejected(case_id: str | None, status: int, detail: str) -> dict[str, Any]:
+    return _result(case_id, REJECTED, error={"status": status, "detail": detail})
+
+
+def _error(exc: Exception) -> tuple[int, str]:
+    """The status and detail the single endpoint answers for ``exc`` (see the app's error handlers)."""
+    if isinstance(exc, HTTPException):
+        return exc.status_code, str(exc.detail)
+    if isinstance(exc, InvalidInput):
+        return 400, str(exc)
+    return 422, str(exc)  # ProtocolError, IntegrityError
+
+
+def _case_id_of(text: bytes | str) -> str | None:
+    """The case id a refused part claims, when it has a readable one (for the device's bookkeeping)."""
+    try:
+        value = json.loads(text).get("case_id")
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return value if isinstance(value, str) and len(value) <= 128 else None
