@@ -175,6 +175,7 @@ def test_signed_image_links_expire_and_refuse_tampering(hub: HubHarness) -> None
     path, q = parsed.path, parse_qs(parsed.query)
     r = hub.client.get(path, params={"exp": q["exp"][0], "sig": q["sig"][0]})  # no bearer
     assert r.status_code == 200 and r.content == image and r.headers["content-type"] == "image/png"
+    assert r.headers["access-control-allow-origin"] == "*"  # Label Studio's UI loads it cross-origin
     r = hub.client.get(path, params={"exp": int(q["exp"][0]) + 1, "sig": q["sig"][0]})
     assert r.status_code == 403 and "signature" in r.json()["detail"]
     hub.clock.advance(hub.settings.image_url_ttl_s + 1)

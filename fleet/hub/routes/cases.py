@@ -121,7 +121,10 @@ def image(case_id: str, exp: int = Query(...), sig: str = Query(..., max_length=
         data = hub.blobs.get(sha)
     except KeyError:
         raise HTTPException(404, detail=f"image {sha} of case {case_id!r} is missing from the blob store") from None
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    # the link is signed and carries no credentials, so any origin may load it: Label Studio's UI fetches
+    # task images cross-origin from the annotator's browser
+    return Response(data, media_type="image/png",
+                    headers={"Cache-Control": "private, max-age=3600", "Access-Control-Allow-Origin": "*"})
 
 
 MAX_POOL = 20_000
