@@ -1,0 +1,241 @@
+"""Labeling bridge benchmark: push throughput into a real Label Studio, and the delay from an annotation's
+submission to its label in the hub.
+
+Push: 5,000 tasks through the bridge's bulk path (import in batches with the prediction inline, then
+each prediction's diversity cluster, which Label Studio's bulk import drops), against a baseline in the
+same run: one task and one prediction per request, the way a naive client pushes, on a subset. Reported
+as tasks/s and as a ratio.
+
+Delay: simulated annotators submit through the Label Studio API while the bridge syncs in a loop;
+for every annotation, the time from its creation in Label Studio to the hub accepting its label.
+Measured twice: with webhooks (Label Studio -> hub inbox -> bridge) and with reconciliation only.
+
+Push runs against the contract's loopback fake hub (tests/labeling/fakehub.py, a real HTTP server that
+Label Studio posts webhooks to), so the figures are Label Studio's and the bridge's. The delay is
+measured against that fake and, end to end, against the real hub (fleet.hub served on loopback).
+
+    .venv/bin/python benchmarks/bench_labeling.py [--ls-url URL --ls-token TOKEN] [--tasks 5000]
+
+Without --ls-url (or FLYWHEEL_TEST_LS_URL) it starts a Label Studio of its own from .venv-studio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from labeling.bots import BotSpec, BotTeam  # noqa: E402
+from labeling.bridge import Bridge, BridgeConfig  # noqa: E402
+from labeling.configs import classification_result  # noqa: E402
+from labeling.hub_client import HubClient, SelectedCase  # noqa: E402
+from labeling.ledger import Ledger  # noqa: E402
+from labeling.push import Throttle, push_cases  # noqa: E402
+from labeling.studio import Studio  # noqa: E402
+from tests.labeling.fakehub import FakeHub  # noqa: E402
+from tests.labeling.lsserver import StudioServer, studio_bin  # noqa: E402
+
+CLASSES = ["cat", "dog", "bird", "car"]
+
+
+def bench_push(studio: Studio, hub: FakeHub, n_tasks: int, n_baseline: int, batch: int) -> dict[str, float]:
+    ids = hub.add_cases(n_tasks + n_baseline + 50, clusters=16, prefix=f"push{uuid.uuid4().hex[:4]}")
+    cases = [SelectedCase.from_json(hub._public(hub.cases[c])) for c in ids]
+    warm, bulk, base = cases[:50], cases[50:50 + n_tasks], cases[50 + n_tasks:]
+    title = f"bench-push-{uuid.uuid4().hex[:6]}"
+    bridge = Bridge(studio, HubClient(hub.base_url, hub.token), Ledger(":memory:"),
+                    BridgeConfig(project_title=title, overlap=1, overlap_share=0.0, batch_size=batch))
+    try:
+        push_cases(bridge, warm)  # warm-up: project, caches, first imports
+        t0 = time.perf_counter()
+        assert push_cases(bridge, bulk) == n_tasks
+        bulk_s = time.perf_counter() - t0
+        pid = bridge.project_id
+        timing = dict(bridge.push_timing)
+        n_clustered = sum(1 for t in studio.iter_tasks(pid, full=True) if t.predictions and
+                          t.predictions[0].cluster is not None)
+        t0 = time.perf_counter()
+        for c in base:
+            tid = studio.create_task(pid, {"image": c.image_url, "case_id": c.case_id})
+            studio.create_prediction(tid, classification_result(c.predicted_name), model_version=c.model_version,
+                                     score=c.score, cluster=c.cluster)
+        base_s = time.perf_counter() - t0
+    finally:
+        studio.delete_project(bridge.project_id)
+    base_rate = n_baseline / base_s
+    return {
+        "tasks": n_tasks, "batch": batch,
+        "queued_s": timing["queue_s"], "queued_tasks_per_s": n_tasks / timing["queue_s"],
+        "clustered_s": bulk_s, "clustered_tasks_per_s": n_tasks / bulk_s,
+        "baseline_tasks": n_baseline, "baseline_s": base_s, "baseline_tasks_per_s": base_rate,
+        "ratio_queued": n_tasks / timing["queue_s"] / base_rate, "ratio_clustered": n_tasks / bulk_s / base_rate,
+        "tasks_with_cluster": n_clustered,
+    }
+
+
+def bench_delay(studio: Studio, hub: FakeHub, url: str, *, webhooks: bool, n_annotations: int,
+                interval_s: float) -> dict[str, object]:
+    ids = hub.add_cases(n_annotations, clusters=4, prefix=f"delay{uuid.uuid4().hex[:4]}")
+    cases = [SelectedCase.from_json(hub._public(hub.cases[c])) for c in ids]
+    title = f"bench-delay-{uuid.uuid4().hex[:6]}"
+    config = BridgeConfig(project_title=title, overlap=1, overlap_share=0.0,
+                          throttle=Throttle(min_depth=0, max_depth=0), reconcile_every_s=0.0 if not webhooks else 3600,
+                          webhook_url=f"{hub.base_url}/v1/labeling/webhook" if webhooks else None,
+                          webhook_secret=hub.webhook_secret if webhooks else None)
+    bridge = Bridge(studio, HubClient(hub.base_url, hub.token), Ledger(":memory:"), config)
+    push_cases(bridge, cases)
+    bridge.sync_once(push=False)
+    team = BotTeam(url, studio, bridge.project_id, [BotSpec(f"b{i}", 1.0, 0.5) for i in range(3)], hub.truth,
+                   CLASSES)
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            bridge.sync_once(push=False)
+            stop.wait(max(interval_s - (time.monotonic() - started), 0))
+
+    syncer = threading.Thread(target=loop, daemon=True)
+    expected = len(bridge.ledger.tasks("open"))
+    syncer.start()
+    team.start()
+    mine = set(ids)
+    deadline = time.monotonic() + 600
+    while sum(lb["case_id"] in mine for lb in hub.live_labels()) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    team.stop.set()
+    stop.set()
+    syncer.join(30)
+    created = {a.id: a.created_at for t in studio.iter_tasks(bridge.project_id) for a in t.annotations}
+    arrived = {d["annotation_id"]: at for at, d, action in hub.label_log if action == "created"}
+    delays = np.array([arrived[a] - created[a] for a in created if a in arrived])
+    team.close()
+    studio.delete_project(bridge.project_id)
+    return {
+        "hub": "loopback fake (tests/labeling/fakehub.py)", "path": "webhook" if webhooks else "reconciliation",
+        "sync_interval_s": interval_s, "annotations": len(created), "delivered": int(delays.size),
+        "p50_s": float(np.percentile(delays, 50)), "p95_s": float(np.percentile(delays, 95)),
+        "max_s": float(delays.max()),
+    }
+
+
+def bench_delay_real_hub(studio: Studio, url: str, *, webhooks: bool, n_annotations: int,
+                         interval_s: float) -> dict[str, object]:
+    """The same delay, end to end through the real hub (fleet.hub on loopback): selection, signed images,
+    the webhook inbox, POST /v1/labels; the hub's own write time of each label is the arrival time."""
+    from tests.labeling.realhub import serve_real_hub
+
+    n = 3 * (n_annotations // 3)
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp, serve_real_hub(Path(tmp)) as real:
+        real.add_cases(n)
+        title = f"bench-delay-hub-{uuid.uuid4().hex[:6]}"
+        config = BridgeConfig(project_title=title, overlap=1, overlap_share=0.0,
+                              throttle=Throttle(min_depth=n, max_depth=n),
+                              reconcile_every_s=0.0 if not webhooks else 3600,
+                              webhook_url=f"{real.url}/v1/labeling/webhook" if webhooks else None,
+                              webhook_secret=real.webhook_secret if webhooks else None)
+        bridge = Bridge(studio, HubClient(real.url, real.labeler_token), Ledger(":memory:"), config)
+        bridge.sync_once()
+        bridge.config = replace(config, throttle=Throttle(min_depth=0, max_depth=0))
+        team = BotTeam(url, studio, bridge.project_id, [BotSpec(f"h{i}", 1.0, 0.5) for i in range(3)],
+                       real.truth.get, real.class_names)
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                bridge.sync_once(push=False)
+                stop.wait(max(interval_s - (time.monotonic() - started), 0))
+
+        syncer = threading.Thread(target=loop, daemon=True)
+        expected = len(bridge.ledger.tasks("open"))  # the hub may drop near-duplicate images
+        syncer.start()
+        team.start()
+        deadline = time.monotonic() + 600
+        while len(real.labels()) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        team.stop.set()
+        stop.set()
+        syncer.join(30)
+        created = {a.id: a.created_at for t in studio.iter_tasks(bridge.project_id) for a in t.annotations}
+        arrived = {lb["annotation_id"]: lb["updated_at"] for lb in real.labels()}
+        delays = np.array([arrived[a] - created[a] for a in created if a in arrived])
+        team.close()
+        studio.delete_project(bridge.project_id)
+    return {
+        "hub": "real (fleet.hub, SQLite)", "path": "webhook" if webhooks else "reconciliation",
+        "sync_interval_s": interval_s, "annotations": len(created), "delivered": int(delays.size),
+        "p50_s": float(np.percentile(delays, 50)), "p95_s": float(np.percentile(delays, 95)),
+        "max_s": float(delays.max()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ls-url", default=os.environ.get("FLYWHEEL_TEST_LS_URL"))
+    ap.add_argument("--ls-token", default=os.environ.get("FLYWHEEL_TEST_LS_TOKEN"))
+    ap.add_argument("--tasks", type=int, default=5000)
+    ap.add_argument("--baseline", type=int, default=100, help="tasks pushed one by one for the baseline")
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--workers", type=int, default=4, help="concurrent requests setting clusters")
+    ap.add_argument("--annotations", type=int, default=60)
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between bridge turns")
+    ap.add_argument("--skip-push", action="store_true")
+    ap.add_argument("--skip-delay", action="store_true")
+    ap.add_argument("--skip-real-hub", action="store_true", help="measure the delay against the fake hub only")
+    ap.add_argument("--json", type=Path, help="write the results here too")
+    args = ap.parse_args(argv)
+
+    server = None
+    if not args.ls_url:
+        binary = studio_bin()
+        if binary is None:
+            ap.error("no --ls-url and no .venv-studio/bin/label-studio to start one")
+        server = StudioServer(binary, Path(tempfile.mkdtemp(prefix="bench-ls-")))
+        print("starting Label Studio ...", flush=True)
+        server.start()
+        args.ls_url, args.ls_token = server.url, server.token
+    hub = FakeHub(class_names=list(CLASSES))
+    results: dict[str, object] = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)"}
+    try:
+        with hub.serve():
+            studio = Studio(args.ls_url, args.ls_token, workers=args.workers)
+            results["workers"] = args.workers
+            if not args.skip_push:
+                results["push"] = bench_push(studio, hub, args.tasks, args.baseline, args.batch)
+                print(json.dumps(results["push"], indent=1), flush=True)
+            if not args.skip_delay:
+                results["delay"] = [
+                    bench_delay(studio, hub, args.ls_url, webhooks=w, n_annotations=args.annotations,
+                                interval_s=args.interval)
+                    for w in (True, False)
+                ]
+                if not args.skip_real_hub:
+                    results["delay"] += [  # type: ignore[operator]
+                        bench_delay_real_hub(studio, args.ls_url, webhooks=w, n_annotations=args.annotations,
+                                             interval_s=args.interval)
+                        for w in (True, False)
+                    ]
+                print(json.dumps(results["delay"], indent=1), flush=True)
+    finally:
+        if server is not None:
+            server.stop()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

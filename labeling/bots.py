@@ -1,0 +1,230 @@
+"""Simulated annotators: Label Studio users who take tasks from the real queue and answer from ground truth.
+
+Each bot signs up once through the organization's invite link (like a person), logs in, and then
+works like an annotator: asks Label Studio for its next task (so uncertainty sampling, overlap and
+task locks all apply), answers correctly with probability ``accuracy`` (otherwise a wrong class at
+random), takes ``seconds_per_task`` on average, and skips a share of tasks. For fault tests a bot can
+also send malformed answers. Used by the demo and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from fleet.errors import FlywheelError, InvalidInput, RetryableError
+from labeling.configs import FROM_NAME, TO_NAME, classification_result
+from labeling.studio import AlreadyExists, Studio, user_token
+
+log = logging.getLogger(__name__)
+
+BOT_DOMAIN = "bots.flywheel.local"
+
+
+@dataclass(frozen=True)
+class BotSpec:
+    """One simulated annotator: how often it is right, how fast it works, how often it skips."""
+
+    name: str
+    accuracy: float = 0.9
+    seconds_per_task: float = 2.0
+    skip_rate: float = 0.0
+    malformed_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.name.replace("-", "").replace("_", "").isalnum():
+            raise InvalidInput(f"bot name must be letters, digits, '-' or '_'; received {self.name!r}")
+        for attr in ("accuracy", "skip_rate", "malformed_rate"):
+            value = getattr(self, attr)
+            if not 0.0 <= value <= 1.0:
+                raise InvalidInput(f"{attr} must lie in [0, 1]; received {value!r}")
+        if not math.isfinite(self.seconds_per_task) or self.seconds_per_task < 0:
+            raise InvalidInput(f"seconds_per_task must be >= 0; received {self.seconds_per_task!r}")
+
+    @property
+    def email(self) -> str:
+        return f"{self.name}@{BOT_DOMAIN}"
+
+
+def parse_bot_specs(text: str) -> list[BotSpec]:
+    """``"3x0.9@2"`` (three bots, 90% accurate, 2 s per task) or ``"alice:0.95@1,bob:0.7@3"``."""
+    specs: list[BotSpec] = []
+    for i, part in enumerate(p.strip() for p in text.split(",") if p.strip()):
+        try:
+            head, _, speed = part.partition("@")
+            seconds = float(speed) if speed else 2.0
+            if "x" in head and ":" not in head:
+                count, _, acc = head.partition("x")
+                specs += [BotSpec(f"bot-{len(specs) + j + 1}", float(acc or 0.9), seconds) for j in range(int(count))]
+            else:
+                name, _, acc = head.partition(":")
+                specs.append(BotSpec(name or f"bot-{i + 1}", float(acc or 0.9), seconds))
+        except ValueError as exc:
+            raise InvalidInput(f"bot spec {part!r} is not 'NxACCURACY@SECONDS' or 'NAME:ACCURACY@SECONDS' "
+                               f"({exc})") from None
+    return specs
+
+
+@dataclass
+class BotStats:
+    answered: int = 0
+    correct: int = 0
+    skipped: int = 0
+    malformed: int = 0
+    errors: int = 0
+    submitted_at: list[tuple[int, float]] = field(default_factory=list)  # (annotation id, unix time)
+
+
+class Bot:
+    """One annotator at work. ``truth`` maps a case id to its class index (None when unknown)."""
+
+    def __init__(self, spec: BotSpec, studio: Studio, project_id: int, truth: Callable[[str], int | None],
+                 class_names: Sequence[str], *, seed: int | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.spec = spec
+        self.studio = studio
+        self.project_id = project_id
+        self.truth = truth
+        self.class_names = list(class_names)
+        self.rng = np.random.default_rng(seed)
+        self.sleep = sleep
+        self.stats = BotStats()
+        self._lock = threading.Lock()
+
+    def answer(self, case_id: str | None) -> tuple[list[dict[str, Any]], bool, bool, int | None]:
+        """``(result, was_cancelled, malformed, label)`` for one task, drawn from the bot's spec."""
+        k = len(self.class_names)
+        if self.rng.random() < self.spec.skip_rate:
+            return [], True, False, None
+        if self.rng.random() < self.spec.malformed_rate:
+            two = list(self.rng.choice(self.class_names, size=min(2, k), replace=False))
+            bad = [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": two}}]
+            return bad, False, True, None
+        known = self.truth(case_id) if case_id else None
+        if known is None:
+            label = int(self.rng.integers(k))
+        elif self.rng.random() < self.spec.accuracy or k == 1:
+            label = int(known)
+        else:
+            label = int(self.rng.choice([c for c in range(k) if c != known]))
+        return classification_result(self.class_names[label]), False, False, label
+
+    def step(self) -> bool:
+        """Take and answer one task. False when the queue has nothing for this bot."""
+        task = self.studio.next_task(self.project_id)
+        if task is None:
+            return False
+        result, cancelled, malformed, label = self.answer(task.case_id)
+        seconds = self._think_time()
+        if seconds:
+            self.sleep(seconds)
+        unique = str(uuid.uuid4())  # the same id on every retry: a lost answer cannot become two annotations
+        try:
+            ann = self.studio.create_annotation(task.id, result, unique_id=unique, was_cancelled=cancelled,
+                                                lead_time=round(seconds, 3))
+            ann_id = ann.id
+        except AlreadyExists:
+            ann_id = -1
+        with self._lock:
+            self.stats.submitted_at.append((ann_id, time.time()))
+            if cancelled:
+                self.stats.skipped += 1
+            elif malformed:
+                self.stats.malformed += 1
+            else:
+                self.stats.answered += 1
+                known = self.truth(task.case_id) if task.case_id else None
+                self.stats.correct += int(known is not None and label == known)
+        return True
+
+    def run(self, stop: threading.Event, *, max_tasks: int | None = None, idle_s: float = 0.5) -> BotStats:
+        done = 0
+        while not stop.is_set() and (max_tasks is None or done < max_tasks):
+            try:
+                worked = self.step()
+            except RetryableError as exc:
+                log.warning("bot %s: %s", self.spec.name, exc)
+                self.stats.errors += 1
+                stop.wait(idle_s)
+                continue
+            except FlywheelError as exc:
+                log.error("bot %s: %s", self.spec.name, exc)
+                self.stats.errors += 1
+                stop.wait(idle_s)
+                continue
+            if worked:
+                done += 1
+            else:
+                stop.wait(idle_s)
+        return self.stats
+
+    def _think_time(self) -> float:
+        mean = self.spec.seconds_per_task
+        if mean <= 0:
+            return 0.0
+        sigma = 0.35  # lognormal spread around the mean
+        return float(self.rng.lognormal(math.log(mean) - sigma**2 / 2, sigma))
+
+
+def enroll(url: str, admin: Studio, specs: Sequence[BotSpec], *, password: str,
+           transport: httpx.BaseTransport | None = None) -> dict[str, str]:
+    """Sign each bot up (or log it in) and return its API token by name."""
+    invite = admin.invite_token()
+    return {s.name: user_token(url, s.email, password, invite_token=invite, transport=transport) for s in specs}
+
+
+class BotTeam:
+    """Several bots working the same project in threads."""
+
+    def __init__(self, url: str, admin: Studio, project_id: int, specs: Sequence[BotSpec],
+                 truth: Callable[[str], int | None], class_names: Sequence[str], *,
+                 password: str = "flywheel-bot-password", seed: int = 0,
+                 http_factory: Callable[[], httpx.Client] | None = None) -> None:
+        tokens = enroll(url, admin, specs, password=password)
+        self.bots = [
+            Bot(s, Studio(url, tokens[s.name], http=http_factory() if http_factory else None), project_id, truth,
+                class_names, seed=seed + i)
+            for i, s in enumerate(specs)
+        ]
+        self.stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self, *, max_tasks: int | None = None) -> None:
+        for bot in self.bots:
+            t = threading.Thread(target=bot.run, args=(self.stop,), kwargs={"max_tasks": max_tasks},
+                                 name=f"bot-{bot.spec.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def join(self, timeout_s: float | None = None) -> None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.join(10)
+        for bot in self.bots:
+            bot.studio.close()
+
+    def run_until_idle(self, *, idle_rounds: int = 1) -> None:
+        """Work in this thread, bot after bot, until no bot gets a task ``idle_rounds`` times in a row."""
+        idle = 0
+        while idle < idle_rounds:
+            worked = False
+            for bot in self.bots:
+                worked |= bot.step()
+            idle = 0 if worked else idle + 1
+
+    @property
+    def stats(self) -> dict[str, BotStats]:
+        return {b.spec.name: b.stats for b in self.bots}

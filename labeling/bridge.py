@@ -1,0 +1,198 @@
+"""The bridge wired together: Label Studio, the hub, the ledger and the settings; ``sync_once`` turns it once.
+
+Orchestration only: what each step does lives in :mod:`labeling.push`, :mod:`labeling.pull` and
+:mod:`labeling.consensus`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fleet.errors import FlywheelError, InvalidInput, RetryableError
+from labeling.configs import check_class_names, get_kind
+from labeling.consensus import Rules
+from labeling.hub_client import STRATEGIES, HubClient
+from labeling.ledger import Ledger
+from labeling.push import Throttle
+from labeling.records import WEBHOOK_ACTIONS
+
+if TYPE_CHECKING:
+    from labeling.studio import Project, Studio
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """Everything that shapes the queue and the quality rules (typed, built by the caller, never at import)."""
+
+    project_title: str = "Flywheel"
+    kind: str = "image-classification"
+    class_names: tuple[str, ...] = ()
+    overlap: int = 2
+    overlap_share: float = 0.2
+    rules: Rules = field(default_factory=Rules)
+    throttle: Throttle = field(default_factory=Throttle)
+    strategy: str = "uncertainty+diversity"
+    batch_size: int = 500
+    reconcile_every_s: float = 60.0
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    image_refresh_margin_s: float = 3600.0
+    in_doubt_grace_s: float = 2.0
+    instructions: str | None = "Pick the class that best describes the image. Skip it if you cannot tell."
+
+    def __post_init__(self) -> None:
+        get_kind(self.kind)
+        if self.class_names:
+            check_class_names(self.class_names)
+        if not 1 <= self.overlap <= 20:
+            raise InvalidInput(f"overlap must be between 1 and 20 annotators; received {self.overlap}")
+        if not 0.0 <= self.overlap_share <= 1.0:
+            raise InvalidInput(f"overlap_share must lie in [0, 1]; received {self.overlap_share}")
+        if self.strategy not in STRATEGIES:
+            raise InvalidInput(f"unknown selection strategy {self.strategy!r}; valid: {list(STRATEGIES)}")
+        if not 1 <= self.batch_size <= 5000:
+            raise InvalidInput(f"batch_size must be between 1 and 5000; received {self.batch_size}")
+        if self.webhook_url and not self.webhook_secret:
+            raise InvalidInput("a webhook URL needs a webhook secret (the hub checks X-Flywheel-Webhook-Secret)")
+
+    @property
+    def expected_overlap(self) -> float:
+        return 1.0 + self.overlap_share * (self.overlap - 1) if self.overlap > 1 else 1.0
+
+
+@dataclass
+class SyncReport:
+    webhook_events: int = 0
+    reconciled_tasks: int | None = None
+    labels_posted: int = 0
+    labels_deleted: int = 0
+    released: int = 0
+    pushed: int = 0
+    images_refreshed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Bridge:
+    """One Label Studio project kept in step with the hub."""
+
+    def __init__(self, studio: Studio, hub: HubClient, ledger: Ledger, config: BridgeConfig, *,
+                 clock: Any = time.time) -> None:
+        self.studio = studio
+        self.hub = hub
+        self.ledger = ledger
+        self.config = config
+        self.clock = clock
+        self.kind = get_kind(config.kind)
+        self._project: Project | None = None
+        self._webhook_ready = False
+        self._last_reconcile = 0.0
+        self.push_timing: dict[str, float] = {}
+
+    # -----------------------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.ledger.get("class_names") or list(self.config.class_names)
+        if not names:
+            raise InvalidInput("the bridge does not know the model's class names yet: pass class_names or push a "
+                               "selection first")
+        return list(names)
+
+    @property
+    def project_id(self) -> int:
+        return self.project().id
+
+    def project(self, class_names: list[str] | None = None, model_version: str | None = None) -> Project:
+        """The Label Studio project, ensured once per process and again when classes or the model change."""
+        from labeling.studio import ProjectSettings
+
+        known = self.ledger.get("class_names")
+        names = class_names or known or list(self.config.class_names)
+        if not names:
+            raise InvalidInput("the bridge does not know the model's class names yet: pass --classes or push a "
+                               "selection first")
+        version = model_version or self.ledger.get("model_version")
+        if (self._project is not None and names == known and
+                (model_version is None or model_version == self._project.model_version)):
+            return self._project
+        if known and names[: len(known)] != known:
+            raise InvalidInput(f"the model's classes {names} do not extend the classes already labeled {known}; "
+                               f"start a new project (--project) for a model with different classes")
+        settings = ProjectSettings(
+            title=self.config.project_title,
+            label_config=self.kind.config(names, instructions=self.config.instructions),
+            model_version=version, overlap=self.config.overlap, overlap_share=self.config.overlap_share,
+            instructions=self.config.instructions,
+        )
+        self._project = self.studio.ensure_project(settings)
+        self.ledger.put("class_names", names)
+        self.ledger.put("project_id", self._project.id)
+        if version:
+            self.ledger.put("model_version", version)
+        self.ensure_webhook()
+        return self._project
+
+    def ensure_webhook(self) -> None:
+        if self._webhook_ready or not self.config.webhook_url or self._project is None:
+            return
+        self.studio.ensure_webhook(self._project.id, self.config.webhook_url, secret=self.config.webhook_secret or "",
+                                   actions=WEBHOOK_ACTIONS)
+        self._webhook_ready = True
+
+    # -----------------------------------------------------------------------------------------
+
+    def sync_once(self, *, push: bool = True, reconcile: bool | None = None) -> SyncReport:
+        """One turn: webhooks, reconciliation (when due), labels to the hub, releases, a throttled push, and
+        fresh signed image links for tasks whose link is about to expire.
+
+        A step that fails with a retryable fault is reported and the turn goes on; the next turn
+        picks up where it stopped (nothing is lost: the ledger and the hub inbox hold the state).
+        """
+        from labeling import pull
+        from labeling import push as pushing
+
+        report = SyncReport()
+        now = self.clock()
+        due = reconcile if reconcile is not None else now - self._last_reconcile >= self.config.reconcile_every_s
+
+        def step(name: str, fn: Any) -> None:
+            try:
+                fn()
+            except RetryableError as exc:
+                log.warning("sync step %s: %s (will retry next turn)", name, exc)
+                report.errors.append(f"{name}: {exc}")
+            except FlywheelError as exc:
+                log.error("sync step %s failed: %s", name, exc)
+                report.errors.append(f"{name}: {exc}")
+
+        if self.ledger.get("class_names") or self.config.class_names:
+            step("project", self.project)
+        if self._project is not None:
+            step("webhooks", lambda: setattr(report, "webhook_events", pull.drain_webhooks(self)))
+            if due:
+                def rec() -> None:
+                    report.reconciled_tasks = pull.reconcile(self)
+                    self._last_reconcile = now
+                step("reconcile", rec)
+            step("flush", lambda: _add(report, pull.flush(self)))
+        if push:
+            step("push", lambda: setattr(report, "pushed", pushing.push_once(self)))
+            if self._project is not None:
+                step("flush", lambda: _add(report, pull.flush(self)))
+        if self._project is not None:
+            step("images", lambda: setattr(report, "images_refreshed", pushing.refresh_images(self)))
+        return report
+
+
+def _add(report: SyncReport, flushed: dict[str, int]) -> None:
+    report.labels_posted += flushed.get("posted", 0)
+    report.labels_deleted += flushed.get("deleted", 0)
+    report.released += flushed.get("released", 0)

@@ -1,0 +1,288 @@
+"""Pull: annotations come back to the hub exactly once.
+
+Two ways in, one way out. Label Studio's webhooks (annotation created, updated, deleted; task
+deleted) land in the hub's inbox and :func:`drain_webhooks` applies them; :func:`reconcile` lists the
+project and applies what it finds, catching anything a webhook missed. Both feed the same idempotent
+observations into the ledger. :func:`flush` then tells the hub what changed: each annotation's label
+with the status consensus gives it, deletions of labels whose annotation went away, and releases of
+cases whose task was skipped or deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from fleet.errors import InvalidInput, ProtocolError
+from labeling.consensus import Vote, decide, score_annotators
+from labeling.hub_client import Conflict, HubNotFound
+from labeling.records import AnnotationRecord, TaskRecord, parse_webhook
+
+if TYPE_CHECKING:
+    from labeling.bridge import Bridge
+
+log = logging.getLogger(__name__)
+
+SOURCE = "label-studio"
+
+
+# ---------------------------------------------------------------------------------------------
+# observations (shared by webhooks and reconciliation)
+# ---------------------------------------------------------------------------------------------
+
+
+def interpret(bridge: Bridge, a: AnnotationRecord) -> tuple[int | None, str | None]:
+    """The class an annotation picked, or the reason it is refused. A skip is neither."""
+    if a.was_cancelled:
+        return None, None
+    try:
+        label = bridge.kind.parse(a.result, bridge.class_names)
+    except InvalidInput as exc:
+        return None, str(exc)
+    if not isinstance(label, int):
+        return None, f"{bridge.kind.name} answers are not class indices; the hub takes image-level classes only"
+    return label, None
+
+
+def annotator_name(bridge: Bridge, user_id: int | None) -> str:
+    if user_id is None:
+        return "unknown"
+    name = bridge.ledger.user_name(user_id)
+    if name is None:
+        bridge.ledger.put_users(bridge.studio.users())
+        name = bridge.ledger.user_name(user_id)
+    return name or f"label-studio-user-{user_id}"
+
+
+def observe_task(bridge: Bridge, task: TaskRecord) -> bool:
+    """Bring the ledger's view of one task up to date (adopting it if it carries an unknown case). False
+    when the task is not the bridge's (another project, or no ``case_id``)."""
+    if task.project_id is not None and task.project_id != bridge.project_id:
+        return False
+    case_id = task.case_id
+    if case_id is None:
+        return False
+    row = bridge.ledger.task(task_id=task.id)
+    if row is None or row.case_id != case_id:
+        by_case = bridge.ledger.task(case_id=case_id)
+        if by_case is not None and by_case.state in ("open", "done") and by_case.task_id not in (None, task.id):
+            if task.annotations:
+                log.error("task %d duplicates case %s (held by task %s) and has annotations; leaving it for a "
+                          "reviewer", task.id, case_id, by_case.task_id)
+            else:
+                log.warning("deleting task %d: it duplicates case %s (held by task %s)", task.id, case_id,
+                            by_case.task_id)
+                bridge.studio.delete_task(task.id)
+            return False
+        pred = task.predictions[0].id if task.predictions else None
+        log.info("adopting task %d of case %s", task.id, case_id)
+        bridge.ledger.bind(case_id, task.id, prediction_id=pred, overlap=task.overlap, project_id=bridge.project_id)
+        row = bridge.ledger.task(task_id=task.id)
+    if row is not None and row.overlap != task.overlap:
+        bridge.ledger.set_task(row.case_id, overlap=task.overlap, dirty=True)
+    return True
+
+
+def observe_annotation(bridge: Bridge, a: AnnotationRecord, case_id: str) -> str:
+    label, refused = interpret(bridge, a)
+    outcome = bridge.ledger.upsert_annotation(
+        annotation_id=a.id, task_id=a.task_id, case_id=case_id, user_id=a.user_id,
+        annotator=annotator_name(bridge, a.user_id), created_at=a.created_at, updated_at=a.updated_at,
+        ground_truth=a.ground_truth, cancelled=a.was_cancelled, label=label, refused=refused)
+    if refused and outcome in ("new", "changed"):
+        log.warning("refusing annotation %d on task %d (case %s): %s", a.id, a.task_id, case_id, refused)
+    return outcome
+
+
+# ---------------------------------------------------------------------------------------------
+# webhooks
+# ---------------------------------------------------------------------------------------------
+
+
+def apply_webhook(bridge: Bridge, body: Any) -> str:
+    """Apply one raw webhook body. Returns what it did (for logs and tests)."""
+    try:
+        event = parse_webhook(body)
+    except ProtocolError as exc:
+        log.warning("refusing webhook body: %s", exc)
+        return "refused"
+    if event.project_id is not None and event.project_id != bridge.project_id:
+        return "other-project"
+    if event.annotations:
+        tasks = {t.id: t for t in event.tasks}
+        outcomes = []
+        for a in event.annotations:
+            task = tasks.get(a.task_id)
+            if task is not None:
+                observe_task(bridge, task)
+            row = bridge.ledger.task(task_id=a.task_id)
+            if row is None:
+                fetched = bridge.studio.get_task(a.task_id)
+                if fetched is None or not observe_task(bridge, fetched):
+                    outcomes.append("unknown-task")
+                    continue
+                row = bridge.ledger.task(task_id=a.task_id)
+            if row is None or row.state not in ("open", "done"):
+                outcomes.append("closed-task")
+                continue
+            outcomes.append(observe_annotation(bridge, a, row.case_id))
+        return ",".join(outcomes) or "empty"
+    if event.deleted_annotation_ids:
+        n = sum(bridge.ledger.delete_annotation(i) for i in event.deleted_annotation_ids)
+        return f"deleted-annotations:{n}"
+    if event.deleted_task_ids:
+        n = sum(bridge.ledger.delete_task(i) is not None for i in event.deleted_task_ids)
+        return f"deleted-tasks:{n}"
+    return f"ignored:{event.action}"
+
+
+def drain_webhooks(bridge: Bridge, *, limit: int = 500) -> int:
+    """Apply the hub inbox's webhook events after the ledger's cursor, then acknowledge them."""
+    cursor = bridge.ledger.get("webhook_cursor")
+    applied = 0
+    while True:
+        events = bridge.hub.events(after=cursor, limit=limit)
+        if not events:
+            break
+        for ev in events:
+            apply_webhook(bridge, ev.get("body"))
+            cursor = int(ev["id"])
+            bridge.ledger.put("webhook_cursor", cursor)
+            applied += 1
+        bridge.hub.ack(cursor)
+        if len(events) < limit:
+            break
+    return applied
+
+
+# ---------------------------------------------------------------------------------------------
+# reconciliation
+# ---------------------------------------------------------------------------------------------
+
+
+def reconcile(bridge: Bridge) -> int:
+    """List the whole project and apply it: new and changed annotations, deleted annotations and tasks.
+
+    A task the listing lacks is confirmed gone with a direct lookup before its labels are deleted,
+    so a page that shifted under concurrent edits never deletes anything by mistake.
+    """
+    seen: set[int] = set()
+    for task in bridge.studio.iter_tasks(bridge.project_id, full=True):
+        seen.add(task.id)
+        if not observe_task(bridge, task):
+            continue
+        row = bridge.ledger.task(task_id=task.id)
+        if row is None or row.state not in ("open", "done"):
+            continue
+        present = {a.id for a in task.annotations}
+        for a in task.annotations:
+            observe_annotation(bridge, a, row.case_id)
+        for old in bridge.ledger.annotations_of(task.id):
+            if old.annotation_id not in present:
+                log.info("annotation %d of task %d is gone from Label Studio", old.annotation_id, task.id)
+                bridge.ledger.delete_annotation(old.annotation_id)
+    for row in bridge.ledger.tasks("open", "done"):
+        if row.task_id is None or row.task_id in seen:
+            continue
+        if bridge.studio.get_task(row.task_id) is None:
+            log.info("task %d (case %s) was deleted in Label Studio", row.task_id, row.case_id)
+            bridge.ledger.delete_task(row.task_id)
+    return len(seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# flush: tell the hub
+# ---------------------------------------------------------------------------------------------
+
+
+def flush(bridge: Bridge) -> dict[str, int]:
+    """Post every label whose hub payload changed, delete labels of vanished annotations, release cases."""
+    out = {"posted": 0, "deleted": 0, "released": 0}
+    for payload in bridge.ledger.tombstones():
+        _post(bridge, payload)
+        bridge.ledger.drop_tombstone(int(payload["annotation_id"]))
+        out["deleted"] += 1
+    scores = score_annotators(bridge.ledger.gold_answers())
+    _refresh_reliability(bridge, scores)
+    n_classes = len(bridge.class_names)
+    for task in bridge.ledger.dirty_tasks():
+        if task.task_id is None:
+            continue
+        if task.state in ("open", "done"):
+            anns = bridge.ledger.annotations_of(task.task_id)
+            valid = [a for a in anns if a.valid]
+            verdicts = decide([Vote(a.annotation_id, a.annotator, int(a.label), a.ground_truth)  # type: ignore[arg-type]
+                               for a in valid],
+                              n_classes=n_classes, required=task.overlap, gold_label=task.gold_label,
+                              scores=scores, rules=bridge.config.rules)
+            for a, v in zip(valid, verdicts, strict=True):
+                payload = {
+                    "case_id": task.case_id, "label": int(a.label),  # type: ignore[arg-type]
+                    "annotator": a.annotator, "source": SOURCE, "task_id": task.task_id,
+                    "annotation_id": a.annotation_id, "created_at": a.created_at, "deleted": False,
+                    "agreement": None if v.agreement is None else round(v.agreement, 6),
+                    "n_annotators": v.n_annotators, "status": v.status,
+                }
+                if payload != a.sent:
+                    _post(bridge, payload)
+                    bridge.ledger.mark_sent(a.annotation_id, payload)
+                    out["posted"] += 1
+            for a in anns:
+                if not a.valid and a.sent is not None:  # a label whose annotation became a skip or malformed
+                    _post(bridge, {**a.sent, "deleted": True})
+                    bridge.ledger.mark_sent(a.annotation_id, None)
+                    out["deleted"] += 1
+            crowd = [a for a in valid if not a.ground_truth]
+            skipped = [a for a in anns if a.cancelled and not a.ground_truth]
+            gold = task.gold_label is not None or any(a.ground_truth for a in valid)
+            if not crowd and skipped and not gold:
+                log.info("task %d (case %s) was skipped; returning the case to the pool", task.task_id, task.case_id)
+                bridge.ledger.set_task(task.case_id, state="releasing")
+                task = bridge.ledger.task(case_id=task.case_id) or task
+            elif len(crowd) >= task.overlap and task.state == "open":
+                bridge.ledger.set_task(task.case_id, state="done")
+            elif len(crowd) < task.overlap and task.state == "done":
+                bridge.ledger.set_task(task.case_id, state="open")
+        if task.state == "releasing":
+            out["released"] += _release(bridge, task.case_id, int(task.task_id or 0))
+        bridge.ledger.set_task(task.case_id, dirty=False)
+    return out
+
+
+def _release(bridge: Bridge, case_id: str, task_id: int) -> int:
+    """Take the task out of the queue and give the case back to the hub's unlabeled pool."""
+    bridge.studio.delete_task(task_id)
+    try:
+        bridge.hub.release(case_id)
+    except Conflict as exc:
+        log.warning("case %s not released: %s", case_id, exc)
+    except HubNotFound:
+        log.warning("case %s is unknown to the hub; dropping its task", case_id)
+    bridge.ledger.set_task(case_id, state="released")
+    return 1
+
+
+def _post(bridge: Bridge, payload: dict[str, Any]) -> None:
+    """Post one label. A permanent refusal is logged with the hub's reason and counted, not retried forever."""
+    try:
+        bridge.hub.post_label(payload)
+    except (HubNotFound, Conflict, InvalidInput) as exc:
+        what = "deleting the label" if payload.get("deleted") else "the label"
+        log.error("hub refused %s of annotation %s (case %s): %s", what, payload.get("annotation_id"),
+                  payload.get("case_id"), exc)
+        bridge.ledger.put("hub_refused", int(bridge.ledger.get("hub_refused", 0)) + 1)
+
+
+def _refresh_reliability(bridge: Bridge, scores: dict[str, Any]) -> None:
+    """When an annotator's gold record crosses the reliability bar, re-decide every task they labeled."""
+    rules = bridge.config.rules
+    before: dict[str, bool] = bridge.ledger.get("unreliable", {})
+    now = {a: s.total >= rules.min_gold_answers and s.accuracy < rules.min_annotator_accuracy
+           for a, s in scores.items()}
+    flipped = [a for a, bad in now.items() if before.get(a, False) != bad]
+    for annotator in flipped:
+        for task_id in bridge.ledger.tasks_of_annotator(annotator):
+            bridge.ledger.mark_dirty(task_id)
+    if flipped:
+        bridge.ledger.put("unreliable", now)
+

@@ -1,0 +1,501 @@
+"""The Label Studio client: the only module that imports ``label_studio_sdk``.
+
+:class:`Studio` wraps the SDK with what the bridge needs (an idempotent project, bulk task import,
+predictions with score and cluster, annotations, webhooks, users) and one fault model: every SDK or
+network failure becomes a :mod:`fleet.errors` exception, :class:`~fleet.errors.RetryableError` for
+Label Studio being down, slow or busy and :class:`~fleet.errors.PermanentError` for refusals.
+Idempotent calls are retried here with backoff; calls that create something (task import, annotation
+create) are not, because a lost response does not say whether they happened: their callers check
+what exists before trying again, so nothing is duplicated.
+
+The HTTP client is passed in (``http=``), so tests can put a fault-injecting transport between the
+bridge and a real Label Studio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+
+from fleet.errors import (
+    FlywheelError,
+    InvalidInput,
+    PermanentError,
+    ProtocolError,
+    ServerBusy,
+    TransportError,
+    Unauthorized,
+)
+from labeling.configs import config_classes
+from labeling.records import AnnotationRecord, TaskRecord, parse_annotation, parse_task
+from labeling.retry import NO_RETRY, RetryPolicy, with_retries
+
+try:
+    from label_studio_sdk import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
+except ImportError as exc:  # pragma: no cover - exercised by the boundary tests
+    from fleet.errors import MissingExtra
+
+    raise MissingExtra("'label_studio_sdk' is not installed; install it with: "
+                       "pip install 'edge-flywheel[labeling]'") from exc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+UNCERTAINTY_SAMPLING = "Uncertainty sampling"
+
+
+class NotFound(PermanentError):
+    """Label Studio answered 404 for the object asked for."""
+
+
+class AlreadyExists(PermanentError):
+    """Label Studio answered 409: the object (an annotation with this ``unique_id``) exists already."""
+
+
+@dataclass(frozen=True)
+class Project:
+    id: int
+    title: str
+    label_config: str
+    sampling: str | None
+    model_version: str | None
+    maximum_annotations: int
+    overlap_cohort_percentage: int
+    show_collab_predictions: bool
+
+    @property
+    def class_names(self) -> list[str]:
+        return config_classes(self.label_config)
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    """The project the bridge keeps: its queue order, its overlap and how predictions are shown."""
+
+    title: str
+    label_config: str
+    model_version: str | None = None
+    overlap: int = 1
+    overlap_share: float = 0.0
+    description: str = "Flywheel: the most informative edge cases, first."
+    instructions: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        percent = int(round(self.overlap_share * 100)) if self.overlap > 1 else 100
+        out: dict[str, Any] = {
+            "label_config": self.label_config,
+            "sampling": UNCERTAINTY_SAMPLING,
+            "maximum_annotations": self.overlap,
+            "overlap_cohort_percentage": percent,
+            "show_collab_predictions": True,
+            "show_skip_button": True,
+            "description": self.description,
+        }
+        if self.model_version:
+            out["model_version"] = self.model_version
+        if self.instructions:
+            out["expert_instruction"] = self.instructions
+            out["show_instruction"] = True
+        return out
+
+
+class Studio:
+    """One Label Studio server, as one user (the token's owner)."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        http: httpx.Client | None = None,
+        timeout_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        workers: int = 4,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise InvalidInput(f"Label Studio URL must start with http:// or https://; received {url!r}")
+        if not token:
+            raise InvalidInput("a Label Studio API token is required (legacy token or personal access token)")
+        self.url = url.rstrip("/")
+        self._own_http = http is None
+        self.http = http or httpx.Client(timeout=timeout_s)
+        self.retry = retry or RetryPolicy()
+        self.sleep = sleep
+        self.workers = max(1, workers)
+        self.sdk = LabelStudio(base_url=self.url, api_key=token, httpx_client=self.http,  # type: ignore[no-untyped-call]
+                               max_retries=0, timeout=timeout_s)
+        self._timeout_s = timeout_s
+
+    def close(self) -> None:
+        if self._own_http:
+            self.http.close()
+
+    def __enter__(self) -> Studio:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -----------------------------------------------------------------------------------------
+    # the fault model
+    # -----------------------------------------------------------------------------------------
+
+    def call(self, what: str, fn: Callable[[], T], *, idempotent: bool = True) -> T:
+        """Run one SDK call, mapping faults to :mod:`fleet.errors`; retry idempotent ones with backoff."""
+        return with_retries(f"Label Studio {what}", lambda: translate(what, fn),
+                            self.retry if idempotent else NO_RETRY, sleep=self.sleep)
+
+    def _raw(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
+             expect: Iterable[int] = (200, 201, 204)) -> httpx.Response:
+        """A request the SDK does not wrap, with the SDK's own auth headers."""
+        headers = self.sdk._client_wrapper.get_headers()
+        try:
+            r = self.http.request(method, f"{self.url}/{path.lstrip('/')}", json=json_body, params=params,
+                                  headers=headers, timeout=self._timeout_s)
+        except httpx.TransportError as exc:
+            raise TransportError(f"Label Studio {method} {path}: {type(exc).__name__}: {exc}") from exc
+        if r.status_code not in set(expect):
+            raise _status_error(f"{method} {path}", r.status_code, _body(r))
+        return r
+
+    # -----------------------------------------------------------------------------------------
+    # users
+    # -----------------------------------------------------------------------------------------
+
+    def whoami(self) -> tuple[int, str]:
+        me = self.call("whoami", lambda: self.sdk.users.whoami())
+        return int(me.id), str(me.email or me.username or me.id)
+
+    def users(self) -> dict[int, str]:
+        """Every user of the organization: id -> email."""
+        users = self.call("list users", lambda: self.sdk.users.list())
+        return {int(u.id): str(u.email or u.username or u.id) for u in users}
+
+    def invite_token(self) -> str:
+        r = self.call("invite token", lambda: self._raw("GET", "api/invite"))
+        return str(r.json()["token"])
+
+    # -----------------------------------------------------------------------------------------
+    # project
+    # -----------------------------------------------------------------------------------------
+
+    def find_project(self, title: str) -> Project | None:
+        found: list[Any] = self.call("list projects",
+                                     lambda: list(self.sdk.projects.list(title=title, page_size=100)))
+        ids = sorted(int(p.id) for p in found if getattr(p, "title", None) == title)
+        return self.get_project(ids[0]) if ids else None
+
+    def get_project(self, project_id: int) -> Project:
+        p = self.call(f"get project {project_id}", lambda: self.sdk.projects.get(id=project_id))
+        return _project(p)
+
+    def ensure_project(self, settings: ProjectSettings) -> Project:
+        """The project with ``settings.title``, created or brought in line with ``settings`` (idempotent).
+
+        A labeling config may only gain classes: removing or reordering classes would change what
+        existing annotations mean, so it is refused with the two class lists.
+        """
+        wanted = settings.fields()
+        project = self.find_project(settings.title)
+        if project is None:
+            log.info("creating Label Studio project %r", settings.title)
+            p = self.call("create project",
+                          lambda: self.sdk.projects.create(title=settings.title, **wanted), idempotent=False)
+            return self.get_project(int(p.id or 0))
+        old, new = project.class_names, config_classes(settings.label_config)
+        if new[: len(old)] != old:
+            raise InvalidInput(f"project {project.title!r} labels classes {old}; the new config's classes {new} "
+                               f"would change what existing annotations mean (only appending classes is allowed)")
+        current = {
+            "label_config": project.label_config, "sampling": project.sampling,
+            "maximum_annotations": project.maximum_annotations,
+            "overlap_cohort_percentage": project.overlap_cohort_percentage,
+            "model_version": project.model_version, "show_collab_predictions": project.show_collab_predictions,
+        }
+        changed = {k: v for k, v in wanted.items() if k in current and current[k] != v}
+        if changed:
+            self.update_project(project.id, **changed)
+            return self.get_project(project.id)
+        return project
+
+    def update_project(self, project_id: int, **fields: Any) -> None:
+        log.info("updating Label Studio project %d: %s", project_id, sorted(fields))
+        self.call(f"update project {project_id}", lambda: self.sdk.projects.update(id=project_id, **fields))
+
+    def delete_project(self, project_id: int) -> None:
+        with contextlib.suppress(NotFound):
+            self.call(f"delete project {project_id}", lambda: self.sdk.projects.delete(id=project_id))
+
+    # -----------------------------------------------------------------------------------------
+    # tasks and predictions
+    # -----------------------------------------------------------------------------------------
+
+    def import_tasks(self, project_id: int, tasks: Sequence[dict[str, Any]]) -> list[int]:
+        """Create tasks (with inline predictions) in one request. Not retried: see :func:`labeling.push`."""
+        r = self.call(f"import {len(tasks)} tasks",
+                      lambda: self.sdk.projects.import_tasks(id=project_id, request=list(tasks),  # type: ignore[arg-type]
+                                                             return_task_ids=True),
+                      idempotent=False)
+        ids = list(getattr(r, "task_ids", None) or [])
+        if len(ids) != len(tasks):
+            raise ProtocolError(f"Label Studio imported {len(ids)} task ids for {len(tasks)} tasks: {r}")
+        return [int(i) for i in ids]
+
+    def create_task(self, project_id: int, data: dict[str, Any]) -> int:
+        """One task, one request (the slow path the benchmark compares the bulk import with)."""
+        t = self.call("create task", lambda: self.sdk.tasks.create(project=project_id, data=data), idempotent=False)
+        return int(t.id or 0)
+
+    def create_prediction(self, task_id: int, result: list[dict[str, Any]], *, model_version: str,
+                          score: float | None, cluster: int | None) -> int:
+        p = self.call(f"create prediction for task {task_id}",
+                      lambda: self.sdk.predictions.create(task=task_id, result=result, model_version=model_version,
+                                                          score=score, cluster=cluster),
+                      idempotent=False)
+        return int(p.id)
+
+    def set_clusters(self, clusters: Sequence[tuple[int, int]]) -> None:
+        """Set ``cluster`` on predictions, ``[(prediction_id, cluster)]``, a few at a time (idempotent).
+
+        Label Studio's bulk import drops a prediction's cluster, so it is set afterwards, one PATCH each.
+        """
+        def one(item: tuple[int, int]) -> None:
+            pid, cluster = item
+            self.call(f"set cluster of prediction {pid}",
+                      lambda: self.sdk.predictions.update(id=pid, cluster=cluster))
+
+        if self.workers == 1 or len(clusters) < 2:
+            for item in clusters:
+                one(item)
+            return
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            futures = [pool.submit(one, item) for item in clusters]
+            for f in as_completed(futures):
+                f.result()  # the first failure stops the rest: Label Studio is down, not slow per item
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def get_task(self, task_id: int) -> TaskRecord | None:
+        try:
+            t = self.call(f"get task {task_id}", lambda: self.sdk.tasks.get(id=str(task_id)))
+        except NotFound:
+            return None
+        return parse_task(_dump(t))
+
+    def iter_tasks(self, project_id: int, *, ids: Sequence[int] | None = None, full: bool = True,
+                   page_size: int = 500) -> Iterator[TaskRecord]:
+        """Every task of the project (or those with ``ids``), with annotations and predictions when ``full``.
+
+        Each page is fetched with retries; a page that still fails raises, so a caller never
+        mistakes a partial listing for the whole project.
+        """
+        query = json.dumps({"selectedItems": {"all": False, "included": list(ids)}}) if ids is not None else None
+        if ids is not None and not ids:
+            return
+        page = 1
+        while True:
+            def fetch(page: int = page) -> Any:
+                return self.sdk.tasks.list(project=project_id, fields="all" if full else "task_only",
+                                           query=query, page=page, page_size=page_size)
+
+            try:
+                pager = self.call(f"list tasks of project {project_id} page {page}", fetch)
+            except NotFound:
+                if page == 1:
+                    raise
+                return  # Label Studio answers 404 for the page after the last
+            items = list(getattr(pager, "items", None) or [])
+            for t in items:
+                yield parse_task(_dump(t))
+            if len(items) < page_size:
+                return
+            page += 1
+
+    def delete_task(self, task_id: int) -> bool:
+        """Delete a task; False when it was already gone."""
+        try:
+            self.call(f"delete task {task_id}", lambda: self.sdk.tasks.delete(id=str(task_id)))
+        except NotFound:
+            return False
+        return True
+
+    def update_task_data(self, task_id: int, data: dict[str, Any]) -> None:
+        self.call(f"update task {task_id}", lambda: self.sdk.tasks.update(id=str(task_id), data=data))
+
+    def next_task(self, project_id: int) -> TaskRecord | None:
+        """The task Label Studio's queue gives this user next (uncertainty sampling), or None when empty."""
+        try:
+            r = self.call(f"next task of project {project_id}",
+                          lambda: self._raw("GET", f"api/projects/{project_id}/next"))
+        except NotFound:
+            return None
+        body = r.json()
+        return parse_task(body) if isinstance(body, dict) and "id" in body else None
+
+    # -----------------------------------------------------------------------------------------
+    # annotations
+    # -----------------------------------------------------------------------------------------
+
+    def create_annotation(self, task_id: int, result: list[dict[str, Any]], *, unique_id: str | None = None,
+                          ground_truth: bool = False, was_cancelled: bool = False,
+                          lead_time: float | None = None) -> AnnotationRecord:
+        """Create an annotation as this user. With ``unique_id`` a retry cannot duplicate it: a second
+        create with the same ``unique_id`` raises :class:`AlreadyExists`."""
+        kwargs: dict[str, Any] = {"result": result, "ground_truth": ground_truth, "was_cancelled": was_cancelled}
+        if lead_time is not None:
+            kwargs["lead_time"] = lead_time
+        if unique_id is not None:
+            kwargs["unique_id"] = unique_id
+        a = self.call(f"annotate task {task_id}", lambda: self.sdk.annotations.create(id=task_id, **kwargs),
+                      idempotent=unique_id is not None)
+        return parse_annotation(_dump(a), task_id=task_id)
+
+    def update_annotation(self, annotation_id: int, result: list[dict[str, Any]]) -> AnnotationRecord:
+        a = self.call(f"update annotation {annotation_id}",
+                      lambda: self.sdk.annotations.update(id=annotation_id, result=result))
+        return parse_annotation(_dump(a))
+
+    def delete_annotation(self, annotation_id: int) -> bool:
+        try:
+            self.call(f"delete annotation {annotation_id}", lambda: self.sdk.annotations.delete(id=annotation_id))
+        except NotFound:
+            return False
+        return True
+
+    def annotations_of(self, task_id: int) -> list[AnnotationRecord]:
+        items = self.call(f"annotations of task {task_id}", lambda: self.sdk.annotations.list(id=task_id))
+        return [parse_annotation(_dump(a), task_id=task_id) for a in items]
+
+    # -----------------------------------------------------------------------------------------
+    # webhooks
+    # -----------------------------------------------------------------------------------------
+
+    def ensure_webhook(self, project_id: int, url: str, *, secret: str, actions: Sequence[str]) -> int:
+        """One webhook of this project to ``url`` with the secret header and actions (idempotent)."""
+        headers = {"X-Flywheel-Webhook-Secret": secret}
+        hooks = self.call("list webhooks", lambda: self.sdk.webhooks.list(project=str(project_id)))
+        mine = [h for h in hooks if h.url == url and (h.project in (None, project_id))]
+        if mine:
+            hook = mine[0]
+            if sorted(hook.actions or []) != sorted(actions) or (hook.headers or {}) != headers or not hook.is_active:
+                self.call("update webhook", lambda: self.sdk.webhooks.update(
+                    id=int(hook.id), url=url, actions=list(actions), headers=headers, is_active=True,
+                    send_payload=True, send_for_all_actions=False))
+            return int(hook.id)
+        hook = self.call("create webhook", lambda: self.sdk.webhooks.create(
+            url=url, project=project_id, actions=list(actions), headers=headers, send_payload=True,
+            send_for_all_actions=False, is_active=True), idempotent=False)
+        log.info("Label Studio webhook %s -> %s for %s", hook.id, url, list(actions))
+        return int(hook.id)
+
+    def delete_webhooks(self, project_id: int) -> None:
+        hooks = self.call("list webhooks", lambda: self.sdk.webhooks.list(project=str(project_id)))
+        for h in hooks:
+            if h.project == project_id:
+                hook_id = int(h.id or 0)
+                self.call("delete webhook", lambda hook_id=hook_id: self.sdk.webhooks.delete(id=hook_id))  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# users who log in (simulated annotators)
+# ---------------------------------------------------------------------------------------------
+
+
+def user_token(url: str, email: str, password: str, *, invite_token: str | None = None,
+               transport: httpx.BaseTransport | None = None, timeout_s: float = 30.0) -> str:
+    """The API token of a Label Studio user, signing the user up (through the organization's invite
+    link) the first time and logging in afterwards, the way a person does in the browser."""
+    base = url.rstrip("/")
+    session = httpx.Client(base_url=base, timeout=timeout_s, follow_redirects=False, transport=transport)
+    try:
+        for path in ("/user/login/", f"/user/signup/?token={invite_token}" if invite_token else None):
+            if path is None:
+                continue
+            try:
+                session.get(path)
+                csrf = session.cookies.get("csrftoken") or ""
+                session.post(path, data={"email": email, "password": password, "csrfmiddlewaretoken": csrf},
+                             headers={"Referer": base + path, "X-CSRFToken": csrf})
+                r = session.get("/api/current-user/token")
+            except httpx.TransportError as exc:
+                raise TransportError(f"Label Studio login for {email}: {type(exc).__name__}: {exc}") from exc
+            if r.status_code == 200 and "token" in r.json():
+                return str(r.json()["token"])
+        raise Unauthorized(f"could not log in or sign up {email!r} at {base} (is signup allowed with the invite link?)")
+    finally:
+        session.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def translate(what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` and turn SDK and network faults into :mod:`fleet.errors`."""
+    try:
+        return fn()
+    except FlywheelError:
+        raise
+    except ApiError as exc:
+        raise _status_error(what, exc.status_code, exc.body) from exc
+    except httpx.TimeoutException as exc:
+        raise TransportError(f"Label Studio {what}: timed out ({type(exc).__name__})") from exc
+    except httpx.TransportError as exc:
+        raise TransportError(f"Label Studio {what}: {type(exc).__name__}: {exc}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        # the SDK could not parse what came back: a proxy's error page, a truncated body
+        raise ProtocolError(f"Label Studio {what}: unexpected response ({type(exc).__name__}: {exc})") from exc
+
+
+def _status_error(what: str, status: int | None, body: Any) -> FlywheelError:
+    detail = body.get("detail") if isinstance(body, dict) and "detail" in body else body
+    text = f"Label Studio {what}: HTTP {status}: {str(detail)[:500]}"
+    if status is None or status >= 500 or status in (408, 429):
+        return ServerBusy(text)
+    if status in (401, 403):
+        return Unauthorized(text)
+    if status == 404:
+        return NotFound(text)
+    if status == 409:
+        return AlreadyExists(text)
+    return InvalidInput(text)
+
+
+def _body(r: httpx.Response) -> Any:
+    try:
+        return r.json()
+    except ValueError:
+        return r.text[:500]
+
+
+def _dump(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    dumped: dict[str, Any] = obj.model_dump(mode="json") if hasattr(obj, "model_dump") else dict(obj)
+    return dumped
+
+
+def _project(p: Any) -> Project:
+    d = _dump(p)
+    return Project(
+        id=int(d["id"]),
+        title=str(d.get("title") or ""),
+        label_config=str(d.get("label_config") or ""),
+        sampling=d.get("sampling"),
+        model_version=d.get("model_version") or None,
+        maximum_annotations=int(d.get("maximum_annotations") or 1),
+        overlap_cohort_percentage=int(d.get("overlap_cohort_percentage") or 100),
+        show_collab_predictions=bool(d.get("show_collab_predictions", True)),
+    )

@@ -1,0 +1,109 @@
+"""Fixtures for the labeling bridge: a fake hub over MockTransport and an in-memory Label Studio for unit
+tests; a real Label Studio (from scripts/test.sh) for the integration tests."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from labeling.bridge import Bridge, BridgeConfig
+from labeling.consensus import Rules
+from labeling.hub_client import HubClient
+from labeling.ledger import Ledger
+from labeling.push import Throttle
+from labeling.retry import RetryPolicy
+from tests.labeling.fakehub import FakeHub
+from tests.labeling.fakestudio import FakeStudio
+from tests.labeling.livestack import Live, build
+
+CLASSES = ["cat", "dog", "bird"]
+FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.0, max_delay_s=0.0, deadline_s=10.0)
+
+
+class Clock:
+    def __init__(self, t: float | None = None) -> None:
+        self.t = time.time() if t is None else t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        self.t += dt
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def hub() -> FakeHub:
+    h = FakeHub(class_names=list(CLASSES))
+    h.add_cases(40)
+    return h
+
+
+@pytest.fixture
+def studio() -> FakeStudio:
+    return FakeStudio()
+
+
+def make_bridge(hub: FakeHub, studio: object, clock: Clock, **overrides: object) -> Bridge:
+    client = HubClient(hub.base_url, hub.token, http=httpx.Client(transport=hub.transport()), retry=FAST_RETRY,
+                       sleep=lambda _: None)
+    defaults: dict[str, object] = {
+        "project_title": "unit", "overlap": 1, "overlap_share": 0.0, "rules": Rules(),
+        "throttle": Throttle(min_depth=6, max_depth=50, horizon_s=60, window_s=60), "in_doubt_grace_s": 0.0,
+        "reconcile_every_s": 0.0,
+    }
+    defaults.update(overrides)
+    return Bridge(studio, client, Ledger(":memory:", clock=clock), BridgeConfig(**defaults),  # type: ignore[arg-type]
+                  clock=clock)
+
+
+@pytest.fixture
+def bridge(hub: FakeHub, studio: FakeStudio, clock: Clock) -> Bridge:
+    return make_bridge(hub, studio, clock)
+
+
+# ---------------------------------------------------------------------------------------------
+# integration: the real Label Studio started by scripts/test.sh
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ls_env() -> tuple[str, str]:
+    url, token = os.environ.get("FLYWHEEL_TEST_LS_URL"), os.environ.get("FLYWHEEL_TEST_LS_TOKEN")
+    if not url or not token:
+        pytest.skip("FLYWHEEL_TEST_LS_URL / FLYWHEEL_TEST_LS_TOKEN not set (scripts/test.sh starts Label Studio)")
+    return url, token
+
+
+@pytest.fixture
+def ls_project_title(ls_env: tuple[str, str]) -> Iterator[str]:
+    """A fresh project title; the project is deleted after the test."""
+    from labeling.studio import Studio
+
+    title = f"test-{uuid.uuid4().hex[:10]}"
+    yield title
+    with Studio(*ls_env) as s:
+        p = s.find_project(title)
+        if p is not None:
+            s.delete_project(p.id)
+
+
+@pytest.fixture
+def live(ls_env: tuple[str, str], ls_project_title: str, tmp_path: Path) -> Iterator[Live]:
+    """The live stack (tests/labeling/livestack.py) on a fresh project, with 60 cases in the fake hub."""
+    hub = FakeHub(class_names=list(CLASSES))
+    hub.add_cases(60, clusters=4)
+    with hub.serve():
+        lv = build(ls_env, ls_project_title, tmp_path, hub)
+        yield lv
+        lv.studio.close()

@@ -1,0 +1,140 @@
+"""Helpers for integration tests and the benchmark: a Label Studio server of one's own, and a transport that
+puts network faults between the bridge and a real Label Studio."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+STUDIO_ENV = {
+    "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+    "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+    "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+    "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def studio_bin() -> str | None:
+    """The label-studio executable: FLYWHEEL_TEST_LS_BIN, or the repository's .venv-studio."""
+    env = os.environ.get("FLYWHEEL_TEST_LS_BIN")
+    if env and Path(env).exists():
+        return env
+    local = Path(__file__).resolve().parents[2] / ".venv-studio" / "bin" / "label-studio"
+    return str(local) if local.exists() else None
+
+
+@dataclass
+class StudioServer:
+    """A Label Studio process on loopback with a known admin and legacy token; restartable on its data dir."""
+
+    binary: str
+    data_dir: Path
+    port: int = field(default_factory=free_port)
+    token: str = field(default_factory=lambda: secrets.token_hex(20))
+    user: str = "admin@flywheel.test"
+    password: str = field(default_factory=lambda: "fw-" + secrets.token_urlsafe(12))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *, timeout_s: float = 300.0) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - the process keeps it
+        self.proc = subprocess.Popen(
+            [self.binary, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(self.port),
+             "--data-dir", str(self.data_dir / "data"), "--username", self.user, "--password", self.password,
+             "--user-token", self.token, "--enable-legacy-api-token"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **STUDIO_ENV}, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"label-studio exited ({self.proc.returncode}): {self.log_tail()}")
+            try:
+                r = httpx.get(f"{self.url}/api/current-user/whoami", headers={"Authorization": f"Token {self.token}"},
+                              timeout=5)
+                if r.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"label-studio did not answer within {timeout_s}s: {self.log_tail()}")
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def log_tail(self, n: int = 30) -> str:
+        path = self.data_dir / "server.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+
+@dataclass
+class Rule:
+    method: str
+    path: re.Pattern[str]
+    kind: str  # refuse | lose | slow | 503
+    times: int
+    delay_s: float = 0.0
+
+
+class FaultyTransport(httpx.BaseTransport):
+    """A real transport with scripted faults: refuse the connection, lose the answer after the server
+    acted (what a timeout looks like), answer slowly, or answer 503 without forwarding."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.rules: list[Rule] = []
+        self.hits: list[tuple[str, str, str]] = []
+        self.down = False
+
+    def add(self, method: str, path: str, kind: str, *, times: int = 1, delay_s: float = 0.0) -> None:
+        self.rules.append(Rule(method, re.compile(path), kind, times, delay_s))
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self.down:
+            self.hits.append((request.method, request.url.path, "down"))
+            raise httpx.ConnectError("injected: Label Studio is down", request=request)
+        for rule in self.rules:
+            if rule.times > 0 and rule.method == request.method and rule.path.search(request.url.path):
+                rule.times -= 1
+                self.hits.append((request.method, request.url.path, rule.kind))
+                if rule.kind == "refuse":
+                    raise httpx.ConnectError("injected: connection refused", request=request)
+                if rule.kind == "503":
+                    return httpx.Response(503, json={"detail": "injected: busy"}, request=request)
+                if rule.kind == "slow":
+                    time.sleep(rule.delay_s)
+                    break
+                if rule.kind == "lose":
+                    response = self.inner.handle_request(request)
+                    response.read()
+                    response.close()
+                    raise httpx.ReadTimeout("injected: the answer was lost", request=request)
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()

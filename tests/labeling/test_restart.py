@@ -1,0 +1,99 @@
+"""Label Studio killed in the middle of a sync and started again on its data: nothing lost, nothing twice.
+
+This test runs a Label Studio of its own (the shared one must stay up for the other tests), so it is slow.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from labeling.bots import BotSpec, BotTeam
+from labeling.bridge import Bridge, BridgeConfig
+from labeling.hub_client import HubClient
+from labeling.ledger import Ledger
+from labeling.push import Throttle
+from labeling.retry import RetryPolicy
+from labeling.studio import Studio
+from tests.labeling.fakehub import FakeHub
+from tests.labeling.lsserver import StudioServer, studio_bin
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+CLASSES = ["cat", "dog", "bird"]
+
+
+@pytest.mark.timeout(900)
+def test_label_studio_restarted_mid_sync(tmp_path: Path) -> None:
+    binary = studio_bin()
+    if binary is None:
+        pytest.skip("no label-studio executable (scripts/test.sh installs .venv-studio)")
+    server = StudioServer(binary, tmp_path / "ls")
+    server.start()
+    hub = FakeHub(class_names=list(CLASSES))
+    hub.add_cases(250, clusters=5)
+    try:
+        with hub.serve():
+            studio = Studio(server.url, server.token, http=httpx.Client(timeout=10),
+                            retry=RetryPolicy(attempts=3, base_delay_s=0.2, max_delay_s=0.5, deadline_s=5))
+            config = BridgeConfig(project_title="restart", overlap=1, overlap_share=0.0, batch_size=25,
+                                  throttle=Throttle(min_depth=150, max_depth=150), in_doubt_grace_s=0.5,
+                                  webhook_url=f"{hub.base_url}/v1/labeling/webhook", webhook_secret=hub.webhook_secret)
+            bridge = Bridge(studio, HubClient(hub.base_url, hub.token), Ledger(tmp_path / "ledger.sqlite"), config)
+            bridge.project(CLASSES, hub.model_version)
+
+            # kill Label Studio while a 150-task push is under way, in batches of 25
+            killed: list[float] = []
+
+            def killer() -> None:
+                deadline = time.monotonic() + 120
+                while not queued_cases(hub) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                server.stop(kill=True)
+                killed.append(time.monotonic())
+
+            k = threading.Thread(target=killer)
+            k.start()
+            report = bridge.sync_once()
+            k.join()
+            assert killed and report.errors, "the push should have been cut off"
+            queued = {c.case_id for c in hub.cases.values() if c.state == "queued"}
+            assert queued  # selected in the hub, some of them not (or not knowingly) in Label Studio yet
+
+            server.start()  # same data dir, same port
+            for _ in range(3):
+                report = bridge.sync_once(reconcile=True)
+            assert not report.errors, report.errors
+            tasks = list(studio.iter_tasks(bridge.project_id))
+            case_ids = [t.case_id for t in tasks]
+            assert len(case_ids) == len(set(case_ids)), "a task was duplicated"
+            queued = {c.case_id for c in hub.cases.values() if c.state == "queued"}
+            assert set(case_ids) == queued, "a selected case has no task, or a task has no selected case"
+            assert all(t.predictions and t.predictions[0].cluster is not None for t in tasks)
+
+            team = BotTeam(server.url, studio, bridge.project_id, [BotSpec("ann", 1.0, 0.0)], hub.truth, CLASSES)
+            for _ in range(10):
+                team.bots[0].step()
+            server.stop(kill=True)  # down again, before the bridge pulled those labels
+            assert bridge.sync_once(reconcile=True, push=False).errors
+            server.start()
+            team.bots[0].step()
+            bridge.sync_once(reconcile=True, push=False)
+            bridge.sync_once(reconcile=True, push=False)
+            annotations = {a.id for t in studio.iter_tasks(bridge.project_id) for a in t.annotations}
+            assert len(annotations) == 11
+            assert {lb["annotation_id"] for lb in hub.live_labels()} == annotations
+            assert [a for _, _, a in hub.label_log].count("created") == 11
+            team.close()
+            studio.close()
+    finally:
+        server.stop(kill=True)
+
+
+def queued_cases(hub: FakeHub) -> list[str]:
+    with hub.lock:
+        return [c.case_id for c in hub.cases.values() if c.state == "queued"]
