@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import shutil
+import os
+import secrets
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
 from fleet.sim.fleet import World
+
+if TYPE_CHECKING:
+    from fleet.sim.procs import HubProcess
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +74,142 @@ class OracleLabeler:
 
 
 def studio_available() -> str | None:
-    """None when the Label Studio server can be started here, else why not."""
+    """None when Label Studio can be used here (a running one named by FLYWHEEL_STUDIO_URL/TOKEN, or a
+    ``label-studio`` executable to start), else why not."""
+    from fleet.sim.studio import find_studio_bin
+
     if importlib.util.find_spec("label_studio_sdk") is None:
         return "the labeling extra (label-studio-sdk) is not installed"
-    if shutil.which("label-studio") is None and importlib.util.find_spec("label_studio") is None:
-        return "the studio extra (the Label Studio server) is not installed"
+    if os.environ.get("FLYWHEEL_STUDIO_URL") and os.environ.get("FLYWHEEL_STUDIO_TOKEN"):
+        return None
+    if find_studio_bin() is None:
+        return ("the studio extra (the Label Studio server) is not installed: no label-studio executable beside "
+                "this Python, on PATH, in ./.venv-studio or at $FLYWHEEL_STUDIO_BIN")
     return None
+
+
+class StudioLabeler:
+    """Labels the hub's selection in a real Label Studio: the labeling bridge pushes the selection as tasks,
+    simulated annotators (:mod:`labeling.bots`) answer them from the ground truth, and the bridge brings
+    their annotations back to the hub (webhooks, then a reconciliation pass).
+
+    Starts its own Label Studio under the workspace, unless FLYWHEEL_STUDIO_URL and FLYWHEEL_STUDIO_TOKEN
+    (an admin's API token) name a running one.
+    """
+
+    def __init__(self, hub: HubProcess, labeler_token: str, world: World, ws: Path, *,
+                 strategy: str = "uncertainty+diversity", say: Callable[[str], None] | None = None,
+                 annotators: int = 3, accuracy: float = 1.0, settle_s: float = 180.0) -> None:
+        from fleet.sim.studio import StudioServer, find_studio_bin, start_studio, studio_version
+        from labeling.bridge import Bridge, BridgeConfig
+        from labeling.hub_client import HubClient
+        from labeling.ledger import Ledger
+        from labeling.studio import Studio
+
+        self.world, self.settle_s = world, settle_s
+        self.say = say or (lambda msg: log.info("%s", msg))
+        self._headers = {"Authorization": f"Bearer {labeler_token}"}
+        self.server: StudioServer | None = None
+        url, token = os.environ.get("FLYWHEEL_STUDIO_URL"), os.environ.get("FLYWHEEL_STUDIO_TOKEN")
+        if url and token:
+            self.url, self.token = url.rstrip("/"), token
+            self.say(f"Label Studio: using the running server at {self.url}")
+        else:
+            binary = find_studio_bin()
+            if binary is None:
+                raise RuntimeError("no label-studio executable found (install the studio extra)")
+            self.say(f"starting Label Studio ({binary}); the first start takes a minute or two")
+            self.server = start_studio(ws / "label-studio" / "data", binary=binary)
+            self.url, self.token = self.server.url, self.server.token
+            self.say(f"Label Studio on {self.url} (data in {ws / 'label-studio'})")
+        run = secrets.token_hex(3)
+        self.studio = Studio(self.url, self.token)
+        self.hub = HubClient(hub.url, labeler_token, timeout_s=60.0)
+        (ws / "label-studio").mkdir(parents=True, exist_ok=True)
+        self.ledger = Ledger(ws / "label-studio" / "bridge.sqlite")
+        self.config = BridgeConfig(
+            project_title=f"Flywheel demo {time.strftime('%Y-%m-%d %H:%M')} {run}", overlap=1, overlap_share=0.0,
+            strategy=strategy, reconcile_every_s=0.0,
+            webhook_url=f"{hub.url}/v1/labeling/webhook", webhook_secret=hub.webhook_secret,
+        )
+        self.bridge = Bridge(self.studio, self.hub, self.ledger, self.config)
+        self.bot_names = [f"demo-{run}-{i + 1}" for i in range(annotators)]
+        self.accuracy = accuracy
+        self._bot_password = "fw-bot-" + secrets.token_urlsafe(12)
+        self._answers: dict[str, int] = {}  # case id -> true label, for the cases pushed so far
+        self._team: Any = None
+        version = studio_version(self.url, self.token)
+        self.name = f"Label Studio {version or ''}".rstrip() + f" with {annotators} simulated annotators"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self._headers
+
+    def _labeled(self) -> int:
+        return self.hub.pool("labeled", limit=1)[0]
+
+    def _learn_answers(self) -> None:
+        for case in self.hub.iter_pool("queued"):
+            frame = (case.get("tags") or {}).get("frame")
+            if frame in self.world.truth:
+                self._answers[str(case["case_id"])] = int(self.world.truth[frame])
+
+    def _ensure_team(self) -> Any:
+        if self._team is None:
+            from labeling.bots import BotSpec, BotTeam
+
+            specs = [BotSpec(n, accuracy=self.accuracy, seconds_per_task=0.0) for n in self.bot_names]
+            self._team = BotTeam(self.url, self.studio, self.bridge.project_id, specs, self._answers.get,
+                                 self.bridge.class_names, password=self._bot_password)
+        return self._team
+
+    def label(self, budget: int, turn: int) -> int:
+        from dataclasses import replace
+
+        from labeling.push import Throttle
+
+        before = self._labeled()
+        # the throttle lets the whole budget through at once: the bots keep no queue of their own
+        self.bridge.config = replace(self.config, throttle=Throttle(horizon_s=1.0, min_depth=budget,
+                                                                    max_depth=budget, max_batch=budget))
+        report = self.bridge.sync_once(push=True, reconcile=True)
+        for e in report.errors:
+            log.warning("label sync: %s", e)
+        pushed = report.pushed
+        if pushed == 0 and not self.ledger.open_slots():
+            return 0
+        self._learn_answers()
+        team = self._ensure_team()
+        deadline = time.monotonic() + self.settle_s
+        answered = 0
+        while time.monotonic() < deadline:
+            worked = False
+            for bot in team.bots:
+                if bot.step():
+                    worked, answered = True, answered + 1
+            if not worked:
+                break
+        # bring the annotations back: webhooks first, then a full reconciliation, until the hub has them
+        target = before + answered
+        while True:
+            report = self.bridge.sync_once(push=False, reconcile=True)
+            got = self._labeled()
+            if got >= target or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        done = got - before
+        correct = sum(b.stats.correct for b in team.bots)
+        self.say(f"Label Studio turn {turn}: pushed {pushed} tasks, {answered} annotations by "
+                 f"{len(team.bots)} simulated annotators ({correct} correct in all so far), {done} labels in the hub")
+        if done < answered:
+            log.warning("only %d of %d annotations reached the hub (errors: %s)", done, answered, report.errors)
+        return done
+
+    def close(self) -> None:
+        if self._team is not None:
+            self._team.close()
+        self.studio.close()
+        self.hub.close()
+        self.ledger.close()
+        if self.server is not None:
+            self.server.stop()

@@ -1,0 +1,107 @@
+"""Label Studio for the demo: find the server's executable, and run it on loopback with a known admin."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from fleet.sim.procs import ProcessFailed, free_port, start_logged, stop_process, tail
+
+ADMIN_EMAIL = "admin@flywheel.demo"
+# what scripts/services.sh sets: legacy tokens are off by default in 1.23; webhooks go to a hub on loopback,
+# which SSRF protection would refuse; nothing may phone home (the version check calls pypi.org)
+STUDIO_ENV = {
+    "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+    "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
+    "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
+    "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+}
+
+
+def find_studio_bin() -> Path | None:
+    """The ``label-studio`` executable: $FLYWHEEL_STUDIO_BIN, next to this interpreter, on PATH, or
+    ``.venv-studio/bin/label-studio`` under the current directory (what scripts/services.sh creates)."""
+    env = os.environ.get("FLYWHEEL_STUDIO_BIN")
+    candidates: list[Path | None] = [
+        Path(env) if env else None,
+        Path(sys.executable).parent / "label-studio",
+        Path(p) if (p := shutil.which("label-studio")) else None,
+        Path.cwd() / ".venv-studio" / "bin" / "label-studio",
+    ]
+    for c in candidates:
+        if c is not None and c.is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+@dataclass
+class StudioServer:
+    url: str
+    token: str
+    email: str
+    password: str
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, grace=20.0)
+
+
+def whoami_ok(url: str, token: str) -> bool:
+    try:
+        r = httpx.get(url.rstrip("/") + "/api/current-user/whoami", headers={"Authorization": f"Token {token}"},
+                      timeout=5.0)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200
+
+
+def start_studio(data_dir: Path, *, binary: Path, timeout: float = 300.0) -> StudioServer:
+    """Run Label Studio on a free loopback port with a fresh data dir; wait until the token answers."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    token = secrets.token_hex(20)
+    password = "fw-" + secrets.token_urlsafe(12)
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, **STUDIO_ENV}
+    cmd = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+           "--data-dir", str(data_dir), "--username", ADMIN_EMAIL, "--password", password, "--user-token", token,
+           "--enable-legacy-api-token"]
+    log_path = data_dir.parent / "label-studio.log"
+    proc = start_logged(cmd, log_path, env=env)
+    server = StudioServer(url, token, ADMIN_EMAIL, password, proc, log_path)
+    deadline = time.monotonic() + timeout
+    while not whoami_ok(url, token):
+        if proc.poll() is not None:
+            raise ProcessFailed(f"Label Studio exited with code {proc.returncode} while starting:\n"
+                                f"{tail(log_path, 40)}")
+        if time.monotonic() > deadline:
+            server.stop()
+            raise ProcessFailed(f"Label Studio did not answer at {url} within {timeout:.0f}s:\n{tail(log_path, 40)}")
+        time.sleep(2.0)
+    return server
+
+
+def studio_version(url: str, token: str) -> str | None:
+    try:
+        r = httpx.get(url.rstrip("/") + "/api/version", headers={"Authorization": f"Token {token}"}, timeout=10.0)
+        r.raise_for_status()
+        d = r.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    for key in ("release", "label-studio-os-package"):
+        v = d.get(key)
+        if isinstance(v, dict):
+            v = v.get("version")
+        if isinstance(v, str) and v:
+            return v
+    return None
