@@ -22,7 +22,7 @@ from fleet.signing import KeyPair
 log = logging.getLogger(__name__)
 
 
-class ProcessFailed(FlywheelError):
+class ProcessFailed(FlywheelError, RuntimeError):
     """A child process exited non-zero; the message carries the tail of its log."""
 
 

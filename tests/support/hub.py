@@ -11,15 +11,10 @@ strong secrets and a fresh signing key pair, and is killed afterwards::
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +22,7 @@ from typing import Any
 import pytest
 
 from fleet.signing import KeyPair, generate_keypair, load_private_key
+from fleet.sim import procs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,73 +59,25 @@ class RunningHub:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def start_hub(data_dir: Path, *, database_url: str | None = None, workers: int = 1,
               extra_env: dict[str, str] | None = None, timeout: float = 60.0) -> Iterator[RunningHub]:
-    """Run ``flywheel hub serve`` as a subprocess until the block exits."""
-    import httpx
-
-    data_dir.mkdir(parents=True, exist_ok=True)
+    """Run ``flywheel hub serve`` as a subprocess (the demo's own launcher) until the block exits."""
     pair = generate_keypair()
-    port = free_port()
-    secrets_ = {name: secrets.token_urlsafe(24) for name in ("admin", "fleet", "url", "webhook")}
-    env = {
-        **os.environ,
-        "FLYWHEEL_HUB_ADMIN_TOKEN": secrets_["admin"],
-        "FLYWHEEL_HUB_FLEET_SECRET": secrets_["fleet"],
-        "FLYWHEEL_HUB_URL_SECRET": secrets_["url"],
-        "FLYWHEEL_HUB_WEBHOOK_SECRET": secrets_["webhook"],
-        "FLYWHEEL_HUB_SIGNING_PUBLIC_KEY": pair.public_b64,
-        "FLYWHEEL_HUB_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        **(extra_env or {}),
-    }
-    env.pop("FLYWHEEL_HUB_DEV", None)
-    cmd = [sys.executable, "-m", "fleet.cli", "hub", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--data-dir", str(data_dir), "--workers", str(workers), "--log-level", "warning"]
-    if database_url:
-        cmd += ["--database-url", database_url]
-    log_path = data_dir / "hub.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    hub = RunningHub(url=f"http://127.0.0.1:{port}", admin_token=secrets_["admin"], fleet_secret=secrets_["fleet"],
-                     webhook_secret=secrets_["webhook"], keypair=pair, data_dir=data_dir, process=proc,
-                     log_path=log_path, env=env)
+    proc = procs.start_hub(data_dir, pair, database_url=database_url, workers=workers, extra_env=extra_env,
+                           timeout=timeout)
+    hub = RunningHub(url=proc.url, admin_token=proc.admin_token, fleet_secret=proc.fleet_secret,
+                     webhook_secret=proc.webhook_secret, keypair=pair, data_dir=data_dir, process=proc.process,
+                     log_path=proc.log_path, env=proc.env)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"hub exited with {proc.returncode}:\n{hub.log()}")
-            try:
-                if httpx.get(hub.url + "/healthz", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"hub did not answer /healthz within {timeout}s:\n{hub.log()}")
-            time.sleep(0.1)
         yield hub
     finally:
-        stop(proc)
+        stop(hub.process)  # the process a test restarted, if it did
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     """SIGTERM the hub's process group (uvicorn and its workers), then SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(grace)
+    procs.stop_process(proc, grace=grace)
 
 
 @pytest.fixture
