@@ -61,6 +61,7 @@ def demo(
             console.print(f"[red]demo failed:[/red] {exc}")
             raise typer.Exit(1) from exc
     last = results[-1]
+    console.print()
     console.print(render_conditions(last))
     console.print(
         f"after {last.flywheel.labels} labels: flywheel {last.flywheel.accuracy:.3f} vs random "
