@@ -11,7 +11,6 @@ strong secrets and a fresh signing key pair, and is killed afterwards::
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,32 +27,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
-class RunningHub:
-    url: str
-    admin_token: str
-    fleet_secret: str
-    webhook_secret: str
-    keypair: KeyPair
-    data_dir: Path
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
+class RunningHub(procs.HubProcess):
+    """The demo's hub process plus the signing key pair its registry trusts."""
 
-    @property
-    def admin_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.admin_token}"}
+    keypair: KeyPair = field(kw_only=True)
 
     def private_key(self) -> Any:
         return load_private_key(self.keypair.private_pem)
-
-    def token(self, scope: str, name: str | None = None) -> str:
-        """Mint a labeler/trainer/admin token through the API."""
-        import httpx
-
-        r = httpx.post(self.url + "/v1/tokens", headers=self.admin_headers,
-                       json={"scope": scope, "name": name or f"{scope}-{secrets.token_hex(4)}"})
-        r.raise_for_status()
-        return str(r.json()["token"])
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
