@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -164,6 +165,10 @@ def hub_transport(models: dict[str, tuple[str, bytes]], assignment: dict[str, An
         if path == "/v1/cases":
             request.read()
             return httpx.Response(201, json={"case_id": "x", "duplicate_of": None})
+        if path == "/v1/cases/batch":  # one result per case part, in order, as the hub answers
+            ids = re.findall(rb'name="case_(\d+)"', request.read())
+            return httpx.Response(200, json={"results": [
+                {"status": "created", "case_id": f"x{int(i)}", "duplicate_of": None} for i in ids]})
         if path == "/v1/assignment":
             return httpx.Response(200, json=assignment)
         parts = path.strip("/").split("/")
@@ -176,7 +181,9 @@ def hub_transport(models: dict[str, tuple[str, bytes]], assignment: dict[str, An
 
 
 def make_agent(work: Path, public_key: str, models: dict[str, tuple[str, bytes]], frames: list[Any], *,
-               challenger: bool) -> Any:
+               challenger: bool, window: int = 0) -> Any:
+    """An agent on ``frames`` with the agent's default config, but for the hub, the model(s), the campaign
+    and ``window`` (frames per trigger decision; 0: the agent's default)."""
     import httpx
 
     from fleet.edge.agent import Agent
@@ -192,7 +199,8 @@ def make_agent(work: Path, public_key: str, models: dict[str, tuple[str, bytes]]
     data_dir = Path(tempfile.mkdtemp(dir=work))
     cfg = config_from_dict({
         "device_id": "bench-dev", "data_dir": str(data_dir), "hub": {"url": "http://hub"},
-        "source": {"kind": "npz", "path": "unused"}, "runtime": {"threads": 1, "batch_size": 1},
+        "source": {"kind": "npz", "path": "unused"},
+        "runtime": {"threads": 1, "batch_size": 1, **({"trigger_window": window} if window else {})},
         "heartbeat": {"interval_s": 1.0}, "ota": {"poll_interval_s": 1.0},
         "spool": {"max_bytes": 16 * 1024 * 1024},
     }, base_dir=work)
@@ -249,10 +257,10 @@ def bare_fps(onnx_path: Path, frames: list[Any]) -> tuple[float, float]:
 
 
 def agent_fps(work: Path, public_key: str, models: dict[str, tuple[str, bytes]], frames: list[Any], *,
-              challenger: bool) -> tuple[float, float, Any]:
+              challenger: bool, window: int = 0) -> tuple[float, float, Any]:
     """(frames/s, CPU seconds per frame of the inference thread, run summary)."""
     timed = Timed(frames)
-    agent = make_agent(work, public_key, models, timed, challenger=challenger)  # type: ignore[arg-type]
+    agent = make_agent(work, public_key, models, timed, challenger=challenger, window=window)  # type: ignore[arg-type]
     summary = agent.run()
     agent.close()
     assert summary.frames == len(frames), summary
@@ -266,7 +274,8 @@ def memory_probe(args: argparse.Namespace) -> None:
     for v in ("bench-v1", "bench-v2"):
         models[v] = ((args.probe / f"{v}.json").read_text(), (args.probe / f"{v}.onnx").read_bytes())
     frames = load_frames(args.frames)
-    _, _, summary = agent_fps(args.probe, args.public_key, models, frames, challenger=args.challenger)
+    _, _, summary = agent_fps(args.probe, args.public_key, models, frames, challenger=args.challenger,
+                              window=args.trigger_window)
     status = Path("/proc/self/status").read_text()
     hwm_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     print(json.dumps({"peak_rss_mib": hwm_kib / 1024,
@@ -278,6 +287,8 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=3000)
     ap.add_argument("--repeats", type=int, default=7, help="Rounds of (bare, agent, agent+challenger).")
     ap.add_argument("--cores", type=int, default=0, help="Pin the benchmark to this many CPU cores (0: all).")
+    ap.add_argument("--trigger-window", type=int, default=0,
+                    help="Frames per trigger decision (0: the agent's default, runtime.trigger_window).")
     ap.add_argument("--append", type=Path, default=None, help="Append the result table to this Markdown file.")
     ap.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--public-key", default="", help=argparse.SUPPRESS)
@@ -301,7 +312,7 @@ def main() -> None:
     onnx_path = work / "bench-v1.onnx"
 
     bare_fps(onnx_path, frames[:300])  # warm-up
-    agent_fps(work, pair.public_b64, models, frames[:300], challenger=False)
+    agent_fps(work, pair.public_b64, models, frames[:300], challenger=False, window=args.trigger_window)
     # Rounds of back-to-back runs: each round's ratio compares loops measured seconds apart, so load
     # from other processes on the machine shifts both sides of a ratio alike.
     runs: dict[str, list[float]] = {"bare": [], "agent": [], "agent+challenger": []}
@@ -312,7 +323,8 @@ def main() -> None:
         runs["bare"].append(fps)
         cpu["bare"].append(c)
         for name in ("agent", "agent+challenger"):
-            fps, c, s = agent_fps(work, pair.public_b64, models, frames, challenger=name != "agent")
+            fps, c, s = agent_fps(work, pair.public_b64, models, frames, challenger=name != "agent",
+                                  window=args.trigger_window)
             runs[name].append(fps)
             cpu[name].append(c)
             flagged[name] = (s.flagged, s.uploaded)
@@ -325,23 +337,30 @@ def main() -> None:
     for name, extra in (("agent", []), ("agent+challenger", ["--challenger"])):
         out = subprocess.run(
             [sys.executable, __file__, "--probe", str(work), "--public-key", pair.public_b64,
-             "--frames", str(args.frames), "--cores", str(args.cores), *extra],
+             "--frames", str(args.frames), "--cores", str(args.cores),
+             "--trigger-window", str(args.trigger_window), *extra],
             capture_output=True, text=True, check=True,
         )
         mem[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
     import onnxruntime
 
+    from fleet.edge.config import RuntimeConfig, UplinkConfig
+
+    window, up = args.trigger_window or RuntimeConfig().trigger_window, UplinkConfig()
     lines = [
         f"## Edge agent loop vs bare onnxruntime ({time.strftime('%Y-%m-%d')})",
         "",
-        f"`python benchmarks/bench_agent.py --frames {args.frames} --repeats {args.repeats} --cores {args.cores}` "
+        f"`python benchmarks/bench_agent.py --frames {args.frames} --repeats {args.repeats} --cores {args.cores}"
+        f"{f' --trigger-window {args.trigger_window}' if args.trigger_window else ''}` "
         f"on {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} "
         "CPU cores, Python "
         f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}, 1 intra-op thread, batch size 1. "
         f"Model: smallcnn shape (1x28x28, 32-64-128), {args.frames} Fashion-MNIST test frames with their labels "
         "as the human's action; spec: calibrated entropy and margin (2% each), human disagreement, dedup, "
-        "a 600/min budget, decided in windows of 32 frames; uplink running against an in-process hub. "
+        f"a 600/min budget, decided in windows of {window} frames; the agent's default config otherwise "
+        f"(uplink batches of up to {up.batch_max_cases} cases, lingering {up.linger_s:g} s), with heartbeats "
+        "and assignment polls every second; uplink running against an in-process hub that accepts every case. "
         f"Median of {args.repeats} rounds of back-to-back runs after a warm-up; 'vs bare' is the median of "
         "the per-round ratios.",
         "",

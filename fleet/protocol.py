@@ -28,7 +28,7 @@ import base64
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -94,6 +94,13 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
+def _fields_of(obj: Any) -> dict[str, Any]:
+    """``json.dumps`` hook: a dataclass message as a dict of its fields (nested messages come back here)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: getattr(obj, f.name) for f in fields(obj)}
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
 class _Message:
     """Mixin: JSON round trip through ``to_dict``/``from_dict`` with strict key checking."""
 
@@ -101,8 +108,8 @@ class _Message:
         return asdict(self)  # type: ignore[call-overload, no-any-return]
 
     def to_json(self) -> str:
-        try:
-            return json.dumps(self.to_dict(), allow_nan=False, separators=(",", ":"))
+        try:  # the same JSON as to_dict's, without its deep copy (the agent encodes a case per flagged frame)
+            return json.dumps(self, default=_fields_of, allow_nan=False, separators=(",", ":"))
         except ValueError as exc:
             raise ProtocolError(f"{type(self).__name__} holds a NaN or infinite number: {exc}") from exc
 

@@ -79,7 +79,8 @@ class Agent:
         up = config.uplink
         self.uplink = Uplink(self.spool, self.client, bytes_per_minute=up.bytes_per_minute,
                              backoff=Backoff(base_s=up.backoff_base_s, cap_s=up.backoff_max_s),
-                             batch_max_cases=up.batch_max_cases, batch_max_bytes=up.batch_max_bytes)
+                             batch_max_cases=up.batch_max_cases, batch_max_bytes=up.batch_max_bytes,
+                             linger_s=up.linger_s)
         self.recorder = Recorder(self.spool, on_stored=self.uplink.wake)
         self.decider = Decider(device_id=config.device_id, campaigns=self.campaigns, recorder=self.recorder,
                                telemetry=self.telemetry, on_result=self._watch_health)

@@ -14,7 +14,7 @@ Example (every key but ``device_id``, ``hub.url`` and ``source`` has a default):
     [runtime]
     threads = 1                         # onnxruntime intra-op threads
     batch_size = 1                      # frames per inference call
-    trigger_window = 32                 # frames per trigger decision (amortises its cost; no effect on scores)
+    trigger_window = 64                 # frames per trigger decision (amortises its cost; no effect on scores)
     trigger_max_delay_s = 1.0           # decide sooner once the oldest frame has waited this long
 
     [source]
@@ -33,6 +33,7 @@ Example (every key but ``device_id``, ``hub.url`` and ``source`` has a default):
     drain_timeout_s = 5                 # on exit, wait this long for the spool to empty
     batch_max_cases = 16                # cases per upload request (1: one case per request)
     batch_max_bytes = 4194304           # bytes per upload request (one case larger than this goes alone)
+    linger_s = 0.5                      # a batch not yet full waits this long for more cases (0: send at once)
 
     [heartbeat]
     interval_s = 30
@@ -73,7 +74,7 @@ class HubConfig:
 class RuntimeConfig:
     threads: int = 1
     batch_size: int = 1
-    trigger_window: int = 32  # frames decided together by the trigger spec
+    trigger_window: int = 64  # frames decided together by the trigger spec
     trigger_max_delay_s: float = 1.0  # ... or fewer, once the oldest has waited this long
 
 
@@ -98,6 +99,7 @@ class UplinkConfig:
     drain_timeout_s: float = 5.0  # on exit, wait this long for the spool to empty
     batch_max_cases: int = 16  # cases per upload request to the hub's batch endpoint (1: single uploads)
     batch_max_bytes: int = 4 * 1024 * 1024  # bytes per upload request (a larger case goes alone)
+    linger_s: float = 0.5  # a batch not yet full waits this long for more cases (0: send at once)
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,8 @@ def _validate(cfg: AgentConfig) -> None:
             f"received {cfg.uplink.backoff_max_s}"
         )
     positive("uplink.drain_timeout_s", cfg.uplink.drain_timeout_s, allow_zero=True)
+    if not 0 <= cfg.uplink.linger_s <= 60:
+        raise InvalidInput(f"agent config: uplink.linger_s must be in 0..60 seconds; received {cfg.uplink.linger_s}")
     if not 1 <= cfg.uplink.batch_max_cases <= 64:
         raise InvalidInput(
             f"agent config: uplink.batch_max_cases must be in 1..64; received {cfg.uplink.batch_max_cases}"

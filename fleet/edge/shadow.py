@@ -2,7 +2,7 @@
 batch as frames arrive; ``decide`` evaluates the live campaigns' triggers over a window of inferred
 batches and turns the frames they keep into captures with their full context.
 
-Deciding over a window (say 32 frames) rather than per frame keeps the trigger library's fixed cost
+Deciding over a window (64 frames by default) rather than per frame keeps the trigger library's fixed cost
 per call off each frame; the library gives the same scores, firings and priorities either way, and
 a shadow-mode decision is not urgent. The challenger is never acted on: its outputs only feed the
 agreement counters, the triggers that compare against it, and the context recorded with a case.

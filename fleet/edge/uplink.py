@@ -12,6 +12,11 @@ the hub answers each case on its own, and each answer acks, drops or keeps its c
 single upload's answer would. A hub without the batch endpoint gets single uploads (asked again
 after ``BATCH_RETRY_S``); a hub refusing a whole batch (too many cases, too many bytes) gets
 smaller ones.
+
+With ``linger_s`` > 0, a batch that is not yet full waits up to that long after the uplink first saw
+it for more cases to join it (as a message producer lingers), so a trickle of flagged frames goes
+out in a few requests rather than one request per case: every request costs the device CPU and the
+hub a transaction. ``drain`` and ``stop`` cut a linger short.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class UplinkStats:
     dropped: int = 0  # refused for good
     bytes_sent: int = 0
     batches: int = 0  # requests to the batch endpoint that the hub answered case by case
-    state: str = "idle"  # idle | sending | backoff | unauthorized | stopped
+    state: str = "idle"  # idle | lingering | sending | backoff | unauthorized | stopped
     last_error: str = ""
 
 
@@ -60,6 +65,7 @@ class Uplink:
         unauthorized_pause_s: float = 60.0,
         batch_max_cases: int = 16,
         batch_max_bytes: int = 4 * 1024 * 1024,
+        linger_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spool = spool
@@ -70,12 +76,15 @@ class Uplink:
         self.unauthorized_pause_s = unauthorized_pause_s
         self.batch_max_cases = batch_max_cases
         self.batch_max_bytes = batch_max_bytes
+        self.linger_s = linger_s
+        self._linger_since: float | None = None  # when the uplink first saw the batch it lingers on
         self._batch_cap = batch_max_cases  # shrinks when the hub refuses a whole batch
         self._single_until = float("-inf")  # single uploads until then (a hub without the batch endpoint)
         self._clock = clock
         self.stats = UplinkStats()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._flush = threading.Event()  # set: send what there is now, no lingering (drain, stop)
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -86,6 +95,7 @@ class Uplink:
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()
+        self._flush.set()
         if self._thread is not None:
             self._thread.join(timeout)
         self.stats.state = "stopped"
@@ -97,12 +107,17 @@ class Uplink:
     def drain(self, timeout_s: float) -> bool:
         """Wait until the spool is empty (True) or ``timeout_s`` passes (False). The thread must run."""
         deadline = time.monotonic() + timeout_s
-        while self.spool.stats().items:
-            if time.monotonic() >= deadline or self._stop.is_set():
-                return False
-            self._wake.set()
-            time.sleep(0.05)
-        return True
+        self._flush.set()
+        try:
+            while self.spool.stats().items:
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    return False
+                self._wake.set()
+                time.sleep(0.05)
+            return True
+        finally:
+            if not self._stop.is_set():
+                self._flush.clear()
 
     def step(self) -> float:
         """Send the next case, or the next batch of cases; return how long to wait before the next step (0: go on)."""
@@ -110,7 +125,12 @@ class Uplink:
         items = self.spool.peek(cap)
         if not items:
             self.stats.state = "idle"
+            self._linger_since = None
             return self.idle_s
+        linger = self._linger_left(len(items), cap)
+        if linger > 0:
+            self.stats.state = "lingering"
+            return linger
         costs = [items[0].nbytes + MULTIPART_OVERHEAD]
         wait = self.budget.wait_time(costs[0])
         if wait > 0:
@@ -129,6 +149,20 @@ class Uplink:
         return self._send_batch(batch, costs)
 
     # -- private ------------------------------------------------------------------------------
+
+    def _linger_left(self, have: int, cap: int) -> float:
+        """Seconds a batch of ``have`` (of at most ``cap``) cases still waits for company; 0: send now."""
+        if self.linger_s <= 0 or cap <= 1 or have >= cap or self._flush.is_set():
+            self._linger_since = None
+            return 0.0
+        now = self._clock()
+        if self._linger_since is None:
+            self._linger_since = now
+        left = self._linger_since + self.linger_s - now
+        if left <= 0:
+            self._linger_since = None
+            return 0.0
+        return left
 
     def _send(self, item: SpoolItem, cost: int) -> float:
         try:
@@ -210,5 +244,7 @@ class Uplink:
                 if self.stats.state == "idle":
                     self._wake.wait(delay)
                     self._wake.clear()
+                elif self.stats.state == "lingering":  # new cases join silently; drain or stop cut it short
+                    self._flush.wait(delay)
                 else:
                     self._stop.wait(delay)

@@ -31,7 +31,7 @@ def test_minimal_config_gets_defaults_and_resolves_paths(tmp_path: Path) -> None
     assert cfg.data_dir == tmp_path / "flywheel-agent"
     assert cfg.spool.max_bytes == 64 * 1024 * 1024
     assert cfg.triggers.default_spec is None
-    assert (cfg.uplink.batch_max_cases, cfg.uplink.batch_max_bytes) == (16, 4 * 1024 * 1024)
+    assert (cfg.uplink.batch_max_cases, cfg.uplink.batch_max_bytes, cfg.uplink.linger_s) == (16, 4 * 1024 * 1024, 0.5)
 
 
 def test_full_config(tmp_path: Path) -> None:
@@ -68,6 +68,7 @@ default_spec = "spec.json"
         ('[uplink]\nbackoff_base_s = 5\nbackoff_max_s = 1\n', "backoff_max_s must be >= backoff_base_s"),
         ('[heartbeat]\ninterval_s = true\n', "heartbeat.interval_s must be a number; received True"),
         ('[uplink]\nbatch_max_cases = 0\n', "uplink.batch_max_cases must be in 1..64; received 0"),
+        ('[uplink]\nlinger_s = -1\n', "uplink.linger_s must be in 0..60 seconds; received -1"),
         ('[uplink]\nbatch_max_bytes = 100\n', "uplink.batch_max_bytes must be >= 65536; received 100"),
     ],
 )

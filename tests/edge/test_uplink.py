@@ -260,3 +260,53 @@ def test_inference_thread_never_waits_on_a_hanging_hub(tmp_path: Path, hub: Fake
     assert up.drain(10.0)
     up.stop()
     assert len(hub.cases) == 20
+
+
+def test_a_partial_batch_lingers_for_company_then_goes_in_one_request(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    now = [100.0]
+    up = Uplink(spool, hub.client(), batch_max_cases=8, linger_s=0.5, clock=lambda: now[0])
+    first = fill(spool, 2)
+    assert up.step() == pytest.approx(0.5) and up.stats.state == "lingering" and not hub.requests
+    now[0] += 0.3
+    later = fill(spool, 3)
+    assert up.step() == pytest.approx(0.2) and not hub.requests  # the wait counts from the first sight
+    now[0] += 0.2
+    assert up.step() == 0
+    assert hub.batch_sizes == [5] and set(hub.cases) == set(first + later) and spool.stats().items == 0
+    assert up.step() == up.idle_s and up.stats.state == "idle"
+
+
+def test_a_full_batch_does_not_linger(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    up = Uplink(spool, hub.client(), batch_max_cases=4, linger_s=30.0, clock=lambda: 0.0)
+    fill(spool, 6)
+    assert up.step() == 0 and hub.batch_sizes == [4]  # full: out at once
+    assert up.step() == pytest.approx(30.0) and hub.batch_sizes == [4]  # the remaining two wait
+
+
+def test_drain_and_stop_cut_a_linger_short(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    up = Uplink(spool, hub.client(), batch_max_cases=16, linger_s=60.0)
+    up.start()
+    rec = Recorder(spool, on_stored=up.wake)
+    for i in range(3):
+        rec.record(capture(seed=i))
+    time.sleep(0.3)
+    assert not hub.cases and up.stats.state == "lingering"
+    t0 = time.monotonic()
+    assert up.drain(10.0)
+    assert time.monotonic() - t0 < 5.0 and len(hub.cases) == 3 and hub.batch_sizes == [3]
+    rec.record(capture(seed=9))  # after a drain, lingering resumes
+    time.sleep(0.3)
+    assert len(hub.cases) == 3
+    t0 = time.monotonic()
+    up.stop()
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_single_uploads_never_linger(tmp_path: Path, hub: FakeHub) -> None:
+    spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
+    up = Uplink(spool, hub.client(), batch_max_cases=1, linger_s=30.0)
+    fill(spool, 1)
+    assert up.step() == 0 and len(hub.cases) == 1
