@@ -36,7 +36,8 @@ def create_app(
     settings = settings or HubSettings()
     settings.check()
     own_engine = engine is None
-    engine = engine or make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size)
+    engine = engine or make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size,
+                                   sqlite_memory_mib=settings.sqlite_memory_mib)
     if blob_store is None:
         blob_store = FileBlobStore(settings.resolved_blob_dir(), fsync=settings.blob_fsync)
     hub = Hub(settings=settings, engine=engine, blobs=blob_store, clock=clock)

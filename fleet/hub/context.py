@@ -81,7 +81,7 @@ class Hub:
 
             eng = self.stats["autocommit_engine"] = make_engine(
                 self.engine.url.render_as_string(hide_password=False), pool_size=self.settings.db_pool_size,
-                isolation_level="AUTOCOMMIT")
+                sqlite_memory_mib=self.settings.sqlite_memory_mib, isolation_level="AUTOCOMMIT")
         return eng  # type: ignore[no-any-return]
 
     def close(self) -> None:

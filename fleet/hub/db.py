@@ -22,8 +22,14 @@ _WRITE = "flywheel_write"
 _WRITERS: weakref.WeakKeyDictionary[Engine, tuple[Engine, Any]] = weakref.WeakKeyDictionary()
 
 
-def make_engine(url: str, *, pool_size: int = 20, **kw: Any) -> Engine:
-    """An engine for ``url``. SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE for writers."""
+SQLITE_MEMORY_MIB = 16
+
+
+def make_engine(url: str, *, pool_size: int = 20, sqlite_memory_mib: int = SQLITE_MEMORY_MIB, **kw: Any) -> Engine:
+    """An engine for ``url``. SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE for writers, and a soft
+    limit of ``sqlite_memory_mib`` on the memory all its connections in this process hold: without it each
+    pooled connection keeps its own page cache (2 MiB by default), so the hub's memory grows with the pool
+    and the database instead of staying flat."""
     u = sa.make_url(url)
     if u.get_backend_name() == "sqlite":
         database = u.database or ""
@@ -36,7 +42,7 @@ def make_engine(url: str, *, pool_size: int = 20, **kw: Any) -> Engine:
             max_overflow=2 * pool_size,
             pool_timeout=60,
         )
-        _sqlite_events(engine)
+        _sqlite_events(engine, sqlite_memory_mib)
         return engine
     if u.get_backend_name() == "postgresql":
         return sa.create_engine(
@@ -45,11 +51,13 @@ def make_engine(url: str, *, pool_size: int = 20, **kw: Any) -> Engine:
     raise ValueError(f"database_url must be sqlite or postgresql; received {u.get_backend_name()!r}")
 
 
-def _sqlite_events(engine: Engine) -> None:
+def _sqlite_events(engine: Engine, memory_mib: int) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves, below
         cur = dbapi_conn.cursor()
+        # process-wide: SQLite recycles page-cache pages (of any connection) to stay under it
+        cur.execute(f"PRAGMA soft_heap_limit={int(memory_mib) * 1024 * 1024}")
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")
         cur.execute("PRAGMA busy_timeout=30000")

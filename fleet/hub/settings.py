@@ -46,6 +46,8 @@ class HubSettings(BaseSettings):
     blob_fsync: bool = Field(False, description="fsync each blob before it becomes visible.")
     migrate_on_start: bool = True
     db_pool_size: int = Field(20, ge=1)
+    sqlite_memory_mib: int = Field(16, ge=1, description="Soft limit on the memory SQLite holds in a worker, page "
+                                   "caches of all pooled connections together (PRAGMA soft_heap_limit).")
 
     rollback_margin: float = Field(0.05, ge=0, le=1, description="Canary disagreement above incumbent's + this.")
     rollback_min_compared: int = Field(200, ge=1, description="Human-compared frames needed on each side.")

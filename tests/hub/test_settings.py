@@ -56,3 +56,28 @@ def test_public_key_from_a_file(tmp_path: Path) -> None:
     f = tmp_path / "signing.pub"
     f.write_text(pair.public_b64 + "\n")
     assert HubSettings(signing_public_key_file=f).public_key() == pair.public_b64
+
+
+def test_sqlite_memory_is_bounded_for_every_pooled_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each pooled SQLite connection would keep its own page cache; the soft heap limit bounds them together."""
+    from fleet.hub.app import create_app
+
+    monkeypatch.setenv("FLYWHEEL_HUB_SQLITE_MEMORY_MIB", "8")
+    app = create_app(HubSettings(dev=True, data_dir=tmp_path))
+    engine = app.state.hub.engine
+    conns = [engine.connect() for _ in range(3)]
+    try:
+        assert {c.exec_driver_sql("PRAGMA soft_heap_limit").scalar() for c in conns} == {8 * 1024 * 1024}
+    finally:
+        for c in conns:
+            c.close()
+        engine.dispose()
+
+
+def test_a_bad_sqlite_memory_limit_is_refused_with_what_was_received(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv("FLYWHEEL_HUB_SQLITE_MEMORY_MIB", "0")
+    with pytest.raises(ValidationError, match="sqlite_memory_mib") as info:
+        HubSettings(dev=True)
+    assert "greater than or equal to 1" in str(info.value) and "input_value='0'" in str(info.value)
