@@ -68,8 +68,12 @@ def create_app(
 
 
 def create_app_from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory``: settings from the environment."""
-    return create_app(HubSettings())
+    """Factory for ``uvicorn --factory`` (runs in each worker process): settings from the environment."""
+    from fleet.hub.memory import limit_malloc_arenas
+
+    settings = HubSettings()
+    limit_malloc_arenas(settings.malloc_arenas)  # before the request threads exist
+    return create_app(settings)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ class HubSettings(BaseSettings):
     blob_fsync: bool = Field(False, description="fsync each blob before it becomes visible.")
     migrate_on_start: bool = True
     db_pool_size: int = Field(20, ge=1)
+    malloc_arenas: int = Field(2, ge=0, le=64, description="glibc malloc arenas of a worker process (0: glibc's "
+                               "default, 8 per core); few keep a threaded worker's memory from creeping up.")
     sqlite_memory_mib: int = Field(16, ge=1, description="Soft limit on the memory SQLite holds in a worker, page "
                                    "caches of all pooled connections together (PRAGMA soft_heap_limit).")
 
