@@ -10,7 +10,8 @@ count is checked against what the devices were told was stored.
 Pass criteria (exit status 1 otherwise): zero 5xx, zero transport errors, zero unexpected statuses,
 every acknowledged case stored exactly once, and the hub's RSS after warm-up growing by less than
 ``--max-growth`` (mean of the last fifth of the samples against the mean of the first fifth after
-warm-up).
+warm-up) and flat by the end: a least-squares slope over the second half of the samples of at most
+``--max-late-slope`` MiB per minute.
 
     .venv/bin/python benchmarks/bench_soak.py --devices 200 --minutes 10 --append benchmarks/RESULTS.md
     .venv/bin/python benchmarks/bench_soak.py --devices 50 --seconds 40          # the CI-sized run
@@ -67,6 +68,7 @@ class SoakResult:
     rss_end_mib: float = 0.0
     rss_peak_mib: float = 0.0
     rss_growth: float = 0.0
+    rss_late_slope: float = 0.0  # MiB per minute, least squares over the second half of the samples
     backend: str = "sqlite"
     workers: int = 1
 
@@ -74,8 +76,9 @@ class SoakResult:
     def errors(self) -> int:
         return self.server_errors + self.transport_errors + self.unexpected
 
-    def ok(self, max_growth: float) -> bool:
-        return self.errors == 0 and self.cases_at_hub == self.cases_stored and self.rss_growth < max_growth
+    def ok(self, max_growth: float, max_late_slope: float = float("inf")) -> bool:
+        return (self.errors == 0 and self.cases_at_hub == self.cases_stored and self.rss_growth < max_growth
+                and self.rss_late_slope <= max_late_slope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,21 +339,27 @@ def _memory(r: SoakResult, warmup: float) -> None:
     r.rss_end_mib = round(statistics.fmean(steady[-k:]), 1)
     r.rss_peak_mib = round(max(values), 1)
     r.rss_growth = round(r.rss_end_mib / r.rss_warm_mib - 1.0, 4) if r.rss_warm_mib else 0.0
+    late = r.rss_mib[len(r.rss_mib) // 2:]
+    if len(late) >= 3 and late[-1][0] > late[0][0]:
+        t = np.array([x for x, _ in late]) / 60.0
+        r.rss_late_slope = round(float(np.polyfit(t, np.array([m for _, m in late]), 1)[0]), 2)
 
 
-def report(r: SoakResult, max_growth: float) -> str:
-    verdict = "PASS" if r.ok(max_growth) else "FAIL"
+def report(r: SoakResult, max_growth: float, max_late_slope: float = float("inf")) -> str:
+    verdict = "PASS" if r.ok(max_growth, max_late_slope) else "FAIL"
     rate = r.requests / r.seconds if r.seconds else 0.0
     lat = ", ".join(f"{k} {v:g} ms" for k, v in sorted(r.latency_ms.items()))
     return (
         f"{verdict}: {r.devices} simulated devices for {r.seconds:.0f} s against one hub ({r.backend}, "
         f"{r.workers} worker(s)) on loopback.\n\n"
         f"| requests | req/s | 5xx | transport errors | unexpected statuses | cases stored (201) | retries answered "
-        f"'already' | cases at hub | cases lost | hub RSS after warm-up | at end | peak | growth |\n"
-        f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        f"'already' | cases at hub | cases lost | hub RSS after warm-up | at end | peak | growth | "
+        f"slope, 2nd half |\n"
+        f"|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {r.requests} | {rate:.0f} | {r.server_errors} | {r.transport_errors} | {r.unexpected} | "
         f"{r.cases_stored} | {r.cases_repeated} | {r.cases_at_hub} | {r.cases_stored - r.cases_at_hub} | "
-        f"{r.rss_warm_mib} MiB | {r.rss_end_mib} MiB | {r.rss_peak_mib} MiB | {100 * r.rss_growth:+.1f}% |\n\n"
+        f"{r.rss_warm_mib} MiB | {r.rss_end_mib} MiB | {r.rss_peak_mib} MiB | {100 * r.rss_growth:+.1f}% | "
+        f"{r.rss_late_slope:+.2f} MiB/min |\n\n"
         f"Requests by kind: {json.dumps(r.by_kind, sort_keys=True)}; statuses: {json.dumps(r.statuses)}. "
         f"Latency: {lat}. RSS samples (s, MiB), every ~{max(1, len(r.rss_mib) // 12)}th: "
         f"{[(t, round(m, 1)) for t, m in r.rss_mib[:: max(1, len(r.rss_mib) // 12)]]}.\n"
@@ -367,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="hub worker processes")
     ap.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite in the work dir)")
     ap.add_argument("--max-growth", type=float, default=0.20, help="allowed RSS growth after warm-up")
+    ap.add_argument("--max-late-slope", type=float, default=1.0,
+                    help="allowed RSS slope over the second half of the run, MiB/min (steady memory)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the full result here")
     ap.add_argument("--append", type=Path, default=None, help="append a section to this RESULTS.md")
@@ -380,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir or Path(tmp)
         r = soak(args.devices, seconds, workdir=work, database_url=args.database_url, workers=args.workers,
                  period_s=args.period)
-    text = report(r, args.max_growth)
+    text = report(r, args.max_growth, args.max_late_slope)
     print(text)
     if r.error_samples:
         print("errors:", *r.error_samples, sep="\n  ")
@@ -391,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         from _common import append
 
         append(args.append, f"Soak: {r.devices} devices, {seconds / 60:g} min", text)
-    return 0 if r.ok(args.max_growth) else 1
+    return 0 if r.ok(args.max_growth, args.max_late_slope) else 1
 
 
 if __name__ == "__main__":

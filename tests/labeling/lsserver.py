@@ -7,26 +7,18 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-STUDIO_ENV = {
-    "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-    "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false",
-    "LABEL_STUDIO_LATEST_VERSION_CHECK": "false",
-    "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from fleet.sim.procs import free_port
+from fleet.sim.studio import STUDIO_ENV
 
 
 def studio_bin() -> str | None:
@@ -90,6 +82,26 @@ class StudioServer:
     def log_tail(self, n: int = 30) -> str:
         path = self.data_dir / "server.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
+
+
+def sync_cut_off_by_a_kill(server: StudioServer, sync: Callable[[], Any], pushing: Callable[[], bool]) -> Any:
+    """Run ``sync`` (one bridge sync) while Label Studio is SIGKILLed as soon as ``pushing()`` says the hub
+    has selected cases for it; the sync's report must show the push was cut off."""
+    killed: list[float] = []
+
+    def killer() -> None:
+        deadline = time.monotonic() + 120
+        while not pushing() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop(kill=True)
+        killed.append(time.monotonic())
+
+    k = threading.Thread(target=killer)
+    k.start()
+    report = sync()
+    k.join()
+    assert killed and report.errors, "the push should have been cut off"
+    return report
 
 
 @dataclass

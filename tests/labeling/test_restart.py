@@ -5,8 +5,6 @@ This test runs a Label Studio of its own (the shared one must stay up for the ot
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -20,7 +18,7 @@ from labeling.push import Throttle
 from labeling.retry import RetryPolicy
 from labeling.studio import Studio
 from tests.labeling.fakehub import FakeHub
-from tests.labeling.lsserver import StudioServer, studio_bin
+from tests.labeling.lsserver import StudioServer, studio_bin, sync_cut_off_by_a_kill
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -47,20 +45,7 @@ def test_label_studio_restarted_mid_sync(tmp_path: Path) -> None:
             bridge.project(CLASSES, hub.model_version)
 
             # kill Label Studio while a 150-task push is under way, in batches of 25
-            killed: list[float] = []
-
-            def killer() -> None:
-                deadline = time.monotonic() + 120
-                while not queued_cases(hub) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                server.stop(kill=True)
-                killed.append(time.monotonic())
-
-            k = threading.Thread(target=killer)
-            k.start()
-            report = bridge.sync_once()
-            k.join()
-            assert killed and report.errors, "the push should have been cut off"
+            sync_cut_off_by_a_kill(server, bridge.sync_once, lambda: bool(queued_cases(hub)))
             queued = {c.case_id for c in hub.cases.values() if c.state == "queued"}
             assert queued  # selected in the hub, some of them not (or not knowingly) in Label Studio yet
 

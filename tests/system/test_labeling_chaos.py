@@ -6,14 +6,12 @@ down and webhooks delivered twice: every annotation becomes exactly one label at
 from __future__ import annotations
 
 import os
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.labeling.lsserver import StudioServer, studio_bin
+from tests.labeling.lsserver import StudioServer, studio_bin, sync_cut_off_by_a_kill
 from tests.labeling.realhub import RealHub
 from tests.support.models import make_model_files
 
@@ -70,20 +68,7 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
                                                     headers=bearer(labeler)).json()["cases"]]
 
             # 1. Label Studio killed while a 40-task push is under way (in batches of 10), then restarted
-            killed: list[float] = []
-
-            def killer() -> None:
-                deadline = time.monotonic() + 120
-                while not queued() and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                server.stop(kill=True)
-                killed.append(time.monotonic())
-
-            k = threading.Thread(target=killer)
-            k.start()
-            report = bridge.sync_once()
-            k.join()
-            assert killed and report.errors, "the push should have been cut off"
+            sync_cut_off_by_a_kill(server, bridge.sync_once, lambda: bool(queued()))
             server.start()
             for _ in range(3):
                 report = bridge.sync_once(reconcile=True)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from fleet.protocol import Case
+from tests.support.data import digits_arrays, png_bytes
 from tests.support.hub import REPO
 from tests.support.models import make_model_files
 
@@ -36,25 +37,6 @@ from .support import (
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = np.clip(np.rint(d.images * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    p = np.random.default_rng(0).permutation(len(x))
-    return x[p], d.target[p].astype(np.int64)
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def train_cmd(hub_url: str, snapshot: str, base: Path, out: Path, key: Path, trainer: str, version: str,
               epochs: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "fleet.cli", "train", "--data", f"hub:{hub_url}", "--snapshot", snapshot,
@@ -69,7 +51,7 @@ def test_trainer_killed_resumes_and_a_gate_failure_never_ships(tmp_path: Path) -
         trainer, labeler = hub.token("trainer"), hub.token("labeler")
         m0 = make_model_files(tmp_path / "m", "tr-m0", private_key=hub.private_key(), num_classes=10)
         publish(hub, m0, trainer, promote=True)
-        x, y = digits()
+        x, y = digits_arrays()
         with httpx.Client(base_url=hub.url, timeout=30) as c:
             r = c.post("/v1/enroll", json={"device_id": "tr-seed", "fleet_secret": hub.fleet_secret})
             device = bearer(r.json()["token"])

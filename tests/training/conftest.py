@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,27 +10,10 @@ import numpy as np
 import pytest
 
 from fleet.signing import generate_keypair, write_keypair
+from tests.support.data import digits_arrays
 from training.config import TrainArgs
 
 FASHION = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "fashion-mnist" / "fashion_mnist.npz"
-
-
-def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """sklearn's 1,797 8x8 digits as uint8 0..255, shuffled with a fixed seed."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = np.clip(np.rint(d.images * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    p = np.random.default_rng(0).permutation(len(x))
-    return x[p], d.target[p].astype(np.int64)
-
-
-def png_bytes(img: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="session")

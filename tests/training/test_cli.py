@@ -17,9 +17,8 @@ from typer.testing import CliRunner
 from fleet.cli import app
 from fleet.protocol import SignedManifest
 from fleet.signing import verify_manifest
+from tests.support.data import digits_arrays
 from training.checkpoint import load_checkpoint
-
-from .conftest import digits_arrays
 
 ROOT = Path(__file__).resolve().parents[2]
 

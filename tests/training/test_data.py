@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fleet.errors import InvalidInput
+from tests.support.data import png_bytes
 from training.data import (
     EpochSampler,
     ImageSet,
@@ -22,8 +23,6 @@ from training.data import (
     slice_masks,
     to_nchw_uint8,
 )
-
-from .conftest import png_bytes
 
 
 def test_npz_roundtrip_keeps_tags_and_names(digits_npz: Path) -> None:

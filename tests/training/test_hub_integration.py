@@ -15,10 +15,9 @@ from typer.testing import CliRunner
 from fleet.cli import app
 from fleet.protocol import Case, SignedManifest
 from fleet.signing import verify_manifest
+from tests.support.data import digits_arrays, png_bytes
 from tests.support.hub import RunningHub, running_hub  # noqa: F401
 from tests.support.models import make_model_files
-
-from .conftest import digits_arrays, png_bytes
 
 
 def seed_labeled_cases(hub: RunningHub, n: int, trainer: str, tmp_path: Path) -> None:

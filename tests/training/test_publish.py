@@ -10,6 +10,7 @@ import pytest
 
 from fleet.errors import InvalidInput
 from fleet.signing import verify_manifest
+from tests.support.data import digits_arrays, png_bytes
 from training import export as export_mod
 from training.config import TrainArgs
 from training.errors import ParityError, SnapshotError
@@ -17,7 +18,6 @@ from training.hub_client import HubClient
 from training.publish import parse_stages
 from training.train import main
 
-from .conftest import digits_arrays, png_bytes
 from .fakehub import FakeHub
 
 MakeArgs = Callable[..., TrainArgs]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from fleet.errors import ServerBusy, Unauthorized
+from tests.support.data import digits_arrays, png_bytes
 from training.errors import SnapshotError
 from training.hub_client import HubClient
 from training.snapshot import BlobCache, pull_snapshot, snapshot_to_imageset
 
-from .conftest import digits_arrays, png_bytes
 from .fakehub import FakeHub
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from fleet.errors import InvalidInput
+from tests.support.data import digits_arrays, png_bytes
 from training.checkpoint import load_checkpoint
 from training.config import TrainArgs
 from training.hub_client import HubClient
 from training.train import main
 
-from .conftest import digits_arrays, png_bytes
 from .fakehub import FakeHub
 
 MakeArgs = Callable[..., TrainArgs]
