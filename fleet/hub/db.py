@@ -15,14 +15,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from fleet.hub.settings import SQLITE_MEMORY_MIB
+
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _WRITE = "flywheel_write"
 _WRITERS: weakref.WeakKeyDictionary[Engine, tuple[Engine, Any]] = weakref.WeakKeyDictionary()
-
-
-SQLITE_MEMORY_MIB = 16
 
 
 def make_engine(url: str, *, pool_size: int = 20, sqlite_memory_mib: int = SQLITE_MEMORY_MIB, **kw: Any) -> Engine:

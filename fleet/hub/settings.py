@@ -9,6 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet.errors import InvalidInput
 
+SQLITE_MEMORY_MIB = 16  # default soft limit on SQLite's memory per worker (see fleet.hub.db.make_engine)
+
 # Defaults that only a dev hub may run with; a production hub refuses to start on any of them.
 DEV_FLEET_SECRET = "dev-fleet-secret"
 DEV_ADMIN_TOKEN = "dev-admin-token"
@@ -48,8 +50,9 @@ class HubSettings(BaseSettings):
     db_pool_size: int = Field(20, ge=1)
     malloc_arenas: int = Field(2, ge=0, le=64, description="glibc malloc arenas of a worker process (0: glibc's "
                                "default, 8 per core); few keep a threaded worker's memory from creeping up.")
-    sqlite_memory_mib: int = Field(16, ge=1, description="Soft limit on the memory SQLite holds in a worker, page "
-                                   "caches of all pooled connections together (PRAGMA soft_heap_limit).")
+    sqlite_memory_mib: int = Field(SQLITE_MEMORY_MIB, ge=1, description="Soft limit on the memory SQLite holds "
+                                   "in a worker, page caches of all pooled connections together "
+                                   "(PRAGMA soft_heap_limit).")
 
     rollback_margin: float = Field(0.05, ge=0, le=1, description="Canary disagreement above incumbent's + this.")
     rollback_min_compared: int = Field(200, ge=1, description="Human-compared frames needed on each side.")
