@@ -5,8 +5,11 @@ another):
 
 - :mod:`labeling.push` asks the hub for a selection (as many cases as the throttle allows: the queue is
   held near the depth annotators get through in ``--horizon`` seconds) and imports them in batches;
-  each task's image is the hub's signed URL and the model's prediction is a pre-annotation with
-  ``model_version``, ``score`` and ``cluster``; the project uses Label Studio's uncertainty sampling.
+  each task's image is the hub's signed URL and the model's prediction is a pre-annotation with a
+  ``score`` and a ``cluster``; the project uses Label Studio's uncertainty sampling. Every prediction
+  carries the bridge's queue version (``labeling.bridge.QUEUE_VERSION``), never a model's: Label Studio
+  serves and pre-annotates only the project's version, so one version keeps one queue across retrains
+  and canaries (the model behind each prediction is the task's ``model_version`` data field).
 - :mod:`labeling.pull` applies Label Studio's webhooks (drained from the hub's inbox) and a periodic
   reconciliation of the whole project to the ledger (:mod:`labeling.ledger`), then posts each
   annotation's label with the status :mod:`labeling.consensus` gives it; deletions and skips are

@@ -82,6 +82,7 @@ class BotStats:
     malformed: int = 0
     errors: int = 0
     submitted_at: list[tuple[int, float]] = field(default_factory=list)  # (annotation id, unix time)
+    served: list[str | None] = field(default_factory=list)  # case ids in the order the queue gave them
 
 
 class Bot:
@@ -135,6 +136,7 @@ class Bot:
         except AlreadyExists:
             ann_id = -1
         with self._lock:
+            self.stats.served.append(task.case_id)
             self.stats.submitted_at.append((ann_id, time.time()))
             if cancelled:
                 self.stats.skipped += 1

@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The ``model_version`` of every prediction the bridge pushes, and of the project: one queue across model
+# versions. Label Studio 1.23's uncertainty sampling (projects/functions/next_task.py) serves, and its UI
+# pre-annotates with, only predictions whose model_version equals the project's; and it refuses to point
+# a project at a version no prediction carries yet. Per-model versions would therefore need a project
+# update after every retrain, and during a canary (two versions uploading at once) would split the queue.
+# The model that made each prediction is kept in the task's data (``model_version``).
+QUEUE_VERSION = "flywheel"
+
 
 @dataclass(frozen=True)
 class BridgeConfig:
@@ -44,9 +52,12 @@ class BridgeConfig:
     image_refresh_margin_s: float = 3600.0
     in_doubt_grace_s: float = 2.0
     instructions: str | None = "Pick the class that best describes the image. Skip it if you cannot tell."
+    queue_version: str = QUEUE_VERSION
 
     def __post_init__(self) -> None:
         get_kind(self.kind)
+        if not self.queue_version or len(self.queue_version) > 64 or not self.queue_version.isprintable():
+            raise InvalidInput(f"queue_version must be 1-64 printable characters; received {self.queue_version!r}")
         if self.class_names:
             check_class_names(self.class_names)
         if not 1 <= self.overlap <= 20:
@@ -95,6 +106,7 @@ class Bridge:
         self._webhook_ready = False
         self._last_reconcile = 0.0
         self.push_timing: dict[str, float] = {}
+        self.problems: list[str] = []
 
     # -----------------------------------------------------------------------------------------
 
@@ -110,18 +122,20 @@ class Bridge:
     def project_id(self) -> int:
         return self.project().id
 
-    def project(self, class_names: list[str] | None = None, model_version: str | None = None) -> Project:
-        """The Label Studio project, ensured once per process and again when classes or the model change."""
-        from labeling.studio import ProjectSettings
+    def project(self, class_names: list[str] | None = None) -> Project:
+        """The Label Studio project, ensured once per process and again when the classes change.
+
+        A project update Label Studio refuses (a 4xx) is reported in :attr:`problems` and the project is
+        used as it is: a refused settings change must not stop tasks reaching annotators.
+        """
+        from labeling.studio import ProjectSettings, ProjectUpdateRefused
 
         known = self.ledger.get("class_names")
         names = class_names or known or list(self.config.class_names)
         if not names:
             raise InvalidInput("the bridge does not know the model's class names yet: pass --classes or push a "
                                "selection first")
-        version = model_version or self.ledger.get("model_version")
-        if (self._project is not None and names == known and
-                (model_version is None or model_version == self._project.model_version)):
+        if self._project is not None and names == known:
             return self._project
         if known and names[: len(known)] != known:
             raise InvalidInput(f"the model's classes {names} do not extend the classes already labeled {known}; "
@@ -129,16 +143,30 @@ class Bridge:
         settings = ProjectSettings(
             title=self.config.project_title,
             label_config=self.kind.config(names, instructions=self.config.instructions),
-            model_version=version, overlap=self.config.overlap, overlap_share=self.config.overlap_share,
-            instructions=self.config.instructions,
+            model_version=self.config.queue_version, overlap=self.config.overlap,
+            overlap_share=self.config.overlap_share, instructions=self.config.instructions,
         )
-        self._project = self.studio.ensure_project(settings)
+        try:
+            self._project = self.studio.ensure_project(settings)
+        except ProjectUpdateRefused as exc:
+            self.problem(str(exc))
+            self._project = exc.project
+            names = self._project.class_names or names
         self.ledger.put("class_names", names)
         self.ledger.put("project_id", self._project.id)
-        if version:
-            self.ledger.put("model_version", version)
         self.ensure_webhook()
         return self._project
+
+    def refresh_project(self) -> Project:
+        """Read the project again from Label Studio (after the bridge changed it)."""
+        self._project = self.studio.get_project(self.project_id)
+        return self._project
+
+    def problem(self, text: str) -> None:
+        """A fault that did not stop the turn (a refused project update, refused tasks): logged as an error and
+        reported in the turn's :class:`SyncReport`."""
+        log.error("%s", text)
+        self.problems.append(text)
 
     def ensure_webhook(self) -> None:
         if self._webhook_ready or not self.config.webhook_url or self._project is None:
@@ -189,6 +217,8 @@ class Bridge:
                 step("flush", lambda: _add(report, pull.flush(self)))
         if self._project is not None:
             step("images", lambda: setattr(report, "images_refreshed", pushing.refresh_images(self)))
+        report.errors += self.problems
+        self.problems = []
         return report
 
 

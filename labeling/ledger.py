@@ -181,6 +181,11 @@ class Ledger:
                     (r["case_id"], project_id, r.get("overlap", 1), r.get("gold_label"), r.get("model_version"),
                      r.get("score"), r.get("cluster"), r.get("image_url"), json.dumps(r.get("task_json")), now, now))
 
+    def discard_importing(self, case_ids: list[str]) -> None:
+        """Forget cases whose import Label Studio refused: they have no task, and the hub gets them back."""
+        with self.transaction() as db:
+            db.executemany("DELETE FROM tasks WHERE case_id = ? AND state = 'importing'", [(c,) for c in case_ids])
+
     def bind(self, case_id: str, task_id: int, *, prediction_id: int | None, overlap: int | None = None,
              project_id: int | None = None, state: str = "open") -> None:
         """Tie a case to its Label Studio task (after an import, or when adopting a task found in Label Studio)."""
@@ -199,15 +204,18 @@ class Ledger:
                     " updated_at, dirty) VALUES(?, ?, ?, ?, ?, ?, ?, ?, 1)",
                     (case_id, task_id, project_id or 0, state, overlap or 1, prediction_id, now, now))
 
-    def set_cluster_done(self, case_ids: list[str]) -> None:
+    def set_cluster_done(self, case_ids: list[str], *, done: bool = True) -> None:
         with self.transaction() as db:
-            db.executemany("UPDATE tasks SET cluster_set = 1 WHERE case_id = ?", [(c,) for c in case_ids])
+            db.executemany("UPDATE tasks SET cluster_set = ? WHERE case_id = ?", [(int(done), c) for c in case_ids])
 
     def set_task(self, case_id: str, **fields: Any) -> None:
-        allowed = {"state", "overlap", "dirty", "gold_label", "image_url", "model_version", "prediction_id"}
+        allowed = {"state", "overlap", "dirty", "gold_label", "image_url", "model_version", "prediction_id",
+                   "task_json"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown task fields {sorted(bad)}")
+        if "task_json" in fields:
+            fields["task_json"] = json.dumps(fields["task_json"])
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self.transaction() as db:
             db.execute(f"UPDATE tasks SET {cols}, updated_at = ? WHERE case_id = ?",
@@ -243,6 +251,12 @@ class Ledger:
             " AND ground_truth = 0 AND label IS NOT NULL GROUP BY task_id) a ON a.task_id = t.task_id"
             " WHERE t.state IN ('open', 'importing')")
         return int(row["slots"]) if row else 0
+
+    def version_counts(self) -> dict[str, int]:
+        """Tasks in the queue (open or done) by the model version whose prediction they were pushed with."""
+        rows = self._all("SELECT COALESCE(model_version, '') AS v, COUNT(*) AS n FROM tasks"
+                         " WHERE state IN ('open', 'done') GROUP BY v ORDER BY v")
+        return {r["v"]: int(r["n"]) for r in rows}
 
     def state_counts(self) -> dict[str, int]:
         return {r["state"]: int(r["n"]) for r in self._all("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state")}

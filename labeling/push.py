@@ -22,9 +22,9 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from fleet.errors import FlywheelError, InvalidInput, RetryableError
+from fleet.errors import FlywheelError, InvalidInput, PermanentError, RetryableError
 from labeling.configs import IMAGE_FIELD, classification_result
-from labeling.hub_client import HubNotFound, SelectedCase
+from labeling.hub_client import Conflict, HubNotFound, SelectedCase
 
 if TYPE_CHECKING:
     from labeling.bridge import Bridge
@@ -96,8 +96,12 @@ def budget_now(bridge: Bridge) -> tuple[int, dict[str, float]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def task_json(case: SelectedCase) -> dict[str, Any]:
-    """A Label Studio task for one case: the signed image URL, and the prediction as a pre-annotation."""
+def task_json(case: SelectedCase, *, queue_version: str, cluster: int | None = None) -> dict[str, Any]:
+    """A Label Studio task for one case: the signed image URL, and the prediction as a pre-annotation.
+
+    The prediction carries the queue's version (see :data:`labeling.bridge.QUEUE_VERSION`); the model that
+    made it is in the task's data, where the data manager shows it as a column.
+    """
     return {
         "data": {
             IMAGE_FIELD: case.image_url,
@@ -105,11 +109,11 @@ def task_json(case: SelectedCase) -> dict[str, Any]:
             "model_version": case.model_version,
             "predicted": case.predicted_name,
             "score": case.score,
-            "cluster": case.cluster,
+            "cluster": case.cluster if cluster is None else cluster,
             "tags": case.tags,
         },
         "predictions": [{
-            "model_version": case.model_version,
+            "model_version": queue_version,
             "score": case.score,
             "result": classification_result(case.predicted_name),
         }],
@@ -138,7 +142,12 @@ def push_once(bridge: Bridge) -> int:
 
 
 def push_cases(bridge: Bridge, cases: Sequence[SelectedCase], *, gold: dict[str, int] | None = None) -> int:
-    """Create tasks for ``cases`` in batches; ``gold`` maps case ids to known answers (gold tasks)."""
+    """Create tasks for ``cases`` in batches; ``gold`` maps case ids to known answers (gold tasks).
+
+    Every Label Studio refusal (4xx) on this path is handled where it happens: a refused project update is
+    reported and the project is used as it is (:meth:`Bridge.project`); a refused import gives its cases
+    back to the hub's pool and is reported; a refused cluster is reported and the task stays queued.
+    """
     if not cases:
         return 0
     names = list(cases[0].class_names)
@@ -146,12 +155,8 @@ def push_cases(bridge: Bridge, cases: Sequence[SelectedCase], *, gold: dict[str,
         if list(c.class_names) != names:
             raise InvalidInput(f"one push mixes models with different classes: {names} and {list(c.class_names)} "
                                f"(case {c.case_id})")
-    versions = sorted({c.model_version for c in cases})
-    project = bridge.project(names, versions[-1])
-    if project.model_version != versions[-1]:
-        bridge.studio.update_project(project.id, model_version=versions[-1])
-        bridge.ledger.put("model_version", versions[-1])
-        project = bridge.project(names, versions[-1])
+    project = bridge.project(names)
+    clusters = _global_clusters(bridge, cases)
     gold = gold or {}
     pushed = 0
     size = bridge.config.batch_size
@@ -164,10 +169,11 @@ def push_cases(bridge: Bridge, cases: Sequence[SelectedCase], *, gold: dict[str,
         batch = [c for c in chunk if not _live(bridge, c.case_id)]
         if not batch:
             continue
-        payloads = [task_json(c) for c in batch]
+        payloads = [task_json(c, queue_version=bridge.config.queue_version, cluster=clusters[c.case_id])
+                    for c in batch]
         rows: list[dict[str, Any]] = [
             {"case_id": c.case_id, "gold_label": gold.get(c.case_id), "model_version": c.model_version,
-             "score": c.score, "cluster": c.cluster, "image_url": c.image_url, "task_json": p}
+             "score": c.score, "cluster": clusters[c.case_id], "image_url": c.image_url, "task_json": p}
             for c, p in zip(batch, payloads, strict=True)]
         bridge.ledger.record_importing(project.id, rows)
         try:
@@ -175,10 +181,14 @@ def push_cases(bridge: Bridge, cases: Sequence[SelectedCase], *, gold: dict[str,
         except RetryableError as exc:
             log.warning("import of %d tasks is in doubt (%s); checking Label Studio before retrying", len(rows), exc)
             settle(bridge)
+        except PermanentError as exc:
+            _refused(bridge, [c.case_id for c in batch], exc)
+            continue
         else:
             _bind(bridge, task_ids)
         pushed += len(batch)
     queued_at = time.perf_counter()
+    ensure_queue_version(bridge)
     try:
         set_clusters(bridge)
     except FlywheelError as exc:  # the tasks are queued already; the next turn sets the rest
@@ -217,8 +227,13 @@ def settle(bridge: Bridge) -> None:
         missing = [t for t in doubtful if t.case_id not in found]
         if missing:
             log.info("re-importing %d tasks Label Studio never received", len(missing))
-            task_ids = bridge.studio.import_tasks(bridge.project_id, [t.task_json or {} for t in missing])
-            _bind(bridge, task_ids)
+            try:
+                task_ids = bridge.studio.import_tasks(bridge.project_id, [t.task_json or {} for t in missing])
+            except PermanentError as exc:
+                _refused(bridge, [t.case_id for t in missing], exc)
+            else:
+                _bind(bridge, task_ids)
+    ensure_queue_version(bridge)
     set_clusters(bridge)
     if bridge.ledger.get("selection_in_doubt"):
         adopt_orphans(bridge)
@@ -228,14 +243,58 @@ def set_clusters(bridge: Bridge, *, chunk: int = 100) -> int:
     """Set the diversity cluster on every pushed prediction that lacks it, a chunk at a time (progress
     is kept if Label Studio goes away half way). Label Studio's bulk import drops ``cluster`` and only
     its one-prediction endpoint sets it, so this is the slow part of a push; tasks are already in the
-    queue, ordered by score, while it runs."""
+    queue, ordered by score, while it runs. A cluster Label Studio refuses is reported, not retried."""
     pending = [t for t in bridge.ledger.tasks("open", "done")
                if not t.cluster_set and t.prediction_id is not None and t.cluster is not None]
     for start in range(0, len(pending), chunk):
         part = pending[start:start + chunk]
-        bridge.studio.set_clusters([(int(t.prediction_id or 0), int(t.cluster or 0)) for t in part])
+        refused = bridge.studio.set_clusters([(int(t.prediction_id or 0), int(t.cluster or 0)) for t in part])
+        if refused:
+            pid, why = next(iter(refused.items()))
+            bridge.problem(f"Label Studio refused the cluster of {len(refused)} prediction(s) (first: {pid}: {why}); "
+                           f"those tasks stay queued by score alone")
         bridge.ledger.set_cluster_done([t.case_id for t in part])
     return len(pending)
+
+
+def ensure_queue_version(bridge: Bridge) -> bool:
+    """Keep the project's queue on the bridge's queue version; True when it is.
+
+    A project made before the queue version existed (or changed by hand) points at another version, and
+    Label Studio then serves the bridge's tasks at random, without their pre-annotations. Open tasks
+    whose prediction has another version get a copy under the queue version (one bulk request), and
+    only then is the project pointed at it (Label Studio refuses a version no prediction carries). A
+    refusal is reported and tried again next turn; it never stops tasks being imported.
+    """
+    queue = bridge.config.queue_version
+    if not (bridge.ledger.get("class_names") or bridge.config.class_names):
+        return False  # no project yet: it is created with the queue version
+    project = bridge.project()
+    if project.model_version == queue:
+        return True
+    stale = [t for t in bridge.ledger.tasks("open") if t.task_id is not None and t.task_json
+             and _prediction_version(t.task_json) != queue]
+    try:
+        if stale:
+            carried = [{**(t.task_json or {})["predictions"][0], "task": t.task_id, "model_version": queue}
+                       for t in stale]
+            bridge.studio.import_predictions(project.id, carried)
+            for t in stale:
+                bridge.ledger.set_task(t.case_id, task_json={**(t.task_json or {}), "predictions": [
+                    {**(t.task_json or {})["predictions"][0], "model_version": queue}]})
+            _bind(bridge, [int(t.task_id or 0) for t in stale], rebind=True)
+        if stale or any(t.task_id is not None for t in bridge.ledger.tasks("open", "done")):
+            bridge.studio.set_queue_version(project.id, queue)
+        else:
+            return False  # nothing carries the version yet: the first import will
+    except PermanentError as exc:
+        bridge.problem(f"Label Studio refused to point project {project.id}'s queue at {queue!r} "
+                       f"(it stays on {project.model_version!r}; tasks are still imported): {exc}")
+        return False
+    log.info("project %d: queue version %r -> %r (%d open tasks carried)", project.id, project.model_version,
+             queue, len(stale))
+    bridge.refresh_project()
+    return True
 
 
 def adopt_orphans(bridge: Bridge) -> int:
@@ -288,19 +347,56 @@ def _live(bridge: Bridge, case_id: str) -> bool:
     return t is not None and t.state in ("open", "done", "importing")
 
 
-def _bind(bridge: Bridge, task_ids: Sequence[int]) -> None:
-    """Record the tasks an import created (their clusters are set afterwards by :func:`set_clusters`)."""
+def _bind(bridge: Bridge, task_ids: Sequence[int], *, rebind: bool = False) -> None:
+    """Record the tasks an import created with their queue prediction (whose cluster is set afterwards by
+    :func:`set_clusters`); ``rebind`` after a new queue prediction was added to existing tasks."""
+    queue = bridge.config.queue_version
     done: list[str] = []
+    fresh: list[str] = []
     for task in bridge.studio.iter_tasks(bridge.project_id, ids=list(task_ids)):
         if task.case_id is None:
             continue
         row = bridge.ledger.task(case_id=task.case_id)
-        pred = next((p for p in task.predictions if row is None or p.model_version == row.model_version), None)
+        pred = next((p for p in task.predictions if p.model_version == queue),
+                    task.predictions[0] if task.predictions else None)
         bridge.ledger.bind(task.case_id, task.id, prediction_id=pred.id if pred else None, overlap=task.overlap,
-                           project_id=bridge.project_id)
+                           project_id=bridge.project_id, state=row.state if rebind and row else "open")
         if pred is None or row is None or row.cluster is None or pred.cluster == row.cluster:
             done.append(task.case_id)
+        else:
+            fresh.append(task.case_id)
     bridge.ledger.set_cluster_done(done)
+    if rebind:
+        bridge.ledger.set_cluster_done(fresh, done=False)
+
+
+def _refused(bridge: Bridge, case_ids: list[str], exc: FlywheelError) -> None:
+    """Label Studio refused an import (a 4xx): the cases get no task, so they go back to the hub's pool."""
+    bridge.ledger.discard_importing(case_ids)
+    released = 0
+    for cid in case_ids:
+        try:
+            bridge.hub.release(cid)
+            released += 1
+        except (HubNotFound, Conflict) as err:
+            log.warning("case %s could not be released: %s", cid, err)
+    bridge.problem(f"Label Studio refused {len(case_ids)} task(s) ({released} returned to the hub's pool): {exc}")
+
+
+def _global_clusters(bridge: Bridge, cases: Sequence[SelectedCase]) -> dict[str, int]:
+    """The hub numbers clusters within one selection; Label Studio balances the queue over cluster ids
+    across the whole project. Offsetting each push by the clusters used so far keeps two selections'
+    clusters apart (otherwise cluster 2 of today's selection would count as solved because cluster 2 of
+    yesterday's was)."""
+    base = int(bridge.ledger.get("cluster_base") or 0)
+    out = {c.case_id: base + c.cluster for c in cases}
+    bridge.ledger.put("cluster_base", base + max(c.cluster for c in cases) + 1)
+    return out
+
+
+def _prediction_version(task: dict[str, Any]) -> str | None:
+    preds = task.get("predictions") or []
+    return str(preds[0].get("model_version")) if preds and isinstance(preds[0], dict) else None
 
 
 def _expiry(url: str | None) -> float | None:

@@ -24,7 +24,7 @@ def collect(ledger: Ledger, *, window_s: float = 600.0, throttle: Throttle | Non
     return {
         "project_id": ledger.get("project_id"),
         "class_names": ledger.get("class_names"),
-        "model_version": ledger.get("model_version"),
+        "model_versions": ledger.version_counts(),
         "queue": {
             "open_slots": ledger.open_slots(),
             "tasks": ledger.state_counts(),

@@ -61,6 +61,14 @@ class AlreadyExists(PermanentError):
     """Label Studio answered 409: the object (an annotation with this ``unique_id``) exists already."""
 
 
+class ProjectUpdateRefused(InvalidInput):
+    """Label Studio refused (4xx) to bring an existing project in line; ``project`` is the project as it is."""
+
+    def __init__(self, message: str, project: Project) -> None:
+        super().__init__(message)
+        self.project = project
+
+
 @dataclass(frozen=True)
 class Project:
     id: int
@@ -79,7 +87,14 @@ class Project:
 
 @dataclass(frozen=True)
 class ProjectSettings:
-    """The project the bridge keeps: its queue order, its overlap and how predictions are shown."""
+    """The project the bridge keeps: its queue order, its overlap and how predictions are shown.
+
+    ``model_version`` is the queue's version: Label Studio's uncertainty sampling serves (and its UI
+    pre-annotates with) only the predictions whose ``model_version`` equals the project's, and it refuses
+    to point a project at a version no prediction carries yet. So it is set when the project is created
+    and never changed by :meth:`Studio.ensure_project`; :meth:`Studio.set_queue_version` changes it on
+    purpose, after predictions of the new version exist.
+    """
 
     title: str
     label_config: str
@@ -216,21 +231,30 @@ class Studio:
         if new[: len(old)] != old:
             raise InvalidInput(f"project {project.title!r} labels classes {old}; the new config's classes {new} "
                                f"would change what existing annotations mean (only appending classes is allowed)")
-        current = {
+        current = {  # not model_version: see ProjectSettings
             "label_config": project.label_config, "sampling": project.sampling,
             "maximum_annotations": project.maximum_annotations,
             "overlap_cohort_percentage": project.overlap_cohort_percentage,
-            "model_version": project.model_version, "show_collab_predictions": project.show_collab_predictions,
+            "show_collab_predictions": project.show_collab_predictions,
         }
         changed = {k: v for k, v in wanted.items() if k in current and current[k] != v}
         if changed:
-            self.update_project(project.id, **changed)
+            try:
+                self.update_project(project.id, **changed)
+            except (InvalidInput, NotFound) as exc:  # a 4xx: the same update would be refused again
+                raise ProjectUpdateRefused(f"Label Studio refused to update project {project.title!r} "
+                                           f"({sorted(changed)}); using it as it is: {exc}", project) from exc
             return self.get_project(project.id)
         return project
 
     def update_project(self, project_id: int, **fields: Any) -> None:
         log.info("updating Label Studio project %d: %s", project_id, sorted(fields))
         self.call(f"update project {project_id}", lambda: self.sdk.projects.update(id=project_id, **fields))
+
+    def set_queue_version(self, project_id: int, version: str) -> None:
+        """Point the project's queue at ``version``. Label Studio refuses (HTTP 400, :class:`InvalidInput`)
+        a version that no prediction of the project carries yet: import those predictions first."""
+        self.update_project(project_id, model_version=version)
 
     def delete_project(self, project_id: int) -> None:
         with contextlib.suppress(NotFound):
@@ -256,6 +280,17 @@ class Studio:
         t = self.call("create task", lambda: self.sdk.tasks.create(project=project_id, data=data), idempotent=False)
         return int(t.id or 0)
 
+    def import_predictions(self, project_id: int, predictions: Sequence[dict[str, Any]]) -> int:
+        """Create predictions (``{"task", "result", "score", "model_version"}``) in one request; returns how many
+        were created. Not retried: a lost answer does not say whether they exist (Label Studio drops
+        ``cluster`` here too; set it afterwards with :meth:`set_clusters`)."""
+        if not predictions:
+            return 0
+        r = self.call(f"import {len(predictions)} predictions",
+                      lambda: self.sdk.projects.import_predictions(id=project_id, request=list(predictions)),  # type: ignore[arg-type]
+                      idempotent=False)
+        return int(getattr(r, "created", None) or 0)
+
     def create_prediction(self, task_id: int, result: list[dict[str, Any]], *, model_version: str,
                           score: float | None, cluster: int | None) -> int:
         p = self.call(f"create prediction for task {task_id}",
@@ -264,20 +299,27 @@ class Studio:
                       idempotent=False)
         return int(p.id)
 
-    def set_clusters(self, clusters: Sequence[tuple[int, int]]) -> None:
+    def set_clusters(self, clusters: Sequence[tuple[int, int]]) -> dict[int, str]:
         """Set ``cluster`` on predictions, ``[(prediction_id, cluster)]``, a few at a time (idempotent).
 
         Label Studio's bulk import drops a prediction's cluster, so it is set afterwards, one PATCH each.
+        Returns the predictions Label Studio refused (a 4xx, such as a prediction deleted meanwhile) with the
+        reason; a retryable fault stops the rest and is raised.
         """
+        refused: dict[int, str] = {}
+
         def one(item: tuple[int, int]) -> None:
             pid, cluster = item
-            self.call(f"set cluster of prediction {pid}",
-                      lambda: self.sdk.predictions.update(id=pid, cluster=cluster))
+            try:
+                self.call(f"set cluster of prediction {pid}",
+                          lambda: self.sdk.predictions.update(id=pid, cluster=cluster))
+            except (InvalidInput, NotFound) as exc:
+                refused[pid] = str(exc)
 
         if self.workers == 1 or len(clusters) < 2:
             for item in clusters:
                 one(item)
-            return
+            return refused
         pool = ThreadPoolExecutor(self.workers)
         try:
             futures = [pool.submit(one, item) for item in clusters]
@@ -285,6 +327,7 @@ class Studio:
                 f.result()  # the first failure stops the rest: Label Studio is down, not slow per item
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        return refused
 
     def get_task(self, task_id: int) -> TaskRecord | None:
         try:

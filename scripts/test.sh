@@ -26,7 +26,8 @@ trap stop_services EXIT
 start_postgres
 start_label_studio
 
-# --- lint, types, tests
+# --- lint, types, tests (a test whose service is missing fails instead of skipping)
+export FLYWHEEL_TEST_SERVICES=required
 .venv/bin/ruff check fleet trigger labeling training tests benchmarks
 .venv/bin/mypy trigger fleet/protocol.py fleet/errors.py fleet/signing.py
 .venv/bin/python -m pytest -q "$@"

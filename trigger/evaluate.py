@@ -161,6 +161,21 @@ class Evaluator:
             "fired_counts": dict(self.fired_counts),
         }
 
+    def calibration_state(self) -> dict[str, Any]:
+        """The calibrated thresholds alone, by trigger label (they belong to the model whose scores they saw)."""
+        return {label: c.state_dict() for label, c in self.calibrators.items()}
+
+    def load_calibration(self, state: Mapping[str, Any] | None) -> None:
+        """Restore :meth:`calibration_state`; ``None`` starts every calibrator afresh (a model they never saw:
+        each fires on its initial threshold, or not at all, until it has warmed up again)."""
+        for leaf in self._leaves:
+            if leaf.label in self.calibrators:
+                self.calibrators[leaf.label] = RateCalibrator(leaf.threshold, window=leaf.window,
+                                                              direction=leaf.direction)
+        for label, sub in dict(state or {}).items():
+            if label in self.calibrators:
+                self.calibrators[label].load_state_dict(sub)
+
     def load_state_dict(self, state: Mapping[str, Any], *, strict: bool = True) -> None:
         """Restore :meth:`state_dict`. ``strict``: refuse a state saved for another spec id or
         version; with ``strict=False`` (a campaign updated in place) restore what still matches:

@@ -5,6 +5,11 @@ does not check out is refused with a log line and the others go on. An evaluator
 (calibration, budgets, dedup memory) is saved as JSON beside the agent's data, so a restart does not
 recalibrate from scratch or spend a budget twice. With no campaign assigned, an optional local
 default spec applies.
+
+Calibrated thresholds are kept per model version (:meth:`Campaigns.use_model`): a threshold fitted to
+one model's scores means nothing for another's, so after an OTA the triggers calibrate afresh on the new
+model, and a rollback returns to the old model's thresholds. Budgets and dedup memory are the device's,
+whatever model runs, and carry over.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +40,27 @@ class Campaign:
     version: int | None  # None for the local default spec
     evaluator: Any  # trigger.Evaluator
     expires_at: float | None = None
+    model_version: str | None = None  # the model the evaluator's calibrators are fitted to
+    calibrations: dict[str, Any] = field(default_factory=dict)  # other models' calibration, by version
 
     @property
     def key(self) -> str:
         return f"{self.campaign_id}-v{self.version}" if self.version is not None else f"{self.campaign_id}-local"
+
+    def use_model(self, version: str) -> bool:
+        """Fit the calibrators to ``version``: keep the current model's, take back ``version``'s if this
+        campaign ran it before, else start afresh. True when anything changed."""
+        if version == self.model_version:
+            return False
+        if self.model_version is None:  # a campaign that never ran (or state saved before this was kept)
+            self.model_version = version
+            return True
+        self.calibrations[self.model_version] = self.evaluator.calibration_state()
+        self.evaluator.load_calibration(self.calibrations.pop(version, None))
+        previous, self.model_version = self.model_version, version
+        if previous is not None and self.evaluator.calibrators:
+            log.info("campaign %s: triggers calibrated for model %s (were for %s)", self.key, version, previous)
+        return True
 
 
 class Campaigns:
@@ -61,7 +83,17 @@ class Campaigns:
         self._default = self._build_default(default_spec) if default_spec is not None else None
         self.current: tuple[Campaign, ...] = (self._default,) if self._default else ()
         self._refused: set[tuple[str, int]] = set()
+        self.model_version: str | None = None  # the active model the triggers run on (see use_model)
         self._restore_assigned()
+
+    def use_model(self, version: str) -> None:
+        """The active model is now ``version``: each campaign's calibrated thresholds follow it."""
+        if version == self.model_version:
+            return
+        with self.lock:
+            self.model_version = version
+            for c in self.current:
+                c.use_model(version)
 
     def apply(self, refs: Sequence[CampaignRef]) -> tuple[Campaign, ...]:
         """Make the live set match the assignment's campaigns (or the default spec if there are none)."""
@@ -116,6 +148,8 @@ class Campaigns:
             return None
         campaign = Campaign(ref.campaign_id, ref.version, evaluator, ref.expires_at)
         self._restore(campaign)
+        if self.model_version is not None:
+            campaign.use_model(self.model_version)
         return campaign
 
     def _build_default(self, doc: dict[str, Any]) -> Campaign:
@@ -178,14 +212,22 @@ class Campaigns:
         if not path.exists():
             return
         try:
-            c.evaluator.load_state_dict(json.loads(path.read_text()))
+            state = json.loads(path.read_text())
+            c.evaluator.load_state_dict(state)
+            by_model = state.get("calibration_by_model") or {}
+            if not isinstance(by_model, dict):
+                raise ValueError(f"calibration_by_model must be an object; received {type(by_model).__name__}")
+            c.calibrations = dict(by_model)
+            saved_for = state.get("model_version")
+            c.model_version = saved_for if isinstance(saved_for, str) else None
             log.info("campaign %s: restored trigger state from %s", c.key, path.name)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("campaign %s: saved trigger state unusable (%s); starting fresh", c.key, exc)
 
     def _save(self, c: Campaign) -> None:
+        state = {**c.evaluator.state_dict(), "model_version": c.model_version, "calibration_by_model": c.calibrations}
         try:
-            atomic_write_json(self._state_path(c), c.evaluator.state_dict())
+            atomic_write_json(self._state_path(c), state)
         except (OSError, TypeError, ValueError) as exc:
             log.warning("campaign %s: could not save trigger state: %s", c.key, exc)
 

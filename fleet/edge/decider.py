@@ -66,6 +66,9 @@ class Decider:
         self.campaigns.save_state()
 
     def process(self, window: Sequence[Inferred]) -> WindowResult:
+        active = window[0].models.active if window else None
+        if active is not None:
+            self.campaigns.use_model(active.version)
         with self.campaigns.lock:
             result = decide(window, self.campaigns.current, device_id=self.device_id)
         for capture in result.captures:

@@ -24,6 +24,9 @@ def demo(
     frames: int = typer.Option(300, "--frames-per-device", min=10, help="Frames each device sees per turn."),
     labeler: str = typer.Option("auto", "--labeler", help="auto (Label Studio if installed), studio, oracle."),
     strategy: str = typer.Option("uncertainty+diversity", "--strategy", help="The hub's selection strategy."),
+    allow_short: bool = typer.Option(
+        False, "--allow-short", help="Carry on when a turn cannot spend its label budget (by default that is an "
+        "error, unless the fleet's pool held too few cases)."),
 ) -> None:
     """Turn the whole flywheel on this machine: hub, agents, labels, retraining, OTA, and a random control arm."""
     import logging
@@ -37,7 +40,7 @@ def demo(
     console = Console()
     ws = workspace or Path("flywheel-demo") / time.strftime("%Y%m%d-%H%M%S")
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
-                            frames_per_device=frames, labeler=labeler, strategy=strategy)
+                            frames_per_device=frames, labeler=labeler, strategy=strategy, allow_short=allow_short)
     try:
         settings.validate()
     except ValueError as exc:

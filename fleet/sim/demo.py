@@ -24,7 +24,7 @@ from fleet.protocol import SignedManifest
 from fleet.signing import generate_keypair, write_keypair
 from fleet.sim.data import load_dataset
 from fleet.sim.fleet import Frames, World, build_world
-from fleet.sim.labelers import Labeler, OracleLabeler
+from fleet.sim.labelers import Labeler, OracleLabeler, shortfall
 from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged, start_hub, start_logged, stop_process, tail
 from fleet.sim.report import ArmResult, TurnResult
 
@@ -52,6 +52,7 @@ class DemoSettings:
     labeler: str = "auto"  # auto | oracle | studio
     model: str = "smallcnn"
     width: int = 16
+    allow_short: bool = False  # a turn whose labels fall short of the budget is an error unless this is set
 
     def validate(self) -> None:
         for name in ("turns", "devices", "budget", "frames_per_device", "seed_size", "base_epochs", "turn_epochs"):
@@ -62,6 +63,10 @@ class DemoSettings:
             raise ValueError(f"--upload-rate must be in (0, 1); received {self.upload_rate}")
         if self.labeler not in ("auto", "oracle", "studio"):
             raise ValueError(f"--labeler must be auto, oracle or studio; received {self.labeler!r}")
+
+
+class ShortTurn(RuntimeError):
+    """An arm could not spend its label budget for a reason other than the pool's supply."""
 
 
 @dataclass
@@ -168,20 +173,35 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
 
             # flywheel arm: the hub selects within the budget, the labeler labels, the trainer retrains
             t = time.monotonic()
-            picked = labeler.label(settings.budget, turn)
-            fly.labels += picked
+            supply = _pool_supply(hub, labeler)
+            labeled = labeler.label(settings.budget, turn)
+            fly.labels += labeled.labeled
             parts["label"] = time.monotonic() - t
+            short, fault = shortfall(labeled, budget=settings.budget, supply=supply)
+            if fault:
+                message = f"turn {turn}: the flywheel arm could not spend its budget through {labeler.name}: {short}"
+                if not settings.allow_short:
+                    raise ShortTurn(message + " (pass --allow-short to carry on regardless)")
+                say(f"WARNING: {message}")
+            elif short:
+                say(f"turn {turn}: {short}")
             t = time.monotonic()
-            cand = trainer.train(f"fw-{turn}", data=f"hub:{hub.url}", epochs=settings.turn_epochs, publish=True,
-                                 stages="0.5,1.0", warm=fly)
+            cand: TrainResult | None = None
+            if labeled.labeled:
+                cand = trainer.train(f"fw-{turn}", data=f"hub:{hub.url}", epochs=settings.turn_epochs,
+                                     publish=True, stages="0.5,1.0", warm=fly)
+                parts.update({f"train.{k}": v for k, v in cand.timings.items()})
+                if cand.published:
+                    fly.checkpoint, fly.version, fly.onnx = cand.checkpoint, cand.version, cand.onnx
+                    rollout_id = cand.rollout_id
+                note = cand.gate_summary
+                if not cand.passed:
+                    say(f"{cand.gate_summary}: the fleet keeps {fly.version}")
+            else:
+                note = f"fw-{turn}: no new labels, no retrain; the fleet keeps {fly.version}"
+                say(note)
             parts["train"] = time.monotonic() - t
-            parts.update({f"train.{k}": v for k, v in cand.timings.items()})
-            if cand.published:
-                fly.checkpoint, fly.version, fly.onnx = cand.checkpoint, cand.version, cand.onnx
-                rollout_id = cand.rollout_id
-            gate_note = (gate_note + "; " if gate_note else "") + cand.gate_summary
-            if not cand.passed:
-                say(f"{cand.gate_summary}: the fleet keeps {fly.version}")
+            gate_note = (gate_note + "; " if gate_note else "") + note
 
             # control arm: the same budget on frames drawn uniformly at random from what the fleet saw
             t = time.monotonic()
@@ -196,14 +216,15 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
             parts["control"] = time.monotonic() - t
 
             t = time.monotonic()
-            fly_acc = evaluate_onnx(cand.onnx if cand.passed else fly.onnx, None, world.test_set)
+            fly_acc = evaluate_onnx(cand.onnx if cand is not None and cand.passed else fly.onnx, None, world.test_set)
             rnd_acc = evaluate_onnx(rnd.onnx, None, world.test_set)
             parts["evaluate"] = time.monotonic() - t
             result = TurnResult(
                 turn, ArmResult(*fly_acc, labels=fly.labels, model_version=fly.version),
                 ArmResult(*rnd_acc, labels=rnd.labels, model_version=rnd.version),
                 frames_seen=len(frames), uploads=len(uploaded), model_errors=errors, errors_captured=captured,
-                seconds=time.monotonic() - t_turn, parts=parts, gate=gate_note,
+                seconds=time.monotonic() - t_turn, parts=parts, gate=gate_note, spent=labeled.labeled,
+                budget=settings.budget, short=short, short_fault=fault,
             )
             turns.append(result)
             say(f"turn {turn}: flywheel {result.flywheel.accuracy:.3f} vs random {result.random.accuracy:.3f} "
@@ -212,6 +233,10 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
                 on_turn(turns)
         if rollout_id is not None:
             _finish_rollout(hub, rollout_id, say)
+    except ShortTurn as exc:  # the turns so far still get their report, with the reason it stopped
+        write_report(turns, ws / "report", title="Flywheel demo", labeler=labeler.name if labeler else "",
+                     settings={k: str(v) for k, v in asdict(settings).items()}, error=str(exc))
+        raise
     finally:
         for p in agents_procs:
             stop_process(p)
@@ -326,6 +351,16 @@ def _run_agents(settings: DemoSettings, ws: Path, configs: list[Path], frames: F
                                f"{tail(cfg.parent / 'agent.log')}")
     procs.clear()
     return shards
+
+
+def _pool_supply(hub: HubProcess, labeler: Labeler) -> int:
+    """Cases the hub could give the labeler now: unlabeled, or queued (selected, not yet labeled)."""
+    total = 0
+    for state in ("unlabeled", "queued"):
+        r = httpx.get(hub.url + "/v1/pool", params={"state": state, "limit": 1}, headers=labeler.headers, timeout=60)
+        r.raise_for_status()
+        total += int(r.json()["total"])
+    return total
 
 
 def _uploaded_frames(hub: HubProcess, labeler: Labeler) -> dict[str, str]:

@@ -8,6 +8,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,14 +22,46 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LabelRound:
+    """One turn of labeling: how many cases the hub gave the labeler, how many labels reached the hub, and
+    every fault met on the way (a refused push, annotations that never arrived)."""
+
+    selected: int
+    labeled: int
+    problems: tuple[str, ...] = ()
+
+
+def shortfall(round_: LabelRound, *, budget: int, supply: int) -> tuple[str, bool]:
+    """Why a turn spent less than its ``budget``, and whether that is a fault: ``("", False)`` when it spent
+    it all.
+
+    ``supply`` is what the hub's pool held before the turn (unlabeled and queued cases). A pool smaller
+    than the budget, or a selection the hub kept smaller (it drops near-duplicates of labeled cases),
+    with every selected case labeled and nothing going wrong, is the fleet's supply, not a fault.
+    Anything else (cases selected but never labeled, a labeling fault) is a fault: labeling broke.
+    """
+    wanted = min(budget, supply)
+    if round_.labeled >= budget:
+        return "", False
+    if round_.labeled >= wanted and not round_.problems:
+        return f"the pool held only {supply} case(s) for a budget of {budget}", False
+    if round_.labeled == round_.selected < wanted and not round_.problems:
+        return (f"the hub selected {round_.selected} of the {wanted} asked for (the rest are near-duplicates of "
+                f"labeled cases)"), False
+    why = "; ".join(round_.problems[:3]) or "no fault was reported"
+    return (f"labeled {round_.labeled} of {wanted} (the hub selected {round_.selected}; the pool held "
+            f"{supply}): {why}"), True
+
+
 class Labeler(Protocol):
     name: str
 
     @property
     def headers(self) -> dict[str, str]: ...
 
-    def label(self, budget: int, turn: int) -> int:
-        """Have the hub select up to ``budget`` cases, label them, and return how many were labeled."""
+    def label(self, budget: int, turn: int) -> LabelRound:
+        """Have the hub select up to ``budget`` cases and label them."""
         ...
 
     def close(self) -> None: ...
@@ -49,14 +82,17 @@ class OracleLabeler:
     def headers(self) -> dict[str, str]:
         return self._headers
 
-    def label(self, budget: int, turn: int) -> int:
+    def label(self, budget: int, turn: int) -> LabelRound:
         r = self.client.post("/v1/selections", json={"budget": budget, "strategy": self.strategy})
         r.raise_for_status()
         done = 0
-        for case in r.json()["cases"]:
+        problems: list[str] = []
+        cases = r.json()["cases"]
+        for case in cases:
             frame = (case.get("tags") or {}).get("frame")
             if frame not in self.world.truth:
-                log.warning("case %s has no known frame (%r); released", case["case_id"], frame)
+                problems.append(f"case {case['case_id']} has no known frame ({frame!r}); released")
+                log.warning("%s", problems[-1])
                 self.client.post(f"/v1/cases/{case['case_id']}/release").raise_for_status()
                 continue
             body: dict[str, Any] = {
@@ -67,7 +103,7 @@ class OracleLabeler:
             self._next_id += 1
             self.client.post("/v1/labels", json=body).raise_for_status()
             done += 1
-        return done
+        return LabelRound(len(cases), done, tuple(problems))
 
     def close(self) -> None:
         self.client.close()
@@ -163,21 +199,23 @@ class StudioLabeler:
                                  self.bridge.class_names, password=self._bot_password)
         return self._team
 
-    def label(self, budget: int, turn: int) -> int:
+    def label(self, budget: int, turn: int) -> LabelRound:
         from dataclasses import replace
 
         from labeling.push import Throttle
 
         before = self._labeled()
+        open_before = self.ledger.open_slots()
         # the throttle lets the whole budget through at once: the bots keep no queue of their own
         self.bridge.config = replace(self.config, throttle=Throttle(horizon_s=1.0, min_depth=budget,
                                                                     max_depth=budget, max_batch=budget))
         report = self.bridge.sync_once(push=True, reconcile=True)
+        problems = list(report.errors)
         for e in report.errors:
-            log.warning("label sync: %s", e)
+            log.error("label sync: %s", e)
         pushed = report.pushed
         if pushed == 0 and not self.ledger.open_slots():
-            return 0
+            return LabelRound(0, 0, tuple(problems))
         self._learn_answers()
         team = self._ensure_team()
         deadline = time.monotonic() + self.settle_s
@@ -197,13 +235,14 @@ class StudioLabeler:
             if got >= target or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
+        problems += [e for e in report.errors if e not in problems]
         done = got - before
         correct = sum(b.stats.correct for b in team.bots)
         self.say(f"Label Studio turn {turn}: pushed {pushed} tasks, {answered} annotations by "
                  f"{len(team.bots)} simulated annotators ({correct} correct in all so far), {done} labels in the hub")
         if done < answered:
-            log.warning("only %d of %d annotations reached the hub (errors: %s)", done, answered, report.errors)
-        return done
+            problems.append(f"only {done} of {answered} annotations reached the hub within {self.settle_s:.0f}s")
+        return LabelRound(pushed + open_before, done, tuple(problems))
 
     def close(self) -> None:
         if self._team is not None:

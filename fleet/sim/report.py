@@ -31,6 +31,10 @@ class TurnResult:
     seconds: float = 0.0
     parts: dict[str, float] = field(default_factory=dict)  # wall time per part of the turn
     gate: str = ""  # the flywheel candidate's gate decision
+    spent: int = 0  # labels the flywheel arm spent this turn
+    budget: int = 0  # ... of this budget
+    short: str = ""  # why it spent less than the budget ("" when it spent it all)
+    short_fault: bool = False  # the shortfall was a fault (labeling broke), not the pool's supply
 
     @property
     def error_capture(self) -> float:
@@ -46,8 +50,11 @@ def render_table(turns: list[TurnResult], *, labeler: str) -> Any:
         table.add_column(col, justify="right")
     for t in turns:
         weakest = min(t.flywheel.per_condition, key=t.flywheel.per_condition.__getitem__, default="")
+        labels = str(t.flywheel.labels)
+        if t.short:
+            labels += f" [{'red' if t.short_fault else 'yellow'}](short {t.spent}/{t.budget})[/]"
         table.add_row(
-            str(t.turn), str(t.flywheel.labels), f"{t.flywheel.accuracy:.3f}", f"{t.random.accuracy:.3f}",
+            str(t.turn), labels, f"{t.flywheel.accuracy:.3f}", f"{t.random.accuracy:.3f}",
             f"{weakest} {t.flywheel.per_condition.get(weakest, 0):.2f} / {t.random.per_condition.get(weakest, 0):.2f}"
             if weakest else "-",
             f"{t.error_capture:.0%}" if t.model_errors else "-", str(t.uploads), f"{t.seconds:.0f}s",
@@ -68,15 +75,17 @@ def render_conditions(turn: TurnResult) -> Any:
 
 
 def write_report(turns: list[TurnResult], out_dir: Path, *, title: str, settings: dict[str, Any],
-                 labeler: str) -> Path:
-    """Write ``results.json``, PNG plots and ``index.html`` into ``out_dir``; return the HTML path."""
+                 labeler: str, error: str | None = None) -> Path:
+    """Write ``results.json``, PNG plots and ``index.html`` into ``out_dir``; return the HTML path. ``error``:
+    why the run stopped early (the report then shows the turns before it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(
-        {"settings": settings, "labeler": labeler,
+        {"settings": settings, "labeler": labeler, "error": error,
          "turns": [{**asdict(t), "error_capture": t.error_capture} for t in turns]}, indent=2))
-    plots = _plots(turns, out_dir)
+    plots = _plots(turns, out_dir) if turns else []
     rows = "".join(
-        f"<tr><td>{t.turn}</td><td>{t.flywheel.labels}</td><td>{t.flywheel.accuracy:.3f}</td>"
+        f"<tr{_SHORT_ROW if t.short else ''}><td>{t.turn}</td><td>{t.flywheel.labels}"
+        f"{_short_note(t)}</td><td>{t.flywheel.accuracy:.3f}</td>"
         f"<td>{t.random.accuracy:.3f}</td><td>{_capture(t)}</td><td>{t.uploads}</td>"
         f"<td>{html.escape(t.gate)}</td><td>{t.seconds:.1f}s</td></tr>"
         for t in turns
@@ -85,7 +94,8 @@ def write_report(turns: list[TurnResult], out_dir: Path, *, title: str, settings
                    for p in plots)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:1em}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}tr.short{{background:#fde8e8}}
+figure{{display:inline-block;margin:1em}}
 img{{max-width:500px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Labels from: <b>{html.escape(labeler)}</b>. Both arms spend the same labels per turn with the same trainer and
@@ -94,6 +104,8 @@ everything the fleet saw. Accuracy is on held-out test images under every condit
 same. "Errors captured" is the share of the deployed model's wrong answers on the fleet's frames that the devices
 uploaded.</p>
 <p>Settings: <code>{html.escape(json.dumps(settings))}</code></p>
+{f'<p style="color:#b00"><b>The run stopped early:</b> {html.escape(error)}</p>' if error else ''}
+{_short_banner(turns)}
 <table><tr><th>turn</th><th>labels</th><th>accuracy (flywheel)</th><th>accuracy (random)</th>
 <th>errors captured</th><th>uploads</th><th>gate</th><th>time</th></tr>{rows}</table>
 {imgs}
@@ -101,6 +113,24 @@ uploaded.</p>
     path = out_dir / "index.html"
     path.write_text(doc)
     return path
+
+
+_SHORT_ROW = ' class="short"'
+
+
+def _short_banner(turns: list[TurnResult]) -> str:
+    short = [t for t in turns if t.short]
+    if not short:
+        return ""
+    items = "".join(f"<li>turn {t.turn}: {html.escape(t.short)}</li>" for t in short)
+    return f"<p><b>Turns that spent less than their label budget:</b></p><ul>{items}</ul>"
+
+
+def _short_note(t: TurnResult) -> str:
+    if not t.short:
+        return ""
+    kind = "fault" if t.short_fault else "supply"
+    return f' <span title="{html.escape(t.short)}">(short, {kind}: {t.spent}/{t.budget})</span>'
 
 
 def _capture(t: TurnResult) -> str:

@@ -255,3 +255,22 @@ def test_local_default_spec_applies_without_campaigns(tmp_path: Path, hub: FakeH
     assert summary.stopped_by == "max-frames" and summary.frames == 3 and summary.uploaded == 3
     case = next(iter(hub.cases.values()))[0]
     assert case.campaign_id == "all" and case.campaign_version is None
+
+
+def test_trigger_calibration_is_kept_per_model_across_an_ota(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                            make_model) -> None:
+    calibrated = {"id": "cal", "version": 1, "rule": {"trigger": "entropy", "target_rate": 0.2}}
+    v1, v2 = make_model("v1", seed=1), make_model("v2", seed=2)
+    publish(hub, v1)
+    publish(hub, v2)
+    runs = [(v1, 96), (v2, 2), (v2, 96)]  # a run on v1; the hub assigns v2, which the agent takes by OTA
+    for m, n in runs:
+        hub.assign(active=m.manifest, campaigns=[campaign(calibrated)])
+        agent = make_agent(tmp_path, hub, keys, frames(n), runtime={"batch_size": 8, "trigger_window": 32})
+        summary = agent.run()
+        agent.close()
+    assert summary.model_version == "v2"
+    state = json.loads((tmp_path / "data" / "campaigns" / "cal-v1.state.json").read_text())
+    assert state["model_version"] == "v2"
+    v1_seen, v2_seen = state["calibration_by_model"]["v1"]["entropy"]["seen"], state["calibrators"]["entropy"]["seen"]
+    assert v1_seen >= 96 and v2_seen >= 96 and v1_seen + v2_seen == 194  # each model's calibrator saw its own

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fleet.edge.campaigns import Campaigns
-from fleet.edge.shadow import Inferred, decide
+from fleet.edge.shadow import Inferred, decide, softmax
 from fleet.edge.sources import Frame
 from fleet.errors import InvalidInput
 from fleet.protocol import CampaignRef
@@ -115,3 +115,68 @@ def test_assigned_campaigns_resume_at_start_even_offline(tmp_path: Path, hub: Fa
     assert [c.key for c in resumed.current] == ["cal-v1"]  # the expired one stays out
     (tmp_path / "assigned.json").write_text("{broken")
     assert Campaigns(hub.client(), tmp_path).current == ()
+
+
+def scaled_window(n: int, seed: int, *, version: str, scale: float) -> list[Inferred]:
+    """A window from model ``version`` whose logits have spread ``scale`` (small: unsure, high entropy)."""
+    from fleet.edge.ota import LoadedModels
+
+    [w] = window(n, seed)
+    models = LoadedModels()
+    object.__setattr__(models, "active", type("M", (), {"version": version})())
+    w.models, w.logits = models, (w.logits / 2.0 * scale).astype(np.float32)
+    return [w]
+
+
+def fire_rate(camps: Campaigns, version: str, scale: float, seeds: range) -> float:
+    camps.use_model(version)
+    kept = n = 0
+    for seed in seeds:
+        result = decide(scaled_window(64, seed, version=version, scale=scale), camps.current, device_id="d")
+        kept, n = kept + len(result.captures), n + 64
+    return kept / n
+
+
+def test_calibrated_thresholds_follow_the_model_across_an_ota_and_a_rollback(tmp_path: Path, hub: FakeHub) -> None:
+    """A threshold fitted to one model's entropies means nothing for another's: after an OTA to a confident
+    model (low entropies), triggers fitted to the unsure one would never fire again."""
+    spec = {"id": "cal", "version": 1, "rule": {"trigger": "entropy", "target_rate": 0.1}}
+    camps = Campaigns(hub.client(), tmp_path)
+    (live,) = camps.apply([ref(spec)])
+    assert fire_rate(camps, "v1", 0.5, range(0, 40)) == pytest.approx(0.1, abs=0.03)
+    v1_threshold = live.evaluator.calibrators["entropy"].threshold
+    from trigger import entropy
+
+    v2_entropy = np.concatenate([entropy(softmax(scaled_window(64, s, version="v2", scale=6.0)[0].logits))
+                                 for s in range(40, 80)])
+    assert (v2_entropy > v1_threshold).mean() < 0.02  # v1's threshold on v2's scores: next to nothing fires
+    # OTA to v2: the triggers calibrate on v2's own scores and hold the target rate
+    assert fire_rate(camps, "v2", 6.0, range(40, 80)) == pytest.approx(0.1, abs=0.03)
+    assert live.evaluator.calibrators["entropy"].threshold < v1_threshold
+    # rollback to v1: its thresholds come back at once (no warm-up, no drift towards v2's)
+    camps.use_model("v1")
+    assert live.evaluator.calibrators["entropy"].threshold == pytest.approx(v1_threshold, rel=0.01)
+    assert fire_rate(camps, "v1", 0.5, range(80, 100)) == pytest.approx(0.1, abs=0.04)
+
+    # and across a restart: both models' calibration is on disk
+    camps.use_model("v2")
+    v2_threshold = live.evaluator.calibrators["entropy"].threshold
+    camps.save_state()
+    again = Campaigns(hub.client(), tmp_path)
+    (restored,) = again.apply([ref(spec)])
+    again.use_model("v2")
+    assert restored.evaluator.calibrators["entropy"].threshold == pytest.approx(v2_threshold, rel=0.01)
+    again.use_model("v1")
+    assert restored.evaluator.calibrators["entropy"].threshold == pytest.approx(v1_threshold, rel=0.01)
+
+
+def test_budgets_and_dedup_memory_carry_over_a_model_change(tmp_path: Path, hub: FakeHub) -> None:
+    spec = {"id": "b", "version": 1, "rule": {"trigger": "entropy", "above": -1.0},
+            "budgets": {"global": {"rate_per_day": 0, "burst": 10}}}
+    camps = Campaigns(hub.client(), tmp_path)
+    camps.apply([ref(spec)])
+    camps.use_model("v1")
+    first = decide(scaled_window(64, 0, version="v1", scale=1.0), camps.current, device_id="d")
+    camps.use_model("v2")
+    second = decide(scaled_window(64, 1, version="v2", scale=1.0), camps.current, device_id="d")
+    assert len(first.captures) == 10 and len(second.captures) == 0  # the budget spent under v1 stays spent

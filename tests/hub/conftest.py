@@ -17,6 +17,7 @@ import pytest
 from fleet.protocol import Case, TriggerHit, encode_embedding
 from fleet.signing import KeyPair, generate_keypair, load_private_key
 from tests.support.models import make_model_files
+from tests.support.services import missing_service
 
 PG_URL = os.environ.get("FLYWHEEL_TEST_PG_URL")
 PG_ADMIN_URL = os.environ.get("FLYWHEEL_TEST_PG_ADMIN_URL")
@@ -92,7 +93,7 @@ def fresh_database(backend: str, tmp_path: Path, *, sqlite_template: Path | None
             shutil.copy(sqlite_template, path)
         return f"sqlite:///{path}", lambda: None
     if not PG_URL or not PG_ADMIN_URL:
-        pytest.skip("FLYWHEEL_TEST_PG_URL is not set (scripts/test.sh starts PostgreSQL and sets it)")
+        missing_service("FLYWHEEL_TEST_PG_URL is not set (scripts/test.sh starts PostgreSQL and sets it)")
     name = f"flywheel_t_{uuid.uuid4().hex[:10]}"
     with _pg_admin() as conn:
         if migrated:
@@ -110,7 +111,7 @@ def fresh_database(backend: str, tmp_path: Path, *, sqlite_template: Path | None
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     if request.param == "postgres" and not PG_URL:
-        pytest.skip("FLYWHEEL_TEST_PG_URL is not set (scripts/test.sh starts PostgreSQL and sets it)")
+        missing_service("FLYWHEEL_TEST_PG_URL is not set (scripts/test.sh starts PostgreSQL and sets it)")
     return str(request.param)
 
 

@@ -21,6 +21,8 @@ from labeling.retry import RetryPolicy
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.fakestudio import FakeStudio
 from tests.labeling.livestack import Live, build
+from tests.labeling.realhub import RealHub, serve_real_hub
+from tests.support.services import missing_service
 
 CLASSES = ["cat", "dog", "bird"]
 FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.0, max_delay_s=0.0, deadline_s=10.0)
@@ -81,7 +83,7 @@ def bridge(hub: FakeHub, studio: FakeStudio, clock: Clock) -> Bridge:
 def ls_env() -> tuple[str, str]:
     url, token = os.environ.get("FLYWHEEL_TEST_LS_URL"), os.environ.get("FLYWHEEL_TEST_LS_TOKEN")
     if not url or not token:
-        pytest.skip("FLYWHEEL_TEST_LS_URL / FLYWHEEL_TEST_LS_TOKEN not set (scripts/test.sh starts Label Studio)")
+        missing_service("FLYWHEEL_TEST_LS_URL / FLYWHEEL_TEST_LS_TOKEN not set (scripts/test.sh starts Label Studio)")
     return url, token
 
 
@@ -107,3 +109,11 @@ def live(ls_env: tuple[str, str], ls_project_title: str, tmp_path: Path) -> Iter
         lv = build(ls_env, ls_project_title, tmp_path, hub)
         yield lv
         lv.studio.close()
+
+
+@pytest.fixture
+def real_hub(tmp_path: Path) -> Iterator[RealHub]:
+    """The real hub (fleet.hub) on loopback with model m1 active (tests/labeling/realhub.py)."""
+    pytest.importorskip("fastapi")
+    with serve_real_hub(tmp_path) as hub:
+        yield hub

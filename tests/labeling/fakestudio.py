@@ -99,11 +99,33 @@ class FakeStudio:
             raise TransportError("fake Label Studio: the import's answer was lost")
         return ids
 
-    def set_clusters(self, clusters: Sequence[tuple[int, int]]) -> None:
+    def set_clusters(self, clusters: Sequence[tuple[int, int]]) -> dict[int, str]:
         self._call("set_clusters")
         by_id = {p["id"]: p for t in self.tasks.values() for p in t["predictions"]}
+        refused = {}
         for pid, cluster in clusters:
-            by_id[pid]["cluster"] = cluster
+            if pid in by_id:
+                by_id[pid]["cluster"] = cluster
+            else:
+                refused[pid] = f"fake Label Studio: HTTP 404: prediction {pid} not found"
+        return refused
+
+    def import_predictions(self, project_id: int, predictions: Sequence[dict[str, Any]]) -> int:
+        self._call("import_predictions")
+        for p in predictions:
+            self.tasks[p["task"]]["predictions"].append(
+                {"id": next(self._pred_ids), "task": p["task"], "model_version": p["model_version"],
+                 "score": p.get("score"), "cluster": None, "result": p["result"]})
+        return len(predictions)
+
+    def set_queue_version(self, project_id: int, version: str) -> None:
+        from fleet.errors import InvalidInput
+
+        if not any(p["model_version"] == version for t in self.tasks.values() if t["project"] == project_id
+                   for p in t["predictions"]):
+            raise InvalidInput("fake Label Studio: HTTP 400: Model version doesn't exist either as live model or "
+                               "as static predictions.")
+        self.update_project(project_id, model_version=version)
 
     def iter_tasks(self, project_id: int, *, ids: Sequence[int] | None = None, full: bool = True,
                    page_size: int = 500) -> Iterator[TaskRecord]:

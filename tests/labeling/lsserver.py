@@ -108,14 +108,15 @@ def sync_cut_off_by_a_kill(server: StudioServer, sync: Callable[[], Any], pushin
 class Rule:
     method: str
     path: re.Pattern[str]
-    kind: str  # refuse | lose | slow | 503
+    kind: str  # refuse | lose | slow | 503 | 400
     times: int
     delay_s: float = 0.0
 
 
 class FaultyTransport(httpx.BaseTransport):
     """A real transport with scripted faults: refuse the connection, lose the answer after the server
-    acted (what a timeout looks like), answer slowly, or answer 503 without forwarding."""
+    acted (what a timeout looks like), answer slowly, or answer 503 or 400 (a refusal, with Label Studio's
+    validation-error shape) without forwarding."""
 
     def __init__(self) -> None:
         self.inner = httpx.HTTPTransport()
@@ -138,6 +139,10 @@ class FaultyTransport(httpx.BaseTransport):
                     raise httpx.ConnectError("injected: connection refused", request=request)
                 if rule.kind == "503":
                     return httpx.Response(503, json={"detail": "injected: busy"}, request=request)
+                if rule.kind == "400":
+                    return httpx.Response(400, json={"detail": "Validation error",
+                                                     "validation_errors": {"injected": ["refused"]}},
+                                          request=request)
                 if rule.kind == "slow":
                     time.sleep(rule.delay_s)
                     break

@@ -31,8 +31,14 @@ class RealHub:
     model_version: str
     truth: dict[str, int] = field(default_factory=dict)
     device: dict[str, str] = field(default_factory=dict)
+    publish_model: Any = None  # (version) -> None: uploads a new model version and makes it active
 
-    def add_cases(self, n: int, *, seed: int = 0) -> list[str]:
+    def publish(self, version: str) -> None:
+        """A new model version, uploaded by the trainer and promoted: the fleet's next model."""
+        self.publish_model(version)
+        self.model_version = version
+
+    def add_cases(self, n: int, *, seed: int = 0, model_version: str | None = None) -> list[str]:
         """Ingest ``n`` cases from one device, each with a PNG whose colour says its (true) class."""
         from fleet.protocol import Case, TriggerHit, encode_embedding
 
@@ -45,7 +51,8 @@ class RealHub:
             probs = (probs / probs.sum()).tolist()
             image = png_for(truth, k, seed=int(rng.integers(1000)), noise=rng)  # noise: no near-duplicates
             case = Case(case_id=f"c-{uuid.uuid4().hex[:12]}", device_id="dev-1", captured_at=time.time(),
-                        model_version=self.model_version, predicted_class=int(np.argmax(probs)), probs=probs,
+                        model_version=model_version or self.model_version,
+                        predicted_class=int(np.argmax(probs)), probs=probs,
                         image_sha256=hashlib.sha256(image).hexdigest(), image_size=len(image),
                         triggers=[TriggerHit("entropy", 0.9, 0.5)], tags={"condition": "night"},
                         embedding=encode_embedding(rng.normal(size=16).astype(np.float32)))
@@ -99,20 +106,28 @@ def serve_real_hub(tmp: Path, *, n_classes: int = 3) -> Iterator[RealHub]:
             return str(r.json()["token"])
 
         trainer = {"Authorization": f"Bearer {token('trainer')}"}
-        files = make_model_files(tmp / "models", "m1", private_key=load_private_key(keypair.private_pem),
-                                 num_classes=n_classes)
-        r = client.post("/v1/models", headers=trainer,
-                        files={"onnx": ("model.onnx", files.onnx_path.read_bytes(), "application/octet-stream")},
-                        data={"manifest": files.signed.to_json()})  # type: ignore[union-attr]
-        assert r.status_code == 201, r.text
-        r = client.post("/v1/models/m1/promote", headers=admin)
-        assert r.status_code == 200, r.text
+        parent: list[str] = []
+
+        def publish(version: str) -> Any:
+            files = make_model_files(tmp / "models", version, private_key=load_private_key(keypair.private_pem),
+                                     num_classes=n_classes, parent=parent[-1] if parent else None,
+                                     seed=len(parent))
+            r = client.post("/v1/models", headers=trainer,
+                            files={"onnx": ("model.onnx", files.onnx_path.read_bytes(), "application/octet-stream")},
+                            data={"manifest": files.signed.to_json()})  # type: ignore[union-attr]
+            assert r.status_code == 201, r.text
+            r = client.post(f"/v1/models/{version}/promote", headers=admin)
+            assert r.status_code == 200, r.text
+            parent.append(version)
+            return files
+
+        files = publish("m1")
         r = client.post("/v1/enroll", json={"device_id": "dev-1", "group": "default",
                                             "fleet_secret": settings.fleet_secret.get_secret_value()})
         assert r.status_code == 200, r.text
         hub = RealHub(url, client, admin, token("labeler"), settings.webhook_secret.get_secret_value(),
                       list(files.manifest.class_names), "m1",
-                      device={"Authorization": f"Bearer {r.json()['token']}"})
+                      device={"Authorization": f"Bearer {r.json()['token']}"}, publish_model=publish)
         yield hub
     finally:
         client.close()

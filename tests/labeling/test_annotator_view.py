@@ -18,6 +18,7 @@ from labeling.push import Throttle
 from labeling.studio import Studio, user_token
 from tests.labeling.livestack import CLASSES, Live
 from tests.labeling.realhub import serve_real_hub
+from tests.support.services import missing_service
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def open_task(ls_url: str, studio: Studio, project_id: int, task_id: int, class_
     rendered, save a screenshot; returns ``[name, checked, shown]`` for each choice."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)")
+        missing_service("Debian's chromium is not installed (scripts/test.sh installs it)")
     email, password = f"viewer-{uuid.uuid4().hex[:6]}@bots.flywheel.local", "viewer-password-1"
     user_token(ls_url, email, password, invite_token=studio.invite_token())
     with playwright.sync_playwright() as p:

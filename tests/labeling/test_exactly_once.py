@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from labeling.bridge import Bridge
+from labeling.bridge import QUEUE_VERSION, Bridge
 from labeling.pull import apply_webhook
 from tests.labeling.conftest import Clock, make_bridge
 from tests.labeling.fakehub import FakeHub
@@ -33,14 +33,15 @@ def test_push_creates_tasks_with_signed_images_predictions_and_clusters(bridge: 
     report = bridge.sync_once()
     assert report.pushed == 6 and not report.errors  # min_depth 6, overlap 1
     project = studio.projects[bridge.project_id]
-    assert project.sampling == "Uncertainty sampling" and project.model_version == hub.model_version
+    assert project.sampling == "Uncertainty sampling" and project.model_version == QUEUE_VERSION
     assert project.class_names == CLASSES
     for t in tasks_of(studio):
         case = hub.cases[t["data"]["case_id"]]
         assert case.state == "queued"
         assert t["data"]["image"].startswith(f"{hub.base_url}/v1/cases/{case.case_id}/image?exp=")
         [p] = t["predictions"]
-        assert (p["score"], p["cluster"], p["model_version"]) == (case.score, case.cluster, hub.model_version)
+        assert (p["score"], p["cluster"], p["model_version"]) == (case.score, case.cluster, QUEUE_VERSION)
+        assert t["data"]["model_version"] == hub.model_version  # the model that made the prediction
         assert p["result"][0]["value"]["choices"] == [CLASSES[case.predicted_class]]
     # the queue is full: the next turn pushes nothing
     assert bridge.sync_once().pushed == 0
@@ -241,7 +242,7 @@ def test_an_import_whose_answer_is_lost_is_not_duplicated(bridge: Bridge, hub: F
 
 
 def test_an_import_that_never_arrived_is_retried(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
-    bridge.project(CLASSES, hub.model_version)
+    bridge.project(CLASSES)
     studio.down = True
     assert bridge.sync_once().errors
     assert {t.state for t in bridge.ledger.tasks()} == {"importing"}
@@ -264,7 +265,7 @@ def test_label_studio_down_before_the_first_push_strands_no_case(bridge: Bridge,
 
 def test_a_selection_whose_answer_is_lost_is_adopted_next_turn(bridge: Bridge, hub: FakeHub,
                                                                studio: FakeStudio) -> None:
-    bridge.project(CLASSES, hub.model_version)
+    bridge.project(CLASSES)
     hub.fail("POST", "/v1/selections", kind="lose")
     assert bridge.sync_once().errors
     queued = {c.case_id for c in hub.cases.values() if c.state == "queued"}
@@ -350,10 +351,10 @@ def test_classes_may_grow_but_not_change(bridge: Bridge, hub: FakeHub, studio: F
     from fleet.errors import InvalidInput
 
     bridge.sync_once()
-    bridge.project(CLASSES + ["fish"], "m-2")
+    bridge.project(CLASSES + ["fish"])
     assert studio.projects[bridge.project_id].class_names == CLASSES + ["fish"]
     with pytest.raises(InvalidInput, match="do not extend"):
-        bridge.project(["dog", "cat", "bird", "fish"], "m-3")
+        bridge.project(["dog", "cat", "bird", "fish"])
 
 
 def test_a_reused_annotation_id_replaces_the_old_label(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:

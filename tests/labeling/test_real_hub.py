@@ -4,7 +4,6 @@ simulated annotators working its queue, webhooks into the hub's inbox, labels ba
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,16 +15,9 @@ from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.push import Throttle
 from labeling.studio import Studio
-from tests.labeling.realhub import RealHub, serve_real_hub
+from tests.labeling.realhub import RealHub
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def real_hub(tmp_path: Path) -> Iterator[RealHub]:
-    pytest.importorskip("fastapi")
-    with serve_real_hub(tmp_path) as hub:
-        yield hub
 
 
 def test_labels_reach_the_real_hub_exactly_once(ls_env: tuple[str, str], ls_project_title: str,

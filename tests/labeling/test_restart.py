@@ -19,6 +19,7 @@ from labeling.retry import RetryPolicy
 from labeling.studio import Studio
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.lsserver import StudioServer, studio_bin, sync_cut_off_by_a_kill
+from tests.support.services import missing_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,7 +30,7 @@ CLASSES = ["cat", "dog", "bird"]
 def test_label_studio_restarted_mid_sync(tmp_path: Path) -> None:
     binary = studio_bin()
     if binary is None:
-        pytest.skip("no label-studio executable (scripts/test.sh installs .venv-studio)")
+        missing_service("no label-studio executable (scripts/test.sh installs .venv-studio)")
     server = StudioServer(binary, tmp_path / "ls")
     server.start()
     hub = FakeHub(class_names=list(CLASSES))
@@ -42,7 +43,7 @@ def test_label_studio_restarted_mid_sync(tmp_path: Path) -> None:
                                   throttle=Throttle(min_depth=150, max_depth=150), in_doubt_grace_s=0.5,
                                   webhook_url=f"{hub.base_url}/v1/labeling/webhook", webhook_secret=hub.webhook_secret)
             bridge = Bridge(studio, HubClient(hub.base_url, hub.token), Ledger(tmp_path / "ledger.sqlite"), config)
-            bridge.project(CLASSES, hub.model_version)
+            bridge.project(CLASSES)
 
             # kill Label Studio while a 150-task push is under way, in batches of 25
             sync_cut_off_by_a_kill(server, bridge.sync_once, lambda: bool(queued_cases(hub)))

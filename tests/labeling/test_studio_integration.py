@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from labeling.bots import BotSpec
+from labeling.bridge import QUEUE_VERSION
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.livestack import CLASSES, Live
 
@@ -23,14 +24,15 @@ def test_push_creates_ordered_tasks_with_predictions_and_signed_images(live: Liv
     assert report.pushed == 8 and not report.errors
     project = live.studio.get_project(live.bridge.project_id)
     assert project.sampling == "Uncertainty sampling"
-    assert project.model_version == live.hub.model_version
+    assert project.model_version == QUEUE_VERSION  # one queue across model versions
     assert project.class_names == CLASSES and project.show_collab_predictions
     tasks = list(live.studio.iter_tasks(live.bridge.project_id))
     assert len(tasks) == 8 and len({t.case_id for t in tasks}) == 8
     for t in tasks:
         case = live.hub.cases[t.case_id or ""]
         [p] = t.predictions
-        assert (p.model_version, p.score, p.cluster) == (live.hub.model_version, case.score, case.cluster)
+        assert (p.model_version, p.score, p.cluster) == (QUEUE_VERSION, case.score, case.cluster)
+        assert t.data["model_version"] == live.hub.model_version
         image = httpx.get(t.data["image"], timeout=10)  # what an annotator's browser does
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
     assert live.bridge.sync_once().pushed == 0  # the queue is at its target depth

@@ -23,6 +23,7 @@ def test_demo_turns_the_whole_loop(tmp_path: Path) -> None:
     turns = results["turns"]
     assert [t["turn"] for t in turns] == [0, 1]
     assert turns[1]["flywheel"]["labels"] == 20 == turns[1]["random"]["labels"]
+    assert turns[1]["spent"] == turns[1]["budget"] == 20 and not turns[1]["short"]
     assert turns[1]["uploads"] > 0 and turns[1]["frames_seen"] == 300
     assert turns[1]["model_errors"] > 0 and 0 <= turns[1]["errors_captured"] <= turns[1]["model_errors"]
     for arm in ("flywheel", "random"):

@@ -14,6 +14,7 @@ import pytest
 from tests.labeling.lsserver import StudioServer, studio_bin, sync_cut_off_by_a_kill
 from tests.labeling.realhub import RealHub
 from tests.support.models import make_model_files
+from tests.support.services import missing_service
 
 from .support import bearer, kill9, publish, record, respawn, restartable_hub, wait_for
 
@@ -24,10 +25,10 @@ CLASSES = ["cat", "dog", "bird"]
 
 def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhooks(tmp_path: Path) -> None:
     if not os.environ.get("FLYWHEEL_TEST_LS_URL"):
-        pytest.skip("FLYWHEEL_TEST_LS_URL is not set (scripts/test.sh starts Label Studio)")
+        missing_service("FLYWHEEL_TEST_LS_URL is not set (scripts/test.sh starts Label Studio)")
     binary = studio_bin()
     if binary is None:
-        pytest.skip("no label-studio executable (scripts/test.sh installs .venv-studio)")
+        missing_service("no label-studio executable (scripts/test.sh installs .venv-studio)")
     from labeling.bots import BotSpec, BotTeam
     from labeling.bridge import Bridge, BridgeConfig
     from labeling.hub_client import HubClient
@@ -61,7 +62,7 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
                                   webhook_url=f"{proc_hub.url}/v1/labeling/webhook",
                                   webhook_secret=proc_hub.webhook_secret)
             bridge = Bridge(studio, HubClient(proc_hub.url, labeler), Ledger(tmp_path / "ledger.sqlite"), config)
-            bridge.project(CLASSES, "lab-v1")
+            bridge.project(CLASSES)
 
             def queued() -> list[str]:
                 return [x["case_id"] for x in c.get("/v1/pool", params={"state": "queued", "limit": 1000},
