@@ -1,6 +1,29 @@
-"""One exception tree for the fleet, split into retryable and permanent faults (httpx's pattern)."""
+"""One exception tree for the fleet, split into retryable and permanent faults (httpx's pattern), and the
+one mapping between HTTP statuses and that tree, used by every client and by the hub itself.
+
+======================================  ======================  ==========================================
+fault                                   raised by a client for  the hub answers it with
+======================================  ======================  ==========================================
+:class:`ServerBusy` (retryable)         408, 425, 429, 5xx      503 (429 with ``Retry-After`` for quotas)
+:class:`TransportError` (retryable)     no answer at all        (not an answer)
+:class:`Unauthorized`                   401, 403                401 (403 with ``Forbidden``)
+:class:`NotFound`                       404                     404
+:class:`Conflict`                       409                     409
+:class:`PayloadTooLarge`                413                     413
+:class:`UnsupportedMedia`               415                     415
+:class:`InvalidInput`                   400, 422, other 4xx     422
+:class:`ProtocolError`                  (a malformed answer)    422
+:class:`IntegrityError`                 (bytes that do not      422
+                                        verify)
+======================================  ======================  ==========================================
+"""
 
 from __future__ import annotations
+
+import email.utils
+import math
+import time
+from typing import Any, Protocol
 
 
 class FlywheelError(Exception):
@@ -8,7 +31,7 @@ class FlywheelError(Exception):
 
 
 class RetryableError(FlywheelError):
-    """A fault that may go away by itself: a network hiccup, a 5xx, a 429. The uplink retries these."""
+    """A fault that may go away by itself: a network hiccup, a 5xx, a 429. Clients retry these."""
 
 
 class PermanentError(FlywheelError):
@@ -20,15 +43,40 @@ class TransportError(RetryableError):
 
 
 class ServerBusy(RetryableError):
-    """The peer answered 5xx or 429."""
+    """The peer answered 408, 425, 429 or 5xx. ``retry_after``: seconds the peer asked to wait, if it said."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class InvalidInput(PermanentError, ValueError):
     """Input that does not match what was expected; the message says what was received and expected."""
 
 
+class PayloadTooLarge(InvalidInput):
+    """A body, part or file over its size limit (HTTP 413)."""
+
+
+class UnsupportedMedia(InvalidInput):
+    """Bytes of the wrong kind (HTTP 415): not a PNG, not an ONNX file."""
+
+
 class Unauthorized(PermanentError):
     """Missing, unknown, revoked or out-of-scope credentials."""
+
+
+class Forbidden(Unauthorized):
+    """Valid credentials that may not do this (HTTP 403): another device's case, a scope that does not reach."""
+
+
+class NotFound(PermanentError):
+    """The object asked for does not exist (HTTP 404)."""
+
+
+class Conflict(PermanentError):
+    """The request contradicts the peer's state (HTTP 409): an id reused with other content, a state change
+    that is no longer possible."""
 
 
 class IntegrityError(PermanentError):
@@ -53,3 +101,85 @@ def require(module: str, extra: str) -> None:
         raise MissingExtra(
             f"{module!r} is not installed; install it with: pip install 'edge-flywheel[{extra}]'"
         ) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP statuses <-> the tree
+# ---------------------------------------------------------------------------------------------
+
+RETRYABLE_STATUS = frozenset({408, 425, 429})
+
+_BY_STATUS: dict[int, type[FlywheelError]] = {
+    401: Unauthorized, 403: Forbidden, 404: NotFound, 409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMedia,
+}
+
+# most specific first: the first class an error is an instance of gives its status
+_STATUS_OF: tuple[tuple[type[FlywheelError], int], ...] = (
+    (Forbidden, 403), (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (PayloadTooLarge, 413),
+    (UnsupportedMedia, 415), (InvalidInput, 422), (ProtocolError, 422), (IntegrityError, 422),
+    (RetryableError, 503), (PermanentError, 400), (FlywheelError, 500),
+)
+
+
+def error_for_status(status: int, what: str, *, retry_after: float | None = None) -> FlywheelError:
+    """The fault an answer with HTTP ``status`` is: retryable (408, 425, 429, 5xx) or one permanent kind.
+
+    ``what`` is the whole message (say which call, the status and the peer's detail)."""
+    if status >= 500 or status in RETRYABLE_STATUS:
+        return ServerBusy(what, retry_after=retry_after)
+    return _BY_STATUS.get(status, InvalidInput)(what)
+
+
+def status_for(exc: FlywheelError) -> int:
+    """The HTTP status the hub answers a fault with (the inverse of :func:`error_for_status`)."""
+    return next(code for kind, code in _STATUS_OF if isinstance(exc, kind))
+
+
+class _Response(Protocol):  # what error_for_response reads of an httpx.Response (no httpx import here)
+    status_code: int
+    headers: Any
+    text: str
+
+    def json(self) -> Any: ...
+
+
+def error_for_response(resp: _Response, what: str) -> FlywheelError | None:
+    """None for a success (< 400); otherwise :func:`error_for_status` of it, with the peer's ``detail`` and its
+    ``Retry-After`` (seconds or an HTTP date)."""
+    code = int(resp.status_code)
+    if code < 400:
+        return None
+    retry_after = parse_retry_after(resp.headers.get("retry-after"))
+    return error_for_status(code, f"{what}: HTTP {code}: {response_detail(resp)}", retry_after=retry_after)
+
+
+def response_detail(resp: _Response, *, limit: int = 500) -> str:
+    """The peer's ``detail`` (FastAPI's and Label Studio's error field), else the start of the body."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return resp.text[:limit]
+    if isinstance(body, dict) and "detail" in body:
+        detail = body["detail"]
+        extra = body.get("validation_errors")  # Label Studio's reason behind "Validation error"
+        text = str(detail) if extra is None else f"{detail} {extra}"
+        return text[:limit]
+    return str(body)[:limit]
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """``Retry-After`` in seconds: a delay (``"120"``) or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)

@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from fleet.errors import FlywheelError, InvalidInput, RetryableError
+from fleet.errors import Conflict, FlywheelError, InvalidInput, RetryableError
 from labeling.configs import FROM_NAME, TO_NAME, classification_result
-from labeling.studio import AlreadyExists, Studio, user_token
+from labeling.studio import Studio, user_token
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Bot:
             ann = self.studio.create_annotation(task.id, result, unique_id=unique, was_cancelled=cancelled,
                                                 lead_time=round(seconds, 3))
             ann_id = ann.id
-        except AlreadyExists:
+        except Conflict:
             ann_id = -1
         with self._lock:
             self.stats.served.append(task.case_id)

@@ -16,26 +16,10 @@ from typing import Any
 
 import httpx
 
-from fleet.errors import (
-    FlywheelError,
-    InvalidInput,
-    PermanentError,
-    ProtocolError,
-    ServerBusy,
-    TransportError,
-    Unauthorized,
-)
-from labeling.retry import NO_RETRY, RetryPolicy, with_retries
+from fleet.errors import InvalidInput, ProtocolError, TransportError, error_for_response
+from fleet.retry import RetryPolicy, retrying
 
 STRATEGIES = ("random", "uncertainty", "uncertainty+diversity")
-
-
-class Conflict(PermanentError):
-    """The hub refused a change that contradicts its state (HTTP 409)."""
-
-
-class HubNotFound(PermanentError):
-    """The hub does not know the object (HTTP 404)."""
 
 
 @dataclass(frozen=True)
@@ -175,8 +159,8 @@ class HubClient:
 
     def _json(self, method: str, path: str, *, idempotent: bool = True, **kwargs: Any) -> dict[str, Any]:
         what = f"hub {method} {path}"
-        r = with_retries(what, lambda: self._send(method, path, **kwargs), self.retry if idempotent else NO_RETRY,
-                         sleep=self.sleep)
+        r = retrying(self.retry, what, lambda: self._send(method, path, **kwargs), idempotent=idempotent,
+                     sleep=self.sleep)
         if r.status_code == 204 or not r.content:
             return {}
         try:
@@ -192,23 +176,9 @@ class HubClient:
             r = self.http.request(method, self.url + path, headers=self.headers, timeout=self.timeout_s, **kwargs)
         except httpx.TransportError as exc:
             raise TransportError(f"hub {method} {path}: {type(exc).__name__}: {exc}") from exc
-        if r.status_code < 400:
-            return r
-        raise _error(f"hub {method} {path}", r)
+        err = error_for_response(r, f"hub {method} {path}")
+        if err is not None:
+            raise err
+        return r
 
 
-def _error(what: str, r: httpx.Response) -> FlywheelError:
-    try:
-        detail = r.json().get("detail", r.text)
-    except (ValueError, AttributeError):
-        detail = r.text
-    text = f"{what}: HTTP {r.status_code}: {str(detail)[:500]}"
-    if r.status_code >= 500 or r.status_code in (408, 429):
-        return ServerBusy(text)
-    if r.status_code in (401, 403):
-        return Unauthorized(text)
-    if r.status_code == 404:
-        return HubNotFound(text)
-    if r.status_code == 409:
-        return Conflict(text)
-    return InvalidInput(text)

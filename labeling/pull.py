@@ -13,9 +13,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fleet.errors import InvalidInput, ProtocolError
+from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
 from labeling.consensus import Vote, decide, score_annotators
-from labeling.hub_client import Conflict, HubNotFound
 from labeling.records import AnnotationRecord, TaskRecord, parse_webhook
 
 if TYPE_CHECKING:
@@ -256,7 +255,7 @@ def _release(bridge: Bridge, case_id: str, task_id: int) -> int:
         bridge.hub.release(case_id)
     except Conflict as exc:
         log.warning("case %s not released: %s", case_id, exc)
-    except HubNotFound:
+    except NotFound:
         log.warning("case %s is unknown to the hub; dropping its task", case_id)
     bridge.ledger.set_task(case_id, state="released")
     return 1
@@ -266,7 +265,7 @@ def _post(bridge: Bridge, payload: dict[str, Any]) -> None:
     """Post one label. A permanent refusal is logged with the hub's reason and counted, not retried forever."""
     try:
         bridge.hub.post_label(payload)
-    except (HubNotFound, Conflict, InvalidInput) as exc:
+    except (NotFound, Conflict, InvalidInput) as exc:
         what = "deleting the label" if payload.get("deleted") else "the label"
         log.error("hub refused %s of annotation %s (case %s): %s", what, payload.get("annotation_id"),
                   payload.get("case_id"), exc)

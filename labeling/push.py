@@ -22,9 +22,9 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from fleet.errors import FlywheelError, InvalidInput, PermanentError, RetryableError
+from fleet.errors import Conflict, FlywheelError, InvalidInput, NotFound, PermanentError, RetryableError
 from labeling.configs import IMAGE_FIELD, classification_result
-from labeling.hub_client import Conflict, HubNotFound, SelectedCase
+from labeling.hub_client import SelectedCase
 
 if TYPE_CHECKING:
     from labeling.bridge import Bridge
@@ -323,7 +323,7 @@ def refresh_images(bridge: Bridge, *, limit: int = 100) -> int:
             continue
         try:
             fresh = bridge.hub.get_case(t.case_id)
-        except HubNotFound:
+        except NotFound:
             continue
         url = fresh.get("image_url")
         if not isinstance(url, str) or url == t.image_url:
@@ -378,7 +378,7 @@ def _refused(bridge: Bridge, case_ids: list[str], exc: FlywheelError) -> None:
         try:
             bridge.hub.release(cid)
             released += 1
-        except (HubNotFound, Conflict) as err:
+        except (NotFound, Conflict) as err:
             log.warning("case %s could not be released: %s", cid, err)
     bridge.problem(f"Label Studio refused {len(case_ids)} task(s) ({released} returned to the hub's pool): {exc}")
 

@@ -28,15 +28,17 @@ import httpx
 from fleet.errors import (
     FlywheelError,
     InvalidInput,
-    PermanentError,
+    NotFound,
     ProtocolError,
-    ServerBusy,
     TransportError,
     Unauthorized,
+    error_for_status,
+    parse_retry_after,
+    response_detail,
 )
+from fleet.retry import RetryPolicy, retrying
 from labeling.configs import config_classes
 from labeling.records import AnnotationRecord, TaskRecord, parse_annotation, parse_task
-from labeling.retry import NO_RETRY, RetryPolicy, with_retries
 
 try:
     from label_studio_sdk import LabelStudio
@@ -51,14 +53,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 UNCERTAINTY_SAMPLING = "Uncertainty sampling"
-
-
-class NotFound(PermanentError):
-    """Label Studio answered 404 for the object asked for."""
-
-
-class AlreadyExists(PermanentError):
-    """Label Studio answered 409: the object (an annotation with this ``unique_id``) exists already."""
 
 
 class ProjectUpdateRefused(InvalidInput):
@@ -167,8 +161,8 @@ class Studio:
 
     def call(self, what: str, fn: Callable[[], T], *, idempotent: bool = True) -> T:
         """Run one SDK call, mapping faults to :mod:`fleet.errors`; retry idempotent ones with backoff."""
-        return with_retries(f"Label Studio {what}", lambda: translate(what, fn),
-                            self.retry if idempotent else NO_RETRY, sleep=self.sleep)
+        return retrying(self.retry, f"Label Studio {what}", lambda: translate(what, fn), idempotent=idempotent,
+                        sleep=self.sleep)
 
     def _raw(self, method: str, path: str, *, json_body: Any = None, params: dict[str, Any] | None = None,
              expect: Iterable[int] = (200, 201, 204)) -> httpx.Response:
@@ -180,7 +174,9 @@ class Studio:
         except httpx.TransportError as exc:
             raise TransportError(f"Label Studio {method} {path}: {type(exc).__name__}: {exc}") from exc
         if r.status_code not in set(expect):
-            raise _status_error(f"{method} {path}", r.status_code, _body(r))
+            raise error_for_status(r.status_code, f"Label Studio {method} {path}: HTTP {r.status_code}: "
+                                                  f"{response_detail(r)}",
+                                   retry_after=parse_retry_after(r.headers.get("retry-after")))
         return r
 
     # -----------------------------------------------------------------------------------------
@@ -394,7 +390,7 @@ class Studio:
                           ground_truth: bool = False, was_cancelled: bool = False,
                           lead_time: float | None = None) -> AnnotationRecord:
         """Create an annotation as this user. With ``unique_id`` a retry cannot duplicate it: a second
-        create with the same ``unique_id`` raises :class:`AlreadyExists`."""
+        create with the same ``unique_id`` raises :class:`~fleet.errors.Conflict`."""
         kwargs: dict[str, Any] = {"result": result, "ground_truth": ground_truth, "was_cancelled": was_cancelled}
         if lead_time is not None:
             kwargs["lead_time"] = lead_time
@@ -492,7 +488,9 @@ def translate(what: str, fn: Callable[[], T]) -> T:
     except FlywheelError:
         raise
     except ApiError as exc:
-        raise _status_error(what, exc.status_code, exc.body) from exc
+        status = exc.status_code if exc.status_code is not None else 502  # no status: a broken answer
+        raise error_for_status(status, f"Label Studio {what}: HTTP {exc.status_code}: {_detail(exc.body)}",
+                               retry_after=parse_retry_after((exc.headers or {}).get("retry-after"))) from exc
     except httpx.TimeoutException as exc:
         raise TransportError(f"Label Studio {what}: timed out ({type(exc).__name__})") from exc
     except httpx.TransportError as exc:
@@ -502,25 +500,12 @@ def translate(what: str, fn: Callable[[], T]) -> T:
         raise ProtocolError(f"Label Studio {what}: unexpected response ({type(exc).__name__}: {exc})") from exc
 
 
-def _status_error(what: str, status: int | None, body: Any) -> FlywheelError:
-    detail = body.get("detail") if isinstance(body, dict) and "detail" in body else body
-    text = f"Label Studio {what}: HTTP {status}: {str(detail)[:500]}"
-    if status is None or status >= 500 or status in (408, 429):
-        return ServerBusy(text)
-    if status in (401, 403):
-        return Unauthorized(text)
-    if status == 404:
-        return NotFound(text)
-    if status == 409:
-        return AlreadyExists(text)
-    return InvalidInput(text)
-
-
-def _body(r: httpx.Response) -> Any:
-    try:
-        return r.json()
-    except ValueError:
-        return r.text[:500]
+def _detail(body: Any) -> str:
+    """Label Studio's reason: ``detail`` and, for a "Validation error", the ``validation_errors`` behind it."""
+    if isinstance(body, dict) and "detail" in body:
+        extra = body.get("validation_errors")
+        return str(body["detail"] if extra is None else f"{body['detail']} {extra}")[:500]
+    return str(body)[:500]
 
 
 def _dump(obj: Any) -> dict[str, Any]:

@@ -1,14 +1,13 @@
 """The trainer's HTTP client for the hub (httpx): snapshots, blobs, the model registry, rollouts.
 
-Pass ``transport=httpx.MockTransport(...)`` in tests. Responses map onto fleet.errors: 5xx and 429
-become :class:`ServerBusy` and broken connections :class:`TransportError` (both retried a few times);
-401/403 become :class:`Unauthorized`; other 4xx become :class:`InvalidInput` carrying the hub's detail.
+Pass ``transport=httpx.MockTransport(...)`` in tests. Answers map onto fleet.errors through
+:func:`fleet.errors.error_for_response` and retryable faults are retried by :class:`fleet.retry.RetryPolicy`,
+as in every client.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import tarfile
@@ -18,15 +17,8 @@ from typing import Any
 
 import httpx
 
-from fleet.errors import (
-    FlywheelError,
-    IntegrityError,
-    InvalidInput,
-    RetryableError,
-    ServerBusy,
-    TransportError,
-    Unauthorized,
-)
+from fleet.errors import IntegrityError, TransportError, Unauthorized, error_for_response
+from fleet.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +35,14 @@ class HubClient:
         *,
         transport: httpx.BaseTransport | None = None,
         timeout: float = 60.0,
-        retries: int = 3,
+        retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         token = token or os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         self._client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
-        self._retries = retries
+        self._retry = retry or RetryPolicy(attempts=3, base_s=0.25, cap_s=2.0, deadline_s=60.0)
         self._sleep = sleep
 
     def close(self) -> None:
@@ -76,10 +68,8 @@ class HubClient:
         return resp.content, resp.headers.get("X-Manifest-Sha256")
 
     def blobs_bulk(self, sha256s: list[str]) -> tuple[dict[str, bytes], list[str]]:
-        """POST /v1/blobs/bulk -> ({sha256: bytes}, missing); raises NotImplementedError if the hub lacks it."""
-        resp = self._request("POST", "/v1/blobs/bulk", json={"sha256s": sha256s}, allow=(404, 405))
-        if resp.status_code in (404, 405) and not resp.headers.get("content-type", "").startswith("application/x-tar"):
-            raise NotImplementedError("the hub does not serve /v1/blobs/bulk")
+        """POST /v1/blobs/bulk -> ({sha256: bytes}, missing)."""
+        resp = self._request("POST", "/v1/blobs/bulk", json={"sha256s": sha256s})
         missing = [s for s in resp.headers.get("X-Missing", "").replace(";", ",").split(",") if s.strip()]
         found: dict[str, bytes] = {}
         try:
@@ -93,11 +83,6 @@ class HubClient:
         except tarfile.TarError as exc:
             raise IntegrityError(f"/v1/blobs/bulk answered a broken tar archive ({exc})") from exc
         return found, [m.strip() for m in missing]
-
-    def blob(self, sha256: str) -> bytes | None:
-        """GET /v1/blobs/{sha256} -> the bytes, or None when the hub answers 404."""
-        resp = self._request("GET", f"/v1/blobs/{sha256}", allow=(404,))
-        return None if resp.status_code == 404 else resp.content
 
     # --- models and rollouts -----------------------------------------------------------------
 
@@ -127,37 +112,19 @@ class HubClient:
     # --- plumbing ------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, *, allow: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
-        last: FlywheelError | None = None
-        for attempt in range(self._retries):
+        """One call, retried by the shared policy; ``allow``: statuses answered instead of raised."""
+        def once() -> httpx.Response:
             try:
                 resp = self._client.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                last = TransportError(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}")
-            else:
-                if resp.status_code in allow or resp.is_success:
-                    return resp
-                try:
-                    _raise_for(resp, method, path)
-                except RetryableError as exc:
-                    last = exc
-            if attempt + 1 < self._retries:
-                delay = 0.25 * 2**attempt
-                log.warning("%s; retrying in %.2fs", last, delay)
-                self._sleep(delay)
-        assert last is not None
-        raise last
+                raise TransportError(f"{method} {self.base_url}{path}: {type(exc).__name__}: {exc}") from exc
+            if resp.status_code in allow:
+                return resp
+            err = error_for_response(resp, f"{method} {path}")
+            if isinstance(err, Unauthorized):
+                raise type(err)(f"{err} (is --token / {TOKEN_ENV} a trainer-scope token?)")
+            if err is not None:
+                raise err
+            return resp
 
-
-def _raise_for(resp: httpx.Response, method: str, path: str) -> None:
-    try:
-        detail = resp.json().get("detail", resp.text)
-    except (ValueError, AttributeError):
-        detail = resp.text
-    where = f"{method} {path} -> {resp.status_code}"
-    if resp.status_code == 429 or resp.status_code >= 500:
-        raise ServerBusy(f"{where}: {detail}")
-    if resp.status_code in (401, 403):
-        raise Unauthorized(f"{where}: {detail} (is --token / {TOKEN_ENV} a trainer-scope token?)")
-    if resp.status_code == 422 and path == "/v1/models":
-        raise IntegrityError(f"{where}: {detail}")
-    raise InvalidInput(f"{where}: {json.dumps(detail) if not isinstance(detail, str) else detail}")
+        return self._retry.call(f"{method} {path}", once, sleep=self._sleep)

@@ -163,18 +163,11 @@ class BlobCache:
 def _fetch_into(client: HubClient, cache: BlobCache, todo: list[str]) -> tuple[set[str], dict[str, str]]:
     missing: set[str] = set()
     corrupt: dict[str, str] = {}  # expected -> received hash
-    use_bulk = True
     for i in range(0, len(todo), BULK_CHUNK):
         chunk = todo[i: i + BULK_CHUNK]
-        found: dict[str, bytes] = {}
-        if use_bulk:
-            try:
-                found, _ = client.blobs_bulk(chunk)
-            except NotImplementedError:
-                log.info("hub has no bulk blob endpoint; fetching blobs one by one")
-                use_bulk = False
+        found, _ = client.blobs_bulk(chunk)
         for sha in chunk:
-            data = found.get(sha) if use_bulk else client.blob(sha)
+            data = found.get(sha)
             if data is None:
                 missing.add(sha)
             elif not cache.put(sha, data):

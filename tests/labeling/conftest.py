@@ -12,12 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fleet.retry import RetryPolicy
 from labeling.bridge import Bridge, BridgeConfig
 from labeling.consensus import Rules
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.push import Throttle
-from labeling.retry import RetryPolicy
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.fakestudio import FakeStudio
 from tests.labeling.livestack import Live, build
@@ -25,7 +25,7 @@ from tests.labeling.realhub import RealHub, serve_real_hub
 from tests.support.services import missing_service
 
 CLASSES = ["cat", "dog", "bird"]
-FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.0, max_delay_s=0.0, deadline_s=10.0)
+FAST_RETRY = RetryPolicy(attempts=4, base_s=0.0, cap_s=0.0, deadline_s=10.0)
 
 
 class Clock:

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import httpx
 
+from fleet.retry import RetryPolicy
 from labeling.bots import BotSpec, BotTeam
 from labeling.bridge import Bridge, BridgeConfig
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.push import Throttle
-from labeling.retry import RetryPolicy
 from labeling.studio import Studio
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.lsserver import FaultyTransport
 
 CLASSES = ["cat", "dog", "bird"]
-QUICK = RetryPolicy(attempts=5, base_delay_s=0.2, max_delay_s=1.0, deadline_s=30.0)
+QUICK = RetryPolicy(attempts=5, base_s=0.2, cap_s=1.0, deadline_s=30.0)
 
 
 @dataclass

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fleet.retry import RetryPolicy
 from labeling.bots import BotSpec, BotTeam
 from labeling.bridge import Bridge, BridgeConfig
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.push import Throttle
-from labeling.retry import RetryPolicy
 from labeling.studio import Studio
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.lsserver import StudioServer, studio_bin, sync_cut_off_by_a_kill
@@ -38,7 +38,7 @@ def test_label_studio_restarted_mid_sync(tmp_path: Path) -> None:
     try:
         with hub.serve():
             studio = Studio(server.url, server.token, http=httpx.Client(timeout=10),
-                            retry=RetryPolicy(attempts=3, base_delay_s=0.2, max_delay_s=0.5, deadline_s=5))
+                            retry=RetryPolicy(attempts=3, base_s=0.2, cap_s=0.5, deadline_s=5))
             config = BridgeConfig(project_title="restart", overlap=1, overlap_share=0.0, batch_size=25,
                                   throttle=Throttle(min_depth=150, max_depth=150), in_doubt_grace_s=0.5,
                                   webhook_url=f"{hub.base_url}/v1/labeling/webhook", webhook_secret=hub.webhook_secret)

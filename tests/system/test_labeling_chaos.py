@@ -29,12 +29,12 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
     binary = studio_bin()
     if binary is None:
         missing_service("no label-studio executable (scripts/test.sh installs .venv-studio)")
+    from fleet.retry import RetryPolicy
     from labeling.bots import BotSpec, BotTeam
     from labeling.bridge import Bridge, BridgeConfig
     from labeling.hub_client import HubClient
     from labeling.ledger import Ledger
     from labeling.push import Throttle
-    from labeling.retry import RetryPolicy
     from labeling.studio import Studio
 
     server = StudioServer(binary, tmp_path / "ls")
@@ -56,7 +56,7 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
             hub.add_cases(60, seed=3)
 
             studio = Studio(server.url, server.token, http=httpx.Client(timeout=10),
-                            retry=RetryPolicy(attempts=3, base_delay_s=0.2, max_delay_s=0.5, deadline_s=5))
+                            retry=RetryPolicy(attempts=3, base_s=0.2, cap_s=0.5, deadline_s=5))
             config = BridgeConfig(project_title="system", overlap=1, overlap_share=0.0, batch_size=10,
                                   throttle=Throttle(min_depth=40, max_depth=40), in_doubt_grace_s=0.5,
                                   webhook_url=f"{proc_hub.url}/v1/labeling/webhook",

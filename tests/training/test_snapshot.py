@@ -48,14 +48,6 @@ def test_pull_decodes_every_case_and_caches_blobs(tmp_path: Path) -> None:
     assert again.stats["cache_hits"] == 12 and blob_requests(hub) == before
 
 
-def test_falls_back_to_per_blob_requests_without_the_bulk_endpoint(tmp_path: Path) -> None:
-    hub = hub_with_cases(5)
-    hub.bulk = False
-    snap = pull_snapshot(client(hub), cache_dir=tmp_path)
-    assert len(snap.blob_paths) == 5
-    assert sum(1 for m, p in hub.requests if m == "GET" and p.startswith("/v1/blobs/")) == 5
-
-
 def test_missing_blob_refuses_the_snapshot_naming_case_and_hash(tmp_path: Path) -> None:
     hub = hub_with_cases(4)
     sha = hub.cases[2]["image_sha256"]
@@ -64,10 +56,8 @@ def test_missing_blob_refuses_the_snapshot_naming_case_and_hash(tmp_path: Path) 
         pull_snapshot(client(hub), cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("bulk", [True, False])
-def test_corrupt_blob_refuses_the_snapshot_and_is_not_cached(tmp_path: Path, bulk: bool) -> None:
+def test_corrupt_blob_refuses_the_snapshot_and_is_not_cached(tmp_path: Path) -> None:
     hub = hub_with_cases(4)
-    hub.bulk = bulk
     sha = hub.cases[1]["image_sha256"]
     hub.blobs[sha] = hub.blobs[sha][:-7] + b"garbage"
     bad = hashlib.sha256(hub.blobs[sha]).hexdigest()
