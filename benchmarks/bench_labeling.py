@@ -38,12 +38,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labeling.bots import BotSpec, BotTeam  # noqa: E402
-from labeling.bridge import Bridge, BridgeConfig  # noqa: E402
+from labeling.bridge import Bridge
+from labeling.config import BridgeConfig  # noqa: E402
 from labeling.configs import classification_result  # noqa: E402
 from labeling.hub_client import HubClient, SelectedCase  # noqa: E402
 from labeling.ledger import Ledger  # noqa: E402
-from labeling.push import Throttle, push_cases  # noqa: E402
+from labeling.push import push_cases
 from labeling.studio import Studio  # noqa: E402
+from labeling.throttle import Throttle  # noqa: E402
 from tests.labeling.fakehub import FakeHub  # noqa: E402
 from tests.labeling.lsserver import StudioServer, studio_bin  # noqa: E402
 

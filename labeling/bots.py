@@ -23,7 +23,8 @@ import numpy as np
 
 from fleet.errors import Conflict, FlywheelError, InvalidInput, RetryableError
 from labeling.configs import FROM_NAME, TO_NAME, classification_result
-from labeling.studio import Studio, user_token
+from labeling.login import user_token
+from labeling.studio import Studio
 
 log = logging.getLogger(__name__)
 

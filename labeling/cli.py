@@ -68,12 +68,13 @@ def sync(
     as_json: bool = typer.Option(False, "--json", help="Print each turn's report as JSON."),
 ) -> None:
     """Push the hub's selection to Label Studio and bring labels back, once or with --watch."""
-    from labeling.bridge import Bridge, BridgeConfig
+    from labeling.bridge import Bridge
+    from labeling.config import BridgeConfig
     from labeling.consensus import Rules
     from labeling.hub_client import HubClient
     from labeling.ledger import Ledger
-    from labeling.push import Throttle
     from labeling.studio import Studio
+    from labeling.throttle import Throttle
 
     _need(hub_token, "--hub-token / FLYWHEEL_LABELER_TOKEN")
     _need(ls_token, "--ls-token / FLYWHEEL_LS_TOKEN")
@@ -153,6 +154,9 @@ def bots(
     skip_rate: float = typer.Option(0.0, "--skip-rate", min=0.0, max=1.0),
     password: str = typer.Option("flywheel-bot-password", "--password", envvar="FLYWHEEL_BOT_PASSWORD"),
     max_tasks: int = typer.Option(0, "--max-tasks", min=0, help="Stop each bot after this many tasks (0: never)."),
+    until_idle: bool = typer.Option(False, "--until-idle",
+                                    help="Work bot after bot until the queue has nothing left for any of them."),
+    as_json: bool = typer.Option(False, "--json", help="Print the bots' tallies as one JSON object."),
 ) -> None:
     """Simulated annotators working the project's queue in Label Studio (for the demo and benchmarks)."""
     from dataclasses import replace
@@ -169,15 +173,22 @@ def bots(
         raise typer.Exit(2)
     specs = [replace(s, skip_rate=skip_rate) for s in parse_bot_specs(team)]
     crew = BotTeam(ls_url, admin, found.id, specs, answers.get, found.class_names, password=password)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: crew.stop.set())
-    crew.start(max_tasks=max_tasks or None)
     try:
-        while any(t.is_alive() for t in crew._threads) and not crew.stop.wait(1.0):
-            pass
+        if until_idle:
+            crew.run_until_idle()
+        else:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: crew.stop.set())
+            crew.start(max_tasks=max_tasks or None)
+            while any(t.is_alive() for t in crew._threads) and not crew.stop.wait(1.0):
+                pass
     finally:
         crew.close()
         admin.close()
+    if as_json:
+        typer.echo(json.dumps({name: {"answered": s.answered, "correct": s.correct, "skipped": s.skipped,
+                                      "errors": s.errors} for name, s in crew.stats.items()}, sort_keys=True))
+        return
     for name, s in crew.stats.items():
         typer.echo(f"{name}: {s.answered} answered ({s.correct} correct), {s.skipped} skipped, {s.errors} errors")
 

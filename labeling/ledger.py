@@ -17,99 +17,10 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-OPEN_STATES = ("open", "done")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tasks (
-    case_id TEXT PRIMARY KEY,
-    task_id INTEGER UNIQUE,
-    project_id INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    overlap INTEGER NOT NULL DEFAULT 1,
-    gold_label INTEGER,
-    model_version TEXT,
-    score REAL,
-    cluster INTEGER,
-    prediction_id INTEGER,
-    cluster_set INTEGER NOT NULL DEFAULT 0,
-    image_url TEXT,
-    task_json TEXT,
-    pushed_at REAL NOT NULL,
-    dirty INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
-CREATE INDEX IF NOT EXISTS tasks_dirty ON tasks(dirty);
-CREATE TABLE IF NOT EXISTS annotations (
-    annotation_id INTEGER PRIMARY KEY,
-    task_id INTEGER NOT NULL,
-    case_id TEXT NOT NULL,
-    user_id INTEGER,
-    annotator TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    ground_truth INTEGER NOT NULL,
-    cancelled INTEGER NOT NULL,
-    label INTEGER,
-    refused TEXT,
-    deleted INTEGER NOT NULL DEFAULT 0,
-    first_seen REAL NOT NULL,
-    sent TEXT,
-    sent_at REAL
-);
-CREATE INDEX IF NOT EXISTS annotations_task ON annotations(task_id);
-CREATE INDEX IF NOT EXISTS annotations_seen ON annotations(first_seen);
-CREATE TABLE IF NOT EXISTS tombstones (annotation_id INTEGER PRIMARY KEY, payload TEXT NOT NULL, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS users (user_id INTEGER PRIMARY KEY, name TEXT NOT NULL);
-"""
-
-
-@dataclass(frozen=True)
-class TaskRow:
-    case_id: str
-    task_id: int | None
-    project_id: int
-    state: str
-    overlap: int
-    gold_label: int | None
-    model_version: str | None
-    score: float | None
-    cluster: int | None
-    prediction_id: int | None
-    cluster_set: bool
-    image_url: str | None
-    pushed_at: float
-    dirty: bool
-    task_json: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class AnnotationRow:
-    annotation_id: int
-    task_id: int
-    case_id: str
-    user_id: int | None
-    annotator: str
-    created_at: float
-    updated_at: float
-    ground_truth: bool
-    cancelled: bool
-    label: int | None
-    refused: str | None
-    deleted: bool
-    first_seen: float
-    sent: dict[str, Any] | None
-    sent_at: float | None
-
-    @property
-    def valid(self) -> bool:
-        """An answer that counts: not deleted, not a skip, and parsed to a class."""
-        return not self.deleted and not self.cancelled and self.label is not None
+from labeling.ledger_rows import SCHEMA, AnnotationRow, TaskRow, annotation_row, task_row
 
 
 class Ledger:
@@ -125,7 +36,7 @@ class Ledger:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -226,7 +137,7 @@ class Ledger:
             row = self._one("SELECT * FROM tasks WHERE case_id = ?", (case_id,))
         else:
             row = self._one("SELECT * FROM tasks WHERE task_id = ?", (task_id,))
-        return _task(row) if row else None
+        return task_row(row) if row else None
 
     def tasks(self, *states: str) -> list[TaskRow]:
         if states:
@@ -234,10 +145,10 @@ class Ledger:
             rows = self._all(f"SELECT * FROM tasks WHERE state IN ({marks}) ORDER BY pushed_at, case_id", states)
         else:
             rows = self._all("SELECT * FROM tasks ORDER BY pushed_at, case_id")
-        return [_task(r) for r in rows]
+        return [task_row(r) for r in rows]
 
     def dirty_tasks(self) -> list[TaskRow]:
-        return [_task(r) for r in self._all("SELECT * FROM tasks WHERE dirty = 1 ORDER BY task_id")]
+        return [task_row(r) for r in self._all("SELECT * FROM tasks WHERE dirty = 1 ORDER BY task_id")]
 
     def mark_dirty(self, task_id: int) -> None:
         with self.transaction() as db:
@@ -267,11 +178,11 @@ class Ledger:
 
     def annotation(self, annotation_id: int) -> AnnotationRow | None:
         row = self._one("SELECT * FROM annotations WHERE annotation_id = ?", (annotation_id,))
-        return _annotation(row) if row else None
+        return annotation_row(row) if row else None
 
     def annotations_of(self, task_id: int, *, include_deleted: bool = False) -> list[AnnotationRow]:
         sql = "SELECT * FROM annotations WHERE task_id = ?" + ("" if include_deleted else " AND deleted = 0")
-        return [_annotation(r) for r in self._all(sql + " ORDER BY annotation_id", (task_id,))]
+        return [annotation_row(r) for r in self._all(sql + " ORDER BY annotation_id", (task_id,))]
 
     def upsert_annotation(self, *, annotation_id: int, task_id: int, case_id: str, user_id: int | None,
                           annotator: str, created_at: float, updated_at: float, ground_truth: bool,
@@ -412,23 +323,3 @@ class Ledger:
             "mean_agreement": sum(agreements) / len(agreements) if agreements else None,
             "refused": int(refused["n"]) if refused else 0,
         }
-
-
-def _task(r: sqlite3.Row) -> TaskRow:
-    return TaskRow(
-        case_id=r["case_id"], task_id=r["task_id"], project_id=r["project_id"], state=r["state"],
-        overlap=int(r["overlap"]), gold_label=r["gold_label"], model_version=r["model_version"], score=r["score"],
-        cluster=r["cluster"], prediction_id=r["prediction_id"], cluster_set=bool(r["cluster_set"]),
-        image_url=r["image_url"], pushed_at=float(r["pushed_at"]), dirty=bool(r["dirty"]),
-        task_json=json.loads(r["task_json"]) if r["task_json"] else None,
-    )
-
-
-def _annotation(r: sqlite3.Row) -> AnnotationRow:
-    return AnnotationRow(
-        annotation_id=r["annotation_id"], task_id=r["task_id"], case_id=r["case_id"], user_id=r["user_id"],
-        annotator=r["annotator"], created_at=float(r["created_at"]), updated_at=float(r["updated_at"]),
-        ground_truth=bool(r["ground_truth"]), cancelled=bool(r["cancelled"]), label=r["label"],
-        refused=r["refused"], deleted=bool(r["deleted"]), first_seen=float(r["first_seen"]),
-        sent=json.loads(r["sent"]) if r["sent"] else None, sent_at=r["sent_at"],
-    )

@@ -11,14 +11,12 @@ cases whose task was skipped or deleted.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
 from labeling.consensus import Vote, decide, score_annotators
+from labeling.context import BridgeContext
 from labeling.records import AnnotationRecord, TaskRecord, parse_webhook
-
-if TYPE_CHECKING:
-    from labeling.bridge import Bridge
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ SOURCE = "label-studio"
 # ---------------------------------------------------------------------------------------------
 
 
-def interpret(bridge: Bridge, a: AnnotationRecord) -> tuple[int | None, str | None]:
+def interpret(bridge: BridgeContext, a: AnnotationRecord) -> tuple[int | None, str | None]:
     """The class an annotation picked, or the reason it is refused. A skip is neither."""
     if a.was_cancelled:
         return None, None
@@ -43,7 +41,7 @@ def interpret(bridge: Bridge, a: AnnotationRecord) -> tuple[int | None, str | No
     return label, None
 
 
-def annotator_name(bridge: Bridge, user_id: int | None) -> str:
+def annotator_name(bridge: BridgeContext, user_id: int | None) -> str:
     if user_id is None:
         return "unknown"
     name = bridge.ledger.user_name(user_id)
@@ -53,7 +51,7 @@ def annotator_name(bridge: Bridge, user_id: int | None) -> str:
     return name or f"label-studio-user-{user_id}"
 
 
-def observe_task(bridge: Bridge, task: TaskRecord) -> bool:
+def observe_task(bridge: BridgeContext, task: TaskRecord) -> bool:
     """Bring the ledger's view of one task up to date (adopting it if it carries an unknown case). False
     when the task is not the bridge's (another project, or no ``case_id``)."""
     if task.project_id is not None and task.project_id != bridge.project_id:
@@ -82,7 +80,7 @@ def observe_task(bridge: Bridge, task: TaskRecord) -> bool:
     return True
 
 
-def observe_annotation(bridge: Bridge, a: AnnotationRecord, case_id: str) -> str:
+def observe_annotation(bridge: BridgeContext, a: AnnotationRecord, case_id: str) -> str:
     label, refused = interpret(bridge, a)
     outcome = bridge.ledger.upsert_annotation(
         annotation_id=a.id, task_id=a.task_id, case_id=case_id, user_id=a.user_id,
@@ -98,7 +96,7 @@ def observe_annotation(bridge: Bridge, a: AnnotationRecord, case_id: str) -> str
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_webhook(bridge: Bridge, body: Any) -> str:
+def apply_webhook(bridge: BridgeContext, body: Any) -> str:
     """Apply one raw webhook body. Returns what it did (for logs and tests)."""
     try:
         event = parse_webhook(body)
@@ -135,7 +133,7 @@ def apply_webhook(bridge: Bridge, body: Any) -> str:
     return f"ignored:{event.action}"
 
 
-def drain_webhooks(bridge: Bridge, *, limit: int = 500) -> int:
+def drain_webhooks(bridge: BridgeContext, *, limit: int = 500) -> int:
     """Apply the hub inbox's webhook events after the ledger's cursor, then acknowledge them."""
     cursor = bridge.ledger.get("webhook_cursor")
     applied = 0
@@ -159,7 +157,7 @@ def drain_webhooks(bridge: Bridge, *, limit: int = 500) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def reconcile(bridge: Bridge) -> int:
+def reconcile(bridge: BridgeContext) -> int:
     """List the whole project and apply it: new and changed annotations, deleted annotations and tasks.
 
     A task the listing lacks is confirmed gone with a direct lookup before its labels are deleted,
@@ -194,7 +192,7 @@ def reconcile(bridge: Bridge) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def flush(bridge: Bridge) -> dict[str, int]:
+def flush(bridge: BridgeContext) -> dict[str, int]:
     """Post every label whose hub payload changed, delete labels of vanished annotations, release cases."""
     out = {"posted": 0, "deleted": 0, "released": 0}
     for payload in bridge.ledger.tombstones():
@@ -248,7 +246,7 @@ def flush(bridge: Bridge) -> dict[str, int]:
     return out
 
 
-def _release(bridge: Bridge, case_id: str, task_id: int) -> int:
+def _release(bridge: BridgeContext, case_id: str, task_id: int) -> int:
     """Take the task out of the queue and give the case back to the hub's unlabeled pool."""
     bridge.studio.delete_task(task_id)
     try:
@@ -261,7 +259,7 @@ def _release(bridge: Bridge, case_id: str, task_id: int) -> int:
     return 1
 
 
-def _post(bridge: Bridge, payload: dict[str, Any]) -> None:
+def _post(bridge: BridgeContext, payload: dict[str, Any]) -> None:
     """Post one label. A permanent refusal is logged with the hub's reason and counted, not retried forever."""
     try:
         bridge.hub.post_label(payload)
@@ -272,7 +270,7 @@ def _post(bridge: Bridge, payload: dict[str, Any]) -> None:
         bridge.ledger.put("hub_refused", int(bridge.ledger.get("hub_refused", 0)) + 1)
 
 
-def _refresh_reliability(bridge: Bridge, scores: dict[str, Any]) -> None:
+def _refresh_reliability(bridge: BridgeContext, scores: dict[str, Any]) -> None:
     """When an annotator's gold record crosses the reliability bar, re-decide every task they labeled."""
     rules = bridge.config.rules
     before: dict[str, bool] = bridge.ledger.get("unreliable", {})

@@ -13,73 +13,28 @@ anything is imported again, so a retry never duplicates a task.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
 from fleet.errors import Conflict, FlywheelError, InvalidInput, NotFound, PermanentError, RetryableError
 from labeling.configs import IMAGE_FIELD, classification_result
+from labeling.context import BridgeContext
 from labeling.hub_client import SelectedCase
-
-if TYPE_CHECKING:
-    from labeling.bridge import Bridge
+from labeling.throttle import push_budget, target_depth, throughput
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
-# throttle (pure)
+# the queue's depth
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Throttle:
-    """Keep ``horizon_s`` seconds of annotator work queued, measured over the last ``window_s``."""
-
-    horizon_s: float = 900.0
-    window_s: float = 600.0
-    min_depth: int = 20
-    max_depth: int = 2000
-    max_batch: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.horizon_s <= 0 or self.window_s <= 0:
-            raise InvalidInput(f"horizon_s and window_s must be positive; received {self.horizon_s}, {self.window_s}")
-        if not 0 <= self.min_depth <= self.max_depth:
-            raise InvalidInput(f"need 0 <= min_depth <= max_depth; received {self.min_depth}, {self.max_depth}")
-        if self.max_batch < 1:
-            raise InvalidInput(f"max_batch must be at least 1; received {self.max_batch}")
-
-
-def throughput(times: np.ndarray[Any, Any], *, now: float, window_s: float) -> float:
-    """Annotations per second over the last ``window_s`` seconds. times: (n,) unix seconds of completions."""
-    t = np.asarray(times, dtype=np.float64)
-    if window_s <= 0:
-        raise InvalidInput(f"window_s must be positive; received {window_s}")
-    return float(np.count_nonzero((t > now - window_s) & (t <= now))) / window_s
-
-
-def target_depth(rate: float, *, horizon_s: float, min_depth: int, max_depth: int) -> int:
-    """Queue depth (in annotations) that keeps ``horizon_s`` of work ahead of annotators finishing ``rate``/s."""
-    if not math.isfinite(rate) or rate < 0:
-        raise InvalidInput(f"rate must be a finite, non-negative number; received {rate!r}")
-    return int(min(max(math.ceil(rate * horizon_s), min_depth), max_depth))
-
-
-def push_budget(open_slots: int, target: int, *, expected_overlap: float = 1.0, max_batch: int = 1000) -> int:
-    """How many tasks to add: the shortfall in annotations, divided by the annotations a task needs."""
-    if expected_overlap < 1:
-        raise InvalidInput(f"expected_overlap must be at least 1; received {expected_overlap}")
-    shortfall = max(target - open_slots, 0)
-    return int(min(math.floor(shortfall / expected_overlap), max_batch))
-
-
-def budget_now(bridge: Bridge) -> tuple[int, dict[str, float]]:
+def budget_now(bridge: BridgeContext) -> tuple[int, dict[str, float]]:
     """The push budget for this turn, with the figures it came from."""
     th = bridge.config.throttle
     now = bridge.clock()
@@ -120,7 +75,7 @@ def task_json(case: SelectedCase, *, queue_version: str, cluster: int | None = N
     }
 
 
-def push_once(bridge: Bridge) -> int:
+def push_once(bridge: BridgeContext) -> int:
     """Settle earlier pushes, then ask the hub for as many cases as the throttle allows and push them."""
     settle(bridge)
     budget, figures = budget_now(bridge)
@@ -141,7 +96,7 @@ def push_once(bridge: Bridge) -> int:
     return pushed
 
 
-def push_cases(bridge: Bridge, cases: Sequence[SelectedCase], *, gold: dict[str, int] | None = None) -> int:
+def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *, gold: dict[str, int] | None = None) -> int:
     """Create tasks for ``cases`` in batches; ``gold`` maps case ids to known answers (gold tasks).
 
     Every Label Studio refusal (4xx) on this path is handled where it happens: a refused project update is
@@ -198,7 +153,7 @@ def push_cases(bridge: Bridge, cases: Sequence[SelectedCase], *, gold: dict[str,
     return pushed
 
 
-def push_gold(bridge: Bridge, items: Sequence[tuple[SelectedCase, int]]) -> int:
+def push_gold(bridge: BridgeContext, items: Sequence[tuple[SelectedCase, int]]) -> int:
     """Gold tasks: cases whose answer is known, queued like any other task (annotators cannot tell).
 
     The known answer stays in the bridge's ledger, never in the task, where annotators could read it.
@@ -212,7 +167,7 @@ def push_gold(bridge: Bridge, items: Sequence[tuple[SelectedCase, int]]) -> int:
     return push_cases(bridge, [c for c, _ in items], gold=gold)
 
 
-def settle(bridge: Bridge) -> None:
+def settle(bridge: BridgeContext) -> None:
     """Finish what an interrupted push left: imports in doubt, clusters not yet set, orphaned selections."""
     doubtful = bridge.ledger.tasks("importing")
     if doubtful:
@@ -239,7 +194,7 @@ def settle(bridge: Bridge) -> None:
         adopt_orphans(bridge)
 
 
-def set_clusters(bridge: Bridge, *, chunk: int = 100) -> int:
+def set_clusters(bridge: BridgeContext, *, chunk: int = 100) -> int:
     """Set the diversity cluster on every pushed prediction that lacks it, a chunk at a time (progress
     is kept if Label Studio goes away half way). Label Studio's bulk import drops ``cluster`` and only
     its one-prediction endpoint sets it, so this is the slow part of a push; tasks are already in the
@@ -257,7 +212,7 @@ def set_clusters(bridge: Bridge, *, chunk: int = 100) -> int:
     return len(pending)
 
 
-def ensure_queue_version(bridge: Bridge) -> bool:
+def ensure_queue_version(bridge: BridgeContext) -> bool:
     """Keep the project's queue on the bridge's queue version; True when it is.
 
     A project made before the queue version existed (or changed by hand) points at another version, and
@@ -297,7 +252,7 @@ def ensure_queue_version(bridge: Bridge) -> bool:
     return True
 
 
-def adopt_orphans(bridge: Bridge) -> int:
+def adopt_orphans(bridge: BridgeContext) -> int:
     """Push the hub's queued cases that have no task here (a selection whose answer was lost)."""
     cases = bridge.hub.iter_pool("queued")
     orphans = [SelectedCase.from_json(c) for c in cases if not _live(bridge, str(c.get("case_id")))]
@@ -309,7 +264,7 @@ def adopt_orphans(bridge: Bridge) -> int:
     return pushed
 
 
-def refresh_images(bridge: Bridge, *, limit: int = 100) -> int:
+def refresh_images(bridge: BridgeContext, *, limit: int = 100) -> int:
     """Give open tasks whose signed image URL expires within the margin a fresh URL from the hub (at most
     ``limit`` a turn, soonest to expire first: each costs a hub read and a Label Studio update)."""
     now = bridge.clock()
@@ -342,12 +297,12 @@ def refresh_images(bridge: Bridge, *, limit: int = 100) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _live(bridge: Bridge, case_id: str) -> bool:
+def _live(bridge: BridgeContext, case_id: str) -> bool:
     t = bridge.ledger.task(case_id=case_id)
     return t is not None and t.state in ("open", "done", "importing")
 
 
-def _bind(bridge: Bridge, task_ids: Sequence[int], *, rebind: bool = False) -> None:
+def _bind(bridge: BridgeContext, task_ids: Sequence[int], *, rebind: bool = False) -> None:
     """Record the tasks an import created with their queue prediction (whose cluster is set afterwards by
     :func:`set_clusters`); ``rebind`` after a new queue prediction was added to existing tasks."""
     queue = bridge.config.queue_version
@@ -370,7 +325,7 @@ def _bind(bridge: Bridge, task_ids: Sequence[int], *, rebind: bool = False) -> N
         bridge.ledger.set_cluster_done(fresh, done=False)
 
 
-def _refused(bridge: Bridge, case_ids: list[str], exc: FlywheelError) -> None:
+def _refused(bridge: BridgeContext, case_ids: list[str], exc: FlywheelError) -> None:
     """Label Studio refused an import (a 4xx): the cases get no task, so they go back to the hub's pool."""
     bridge.ledger.discard_importing(case_ids)
     released = 0
@@ -383,7 +338,7 @@ def _refused(bridge: Bridge, case_ids: list[str], exc: FlywheelError) -> None:
     bridge.problem(f"Label Studio refused {len(case_ids)} task(s) ({released} returned to the hub's pool): {exc}")
 
 
-def _global_clusters(bridge: Bridge, cases: Sequence[SelectedCase]) -> dict[str, int]:
+def _global_clusters(bridge: BridgeContext, cases: Sequence[SelectedCase]) -> dict[str, int]:
     """The hub numbers clusters within one selection; Label Studio balances the queue over cluster ids
     across the whole project. Offsetting each push by the clusters used so far keeps two selections'
     clusters apart (otherwise cluster 2 of today's selection would count as solved because cluster 2 of

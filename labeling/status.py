@@ -9,7 +9,7 @@ import numpy as np
 
 from labeling.consensus import score_annotators
 from labeling.ledger import Ledger
-from labeling.push import Throttle, target_depth, throughput
+from labeling.throttle import Throttle, target_depth, throughput
 
 
 def collect(ledger: Ledger, *, window_s: float = 600.0, throttle: Throttle | None = None,

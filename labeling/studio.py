@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
@@ -31,13 +30,13 @@ from fleet.errors import (
     NotFound,
     ProtocolError,
     TransportError,
-    Unauthorized,
     error_for_status,
     parse_retry_after,
     response_detail,
 )
 from fleet.retry import RetryPolicy, retrying
 from labeling.configs import config_classes
+from labeling.projects import Project, ProjectSettings, ProjectUpdateRefused, project_from
 from labeling.records import AnnotationRecord, TaskRecord, parse_annotation, parse_task
 
 try:
@@ -51,71 +50,6 @@ except ImportError as exc:  # pragma: no cover - exercised by the boundary tests
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-UNCERTAINTY_SAMPLING = "Uncertainty sampling"
-
-
-class ProjectUpdateRefused(InvalidInput):
-    """Label Studio refused (4xx) to bring an existing project in line; ``project`` is the project as it is."""
-
-    def __init__(self, message: str, project: Project) -> None:
-        super().__init__(message)
-        self.project = project
-
-
-@dataclass(frozen=True)
-class Project:
-    id: int
-    title: str
-    label_config: str
-    sampling: str | None
-    model_version: str | None
-    maximum_annotations: int
-    overlap_cohort_percentage: int
-    show_collab_predictions: bool
-
-    @property
-    def class_names(self) -> list[str]:
-        return config_classes(self.label_config)
-
-
-@dataclass(frozen=True)
-class ProjectSettings:
-    """The project the bridge keeps: its queue order, its overlap and how predictions are shown.
-
-    ``model_version`` is the queue's version: Label Studio's uncertainty sampling serves (and its UI
-    pre-annotates with) only the predictions whose ``model_version`` equals the project's, and it refuses
-    to point a project at a version no prediction carries yet. So it is set when the project is created
-    and never changed by :meth:`Studio.ensure_project`; :meth:`Studio.set_queue_version` changes it on
-    purpose, after predictions of the new version exist.
-    """
-
-    title: str
-    label_config: str
-    model_version: str | None = None
-    overlap: int = 1
-    overlap_share: float = 0.0
-    description: str = "Flywheel: the most informative edge cases, first."
-    instructions: str | None = None
-
-    def fields(self) -> dict[str, Any]:
-        percent = int(round(self.overlap_share * 100)) if self.overlap > 1 else 100
-        out: dict[str, Any] = {
-            "label_config": self.label_config,
-            "sampling": UNCERTAINTY_SAMPLING,
-            "maximum_annotations": self.overlap,
-            "overlap_cohort_percentage": percent,
-            "show_collab_predictions": True,
-            "show_skip_button": True,
-            "description": self.description,
-        }
-        if self.model_version:
-            out["model_version"] = self.model_version
-        if self.instructions:
-            out["expert_instruction"] = self.instructions
-            out["show_instruction"] = True
-        return out
-
 
 class Studio:
     """One Label Studio server, as one user (the token's owner)."""
@@ -208,7 +142,7 @@ class Studio:
 
     def get_project(self, project_id: int) -> Project:
         p = self.call(f"get project {project_id}", lambda: self.sdk.projects.get(id=project_id))
-        return _project(p)
+        return project_from(_dump(p))
 
     def ensure_project(self, settings: ProjectSettings) -> Project:
         """The project with ``settings.title``, created or brought in line with ``settings`` (idempotent).
@@ -233,7 +167,10 @@ class Studio:
             "overlap_cohort_percentage": project.overlap_cohort_percentage,
             "show_collab_predictions": project.show_collab_predictions,
         }
-        changed = {k: v for k, v in wanted.items() if k in current and current[k] != v}
+        # Label Studio stores the config without its trailing newline: compare what it means, not its bytes
+        current["label_config"] = (project.label_config or "").strip()
+        changed = {k: v for k, v in wanted.items()
+                   if k in current and current[k] != (v.strip() if k == "label_config" else v)}
         if changed:
             try:
                 self.update_project(project.id, **changed)
@@ -447,36 +384,6 @@ class Studio:
 
 
 # ---------------------------------------------------------------------------------------------
-# users who log in (simulated annotators)
-# ---------------------------------------------------------------------------------------------
-
-
-def user_token(url: str, email: str, password: str, *, invite_token: str | None = None,
-               transport: httpx.BaseTransport | None = None, timeout_s: float = 30.0) -> str:
-    """The API token of a Label Studio user, signing the user up (through the organization's invite
-    link) the first time and logging in afterwards, the way a person does in the browser."""
-    base = url.rstrip("/")
-    session = httpx.Client(base_url=base, timeout=timeout_s, follow_redirects=False, transport=transport)
-    try:
-        for path in ("/user/login/", f"/user/signup/?token={invite_token}" if invite_token else None):
-            if path is None:
-                continue
-            try:
-                session.get(path)
-                csrf = session.cookies.get("csrftoken") or ""
-                session.post(path, data={"email": email, "password": password, "csrfmiddlewaretoken": csrf},
-                             headers={"Referer": base + path, "X-CSRFToken": csrf})
-                r = session.get("/api/current-user/token")
-            except httpx.TransportError as exc:
-                raise TransportError(f"Label Studio login for {email}: {type(exc).__name__}: {exc}") from exc
-            if r.status_code == 200 and "token" in r.json():
-                return str(r.json()["token"])
-        raise Unauthorized(f"could not log in or sign up {email!r} at {base} (is signup allowed with the invite link?)")
-    finally:
-        session.close()
-
-
-# ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
 
@@ -513,17 +420,3 @@ def _dump(obj: Any) -> dict[str, Any]:
         return obj
     dumped: dict[str, Any] = obj.model_dump(mode="json") if hasattr(obj, "model_dump") else dict(obj)
     return dumped
-
-
-def _project(p: Any) -> Project:
-    d = _dump(p)
-    return Project(
-        id=int(d["id"]),
-        title=str(d.get("title") or ""),
-        label_config=str(d.get("label_config") or ""),
-        sampling=d.get("sampling"),
-        model_version=d.get("model_version") or None,
-        maximum_annotations=int(d.get("maximum_annotations") or 1),
-        overlap_cohort_percentage=int(d.get("overlap_cohort_percentage") or 100),
-        show_collab_predictions=bool(d.get("show_collab_predictions", True)),
-    )

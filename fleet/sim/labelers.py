@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import secrets
@@ -125,9 +126,12 @@ def studio_available() -> str | None:
 
 
 class StudioLabeler:
-    """Labels the hub's selection in a real Label Studio: the labeling bridge pushes the selection as tasks,
-    simulated annotators (:mod:`labeling.bots`) answer them from the ground truth, and the bridge brings
-    their annotations back to the hub (webhooks, then a reconciliation pass).
+    """Labels the hub's selection in a real Label Studio, through the labeling bridge's own command line, each
+    step its own process (as in production, where the bridge runs beside the hub): ``flywheel label sync``
+    pushes the selection as tasks, ``flywheel label bots`` are simulated annotators answering them from the
+    ground truth in Label Studio's queue, and ``flywheel label sync --no-push`` brings their annotations back
+    to the hub (webhooks, then a reconciliation pass). Secrets reach the child processes by environment,
+    never on their command lines.
 
     Starts its own Label Studio under the workspace, unless FLYWHEEL_STUDIO_URL and FLYWHEEL_STUDIO_TOKEN
     (an admin's API token) name a running one.
@@ -135,16 +139,14 @@ class StudioLabeler:
 
     def __init__(self, hub: HubProcess, labeler_token: str, world: World, ws: Path, *,
                  strategy: str = "uncertainty+diversity", say: Callable[[str], None] | None = None,
-                 annotators: int = 3, accuracy: float = 1.0, settle_s: float = 180.0) -> None:
+                 annotators: int = 3, accuracy: float = 1.0, settle_s: float = 600.0, return_s: float = 120.0) -> None:
         from fleet.sim.studio import StudioServer, find_studio_bin, start_studio, studio_version
-        from labeling.bridge import Bridge, BridgeConfig
-        from labeling.hub_client import HubClient
-        from labeling.ledger import Ledger
-        from labeling.studio import Studio
 
-        self.world, self.settle_s = world, settle_s
+        # settle_s: the most the bots may take for a turn's tasks; return_s: for their labels to reach the hub
+        self.world, self.settle_s, self.return_s, self.strategy = world, settle_s, return_s, strategy
         self.say = say or (lambda msg: log.info("%s", msg))
         self._headers = {"Authorization": f"Bearer {labeler_token}"}
+        self.hub = httpx.Client(base_url=hub.url, headers=self._headers, timeout=60)
         self.server: StudioServer | None = None
         url, token = os.environ.get("FLYWHEEL_STUDIO_URL"), os.environ.get("FLYWHEEL_STUDIO_TOKEN")
         if url and token:
@@ -159,21 +161,19 @@ class StudioLabeler:
             self.url, self.token = self.server.url, self.server.token
             self.say(f"Label Studio on {self.url} (data in {ws / 'label-studio'})")
         run = secrets.token_hex(3)
-        self.studio = Studio(self.url, self.token)
-        self.hub = HubClient(hub.url, labeler_token, timeout_s=60.0)
-        (ws / "label-studio").mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(ws / "label-studio" / "bridge.sqlite")
-        self.config = BridgeConfig(
-            project_title=f"Flywheel demo {time.strftime('%Y-%m-%d %H:%M')} {run}", overlap=1, overlap_share=0.0,
-            strategy=strategy, reconcile_every_s=0.0,
-            webhook_url=f"{hub.url}/v1/labeling/webhook", webhook_secret=hub.webhook_secret,
-        )
-        self.bridge = Bridge(self.studio, self.hub, self.ledger, self.config)
-        self.bot_names = [f"demo-{run}-{i + 1}" for i in range(annotators)]
-        self.accuracy = accuracy
-        self._bot_password = "fw-bot-" + secrets.token_urlsafe(12)
+        self.dir = ws / "label-studio"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.truth_path = self.dir / "truth.jsonl"
+        self.project = f"Flywheel demo {time.strftime('%Y-%m-%d %H:%M')} {run}"
+        self.team = ",".join(f"demo-{run}-{i + 1}:{accuracy}@0" for i in range(annotators))
+        self.env = {
+            **os.environ, "FLYWHEEL_HUB_URL": hub.url, "FLYWHEEL_LABELER_TOKEN": labeler_token,
+            "FLYWHEEL_LS_URL": self.url, "FLYWHEEL_LS_TOKEN": self.token, "FLYWHEEL_LS_PROJECT": self.project,
+            "FLYWHEEL_LABEL_STATE": str(self.dir / "bridge.sqlite"), "FLYWHEEL_WEBHOOK_SECRET": hub.webhook_secret,
+            "FLYWHEEL_BOT_PASSWORD": "fw-bot-" + secrets.token_urlsafe(12),
+        }
         self._answers: dict[str, int] = {}  # case id -> true label, for the cases pushed so far
-        self._team: Any = None
+        self.correct = 0
         version = studio_version(self.url, self.token)
         self.name = f"Label Studio {version or ''}".rstrip() + f" with {annotators} simulated annotators"
 
@@ -181,74 +181,84 @@ class StudioLabeler:
     def headers(self) -> dict[str, str]:
         return self._headers
 
-    def _labeled(self) -> int:
-        return self.hub.pool("labeled", limit=1)[0]
-
-    def _learn_answers(self) -> None:
-        for case in self.hub.iter_pool("queued"):
-            frame = (case.get("tags") or {}).get("frame")
-            if frame in self.world.truth:
-                self._answers[str(case["case_id"])] = int(self.world.truth[frame])
-
-    def _ensure_team(self) -> Any:
-        if self._team is None:
-            from labeling.bots import BotSpec, BotTeam
-
-            specs = [BotSpec(n, accuracy=self.accuracy, seconds_per_task=0.0) for n in self.bot_names]
-            self._team = BotTeam(self.url, self.studio, self.bridge.project_id, specs, self._answers.get,
-                                 self.bridge.class_names, password=self._bot_password)
-        return self._team
-
     def label(self, budget: int, turn: int) -> LabelRound:
-        from dataclasses import replace
-
-        from labeling.push import Throttle
-
-        before = self._labeled()
-        open_before = self.ledger.open_slots()
+        before, open_before = self._labeled(), self._open_slots()
         # the throttle lets the whole budget through at once: the bots keep no queue of their own
-        self.bridge.config = replace(self.config, throttle=Throttle(horizon_s=1.0, min_depth=budget,
-                                                                    max_depth=budget, max_batch=budget))
-        report = self.bridge.sync_once(push=True, reconcile=True)
-        problems = list(report.errors)
-        for e in report.errors:
-            log.error("label sync: %s", e)
-        pushed = report.pushed
-        if pushed == 0 and not self.ledger.open_slots():
+        report = self._sync("--min-depth", str(budget), "--max-depth", str(budget))
+        problems = list(report.get("errors") or [])
+        pushed = int(report.get("pushed") or 0)
+        if pushed == 0 and not open_before:
             return LabelRound(0, 0, tuple(problems))
         self._learn_answers()
-        team = self._ensure_team()
-        deadline = time.monotonic() + self.settle_s
-        answered = 0
-        while time.monotonic() < deadline:
-            worked = False
-            for bot in team.bots:
-                if bot.step():
-                    worked, answered = True, answered + 1
-            if not worked:
-                break
+        tallies = self._label_cmd("bots", "--truth", str(self.truth_path), "--team", self.team, "--until-idle",
+                                  timeout=self.settle_s)
+        answered = sum(int(t["answered"]) for t in tallies.values())
+        self.correct += sum(int(t["correct"]) for t in tallies.values())
         # bring the annotations back: webhooks first, then a full reconciliation, until the hub has them
         target = before + answered
+        deadline = time.monotonic() + self.return_s
         while True:
-            report = self.bridge.sync_once(push=False, reconcile=True)
+            report = self._sync("--no-push")
             got = self._labeled()
             if got >= target or time.monotonic() > deadline:
                 break
             time.sleep(1.0)
-        problems += [e for e in report.errors if e not in problems]
+        problems += [e for e in report.get("errors") or [] if e not in problems]
         done = got - before
-        correct = sum(b.stats.correct for b in team.bots)
-        self.say(f"Label Studio turn {turn}: pushed {pushed} tasks, {answered} annotations by "
-                 f"{len(team.bots)} simulated annotators ({correct} correct in all so far), {done} labels in the hub")
+        self.say(f"Label Studio turn {turn}: pushed {pushed} tasks, {answered} annotations by {len(tallies)} "
+                 f"simulated annotators ({self.correct} correct in all so far), {done} labels in the hub")
         if done < answered:
-            problems.append(f"only {done} of {answered} annotations reached the hub within {self.settle_s:.0f}s")
+            problems.append(f"only {done} of {answered} annotations reached the hub within {self.return_s:.0f}s")
         return LabelRound(pushed + open_before, done, tuple(problems))
 
     def close(self) -> None:
-        if self._team is not None:
-            self._team.close()
-        self.studio.close()
         self.hub.close()
-        self.ledger.close()
         if self.server is not None:
             self.server.stop()
+
+    # -----------------------------------------------------------------------------------------
+
+    def _label_cmd(self, *args: str, timeout: float = 300.0) -> Any:
+        """``flywheel label ARGS --json`` as its own process; its last stdout line, parsed."""
+        from fleet.sim.procs import flywheel_cmd, run_json
+
+        return run_json(flywheel_cmd("label", *args, "--json"), self.dir / "bridge.log", env=self.env,
+                        timeout=timeout, ok_codes=(0, 1))
+
+    def _sync(self, *args: str) -> dict[str, Any]:
+        """One bridge turn with the demo's settings (one annotator a task, a full reconciliation every turn,
+        the whole budget let through at once: the bots keep no queue of their own); its report (exit code 1
+        only says the report lists errors)."""
+        report = self._label_cmd("sync", "--overlap", "1", "--overlap-share", "0", "--strategy", self.strategy,
+                                 "--horizon", "1", "--reconcile-every", "0", *args)
+        if not isinstance(report, dict):
+            raise RuntimeError(f"flywheel label sync printed no report: {report!r}")
+        return report
+
+    def _labeled(self) -> int:
+        r = self.hub.get("/v1/pool", params={"state": "labeled", "limit": 1})
+        r.raise_for_status()
+        return int(r.json()["total"])
+
+    def _open_slots(self) -> int:
+        if not Path(self.env["FLYWHEEL_LABEL_STATE"]).exists():
+            return 0
+        status = self._label_cmd("status")
+        return int(status["queue"]["open_slots"])
+
+    def _learn_answers(self) -> None:
+        """The true label of every case queued for annotators, for the bots (they answer from it)."""
+        offset = 0
+        while True:
+            r = self.hub.get("/v1/pool", params={"state": "queued", "limit": 1000, "offset": offset})
+            r.raise_for_status()
+            cases = r.json()["cases"]
+            for case in cases:
+                frame = (case.get("tags") or {}).get("frame")
+                if frame in self.world.truth:
+                    self._answers[str(case["case_id"])] = int(self.world.truth[frame])
+            offset += len(cases)
+            if len(cases) < 1000:
+                break
+        self.truth_path.write_text("".join(json.dumps({"case_id": c, "label": v}) + "\n"
+                                           for c, v in self._answers.items()))

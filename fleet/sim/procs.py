@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -146,6 +147,32 @@ def run_logged(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = N
     if code not in ok_codes:
         raise ProcessFailed(f"{' '.join(cmd[3:5])} exited with code {code}:\n{tail(log_path)}")
     return code
+
+
+def run_json(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None, timeout: float = 300.0,
+             ok_codes: tuple[int, ...] = (0,)) -> Any:
+    """Run ``cmd`` to completion, its stderr in ``log_path``; parse the last line it printed as JSON."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as fh:
+        fh.write(("$ " + " ".join(cmd) + "\n").encode())
+        fh.flush()
+        try:
+            done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=fh, timeout=timeout,
+                                  start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise ProcessFailed(f"{' '.join(cmd[3:5])} ran past {timeout:.0f}s:\n{tail(log_path)}") from None
+    out = done.stdout.decode(errors="replace")
+    with log_path.open("a") as fh:
+        fh.write(out)
+    if done.returncode not in ok_codes:
+        raise ProcessFailed(f"{' '.join(cmd[3:5])} exited with code {done.returncode}:\n{tail(log_path)}")
+    lines = [line for line in out.splitlines() if line.strip()]
+    for text in (out, lines[-1] if lines else ""):  # one JSON document, or JSON lines (the last one counts)
+        try:
+            return json.loads(text) if text.strip() else None
+        except ValueError:
+            continue
+    raise ProcessFailed(f"{' '.join(cmd[3:5])} printed no JSON; its last line: {lines[-1][:300]!r}")
 
 
 def start_logged(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

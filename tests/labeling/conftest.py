@@ -13,11 +13,12 @@ import httpx
 import pytest
 
 from fleet.retry import RetryPolicy
-from labeling.bridge import Bridge, BridgeConfig
+from labeling.bridge import Bridge
+from labeling.config import BridgeConfig
 from labeling.consensus import Rules
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
-from labeling.push import Throttle
+from labeling.throttle import Throttle
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.fakestudio import FakeStudio
 from tests.labeling.livestack import Live, build

@@ -14,8 +14,8 @@ from typing import Any
 
 from fleet.errors import TransportError
 from labeling.configs import classification_result, config_classes
+from labeling.projects import Project, ProjectSettings
 from labeling.records import TaskRecord, parse_task
-from labeling.studio import Project, ProjectSettings
 
 
 def iso(t: float) -> str:

@@ -11,11 +11,13 @@ from typing import Any
 import httpx
 import pytest
 
-from labeling.bridge import Bridge, BridgeConfig
+from labeling.bridge import Bridge
+from labeling.config import BridgeConfig
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
-from labeling.push import Throttle
-from labeling.studio import Studio, user_token
+from labeling.login import user_token
+from labeling.studio import Studio
+from labeling.throttle import Throttle
 from tests.labeling.livestack import CLASSES, Live
 from tests.labeling.realhub import serve_real_hub
 from tests.support.services import missing_service

@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from labeling.bridge import QUEUE_VERSION, Bridge
+from labeling.bridge import Bridge
+from labeling.config import QUEUE_VERSION
 from labeling.pull import apply_webhook
 from tests.labeling.conftest import Clock, make_bridge
 from tests.labeling.fakehub import FakeHub
@@ -331,7 +332,7 @@ def test_gold_tasks_score_annotators_and_hold_an_unreliable_one(hub: FakeHub, st
 
 
 def test_the_throttle_pushes_more_once_annotators_work(hub: FakeHub, studio: FakeStudio, clock: Clock) -> None:
-    from labeling.push import Throttle
+    from labeling.throttle import Throttle
 
     bridge = make_bridge(hub, studio, clock, throttle=Throttle(min_depth=4, max_depth=30, horizon_s=60, window_s=10))
     assert bridge.sync_once().pushed == 4

@@ -18,11 +18,12 @@ import httpx
 import pytest
 
 from labeling.bots import BotSpec, BotTeam
-from labeling.bridge import QUEUE_VERSION, Bridge, BridgeConfig
+from labeling.bridge import Bridge
+from labeling.config import QUEUE_VERSION, BridgeConfig
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
-from labeling.push import Throttle
 from labeling.studio import Studio
+from labeling.throttle import Throttle
 from tests.labeling.lsserver import FaultyTransport
 from tests.labeling.realhub import RealHub
 

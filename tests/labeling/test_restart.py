@@ -12,11 +12,12 @@ import pytest
 
 from fleet.retry import RetryPolicy
 from labeling.bots import BotSpec, BotTeam
-from labeling.bridge import Bridge, BridgeConfig
+from labeling.bridge import Bridge
+from labeling.config import BridgeConfig
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
-from labeling.push import Throttle
 from labeling.studio import Studio
+from labeling.throttle import Throttle
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.lsserver import StudioServer, studio_bin, sync_cut_off_by_a_kill
 from tests.support.services import missing_service

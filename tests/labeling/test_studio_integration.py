@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from labeling.bots import BotSpec
-from labeling.bridge import QUEUE_VERSION
+from labeling.config import QUEUE_VERSION
 from tests.labeling.fakehub import FakeHub
 from tests.labeling.livestack import CLASSES, Live
 

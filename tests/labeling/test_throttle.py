@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fleet.errors import InvalidInput
-from labeling.push import Throttle, push_budget, target_depth, throughput
+from labeling.throttle import Throttle, push_budget, target_depth, throughput
 
 
 def test_throughput_counts_completions_inside_the_window_only() -> None:

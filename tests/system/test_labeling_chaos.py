@@ -31,11 +31,12 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
         missing_service("no label-studio executable (scripts/test.sh installs .venv-studio)")
     from fleet.retry import RetryPolicy
     from labeling.bots import BotSpec, BotTeam
-    from labeling.bridge import Bridge, BridgeConfig
+    from labeling.bridge import Bridge
+    from labeling.config import BridgeConfig
     from labeling.hub_client import HubClient
     from labeling.ledger import Ledger
-    from labeling.push import Throttle
     from labeling.studio import Studio
+    from labeling.throttle import Throttle
 
     server = StudioServer(binary, tmp_path / "ls")
     server.start()
