@@ -558,15 +558,6 @@ def _what(value: Any) -> str:
     return f"{type(value).__name__} {text}"
 
 
-def __getattr__(name: str) -> Any:
-    """``trigger.spec.Evaluator``/``FrameBatch``/``Decision`` also work (they live in trigger.evaluate)."""
-    if name in ("Evaluator", "FrameBatch", "Decision"):
-        from trigger import evaluate
-
-        return getattr(evaluate, name)
-    raise AttributeError(f"module 'trigger.spec' has no attribute {name!r}")
-
-
 def _leaves(node: Node) -> list[Leaf]:
     if isinstance(node, Leaf):
         return [node]
