@@ -57,9 +57,7 @@ def read_batch(
         cl = as_float(batch.challenger_logits, "FrameBatch.challenger_logits", ndim=2, finite=False)
         if cl.shape != (n, k):
             raise ValueError(f"FrameBatch.challenger_logits must have shape ({n}, {k}); received {describe(cl)}")
-        known = np.isfinite(cl).all(axis=1)
-        challenger = np.full((n, k), np.nan)
-        challenger[known] = _s._softmax(cl[known])
+        challenger = _s._softmax_or_nan(cl)
     samples = None
     if batch.samples is not None and "samples" in uses:
         samples = as_probs(batch.samples, "FrameBatch.samples", ndim=3)
