@@ -11,33 +11,32 @@ and random leaves see every filtered frame, so their rates hold) -> priority -> 
 suppression and budgets, frame by frame from the highest priority down (so a scarce budget goes
 to the best frames of the batch). Feeding frames one at a time or in batches gives the same
 scores, firings and priorities; only which frames a binding budget or duplicate check keeps
-within one batch can differ, since the batch is ranked first.
+within one batch can differ, since the batch is ranked first. Reading and checking a batch is
+``trigger._inputs``'s job; priorities, near-duplicates and budgets are ``trigger._admission``'s.
 """
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from trigger import scores as _s
-from trigger._checks import F32, F64, I64, U64, Bool, as_float, as_labels, as_probs, describe
-from trigger.budget import Budget, TokenBucket
+from trigger._admission import admit, make_budget, priority
+from trigger._checks import F64, I64, Bool, describe
+from trigger._inputs import filter_mask, read_batch
 from trigger.calibrate import RateCalibrator
-from trigger.dedup import NearDuplicateFilter, dhash
+from trigger.dedup import NearDuplicateFilter
 from trigger.frames import Decision, FrameBatch, Scores, empty_decision, predicted
 from trigger.novelty import NoveltyBank
 from trigger.spec import AnyOf, Leaf, Node, Spec, parse_spec
 from trigger.triggers import Inputs
 
-__all__ = ["Decision", "Evaluator", "FrameBatch", "Scores"]
+__all__ = ["STATE_FORMAT", "Evaluator"]
 
 STATE_FORMAT = "flywheel.trigger-state/1"
-MIN_PRIORITY = 1e-6  # the priority of a frame that qualified through weight-0 triggers only
 
 
 class Evaluator:
@@ -78,7 +77,7 @@ class Evaluator:
                         zlib.crc32(leaf.label.encode())]
                 self._rngs[leaf.label] = np.random.default_rng(seed)
                 self._params[leaf.label]["_rng"] = self._rngs[leaf.label]
-        self.budget = _budget(self.spec, clock) if self.spec.budgets is not None else None
+        self.budget = None if self.spec.budgets is None else make_budget(self.spec.budgets, clock)
         d = self.spec.dedup
         self.dedup = (
             None
@@ -98,11 +97,13 @@ class Evaluator:
     def evaluate(self, batch: FrameBatch, *, now: float | None = None) -> Decision:
         """Decide on a batch; see :class:`Decision`. ``now``: unix seconds (default: the clock)."""
         t = self.clock() if now is None else float(now)
-        inputs, extra = self._inputs(batch)
+        inputs, extra = read_batch(
+            batch, self.spec, needs=self._needs, uses=self._uses, bank=self.bank, dedup=self.dedup
+        )
         n = inputs.n
         if self.spec.is_expired(t):
             return empty_decision(inputs, expired=True)
-        run = _Run(inputs, self._filter(inputs, extra["tags"]))
+        run = _Run(inputs, filter_mask(self.spec.filters, inputs, extra["tags"]))
         self.stats["frames"] += n
         if run.rows is not None:
             self.stats["filtered_out"] += n - int(run.rows.size)
@@ -112,10 +113,7 @@ class Evaluator:
         candidates = np.flatnonzero(root)
         reported: dict[str, Bool] = {}
         self._report(self.spec.rule, run, root, reported)
-        priority = self._priority(run, reported, inputs)
-        keep = np.zeros(n, bool)
-        duplicate = np.zeros(n, bool)
-        over = np.zeros(n, bool)
+        prio = priority(self._leaves, reported, run.values, run.thresholds, self.calibrators, inputs)
         fired: list[list[str]] = [[] for _ in range(n)]
         values: list[dict[str, float]] = [{} for _ in range(n)]
         thresholds: list[dict[str, float]] = [{} for _ in range(n)]
@@ -135,14 +133,14 @@ class Evaluator:
                 fired[i].append(label)
                 values[i][label] = v
                 thresholds[i][label] = th
-        self._admit(candidates, priority, fired, inputs, extra, t, keep, duplicate, over)
+        keep, duplicate, over = admit(candidates, prio, fired, inputs, extra, t, dedup=self.dedup, budget=self.budget)
         self._fill_costly(run, keep)
         self.stats["qualified"] += int(candidates.size)
         self.stats["kept"] += int(keep.sum())
         self.stats["duplicate"] += int(duplicate.sum())
         self.stats["over_budget"] += int(over.sum())
         return Decision(
-            keep=keep, priority=priority, fired=fired, values=values, thresholds=thresholds,
+            keep=keep, priority=prio, fired=fired, values=values, thresholds=thresholds,
             scores=Scores(inputs, run.values), predicted=predicted(inputs), duplicate=duplicate, over_budget=over,
         )
 
@@ -209,92 +207,6 @@ class Evaluator:
             )
 
     # -- internals ------------------------------------------------------------------------------
-
-    def _inputs(self, batch: FrameBatch) -> tuple[Inputs, dict[str, Any]]:
-        """Validate the fields of ``batch`` this spec reads (the others are ignored)."""
-        if not isinstance(batch, FrameBatch):
-            raise TypeError(f"evaluate expects a FrameBatch; received {describe(batch)}")
-        logits: F64 = as_float(batch.logits, "FrameBatch.logits", ndim=2)
-        n, k = logits.shape
-        if k < 1:
-            raise ValueError(f"FrameBatch.logits must have at least one class; received shape {logits.shape}")
-        uses = self._uses
-        for name in ("embeddings", "samples"):
-            if name in self._needs and getattr(batch, name) is None:
-                users = [leaf.label for leaf in self._leaves if name in leaf.definition.needs] or ["dedup"]
-                raise ValueError(
-                    f"spec {self.spec.id!r} needs FrameBatch.{name} (for {', '.join(users)}); received None"
-                )
-        embeddings: F32 | None = None
-        if batch.embeddings is not None and "embeddings" in uses:
-            embeddings = as_float(batch.embeddings, "FrameBatch.embeddings", ndim=2, dtype=np.float32)
-            if embeddings.shape[0] != n or (self.bank is not None and embeddings.shape[1] != self.bank.dim):
-                want = f"({n}, {self.bank.dim})" if self.bank is not None else f"({n}, d)"
-                raise ValueError(f"FrameBatch.embeddings must have shape {want}; received {describe(embeddings)}")
-        human = None
-        if batch.human is not None and "human" in uses:
-            human = as_labels(batch.human, "FrameBatch.human", n=n)
-            if human.size and int(human.max()) >= k:
-                raise ValueError(
-                    f"FrameBatch.human must be class indices below k={k} or -1; "
-                    f"received {int(human.max())}"
-                )
-        challenger = None
-        if batch.challenger_logits is not None and "challenger_logits" in uses:
-            cl = as_float(batch.challenger_logits, "FrameBatch.challenger_logits", ndim=2, finite=False)
-            if cl.shape != (n, k):
-                raise ValueError(f"FrameBatch.challenger_logits must have shape ({n}, {k}); received {describe(cl)}")
-            known = np.isfinite(cl).all(axis=1)
-            challenger = np.full((n, k), np.nan)
-            challenger[known] = _s._softmax(cl[known])
-        samples = None
-        if batch.samples is not None and "samples" in uses:
-            samples = as_probs(batch.samples, "FrameBatch.samples", ndim=3)
-            if samples.shape[1:] != (n, k) or samples.shape[0] < 1:
-                raise ValueError(f"FrameBatch.samples must have shape (m, {n}, {k}); received {describe(samples)}")
-        tags = batch.tags
-        if tags is not None and self.spec.filters.tags and (not isinstance(tags, Sequence) or len(tags) != n):
-            raise ValueError(f"FrameBatch.tags must be a list of {n} dicts; received {describe(tags)}")
-        if self.dedup is not None:
-            has_pixels = batch.images is not None or batch.hashes is not None
-            usable = (self.dedup.max_hamming is not None and has_pixels) or (
-                self.dedup.embedding_threshold is not None and embeddings is not None
-            )
-            if not usable:  # refused before anything is learned or spent
-                wanted = "FrameBatch.images or .hashes" if self.dedup.max_hamming is not None else ""
-                if self.dedup.embedding_threshold is not None:
-                    wanted += (" or " if wanted else "") + "FrameBatch.embeddings"
-                raise ValueError(f"spec {self.spec.id!r} deduplicates frames and needs {wanted}; received none")
-            for name in ("images", "hashes"):
-                value = getattr(batch, name)
-                if value is not None and np.shape(value)[:1] != (n,):
-                    raise ValueError(
-                        f"FrameBatch.{name} must describe {n} frames; "
-                        f"received {describe(np.asarray(value))}"
-                    )
-        probs = _s._softmax(logits, self.spec.temperature)
-        inputs = Inputs(
-            logits=logits, probs=probs, embeddings=embeddings, human=human, challenger_probs=challenger,
-            samples=samples, bank=self.bank,
-        )
-        return inputs, {"tags": tags, "images": batch.images, "hashes": batch.hashes}
-
-    def _filter(self, inputs: Inputs, tags: Sequence[Mapping[str, str]] | None) -> Bool | None:
-        """Mask of frames that pass the spec's filters; None when every frame passes."""
-        f = self.spec.filters
-        if f.classes is None and not f.tags:
-            return None
-        passing = np.ones(inputs.n, bool)
-        if f.classes is not None:
-            passing &= np.isin(predicted(inputs), list(f.classes))
-        if f.tags:
-            if tags is None:
-                passing[:] = False
-            else:
-                for i, frame_tags in enumerate(tags):
-                    if passing[i]:
-                        passing[i] = all(frame_tags.get(key) in allowed for key, allowed in f.tags.items())
-        return passing
 
     def _node(self, node: Node, run: _Run, live: Bool | None) -> Bool:
         """Frames on which ``node`` fires, among ``live`` (None = every frame)."""
@@ -363,82 +275,6 @@ class Evaluator:
             for child in node.children:
                 self._report(child, run, active, out)
 
-    def _priority(self, run: _Run, reported: Mapping[str, Bool], inputs: Inputs) -> F64:
-        n = inputs.n
-        keep_prob = np.ones(n)
-        any_fired = False
-        for leaf in self._leaves:
-            mask = reported.get(leaf.label)
-            if mask is None or not mask.any():
-                continue
-            any_fired = True
-            rows = np.flatnonzero(mask)
-            v = run.values[leaf.label][rows]
-            thr = run.thresholds[leaf.label]
-            strength = self._strength(leaf, v, thr[rows] if isinstance(thr, np.ndarray) else thr, inputs)
-            keep_prob[rows] *= 1.0 - leaf.weight * (0.5 + 0.5 * strength)
-        if not any_fired:
-            return np.zeros(n)
-        out: F64 = 1.0 - keep_prob
-        np.clip(out, 0.0, 1.0, out=out)
-        # a frame that qualified ranks above every frame that did not, even through weight-0 triggers
-        qualified = np.zeros(n, bool)
-        for mask in reported.values():
-            qualified |= mask
-        out[qualified] = np.maximum(out[qualified], MIN_PRIORITY)
-        return out
-
-    def _strength(self, leaf: Leaf, v: F64, thr: F64 | float, inputs: Inputs) -> F64:
-        """How far past its threshold each value is, in [0, 1]."""
-        lo, hi = leaf.definition.bounds(inputs, leaf.params)
-        cal = self.calibrators.get(leaf.label)
-        if leaf.direction == "above":
-            excess, edge = v - thr, hi
-            if not math.isfinite(edge) and cal is not None:
-                edge = cal.extreme
-            span = edge - thr
-        else:
-            excess, edge = thr - v, lo
-            if not math.isfinite(edge) and cal is not None:
-                edge = cal.extreme
-            span = thr - edge
-        excess = np.maximum(excess, 0.0)
-        ok = np.isfinite(span) & (span > 0)
-        if ok.all():
-            out: F64 = np.minimum(excess / span, 1.0)
-            return out
-        out = np.where(ok, np.minimum(excess / np.where(ok, span, 1.0), 1.0), 1.0 - np.exp(-excess))
-        return out
-
-    def _admit(
-        self, candidates: I64, priority: F64, fired: list[list[str]], inputs: Inputs, extra: Mapping[str, Any],
-        now: float, keep: Bool, duplicate: Bool, over: Bool,
-    ) -> None:
-        order = candidates[np.argsort(-priority[candidates], kind="stable")]
-        hashes: U64 | None = None
-        dedup = self.dedup
-        if dedup is not None and dedup.max_hamming is not None:
-            if extra["hashes"] is not None:
-                hashes = np.asarray(extra["hashes"]).astype(np.uint64)
-            elif extra["images"] is not None:
-                hashes = np.zeros(inputs.n, np.uint64)
-                hashes[order] = dhash(np.asarray(extra["images"])[order], size=dedup.hash_size)
-        classes = predicted(inputs)
-        for i in order.tolist():
-            h = None if hashes is None else hashes[i : i + 1]
-            e = None
-            if dedup is not None and dedup.embedding_threshold is not None and inputs.embeddings is not None:
-                e = inputs.embeddings[i : i + 1]
-            if dedup is not None and dedup.is_duplicate(hashes=h, embeddings=e)[0]:
-                duplicate[i] = True
-                continue
-            if self.budget is not None and not self.budget.try_acquire(fired[i], int(classes[i]), now=now):
-                over[i] = True
-                continue
-            keep[i] = True
-            if dedup is not None:
-                dedup.add(hashes=h, embeddings=e)
-
     def _fill_costly(self, run: _Run, keep: Bool) -> None:
         """Give every kept frame every trigger's value, computing costly ones where skipped."""
         if not keep.any():
@@ -462,21 +298,6 @@ class _Run:
         self.values: dict[str, F64] = {}
         self.thresholds: dict[str, F64 | float] = {}
         self.sat: dict[int, Bool] = {}
-
-
-def _budget(spec: Spec, clock: Callable[[], float]) -> Budget:
-    b = spec.budgets
-    assert b is not None
-
-    def bucket(rate: float, burst: float) -> TokenBucket:
-        return TokenBucket(rate, burst, clock=clock)
-
-    return Budget(
-        global_bucket=None if b.global_bucket is None else bucket(b.global_bucket.rate_per_s, b.global_bucket.burst),
-        per_trigger={k: bucket(v.rate_per_s, v.burst) for k, v in b.per_trigger.items()},
-        per_class={k: bucket(v.rate_per_s, v.burst) for k, v in b.per_class.items()},
-        clock=clock,
-    )
 
 
 def _jsonable(x: Any) -> Any:

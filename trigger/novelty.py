@@ -5,19 +5,10 @@ The hub builds a :class:`NoveltyBank` from the embeddings of what is already lab
 each frame's embedding against it. A frame far from everything in the bank shows the model
 something its training data does not cover.
 
-Banks under ``exact_below`` entries are searched exhaustively. Larger banks carry an index, built
-once by the hub and shipped in the same file: a PCA projection to ``reduce_dim`` dimensions and an
-inverted file (spherical k-means into ``n_lists`` lists in the projected space). A query scans the
-``n_probe`` lists whose centroids are nearest in the projected space, keeps a shortlist of the
-best candidates there, and re-ranks the shortlist with exact full-dimension cosine similarities.
-A frame touches a few hundred kilobytes instead of the whole bank (40 MB for 10,000 x 1024
-float32), which is what keeps novelty at tens of microseconds per frame on one CPU thread beside
-the model's inference. Every reported distance is an exact distance to a real bank entry and the
-search can only miss neighbours, never invent closer ones, so the indexed distance is never below
-the exact one; ``exact=True`` scans everything.
-
-Near-duplicate suppression (:func:`dhash`, :func:`hamming`, :class:`NearDuplicateFilter`) lives
-in :mod:`trigger.dedup` and is re-exported here.
+Banks under ``exact_below`` entries are searched exhaustively. Larger banks carry a search index,
+built once by the hub and shipped in the same file (a PCA projection and inverted lists, described
+in ``trigger._novelty_index``), which keeps novelty at tens of microseconds per frame on one CPU
+thread. The indexed distance is never below the exact one; ``exact=True`` scans everything.
 """
 
 from __future__ import annotations
@@ -34,12 +25,11 @@ from typing import Any
 import numpy as np
 
 from trigger._checks import F32, F64, I64, as_float, as_labels, describe, positive_int
-from trigger.dedup import NearDuplicateFilter, dhash, hamming
+from trigger._novelty_index import Index, build, normalise, row_norms
 
-__all__ = ["NearDuplicateFilter", "NoveltyBank", "dhash", "hamming"]
+__all__ = ["NoveltyBank"]
 
 FORMAT = "flywheel.novelty/1"
-SHORTLIST = 24  # candidates re-ranked in full dimension per query (at least 3k)
 _KEYS = {"format", "vectors", "labels", "projection", "centroids", "offsets", "meta"}
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
@@ -72,35 +62,7 @@ class NoveltyBank:
         self._labels: I64 = (
             np.full(m, -1, np.int64) if labels is None else as_labels(labels, "bank labels", n=m)
         )
-        self._projection: F32 | None = None
-        if projection is not None and np.size(projection):
-            proj = np.ascontiguousarray(as_float(projection, "bank projection", ndim=2, dtype=np.float32))
-            if proj.shape[0] != d or not 1 <= proj.shape[1] <= d:
-                raise ValueError(
-                    f"bank projection must have shape ({d}, r) with 1 <= r <= {d}; "
-                    f"received {describe(proj)}"
-                )
-            self._projection = proj
-        r = d if self._projection is None else self._projection.shape[1]
-        if centroids is None or len(centroids) == 0:
-            self._centroids: F32 = np.zeros((0, r), np.float32)
-            self._offsets: I64 = np.zeros(1, np.int64)
-        else:
-            c = np.ascontiguousarray(as_float(centroids, "bank centroids", ndim=2, dtype=np.float32))
-            if c.shape[1] != r:
-                raise ValueError(f"bank centroids must have shape (L, {r}); received {describe(c)}")
-            o = np.asarray(offsets if offsets is not None else [], dtype=np.int64)
-            if o.shape != (c.shape[0] + 1,) or o[0] != 0 or o[-1] != m or np.any(np.diff(o) < 0):
-                raise ValueError(
-                    f"bank offsets must be {c.shape[0] + 1} non-decreasing integers from 0 to {m}; "
-                    f"received {describe(o)}"
-                )
-            self._centroids, self._offsets = c, o
-        reduced = vectors if self._projection is None else np.ascontiguousarray(vectors @ self._projection)
-        bounds = list(zip(self._offsets[:-1].tolist(), self._offsets[1:].tolist(), strict=True))
-        self._lists: list[F32] = [reduced[a:b] for a, b in bounds]
-        ids = np.arange(m, dtype=np.int64)
-        self._ids: list[I64] = [ids[a:b] for a, b in bounds]
+        self._index = Index(vectors, projection, centroids, offsets)
         meta = dict(meta or {})
         for key, value in meta.items():
             if not isinstance(key, str) or not isinstance(value, str):
@@ -142,19 +104,14 @@ class NoveltyBank:
             keep = _stratified_sample(lab, max_size, rng)
             x, lab = x[keep], lab[keep]
             m = x.shape[0]
-        vectors = _normalise(x).astype(np.float32)
+        vectors = normalise(x).astype(np.float32)
         if n_lists is None:
             n_lists = 0 if m < exact_below else int(round(np.sqrt(m)))
         n_lists = min(positive_int(n_lists, "n_lists", minimum=0), m)
         if n_lists <= 1:
             return cls(vectors, labels=lab, meta=meta)
-        projection = None
-        if reduce_dim is not None and positive_int(reduce_dim, "reduce_dim") < d:
-            projection = _pca(vectors, reduce_dim)
-        reduced = vectors if projection is None else vectors @ projection
-        centroids, assign = _spherical_kmeans(_normalise(reduced).astype(np.float32), n_lists, rng)
-        order = np.argsort(assign, kind="stable")
-        offsets = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=n_lists))]).astype(np.int64)
+        reduce = None if reduce_dim is None else positive_int(reduce_dim, "reduce_dim")
+        order, projection, centroids, offsets = build(vectors, n_lists, reduce, rng)
         return cls(
             vectors[order], labels=lab[order], projection=projection, centroids=centroids, offsets=offsets, meta=meta
         )
@@ -175,12 +132,12 @@ class NoveltyBank:
     @property
     def n_lists(self) -> int:
         """Inverted lists in the index; 0 = exhaustive search."""
-        return int(self._centroids.shape[0])
+        return self._index.n_lists
 
     @property
     def reduced_dim(self) -> int:
         """Dimensions the index scans in (``dim`` when there is no projection)."""
-        return self.dim if self._projection is None else int(self._projection.shape[1])
+        return self._index.reduced_dim
 
     @property
     def vectors(self) -> F32:
@@ -227,9 +184,9 @@ class NoveltyBank:
         into :attr:`vectors`/:attr:`labels` (``k`` capped at the bank size)."""
         q = self._queries(embeddings)
         k = min(positive_int(k, "k"), len(self))
-        sims, idx = self._top_k(q, k, self._probe(n_probe), exact, want_index=True)
+        sims, idx = self._index.top_k(q, k, self._probe(n_probe), exact, want_index=True)
         assert idx is not None
-        cos = sims.astype(np.float64) / _norms(q)[:, None]
+        cos = sims.astype(np.float64) / row_norms(q)[:, None]
         order = np.argsort(-cos, axis=1, kind="stable")
         dist = np.clip(1.0 - np.take_along_axis(cos, order, axis=1), 0.0, 2.0)
         return dist, np.take_along_axis(idx, order, axis=1)
@@ -242,13 +199,14 @@ class NoveltyBank:
 
     def to_bytes(self) -> bytes:
         """The bank as ``.npz`` bytes; the same bank always gives the same bytes."""
+        index = self._index
         arrays = {
             "format": np.array(FORMAT),
             "vectors": self._vectors,
             "labels": self._labels,
-            "projection": np.zeros((self.dim, 0), np.float32) if self._projection is None else self._projection,
-            "centroids": self._centroids,
-            "offsets": self._offsets,
+            "projection": np.zeros((self.dim, 0), np.float32) if index.projection is None else index.projection,
+            "centroids": index.centroids,
+            "offsets": index.offsets,
             "meta": np.array(json.dumps(self._meta, sort_keys=True)),
         }
         buf = io.BytesIO()
@@ -353,122 +311,19 @@ class NoveltyBank:
     def _distance(self, q: F32, k: int, n_probe: int, exact: bool) -> F64:
         """Unchecked :meth:`distance`: ``q`` is float32 ``(n, d)``, not necessarily normalised."""
         k = min(k, len(self))
-        sims, _ = self._top_k(q, k, n_probe, exact, want_index=False)
+        sims, _ = self._index.top_k(q, k, n_probe, exact, want_index=False)
         if q.shape[0] == 1:  # the per-frame case, in plain floats
             norm = math.sqrt(float(np.dot(q[0], q[0])))
             dist = 1.0 - float(sims.sum(dtype=np.float64)) / (k * norm) if norm > 0 else 1.0
             return np.array([min(max(dist, 0.0), 2.0)])
-        out: F64 = 1.0 - sims.sum(axis=1, dtype=np.float64) / (k * _norms(q))
+        out: F64 = 1.0 - sims.sum(axis=1, dtype=np.float64) / (k * row_norms(q))
         np.clip(out, 0.0, 2.0, out=out)
         return out
-
-    def _top_k(self, q: F32, k: int, n_probe: int, exact: bool, *, want_index: bool) -> tuple[F32, I64 | None]:
-        """Dot products ``(n, k)`` of the k most similar entries (unordered) and their indices."""
-        if exact or self.n_lists == 0:
-            return _exhaustive(q, self._vectors, k, want_index)
-        n, n_lists = q.shape[0], self.n_lists
-        z = q if self._projection is None else q @ self._projection  # (n, r)
-        c = z @ self._centroids.T  # (n, L)
-        n_probe = min(n_probe, n_lists)
-        if n_probe == 1:
-            probes = c.argmax(axis=1)[:, None]
-        else:
-            probes = np.argpartition(c, n_lists - n_probe, axis=1)[:, n_lists - n_probe :]
-        short = max(SHORTLIST, 3 * k)
-        sims = np.empty((n, k), np.float32)
-        idx = np.empty((n, k), np.int64) if want_index else None
-        lists, ids, vectors = self._lists, self._ids, self._vectors
-        for i, row in enumerate(probes.tolist()):
-            zi = z[i]
-            if n_probe == 1:
-                s, cand = lists[row[0]] @ zi, ids[row[0]]
-            else:
-                s = np.concatenate([lists[j] @ zi for j in row])
-                cand = np.concatenate([ids[j] for j in row])
-            size = s.shape[0]
-            if size > short:  # the shortlist: every candidate at least as good as the short-th best
-                cand = cand[s >= np.partition(s, size - short)[size - short]]
-            if cand.shape[0] < k:  # the probed lists hold fewer than k entries: answer exactly
-                s_ex, i_ex = _exhaustive(q[i : i + 1], vectors, k, want_index)
-                sims[i] = s_ex[0]
-                if idx is not None and i_ex is not None:
-                    idx[i] = i_ex[0]
-                continue
-            exact_s = vectors[cand] @ q[i]  # re-rank the shortlist in full dimension
-            top = cand.shape[0] - k
-            if idx is None:
-                sims[i] = np.partition(exact_s, top)[top:]
-            else:
-                best = np.argpartition(exact_s, top)[top:]
-                sims[i] = exact_s[best]
-                idx[i] = cand[best]
-        return sims, idx
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _normalise(x: Any) -> Any:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, 1e-30)
-
-
-def _norms(q: F32) -> F64:
-    """Row norms as float64, with zero rows at +inf so that their similarities come out as 0."""
-    sq = (q * q).sum(axis=1, dtype=np.float64)
-    out: F64 = np.sqrt(sq, out=sq)
-    out[out == 0.0] = np.inf
-    return out
-
-
-def _exhaustive(q: F32, vectors: F32, k: int, want_index: bool) -> tuple[F32, I64 | None]:
-    n, m = q.shape[0], vectors.shape[0]
-    sims = np.empty((n, k), np.float32)
-    idx = np.empty((n, k), np.int64) if want_index else None
-    step = max(1, (1 << 22) // m)  # bound the (rows, m) similarity block to ~16 MB
-    for a in range(0, n, step):
-        s = q[a : a + step] @ vectors.T
-        if idx is None:
-            sims[a : a + step] = np.partition(s, m - k, axis=1)[:, -k:]
-        else:
-            top = np.argpartition(s, m - k, axis=1)[:, -k:]
-            sims[a : a + step] = np.take_along_axis(s, top, axis=1)
-            idx[a : a + step] = top
-    return sims, idx
-
-
-def _pca(x: F32, r: int) -> F32:
-    """The ``(d, r)`` orthonormal basis that best preserves dot products between rows of ``x``
-    (top eigenvectors of the uncentred second moment), columns by decreasing variance."""
-    gram = (x.T.astype(np.float64) @ x.astype(np.float64)) / max(1, x.shape[0])
-    _, vecs = np.linalg.eigh(gram)
-    out: F32 = np.ascontiguousarray(vecs[:, ::-1][:, :r]).astype(np.float32)
-    return out
-
-
-def _spherical_kmeans(x: F32, n_lists: int, rng: np.random.Generator, iters: int = 12) -> tuple[F32, I64]:
-    """Centroids ``(L, d)`` (unit rows) and the list of each row, by cosine k-means."""
-    m = x.shape[0]
-    centroids = x[rng.choice(m, n_lists, replace=False)].copy()
-    assign = np.zeros(m, np.int64)
-    for it in range(iters):
-        sims = x @ centroids.T
-        new = sims.argmax(axis=1)
-        if it and np.array_equal(new, assign):
-            break
-        assign = new
-        counts = np.bincount(assign, minlength=n_lists)
-        sums = np.zeros_like(centroids)
-        np.add.at(sums, assign, x)
-        empty = np.flatnonzero(counts == 0)
-        if empty.size:  # re-seed empty lists with the rows their centroids fit worst
-            worst = np.argsort(sims[np.arange(m), assign])[: empty.size]
-            sums[empty] = x[worst]
-        centroids = _normalise(sums).astype(np.float32)
-    assign = (x @ centroids.T).argmax(axis=1).astype(np.int64)
-    return centroids, assign
 
 
 def _stratified_sample(labels: I64, size: int, rng: np.random.Generator) -> I64:

@@ -18,20 +18,30 @@ from trigger._checks import F64, as_float, as_probs, positive
 __all__ = ["bald", "energy", "entropy", "least_confidence", "margin", "softmax", "variation_ratio"]
 
 _TINY = 1e-300
+_NONFINITE = ("nan", "raise")
 
 
-def softmax(logits: Any, *, temperature: float = 1.0) -> F64:
-    """Class probabilities from logits. ``logits: (n, k)`` -> ``(n, k)`` rows summing to 1.
+def softmax(logits: Any, *, temperature: float = 1.0, nonfinite: str = "raise") -> F64:
+    """Class probabilities from logits. ``logits: (n, k)`` -> ``(n, k)`` float64 rows summing to 1.
 
-    ``temperature`` > 1 flattens the distribution, < 1 sharpens it.
+    ``temperature`` > 1 flattens the distribution, < 1 sharpens it. ``nonfinite``: rows holding
+    NaN or inf are refused with ``"raise"``; with ``"nan"`` they come out as rows of NaN (a model
+    that gave no usable output for that frame, as a shadow challenger may).
     """
-    x = _logits(logits)
-    return _softmax(x, positive(temperature, "temperature"))
+    if nonfinite not in _NONFINITE:
+        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, _NONFINITE))}; received {nonfinite!r}")
+    x = _logits(logits, finite=nonfinite == "raise")
+    t = positive(temperature, "temperature")
+    return _softmax(x, t) if nonfinite == "raise" else _softmax_or_nan(x, t)
 
 
-def least_confidence(probs: Any) -> F64:
-    """``1 - max_c p_c``. ``probs: (n, k)`` -> ``(n,)`` in ``[0, 1 - 1/k]``; high = uncertain."""
-    return _least_confidence(as_probs(probs))
+def least_confidence(probs: Any, *, normalize: bool = False) -> F64:
+    """``1 - max_c p_c``. ``probs: (n, k)`` -> ``(n,)`` in ``[0, 1 - 1/k]``; high = uncertain.
+
+    ``normalize=True`` divides by ``1 - 1/k`` so values are in ``[0, 1]``: 1 for a uniform
+    prediction, 0 for a one-hot one (and 0 when k = 1).
+    """
+    return _least_confidence(as_probs(probs), normalize=normalize)
 
 
 def margin(probs: Any) -> F64:
@@ -78,8 +88,8 @@ def variation_ratio(samples: Any) -> F64:
     return _variation_ratio(_samples(samples))
 
 
-def _logits(logits: Any) -> F64:
-    x: F64 = as_float(logits, "logits", ndim=2)
+def _logits(logits: Any, *, finite: bool = True) -> F64:
+    x: F64 = as_float(logits, "logits", ndim=2, finite=finite)
     if x.shape[1] < 1:
         raise ValueError(f"logits must have at least one class (shape (n, k), k >= 1); received shape {x.shape}")
     return x
@@ -105,9 +115,26 @@ def _softmax(x: F64, temperature: float = 1.0) -> F64:
     return z
 
 
-def _least_confidence(p: F64) -> F64:
+def _softmax_or_nan(x: F64, temperature: float = 1.0) -> F64:
+    """:func:`_softmax` of the rows of ``x`` that are all finite; the other rows come out NaN."""
+    known = np.isfinite(x).all(axis=-1)
+    if known.all():
+        return _softmax(x, temperature)
+    out: F64 = np.full(x.shape, np.nan)
+    out[known] = _softmax(x[known], temperature)
+    return out
+
+
+def _least_confidence(p: F64, *, normalize: bool = False) -> F64:
     out: F64 = 1.0 - p.max(axis=-1)
-    return np.maximum(out, 0.0, out=out)
+    np.maximum(out, 0.0, out=out)
+    if normalize:
+        k = p.shape[-1]
+        if k < 2:
+            return np.zeros_like(out)
+        out /= 1.0 - 1.0 / k
+        np.minimum(out, 1.0, out=out)
+    return out
 
 
 def _margin(p: F64) -> F64:

@@ -59,16 +59,6 @@ class WindowResult:
     models: LoadedModels | None = None  # the models that produced the window
 
 
-def softmax(logits: NDArray[Any]) -> NDArray[Any]:
-    """Row-wise softmax in float64. ``logits``: (n, k) -> (n, k), rows sum to 1."""
-    z: NDArray[Any] = logits.astype(np.float64)
-    with np.errstate(invalid="ignore"):  # a NaN row stays NaN
-        z = z - z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-    return z
-
-
 def infer(frames: Sequence[Frame], models: LoadedModels, *, now: float | None = None) -> Inferred:
     """Run the active model, and the challenger beside it, on a batch (models.active must be set)."""
     active = models.active
@@ -117,7 +107,7 @@ def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_
     if not campaigns or not len(idx):
         return result
 
-    from trigger import FrameBatch
+    from trigger import FrameBatch, softmax
 
     def sub(a: NDArray[Any]) -> NDArray[Any]:
         return a if len(idx) == n else a[idx]
@@ -147,8 +137,10 @@ def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_
         return result
     rows = np.array(sorted(best), dtype=np.intp)
     kept = idx[rows]
-    probs = dict(zip(kept.tolist(), softmax(logits[kept]), strict=True))
-    ch_probs = {} if ch_logits is None else dict(zip(kept.tolist(), softmax(ch_logits[kept]), strict=True))
+    # float64; a challenger row of NaN (no output for that frame) stays NaN
+    probs = dict(zip(kept.tolist(), softmax(logits[kept], nonfinite="nan"), strict=True))
+    ch_probs = {} if ch_logits is None else dict(
+        zip(kept.tolist(), softmax(ch_logits[kept], nonfinite="nan"), strict=True))
     seen_at = [w.seen_at for w in window for _ in w.frames]
     for j in rows.tolist():
         prio, campaign, decision = best[j]

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from fleet.errors import InvalidInput
+from trigger.scores import least_confidence
 
 
 class Strategy(Protocol):
@@ -76,8 +77,10 @@ def normalized_least_confidence(probs: np.ndarray) -> np.ndarray:
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] < 2:
         raise InvalidInput(f"probs must have shape (n, k>=2); received {p.shape}")
-    k = p.shape[1]
-    return np.clip((1.0 - p.max(axis=1)) / (1.0 - 1.0 / k), 0.0, 1.0)
+    try:
+        return least_confidence(p, normalize=True)
+    except ValueError as exc:  # not probabilities: the caller's input, so a 4xx
+        raise InvalidInput(str(exc)) from None
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fleet.edge.campaigns import Campaigns
-from fleet.edge.shadow import Inferred, decide, softmax
+from fleet.edge.shadow import Inferred, decide
 from fleet.edge.sources import Frame
 from fleet.errors import InvalidInput
 from fleet.protocol import CampaignRef
@@ -145,7 +145,7 @@ def test_calibrated_thresholds_follow_the_model_across_an_ota_and_a_rollback(tmp
     (live,) = camps.apply([ref(spec)])
     assert fire_rate(camps, "v1", 0.5, range(0, 40)) == pytest.approx(0.1, abs=0.03)
     v1_threshold = live.evaluator.calibrators["entropy"].threshold
-    from trigger import entropy
+    from trigger import entropy, softmax
 
     v2_entropy = np.concatenate([entropy(softmax(scaled_window(64, s, version="v2", scale=6.0)[0].logits))
                                  for s in range(40, 80)])

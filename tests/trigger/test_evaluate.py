@@ -87,10 +87,7 @@ def test_priority_grows_with_how_far_past_the_threshold() -> None:
     assert fired[1:].all() and np.all(np.diff(d.priority[fired]) > 0)
 
 
-def test_weight_zero_still_qualifies_and_spec_module_aliases() -> None:
-    from trigger.spec import Evaluator as SpecEvaluator
-
-    assert SpecEvaluator is Evaluator
+def test_weight_zero_still_qualifies() -> None:
     ev = Evaluator(spec({"trigger": "random", "below": 1.0, "weight": 0}))
     d = ev.evaluate(FrameBatch(logits=np.zeros((4, 2))), now=0)
     assert d.keep.all() and np.all(d.priority > 0) and d.qualified.all()

@@ -17,6 +17,7 @@ def test_hand_worked_values() -> None:
     np.testing.assert_allclose(entropy(p, normalize=True)[0], math.log(2) / math.log(3))
     np.testing.assert_allclose(margin(p), [0.0, 0.5, 1.0])
     np.testing.assert_allclose(least_confidence(p), [0.5, 0.3, 0.0])
+    np.testing.assert_allclose(least_confidence(p, normalize=True), [0.75, 0.45, 0.0])  # / (1 - 1/3)
     # energy = -T logsumexp(z / T): logits (0, 0) -> -log 2; at T = 2 -> -2 log 2
     np.testing.assert_allclose(energy([[0.0, 0.0]]), [-math.log(2)])
     np.testing.assert_allclose(energy([[0.0, 0.0]], temperature=2.0), [-2 * math.log(2)])
@@ -47,9 +48,11 @@ def test_scores_move_the_right_way_as_the_prediction_flattens() -> None:
     ent = np.stack([entropy(softmax(logits, temperature=t)) for t in temps])
     mar = np.stack([margin(softmax(logits, temperature=t)) for t in temps])
     lc = np.stack([least_confidence(softmax(logits, temperature=t)) for t in temps])
+    nlc = np.stack([least_confidence(softmax(logits, temperature=t), normalize=True) for t in temps])
     assert np.all(np.diff(ent, axis=0) > 0)  # flatter = more entropy
     assert np.all(np.diff(mar, axis=0) <= 1e-12)  # flatter = smaller margin
     assert np.all(np.diff(lc, axis=0) > 0)  # flatter = less confident
+    assert np.all(np.diff(nlc, axis=0) > 0) and np.all((nlc >= 0) & (nlc <= 1))
     # energy rises as the evidence (every logit) drops, as it does for out-of-distribution frames
     en = np.stack([energy(logits - c) for c in (0.0, 1.0, 2.0, 5.0)])
     assert np.all(np.diff(en, axis=0) > 0)
@@ -77,6 +80,28 @@ def test_shapes_and_batch_rows_are_independent() -> None:
     assert margin(np.ones((3, 1))).tolist() == [1.0, 1.0, 1.0]  # one class: nothing to confuse it with
 
 
+def test_normalized_least_confidence_spans_zero_to_one_whatever_k() -> None:
+    for k in (2, 3, 10, 100):
+        uniform, one_hot = np.full((1, k), 1 / k), np.eye(k)[:1]
+        assert least_confidence(uniform, normalize=True)[0] == pytest.approx(1.0)
+        assert least_confidence(one_hot, normalize=True)[0] == 0.0
+    assert least_confidence(np.ones((2, 1)), normalize=True).tolist() == [0.0, 0.0]  # one class: never unsure
+    # probabilities a hair off (within the 1e-3 tolerance) never leave [0, 1]
+    assert least_confidence([[0.333, 0.333, 0.333]], normalize=True)[0] == 1.0
+
+
+def test_softmax_can_pass_rows_without_output_through_as_nan() -> None:
+    logits = np.array([[0.0, math.log(3)], [np.nan, np.nan], [np.inf, 0.0], [1.0, -np.inf], [2.0, 2.0]], np.float32)
+    p = softmax(logits, nonfinite="nan")
+    assert p.dtype == np.float64 and p.shape == (5, 2)
+    np.testing.assert_allclose(p[[0, 4]], [[0.25, 0.75], [0.5, 0.5]])
+    assert np.isnan(p[1:4]).all()  # any NaN or inf in a row: no usable output for that frame
+    finite = np.random.default_rng(3).normal(0, 3, (20, 4))
+    np.testing.assert_array_equal(softmax(finite, nonfinite="nan"), softmax(finite))
+    np.testing.assert_allclose(softmax(logits[[0]], temperature=2.0, nonfinite="nan"),
+                               softmax(logits[[0]], temperature=2.0))
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -85,6 +110,7 @@ def test_shapes_and_batch_rows_are_independent() -> None:
         (lambda: margin([[1.5, -0.5]]), "probabilities in [0, 1]"),
         (lambda: softmax([[0.0, np.nan]]), "must be finite"),
         (lambda: softmax([[0.0, 1.0]], temperature=0), "temperature"),
+        (lambda: softmax([[0.0, 1.0]], nonfinite="skip"), "nonfinite must be one of 'nan', 'raise'; received 'skip'"),
         (lambda: bald(np.ones((2, 3))), "must have 3 dimensions"),
         (lambda: energy("abc"), "numeric array"),
     ],
