@@ -39,8 +39,15 @@ class HubSettings(BaseSettings):
 
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_image_side: int = Field(4096, ge=8)
+    max_image_pixels: int = Field(2048 * 2048, ge=64, description="Pixels (width x height) an uploaded image "
+                                  "may decode to; its pixel data is inflated in bounded steps and must fit.")
     max_model_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=2, le=200, description="How deeply any JSON body or part may nest arrays "
+                                "and objects (checked before parsing; deeper is a 400).")
+    body_timeout_s: float = Field(60.0, gt=0, description="A request body must arrive whole within this many "
+                                  "seconds, or the hub answers 408 and closes the connection.")
+    model_body_timeout_s: float = Field(900.0, gt=0, description="The same deadline for model uploads.")
     max_batch_cases: int = Field(64, ge=1, le=1000, description="Cases one POST /v1/cases/batch may carry.")
     max_batch_bytes: int = Field(32 * 1024 * 1024, ge=4096, description="Body limit of POST /v1/cases/batch.")
     image_url_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
