@@ -1,4 +1,4 @@
-"""``flywheel hub`` (serve, migrate, tokens), ``flywheel models`` and ``flywheel campaigns``.
+"""``flywheel hub`` (serve, migrate, tokens, sweep-blobs), ``flywheel models`` and ``flywheel campaigns``.
 
 ``hub`` commands act on the hub's own database (run them where the hub runs, with its environment);
 ``models`` and ``campaigns`` talk to a running hub over HTTP with an admin token.
@@ -183,6 +183,32 @@ def token_list(
     engine.dispose()
     for t in rows:
         typer.echo(f"{t.name}\t{t.scope}\t{'revoked' if t.revoked_at else 'active'}")
+
+
+@app.command("sweep-blobs")
+def sweep_blobs(
+    min_age_s: float = typer.Option(3600.0, "--min-age-s", min=0, help="Leave blobs younger than this "
+                                    "(an upload in flight writes its blob before its row)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count the orphans; remove nothing."),
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    database_url: str | None = typer.Option(None, "--database-url"),
+) -> None:
+    """Find and remove blobs that no case, model, novelty bank or snapshot refers to; print a JSON report."""
+    import time
+
+    from fleet.hub.blobs import FileBlobStore
+    from fleet.hub.db import make_engine, migrate
+    from fleet.hub.sweep import sweep_orphan_blobs
+
+    settings = _settings(data_dir, database_url, None)
+    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    try:
+        migrate(engine)
+        store = FileBlobStore(settings.resolved_blob_dir(), fsync=settings.blob_fsync)
+        report = sweep_orphan_blobs(engine, store, now=time.time(), min_age_s=min_age_s, dry_run=dry_run)
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(report.to_dict(), sort_keys=True))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,3 +108,64 @@ def test_devices_download_models(hub: HubHarness) -> None:
     r = hub.client.get("/v1/models/m1/onnx", headers=hub.devices["d1"])
     assert r.status_code == 200 and r.headers["x-onnx-sha256"] == hashlib.sha256(r.content).hexdigest()
     assert hub.client.post("/v1/models/m1/retire", headers=hub.devices["d1"]).status_code == 403
+
+
+def _big_signed(hub: HubHarness, path: object, size: int) -> tuple[object, str]:
+    """A ``size``-byte stand-in ONNX file at ``path`` and a manifest signed for exactly those bytes."""
+    import dataclasses
+    from pathlib import Path
+
+    p = Path(str(path))
+    block = bytes(range(256)) * 4096  # 1 MiB
+    h = hashlib.sha256()
+    with p.open("wb") as fh:
+        for _ in range(size // len(block)):
+            fh.write(block)
+            h.update(block)
+    files = hub.model_files("big")
+    manifest = dataclasses.replace(files.signed.manifest, onnx_sha256=h.hexdigest(), onnx_size=size)
+    return p, sign_manifest(manifest, load_private_key(hub.keypair.private_pem)).to_json()
+
+
+def test_model_uploads_are_checked_and_stored_in_bounded_memory(bare_hub: HubHarness, tmp_path: object) -> None:
+    """64 MiB through register_model: hashed and copied in 1 MiB chunks, never held whole (tracemalloc)."""
+    import tracemalloc
+    from pathlib import Path
+
+    from fleet.hub.routes.models import register_model
+
+    hub = bare_hub
+    path, manifest = _big_signed(hub, Path(str(tmp_path)) / "big.onnx", 64 << 20)
+    assert isinstance(path, Path)
+    peaks = {}
+    for name, mutate in (("bad", True), ("good", False)):
+        with path.open("r+b") as fh:
+            if mutate:
+                fh.seek(32 << 20)
+                fh.write(b"X")
+                fh.seek(0)
+            tracemalloc.start()
+            try:
+                status, body = register_model(hub.hub, manifest, fh)  # type: ignore[arg-type]
+            except Exception as exc:  # noqa: BLE001 - the bad one is refused
+                status, body = getattr(exc, "status_code", 500), {"detail": str(getattr(exc, "detail", exc))}
+            peaks[name] = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            if mutate:
+                fh.seek(32 << 20)
+                fh.write(bytes([(32 << 20) % 256]))
+        assert status == (400 if mutate else 201), body
+    assert max(peaks.values()) < 8 << 20, peaks  # a few 1 MiB chunks, not 64 MiB
+    r = hub.client.get("/v1/models/big/onnx", headers=hub.trainer)
+    assert r.status_code == 200 and len(r.content) == 64 << 20
+    assert hashlib.sha256(r.content).hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_onnx_file_longer_than_its_manifest_is_refused_after_reading_only_what_it_declares(
+        bare_hub: HubHarness) -> None:
+    hub = bare_hub
+    files = hub.model_files("m9")
+    onnx = files.onnx_path.read_bytes()
+    r = _upload(hub, onnx + b"\0" * (1 << 20), files.signed.to_json())
+    assert r.status_code == 400 and f"more than {len(onnx)} bytes" in r.json()["detail"]  # type: ignore[attr-defined]
+    assert hub.client.get("/v1/models", headers=hub.trainer).json() == []
