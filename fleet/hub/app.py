@@ -20,7 +20,8 @@ from fleet.hub.bodies import BodyGuard
 from fleet.hub.context import Hub
 from fleet.hub.db import make_engine, migrate
 from fleet.hub.observe import RequestMetrics
-from fleet.hub.settings import HubSettings
+from fleet.hub.settings import DEV_WARNING, HubSettings
+from fleet.hub.trust import retire_untrusted_models
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def create_app(
     """Build a hub app. Refuses default secrets outside dev mode; migrates the database on start."""
     settings = settings or HubSettings()
     settings.check()
+    if settings.dev:
+        log.warning(DEV_WARNING)
     own_engine = engine is None
     engine = engine or make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size,
                                    sqlite_memory_mib=settings.sqlite_memory_mib)
@@ -46,6 +49,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.migrate_on_start:
             migrate(engine)
+        retire_untrusted_models(hub)  # a model signed by a key no longer trusted is never served as active
         log.info("hub ready: database %s, blobs %s", engine.url.render_as_string(hide_password=True),
                  type(blob_store).__name__)
         yield

@@ -17,6 +17,9 @@ DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_URL_SECRET = "dev-url-secret"
 DEV_WEBHOOK_SECRET = "dev-webhook-secret"
 _MIN_SECRET_LEN = 16
+DEV_WARNING = ("DEV MODE (FLYWHEEL_HUB_DEV=1 / --dev): this hub accepts the built-in secrets, among them the admin "
+               "token 'dev-admin-token' and the fleet secret 'dev-fleet-secret', so anyone who can reach it is an "
+               "admin and can enroll devices. Never expose it beyond this machine; never use it in production.")
 
 
 class HubSettings(BaseSettings):
@@ -35,6 +38,16 @@ class HubSettings(BaseSettings):
     url_secret: SecretStr = SecretStr(DEV_URL_SECRET)
     webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
     signing_public_key: str | None = Field(None, description="base64 of the fleet's raw ed25519 public key.")
+    # enrollment (see fleet.hub.enrollment): the fleet secret only ever enrolls a device id not yet enrolled
+    enrollment_allow: list[str] = Field(default_factory=list, description="Device-id patterns (fnmatch, e.g. "
+                                        "[\"cam-*\"]; JSON in the environment) the fleet secret may enroll; "
+                                        "empty: any new id. Others need an admin's enrollment token.")
+    enrollment_require_token: bool = Field(False, description="Enroll only with per-device enrollment tokens "
+                                           "from an admin; the fleet secret alone enrolls nothing.")
+    enrollment_token_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Life of an enrollment token.")
+    enroll_max_failures: int = Field(10, ge=1, description="Refused enrollments from one address within the "
+                                     "window before it gets 429 until the window moves on.")
+    enroll_failure_window_s: float = Field(300.0, gt=0)
     signing_public_key_file: Path | None = None
 
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
@@ -64,6 +77,16 @@ class HubSettings(BaseSettings):
     rollback_margin: float = Field(0.05, ge=0, le=1, description="Canary disagreement above incumbent's + this.")
     rollback_min_compared: int = Field(200, ge=1, description="Human-compared frames needed on each side.")
     rollback_health_failures: int = Field(3, ge=1, description="Health failures that roll a canary back.")
+    rollback_min_devices: int = Field(2, ge=1, description="Devices the evidence for an automatic rollback must "
+                                      "come from (fewer only when the canary is smaller); see fleet.hub.evidence.")
+    rollback_min_device_compared: int = Field(20, ge=1, description="Human-compared frames a device needs for "
+                                              "its own disagreement to count as evidence.")
+    promote_hold_s: float = Field(600.0, gt=0, description="How long a promotion rolls out to the whole fleet "
+                                  "(or, as an admin override, stays watched) before it completes.")
+    heartbeat_max_rate_per_s: float = Field(100_000.0, gt=0, description="Fastest a heartbeat counter may rise, "
+                                            "per second since the device's last heartbeat (plus the grace).")
+    heartbeat_rate_grace_s: float = Field(60.0, ge=0, description="Slack added to that time (clock skew, a "
+                                          "first heartbeat after a long run offline is measured from the last).")
     selection_pool_factor: int = Field(5, ge=1, description="uncertainty+diversity looks at budget x this.")
     duplicate_cosine: float = Field(0.02, ge=0, le=2, description="Cosine distance under which two are dups.")
     max_selection_budget: int = Field(5000, ge=1)

@@ -41,7 +41,8 @@ def publish(hub: RunningHub, files: ModelFiles, *, promote: bool = True) -> None
                    data={"manifest": files.signed.to_json()})
     assert r.status_code in (200, 201), r.text
     if promote:
-        r = httpx.post(hub.url + f"/v1/models/{files.manifest.version}/promote", headers=hub.admin_headers)
+        r = httpx.post(hub.url + f"/v1/models/{files.manifest.version}/promote", headers=hub.admin_headers,
+                       json={"override": True, "reason": "integration test: active at once"})
         assert r.status_code == 200, r.text
 
 
@@ -99,6 +100,18 @@ def test_agent_against_the_real_hub(tmp_path: Path, hub: RunningHub) -> None:
     assert result.exit_code == 0, result.output
     enrollment = json.loads((tmp_path / "data" / "enrollment.json").read_text())
     assert enrollment["fleet_public_key"] == hub.keypair.public_b64
+
+    # another machine with the same config (the fleet secret) cannot take the id over; --force, with the
+    # device's own token, re-enrolls the real one
+    thief = tmp_path / "thief"
+    thief.mkdir()
+    (thief / "agent.toml").write_text(cfg.read_text())
+    stolen = CliRunner().invoke(app, ["enroll", "--config", str(thief / "agent.toml")])
+    assert stolen.exit_code == 2 and "409" in stolen.output and "already enrolled" in stolen.output, stolen.output
+    again = CliRunner().invoke(app, ["enroll", "--config", str(cfg), "--force"])
+    assert again.exit_code == 0, again.output
+    renewed = json.loads((tmp_path / "data" / "enrollment.json").read_text())
+    assert renewed["token"] != enrollment["token"]
 
     # first run: the assignment brings v1 over OTA, the campaign flags frames, cases and heartbeats land
     first = run_agent(cfg)

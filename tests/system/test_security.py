@@ -151,9 +151,12 @@ def test_revoked_tokens_are_refused_on_every_worker(hub: RunningHub) -> None:
         r = c.post("/v1/enroll", json={"device_id": "rev-a", "fleet_secret": hub.fleet_secret})
         assert r.status_code == 403, r.text  # a revoked device cannot enroll itself back
 
-        # a re-enrolled device's old token dies too
+        # a re-enrolled device's old token dies too (it re-enrolls with that token: the fleet secret
+        # alone no longer enrolls an enrolled id, issue 13)
         old = enroll(c, hub, "rev-b")
-        new = enroll(c, hub, "rev-b")
+        r = c.post("/v1/enroll", json={"device_id": "rev-b", "fleet_secret": hub.fleet_secret}, headers=bearer(old))
+        assert r.status_code == 200, r.text
+        new = r.json()["token"]
         wait_for("the replaced token refused", lambda: all(
             c.get("/v1/assignment", headers=bearer(old)).status_code in (401, 403) for _ in range(6)), timeout=15)
         assert c.get("/v1/assignment", headers=bearer(new)).status_code == 200

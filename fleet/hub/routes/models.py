@@ -20,7 +20,7 @@ from fleet.hub.bodies import parse_json
 from fleet.hub.context import Hub, get_hub
 from fleet.hub.db import insert_ignore, read_session, write_session
 from fleet.hub.models import Blob, ModelVersion
-from fleet.hub.schemas import RollbackRequest
+from fleet.hub.schemas import PromoteRequest, RollbackRequest
 from fleet.protocol import SignedManifest, check_name
 from fleet.signing import verify_manifest
 
@@ -132,19 +132,23 @@ def get_onnx(version: str, _: Principal = Depends(require("device", "trainer", "
 
 
 @router.post("/v1/models/{version}/promote")
-def promote(version: str, _: Principal = Depends(require("admin")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """Make a version active at once (a running rollout of it completes; of another, refuses)."""
+def promote(version: str, body: PromoteRequest | None = Body(None), principal: Principal = Depends(require("admin")),
+            hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Promote a version: the first active model at once; over an active one, a rollout to the whole fleet
+    that completes after ``promote_hold_s`` unless devices refuse it, or with ``override`` active at once,
+    recorded, and still undone if every device refuses it (see fleet.hub.rollouts)."""
     check_name(version, "version")
+    body = body or PromoteRequest()
     with write_session(hub.engine) as s:
-        running = rollouts.running_rollout(s)
-        if running is not None and running.version != version:
-            raise HTTPException(409, detail=f"rollout {running.rollout_id} of {running.version!r} is running; "
-                                            f"roll it back before promoting {version!r}")
-        if running is not None:
-            running.state, running.finished_at, running.reason = "completed", hub.now(), "promoted by an operator"
-            s.add(running)
-        mv = rollouts.promote(hub, s, version)
-        return model_public(mv)
+        rollout = rollouts.promote_version(hub, s, version, override=body.override, reason=body.reason,
+                                           actor=principal.name)
+        s.flush()
+        mv = s.get(ModelVersion, version)
+        assert mv is not None
+        out = model_public(mv)
+        out["rollout"] = rollouts.rollout_status(s, rollout) if rollout is not None else None
+    hub.models.clear()
+    return out
 
 
 @router.post("/v1/models/{version}/retire")
