@@ -78,6 +78,8 @@ def check_json_text(raw: bytes | str, what: str, *, max_bytes: int, max_depth: i
     if len(raw) > max_bytes:
         raise BodyRefused(413, f"{what} is {len(raw)} bytes; the limit is {max_bytes}")
     text = decode_json_bytes(raw, what) if isinstance(raw, bytes) else raw
+    if text.count("[") + text.count("{") <= max_depth:  # cannot nest deeper than it has brackets
+        return text
     depth = json_depth(text)
     if depth > max_depth:
         raise BodyRefused(400, f"{what} nests arrays/objects {depth} levels deep; the limit is {max_depth}")
@@ -155,7 +157,8 @@ class BodyGuard:
             if done:  # the body is in; what follows (a disconnect) may wait as long as it likes
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                async with asyncio.timeout_at(deadline):  # no task per message, unlike wait_for
+                    message = await receive()
             except TimeoutError:
                 raise BodyRefused(408, f"request body not received within {timeout:g} s (received {seen} bytes"
                                        f"{f' of {declared}' if declared is not None else ''}); send it faster or "

@@ -30,6 +30,7 @@ from fleet.hub.ingest import (
     _dump,
     _undo_blob,
     conflict,
+    identities,
     prepare_case,
     stored_identity,
 )
@@ -115,7 +116,7 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, A
     with write_connection(hub.engine) as conn:
         cur = conn.connection.cursor()
         try:
-            owners = _owners(cur, p, list(by_id))
+            owners = identities(cur, p, list(by_id))
             for cid, owner in owners.items():
                 out[cid] = _known(by_id[cid], owner)
             new = sorted((x for x in prepared if x.case.case_id not in owners), key=lambda x: x.case.case_id)
@@ -144,7 +145,7 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, A
             inserted = {r[0] for r in cur.fetchall()}
             lost = [x.case.case_id for x in new if x.case.case_id not in inserted]
             if lost:  # PostgreSQL: another request stored the same case id since our first look
-                for cid, owner in _owners(cur, p, lost).items():
+                for cid, owner in identities(cur, p, lost).items():
                     out[cid] = _known(by_id[cid], owner)
         finally:
             cur.close()
@@ -156,12 +157,6 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, A
             if dup:
                 log.info("case %s from %s duplicates %s", cid, x.case.device_id, dup)
     return out
-
-
-def _owners(cur: Any, p: str, case_ids: list[str]) -> dict[str, tuple[Any, ...]]:
-    cur.execute(f"SELECT case_id, {', '.join(CASE_IDENTITY)} FROM cases "
-                f"WHERE case_id IN ({', '.join([p] * len(case_ids))})", case_ids)
-    return {r[0]: tuple(r[1:]) for r in cur.fetchall()}
 
 
 def _known(prepared: PreparedCase, stored: tuple[Any, ...]) -> dict[str, Any]:
