@@ -91,7 +91,8 @@ def authorize(hub: Hub, s: Session, device_id: str, creds: Credentials) -> Grant
     if not creds.fleet_secret:
         raise Refused(401, detail="no credentials: send fleet_secret, an enrollment_token, or "
                                   "'Authorization: Bearer <this device's token or an admin token>'")
-    if not hmac.compare_digest(creds.fleet_secret.encode(), cfg.fleet_secret.get_secret_value().encode()):
+    if not hmac.compare_digest(creds.fleet_secret.encode("utf-8", "replace"),  # (JSON may carry lone surrogates)
+                               cfg.fleet_secret.get_secret_value().encode()):
         raise Refused(401, detail="fleet secret does not match this hub's")
     if device is not None:
         raise Refused(409, detail=(
@@ -122,6 +123,8 @@ def _by_bearer(hub: Hub, device_id: str, token: str) -> Granted:
 
 
 def _by_grant(hub: Hub, s: Session, device_id: str, token: str) -> Granted:
+    if not token.isascii():  # every token the hub issues is ASCII
+        raise Refused(401, detail=f"enrollment token is not valid for device {device_id!r}")
     grant = s.exec(select(EnrollmentGrant).where(EnrollmentGrant.token_hash == hash_token(token))).first()
     if grant is None or grant.device_id != device_id:
         raise Refused(401, detail=f"enrollment token is not valid for device {device_id!r}")

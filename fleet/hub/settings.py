@@ -23,7 +23,16 @@ DEV_WARNING = ("DEV MODE (FLYWHEEL_HUB_DEV=1 / --dev): this hub accepts the buil
 
 
 class HubSettings(BaseSettings):
-    """Everything the hub reads from its environment. ``FLYWHEEL_HUB_DATABASE_URL`` picks the database."""
+    """Everything the hub reads from its environment. ``FLYWHEEL_HUB_DATABASE_URL`` picks the database.
+
+    Enrollment: the fleet secret enrolls only device ids not yet enrolled, optionally only those on
+    ``enrollment_allow``, or none with ``enrollment_require_token`` (per-device tokens from an admin);
+    refused attempts are audited and rate-limited per address (``enroll_*``); see fleet.hub.enrollment.
+    Field metrics: ``heartbeat_*`` bound how fast counters may rise; ``rollback_*`` state what evidence,
+    from how many devices, rolls a candidate back (fleet.hub.evidence). Bodies: ``max_*`` sizes,
+    ``max_json_depth``, ``body_timeout_s``/``model_body_timeout_s`` and ``max_image_pixels`` (fleet.hub.bodies,
+    fleet.hub.images).
+    """
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_HUB_", extra="ignore", validate_default=True)
 

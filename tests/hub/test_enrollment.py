@@ -124,3 +124,11 @@ def test_failed_attempts_are_rate_limited_per_client_and_audited(hub_factory: An
 def test_enrolling_without_any_credential_is_401(hub: HubHarness, body: dict[str, str]) -> None:
     r = _enroll(hub, "cam-5", **body)
     assert r.status_code == 401 and "no credentials" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("field", ["fleet_secret", "enrollment_token"])
+def test_credentials_that_are_not_text_a_hub_issued_are_refused_not_a_500(hub: HubHarness, field: str) -> None:
+    lone = "\\ud800\\udfff\\ud800"  # JSON escapes Python decodes into lone surrogates
+    body = ('{"device_id": "cam-6", "' + field + '": "' + lone + '"}').encode()
+    r = hub.client.post("/v1/enroll", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code in (401, 422) and isinstance(r.json()["detail"], str), r.text
