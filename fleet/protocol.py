@@ -117,8 +117,8 @@ class _Message:
     def from_json(cls: type[T], text: str | bytes) -> T:
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"{cls.__name__}: not valid JSON ({exc})") from exc
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise ProtocolError(f"{cls.__name__}: not valid JSON ({str(exc)[:200]})") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -151,11 +151,13 @@ def _opt(value: Any, check: Any, what: str) -> Any:
     return None if value is None else check(value, what)
 
 
-def _int(value: Any, what: str, *, lo: int | None = None) -> int:
+def _int(value: Any, what: str, *, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"{what} must be an integer; received {value!r}")
+        raise ProtocolError(f"{what} must be an integer; received {value!r:.80}")
     if lo is not None and value < lo:
         raise ProtocolError(f"{what} must be >= {lo}; received {value}")
+    if hi is not None and value > hi:
+        raise ProtocolError(f"{what} must be <= {hi}; received {value!r:.40}")
     return value
 
 
@@ -255,7 +257,7 @@ class Case(_Message):
             hit.validate()
         _opt(self.campaign_id, check_name, "campaign_id")
         if self.campaign_version is not None:
-            _int(self.campaign_version, "campaign_version", lo=0)
+            _int(self.campaign_version, "campaign_version", lo=0, hi=2**31 - 1)  # a database INTEGER
         if self.human_action is not None:
             _int(self.human_action, "human_action", lo=0)
         _opt(self.challenger_version, check_name, "challenger_version")
@@ -473,6 +475,7 @@ class Assignment(_Message):
 
 
 HEARTBEAT_COUNTERS = ("frames_seen", "flagged", "uploaded", "evicted", "upload_failures", "health_failures")
+MAX_COUNTER = 2**53  # every heartbeat count: exact as a JSON number anywhere, and far beyond any device's life
 
 
 @dataclass
@@ -506,10 +509,10 @@ class Heartbeat(_Message):
         for k, v in self.counters.items():
             if k not in HEARTBEAT_COUNTERS:
                 raise ProtocolError(f"unknown counter {k!r}; expected one of {list(HEARTBEAT_COUNTERS)}")
-            _int(v, f"counters[{k!r}]", lo=0)
+            _int(v, f"counters[{k!r}]", lo=0, hi=MAX_COUNTER)
         for name in ("spool_bytes", "spool_items", "human_compared", "human_disagreed",
                      "challenger_compared", "challenger_agreed"):
-            _int(getattr(self, name), name, lo=0)
+            _int(getattr(self, name), name, lo=0, hi=MAX_COUNTER)
         if self.human_disagreed > self.human_compared:
             raise ProtocolError("human_disagreed cannot exceed human_compared")
         if self.challenger_agreed > self.challenger_compared:

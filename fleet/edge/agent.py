@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ from fleet.edge.ota import OtaManager
 from fleet.edge.pacing import Backoff
 from fleet.edge.recorder import Recorder
 from fleet.edge.shadow import Inferred, WindowResult, infer
-from fleet.edge.sources import Frame, open_source, paced
+from fleet.edge.sources import Frame, NpzSource, SourceCursor, open_source, paced
 from fleet.edge.spool import Spool
 from fleet.edge.uplink import Uplink
 from fleet.errors import InvalidInput
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 ROLLBACK_AFTER_BAD_BATCHES = 3  # consecutive decision windows with NaN/inf outputs before a rollback
 WINDOW_MAX_BYTES = 16 * 1024 * 1024  # frame pixels held while a trigger window fills
+CURSOR_FILE = "source_cursor.json"  # where an npz source left off (see fleet.edge.sources.SourceCursor)
+CURSOR_SAVE_S = 1.0  # how often the cursor is written while running (and once when the agent stops)
 
 
 @dataclass
@@ -83,7 +85,11 @@ class Agent:
                              linger_s=up.linger_s)
         self.recorder = Recorder(self.spool, on_stored=self.uplink.wake)
         self.decider = Decider(device_id=config.device_id, campaigns=self.campaigns, recorder=self.recorder,
-                               telemetry=self.telemetry, on_result=self._watch_health)
+                               telemetry=self.telemetry, on_result=self._watch_health,
+                               on_spooled=self._advance_cursor)
+        self.cursor: SourceCursor | None = None  # set when the agent reads an npz file itself
+        self._cursor_next: int | None = None
+        self._cursor_saved_at = 0.0
         self.heartbeat = HeartbeatSender(
             device_id=config.device_id, telemetry=self.telemetry, spool=self.spool,
             uplink_stats=self.uplink.stats, client=self.client, versions=lambda: self.ota.models.versions,
@@ -185,8 +191,35 @@ class Agent:
         src = self.source
         if src is None:
             s = self.config.source
-            src = open_source(s.kind, s.path, loop=s.loop)
+            if s.kind == "npz":  # resumable: go on where the last run left off
+                self.cursor = SourceCursor(self.config.data_dir / CURSOR_FILE, s.path)
+                npz = NpzSource(s.path, loop=s.loop)
+                npz.start = min(self.cursor.load(), len(npz))
+                if npz.start:
+                    log.info("source %s: going on from frame %d of %d (%s)", s.path, npz.start, len(npz),
+                             self.cursor.path)
+                src = npz
+            else:
+                src = open_source(s.kind, s.path, loop=s.loop)
         return paced(iter(src), self.config.source.fps)
+
+    def _advance_cursor(self, window: Sequence[Inferred]) -> None:
+        """On the decider thread, once a window is spooled: the source may go on after its last frame."""
+        last = window[-1].frames[-1].position if window and window[-1].frames else None
+        if self.cursor is None or last is None:
+            return
+        self._cursor_next = last + 1
+        if time.monotonic() - self._cursor_saved_at >= CURSOR_SAVE_S:
+            self._save_cursor()
+
+    def _save_cursor(self) -> None:
+        if self.cursor is None or self._cursor_next is None:
+            return
+        try:
+            self.cursor.save(self._cursor_next)
+        except OSError as exc:  # a full disk must not stop mining; at worst a restart repeats frames
+            log.warning("could not save the source cursor %s: %s", self.cursor.path, exc)
+        self._cursor_saved_at = time.monotonic()
 
     def _wait_for_model(self) -> bool:
         warned = 0.0
@@ -204,6 +237,7 @@ class Agent:
             self._decide()
         self.control.stop()
         self.decider.stop()
+        self._save_cursor()
         drain = self.config.uplink.drain_timeout_s
         if drain > 0 and self.spool.stats().items and not self.uplink.drain(drain):
             log.info("exiting with %d case(s) still spooled; they go out on the next run", self.spool.stats().items)

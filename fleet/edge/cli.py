@@ -25,7 +25,11 @@ def _group() -> None:
 @app.command()
 def enroll(
     config: Path = CONFIG,
-    force: bool = typer.Option(False, "--force", help="Enroll again even if this device already is."),
+    force: bool = typer.Option(False, "--force", help="Enroll again (with this device's current token) even if "
+                               "it already is."),
+    enrollment_token: str = typer.Option("", "--enrollment-token", envvar="FLYWHEEL_ENROLLMENT_TOKEN",
+                                         help="A one-time token an admin issued for this device id (needed when "
+                                              "its credentials are lost, or when the hub requires one)."),
 ) -> None:
     """Trade the fleet secret for a device token and pin the fleet's model-signing key."""
     from fleet.edge.config import load_config
@@ -40,7 +44,7 @@ def enroll(
         cfg = load_config(config)
         client = HubClient.connect(cfg.hub.url, timeout_s=cfg.hub.timeout_s)
         try:
-            got = do_enroll(cfg, client, force=force)
+            got = do_enroll(cfg, client, force=force, enrollment_token=enrollment_token)
         finally:
             client.close()
     except FlywheelError as exc:

@@ -34,6 +34,7 @@ class Decider:
         recorder: Recorder,
         telemetry: Telemetry,
         on_result: Callable[[WindowResult], None] = lambda result: None,
+        on_spooled: Callable[[Sequence[Inferred]], None] = lambda window: None,
         queue_size: int = 4,
     ) -> None:
         self.device_id = device_id
@@ -41,6 +42,7 @@ class Decider:
         self.recorder = recorder
         self.telemetry = telemetry
         self.on_result = on_result
+        self.on_spooled = on_spooled  # after a window's kept frames are in the spool (the source cursor moves)
         self.errors = 0
         self._queue: queue.Queue[Sequence[Inferred] | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
@@ -82,6 +84,7 @@ class Decider:
             human=result.human, challenger_predicted=result.challenger_predicted,
         )
         self.on_result(result)
+        self.on_spooled(window)
         if time.monotonic() - self._last_save > STATE_SAVE_S:
             self.campaigns.save_state()
             self._last_save = time.monotonic()

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: write a temporary file, fsync it, rename it over the target, fsync the folder."""
+"""Crash-safe file writes (write a temporary file, fsync it, rename it over the target, fsync the folder),
+and private folders and files: the agent's data holds its token and the frames it keeps."""
 
 from __future__ import annotations
 
@@ -7,6 +8,27 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` and its missing parents with mode 0700, whatever the umask (an existing one is left)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(d, 0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` empty with mode 0600 unless it exists, and make an existing one 0600 (an older agent's);
+    SQLite's -wal and -shm files then follow its mode."""
+    private_dir(path.parent)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+    return path
 
 
 def fsync_dir(path: Path) -> None:

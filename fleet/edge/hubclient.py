@@ -54,9 +54,15 @@ class HubClient:
 
     # -- endpoints ----------------------------------------------------------------------------
 
-    def enroll(self, device_id: str, fleet_secret: str, group: str = "default") -> Enrollment:
+    def enroll(self, device_id: str, fleet_secret: str, group: str = "default", *, current_token: str | None = None,
+               enrollment_token: str = "") -> Enrollment:
+        """Enroll ``device_id``: with the fleet secret (a new id), an admin's ``enrollment_token``, or, to
+        enroll an enrolled device again, its ``current_token`` (sent as the bearer)."""
         body = {"device_id": device_id, "fleet_secret": fleet_secret, "group": group}
-        resp = self._call("POST", "/v1/enroll", json=body, auth=False)
+        if enrollment_token:
+            body["enrollment_token"] = enrollment_token
+        headers = {"Authorization": f"Bearer {current_token}"} if current_token else None
+        resp = self._call("POST", "/v1/enroll", json=body, auth=False, headers=headers)
         return Enrollment.from_json(resp.content)
 
     def upload_case(self, case_json: str, image: bytes) -> dict[str, Any]:

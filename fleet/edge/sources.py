@@ -35,6 +35,7 @@ class Frame:
     human_action: int | None = None
     tags: dict[str, str] = field(default_factory=dict)
     ts: float | None = None  # capture time, unix seconds; None: when the agent saw it
+    position: int | None = None  # index in a source that can resume (npz): see SourceCursor
 
 
 def check_image(image: Any, where: str) -> NDArray[Any]:
@@ -81,7 +82,7 @@ class NpzSource:
     ``ts`` (n,) float; and any ``tag_<name>`` (n,) array, which becomes tag ``<name>`` per frame.
     """
 
-    def __init__(self, path: str | Path, *, loop: bool = False) -> None:
+    def __init__(self, path: str | Path, *, loop: bool = False, start: int = 0) -> None:
         self.path = Path(path)
         try:
             data = np.load(self.path, allow_pickle=False)
@@ -105,6 +106,9 @@ class NpzSource:
                 if col is not None:
                     self.tags[k[4:]] = col
         self.loop = loop
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= n:
+            raise InvalidInput(f"{self.path}: start must be a frame index in 0..{n}; received {start!r}")
+        self.start = start
 
     def _column(self, data: Any, key: str, n: int, kind: Any) -> NDArray[Any] | None:
         if key not in data.files:
@@ -120,8 +124,9 @@ class NpzSource:
 
     def __iter__(self) -> Iterator[Frame]:
         human_col, ts_col = self.human, self.ts
+        first = self.start
         while True:
-            for i in range(len(self.images)):
+            for i in range(first, len(self.images)):
                 human = int(human_col[i]) if human_col is not None and human_col[i] >= 0 else None
                 yield Frame(
                     image=check_image(self.images[i], f"{self.path}[{i}]"),
@@ -129,9 +134,55 @@ class NpzSource:
                     human_action=human,
                     tags={name: str(col[i]) for name, col in self.tags.items()},
                     ts=float(ts_col[i]) if ts_col is not None else None,
+                    position=i,
                 )
+            first = 0
             if not self.loop or not len(self.images):
                 return
+
+
+class SourceCursor:
+    """Where a file source left off, kept in the agent's data folder so a restart goes on from there.
+
+    The agent saves the position after the frames before it were decided and spooled (at most once
+    a second while running, and when it stops), so a restart does not flag the same frames again; a
+    ``kill -9`` repeats at most the last second. The cursor belongs to one file: another file at the
+    same path (different size, modification time or first 64 KiB) starts again from frame 0.
+    """
+
+    def __init__(self, path: Path, source: Path) -> None:
+        self.path = Path(path)
+        self.source = Path(source)
+        self._file: dict[str, Any] | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The source file's identity, taken once: positions saved later belong to the file as it was opened."""
+        if self._file is None:
+            self._file = self._identity()
+        return self._file
+
+    def _identity(self) -> dict[str, Any]:
+        import hashlib
+
+        st = self.source.stat()
+        with self.source.open("rb") as fh:
+            head = hashlib.sha256(fh.read(1 << 16)).hexdigest()
+        return {"source": str(self.source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "head": head}
+
+    def load(self) -> int:
+        """The saved position for this very file, or 0 (no cursor, another file, or an unreadable one)."""
+        try:
+            saved = json.loads(self.path.read_text())
+            if saved.get("file") == self.fingerprint() and isinstance(saved.get("next"), int) and saved["next"] >= 0:
+                return int(saved["next"])
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 0
+
+    def save(self, next_index: int) -> None:
+        from fleet.edge.fsutil import atomic_write_json
+
+        atomic_write_json(self.path, {"file": self.fingerprint(), "next": int(next_index)}, mode=0o600)
 
 
 class ImageFolderSource:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.edge.fsutil import private_file
 from fleet.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class Spool:
         self.max_bytes = max_bytes
         self._clock = clock
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_file(self.path)  # 0600 in a 0700 folder: the spool holds the frames the device kept
         self._db = self._open()
 
     # -- public -------------------------------------------------------------------------------
@@ -200,6 +201,7 @@ class Spool:
                 src = Path(f"{self.path}{suffix}")
                 if src.exists():
                     src.replace(Path(f"{aside}{suffix}"))
+            private_file(self.path)
             return self._connect()
 
     def _connect(self) -> sqlite3.Connection:

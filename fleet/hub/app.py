@@ -8,19 +8,20 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.errors import IntegrityError, InvalidInput, ProtocolError
 from fleet.hub.blobs import BlobStore, FileBlobStore
+from fleet.hub.bodies import BodyGuard
 from fleet.hub.context import Hub
 from fleet.hub.db import make_engine, migrate
 from fleet.hub.observe import RequestMetrics
-from fleet.hub.settings import HubSettings
+from fleet.hub.settings import DEV_WARNING, HubSettings
+from fleet.hub.trust import retire_untrusted_models
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ def create_app(
     """Build a hub app. Refuses default secrets outside dev mode; migrates the database on start."""
     settings = settings or HubSettings()
     settings.check()
+    if settings.dev:
+        log.warning(DEV_WARNING)
     own_engine = engine is None
     engine = engine or make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size,
                                    sqlite_memory_mib=settings.sqlite_memory_mib)
@@ -46,6 +49,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.migrate_on_start:
             migrate(engine)
+        retire_untrusted_models(hub)  # a model signed by a key no longer trusted is never served as active
         log.info("hub ready: database %s, blobs %s", engine.url.render_as_string(hide_password=True),
                  type(blob_store).__name__)
         yield
@@ -62,7 +66,7 @@ def create_app(
 
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(BodyLimit, settings=settings)  # type: ignore[arg-type]
+    app.add_middleware(BodyGuard, settings=settings)  # type: ignore[arg-type]
     app.add_middleware(metrics.middleware)  # type: ignore[arg-type]
     return app
 
@@ -125,81 +129,3 @@ def _jsonable(errors: Any) -> Any:
     for e in errors:
         out.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")})
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# request body limit (also for chunked bodies with no Content-Length)
-# ---------------------------------------------------------------------------------------------
-
-
-class BodyLimit:
-    """Refuse a request body past its route's limit with 413 before the app reads it all."""
-
-    def __init__(self, app: ASGIApp, settings: HubSettings) -> None:
-        self.app = app
-        self.settings = settings
-
-    def limit_for(self, path: str, method: str) -> int:
-        s = self.settings
-        if method == "POST" and path.rstrip("/") == "/v1/models":
-            return s.max_model_bytes + s.max_json_bytes
-        if method == "POST" and path.rstrip("/") == "/v1/cases":
-            return s.max_image_bytes + s.max_json_bytes
-        if method == "POST" and path.rstrip("/") == "/v1/cases/batch":
-            return s.max_batch_bytes
-        return s.max_json_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.limit_for(scope["path"], scope["method"])
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = -1
-                if length > limit:
-                    await _too_large(send, length, limit)
-                    return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _TooLarge(seen, limit)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge as exc:
-            if not started:
-                await _too_large(send, exc.seen, limit)
-
-
-class _TooLarge(HTTPException):
-    """An HTTPException, so that FastAPI's body parsing passes it through as a 413."""
-
-    def __init__(self, seen: int, limit: int) -> None:
-        super().__init__(413, detail=f"request body of more than {limit} bytes is over this route's limit")
-        self.seen = seen
-
-
-async def _too_large(send: Send, length: int, limit: int) -> None:
-    import json
-
-    body = json.dumps({"detail": f"request body of {length} bytes is over this route's limit of {limit} bytes"})
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body.encode()})

@@ -1,4 +1,4 @@
-"""``flywheel hub`` (serve, migrate, tokens), ``flywheel models`` and ``flywheel campaigns``.
+"""``flywheel hub`` (serve, migrate, token, enrollment-token, sweep-blobs), ``flywheel models``, ``flywheel campaigns``.
 
 ``hub`` commands act on the hub's own database (run them where the hub runs, with its environment);
 ``models`` and ``campaigns`` talk to a running hub over HTTP with an admin token.
@@ -72,6 +72,7 @@ def serve(
 
     from fleet.errors import InvalidInput
     from fleet.hub.db import make_engine, migrate
+    from fleet.hub.fsperm import private_dir
 
     settings = _settings(data_dir, database_url, dev)
     try:
@@ -79,12 +80,23 @@ def serve(
     except InvalidInput as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if settings.dev:
+        _dev_banner()
+    private_dir(settings.data_dir)
     engine = make_engine(settings.resolved_database_url(), pool_size=1)
     migrate(engine)
     engine.dispose()
     os.environ["FLYWHEEL_HUB_MIGRATE_ON_START"] = "0"  # done once, here, before the workers start
     uvicorn.run("fleet.hub.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False)
+
+
+def _dev_banner() -> None:
+    """A warning no one can miss on the terminal that starts a dev hub."""
+    from fleet.hub.settings import DEV_WARNING
+
+    line = "!" * 100
+    typer.secho(f"{line}\n!! WARNING: {DEV_WARNING}\n{line}", err=True, fg=typer.colors.RED, bold=True)
 
 
 @app.command("migrate")
@@ -185,6 +197,72 @@ def token_list(
         typer.echo(f"{t.name}\t{t.scope}\t{'revoked' if t.revoked_at else 'active'}")
 
 
+@app.command("enrollment-token")
+def enrollment_token(
+    device_id: str = typer.Argument(..., help="The device id it enrolls (new, or again after lost credentials)."),
+    group: str | None = typer.Option(None, help="Device group to enroll it into (default: what the device asks)."),
+    ttl_s: float | None = typer.Option(None, "--ttl-s", min=1,
+                                       help="Life (default FLYWHEEL_HUB_ENROLLMENT_TOKEN_TTL_S)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    database_url: str | None = typer.Option(None, "--database-url"),
+) -> None:
+    """Print a one-time enrollment token for DEVICE_ID (the device runs 'flywheel agent enroll --enrollment-token')."""
+    import time
+
+    from fastapi import HTTPException
+
+    from fleet.errors import ProtocolError
+    from fleet.hub.db import make_engine, migrate, write_session
+    from fleet.hub.enrollment import issue_grant
+    from fleet.protocol import check_name
+
+    try:
+        check_name(device_id, "device_id")
+        if group is not None:
+            check_name(group, "group")
+    except ProtocolError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings = _settings(data_dir, database_url, None)
+    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    try:
+        migrate(engine)
+        with write_session(engine) as s:
+            token, _expires = issue_grant(s, device_id=device_id, group=group, now=time.time(),
+                                          ttl_s=ttl_s or settings.enrollment_token_ttl_s, created_by="cli")
+    except HTTPException as exc:
+        typer.echo(f"error: {exc.detail}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    typer.echo(token)
+
+
+@app.command("sweep-blobs")
+def sweep_blobs(
+    min_age_s: float = typer.Option(3600.0, "--min-age-s", min=0, help="Leave blobs younger than this "
+                                    "(an upload in flight writes its blob before its row)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count the orphans; remove nothing."),
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    database_url: str | None = typer.Option(None, "--database-url"),
+) -> None:
+    """Find and remove blobs that no case, model, novelty bank or snapshot refers to; print a JSON report."""
+    import time
+
+    from fleet.hub.blobs import FileBlobStore
+    from fleet.hub.db import make_engine, migrate
+    from fleet.hub.sweep import sweep_orphan_blobs
+
+    settings = _settings(data_dir, database_url, None)
+    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    try:
+        migrate(engine)
+        store = FileBlobStore(settings.resolved_blob_dir(), fsync=settings.blob_fsync)
+        report = sweep_orphan_blobs(engine, store, now=time.time(), min_age_s=min_age_s, dry_run=dry_run)
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(report.to_dict(), sort_keys=True))
+
+
 # ---------------------------------------------------------------------------------------------
 # flywheel models / campaigns (over HTTP)
 # ---------------------------------------------------------------------------------------------
@@ -227,10 +305,27 @@ def models_list(hub: str = HUB_URL, token: str = TOKEN, as_json: bool = typer.Op
 
 
 @models_app.command("promote")
-def models_promote(version: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
-    """Make VERSION the active model now (skipping a staged rollout)."""
-    m = _call(hub, token, "POST", f"/v1/models/{version}/promote")
-    typer.echo(f"{m['version']} is {m['status']}")
+def models_promote(
+    version: str = typer.Argument(...),
+    override: bool = typer.Option(False, "--override", help="Make it active now instead of rolling it out to the "
+                                  "whole fleet first (recorded with --reason; still undone if every device "
+                                  "refuses it)."),
+    reason: str = typer.Option("promoted by an operator", help="Recorded with the promotion."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """Promote VERSION: the first model at once; over an active one, a rollout to the whole fleet with the
+    rollout's checks, completed after FLYWHEEL_HUB_PROMOTE_HOLD_S (or --override: active now)."""
+    m = _call(hub, token, "POST", f"/v1/models/{version}/promote", json={"override": override, "reason": reason})
+    ro = m.get("rollout")
+    if ro is None:
+        typer.echo(f"{m['version']} is {m['status']}")
+    elif ro["kind"] == "override":
+        typer.echo(f"{m['version']} is {m['status']} by admin override (rollout {ro['rollout_id']} watches it for "
+                   f"{ro['stage_seconds']:g} s; undone if the devices refuse it)")
+    else:
+        typer.echo(f"{m['version']} is rolling out to the whole fleet as rollout {ro['rollout_id']}; it becomes "
+                   f"active after {ro['stage_seconds']:g} s unless the devices' evidence rolls it back "
+                   f"(--override makes it active now)")
 
 
 @models_app.command("rollback")

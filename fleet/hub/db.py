@@ -15,6 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from fleet.hub.fsperm import private_file
 from fleet.hub.settings import SQLITE_MEMORY_MIB
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,8 @@ def make_engine(url: str, *, pool_size: int = 20, sqlite_memory_mib: int = SQLIT
     u = sa.make_url(url)
     if u.get_backend_name() == "sqlite":
         database = u.database or ""
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        if database and database != ":memory:" and not database.startswith("file:"):
+            private_file(Path(database))  # 0600 before SQLite opens it; its -wal and -shm files follow its mode
         engine = sa.create_engine(
             u,
             connect_args={"check_same_thread": False, "timeout": 30},

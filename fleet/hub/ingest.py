@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,16 +16,15 @@ from sqlmodel import Session, select
 
 from fleet.hub.auth import Principal, require_device
 from fleet.hub.blobs import sha256_hex
+from fleet.hub.bodies import parse_json
 from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_connection
+from fleet.hub.images import check_png
 from fleet.hub.models import CaseRow, ModelVersion
 from fleet.hub.selection import informativeness
 from fleet.protocol import Case
 
 log = logging.getLogger(__name__)
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -51,60 +48,28 @@ def model_info(hub: Hub, version: str) -> ModelInfo | None:
     return info
 
 
-def check_png(data: bytes, *, max_side: int) -> tuple[int, int]:
-    """Raise 415 unless ``data`` is one whole PNG of sane size; return (width, height).
-
-    Walks the chunk structure and checks every chunk's CRC (no pixel decoding: cheap, and enough to
-    refuse anything that is not a PNG or was cut short or corrupted on the way).
-    """
-    if not data.startswith(PNG_MAGIC):
-        raise HTTPException(415, detail=f"image must be PNG bytes (starting {PNG_MAGIC!r}); received "
-                                        f"{len(data)} bytes starting {data[:8]!r}")
-    if len(data) < 33 or data[12:16] != b"IHDR":
-        raise HTTPException(415, detail="image is a truncated PNG: no IHDR chunk")
-    width, height = struct.unpack(">II", data[16:24])
-    if not (0 < width <= max_side and 0 < height <= max_side):
-        raise HTTPException(415, detail=f"image is {width}x{height} pixels; expected 1..{max_side} on each side")
-    pos, seen_idat, n = 8, False, len(data)
-    while True:
-        if pos + 12 > n:
-            raise HTTPException(415, detail=f"image is a truncated PNG: chunk header at byte {pos} of {n}")
-        (length,) = struct.unpack_from(">I", data, pos)
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 8 + length
-        if end + 4 > n:
-            raise HTTPException(415, detail=f"image is a truncated PNG: chunk {kind!r} runs past the end")
-        (crc,) = struct.unpack_from(">I", data, end)
-        if zlib.crc32(data[pos + 4 : end]) != crc:
-            raise HTTPException(415, detail=f"image is a corrupt PNG: bad CRC in chunk {kind!r}")
-        seen_idat = seen_idat or kind == b"IDAT"
-        pos = end + 4
-        if kind == b"IEND":
-            break
-    if not seen_idat:
-        raise HTTPException(415, detail="image is a PNG without pixel data (no IDAT chunk)")
-    if pos != n:
-        raise HTTPException(415, detail=f"image has {n - pos} bytes after the PNG's IEND chunk")
-    return int(width), int(height)
-
-
 def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: bytes) -> tuple[int, dict[str, Any]]:
     """Validate and store one case; returns (HTTP status, body). Idempotent on the case id.
 
     The hot path of the hub: SQLAlchemy Core, one short write transaction (blob row, duplicate
-    lookup, case row); a repeated case id fails the insert and is answered from the stored row.
+    lookup, case row). A case id the hub already holds is answered from the stored row before the
+    image is written (so a reused id never leaves a blob behind); one that raced in meanwhile fails
+    the insert, and the blob this request wrote is removed again if nothing refers to it.
     """
     prepared = prepare_case(hub, principal, case_text, image)
     case, row = prepared.case, prepared.row
+    existing = _existing(hub, case)
+    if existing is not None:
+        return existing
     sha, created = hub.blobs.put(image, sha256=case.image_sha256)
     sql = _statements(hub)
     try:
         _store_row(hub, sql, row)
     except (DBIntegrityError, *sql.integrity_errors):
+        _undo_blob(hub, sha, created)
         existing = _existing(hub, case)
         if existing is not None:
             return existing
-        _undo_blob(hub, sha, created)
         raise
     except BaseException:
         _undo_blob(hub, sha, created)
@@ -130,10 +95,9 @@ def prepare_case(hub: Hub, principal: Principal, case_text: str | bytes, image: 
     The single and the batch upload both go through here, so a case is accepted or refused the same
     way whichever endpoint carries it.
     """
-    limit = hub.settings.max_json_bytes
-    if len(case_text) > limit:
-        raise HTTPException(413, detail=f"part 'case' is {len(case_text)} bytes; the limit is {limit}")
-    case = Case.from_json(case_text)
+    cfg = hub.settings
+    case = Case.from_dict(parse_json(case_text, "part 'case'", max_bytes=cfg.max_json_bytes,
+                                     max_depth=cfg.max_json_depth, invalid_status=422))
     require_device(principal, case.device_id, "case")
     _check_image(hub, case, image)
     probs = np.asarray(case.probs, dtype=np.float64)[None, :]
@@ -249,7 +213,7 @@ def _check_image(hub: Hub, case: Case, image: bytes) -> None:
     digest = sha256_hex(image)
     if digest != case.image_sha256:
         raise HTTPException(422, detail=f"image sha256 is {digest} but case.image_sha256 says {case.image_sha256}")
-    check_png(image, max_side=hub.settings.max_image_side)
+    check_png(image, max_side=hub.settings.max_image_side, max_pixels=hub.settings.max_image_pixels)
 
 
 def _check_model(hub: Hub, case: Case) -> tuple[bytes | None, int | None]:
@@ -283,13 +247,59 @@ def _check_model(hub: Hub, case: Case) -> tuple[bytes | None, int | None]:
     return raw, dim
 
 
+# what makes two uploads under one case id the same case (a retry) rather than two cases
+CASE_IDENTITY = ("device_id", "image_sha256", "model_version", "captured_at", "predicted_class")
+
+
+def stored_identity(hub: Hub, case_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+    """The :data:`CASE_IDENTITY` columns of the cases the hub holds among ``case_ids``.
+
+    On the hot path (every upload asks before it writes a blob), so through the driver's cursor: a
+    primary-key lookup costs tens of microseconds there, and several times that through the ORM.
+    """
+    sqlite = hub.engine.dialect.name == "sqlite"
+    p = "?" if sqlite else "%s"
+    engine = hub.engine if sqlite else hub.autocommit_engine()
+    with engine.connect() as conn:
+        cur = conn.connection.cursor()
+        try:
+            return identities(cur, p, case_ids)
+        finally:
+            cur.close()
+
+
+def identities(cur: Any, p: str, case_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+    """:func:`stored_identity` on an open driver cursor (``p``: its parameter marker)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for start in range(0, len(case_ids), 500):
+        chunk = case_ids[start:start + 500]
+        cur.execute(f"SELECT case_id, {', '.join(CASE_IDENTITY)} FROM cases "
+                    f"WHERE case_id IN ({', '.join([p] * len(chunk))})", chunk)
+        out.update((r[0], tuple(r[1:])) for r in cur.fetchall())
+    return out
+
+
+def conflict(case: Case, stored: tuple[Any, ...]) -> str | None:
+    """Why ``case`` cannot be stored under its id, which the hub already holds as ``stored``; None if a retry."""
+    held = dict(zip(CASE_IDENTITY, stored, strict=True))
+    if held["device_id"] != case.device_id:
+        return f"case id {case.case_id!r} was already sent by another device"
+    differ = [k for k in CASE_IDENTITY[1:] if held[k] != getattr(case, k)]
+    if differ:
+        shown = ", ".join(f"{k} {getattr(case, k)!r} (stored: {held[k]!r})" for k in differ)
+        return (f"case id {case.case_id!r} is already stored with different content: {shown}; "
+                f"a case id names one case, so send new content under a new case id")
+    return None
+
+
 def _existing(hub: Hub, case: Case) -> tuple[int, dict[str, Any]] | None:
-    with read_session(hub.engine) as s:
-        owner = s.exec(select(CaseRow.device_id).where(CaseRow.case_id == case.case_id)).first()
-    if owner is None:
+    """The answer for a case id the hub already holds: 200 ``already`` for a retry, 409 for anything else."""
+    stored = stored_identity(hub, [case.case_id]).get(case.case_id)
+    if stored is None:
         return None
-    if owner != case.device_id:
-        raise HTTPException(409, detail=f"case id {case.case_id!r} was already sent by another device")
+    why = conflict(case, stored)
+    if why is not None:
+        raise HTTPException(409, detail=why)
     return 200, {"case_id": case.case_id, "already": True}
 
 

@@ -2,15 +2,15 @@
 
 Every case goes through :func:`fleet.hub.ingest.prepare_case`, exactly like a single upload, so one
 bad case is refused alone (``rejected`` with the 4xx and detail the single endpoint would give) and
-the others are stored. Blobs are written first (content-addressed: a crash or a retry leaves at most
-an orphan blob, never a row without its blob); then one write transaction inserts the blob rows and
-the case rows with a handful of statements, whatever the batch size. Idempotent per case id: a case
-id the hub already holds from the same device is ``already``, from another device ``rejected`` 409.
+the others are stored. Case ids the hub holds already are answered first; then blobs are written
+(content-addressed: a crash leaves at most an orphan blob, which ``flywheel hub sweep-blobs`` removes,
+never a row without its blob); then one write transaction inserts the blob rows and the case rows
+with a handful of statements, whatever the batch size. Idempotent per case id: the same case again
+is ``already``; the id with other content, or from another device, is ``rejected`` 409.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -19,9 +19,21 @@ from fastapi import HTTPException
 
 from fleet.errors import IntegrityError, InvalidInput, ProtocolError
 from fleet.hub.auth import Principal
+from fleet.hub.bodies import loads_or_none
 from fleet.hub.context import Hub
 from fleet.hub.db import write_connection
-from fleet.hub.ingest import _CASE_COLUMNS, _JSON_COLUMNS, PreparedCase, _dump, _undo_blob, prepare_case
+from fleet.hub.ingest import (
+    _CASE_COLUMNS,
+    _JSON_COLUMNS,
+    CASE_IDENTITY,
+    PreparedCase,
+    _dump,
+    _undo_blob,
+    conflict,
+    identities,
+    prepare_case,
+    stored_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,25 +54,26 @@ def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, by
         try:
             p = prepare_case(hub, principal, text, image)
         except (HTTPException, ProtocolError, IntegrityError, InvalidInput) as exc:
-            results[i] = _rejected(_case_id_of(text), *_error(exc))
+            results[i] = _rejected(_case_id_of(text, hub.settings.max_json_depth), *_error(exc))
             continue
         if p.case.case_id in fresh:
             repeats.append((i, p))
         else:
             fresh[p.case.case_id] = (i, p)
-    stored = _store_batch(hub, [p for _, p in fresh.values()]) if fresh else {}
+    held = stored_identity(hub, list(fresh))  # the case ids the hub holds already
+    stored = _store_batch(hub, [p for _, p in fresh.values()], held) if fresh else {}
     for cid, (i, _) in fresh.items():
         results[i] = stored[cid]
     for i, p in repeats:
         first = fresh[p.case.case_id][1]
         answer = stored[p.case.case_id]
-        if answer["status"] == REJECTED:
+        if p.case.case_id in held:  # answered against what the hub holds, like its first copy
+            results[i] = _known(p, held[p.case.case_id])
+        elif answer["status"] == REJECTED:
             results[i] = _rejected(p.case.case_id, answer["error"]["status"], answer["error"]["detail"])
-        elif first.case.device_id != p.case.device_id:  # only an admin token can send for two devices
-            results[i] = _rejected(p.case.case_id, 409, f"case id {p.case.case_id!r} was already sent by "
-                                                        f"another device")
         else:
-            results[i] = _result(p.case.case_id, ALREADY)
+            why = conflict(p.case, tuple(getattr(first.case, k) for k in CASE_IDENTITY))
+            results[i] = _result(p.case.case_id, ALREADY) if why is None else _rejected(p.case.case_id, 409, why)
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
 
@@ -70,19 +83,29 @@ def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, by
 # ---------------------------------------------------------------------------------------------
 
 
-def _store_batch(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, Any]]:
-    """Blobs, then one transaction for blob rows and case rows; an outcome per case id."""
-    created_blobs = []
-    for p in prepared:
+def _store_batch(hub: Hub, prepared: list[PreparedCase], held: dict[str, tuple[Any, ...]]) -> dict[str, dict[str, Any]]:
+    """Answer the case ids the hub holds already (``held``); for the rest, blobs, then one transaction
+    for blob rows and case rows. An outcome per case id; a blob written for a case that did not go in
+    (its id raced in from elsewhere, or the transaction failed) is removed again if nothing refers to it."""
+    out = {p.case.case_id: _known(p, held[p.case.case_id]) for p in prepared if p.case.case_id in held}
+    new = [p for p in prepared if p.case.case_id not in held]
+    if not new:
+        return out
+    created_blobs: dict[str, str] = {}  # case id -> blob it created
+    for p in new:
         sha, created = hub.blobs.put(p.image, sha256=p.case.image_sha256)
         if created:
-            created_blobs.append(sha)
+            created_blobs[p.case.case_id] = sha
     try:
-        return _store_rows(hub, prepared)
+        out.update(_store_rows(hub, new))
     except BaseException:
-        for sha in created_blobs:
+        for sha in created_blobs.values():
             _undo_blob(hub, sha, True)
         raise
+    for cid, sha in created_blobs.items():
+        if out[cid]["status"] not in (CREATED, DUPLICATE):  # its id raced in from another request
+            _undo_blob(hub, sha, True)
+    return out
 
 
 def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, Any]]:
@@ -93,7 +116,7 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, A
     with write_connection(hub.engine) as conn:
         cur = conn.connection.cursor()
         try:
-            owners = _owners(cur, p, list(by_id))
+            owners = identities(cur, p, list(by_id))
             for cid, owner in owners.items():
                 out[cid] = _known(by_id[cid], owner)
             new = sorted((x for x in prepared if x.case.case_id not in owners), key=lambda x: x.case.case_id)
@@ -122,7 +145,7 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, A
             inserted = {r[0] for r in cur.fetchall()}
             lost = [x.case.case_id for x in new if x.case.case_id not in inserted]
             if lost:  # PostgreSQL: another request stored the same case id since our first look
-                for cid, owner in _owners(cur, p, lost).items():
+                for cid, owner in identities(cur, p, lost).items():
                     out[cid] = _known(by_id[cid], owner)
         finally:
             cur.close()
@@ -136,18 +159,11 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, A
     return out
 
 
-def _owners(cur: Any, p: str, case_ids: list[str]) -> dict[str, str]:
-    cur.execute(f"SELECT case_id, device_id FROM cases WHERE case_id IN ({', '.join([p] * len(case_ids))})",
-                case_ids)
-    return dict(cur.fetchall())
-
-
-def _known(prepared: PreparedCase, owner: str) -> dict[str, Any]:
+def _known(prepared: PreparedCase, stored: tuple[Any, ...]) -> dict[str, Any]:
     """The answer for a case id the hub already holds, exactly as the single endpoint gives it."""
     cid = prepared.case.case_id
-    if owner != prepared.case.device_id:
-        return _rejected(cid, 409, f"case id {cid!r} was already sent by another device")
-    return _result(cid, ALREADY)
+    why = conflict(prepared.case, stored)
+    return _result(cid, ALREADY) if why is None else _rejected(cid, 409, why)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,10 +189,9 @@ def _error(exc: Exception) -> tuple[int, str]:
     return 422, str(exc)  # ProtocolError, IntegrityError
 
 
-def _case_id_of(text: bytes | str) -> str | None:
+def _case_id_of(text: bytes | str, max_depth: int) -> str | None:
     """The case id a refused part claims, when it has a readable one (for the device's bookkeeping)."""
-    try:
-        value = json.loads(text).get("case_id")
-    except (ValueError, AttributeError, TypeError):
-        return None
+    value, _error = loads_or_none(text if isinstance(text, str) else text.decode("utf-8", "replace"),
+                                  max_depth=max_depth)
+    value = value.get("case_id") if isinstance(value, dict) else None
     return value if isinstance(value, str) and len(value) <= 128 else None

@@ -16,6 +16,7 @@ LABEL_STATUSES = ("accepted", "held", "gold")
 MODEL_STATUSES = ("candidate", "canary", "active", "retired")
 SCOPES = ("device", "admin", "labeler", "trainer")
 ROLLOUT_STATES = ("running", "completed", "rolled_back", "aborted")
+ROLLOUT_KINDS = ("staged", "promotion", "override")
 
 
 def _json(**kw: Any) -> Any:
@@ -57,6 +58,39 @@ class ApiToken(SQLModel, table=True):
     device_id: str | None = _id(default=None, index=True)
     created_at: float
     revoked_at: float | None = None
+
+
+class EnrollmentGrant(SQLModel, table=True):
+    """A one-time, expiring enrollment token an admin issued for one device id (stored as sha256)."""
+
+    __tablename__ = "enrollment_grants"
+
+    id: int | None = Field(default=None, primary_key=True)
+    device_id: str = _id(index=True)
+    token_hash: str = _id(64, unique=True)
+    group: str | None = _id(default=None)
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+    created_by: str = _id(default="")
+
+
+class EnrollmentAttempt(SQLModel, table=True):
+    """The audit of enrollments: every success and every refusal, with the caller's address."""
+
+    __tablename__ = "enrollment_attempts"
+    __table_args__ = (sa.Index("ix_enrollment_attempts_client_at", "client", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: float = Field(index=True)
+    client: str = _id(64)
+    device_id: str | None = _id(default=None, index=True)
+    outcome: str = _id(32)  # enrolled | re-enrolled | refused
+    method: str = _id(32, default="")  # fleet-secret | device-token | admin | enrollment-token | ""
+    detail: str = Field(default="", sa_type=sa.Text)  # type: ignore[call-overload]
+
+
+ENROLL_OUTCOMES = ("enrolled", "re-enrolled", "refused")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +216,8 @@ class Rollout(SQLModel, table=True):
     stage_index: int = 0
     stage_seconds: float | None = None
     state: str = _id(16, default="running", index=True)
+    kind: str = Field(default="staged", sa_type=sa.String(16),  # type: ignore[call-overload]
+                      sa_column_kwargs={"server_default": "staged"})  # staged | promotion | override
     reason: str | None = Field(default=None, sa_type=sa.Text)  # type: ignore[call-overload]
     created_at: float
     stage_started_at: float
@@ -227,6 +263,21 @@ class FieldMetric(SQLModel, table=True):
     challenger_compared: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
     challenger_agreed: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
     ota_failures: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+
+
+class RolloutDeviceMetric(SQLModel, table=True):
+    """Per device, what a rollout's metrics were made of: a rollback needs evidence from several devices."""
+
+    __tablename__ = "rollout_device_metrics"
+
+    rollout_id: str = _id(64, primary_key=True)
+    version: str = _id(primary_key=True)
+    device_id: str = _id(primary_key=True)
+    heartbeats: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    health_failures: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    ota_failures: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    human_compared: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    human_disagreed: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
 
 
 class OtaReportRow(SQLModel, table=True):

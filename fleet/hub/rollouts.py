@@ -1,13 +1,19 @@
-"""Staged rollouts: device bucketing, assignments, field metrics from heartbeats, automatic rollback.
+"""Staged rollouts: device bucketing, assignments, promotions, the rollout state machine and automatic rollback.
 
 A rollout moves a candidate through stages (fractions of the fleet). A device is in the canary when
 ``bucket(device_id, rollout_id) < stage fraction``: it runs the candidate as ``active`` and the
 incumbent as ``challenger`` (shadow), so field agreement is measured; every other device keeps the
-incumbent. Field metrics are summed heartbeat deltas per version, overall (scope ``all``) and per
-rollout. A rollout rolls back by itself when the candidate's human-disagreement rate exceeds the
-incumbent's by ``rollback_margin`` (each side with at least ``rollback_min_compared`` frames) or
-its health failures reach ``rollback_health_failures``; the incumbent is then assigned everywhere
-and the candidate is retired.
+incumbent. Three kinds:
+
+- ``staged``: ``POST /v1/rollouts`` (the trainer publishes this way);
+- ``promotion``: ``flywheel models promote`` over an active model, a one-stage rollout to the whole
+  fleet that completes after ``promote_hold_s`` unless the field evidence rolls it back;
+- ``override``: the same with ``--override``: the model is active at once (no shadow), the override
+  is recorded with who asked and why, and it is still undone if the evidence says so.
+
+Field metrics come from :mod:`fleet.hub.heartbeats` (only what devices were assigned counts); the
+rules that roll a candidate back, and how many devices the evidence must come from, are in
+:mod:`fleet.hub.evidence`. A rollback assigns the incumbent everywhere and retires the candidate.
 """
 
 from __future__ import annotations
@@ -22,26 +28,20 @@ from fastapi import HTTPException
 from sqlmodel import Session, col, select
 
 from fleet.hub.context import Hub
-from fleet.hub.db import upsert_add
+from fleet.hub.evidence import DeviceEvidence, Pooled, verdict
 from fleet.hub.models import (
     FIELD_COUNTERS,
     Campaign,
     Device,
     FieldMetric,
-    HeartbeatState,
     ModelVersion,
     NoveltyBankRow,
     Rollout,
+    RolloutDeviceMetric,
 )
-from fleet.protocol import Assignment, CampaignRef, Heartbeat, ModelRef, OtaReport
+from fleet.protocol import Assignment, CampaignRef, ModelRef
 
 log = logging.getLogger(__name__)
-
-# heartbeat value -> field metric it feeds (all cumulative per boot_id on the device)
-_HEARTBEAT_VALUES = (
-    "frames_seen", "flagged", "uploaded", "evicted", "upload_failures", "health_failures",
-    "human_compared", "human_disagreed", "challenger_compared", "challenger_agreed",
-)
 
 
 def bucket(device_id: str, rollout_id: str) -> float:
@@ -93,25 +93,26 @@ def _rate(num: int, den: int) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def assigned_models(s: Session, device_id: str) -> tuple[ModelVersion | None, ModelVersion | None, Rollout | None]:
+    """(active, challenger) the hub assigns ``device_id`` now, and the running rollout if any."""
+    rollout = running_rollout(s)
+    if rollout is None:
+        return active_model(s), None, None
+    incumbent = s.get(ModelVersion, rollout.incumbent) if rollout.incumbent else None
+    if in_canary(device_id, rollout):
+        return s.get(ModelVersion, rollout.version), (None if rollout.kind == "override" else incumbent), rollout
+    return incumbent, None, rollout
+
+
 def assignment_for(s: Session, device: Device, *, now: float) -> Assignment:
     """What ``device`` should run now."""
-    rollout = running_rollout(s)
-    active = active_model(s)
-    challenger = None
-    rollout_id = None
-    if rollout is not None:
-        rollout_id = rollout.rollout_id
-        incumbent = s.get(ModelVersion, rollout.incumbent) if rollout.incumbent else None
-        if in_canary(device.device_id, rollout):
-            active, challenger = s.get(ModelVersion, rollout.version), incumbent
-        else:
-            active = incumbent
+    active, challenger, rollout = assigned_models(s, device.device_id)
     return Assignment(
         device_id=device.device_id,
         active=model_ref(active),
         challenger=model_ref(challenger),
         campaigns=campaigns_for(s, device.group, now=now),
-        rollout_id=rollout_id,
+        rollout_id=rollout.rollout_id if rollout is not None else None,
         issued_at=now,
     )
 
@@ -141,84 +142,12 @@ def campaigns_for(s: Session, group: str, *, now: float) -> list[CampaignRef]:
 
 
 # ---------------------------------------------------------------------------------------------
-# heartbeats and OTA reports -> field metrics
-# ---------------------------------------------------------------------------------------------
-
-
-def heartbeat_values(hb: Heartbeat) -> dict[str, int]:
-    values = {k: int(hb.counters.get(k, 0)) for k in _HEARTBEAT_VALUES[:6]}
-    for k in _HEARTBEAT_VALUES[6:]:
-        values[k] = int(getattr(hb, k))
-    return values
-
-
-def deltas(previous: dict[str, int] | None, current: dict[str, int]) -> dict[str, int]:
-    """Per-counter increase since ``previous``; a counter that went down restarted, so counts whole."""
-    out = {}
-    for k, v in current.items():
-        before = (previous or {}).get(k, 0)
-        out[k] = v - before if v >= before else v
-    return out
-
-
-def record_heartbeat(hub: Hub, s: Session, hb: Heartbeat) -> None:
-    """Update the device, the (device, boot) counters, and add the deltas to the version's metrics."""
-    now = hub.now()
-    device = s.get(Device, hb.device_id, with_for_update=not _sqlite(s))
-    if device is None:
-        raise HTTPException(404, detail=f"unknown device {hb.device_id!r}; enroll it first")
-    device.last_seen_at = now
-    device.model_version = hb.model_version
-    device.boot_id = hb.boot_id
-    s.add(device)
-    current = heartbeat_values(hb)
-    state = s.get(HeartbeatState, (hb.device_id, hb.boot_id))
-    delta = deltas(state.values if state is not None else None, current)
-    if state is None:
-        s.add(HeartbeatState(device_id=hb.device_id, boot_id=hb.boot_id, model_version=hb.model_version,
-                             challenger_version=hb.challenger_version, values=current, sent_at=hb.sent_at,
-                             received_at=now))
-    else:
-        state.values = current
-        state.model_version = hb.model_version
-        state.challenger_version = hb.challenger_version
-        state.sent_at = hb.sent_at
-        state.received_at = now
-        s.add(state)
-    if hb.model_version is None:
-        return
-    delta["heartbeats"] = 1
-    rollout = running_rollout(s)
-    scopes = ["all"]
-    if rollout is not None and hb.model_version in (rollout.version, rollout.incumbent):
-        scopes.append(rollout.rollout_id)
-    for scope in scopes:
-        s.execute(upsert_add(s.get_bind(), FieldMetric.__table__,  # type: ignore[arg-type]
-                             {"scope": scope, "version": hb.model_version}, delta))
-
-
-def record_ota_failure(hub: Hub, s: Session, report: OtaReport) -> None:
-    """A refused or rolled-back install counts as a health failure of the version."""
-    rollout = running_rollout(s)
-    scopes = ["all"]
-    if rollout is not None and report.version == rollout.version:
-        scopes.append(rollout.rollout_id)
-    for scope in scopes:
-        s.execute(upsert_add(s.get_bind(), FieldMetric.__table__,  # type: ignore[arg-type]
-                             {"scope": scope, "version": report.version},
-                             {"ota_failures": 1, "health_failures": 1}))
-
-
-def _sqlite(s: Session) -> bool:
-    return s.get_bind().dialect.name == "sqlite"
-
-
-# ---------------------------------------------------------------------------------------------
 # the rollout state machine
 # ---------------------------------------------------------------------------------------------
 
 
-def start(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds: float | None) -> Rollout:
+def start(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds: float | None, *,
+          kind: str = "staged", reason: str | None = None) -> Rollout:
     now = hub.now()
     mv = s.get(ModelVersion, version)
     if mv is None:
@@ -226,7 +155,7 @@ def start(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds
     if mv.status not in ("candidate", "retired"):
         raise HTTPException(409, detail=f"model {version!r} is {mv.status}; only a candidate or a retired "
                                          f"version can be rolled out")
-    other = running_rollout(s)
+    other = _supersede_override(hub, s, running_rollout(s), by=version)
     if other is not None:
         raise HTTPException(409, detail=f"rollout {other.rollout_id} of {other.version!r} is still running; "
                                          f"advance it to the end or roll it back first")
@@ -234,13 +163,58 @@ def start(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds
     rollout = Rollout(
         rollout_id=f"ro-{int(now)}-{secrets.token_hex(3)}", version=version,
         incumbent=incumbent.version if incumbent else None, stages=list(stages), stage_index=0,
-        stage_seconds=stage_seconds, state="running", created_at=now, stage_started_at=now,
+        stage_seconds=stage_seconds, state="running", kind=kind, reason=reason, created_at=now,
+        stage_started_at=now,
     )
-    _set_status(mv, "canary", now)
-    s.add(mv)
+    if kind == "override":  # active at once; the incumbent is what a rollback brings back
+        promote(hub, s, version)
+    else:
+        _set_status(mv, "canary", now)
+        s.add(mv)
     s.add(rollout)
-    log.info("rollout %s: %s over %s, stages %s", rollout.rollout_id, version, rollout.incumbent, stages)
+    log.info("rollout %s (%s): %s over %s, stages %s", rollout.rollout_id, kind, version, rollout.incumbent, stages)
     return rollout
+
+
+def promote_version(hub: Hub, s: Session, version: str, *, override: bool, reason: str, actor: str
+                    ) -> Rollout | None:
+    """``flywheel models promote``: with no active model, activate at once (None); otherwise start a
+    one-stage rollout to the whole fleet (``promotion``), or with ``override`` activate now and
+    record it (``override``): either completes after ``promote_hold_s`` unless the evidence rolls it back."""
+    mv = s.get(ModelVersion, version)
+    if mv is None:
+        raise HTTPException(404, detail=f"unknown model version {version!r}")
+    running = running_rollout(s)
+    if running is not None and running.version != version:
+        running = _supersede_override(hub, s, running, by=version)
+    if running is not None and running.version != version:
+        raise HTTPException(409, detail=f"rollout {running.rollout_id} of {running.version!r} is running; "
+                                         f"roll it back before promoting {version!r}")
+    if running is not None:
+        if not override:
+            raise HTTPException(409, detail=f"{version!r} is already rolling out ({running.rollout_id}, "
+                                             f"{running.kind}); advance that rollout, or promote with override "
+                                             f"to make it active now")
+        if running.kind == "override":
+            return running  # overridden already
+        now = hub.now()
+        running.state, running.finished_at = "aborted", now
+        running.reason = _joined(running.reason, f"superseded by an admin override by {actor}")
+        s.add(running)
+        _set_status(mv, "candidate", now)  # the incumbent is still the active model
+        s.add(mv)
+        s.flush()
+    current = active_model(s)
+    if current is None:  # the first active model: nothing to compare it with, nothing to fall back to
+        promote(hub, s, version)
+        log.info("%s promoted %s: the first active model", actor, version)
+        return None
+    if current.version == version:
+        return None
+    hold = hub.settings.promote_hold_s
+    if override:
+        return start(hub, s, version, [1.0], hold, kind="override", reason=f"admin override by {actor}: {reason}")
+    return start(hub, s, version, [1.0], hold, kind="promotion", reason=f"promotion by {actor}: {reason}")
 
 
 def advance(hub: Hub, s: Session, rollout: Rollout, *, reason: str = "advanced") -> Rollout:
@@ -252,12 +226,31 @@ def advance(hub: Hub, s: Session, rollout: Rollout, *, reason: str = "advanced")
         log.info("rollout %s: stage %d (%.0f%%): %s", rollout.rollout_id, rollout.stage_index,
                  100 * rollout.stages[rollout.stage_index], reason)
     else:
-        promote(hub, s, rollout.version)
-        rollout.state = "completed"
-        rollout.finished_at = now
-        rollout.reason = reason
-        log.info("rollout %s: completed; %s is active", rollout.rollout_id, rollout.version)
+        finish(hub, s, rollout, reason=reason)
     s.add(rollout)
+    return rollout
+
+
+def _supersede_override(hub: Hub, s: Session, running: Rollout | None, *, by: str) -> Rollout | None:
+    """An override's watch ends when another version comes (its model is active already); None then."""
+    if running is None or running.kind != "override":
+        return running
+    finish(hub, s, running, reason=f"watch ended: {by} is rolling out")
+    s.flush()
+    return None
+
+
+def finish(hub: Hub, s: Session, rollout: Rollout, *, reason: str) -> Rollout:
+    """Complete ``rollout``: its version is the active model."""
+    _require_running(rollout)
+    mv = s.get(ModelVersion, rollout.version)
+    if mv is None or mv.status != "active":
+        promote(hub, s, rollout.version)
+    rollout.state = "completed"
+    rollout.finished_at = hub.now()
+    rollout.reason = _joined(rollout.reason, reason) if rollout.kind != "staged" else reason
+    s.add(rollout)
+    log.info("rollout %s: completed; %s is active", rollout.rollout_id, rollout.version)
     return rollout
 
 
@@ -265,8 +258,10 @@ def rollback(hub: Hub, s: Session, rollout: Rollout, *, reason: str) -> Rollout:
     _require_running(rollout)
     now = hub.now()
     rollout.state = "rolled_back"
-    rollout.reason = reason
+    rollout.reason = _joined(rollout.reason, reason) if rollout.kind != "staged" else reason
     rollout.finished_at = now
+    if rollout.kind == "override" and rollout.incumbent is not None:
+        promote(hub, s, rollout.incumbent)  # the override made it active: bring the incumbent back
     mv = s.get(ModelVersion, rollout.version)
     if mv is not None:
         _set_status(mv, "retired", now)
@@ -293,30 +288,52 @@ def promote(hub: Hub, s: Session, version: str) -> ModelVersion:
 
 
 def evaluate(hub: Hub, s: Session, rollout: Rollout) -> str | None:
-    """Roll back or advance ``rollout`` if its field metrics or its clock say so; return what happened."""
+    """Roll back or advance ``rollout`` if its field evidence or its clock say so; return what happened."""
     if rollout.state != "running":
         return None
-    cfg = hub.settings
-    cand = field_metrics(s, rollout.version, rollout.rollout_id)
-    if cand["health_failures"] >= cfg.rollback_health_failures:
-        rollback(hub, s, rollout, reason=f"health failures {cand['health_failures']} reached the threshold "
-                                         f"{cfg.rollback_health_failures}")
+    why = rollback_reason(hub, s, rollout)
+    if why is not None:
+        rollback(hub, s, rollout, reason=why)
         return "rolled_back"
-    if rollout.incumbent is not None and cand["human_compared"] >= cfg.rollback_min_compared:
-        inc = field_metrics(s, rollout.incumbent, rollout.rollout_id)
-        if inc["human_compared"] < cfg.rollback_min_compared:
-            inc = field_metrics(s, rollout.incumbent, "all")
-        if inc["human_compared"] >= cfg.rollback_min_compared:
-            gap = cand["disagreement"] - inc["disagreement"]
-            if gap > cfg.rollback_margin:
-                rollback(hub, s, rollout, reason=(
-                    f"field disagreement {cand['disagreement']:.3f} over {cand['human_compared']} frames exceeds "
-                    f"the incumbent's {inc['disagreement']:.3f} by {gap:.3f} > margin {cfg.rollback_margin}"))
-                return "rolled_back"
     if rollout.stage_seconds is not None and hub.now() - rollout.stage_started_at >= rollout.stage_seconds:
         advance(hub, s, rollout, reason=f"stage held {rollout.stage_seconds:g}s without a rollback")
         return "advanced"
     return None
+
+
+def rollback_reason(hub: Hub, s: Session, rollout: Rollout) -> str | None:
+    """The rules of :mod:`fleet.hub.evidence` applied to what this rollout's devices reported."""
+    rows = s.exec(select(RolloutDeviceMetric).where(RolloutDeviceMetric.rollout_id == rollout.rollout_id,
+                                                    RolloutDeviceMetric.version == rollout.version)).all()
+    devices = [DeviceEvidence(device_id=r.device_id, health_failures=r.health_failures, ota_failures=r.ota_failures,
+                              human_compared=r.human_compared, human_disagreed=r.human_disagreed) for r in rows]
+    if not devices:
+        return None
+    cand = field_metrics(s, rollout.version, rollout.rollout_id)
+    incumbent = None
+    if rollout.incumbent is not None:
+        inc = field_metrics(s, rollout.incumbent, rollout.rollout_id)
+        if inc["human_compared"] < hub.settings.rollback_min_compared:
+            inc = field_metrics(s, rollout.incumbent, "all")
+        incumbent = Pooled(inc["human_compared"], inc["human_disagreed"])
+    return verdict(hub.settings, devices, canary_size=canary_size(hub, s, rollout),
+                   candidate=Pooled(cand["human_compared"], cand["human_disagreed"]), incumbent=incumbent)
+
+
+def canary_size(hub: Hub, s: Session, rollout: Rollout) -> int:
+    """Enrolled, unrevoked devices in the rollout's current stage (cached a few seconds per stage)."""
+    key = ("canary_size", rollout.rollout_id, rollout.stage_index)
+    cache = hub.stats.setdefault("canary_sizes", {})
+    hit = cache.get(key)
+    if hit is not None and hit[0] > hub.now() - 5.0:
+        return int(hit[1])
+    ids = s.exec(select(Device.device_id).where(col(Device.revoked_at).is_(None))).all()
+    fraction = rollout.stages[rollout.stage_index]
+    n = len(ids) if fraction >= 1.0 else sum(1 for d in ids if bucket(d, rollout.rollout_id) < fraction)
+    if len(cache) > 64:
+        cache.clear()
+    cache[key] = (hub.now(), n)
+    return n
 
 
 def evaluate_running(hub: Hub, s: Session) -> str | None:
@@ -328,6 +345,7 @@ def rollout_status(s: Session, rollout: Rollout) -> dict[str, Any]:
     versions = [rollout.version] + ([rollout.incumbent] if rollout.incumbent else [])
     return {
         "rollout_id": rollout.rollout_id,
+        "kind": rollout.kind,
         "version": rollout.version,
         "incumbent": rollout.incumbent,
         "state": rollout.state,
@@ -354,4 +372,8 @@ def _set_status(mv: ModelVersion, status: str, now: float) -> None:
     mv.status_changed_at = now
 
 
-__all__ = ["bucket", "assignment_for", "record_heartbeat", "evaluate", "start", "advance", "rollback", "sa"]
+def _joined(first: str | None, then: str) -> str:
+    return then if not first else f"{first}; then {then}"
+
+
+__all__ = ["bucket", "assignment_for", "assigned_models", "evaluate", "start", "advance", "rollback", "sa"]

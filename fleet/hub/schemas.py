@@ -22,14 +22,27 @@ def _name(value: str, what: str) -> str:
 
 
 class EnrollRequest(_In):
+    """``POST /v1/enroll``: the device id and a credential (see fleet.hub.enrollment for which one does what)."""
+
     device_id: str
-    fleet_secret: str = Field(max_length=512)
+    fleet_secret: str = Field("", max_length=512)
+    enrollment_token: str = Field("", max_length=512)
     group: str = "default"
 
     @field_validator("device_id", "group")
     @classmethod
     def _names(cls, v: str) -> str:
         return _name(v, "device_id/group")
+
+
+class GrantCreate(_In):
+    group: str | None = None
+    ttl_s: FiniteFloat | None = Field(None, gt=0, le=366 * 24 * 3600)
+
+    @field_validator("group")
+    @classmethod
+    def _g(cls, v: str | None) -> str | None:
+        return None if v is None else _name(v, "group")
 
 
 class TokenCreate(_In):
@@ -108,6 +121,11 @@ class RolloutCreate(_In):
         if any(not 0.0 < s <= 1.0 for s in v) or any(b <= a for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"stages must be increasing fractions in (0, 1]; received {v}")
         return v
+
+
+class PromoteRequest(_In):
+    override: bool = False  # active at once instead of a one-stage rollout; recorded with the reason
+    reason: str = Field("promoted by an operator", min_length=1, max_length=2000)
 
 
 class RollbackRequest(_In):

@@ -17,10 +17,22 @@ DEV_ADMIN_TOKEN = "dev-admin-token"
 DEV_URL_SECRET = "dev-url-secret"
 DEV_WEBHOOK_SECRET = "dev-webhook-secret"
 _MIN_SECRET_LEN = 16
+DEV_WARNING = ("DEV MODE (FLYWHEEL_HUB_DEV=1 / --dev): this hub accepts the built-in secrets, among them the admin "
+               "token 'dev-admin-token' and the fleet secret 'dev-fleet-secret', so anyone who can reach it is an "
+               "admin and can enroll devices. Never expose it beyond this machine; never use it in production.")
 
 
 class HubSettings(BaseSettings):
-    """Everything the hub reads from its environment. ``FLYWHEEL_HUB_DATABASE_URL`` picks the database."""
+    """Everything the hub reads from its environment. ``FLYWHEEL_HUB_DATABASE_URL`` picks the database.
+
+    Enrollment: the fleet secret enrolls only device ids not yet enrolled, optionally only those on
+    ``enrollment_allow``, or none with ``enrollment_require_token`` (per-device tokens from an admin);
+    refused attempts are audited and rate-limited per address (``enroll_*``); see fleet.hub.enrollment.
+    Field metrics: ``heartbeat_*`` bound how fast counters may rise; ``rollback_*`` state what evidence,
+    from how many devices, rolls a candidate back (fleet.hub.evidence). Bodies: ``max_*`` sizes,
+    ``max_json_depth``, ``body_timeout_s``/``model_body_timeout_s`` and ``max_image_pixels`` (fleet.hub.bodies,
+    fleet.hub.images).
+    """
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_HUB_", extra="ignore", validate_default=True)
 
@@ -35,12 +47,29 @@ class HubSettings(BaseSettings):
     url_secret: SecretStr = SecretStr(DEV_URL_SECRET)
     webhook_secret: SecretStr = SecretStr(DEV_WEBHOOK_SECRET)
     signing_public_key: str | None = Field(None, description="base64 of the fleet's raw ed25519 public key.")
+    # enrollment (see fleet.hub.enrollment): the fleet secret only ever enrolls a device id not yet enrolled
+    enrollment_allow: list[str] = Field(default_factory=list, description="Device-id patterns (fnmatch, e.g. "
+                                        "[\"cam-*\"]; JSON in the environment) the fleet secret may enroll; "
+                                        "empty: any new id. Others need an admin's enrollment token.")
+    enrollment_require_token: bool = Field(False, description="Enroll only with per-device enrollment tokens "
+                                           "from an admin; the fleet secret alone enrolls nothing.")
+    enrollment_token_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="Life of an enrollment token.")
+    enroll_max_failures: int = Field(10, ge=1, description="Refused enrollments from one address within the "
+                                     "window before it gets 429 until the window moves on.")
+    enroll_failure_window_s: float = Field(300.0, gt=0)
     signing_public_key_file: Path | None = None
 
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_image_side: int = Field(4096, ge=8)
+    max_image_pixels: int = Field(2048 * 2048, ge=64, description="Pixels (width x height) an uploaded image "
+                                  "may decode to; its pixel data is inflated in bounded steps and must fit.")
     max_model_bytes: int = Field(512 * 1024 * 1024, ge=1024)
     max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    max_json_depth: int = Field(64, ge=2, le=200, description="How deeply any JSON body or part may nest arrays "
+                                "and objects (checked before parsing; deeper is a 400).")
+    body_timeout_s: float = Field(60.0, gt=0, description="A request body must arrive whole within this many "
+                                  "seconds, or the hub answers 408 and closes the connection.")
+    model_body_timeout_s: float = Field(900.0, gt=0, description="The same deadline for model uploads.")
     max_batch_cases: int = Field(64, ge=1, le=1000, description="Cases one POST /v1/cases/batch may carry.")
     max_batch_bytes: int = Field(32 * 1024 * 1024, ge=4096, description="Body limit of POST /v1/cases/batch.")
     image_url_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
@@ -57,6 +86,16 @@ class HubSettings(BaseSettings):
     rollback_margin: float = Field(0.05, ge=0, le=1, description="Canary disagreement above incumbent's + this.")
     rollback_min_compared: int = Field(200, ge=1, description="Human-compared frames needed on each side.")
     rollback_health_failures: int = Field(3, ge=1, description="Health failures that roll a canary back.")
+    rollback_min_devices: int = Field(2, ge=1, description="Devices the evidence for an automatic rollback must "
+                                      "come from (fewer only when the canary is smaller); see fleet.hub.evidence.")
+    rollback_min_device_compared: int = Field(20, ge=1, description="Human-compared frames a device needs for "
+                                              "its own disagreement to count as evidence.")
+    promote_hold_s: float = Field(600.0, gt=0, description="How long a promotion rolls out to the whole fleet "
+                                  "(or, as an admin override, stays watched) before it completes.")
+    heartbeat_max_rate_per_s: float = Field(100_000.0, gt=0, description="Fastest a heartbeat counter may rise, "
+                                            "per second since the device's last heartbeat (plus the grace).")
+    heartbeat_rate_grace_s: float = Field(60.0, ge=0, description="Slack added to that time (clock skew, a "
+                                          "first heartbeat after a long run offline is measured from the last).")
     selection_pool_factor: int = Field(5, ge=1, description="uncertainty+diversity looks at budget x this.")
     duplicate_cosine: float = Field(0.02, ge=0, le=2, description="Cosine distance under which two are dups.")
     max_selection_budget: int = Field(5000, ge=1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -286,11 +287,14 @@ class Trainer:
         if warm is not None and warm.checkpoint is not None:
             args += ["--warm-start", str(warm.checkpoint), "--gate-against", str(warm.checkpoint),
                      "--tolerance", "0.01", "--lr", str(s.turn_lr)]
-        if publish:
-            args += ["--publish", self.hub.url, "--token", self.token, "--rollout-stages", stages]
+        env = None
+        if publish:  # the token goes in the environment: a command line is visible to every user (ps)
+            args += ["--publish", self.hub.url, "--rollout-stages", stages]
+            env = {**os.environ, "FLYWHEEL_TOKEN": self.token}
         else:
             args += ["--dry-run"]
-        run_logged(flywheel_cmd(*args), self.ws / "logs" / f"train-{name}.log", ok_codes=(0, EXIT_REJECTED))
+        run_logged(flywheel_cmd(*args), self.ws / "logs" / f"train-{name}.log", env=env,
+                   ok_codes=(0, EXIT_REJECTED))
         report = json.loads((out / "report.json").read_text())
         gate = report.get("gate") or {}
         passed = bool(gate.get("passed", True))

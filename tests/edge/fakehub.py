@@ -35,6 +35,7 @@ class FakeHub:
         self.models: dict[str, tuple[str, bytes]] = {}  # version -> (signed manifest JSON, onnx bytes)
         self.banks: dict[str, bytes] = {}
         self.requests: list[str] = []
+        self.enrolled: set[str] = set()  # device ids enrolled so far (the fleet secret enrolls new ones only)
         # fault injection: return an exception to raise, an int status, or None to answer normally
         self.fail: Callable[[httpx.Request], Exception | int | None] = lambda request: None
         # per-case refusal (single and batch alike): a 4xx status to refuse the case with, or None to take it
@@ -78,10 +79,14 @@ class FakeHub:
             raise fault
         if isinstance(fault, int):
             return httpx.Response(fault, json={"detail": "injected fault"})
-        if path == "/v1/enroll":
+        if path == "/v1/enroll":  # like the hub: the fleet secret enrolls new ids; the device's token, itself
             body = json.loads(request.content)
-            if body.get("fleet_secret") != self.fleet_secret:
+            own = request.headers.get("Authorization") == f"Bearer {self.token}"
+            if not own and body.get("fleet_secret") != self.fleet_secret:
                 return httpx.Response(401, json={"detail": "bad fleet secret"})
+            if not own and body["device_id"] in self.enrolled:
+                return httpx.Response(409, json={"detail": f"device {body['device_id']!r} is already enrolled"})
+            self.enrolled.add(body["device_id"])
             return httpx.Response(200, json={"device_id": body["device_id"], "token": self.token,
                                              "fleet_public_key": self.public_key, "hub_time": 0.0})
         if request.headers.get("Authorization") != f"Bearer {self.token}":

@@ -161,6 +161,39 @@ def test_hub_down_during_the_run_then_back_loses_nothing(tmp_path: Path, hub: Fa
     assert len(hub.cases) == 25 and len(hub.case_posts) == 25
 
 
+def test_a_restarted_agent_goes_on_where_its_npz_source_left_off(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                                 make_model) -> None:
+    """Issue 13: the npz source restarted at frame 0 after every restart, so the same frames were flagged again."""
+    v1 = make_model("v1", seed=1)
+    publish(hub, v1)
+    hub.assign(active=v1.manifest, campaigns=[campaign(KEEP_ALL)])
+    images = np.random.default_rng(3).integers(0, 256, (30, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "frames.npz", images=images, tag_frame=np.array([f"x{i:02d}" for i in range(30)]))
+
+    def run(**kw: Any) -> Any:
+        import dataclasses
+
+        agent = make_agent(tmp_path, hub, keys, [], runtime={"batch_size": 4})
+        agent.source = None  # read the npz file itself, as `flywheel agent run` does
+        agent.config = dataclasses.replace(agent.config, source=dataclasses.replace(
+            agent.config.source, path=tmp_path / "frames.npz"))
+        try:
+            return agent.run(**kw)
+        finally:
+            agent.close()
+
+    first = run(max_frames=12)
+    assert first.frames == 12 and len(hub.cases) == 12
+    second = run()
+    assert second.frames == 18 and second.stopped_by == "source-ended"
+    tags = sorted(case.tags["frame"] for case, _ in hub.cases.values())
+    assert tags == [f"x{i:02d}" for i in range(30)]  # each frame flagged exactly once
+    assert run().frames == 0  # nothing left in this file
+    np.savez(tmp_path / "frames.npz", images=images[:5], tag_frame=np.array([f"y{i}" for i in range(5)]))
+    assert run().frames == 5  # another file at the same path starts from its first frame
+    assert (tmp_path / "data" / "source_cursor.json").stat().st_mode & 0o777 == 0o600
+
+
 def test_full_spool_evicts_and_the_heartbeat_counts_it(tmp_path: Path, hub: FakeHub, keys: Keys,
                                                        make_model) -> None:
     v1 = make_model("v1")

@@ -145,3 +145,18 @@ def test_run_as_a_process_and_stop_cleanly_on_sigterm(tmp_path: Path, hub: FakeH
     assert last.human_compared == summary["frames"] and last.model_version == "v1"
     assert [r.outcome for r in hub.ota_reports] == ["installed"]
     Spool(tmp_path / "data" / "spool.db", max_bytes=1 << 20).check()
+
+
+def test_enroll_force_re_enrolls_with_the_devices_own_token(tmp_path: Path, hub: FakeHub) -> None:
+    """The hub binds an id to its first enrollment: --force sends the stored token, not just the fleet secret."""
+    runner = CliRunner()
+    with serve(hub) as url:
+        cfg = write_config(tmp_path, url)
+        assert runner.invoke(app, ["enroll", "--config", str(cfg)]).exit_code == 0
+        (tmp_path / "data" / "enrollment.json").rename(tmp_path / "lost.json")  # credentials lost
+        r = runner.invoke(app, ["enroll", "--config", str(cfg)])
+        assert r.exit_code == 2 and "hub answered 409" in r.output and "already enrolled" in r.output
+        (tmp_path / "lost.json").rename(tmp_path / "data" / "enrollment.json")
+        r = runner.invoke(app, ["enroll", "--config", str(cfg), "--force"])
+        assert r.exit_code == 0, r.output
+        assert "enrolled dev-1" in r.output

@@ -41,7 +41,8 @@ def publish(hub: RunningHub, files: ModelFiles, *, promote: bool = True) -> None
                    data={"manifest": files.signed.to_json()})
     assert r.status_code in (200, 201), r.text
     if promote:
-        r = httpx.post(hub.url + f"/v1/models/{files.manifest.version}/promote", headers=hub.admin_headers)
+        r = httpx.post(hub.url + f"/v1/models/{files.manifest.version}/promote", headers=hub.admin_headers,
+                       json={"override": True, "reason": "integration test: active at once"})
         assert r.status_code == 200, r.text
 
 
@@ -50,10 +51,14 @@ def hub_db(hub: RunningHub, sql: str) -> list[Any]:
         return conn.execute(sql).fetchall()
 
 
-def write_config(tmp_path: Path, hub: RunningHub, n_frames: int) -> Path:
-    rng = np.random.default_rng(0)
+def write_frames(tmp_path: Path, n_frames: int, *, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
     np.savez(tmp_path / "frames.npz", images=rng.integers(0, 256, (n_frames, 8, 8), dtype=np.uint8),
              human=np.arange(n_frames) % 3, tag_site=np.array(["north"] * n_frames))
+
+
+def write_config(tmp_path: Path, hub: RunningHub, n_frames: int) -> Path:
+    write_frames(tmp_path, n_frames)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f"""
 device_id = "edge-it-1"
@@ -100,6 +105,18 @@ def test_agent_against_the_real_hub(tmp_path: Path, hub: RunningHub) -> None:
     enrollment = json.loads((tmp_path / "data" / "enrollment.json").read_text())
     assert enrollment["fleet_public_key"] == hub.keypair.public_b64
 
+    # another machine with the same config (the fleet secret) cannot take the id over; --force, with the
+    # device's own token, re-enrolls the real one
+    thief = tmp_path / "thief"
+    thief.mkdir()
+    (thief / "agent.toml").write_text(cfg.read_text())
+    stolen = CliRunner().invoke(app, ["enroll", "--config", str(thief / "agent.toml")])
+    assert stolen.exit_code == 2 and "409" in stolen.output and "already enrolled" in stolen.output, stolen.output
+    again = CliRunner().invoke(app, ["enroll", "--config", str(cfg), "--force"])
+    assert again.exit_code == 0, again.output
+    renewed = json.loads((tmp_path / "data" / "enrollment.json").read_text())
+    assert renewed["token"] != enrollment["token"]
+
     # first run: the assignment brings v1 over OTA, the campaign flags frames, cases and heartbeats land
     first = run_agent(cfg)
     assert first.model_version == "edge-it-v1" and first.frames == 60
@@ -121,8 +138,11 @@ def test_agent_against_the_real_hub(tmp_path: Path, hub: RunningHub) -> None:
     assert counters["frames_seen"] == 60 and counters["flagged"] == first.flagged
     assert counters["uploaded"] == first.uploaded and counters["human_compared"] == 60
 
-    # a second start mines at once with the campaign it remembers, and sends only its own new cases
-    # (the same frames again: the hub files the repeated images as duplicates)
+    # a restart goes on where the source left off: these frames are done, nothing is flagged again
+    assert run_agent(cfg).frames == 0
+    # a second start on new frames mines at once with the campaign it remembers, and sends only its own
+    # new cases
+    write_frames(tmp_path, 60, seed=1)
     again = run_agent(cfg)
     assert again.flagged > 0 and again.uploaded == again.flagged
     totals = [httpx.get(hub.url + "/v1/pool", params={"state": state, "limit": 1000},
@@ -132,6 +152,7 @@ def test_agent_against_the_real_hub(tmp_path: Path, hub: RunningHub) -> None:
     # OTA to v2, keeping v1 as the previous model
     v2 = make_model_files(models, "edge-it-v2", private_key=key, seed=2, parent="edge-it-v1")
     publish(hub, v2)
+    write_frames(tmp_path, 60, seed=2)
     second = run_agent(cfg, max_frames=10)
     assert second.model_version == "edge-it-v2"
     state = json.loads((tmp_path / "data" / "models" / "state.json").read_text())
@@ -140,7 +161,7 @@ def test_agent_against_the_real_hub(tmp_path: Path, hub: RunningHub) -> None:
     # a model that passes the hub's checks but returns NaN: refused on the device, the hub told why
     bad = make_model_files(models, "edge-it-v3", private_key=key, seed=3, poison="nan", parent="edge-it-v2")
     publish(hub, bad)
-    third = run_agent(cfg, max_frames=10)
+    third = run_agent(cfg, max_frames=10)  # goes on with the frames the second run left
     assert third.model_version == "edge-it-v2"
     reports = hub_db(hub, "SELECT version, outcome, reason FROM ota_reports WHERE device_id = 'edge-it-1' "
                           "ORDER BY id")

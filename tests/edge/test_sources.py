@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -112,3 +113,24 @@ def test_png_round_trip_and_undecodable_file(tmp_path: Path) -> None:
 def test_frame_is_a_plain_dataclass() -> None:
     f = Frame(image=np.zeros((2, 2), np.uint8), frame_id="x")
     assert f.human_action is None and f.tags == {} and f.ts is None
+
+
+def test_npz_source_resumes_at_its_cursor(tmp_path: Path) -> None:
+    from fleet.edge.sources import SourceCursor
+
+    path = tmp_path / "f.npz"
+    np.savez(path, images=np.zeros((6, 4, 4), np.uint8))
+    cursor = SourceCursor(tmp_path / "cursor.json", path)
+    assert cursor.load() == 0
+    cursor.save(4)
+    assert SourceCursor(tmp_path / "cursor.json", path).load() == 4
+    src = NpzSource(path, start=4)
+    assert [f.position for f in src] == [4, 5]
+    assert [f.position for f in itertools.islice(iter(NpzSource(path, loop=True, start=5)), 3)] == [5, 0, 1]
+    with pytest.raises(InvalidInput, match=r"start must be a frame index in 0..6; received 7"):
+        NpzSource(path, start=7)
+    (tmp_path / "cursor.json").write_text("{garbage")
+    assert SourceCursor(tmp_path / "cursor.json", path).load() == 0
+    cursor.save(4)
+    np.savez(path, images=np.ones((6, 4, 4), np.uint8))  # another file at the same path
+    assert SourceCursor(tmp_path / "cursor.json", path).load() == 0

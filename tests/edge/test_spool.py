@@ -158,3 +158,20 @@ def test_kill_9_during_spool_writes_leaves_a_consistent_spool(tmp_path: Path, ma
         spool.close()
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_the_spool_and_its_folder_are_private(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        spool = Spool(tmp_path / "data" / "spool.db", max_bytes=10_000)
+        put(spool, "c1", 0.5)
+    finally:
+        os.umask(old)
+    spool.close()
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    files = [p for p in (tmp_path / "data").iterdir() if p.name.startswith("spool.db")]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), [
+        (p.name, oct(p.stat().st_mode)) for p in files]

@@ -182,8 +182,10 @@ class HubHarness:
         return self.devices[key]
 
     def enroll(self, device_id: str, group: str = "default") -> dict[str, str]:
+        """Enroll with the fleet secret; a device enrolled before re-enrolls with its own token."""
         r = self.client.post("/v1/enroll", json={"device_id": device_id, "fleet_secret":
-                                                 self.settings.fleet_secret.get_secret_value(), "group": group})
+                                                 self.settings.fleet_secret.get_secret_value(), "group": group},
+                             headers=self.devices.get(device_id, {}))
         assert r.status_code == 200, r.text
         headers = {"Authorization": f"Bearer {r.json()['token']}"}
         self.devices[device_id] = headers
@@ -199,8 +201,9 @@ class HubHarness:
                              files={"onnx": ("model.onnx", files.onnx_path.read_bytes(), "application/octet-stream")},
                              data={"manifest": files.signed.to_json()})
         assert r.status_code == 201, r.text
-        if promote:
-            r = self.client.post(f"/v1/models/{version}/promote", headers=self.admin)
+        if promote:  # active at once (an admin override, when another model is active)
+            r = self.client.post(f"/v1/models/{version}/promote", headers=self.admin,
+                                 json={"override": True, "reason": "test harness"})
             assert r.status_code == 200, r.text
         return files
 

@@ -45,3 +45,36 @@ def test_file_store_leaves_no_temp_files(tmp_path: Path) -> None:
         store.put(bytes([i]) * 100)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(files) == 5 and not any(p.name.startswith(".tmp") for p in files)
+
+
+def test_put_file_streams_and_checks_the_hash(store: BlobStore, tmp_path: Path) -> None:
+    data = b"model bytes " * 100_000
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    with src.open("rb") as fh, pytest.raises(IntegrityError):
+        store.put_file(fh, sha256="0" * 64)
+    assert not store.exists("0" * 64) and [s for s, _ in store.list_blobs()] == []
+    with src.open("rb") as fh:
+        assert store.put_file(fh, sha256=sha) == (sha, True)
+    with src.open("rb") as fh:
+        assert store.put_file(fh, sha256=sha) == (sha, False)
+    assert store.get(sha) == data
+    assert [s for s, _ in store.list_blobs()] == [sha]
+
+
+def test_file_store_is_private(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        store = FileBlobStore(tmp_path / "data" / "blobs")
+        sha, _ = store.put(b"secret image")
+    finally:
+        os.umask(old)
+    path = store.path(sha)
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "data", tmp_path / "data" / "blobs",
+                                                         path.parent.parent, path.parent)}
+    assert set(modes.values()) == {0o700}, {str(k): oct(v) for k, v in modes.items()}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600

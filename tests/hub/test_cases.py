@@ -230,3 +230,40 @@ def test_malformed_multipart_is_refused(hub: HubHarness, body: bytes) -> None:
                         headers={**hub.devices["d1"], "Content-Type": "multipart/form-data; boundary=b"})
     assert r.status_code == 400 and "multipart" in r.json()["detail"]
     assert _counts(hub) == (0, 0, 0)
+
+
+def test_a_reused_case_id_with_other_content_is_409_and_leaves_no_blob(hub: HubHarness) -> None:
+    """The leak of issue 13: 20 different images under one case id used to store 20 blobs."""
+    hub.enroll("d2")
+    first, image = hub.make_case("d1", case_id="reused")
+    assert hub.post_case(first, image).status_code == 201
+    for i in range(20):
+        case, other = hub.make_case("d1", case_id="reused", image=png_bytes(500 + i, size=64))
+        r = hub.post_case(case, other)
+        assert r.status_code == 409 and "already stored with different content" in r.json()["detail"], r.text
+        assert "image_sha256" in r.json()["detail"]
+    for i in range(5):  # the same id from another device: refused before its image is written too
+        case, other = hub.make_case("d2", case_id="reused", image=png_bytes(600 + i, size=64))
+        assert hub.post_case(case, other).status_code == 409
+    assert hub.post_case(first, image).status_code == 200  # the same case again is still a retry
+    assert _counts(hub) == (1, 1, 1)
+
+
+def test_a_case_id_that_races_in_after_the_check_leaves_no_blob(hub: HubHarness,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import fleet.hub.ingest as ingest
+
+    first, image = hub.make_case("d1", case_id="raced")
+    assert hub.post_case(first, image).status_code == 201
+    real = ingest.stored_identity
+    calls = []
+
+    def miss_once(h: object, ids: list[str]) -> object:
+        calls.append(ids)
+        return {} if len(calls) == 1 else real(h, ids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ingest, "stored_identity", miss_once)
+    case, other = hub.make_case("d1", case_id="raced", image=png_bytes(77))
+    r = hub.post_case(case, other)
+    assert r.status_code == 409 and "different content" in r.json()["detail"]
+    assert len(calls) == 2 and _counts(hub) == (1, 1, 1)

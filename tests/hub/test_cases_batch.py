@@ -251,3 +251,16 @@ def test_what_the_edge_client_sends_the_hub_accepts(hub: HubHarness) -> None:
     assert isinstance(out[3], InvalidInput) and "unknown model version" in str(out[3])
     assert out[4] == {"case_id": good[0][0].case_id, "duplicate_of": None, "already": True}
     assert _counts(hub) == (3, 3, 3)
+
+
+def test_reused_case_ids_with_other_content_leave_no_blob(hub: HubHarness) -> None:
+    stored, image = hub.make_case("d1", case_id="kept")
+    assert hub.post_case(stored, image).status_code == 201
+    again = [hub.make_case("d1", case_id="kept", image=png_bytes(900 + i, size=48)) for i in range(5)]
+    twin, twin_image = hub.make_case("d1", case_id="twin")
+    twin2, twin2_image = hub.make_case("d1", case_id="twin", image=png_bytes(999, size=48))
+    r = post_batch(hub, [*again, (twin, twin_image), (twin2, twin2_image), (stored, image)])
+    assert statuses(r) == ["rejected"] * 5 + ["created", "rejected", "already"]
+    errors = [x["error"] for x in r.json()["results"] if x["error"]]
+    assert all(e["status"] == 409 and "different content" in e["detail"] for e in errors), errors
+    assert _counts(hub) == (2, 2, 2)

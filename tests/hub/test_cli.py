@@ -47,7 +47,12 @@ def test_models_list_promote_rollback(live: RunningHub, tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
     opts = ["--hub", live.url, "--token", live.admin_token]
     assert runner.invoke(models_app, ["promote", "m1", *opts]).exit_code == 0
-    assert runner.invoke(models_app, ["promote", "m2", *opts]).exit_code == 0
+    r = runner.invoke(models_app, ["promote", "m2", *opts])  # over an active model: through a rollout
+    assert r.exit_code == 0 and "rolling out to the whole fleet" in r.output, r.output
+    r = runner.invoke(models_app, ["list", "--json", *opts])
+    assert {m["version"]: m["status"] for m in json.loads(r.output)} == {"m1": "active", "m2": "canary"}
+    r = runner.invoke(models_app, ["promote", "m2", "--override", "--reason", "ship it", *opts])
+    assert r.exit_code == 0 and "m2 is active by admin override" in r.output, r.output
     r = runner.invoke(models_app, ["list", "--json", *opts])
     assert {m["version"]: m["status"] for m in json.loads(r.output)} == {"m1": "retired", "m2": "active"}
     r = runner.invoke(models_app, ["rollback", *opts])
@@ -84,3 +89,31 @@ def test_root_cli_exposes_the_hub_commands() -> None:
     for cmd in (["hub", "--help"], ["models", "--help"], ["campaigns", "--help"]):
         r = runner.invoke(root, cmd)
         assert r.exit_code == 0, r.output
+
+
+def test_serve_dev_prints_a_loud_warning_and_still_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: started.append((a, k)))
+    for name in ("DEV", "DATA_DIR", "MIGRATE_ON_START"):  # serve exports these for its workers: restore them
+        monkeypatch.setenv(f"FLYWHEEL_HUB_{name}", "0" if name == "DEV" else "")
+    monkeypatch.delenv("FLYWHEEL_HUB_DATA_DIR")
+    monkeypatch.delenv("FLYWHEEL_HUB_MIGRATE_ON_START")
+    r = CliRunner().invoke(app, ["serve", "--dev", "--data-dir", str(tmp_path / "hub")])
+    assert r.exit_code == 0, r.output
+    assert "WARNING: DEV MODE" in r.output and "dev-admin-token" in r.output and "Never expose it" in r.output
+    assert started and started[0][0] == ("fleet.hub.app:create_app_from_env",)
+    assert (tmp_path / "hub").stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv("FLYWHEEL_HUB_DEV", "0")
+    quiet = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "prod")])
+    assert quiet.exit_code == 2 and "DEV MODE" not in quiet.output  # no dev mode: refuses the default secrets
+
+
+def test_a_dev_hub_logs_the_warning_when_it_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fleet.hub.app import create_app
+    from fleet.hub.settings import HubSettings
+
+    with caplog.at_level("WARNING", logger="fleet.hub.app"):
+        create_app(HubSettings(dev=True, data_dir=tmp_path))
+    assert any("DEV MODE" in r.getMessage() for r in caplog.records)

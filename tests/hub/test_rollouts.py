@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from fleet.hub.rollouts import bucket, deltas
+from fleet.hub.heartbeats import deltas
+from fleet.hub.rollouts import bucket
 from fleet.protocol import Assignment
 from tests.hub.conftest import HubHarness
 
@@ -198,3 +199,174 @@ def test_bad_ota_reports_are_refused(hub: HubHarness) -> None:
     body = {"device_id": "d1", "version": "m1", "outcome": "exploded"}
     r = hub.client.post("/v1/ota-reports", json=body, headers=hub.devices["d1"])
     assert r.status_code == 422 and "outcome" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13, finding 2: field metrics one device cannot forge
+# ---------------------------------------------------------------------------------------------
+
+
+def _ota(hub: HubHarness, device: str, version: str, outcome: str = "refused") -> None:
+    body = {"device_id": device, "version": version, "outcome": outcome, "reason": "bad signature",
+            "previous_version": "m1", "reported_at": hub.clock()}
+    r = hub.client.post("/v1/ota-reports", json=body, headers=hub.devices[device])
+    assert r.status_code == 204, r.text
+
+
+def _status(hub: HubHarness, ro: dict[str, Any]) -> dict[str, Any]:
+    r = hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _split(hub: HubHarness, devices: list[str], ro: dict[str, Any]) -> tuple[list[str], list[str]]:
+    canary = [d for d in devices if bucket(d, ro["rollout_id"]) < ro["fraction"]]
+    return canary, [d for d in devices if d not in canary]
+
+
+def test_a_device_outside_the_canary_cannot_touch_the_candidates_metrics(hub: HubHarness) -> None:
+    devices = _fleet(hub)
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[0.25, 1.0])
+    canary, outside = _split(hub, devices, ro)
+    assert canary and outside
+    forger = outside[0]
+    for _ in range(3):  # three forged refusals used to roll a 10% canary back
+        _ota(hub, forger, "m2")
+    _hb(hub, forger, "m2", compared=1000, disagreed=1000, health=5)  # claims to run the candidate
+    status = _status(hub, ro)
+    assert status["state"] == "running", status["reason"]
+    assert status["metrics"]["m2"]["health_failures"] == 0 and status["metrics"]["m2"]["human_compared"] == 0
+    summary = hub.client.get("/v1/summary", headers=hub.trainer).json()
+    assert summary["models"]["m2"]["field"]["heartbeats"] == 0  # not counted in the fleet-wide metrics either
+    rows = hub.client.get("/v1/devices", headers=hub.admin).json()
+    assert next(d for d in rows if d["device_id"] == forger)["model_version"] == "m2"  # its own state moves
+
+
+def test_one_device_in_the_canary_cannot_roll_it_back_alone(hub: HubHarness) -> None:
+    devices = _fleet(hub)
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[0.5, 1.0])
+    canary, _ = _split(hub, devices, ro)
+    a, b = canary[:2]
+    for _ in range(3):
+        _ota(hub, a, "m2")
+    _hb(hub, a, "m2", health=5)
+    status = _status(hub, ro)
+    assert status["state"] == "running" and status["metrics"]["m2"]["health_failures"] == 8
+    _ota(hub, b, "m2", "rolled_back")
+    status = _status(hub, ro)
+    assert status["state"] == "rolled_back"
+    assert "from 2 devices" in status["reason"] and f"{a} (8)" in status["reason"] and f"{b} (1)" in status["reason"]
+
+
+def test_one_devices_forged_disagreement_does_not_roll_back_but_several_devices_do(hub: HubHarness) -> None:
+    devices = _fleet(hub)
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[0.5, 1.0])
+    canary, rest = _split(hub, devices, ro)
+    for d in rest:
+        _hb(hub, d, "m1", compared=20, disagreed=2)
+    _hb(hub, canary[0], "m2", compared=1000, disagreed=1000)  # the heartbeat of issue 13
+    assert _status(hub, ro)["state"] == "running"
+    _hb(hub, canary[1], "m2", compared=5, disagreed=5)  # a second device, but too few frames to count
+    assert _status(hub, ro)["state"] == "running"
+    _hb(hub, canary[2], "m2", compared=30, disagreed=20)
+    status = _status(hub, ro)
+    assert status["state"] == "rolled_back" and "each of 2 devices" in status["reason"]
+    assert canary[0] in status["reason"] and canary[2] in status["reason"] and canary[1] not in status["reason"]
+
+
+def test_the_minimum_number_of_devices_is_a_setting(hub_factory: Any) -> None:
+    hub: HubHarness = hub_factory(rollback_min_devices=1)
+    hub.register_model("m1", promote=True)
+    devices = _fleet(hub, 10)
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[1.0])
+    for _ in range(3):
+        _ota(hub, devices[0], "m2")
+    assert _status(hub, ro)["state"] == "rolled_back"
+
+
+def test_counters_that_rise_faster_than_a_device_counts_are_refused(hub_factory: Any) -> None:
+    hub: HubHarness = hub_factory(heartbeat_max_rate_per_s=1000, heartbeat_rate_grace_s=10)
+    hub.register_model("m1", promote=True)
+    hub.enroll("d1")
+    body = {"device_id": "d1", "sent_at": 1.0, "boot_id": "b1", "model_version": "m1",
+            "counters": {"frames_seen": 2**53 - 1000}}
+    r = hub.client.post("/v1/heartbeats", json=body, headers=hub.devices["d1"])
+    assert r.status_code == 422 and "frames_seen rose by 9007199254739992" in r.json()["detail"], r.text
+    _hb(hub, "d1", "m1", seen=9_000)  # within 10 s of slack at 1000/s
+    r = hub.client.post("/v1/heartbeats", json={**body, "counters": {"frames_seen": 30_000}}, headers=hub.devices["d1"])
+    assert r.status_code == 422  # +21000 with no time passed
+    hub.clock.advance(20)
+    _hb(hub, "d1", "m1", seen=30_000)  # +21000 in 20 s (+10 s of slack) is plausible
+    _hb(hub, "d1", "m1", boot="b2", seen=9_000)  # a new boot counts whole, against the same clock
+    r = hub.client.post("/v1/heartbeats", json={**body, "boot_id": "b3", "counters": {"frames_seen": 20_000}},
+                        headers=hub.devices["d1"])
+    assert r.status_code == 422  # a fresh boot id does not reset the budget
+    m = hub.client.get("/v1/summary", headers=hub.trainer).json()["models"]["m1"]["field"]
+    assert m["frames_seen"] == 39_000 and m["heartbeats"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13, finding 8: `flywheel models promote` goes through the rollout's checks or is a recorded override
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("override", [False, True])
+def test_a_promotion_every_device_refuses_is_undone(hub: HubHarness, override: bool) -> None:
+    hub.enroll("d2")
+    hub.register_model("m2", seed=1)
+    r = hub.client.post("/v1/models/m2/promote", headers=hub.admin, json={"override": override, "reason": "try"})
+    assert r.status_code == 200, r.text
+    ro = r.json()["rollout"]
+    assert ro["kind"] == ("override" if override else "promotion")
+    assert r.json()["status"] == ("active" if override else "canary")
+    for d in ("d1", "d2"):
+        a = _assign(hub, d)
+        assert a.active is not None and a.active.version == "m2"
+        assert (a.challenger is None) == override  # an override runs no shadow
+    _ota(hub, "d1", "m2")
+    assert _status(hub, ro)["state"] == "running"  # one device of two
+    _ota(hub, "d2", "m2")
+    status = _status(hub, ro)
+    assert status["state"] == "rolled_back" and "every device in the canary (2) refused" in status["reason"]
+    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    assert statuses == {"m1": "active", "m2": "retired"}
+    assert all(_assign(hub, d).active.version == "m1" for d in ("d1", "d2"))  # type: ignore[union-attr]
+
+
+def test_a_promotion_completes_after_its_hold_and_overrides_are_recorded(hub_factory: Any) -> None:
+    hub: HubHarness = hub_factory(promote_hold_s=300)
+    hub.register_model("m1", promote=True)
+    hub.enroll("d1")
+    hub.register_model("m2", seed=1)
+    r = hub.client.post("/v1/models/m2/promote", headers=hub.admin)
+    assert r.json()["status"] == "canary" and r.json()["rollout"]["stage_seconds"] == 300
+    again = hub.client.post("/v1/models/m2/promote", headers=hub.admin)
+    assert again.status_code == 409 and "already rolling out" in again.json()["detail"]
+    hub.clock.advance(301)
+    _assign(hub, "d1")
+    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    assert statuses == {"m1": "retired", "m2": "active"}
+    hub.register_model("m3", seed=2)
+    r = hub.client.post("/v1/models/m3/promote", headers=hub.admin, json={"override": True, "reason": "CVE fix"})
+    assert r.json()["status"] == "active"
+    listed = hub.client.get("/v1/rollouts", headers=hub.trainer).json()
+    assert [(x["version"], x["kind"], x["state"]) for x in listed] == [
+        ("m3", "override", "running"), ("m2", "promotion", "completed")]
+    assert listed[0]["reason"] == "admin override by bootstrap-admin: CVE fix"
+
+
+def test_a_new_rollout_or_promotion_ends_an_overrides_watch(hub: HubHarness) -> None:
+    hub.register_model("m2", seed=1)
+    hub.register_model("m3", seed=2)
+    hub.register_model("m4", seed=3)
+    r = hub.client.post("/v1/models/m2/promote", headers=hub.admin, json={"override": True, "reason": "a"})
+    first = r.json()["rollout"]
+    r = hub.client.post("/v1/models/m3/promote", headers=hub.admin, json={"override": True, "reason": "b"})
+    assert r.status_code == 200 and r.json()["status"] == "active", r.text
+    assert _status(hub, first)["state"] == "completed" and "watch ended: m3" in _status(hub, first)["reason"]
+    ro = _rollout(hub, "m4", stages=[0.5, 1.0])  # the trainer's staged rollout is not blocked either
+    assert ro["incumbent"] == "m3"

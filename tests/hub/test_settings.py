@@ -81,3 +81,23 @@ def test_a_bad_sqlite_memory_limit_is_refused_with_what_was_received(monkeypatch
     with pytest.raises(ValidationError, match="sqlite_memory_mib") as info:
         HubSettings(dev=True)
     assert "greater than or equal to 1" in str(info.value) and "input_value='0'" in str(info.value)
+
+
+def test_the_hub_creates_its_data_dir_and_database_private(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from fleet.hub.db import make_engine, migrate
+
+    old = os.umask(0o022)
+    try:
+        engine = make_engine(f"sqlite:///{tmp_path / 'hub-data' / 'hub.db'}", pool_size=1)
+        migrate(engine)
+        engine.dispose()
+    finally:
+        os.umask(old)
+    data = tmp_path / "hub-data"
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    files = [p for p in data.iterdir() if p.name.startswith("hub.db")]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), [
+        (p.name, oct(p.stat().st_mode)) for p in files]

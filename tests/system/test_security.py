@@ -1,6 +1,11 @@
 """Security at the hub's boundary, against the real server process (two workers, so revocations must
 cross processes): device isolation, revoked tokens, admin-only routes, expiring signed image links,
 path traversal, oversized payloads, and the whole API fuzzed from its OpenAPI schema with zero 5xx.
+
+The probes of issue 13 follow: identity takeover at enrollment, forged field metrics, blob leaks,
+bodies that are too deep, in the wrong encoding or too slow, decompression bombs, concurrent bad
+model uploads (the hub's memory measured), promotions every device refuses, a signing key switched
+back, the dev-mode warning, private files, and the demo's trainer token.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ LIMITS = {
     "FLYWHEEL_HUB_MAX_JSON_BYTES": "65536",
     "FLYWHEEL_HUB_MAX_IMAGE_BYTES": "262144",
     "FLYWHEEL_HUB_MAX_MODEL_BYTES": "1048576",
+    "FLYWHEEL_HUB_BODY_TIMEOUT_S": "2",
+    "FLYWHEEL_HUB_ENROLL_MAX_FAILURES": "5",
+    "FLYWHEEL_HUB_ENROLL_FAILURE_WINDOW_S": "4",
 }
 SECRET_MARKERS = (b"SQLite format", b"root:x:", b"PRIVATE KEY")
 
@@ -151,9 +159,12 @@ def test_revoked_tokens_are_refused_on_every_worker(hub: RunningHub) -> None:
         r = c.post("/v1/enroll", json={"device_id": "rev-a", "fleet_secret": hub.fleet_secret})
         assert r.status_code == 403, r.text  # a revoked device cannot enroll itself back
 
-        # a re-enrolled device's old token dies too
+        # a re-enrolled device's old token dies too (it re-enrolls with that token: the fleet secret
+        # alone no longer enrolls an enrolled id, issue 13)
         old = enroll(c, hub, "rev-b")
-        new = enroll(c, hub, "rev-b")
+        r = c.post("/v1/enroll", json={"device_id": "rev-b", "fleet_secret": hub.fleet_secret}, headers=bearer(old))
+        assert r.status_code == 200, r.text
+        new = r.json()["token"]
         wait_for("the replaced token refused", lambda: all(
             c.get("/v1/assignment", headers=bearer(old)).status_code in (401, 403) for _ in range(6)), timeout=15)
         assert c.get("/v1/assignment", headers=bearer(new)).status_code == 200
@@ -363,3 +374,359 @@ def test_openapi_fuzzing_finds_no_server_error(tmp_path: Path) -> None:
         assert "Exception in ASGI application" not in hub.log(), hub.log()[-4000:]
         assert httpx.get(hub.url + "/healthz", timeout=10).status_code == 200
     record("openapi_fuzz", backend="postgresql" if db_url else "sqlite", server_errors=0, **results)
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13: the probes of an outside attacker and a careless client
+# ---------------------------------------------------------------------------------------------
+
+
+def test_enrollment_cannot_take_over_a_device_and_failures_are_limited(hub: RunningHub) -> None:
+    with httpx.Client(base_url=hub.url, timeout=30) as c:
+        real = enroll(c, hub, "tk-cam-1")
+        r = c.post("/v1/enroll", json={"device_id": "tk-cam-1", "fleet_secret": hub.fleet_secret})
+        assert r.status_code == 409 and "already enrolled" in r.text, r.text
+        assert c.post("/v1/heartbeats", headers=bearer(real), json=heartbeat("tk-cam-1")).status_code == 204
+        img = png(40)
+        assert post_case(c, real, case_json("tk-cam-1", img), img).status_code == 201
+        # the device's own token re-enrolls it (what `flywheel agent enroll --force` sends)
+        again = c.post("/v1/enroll", json={"device_id": "tk-cam-1"}, headers=bearer(real))
+        assert again.status_code == 200, again.text
+        audit = c.get("/v1/enrollment-attempts", params={"device_id": "tk-cam-1"}, headers=hub.admin_headers).json()
+        assert [a["outcome"] for a in audit] == ["re-enrolled", "refused", "enrolled"]
+        assert audit[1]["client"] == "127.0.0.1" and audit[0]["method"] == "device-token"
+        time.sleep(4.2)  # the failure window of LIMITS
+        codes = [c.post("/v1/enroll", json={"device_id": f"tk-guess-{i}", "fleet_secret": f"guess-{i}"}).status_code
+                 for i in range(8)]
+        assert codes[:5] == [401] * 5 and set(codes[5:]) == {429}, codes
+        r = c.post("/v1/enroll", json={"device_id": "tk-cam-2", "fleet_secret": hub.fleet_secret})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        time.sleep(4.2)
+        assert c.post("/v1/enroll", json={"device_id": "tk-cam-2", "fleet_secret": hub.fleet_secret}).status_code == 200
+    record("security_enrollment", takeover_refused=True, wrong_secrets_before_429=5)
+
+
+def test_reused_case_ids_leave_no_blob_and_the_sweep_removes_orphans(hub: RunningHub) -> None:
+    blobs = hub.data_dir / "blobs"
+
+    def files() -> int:
+        return sum(1 for p in blobs.rglob("*") if p.is_file())
+
+    with httpx.Client(base_url=hub.url, timeout=30) as c:
+        dev = enroll(c, hub, "leak-dev")
+        other = enroll(c, hub, "leak-other")
+        img = png(50, side=64)
+        first = case_json("leak-dev", img, case_id="leak-1")
+        assert post_case(c, dev, first, img).status_code == 201
+        before = files()
+        for i in range(20):
+            different = png(1000 + i, side=256)  # ~64 KiB of noise each
+            r = post_case(c, dev, case_json("leak-dev", different, case_id="leak-1"), different)
+            assert r.status_code == 409 and "different content" in r.text, r.text
+            r = post_case(c, other, case_json("leak-other", different, case_id="leak-1"), different)
+            assert r.status_code == 409, r.text
+        assert post_case(c, dev, first, img).json() == {"case_id": "leak-1", "already": True}  # a retry
+        assert files() == before  # 40 refused uploads of different images: not one byte stored
+    # an orphan an older hub left behind (its bytes, no row) goes with `flywheel hub sweep-blobs`
+    orphan = png(77)
+    sha = hashlib.sha256(orphan).hexdigest()
+    path = blobs / sha[:2] / sha[2:4] / sha
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orphan)
+    os.utime(path, (time.time() - 7200, time.time() - 7200))
+    env = {k: v for k, v in hub.env.items()}
+    sweep = subprocess.run([sys.executable, "-m", "fleet.cli", "hub", "sweep-blobs", "--data-dir", str(hub.data_dir)],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    report = json.loads(sweep.stdout.strip().splitlines()[-1])
+    assert report["removed"] == 1 and not path.exists(), report
+    with httpx.Client(base_url=hub.url, timeout=30) as c:
+        url = c.get("/v1/cases/leak-1", headers=bearer(hub.token("labeler"))).json()["image_url"]
+        assert httpx.get(url, timeout=30).content == img  # what is referenced stays
+    record("security_blob_leak", refused_reuses=40, blobs_added=0, orphans_swept=report["removed"])
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "1" + "]" * depth
+
+
+def test_bad_bodies_get_4xx_never_5xx_and_never_jam_the_events_feed(hub: RunningHub, tmp_path: Path) -> None:
+    from tests.hub.test_images import inflate_bomb, rgba_bomb, undecodable
+
+    webhook = {"X-Flywheel-Webhook-Secret": hub.webhook_secret, "Content-Type": "application/json"}
+    with httpx.Client(base_url=hub.url, timeout=60) as c:
+        dev = enroll(c, hub, "body-dev")
+        trainer, labeler = hub.token("trainer"), hub.token("labeler")
+        img = png(60)
+        deep_case = case_json("body-dev", img)[:-1] + f', "tags": {{"k": {_nested(2000)}}}}}'
+        model = make_model_files(tmp_path, "body-v9", private_key=hub.private_key())
+        probes = [
+            ("UTF-16 webhook", c.post("/v1/labeling/webhook", headers=webhook,
+                                      content=json.dumps({"action": "X"}).encode("utf-16")), 415),
+            ("webhook 300 deep", c.post("/v1/labeling/webhook", headers=webhook, content=_nested(300).encode()), 400),
+            ("webhook 5000 deep", c.post("/v1/labeling/webhook", headers=webhook,
+                                         content=_nested(5000).encode()), 400),
+            ("case part 2000 deep", post_case(c, dev, deep_case, img), 400),
+            ("manifest part 2000 deep", c.post("/v1/models", headers=bearer(trainer), files={
+                "onnx": ("m.onnx", model.onnx_path.read_bytes()), "manifest": ("m.json", _nested(2000))}), 400),
+            ("heartbeat 2000 deep", c.post("/v1/heartbeats", headers=bearer(dev),
+                                           content=_nested(2000), params={}), 400),
+            ("heartbeat counter 2^64", c.post("/v1/heartbeats", headers=bearer(dev), json={
+                **heartbeat("body-dev"), "counters": {"frames_seen": 2**64}}), 422),
+            ("heartbeat counter 2^63-1000", c.post("/v1/heartbeats", headers=bearer(dev), json={
+                **heartbeat("body-dev"), "counters": {"frames_seen": 2**63 - 1000}}), 422),
+        ]
+        for name, make in (("4096x4096 RGBA", rgba_bomb), ("1x1 inflating to 100 MB", inflate_bomb),
+                           ("28x28 undecodable", undecodable)):
+            bomb = make()
+            probes.append((f"image: {name}", post_case(c, dev, case_json("body-dev", bomb), bomb), 415))
+        for name, r, code in probes:
+            assert r.status_code == code, f"{name}: {r.status_code} {r.text[:300]}"
+            assert "detail" in r.json() and r.json()["detail"], name
+        batch = c.post("/v1/cases/batch", headers=bearer(dev), files=[
+            ("case_0", (None, case_json("body-dev", img, case_id="body-ok"))), ("image_0", ("f.png", img, "image/png")),
+            ("case_1", (None, deep_case)), ("image_1", ("f.png", img, "image/png"))])
+        assert batch.status_code == 200, batch.text
+        assert [x["status"] for x in batch.json()["results"]] == ["created", "rejected"]
+        events = c.get("/v1/labeling/events", params={"after": 0}, headers=bearer(labeler))
+        assert events.status_code == 200, events.text
+        assert c.post("/v1/labeling/webhook", headers=webhook, content=b'{"action": "PING"}').status_code == 204
+        assert c.get("/v1/labeling/events", params={"after": 0}, headers=bearer(labeler)).status_code == 200
+    assert "Exception in ASGI application" not in hub.log() and "Traceback" not in hub.log(), hub.log()[-3000:]
+    record("security_bodies", probes=len(probes) + 1, server_errors=0)
+
+
+def test_half_sent_bodies_time_out_and_free_their_connections(hub: RunningHub) -> None:
+    import socket
+
+    host, port = hub.url.removeprefix("http://").split(":")
+    socks = []
+    t0 = time.monotonic()
+    for _ in range(50):  # each sends its headers and 10 bytes of a 50000-byte body, then stalls
+        s = socket.create_connection((host, int(port)), timeout=15)
+        s.sendall(f"POST /v1/labeling/webhook HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"X-Flywheel-Webhook-Secret: {hub.webhook_secret}\r\nContent-Length: 50000\r\n\r\n"
+                  '{"a": "xxx'.encode())
+        socks.append(s)
+    answers = []
+    for s in socks:
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:  # the hub closed the connection
+                break
+            data += chunk
+        answers.append(data)
+        s.close()
+    waited = time.monotonic() - t0
+    assert all(a.startswith(b"HTTP/1.1 408") and b"not received within 2 s" in a for a in answers), answers[0][:300]
+    assert waited < 12, waited
+    assert httpx.get(hub.url + "/healthz", timeout=10).status_code == 200
+    record("security_slow_bodies", half_sent=len(socks), all_408_and_closed=True, seconds=round(waited, 1))
+
+
+def test_the_hub_keeps_its_files_private(hub: RunningHub) -> None:
+    import stat
+
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in hub.data_dir.iterdir() if p.name.startswith("hub.db")}
+    assert modes and set(modes.values()) == {0o600}, modes
+    blobs = hub.data_dir / "blobs"
+    assert stat.S_IMODE(blobs.stat().st_mode) == 0o700
+    some = next(p for p in blobs.rglob("*") if p.is_file())
+    assert stat.S_IMODE(some.stat().st_mode) == 0o600 and stat.S_IMODE(some.parent.stat().st_mode) == 0o700
+    record("security_private_files", database=sorted(modes), blob_mode="0600", folders="0700")
+
+
+def _two_models(h: RunningHub, tmp_path: Path, prefix: str) -> str:
+    """``{prefix}-v1`` active and ``{prefix}-v2`` registered, both signed with the hub's key; a trainer token."""
+    trainer = h.token("trainer")
+    key = h.private_key()
+    publish(h, make_model_files(tmp_path / "m", f"{prefix}-v1", private_key=key), trainer, promote=True)
+    publish(h, make_model_files(tmp_path / "m", f"{prefix}-v2", private_key=key, seed=1, parent=f"{prefix}-v1"),
+            trainer)
+    return trainer
+
+
+def test_one_device_cannot_forge_a_rollouts_metrics(tmp_path: Path) -> None:
+    with restartable_hub(tmp_path / "hub") as h:
+        trainer = _two_models(h, tmp_path, "fm")
+        with httpx.Client(base_url=h.url, timeout=30) as c:
+            tokens = {f"fm-{i:02d}": enroll(c, h, f"fm-{i:02d}") for i in range(30)}
+            r = c.post("/v1/rollouts", headers=bearer(trainer), json={"version": "fm-v2", "stages": [0.2, 1.0]})
+            assert r.status_code == 201, r.text
+            ro = r.json()
+            canary = [d for d in tokens if c.get("/v1/assignment", headers=bearer(tokens[d])).json()["active"]
+                      ["version"] == "fm-v2"]
+            outside = [d for d in tokens if d not in canary]
+            assert len(canary) >= 2 and outside, canary
+            forger = outside[0]
+            refusal = {"device_id": forger, "version": "fm-v2", "outcome": "refused", "reason": "forged"}
+            for _ in range(3):
+                assert c.post("/v1/ota-reports", headers=bearer(tokens[forger]), json=refusal).status_code == 204
+            hb = {**heartbeat(forger), "model_version": "fm-v2", "human_compared": 1000, "human_disagreed": 1000}
+            assert c.post("/v1/heartbeats", headers=bearer(tokens[forger]), json=hb).status_code == 204
+            st = c.get(f"/v1/rollouts/{ro['rollout_id']}", headers=bearer(trainer)).json()
+            assert st["state"] == "running" and st["metrics"]["fm-v2"]["health_failures"] == 0, st
+            a = canary[0]  # one canary device alone cannot roll it back either
+            for _ in range(3):
+                r = c.post("/v1/ota-reports", headers=bearer(tokens[a]), json={**refusal, "device_id": a})
+                assert r.status_code == 204
+            assert c.get(f"/v1/rollouts/{ro['rollout_id']}", headers=bearer(trainer)).json()["state"] == "running"
+            b = canary[1]
+            r = c.post("/v1/ota-reports", headers=bearer(tokens[b]), json={**refusal, "device_id": b})
+            st = c.get(f"/v1/rollouts/{ro['rollout_id']}", headers=bearer(trainer)).json()
+            assert st["state"] == "rolled_back" and a in st["reason"] and b in st["reason"], st
+            assert forger not in st["reason"]
+    record("security_field_metrics", forged_reports_counted=0, devices_needed=2, rolled_back_with=[a, b])
+
+
+def test_promotions_every_device_refuses_are_undone_and_untrusted_keys_are_not_served(tmp_path: Path) -> None:
+    from fleet.signing import generate_keypair, load_private_key
+
+    from .support import kill9, respawn
+
+    with restartable_hub(tmp_path / "hub") as h:
+        trainer = _two_models(h, tmp_path, "pk")
+        env = {**os.environ, "FLYWHEEL_HUB_URL": h.url, "FLYWHEEL_HUB_TOKEN": h.admin_token}
+        promote = subprocess.run([sys.executable, "-m", "fleet.cli", "models", "promote", "pk-v2"], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert promote.returncode == 0 and "rolling out to the whole fleet" in promote.stdout, promote.stderr
+        with httpx.Client(base_url=h.url, timeout=30) as c:
+            devs = {d: enroll(c, h, d) for d in ("pk-a", "pk-b")}
+            for d, tok in devs.items():
+                assert c.get("/v1/assignment", headers=bearer(tok)).json()["active"]["version"] == "pk-v2"
+                r = c.post("/v1/ota-reports", headers=bearer(tok), json={
+                    "device_id": d, "version": "pk-v2", "outcome": "refused", "reason": "does not verify"})
+                assert r.status_code == 204
+            models = {m["version"]: m["status"] for m in c.get("/v1/models", headers=bearer(trainer)).json()}
+            assert models == {"pk-v1": "active", "pk-v2": "retired"}, models
+            rollout = c.get("/v1/rollouts", headers=bearer(trainer)).json()[0]
+            assert rollout["kind"] == "promotion" and "every device in the canary (2)" in rollout["reason"]
+
+        # the fleet key switched to B, a B-signed model made active, then the key switched back to A
+        other = generate_keypair()
+        kill9(h)
+        h.env["FLYWHEEL_HUB_SIGNING_PUBLIC_KEY"] = other.public_b64
+        respawn(h)
+        b_model = make_model_files(tmp_path / "b", "pk-b1", private_key=load_private_key(other.private_pem))
+        publish(h, b_model, trainer, promote=True)
+        with httpx.Client(base_url=h.url, timeout=30) as c:
+            models = {m["version"]: m["status"] for m in c.get("/v1/models", headers=bearer(trainer)).json()}
+            assert models["pk-b1"] == "active" and models["pk-v1"] == "retired", models
+        kill9(h)
+        h.env["FLYWHEEL_HUB_SIGNING_PUBLIC_KEY"] = h.keypair.public_b64
+        respawn(h)
+        with httpx.Client(base_url=h.url, timeout=30) as c:
+            models = {m["version"]: m["status"] for m in c.get("/v1/models", headers=bearer(trainer)).json()}
+            assert models["pk-b1"] == "retired" and models["pk-v1"] == "active", models
+            a = c.get("/v1/assignment", params={"device_id": "pk-a"}, headers=h.admin_headers).json()
+            assert a["active"]["version"] == "pk-v1"
+    record("security_promote_and_keys", promotion_refused_everywhere_undone=True, foreign_key_model_served=False)
+
+
+def test_concurrent_bad_model_uploads_keep_the_hubs_memory_bounded(tmp_path: Path) -> None:
+    """Three concurrent 100 MB uploads whose bytes do not match their manifest (a trainer token): the hub
+    streams them to disk and hashes them in chunks, so its resident memory grows by far less than one."""
+    import concurrent.futures as cf
+    import dataclasses
+
+    from fleet.signing import sign_manifest
+
+    size = 100 << 20
+    with restartable_hub(tmp_path / "hub") as h:
+        trainer = h.token("trainer")
+        files = make_model_files(tmp_path / "m", "mem-v1", private_key=h.private_key())
+        assert files.signed is not None
+        manifest = dataclasses.replace(files.signed.manifest, onnx_size=size, onnx_sha256="0" * 64)
+        text = sign_manifest(manifest, h.private_key()).to_json()
+        block = os.urandom(1 << 20)
+
+        def body() -> Iterator[bytes]:
+            for _ in range(size >> 20):
+                yield block
+
+        def upload(_: int) -> int:
+            with httpx.Client(timeout=300) as c:
+                boundary = "memprobe"
+                head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"manifest\"\r\n\r\n{text}\r\n"
+                        f"--{boundary}\r\nContent-Disposition: form-data; name=\"onnx\"; filename=\"m.onnx\"\r\n"
+                        f"Content-Type: application/octet-stream\r\n\r\n").encode()
+                tail_ = f"\r\n--{boundary}--\r\n".encode()
+
+                def stream() -> Iterator[bytes]:
+                    yield head
+                    yield from body()
+                    yield tail_
+
+                r = c.post(h.url + "/v1/models", content=stream(), headers={
+                    **bearer(trainer), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+                return r.status_code
+
+        def rss_kib() -> int:
+            status = Path(f"/proc/{h.process.pid}/status").read_text()
+            return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+        base = rss_kib()
+        peak = base
+        with cf.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(upload, i) for i in range(3)]
+            while not all(f.done() for f in futures):
+                peak = max(peak, rss_kib())
+                time.sleep(0.05)
+            codes = [f.result() for f in futures]
+        assert codes == [400] * 3, codes
+        grew_mib = (peak - base) / 1024
+        assert grew_mib < 64, f"the hub's RSS grew by {grew_mib:.0f} MiB for 3 x {size >> 20} MiB bad uploads"
+    record("security_model_upload_memory", uploads=3, mib_each=size >> 20, rss_growth_mib=round(grew_mib, 1),
+           rss_base_mib=round(base / 1024, 1))
+
+
+def test_dev_mode_starts_with_a_loud_warning(tmp_path: Path) -> None:
+    from fleet.sim.procs import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_HUB_")}
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.cli", "hub", "serve", "--dev", "--port", str(port),
+                             "--data-dir", str(tmp_path / "dev-hub")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for("the dev hub", lambda: _up(f"http://127.0.0.1:{port}"), timeout=60)
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/devices", headers=bearer("dev-admin-token"), timeout=10)
+        assert r.status_code == 200  # it still works for tests
+    finally:
+        from tests.support.hub import stop
+
+        stop(proc)
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    assert "WARNING: DEV MODE" in out and "dev-admin-token" in out, out[-3000:]
+    record("security_dev_mode", warning_printed=True)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_the_demo_passes_the_trainers_token_in_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ps` shows every command line to every user: the demo's `flywheel train --publish` must not carry the token."""
+    from fleet.sim import demo
+
+    seen: dict[str, Any] = {}
+
+    def fake_run(cmd: list[str], log: Path, *, env: dict[str, str] | None = None, **kw: Any) -> int:
+        seen["cmd"], seen["env"] = cmd, env
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps({"gate": {"passed": True}, "publish": {"version": "v"}}))
+        return 0
+
+    monkeypatch.setattr(demo, "run_logged", fake_run)
+    hub = demo.HubProcess(url="http://127.0.0.1:9", admin_token="a", fleet_secret="f", webhook_secret="w",
+                          data_dir=tmp_path, process=None, log_path=tmp_path / "log")  # type: ignore[arg-type]
+    trainer = demo.Trainer(demo.DemoSettings(workspace=tmp_path), tmp_path, tmp_path / "key", hub, "fwt_TRAINER",
+                           tmp_path / "seed.npz", ["a", "b"])
+    trainer.train("base", data="npz:x", epochs=1, publish=True, stages="1.0", warm=None)
+    assert not any("fwt_TRAINER" in part for part in seen["cmd"]) and "--token" not in seen["cmd"], seen["cmd"]
+    assert seen["env"]["FLYWHEEL_TOKEN"] == "fwt_TRAINER"

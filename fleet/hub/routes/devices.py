@@ -2,51 +2,95 @@
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Response
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import col, select
 
-from fleet.hub import rollouts
-from fleet.hub.auth import Principal, issue_token, require, require_device
+from fleet.hub import enrollment, heartbeats, rollouts
+from fleet.hub.auth import Principal, bearer, issue_token, require, require_device
 from fleet.hub.context import Hub, get_hub
 from fleet.hub.db import read_session, write_session
-from fleet.hub.models import ApiToken, Device, OtaReportRow
-from fleet.hub.schemas import EnrollRequest, TokenCreate, TokenPublic
+from fleet.hub.models import ENROLL_OUTCOMES, ApiToken, Device, EnrollmentAttempt, OtaReportRow
+from fleet.hub.schemas import EnrollRequest, GrantCreate, TokenCreate, TokenPublic
 from fleet.protocol import Enrollment, Heartbeat, OtaReport, check_name
 
 router = APIRouter(tags=["devices"])
 
 
 @router.post("/v1/enroll")
-def enroll(body: EnrollRequest, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """Trade the fleet secret for a per-device token (re-enrolling replaces the device's old tokens)."""
-    if not hmac.compare_digest(body.fleet_secret.encode(), hub.settings.fleet_secret.get_secret_value().encode()):
-        raise HTTPException(401, detail="fleet secret does not match this hub's")
+def enroll(body: EnrollRequest, request: Request, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Trade a credential for a per-device token; re-enrolling replaces the device's old tokens.
+
+    The fleet secret enrolls only new device ids; an enrolled id needs its own current token, an
+    admin token or an admin's enrollment token (fleet.hub.enrollment has the rules).
+    """
+    client = request.client.host if request.client else "unknown"
+    enrollment.check_rate(hub, client)
+    header = request.headers.get("authorization")
+    creds = enrollment.Credentials(fleet_secret=body.fleet_secret, enrollment_token=body.enrollment_token,
+                                   bearer=bearer(request) if header is not None else None)
     now = hub.now()
     try:
         with write_session(hub.engine) as s:
+            granted = enrollment.authorize(hub, s, body.device_id, creds)
+            group = granted.group or body.group
             device = s.get(Device, body.device_id)
-            if device is not None and device.revoked_at is not None:
-                raise HTTPException(403, detail=f"device {body.device_id!r} was revoked; it cannot enroll again")
+            again = device is not None
             if device is None:
-                device = Device(device_id=body.device_id, group=body.group, enrolled_at=now)
+                device = Device(device_id=body.device_id, group=group, enrolled_at=now)
             else:
-                device.group = body.group
+                device.group = group
                 s.execute(sa.update(ApiToken).where(col(ApiToken.device_id) == body.device_id,
                                                     col(ApiToken.revoked_at).is_(None)).values(revoked_at=now))
             s.add(device)
+            enrollment.use_grant(hub, s, granted)
             token = issue_token(s, scope="device", name=f"device-{secrets.token_hex(8)}", now=now,
                                 device_id=body.device_id)
+    except enrollment.Refused as exc:
+        enrollment.record(hub, client=client, device_id=body.device_id, outcome="refused", detail=str(exc.detail))
+        raise
     except DBIntegrityError:
         raise HTTPException(409, detail=f"device {body.device_id!r} is enrolling concurrently; retry") from None
+    enrollment.record(hub, client=client, device_id=body.device_id, outcome="re-enrolled" if again else "enrolled",
+                      method=granted.method)
     hub.tokens.clear()
     return Enrollment(device_id=body.device_id, token=token, fleet_public_key=hub.settings.public_key() or "",
                       hub_time=now).to_dict()
+
+
+@router.post("/v1/devices/{device_id}/enrollment-token", status_code=201)
+def create_enrollment_token(device_id: str, body: GrantCreate | None = Body(None),
+                            principal: Principal = Depends(require("admin")),
+                            hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """A one-time, expiring token that enrolls ``device_id`` (new, or again after it lost its credentials)."""
+    check_name(device_id, "device_id")
+    body = body or GrantCreate()
+    ttl = body.ttl_s or hub.settings.enrollment_token_ttl_s
+    with write_session(hub.engine) as s:
+        token, expires = enrollment.issue_grant(s, device_id=device_id, group=body.group, now=hub.now(), ttl_s=ttl,
+                                                created_by=principal.name)
+    return {"device_id": device_id, "enrollment_token": token, "expires_at": expires, "group": body.group}
+
+
+@router.get("/v1/enrollment-attempts")
+def enrollment_attempts(device_id: str | None = Query(None, max_length=128), outcome: str | None = Query(None),
+                        limit: int = Query(100, ge=1, le=1000), _: Principal = Depends(require("admin")),
+                        hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+    """The enrollment audit, newest first: who enrolled which device how, and every refused attempt."""
+    if outcome is not None and outcome not in ENROLL_OUTCOMES:
+        raise HTTPException(422, detail=f"outcome must be one of {list(ENROLL_OUTCOMES)}; received {outcome!r}")
+    q = select(EnrollmentAttempt)
+    if device_id is not None:
+        q = q.where(EnrollmentAttempt.device_id == device_id)
+    if outcome is not None:
+        q = q.where(EnrollmentAttempt.outcome == outcome)
+    with read_session(hub.engine) as s:
+        rows = s.exec(q.order_by(col(EnrollmentAttempt.id).desc()).limit(limit)).all()
+    return [r.model_dump() for r in rows]
 
 
 @router.post("/v1/heartbeats", status_code=204)
@@ -57,7 +101,7 @@ def heartbeat(payload: Any = Body(...), principal: Principal = Depends(require("
     for attempt in range(3):
         try:
             with write_session(hub.engine) as s:
-                rollouts.record_heartbeat(hub, s, hb)
+                heartbeats.record_heartbeat(hub, s, hb)
                 rollouts.evaluate_running(hub, s)
             break
         except DBIntegrityError:  # two heartbeats of one new boot raced; the second sees the first's row
@@ -75,8 +119,7 @@ def ota_report(payload: Any = Body(...), principal: Principal = Depends(require(
         s.add(OtaReportRow(device_id=report.device_id, version=report.version, outcome=report.outcome,
                            reason=report.reason, previous_version=report.previous_version,
                            reported_at=report.reported_at, received_at=hub.now()))
-        if report.outcome in ("refused", "rolled_back"):
-            rollouts.record_ota_failure(hub, s, report)
+        if report.outcome in ("refused", "rolled_back") and heartbeats.record_ota_failure(hub, s, report):
             rollouts.evaluate_running(hub, s)
     return Response(status_code=204)
 

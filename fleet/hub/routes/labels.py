@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+import logging
 from collections import Counter
 from typing import Any
 
@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, col, select
 
 from fleet.hub.auth import Principal, require
+from fleet.hub.bodies import loads_or_none, parse_json
 from fleet.hub.context import Hub, get_hub
 from fleet.hub.db import insert_ignore, read_session, write_session
 from fleet.hub.ingest import model_info
@@ -20,6 +21,7 @@ from fleet.hub.models import CaseRow, HubState, LabelRow, WebhookEvent
 from fleet.hub.schemas import AckRequest, LabelCreate
 
 router = APIRouter(tags=["labels"])
+log = logging.getLogger(__name__)
 
 _COMPARED = ("case_id", "label", "annotator", "task_id", "created_at", "agreement", "n_annotators", "status")
 ACK_KEY = "labeling_events_acked"
@@ -125,14 +127,15 @@ async def webhook(request: Request, hub: Hub = Depends(get_hub)) -> Response:
     if not hmac.compare_digest(secret.encode(), hub.settings.webhook_secret.get_secret_value().encode()):
         raise HTTPException(401, detail="missing or wrong X-Flywheel-Webhook-Secret header")
     raw = await request.body()
-    try:
-        json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPException(400, detail=f"webhook body is not valid JSON ({exc}); received {raw[:60]!r}") from None
+    cfg = hub.settings
+    doc = parse_json(raw, "webhook body", max_bytes=cfg.max_json_bytes, max_depth=cfg.max_json_depth)
+    if not isinstance(doc, dict):
+        raise HTTPException(422, detail=f"webhook body must be a JSON object; received {type(doc).__name__}")
+    text = raw.decode("utf-8")  # parse_json checked it is UTF-8: what is stored reads back as it came
     digest = hashlib.sha256(raw).hexdigest()
     with write_session(hub.engine) as s:
         s.execute(insert_ignore(hub.engine, WebhookEvent.__table__,  # type: ignore[arg-type]
-                                {"body_sha256": digest, "body": raw.decode("utf-8"), "received_at": hub.now()}))
+                                {"body_sha256": digest, "body": text, "received_at": hub.now()}))
     return Response(status_code=204)
 
 
@@ -144,7 +147,17 @@ def events(after: int | None = Query(None, ge=0, le=2**31 - 1), limit: int = Que
             after = acked(s)
         rows = s.exec(select(WebhookEvent).where(col(WebhookEvent.id) > after)
                       .order_by(WebhookEvent.id).limit(limit)).all()
-    return {"events": [{"id": r.id, "received_at": r.received_at, "body": json.loads(r.body)} for r in rows]}
+    return {"events": [_event(r, hub.settings.max_json_depth) for r in rows]}
+
+
+def _event(row: WebhookEvent, max_depth: int) -> dict[str, Any]:
+    """One inbox event; a stored body that cannot be read (stored by an older hub) comes back as
+    ``body: null`` with the reason, so one bad event never blocks the feed: the bridge skips and acks it."""
+    body, error = loads_or_none(row.body, max_depth=max_depth)
+    if error is None:
+        return {"id": row.id, "received_at": row.received_at, "body": body}
+    log.warning("webhook event %s cannot be read (%s); served without its body", row.id, error)
+    return {"id": row.id, "received_at": row.received_at, "body": None, "error": f"stored body is {error}"}
 
 
 @router.post("/v1/labeling/events/ack", status_code=204)

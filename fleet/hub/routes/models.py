@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
-from typing import Any
+import io
+from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -16,10 +15,12 @@ from starlette.datastructures import UploadFile
 from fleet.errors import IntegrityError
 from fleet.hub import rollouts
 from fleet.hub.auth import Principal, require
+from fleet.hub.blobs import hash_file
+from fleet.hub.bodies import parse_json
 from fleet.hub.context import Hub, get_hub
 from fleet.hub.db import insert_ignore, read_session, write_session
 from fleet.hub.models import Blob, ModelVersion
-from fleet.hub.schemas import RollbackRequest
+from fleet.hub.schemas import PromoteRequest, RollbackRequest
 from fleet.protocol import SignedManifest, check_name
 from fleet.signing import verify_manifest
 
@@ -29,28 +30,37 @@ router = APIRouter(tags=["models"])
 @router.post("/v1/models", status_code=201)
 async def upload_model(request: Request, _: Principal = Depends(require("trainer")),
                        hub: Hub = Depends(get_hub)) -> JSONResponse:
-    """multipart: ``onnx`` (file) and ``manifest`` (SignedManifest JSON, a field or a file)."""
+    """multipart: ``onnx`` (file) and ``manifest`` (SignedManifest JSON, a field or a file).
+
+    The ONNX part is spooled to a temporary file by the multipart parser (1 MiB in memory at most),
+    then hashed and copied into the blob store in chunks: memory stays bounded whatever its size.
+    """
     async with request.form(max_files=2, max_fields=2, max_part_size=hub.settings.max_json_bytes) as form:
         onnx_part, manifest_part = form.get("onnx"), form.get("manifest")
         if not isinstance(onnx_part, UploadFile) or manifest_part is None:
             raise HTTPException(422, detail=f"expected multipart parts 'onnx' (file) and 'manifest' (JSON); "
                                             f"received parts {sorted(form.keys())}")
         text = await manifest_part.read() if isinstance(manifest_part, UploadFile) else manifest_part
-        onnx = await onnx_part.read()
-    status, body = await run_in_threadpool(register_model, hub, text, onnx)
+        status, body = await run_in_threadpool(register_model, hub, text, onnx_part.file)
     return JSONResponse(body, status_code=status)
 
 
-def register_model(hub: Hub, manifest_text: str | bytes, onnx: bytes) -> tuple[int, dict[str, Any]]:
-    signed = SignedManifest.from_json(manifest_text)
-    key = hub.settings.public_key()
+def register_model(hub: Hub, manifest_text: str | bytes, onnx: BinaryIO | bytes) -> tuple[int, dict[str, Any]]:
+    """Verify the signed manifest, then the ONNX bytes against it (streamed), then register the version."""
+    cfg = hub.settings
+    signed = SignedManifest.from_dict(parse_json(manifest_text, "part 'manifest'", max_bytes=cfg.max_json_bytes,
+                                                 max_depth=cfg.max_json_depth, invalid_status=422))
+    key = cfg.public_key()
     if key is None:
         raise HTTPException(422, detail="this hub has no fleet public key configured "
                                         "(FLYWHEEL_HUB_SIGNING_PUBLIC_KEY); it cannot verify models")
     manifest = verify_manifest(signed, key)  # IntegrityError -> 422
-    digest = hashlib.sha256(onnx).hexdigest()
-    if len(onnx) != manifest.onnx_size or digest != manifest.onnx_sha256:
-        raise HTTPException(400, detail=f"ONNX file is {len(onnx)} bytes with sha256 {digest}; the manifest says "
+    fh: BinaryIO = io.BytesIO(onnx) if isinstance(onnx, bytes) else onnx
+    start = fh.tell()
+    digest, size = hash_file(fh, limit=max(manifest.onnx_size, 0))
+    if size != manifest.onnx_size or digest != manifest.onnx_sha256:
+        shown = f"more than {manifest.onnx_size}" if size > manifest.onnx_size else f"{size}"
+        raise HTTPException(400, detail=f"ONNX file is {shown} bytes with sha256 {digest}; the manifest says "
                                         f"{manifest.onnx_size} bytes with sha256 {manifest.onnx_sha256}")
     with read_session(hub.engine) as s:
         existing = s.get(ModelVersion, manifest.version)
@@ -59,15 +69,16 @@ def register_model(hub: Hub, manifest_text: str | bytes, onnx: bytes) -> tuple[i
             return 200, {"version": existing.version, "status": existing.status, "already": True}
         raise HTTPException(409, detail=f"model version {manifest.version!r} already exists with different "
                                         f"bytes or manifest; publish under a new version")
-    sha, created = hub.blobs.put(onnx, sha256=digest)
+    fh.seek(start)
+    sha, created = hub.blobs.put_file(fh, sha256=digest)
     now = hub.now()
     try:
         with write_session(hub.engine) as s:
             s.execute(insert_ignore(hub.engine, Blob.__table__,  # type: ignore[arg-type]
-                                    {"sha256": sha, "size": len(onnx), "kind": "model", "created_at": now}))
+                                    {"sha256": sha, "size": size, "kind": "model", "created_at": now}))
             s.add(ModelVersion(
                 version=manifest.version, parent_version=manifest.parent_version, status="candidate",
-                onnx_sha256=digest, onnx_size=len(onnx), signed_manifest=signed.to_dict(),
+                onnx_sha256=digest, onnx_size=size, signed_manifest=signed.to_dict(),
                 class_names=list(manifest.class_names), embedding_dim=manifest.embedding_dim,
                 metrics=dict(manifest.metrics), created_at=manifest.created_at, uploaded_at=now,
                 status_changed_at=now,
@@ -121,19 +132,23 @@ def get_onnx(version: str, _: Principal = Depends(require("device", "trainer", "
 
 
 @router.post("/v1/models/{version}/promote")
-def promote(version: str, _: Principal = Depends(require("admin")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """Make a version active at once (a running rollout of it completes; of another, refuses)."""
+def promote(version: str, body: PromoteRequest | None = Body(None), principal: Principal = Depends(require("admin")),
+            hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+    """Promote a version: the first active model at once; over an active one, a rollout to the whole fleet
+    that completes after ``promote_hold_s`` unless devices refuse it, or with ``override`` active at once,
+    recorded, and still undone if every device refuses it (see fleet.hub.rollouts)."""
     check_name(version, "version")
+    body = body or PromoteRequest()
     with write_session(hub.engine) as s:
-        running = rollouts.running_rollout(s)
-        if running is not None and running.version != version:
-            raise HTTPException(409, detail=f"rollout {running.rollout_id} of {running.version!r} is running; "
-                                            f"roll it back before promoting {version!r}")
-        if running is not None:
-            running.state, running.finished_at, running.reason = "completed", hub.now(), "promoted by an operator"
-            s.add(running)
-        mv = rollouts.promote(hub, s, version)
-        return model_public(mv)
+        rollout = rollouts.promote_version(hub, s, version, override=body.override, reason=body.reason,
+                                           actor=principal.name)
+        s.flush()
+        mv = s.get(ModelVersion, version)
+        assert mv is not None
+        out = model_public(mv)
+        out["rollout"] = rollouts.rollout_status(s, rollout) if rollout is not None else None
+    hub.models.clear()
+    return out
 
 
 @router.post("/v1/models/{version}/retire")
@@ -197,4 +212,4 @@ def model_public(mv: ModelVersion) -> dict[str, Any]:
     }
 
 
-__all__ = ["router", "IntegrityError", "tempfile"]
+__all__ = ["router", "IntegrityError"]

@@ -1,0 +1,97 @@
+"""The rollback rules: what evidence, from how many devices, rolls a candidate back. Pure functions of plain data.
+
+A rollout keeps, per device, what it heard about the candidate (``rollout_device_metrics``): health
+failures (NaN outputs, refused or rolled-back installs), OTA failures alone, and human-compared and
+-disagreed frames. Only devices that were assigned the candidate are ever counted (see
+:mod:`fleet.hub.heartbeats`), so ``needed = min(rollback_min_devices, canary size)`` devices must
+agree; a canary of one device is all the evidence there can be. The candidate rolls back when
+
+1. **health**: its health failures reach ``rollback_health_failures`` and come from at least
+   ``needed`` devices; or
+2. **every device refused it**: every device in the canary reported a refused or rolled-back
+   install (so a promotion every device refuses is undone, however small the fleet); or
+3. **field disagreement**: with at least ``rollback_min_compared`` human-compared frames in all,
+   its disagreement exceeds the incumbent's by more than ``rollback_margin``, and so does each of
+   at least ``needed`` devices on its own (each with ``rollback_min_device_compared`` frames).
+
+The reason names the devices the evidence came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleet.hub.settings import HubSettings
+
+SHOWN_DEVICES = 10
+
+
+@dataclass(frozen=True)
+class Pooled:
+    """Human-compared frames and disagreements: summed for a version, or one device's (below)."""
+
+    human_compared: int = 0
+    human_disagreed: int = 0
+
+    @property
+    def disagreement(self) -> float:
+        return self.human_disagreed / self.human_compared if self.human_compared else 0.0
+
+
+@dataclass(frozen=True)
+class DeviceEvidence(Pooled):
+    """What one device reported about the candidate during the rollout."""
+
+    device_id: str = ""
+    health_failures: int = 0
+    ota_failures: int = 0
+
+
+def verdict(cfg: HubSettings, devices: list[DeviceEvidence], *, canary_size: int, candidate: Pooled,
+            incumbent: Pooled | None) -> str | None:
+    """Why the candidate must roll back (naming the devices), or None if the evidence does not say so."""
+    needed = max(1, min(cfg.rollback_min_devices, canary_size))
+    failing = sorted((d for d in devices if d.health_failures > 0), key=lambda d: (-d.health_failures, d.device_id))
+    total = sum(d.health_failures for d in failing)
+    if total >= cfg.rollback_health_failures and len(failing) >= needed:
+        return (f"health failures {total} from {len(failing)} devices reached the threshold "
+                f"{cfg.rollback_health_failures} (evidence needed from {needed} devices): "
+                f"{_shown([(d.device_id, d.health_failures) for d in failing])}")
+    refused = sorted(d.device_id for d in devices if d.ota_failures > 0)
+    if canary_size > 0 and len(refused) >= canary_size:
+        return (f"every device in the canary ({canary_size}) refused or rolled back the install: "
+                f"{_shown([(d, 1) for d in refused], counts=False)}")
+    if incumbent is None or candidate.human_compared < cfg.rollback_min_compared:
+        return None
+    if incumbent.human_compared < cfg.rollback_min_compared:
+        return None
+    gap = candidate.disagreement - incumbent.disagreement
+    if gap <= cfg.rollback_margin:
+        return None
+    bar = incumbent.disagreement + cfg.rollback_margin
+    dissent = sorted((d for d in devices if d.human_compared >= cfg.rollback_min_device_compared
+                      and d.disagreement > bar), key=lambda d: (-d.human_compared, d.device_id))
+    if len(dissent) < needed:
+        return None
+    return (f"field disagreement {candidate.disagreement:.3f} over {candidate.human_compared} frames exceeds the "
+            f"incumbent's {incumbent.disagreement:.3f} by {gap:.3f} > margin {cfg.rollback_margin}, and so does each "
+            f"of {len(dissent)} devices (evidence needed from {needed}): "
+            f"{_shown([(d.device_id, round(d.disagreement, 3)) for d in dissent])}")
+
+
+def _shown(items: list[tuple[str, object]], *, counts: bool = True) -> str:
+    parts = [f"{name} ({value})" if counts else name for name, value in items[:SHOWN_DEVICES]]
+    more = len(items) - SHOWN_DEVICES
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
+
+
+def rate_violation(deltas: dict[str, int], *, elapsed_s: float, max_rate_per_s: float, grace_s: float) -> str | None:
+    """Why these heartbeat deltas cannot be real (a counter rose faster than a device counts), or None."""
+    allowed = max_rate_per_s * (max(0.0, elapsed_s) + grace_s)
+    over = {k: v for k, v in deltas.items() if v > allowed}
+    if not over:
+        return None
+    shown = ", ".join(f"{k} rose by {v}" for k, v in sorted(over.items()))
+    return (f"heartbeat counters rose faster than a device can count: {shown} in {elapsed_s:.1f} s since this "
+            f"device's last heartbeat; at most {max_rate_per_s:g} per second plus {grace_s:g} s of slack "
+            f"({allowed:.0f}) is plausible. Nothing was recorded")
