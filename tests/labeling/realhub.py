@@ -116,7 +116,8 @@ def serve_real_hub(tmp: Path, *, n_classes: int = 3) -> Iterator[RealHub]:
                             files={"onnx": ("model.onnx", files.onnx_path.read_bytes(), "application/octet-stream")},
                             data={"manifest": files.signed.to_json()})  # type: ignore[union-attr]
             assert r.status_code == 201, r.text
-            r = client.post(f"/v1/models/{version}/promote", headers=admin)
+            r = client.post(f"/v1/models/{version}/promote", headers=admin,  # at once: the test's new model
+                            json={"override": True, "reason": "the labeling tests' next model version"})
             assert r.status_code == 200, r.text
             parent.append(version)
             return files
