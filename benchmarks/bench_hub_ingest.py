@@ -36,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fleet.protocol import Case, TriggerHit, encode_embedding  # noqa: E402
+from fleet.protocol import Case, Classification, TriggerHit, encode_embedding  # noqa: E402
 
 TARGETS = {"sqlite": 500.0, "postgres": 1000.0}
 
@@ -79,7 +79,7 @@ def build_cases(device: str, n: int, seed: int) -> list[tuple[Case, bytes]]:
         image = png(rng)
         p = rng.dirichlet(np.ones(10) * 0.5)
         case = Case(case_id=f"{device}-{i}-{uuid.uuid4().hex[:6]}", device_id=device, captured_at=time.time(),
-                    model_version="bench-m1", predicted_class=int(np.argmax(p)), probs=[float(x) for x in p],
+                    model_version="bench-m1", prediction=Classification(int(np.argmax(p)), [float(x) for x in p]),
                     image_sha256=hashlib.sha256(image).hexdigest(), image_size=len(image), priority=0.5,
                     scores={"entropy": float(-(p * np.log(p + 1e-12)).sum())},
                     triggers=[TriggerHit("entropy", 0.9, 0.5)], tags={"condition": "night"},

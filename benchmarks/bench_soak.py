@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fleet.protocol import Case, InputSpec, ModelManifest, TriggerHit, encode_embedding  # noqa: E402
+from fleet.protocol import Case, Classification, InputSpec, ModelManifest, TriggerHit, encode_embedding  # noqa: E402
 
 MODEL_VERSION = "soak-v1"
 
@@ -238,7 +238,7 @@ class Fleet:
         p = p / p.sum()
         emb = np.asarray([rng.gauss(0, 1) for _ in range(16)], np.float32)
         case = Case(case_id=uuid.uuid4().hex, device_id=device_id, captured_at=time.time(),
-                    model_version=MODEL_VERSION, predicted_class=int(p.argmax()), probs=[float(x) for x in p],
+                    model_version=MODEL_VERSION, prediction=Classification(int(p.argmax()), [float(x) for x in p]),
                     image_sha256=hashlib.sha256(png).hexdigest(), image_size=len(png), priority=rng.random(),
                     scores={"entropy": float(-(p * np.log(p)).sum())},
                     triggers=[TriggerHit(name="entropy", value=0.9, threshold=0.5)], tags={"soak": "1"},

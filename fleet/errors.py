@@ -4,14 +4,15 @@ one mapping between HTTP statuses and that tree, used by every client and by the
 ======================================  ======================  ==========================================
 fault                                   raised by a client for  the hub answers it with
 ======================================  ======================  ==========================================
-:class:`ServerBusy` (retryable)         408, 425, 429, 5xx      503 (429 with ``Retry-After`` for quotas)
+:class:`TooManyRequests` (retryable)    429                     429, with ``Retry-After``
+:class:`ServerBusy` (retryable)         408, 425, 5xx           503 (with ``Retry-After`` when known)
 :class:`TransportError` (retryable)     no answer at all        (not an answer)
 :class:`Unauthorized`                   401, 403                401 (403 with ``Forbidden``)
 :class:`NotFound`                       404                     404
 :class:`Conflict`                       409                     409
 :class:`PayloadTooLarge`                413                     413
 :class:`UnsupportedMedia`               415                     415
-:class:`InvalidInput`                   400, 422, other 4xx     422
+:class:`InvalidInput`                   400, 422, other 4xx     400
 :class:`ProtocolError`                  (a malformed answer)    422
 :class:`IntegrityError`                 (bytes that do not      422
                                         verify)
@@ -48,6 +49,10 @@ class ServerBusy(RetryableError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TooManyRequests(ServerBusy):
+    """Over a rate or a quota (HTTP 429): wait ``retry_after`` seconds, then try again."""
 
 
 class InvalidInput(PermanentError, ValueError):
@@ -116,8 +121,8 @@ _BY_STATUS: dict[int, type[FlywheelError]] = {
 # most specific first: the first class an error is an instance of gives its status
 _STATUS_OF: tuple[tuple[type[FlywheelError], int], ...] = (
     (Forbidden, 403), (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (PayloadTooLarge, 413),
-    (UnsupportedMedia, 415), (InvalidInput, 422), (ProtocolError, 422), (IntegrityError, 422),
-    (RetryableError, 503), (PermanentError, 400), (FlywheelError, 500),
+    (UnsupportedMedia, 415), (InvalidInput, 400), (ProtocolError, 422), (IntegrityError, 422),
+    (TooManyRequests, 429), (RetryableError, 503), (PermanentError, 400), (FlywheelError, 500),
 )
 
 
@@ -125,6 +130,8 @@ def error_for_status(status: int, what: str, *, retry_after: float | None = None
     """The fault an answer with HTTP ``status`` is: retryable (408, 425, 429, 5xx) or one permanent kind.
 
     ``what`` is the whole message (say which call, the status and the peer's detail)."""
+    if status == 429:
+        return TooManyRequests(what, retry_after=retry_after)
     if status >= 500 or status in RETRYABLE_STATUS:
         return ServerBusy(what, retry_after=retry_after)
     return _BY_STATUS.get(status, InvalidInput)(what)

@@ -12,7 +12,7 @@ another):
   and canaries (the model behind each prediction is the task's ``model_version`` data field).
 - :mod:`labeling.pull` applies Label Studio's webhooks (drained from the hub's inbox) and a periodic
   reconciliation of the whole project to the ledger (:mod:`labeling.ledger`), then posts each
-  annotation's label with the status :mod:`labeling.consensus` gives it; deletions and skips are
+  annotation's answer as it is (the hub decides its status, :mod:`fleet.consensus`); deletions and skips are
   applied, and skipped or deleted tasks return their case to the hub's pool.
 - :mod:`labeling.studio` is the only module that talks to Label Studio (through ``label_studio_sdk``);
   :mod:`labeling.hub_client` the only one that talks to the hub.

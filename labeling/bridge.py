@@ -1,7 +1,7 @@
 """The bridge wired together: Label Studio, the hub, the ledger and the settings; ``sync_once`` turns it once.
 
 Orchestration only: what each step does lives in :mod:`labeling.push`, :mod:`labeling.pull` and
-:mod:`labeling.consensus`.
+the hub, which decides every label's status (:mod:`fleet.consensus`).
 """
 
 from __future__ import annotations

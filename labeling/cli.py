@@ -49,8 +49,6 @@ def sync(
     overlap: int = typer.Option(2, "--overlap", min=1, max=20, help="Annotators per task in the overlap share."),
     overlap_share: float = typer.Option(0.2, "--overlap-share", min=0.0, max=1.0,
                                         help="Share of tasks labeled by --overlap annotators."),
-    min_agreement: float = typer.Option(0.6, "--min-agreement", min=0.0, max=1.0,
-                                        help="Overlap tasks below this agreement are held for review."),
     strategy: str = typer.Option("uncertainty+diversity", "--strategy", help="The hub's selection strategy."),
     horizon: float = typer.Option(900.0, "--horizon", min=1.0,
                                   help="Seconds of annotator work to keep queued (sets the target depth)."),
@@ -70,7 +68,6 @@ def sync(
     """Push the hub's selection to Label Studio and bring labels back, once or with --watch."""
     from labeling.bridge import Bridge
     from labeling.config import BridgeConfig
-    from labeling.consensus import Rules
     from labeling.hub_client import HubClient
     from labeling.ledger import Ledger
     from labeling.studio import Studio
@@ -81,7 +78,7 @@ def sync(
     try:
         config = BridgeConfig(
             project_title=project, overlap=overlap, overlap_share=overlap_share,
-            rules=Rules(min_agreement=min_agreement), strategy=strategy,
+            strategy=strategy,
             throttle=Throttle(horizon_s=horizon, min_depth=min_depth, max_depth=max_depth),
             reconcile_every_s=reconcile_every,
             webhook_url=(webhook_url or f"{hub_url.rstrip('/')}/v1/labeling/webhook") if webhook_secret else None,
@@ -218,7 +215,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _push_gold(bridge: Any, path: Path) -> None:
-    from labeling.hub_client import SelectedCase
     from labeling.push import push_gold
 
     items = []
@@ -226,7 +222,7 @@ def _push_gold(bridge: Any, path: Path) -> None:
         t = bridge.ledger.task(case_id=str(row["case_id"]))
         if t is not None and t.state in ("open", "done", "importing"):
             continue
-        items.append((SelectedCase.from_json(bridge.hub.get_case(str(row["case_id"]))), int(row["label"])))
+        items.append((bridge.hub.get_case(str(row["case_id"])), int(row["label"])))
     if items:
         n = push_gold(bridge, items)
         log.info("pushed %d gold tasks", n)

@@ -6,9 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.errors import InvalidInput
+from fleet.protocol import STRATEGIES
 from labeling.configs import check_class_names, get_kind
-from labeling.consensus import Rules
-from labeling.hub_client import STRATEGIES
 from labeling.throttle import Throttle
 
 # The ``model_version`` of every prediction the bridge pushes, and of the project: one queue across model
@@ -29,7 +28,6 @@ class BridgeConfig:
     class_names: tuple[str, ...] = ()
     overlap: int = 2
     overlap_share: float = 0.2
-    rules: Rules = field(default_factory=Rules)
     throttle: Throttle = field(default_factory=Throttle)
     strategy: str = "uncertainty+diversity"
     batch_size: int = 500

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from labeling.ledger_rows import SCHEMA, AnnotationRow, TaskRow, annotation_row, task_row
+from labeling.ledger_rows import ADDED_COLUMNS, SCHEMA, AnnotationRow, TaskRow, annotation_row, task_row
 
 
 class Ledger:
@@ -37,6 +37,11 @@ class Ledger:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            for table, columns in ADDED_COLUMNS.items():
+                have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns:
+                    if name not in have:
+                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -263,6 +268,12 @@ class Ledger:
                        (json.dumps(payload, sort_keys=True) if payload is not None else None,
                         self.clock() if payload is not None else None, annotation_id))
 
+    def set_verdicts(self, verdicts: list[tuple[int, str, float | None, str]]) -> None:
+        """What the hub decided about each answer ``(annotation_id, status, agreement, reason)``."""
+        with self.transaction() as db:
+            db.executemany("UPDATE annotations SET hub_status = ?, hub_agreement = ?, hub_reason = ? "
+                           "WHERE annotation_id = ?", [(st, ag, why, a) for a, st, ag, why in verdicts])
+
     def tombstones(self) -> list[dict[str, Any]]:
         return [json.loads(r["payload"]) for r in self._all("SELECT payload FROM tombstones ORDER BY annotation_id")]
 
@@ -309,16 +320,16 @@ class Ledger:
         return [float(r["sent_at"] - r["created_at"]) for r in rows]
 
     def agreement_summary(self) -> dict[str, Any]:
-        """Mean agreement and status counts over what the hub was last told."""
-        rows = self._all("SELECT sent FROM annotations WHERE sent IS NOT NULL AND deleted = 0")
-        payloads = [json.loads(r["sent"]) for r in rows]
-        agreements = [p["agreement"] for p in payloads if p.get("agreement") is not None]
+        """Mean agreement and status counts over the hub's last verdicts on the answers it holds."""
+        rows = self._all("SELECT hub_status, hub_agreement FROM annotations WHERE sent IS NOT NULL AND deleted = 0")
+        agreements = [r["hub_agreement"] for r in rows if r["hub_agreement"] is not None]
         statuses: dict[str, int] = {}
-        for p in payloads:
-            statuses[p["status"]] = statuses.get(p["status"], 0) + 1
+        for r in rows:
+            key = r["hub_status"] or "unknown"
+            statuses[key] = statuses.get(key, 0) + 1
         refused = self._one("SELECT COUNT(*) AS n FROM annotations WHERE refused IS NOT NULL AND deleted = 0")
         return {
-            "labels": len(payloads),
+            "labels": len(rows),
             "statuses": statuses,
             "mean_agreement": sum(agreements) / len(agreements) if agreements else None,
             "refused": int(refused["n"]) if refused else 0,

@@ -9,6 +9,9 @@ from typing import Any
 
 OPEN_STATES = ("open", "done")
 
+# columns added after the first release, with their type: a ledger from an older bridge gains them at open
+ADDED_COLUMNS = {"annotations": (("hub_status", "TEXT"), ("hub_agreement", "REAL"), ("hub_reason", "TEXT"))}
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tasks (
@@ -46,7 +49,10 @@ CREATE TABLE IF NOT EXISTS annotations (
     deleted INTEGER NOT NULL DEFAULT 0,
     first_seen REAL NOT NULL,
     sent TEXT,
-    sent_at REAL
+    sent_at REAL,
+    hub_status TEXT,
+    hub_agreement REAL,
+    hub_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS annotations_task ON annotations(task_id);
 CREATE INDEX IF NOT EXISTS annotations_seen ON annotations(first_seen);

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
-from labeling.consensus import Vote, decide, score_annotators
+from fleet.protocol import Classification, LabelPost
 from labeling.context import BridgeContext
 from labeling.records import AnnotationRecord, TaskRecord, parse_webhook
 
@@ -142,8 +142,11 @@ def drain_webhooks(bridge: BridgeContext, *, limit: int = 500) -> int:
         if not events:
             break
         for ev in events:
-            apply_webhook(bridge, ev.get("body"))
-            cursor = int(ev["id"])
+            if ev.body is not None:
+                apply_webhook(bridge, ev.body)
+            else:
+                log.warning("webhook event %d has no readable body (%s); skipped", ev.id, ev.error)
+            cursor = ev.id
             bridge.ledger.put("webhook_cursor", cursor)
             applied += 1
         bridge.hub.ack(cursor)
@@ -193,46 +196,41 @@ def reconcile(bridge: BridgeContext) -> int:
 
 
 def flush(bridge: BridgeContext) -> dict[str, int]:
-    """Post every label whose hub payload changed, delete labels of vanished annotations, release cases."""
+    """Post every answer whose post changed, delete the labels of vanished annotations, release cases.
+
+    Each answer goes to the hub as it is (a :class:`~fleet.protocol.LabelPost` with the task's overlap and
+    gold answer); the hub decides its status (fleet.consensus) and its verdicts are kept in the ledger.
+    """
     out = {"posted": 0, "deleted": 0, "released": 0}
     for payload in bridge.ledger.tombstones():
-        _post(bridge, payload)
+        _post(bridge, LabelPost.from_dict(payload))
         bridge.ledger.drop_tombstone(int(payload["annotation_id"]))
         out["deleted"] += 1
-    scores = score_annotators(bridge.ledger.gold_answers())
-    _refresh_reliability(bridge, scores)
-    n_classes = len(bridge.class_names)
     for task in bridge.ledger.dirty_tasks():
         if task.task_id is None:
             continue
         if task.state in ("open", "done"):
             anns = bridge.ledger.annotations_of(task.task_id)
             valid = [a for a in anns if a.valid]
-            verdicts = decide([Vote(a.annotation_id, a.annotator, int(a.label), a.ground_truth)  # type: ignore[arg-type]
-                               for a in valid],
-                              n_classes=n_classes, required=task.overlap, gold_label=task.gold_label,
-                              scores=scores, rules=bridge.config.rules)
-            for a, v in zip(valid, verdicts, strict=True):
-                payload = {
-                    "case_id": task.case_id, "label": int(a.label),  # type: ignore[arg-type]
-                    "annotator": a.annotator, "source": SOURCE, "task_id": task.task_id,
-                    "annotation_id": a.annotation_id, "created_at": a.created_at, "deleted": False,
-                    "agreement": None if v.agreement is None else round(v.agreement, 6),
-                    "n_annotators": v.n_annotators, "status": v.status,
-                }
+            gold = None if task.gold_label is None else Classification(int(task.gold_label))
+            for a in valid:
+                post = LabelPost(case_id=task.case_id, label=Classification(int(a.label or 0)), annotator=a.annotator,
+                                 task_id=task.task_id, annotation_id=a.annotation_id, created_at=a.created_at,
+                                 source=SOURCE, overlap=task.overlap, ground_truth=a.ground_truth, gold_label=gold)
+                payload = post.to_dict()
                 if payload != a.sent:
-                    _post(bridge, payload)
+                    _post(bridge, post)
                     bridge.ledger.mark_sent(a.annotation_id, payload)
                     out["posted"] += 1
             for a in anns:
                 if not a.valid and a.sent is not None:  # a label whose annotation became a skip or malformed
-                    _post(bridge, {**a.sent, "deleted": True})
+                    _post(bridge, LabelPost.from_dict({**a.sent, "deleted": True}))
                     bridge.ledger.mark_sent(a.annotation_id, None)
                     out["deleted"] += 1
             crowd = [a for a in valid if not a.ground_truth]
             skipped = [a for a in anns if a.cancelled and not a.ground_truth]
-            gold = task.gold_label is not None or any(a.ground_truth for a in valid)
-            if not crowd and skipped and not gold:
+            is_gold = task.gold_label is not None or any(a.ground_truth for a in valid)
+            if not crowd and skipped and not is_gold:
                 log.info("task %d (case %s) was skipped; returning the case to the pool", task.task_id, task.case_id)
                 bridge.ledger.set_task(task.case_id, state="releasing")
                 task = bridge.ledger.task(case_id=task.case_id) or task
@@ -259,27 +257,15 @@ def _release(bridge: BridgeContext, case_id: str, task_id: int) -> int:
     return 1
 
 
-def _post(bridge: BridgeContext, payload: dict[str, Any]) -> None:
-    """Post one label. A permanent refusal is logged with the hub's reason and counted, not retried forever."""
+def _post(bridge: BridgeContext, post: LabelPost) -> None:
+    """Post one answer and keep the hub's verdicts on its case. A permanent refusal is logged with the hub's
+    reason and counted, not retried forever."""
     try:
-        bridge.hub.post_label(payload)
+        receipt = bridge.hub.post_label(post)
     except (NotFound, Conflict, InvalidInput) as exc:
-        what = "deleting the label" if payload.get("deleted") else "the label"
-        log.error("hub refused %s of annotation %s (case %s): %s", what, payload.get("annotation_id"),
-                  payload.get("case_id"), exc)
+        what = "deleting the label" if post.deleted else "the label"
+        log.error("hub refused %s of annotation %s (case %s): %s", what, post.annotation_id, post.case_id, exc)
         bridge.ledger.put("hub_refused", int(bridge.ledger.get("hub_refused", 0)) + 1)
-
-
-def _refresh_reliability(bridge: BridgeContext, scores: dict[str, Any]) -> None:
-    """When an annotator's gold record crosses the reliability bar, re-decide every task they labeled."""
-    rules = bridge.config.rules
-    before: dict[str, bool] = bridge.ledger.get("unreliable", {})
-    now = {a: s.total >= rules.min_gold_answers and s.accuracy < rules.min_annotator_accuracy
-           for a, s in scores.items()}
-    flipped = [a for a, bad in now.items() if before.get(a, False) != bad]
-    for annotator in flipped:
-        for task_id in bridge.ledger.tasks_of_annotator(annotator):
-            bridge.ledger.mark_dirty(task_id)
-    if flipped:
-        bridge.ledger.put("unreliable", now)
-
+        return
+    bridge.ledger.set_verdicts([(v.annotation_id, v.status, v.agreement, v.reason) for v in receipt.verdicts
+                                if v.source == SOURCE])

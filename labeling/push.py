@@ -21,9 +21,9 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 
 from fleet.errors import Conflict, FlywheelError, InvalidInput, NotFound, PermanentError, RetryableError
+from fleet.protocol import SelectedCase
 from labeling.configs import IMAGE_FIELD, classification_result
 from labeling.context import BridgeContext
-from labeling.hub_client import SelectedCase
 from labeling.throttle import push_budget, target_depth, throughput
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def task_json(case: SelectedCase, *, queue_version: str, cluster: int | None = N
             "predicted": case.predicted_name,
             "score": case.score,
             "cluster": case.cluster if cluster is None else cluster,
-            "tags": case.tags,
+            "tags": case.case.tags,
         },
         "predictions": [{
             "model_version": queue_version,
@@ -158,7 +158,7 @@ def push_gold(bridge: BridgeContext, items: Sequence[tuple[SelectedCase, int]]) 
 
     The known answer stays in the bridge's ledger, never in the task, where annotators could read it.
     An answer that matches it is posted with status ``gold``; one that does not is held; both score
-    the annotator (:func:`labeling.consensus.score_annotators`).
+    the annotator (:func:`fleet.consensus.score_annotators`).
     """
     gold = {c.case_id: int(label) for c, label in items}
     for c, label in items:
@@ -255,7 +255,7 @@ def ensure_queue_version(bridge: BridgeContext) -> bool:
 def adopt_orphans(bridge: BridgeContext) -> int:
     """Push the hub's queued cases that have no task here (a selection whose answer was lost)."""
     cases = bridge.hub.iter_pool("queued")
-    orphans = [SelectedCase.from_json(c) for c in cases if not _live(bridge, str(c.get("case_id")))]
+    orphans = [c for c in cases if not _live(bridge, c.case_id)]
     pushed = 0
     if orphans:
         log.info("adopting %d queued cases without a task", len(orphans))
@@ -280,8 +280,8 @@ def refresh_images(bridge: BridgeContext, *, limit: int = 100) -> int:
             fresh = bridge.hub.get_case(t.case_id)
         except NotFound:
             continue
-        url = fresh.get("image_url")
-        if not isinstance(url, str) or url == t.image_url:
+        url = fresh.image_url
+        if url == t.image_url:
             continue
         task = bridge.studio.get_task(t.task_id)
         if task is None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from labeling.consensus import score_annotators
+from fleet.consensus import score_annotators
 from labeling.ledger import Ledger
 from labeling.throttle import Throttle, target_depth, throughput
 

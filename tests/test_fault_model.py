@@ -50,7 +50,7 @@ def label_studio(t: Answering) -> Callable[[], Any]:
     return studio.invite_token
 
 
-CLIENTS = {"labeling hub client": (labeling_hub, {"total": 0, "cases": []}),
+CLIENTS = {"labeling hub client": (labeling_hub, {"total": 0, "state": "unlabeled", "cases": []}),
            "training hub client": (training_hub, []),
            "Label Studio client": (label_studio, {"token": "t"})}
 

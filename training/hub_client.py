@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from fleet.errors import IntegrityError, TransportError, Unauthorized, error_for_response
+from fleet.protocol import BlobRequest, SnapshotCreate, SnapshotPublic
 from fleet.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,11 @@ class HubClient:
 
     # --- snapshots and blobs -----------------------------------------------------------------
 
-    def create_snapshot(self, name: str | None = None) -> dict[str, Any]:
-        """POST /v1/snapshots -> {snapshot_id, version, n_labels, manifest_sha256}."""
-        body = {"name": name} if name else {}
-        data: dict[str, Any] = self._request("POST", "/v1/snapshots", json=body).json()
-        return data
+    def create_snapshot(self, name: str | None = None) -> SnapshotPublic:
+        """POST /v1/snapshots: freeze the hub's accepted and gold labels."""
+        resp = self._request("POST", "/v1/snapshots", content=SnapshotCreate(name=name).to_json(),
+                             headers={"Content-Type": "application/json"})
+        return SnapshotPublic.from_json(resp.content)
 
     def snapshot_manifest(self, snapshot_id: str) -> tuple[bytes, str | None]:
         """GET /v1/snapshots/{id}/manifest -> (raw JSONL bytes, the sha256 the hub states in X-Manifest-Sha256)."""
@@ -69,7 +70,8 @@ class HubClient:
 
     def blobs_bulk(self, sha256s: list[str]) -> tuple[dict[str, bytes], list[str]]:
         """POST /v1/blobs/bulk -> ({sha256: bytes}, missing)."""
-        resp = self._request("POST", "/v1/blobs/bulk", json={"sha256s": sha256s})
+        resp = self._request("POST", "/v1/blobs/bulk", content=BlobRequest(sha256s).to_json(),
+                             headers={"Content-Type": "application/json"})
         missing = [s for s in resp.headers.get("X-Missing", "").replace(";", ",").split(",") if s.strip()]
         found: dict[str, bytes] = {}
         try:

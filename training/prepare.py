@@ -86,7 +86,8 @@ def prepare_data(
         if not len(images):
             raise InvalidInput(f"snapshot {snap.snapshot_id} holds no accepted or gold labels yet; nothing to learn")
         train, test = holdout_by_id(images, args.holdout)
-        data = Splits(train, test)
+        data = Splits(train, test, class_names=_extend_names(names, snap.class_names, snap.snapshot_id))
+        names = list(data.class_names or [])
         new_tag = "snapshot"
     else:
         data = _load_local(src.kind, src.location, shape, names, args, name="data")
@@ -136,6 +137,14 @@ def prepare_data(
     log.info("data: %d new + %d base images (%d per epoch), eval %s, %d classes, shape %s",
              n_new, len(pool) - n_new, sampler.epoch_size, info["eval"], len(names), shape)
     return Prepared(pool, n_new, sampler, eval_sets, names, shape, snapshot_id, info)
+
+
+def _extend_names(known: list[str], snapshot: list[str], snapshot_id: str) -> list[str]:
+    """The classes a run learns: the snapshot's, which may only extend those the model already has."""
+    if snapshot[: len(known)] != known and known[: len(snapshot)] != snapshot:
+        raise InvalidInput(f"snapshot {snapshot_id} labels classes {snapshot}, which do not extend the model's "
+                           f"{known}; train a new model (without --warm-start) for a new class list")
+    return known if len(known) >= len(snapshot) else list(snapshot)
 
 
 def _explicit_shape(args: TrainArgs) -> tuple[int, int, int] | None:

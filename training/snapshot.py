@@ -8,7 +8,6 @@ names the case ids and hashes. Nothing unverified is written to the cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -18,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from fleet.protocol import SHA256_RE
+from fleet.errors import ProtocolError
+from fleet.protocol import SnapshotEntry, decode_manifest
 from training.data import ImageSet, decode_image
 from training.errors import SnapshotError
 from training.hub_client import HubClient
@@ -29,22 +29,11 @@ CACHE_ENV = "FLYWHEEL_CACHE"
 BULK_CHUNK = 256
 
 
-@dataclass(frozen=True)
-class SnapshotEntry:
-    """One line of a snapshot manifest."""
-
-    case_id: str
-    label: int
-    image_sha256: str
-    tags: dict[str, str]
-    model_version: str | None = None
-    device_id: str | None = None
-    captured_at: float | None = None
-
-
 @dataclass
 class Snapshot:
     snapshot_id: str
+    task: str
+    class_names: list[str]  # what each entry's label means (from the manifest's header)
     entries: list[SnapshotEntry]
     blob_paths: dict[str, Path]  # sha256 -> cached file
     stats: dict[str, Any]
@@ -62,9 +51,8 @@ def pull_snapshot(
     expected_sha = None
     if snapshot_id is None:
         created = client.create_snapshot(name)
-        snapshot_id = str(created["snapshot_id"])
-        expected_sha = created.get("manifest_sha256")
-        log.info("created snapshot %s with %s labels", snapshot_id, created.get("n_labels"))
+        snapshot_id, expected_sha = created.snapshot_id, created.manifest_sha256
+        log.info("created snapshot %s with %s labels", snapshot_id, created.n_labels)
     raw, stated_sha = client.snapshot_manifest(snapshot_id)
     expected_sha = expected_sha or stated_sha
     if expected_sha and hashlib.sha256(raw).hexdigest() != expected_sha:
@@ -72,7 +60,7 @@ def pull_snapshot(
             f"snapshot {snapshot_id}: manifest sha256 {hashlib.sha256(raw).hexdigest()} does not match the "
             f"{expected_sha} the hub announced; refusing the snapshot"
         )
-    entries = parse_manifest(raw, snapshot_id=snapshot_id)
+    header, entries = parse_manifest(raw, snapshot_id=snapshot_id)
     cache = BlobCache(cache_dir or default_cache_dir())
     wanted = sorted({e.image_sha256 for e in entries})
     cached = {s for s in wanted if cache.get(s) is not None}
@@ -82,7 +70,7 @@ def pull_snapshot(
     paths = {s: cache.path(s) for s in wanted}
     stats = {"entries": len(entries), "blobs": len(wanted), "cache_hits": len(cached), "fetched": len(todo)}
     log.info("snapshot %s: %d entries, %d blobs (%d from cache)", snapshot_id, len(entries), len(wanted), len(cached))
-    return Snapshot(snapshot_id, entries, paths, stats)
+    return Snapshot(snapshot_id, header.task, list(header.class_names), entries, paths, stats)
 
 
 def snapshot_to_imageset(snap: Snapshot, *, channels: int, size: tuple[int, int]) -> ImageSet:
@@ -95,36 +83,18 @@ def snapshot_to_imageset(snap: Snapshot, *, channels: int, size: tuple[int, int]
                      what=f"case {e.case_id} (blob {e.image_sha256})")
         for e in snap.entries
     ])
-    labels = np.array([e.label for e in snap.entries], dtype=np.int64)
-    tags = [{**e.tags, "source": "snapshot"} for e in snap.entries]
+    labels = np.array([e.label.label for e in snap.entries], dtype=np.int64)
+    tags = [{**e.case.tags, "source": "snapshot"} for e in snap.entries]
     return ImageSet(images, labels, tags, f"snapshot:{snap.snapshot_id}", [e.case_id for e in snap.entries])
 
 
-def parse_manifest(raw: bytes, *, snapshot_id: str) -> list[SnapshotEntry]:
-    """Parse the JSONL manifest; a malformed line is refused with its line number and content."""
-    out = []
-    for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            label, sha, tags = d["label"], d["image_sha256"], d.get("tags") or {}
-            ok = isinstance(label, int) and not isinstance(label, bool) and label >= 0
-            ok = ok and isinstance(sha, str) and bool(SHA256_RE.match(sha)) and isinstance(tags, dict)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SnapshotError(
-                f"snapshot {snapshot_id} manifest line {n} is not a labeled case ({exc}): {line[:200]!r}"
-            ) from exc
-        if not ok:
-            raise SnapshotError(
-                f"snapshot {snapshot_id} manifest line {n}: expected label int >= 0, image_sha256 of 64 hex "
-                f"characters and tags an object; received {line[:200]!r}"
-            )
-        out.append(SnapshotEntry(
-            case_id=str(d["case_id"]), label=label, image_sha256=sha, tags={str(k): str(v) for k, v in tags.items()},
-            model_version=d.get("model_version"), device_id=d.get("device_id"), captured_at=d.get("captured_at"),
-        ))
-    return out
+def parse_manifest(raw: bytes, *, snapshot_id: str) -> tuple[Any, list[SnapshotEntry]]:
+    """The manifest's header and entries (fleet.protocol.dataset); a malformed line is refused with its line
+    number and content."""
+    try:
+        return decode_manifest(raw, what=f"snapshot {snapshot_id} manifest")
+    except ProtocolError as exc:
+        raise SnapshotError(str(exc)) from None
 
 
 class BlobCache:

@@ -1,8 +1,8 @@
-"""Retry pacing for the uplink: exponential backoff with full jitter, and a bytes-per-minute budget.
+"""Retry pacing for the uplink: the shared retry policy's backoff, and a bytes-per-minute budget.
 
 Both are small, clock-injected and deterministic under a seeded ``random.Random``, so the tests can
-check the bounds exactly. (A library such as ``tenacity`` would do the backoff too; the uplink also
-needs to interleave waits with a stop event and a byte budget, which these two classes make plain.)
+check the bounds exactly. The waits are :class:`fleet.retry.RetryPolicy`'s, the same as every client's;
+the uplink steps through them itself because it interleaves waits with a stop event and a byte budget.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from collections import deque
 from collections.abc import Callable
 
 from fleet.errors import InvalidInput
+from fleet.retry import RetryPolicy
 
 
 class Backoff:
-    """Exponential backoff with full jitter (AWS architecture blog, "Exponential Backoff And Jitter").
+    """Exponential backoff with full jitter, counting consecutive failures (see :class:`fleet.retry.RetryPolicy`).
 
     The n-th consecutive failure waits ``uniform(0, min(cap_s, base_s * 2**n))`` seconds, so a fleet
-    that lost the hub together does not come back together. ``reset()`` after a success.
+    that lost the hub together does not come back together, and at least the ``Retry-After`` the hub
+    asked for. ``reset()`` after a success.
     """
 
     def __init__(self, *, base_s: float = 0.5, cap_s: float = 60.0, rng: random.Random | None = None) -> None:
@@ -28,19 +30,24 @@ class Backoff:
             raise InvalidInput(f"backoff base must be > 0 seconds; received {base_s!r}")
         if not cap_s >= base_s:
             raise InvalidInput(f"backoff cap must be >= base ({base_s}); received {cap_s!r}")
-        self.base_s = float(base_s)
-        self.cap_s = float(cap_s)
+        self.policy = RetryPolicy(base_s=float(base_s), cap_s=float(cap_s), rng=rng or random.Random())
         self.failures = 0
-        self._rng = rng or random.Random()
+
+    @property
+    def base_s(self) -> float:
+        return self.policy.base_s
+
+    @property
+    def cap_s(self) -> float:
+        return self.policy.cap_s
 
     def ceiling(self) -> float:
-        """The upper bound of the next delay: ``min(cap, base * 2**failures)``."""
-        # cap the exponent so a long outage never overflows a float
-        return min(self.cap_s, self.base_s * 2.0 ** min(self.failures, 62))
+        """The upper bound of the next jittered delay: ``min(cap, base * 2**failures)``."""
+        return self.policy.ceiling(self.failures)
 
-    def next_delay(self) -> float:
-        """Record one more failure and return the jittered delay to wait before the next try."""
-        delay = self._rng.uniform(0.0, self.ceiling())
+    def next_delay(self, *, retry_after: float | None = None) -> float:
+        """Record one more failure and return the delay to wait before the next try."""
+        delay = self.policy.delay(self.failures, retry_after=retry_after)
         self.failures += 1
         return delay
 

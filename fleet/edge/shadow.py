@@ -25,7 +25,8 @@ from fleet.edge.ota import LoadedModels
 from fleet.edge.recorder import Capture, new_case_id
 from fleet.edge.runtime import ModelRuntime, Outputs
 from fleet.edge.sources import Frame
-from fleet.protocol import TriggerHit, encode_embedding
+from fleet.protocol import ChallengerOutput, Classification, TriggerHit, encode_embedding, fit_tags
+from fleet.protocol.base import MAX_NAME
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +231,7 @@ def _capture(frame: Frame, j: int, prio: float, campaign: Campaign, decision: An
     for name in decision.fired[j]:
         v, thr = values.get(name), thresholds.get(name)
         hits.append(TriggerHit(
-            name=str(name)[:64],
+            name=str(name)[:MAX_NAME],
             value=float(v) if v is not None and math.isfinite(v) else prio,
             threshold=float(thr) if thr is not None and math.isfinite(thr) else None,
         ))
@@ -238,29 +239,25 @@ def _capture(frame: Frame, j: int, prio: float, campaign: Campaign, decision: An
     for name, arr in decision.scores.items():
         v = float(arr[j])
         if math.isfinite(v):
-            scores[str(name)[:64]] = v
+            scores[str(name)[:MAX_NAME]] = v
     fields: dict[str, Any] = dict(
         case_id=new_case_id(),
         device_id=device_id,
         captured_at=frame.ts if frame.ts is not None else now,
         model_version=models.active.version,
-        predicted_class=int(np.argmax(probs)),
-        probs=[float(p) for p in probs],
+        prediction=Classification(int(np.argmax(probs)), [float(p) for p in probs]),
         priority=min(1.0, max(0.0, prio)),
         scores=scores,
         triggers=hits,
         campaign_id=campaign.campaign_id,
         campaign_version=campaign.version,
-        human_action=frame.human_action,
-        tags=_tags(frame.tags),
+        # an action the model has no class for cannot be compared, so it is not sent either
+        human_action=Classification(frame.human_action) if frame.human_action is not None
+        and 0 <= frame.human_action < len(probs) else None,
+        tags=fit_tags(frame.tags),
         embedding=encode_embedding(embedding),
     )
     if models.challenger is not None and ch_probs is not None and np.isfinite(ch_probs).all():
-        fields.update(challenger_version=models.challenger.version, challenger_class=int(np.argmax(ch_probs)),
-                      challenger_probs=[float(p) for p in ch_probs])
+        fields["challenger"] = ChallengerOutput(
+            models.challenger.version, Classification(int(np.argmax(ch_probs)), [float(p) for p in ch_probs]))
     return Capture(image=frame.image, fields=fields)
-
-
-def _tags(tags: dict[str, str]) -> dict[str, str]:
-    """Frame tags as the Case allows them: at most 32, names up to 64 and values up to 256 characters."""
-    return {str(k)[:64]: str(v)[:256] for k, v in list(tags.items())[:32]}

@@ -9,9 +9,8 @@ Every attempt is charged to a bytes-per-minute budget before it is sent.
 
 Up to ``batch_max_cases`` cases (and ``batch_max_bytes``) go in one request to ``/v1/cases/batch``;
 the hub answers each case on its own, and each answer acks, drops or keeps its case exactly as a
-single upload's answer would. A hub without the batch endpoint gets single uploads (asked again
-after ``BATCH_RETRY_S``); a hub refusing a whole batch (too many cases, too many bytes) gets
-smaller ones.
+single upload's answer would. A hub refusing a whole batch (too many cases, too many bytes) gets
+smaller ones. A hub that answers 429 or 503 with ``Retry-After`` is waited for at least that long.
 
 With ``linger_s`` > 0, a batch that is not yet full waits up to that long after the uplink first saw
 it for more cases to join it (as a message producer lingers), so a trickle of flagged frames goes
@@ -26,17 +25,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fleet.edge.hubclient import HubClient
 from fleet.edge.pacing import Backoff, ByteBudget
 from fleet.edge.spool import Spool, SpoolItem
 from fleet.errors import FlywheelError, PermanentError, ProtocolError, RetryableError, Unauthorized
+from fleet.protocol import CaseReceipt
 
 log = logging.getLogger(__name__)
 
 MULTIPART_OVERHEAD = 400  # bytes of multipart framing and headers per upload, for the budget
-BATCH_RETRY_S = 600.0  # how long to send single uploads after a hub said it has no batch endpoint
 
 
 @dataclass
@@ -79,7 +77,6 @@ class Uplink:
         self.linger_s = linger_s
         self._linger_since: float | None = None  # when the uplink first saw the batch it lingers on
         self._batch_cap = batch_max_cases  # shrinks when the hub refuses a whole batch
-        self._single_until = float("-inf")  # single uploads until then (a hub without the batch endpoint)
         self._clock = clock
         self.stats = UplinkStats()
         self._stop = threading.Event()
@@ -121,7 +118,7 @@ class Uplink:
 
     def step(self) -> float:
         """Send the next case, or the next batch of cases; return how long to wait before the next step (0: go on)."""
-        cap = self._batch_cap if self._clock() >= self._single_until else 1
+        cap = self._batch_cap
         items = self.spool.peek(cap)
         if not items:
             self.stats.state = "idle"
@@ -166,7 +163,7 @@ class Uplink:
 
     def _send(self, item: SpoolItem, cost: int) -> float:
         try:
-            answer: dict[str, Any] | FlywheelError = self.client.upload_case(item.case_json, item.image)
+            answer: CaseReceipt | FlywheelError = self.client.upload_case(item.case_json, item.image)
         except (RetryableError, PermanentError) as exc:
             answer = exc
         return self._after([self._settle(item, cost, answer)])
@@ -176,22 +173,20 @@ class Uplink:
             outcomes = self.client.upload_cases([(item.case_json, item.image) for item in batch])
         except Unauthorized as exc:
             return self._after([exc])
-        except (RetryableError, ProtocolError) as exc:  # an unreadable answer tells nothing: keep all, retry
+        except RetryableError as exc:
+            return self._after([exc])
+        except ProtocolError as exc:  # an unreadable answer tells nothing: keep all, retry
             return self._after([RetryableError(str(exc))])
         except PermanentError as exc:  # the hub refused the envelope itself: try smaller batches
             self._batch_cap = max(1, len(batch) // 2)
             log.warning("uplink: the hub refused a batch of %d cases (%s); sending at most %d at a time",
                         len(batch), exc, self._batch_cap)
             return 0.0
-        if outcomes is None:
-            self._single_until = self._clock() + BATCH_RETRY_S
-            log.info("uplink: the hub has no batch endpoint; uploading cases one by one")
-            return 0.0
         self.stats.batches += 1
         return self._after([self._settle(item, cost, outcome)
                             for item, cost, outcome in zip(batch, costs, outcomes, strict=True)])
 
-    def _settle(self, item: SpoolItem, cost: int, outcome: dict[str, Any] | FlywheelError) -> str | FlywheelError:
+    def _settle(self, item: SpoolItem, cost: int, outcome: CaseReceipt | FlywheelError) -> str | FlywheelError:
         """Ack or drop one case by the hub's answer ("acked", "dropped"), or keep it (the error that says why)."""
         if isinstance(outcome, (Unauthorized, RetryableError)):
             return outcome  # kept in the spool, sent again later
@@ -204,7 +199,7 @@ class Uplink:
         self.spool.ack(item.case_id)
         self.stats.uploaded += 1
         self.stats.bytes_sent += cost
-        if outcome.get("already"):
+        if outcome.status == "already":
             self.stats.duplicates += 1
         return "acked"
 
@@ -225,7 +220,7 @@ class Uplink:
         if retryable is not None:
             self.stats.retries += 1
             self.stats.state, self.stats.last_error = "backoff", str(retryable)
-            delay = self.backoff.next_delay()
+            delay = self.backoff.next_delay(retry_after=getattr(retryable, "retry_after", None))
             log.log(
                 logging.WARNING if self.backoff.failures == 1 else logging.DEBUG,
                 "uplink: hub unavailable (%s); retry %d in %.2fs", retryable, self.backoff.failures, delay,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
-from fleet.errors import IntegrityError, InvalidInput, ProtocolError
+from fleet.errors import FlywheelError, status_for
 from fleet.hub.blobs import BlobStore, FileBlobStore
 from fleet.hub.bodies import BodyGuard
 from fleet.hub.context import Hub
@@ -106,17 +107,12 @@ def _install_error_handlers(app: FastAPI) -> None:
                  f"{_short(e.get('input'))}" for e in exc.errors()[:10]]
         return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
 
-    @app.exception_handler(ProtocolError)
-    async def _protocol(request: Request, exc: ProtocolError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(IntegrityError)
-    async def _integrity(request: Request, exc: IntegrityError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
-
-    @app.exception_handler(InvalidInput)
-    async def _invalid(request: Request, exc: InvalidInput) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+    @app.exception_handler(FlywheelError)
+    async def _fault(request: Request, exc: FlywheelError) -> JSONResponse:
+        """Every fault the hub's own code raises, mapped once (fleet.errors.status_for)."""
+        after = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(max(1, math.ceil(after)))} if after is not None else None
+        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc), headers=headers)
 
 
 def _short(value: Any) -> str:

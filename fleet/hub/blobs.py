@@ -55,8 +55,9 @@ def check_key(sha256: str) -> str:
 class BlobStore(Protocol):
     """Bytes stored under their sha256. ``put`` is idempotent and atomic: a reader never sees half a blob."""
 
-    def put(self, data: bytes, *, sha256: str | None = None) -> tuple[str, bool]:
-        """Store ``data``; return (sha256, created). If ``sha256`` is given it must match the bytes."""
+    def put(self, data: bytes, *, sha256: str | None = None, verified: bool = False) -> tuple[str, bool]:
+        """Store ``data``; return (sha256, created). If ``sha256`` is given it must match the bytes;
+        ``verified``: the caller has just hashed ``data`` to ``sha256`` (it is not hashed again)."""
         ...
 
     def put_file(self, fh: BinaryIO, *, sha256: str) -> tuple[str, bool]:
@@ -101,8 +102,8 @@ class FileBlobStore:
     def _path(self, sha256: str) -> str:
         return os.path.join(self._root, sha256[:2], sha256[2:4], sha256)
 
-    def put(self, data: bytes, *, sha256: str | None = None) -> tuple[str, bool]:
-        digest = sha256_hex(data)
+    def put(self, data: bytes, *, sha256: str | None = None, verified: bool = False) -> tuple[str, bool]:
+        digest = check_key(sha256) if verified and sha256 is not None else sha256_hex(data)
         if sha256 is not None and check_key(sha256) != digest:
             raise IntegrityError(f"blob sha256 is {digest}, expected {sha256}")
         target = self._path(digest)
@@ -239,8 +240,8 @@ class MemoryBlobStore:
         self.data: dict[str, bytes] = {}
         self.written_at: dict[str, float] = {}
 
-    def put(self, data: bytes, *, sha256: str | None = None) -> tuple[str, bool]:
-        digest = sha256_hex(data)
+    def put(self, data: bytes, *, sha256: str | None = None, verified: bool = False) -> tuple[str, bool]:
+        digest = check_key(sha256) if verified and sha256 is not None else sha256_hex(data)
         if sha256 is not None and check_key(sha256) != digest:
             raise IntegrityError(f"blob sha256 is {digest}, expected {sha256}")
         created = digest not in self.data

@@ -12,8 +12,9 @@ import numpy as np
 import sqlalchemy as sa
 from fastapi import HTTPException
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import Session, select
+from sqlmodel import select
 
+from fleet.errors import ProtocolError
 from fleet.hub.auth import Principal, require_device
 from fleet.hub.blobs import sha256_hex
 from fleet.hub.bodies import parse_json
@@ -22,7 +23,7 @@ from fleet.hub.db import read_session, write_connection
 from fleet.hub.images import check_png
 from fleet.hub.models import CaseRow, ModelVersion
 from fleet.hub.selection import informativeness
-from fleet.protocol import Case
+from fleet.protocol import Case, CaseReceipt
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +33,25 @@ class ModelInfo:
     n_classes: int
     embedding_dim: int
     class_names: tuple[str, ...]
+    task: str = "classify"
 
 
 def model_info(hub: Hub, version: str) -> ModelInfo | None:
-    """A registered model's class count and embedding width (cached per worker)."""
+    """A registered model's task, class count and embedding width (cached per worker)."""
     hit = hub.models.get(version)
     if hit is not None:
         return hit if isinstance(hit, ModelInfo) else None
     with read_session(hub.engine) as s:
         mv = s.get(ModelVersion, version)
-    info = None if mv is None else ModelInfo(mv.version, len(mv.class_names), mv.embedding_dim,
-                                             tuple(mv.class_names))
+    info = None if mv is None else ModelInfo(
+        mv.version, len(mv.class_names), mv.embedding_dim, tuple(mv.class_names),
+        str((mv.signed_manifest.get("manifest") or {}).get("task", "classify")))
     if info is not None:
         hub.models.put(version, info)
     return info
 
 
-def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: bytes) -> tuple[int, dict[str, Any]]:
+def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: bytes) -> tuple[int, CaseReceipt]:
     """Validate and store one case; returns (HTTP status, body). Idempotent on the case id.
 
     The hot path of the hub: SQLAlchemy Core, one short write transaction (blob row, duplicate
@@ -61,7 +64,7 @@ def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: b
     existing = _existing(hub, case)
     if existing is not None:
         return existing
-    sha, created = hub.blobs.put(image, sha256=case.image_sha256)
+    sha, created = hub.blobs.put(image, sha256=case.image_sha256, verified=True)  # _check_image hashed it
     sql = _statements(hub)
     try:
         _store_row(hub, sql, row)
@@ -77,7 +80,8 @@ def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: b
     if row["duplicate_of"]:
         log.info("case %s from %s duplicates %s (image %s)", case.case_id, case.device_id, row["duplicate_of"],
                  sha[:12])
-    return 201, {"case_id": case.case_id, "duplicate_of": row["duplicate_of"]}
+        return 201, CaseReceipt(case.case_id, "duplicate", duplicate_of=row["duplicate_of"])
+    return 201, CaseReceipt(case.case_id, "created")
 
 
 @dataclass(frozen=True)
@@ -100,25 +104,34 @@ def prepare_case(hub: Hub, principal: Principal, case_text: str | bytes, image: 
                                      max_depth=cfg.max_json_depth, invalid_status=422))
     require_device(principal, case.device_id, "case")
     _check_image(hub, case, image)
-    probs = np.asarray(case.probs, dtype=np.float64)[None, :]
     embedding, dim = _check_model(hub, case)
-    row = {
+    return PreparedCase(case=case, image=image, row=case_row(case, received_at=hub.now(), embedding=embedding,
+                                                              embedding_dim=dim, image_size=len(image)))
+
+
+def case_row(case: Case, *, received_at: float, embedding: bytes | None, embedding_dim: int | None,
+             image_size: int) -> dict[str, Any]:
+    """The ``cases`` row of a new case: the case itself as its payload (its embedding kept compactly beside
+    it), and the columns the hub selects, counts and joins on."""
+    payload = case.to_dict()
+    payload["embedding"] = None
+    return {
         "case_id": case.case_id, "device_id": case.device_id, "captured_at": case.captured_at,
-        "received_at": hub.now(),
-        "model_version": case.model_version, "predicted_class": case.predicted_class, "probs": case.probs,
-        "uncertainty": float(informativeness(
-            probs, human=np.asarray([-1 if case.human_action is None else case.human_action]),
-            challenger=np.asarray([-1 if case.challenger_class is None else case.challenger_class]))[0]),
-        "priority": case.priority,
-        "scores": case.scores,
-        "triggers": [{"name": t.name, "value": t.value, "threshold": t.threshold} for t in case.triggers],
-        "campaign_id": case.campaign_id, "campaign_version": case.campaign_version,
-        "human_action": case.human_action, "challenger_version": case.challenger_version,
-        "challenger_class": case.challenger_class, "challenger_probs": case.challenger_probs, "tags": case.tags,
-        "embedding": embedding, "embedding_dim": dim, "image_sha256": case.image_sha256, "image_size": len(image),
-        "duplicate_of": None, "state": "unlabeled", "selection_id": None, "label": None, "label_status": None,
+        "received_at": received_at, "model_version": case.model_version, "task": case.task,
+        "predicted_class": case.prediction.label, "uncertainty": case_informativeness(case),
+        "priority": case.priority, "campaign_id": case.campaign_id, "campaign_version": case.campaign_version,
+        "payload": payload, "embedding": embedding, "embedding_dim": embedding_dim,
+        "image_sha256": case.image_sha256, "image_size": image_size, "duplicate_of": None, "state": "unlabeled",
+        "selection_id": None, "label": None, "label_payload": None, "label_status": None,
     }
-    return PreparedCase(case=case, image=image, row=row)
+
+
+def case_informativeness(case: Case) -> float:
+    """How much labeling ``case`` would teach, in [0, 1] (see :func:`fleet.hub.selection.informativeness`)."""
+    probs = np.asarray(case.prediction.probs, dtype=np.float64)[None, :]
+    human = -1 if case.human_action is None else case.human_action.label
+    challenger = -1 if case.challenger is None else case.challenger.prediction.label
+    return float(informativeness(probs, human=np.asarray([human]), challenger=np.asarray([challenger]))[0])
 
 
 _CASE_COLUMNS = tuple(c.name for c in CaseRow.__table__.columns)  # type: ignore[attr-defined]
@@ -217,26 +230,28 @@ def _check_image(hub: Hub, case: Case, image: bytes) -> None:
 
 
 def _check_model(hub: Hub, case: Case) -> tuple[bytes | None, int | None]:
+    """The case must fit the model that made it (its task, classes and embedding width); returns the
+    embedding's bytes and width."""
     info = model_info(hub, case.model_version)
     if info is None:
         raise HTTPException(422, detail=f"unknown model version {case.model_version!r}; register it at "
                                         f"POST /v1/models before devices report cases from it")
-    if len(case.probs) != info.n_classes:
-        raise HTTPException(422, detail=f"probs has {len(case.probs)} classes; model {info.version!r} has "
-                                        f"{info.n_classes}")
-    if case.challenger_version is not None:
-        ch = model_info(hub, case.challenger_version)
-        if ch is None:
-            raise HTTPException(422, detail=f"unknown challenger version {case.challenger_version!r}")
-        if case.challenger_probs is not None and len(case.challenger_probs) != ch.n_classes:
-            raise HTTPException(422, detail=f"challenger_probs has {len(case.challenger_probs)} classes; model "
-                                            f"{ch.version!r} has {ch.n_classes}")
-        if case.challenger_class is not None and case.challenger_class >= ch.n_classes:
-            raise HTTPException(422, detail=f"challenger_class {case.challenger_class} is out of range for "
-                                            f"{ch.n_classes} classes")
-    if case.human_action is not None and case.human_action >= info.n_classes:
-        raise HTTPException(422, detail=f"human_action {case.human_action} is out of range for "
-                                        f"{info.n_classes} classes")
+    if case.task != info.task:
+        raise HTTPException(422, detail=f"a {case.task!r} prediction from model {info.version!r}, a {info.task!r} "
+                                        f"model")
+    if case.prediction.probs is None:
+        raise HTTPException(422, detail="a device's classify prediction must carry its probs; received none")
+    try:
+        case.prediction.check_classes(info.n_classes, f"prediction of model {info.version!r}")
+        if case.human_action is not None:
+            case.human_action.check_classes(info.n_classes, "human_action")
+        if case.challenger is not None:
+            ch = model_info(hub, case.challenger.version)
+            if ch is None:
+                raise HTTPException(422, detail=f"unknown challenger version {case.challenger.version!r}")
+            case.challenger.prediction.check_classes(ch.n_classes, f"challenger {ch.version!r}")
+    except ProtocolError as exc:
+        raise HTTPException(422, detail=str(exc)) from None
     if case.embedding is None:
         return None, None
     raw = base64.b64decode(case.embedding)
@@ -248,7 +263,7 @@ def _check_model(hub: Hub, case: Case) -> tuple[bytes | None, int | None]:
 
 
 # what makes two uploads under one case id the same case (a retry) rather than two cases
-CASE_IDENTITY = ("device_id", "image_sha256", "model_version", "captured_at", "predicted_class")
+CASE_IDENTITY = ("device_id", "image_sha256", "model_version", "captured_at")
 
 
 def stored_identity(hub: Hub, case_ids: list[str]) -> dict[str, tuple[Any, ...]]:
@@ -292,7 +307,7 @@ def conflict(case: Case, stored: tuple[Any, ...]) -> str | None:
     return None
 
 
-def _existing(hub: Hub, case: Case) -> tuple[int, dict[str, Any]] | None:
+def _existing(hub: Hub, case: Case) -> tuple[int, CaseReceipt] | None:
     """The answer for a case id the hub already holds: 200 ``already`` for a retry, 409 for anything else."""
     stored = stored_identity(hub, [case.case_id]).get(case.case_id)
     if stored is None:
@@ -300,7 +315,7 @@ def _existing(hub: Hub, case: Case) -> tuple[int, dict[str, Any]] | None:
     why = conflict(case, stored)
     if why is not None:
         raise HTTPException(409, detail=why)
-    return 200, {"case_id": case.case_id, "already": True}
+    return 200, CaseReceipt(case.case_id, "already")
 
 
 def _undo_blob(hub: Hub, sha: str, created: bool) -> None:
@@ -320,4 +335,3 @@ def decode_embedding_bytes(raw: bytes | None) -> np.ndarray | None:
     return None if raw is None else np.frombuffer(raw, dtype="<f2").astype(np.float32)
 
 
-__all__ = ["ingest_case", "prepare_case", "PreparedCase", "check_png", "model_info", "Session"]

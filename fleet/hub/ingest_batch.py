@@ -17,7 +17,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from fleet.errors import IntegrityError, InvalidInput, ProtocolError
+from fleet.errors import FlywheelError, IntegrityError, InvalidInput, ProtocolError, status_for
 from fleet.hub.auth import Principal
 from fleet.hub.bodies import loads_or_none
 from fleet.hub.context import Hub
@@ -34,20 +34,19 @@ from fleet.hub.ingest import (
     prepare_case,
     stored_identity,
 )
+from fleet.protocol import CaseReceipt
 
 log = logging.getLogger(__name__)
 
 CREATED, ALREADY, DUPLICATE, REJECTED = "created", "already", "duplicate", "rejected"
 
 
-def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, bytes]]) -> list[dict[str, Any]]:
-    """Validate and store ``items`` (case JSON, image bytes); one result per item, in order.
-
-    A result is ``{"case_id", "status": created|already|duplicate|rejected, "duplicate_of", "error"}``;
-    ``error`` is ``{"status": 4xx, "detail": ...}`` for a rejected item and None otherwise. A case
-    id repeated inside the batch is answered as if the copies had come one after another.
+def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, bytes]]) -> list[CaseReceipt]:
+    """Validate and store ``items`` (case JSON, image bytes); one :class:`CaseReceipt` per item, in order (a
+    rejected one carries the 4xx and detail the single endpoint would answer). A case id repeated inside
+    the batch is answered as if the copies had come one after another.
     """
-    results: list[dict[str, Any] | None] = [None] * len(items)
+    results: list[CaseReceipt | None] = [None] * len(items)
     fresh: dict[str, tuple[int, PreparedCase]] = {}  # case id -> its first valid copy in this batch
     repeats: list[tuple[int, PreparedCase]] = []
     for i, (text, image) in enumerate(items):
@@ -69,8 +68,8 @@ def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, by
         answer = stored[p.case.case_id]
         if p.case.case_id in held:  # answered against what the hub holds, like its first copy
             results[i] = _known(p, held[p.case.case_id])
-        elif answer["status"] == REJECTED:
-            results[i] = _rejected(p.case.case_id, answer["error"]["status"], answer["error"]["detail"])
+        elif answer.status == REJECTED:
+            results[i] = _rejected(p.case.case_id, int(answer.error_status or 422), answer.error or "")
         else:
             why = conflict(p.case, tuple(getattr(first.case, k) for k in CASE_IDENTITY))
             results[i] = _result(p.case.case_id, ALREADY) if why is None else _rejected(p.case.case_id, 409, why)
@@ -83,7 +82,7 @@ def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, by
 # ---------------------------------------------------------------------------------------------
 
 
-def _store_batch(hub: Hub, prepared: list[PreparedCase], held: dict[str, tuple[Any, ...]]) -> dict[str, dict[str, Any]]:
+def _store_batch(hub: Hub, prepared: list[PreparedCase], held: dict[str, tuple[Any, ...]]) -> dict[str, CaseReceipt]:
     """Answer the case ids the hub holds already (``held``); for the rest, blobs, then one transaction
     for blob rows and case rows. An outcome per case id; a blob written for a case that did not go in
     (its id raced in from elsewhere, or the transaction failed) is removed again if nothing refers to it."""
@@ -93,7 +92,7 @@ def _store_batch(hub: Hub, prepared: list[PreparedCase], held: dict[str, tuple[A
         return out
     created_blobs: dict[str, str] = {}  # case id -> blob it created
     for p in new:
-        sha, created = hub.blobs.put(p.image, sha256=p.case.image_sha256)
+        sha, created = hub.blobs.put(p.image, sha256=p.case.image_sha256, verified=True)  # prepare_case hashed it
         if created:
             created_blobs[p.case.case_id] = sha
     try:
@@ -103,15 +102,15 @@ def _store_batch(hub: Hub, prepared: list[PreparedCase], held: dict[str, tuple[A
             _undo_blob(hub, sha, True)
         raise
     for cid, sha in created_blobs.items():
-        if out[cid]["status"] not in (CREATED, DUPLICATE):  # its id raced in from another request
+        if out[cid].status not in (CREATED, DUPLICATE):  # its id raced in from another request
             _undo_blob(hub, sha, True)
     return out
 
 
-def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, Any]]:
+def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, CaseReceipt]:
     sqlite = hub.engine.dialect.name == "sqlite"
     p = "?" if sqlite else "%s"
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, CaseReceipt] = {}
     by_id = {x.case.case_id: x for x in prepared}
     with write_connection(hub.engine) as conn:
         cur = conn.connection.cursor()
@@ -159,7 +158,7 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, dict[str, A
     return out
 
 
-def _known(prepared: PreparedCase, stored: tuple[Any, ...]) -> dict[str, Any]:
+def _known(prepared: PreparedCase, stored: tuple[Any, ...]) -> CaseReceipt:
     """The answer for a case id the hub already holds, exactly as the single endpoint gives it."""
     cid = prepared.case.case_id
     why = conflict(prepared.case, stored)
@@ -171,22 +170,21 @@ def _known(prepared: PreparedCase, stored: tuple[Any, ...]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _result(case_id: str | None, status: str, *, duplicate_of: str | None = None,
-            error: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"case_id": case_id, "status": status, "duplicate_of": duplicate_of, "error": error}
+def _result(case_id: str | None, status: str, *, duplicate_of: str | None = None) -> CaseReceipt:
+    return CaseReceipt(case_id or "", status, duplicate_of=duplicate_of)
 
 
-def _rejected(case_id: str | None, status: int, detail: str) -> dict[str, Any]:
-    return _result(case_id, REJECTED, error={"status": status, "detail": detail})
+def _rejected(case_id: str | None, status: int, detail: str) -> CaseReceipt:
+    return CaseReceipt(case_id or "", REJECTED, error_status=status, error=detail[:4000])
 
 
 def _error(exc: Exception) -> tuple[int, str]:
-    """The status and detail the single endpoint answers for ``exc`` (see the app's error handlers)."""
+    """The status and detail the single endpoint answers for ``exc`` (fleet.errors.status_for)."""
     if isinstance(exc, HTTPException):
         return exc.status_code, str(exc.detail)
-    if isinstance(exc, InvalidInput):
-        return 400, str(exc)
-    return 422, str(exc)  # ProtocolError, IntegrityError
+    if isinstance(exc, FlywheelError):
+        return status_for(exc), str(exc)
+    return 422, str(exc)
 
 
 def _case_id_of(text: bytes | str, max_depth: int) -> str | None:

@@ -108,6 +108,9 @@ class Blob(SQLModel, table=True):
 
 
 class CaseRow(SQLModel, table=True):
+    """A case: the :class:`~fleet.protocol.Case` the device sent (``payload``, without its embedding, which is
+    kept compactly beside it), and the columns the hub selects, counts and joins on."""
+
     __tablename__ = "cases"
     __table_args__ = (
         sa.Index("ix_cases_state_uncertainty", "state", "uncertainty"),
@@ -119,19 +122,14 @@ class CaseRow(SQLModel, table=True):
     captured_at: float
     received_at: float
     model_version: str = _id()
-    predicted_class: int
-    probs: list[float] = _json_list()
-    uncertainty: float  # normalised least confidence in [0, 1]; higher = more informative
+    task: str = Field(default="classify", sa_type=sa.String(16),  # type: ignore[call-overload]
+                      sa_column_kwargs={"server_default": "classify"})
+    predicted_class: int | None = None  # the top class of a ``classify`` prediction, for field metrics
+    uncertainty: float  # informativeness in [0, 1]; higher = label first
     priority: float = 0.0
-    scores: dict[str, float] = _json()
-    triggers: list[dict[str, Any]] = _json_list()
     campaign_id: str | None = _id(default=None)
     campaign_version: int | None = None
-    human_action: int | None = None
-    challenger_version: str | None = _id(default=None)
-    challenger_class: int | None = None
-    challenger_probs: list[float] | None = Field(default=None, sa_column=sa.Column(sa.JSON, nullable=True))
-    tags: dict[str, str] = _json()
+    payload: dict[str, Any] = _json()
     embedding: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))
     embedding_dim: int | None = None
     image_sha256: str = _id(64, index=True)
@@ -139,26 +137,37 @@ class CaseRow(SQLModel, table=True):
     duplicate_of: str | None = _id(default=None)
     state: str = _id(16, default="unlabeled")
     selection_id: str | None = _id(default=None, index=True)
-    label: int | None = None  # consensus of accepted/gold labels
+    label: int | None = None  # the consensus class of a ``classify`` case
+    label_payload: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(sa.JSON(none_as_null=True),
+                                                                                   nullable=True))
     label_status: str | None = _id(16, default=None)
 
 
 class LabelRow(SQLModel, table=True):
+    """One annotator's answer on one case as it was posted, and the hub's verdict on it (fleet.consensus)."""
+
     __tablename__ = "labels"
     __table_args__ = (sa.UniqueConstraint("source", "annotation_id", name="uq_labels_source_annotation"),)
 
     id: int | None = Field(default=None, primary_key=True)
     case_id: str = _id(index=True)
-    label: int
-    annotator: str = _id(256)
+    label: int | None = None  # the class of a ``classify`` answer
+    payload: dict[str, Any] = _json()  # the answer (a Prediction without scores)
+    annotator: str = _id(256, index=True)
     source: str = _id(64)
     task_id: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
     annotation_id: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
     created_at: float
     updated_at: float
+    overlap: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
+    ground_truth: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})
+    gold_payload: dict[str, Any] | None = Field(default=None, sa_column=sa.Column(sa.JSON(none_as_null=True),
+                                                                                  nullable=True))
     agreement: float | None = None
     n_annotators: int | None = None
-    status: str = _id(16, default="accepted")
+    status: str = _id(16, default="held")
+    reason: str = Field(default="", sa_type=sa.Text,  # type: ignore[call-overload]
+                        sa_column_kwargs={"server_default": ""})
 
 
 class Selection(SQLModel, table=True):

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
 from fleet.errors import ProtocolError
-from fleet.protocol import check_name, check_sha256
+from fleet.protocol import check_name
 
 
 class _In(BaseModel):
@@ -19,20 +19,6 @@ def _name(value: str, what: str) -> str:
         return check_name(value, what)
     except ProtocolError as exc:
         raise ValueError(str(exc)) from None
-
-
-class EnrollRequest(_In):
-    """``POST /v1/enroll``: the device id and a credential (see fleet.hub.enrollment for which one does what)."""
-
-    device_id: str
-    fleet_secret: str = Field("", max_length=512)
-    enrollment_token: str = Field("", max_length=512)
-    group: str = "default"
-
-    @field_validator("device_id", "group")
-    @classmethod
-    def _names(cls, v: str) -> str:
-        return _name(v, "device_id/group")
 
 
 class GrantCreate(_In):
@@ -59,50 +45,6 @@ class TokenPublic(BaseModel):
     name: str
     scope: str
     token: str
-
-
-class SelectionRequest(_In):
-    budget: int = Field(ge=1)
-    strategy: str = "uncertainty+diversity"
-    exclude_queued: bool = True
-    seed: int | None = None
-
-
-class LabelCreate(_In):
-    case_id: str
-    label: int = Field(ge=0)
-    annotator: str = Field(min_length=1, max_length=256)
-    source: str = Field("label-studio", min_length=1, max_length=64)
-    task_id: int = Field(ge=0, le=2**63 - 1)  # database BIGINTs
-    annotation_id: int = Field(ge=0, le=2**63 - 1)
-    created_at: FiniteFloat
-    deleted: bool = False
-    agreement: FiniteFloat | None = Field(None, ge=0, le=1)
-    n_annotators: int | None = Field(None, ge=0, le=2**31 - 1)  # a database INTEGER
-    status: Literal["accepted", "held", "gold"] = "accepted"
-
-    @field_validator("case_id")
-    @classmethod
-    def _case(cls, v: str) -> str:
-        return _name(v, "case_id")
-
-
-class SnapshotCreate(_In):
-    name: str | None = Field(None, max_length=128)
-
-
-class BulkBlobs(_In):
-    sha256s: list[str] = Field(max_length=20_000)
-
-    @field_validator("sha256s")
-    @classmethod
-    def _shas(cls, v: list[str]) -> list[str]:
-        for s in v:
-            try:
-                check_sha256(s, "sha256s item")
-            except ProtocolError as exc:
-                raise ValueError(str(exc)) from None
-        return v
 
 
 class RolloutCreate(_In):
@@ -163,5 +105,3 @@ class BankCreate(_In):
         return None if v is None else _name(v, "bank_id/model_version")
 
 
-class AckRequest(_In):
-    up_to: int = Field(ge=0, le=2**31 - 1)  # webhook_events.id is an INTEGER on PostgreSQL

@@ -31,7 +31,8 @@ class HubSettings(BaseSettings):
     Field metrics: ``heartbeat_*`` bound how fast counters may rise; ``rollback_*`` state what evidence,
     from how many devices, rolls a candidate back (fleet.hub.evidence). Bodies: ``max_*`` sizes,
     ``max_json_depth``, ``body_timeout_s``/``model_body_timeout_s`` and ``max_image_pixels`` (fleet.hub.bodies,
-    fleet.hub.images).
+    fleet.hub.images). Labels: ``consensus_*`` are the hold rules of fleet.consensus, applied by the hub to every
+    answer from any source (fleet.hub.labels).
     """
 
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_HUB_", extra="ignore", validate_default=True)
@@ -99,6 +100,10 @@ class HubSettings(BaseSettings):
     selection_pool_factor: int = Field(5, ge=1, description="uncertainty+diversity looks at budget x this.")
     duplicate_cosine: float = Field(0.02, ge=0, le=2, description="Cosine distance under which two are dups.")
     max_selection_budget: int = Field(5000, ge=1)
+    # label consensus (fleet.consensus): the hold rules every label from any source goes through
+    consensus_min_agreement: float = Field(0.6, ge=0.0, le=1.0)
+    consensus_min_annotator_accuracy: float = Field(0.6, ge=0.0, le=1.0)
+    consensus_min_gold_answers: int = Field(3, ge=1)
 
     @field_validator("database_url")
     @classmethod

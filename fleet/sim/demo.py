@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from fleet.protocol import SignedManifest
+from fleet.protocol import PoolPage, SignedManifest
 from fleet.signing import generate_keypair, write_keypair
 from fleet.sim.data import load_dataset
 from fleet.sim.fleet import Frames, World, build_world
@@ -378,11 +378,11 @@ def _uploaded_frames(hub: HubProcess, labeler: Labeler) -> dict[str, str]:
             if r.status_code == 422:
                 break
             r.raise_for_status()
-            cases = r.json()["cases"]
+            cases = PoolPage.from_json(r.content).cases
             for c in cases:
-                frame = (c.get("tags") or {}).get("frame")
+                frame = c.case.tags.get("frame")
                 if frame:
-                    out[frame] = c["case_id"]
+                    out[frame] = c.case_id
             if len(cases) < 1000:
                 break
             offset += 1000

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
+from fleet.protocol import Classification, LabelPost, PoolPage, Selection, SelectionRequest
 from fleet.sim.fleet import World
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ def shortfall(round_: LabelRound, *, budget: int, supply: int) -> tuple[str, boo
             f"{supply}): {why}"), True
 
 
+_JSON = {"Content-Type": "application/json"}
+
+
 class Labeler(Protocol):
     name: str
 
@@ -84,25 +88,24 @@ class OracleLabeler:
         return self._headers
 
     def label(self, budget: int, turn: int) -> LabelRound:
-        r = self.client.post("/v1/selections", json={"budget": budget, "strategy": self.strategy})
+        r = self.client.post("/v1/selections", content=SelectionRequest(budget, strategy=self.strategy).to_json(),
+                             headers=_JSON)
         r.raise_for_status()
         done = 0
         problems: list[str] = []
-        cases = r.json()["cases"]
-        for case in cases:
-            frame = (case.get("tags") or {}).get("frame")
+        cases = Selection.from_json(r.content).cases
+        for c in cases:
+            frame = c.case.tags.get("frame")
             if frame not in self.world.truth:
-                problems.append(f"case {case['case_id']} has no known frame ({frame!r}); released")
+                problems.append(f"case {c.case_id} has no known frame ({frame!r}); released")
                 log.warning("%s", problems[-1])
-                self.client.post(f"/v1/cases/{case['case_id']}/release").raise_for_status()
+                self.client.post(f"/v1/cases/{c.case_id}/release").raise_for_status()
                 continue
-            body: dict[str, Any] = {
-                "case_id": case["case_id"], "label": int(self.world.truth[frame]), "annotator": "oracle",
-                "source": "oracle", "task_id": self._next_id, "annotation_id": self._next_id,
-                "created_at": time.time(), "status": "accepted",
-            }
+            post = LabelPost(case_id=c.case_id, label=Classification(int(self.world.truth[frame])),
+                             annotator="oracle", source="oracle", task_id=self._next_id,
+                             annotation_id=self._next_id, created_at=time.time())
             self._next_id += 1
-            self.client.post("/v1/labels", json=body).raise_for_status()
+            self.client.post("/v1/labels", content=post.to_json(), headers=_JSON).raise_for_status()
             done += 1
         return LabelRound(len(cases), done, tuple(problems))
 
@@ -252,11 +255,11 @@ class StudioLabeler:
         while True:
             r = self.hub.get("/v1/pool", params={"state": "queued", "limit": 1000, "offset": offset})
             r.raise_for_status()
-            cases = r.json()["cases"]
-            for case in cases:
-                frame = (case.get("tags") or {}).get("frame")
+            cases = PoolPage.from_json(r.content).cases
+            for c in cases:
+                frame = c.case.tags.get("frame")
                 if frame in self.world.truth:
-                    self._answers[str(case["case_id"])] = int(self.world.truth[frame])
+                    self._answers[c.case_id] = int(self.world.truth[frame])
             offset += len(cases)
             if len(cases) < 1000:
                 break

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from fleet.edge.hubclient import HubClient
-from fleet.protocol import Case, Heartbeat, OtaReport
+from fleet.protocol import BatchReceipt, Case, CaseReceipt, Heartbeat, OtaReport
 
 
 class FakeHub:
@@ -119,8 +119,10 @@ class FakeHub:
 
     def _case(self, request: httpx.Request) -> httpx.Response:
         fields = parse_multipart(request)
-        status, body = self._store(fields["case"], fields["image"])
-        return httpx.Response(status, json=body)
+        status, receipt = self._store(fields["case"], fields["image"])
+        if receipt.status == "rejected":
+            return httpx.Response(status, json={"detail": receipt.error})
+        return httpx.Response(status, content=receipt.to_json(), headers={"Content-Type": "application/json"})
 
     def _batch(self, request: httpx.Request) -> httpx.Response:
         fields = parse_multipart(request)
@@ -129,35 +131,30 @@ class FakeHub:
             return httpx.Response(422, json={"detail": f"expected case_i/image_i pairs; received {sorted(fields)}"})
         if n > self.max_batch_cases:
             return httpx.Response(413, json={"detail": f"a batch carries at most {self.max_batch_cases} cases"})
-        results = []
-        for i in range(n):
-            status, body = self._store(fields[f"case_{i}"], fields[f"image_{i}"])
-            if status >= 400:
-                results.append({"case_id": body.get("case_id"), "status": "rejected", "duplicate_of": None,
-                                "error": {"status": status, "detail": body["detail"]}})
-            else:
-                results.append({"case_id": body["case_id"], "status": "already" if status == 200 else "created",
-                                "duplicate_of": None, "error": None})
+        results = [self._store(fields[f"case_{i}"], fields[f"image_{i}"])[1] for i in range(n)]
         with self.lock:
             self.batch_sizes.append(n)
-        return httpx.Response(200, json={"results": results})
+        return httpx.Response(200, content=BatchReceipt(results).to_json(),
+                              headers={"Content-Type": "application/json"})
 
-    def _store(self, case_json: bytes, png: bytes) -> tuple[int, dict[str, Any]]:
-        """One case, as the hub takes it from either endpoint: (status, body)."""
+    def _store(self, case_json: bytes, png: bytes) -> tuple[int, CaseReceipt]:
+        """One case, as the hub takes it from either endpoint: (status, receipt)."""
         import hashlib
 
         case = Case.from_json(case_json)
         if hashlib.sha256(png).hexdigest() != case.image_sha256:
-            return 400, {"case_id": case.case_id, "detail": "image sha256 does not match the case"}
+            return 400, CaseReceipt(case.case_id, "rejected", error_status=400,
+                                    error="image sha256 does not match the case")
         refused = self.reject(case)
         if refused is not None:
-            return refused, {"case_id": case.case_id, "detail": f"case refused with {refused} by the test"}
+            return refused, CaseReceipt(case.case_id, "rejected", error_status=refused,
+                                        error=f"case refused with {refused} by the test")
         with self.lock:
             self.case_posts.append(case.case_id)
             if case.case_id in self.cases:
-                return 200, {"case_id": case.case_id, "already": True}
+                return 200, CaseReceipt(case.case_id, "already")
             self.cases[case.case_id] = (case, png)
-        return 201, {"case_id": case.case_id, "duplicate_of": None}
+        return 201, CaseReceipt(case.case_id, "created")
 
 
 def parse_multipart(request: httpx.Request) -> dict[str, bytes]:

@@ -68,15 +68,16 @@ def test_full_loop_spools_and_uploads_cases_with_full_context(tmp_path: Path, hu
         assert case.model_version == "v1" and case.campaign_id == "all" and case.campaign_version == 1
         assert case.device_id == "dev-1" and case.triggers[0].name == "entropy"
         assert case.triggers[0].threshold == -1.0
-        assert case.human_action in (0, 1, 2) and case.tags["condition"] in ("day", "night")
+        assert case.human_action is not None and case.human_action.label in (0, 1, 2)
+        assert case.tags["condition"] in ("day", "night")
         assert case.captured_at >= 1_700_000_000.0
         assert set(case.scores) >= {"entropy", "margin", "energy"}
         emb = decode_embedding(case.embedding or "")
         assert emb.shape == (16,)
-        assert 0 < case.priority <= 1 and abs(sum(case.probs) - 1) < 1e-6
+        assert 0 < case.priority <= 1 and abs(sum(case.prediction.probs or []) - 1) < 1e-6
         img = np.asarray(Image.open(io.BytesIO(png)))
         out = reference.run([img])
-        assert int(np.argmax(out.logits[0])) == case.predicted_class
+        assert int(np.argmax(out.logits[0])) == case.prediction.label
     beats = hub.heartbeats
     assert beats and beats[-1].counters["frames_seen"] == 40 and beats[-1].counters["uploaded"] == 40
     assert beats[-1].human_compared == 40 and beats[-1].latency_p95_ms >= beats[-1].latency_p50_ms > 0
@@ -101,8 +102,9 @@ def test_challenger_runs_in_shadow_and_is_never_acted_on(tmp_path: Path, hub: Fa
     assert (p1 != p2).any()  # the two models do disagree somewhere
     by_ts = {round(c.captured_at - 1_700_000_000.0): c for c, _ in hub.cases.values()}
     for i, case in by_ts.items():
-        assert case.predicted_class == p1[i]  # what the device acts on comes from the active model only
-        assert case.challenger_version == "v2" and case.challenger_class == p2[i]
+        assert case.prediction.label == p1[i]  # what the device acts on comes from the active model only
+        assert case.challenger is not None
+        assert case.challenger.version == "v2" and case.challenger.prediction.label == p2[i]
     hb = hub.heartbeats[-1]
     assert hb.challenger_version == "v2" and hb.challenger_compared == 30
     assert hb.challenger_agreed == int((p1 == p2).sum())
@@ -119,7 +121,7 @@ def test_human_disagreement_campaign_keeps_only_disagreements(tmp_path: Path, hu
     agent.close()
     assert 0 < summary.flagged < 60
     for case, _ in hub.cases.values():
-        assert case.human_action != case.predicted_class
+        assert case.human_action is not None and case.human_action.label != case.prediction.label
         assert [t.name for t in case.triggers] == ["human_disagreement"]
     assert summary.flagged == hub.heartbeats[-1].human_disagreed
 

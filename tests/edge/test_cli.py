@@ -84,7 +84,7 @@ def test_enroll_refuses_bad_secret_and_pins_the_key(tmp_path: Path, hub: FakeHub
         cfg = write_config(tmp_path, url)
         cfg.write_text(cfg.read_text().replace('fleet_secret = "fleet-secret"', 'fleet_secret = "wrong"'))
         r = runner.invoke(app, ["enroll", "--config", str(cfg)])
-        assert r.exit_code == 2 and "hub answered 401" in r.output
+        assert r.exit_code == 2 and "HTTP 401" in r.output
         cfg.write_text(cfg.read_text().replace('fleet_secret = "wrong"', 'fleet_secret = "fleet-secret"'))
         r = runner.invoke(app, ["enroll", "--config", str(cfg)])
         assert r.exit_code == 0, r.output
@@ -155,7 +155,7 @@ def test_enroll_force_re_enrolls_with_the_devices_own_token(tmp_path: Path, hub:
         assert runner.invoke(app, ["enroll", "--config", str(cfg)]).exit_code == 0
         (tmp_path / "data" / "enrollment.json").rename(tmp_path / "lost.json")  # credentials lost
         r = runner.invoke(app, ["enroll", "--config", str(cfg)])
-        assert r.exit_code == 2 and "hub answered 409" in r.output and "already enrolled" in r.output
+        assert r.exit_code == 2 and "HTTP 409" in r.output and "already enrolled" in r.output
         (tmp_path / "lost.json").rename(tmp_path / "data" / "enrollment.json")
         r = runner.invoke(app, ["enroll", "--config", str(cfg), "--force"])
         assert r.exit_code == 0, r.output

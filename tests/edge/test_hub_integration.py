@@ -123,9 +123,9 @@ def test_agent_against_the_real_hub(tmp_path: Path, hub: RunningHub) -> None:
     assert first.flagged > 0 and first.uploaded == first.flagged and first.spool_items == 0
     pool = httpx.get(hub.url + "/v1/pool", params={"state": "unlabeled", "limit": 1000},
                      headers=hub.admin_headers).json()
-    mine = [c for c in pool["cases"] if c["model_version"] == "edge-it-v1"]
+    mine = [c for c in pool["cases"] if c["case"]["model_version"] == "edge-it-v1"]
     assert len(mine) == first.flagged
-    assert all(c["tags"].get("site") == "north" for c in mine)
+    assert all(c["case"]["tags"].get("site") == "north" for c in mine)
     devices = httpx.get(hub.url + "/v1/devices", headers=hub.admin_headers).json()
     me = next(d for d in devices if d["device_id"] == "edge-it-1")
     assert me["model_version"] == "edge-it-v1" and me["last_seen_at"] is not None

@@ -10,7 +10,8 @@ from fleet.edge.heartbeat import HeartbeatSender, Telemetry
 from fleet.edge.hubclient import HubClient
 from fleet.edge.spool import Spool
 from fleet.edge.uplink import UplinkStats
-from fleet.errors import IntegrityError, InvalidInput, ServerBusy, TransportError, Unauthorized
+from fleet.errors import Forbidden, IntegrityError, InvalidInput, NotFound, ServerBusy, TransportError, Unauthorized
+from fleet.protocol import BatchReceipt, CaseReceipt
 from tests.edge.fakehub import FakeHub
 
 
@@ -23,11 +24,11 @@ def client_answering(status: int, body: object = None) -> HubClient:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(401, Unauthorized), (403, Unauthorized), (400, InvalidInput), (404, InvalidInput), (422, InvalidInput),
+    [(401, Unauthorized), (403, Unauthorized), (400, InvalidInput), (404, NotFound), (422, InvalidInput),
      (408, ServerBusy), (429, ServerBusy), (500, ServerBusy), (503, ServerBusy)],
 )
 def test_status_codes_map_onto_the_error_tree(status: int, error: type[Exception]) -> None:
-    with pytest.raises(error, match=f"hub answered {status}: status {status}"):
+    with pytest.raises(error, match=f"HTTP {status}: status {status}"):
         client_answering(status).upload_case("{}", b"png")
 
 
@@ -55,7 +56,7 @@ def test_download_is_streamed_hashed_and_size_capped(tmp_path: Path, hub: FakeHu
     assert sha == hashlib.sha256(b"x" * 5000).hexdigest()
     with pytest.raises(IntegrityError, match="more than 100 bytes"):
         hub.client().download_novelty_bank("b1", tmp_path / "c.npz", max_bytes=100)
-    with pytest.raises(InvalidInput, match="404"):
+    with pytest.raises(NotFound, match="404"):
         hub.client().download_model("nope", tmp_path / "m.onnx")
 
 
@@ -85,16 +86,12 @@ def test_heartbeat_is_valid_and_counts_evictions_since_boot(tmp_path: Path, hub:
     assert not sender.send() and sender.failed == 1
 
 
-@pytest.mark.parametrize("status", [404, 405])
-def test_a_hub_without_the_batch_endpoint_is_told_apart(status: int) -> None:
-    assert client_answering(status).upload_cases([("{}", b"png"), ("{}", b"png")]) is None
-
-
 @pytest.mark.parametrize(
     "body",
     [{"results": [{"case_id": "a", "status": "created"}]},  # one result for two cases
      {"results": [{"status": "weird"}, {"status": "created"}]},
-     {"results": [{"status": "rejected", "error": {"status": "bad"}}, {"status": "created"}]},
+     {"results": [{"case_id": "a", "status": "rejected", "error_status": "bad"},
+                  {"case_id": "b", "status": "created"}]},
      {"nope": 1}, [1, 2]],
 )
 def test_a_batch_answer_off_the_contract_is_a_protocol_error(body: object) -> None:
@@ -105,16 +102,11 @@ def test_a_batch_answer_off_the_contract_is_a_protocol_error(body: object) -> No
 
 
 def test_batch_outcomes_map_onto_the_error_tree_item_by_item() -> None:
-    results = [{"case_id": "a", "status": "created", "duplicate_of": None, "error": None},
-               {"case_id": "b", "status": "already", "duplicate_of": None, "error": None},
-               {"case_id": "c", "status": "duplicate", "duplicate_of": "a", "error": None},
-               {"case_id": "d", "status": "rejected", "error": {"status": 422, "detail": "probs"}},
-               {"case_id": "e", "status": "rejected", "error": {"status": 403, "detail": "device"}},
-               {"case_id": None, "status": "rejected", "error": {"status": 503, "detail": "busy"}}]
-    out = client_answering(200, {"results": results}).upload_cases([("{}", b"png")] * 6)
-    assert out is not None
-    assert out[:3] == [{"case_id": "a", "duplicate_of": None, "already": False},
-                       {"case_id": "b", "duplicate_of": None, "already": True},
-                       {"case_id": "c", "duplicate_of": "a", "already": False}]
-    assert [type(x) for x in out[3:]] == [InvalidInput, Unauthorized, ServerBusy]
+    results = [CaseReceipt("a", "created"), CaseReceipt("b", "already"), CaseReceipt("c", "duplicate", "a"),
+               CaseReceipt("d", "rejected", error_status=422, error="probs"),
+               CaseReceipt("e", "rejected", error_status=403, error="device"),
+               CaseReceipt("", "rejected", error_status=503, error="busy")]
+    out = client_answering(200, BatchReceipt(results).to_dict()).upload_cases([("{}", b"png")] * 6)
+    assert out[:3] == results[:3]
+    assert [type(x) for x in out[3:]] == [InvalidInput, Forbidden, ServerBusy]
     assert "item 3 (case d): hub answered 422: probs" in str(out[3])

@@ -12,7 +12,8 @@ import pytest
 from fleet.edge.pacing import Backoff
 from fleet.edge.recorder import Capture, Recorder, new_case_id
 from fleet.edge.spool import Spool
-from fleet.edge.uplink import BATCH_RETRY_S, Uplink
+from fleet.edge.uplink import Uplink
+from fleet.protocol import Classification
 from tests.edge.fakehub import FakeHub
 
 CASE_PATHS = ("/v1/cases", "/v1/cases/batch")
@@ -29,7 +30,7 @@ def capture(priority: float = 0.5, seed: int = 0) -> Capture:
     return Capture(
         image=rng.integers(0, 256, (16, 16), dtype=np.uint8),
         fields=dict(case_id=new_case_id(), device_id="dev-1", captured_at=time.time(), model_version="v1",
-                    predicted_class=0, probs=[0.7, 0.2, 0.1], priority=priority),
+                    prediction=Classification(0, [0.7, 0.2, 0.1]), priority=priority),
     )
 
 
@@ -200,22 +201,23 @@ def test_a_hub_refusing_a_whole_batch_gets_smaller_ones(tmp_path: Path, hub: Fak
     assert max(hub.batch_sizes) <= 5 and up.stats.dropped == 0
 
 
-def test_an_older_hub_without_the_batch_endpoint_gets_single_uploads(tmp_path: Path, hub: FakeHub) -> None:
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_hub_asking_to_wait_is_waited_for(tmp_path: Path, hub: FakeHub, status: int) -> None:
+    """429 (over a quota) or 503 with Retry-After: the uplink waits at least that long, keeps every case."""
     spool = Spool(tmp_path / "s.db", max_bytes=1 << 22)
-    ids = fill(spool, 6)
-    hub.batch = False
-    now = [0.0]
-    up = Uplink(spool, hub.client(), clock=lambda: now[0])
+    ids = fill(spool, 3)
+    answers = [httpx.Response(status, json={"detail": "over the fleet's upload cap"}, headers={"Retry-After": "7"})]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        return answers.pop() if answers else real(request)
+
+    real, hub.handle = hub.handle, handle  # type: ignore[method-assign]
+    up = Uplink(spool, hub.client(), backoff=Backoff(base_s=0.01, cap_s=0.05, rng=random.Random(0)))
+    wait = up.step()
+    assert wait >= 7.0 and spool.stats().items == 3 and up.stats.dropped == 0
     while up.step() == 0:
         pass
-    assert set(hub.cases) == set(ids) and sorted(hub.case_posts) == sorted(ids)
-    assert hub.requests.count("POST /v1/cases/batch") == 1 and hub.requests.count("POST /v1/cases") == 6
-    hub.batch = True  # upgraded: asked again after a while
-    fill(spool, 4)
-    now[0] += BATCH_RETRY_S
-    while up.step() == 0:
-        pass
-    assert hub.batch_sizes == [4]
+    assert set(hub.cases) == set(ids)
 
 
 def test_an_unreadable_batch_answer_keeps_every_case(tmp_path: Path, hub: FakeHub) -> None:

@@ -19,6 +19,7 @@ from fleet.errors import (
     ProtocolError,
     RetryableError,
     ServerBusy,
+    TooManyRequests,
     TransportError,
     Unauthorized,
     UnsupportedMedia,
@@ -31,7 +32,7 @@ from fleet.errors import (
 EXPECTED = {
     400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: InvalidInput, 408: ServerBusy,
     409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMedia, 422: InvalidInput, 425: ServerBusy,
-    429: ServerBusy, 500: ServerBusy, 502: ServerBusy, 503: ServerBusy, 504: ServerBusy,
+    429: TooManyRequests, 500: ServerBusy, 502: ServerBusy, 503: ServerBusy, 504: ServerBusy,
 }
 
 
@@ -43,7 +44,8 @@ def test_each_status_maps_onto_one_kind(status: int, kind: type[FlywheelError]) 
 
 
 @pytest.mark.parametrize("exc", [Forbidden("f"), Unauthorized("u"), NotFound("n"), Conflict("c"),
-                                 PayloadTooLarge("p"), UnsupportedMedia("m"), InvalidInput("i")])
+                                 PayloadTooLarge("p"), UnsupportedMedia("m"), InvalidInput("i"),
+                                 TooManyRequests("t", retry_after=1.0)])
 def test_the_hubs_status_for_a_fault_maps_back_onto_the_same_fault(exc: FlywheelError) -> None:
     assert type(error_for_status(status_for(exc), "x")) is type(exc)
 
@@ -57,7 +59,7 @@ def test_statuses_of_faults_without_a_status_of_their_own() -> None:
 def test_a_response_carries_the_peers_detail_and_retry_after() -> None:
     r = httpx.Response(429, json={"detail": "fleet upload cap reached"}, headers={"Retry-After": "7"})
     err = error_for_response(r, "POST /v1/cases")
-    assert isinstance(err, ServerBusy) and err.retry_after == 7.0
+    assert isinstance(err, TooManyRequests) and err.retry_after == 7.0
     assert str(err) == "POST /v1/cases: HTTP 429: fleet upload cap reached"
     ls = httpx.Response(400, json={"detail": "Validation error", "validation_errors": {"model_version": ["no"]}})
     assert "Validation error {'model_version': ['no']}" in str(error_for_response(ls, "PATCH"))

@@ -11,17 +11,27 @@ import pytest
 
 from fleet.errors import ProtocolError
 from fleet.protocol import (
+    SCHEMA_VERSION,
     Assignment,
     CampaignRef,
     Case,
+    ChallengerOutput,
+    Classification,
     Heartbeat,
     InputSpec,
+    LabelPost,
     ModelManifest,
     ModelRef,
     OtaReport,
+    SelectedCase,
+    SnapshotEntry,
+    SnapshotHeader,
     TriggerHit,
     decode_embedding,
+    decode_manifest,
     encode_embedding,
+    encode_manifest,
+    parse_prediction,
 )
 
 SHA = hashlib.sha256(b"png").hexdigest()
@@ -30,8 +40,9 @@ SHA = hashlib.sha256(b"png").hexdigest()
 def make_case(**over: object) -> Case:
     base: dict[str, object] = dict(
         case_id="c-1", device_id="dev-1", captured_at=1700000000.0, model_version="v1",
-        predicted_class=1, probs=[0.2, 0.7, 0.1], image_sha256=SHA, image_size=100, priority=0.5,
-        scores={"entropy": 0.8}, triggers=[TriggerHit("entropy", 0.8, 0.5)], human_action=2,
+        prediction=Classification(1, [0.2, 0.7, 0.1]), image_sha256=SHA, image_size=100, priority=0.5,
+        scores={"entropy": 0.8}, triggers=[TriggerHit("entropy", 0.8, 0.5)], human_action=Classification(2),
+        challenger=ChallengerOutput("v0", Classification(0, [0.6, 0.3, 0.1])),
         tags={"condition": "night"}, embedding=encode_embedding(np.arange(4, dtype=np.float32)),
     )
     base.update(over)
@@ -42,7 +53,8 @@ def test_case_round_trip_keeps_every_field() -> None:
     case = make_case()
     back = Case.from_json(case.to_json())
     assert back == case
-    assert isinstance(back.triggers[0], TriggerHit)
+    assert isinstance(back.triggers[0], TriggerHit) and isinstance(back.prediction, Classification)
+    assert back.challenger is not None and back.challenger.prediction.label == 0 and back.task == "classify"
     np.testing.assert_array_equal(decode_embedding(back.embedding or ""), [0, 1, 2, 3])
 
 
@@ -57,13 +69,17 @@ def test_embedding_is_compact_float16() -> None:
     ("field", "value", "message"),
     [
         ("case_id", "../etc/passwd", "case_id"),
-        ("probs", [0.5, 0.6], "summing to 1"),
-        ("probs", [float("nan"), 1.0], "finite"),
-        ("predicted_class", 7, "out of range"),
+        ("prediction", {"task": "classify", "label": 1, "probs": [0.5, 0.6]}, "summing to 1"),
+        ("prediction", {"task": "classify", "label": 1, "probs": [float("nan"), 1.0]}, "finite"),
+        ("prediction", {"task": "classify", "label": 7, "probs": [0.2, 0.7, 0.1]}, "out of range"),
+        ("prediction", {"label": 1}, "prediction.task must be one of"),
+        ("prediction", {"task": "segment", "label": 1}, "prediction.task must be one of"),
+        ("prediction", 1, "prediction must be an object"),
         ("image_sha256", "abc", "sha256"),
         ("priority", 1.5, "priority"),
         ("scores", {"entropy": float("inf")}, "finite"),
-        ("human_action", "cat", "integer"),
+        ("human_action", {"task": "classify", "label": "cat"}, "integer"),
+        ("challenger", {"version": "../v", "prediction": {"task": "classify", "label": 0}}, "challenger.version"),
         ("tags", {"condition": 3}, "tags['condition']"),
     ],
 )
@@ -78,8 +94,10 @@ def test_unknown_field_and_wrong_schema_are_refused() -> None:
     data = json.loads(make_case().to_json())
     with pytest.raises(ProtocolError, match="unknown field"):
         Case.from_dict({**data, "surprise": 1})
-    with pytest.raises(ProtocolError, match="schema 99"):
+    with pytest.raises(ProtocolError, match="schema 99 is not spoken here .*speaks schema 2"):
         Case.from_dict({**data, "schema": 99})
+    with pytest.raises(ProtocolError, match="schema 1 is not spoken here"):  # a peer from before tasks
+        Case.from_dict({**data, "schema": 1})
     with pytest.raises(ProtocolError, match="not valid JSON"):
         Case.from_json("{nope")
     with pytest.raises(ProtocolError, match="must be a JSON object"):
@@ -143,3 +161,38 @@ def test_ota_report_outcome_is_checked() -> None:
     assert OtaReport.from_json(r.to_json()) == r
     with pytest.raises(ProtocolError, match="outcome must be one of"):
         OtaReport.from_dict({**json.loads(r.to_json()), "outcome": "maybe"})
+
+
+def test_predictions_labels_and_human_actions_share_one_shape_by_task() -> None:
+    pred = parse_prediction({"task": "classify", "label": 2, "probs": [0.1, 0.2, 0.7]}, "p")
+    assert pred == Classification(2, [0.1, 0.2, 0.7]) and pred.as_label() == Classification(2)
+    with pytest.raises(ProtocolError, match="probs has 3 classes; the model has 5"):
+        pred.check_classes(5, "p")
+    with pytest.raises(ProtocolError, match="out of range for a model with 2 classes"):
+        Classification(2).check_classes(2, "label")
+    with pytest.raises(ProtocolError, match=r"human_action\.task must be one of \['classify'\]"):
+        Case.from_dict({**json.loads(make_case().to_json()), "human_action": {"task": "detect", "boxes": []}})
+
+
+def test_labeling_and_dataset_messages_round_trip() -> None:
+    case = make_case()
+    sel = SelectedCase(case=case, image_url="https://hub/x.png", class_names=["a", "b", "c"], state="queued",
+                       score=0.3, uncertainty=0.7, received_at=1.0, cluster=2)
+    back = SelectedCase.from_json(sel.to_json())
+    assert back == sel and back.predicted_name == "b" and back.case_id == "c-1"
+    with pytest.raises(ProtocolError, match="out of range for a model with 1 classes"):
+        SelectedCase.from_dict({**json.loads(sel.to_json()), "class_names": ["a"]})
+    post = LabelPost(case_id="c-1", label=Classification(1), annotator="a@x", task_id=3, annotation_id=4,
+                     created_at=1.0, overlap=2, gold_label=Classification(1))
+    assert LabelPost.from_json(post.to_json()) == post
+    with pytest.raises(ProtocolError, match="unknown field"):  # nobody posts a status: the hub decides it
+        LabelPost.from_dict({**json.loads(post.to_json()), "status": "accepted"})
+    header = SnapshotHeader(snapshot_id="snap-1", version=1, task="classify", class_names=["a", "b", "c"],
+                            n_entries=1, created_at=2.0)
+    raw = encode_manifest(header, [SnapshotEntry(case=case, label=Classification(2), status="gold")])
+    h, entries = decode_manifest(raw)
+    assert h == header and entries[0].case == case and entries[0].label.label == 2
+    bad = raw.replace(b'"label":2', b'"label":9')
+    with pytest.raises(ProtocolError, match="line 2: case c-1: class 9 is out of range"):
+        decode_manifest(bad)
+    assert SCHEMA_VERSION == 2

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet.protocol import Case, TriggerHit, encode_embedding
+from fleet.protocol import Case
 from fleet.signing import KeyPair, generate_keypair, load_private_key
+from tests.support.cases import make_case
 from tests.support.models import make_model_files
 from tests.support.services import missing_service
 
@@ -212,16 +213,9 @@ class HubHarness:
                   **kw: Any) -> tuple[Case, bytes]:
         self._seq += 1
         image = image if image is not None else png_bytes(self._seq + 10_000 * len(self.devices))
-        probs = probs if probs is not None else [0.5, 0.3, 0.2]
-        import hashlib
-
-        case = Case(
-            case_id=case_id or f"c-{uuid.uuid4().hex[:12]}", device_id=device_id, captured_at=self.clock(),
-            model_version=model_version, predicted_class=int(np.argmax(probs)), probs=probs,
-            image_sha256=hashlib.sha256(image).hexdigest(), image_size=len(image),
-            triggers=[TriggerHit("entropy", 0.9, 0.5)], tags={"condition": "night"},
-            embedding=None if embedding is None else encode_embedding(embedding), **kw,
-        )
+        case = make_case(case_id=case_id or f"c-{uuid.uuid4().hex[:12]}", device_id=device_id,
+                         captured_at=self.clock(), model_version=model_version, probs=probs or [0.5, 0.3, 0.2],
+                         image=image, embedding=embedding, **kw)
         return case, image
 
     def post_case(self, case: Case, image: bytes, headers: dict[str, str] | None = None) -> Any:
@@ -235,11 +229,16 @@ class HubHarness:
         assert r.status_code == 201, r.text
         return case.case_id
 
-    def label(self, case_id: str, label: int, *, annotation_id: int | None = None, **kw: Any) -> Any:
+    def label(self, case_id: str, label: int, *, annotation_id: int | None = None, gold: int | None = None,
+              **kw: Any) -> Any:
+        """Post one annotator's answer (a fleet.protocol.LabelPost); ``kw`` sets its other fields."""
         self._seq += 1
-        body = {"case_id": case_id, "label": label, "annotator": "ann@example.com", "source": "label-studio",
-                "task_id": self._seq, "annotation_id": annotation_id if annotation_id is not None else self._seq,
+        body = {"case_id": case_id, "label": {"task": "classify", "label": label}, "annotator": "ann@example.com",
+                "source": "label-studio", "task_id": self._seq,
+                "annotation_id": annotation_id if annotation_id is not None else self._seq,
                 "created_at": self.clock(), **kw}
+        if gold is not None:
+            body["gold_label"] = {"task": "classify", "label": gold}
         return self.client.post("/v1/labels", json=body, headers=self.labeler)
 
 

@@ -92,8 +92,8 @@ def test_a_deeply_nested_batch_part_is_rejected_alone(hub: HubHarness) -> None:
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert results[0]["status"] == "created"
-    assert results[1]["status"] == "rejected" and results[1]["error"]["status"] == 400
-    assert "levels deep" in results[1]["error"]["detail"]
+    assert results[1]["status"] == "rejected" and results[1]["error_status"] == 400
+    assert "levels deep" in results[1]["error"]
 
 
 def test_deeply_nested_or_utf16_manifest_part_is_a_4xx(bare_hub: HubHarness) -> None:

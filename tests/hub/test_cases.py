@@ -10,6 +10,7 @@ import pytest
 from sqlmodel import Session, func, select
 
 from fleet.hub.models import Blob, CaseRow
+from fleet.protocol import Case, CaseReceipt, Classification
 from tests.hub.conftest import HubHarness, png_bytes
 
 
@@ -24,16 +25,19 @@ def _counts(hub: HubHarness) -> tuple[int, int, int]:
 
 def test_ingest_stores_case_lineage_and_image_by_hash(hub: HubHarness) -> None:
     emb = np.linspace(-1, 1, 16).astype(np.float32)
-    case, image = hub.make_case("d1", embedding=emb, campaign_id="rare", campaign_version=2, human_action=1,
+    case, image = hub.make_case("d1", embedding=emb, campaign_id="rare", campaign_version=2, human=1,
                                 scores={"entropy": 0.9})
     r = hub.post_case(case, image)
     assert r.status_code == 201, r.text
-    assert r.json() == {"case_id": case.case_id, "duplicate_of": None}
+    receipt = CaseReceipt.from_json(r.content)
+    assert (receipt.case_id, receipt.status, receipt.duplicate_of) == (case.case_id, "created", None)
     with Session(hub.hub.engine) as s:
         row = s.get(CaseRow, case.case_id)
     assert row is not None
     assert (row.device_id, row.model_version, row.campaign_id, row.campaign_version) == ("d1", "m1", "rare", 2)
-    assert row.triggers == [{"name": "entropy", "value": 0.9, "threshold": 0.5}]
+    assert row.payload["triggers"] == [{"name": "entropy", "value": 0.9, "threshold": 0.5}]
+    stored = Case.from_dict(row.payload)  # the case as the device sent it, its embedding kept beside it
+    assert stored.human_action == Classification(1) and stored.embedding is None and row.task == "classify"
     assert row.state == "unlabeled" and row.embedding_dim == 16
     assert 0.0 < row.uncertainty <= 1.0
     assert hub.hub.blobs.get(hashlib.sha256(image).hexdigest()) == image
@@ -43,7 +47,7 @@ def test_ingest_is_idempotent_on_case_id(hub: HubHarness) -> None:
     case, image = hub.make_case("d1")
     assert hub.post_case(case, image).status_code == 201
     r = hub.post_case(case, image)
-    assert r.status_code == 200 and r.json() == {"case_id": case.case_id, "already": True}
+    assert r.status_code == 200 and CaseReceipt.from_json(r.content).status == "already"
     assert _counts(hub) == (1, 1, 1)
 
 
@@ -61,10 +65,10 @@ def test_same_image_from_two_devices_is_detected_by_hash(hub: HubHarness) -> Non
     first = hub.send_case("d1", image=image)
     case, _ = hub.make_case("d2", image=image)
     r = hub.post_case(case, image)
-    assert r.status_code == 201 and r.json()["duplicate_of"] == first
+    assert r.status_code == 201 and r.json()["duplicate_of"] == first and r.json()["status"] == "duplicate"
     assert _counts(hub) == (2, 1, 1)  # one blob for both
     pool = hub.client.get("/v1/pool", params={"state": "duplicate"}, headers=hub.labeler).json()
-    assert [c["case_id"] for c in pool["cases"]] == [case.case_id]
+    assert [c["case"]["case_id"] for c in pool["cases"]] == [case.case_id]
 
 
 def test_case_json_as_a_file_part_is_accepted(hub: HubHarness) -> None:
@@ -86,22 +90,30 @@ def _post_raw(hub: HubHarness, case_text: str, image: bytes) -> object:
 
 
 def _mutate(hub: HubHarness, **changes: object) -> tuple[str, bytes]:
+    """The case's JSON with ``changes``; a key ``a__b`` sets ``d["a"]["b"]``."""
     case, image = hub.make_case("d1")
     d = json.loads(case.to_json())
-    d.update(changes)
+    for key, value in changes.items():
+        *path, last = key.split("__")
+        node = d
+        for part in path:
+            node = node[part]
+        node[last] = value
     return json.dumps(d), image
 
 
 @pytest.mark.parametrize(
     ("changes", "status", "needle"),
     [
-        ({"probs": [0.5, "x", 0.5]}, 422, "probs[1]"),
+        ({"prediction__probs": [0.5, "x", 0.5]}, 422, "probs[1]"),
         ({"captured_at": "yesterday"}, 422, "captured_at"),
-        ({"predicted_class": 7}, 422, "out of range"),
+        ({"prediction__label": 7}, 422, "out of range"),
+        ({"prediction__task": "segment"}, 422, "task must be one of"),
+        ({"schema": 1}, 422, "schema 1 is not spoken here"),
         ({"model_version": "m-unknown"}, 422, "unknown model version"),
         ({"case_id": "../../etc/passwd"}, 422, "case_id"),
         ({"device_id": "d1/../d2"}, 422, "device_id"),
-        ({"probs": [0.5, 0.5]}, 422, "classes"),
+        ({"prediction__probs": [0.5, 0.5], "prediction__label": 0}, 422, "classes"),
         ({"image_size": 3}, 422, "image_size"),
         ({"image_sha256": "0" * 64}, 422, "sha256"),
         ({"surprise": 1}, 422, "unknown field"),

@@ -9,7 +9,7 @@ import pytest
 from sqlmodel import Session, select
 
 from fleet.hub.models import CaseRow
-from fleet.protocol import Case
+from fleet.protocol import BatchReceipt, Case, CaseReceipt
 from tests.hub.conftest import HubHarness, png_bytes
 from tests.hub.test_cases import _counts
 
@@ -37,6 +37,7 @@ def test_batch_stores_every_good_case_and_answers_each_one(hub: HubHarness) -> N
     assert statuses(r) == ["created"] * 5
     assert [x["case_id"] for x in r.json()["results"]] == [c.case_id for c, _ in items]
     assert all(x["duplicate_of"] is None and x["error"] is None for x in r.json()["results"])
+    assert BatchReceipt.from_json(r.content).results[0].status == "created"  # the contract's own type reads it
     assert _counts(hub) == (5, 5, 5)
     with Session(hub.hub.engine) as s:
         row = s.get(CaseRow, items[2][0].case_id)
@@ -66,10 +67,10 @@ def test_mixed_batch_good_bad_duplicate_and_repeated_ids(hub: HubHarness) -> Non
     res = r.json()["results"]
     assert statuses(r) == ["created", "rejected", "rejected", "rejected", "duplicate", "duplicate", "already",
                            "already"]
-    assert res[1]["error"]["status"] == 422 and "unknown model version" in res[1]["error"]["detail"]
+    assert res[1]["error_status"] == 422 and "unknown model version" in res[1]["error"]
     assert res[1]["case_id"] == unknown_model.case_id
-    assert res[2]["error"]["status"] == 415 and "PNG" in res[2]["error"]["detail"]
-    assert res[3]["error"]["status"] == 422 and res[3]["case_id"] is None
+    assert res[2]["error_status"] == 415 and "PNG" in res[2]["error"]
+    assert res[3]["error_status"] == 422 and res[3]["case_id"] == ""
     assert res[4]["duplicate_of"] == before and res[5]["duplicate_of"] == good.case_id
     assert res[6]["case_id"] == good.case_id and res[6]["error"] is None
     assert _counts(hub) == (4, 2, 2)  # before, good, and the two duplicates; two images
@@ -96,8 +97,8 @@ def test_a_device_cannot_send_a_case_claiming_another_device(hub: HubHarness) ->
     theirs, their_image = hub.make_case("d2")
     r = post_batch(hub, [(theirs, their_image), (mine, image)], headers=hub.devices["d1"])
     assert statuses(r) == ["rejected", "created"]
-    err = r.json()["results"][0]["error"]
-    assert err["status"] == 403 and "'d1'" in err["detail"] and "'d2'" in err["detail"]
+    err = r.json()["results"][0]
+    assert err["error_status"] == 403 and "'d1'" in err["error"] and "'d2'" in err["error"]
     with Session(hub.hub.engine) as s:
         assert s.get(CaseRow, theirs.case_id) is None
 
@@ -108,7 +109,7 @@ def test_a_case_id_held_by_another_device_is_a_conflict(hub: HubHarness) -> None
     case, image = hub.make_case("d1", case_id="shared-id")
     r = post_batch(hub, [(case, image), (case, image)])
     assert statuses(r) == ["rejected", "rejected"]
-    assert [x["error"]["status"] for x in r.json()["results"]] == [409, 409]
+    assert [x["error_status"] for x in r.json()["results"]] == [409, 409]
     with Session(hub.hub.engine) as s:
         row = s.get(CaseRow, "shared-id")
     assert row is not None and row.device_id == "d2"
@@ -119,13 +120,15 @@ def test_admin_sending_one_case_id_for_two_devices_in_a_batch(hub: HubHarness) -
     a, a_image = hub.make_case("d1", case_id="same")
     b, b_image = hub.make_case("d2", case_id="same")
     r = post_batch(hub, [(a, a_image), (b, b_image)], headers=hub.admin)
-    assert statuses(r) == ["created", "rejected"] and r.json()["results"][1]["error"]["status"] == 409
+    assert statuses(r) == ["created", "rejected"] and r.json()["results"][1]["error_status"] == 409
 
 
 @pytest.mark.parametrize(
     "changes",
-    [{"probs": [0.5, "x", 0.5]}, {"predicted_class": 7}, {"model_version": "m-unknown"}, {"case_id": "../x"},
-     {"probs": [0.5, 0.5]}, {"image_size": 3}, {"image_sha256": "0" * 64}, {"surprise": 1}],
+    [{"prediction": {"task": "classify", "label": 0, "probs": [0.5, "x", 0.5]}},
+     {"prediction": {"task": "classify", "label": 7, "probs": [0.5, 0.3, 0.2]}}, {"model_version": "m-unknown"},
+     {"case_id": "../x"}, {"prediction": {"task": "classify", "label": 0, "probs": [0.5, 0.5]}}, {"image_size": 3},
+     {"image_sha256": "0" * 64}, {"surprise": 1}],
 )
 def test_a_bad_case_gets_the_answer_the_single_endpoint_gives(hub: HubHarness, changes: dict[str, object]) -> None:
     case, image = hub.make_case("d1")
@@ -137,7 +140,8 @@ def test_a_bad_case_gets_the_answer_the_single_endpoint_gives(hub: HubHarness, c
     good, good_image = hub.make_case("d1")
     r = post_batch(hub, [(text, image), (good, good_image)])
     assert statuses(r) == ["rejected", "created"]
-    assert r.json()["results"][0]["error"] == {"status": single.status_code, "detail": single.json()["detail"]}
+    got = r.json()["results"][0]
+    assert (got["error_status"], got["error"]) == (single.status_code, single.json()["detail"])
     assert _counts(hub) == (1, 1, 1)
 
 
@@ -149,7 +153,7 @@ def test_an_oversized_image_is_refused_alone(hub_factory: Any) -> None:
     assert len(big) > 1024
     items = [h.make_case("d1", image=big), h.make_case("d1")]
     r = post_batch(h, items)
-    assert statuses(r) == ["rejected", "created"] and r.json()["results"][0]["error"]["status"] == 413
+    assert statuses(r) == ["rejected", "created"] and r.json()["results"][0]["error_status"] == 413
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,10 +250,10 @@ def test_what_the_edge_client_sends_the_hub_accepts(hub: HubHarness) -> None:
     items = [(c.to_json(), image) for c, image in good] + [(bad.to_json(), bad_image), (good[0][0].to_json(),
                                                                                        good[0][1])]
     out = client.upload_cases(items)
-    assert out is not None and len(out) == 5
-    assert [x["case_id"] for x in out[:3]] == [c.case_id for c, _ in good]  # type: ignore[index]
+    assert len(out) == 5
+    assert [(x.case_id, x.status) for x in out[:3]] == [(c.case_id, "created") for c, _ in good]  # type: ignore[union-attr]
     assert isinstance(out[3], InvalidInput) and "unknown model version" in str(out[3])
-    assert out[4] == {"case_id": good[0][0].case_id, "duplicate_of": None, "already": True}
+    assert out[4] == CaseReceipt(good[0][0].case_id, "already")
     assert _counts(hub) == (3, 3, 3)
 
 
@@ -261,6 +265,6 @@ def test_reused_case_ids_with_other_content_leave_no_blob(hub: HubHarness) -> No
     twin2, twin2_image = hub.make_case("d1", case_id="twin", image=png_bytes(999, size=48))
     r = post_batch(hub, [*again, (twin, twin_image), (twin2, twin2_image), (stored, image)])
     assert statuses(r) == ["rejected"] * 5 + ["created", "rejected", "already"]
-    errors = [x["error"] for x in r.json()["results"] if x["error"]]
-    assert all(e["status"] == 409 and "different content" in e["detail"] for e in errors), errors
+    errors = [x for x in r.json()["results"] if x["error"]]
+    assert all(e["error_status"] == 409 and "different content" in e["error"] for e in errors), errors
     assert _counts(hub) == (2, 2, 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from fleet.hub.db import current_revision, make_engine, migrate
+from fleet.protocol import Case, Classification
 from tests.hub.conftest import fresh_database
 
 
@@ -38,10 +40,13 @@ def test_upgrade_from_the_first_revision_keeps_data(empty_url: str, tmp_path: Pa
                 " VALUES ('old-case', 'old-dev', 1.0, 1.0, 'm0', 1, '[0.4, 0.6]', 0.8, 0.0, '{}', '[]', '{}',"
                 " :sha, 10, 'unlabeled')"), {"sha": "b" * 64})
         migrate(engine)
-        assert current_revision(engine) == "0003"
+        assert current_revision(engine) == "0004"
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT device_id FROM devices")).scalars().all() == ["old-dev"]
             assert conn.execute(sa.text("SELECT case_id FROM cases")).scalars().all() == ["old-case"]
+            payload = conn.execute(sa.text("SELECT payload FROM cases")).scalar()
+            case = Case.from_dict(json.loads(payload) if isinstance(payload, str) else payload)  # schema 2 now
+            assert case.prediction == Classification(1, [0.4, 0.6]) and case.model_version == "m0"
             row = conn.execute(sa.text("SELECT status, activated_at FROM model_versions")).one()
             assert tuple(row) == ("active", 5.0)
             assert conn.execute(sa.text("SELECT count(*) FROM rollouts")).scalar() == 0

@@ -11,7 +11,7 @@ def test_summary_per_version_and_queues(hub: HubHarness) -> None:
     ids = [hub.send_case("d1", probs=[0.6, 0.3, 0.1]) for _ in range(4)]  # predicted class 0
     hub.label(ids[0], 0)
     hub.label(ids[1], 2)
-    hub.label(ids[2], 1, status="held")
+    hub.label(ids[2], 1, gold=2)  # a wrong answer to a gold task: held
     hb = {"device_id": "d1", "sent_at": 1.0, "boot_id": "b1", "model_version": "m1",
           "counters": {"frames_seen": 200, "flagged": 10}, "human_compared": 50, "human_disagreed": 5}
     assert hub.client.post("/v1/heartbeats", json=hb, headers=hub.devices["d1"]).status_code == 204

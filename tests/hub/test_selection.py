@@ -116,8 +116,8 @@ def test_selection_queues_cases_and_never_selects_them_twice(hub: HubHarness, st
         assert 0.0 <= c["score"] <= 1.0 and isinstance(c["cluster"], int)
         assert c["class_names"] == ["class_0", "class_1", "class_2"] and c["state"] == "queued"
     second = hub.client.post("/v1/selections", json={"budget": 10, "strategy": strategy}, headers=hub.labeler).json()
-    ids1 = {c["case_id"] for c in body["cases"]}
-    ids2 = {c["case_id"] for c in second["cases"]}
+    ids1 = {c["case"]["case_id"] for c in body["cases"]}
+    ids2 = {c["case"]["case_id"] for c in second["cases"]}
     assert not ids1 & ids2 and len(ids2) == 7
     pool = hub.client.get("/v1/pool", params={"state": "queued"}, headers=hub.labeler).json()
     assert pool["total"] == 12
@@ -135,7 +135,7 @@ def test_uncertainty_selection_scores_lowest_first(hub: HubHarness) -> None:
 def test_release_returns_a_case_to_the_pool(hub: HubHarness) -> None:
     _send_pool(hub, 3)
     cases = hub.client.post("/v1/selections", json={"budget": 1}, headers=hub.labeler).json()["cases"]
-    cid = cases[0]["case_id"]
+    cid = cases[0]["case"]["case_id"]
     r = hub.client.post(f"/v1/cases/{cid}/release", headers=hub.labeler)
     assert r.status_code == 200 and r.json()["state"] == "unlabeled"
     assert hub.client.get("/v1/pool", headers=hub.labeler).json()["total"] == 3
@@ -153,13 +153,13 @@ def test_selection_skips_near_duplicates_of_labeled_cases(hub: HubHarness) -> No
     for strategy in STRATEGIES:
         cases = hub.client.post("/v1/selections", json={"budget": 5, "strategy": strategy, "exclude_queued": False},
                                 headers=hub.labeler).json()["cases"]
-        ids = {c["case_id"] for c in cases}
+        ids = {c["case"]["case_id"] for c in cases}
         assert twin not in ids and other in ids, strategy
 
 
 def test_bad_selection_requests(hub: HubHarness) -> None:
     r = hub.client.post("/v1/selections", json={"budget": 3, "strategy": "magic"}, headers=hub.labeler)
-    assert r.status_code == 400 and "uncertainty+diversity" in r.json()["detail"]
+    assert r.status_code == 422 and "uncertainty+diversity" in r.json()["detail"]
     for body in [{"budget": 0}, {"budget": "3"}, {"budget": 10**9}, {}, {"budget": 2.5}]:
         r = hub.client.post("/v1/selections", json=body, headers=hub.labeler)
         assert r.status_code == 422, (body, r.text)

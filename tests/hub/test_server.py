@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,9 @@ import httpx
 import numpy as np
 import pytest
 
-from fleet.protocol import Case, Heartbeat, encode_embedding
+from fleet.protocol import Case, Heartbeat
 from tests.hub.conftest import png_bytes
+from tests.support.cases import make_case
 from tests.support.hub import REPO, RunningHub, start_hub
 from tests.support.models import make_model_files
 
@@ -30,10 +30,8 @@ def _case(device: str, i: int) -> tuple[Case, bytes]:
     image = png_bytes(1000 + i)
     rng = np.random.default_rng(i)
     p = rng.dirichlet(np.ones(3))
-    case = Case(case_id=f"{device}-{i}", device_id=device, captured_at=1.0, model_version="m1",
-                predicted_class=int(np.argmax(p)), probs=[float(x) for x in p],
-                image_sha256=hashlib.sha256(image).hexdigest(), image_size=len(image),
-                embedding=encode_embedding(rng.normal(size=16)))
+    case = make_case(case_id=f"{device}-{i}", device_id=device, captured_at=1.0, model_version="m1",
+                     probs=[float(x) for x in p], image=image, embedding=rng.normal(size=16))
     return case, image
 
 

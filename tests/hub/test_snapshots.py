@@ -7,14 +7,15 @@ import io
 import json
 import tarfile
 
+from fleet.protocol import decode_manifest
 from tests.hub.conftest import HubHarness
 
 
 def test_snapshot_holds_accepted_and_gold_labels_only(hub: HubHarness) -> None:
     a, b, c, d = (hub.send_case("d1") for _ in range(4))
     hub.label(a, 1)
-    hub.label(b, 2, status="gold")
-    hub.label(c, 0, status="held")
+    hub.label(b, 2, gold=2)  # the right answer to a gold task
+    hub.label(c, 0, gold=1)  # a wrong one: held, never trained on
     r = hub.client.post("/v1/snapshots", json={"name": "first"}, headers=hub.trainer)
     assert r.status_code == 201, r.text
     snap = r.json()
@@ -22,15 +23,17 @@ def test_snapshot_holds_accepted_and_gold_labels_only(hub: HubHarness) -> None:
     m = hub.client.get(f"/v1/snapshots/{snap['snapshot_id']}/manifest", headers=hub.trainer)
     assert m.status_code == 200
     assert hashlib.sha256(m.content).hexdigest() == snap["manifest_sha256"]
-    lines = [json.loads(x) for x in m.text.splitlines()]
-    assert {x["case_id"]: x["label"] for x in lines} == {a: 1, b: 2}
-    for x in lines:
-        assert {"case_id", "label", "tags", "image_sha256", "model_version", "device_id", "captured_at"} <= set(x)
+    header, entries = decode_manifest(m.content)  # the contract's own reader
+    assert (header.snapshot_id, header.version, header.task) == (snap["snapshot_id"], 1, "classify")
+    assert header.class_names == ["class_0", "class_1", "class_2"] and header.n_entries == 2
+    assert {e.case_id: (e.label.label, e.status) for e in entries} == {a: (1, "accepted"), b: (2, "gold")}
+    assert all(e.case.device_id == "d1" and e.case.tags == {"condition": "night"} for e in entries)
+    assert json.loads(m.text.splitlines()[0])["class_names"] == header.class_names
     hub.label(d, 0)
     snap2 = hub.client.post("/v1/snapshots", headers=hub.trainer).json()
     assert snap2["version"] == 2 and snap2["n_labels"] == 3
     listing = hub.client.get("/v1/snapshots", headers=hub.trainer).json()
-    assert [s["version"] for s in listing] == [1, 2]
+    assert [s["version"] for s in listing["snapshots"]] == [1, 2]
 
 
 def test_blob_download_single_and_bulk(hub: HubHarness) -> None:

@@ -15,7 +15,6 @@ import pytest
 from fleet.retry import RetryPolicy
 from labeling.bridge import Bridge
 from labeling.config import BridgeConfig
-from labeling.consensus import Rules
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.throttle import Throttle
@@ -61,7 +60,7 @@ def make_bridge(hub: FakeHub, studio: object, clock: Clock, **overrides: object)
     client = HubClient(hub.base_url, hub.token, http=httpx.Client(transport=hub.transport()), retry=FAST_RETRY,
                        sleep=lambda _: None)
     defaults: dict[str, object] = {
-        "project_title": "unit", "overlap": 1, "overlap_share": 0.0, "rules": Rules(),
+        "project_title": "unit", "overlap": 1, "overlap_share": 0.0,
         "throttle": Throttle(min_depth=6, max_depth=50, horizon_s=60, window_s=60), "in_doubt_grace_s": 0.0,
         "reconcile_every_s": 0.0,
     }

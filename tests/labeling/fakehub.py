@@ -27,7 +27,20 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 
-COMPARED = ("case_id", "label", "annotator", "task_id", "created_at", "agreement", "n_annotators", "status")
+from fleet.consensus import Vote, decide
+from fleet.errors import ProtocolError
+from fleet.protocol import (
+    Case,
+    Classification,
+    LabelPost,
+    LabelPublic,
+    LabelReceipt,
+    PoolPage,
+    SelectedCase,
+    Selection,
+    SelectionRequest,
+    Verdict,
+)
 
 
 @dataclass
@@ -146,15 +159,16 @@ class FakeHub:
             return _json(401, {"detail": "bad token"})
         data = json.loads(body) if body else {}
         if method == "POST" and path == "/v1/selections":
-            return _json(200, self._select(int(data["budget"])))
+            return _json(200, self._select(SelectionRequest.from_dict(data).budget))
         if method == "GET" and path == "/v1/pool":
             state = query.get("state", ["unlabeled"])[0]
             limit, offset = int(query.get("limit", ["100"])[0]), int(query.get("offset", ["0"])[0])
             rows = [c for c in self.cases.values() if c.state == state]
-            return _json(200, {"total": len(rows), "cases": [self._public(c) for c in rows[offset:offset + limit]]})
+            return _json(200, PoolPage(total=len(rows), state=state,
+                                       cases=[self._public(c) for c in rows[offset:offset + limit]]).to_dict())
         if method == "GET" and path.startswith("/v1/cases/"):
             c = self.cases.get(path.split("/")[3])
-            return _json(200, self._public(c)) if c else _json(404, {"detail": "unknown case"})
+            return _json(200, self._public(c).to_dict()) if c else _json(404, {"detail": "unknown case"})
         if method == "POST" and path.endswith("/release"):
             c = self.cases.get(path.split("/")[3])
             if c is None:
@@ -166,7 +180,8 @@ class FakeHub:
         if method == "POST" and path == "/v1/labels":
             return self._label(data)
         if method == "GET" and path == "/v1/labels":
-            return _json(200, {"labels": self.live_labels(query.get("case_id", [None])[0])})
+            rows = self.live_labels(query.get("case_id", [None])[0])
+            return _json(200, {"labels": [self._label_public(v) for v in rows]})
         if method == "GET" and path == "/v1/labeling/events":
             after = int(query["after"][0]) if "after" in query else self.acked
             limit = int(query.get("limit", ["100"])[0])
@@ -182,33 +197,45 @@ class FakeHub:
         pool = sorted((c for c in self.cases.values() if c.state == "unlabeled"), key=lambda c: c.score)[:budget]
         for c in pool:
             c.state = "queued"
-        return {"selection_id": f"sel-{len(self.history)}", "strategy": "uncertainty+diversity",
-                "cases": [self._public(c) for c in pool]}
+        return Selection(selection_id=f"sel-{len(self.history)}", strategy="uncertainty+diversity", budget=budget,
+                         pool_size=len(self.cases), cases=[self._public(c) for c in pool]).to_dict()
 
-    def _public(self, c: FakeCase) -> dict[str, Any]:
+    def _public(self, c: FakeCase) -> SelectedCase:
+        """The case as the contract's type (fleet.protocol.SelectedCase) has it."""
         exp = int(time.time() + self.image_ttl_s)
         sig = hmac.new(self.url_secret, f"{c.case_id}:{exp}".encode(), hashlib.sha256).hexdigest()
-        return {
-            "case_id": c.case_id, "image_url": f"{self.base_url}/v1/cases/{c.case_id}/image?exp={exp}&sig={sig}",
-            "predicted_class": c.predicted_class, "class_names": list(self.class_names),
-            "probs": [1.0 / len(self.class_names)] * len(self.class_names), "score": c.score, "cluster": c.cluster,
-            "tags": {"condition": "night" if c.cluster % 2 else "day"}, "model_version": self.model_version,
-        }
+        k = len(self.class_names)
+        probs = [0.5 / (k - 1)] * k
+        probs[c.predicted_class] = 0.5
+        case = Case(case_id=c.case_id, device_id="dev-1", captured_at=1.0, model_version=self.model_version,
+                    prediction=Classification(c.predicted_class, probs), image_sha256="0" * 64, image_size=1,
+                    tags={"condition": "night" if c.cluster % 2 else "day"})
+        return SelectedCase(case=case, image_url=f"{self.base_url}/v1/cases/{c.case_id}/image?exp={exp}&sig={sig}",
+                            class_names=list(self.class_names), state=c.state, score=c.score,
+                            uncertainty=round(1.0 - c.score, 6), received_at=1.0, cluster=c.cluster,
+                            label=None if c.label is None else Classification(c.label),
+                            label_status=None if c.label is None else "accepted")
 
     def _label(self, d: dict[str, Any]) -> tuple[int, str, bytes]:
+        """A :class:`fleet.protocol.LabelPost`, decided by :mod:`fleet.consensus` as the hub decides it."""
         c = self.cases.get(d.get("case_id", ""))
         if c is None:
             return _json(404, {"detail": f"unknown case {d.get('case_id')!r}"})
-        if not isinstance(d.get("label"), int) or not 0 <= d["label"] < len(self.class_names):
-            return _json(422, {"detail": f"label {d.get('label')!r} is out of range"})
-        if d.get("status") not in ("accepted", "held", "gold"):
-            return _json(422, {"detail": f"status {d.get('status')!r} is not accepted, held or gold"})
-        key = (d.get("source", "label-studio"), int(d["annotation_id"]))
+        try:
+            post = LabelPost.from_dict(d)
+        except ProtocolError as exc:
+            return _json(422, {"detail": str(exc)})
+        if post.label.label >= len(self.class_names):
+            return _json(400, {"detail": f"label {post.label.label} is out of range"})
+        key = (post.source, post.annotation_id)
         existing = self.labels.get(key)
-        if existing is not None and existing["case_id"] != d["case_id"]:
+        if existing is not None and existing["case_id"] != post.case_id:
             return _json(409, {"detail": "annotation belongs to another case"})
-        fields = {k: d.get(k) for k in COMPARED}
-        if d.get("deleted"):
+        fields = {"case_id": post.case_id, "label": post.label.label, "annotator": post.annotator,
+                  "task_id": post.task_id, "created_at": post.created_at, "overlap": post.overlap,
+                  "ground_truth": post.ground_truth,
+                  "gold": None if post.gold_label is None else post.gold_label.label}
+        if post.deleted:
             action = "unchanged" if existing is None else "deleted"
             self.labels.pop(key, None)
         elif existing is None:
@@ -220,22 +247,36 @@ class FakeHub:
             existing.update(fields)
             action = "updated"
         self.label_log.append((time.time(), dict(d), action))
-        self._recompute(c)
-        return _json(200, {"label_id": key[1], "action": action, "case_state": c.state})
+        verdicts = self._recompute(c)
+        return _json(200, LabelReceipt(action=action, case_state=c.state, label_id=key[1],
+                                       verdicts=verdicts).to_dict())
 
-    def _recompute(self, c: FakeCase) -> None:
+    def _recompute(self, c: FakeCase) -> list[Verdict]:
         rows = [v for v in self.labels.values() if v["case_id"] == c.case_id]
-        gold = [r for r in rows if r["status"] == "gold"]
-        accepted = [r for r in rows if r["status"] == "accepted"]
-        if gold:
-            c.label, c.state = gold[0]["label"], "labeled"
-        elif accepted:
-            c.label, c.state = Counter(r["label"] for r in accepted).most_common(1)[0][0], "labeled"
-        elif rows:
-            c.label, c.state = None, "held"
-        else:
+        if not rows:
             c.label = None
             c.state = "queued" if c.state in ("labeled", "held", "queued") else c.state
+            return []
+        gold = next((r["gold"] for r in rows if r["gold"] is not None), None)
+        rulings = decide([Vote(i, r["annotator"], r["label"], r["ground_truth"]) for i, r in enumerate(rows)],
+                         n_classes=len(self.class_names), required=max(r["overlap"] for r in rows), gold_label=gold)
+        for r, ruling in zip(rows, rulings, strict=True):
+            r["status"], r["agreement"], r["n_annotators"], r["reason"] = (ruling.status, ruling.agreement,
+                                                                            ruling.n_annotators, ruling.reason)
+        won = [r for r in rows if r["status"] == "gold"] or [r for r in rows if r["status"] == "accepted"]
+        if won:
+            c.label, c.state = Counter(r["label"] for r in won).most_common(1)[0][0], "labeled"
+        else:
+            c.label, c.state = None, "held"
+        return [Verdict(annotation_id=r["annotation_id"], source=r["source"], status=r["status"],
+                        agreement=r["agreement"], n_annotators=r["n_annotators"], reason=r["reason"]) for r in rows]
+
+    def _label_public(self, r: dict[str, Any]) -> dict[str, Any]:
+        return LabelPublic(id=r["annotation_id"], case_id=r["case_id"], label=Classification(r["label"]),
+                           annotator=r["annotator"], source=r["source"], task_id=r["task_id"],
+                           annotation_id=r["annotation_id"], created_at=r["created_at"], updated_at=r["created_at"],
+                           status=r.get("status", "held"), agreement=r.get("agreement"),
+                           n_annotators=r.get("n_annotators", 0), reason=r.get("reason", "")).to_dict()
 
     def _image(self, case_id: str, query: dict[str, list[str]]) -> tuple[int, str, bytes]:
         c = self.cases.get(case_id)

@@ -3,7 +3,6 @@ integration tests and the benchmark: Label Studio posts its webhooks to it and l
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 import uuid
@@ -40,7 +39,7 @@ class RealHub:
 
     def add_cases(self, n: int, *, seed: int = 0, model_version: str | None = None) -> list[str]:
         """Ingest ``n`` cases from one device, each with a PNG whose colour says its (true) class."""
-        from fleet.protocol import Case, TriggerHit, encode_embedding
+        from tests.support.cases import make_case
 
         rng = np.random.default_rng(seed)
         k = len(self.class_names)
@@ -50,12 +49,9 @@ class RealHub:
             probs = rng.dirichlet(np.ones(k)).round(4)
             probs = (probs / probs.sum()).tolist()
             image = png_for(truth, k, seed=int(rng.integers(1000)), noise=rng)  # noise: no near-duplicates
-            case = Case(case_id=f"c-{uuid.uuid4().hex[:12]}", device_id="dev-1", captured_at=time.time(),
-                        model_version=model_version or self.model_version,
-                        predicted_class=int(np.argmax(probs)), probs=probs,
-                        image_sha256=hashlib.sha256(image).hexdigest(), image_size=len(image),
-                        triggers=[TriggerHit("entropy", 0.9, 0.5)], tags={"condition": "night"},
-                        embedding=encode_embedding(rng.normal(size=16).astype(np.float32)))
+            case = make_case(case_id=f"c-{uuid.uuid4().hex[:12]}", device_id="dev-1",
+                             model_version=model_version or self.model_version, probs=probs, image=image,
+                             embedding=rng.normal(size=16).astype(np.float32))
             r = self.client.post("/v1/cases", headers=self.device, data={"case": case.to_json()},
                                  files={"image": ("frame.png", image, "image/png")})
             assert r.status_code == 201, r.text
@@ -64,10 +60,11 @@ class RealHub:
         return ids
 
     def labels(self) -> list[dict[str, Any]]:
+        """The hub's labels, each with its class as ``label`` (a classify answer's index)."""
         r = self.client.get("/v1/labels", headers={"Authorization": f"Bearer {self.labeler_token}"},
                             params={"limit": 10000})
         assert r.status_code == 200, r.text
-        return list(r.json()["labels"])
+        return [{**lb, "label": lb["label"]["label"]} for lb in r.json()["labels"]]
 
     def case(self, case_id: str) -> dict[str, Any]:
         r = self.client.get(f"/v1/cases/{case_id}", headers={"Authorization": f"Bearer {self.labeler_token}"})

@@ -22,7 +22,7 @@ def test_only_the_studio_module_imports_the_label_studio_sdk() -> None:
 
 
 def test_the_bridges_logic_loads_without_the_sdk_or_server_stacks() -> None:
-    code = ("import labeling.consensus, labeling.configs, labeling.records, labeling.ledger, labeling.push, "
+    code = ("import fleet.consensus, labeling.configs, labeling.records, labeling.ledger, labeling.push, "
             "labeling.pull, labeling.bridge, labeling.hub_client, labeling.status")
     assert not loaded_modules(code) & (HEAVY | {"label_studio_sdk"})
 
@@ -45,7 +45,8 @@ def test_status_reports_queue_throughput_and_agreement(tmp_path: Path) -> None:
     ledger.bind("c2", 2, prediction_id=2, overlap=1, project_id=1)
     ledger.upsert_annotation(annotation_id=5, task_id=1, case_id="c1", user_id=3, annotator="a@x", created_at=990.0,
                              updated_at=990.0, ground_truth=False, cancelled=False, label=1, refused=None)
-    ledger.mark_sent(5, {"case_id": "c1", "label": 1, "status": "held", "agreement": 1.0, "annotation_id": 5})
+    ledger.mark_sent(5, {"case_id": "c1", "label": {"task": "classify", "label": 1}, "annotation_id": 5})
+    ledger.set_verdicts([(5, "held", 1.0, "waiting for 1 more annotator(s) of 2")])  # what the hub decided
     ledger.close()
     result = CliRunner().invoke(app, ["status", "--state", str(path), "--json", "--window", "600"])
     assert result.exit_code == 0, result.output

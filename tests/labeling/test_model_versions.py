@@ -230,5 +230,5 @@ def test_an_annotator_sees_the_new_models_guess_after_a_model_update(stack: Stac
         row = bridge.ledger.task(case_id=cid)
         assert row is not None and row.task_id is not None
         radios = open_task(ls_env[0], studio, bridge.project_id, row.task_id, names, tmp_path / shot)
-        guess = names[int(real_hub.case(cid)["predicted_class"])]
+        guess = names[int(real_hub.case(cid)["case"]["prediction"]["label"])]
         assert [n for n, on, _ in radios if on and n in names] == [guess], (cid, radios)

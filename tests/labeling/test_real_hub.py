@@ -37,7 +37,7 @@ def test_labels_reach_the_real_hub_exactly_once(ls_env: tuple[str, str], ls_proj
     for t in tasks:  # the image an annotator's browser loads, straight from the hub with its signature
         r = httpx.get(t.data["image"], timeout=10)
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-    queued = {c["case_id"] for c in hub.iter_pool("queued")}
+    queued = {c.case_id for c in hub.iter_pool("queued")}
     assert queued == {t.case_id for t in tasks}
 
     team = BotTeam(ls_env[0], studio, bridge.project_id, [BotSpec("ann", 1.0, 0.0)], real_hub.truth.get,

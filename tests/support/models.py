@@ -92,8 +92,10 @@ def make_model_files(
     embedding_dim: int = 16,
     seed: int = 0,
     poison: str | None = None,
+    class_names: list[str] | None = None,
 ) -> ModelFiles:
-    """Write ``{version}.onnx`` and return its manifest, signed when a private key is given."""
+    """Write ``{version}.onnx`` and return its manifest, signed when a private key is given (classes named
+    ``class_i`` unless ``class_names`` says)."""
     from fleet.signing import sign_manifest
 
     data = build_tiny_onnx(
@@ -110,7 +112,7 @@ def make_model_files(
         onnx_size=len(data),
         input=InputSpec(height=height, width=width, channels=channels,
                         mean=[0.5] * channels, std=[0.25] * channels),
-        class_names=[f"class_{i}" for i in range(num_classes)],
+        class_names=class_names or [f"class_{i}" for i in range(num_classes)],
         embedding_dim=embedding_dim,
         created_at=time.time(),
     )

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fleet.protocol import Case
+from tests.support.cases import make_case
 from tests.support.hub import RunningHub
 from tests.support.models import make_model_files
 
@@ -59,9 +59,8 @@ def png(seed: int, side: int = 8) -> bytes:
 def case_json(dev: str, image: bytes, *, case_id: str | None = None, version: str = "sec-v1",
               **extra: Any) -> str:
     """A valid Case for ``dev`` as JSON, with ``extra`` fields overwritten (valid or not)."""
-    case = Case(case_id=case_id or f"{dev}-{hashlib.sha256(image).hexdigest()[:12]}", device_id=dev,
-                captured_at=time.time(), model_version=version, predicted_class=0, probs=[0.5, 0.3, 0.2],
-                image_sha256=hashlib.sha256(image).hexdigest(), image_size=len(image), tags={"frame": "x"})
+    case = make_case(case_id=case_id or f"{dev}-{hashlib.sha256(image).hexdigest()[:12]}", device_id=dev,
+                     model_version=version, probs=[0.5, 0.3, 0.2], image=image, tags={"frame": "x"}, triggers=[])
     doc = json.loads(case.to_json())
     doc.update(extra)
     return json.dumps(doc)
@@ -207,8 +206,8 @@ NOT_FOR_DEVICES = [
     ("GET", "/v1/models", None),
     ("POST", "/v1/rollouts", {"version": "sec-v1", "stages": [1.0]}),
     ("POST", "/v1/selections", {"budget": 5, "strategy": "random"}),
-    ("POST", "/v1/labels", {"case_id": "iso-b-case", "label": 0, "annotator": "x", "task_id": 1, "annotation_id": 1,
-                            "created_at": 1.0}),
+    ("POST", "/v1/labels", {"case_id": "iso-b-case", "label": {"task": "classify", "label": 0}, "annotator": "x",
+                            "task_id": 1, "annotation_id": 1, "created_at": 1.0}),
     ("GET", "/v1/labeling/events", None),
     ("POST", "/v1/labeling/events/ack", {"up_to": 1}),
     ("GET", "/v1/snapshots", None),

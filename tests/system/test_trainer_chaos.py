@@ -4,7 +4,6 @@ candidate that fails the gate is never registered, so no device is ever assigned
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fleet.protocol import Case
+from tests.support.cases import label_post, make_case
 from tests.support.data import digits_arrays, png_bytes
 from tests.support.hub import REPO
 from tests.support.models import make_model_files
@@ -49,7 +48,8 @@ def train_cmd(hub_url: str, snapshot: str, base: Path, out: Path, key: Path, tra
 def test_trainer_killed_resumes_and_a_gate_failure_never_ships(tmp_path: Path) -> None:
     with restartable_hub(tmp_path / "hub") as hub:
         trainer, labeler = hub.token("trainer"), hub.token("labeler")
-        m0 = make_model_files(tmp_path / "m", "tr-m0", private_key=hub.private_key(), num_classes=10)
+        m0 = make_model_files(tmp_path / "m", "tr-m0", private_key=hub.private_key(), num_classes=10,
+                              class_names=[str(i) for i in range(10)])
         publish(hub, m0, trainer, promote=True)
         x, y = digits_arrays()
         with httpx.Client(base_url=hub.url, timeout=30) as c:
@@ -57,15 +57,13 @@ def test_trainer_killed_resumes_and_a_gate_failure_never_ships(tmp_path: Path) -
             device = bearer(r.json()["token"])
             for i in range(60):
                 img = png_bytes(x[i])
-                case = Case(case_id=f"tr-case-{i:03d}", device_id="tr-seed", captured_at=time.time(),
-                            model_version="tr-m0", predicted_class=0, probs=[0.1] * 10,
-                            image_sha256=hashlib.sha256(img).hexdigest(), image_size=len(img))
+                case = make_case(case_id=f"tr-case-{i:03d}", device_id="tr-seed", model_version="tr-m0",
+                                 probs=[0.1] * 10, image=img, tags={}, triggers=[])
                 r = c.post("/v1/cases", headers=device, data={"case": case.to_json()},
                            files={"image": ("f.png", img, "image/png")})
                 assert r.status_code in (200, 201), r.text
-                r = c.post("/v1/labels", headers=bearer(labeler), json={
-                    "case_id": case.case_id, "label": int(y[i]), "annotator": "a@x", "source": "label-studio",
-                    "task_id": i + 1, "annotation_id": i + 1, "created_at": time.time(), "status": "accepted"})
+                r = c.post("/v1/labels", headers=bearer(labeler),
+                           json=label_post(case.case_id, int(y[i]), annotation_id=i + 1))
                 assert r.status_code in (200, 201), r.text
             snap = c.post("/v1/snapshots", headers=bearer(trainer), json={"name": "sys"}).json()["snapshot_id"]
         base = tmp_path / "base.npz"

@@ -6,12 +6,13 @@ import hashlib
 import io
 import json
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
 
-from fleet.protocol import SignedManifest
+from fleet.protocol import SCHEMA_VERSION, SignedManifest, SnapshotHeader, SnapshotPublic
+from tests.support.cases import make_case
 
 
 @dataclass
@@ -27,12 +28,13 @@ class FakeHub:
     rollouts: list[dict[str, Any]] = field(default_factory=list)
     snapshots: dict[str, bytes] = field(default_factory=dict)
     announce_sha: str | None = None  # overrides the manifest sha the hub announces
+    class_names: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])
 
     def add_case(self, case_id: str, label: int, png: bytes, tags: dict[str, str] | None = None) -> str:
         sha = hashlib.sha256(png).hexdigest()
         self.blobs[sha] = png
         self.cases.append({"case_id": case_id, "label": label, "tags": tags or {}, "image_sha256": sha,
-                           "model_version": "m0", "device_id": "dev-1", "captured_at": 1.0})
+                           "image_size": len(png), "model_version": "m0", "device_id": "dev-1", "captured_at": 1.0})
         return sha
 
     def posted(self, path: str) -> int:
@@ -52,11 +54,12 @@ class FakeHub:
             return httpx.Response(401, json={"detail": "no token"})
         if request.method == "POST" and path == "/v1/snapshots":
             sid = f"snap-{len(self.snapshots) + 1}"
-            body = "".join(json.dumps(c) + "\n" for c in self.cases).encode()
+            body = self._manifest(sid, len(self.snapshots) + 1)
             self.snapshots[sid] = body
             sha = self.announce_sha or hashlib.sha256(body).hexdigest()
-            return httpx.Response(201, json={"snapshot_id": sid, "version": len(self.snapshots),
-                                             "n_labels": len(self.cases), "manifest_sha256": sha})
+            return httpx.Response(201, content=SnapshotPublic(snapshot_id=sid, version=len(self.snapshots),
+                                                              n_labels=len(self.cases), manifest_sha256=sha,
+                                                              created_at=1.0).to_json())
         if request.method == "GET" and path.startswith("/v1/snapshots/") and path.endswith("/manifest"):
             sid = path.split("/")[3]
             if sid not in self.snapshots:
@@ -100,6 +103,24 @@ class FakeHub:
             self.rollouts.append(body)
             return httpx.Response(201, json={"rollout_id": f"r{len(self.rollouts)}", "stage": 0, **body})
         return httpx.Response(404, json={"detail": f"no route {request.method} {path}"})
+
+
+    def _manifest(self, snapshot_id: str, version: int) -> bytes:
+        """The hub's manifest (fleet.protocol.dataset): a header line, then an entry a case. Each entry is
+        written from the test's dict as it stands, so a test can put a malformed label in it."""
+        header = SnapshotHeader(snapshot_id=snapshot_id, version=version, task="classify",
+                                class_names=self.class_names, n_entries=len(self.cases), created_at=1.0)
+        lines = [header.to_json()]
+        k = len(self.class_names)
+        for c in self.cases:
+            label = c["label"]
+            probs = [1.0 / k] * k
+            case = replace(make_case(case_id=c["case_id"], device_id=c["device_id"], model_version=c["model_version"],
+                                     probs=probs, image=b"png", captured_at=c["captured_at"], tags=c["tags"]),
+                           image_sha256=c["image_sha256"], image_size=c["image_size"])  # as uploaded
+            lines.append(json.dumps({"case": case.to_dict(), "label": {"task": "classify", "label": label},
+                                     "status": "accepted", "schema": SCHEMA_VERSION}))
+        return ("\n".join(lines) + "\n").encode()
 
 
 def _multipart(request: httpx.Request) -> dict[str, bytes]:

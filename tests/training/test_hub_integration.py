@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import httpx
@@ -13,8 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from fleet.cli import app
-from fleet.protocol import Case, SignedManifest
+from fleet.protocol import SignedManifest
 from fleet.signing import verify_manifest
+from tests.support.cases import label_post, make_case
 from tests.support.data import digits_arrays, png_bytes
 from tests.support.hub import RunningHub, running_hub  # noqa: F401
 from tests.support.models import make_model_files
@@ -23,7 +23,8 @@ from tests.support.models import make_model_files
 def seed_labeled_cases(hub: RunningHub, n: int, trainer: str, tmp_path: Path) -> None:
     """Register the fleet's current model m0, enroll a device, upload ``n`` dark digits as its cases, and
     label them as the labeling bridge would."""
-    m0 = make_model_files(tmp_path / "m0", "m0", private_key=hub.private_key(), num_classes=10)
+    m0 = make_model_files(tmp_path / "m0", "m0", private_key=hub.private_key(), num_classes=10,
+                          class_names=[str(i) for i in range(10)])  # the digits' classes, as the base data has
     r = httpx.post(hub.url + "/v1/models", headers={"Authorization": f"Bearer {trainer}"},
                    files={"onnx": ("model.onnx", m0.onnx_path.read_bytes(), "application/octet-stream")},
                    data={"manifest": m0.signed.to_json()})  # type: ignore[union-attr]
@@ -36,15 +37,12 @@ def seed_labeled_cases(hub: RunningHub, n: int, trainer: str, tmp_path: Path) ->
     with httpx.Client(base_url=hub.url, timeout=30) as c:
         for i in range(n):
             png = png_bytes((x[i] // 4).astype(np.uint8))
-            case = Case(case_id=f"case-{i:04d}", device_id="dev-1", captured_at=time.time(), model_version="m0",
-                        predicted_class=0, probs=[0.1] * 10, image_sha256=hashlib.sha256(png).hexdigest(),
-                        image_size=len(png), tags={"condition": "dark"})
+            case = make_case(case_id=f"case-{i:04d}", device_id="dev-1", model_version="m0", probs=[0.1] * 10,
+                             image=png, tags={"condition": "dark"}, triggers=[])
             r = c.post("/v1/cases", headers=device, data={"case": case.to_json()},
                        files={"image": ("frame.png", png, "image/png")})
             assert r.status_code in (200, 201), r.text
-            r = c.post("/v1/labels", headers=labeler, json={
-                "case_id": case.case_id, "label": int(y[i]), "annotator": "a@example.com", "source": "label-studio",
-                "task_id": i + 1, "annotation_id": i + 1, "created_at": time.time(), "status": "accepted"})
+            r = c.post("/v1/labels", headers=labeler, json=label_post(case.case_id, int(y[i]), annotation_id=i + 1))
             assert r.status_code in (200, 201), r.text
 
 

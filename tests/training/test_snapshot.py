@@ -79,7 +79,7 @@ def test_manifest_that_does_not_match_the_announced_hash_is_refused(tmp_path: Pa
 def test_malformed_manifest_line_is_refused(tmp_path: Path) -> None:
     hub = hub_with_cases(2)
     hub.cases[1]["label"] = "seven"
-    with pytest.raises(SnapshotError, match="manifest line 2"):
+    with pytest.raises(SnapshotError, match="manifest line 3"):  # the header is line 1
         pull_snapshot(client(hub), cache_dir=tmp_path)
 
 

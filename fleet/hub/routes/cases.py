@@ -3,46 +3,67 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from sqlmodel import col, func, select
 from starlette.concurrency import run_in_threadpool
 
-from fleet.hub.auth import Principal, check_image_signature, image_query, require
-from fleet.hub.context import Hub, get_hub
+from fleet.errors import Conflict, InvalidInput, NotFound
+from fleet.hub.api import (
+    DeviceCaller,
+    HubDep,
+    LabelerCaller,
+    ReaderCaller,
+    message_body,
+    message_response,
+    request_body,
+)
+from fleet.hub.auth import check_image_signature, image_query
+from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes, ingest_case, model_info
 from fleet.hub.ingest_batch import ingest_batch
-from fleet.hub.models import CASE_STATES, CaseRow, Selection
+from fleet.hub.models import CASE_STATES, CaseRow
+from fleet.hub.models import Selection as SelectionRow
 from fleet.hub.multipart import TooManyParts, parse_form
-from fleet.hub.schemas import SelectionRequest
 from fleet.hub.selection import assign_clusters, get_strategy
-from fleet.protocol import check_name
+from fleet.protocol import (
+    BatchReceipt,
+    Case,
+    CaseReceipt,
+    PoolPage,
+    Release,
+    SelectedCase,
+    Selection,
+    SelectionRequest,
+    check_name,
+    parse_prediction,
+)
 
 router = APIRouter(tags=["cases"])
+CaseState = Literal["unlabeled", "queued", "labeled", "held", "duplicate"]
+assert set(CaseState.__args__) == set(CASE_STATES)  # type: ignore[attr-defined]
 
 
-@router.post("/v1/cases", status_code=201)
-async def post_case(request: Request, principal: Principal = Depends(require("device")),
-                    hub: Hub = Depends(get_hub)) -> JSONResponse:
+@router.post("/v1/cases", status_code=201, response_model=CaseReceipt,
+             responses={200: {"model": CaseReceipt, "description": "the case was there already (same content)"}})
+async def post_case(request: Request, principal: DeviceCaller, hub: HubDep) -> Response:
     """multipart: ``case`` (Case JSON, a field or a file part) and ``image`` (PNG bytes, a file part)."""
     form = parse_form(await request.body(), request.headers.get("content-type", ""))
     case_part, image_part = form.get("case"), form.get("image")
     if case_part is None or image_part is None:
         raise HTTPException(422, detail=f"expected multipart parts 'case' (JSON) and 'image' (PNG); "
                                         f"received parts {sorted(form)}")
-    status, body = await run_in_threadpool(ingest_case, hub, principal, case_part.data, image_part.data)
-    return JSONResponse(body, status_code=status)
+    status, receipt = await run_in_threadpool(ingest_case, hub, principal, case_part.data, image_part.data)
+    return message_response(receipt, status_code=status)
 
 
-@router.post("/v1/cases/batch")
-async def post_cases(request: Request, principal: Principal = Depends(require("device")),
-                     hub: Hub = Depends(get_hub)) -> JSONResponse:
-    """multipart: ``case_0``, ``image_0``, ``case_1``, ``image_1``, ... -> ``{"results": [...]}``, one per case.
+@router.post("/v1/cases/batch", response_model=BatchReceipt)
+async def post_cases(request: Request, principal: DeviceCaller, hub: HubDep) -> Response:
+    """multipart: ``case_0``, ``image_0``, ``case_1``, ``image_1``, ... -> one receipt per case, in order.
 
     Each case is validated and stored exactly as ``POST /v1/cases`` would; one bad case is answered
     ``rejected`` with its 4xx and the rest go on. Only a malformed envelope fails the whole request.
@@ -62,65 +83,61 @@ async def post_cases(request: Request, principal: Principal = Depends(require("d
                                         f"{' ...' if len(form) > 8 else ''}")
     items = [(form[f"case_{i}"].data, form[f"image_{i}"].data) for i in range(n)]
     results = await run_in_threadpool(ingest_batch, hub, principal, items)
-    return JSONResponse({"results": results})
+    return message_response(BatchReceipt(results))
 
 
-@router.get("/v1/cases/{case_id}")
-def get_case(case_id: str, request: Request, _: Principal = Depends(require("labeler", "trainer")),
-             hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.get("/v1/cases/{case_id}", response_model=SelectedCase)
+def get_case(case_id: str, request: Request, _: ReaderCaller, hub: HubDep) -> Response:
     check_name(case_id, "case_id")
     with read_session(hub.engine) as s:
         row = s.get(CaseRow, case_id)
     if row is None:
-        raise HTTPException(404, detail=f"unknown case {case_id!r}")
-    return case_public(hub, row, base_url(hub, request))
+        raise NotFound(f"unknown case {case_id!r}")
+    return message_response(selected_case(hub, row, base_url(hub, request)))
 
 
-@router.get("/v1/pool")
-def pool(request: Request, state: str = Query("unlabeled"), limit: int = Query(100, ge=1, le=1000),
-         offset: int = Query(0, ge=0, le=2**63 - 1), _: Principal = Depends(require("labeler", "trainer")),
-         hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    if state not in CASE_STATES:
-        raise HTTPException(422, detail=f"state must be one of {list(CASE_STATES)}; received {state!r}")
+@router.get("/v1/pool", response_model=PoolPage)
+def pool(request: Request, _: ReaderCaller, hub: HubDep, state: CaseState = Query("unlabeled"),
+         limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**63 - 1)) -> Response:
     with read_session(hub.engine) as s:
         total = s.exec(select(func.count()).select_from(CaseRow).where(CaseRow.state == state)).one()
         rows = s.exec(select(CaseRow).where(CaseRow.state == state)
                       .order_by(col(CaseRow.uncertainty).desc(), CaseRow.case_id).offset(offset).limit(limit)).all()
     base = base_url(hub, request)
-    return {"total": total, "state": state, "cases": [case_public(hub, r, base) for r in rows]}
+    return message_response(PoolPage(total=total, state=state, cases=[selected_case(hub, r, base) for r in rows]))
 
 
-@router.post("/v1/cases/{case_id}/release")
-def release(case_id: str, _: Principal = Depends(require("labeler")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/v1/cases/{case_id}/release", response_model=Release)
+def release(case_id: str, _: LabelerCaller, hub: HubDep) -> Response:
     """Return a queued case to the unlabeled pool (its task was skipped, cancelled or deleted)."""
     check_name(case_id, "case_id")
     with write_session(hub.engine) as s:
         row = s.get(CaseRow, case_id)
         if row is None:
-            raise HTTPException(404, detail=f"unknown case {case_id!r}")
+            raise NotFound(f"unknown case {case_id!r}")
         if row.state in ("labeled", "held"):
-            raise HTTPException(409, detail=f"case {case_id!r} is {row.state}; delete its annotations to release it")
+            raise Conflict(f"case {case_id!r} is {row.state}; delete its annotations to release it")
         if row.state == "queued":
             row.state = "unlabeled"
             row.selection_id = None
             s.add(row)
-    return {"case_id": case_id, "state": row.state}
+    return message_response(Release(case_id=case_id, state=row.state))
 
 
-@router.get("/v1/cases/{case_id}/image")
-def image(case_id: str, exp: int = Query(...), sig: str = Query(..., max_length=128),
-          hub: Hub = Depends(get_hub)) -> Response:
+@router.get("/v1/cases/{case_id}/image", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the case's PNG"}})
+def image(case_id: str, hub: HubDep, exp: int = Query(...), sig: str = Query(..., max_length=128)) -> Response:
     """The case's PNG, for a link signed by the hub (no bearer: annotators' browsers fetch it)."""
     check_name(case_id, "case_id")
     check_image_signature(hub.settings.url_secret.get_secret_value(), case_id, exp, sig, now=hub.now())
     with read_session(hub.engine) as s:
         sha = s.exec(select(CaseRow.image_sha256).where(CaseRow.case_id == case_id)).first()
     if sha is None:
-        raise HTTPException(404, detail=f"unknown case {case_id!r}")
+        raise NotFound(f"unknown case {case_id!r}")
     try:
         data = hub.blobs.get(sha)
     except KeyError:
-        raise HTTPException(404, detail=f"image {sha} of case {case_id!r} is missing from the blob store") from None
+        raise NotFound(f"image {sha} of case {case_id!r} is missing from the blob store") from None
     # the link is signed and carries no credentials, so any origin may load it: Label Studio's UI fetches
     # task images cross-origin from the annotator's browser
     return Response(data, media_type="image/png",
@@ -130,14 +147,14 @@ def image(case_id: str, exp: int = Query(...), sig: str = Query(..., max_length=
 MAX_POOL = 20_000
 
 
-@router.post("/v1/selections")
-def select_cases(body: SelectionRequest, request: Request, _: Principal = Depends(require("labeler")),
-                 hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/v1/selections", response_model=Selection, openapi_extra=request_body(SelectionRequest))
+def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
+                 body: SelectionRequest = message_body(SelectionRequest)) -> Response:
     """Pick up to ``budget`` informative, non-redundant cases and move them to ``queued``."""
     strategy = get_strategy(body.strategy)
     cfg = hub.settings
     if body.budget > cfg.max_selection_budget:
-        raise HTTPException(422, detail=f"budget {body.budget} is over the limit {cfg.max_selection_budget}")
+        raise InvalidInput(f"budget {body.budget} is over the limit {cfg.max_selection_budget}")
     states = ["unlabeled"] if body.exclude_queued else ["unlabeled", "queued"]
     # cluster-proportional selection needs the whole pool to weigh each cluster's mass
     pool_n = MAX_POOL if body.strategy == "uncertainty+diversity" else body.budget * cfg.selection_pool_factor
@@ -177,19 +194,15 @@ def select_cases(body: SelectionRequest, request: Request, _: Principal = Depend
                             .values(state="queued", selection_id=selection_id).returning(CaseRow.case_id))
             queued.update(r[0] for r in res)
         final = [c for c in chosen if c in queued]
-        s.add(Selection(selection_id=selection_id, strategy=body.strategy, budget=body.budget,
-                        n_selected=len(final), created_at=hub.now(), case_ids=final))
+        s.add(SelectionRow(selection_id=selection_id, strategy=body.strategy, budget=body.budget,
+                           n_selected=len(final), created_at=hub.now(), case_ids=final))
     with read_session(hub.engine) as s:
         by_id = {r.case_id: r for r in s.exec(select(CaseRow).where(col(CaseRow.case_id).in_(final))).all()}
     base = base_url(hub, request)
     cluster_of = dict(zip(chosen, clusters, strict=True))
-    out = []
-    for cid in final:
-        item = case_public(hub, by_id[cid], base)
-        item["cluster"] = int(cluster_of[cid])
-        out.append(item)
-    return {"selection_id": selection_id, "strategy": body.strategy, "budget": body.budget,
-            "pool_size": len(rows), "cases": out}
+    return message_response(Selection(
+        selection_id=selection_id, strategy=body.strategy, budget=body.budget, pool_size=len(rows),
+        cases=[selected_case(hub, by_id[cid], base, cluster=int(cluster_of[cid])) for cid in final]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,39 +214,19 @@ def base_url(hub: Hub, request: Request) -> str:
     return (hub.settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def case_public(hub: Hub, row: CaseRow, base: str) -> dict[str, Any]:
+def selected_case(hub: Hub, row: CaseRow, base: str, *, cluster: int = 0) -> SelectedCase:
+    """A stored case as the labeling side sees it, with a fresh signed link to its image."""
     info = model_info(hub, row.model_version)
     query = image_query(hub.settings.url_secret.get_secret_value(), row.case_id, hub.settings.image_url_ttl_s,
                         now=hub.now())
-    return {
-        "case_id": row.case_id,
-        "image_url": f"{base}/v1/cases/{row.case_id}/image?{query}",
-        "predicted_class": row.predicted_class,
-        "class_names": list(info.class_names) if info else [],
-        "probs": row.probs,
-        "score": round(1.0 - row.uncertainty, 6),
-        "uncertainty": row.uncertainty,
-        "cluster": 0,
-        "tags": row.tags,
-        "model_version": row.model_version,
-        "device_id": row.device_id,
-        "captured_at": row.captured_at,
-        "received_at": row.received_at,
-        "priority": row.priority,
-        "scores": row.scores,
-        "triggers": row.triggers,
-        "campaign_id": row.campaign_id,
-        "campaign_version": row.campaign_version,
-        "human_action": row.human_action,
-        "challenger_version": row.challenger_version,
-        "challenger_class": row.challenger_class,
-        "image_sha256": row.image_sha256,
-        "duplicate_of": row.duplicate_of,
-        "state": row.state,
-        "selection_id": row.selection_id,
-        "label": row.label,
-        "label_status": row.label_status,
-    }
+    return SelectedCase(
+        case=Case.from_dict(row.payload), image_url=f"{base}/v1/cases/{row.case_id}/image?{query}",
+        class_names=list(info.class_names) if info else [], state=row.state,
+        score=round(1.0 - row.uncertainty, 6), uncertainty=row.uncertainty, received_at=row.received_at,
+        cluster=cluster, duplicate_of=row.duplicate_of, selection_id=row.selection_id,
+        label=None if row.label_payload is None else parse_prediction(row.label_payload, "label"),
+        label_status=row.label_status,
+    )
 
 
 def _embeddings(rows: list[Any], labeled_raw: list[bytes | None]) -> tuple[np.ndarray | None, np.ndarray | None,

@@ -11,18 +11,19 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import col, select
 
 from fleet.hub import enrollment, heartbeats, rollouts
+from fleet.hub.api import DeviceCaller, HubDep, message_body, message_response, request_body
 from fleet.hub.auth import Principal, bearer, issue_token, require, require_device
 from fleet.hub.context import Hub, get_hub
 from fleet.hub.db import read_session, write_session
 from fleet.hub.models import ENROLL_OUTCOMES, ApiToken, Device, EnrollmentAttempt, OtaReportRow
-from fleet.hub.schemas import EnrollRequest, GrantCreate, TokenCreate, TokenPublic
-from fleet.protocol import Enrollment, Heartbeat, OtaReport, check_name
+from fleet.hub.schemas import GrantCreate, TokenCreate, TokenPublic
+from fleet.protocol import Assignment, Enrollment, EnrollRequest, Heartbeat, OtaReport, check_name
 
 router = APIRouter(tags=["devices"])
 
 
-@router.post("/v1/enroll")
-def enroll(body: EnrollRequest, request: Request, hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/v1/enroll", response_model=Enrollment, openapi_extra=request_body(EnrollRequest))
+def enroll(request: Request, hub: HubDep, body: EnrollRequest = message_body(EnrollRequest)) -> Response:
     """Trade a credential for a per-device token; re-enrolling replaces the device's old tokens.
 
     The fleet secret enrolls only new device ids; an enrolled id needs its own current token, an
@@ -58,8 +59,8 @@ def enroll(body: EnrollRequest, request: Request, hub: Hub = Depends(get_hub)) -
     enrollment.record(hub, client=client, device_id=body.device_id, outcome="re-enrolled" if again else "enrolled",
                       method=granted.method)
     hub.tokens.clear()
-    return Enrollment(device_id=body.device_id, token=token, fleet_public_key=hub.settings.public_key() or "",
-                      hub_time=now).to_dict()
+    return message_response(Enrollment(device_id=body.device_id, token=token,
+                                       fleet_public_key=hub.settings.public_key() or "", hub_time=now))
 
 
 @router.post("/v1/devices/{device_id}/enrollment-token", status_code=201)
@@ -93,10 +94,8 @@ def enrollment_attempts(device_id: str | None = Query(None, max_length=128), out
     return [r.model_dump() for r in rows]
 
 
-@router.post("/v1/heartbeats", status_code=204)
-def heartbeat(payload: Any = Body(...), principal: Principal = Depends(require("device")),
-              hub: Hub = Depends(get_hub)) -> Response:
-    hb = Heartbeat.from_dict(payload)
+@router.post("/v1/heartbeats", status_code=204, response_class=Response, openapi_extra=request_body(Heartbeat))
+def heartbeat(principal: DeviceCaller, hub: HubDep, hb: Heartbeat = message_body(Heartbeat)) -> Response:
     require_device(principal, hb.device_id, "heartbeat")
     for attempt in range(3):
         try:
@@ -110,10 +109,8 @@ def heartbeat(payload: Any = Body(...), principal: Principal = Depends(require("
     return Response(status_code=204)
 
 
-@router.post("/v1/ota-reports", status_code=204)
-def ota_report(payload: Any = Body(...), principal: Principal = Depends(require("device")),
-               hub: Hub = Depends(get_hub)) -> Response:
-    report = OtaReport.from_dict(payload)
+@router.post("/v1/ota-reports", status_code=204, response_class=Response, openapi_extra=request_body(OtaReport))
+def ota_report(principal: DeviceCaller, hub: HubDep, report: OtaReport = message_body(OtaReport)) -> Response:
     require_device(principal, report.device_id, "OTA report")
     with write_session(hub.engine) as s:
         s.add(OtaReportRow(device_id=report.device_id, version=report.version, outcome=report.outcome,
@@ -124,9 +121,8 @@ def ota_report(payload: Any = Body(...), principal: Principal = Depends(require(
     return Response(status_code=204)
 
 
-@router.get("/v1/assignment")
-def assignment(device_id: str | None = Query(None), principal: Principal = Depends(require("device")),
-               hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.get("/v1/assignment", response_model=Assignment)
+def assignment(principal: DeviceCaller, hub: HubDep, device_id: str | None = Query(None)) -> Response:
     """What the calling device should run (an admin may ask for any device with ?device_id=)."""
     target = principal.device_id if not principal.is_admin else device_id
     if target is None:
@@ -140,7 +136,7 @@ def assignment(device_id: str | None = Query(None), principal: Principal = Depen
         device = s.get(Device, target)
         if device is None or device.revoked_at is not None:
             raise HTTPException(404, detail=f"unknown or revoked device {target!r}")
-        return rollouts.assignment_for(s, device, now=hub.now()).to_dict()
+        return message_response(rollouts.assignment_for(s, device, now=hub.now()))
 
 
 def _rollout_due(hub: Hub) -> bool:

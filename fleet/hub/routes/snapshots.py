@@ -3,23 +3,33 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
 
-from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import col, func, select
 
-from fleet.hub.auth import Principal, require
+from fleet.errors import Conflict, NotFound
+from fleet.hub.api import HubDep, TrainerCaller, message_body, message_response, request_body
 from fleet.hub.blobs import check_key
-from fleet.hub.context import Hub, get_hub
+from fleet.hub.context import Hub
 from fleet.hub.db import insert_ignore, read_session, write_session
-from fleet.hub.models import Blob, CaseRow, Snapshot
-from fleet.hub.schemas import BulkBlobs, SnapshotCreate
+from fleet.hub.ingest import model_info
+from fleet.hub.models import Blob, CaseRow, ModelVersion, Snapshot
+from fleet.protocol import (
+    BlobRequest,
+    Case,
+    SnapshotCreate,
+    SnapshotEntry,
+    SnapshotHeader,
+    SnapshotList,
+    SnapshotPublic,
+    encode_manifest,
+    parse_prediction,
+)
 
 router = APIRouter(tags=["snapshots"])
 
@@ -27,68 +37,98 @@ _MEDIA = {"image": "image/png", "manifest": "application/x-ndjson", "model": "ap
           "bank": "application/octet-stream"}
 
 
-@router.post("/v1/snapshots", status_code=201)
-def create_snapshot(body: SnapshotCreate | None = None, _: Principal = Depends(require("trainer")),
-                    hub: Hub = Depends(get_hub)) -> dict[str, Any]:
-    """Freeze every accepted or gold label into a JSONL manifest with a new version number."""
+@router.post("/v1/snapshots", status_code=201, response_model=SnapshotPublic,
+             openapi_extra=request_body(SnapshotCreate, required=False))
+def create_snapshot(_: TrainerCaller, hub: HubDep,
+                    body: SnapshotCreate = message_body(SnapshotCreate, optional=True)) -> Response:
+    """Freeze every accepted or gold label into a manifest (fleet.protocol.dataset) with a new version number."""
     with read_session(hub.engine) as s:
         rows = s.exec(select(CaseRow).where(col(CaseRow.label_status).in_(["accepted", "gold"]))
                       .order_by(CaseRow.case_id)).all()
-    lines = [json.dumps({
-        "case_id": r.case_id, "label": r.label, "status": r.label_status, "tags": r.tags,
-        "image_sha256": r.image_sha256, "model_version": r.model_version, "device_id": r.device_id,
-        "captured_at": r.captured_at, "predicted_class": r.predicted_class,
-    }, sort_keys=True, separators=(",", ":")) for r in rows]
-    data = ("\n".join(lines) + ("\n" if lines else "")).encode()
-    sha, _created = hub.blobs.put(data)
-    now = hub.now()
+    task, class_names = _classes(hub, rows)
+    entries = [SnapshotEntry(case=Case.from_dict(r.payload), label=parse_prediction(r.label_payload, "label"),
+                             status=str(r.label_status)) for r in rows]
     for _attempt in range(5):
+        now = hub.now()
+        with read_session(hub.engine) as s:
+            version = (s.exec(select(func.max(Snapshot.version))).one() or 0) + 1
+        snapshot_id = f"snap-{version:05d}"
+        header = SnapshotHeader(snapshot_id=snapshot_id, version=version, task=task, class_names=class_names,
+                                n_entries=len(entries), created_at=now)
+        data = encode_manifest(header, entries)
+        sha, created = hub.blobs.put(data)
         try:
             with write_session(hub.engine) as s:
                 s.execute(insert_ignore(hub.engine, Blob.__table__,  # type: ignore[arg-type]
                                         {"sha256": sha, "size": len(data), "kind": "manifest", "created_at": now}))
-                version = (s.exec(select(func.max(Snapshot.version))).one() or 0) + 1
-                snap = Snapshot(snapshot_id=f"snap-{version:05d}", version=version, name=body.name if body else None,
-                                created_at=now, n_labels=len(lines), manifest_sha256=sha)
+                snap = Snapshot(snapshot_id=snapshot_id, version=version, name=body.name, created_at=now,
+                                n_labels=len(entries), manifest_sha256=sha)
                 s.add(snap)
-            break
-        except DBIntegrityError:
+        except DBIntegrityError:  # another snapshot took this version meanwhile: number this one again
+            if created:
+                hub.blobs.delete(sha)
             continue
-    else:
-        raise HTTPException(409, detail="snapshot versions kept colliding; retry")
-    return {"snapshot_id": snap.snapshot_id, "version": snap.version, "name": snap.name,
-            "n_labels": snap.n_labels, "manifest_sha256": sha, "created_at": now}
+        return message_response(SnapshotPublic(snapshot_id=snapshot_id, version=version, name=body.name,
+                                               n_labels=len(entries), manifest_sha256=sha, created_at=now),
+                                status_code=201)
+    raise Conflict("snapshot versions kept colliding; retry")
 
 
-@router.get("/v1/snapshots")
-def list_snapshots(_: Principal = Depends(require("trainer")), hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+@router.get("/v1/snapshots", response_model=SnapshotList)
+def list_snapshots(_: TrainerCaller, hub: HubDep) -> Response:
     with read_session(hub.engine) as s:
-        return [r.model_dump() for r in s.exec(select(Snapshot).order_by(Snapshot.version)).all()]
+        rows = s.exec(select(Snapshot).order_by(Snapshot.version)).all()
+    return message_response(SnapshotList(snapshots=[
+        SnapshotPublic(snapshot_id=r.snapshot_id, version=r.version, name=r.name, n_labels=r.n_labels,
+                       manifest_sha256=r.manifest_sha256, created_at=r.created_at) for r in rows]))
 
 
-@router.get("/v1/snapshots/{snapshot_id}/manifest")
-def snapshot_manifest(snapshot_id: str, _: Principal = Depends(require("trainer")),
-                      hub: Hub = Depends(get_hub)) -> Response:
+@router.get("/v1/snapshots/{snapshot_id}/manifest", response_class=Response,
+            responses={200: {"content": {"application/x-ndjson": {}},
+                             "description": "a SnapshotHeader line, then one SnapshotEntry a line"}})
+def snapshot_manifest(snapshot_id: str, _: TrainerCaller, hub: HubDep) -> Response:
     with read_session(hub.engine) as s:
         snap = s.get(Snapshot, snapshot_id[:64])
     if snap is None:
-        raise HTTPException(404, detail=f"unknown snapshot {snapshot_id!r}")
+        raise NotFound(f"unknown snapshot {snapshot_id!r}")
     return Response(hub.blobs.get(snap.manifest_sha256), media_type="application/x-ndjson",
                     headers={"X-Manifest-Sha256": snap.manifest_sha256, "X-Snapshot-Version": str(snap.version)})
 
 
-@router.get("/v1/blobs/{sha256}")
-def get_blob(sha256: str, _: Principal = Depends(require("trainer")), hub: Hub = Depends(get_hub)) -> Response:
+def _classes(hub: Hub, rows: Sequence[CaseRow]) -> tuple[str, list[str]]:
+    """The task and class names every label of the snapshot is read against: those of the models that made
+    the cases (a model's classes may only extend its parent's, so the longest list names them all), or of
+    the active model when nothing is labeled yet."""
+    versions = sorted({r.model_version for r in rows})
+    if not versions:
+        with read_session(hub.engine) as s:
+            active = s.exec(select(ModelVersion.version).where(ModelVersion.status == "active")).first()
+        versions = [active] if active else []
+    infos = [i for i in (model_info(hub, v) for v in versions) if i is not None]
+    if not infos:
+        return "classify", ["class_0"]
+    widest = max(infos, key=lambda i: len(i.class_names))
+    for i in infos:
+        if list(widest.class_names[:len(i.class_names)]) != list(i.class_names) or i.task != widest.task:
+            raise Conflict(f"labeled cases come from models whose classes do not extend one another: "
+                           f"{i.version!r} {list(i.class_names)} and {widest.version!r} {list(widest.class_names)}")
+    return widest.task, list(widest.class_names)
+
+
+@router.get("/v1/blobs/{sha256}", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "the blob's bytes"}})
+def get_blob(sha256: str, _: TrainerCaller, hub: HubDep) -> Response:
     check_key(sha256)
     with read_session(hub.engine) as s:
         blob = s.get(Blob, sha256)
     if blob is None:
-        raise HTTPException(404, detail=f"no blob {sha256}")
+        raise NotFound(f"no blob {sha256}")
     return Response(hub.blobs.get(sha256), media_type=_MEDIA.get(blob.kind, "application/octet-stream"))
 
 
-@router.post("/v1/blobs/bulk")
-def bulk_blobs(body: BulkBlobs, _: Principal = Depends(require("trainer")), hub: Hub = Depends(get_hub)) -> Response:
+@router.post("/v1/blobs/bulk", response_class=StreamingResponse, openapi_extra=request_body(BlobRequest),
+             responses={200: {"content": {"application/x-tar": {}}, "description": "a tar of <sha256>.png"}})
+def bulk_blobs(_: TrainerCaller, hub: HubDep, body: BlobRequest = message_body(BlobRequest)) -> Response:
     """A tar of ``<sha256>.png`` members; the shas the hub does not hold are listed in X-Missing."""
     wanted = list(dict.fromkeys(body.sha256s))
     with read_session(hub.engine) as s:

@@ -1,7 +1,10 @@
-"""Pure quality control: majority vote with an agreement score, gold scoring of annotators, hold rules.
+"""Label consensus, decided in one place, by the hub: majority vote with an agreement score, gold scoring of
+annotators, hold rules (pure functions; numpy in, numpy out).
 
-Nothing here talks to Label Studio or the hub. The vectorised scores take numpy arrays; ``decide``
-turns one task's votes into the status each annotation's label gets in the hub:
+The hub is the source of truth for labels from any source: every client posts each annotator's answer
+as it is (:class:`fleet.protocol.LabelPost`), and the hub runs :func:`decide` over all the answers a case
+has (``fleet.hub.labels``). Nothing here talks to Label Studio or a database. The vectorised scores take
+numpy arrays; ``decide`` turns one case's votes into the status each answer gets:
 
 - ``gold``: the known answer of a gold task, given by an annotator (or a ground-truth annotation
   a reviewer marked in Label Studio);
@@ -53,8 +56,8 @@ class Vote:
 
 
 @dataclass(frozen=True)
-class Verdict:
-    """What the hub is told about one annotation's label."""
+class Ruling:
+    """The status one answer gets, and why."""
 
     annotation_id: int
     status: str
@@ -159,7 +162,7 @@ def decide(
     gold_label: int | None = None,
     scores: Mapping[str, AnnotatorScore] | None = None,
     rules: Rules | None = None,
-) -> list[Verdict]:
+) -> list[Ruling]:
     """The hub status of each vote on one task, in the order given.
 
     ``required`` is the task's overlap (how many annotators Label Studio sends it to); ``gold_label``
@@ -176,17 +179,17 @@ def decide(
     if gold_label is None and truth:
         gold_label = truth[-1].label
     n = len(crowd)
-    out: dict[int, Verdict] = {}
+    out: dict[int, Ruling] = {}
     for v in truth:
-        out[v.annotation_id] = Verdict(v.annotation_id, "gold", None, n, "ground truth of a gold task")
+        out[v.annotation_id] = Ruling(v.annotation_id, "gold", None, n, "ground truth of a gold task")
 
     if gold_label is not None:
         agree = sum(v.label == gold_label for v in crowd) / n if n else None
         for v in crowd:
             if v.label == gold_label:
-                out[v.annotation_id] = Verdict(v.annotation_id, "gold", agree, n, "matches the gold answer")
+                out[v.annotation_id] = Ruling(v.annotation_id, "gold", agree, n, "matches the gold answer")
             else:
-                out[v.annotation_id] = Verdict(v.annotation_id, "held", agree, n, "differs from the gold answer")
+                out[v.annotation_id] = Ruling(v.annotation_id, "held", agree, n, "differs from the gold answer")
         return [out[v.annotation_id] for v in votes]
 
     if n == 0:
@@ -196,15 +199,15 @@ def decide(
     share_or_none = share if max(required, n) > 1 else None
     for v in crowd:
         if n < required:
-            verdict = Verdict(v.annotation_id, "held", share_or_none, n,
+            verdict = Ruling(v.annotation_id, "held", share_or_none, n,
                               f"waiting for {required - n} more annotator(s) of {required}")
         elif is_tie:
-            verdict = Verdict(v.annotation_id, "held", share_or_none, n, "annotators are tied")
+            verdict = Ruling(v.annotation_id, "held", share_or_none, n, "annotators are tied")
         elif n > 1 and share < rules.min_agreement:
-            verdict = Verdict(v.annotation_id, "held", share_or_none, n,
+            verdict = Ruling(v.annotation_id, "held", share_or_none, n,
                               f"agreement {share:.2f} is below {rules.min_agreement:.2f}")
         elif v.label != major:
-            verdict = Verdict(v.annotation_id, "held", share_or_none, n, "dissents from the majority")
+            verdict = Ruling(v.annotation_id, "held", share_or_none, n, "dissents from the majority")
         else:
             reason = "majority of the overlap" if n > 1 else "single annotator"
             verdict = _unless_unreliable(v, share_or_none, n, reason, scores, rules)
@@ -213,9 +216,9 @@ def decide(
 
 
 def _unless_unreliable(v: Vote, agreement: float | None, n: int, reason: str,
-                       scores: Mapping[str, AnnotatorScore], rules: Rules) -> Verdict:
+                       scores: Mapping[str, AnnotatorScore], rules: Rules) -> Ruling:
     score = scores.get(v.annotator)
     if score is not None and score.total >= rules.min_gold_answers and score.accuracy < rules.min_annotator_accuracy:
-        return Verdict(v.annotation_id, "held", agreement, n,
+        return Ruling(v.annotation_id, "held", agreement, n,
                        f"annotator's gold accuracy {score.accuracy:.2f} is below {rules.min_annotator_accuracy:.2f}")
-    return Verdict(v.annotation_id, "accepted", agreement, n, reason)
+    return Ruling(v.annotation_id, "accepted", agreement, n, reason)

@@ -7,8 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet.errors import InvalidInput
-from labeling.consensus import (
+from fleet.consensus import (
     AnnotatorScore,
     Rules,
     Vote,
@@ -19,6 +18,7 @@ from labeling.consensus import (
     score_annotators,
     vote_counts,
 )
+from fleet.errors import InvalidInput
 
 
 def test_majority_vote_picks_the_most_common_label_with_its_share() -> None:

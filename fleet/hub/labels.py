@@ -1,0 +1,162 @@
+"""Labels at the hub: each annotator's answer stored as posted, and the case's consensus decided here, once.
+
+Every answer on a case (from Label Studio, the demo's oracle, a script) goes through :func:`apply` and then
+:func:`decide_case`, which runs :func:`fleet.consensus.decide` over all the case's answers: ``gold`` for the
+known answer of a gold task, ``accepted`` for what the trainer learns from, ``held`` for review (a tie, low
+agreement, a dissent, an answer still waiting for the rest of its overlap, a wrong gold answer, or an
+annotator whose gold record is too poor). When an annotator's record crosses that bar, every case they
+answered is decided again. The case then takes the gold answer, else the majority of its accepted ones
+(ties to the most recent), else ``held``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from sqlmodel import Session, col, select
+
+from fleet.consensus import AnnotatorScore, Rules, Vote, decide, score_annotators
+from fleet.errors import Conflict, InvalidInput, NotFound
+from fleet.hub.context import Hub
+from fleet.hub.ingest import model_info
+from fleet.hub.models import CaseRow, LabelRow
+from fleet.protocol import LabelPost, LabelPublic, LabelReceipt, Verdict, parse_prediction
+
+
+def rules_of(hub: Hub) -> Rules:
+    cfg = hub.settings
+    return Rules(min_agreement=cfg.consensus_min_agreement, min_annotator_accuracy=cfg.consensus_min_annotator_accuracy,
+                 min_gold_answers=cfg.consensus_min_gold_answers)
+
+
+def apply(hub: Hub, s: Session, post: LabelPost) -> LabelReceipt:
+    """Create, update or delete one annotation's answer (the same post twice changes nothing), then decide
+    the case again."""
+    case = s.get(CaseRow, post.case_id, with_for_update=s.get_bind().dialect.name != "sqlite")
+    if case is None:
+        raise NotFound(f"unknown case {post.case_id!r}")
+    info = model_info(hub, case.model_version)
+    if post.label.task != case.task:
+        raise InvalidInput(f"a {post.label.task!r} label for a {case.task!r} case")
+    if info is not None:
+        for answer, what in ((post.label, "label"), (post.gold_label, "gold_label")):
+            if answer is not None and answer.label >= info.n_classes:
+                raise InvalidInput(f"{what} {answer.label} is out of range: model {info.version!r} has "
+                                   f"{info.n_classes} classes {list(info.class_names)}")
+    existing = s.exec(select(LabelRow).where(LabelRow.source == post.source,
+                                             LabelRow.annotation_id == post.annotation_id)).first()
+    if existing is not None and existing.case_id != post.case_id:
+        raise Conflict(f"annotation {post.source}:{post.annotation_id} belongs to case {existing.case_id!r}, not "
+                       f"{post.case_id!r}")
+    rules = rules_of(hub)
+    before = _unreliable(s, [post.annotator], rules)
+    now = hub.now()
+    if post.deleted:
+        if existing is None:
+            return LabelReceipt(action="unchanged", case_state=case.state, verdicts=_verdicts(s, case))
+        label_id = existing.id
+        s.delete(existing)
+        s.flush()
+        action = "deleted"
+    else:
+        fields = {"case_id": post.case_id, "label": post.label.label, "payload": post.label.as_label().to_dict(),
+                  "annotator": post.annotator, "task_id": post.task_id, "created_at": post.created_at,
+                  "overlap": post.overlap, "ground_truth": post.ground_truth,
+                  "gold_payload": None if post.gold_label is None else post.gold_label.as_label().to_dict()}
+        if existing is not None and all(getattr(existing, k) == v for k, v in fields.items()):
+            return LabelReceipt(action="unchanged", case_state=case.state, label_id=existing.id,
+                                verdicts=_verdicts(s, case))
+        row = existing or LabelRow(source=post.source, annotation_id=post.annotation_id, created_at=now,
+                                   updated_at=now, **{k: v for k, v in fields.items() if k != "created_at"})
+        for k, v in fields.items():
+            setattr(row, k, v)
+        row.updated_at = now
+        s.add(row)
+        s.flush()
+        label_id, action = row.id, "updated" if existing is not None else "created"
+    decide_case(hub, s, case, rules)
+    for annotator in _flipped(s, before, rules):  # their record crossed the bar: their other cases again
+        cases = s.exec(select(LabelRow.case_id).where(LabelRow.annotator == annotator).distinct()).all()
+        for cid in cases:
+            if cid != case.case_id and (other := s.get(CaseRow, cid)) is not None:
+                decide_case(hub, s, other, rules)
+    return LabelReceipt(action=action, case_state=case.state, label_id=label_id, verdicts=_verdicts(s, case))
+
+
+def decide_case(hub: Hub, s: Session, case: CaseRow, rules: Rules) -> None:
+    """Give every answer on ``case`` its status, and the case its consensus label and state."""
+    rows = list(s.exec(select(LabelRow).where(LabelRow.case_id == case.case_id)
+                       .order_by(col(LabelRow.updated_at).desc(), col(LabelRow.id).desc())).all())
+    if rows:
+        info = model_info(hub, case.model_version)
+        n_classes = info.n_classes if info is not None else 1 + max(int(r.label or 0) for r in rows)
+        gold = next((r.gold_payload["label"] for r in rows if r.gold_payload is not None), None)
+        if gold is None:  # a reviewer's ground-truth answer makes the case a gold task too
+            gold = next((r.label for r in rows if r.ground_truth), None)
+        scores = _scores(s, sorted({r.annotator for r in rows if not r.ground_truth}))
+        rulings = decide([Vote(int(r.id or 0), r.annotator, int(r.label or 0), r.ground_truth) for r in rows],
+                         n_classes=n_classes, required=max(r.overlap for r in rows), gold_label=gold, scores=scores,
+                         rules=rules)
+        for r, ruling in zip(rows, rulings, strict=True):
+            r.status, r.agreement, r.n_annotators, r.reason = (ruling.status, ruling.agreement, ruling.n_annotators,
+                                                              ruling.reason[:500])
+            if gold is not None and not r.ground_truth:  # scored against it (see _scores)
+                r.gold_payload = {"task": "classify", "label": int(gold), "probs": None}
+            s.add(r)
+    gold_rows = [r for r in rows if r.status == "gold"]
+    accepted = [r for r in rows if r.status == "accepted"]
+    if gold_rows:
+        chosen, case.label_status, case.state = gold_rows[0], "gold", "labeled"
+        case.label, case.label_payload = chosen.label, chosen.payload
+    elif accepted:
+        votes = Counter(r.label for r in accepted)
+        top = max(votes.values())
+        chosen = next(r for r in accepted if votes[r.label] == top)  # ties go to the most recent
+        case.label, case.label_payload, case.label_status, case.state = chosen.label, chosen.payload, "accepted", \
+            "labeled"
+    elif rows:
+        case.label, case.label_payload, case.label_status, case.state = None, None, "held", "held"
+    else:
+        case.label, case.label_payload, case.label_status = None, None, None
+        case.state = "queued" if case.selection_id else "unlabeled"
+    s.add(case)
+
+
+def _verdicts(s: Session, case: CaseRow) -> list[Verdict]:
+    rows = s.exec(select(LabelRow).where(LabelRow.case_id == case.case_id).order_by(LabelRow.id)).all()
+    return [Verdict(annotation_id=r.annotation_id, source=r.source, status=r.status, agreement=r.agreement,
+                    n_annotators=int(r.n_annotators or 0), reason=r.reason) for r in rows]
+
+
+def _scores(s: Session, annotators: list[str]) -> dict[str, AnnotatorScore]:
+    """Each annotator's record on gold tasks: their crowd answers on cases whose answer is known."""
+    if not annotators:
+        return {}
+    rows = s.exec(select(LabelRow.annotator, LabelRow.label, LabelRow.gold_payload)
+                  .where(col(LabelRow.annotator).in_(annotators), col(LabelRow.gold_payload).is_not(None),
+                         col(LabelRow.ground_truth).is_(False))).all()
+    return score_annotators([(a, int(lbl or 0), int(g["label"])) for a, lbl, g in rows if g is not None])
+
+
+def _unreliable(s: Session, annotators: list[str], rules: Rules) -> dict[str, bool]:
+    scores = _scores(s, annotators)
+    return {a: _is_unreliable(scores.get(a), rules) for a in annotators}
+
+
+def _flipped(s: Session, before: dict[str, bool], rules: Rules) -> list[str]:
+    after = _unreliable(s, list(before), rules)
+    return [a for a in before if after[a] != before[a]]
+
+
+def _is_unreliable(score: AnnotatorScore | None, rules: Rules) -> bool:
+    return score is not None and score.total >= rules.min_gold_answers and score.accuracy < \
+        rules.min_annotator_accuracy
+
+
+def label_public(row: LabelRow) -> LabelPublic:
+    """A stored label with the hub's verdict on it."""
+    return LabelPublic(id=int(row.id or 0), case_id=row.case_id, label=parse_prediction(row.payload, "label"),
+                       annotator=row.annotator, source=row.source, task_id=row.task_id,
+                       annotation_id=row.annotation_id, created_at=row.created_at, updated_at=row.updated_at,
+                       status=row.status, agreement=row.agreement, n_annotators=int(row.n_annotators or 0),
+                       reason=row.reason)

@@ -1,0 +1,91 @@
+"""The wire contract between edge agents, the hub, the labeling bridge and the trainer: one type per message.
+
+Plain dataclasses with ``to_json``/``from_json`` (no pydantic: this runs on devices), used on both sides of
+every seam: the hub validates requests with them and builds its responses from them, and every client
+parses with them. Each top-level message carries ``schema`` so a peer refuses a version it does not speak.
+
+- :mod:`fleet.protocol.base`: the shared machinery and field checks.
+- :mod:`fleet.protocol.tasks`: predictions, labels and human actions by task (``classify``, ...).
+- :mod:`fleet.protocol.device`: enrollment, cases, assignments, heartbeats, OTA reports.
+- :mod:`fleet.protocol.model`: input specs and signed model manifests.
+- :mod:`fleet.protocol.labeling`: selections, the pool, labels and the webhook inbox.
+- :mod:`fleet.protocol.dataset`: snapshots for the trainer.
+"""
+
+from fleet.protocol.base import (
+    DB_INT,
+    MAX_INT,
+    NAME_RE,
+    SCHEMA_VERSION,
+    SHA256_RE,
+    Message,
+    canonical_json,
+    check_finite,
+    check_int,
+    check_name,
+    check_sha256,
+    check_str,
+    check_tags,
+    decode_embedding,
+    encode_embedding,
+    fit_tags,
+)
+from fleet.protocol.dataset import (
+    BlobRequest,
+    SnapshotCreate,
+    SnapshotEntry,
+    SnapshotHeader,
+    SnapshotList,
+    SnapshotPublic,
+    decode_manifest,
+    encode_manifest,
+)
+from fleet.protocol.device import (
+    CASE_STATUSES,
+    HEARTBEAT_COUNTERS,
+    OTA_OUTCOMES,
+    Assignment,
+    BatchReceipt,
+    CampaignRef,
+    Case,
+    CaseReceipt,
+    ChallengerOutput,
+    Enrollment,
+    EnrollRequest,
+    Heartbeat,
+    ModelRef,
+    OtaReport,
+    TriggerHit,
+)
+from fleet.protocol.labeling import (
+    CASE_STATES,
+    LABEL_STATUSES,
+    STRATEGIES,
+    Ack,
+    EventPage,
+    LabelPage,
+    LabelPost,
+    LabelPublic,
+    LabelReceipt,
+    PoolPage,
+    Release,
+    SelectedCase,
+    Selection,
+    SelectionRequest,
+    StoredEvent,
+    Verdict,
+)
+from fleet.protocol.model import OUTPUTS, InputSpec, ModelManifest, SignedManifest
+from fleet.protocol.tasks import TASK_TYPES, TASKS, Classification, Prediction, parse_prediction
+
+__all__ = [
+    "CASE_STATES", "CASE_STATUSES", "DB_INT", "HEARTBEAT_COUNTERS", "LABEL_STATUSES", "MAX_INT", "NAME_RE",
+    "OTA_OUTCOMES", "OUTPUTS", "SCHEMA_VERSION", "SHA256_RE", "STRATEGIES", "TASKS", "TASK_TYPES",
+    "Ack", "Assignment", "BatchReceipt", "BlobRequest", "CampaignRef", "Case", "CaseReceipt", "ChallengerOutput",
+    "Classification", "EnrollRequest", "Enrollment", "EventPage", "Heartbeat", "InputSpec", "LabelPage",
+    "LabelPost", "LabelPublic", "LabelReceipt", "Message", "ModelManifest", "ModelRef", "OtaReport", "PoolPage",
+    "Prediction", "Release", "SelectedCase", "Selection", "SelectionRequest", "SignedManifest", "SnapshotCreate",
+    "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic", "StoredEvent", "TriggerHit", "Verdict",
+    "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
+    "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
+]
