@@ -42,6 +42,8 @@ class Message:
     # module (looked up when parsing, so the module's ``Case`` is the one every part of the contract uses)
     PARTS: ClassVar[dict[str, type[Message] | str]] = {}
     LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {}
+    # fields holding an object of name -> nested message (at most n names)
+    MAPS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload, no-any-return]
@@ -95,6 +97,9 @@ class Message:
         for name, (kind, most) in cls.LISTS.items():
             if name in data:
                 data[name] = parse_list(cls._kind(kind), data[name], name, max_len=most)
+        for name, (kind, most) in cls.MAPS.items():
+            if name in data:
+                data[name] = parse_map(cls._kind(kind), data[name], name, max_len=most)
         data.update(cls._parse_extra(data))
         return cls(**data)
 
@@ -117,6 +122,14 @@ def parse_list(cls: type[T], value: Any, what: str, *, max_len: int) -> list[T]:
     if not isinstance(value, list) or len(value) > max_len:
         raise ProtocolError(f"{what} must be a list of at most {max_len} objects; received {_short(value)}")
     return [cls.from_dict(v) for v in value]
+
+
+def parse_map(cls: type[T], value: Any, what: str, *, max_len: int) -> dict[str, T]:
+    """A JSON object of name -> ``cls`` message (at most ``max_len`` names of at most 128 characters)."""
+    if not isinstance(value, dict) or len(value) > max_len:
+        raise ProtocolError(f"{what} must be an object of at most {max_len} names -> objects; received "
+                            f"{_short(value)}")
+    return {check_str(k, f"{what} name", max_len=128): cls.from_dict(v) for k, v in value.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,6 +206,12 @@ def check_tags(value: Any, what: str = "tags") -> dict[str, str]:
 def fit_tags(tags: dict[Any, Any]) -> dict[str, str]:
     """Any tags made to fit :func:`check_tags`: the first 32 pairs, names and values cut to their limits."""
     return {str(k)[:MAX_TAG_NAME]: str(v)[:MAX_TAG_VALUE] for k, v in list(tags.items())[:MAX_TAGS]}
+
+
+def check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what} must be true or false; received {value!r:.40}")
+    return value
 
 
 def check_one_of(value: Any, choices: tuple[str, ...], what: str) -> str:
