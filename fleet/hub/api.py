@@ -29,6 +29,7 @@ DeviceCaller = Annotated[Principal, Depends(require("device"))]
 LabelerCaller = Annotated[Principal, Depends(require("labeler"))]
 TrainerCaller = Annotated[Principal, Depends(require("trainer"))]
 ReaderCaller = Annotated[Principal, Depends(require("labeler", "trainer"))]
+AnyCaller = Annotated[Principal, Depends(require("device", "labeler", "trainer"))]  # model files, novelty banks
 
 
 def message_body(kind: type[M], *, optional: bool = False) -> Callable[..., Any]:
@@ -54,6 +55,15 @@ def request_body(kind: type[Message], *, required: bool = True) -> dict[str, Any
     """``openapi_extra`` for a route whose body is ``kind``: its JSON schema, definitions inlined."""
     return {"requestBody": {"required": required,
                             "content": {"application/json": {"schema": schema_of(kind)}}}}
+
+
+def multipart_body(parts: dict[str, str], *, files: tuple[str, ...] = (), description: str = "") -> dict[str, Any]:
+    """``openapi_extra`` for a ``multipart/form-data`` route: ``parts`` by name -> what each holds (the ones
+    named in ``files`` are binary file parts)."""
+    props = {name: {"type": "string", "description": text, **({"format": "binary"} if name in files else {})}
+             for name, text in parts.items()}
+    schema = {"type": "object", "required": list(parts), "properties": props, "description": description}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 def schema_of(kind: type[Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
-from fleet.errors import FlywheelError, status_for
+from fleet.errors import FlywheelError, headers_for, status_for
 from fleet.hub.blobs import BlobStore, FileBlobStore
 from fleet.hub.bodies import BodyGuard
 from fleet.hub.context import Hub
@@ -110,9 +109,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FlywheelError)
     async def _fault(request: Request, exc: FlywheelError) -> JSONResponse:
         """Every fault the hub's own code raises, mapped once (fleet.errors.status_for)."""
-        after = getattr(exc, "retry_after", None)
-        headers = {"Retry-After": str(max(1, math.ceil(after)))} if after is not None else None
-        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc), headers=headers)
+        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc), headers=headers_for(exc))
 
 
 def _short(value: Any) -> str:

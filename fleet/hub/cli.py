@@ -9,10 +9,17 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from fleet.protocol import Message
+
+M = TypeVar("M", bound="Message")
 
 app = typer.Typer(help="Serve the hub and manage its tokens.", no_args_is_help=True)
 token_app = typer.Typer(help="Create, list and revoke API tokens (admin, labeler, trainer).", no_args_is_help=True)
@@ -209,9 +216,7 @@ def enrollment_token(
     """Print a one-time enrollment token for DEVICE_ID (the device runs 'flywheel agent enroll --enrollment-token')."""
     import time
 
-    from fastapi import HTTPException
-
-    from fleet.errors import ProtocolError
+    from fleet.errors import Conflict, ProtocolError
     from fleet.hub.db import make_engine, migrate, write_session
     from fleet.hub.enrollment import issue_grant
     from fleet.protocol import check_name
@@ -229,8 +234,8 @@ def enrollment_token(
         with write_session(engine) as s:
             token, _expires = issue_grant(s, device_id=device_id, group=group, now=time.time(),
                                           ttl_s=ttl_s or settings.enrollment_token_ttl_s, created_by="cli")
-    except HTTPException as exc:
-        typer.echo(f"error: {exc.detail}", err=True)
+    except Conflict as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
         engine.dispose()
@@ -268,39 +273,48 @@ def sweep_blobs(
 # ---------------------------------------------------------------------------------------------
 
 
-def _call(hub: str, token: str, method: str, path: str, **kw: Any) -> Any:
+def _call(hub: str, token: str, method: str, path: str, answer: type[M], *, body: Message | None = None) -> M:
+    """One call to the hub's API: ``body`` sent as JSON, the answer parsed as ``answer``; a failure (no
+    answer, a refusal, an answer that breaks the contract) is printed and exits 1."""
     import httpx
 
+    from fleet.errors import FlywheelError, error_for_response
+
+    what = f"{method} {path}"
+    headers = {"Authorization": f"Bearer {token}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
     try:
-        r = httpx.request(method, hub.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"},
-                          timeout=30.0, **kw)
+        r = httpx.request(method, hub.rstrip("/") + path, headers=headers, timeout=30.0,
+                          content=body.to_json() if body is not None else None)
+        err = error_for_response(r, what)
+        if err is not None:
+            raise err
+        return answer.from_json(r.content)
     except httpx.HTTPError as exc:
         typer.echo(f"error: cannot reach the hub at {hub}: {exc}", err=True)
         raise typer.Exit(1) from None
-    if r.status_code >= 400:
-        try:
-            detail = r.json().get("detail", r.text)
-        except ValueError:
-            detail = r.text
-        typer.echo(f"error: {method} {path} -> {r.status_code}: {detail}", err=True)
-        raise typer.Exit(1)
-    return r.json() if r.content else None
+    except FlywheelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @models_app.command("list")
 def models_list(hub: str = HUB_URL, token: str = TOKEN, as_json: bool = typer.Option(False, "--json")) -> None:
     """Every registered version with its parent, status and metrics."""
-    rows = _call(hub, token, "GET", "/v1/models")
+    from fleet.protocol import ModelList
+
+    models = _call(hub, token, "GET", "/v1/models", ModelList).models
     if as_json:
-        typer.echo(json.dumps(rows, indent=2))
+        typer.echo(json.dumps([m.to_dict() for m in models], indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
     table = Table("version", "parent", "status", "metrics")
-    for m in rows:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m["metrics"].items()))
-        table.add_row(m["version"], m["parent_version"] or "-", m["status"], metrics)
+    for m in models:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
+        table.add_row(m.version, m.parent_version or "-", m.status, metrics)
     Console().print(table)
 
 
@@ -315,17 +329,20 @@ def models_promote(
 ) -> None:
     """Promote VERSION: the first model at once; over an active one, a rollout to the whole fleet with the
     rollout's checks, completed after FLYWHEEL_HUB_PROMOTE_HOLD_S (or --override: active now)."""
-    m = _call(hub, token, "POST", f"/v1/models/{version}/promote", json={"override": override, "reason": reason})
-    ro = m.get("rollout")
+    from fleet.protocol import PromoteRequest, Promotion
+
+    m = _call(hub, token, "POST", f"/v1/models/{version}/promote", Promotion,
+              body=_request(PromoteRequest, override=override, reason=reason))
+    ro = m.rollout
+    held = f"{ro.stage_seconds:g} s" if ro is not None and ro.stage_seconds is not None else "until advanced"
     if ro is None:
-        typer.echo(f"{m['version']} is {m['status']}")
-    elif ro["kind"] == "override":
-        typer.echo(f"{m['version']} is {m['status']} by admin override (rollout {ro['rollout_id']} watches it for "
-                   f"{ro['stage_seconds']:g} s; undone if the devices refuse it)")
+        typer.echo(f"{m.version} is {m.status}")
+    elif ro.kind == "override":
+        typer.echo(f"{m.version} is {m.status} by admin override (rollout {ro.rollout_id} watches it for {held}; "
+                   f"undone if the devices refuse it)")
     else:
-        typer.echo(f"{m['version']} is rolling out to the whole fleet as rollout {ro['rollout_id']}; it becomes "
-                   f"active after {ro['stage_seconds']:g} s unless the devices' evidence rolls it back "
-                   f"(--override makes it active now)")
+        typer.echo(f"{m.version} is rolling out to the whole fleet as rollout {ro.rollout_id}; it becomes active "
+                   f"after {held} unless the devices' evidence rolls it back (--override makes it active now)")
 
 
 @models_app.command("rollback")
@@ -335,8 +352,11 @@ def models_rollback(
     hub: str = HUB_URL, token: str = TOKEN,
 ) -> None:
     """Roll back the running rollout, or re-activate the previously active version."""
-    r = _call(hub, token, "POST", "/v1/models/rollback", json={"to": to, "reason": reason})
-    typer.echo(f"rolled back {r['rolled_back']}; active: {r['active']}")
+    from fleet.protocol import RollbackReceipt, RollbackRequest
+
+    r = _call(hub, token, "POST", "/v1/models/rollback", RollbackReceipt,
+              body=_request(RollbackRequest, to=to, reason=reason))
+    typer.echo(f"rolled back {r.rolled_back}; active: {r.active}")
 
 
 @campaigns_app.command("apply")
@@ -352,29 +372,44 @@ def campaigns_apply(
     except (ValueError, UnicodeDecodeError) as exc:
         typer.echo(f"error: {file} is not JSON: {exc}", err=True)
         raise typer.Exit(2) from None
-    body = doc if isinstance(doc, dict) and "spec" in doc else {"spec": doc}
-    if group:
-        body["groups"] = group
-    if novelty_bank:
-        body["novelty_bank"] = novelty_bank
-    c = _call(hub, token, "POST", "/v1/campaigns", json=body)
-    state = "unchanged" if c.get("already") else "applied"
-    typer.echo(f"{state}: {c['campaign_id']} v{c['version']} -> groups {c['groups'] or ['*']}")
+    from fleet.protocol import CampaignCreate, CampaignReceipt
+
+    given = _request(CampaignCreate.from_dict, doc)  # {spec, groups, novelty_bank}, or a bare spec
+    body = _request(replace, given, groups=group or given.groups, novelty_bank=novelty_bank or given.novelty_bank)
+    c = _call(hub, token, "POST", "/v1/campaigns", CampaignReceipt, body=body)
+    state = "unchanged" if c.already else "applied"
+    typer.echo(f"{state}: {c.campaign_id} v{c.version} -> groups {c.groups or ['*']}")
 
 
 @campaigns_app.command("list")
 def campaigns_list(hub: str = HUB_URL, token: str = TOKEN) -> None:
     """The newest version of each live campaign."""
-    for c in _call(hub, token, "GET", "/v1/campaigns"):
-        flag = " (expired)" if c.get("expired") else ""
-        typer.echo(f"{c['campaign_id']}\tv{c['version']}\t{','.join(c['groups']) or '*'}{flag}")
+    from fleet.protocol import CampaignList
+
+    for c in _call(hub, token, "GET", "/v1/campaigns", CampaignList).campaigns:
+        flag = " (expired)" if c.expired else ""
+        typer.echo(f"{c.campaign_id}\tv{c.version}\t{','.join(c.groups) or '*'}{flag}")
 
 
 @campaigns_app.command("delete")
 def campaigns_delete(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
     """Withdraw a campaign from every device."""
-    r = _call(hub, token, "DELETE", f"/v1/campaigns/{campaign_id}")
-    typer.echo(f"deleted {r['campaign_id']} ({r['deleted_versions']} versions)")
+    from fleet.protocol import CampaignDeleted
+
+    r = _call(hub, token, "DELETE", f"/v1/campaigns/{campaign_id}", CampaignDeleted)
+    typer.echo(f"deleted {r.campaign_id} ({r.deleted_versions} versions)")
+
+
+def _request(build: Callable[..., M], *args: Any, **fields: Any) -> M:
+    """A request message built from the command line; a value it refuses is a bad parameter (exit 2)."""
+    from fleet.errors import ProtocolError
+
+    try:
+        message = build(*args, **fields)
+        message.validate()
+        return message
+    except ProtocolError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -116,7 +116,7 @@ def test_trainer_killed_resumes_and_a_gate_failure_never_ships(tmp_path: Path) -
         assert json.loads(run.stdout.strip().splitlines()[-1])["model_version"] in good
         assert set(spool_stats(agent)["models"].values()) <= good
         a = assignment_of(hub, "tr-dev")
-        assert {a["active"]["version"], (a["challenger"] or {}).get("version")} <= good
+        assert {ref.version if ref else None for ref in (a.active, a.challenger)} <= good
         assert "tr-bad" not in hub.log()
     record("trainer_chaos", trainer_kills=1, resumed_from_epoch=resumed_from, epochs=epochs, published="tr-v1",
            gate_failures=1, gate_failed_reached_devices=0)
