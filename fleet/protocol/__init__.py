@@ -10,7 +10,8 @@ parses with them. Each top-level message carries ``schema`` so a peer refuses a 
 - :mod:`fleet.protocol.model`: input specs and signed model manifests.
 - :mod:`fleet.protocol.labeling`: selections, the pool, labels and the webhook inbox.
 - :mod:`fleet.protocol.dataset`: snapshots for the trainer.
-- :mod:`fleet.protocol.registry`: the model registry, rollouts and their field metrics, campaigns, novelty banks.
+- :mod:`fleet.protocol.registry`: the model registry, rollouts and their field metrics.
+- :mod:`fleet.protocol.campaigns`: campaigns and novelty banks.
 - :mod:`fleet.protocol.admin`: devices, API tokens, enrollment grants and audit, the hub's health and summary.
 """
 
@@ -51,6 +52,17 @@ from fleet.protocol.base import (
     decode_embedding,
     encode_embedding,
     fit_tags,
+)
+from fleet.protocol.campaigns import (
+    BankCreate,
+    BankList,
+    BankPublic,
+    CampaignCreate,
+    CampaignDeleted,
+    CampaignList,
+    CampaignPublic,
+    CampaignReceipt,
+    CampaignVersions,
 )
 from fleet.protocol.dataset import (
     BlobRequest,
@@ -103,15 +115,6 @@ from fleet.protocol.registry import (
     MODEL_STATUSES,
     ROLLOUT_KINDS,
     ROLLOUT_STATES,
-    BankCreate,
-    BankList,
-    BankPublic,
-    CampaignCreate,
-    CampaignDeleted,
-    CampaignList,
-    CampaignPublic,
-    CampaignReceipt,
-    CampaignVersions,
     FieldCounts,
     FieldMetrics,
     ModelList,

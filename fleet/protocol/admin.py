@@ -31,11 +31,12 @@ from fleet.protocol.base import (
     check_fraction,
     check_int,
     check_name,
+    check_number_map,
     check_one_of,
     check_str,
     opt,
 )
-from fleet.protocol.registry import MODEL_STATUSES, FieldCounts, RolloutPublic, check_number_map
+from fleet.protocol.registry import MODEL_STATUSES, FieldCounts, RolloutPublic
 
 SCOPES = ("device", "admin", "labeler", "trainer")
 ISSUED_SCOPES = ("admin", "labeler", "trainer")  # what POST /v1/tokens makes; device tokens come from enrollment

@@ -220,6 +220,28 @@ def check_one_of(value: Any, choices: tuple[str, ...], what: str) -> str:
     return str(value)
 
 
+def check_names_list(value: Any, what: str, *, max_len: int, name_check: bool = False) -> list[str]:
+    """A list of at most ``max_len`` strings (identifiers when ``name_check``; else up to 128 characters)."""
+    if not isinstance(value, list) or len(value) > max_len:
+        raise ProtocolError(f"{what} must be a list of at most {max_len} strings; received {value!r:.80}")
+    for i, v in enumerate(value):
+        if name_check:
+            check_name(v, f"{what}[{i}]")
+        else:
+            check_str(v, f"{what}[{i}]", max_len=128)
+    return value
+
+
+def check_number_map(value: Any, what: str) -> dict[str, float]:
+    """An object of at most 1000 names -> finite numbers."""
+    if not isinstance(value, dict) or len(value) > 1000:
+        raise ProtocolError(f"{what} must be an object of at most 1000 names -> numbers; received {value!r:.80}")
+    for k, v in value.items():
+        check_str(k, f"{what} name", max_len=128)
+        check_finite(v, f"{what}[{k!r}]")
+    return value
+
+
 def opt(value: Any, check: Any, what: str, **kw: Any) -> Any:
     """``check(value, what)`` unless ``value`` is None."""
     return None if value is None else check(value, what, **kw)
