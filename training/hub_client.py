@@ -37,7 +37,7 @@ TOKEN_ENV = "FLYWHEEL_TOKEN"
 
 
 class HubClient:
-    """A thin, retrying client for the hub's trainer endpoints (see .notes/HUB_API.md, "Trainer")."""
+    """A thin, retrying client for the hub's trainer endpoints (fleet.protocol.dataset and .registry list them)."""
 
     def __init__(
         self,

@@ -4,8 +4,9 @@ Routes take the hub and the caller through ``Annotated`` aliases (``HubDep``, ``
 request body is parsed by the message type itself (``Message.from_dict``: strict keys, the schema version,
 ranges; a :class:`~fleet.errors.ProtocolError` is a 422 through the app's one error mapping), after
 :class:`fleet.hub.bodies.BodyGuard` has checked its size, encoding and depth. :func:`request_body` puts the
-message's JSON schema into the OpenAPI document; routes declare their ``response_model`` the same way, so
-the document describes every request and every response.
+message's JSON schema into the OpenAPI document (:func:`multipart_body` the parts of an upload); routes declare
+their ``response_model`` the same way, and answer with :func:`message_response`, so the document describes
+every request and every response (tests/hub/test_openapi.py checks it, and that the answers match it).
 """
 
 from __future__ import annotations

@@ -47,9 +47,11 @@ from fleet.signing import verify_manifest
 
 router = APIRouter(tags=["models"])
 
-@router.post("/v1/models", status_code=201, response_model=ModelReceipt, openapi_extra=multipart_body(
-                 {"onnx": "the ONNX file", "manifest": "the SignedManifest JSON (a field or a file part)"},
-                 files=("onnx",)),
+_UPLOAD = multipart_body({"onnx": "the ONNX file", "manifest": "the SignedManifest JSON (a field or a file part)"},
+                         files=("onnx",))
+
+
+@router.post("/v1/models", status_code=201, response_model=ModelReceipt, openapi_extra=_UPLOAD,
              responses={200: {"model": ModelReceipt, "description": "the same version was there already"}})
 async def upload_model(request: Request, _: TrainerCaller, hub: HubDep) -> Response:
     """multipart: ``onnx`` (file) and ``manifest`` (SignedManifest JSON, a field or a file).
