@@ -161,9 +161,14 @@ def headers_for(exc: FlywheelError) -> dict[str, str]:
 
 
 class _Response(Protocol):  # what error_for_response reads of an httpx.Response (no httpx import here)
-    status_code: int
-    headers: Any
-    text: str
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Any: ...
+
+    @property
+    def text(self) -> str: ...
 
     def json(self) -> Any: ...
 

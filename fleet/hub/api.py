@@ -12,7 +12,6 @@ every request and every response (tests/hub/test_openapi.py checks it, and that 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Response
@@ -33,9 +32,9 @@ ReaderCaller = Annotated[Principal, Depends(require("labeler", "trainer"))]
 AnyCaller = Annotated[Principal, Depends(require("device", "labeler", "trainer"))]  # model files, novelty banks
 
 
-def message_body(kind: type[M], *, optional: bool = False) -> Callable[..., Any]:
+def message_body(kind: type[M], *, optional: bool = False) -> Any:
     """A dependency that reads the request's JSON body as ``kind`` (an empty body is ``kind()`` when
-    ``optional``)."""
+    ``optional``); typed ``Any`` as FastAPI's ``Depends`` is, so ``body: Kind = message_body(Kind)`` checks."""
     async def parse(request: Request) -> M | None:
         raw = await request.body()
         if not raw.strip():
@@ -49,7 +48,7 @@ def message_body(kind: type[M], *, optional: bool = False) -> Callable[..., Any]
         return kind.from_dict(data)
 
     parse.__name__ = f"parse_{kind.__name__}"
-    return Depends(parse)  # type: ignore[no-any-return]
+    return Depends(parse)
 
 
 def request_body(kind: type[Message], *, required: bool = True) -> dict[str, Any]:
