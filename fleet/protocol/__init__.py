@@ -76,13 +76,22 @@ from fleet.protocol.labeling import (
     Verdict,
 )
 from fleet.protocol.model import OUTPUTS, InputSpec, ModelManifest, SignedManifest
-from fleet.protocol.tasks import TASK_TYPES, TASKS, Classification, Prediction, parse_prediction
+from fleet.protocol.tasks import (
+    MAX_BOXES,
+    TASK_TYPES,
+    TASKS,
+    Box,
+    Classification,
+    Detection,
+    Prediction,
+    parse_prediction,
+)
 
 __all__ = [
-    "CASE_STATES", "CASE_STATUSES", "DB_INT", "HEARTBEAT_COUNTERS", "LABEL_STATUSES", "MAX_INT", "NAME_RE",
-    "OTA_OUTCOMES", "OUTPUTS", "SCHEMA_VERSION", "SHA256_RE", "STRATEGIES", "TASKS", "TASK_TYPES",
-    "Ack", "Assignment", "BatchReceipt", "BlobRequest", "CampaignRef", "Case", "CaseReceipt", "ChallengerOutput",
-    "Classification", "EnrollRequest", "Enrollment", "EventPage", "Heartbeat", "InputSpec", "LabelPage",
+    "CASE_STATES", "CASE_STATUSES", "DB_INT", "HEARTBEAT_COUNTERS", "LABEL_STATUSES", "MAX_BOXES", "MAX_INT",
+    "NAME_RE", "OTA_OUTCOMES", "OUTPUTS", "SCHEMA_VERSION", "SHA256_RE", "STRATEGIES", "TASKS", "TASK_TYPES", "Ack",
+    "Assignment", "BatchReceipt", "BlobRequest", "Box", "CampaignRef", "Case", "CaseReceipt", "ChallengerOutput",
+    "Classification", "Detection", "EnrollRequest", "Enrollment", "EventPage", "Heartbeat", "InputSpec", "LabelPage",
     "LabelPost", "LabelPublic", "LabelReceipt", "Message", "ModelManifest", "ModelRef", "OtaReport", "PoolPage",
     "Prediction", "Release", "SelectedCase", "Selection", "SelectionRequest", "SignedManifest", "SnapshotCreate",
     "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic", "StoredEvent", "TriggerHit", "Verdict",
