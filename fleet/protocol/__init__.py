@@ -75,7 +75,7 @@ from fleet.protocol.labeling import (
     StoredEvent,
     Verdict,
 )
-from fleet.protocol.model import OUTPUTS, InputSpec, ModelManifest, SignedManifest
+from fleet.protocol.model import OUTPUTS, DetectorSpec, InputSpec, ModelManifest, SignedManifest
 from fleet.protocol.tasks import (
     MAX_BOXES,
     TASK_TYPES,
@@ -91,10 +91,11 @@ __all__ = [
     "CASE_STATES", "CASE_STATUSES", "DB_INT", "HEARTBEAT_COUNTERS", "LABEL_STATUSES", "MAX_BOXES", "MAX_INT",
     "NAME_RE", "OTA_OUTCOMES", "OUTPUTS", "SCHEMA_VERSION", "SHA256_RE", "STRATEGIES", "TASKS", "TASK_TYPES", "Ack",
     "Assignment", "BatchReceipt", "BlobRequest", "Box", "CampaignRef", "Case", "CaseReceipt", "ChallengerOutput",
-    "Classification", "Detection", "EnrollRequest", "Enrollment", "EventPage", "Heartbeat", "InputSpec", "LabelPage",
-    "LabelPost", "LabelPublic", "LabelReceipt", "Message", "ModelManifest", "ModelRef", "OtaReport", "PoolPage",
-    "Prediction", "Release", "SelectedCase", "Selection", "SelectionRequest", "SignedManifest", "SnapshotCreate",
-    "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic", "StoredEvent", "TriggerHit", "Verdict",
-    "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
-    "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
+    "Classification", "Detection", "DetectorSpec", "EnrollRequest", "Enrollment", "EventPage", "Heartbeat",
+    "InputSpec", "LabelPage", "LabelPost", "LabelPublic", "LabelReceipt", "Message", "ModelManifest", "ModelRef",
+    "OtaReport", "PoolPage", "Prediction", "Release", "SelectedCase", "Selection", "SelectionRequest",
+    "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic",
+    "StoredEvent", "TriggerHit", "Verdict", "canonical_json", "check_finite", "check_int", "check_name",
+    "check_sha256", "check_str", "check_tags", "decode_embedding", "decode_manifest", "encode_embedding",
+    "encode_manifest", "fit_tags", "parse_prediction",
 ]

@@ -12,6 +12,7 @@ import pytest
 from fleet.errors import ProtocolError
 from fleet.protocol import (
     MAX_BOXES,
+    OUTPUTS,
     SCHEMA_VERSION,
     Assignment,
     Box,
@@ -20,6 +21,7 @@ from fleet.protocol import (
     ChallengerOutput,
     Classification,
     Detection,
+    DetectorSpec,
     Heartbeat,
     InputSpec,
     LabelPost,
@@ -130,6 +132,27 @@ def test_manifest_round_trip_and_validation() -> None:
     bad["input"]["mean"] = [0.1, 0.2, 0.3]
     with pytest.raises(ProtocolError, match="must list 1 numbers"):
         ModelManifest.from_dict(bad)
+
+
+def test_detector_manifest_names_its_layout_and_post_processing() -> None:
+    base = dict(version="d1", onnx_sha256=SHA, onnx_size=10, class_names=["car", "person"], embedding_dim=8,
+                input=InputSpec(height=128, width=128, channels=3, mean=[0.0] * 3, std=[1.0] * 3))
+    m = ModelManifest(**base, task="detect", outputs=list(OUTPUTS["detect"]),  # type: ignore[arg-type]
+                      detector=DetectorSpec(score_threshold=0.1, operating_threshold=0.4))
+    back = ModelManifest.from_json(m.to_json())
+    assert back == m and isinstance(back.detector, DetectorSpec) and back.outputs == ["boxes", "scores", "embedding"]
+    for change, message in [
+        ({"detector": None}, "a 'detect' model needs 'detector' post-processing settings"),
+        ({"outputs": ["logits", "embedding"]}, r"a 'detect' model's outputs must be \['boxes', 'scores',"),
+        ({"detector": {"nms_iou": 1.5}}, r"detector.nms_iou must be in \[0, 1\]; received 1.5"),
+        ({"detector": {"max_detections": 10_000}}, "detector.max_detections"),
+        ({"detector": {"score_threshold": 0.6}}, "operating_threshold .* must not be under"),
+        ({"task": "segment"}, "task must be one of"),
+    ]:
+        with pytest.raises(ProtocolError, match=message):
+            ModelManifest.from_dict({**json.loads(m.to_json()), **change})
+    with pytest.raises(ProtocolError, match="a 'classify' model takes no 'detector'"):
+        ModelManifest.from_dict({**json.loads(m.to_json()), "task": "classify", "outputs": ["logits", "embedding"]})
 
 
 def test_assignment_round_trip_and_malformed() -> None:
