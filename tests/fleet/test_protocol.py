@@ -162,6 +162,10 @@ def test_assignment_round_trip_and_malformed() -> None:
         issued_at=1.0,
     )
     assert Assignment.from_json(a.to_json()) == a
+    idle = Assignment(device_id="dev-1", active=None)  # no model yet: a required field that may be null
+    assert Assignment.from_json(idle.to_json()) == idle
+    with pytest.raises(ProtocolError, match="missing 1 required positional argument: 'active'"):
+        Assignment.from_dict({"device_id": "dev-1"})
     bad = json.loads(a.to_json())
     bad["active"]["onnx_sha256"] = "zz"
     with pytest.raises(ProtocolError, match="onnx_sha256"):
