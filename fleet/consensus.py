@@ -25,6 +25,10 @@ from numpy.typing import NDArray
 
 from fleet.errors import InvalidInput
 
+__all__ = ["AnnotatorScore", "Rules", "Ruling", "STATUSES", "Vote", "decide", "gold_accuracy", "majority_vote",
+    "pairwise_agreement", "score_annotators", "vote_counts"]
+
+
 STATUSES = ("accepted", "held", "gold")
 
 

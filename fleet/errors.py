@@ -27,6 +27,11 @@ import math
 import time
 from typing import Any, Protocol
 
+__all__ = ["Conflict", "FlywheelError", "Forbidden", "IntegrityError", "InvalidInput", "MissingExtra", "NotFound",
+    "PayloadTooLarge", "PermanentError", "ProtocolError", "RETRYABLE_STATUS", "RequestTimeout", "RetryableError",
+    "ServerBusy", "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "error_for_response",
+    "error_for_status", "headers_for", "parse_retry_after", "require", "response_detail", "status_for"]
+
 
 class FlywheelError(Exception):
     """Base of every error Flywheel raises on purpose."""

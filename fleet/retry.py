@@ -19,6 +19,9 @@ from typing import TypeVar
 
 from fleet.errors import InvalidInput, RetryableError, ServerBusy
 
+__all__ = ["NO_RETRY", "RetryPolicy", "retrying"]
+
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 

@@ -15,6 +15,10 @@ from fleet.protocol import ModelManifest, SignedManifest
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+__all__ = ["KeyPair", "PRIVATE_KEY_ENV", "generate_keypair", "key_id", "load_private_key", "public_key_b64",
+    "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"]
+
+
 PRIVATE_KEY_ENV = "FLYWHEEL_SIGNING_KEY"  # PEM text of the private key, or a path to it
 
 

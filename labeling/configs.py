@@ -1,14 +1,12 @@
 """Label Studio labeling configs built from a model's class names, and what an annotation's result means.
 
-Two kinds are registered by name: ``image-classification`` (what the hub trains on now) and ``bbox``
-(rectangles; ready for detection models, whose labels the hub contract does not carry yet). A kind
+Kinds are registered by name (``image-classification`` today; one per task of the contract). A kind
 knows three things: the XML Label Studio renders, the pre-annotation for a model's prediction, and how
 to read an annotator's ``result`` back, refusing anything malformed with a reason.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,71 +96,6 @@ def parse_classification(result: Any, class_names: Sequence[str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# bounding boxes (room for detection models)
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Box:
-    """A rectangle in percent of the image (Label Studio's unit), with its class index."""
-
-    label: int
-    x: float
-    y: float
-    width: float
-    height: float
-
-
-def bbox_config(class_names: Sequence[str], *, instructions: str | None = None) -> str:
-    """Rectangles, each with one of the class names."""
-    names = check_class_names(class_names)
-    labels = "\n".join(f"    <Label value={quoteattr(n)}/>" for n in names)
-    header = f"  <Header value={quoteattr(instructions)}/>\n" if instructions else ""
-    return (
-        "<View>\n"
-        f"{header}"
-        f'  <Image name="{TO_NAME}" value="${IMAGE_FIELD}" zoom="true"/>\n'
-        f'  <RectangleLabels name="{FROM_NAME}" toName="{TO_NAME}">\n'
-        f"{labels}\n"
-        "  </RectangleLabels>\n"
-        "</View>\n"
-    )
-
-
-def bbox_result(boxes: Sequence[Box], class_names: Sequence[str]) -> list[dict[str, Any]]:
-    names = list(class_names)
-    return [
-        {"from_name": FROM_NAME, "to_name": TO_NAME, "type": "rectanglelabels",
-         "value": {"x": b.x, "y": b.y, "width": b.width, "height": b.height, "rotation": 0,
-                   "rectanglelabels": [names[b.label]]}}
-        for b in boxes
-    ]
-
-
-def parse_bbox(result: Any, class_names: Sequence[str]) -> list[Box]:
-    """The boxes an annotator drew (possibly none), or :class:`InvalidInput` naming the bad region."""
-    if not isinstance(result, list):
-        raise InvalidInput(f"result must be a list of regions; received {type(result).__name__} {_short(result)}")
-    names = list(class_names)
-    boxes = []
-    for region in result:
-        value = region.get("value") if isinstance(region, dict) else None
-        if not isinstance(region, dict) or region.get("type") != "rectanglelabels" or not isinstance(value, dict):
-            raise InvalidInput(f"expected a rectanglelabels region; received {_short(region)}")
-        labels = value.get("rectanglelabels")
-        if not isinstance(labels, list) or len(labels) != 1 or labels[0] not in names:
-            raise InvalidInput(f"rectanglelabels must name exactly one of {names}; received {_short(labels)}")
-        coords = [value.get(k) for k in ("x", "y", "width", "height")]
-        if not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coords):
-            raise InvalidInput(f"x, y, width and height must be finite numbers; received {_short(value)}")
-        x, y, w, h = (float(c) for c in coords)  # type: ignore[arg-type]
-        if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > 100.001 or y + h > 100.001:
-            raise InvalidInput(f"box must lie inside the image (percent units); received x={x} y={y} w={w} h={h}")
-        boxes.append(Box(names.index(labels[0]), x, y, w, h))
-    return boxes
-
-
-# ---------------------------------------------------------------------------------------------
 # registry
 # ---------------------------------------------------------------------------------------------
 
@@ -180,7 +113,6 @@ class LabelKind:
 KINDS: dict[str, LabelKind] = {
     "image-classification": LabelKind("image-classification", image_classification_config,
                                       parse_classification, "Choices"),
-    "bbox": LabelKind("bbox", bbox_config, parse_bbox, "RectangleLabels"),
 }
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleet.errors import IntegrityError, InvalidInput
+from fleet.errors import IntegrityError
 
 
 class SnapshotError(IntegrityError):
@@ -11,7 +11,3 @@ class SnapshotError(IntegrityError):
 
 class ParityError(IntegrityError):
     """The exported ONNX model does not compute what the torch model computes; nothing is published."""
-
-
-class ResumeError(InvalidInput):
-    """A checkpoint that cannot be resumed with the given arguments or data."""

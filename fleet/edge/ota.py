@@ -29,7 +29,7 @@ from fleet.edge.modelstore import MANIFEST_NAME, ONNX_NAME, ModelStore, StoredMo
 from fleet.edge.runtime import ModelError, ModelRuntime, health_check
 from fleet.errors import FlywheelError, IntegrityError, PermanentError, ProtocolError, RetryableError
 from fleet.protocol import Assignment, ModelRef, OtaReport
-from fleet.signing import verify_file_sha256, verify_manifest
+from fleet.signing import verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +194,12 @@ class OtaManager:
                     f"manifest is for {manifest.version} sha256 {manifest.onnx_sha256[:16]}..., but the assignment "
                     f"asked for {ref.version} sha256 {ref.onnx_sha256[:16]}..."
                 )
+            # the download hashes the bytes as they arrive: no second read of the file to check them
             got = self.client.download_model(ref.version, staged / ONNX_NAME, max_bytes=manifest.onnx_size + 1)
-            log.debug("downloaded %s (sha256 %s)", ref.version, got)
-            verify_file_sha256(staged / ONNX_NAME, manifest.onnx_sha256, manifest.onnx_size)
+            size = (staged / ONNX_NAME).stat().st_size
+            if (got, size) != (manifest.onnx_sha256, manifest.onnx_size):
+                raise IntegrityError(f"{ONNX_NAME} of {ref.version}: sha256 {got} and {size} bytes, expected "
+                                     f"{manifest.onnx_sha256} and {manifest.onnx_size} bytes")
             runtime = ModelRuntime(staged / ONNX_NAME, manifest, threads=self.threads)
             health_check(runtime, self.health_frames())
             final = self.store.commit(staged, manifest)

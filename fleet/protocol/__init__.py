@@ -109,7 +109,7 @@ from fleet.protocol.labeling import (
     StoredEvent,
     Verdict,
 )
-from fleet.protocol.model import OUTPUTS, InputSpec, ModelManifest, SignedManifest
+from fleet.protocol.model import OUTPUTS, DetectorSpec, InputSpec, ModelManifest, SignedManifest
 from fleet.protocol.registry import (
     FIELD_COUNTERS,
     MODEL_STATUSES,
@@ -128,23 +128,32 @@ from fleet.protocol.registry import (
     RolloutList,
     RolloutPublic,
 )
-from fleet.protocol.tasks import TASK_TYPES, TASKS, Classification, Prediction, parse_prediction
+from fleet.protocol.tasks import (
+    MAX_BOXES,
+    TASK_TYPES,
+    TASKS,
+    Box,
+    Classification,
+    Detection,
+    Prediction,
+    parse_prediction,
+)
 
 __all__ = [
     "CASE_STATES", "CASE_STATUSES", "DB_INT", "ENROLL_OUTCOMES", "FIELD_COUNTERS", "HEARTBEAT_COUNTERS",
-    "ISSUED_SCOPES", "LABEL_STATUSES", "MAX_INT", "MODEL_STATUSES", "NAME_RE", "OTA_OUTCOMES", "OUTPUTS",
-    "ROLLOUT_KINDS", "ROLLOUT_STATES", "SCHEMA_VERSION", "SCOPES", "SHA256_RE", "STRATEGIES", "TASKS", "TASK_TYPES",
-    "Ack", "Assignment", "BankCreate", "BankList", "BankPublic", "BatchReceipt", "BlobRequest", "CampaignCreate",
-    "CampaignDeleted", "CampaignList", "CampaignPublic", "CampaignReceipt", "CampaignRef", "CampaignVersions",
-    "Case", "CaseReceipt", "ChallengerOutput", "Classification", "DeviceList", "DevicePublic", "DeviceRevoked",
-    "EnrollRequest", "Enrollment", "EnrollmentAttemptList", "EnrollmentAttemptPublic", "EventPage", "FieldCounts",
-    "FieldMetrics", "Grant", "GrantCreate", "Health", "Heartbeat", "InputSpec", "LabelPage", "LabelPost",
-    "LabelPublic", "LabelReceipt", "Message", "ModelList", "ModelManifest", "ModelPublic", "ModelReceipt",
-    "ModelRef", "ModelSummary", "OtaReport", "PoolPage", "Prediction", "PromoteRequest", "Promotion", "QueueDepths",
-    "Release", "RollbackReceipt", "RollbackRequest", "RolloutCreate", "RolloutList", "RolloutPublic",
-    "SelectedCase", "Selection", "SelectionRequest", "SignedManifest", "SnapshotCreate", "SnapshotEntry",
-    "SnapshotHeader", "SnapshotList", "SnapshotPublic", "StoredEvent", "Summary", "TokenCreate", "TokenIssued",
-    "TokenList", "TokenPublic", "TriggerHit", "Verdict", "canonical_json", "check_finite", "check_int",
-    "check_name", "check_sha256", "check_str", "check_tags", "decode_embedding", "decode_manifest",
-    "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
+    "ISSUED_SCOPES", "LABEL_STATUSES", "MAX_BOXES", "MAX_INT", "MODEL_STATUSES", "NAME_RE", "OTA_OUTCOMES",
+    "OUTPUTS", "ROLLOUT_KINDS", "ROLLOUT_STATES", "SCHEMA_VERSION", "SCOPES", "SHA256_RE", "STRATEGIES", "TASKS",
+    "TASK_TYPES", "Ack", "Assignment", "BankCreate", "BankList", "BankPublic", "BatchReceipt", "BlobRequest", "Box",
+    "CampaignCreate", "CampaignDeleted", "CampaignList", "CampaignPublic", "CampaignReceipt", "CampaignRef",
+    "CampaignVersions", "Case", "CaseReceipt", "ChallengerOutput", "Classification", "Detection", "DetectorSpec",
+    "DeviceList", "DevicePublic", "DeviceRevoked", "EnrollRequest", "Enrollment", "EnrollmentAttemptList",
+    "EnrollmentAttemptPublic", "EventPage", "FieldCounts", "FieldMetrics", "Grant", "GrantCreate", "Health",
+    "Heartbeat", "InputSpec", "LabelPage", "LabelPost", "LabelPublic", "LabelReceipt", "Message", "ModelList",
+    "ModelManifest", "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "OtaReport", "PoolPage",
+    "Prediction", "PromoteRequest", "Promotion", "QueueDepths", "Release", "RollbackReceipt", "RollbackRequest",
+    "RolloutCreate", "RolloutList", "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest",
+    "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic",
+    "StoredEvent", "Summary", "TokenCreate", "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "Verdict",
+    "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
+    "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
 ]

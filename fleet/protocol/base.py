@@ -87,10 +87,11 @@ class Message:
 
     @classmethod
     def _build(cls: type[T], data: dict[str, Any]) -> T:
-        """The message from its JSON fields, nested messages parsed by their own types (a nested field whose
-        default is None may be null)."""
+        """The message from its JSON fields, nested messages parsed by their own types (a nested field typed
+        ``X | None`` may be null)."""
         data = dict(data)
-        optional = {f.name for f in fields(cls) if f.default is None}  # type: ignore[arg-type]
+        optional = {f.name for f in fields(cls)  # type: ignore[arg-type]
+                    if f.default is None or str(f.type).replace(" ", "").endswith("|None")}
         for name, kind in cls.PARTS.items():
             if name in data and not (data[name] is None and name in optional):
                 data[name] = cls._kind(kind).from_dict(data[name])

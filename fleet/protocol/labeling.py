@@ -37,7 +37,7 @@ from fleet.protocol.base import (
     opt,
 )
 from fleet.protocol.device import Case
-from fleet.protocol.tasks import Prediction, TaskMessage
+from fleet.protocol.tasks import Classification, Prediction, TaskMessage
 
 CASE_STATES = ("unlabeled", "queued", "labeled", "held", "duplicate")
 LABEL_STATUSES = ("accepted", "held", "gold")
@@ -93,8 +93,11 @@ class SelectedCase(TaskMessage):
 
     @property
     def predicted_name(self) -> str:
-        """The class the model predicted, by name (``classify``)."""
-        return self.class_names[self.case.prediction.label]
+        """The class the model predicted, by name (``classify`` only)."""
+        pred = self.case.prediction
+        if not isinstance(pred, Classification):
+            raise ProtocolError(f"case {self.case_id} is a {pred.task!r} case; it has no single predicted class")
+        return self.class_names[pred.label]
 
     def validate(self) -> None:
         self.case.validate()

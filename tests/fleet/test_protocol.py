@@ -11,12 +11,17 @@ import pytest
 
 from fleet.errors import ProtocolError
 from fleet.protocol import (
+    MAX_BOXES,
+    OUTPUTS,
     SCHEMA_VERSION,
     Assignment,
+    Box,
     CampaignRef,
     Case,
     ChallengerOutput,
     Classification,
+    Detection,
+    DetectorSpec,
     Heartbeat,
     InputSpec,
     LabelPost,
@@ -129,6 +134,27 @@ def test_manifest_round_trip_and_validation() -> None:
         ModelManifest.from_dict(bad)
 
 
+def test_detector_manifest_names_its_layout_and_post_processing() -> None:
+    base = dict(version="d1", onnx_sha256=SHA, onnx_size=10, class_names=["car", "person"], embedding_dim=8,
+                input=InputSpec(height=128, width=128, channels=3, mean=[0.0] * 3, std=[1.0] * 3))
+    m = ModelManifest(**base, task="detect", outputs=list(OUTPUTS["detect"]),  # type: ignore[arg-type]
+                      detector=DetectorSpec(score_threshold=0.1, operating_threshold=0.4))
+    back = ModelManifest.from_json(m.to_json())
+    assert back == m and isinstance(back.detector, DetectorSpec) and back.outputs == ["boxes", "scores", "embedding"]
+    for change, message in [
+        ({"detector": None}, "a 'detect' model needs 'detector' post-processing settings"),
+        ({"outputs": ["logits", "embedding"]}, r"a 'detect' model's outputs must be \['boxes', 'scores',"),
+        ({"detector": {"nms_iou": 1.5}}, r"detector.nms_iou must be in \[0, 1\]; received 1.5"),
+        ({"detector": {"max_detections": 10_000}}, "detector.max_detections"),
+        ({"detector": {"score_threshold": 0.6}}, "operating_threshold .* must not be under"),
+        ({"task": "segment"}, "task must be one of"),
+    ]:
+        with pytest.raises(ProtocolError, match=message):
+            ModelManifest.from_dict({**json.loads(m.to_json()), **change})
+    with pytest.raises(ProtocolError, match="a 'classify' model takes no 'detector'"):
+        ModelManifest.from_dict({**json.loads(m.to_json()), "task": "classify", "outputs": ["logits", "embedding"]})
+
+
 def test_assignment_round_trip_and_malformed() -> None:
     a = Assignment(
         device_id="dev-1", active=ModelRef("v1", SHA), challenger=ModelRef("v2", SHA),
@@ -136,6 +162,10 @@ def test_assignment_round_trip_and_malformed() -> None:
         issued_at=1.0,
     )
     assert Assignment.from_json(a.to_json()) == a
+    idle = Assignment(device_id="dev-1", active=None)  # no model yet: a required field that may be null
+    assert Assignment.from_json(idle.to_json()) == idle
+    with pytest.raises(ProtocolError, match="missing 1 required positional argument: 'active'"):
+        Assignment.from_dict({"device_id": "dev-1"})
     bad = json.loads(a.to_json())
     bad["active"]["onnx_sha256"] = "zz"
     with pytest.raises(ProtocolError, match="onnx_sha256"):
@@ -170,8 +200,33 @@ def test_predictions_labels_and_human_actions_share_one_shape_by_task() -> None:
         pred.check_classes(5, "p")
     with pytest.raises(ProtocolError, match="out of range for a model with 2 classes"):
         Classification(2).check_classes(2, "label")
-    with pytest.raises(ProtocolError, match=r"human_action\.task must be one of \['classify'\]"):
+    with pytest.raises(ProtocolError, match="human_action is a 'detect' payload; the case's prediction is 'classify'"):
         Case.from_dict({**json.loads(make_case().to_json()), "human_action": {"task": "detect", "boxes": []}})
+    with pytest.raises(ProtocolError, match=r"p\.task must be one of \['classify', 'detect'\]; received 'segment'"):
+        parse_prediction({"task": "segment"}, "p")
+
+
+def test_detection_round_trips_and_refuses_bad_boxes() -> None:
+    det = Detection([Box(0.1, 0.2, 0.5, 0.6, 1, score=0.9, probs=[0.05, 0.9, 0.05]), Box(0.0, 0.0, 1.0, 1.0, 0)])
+    case = make_case(prediction=det, human_action=Detection([]), challenger=None)
+    back = Case.from_json(case.to_json())
+    assert back == case and back.task == "detect" and isinstance(back.prediction.boxes[0], Box)
+    assert det.as_label() == Detection([Box(0.1, 0.2, 0.5, 0.6, 1), Box(0.0, 0.0, 1.0, 1.0, 0)])
+    assert parse_prediction({"task": "detect", "boxes": []}, "p") == Detection([])  # nothing found is a prediction
+    with pytest.raises(ProtocolError, match="box 0 has class 1, out of range for a model with 1 classes"):
+        det.check_classes(1, "p")
+    for bad, message in [
+        ({"x1": 0.5, "y1": 0.2, "x2": 0.4, "y2": 0.6, "label": 0}, r"x1 < x2 .* received \(0.5, 0.2, 0.4, 0.6\)"),
+        ({"x1": 0.1, "y1": 0.2, "x2": 1.4, "y2": 0.6, "label": 0}, "must lie inside the image"),
+        ({"x1": 0.1, "y1": 0.2, "x2": 0.4, "y2": 0.6, "label": -1}, "box label"),
+        ({"x1": 0.1, "y1": 0.2, "x2": 0.4, "y2": 0.6, "label": 0, "score": 1.5}, r"score must be in \[0, 1\]"),
+        ({"x1": 0.1, "y1": 0.2, "x2": 0.4, "y2": 0.6, "label": 2, "probs": [0.5, 0.5]}, "out of range for 2"),
+        ({"x1": "a", "y1": 0.2, "x2": 0.4, "y2": 0.6, "label": 0}, "box x1"),
+    ]:
+        with pytest.raises(ProtocolError, match=message):
+            parse_prediction({"task": "detect", "boxes": [bad]}, "p")
+    with pytest.raises(ProtocolError, match=f"at most {MAX_BOXES}"):
+        parse_prediction({"task": "detect", "boxes": [{"x1": 0, "y1": 0, "x2": 1, "y2": 1, "label": 0}] * 301}, "p")
 
 
 def test_labeling_and_dataset_messages_round_trip() -> None:

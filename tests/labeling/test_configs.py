@@ -8,15 +8,11 @@ import pytest
 
 from fleet.errors import InvalidInput
 from labeling.configs import (
-    Box,
-    bbox_config,
-    bbox_result,
     check_class_names,
     classification_result,
     config_classes,
     get_kind,
     image_classification_config,
-    parse_bbox,
     parse_classification,
 )
 
@@ -36,7 +32,6 @@ def test_classification_config_offers_every_class_in_order() -> None:
 def test_class_names_with_markup_are_escaped() -> None:
     names = ['a "quoted" & <odd>', "plain"]
     assert config_classes(image_classification_config(names)) == names
-    assert config_classes(bbox_config(names)) == names
 
 
 @pytest.mark.parametrize("bad", [[], ["a", "a"], [""], [" padded"], ["x" * 129], ["tab\there"]])
@@ -74,19 +69,7 @@ def test_malformed_results_are_refused_with_a_reason(result: object, reason: str
         parse_classification(result, CLASSES)
 
 
-def test_bbox_kind_round_trips_boxes_and_refuses_boxes_outside_the_image() -> None:
-    boxes = [Box(1, 10, 20, 30, 40), Box(0, 0, 0, 100, 100)]
-    assert parse_bbox(bbox_result(boxes, CLASSES), CLASSES) == boxes
-    assert parse_bbox([], CLASSES) == []
-    bad = bbox_result([Box(0, 90, 0, 20, 10)], CLASSES)
-    with pytest.raises(InvalidInput, match="inside the image"):
-        parse_bbox(bad, CLASSES)
-    with pytest.raises(InvalidInput, match="rectanglelabels"):
-        parse_bbox(classification_result("cat"), CLASSES)
-
-
 def test_kinds_are_looked_up_by_name_and_an_unknown_one_lists_the_valid_ones() -> None:
     assert get_kind("image-classification").control_type == "Choices"
-    assert get_kind("bbox").control_type == "RectangleLabels"
-    with pytest.raises(InvalidInput, match=r"\['bbox', 'image-classification'\]"):
+    with pytest.raises(InvalidInput, match=r"\['image-classification'\]"):
         get_kind("segmentation")
