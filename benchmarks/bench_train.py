@@ -38,6 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fleet.protocol import RolloutCreate, RolloutPublic  # noqa: E402
 from fleet.signing import generate_keypair, write_keypair  # noqa: E402
 from training.config import TrainArgs  # noqa: E402
 from training.hub_client import HubClient  # noqa: E402
@@ -209,7 +210,10 @@ class MiniHub:
         if path == "/v1/models":
             return httpx.Response(201, json={"version": "v", "status": "candidate"})
         if path == "/v1/rollouts":
-            return httpx.Response(201, json={"rollout_id": "r1"})
+            body = RolloutCreate.from_json(req.content)
+            return httpx.Response(201, content=RolloutPublic(
+                rollout_id="r1", kind="staged", version=body.version, state="running", stages=body.stages, stage=0,
+                fraction=body.stages[0], created_at=0.0, stage_started_at=0.0).to_json())
         return httpx.Response(404, json={"detail": path})
 
 

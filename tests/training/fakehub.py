@@ -11,7 +11,14 @@ from typing import Any
 
 import httpx
 
-from fleet.protocol import SCHEMA_VERSION, SignedManifest, SnapshotHeader, SnapshotPublic
+from fleet.protocol import (
+    SCHEMA_VERSION,
+    RolloutCreate,
+    RolloutPublic,
+    SignedManifest,
+    SnapshotHeader,
+    SnapshotPublic,
+)
 from tests.support.cases import make_case
 
 
@@ -97,11 +104,14 @@ class FakeHub:
             self.models[signed.manifest.version] = {"onnx": onnx, "manifest": signed}
             return httpx.Response(201, json={"version": signed.manifest.version, "status": "candidate"})
         if request.method == "POST" and path == "/v1/rollouts":
-            body = json.loads(request.content)
-            if body["version"] not in self.models:
+            body = RolloutCreate.from_json(request.content)
+            if body.version not in self.models:
                 return httpx.Response(404, json={"detail": "unknown version"})
-            self.rollouts.append(body)
-            return httpx.Response(201, json={"rollout_id": f"r{len(self.rollouts)}", "stage": 0, **body})
+            self.rollouts.append({"version": body.version, "stages": body.stages, "stage_seconds": body.stage_seconds})
+            started = RolloutPublic(rollout_id=f"r{len(self.rollouts)}", kind="staged", version=body.version,
+                                    state="running", stages=body.stages, stage=0, fraction=body.stages[0],
+                                    stage_seconds=body.stage_seconds, created_at=0.0, stage_started_at=0.0)
+            return httpx.Response(201, content=started.to_json())
         return httpx.Response(404, json={"detail": f"no route {request.method} {path}"})
 
 
