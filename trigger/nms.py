@@ -165,10 +165,13 @@ def _nms(xy: Any, group: I64, score: Any, iou: float) -> Bool:
     src = np.repeat(np.arange(m), count)
     dst = src + 1 + _ragged_arange(count)
     x1, y1, x2, y2 = (np.ascontiguousarray(x[:, c]) for c in range(4))
+    # the same bound in y (an overlap above iou * the height of either box) leaves few pairs for the IoU itself
+    h = np.minimum(y2[src], y2[dst]) - np.maximum(y1[src], y1[dst])
+    near = h > iou * np.maximum(y2[src] - y1[src], y2[dst] - y1[dst])
+    src, dst, h = src[near], dst[near], h[near]
     area = (x2 - x1) * (y2 - y1)
     w = np.minimum(x2[src], x2[dst]) - np.maximum(x1[src], x1[dst])
-    h = np.minimum(y2[src], y2[dst]) - np.maximum(y1[src], y1[dst])
-    inter = np.maximum(w, 0) * np.maximum(h, 0)
+    inter = np.maximum(w, 0) * h
     union = area[src] + area[dst] - inter
     hit = inter > iou * union  # IoU > iou, without dividing (and 0 / 0 never hits)
     a, b = order[src[hit]], order[dst[hit]]
