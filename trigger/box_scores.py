@@ -124,8 +124,9 @@ def box_flicker(boxes: Boxes, stream: Any, *, timestamps: Any = None, iou: float
     """Each frame against the frame before it in its stream (``stream: (n,)`` ids; frames in capture order).
 
     A box that appears, vanishes, jumps (IoU with its best match below ``iou``) or changes class between two
-    consecutive frames is unstable, with no human needed. NaN for the first frame of each stream and,
-    with ``timestamps: (n,)`` seconds and ``max_gap``, where the frame before is older than ``max_gap``.
+    consecutive frames is unstable, with no human needed. NaN for the first frame of each stream and, with
+    ``timestamps: (n,)`` seconds, where the frame before is later (out of order) or, with ``max_gap``, older
+    than ``max_gap`` seconds.
     The evaluator also remembers each stream's last frame between batches; this function sees one batch.
     """
     b = _boxes(boxes)

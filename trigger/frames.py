@@ -74,12 +74,11 @@ class Decision:
     spool evicts the lowest first); ``fired``: the labels of the triggers that made the frame
     qualify; ``values`` and ``thresholds``: label -> the value that fired and the threshold it
     passed; ``scores``: a read-only mapping, computed on first access, name -> ``(n,)``: the base
-    scores entropy, margin, least_confidence and energy for every frame, and the spec's triggers by
-    label (NaN for frames the filters dropped and where a costly trigger was not needed; a kept
-    frame always has every value).
-    ``predicted`` ``(n,)`` is the model's class; ``duplicate`` and ``over_budget`` ``(n,)`` mark
-    frames that qualified but were suppressed. ``expired``: the spec was past its expiry and did
-    nothing.
+    scores for every frame (:class:`Scores`), and the spec's triggers by label (NaN for frames the
+    filters dropped and where a costly trigger was not needed; a kept frame always has every value).
+    ``predicted`` ``(n,)`` is the model's class (a detector's: its best box's, -1 without a box);
+    ``duplicate`` and ``over_budget`` ``(n,)`` mark frames that qualified but were suppressed.
+    ``expired``: the spec was past its expiry and did nothing.
     """
 
     keep: Bool
