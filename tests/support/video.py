@@ -43,9 +43,10 @@ def square_x(i: int, width: int = 64) -> int:
 
 
 def write_clip(path: Path, *, codec: str = "libx264", frames: int = 12, fps: int = 12, width: int = 64,
-               height: int = 48, creation_time: str | None = None,
+               height: int = 48, creation_time: str | None = None, bit_rate: int = 0,
                image: Callable[[int, int, int], NDArray[np.uint8]] = square_frame) -> Clip:
-    """Encode ``frames`` frames of ``image(i, width, height)`` at ``fps`` into ``path`` with ``codec``."""
+    """Encode ``frames`` frames of ``image(i, width, height)`` at ``fps`` into ``path`` with ``codec`` (at an
+    average ``bit_rate`` in bits/s, or the encoder's default quality with 0)."""
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +55,8 @@ def write_clip(path: Path, *, codec: str = "libx264", frames: int = 12, fps: int
             out.metadata["creation_time"] = creation_time
         stream: Any = out.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
+        if bit_rate:
+            stream.bit_rate = bit_rate
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "g": str(fps)}
