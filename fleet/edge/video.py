@@ -510,6 +510,8 @@ def _classify(av: Any, exc: Exception, where: str, *, live: bool, camera: bool) 
         if not live:
             return InvalidInput(f"{where} does not exist")
         return NotFound(f"{where}: no such stream ({why}); expected the address of a stream the server serves")
+    if live and isinstance(exc, av.error.HTTPTooManyRequestsError):
+        return TransportError(f"{where}: the server is busy ({why})")
     if isinstance(exc, (av.error.ProtocolNotFoundError, av.error.DemuxerNotFoundError,
                         av.error.DecoderNotFoundError, av.error.HTTPClientError)):
         return InvalidInput(f"{where}: cannot be opened ({why}); expected a source this FFmpeg build reads")

@@ -7,6 +7,7 @@ import functools
 import http.server
 import io
 import itertools
+import logging
 import os
 import shlex
 import socket
@@ -388,6 +389,14 @@ KEEP_ALL = {"id": "all", "version": 1, "rule": {"trigger": "entropy", "above": -
 
 
 def run_agent(tmp_path: Path, hub: FakeHub, keys: Keys, source: dict[str, Any], max_frames: int) -> Any:
+    agent = video_agent(tmp_path, hub, keys, source)
+    try:
+        return agent.run(max_frames=max_frames)
+    finally:
+        agent.close()
+
+
+def video_agent(tmp_path: Path, hub: FakeHub, keys: Keys, source: dict[str, Any]) -> Any:
     from fleet.edge.agent import Agent
     from fleet.protocol import Enrollment
 
@@ -398,11 +407,7 @@ def run_agent(tmp_path: Path, hub: FakeHub, keys: Keys, source: dict[str, Any], 
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     (cfg.data_dir / "enrollment.json").write_text(
         Enrollment(device_id=hub.device_id, token=hub.token, fleet_public_key=keys.public_b64).to_json())
-    agent = Agent(cfg, client=hub.client())
-    try:
-        return agent.run(max_frames=max_frames)
-    finally:
-        agent.close()
+    return Agent(cfg, client=hub.client())
 
 
 def test_agent_mines_a_video_file(tmp_path: Path, hub: FakeHub, keys: Keys, make_model: Any) -> None:
@@ -429,6 +434,35 @@ def test_agent_mines_an_rtsp_stream_in_gray(tmp_path: Path, hub: FakeHub, keys: 
     cases = sorted(hub.cases.values(), key=lambda c: c[0].captured_at)
     assert t0 <= cases[0][0].captured_at <= cases[-1][0].captured_at <= time.time()
     assert np.asarray(Image.open(io.BytesIO(cases[0][1]))).shape == (48, 64)  # gray, as the model wants
+
+
+def test_stopping_the_agent_ends_its_wait_for_a_stream(tmp_path: Path, hub: FakeHub, keys: Keys,
+                                                       make_model: Any) -> None:
+    v1 = make_model("v1", channels=3)
+    publish(hub, v1)
+    hub.assign(active=v1.manifest, campaigns=[{"campaign_id": "all", "version": 1, "spec": KEEP_ALL}])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens: the agent waits to reconnect, up to 5 s between tries
+    agent = video_agent(tmp_path, hub, keys, {"kind": "stream", "url": f"rtsp://127.0.0.1:{port}/cam",
+                                              "reconnect_base_s": 5, "reconnect_max_s": 5})
+    stopped: list[float] = []
+
+    class StopWhileWaiting(logging.Handler):  # once the source waits to retry, stop the agent (as SIGTERM does)
+        def emit(self, record: logging.LogRecord) -> None:
+            if "retrying in" in record.getMessage() and not stopped:
+                stopped.append(time.monotonic())
+                agent.stop()
+
+    handler = StopWhileWaiting()
+    logging.getLogger("fleet.retry").addHandler(handler)
+    try:
+        summary = agent.run()
+    finally:
+        logging.getLogger("fleet.retry").removeHandler(handler)
+        agent.close()
+    assert summary.stopped_by == "signal" and summary.frames == 0
+    assert stopped and time.monotonic() - stopped[0] < 2  # not the up-to-5 s wait, nor the 300 s deadline
 
 
 def test_video_kinds_are_permanent_errors_for_bad_input(tmp_path: Path) -> None:
