@@ -24,7 +24,8 @@ def loaded_modules(code: str) -> set[str]:
         ("import fleet.signing", HEAVY | {"onnxruntime"}),
         ("import fleet.cli", HEAVY | {"onnxruntime"}),
         # the agent runs without PyAV unless a video source is used
-        ("import fleet.edge.sources, fleet.edge.video, fleet.edge.config, fleet.edge.agent", HEAVY | {"av"}),
+        ("import fleet.edge.sources, fleet.edge.video, fleet.edge.avio, fleet.edge.config, fleet.edge.agent",
+         HEAVY | {"av"}),
     ],
 )
 def test_light_modules_stay_light(code: str, forbidden: set[str]) -> None:

@@ -32,24 +32,26 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
-from numpy.typing import NDArray
-
-from fleet.edge.sources import Frame
-from fleet.errors import (
-    FlywheelError,
-    InvalidInput,
-    NotFound,
-    RetryableError,
-    TransportError,
-    Unauthorized,
-    require,
+from fleet.edge.avio import (
+    Converter,
+    SourceStats,
+    StreamClock,
+    chain,
+    classify,
+    close_decoding,
+    creation_time,
+    decoded,
+    ffmpeg_options,
+    import_av,
+    strerror,
+    video_stream,
 )
+from fleet.edge.sources import Frame
+from fleet.errors import InvalidInput, RetryableError, TransportError
 from fleet.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -61,7 +63,6 @@ VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts"
                   ".wmv", ".ogv", ".3gp", ".h264", ".264", ".h265", ".hevc", ".ivf", ".y4m", ".mjpeg")
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "rtp", "srt", "tcp")
 LIVE_DEFAULTS = {"rtsp": {"rtsp_transport": "tcp"}, "rtsps": {"rtsp_transport": "tcp"}}  # no UDP loss, one socket
-MAX_SIDE = 8192
 _EPS = 1e-6  # seconds: two clock readings closer than this are the same instant
 
 
@@ -112,18 +113,6 @@ class RateCap:
         return True
 
 
-@dataclass
-class SourceStats:
-    """Counters of a video source, for logs and tests."""
-
-    decoded: int = 0  # frames the decoder gave
-    delivered: int = 0  # frames yielded
-    capped: int = 0  # frames dropped by the rate cap
-    bad_packets: int = 0  # packets the decoder refused (skipped)
-    connects: int = 0  # successful (re)connections of a live source, or files opened
-    drops: int = 0  # times a live stream dropped or ended and was reconnected
-
-
 class VideoFileSource:
     """The frames of a video file, or of every video file in a folder (sorted by name, each its own stream).
 
@@ -135,7 +124,7 @@ class VideoFileSource:
 
     def __init__(self, path: str | Path, *, loop: bool = False, max_fps: float = 0.0, channels: int = 3,
                  width: int = 0, height: int = 0, options: Mapping[str, str] | None = None) -> None:
-        self.av = _import_av()
+        self.av = import_av()
         self.path = Path(path)
         if self.path.is_dir():
             self.files = sorted(p for p in self.path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
@@ -147,9 +136,9 @@ class VideoFileSource:
             raise InvalidInput(f"video file or folder {self.path} does not exist")
         self.loop = loop
         self.max_fps = max_fps
-        self.convert = _Converter(channels, width, height)
+        self.convert = Converter(channels, width, height)
         RateCap(max_fps)  # validates
-        self.options = _options(options)
+        self.options = ffmpeg_options(options)
         self.stats = SourceStats()
 
     def __iter__(self) -> Iterator[Frame]:
@@ -166,16 +155,16 @@ class VideoFileSource:
         try:
             container = av.open(str(path), options=dict(self.options))
         except av.error.FFmpegError as exc:
-            raise _classify(av, exc, where, live=False, camera=False) from exc
+            raise classify(av, exc, where, live=False, camera=False) from exc
         frames: Iterator[Any] = iter(())
         first = last = None
         bad_before = self.stats.bad_packets
         try:
-            stream = _video_stream(container, where)
-            clock = _StreamClock(stream)
-            wall0 = _creation_time(container.metadata)
+            stream = video_stream(container, where)
+            clock = StreamClock(stream)
+            wall0 = creation_time(container.metadata)
             self.stats.connects += 1
-            frames = _decoded(av, container, stream, self.stats, where, live=False)
+            frames = decoded(av, container, stream, self.stats, where, live=False)
             for vf in frames:
                 t = clock.time(vf)
                 first = t if first is None else first
@@ -191,7 +180,7 @@ class VideoFileSource:
                             ts=wall0 + (t - first) if wall0 is not None else None,
                             stream=str(path), index=i, stream_time=st)
         finally:
-            _close(frames, container)
+            close_decoding(frames, container)
         if first is None or last is None:
             raise InvalidInput(f"{where}: holds no decodable video frame; expected at least one")
         progress.offset += last - first + clock.period  # a second pass goes on after the first one
@@ -215,20 +204,20 @@ class LiveSource:
                  wall_clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         if kind not in ("stream", "camera"):
             raise InvalidInput(f"live source kind must be 'stream' or 'camera'; received {kind!r}")
-        self.av = _import_av()
+        self.av = import_av()
         self.kind = kind
         self.target = target
         if kind == "stream":
             check_stream_url(target)
             self.name = redact(target)
             scheme = urlsplit(target).scheme.lower()
-            self.options = {**LIVE_DEFAULTS.get(scheme, {}), **_options(options)}
+            self.options = {**LIVE_DEFAULTS.get(scheme, {}), **ffmpeg_options(options)}
             self.format = format or None
         else:
             if not target:
                 raise InvalidInput("camera device must be a non-empty string such as /dev/video0; received ''")
             self.name = f"camera:{target}"
-            self.options = _options(options)
+            self.options = ffmpeg_options(options)
             self.format = format or camera_format()
         for what, v in (("open_timeout_s", open_timeout_s), ("read_timeout_s", read_timeout_s)):
             if not 0 < v < math.inf:
@@ -236,7 +225,7 @@ class LiveSource:
         self.timeout = (float(open_timeout_s), float(read_timeout_s))
         self.max_fps = max_fps
         RateCap(max_fps)  # validates
-        self.convert = _Converter(channels, width, height)
+        self.convert = Converter(channels, width, height)
         self.retry = retry or RetryPolicy(attempts=sys.maxsize, base_s=0.5, cap_s=8.0, deadline_s=300.0)
         self.wall_clock, self.monotonic = wall_clock, monotonic
         self.stats = SourceStats()
@@ -257,7 +246,7 @@ class LiveSource:
             if connected is None:
                 return
             container, stream, frames, wall_open, mono_open = connected
-            clock = _StreamClock(stream)
+            clock = StreamClock(stream)
             first_open = mono_open if first_open is None else first_open
             # a new connection goes on after the last one, on both clocks
             offset = max(mono_open - first_open, last_st + clock.period) if index else 0.0
@@ -283,9 +272,9 @@ class LiveSource:
                         return
                 reason = "the stream ended"
             except (av.error.FFmpegError, OSError) as exc:
-                reason = f"the stream dropped ({_strerror(exc)})"
+                reason = f"the stream dropped ({strerror(exc)})"
             finally:
-                _close(frames, container)
+                close_decoding(frames, container)
             if self._stop.is_set():
                 return
             self.stats.drops += 1
@@ -328,22 +317,22 @@ class LiveSource:
         try:
             container = av.open(self.target, format=self.format, options=dict(self.options), timeout=self.timeout)
         except av.error.FFmpegError as exc:
-            raise _classify(av, exc, self.name, live=True, camera=camera) from exc
+            raise classify(av, exc, self.name, live=True, camera=camera) from exc
         frames: Iterator[Any] = iter(())
         try:
-            stream = _video_stream(container, self.name)
-            frames = _decoded(av, container, stream, self.stats, self.name, live=True)
+            stream = video_stream(container, self.name)
+            frames = decoded(av, container, stream, self.stats, self.name, live=True)
             first = next(frames)
         except StopIteration:
-            _close(frames, container)
+            close_decoding(frames, container)
             raise TransportError(f"{self.name}: connected, but the stream ended before its first frame") from None
         except av.error.FFmpegError as exc:
-            _close(frames, container)
-            raise _classify(av, exc, self.name, live=True, camera=camera) from exc
+            close_decoding(frames, container)
+            raise classify(av, exc, self.name, live=True, camera=camera) from exc
         except BaseException:
-            _close(frames, container)
+            close_decoding(frames, container)
             raise
-        return container, stream, _chain(first, frames), wall, mono
+        return container, stream, chain(first, frames), wall, mono
 
 
 def check_stream_url(url: str) -> None:
@@ -386,156 +375,3 @@ class _Progress:
     cap: RateCap  # the stream's rate cap, kept across the passes of a looped file
     index: int = 0  # frames decoded so far in this stream (every pass of a looped file)
     offset: float = 0.0  # added to the stream time of the current pass
-
-
-class _Converter:
-    """A decoded PyAV frame -> uint8 (h, w, 3) RGB or (h, w) gray, scaled by FFmpeg's scaler when asked."""
-
-    def __init__(self, channels: int, width: int, height: int) -> None:
-        if channels not in (1, 3):
-            raise InvalidInput(f"channels must be 3 (RGB) or 1 (gray); received {channels!r}")
-        for what, v in (("width", width), ("height", height)):
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SIDE:
-                raise InvalidInput(f"{what} must be an integer in 0..{MAX_SIDE} (0: the stream's); received {v!r}")
-        self.format = "rgb24" if channels == 3 else "gray"
-        self.width, self.height = width, height
-
-    def __call__(self, vf: Any) -> NDArray[Any]:
-        w, h = self.width, self.height
-        if w and not h:
-            h = max(1, round(w * vf.height / vf.width))
-        elif h and not w:
-            w = max(1, round(h * vf.width / vf.height))
-        arr: NDArray[Any] = vf.to_ndarray(format=self.format, width=w or None, height=h or None)
-        return np.ascontiguousarray(arr)
-
-
-class _StreamClock:
-    """Seconds of each decoded frame on its stream's clock, strictly increasing: ``pts * time_base``; a frame
-    without a pts, or one that does not advance, is put one nominal frame period after the previous one."""
-
-    def __init__(self, stream: Any) -> None:
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        self.period = float(1 / rate) if rate else 1 / 30
-        self.last: float | None = None
-
-    def time(self, vf: Any) -> float:
-        t = float(vf.pts * vf.time_base) if vf.pts is not None and vf.time_base is not None else None
-        if self.last is not None and (t is None or t <= self.last):
-            t = self.last + self.period
-        self.last = t if t is not None else 0.0
-        return self.last
-
-
-def _import_av() -> Any:
-    require("av", "video")
-    import av
-
-    return av
-
-
-def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
-    try:
-        yield first
-        yield from rest
-    finally:
-        _close(rest, None)
-
-
-def _close(frames: Iterator[Any], container: Any) -> None:
-    """Close the decoding generators before their container: PyAV must not touch a stream after it is closed."""
-    close = getattr(frames, "close", None)
-    if close is not None:
-        close()
-    if container is not None:
-        container.close()
-
-
-def _options(options: Mapping[str, Any] | None) -> dict[str, str]:
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
-        raise InvalidInput(f"options must be a table of FFmpeg option names to values; received {options!r:.80}")
-    out = {}
-    for k, v in options.items():
-        if not isinstance(k, str) or not k or isinstance(v, (dict, list, tuple)) or v is None:
-            raise InvalidInput(f"FFmpeg option {k!r} must be a name with a string or number value; received {v!r}")
-        out[k] = str(v).lower() if isinstance(v, bool) else str(v)
-    return out
-
-
-def _video_stream(container: Any, where: str) -> Any:
-    if not container.streams.video:
-        found = ", ".join(f"{s.type} ({s.codec_context.name if s.codec_context else 'unknown codec'})"
-                          for s in container.streams) or "none"
-        raise InvalidInput(f"{where}: has no video stream (found: {found}); expected at least one video stream")
-    stream = container.streams.video[0]
-    if stream.codec_context is None:
-        raise InvalidInput(f"{where}: its video codec is not one this FFmpeg build decodes; expected a common "
-                           "codec such as h264, hevc, mpeg4, mjpeg, vp8, vp9 or av1")
-    return stream
-
-
-def _decoded(av: Any, container: Any, stream: Any, stats: SourceStats, where: str, *, live: bool) -> Iterator[Any]:
-    """Decoded frames of ``stream``; a packet the decoder refuses is skipped and counted (a file's demuxing
-    errors are refused as InvalidInput; a live stream's propagate, so the caller reconnects)."""
-    packets = container.demux(stream)
-    while True:
-        try:
-            packet = next(packets)
-        except StopIteration:
-            return
-        except av.error.FFmpegError as exc:
-            if live:
-                raise
-            raise InvalidInput(f"{where}: cannot be read past frame {stats.decoded}: {_strerror(exc)}") from exc
-        try:
-            decoded = packet.decode()
-        except av.error.InvalidDataError as exc:
-            stats.bad_packets += 1
-            log.debug("%s: skipping a packet the decoder refused: %s", where, _strerror(exc))
-            continue
-        for vf in decoded:
-            stats.decoded += 1
-            yield vf
-
-
-def _classify(av: Any, exc: Exception, where: str, *, live: bool, camera: bool) -> FlywheelError:
-    """The fault tree's error for a failure to open: permanent when retrying cannot help, else retryable."""
-    why = _strerror(exc)
-    if isinstance(exc, (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError, av.error.PermissionError)):
-        return Unauthorized(f"{where}: access refused ({why}); expected credentials (or device permissions) that "
-                            "allow reading it")
-    if isinstance(exc, av.error.HTTPNotFoundError) or (isinstance(exc, av.error.FileNotFoundError) and not camera):
-        if not live:
-            return InvalidInput(f"{where} does not exist")
-        return NotFound(f"{where}: no such stream ({why}); expected the address of a stream the server serves")
-    if live and isinstance(exc, av.error.HTTPTooManyRequestsError):
-        return TransportError(f"{where}: the server is busy ({why})")
-    if isinstance(exc, (av.error.ProtocolNotFoundError, av.error.DemuxerNotFoundError,
-                        av.error.DecoderNotFoundError, av.error.HTTPClientError)):
-        return InvalidInput(f"{where}: cannot be opened ({why}); expected a source this FFmpeg build reads")
-    if not live:
-        return InvalidInput(f"{where}: cannot be opened as a video ({why}); expected a file FFmpeg can demux "
-                            f"and decode, such as {', '.join(VIDEO_SUFFIXES[:6])}")
-    return TransportError(f"{where}: cannot connect ({why})")
-
-
-def _strerror(exc: BaseException) -> str:
-    """The reason without the file name FFmpeg appends (a URL may hold credentials)."""
-    return str(getattr(exc, "strerror", None) or type(exc).__name__)
-
-
-def _creation_time(metadata: Mapping[str, str]) -> float | None:
-    """A file's ``creation_time`` metadata as unix seconds, or None when absent or unparseable."""
-    raw = metadata.get("creation_time") if metadata else None
-    if not raw:
-        return None
-    try:
-        dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        return None
-    stamp = dt.timestamp()
-    return stamp if stamp > 0 else None
