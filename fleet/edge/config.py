@@ -68,6 +68,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fleet.edge.streamurl import check_stream_url
 from fleet.errors import InvalidInput
 from fleet.protocol import NAME_RE
 
@@ -362,8 +363,6 @@ def _validate_source(s: SourceConfig) -> None:
     if s.kind in FILE_KINDS and s.path is None:
         raise InvalidInput(f"agent config: source.path is required for kind {s.kind!r}")
     if s.kind == "stream":
-        from fleet.edge.video import check_stream_url  # no PyAV import: the URL check is plain Python
-
         if not s.url:
             raise InvalidInput("agent config: source.url is required for kind 'stream' (e.g. rtsp://host/path)")
         check_stream_url(s.url)

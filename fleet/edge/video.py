@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from fleet.edge.avio import (
     Converter,
@@ -50,7 +50,8 @@ from fleet.edge.avio import (
     strerror,
     video_stream,
 )
-from fleet.edge.sources import Frame
+from fleet.edge.frame import Frame
+from fleet.edge.streamurl import check_stream_url, redact
 from fleet.errors import InvalidInput, RetryableError, TransportError
 from fleet.retry import RetryPolicy
 
@@ -61,7 +62,6 @@ log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg", ".flv",
                   ".wmv", ".ogv", ".3gp", ".h264", ".264", ".h265", ".hevc", ".ivf", ".y4m", ".mjpeg")
-STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "rtp", "srt", "tcp")
 LIVE_DEFAULTS = {"rtsp": {"rtsp_transport": "tcp"}, "rtsps": {"rtsp_transport": "tcp"}}  # no UDP loss, one socket
 _EPS = 1e-6  # seconds: two clock readings closer than this are the same instant
 
@@ -73,18 +73,6 @@ def camera_format() -> str:
     if sys.platform == "win32":
         return "dshow"
     return "v4l2"
-
-
-def redact(url: str) -> str:
-    """``url`` without its password (``rtsp://user:***@host/path``): safe for logs, frames and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RateCap:
@@ -333,18 +321,6 @@ class LiveSource:
             close_decoding(frames, container)
             raise
         return container, stream, chain(first, frames), wall, mono
-
-
-def check_stream_url(url: str) -> None:
-    """Refuse a stream URL FFmpeg would not read as a network stream, saying which schemes are expected."""
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:
-        raise InvalidInput(f"stream URL {redact(url)!r} cannot be parsed: {exc}") from exc
-    if parts.scheme.lower() not in STREAM_SCHEMES or not parts.netloc:
-        raise InvalidInput(
-            f"stream URL must be <scheme>://<host>/... with a scheme in {list(STREAM_SCHEMES)}; "
-            f"received {redact(url)!r}")
 
 
 def open_video(cfg: SourceConfig) -> VideoFileSource | LiveSource:
