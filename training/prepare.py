@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -35,12 +35,15 @@ log = logging.getLogger(__name__)
 ClientFactory = Callable[[str], HubClient]
 
 
+S = TypeVar("S")  # the kind of labeled set: ImageSet (classify) or training.detect.data.BoxSet (detect)
+
+
 @dataclass
-class Prepared:
-    pool: ImageSet  # new images first, then base images
+class Prepared(Generic[S]):
+    pool: S  # new images first, then base images
     n_new: int
     sampler: EpochSampler
-    eval_sets: dict[str, ImageSet]
+    eval_sets: dict[str, S]
     class_names: list[str]
     shape: tuple[int, int, int]
     snapshot_id: str | None
@@ -53,7 +56,7 @@ def prepare_data(
     client_factory: ClientFactory,
     known_shape: tuple[int, int, int] | None = None,
     known_names: list[str] | None = None,
-) -> Prepared:
+) -> Prepared[ImageSet]:
     """Load, conform and split everything a run trains and evaluates on.
 
     ``known_shape``/``known_names`` come from a warm-start or resumed checkpoint and win over the data.
@@ -81,6 +84,9 @@ def prepare_data(
                 "hub data needs the input shape: give --image-size and --channels, a --base, or a --warm-start"
             )
         snap = pull_snapshot(client_factory(src.location), args.snapshot, cache_dir=args.cache_dir)
+        if snap.task != "classify":
+            raise InvalidInput(f"snapshot {snap.snapshot_id} holds {snap.task!r} labels; train it with --task "
+                               f"{snap.task}")
         snapshot_id, snap_stats = snap.snapshot_id, snap.stats
         images = snapshot_to_imageset(snap, channels=shape[0], size=shape[1:])
         if not len(images):
@@ -95,21 +101,9 @@ def prepare_data(
     shape = shape or _with_overrides(data.train.shape, args)
     names = names or list(data.class_names or [])
 
-    new = conform(data.train, shape).with_tag("source", new_tag)
-    test_parts = []
-    if data.test is not None:
-        test_parts.append(conform(data.test, shape).with_tag("source", new_tag))
-    elif src.kind != "hub":
-        new, held = holdout_by_id(new, args.holdout)
-        if held is not None:
-            test_parts.append(held)
-    base_train = None
-    if base is not None:
-        base_train = conform(base.train, shape).with_tag("source", "base")
-        if base.test is not None:
-            test_parts.append(conform(base.test, shape).with_tag("source", "base"))
-    if not test_parts:
-        raise InvalidInput("no held-out test set: give x_test/y_test, a --base with a test split, or --holdout > 0")
+    new, base_train, test_parts = split_sources(
+        data, base, shape=shape, new_tag=new_tag, holdout=None if src.kind == "hub" else args.holdout,
+        conform=conform, holdout_fn=holdout_by_id, missing="x_test/y_test")
     eval_sets = {"test": concat(test_parts, name="test")}
     regression = [_load_regression(spec, shape, names, args, client_factory) for spec in args.regression_sets]
     if regression:
@@ -139,6 +133,31 @@ def prepare_data(
     return Prepared(pool, n_new, sampler, eval_sets, names, shape, snapshot_id, info)
 
 
+def split_sources(data: Any, base: Any, *, shape: tuple[int, int, int], new_tag: str, holdout: float | None,
+                  conform: Callable[[Any, tuple[int, int, int]], Any], holdout_fn: Callable[[Any, float], Any],
+                  missing: str) -> tuple[Any, Any, list[Any]]:
+    """(new training set, base training set or None, test parts) from the new data's and the base's splits
+    (``.train``/``.test``), conformed to ``shape`` and tagged ``source=new_tag`` / ``source=base``. New data
+    without a test split gives ``holdout`` of itself (None: it was held out already). ``missing`` names the
+    test arrays in the error when no test set results."""
+    new = conform(data.train, shape).with_tag("source", new_tag)
+    test_parts = []
+    if data.test is not None:
+        test_parts.append(conform(data.test, shape).with_tag("source", new_tag))
+    elif holdout is not None:
+        new, held = holdout_fn(new, holdout)
+        if held is not None:
+            test_parts.append(held)
+    base_train = None
+    if base is not None:
+        base_train = conform(base.train, shape).with_tag("source", "base")
+        if base.test is not None:
+            test_parts.append(conform(base.test, shape).with_tag("source", "base"))
+    if not test_parts:
+        raise InvalidInput(f"no held-out test set: give {missing}, a --base with a test split, or --holdout > 0")
+    return new, base_train, test_parts
+
+
 def _extend_names(known: list[str], snapshot: list[str], snapshot_id: str) -> list[str]:
     """The classes a run learns: the snapshot's, which may only extend those the model already has."""
     if snapshot[: len(known)] != known and known[: len(snapshot)] != snapshot:
@@ -165,6 +184,9 @@ def _load_local(
 ) -> Splits:
     if kind == "npz":
         return load_npz(location, name=name)
+    if kind == "coco":
+        raise InvalidInput(f"coco:{location} holds boxes, which a classifier cannot learn; train a detector with "
+                           "--task detect")
     return load_folder(
         location, channels=shape[0] if shape else args.channels, size=shape[1:] if shape else args.image_size,
         class_names=names or None, test_fraction=args.holdout, seed=args.seed, name=name,
