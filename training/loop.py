@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ def prepare_on_ranks(dist: Dist, args: TrainArgs, prepare: Callable[[], T]) -> T
     return data if data is not None else prepare()
 
 
-class LoopCore:
+class LoopCore(ABC):
     """The model (and its DDP wrapper), optimizer, one-cycle scheduler, grad scaler and history of one run.
 
     ``steps`` is the number of optimizer steps per epoch on this rank; ``warm`` lowers the schedule's warm-up
@@ -166,9 +167,9 @@ class LoopCore:
         barrier(self.dist)
         return self.dist.is_main
 
+    @abstractmethod
     def run(self, progress: Progress | None, ckpt_path: Path, meta: dict[str, Any]) -> None:
         """Train from ``start_epoch`` to the last epoch, checkpointing each (the task's loop)."""
-        raise NotImplementedError
 
     def step(self, loss: torch.Tensor) -> None:
         """One optimizer step on ``loss`` (scaled for fp16), then the schedule's."""

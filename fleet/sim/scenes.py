@@ -11,10 +11,16 @@ canvases unchanged (they take ``(n, h, w)`` images).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from fleet.sim.data import Dataset
 
 INK_THRESHOLD = 64  # a glyph pixel at or above this (0..255) counts as the object's ink
 
@@ -107,16 +113,31 @@ def make_scenes(
 
 
 def digit_scenes(n: int, *, seed: int = 0, size: int = 128, max_objects: int = 3, split: str = "train",
-                 test_fraction: float = 0.25, clutter: bool = True) -> Scenes:
+                 test_fraction: float = 0.25, clutter: bool = True, digits: Sequence[int] | None = None) -> Scenes:
     """Scenes of scikit-learn's bundled digits; ``split`` ("train" or "test") picks disjoint digit images, so
-    test scenes never reuse a training digit."""
-    from fleet.sim.data import load_dataset
-
+    test scenes never reuse a training digit. ``digits`` keeps only those digits as the classes (in that order)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; received {split!r}")
-    d = load_dataset("digits", seed=0, test_fraction=test_fraction)
+    d = _digits(test_fraction)
     x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
-    return make_scenes(n, x, y, d.class_names, seed=seed, size=size, max_objects=max_objects, clutter=clutter)
+    names = d.class_names
+    if digits is not None:
+        keep = list(digits)
+        if not keep or len(set(keep)) != len(keep) or not set(keep) <= set(range(10)):
+            raise ValueError(f"digits must be distinct digits 0..9; received {keep}")
+        lookup = np.full(10, -1, np.int64)
+        lookup[keep] = np.arange(len(keep))
+        mask = lookup[y] >= 0
+        x, y, names = x[mask], lookup[y[mask]], [str(k) for k in keep]
+    return make_scenes(n, x, y, names, seed=seed, size=size, max_objects=max_objects, clutter=clutter)
+
+
+@lru_cache(maxsize=2)
+def _digits(test_fraction: float) -> Dataset:
+    """scikit-learn's digits split once per process (loading them costs seconds on a busy machine)."""
+    from fleet.sim.data import load_dataset
+
+    return load_dataset("digits", seed=0, test_fraction=test_fraction)
 
 
 def _background(rng: np.random.Generator, size: int, *, clutter: bool) -> npt.NDArray[np.uint8]:

@@ -9,6 +9,7 @@ The same shape as the classifier's :mod:`training.prepare`: ``test`` joins the n
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from fleet.errors import InvalidInput
 from training.config import TrainArgs
 from training.data import EpochSampler, parse_source
 from training.detect.data import (
+    COCO_ANNOTATIONS,
     BoxSet,
     BoxSplits,
     concat_boxes,
@@ -131,7 +133,7 @@ def _load_local(kind: str, location: str, shape: tuple[int, int, int] | None, na
                 name: str) -> BoxSplits:
     if kind == "npz":
         return load_box_npz(location, name=name)
-    if kind == "coco":
+    if kind == "coco" or (kind == "folder" and (Path(location) / COCO_ANNOTATIONS).is_file()):
         return load_coco(location, channels=shape[0] if shape else None, size=shape[1:] if shape else None,
                          name=name, class_names=names or None)
     raise InvalidInput(f"{what} for a detector must be npz:PATH (with boxes), coco:PATH or hub:URL; received "
