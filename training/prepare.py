@@ -28,7 +28,7 @@ from training.data import (
     parse_source,
 )
 from training.hub_client import HubClient
-from training.snapshot import pull_snapshot, snapshot_to_imageset
+from training.snapshot import Snapshot, pull_snapshot, snapshot_to_imageset
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def prepare_data(
         if base_src.kind == "hub":
             raise InvalidInput(f"--base must be npz:PATH or folder:PATH; received {args.base!r}")
         base = _load_local(base_src.kind, base_src.location, shape, names, args, name="base")
-        shape = shape or _with_overrides(base.train.shape, args)
+        shape = shape or with_overrides(base.train.shape, args)
         names = names or list(base.class_names or [])
     snapshot_id, snap_stats = None, None
     if src.kind == "hub":
@@ -92,13 +92,13 @@ def prepare_data(
         if not len(images):
             raise InvalidInput(f"snapshot {snap.snapshot_id} holds no accepted or gold labels yet; nothing to learn")
         train, test = holdout_by_id(images, args.holdout)
-        data = Splits(train, test, class_names=_extend_names(names, snap.class_names, snap.snapshot_id))
+        data = Splits(train, test, class_names=extend_names(names, snap.class_names, snap.snapshot_id))
         names = list(data.class_names or [])
         new_tag = "snapshot"
     else:
         data = _load_local(src.kind, src.location, shape, names, args, name="data")
         new_tag = "data"
-    shape = shape or _with_overrides(data.train.shape, args)
+    shape = shape or with_overrides(data.train.shape, args)
     names = names or list(data.class_names or [])
 
     new, base_train, test_parts = split_sources(
@@ -158,7 +158,7 @@ def split_sources(data: Any, base: Any, *, shape: tuple[int, int, int], new_tag:
     return new, base_train, test_parts
 
 
-def _extend_names(known: list[str], snapshot: list[str], snapshot_id: str) -> list[str]:
+def extend_names(known: list[str], snapshot: list[str], snapshot_id: str) -> list[str]:
     """The classes a run learns: the snapshot's, which may only extend those the model already has."""
     if snapshot[: len(known)] != known and known[: len(snapshot)] != snapshot:
         raise InvalidInput(f"snapshot {snapshot_id} labels classes {snapshot}, which do not extend the model's "
@@ -172,7 +172,7 @@ def _explicit_shape(args: TrainArgs) -> tuple[int, int, int] | None:
     return None
 
 
-def _with_overrides(shape: tuple[int, int, int], args: TrainArgs) -> tuple[int, int, int]:
+def with_overrides(shape: tuple[int, int, int], args: TrainArgs) -> tuple[int, int, int]:
     c, h, w = shape
     if args.image_size:
         h, w = args.image_size
@@ -193,17 +193,25 @@ def _load_local(
     )
 
 
+def regression_snapshot(spec: str, args: TrainArgs, client_factory: ClientFactory) -> Snapshot:
+    """The hub snapshot a ``--regression-set snapshot:ID`` names, from the hub of ``--data`` or ``--publish``."""
+    src = parse_source(args.data, what="--data")
+    url = src.location if src.kind == "hub" else args.publish
+    if not url:
+        raise InvalidInput(f"--regression-set {spec}: a snapshot needs a hub (--data hub:URL or --publish URL)")
+    snap = pull_snapshot(client_factory(url), spec.split(":", 1)[1], cache_dir=args.cache_dir)
+    if snap.task != args.task:
+        raise InvalidInput(f"--regression-set {spec} holds {snap.task!r} labels; this run trains a {args.task!r} model")
+    return snap
+
+
 def _load_regression(
     spec: str, shape: tuple[int, int, int], names: list[str], args: TrainArgs, client_factory: ClientFactory
 ) -> ImageSet:
     """``npz:PATH`` (its test split if it has one), ``folder:PATH`` (all images) or ``snapshot:ID`` (same hub)."""
     if spec.startswith("snapshot:"):
-        src = parse_source(args.data, what="--data")
-        url = src.location if src.kind == "hub" else args.publish
-        if not url:
-            raise InvalidInput(f"--regression-set {spec}: a snapshot needs a hub (--data hub:URL or --publish URL)")
-        snap = pull_snapshot(client_factory(url), spec.split(":", 1)[1], cache_dir=args.cache_dir)
-        images = snapshot_to_imageset(snap, channels=shape[0], size=shape[1:])
+        images = snapshot_to_imageset(regression_snapshot(spec, args, client_factory), channels=shape[0],
+                                      size=shape[1:])
     else:
         s = parse_source(spec, what="--regression-set")
         if s.kind == "hub":

@@ -80,11 +80,14 @@ def test_an_interrupted_run_resumes_to_the_same_weights(make_det_args: MakeArgs,
 def test_new_boxes_are_trained_beside_a_replayed_base(make_det_args: MakeArgs, scenes_npz: Path,
                                                       tmp_path: Path) -> None:
     new = write_scenes_npz(tmp_path / "new.npz", n_train=16, n_test=6, size=64, seed=7)
-    report = main(make_det_args(data=f"npz:{new}", base=f"npz:{scenes_npz}", replay_ratio=0.75, epochs=1))
+    report = main(make_det_args(data=f"npz:{new}", base=f"npz:{scenes_npz}", replay_ratio=0.75, epochs=1,
+                                regression_sets=[f"npz:{scenes_npz}"], eval_each_epoch=True))
     data = report["data"]
     assert data["new"]["n"] == 16 and data["base"]["n"] == 48 and data["base"]["per_epoch"] == 48
     assert data["epoch_size"] == 64 and report["training"]["history"][0]["images"] == 64
-    assert data["eval"] == {"test": 6 + 24}
+    assert data["eval"] == {"test": 6 + 24, "regression": 24}  # the regression set's test split
+    assert 0 <= report["training"]["history"][0]["test_map_50"] <= 1
+    assert report["metrics"]["regression"]["boxes"] > 0
     assert {"source=data", "source=base"} <= set(report["metrics"]["test"]["per_slice"])
 
 

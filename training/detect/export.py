@@ -12,8 +12,10 @@ no NMS (:data:`fleet.protocol.model.OUTPUTS` ``["detect"]``):
 * ``embedding (n, d)``: the global average of every feature map the head sees, concatenated.
 
 The device (and :func:`decode_dense` here) turns them into boxes with the manifest's
-:class:`fleet.protocol.DetectorSpec`: keep every (anchor, class) pair whose score is above ``score_threshold``,
-the ``pre_nms_top_k`` best pairs, then per-class NMS at ``nms_iou`` and the ``max_detections`` best. This is
+:class:`fleet.protocol.DetectorSpec`: keep every (anchor, class) pair whose score is strictly above
+``score_threshold`` (an anchor may give boxes of several classes), the ``pre_nms_top_k`` best pairs, then NMS
+within each class (a box goes when its IoU with a better box of its class exceeds ``nms_iou``) and the
+``max_detections`` best, by score. This is
 torchvision's post-processing exactly, with one difference in where top-k applies: torchvision takes the top
 ``topk_candidates`` per pyramid level (FCOS) or per class (SSD), the device over all pairs; the two agree
 whenever no level or class has more candidates above the threshold than that (always, when

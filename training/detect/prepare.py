@@ -28,7 +28,7 @@ from training.detect.data import (
     snapshot_to_boxset,
 )
 from training.detect.models import THREE_CHANNEL_MODELS, default_size
-from training.prepare import ClientFactory, Prepared, split_sources
+from training.prepare import ClientFactory, Prepared, extend_names, regression_snapshot, split_sources, with_overrides
 from training.snapshot import pull_snapshot
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def prepare_boxes(
     if args.base:
         base_src = parse_source(args.base, what="--base")
         base = _load_local(base_src.kind, base_src.location, shape, names, what="--base", name="base")
-        shape = shape or _with_overrides(base.train.shape, args)
+        shape = shape or with_overrides(base.train.shape, args)
         names = names or list(base.class_names or [])
     snapshot_id, snap_stats, new_tag = None, None, "data"
     if src.kind == "hub":
@@ -68,15 +68,12 @@ def prepare_boxes(
         new_all = snapshot_to_boxset(snap, channels=shape[0], size=shape[1:])
         if not len(new_all):
             raise InvalidInput(f"snapshot {snap.snapshot_id} holds no accepted or gold labels yet; nothing to learn")
-        if names and snap.class_names[: len(names)] != names:
-            raise InvalidInput(f"snapshot {snap.snapshot_id} labels classes {snap.class_names}, which do not extend "
-                               f"the model's {names}")
-        names = list(snap.class_names) if len(snap.class_names) > len(names) else names
+        names = extend_names(names, list(snap.class_names), snap.snapshot_id)
         train, held = holdout_boxes(new_all, args.holdout)
         data = BoxSplits(train, held, class_names=names)
     else:
         data = _load_local(src.kind, src.location, shape, names, what="--data", name="data")
-    shape = shape or _with_overrides(data.train.shape, args)
+    shape = shape or with_overrides(data.train.shape, args)
     names = names or list(data.class_names or [])
 
     new, base_train, test_parts = split_sources(
@@ -85,9 +82,14 @@ def prepare_boxes(
     eval_sets = {"test": concat_boxes(test_parts, name="test")}
     regression = []
     for spec in args.regression_sets:
+        if spec.startswith("snapshot:"):
+            snap = regression_snapshot(spec, args, client_factory)
+            regression.append(snapshot_to_boxset(snap, channels=shape[0], size=shape[1:]))
+            continue
         s = parse_source(spec, what="--regression-set")
         if s.kind == "hub":
-            raise InvalidInput(f"--regression-set must be npz:PATH or coco:PATH for a detector; received {spec!r}")
+            raise InvalidInput(f"--regression-set must be npz:PATH, coco:PATH or snapshot:ID for a detector; received "
+                               f"{spec!r}")
         splits = _load_local(s.kind, s.location, shape, names, what="--regression-set", name="regression")
         regression.append(conform_boxes(splits.test if splits.test is not None else splits.train, shape))
     if regression:
@@ -120,13 +122,6 @@ def _explicit_shape(args: TrainArgs, model: str) -> tuple[int, int, int] | None:
     channels = args.channels or (3 if model in THREE_CHANNEL_MODELS else None)
     size = args.image_size or default_size(model)
     return (channels, *size) if channels and size else None
-
-
-def _with_overrides(shape: tuple[int, int, int], args: TrainArgs) -> tuple[int, int, int]:
-    c, h, w = shape
-    if args.image_size:
-        h, w = args.image_size
-    return (args.channels or c, h, w)
 
 
 def _load_local(kind: str, location: str, shape: tuple[int, int, int] | None, names: list[str], *, what: str,
