@@ -36,8 +36,10 @@ class FakeHub:
     snapshots: dict[str, bytes] = field(default_factory=dict)
     announce_sha: str | None = None  # overrides the manifest sha the hub announces
     class_names: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])
+    task: str = "classify"  # the snapshot's task; a detect case's label is a Detection as a dict
 
-    def add_case(self, case_id: str, label: int, png: bytes, tags: dict[str, str] | None = None) -> str:
+    def add_case(self, case_id: str, label: int | dict[str, Any], png: bytes,
+                 tags: dict[str, str] | None = None) -> str:
         sha = hashlib.sha256(png).hexdigest()
         self.blobs[sha] = png
         self.cases.append({"case_id": case_id, "label": label, "tags": tags or {}, "image_sha256": sha,
@@ -118,17 +120,17 @@ class FakeHub:
     def _manifest(self, snapshot_id: str, version: int) -> bytes:
         """The hub's manifest (fleet.protocol.dataset): a header line, then an entry a case. Each entry is
         written from the test's dict as it stands, so a test can put a malformed label in it."""
-        header = SnapshotHeader(snapshot_id=snapshot_id, version=version, task="classify",
+        header = SnapshotHeader(snapshot_id=snapshot_id, version=version, task=self.task,
                                 class_names=self.class_names, n_entries=len(self.cases), created_at=1.0)
         lines = [header.to_json()]
         k = len(self.class_names)
         for c in self.cases:
-            label = c["label"]
+            label = c["label"] if isinstance(c["label"], dict) else {"task": "classify", "label": c["label"]}
             probs = [1.0 / k] * k
             case = replace(make_case(case_id=c["case_id"], device_id=c["device_id"], model_version=c["model_version"],
                                      probs=probs, image=b"png", captured_at=c["captured_at"], tags=c["tags"]),
                            image_sha256=c["image_sha256"], image_size=c["image_size"])  # as uploaded
-            lines.append(json.dumps({"case": case.to_dict(), "label": {"task": "classify", "label": label},
+            lines.append(json.dumps({"case": case.to_dict(), "label": label,
                                      "status": "accepted", "schema": SCHEMA_VERSION}))
         return ("\n".join(lines) + "\n").encode()
 
