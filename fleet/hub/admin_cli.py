@@ -153,6 +153,17 @@ def campaigns_list(hub: str = HUB_URL, token: str = TOKEN) -> None:
         typer.echo(f"{c.campaign_id}\tv{c.version}\t{','.join(c.groups) or '*'}{flag}")
 
 
+@campaigns_app.command("rebalance")
+def campaigns_rebalance(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """Move an auto campaign's trigger budgets towards the triggers whose uploads were errors (a new version)."""
+    from fleet.protocol import CampaignReceipt
+
+    c = _call(hub, token, "POST", f"/v1/campaigns/{campaign_id}/rebalance", CampaignReceipt)
+    per = (c.spec.get("budgets") or {}).get("per_trigger") or {}
+    shares = ", ".join(f"{k} {v['rate_per_s'] * 60:.3g}/min" for k, v in per.items())
+    typer.echo(f"{'unchanged' if c.already else 'rebalanced'}: {c.campaign_id} v{c.version}: {shares}")
+
+
 @campaigns_app.command("yield")
 def campaigns_yield(campaign_id: str | None = typer.Argument(None, help="One campaign (default: all)."),
                     hub: str = HUB_URL, token: str = TOKEN,

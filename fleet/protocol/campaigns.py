@@ -61,7 +61,8 @@ class CampaignCreate(Message):
 
 @dataclass
 class CampaignPublic(Message):
-    """One version of a campaign (``expired``: whether it had expired when listed; None when not asked)."""
+    """One version of a campaign (``expired``: whether it had expired when listed; None when not asked;
+    ``auto_budgets``: the hub moves its trigger budgets towards yield, fleet.hub.autobudget)."""
 
     campaign_id: str
     version: int
@@ -72,6 +73,7 @@ class CampaignPublic(Message):
     novelty_bank: str | None = None
     deleted_at: float | None = None
     expired: bool | None = None
+    auto_budgets: bool = False
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
@@ -85,6 +87,7 @@ class CampaignPublic(Message):
         opt(self.novelty_bank, check_name, "novelty_bank")
         opt(self.deleted_at, check_finite, "deleted_at")
         opt(self.expired, check_bool, "expired")
+        check_bool(self.auto_budgets, "auto_budgets")
 
 
 @dataclass
