@@ -89,8 +89,7 @@ class MlflowTracker:
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        self._call("log parameters", lambda: self.client.log_batch(
-            self.run_id, params=[Param(k, v) for k, v in params.items()]))
+        self._call("log parameters", self.client.log_batch, params=[Param(k, v) for k, v in params.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -98,29 +97,28 @@ class MlflowTracker:
         ts = int(time.time() * 1000)
         rows = [Metric(k, v, ts, step or 0) for k, v in metrics.items()]
         for i in range(0, len(rows), _BATCH):
-            self._call("log metrics", lambda chunk=rows[i: i + _BATCH]: self.client.log_batch(  # type: ignore[misc]
-                self.run_id, metrics=chunk))
+            self._call("log metrics", self.client.log_batch, metrics=rows[i: i + _BATCH])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self._call("set tags", lambda: self.client.log_batch(
-            self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]))
+        self._call("set tags", self.client.log_batch, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_artifact(self, path: Path) -> None:
-        self._call(f"upload {path.name}", lambda: self.client.log_artifact(self.run_id, str(path)))
+        self._call(f"upload {path.name}", self.client.log_artifact, str(path))
 
     def end(self, status: str) -> None:
         if self.ended:
             return
         self.ended = True
-        self._call("close the run", lambda: self.client.set_terminated(self.run_id, status=status))
+        self._call("close the run", self.client.set_terminated, status=status)
 
-    def _call(self, what: str, fn: Any) -> None:
+    def _call(self, what: str, method: Any, *args: Any, **kwargs: Any) -> None:
+        """``method(run_id, *args, **kwargs)`` unless tracking is already off."""
         if self.broken:
             return
         try:
-            fn()
+            method(self.run_id, *args, **kwargs)
         except Exception as exc:  # the rule of the module: tracking never costs the training result
             self.broken = True
             log.warning("experiment tracking at %s failed to %s (%s: %s); tracking is off for the rest of run %s, "
