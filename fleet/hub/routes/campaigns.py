@@ -29,6 +29,7 @@ from fleet.protocol import (
     CampaignPublic,
     CampaignReceipt,
     CampaignVersions,
+    YieldReport,
     check_name,
 )
 
@@ -81,6 +82,18 @@ def list_campaigns(_: AdminCaller, hub: HubDep, include_deleted: bool = Query(Fa
         seen.add(r.campaign_id)
         out.append(campaign_public(r, now=hub.now()))
     return message_response(CampaignList(campaigns=out))
+
+
+@router.get("/v1/yields", response_model=YieldReport)
+def get_yields(_: AdminCaller, hub: HubDep, campaign_id: str | None = Query(None)) -> Response:
+    """Per campaign and trigger: uploads, labeled, errors found, yield, labels and bytes per error found
+    (:mod:`fleet.hub.yields`); ``campaign_id`` keeps one campaign's rows."""
+    from fleet.hub.yields import trigger_yields
+
+    if campaign_id is not None:
+        check_name(campaign_id, "campaign id")
+    with read_session(hub.engine) as s:
+        return message_response(trigger_yields(s, campaign_id=campaign_id))
 
 
 @router.get("/v1/campaigns/{campaign_id}", response_model=CampaignVersions)
