@@ -39,7 +39,8 @@ from fleet.protocol import (
 from tests.labeling.lsserver import free_port
 
 CLASSES = ["car", "person", "bike"]
-COLOURS = [(220, 60, 50), (40, 140, 220), (60, 170, 80)]
+# pale object colours on a dark frame, far from the label colours Label Studio strokes the regions with
+COLOURS = [(245, 235, 160), (235, 235, 235), (250, 200, 150)]
 
 
 @dataclass
@@ -306,10 +307,10 @@ def _jitter(rng: np.random.Generator, b: Box) -> tuple[float, float, float, floa
 
 
 def _png(truth: Detection, rng: np.random.Generator, size: int = 192) -> bytes:
-    """A grey, speckled frame with a filled, outlined rectangle of its class's colour at each true box."""
+    """A dark, speckled frame with a filled, outlined rectangle of its class's colour at each true box."""
     from PIL import Image, ImageDraw
 
-    pixels = (rng.normal(120, 12, (size, size, 3))).clip(0, 255).astype(np.uint8)
+    pixels = (rng.normal(70, 10, (size, size, 3))).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(img)
     for b in truth.boxes:
