@@ -4,7 +4,9 @@ Studio to a detect hub, and bots that draw boxes."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
@@ -231,3 +233,24 @@ def test_bots_draw_the_true_boxes_with_small_errors() -> None:
     assert malformed
     with pytest.raises(InvalidInput, match="no area inside the image"):
         parse_detection(result, CLASSES)
+
+
+def test_the_cli_reads_class_and_box_answers_from_jsonl(tmp_path: Path) -> None:
+    import typer
+
+    from labeling.cli import _read_jsonl
+
+    path = tmp_path / "gold.jsonl"
+    boxes = Detection([Box(0.1, 0.2, 0.3, 0.4, 2)])
+    path.write_text(json.dumps({"case_id": "a", "label": 1}) + "\n"
+                    + json.dumps({"case_id": "b", "label": boxes.to_dict()}) + "\n"
+                    + json.dumps({"case_id": "c", "label": {"task": "classify", "label": 2}}) + "\n")
+    assert [r["label"] for r in _read_jsonl(path)] == [1, boxes, 2]
+    path.write_text(json.dumps({"case_id": "d", "label": {"task": "detect", "boxes": [{"x1": 0.5, "y1": 0.1,
+                                                                                        "x2": 0.2, "y2": 0.3,
+                                                                                        "label": 0}]}}) + "\n")
+    with pytest.raises(typer.BadParameter, match=r"x1 < x2"):
+        _read_jsonl(path)
+    path.write_text(json.dumps({"case_id": "e", "label": "car"}) + "\n")
+    with pytest.raises(typer.BadParameter, match="must be .* received"):
+        _read_jsonl(path)
