@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fleet.protocol import Detection
 from labeling.ledger_rows import ADDED_COLUMNS, SCHEMA, AnnotationRow, TaskRow, annotation_row, task_row
 
 
@@ -299,8 +300,8 @@ class Ledger:
         with self.transaction() as db:
             db.executemany("INSERT OR IGNORE INTO users(user_id, name) VALUES(?, ?)", list(users.items()))
 
-    def gold_answers(self) -> list[tuple[str, int, int]]:
-        """``(annotator, answer, known_label)`` for every crowd answer on a gold task."""
+    def gold_answers(self) -> list[tuple[str, int | Detection, int | Detection]]:
+        """``(annotator, answer, known_label)`` for every crowd answer on a gold task (classes, then boxes)."""
         rows = self._all(
             "SELECT a.annotator, a.label, COALESCE(t.gold_label, g.label) AS known FROM annotations a"
             " JOIN tasks t ON t.task_id = a.task_id"
@@ -308,7 +309,14 @@ class Ledger:
             "            AND label IS NOT NULL GROUP BY task_id) g ON g.task_id = a.task_id"
             " WHERE a.deleted = 0 AND a.cancelled = 0 AND a.ground_truth = 0 AND a.label IS NOT NULL"
             " AND COALESCE(t.gold_label, g.label) IS NOT NULL")
-        return [(r["annotator"], int(r["label"]), int(r["known"])) for r in rows]
+        out: list[tuple[str, int | Detection, int | Detection]] = [
+            (r["annotator"], int(r["label"]), int(r["known"])) for r in rows]
+        boxes = self._all(
+            "SELECT a.annotator, a.answer, t.gold_answer FROM annotations a JOIN tasks t ON t.task_id = a.task_id"
+            " WHERE a.deleted = 0 AND a.cancelled = 0 AND a.ground_truth = 0 AND a.answer IS NOT NULL"
+            " AND t.gold_answer IS NOT NULL")
+        return out + [(r["annotator"], Detection.from_json(r["answer"]), Detection.from_json(r["gold_answer"]))
+                      for r in boxes]
 
     def tasks_of_annotator(self, annotator: str) -> list[int]:
         rows = self._all("SELECT DISTINCT task_id FROM annotations WHERE annotator = ? AND deleted = 0", (annotator,))

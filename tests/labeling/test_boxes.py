@@ -27,6 +27,7 @@ from labeling.configs import (
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.push import push_gold, task_json
+from labeling.status import collect
 from labeling.throttle import Throttle
 from tests.labeling.conftest import FAST_RETRY
 from tests.labeling.detecthub import CLASSES, DetectHub, serve_detect_hub
@@ -205,6 +206,9 @@ def test_gold_box_tasks_carry_the_known_boxes_to_the_hub(detect_hub: DetectHub) 
     assert verdicts[cases[0].case_id].gold_label == truth[0].as_label()
     statuses = {lb.case_id: lb.status for lb in detect_hub.label_rows()}
     assert statuses == {cases[0].case_id: "gold", cases[1].case_id: "held"}
+    # the bridge's own status page scores the annotator the same way: box F1 1.0 and 0.0 on two gold tasks
+    [who] = collect(bridge.ledger)["annotators"].values()
+    assert (who["correct"], who["total"]) == (pytest.approx(1.0), 2)
     with pytest.raises(InvalidInput, match="box 0 has class 9"):
         push_gold(bridge, [(cases[0], Detection([Box(0.1, 0.1, 0.2, 0.2, 9)]))])
 
