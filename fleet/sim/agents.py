@@ -18,8 +18,8 @@ from fleet.sim.fleet import Frames
 from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged, start_logged, tail
 
 if TYPE_CHECKING:
-    from fleet.sim.demo import DemoSettings
     from fleet.sim.labelers import Labeler
+    from fleet.sim.settings import DemoSettings
 
 log = logging.getLogger(__name__)
 

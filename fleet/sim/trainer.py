@@ -14,7 +14,7 @@ from fleet.protocol import SignedManifest
 from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged
 
 if TYPE_CHECKING:
-    from fleet.sim.demo import Arm, DemoSettings
+    from fleet.sim.settings import Arm, DemoSettings
 
 EXIT_REJECTED = 3  # `flywheel train` exit code for a candidate the gate rejected
 
