@@ -167,3 +167,23 @@ def test_a_new_bank_for_the_same_campaign_rebuilds_it(hub: HubHarness, tmp_path:
     device.follow()
     device.run(direction(2, 4, seed=3))
     assert device.campaigns.current != before and device.bank().sha256 == rebuilt.sha256  # type: ignore[union-attr]
+
+
+def test_budgets_carry_over_when_the_bank_changes_with_the_model(hub: HubHarness, tmp_path: Path) -> None:
+    """The campaign rebuilt with v2's bank is the same campaign: what v1 spent of its budget stays spent."""
+    spec = {"id": "novel", "version": 1, "rule": {"trigger": "novelty", "k": 3, "above": 0.0},
+            "budgets": {"global": {"rate_per_day": 0, "burst": 10}}}
+    put_bank(hub, "v1", NoveltyBank.from_embeddings(direction(0, 30, seed=1)))
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    device = Device(hub, tmp_path)
+    device.follow()
+    assert len(device.run(direction(2, 24, seed=3)).captures) == 10
+    hub.register_model("v2", seed=2)
+    bank_v2 = NoveltyBank.from_embeddings(direction(1, 30, seed=2))
+    put_bank(hub, "v2", bank_v2)
+    r = hub.client.post("/v1/models/v2/promote", json={"override": True, "reason": "test"}, headers=hub.admin)
+    assert r.status_code == 200, r.text
+    device.follow()
+    result = device.run(direction(2, 24, seed=4))
+    assert device.bank().sha256 == bank_v2.sha256  # type: ignore[union-attr]
+    assert result.captures == []  # live on v2's bank, with the budget v1 spent
