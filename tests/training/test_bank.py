@@ -46,3 +46,10 @@ def test_bad_images_are_refused(trained: Path) -> None:
         embed_onnx(trained / "model.onnx", np.zeros((2, 1, 8, 8), np.float32), manifest)
     with pytest.raises(InvalidInput, match="no training images"):
         build_bank(trained / "model.onnx", manifest, np.zeros((0, 1, 8, 8), np.uint8))
+
+
+def test_a_detector_run_writes_the_bank_of_its_model(trained_detector: Path) -> None:
+    manifest = manifest_of(trained_detector)
+    bank = NoveltyBank.load(trained_detector / BANK_FILE)
+    assert bank.dim == manifest.embedding_dim and bank.meta["model_version"] == "det-parent"
+    assert len(bank) == 200 and (bank.labels == -1).all()  # every training scene; a scene has no one class
