@@ -115,7 +115,7 @@ class Campaigns:
         return c.bank_version is None or self.model_version is None or c.bank_version == self.model_version
 
     def apply(self, refs: Sequence[CampaignRef]) -> tuple[Campaign, ...]:
-        """Make the live set match the assignment's campaigns (or the default spec if there are none)."""
+        """Make the live set match the assignment's campaigns that fit the model (or the default spec if none do)."""
         now = self.clock()
         built = {_key(c.campaign_id, c.version, c.bank_key): c for c in self._assigned}
         out: list[Campaign] = []
@@ -148,13 +148,13 @@ class Campaigns:
     # -- private ------------------------------------------------------------------------------
 
     def _go_live(self) -> None:
-        """Set ``current`` to the assigned campaigns that fit the model (or the default spec); hold ``lock``.
+        """Set ``current`` to the assigned campaigns that fit the model (else the default spec); hold ``lock``.
 
         Campaigns that leave save their state first; those that come in (a parked one: the same campaign with
         the bank of the model now running) take it back, so budgets and dedup memory carry over."""
         live = [c for c in self._assigned if self.fits(c)]
         paused = [c for c in self._assigned if not self.fits(c)]
-        if not live and not self._assigned and self._default is not None:
+        if not live and self._default is not None:  # nothing assigned runs (none, or all paused): the local spec
             live = [self._default]
         leaving = [c for c in self.current if all(c is not o for o in live)]
         for c in leaving:
