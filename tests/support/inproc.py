@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -58,36 +58,45 @@ BASE_URL = "http://hub.test"
 # ---------------------------------------------------------------------------------------------
 
 
+H = TypeVar("H", bound="InProcHub")
+
+
 @contextmanager
-def inproc_hub(tmp: Path, keypair: KeyPair, *, seed: Callable[[InProcHub], None] | None = None,
+def inproc_hub(tmp: Path, keypair: KeyPair, *, kind: type[H] | None = None, seed: Callable[[H], None] | None = None,
                seed_key: str | None = None, clock: Callable[[], float] = time.time,
-               public_url: str | None = None, **settings: Any) -> Iterator[InProcHub]:
+               public_url: str | None = None, **settings: Any) -> Iterator[H]:
     """The real hub on SQLite in ``tmp/hub``, trusting ``keypair``'s public key, until the block exits.
 
     ``seed`` fills it (models, devices, cases) once per test session and ``seed_key``: later hubs with
-    the same key start from a copy of what it left (database and blobs), which keeps tests that each need
-    the same populated hub cheap. ``settings`` override :class:`fleet.hub.settings.HubSettings` fields.
+    the same key start from a copy of what it left (database, blobs, the harness's tokens and truths), which
+    keeps tests that each need the same populated hub cheap. ``kind``: a subclass of :class:`InProcHub` with
+    a part's own helpers. ``settings`` override :class:`fleet.hub.settings.HubSettings` fields.
     """
+    cls: type[H] = kind or InProcHub  # type: ignore[assignment]
     data_dir = tmp / "hub"
-    tokens: dict[str, str] = {}
+    state: dict[str, Any] = {}
     if seed is not None:
-        origin = _seeded_template(seed, seed_key or seed.__qualname__, keypair, settings)
+        origin = _seeded_template(cls, seed, seed_key or seed.__qualname__, keypair, settings)
         shutil.copytree(origin, data_dir)
-        tokens = json.loads((data_dir / "tokens.json").read_text())
+        state = json.loads((data_dir / STATE).read_text())
     else:
         data_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(_migrated_template(), data_dir / "hub.db")
     data_dir.chmod(0o700)
-    hub = _start(data_dir, keypair, clock=clock, public_url=public_url, **settings)
-    hub.tokens.update(tokens)
+    hub = _start(cls, data_dir, keypair, clock=clock, public_url=public_url, **settings)
+    hub.tokens.update(state.get("tokens", {}))
+    hub.truth.update(state.get("truth", {}))
     try:
         yield hub
     finally:
         hub.close()
 
 
-def _start(data_dir: Path, keypair: KeyPair, *, clock: Callable[[], float], public_url: str | None,
-           **overrides: Any) -> InProcHub:
+STATE = "harness.json"  # what a seeded template keeps of the harness besides the hub's data
+
+
+def _start(cls: type[H], data_dir: Path, keypair: KeyPair, *, clock: Callable[[], float], public_url: str | None,
+           **overrides: Any) -> H:
     from starlette.testclient import TestClient
 
     from fleet.hub.app import create_app
@@ -102,7 +111,7 @@ def _start(data_dir: Path, keypair: KeyPair, *, clock: Callable[[], float], publ
     tap = Tap(app)
     client = TestClient(tap, base_url=BASE_URL, raise_server_exceptions=True)
     client.__enter__()
-    return InProcHub(app=app, tap=tap, client=client, settings=settings, keypair=keypair, data_dir=data_dir)
+    return cls(app=app, tap=tap, client=client, settings=settings, keypair=keypair, data_dir=data_dir)
 
 
 _TEMPLATES: dict[str, Path] = {}
@@ -132,8 +141,9 @@ def _migrated_template() -> Path:
         return path
 
 
-def _seeded_template(seed: Callable[[InProcHub], None], key: str, keypair: KeyPair, settings: dict[str, Any]) -> Path:
-    name = f"seed:{key}:{keypair.public_b64}:{sorted(settings.items())!r}"
+def _seeded_template(cls: type[H], seed: Callable[[H], None], key: str, keypair: KeyPair,
+                     settings: dict[str, Any]) -> Path:
+    name = f"seed:{cls.__qualname__}:{key}:{keypair.public_b64}:{sorted(settings.items())!r}"
     with _TEMPLATE_LOCK:
         path = _TEMPLATES.get(name)
         if path is not None:
@@ -141,10 +151,10 @@ def _seeded_template(seed: Callable[[InProcHub], None], key: str, keypair: KeyPa
     path = _template_root() / f"seed-{uuid.uuid4().hex[:8]}"
     path.mkdir(mode=0o700)
     shutil.copy(_migrated_template(), path / "hub.db")
-    hub = _start(path, keypair, clock=time.time, public_url=None, **settings)
+    hub = _start(cls, path, keypair, clock=time.time, public_url=None, **settings)
     try:
         seed(hub)
-        (path / "tokens.json").write_text(json.dumps(hub.tokens))
+        (path / STATE).write_text(json.dumps({"tokens": hub.tokens, "truth": hub.truth}))
     finally:
         hub.close()
     with _TEMPLATE_LOCK:
