@@ -3,6 +3,7 @@ Chromium (Debian's, driven by playwright through ``executable_path``; no browser
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from pathlib import Path
@@ -54,6 +55,11 @@ def open_task(ls_url: str, studio: Studio, project_id: int, task_id: int, class_
             except Exception:
                 page.screenshot(path=str(shot.with_name("failed-" + shot.name)))
                 raise
+            # the model's guess is applied after the page renders, late on a busy machine; if it never comes, the
+            # caller's assertion says so
+            with contextlib.suppress(playwright.TimeoutError):
+                page.wait_for_function("() => document.querySelector('label input[type=radio][name]:checked')",
+                                       timeout=15_000)
             page.wait_for_timeout(500)
             page.screenshot(path=str(shot))
             radios: list[Any] = page.eval_on_selector_all(
