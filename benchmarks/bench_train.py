@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from fleet.protocol import (  # noqa: E402
     BlobRequest,
     Classification,
+    RolloutCreate,
+    RolloutPublic,
     SnapshotEntry,
     SnapshotHeader,
     SnapshotPublic,
@@ -229,7 +231,10 @@ class MiniHub:
         if path == "/v1/models":
             return httpx.Response(201, json={"version": "v", "status": "candidate"})
         if path == "/v1/rollouts":
-            return httpx.Response(201, json={"rollout_id": "r1"})
+            body = RolloutCreate.from_json(req.content)
+            return httpx.Response(201, content=RolloutPublic(
+                rollout_id="r1", kind="staged", version=body.version, state="running", stages=body.stages, stage=0,
+                fraction=body.stages[0], created_at=0.0, stage_started_at=0.0).to_json())
         return httpx.Response(404, json={"detail": path})
 
 

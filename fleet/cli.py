@@ -16,8 +16,8 @@ except ImportError:  # pragma: no cover - the core install has numpy only
 SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "agent": ("fleet.edge.cli", "app", "edge", "Run the shadow-mode edge agent on a device."),
     "hub": ("fleet.hub.cli", "app", "hub", "Serve the hub and manage its tokens."),
-    "models": ("fleet.hub.cli", "models_app", "hub", "List, promote and roll back model versions."),
-    "campaigns": ("fleet.hub.cli", "campaigns_app", "hub", "Apply and list trigger campaigns."),
+    "models": ("fleet.hub.admin_cli", "models_app", "hub", "List, promote and roll back model versions."),
+    "campaigns": ("fleet.hub.admin_cli", "campaigns_app", "hub", "Apply and list trigger campaigns."),
     "label": ("labeling.cli", "app", "labeling", "Keep Label Studio and the hub in step."),
     "train": ("training.cli", "train_app", "train", "Retrain, gate, export and publish a model."),
     "export": ("training.cli", "export_app", "train", "Export a checkpoint to signed ONNX."),

@@ -5,7 +5,8 @@ one mapping between HTTP statuses and that tree, used by every client and by the
 fault                                   raised by a client for  the hub answers it with
 ======================================  ======================  ==========================================
 :class:`TooManyRequests` (retryable)    429                     429, with ``Retry-After``
-:class:`ServerBusy` (retryable)         408, 425, 5xx           503 (with ``Retry-After`` when known)
+:class:`RequestTimeout` (retryable)     408                     408 (a request body sent too slowly)
+:class:`ServerBusy` (retryable)         425, 5xx                503 (with ``Retry-After`` when known)
 :class:`TransportError` (retryable)     no answer at all        (not an answer)
 :class:`Unauthorized`                   401, 403                401 (403 with ``Forbidden``)
 :class:`NotFound`                       404                     404
@@ -27,9 +28,9 @@ import time
 from typing import Any, Protocol
 
 __all__ = ["Conflict", "FlywheelError", "Forbidden", "IntegrityError", "InvalidInput", "MissingExtra", "NotFound",
-    "PayloadTooLarge", "PermanentError", "ProtocolError", "RETRYABLE_STATUS", "RetryableError", "ServerBusy",
-    "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "error_for_response",
-    "error_for_status", "parse_retry_after", "require", "response_detail", "status_for"]
+    "PayloadTooLarge", "PermanentError", "ProtocolError", "RETRYABLE_STATUS", "RequestTimeout", "RetryableError",
+    "ServerBusy", "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "error_for_response",
+    "error_for_status", "headers_for", "parse_retry_after", "require", "response_detail", "status_for"]
 
 
 class FlywheelError(Exception):
@@ -58,6 +59,10 @@ class ServerBusy(RetryableError):
 
 class TooManyRequests(ServerBusy):
     """Over a rate or a quota (HTTP 429): wait ``retry_after`` seconds, then try again."""
+
+
+class RequestTimeout(ServerBusy):
+    """The request (its body) did not arrive in time (HTTP 408); sending it again may work."""
 
 
 class InvalidInput(PermanentError, ValueError):
@@ -127,7 +132,7 @@ _BY_STATUS: dict[int, type[FlywheelError]] = {
 _STATUS_OF: tuple[tuple[type[FlywheelError], int], ...] = (
     (Forbidden, 403), (Unauthorized, 401), (NotFound, 404), (Conflict, 409), (PayloadTooLarge, 413),
     (UnsupportedMedia, 415), (InvalidInput, 400), (ProtocolError, 422), (IntegrityError, 422),
-    (TooManyRequests, 429), (RetryableError, 503), (PermanentError, 400), (FlywheelError, 500),
+    (TooManyRequests, 429), (RequestTimeout, 408), (RetryableError, 503), (PermanentError, 400), (FlywheelError, 500),
 )
 
 
@@ -137,6 +142,8 @@ def error_for_status(status: int, what: str, *, retry_after: float | None = None
     ``what`` is the whole message (say which call, the status and the peer's detail)."""
     if status == 429:
         return TooManyRequests(what, retry_after=retry_after)
+    if status == 408:
+        return RequestTimeout(what, retry_after=retry_after)
     if status >= 500 or status in RETRYABLE_STATUS:
         return ServerBusy(what, retry_after=retry_after)
     return _BY_STATUS.get(status, InvalidInput)(what)
@@ -147,10 +154,26 @@ def status_for(exc: FlywheelError) -> int:
     return next(code for kind, code in _STATUS_OF if isinstance(exc, kind))
 
 
+def headers_for(exc: FlywheelError) -> dict[str, str]:
+    """What the hub's answer to ``exc`` says besides its status: when to retry (``Retry-After``, whole
+    seconds, at least 1) and, for a 401, how to authenticate (``WWW-Authenticate``, RFC 9110)."""
+    after = getattr(exc, "retry_after", None)
+    if after is not None:
+        return {"Retry-After": str(max(1, math.ceil(after)))}
+    if isinstance(exc, Unauthorized) and not isinstance(exc, Forbidden):
+        return {"WWW-Authenticate": "Bearer"}
+    return {}
+
+
 class _Response(Protocol):  # what error_for_response reads of an httpx.Response (no httpx import here)
-    status_code: int
-    headers: Any
-    text: str
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Any: ...
+
+    @property
+    def text(self) -> str: ...
 
     def json(self) -> Any: ...
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start the real services the integration tests need, on loopback, in throwaway data dirs.
-# Sourced by scripts/test.sh. Exports FLYWHEEL_TEST_PG_URL and FLYWHEEL_TEST_LS_*; stop_services tears
-# everything down.
+# Sourced by scripts/test.sh. Exports FLYWHEEL_TEST_PG_URL, FLYWHEEL_TEST_LS_* and FLYWHEEL_TEST_RTSP_*;
+# stop_services tears everything down.
 set -euo pipefail
 
 SERVICES_DIR="${SERVICES_DIR:-$(mktemp -d /tmp/flywheel-services.XXXXXX)}"
@@ -96,10 +96,36 @@ PY
   echo "label-studio $LABEL_STUDIO_VERSION: $url (pid $STUDIO_PID)"
 }
 
+# GStreamer's RTSP server (tests/support/rtsp_server.py, run by Debian's python3 with python3-gi), serving a
+# moving test pattern as /h264 and /mjpeg. Exports FLYWHEEL_TEST_RTSP_URL (rtsp://127.0.0.1:PORT, no path) and
+# FLYWHEEL_TEST_RTSP_SERVER (the command, for tests that stop and restart a server of their own).
+RTSP_PYTHON="${RTSP_PYTHON:-/usr/bin/python3}"
+
+start_rtsp_server() {
+  local port log deadline
+  port=$(free_port)
+  log="$SERVICES_DIR/rtsp.log"
+  "$RTSP_PYTHON" tests/support/rtsp_server.py --port "$port" >"$log" 2>&1 &
+  RTSP_PID=$!
+  deadline=$((SECONDS + 30))
+  until grep -q '^ready ' "$log" 2>/dev/null; do
+    if ! kill -0 "$RTSP_PID" 2>/dev/null || ((SECONDS >= deadline)); then
+      echo "the RTSP server did not start on port $port; the last lines of $log:" >&2
+      tail -n 20 "$log" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+  export FLYWHEEL_TEST_RTSP_URL="rtsp://127.0.0.1:$port"
+  export FLYWHEEL_TEST_RTSP_SERVER="$RTSP_PYTHON $PWD/tests/support/rtsp_server.py"
+  echo "rtsp server: $FLYWHEEL_TEST_RTSP_URL (pid $RTSP_PID)"
+}
+
 stop_services() {
   if [ -n "${PG_DATA:-}" ]; then
     runuser -u postgres -- "$PG_BINDIR/pg_ctl" -D "$PG_DATA" -m immediate stop >/dev/null 2>&1 || true
   fi
   if [ -n "${STUDIO_PID:-}" ]; then kill "$STUDIO_PID" 2>/dev/null || true; fi
+  if [ -n "${RTSP_PID:-}" ]; then kill "$RTSP_PID" 2>/dev/null || true; fi
   rm -rf "$SERVICES_DIR"
 }

@@ -23,6 +23,9 @@ def loaded_modules(code: str) -> set[str]:
         ("import fleet.protocol, fleet.errors", HEAVY | {"onnxruntime", "httpx", "cryptography"}),
         ("import fleet.signing", HEAVY | {"onnxruntime"}),
         ("import fleet.cli", HEAVY | {"onnxruntime"}),
+        # the agent runs without PyAV unless a video source is used
+        ("import fleet.edge.sources, fleet.edge.video, fleet.edge.avio, fleet.edge.config, fleet.edge.agent",
+         HEAVY | {"av"}),
     ],
 )
 def test_light_modules_stay_light(code: str, forbidden: set[str]) -> None:
@@ -46,3 +49,13 @@ def test_unknown_subcommand_is_refused() -> None:
     result = CliRunner().invoke(app, ["frobnicate"])
     assert result.exit_code == 2
     assert "No such command" in result.output
+
+
+def test_a_video_source_without_pyav_names_the_extra_to_install(tmp_path: object) -> None:
+    code = (
+        "import sys\nsys.modules['av'] = None  # as if PyAV were not installed\n"
+        "from fleet.edge.sources import open_source\nfrom fleet.errors import MissingExtra\n"
+        "try:\n    open_source('video', '.')\nexcept MissingExtra as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "'av' is not installed; install it with: pip install 'edge-flywheel[video]'" in out.stdout

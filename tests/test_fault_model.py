@@ -51,7 +51,7 @@ def label_studio(t: Answering) -> Callable[[], Any]:
 
 
 CLIENTS = {"labeling hub client": (labeling_hub, {"total": 0, "state": "unlabeled", "cases": []}),
-           "training hub client": (training_hub, []),
+           "training hub client": (training_hub, {"models": []}),
            "Label Studio client": (label_studio, {"token": "t"})}
 
 

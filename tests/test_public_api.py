@@ -11,9 +11,9 @@ import pytest
 SURFACES = {
     "fleet.errors": [
         "Conflict", "FlywheelError", "Forbidden", "IntegrityError", "InvalidInput", "MissingExtra", "NotFound",
-        "PayloadTooLarge", "PermanentError", "ProtocolError", "RETRYABLE_STATUS", "RetryableError", "ServerBusy",
-        "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "error_for_response",
-        "error_for_status", "parse_retry_after", "require", "response_detail", "status_for"],
+        "PayloadTooLarge", "PermanentError", "ProtocolError", "RETRYABLE_STATUS", "RequestTimeout", "RetryableError",
+        "ServerBusy", "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "error_for_response",
+        "error_for_status", "headers_for", "parse_retry_after", "require", "response_detail", "status_for"],
     "fleet.retry": ["NO_RETRY", "RetryPolicy", "retrying"],
     "fleet.consensus": [
         "AnnotatorScore", "Rules", "Ruling", "STATUSES", "Vote", "decide", "gold_accuracy", "majority_vote",

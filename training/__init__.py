@@ -6,6 +6,7 @@ One turn (``flywheel train``, :func:`training.train.main`): :mod:`~training.prep
 from :mod:`~training.models` with :mod:`~training.augment` presets, checkpointing every epoch
 (:mod:`~training.checkpoint`); :mod:`~training.report` evaluates (:mod:`~training.evaluate`), gates
 (:mod:`~training.gate`), exports (:mod:`~training.export`) and publishes (:mod:`~training.publish`), and
-writes ``report.json``. Only this package imports torch, and only :mod:`training.cli` is imported from
-outside it (lazily, by ``flywheel``).
+writes ``report.json``. Detectors (``--task detect``) take the same path through :mod:`training.detect`, on
+the machinery the two tasks share (:mod:`training.loop`). Only this package imports torch, and only
+:mod:`training.cli` is imported from outside it (lazily, by ``flywheel``).
 """

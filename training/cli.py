@@ -26,15 +26,16 @@ export_app = typer.Typer(add_completion=False, help="Export a checkpoint to sign
 def train_command(
     data: str = typer.Option(
         ..., "--data",
-        help="New labeled data: npz:PATH | folder:PATH | hub:URL (pulls a snapshot).",
+        help="New labeled data: npz:PATH | folder:PATH | hub:URL (pulls a snapshot) | coco:PATH (detect).",
     ),
+    task: str = typer.Option("classify", "--task", help="classify | detect (boxes: npz, coco:PATH or hub:URL)."),
     out: Path = typer.Option(
         ..., "--out", "-o",
         help="Run folder: checkpoint.pt, report.json, model.onnx, manifest.json.",
     ),
     base: str | None = typer.Option(
         None, "--base",
-        help="Base training set replayed beside the new data: npz:PATH | folder:PATH.",
+        help="Base training set replayed beside the new data: npz:PATH | folder:PATH | coco:PATH (detect).",
     ),
     replay_ratio: float = typer.Option(0.5, "--replay-ratio", help="Share of each epoch drawn from --base (0..1)."),
     snapshot: str | None = typer.Option(
@@ -51,26 +52,38 @@ def train_command(
     ),
     image_size: str | None = typer.Option(None, "--image-size", help="Resize to N or HxW (default: the data's size)."),
     channels: int | None = typer.Option(None, "--channels", help="1 (grayscale) or 3 (RGB); default: the data's."),
-    balance: str = typer.Option("loss", "--balance", help="Class balancing: none | loss (weighted loss) | sampler."),
-    augment: str = typer.Option("light", "--augment", help="Augmentation preset: none | light | standard | robust."),
+    balance: str | None = typer.Option(
+        None, "--balance", help="Class balancing: none | loss (weighted loss; the classifier default) | sampler.",
+    ),
+    augment: str = typer.Option(
+        "light", "--augment", help="Augmentation preset: none | light | standard | robust (detect: none | light | "
+        "robust, which keep boxes in place).",
+    ),
     model: str | None = typer.Option(
         None, "--model",
-        help="smallcnn | mobilenet_v3_small | resnet18 (default: the warm start's, else smallcnn).",
+        help="smallcnn | mobilenet_v3_small | resnet18; detect: fcos_tiny | ssdlite320_mobilenet_v3_large | "
+        "fasterrcnn_mobilenet_v3_large_320_fpn (default: the warm start's, else smallcnn / fcos_tiny).",
     ),
-    width: int | None = typer.Option(None, "--width", help="smallcnn base width (default 32)."),
+    width: int | None = typer.Option(None, "--width", help="smallcnn base width (default 32); fcos_tiny's (16)."),
     epochs: int = typer.Option(10, "--epochs"),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Default 64 (classify), 16 (detect)."),
     lr: float | None = typer.Option(
         None, "--lr",
-        help="Peak one-cycle learning rate (default: 0.1 sgd, 0.005 adamw, x sqrt(batch/64), x 0.1 with --warm-start).",
+        help="Peak one-cycle learning rate (default: 0.1 sgd, 0.005 adamw, x sqrt(batch/64); detect: 0.01 sgd, "
+        "0.003 adamw, x sqrt(batch/16); x 0.1 with --warm-start).",
     ),
-    optimizer: str = typer.Option("sgd", "--optimizer", help="sgd | adamw."),
+    optimizer: str | None = typer.Option(None, "--optimizer", help="sgd | adamw (default: sgd; detect: adamw)."),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
     label_smoothing: float = typer.Option(0.0, "--label-smoothing"),
     seed: int = typer.Option(0, "--seed"),
     warm_start: Path | None = typer.Option(
         None, "--warm-start",
         help="Start from this checkpoint.pt (the current model); it is also the gate's baseline.",
+    ),
+    init_weights: Path | None = typer.Option(
+        None, "--init-weights",
+        help="detect: start from this torchvision state dict (.pth) of the same architecture; tensors of another "
+        "shape (the class layers) stay random. Never downloaded.",
     ),
     resume: bool = typer.Option(
         False, "--resume",
@@ -96,7 +109,9 @@ def train_command(
         10, "--min-slice-size",
         help="Slices with fewer images are reported but not gated.",
     ),
-    min_accuracy: float = typer.Option(0.0, "--min-accuracy", help="Absolute floor for test accuracy."),
+    min_accuracy: float = typer.Option(
+        0.0, "--min-accuracy", help="Absolute floor for test accuracy (detect: test mAP@[.5:.95]).",
+    ),
     version: str | None = typer.Option(None, "--version", help="Model version (default: MODEL-UTCTIME)."),
     parent: str | None = typer.Option(None, "--parent", help="Parent version (default: the warm start's version)."),
     sign_key: str | None = typer.Option(
@@ -105,7 +120,7 @@ def train_command(
     ),
     int8: bool = typer.Option(
         False, "--int8/--no-int8",
-        help="Also quantize to int8; shipped only with >= 99% top-1 agreement.",
+        help="Also quantize to int8; shipped only with >= 99% top-1 agreement (detect: mAP within 0.01 of fp32).",
     ),
     parity_threshold: float = typer.Option(
         1e-3, "--parity-threshold",
@@ -141,12 +156,13 @@ def train_command(
     try:
         default_tol, named_tol = parse_slice_tolerances(slice_tolerance)
         args = TrainArgs(
-            data=data, out=out, base=base, replay_ratio=replay_ratio, snapshot=snapshot, holdout=holdout,
+            data=data, out=out, task=task, base=base, replay_ratio=replay_ratio, snapshot=snapshot, holdout=holdout,
             class_names=[c.strip() for c in class_names.split(",")] if class_names else None,
             image_size=parse_image_size(image_size), channels=channels, balance=balance, augment=augment,
             model=model, width=width, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,
             weight_decay=weight_decay, label_smoothing=label_smoothing, seed=seed, warm_start=warm_start,
-            resume=resume, regression_sets=list(regression_set), gate_against=gate_against, tolerance=tolerance,
+            init_weights=init_weights, resume=resume, regression_sets=list(regression_set),
+            gate_against=gate_against, tolerance=tolerance,
             slice_tolerance=0.02 if default_tol is None else default_tol, slice_tolerances=named_tol,
             min_slice_size=min_slice_size, min_accuracy=min_accuracy, version=version, parent=parent,
             sign_key=sign_key, int8=int8, parity_threshold=parity_threshold, publish=publish, token=token,
@@ -199,6 +215,13 @@ def export_command(
     try:
         ckpt = load_checkpoint(checkpoint)
         meta = ckpt["meta"]
+        if meta.get("task") == "detect":
+            result = _export_detector(ckpt, out, version=version, parent=parent, sign_key=sign_key, int8=int8,
+                                      eval_data=eval_data, parity_threshold=parity_threshold)
+            (out / "export.json").write_text(json.dumps(result.to_dict(), indent=2))
+            typer.echo(f"exported {result.manifest.version} ({result.shipped}, {result.size} bytes, parity "
+                       f"{result.parity_max_abs_diff:.2e}) -> {result.onnx_path}, {result.manifest_path}")
+            return
         spec = meta["input"]
         shape = (spec["channels"], spec["height"], spec["width"])
         model = build_model(meta["model"], num_classes=meta["num_classes"], in_channels=shape[0],
@@ -219,6 +242,43 @@ def export_command(
     (out / "export.json").write_text(json.dumps(result.to_dict(), indent=2))
     typer.echo(f"exported {result.manifest.version} ({result.shipped}, {result.size} bytes, parity "
                f"{result.parity_max_abs_diff:.2e}) -> {result.onnx_path}, {result.manifest_path}")
+
+
+def _export_detector(ckpt: dict[str, Any], out: Path, *, version: str | None, parent: str | None,
+                     sign_key: str | None, int8: bool, eval_data: str | None, parity_threshold: float) -> Any:
+    """``flywheel export`` of a detector checkpoint: the dense layout; ``--eval-data`` (boxes) for parity and int8."""
+    import os
+
+    import numpy as np
+
+    from fleet.signing import PRIVATE_KEY_ENV, load_private_key
+    from training.detect.export import export_detector
+    from training.detect.report import rebuild_detector
+
+    meta = ckpt["meta"]
+    spec = meta["input"]
+    shape = (spec["channels"], spec["height"], spec["width"])
+    truth = None
+    if eval_data:
+        from training.data import parse_source
+        from training.detect.data import conform_boxes, load_box_npz, load_coco
+
+        src = parse_source(eval_data, what="--eval-data")
+        if src.kind not in ("npz", "coco"):
+            raise typer.BadParameter(f"--eval-data for a detector must be npz:PATH or coco:PATH; received {eval_data}")
+        splits = load_box_npz(src.location) if src.kind == "npz" else \
+            load_coco(src.location, channels=shape[0], size=shape[1:], class_names=meta["class_names"])
+        truth = conform_boxes(splits.test if splits.test is not None else splits.train, shape)
+        truth = truth.subset(np.arange(min(len(truth), 512)))
+    calib = meta["calibration"].numpy()
+    key = load_private_key(sign_key) if (sign_key or os.environ.get(PRIVATE_KEY_ENV)) else None
+    return export_detector(
+        rebuild_detector(meta, ckpt["model"]), out, meta=meta, version=version or meta["version"],
+        parent_version=parent if parent is not None else meta.get("parent_version"),
+        images=truth.images.images if truth is not None else calib, truth=truth,
+        data_snapshot=meta.get("data_snapshot"), key=key, int8=int8, calibration=calib,
+        parity_threshold=parity_threshold,
+    )
 
 
 def _train_main(args: Any, hook: Any) -> dict[str, Any]:

@@ -12,9 +12,15 @@ from typing import Any
 from fleet.errors import InvalidInput
 from fleet.protocol import NAME_RE
 
-OPTIMIZERS = {"sgd": 0.1, "adamw": 5e-3}  # name -> default peak learning rate at batch size 64
+OPTIMIZERS = {"sgd": 0.1, "adamw": 5e-3}  # name -> default peak learning rate at batch size 64 (classify)
 WARM_START_LR_FACTOR = 0.1  # fine-tuning at the from-scratch rate forgets the parent's skills
 BALANCE = ("none", "loss", "sampler")
+TASKS = ("classify", "detect")
+# task -> (optimizer, batch size, balance, peak lr of each optimizer at that batch size) when not given
+TASK_DEFAULTS: dict[str, tuple[str, int, str, dict[str, float]]] = {
+    "classify": ("sgd", 64, "loss", OPTIMIZERS),
+    "detect": ("adamw", 16, "none", {"sgd": 0.01, "adamw": 3e-3}),
+}
 
 
 @dataclass
@@ -23,6 +29,7 @@ class TrainArgs:
 
     data: str
     out: Path
+    task: str = "classify"
     base: str | None = None
     replay_ratio: float = 0.5
     snapshot: str | None = None
@@ -30,18 +37,19 @@ class TrainArgs:
     class_names: list[str] | None = None
     image_size: tuple[int, int] | None = None
     channels: int | None = None
-    balance: str = "loss"
+    balance: str | None = None  # default: "loss" (classify), "none" (detect)
     augment: str = "light"
-    model: str | None = None  # default: the warm start's model, else smallcnn
+    model: str | None = None  # default: the warm start's model, else smallcnn (classify) or fcos_tiny (detect)
     width: int | None = None
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int | None = None  # default: 64 (classify), 16 (detect)
     lr: float | None = None
-    optimizer: str = "sgd"
+    optimizer: str | None = None  # default: sgd (classify), adamw (detect)
     weight_decay: float = 5e-4
     label_smoothing: float = 0.0
     seed: int = 0
     warm_start: Path | None = None
+    init_weights: Path | None = None  # detect: a torchvision state dict to start from
     resume: bool = False
     regression_sets: list[str] = field(default_factory=list)
     gate_against: Path | None = None
@@ -70,6 +78,12 @@ class TrainArgs:
     def validate(self) -> TrainArgs:
         """Check ranges and fill defaults (lr, version); returns self."""
         self.out = Path(self.out)
+        if self.task not in TASKS:
+            raise InvalidInput(f"unknown --task {self.task!r}; choose one of {list(TASKS)}")
+        optimizer, batch_size, balance, rates = TASK_DEFAULTS[self.task]
+        self.optimizer = self.optimizer or optimizer
+        self.batch_size = batch_size if self.batch_size is None else self.batch_size
+        self.balance = self.balance or balance
         _in_range("--replay-ratio", self.replay_ratio, 0.0, 1.0)
         _in_range("--holdout", self.holdout, 0.0, 0.9)
         _in_range("--tolerance", self.tolerance, 0.0, 1.0)
@@ -83,13 +97,21 @@ class TrainArgs:
             raise InvalidInput(f"unknown --optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
         if self.balance not in BALANCE:
             raise InvalidInput(f"unknown --balance {self.balance!r}; choose one of {list(BALANCE)}")
+        if self.task == "detect":
+            for name, value, neutral in (("--balance", self.balance, "none"), ("--label-smoothing",
+                                         self.label_smoothing, 0.0)):
+                if value != neutral:
+                    raise InvalidInput(f"{name} applies to classifiers only; received {value!r} with --task detect")
+        elif self.init_weights is not None:
+            raise InvalidInput("--init-weights applies to detectors (--task detect); a classifier starts from "
+                               f"--warm-start; received {self.init_weights}")
         if self.channels not in (None, 1, 3):
             raise InvalidInput(f"--channels must be 1 or 3; received {self.channels}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidInput(f"--device must be auto, cpu, cuda or cuda:N; received {self.device!r}")
         if self.lr is None:  # square-root scaling with the batch size; a tenth of it to fine-tune
-            scale = math.sqrt(self.batch_size / 64) * (WARM_START_LR_FACTOR if self.warm_start else 1.0)
-            self.lr = round(OPTIMIZERS[self.optimizer] * scale, 6)
+            scale = math.sqrt(self.batch_size / batch_size) * (WARM_START_LR_FACTOR if self.warm_start else 1.0)
+            self.lr = round(rates[self.optimizer] * scale, 6)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise InvalidInput(f"--lr must be a positive number; received {self.lr}")
         if self.parity_threshold <= 0:

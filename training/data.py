@@ -21,7 +21,7 @@ from fleet.errors import InvalidInput
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SOURCE_KINDS = ("npz", "folder", "hub")
+SOURCE_KINDS = ("npz", "folder", "hub", "coco")
 
 
 @dataclass
@@ -87,7 +87,8 @@ class Splits:
 
 
 def parse_source(text: str, *, what: str = "--data") -> Source:
-    """Parse ``npz:PATH`` | ``folder:PATH`` | ``hub:URL``; a bare path ending in .npz or a directory also works."""
+    """Parse ``npz:PATH`` | ``folder:PATH`` | ``hub:URL`` | ``coco:PATH`` (detection); a bare path ending in .npz
+    or a directory also works."""
     kind, sep, rest = text.partition(":")
     if sep and kind in SOURCE_KINDS and rest:
         return Source(kind, rest)
@@ -95,7 +96,7 @@ def parse_source(text: str, *, what: str = "--data") -> Source:
         return Source("npz", text)
     if Path(text).is_dir():
         return Source("folder", text)
-    raise InvalidInput(f"{what} must be npz:PATH, folder:PATH or hub:URL; received {text!r}")
+    raise InvalidInput(f"{what} must be npz:PATH, folder:PATH, coco:PATH or hub:URL; received {text!r}")
 
 
 def parse_tags(value: object) -> dict[str, str]:
@@ -300,13 +301,20 @@ def concat(sets: Sequence[ImageSet], *, name: str) -> ImageSet:
 
 def holdout_by_id(images: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet | None]:
     """Split off ``fraction`` of the set by a hash of each id, so an item stays on its side across snapshots."""
-    if fraction <= 0 or len(images) < 2:
-        return images, None
-    keys = images.ids or [str(i) for i in range(len(images))]
-    held = np.array([_hash_fraction(k) < fraction for k in keys])
-    if held.all() or not held.any():
+    held = held_out(images.ids or [str(i) for i in range(len(images))], fraction)
+    if held is None:
         return images, None
     return images.subset(np.flatnonzero(~held)), images.subset(np.flatnonzero(held))
+
+
+def held_out(keys: Sequence[str], fraction: float) -> np.ndarray | None:
+    """Which of ``keys`` (n,) fall in the held-out ``fraction`` by their hash; None when that leaves a side empty."""
+    if fraction <= 0 or len(keys) < 2:
+        return None
+    held = np.array([_hash_fraction(k) < fraction for k in keys])
+    if held.all() or not held.any():
+        return None
+    return held
 
 
 class EpochSampler:

@@ -60,39 +60,42 @@ class ExportResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
-def export_onnx(model: torch.nn.Module, path: Path, *, input_shape: tuple[int, int, int], opset: int = OPSET) -> None:
-    """Write ``model`` (returning ``(logits, embedding)``) as ONNX with a dynamic batch axis.
+def export_onnx(model: torch.nn.Module, path: Path, *, input_shape: tuple[int, int, int], opset: int = OPSET,
+                outputs: list[str] = OUTPUTS) -> None:
+    """Write ``model`` (returning one tensor per name in ``outputs``, each batch-first) as ONNX with a dynamic
+    batch axis.
 
     Uses the TorchScript exporter (``dynamo=False``), the most reliable for a dynamic batch; falls back
     to the torch.export-based exporter where the former is unavailable.
     """
     model = _cpu_copy(model)
     dummy = torch.zeros(2, *input_shape)
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}, "embedding": {0: "batch"}}
+    axes = {"input": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=OUTPUTS,
+            torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=outputs,
                               dynamic_axes=axes, opset_version=opset, dynamo=False)
     except Exception as exc:  # noqa: BLE001 - any failure of the legacy exporter: try the new one
         log.warning("TorchScript ONNX export failed (%s); trying the dynamo exporter", exc)
         batch = torch.export.Dim("batch", min=1)
-        torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=OUTPUTS,
+        torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=outputs,
                           dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True, external_data=False)
 
 
-def parity_check(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, *, threshold: float = 1e-3) -> float:
-    """Max abs difference of both outputs between torch (CPU, fp32) and onnxruntime on ``x`` (n, c, h, w).
+def parity_check(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, *, threshold: float = 1e-3,
+                 outputs: list[str] = OUTPUTS) -> float:
+    """Max abs difference of every output between torch (CPU, fp32) and onnxruntime on ``x`` (n, c, h, w).
 
-    Raises ParityError if it exceeds ``threshold`` or the ONNX outputs are not ``logits``, ``embedding``.
+    Raises ParityError if it exceeds ``threshold`` or the ONNX outputs are not ``outputs``, in order.
     """
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    if names != OUTPUTS or [i.name for i in sess.get_inputs()] != ["input"]:
-        raise ParityError(f"{onnx_path.name}: outputs {names}, expected {OUTPUTS} from input 'input'")
-    got = sess.run(OUTPUTS, {"input": x.astype(np.float32)})
+    if names != outputs or [i.name for i in sess.get_inputs()] != ["input"]:
+        raise ParityError(f"{onnx_path.name}: outputs {names}, expected {outputs} from input 'input'")
+    got = sess.run(outputs, {"input": x.astype(np.float32)})
     with torch.inference_mode():
         want = [t.numpy() for t in _cpu_copy(model)(torch.from_numpy(x.astype(np.float32)))]
     diff = max(float(np.max(np.abs(g - w))) if g.size else 0.0 for g, w in zip(got, want, strict=True))
@@ -169,12 +172,12 @@ def export_model(
     shape = (spec.channels, spec.height, spec.width)
     fp32 = out_dir / "model.fp32.onnx"
     export_onnx(model, fp32, input_shape=shape)
-    x = _normalize(images, spec) if len(images) else np.random.default_rng(0).normal(size=(64, *shape))
+    x = normalize_images(images, spec) if len(images) else np.random.default_rng(0).normal(size=(64, *shape))
     diff = parity_check(model, fp32, x.astype(np.float32), threshold=parity_threshold)
     log.info("parity: max abs difference %.2e on %d images", diff, len(x))
     shipped, agreement, note = fp32, None, None
     if int8:
-        calib = _normalize(calibration if calibration is not None and len(calibration) else images, spec)
+        calib = normalize_images(calibration if calibration is not None and len(calibration) else images, spec)
         q = out_dir / "model.int8.onnx"
         quantize_int8(fp32, q, calib.astype(np.float32))
         agreement = top1_agreement(fp32, q, x.astype(np.float32))
@@ -199,14 +202,7 @@ def export_model(
         metrics={k: float(v) for k, v in (metrics or {}).items() if np.isfinite(v)},
         created_at=time.time(),
     )
-    manifest.validate()
-    if key is not None:
-        path = out_dir / "manifest.json"
-        path.write_text(sign_manifest(manifest, key).to_json())
-    else:
-        path = out_dir / "manifest.unsigned.json"
-        path.write_text(manifest.to_json())
-        log.warning("no signing key given: wrote %s; devices will refuse an unsigned model", path.name)
+    path = write_manifest(manifest, out_dir, key)
     return ExportResult(
         onnx_path=final, shipped="int8" if shipped != fp32 else "fp32", sha256=manifest.onnx_sha256,
         size=manifest.onnx_size, parity_max_abs_diff=diff, parity_threshold=parity_threshold,
@@ -215,12 +211,26 @@ def export_model(
     )
 
 
+def write_manifest(manifest: ModelManifest, out_dir: Path, key: Ed25519PrivateKey | None) -> Path:
+    """Validate ``manifest`` and write it signed (``manifest.json``), or unsigned without a key."""
+    manifest.validate()
+    if key is not None:
+        path = out_dir / "manifest.json"
+        path.write_text(sign_manifest(manifest, key).to_json())
+    else:
+        path = out_dir / "manifest.unsigned.json"
+        path.write_text(manifest.to_json())
+        log.warning("no signing key given: wrote %s; devices will refuse an unsigned model", path.name)
+    return path
+
+
 def input_spec(shape: tuple[int, int, int], mean: list[float], std: list[float]) -> InputSpec:
     c, h, w = shape
     return InputSpec(height=h, width=w, channels=c, mean=list(mean), std=list(std), layout="NCHW", scale=1.0 / 255.0)
 
 
-def _normalize(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+def normalize_images(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """uint8 (n, c, h, w) -> the model's float input as the device computes it: ``(x * scale - mean) / std``."""
     mean = np.asarray(spec.mean, np.float32).reshape(1, -1, 1, 1)
     std = np.asarray(spec.std, np.float32).reshape(1, -1, 1, 1)
     return (images.astype(np.float32) * np.float32(spec.scale) - mean) / std

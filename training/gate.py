@@ -10,6 +10,10 @@ Rules, checked on every evaluation set both models were measured on:
 
 Without a baseline only the absolute check applies. The decision lists every check and, when it
 fails, a reason per failed check that names the numbers.
+
+The metrics checked are the task's: ``accuracy`` for classifiers; ``map`` (mAP@[.5:.95]) and ``map_50``
+(mAP@.5) for detectors, each held within the same tolerance, the first one also against ``min_accuracy``.
+A metric that is undefined (NaN: a slice without any true box) on either side is not checked.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 from fleet.errors import InvalidInput
 
 PRIMARY = "test"
+METRIC_NAMES = {"accuracy": "accuracy", "map": "mAP@[.5:.95]", "map_50": "mAP@.5"}
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class Check:
     tolerance: float
     n: int
     passed: bool
+    metric: str = "accuracy"
 
 
 @dataclass
@@ -67,41 +73,50 @@ def decide(
     config: GateConfig,
     *,
     baseline_name: str | None = None,
+    metrics: tuple[str, ...] = ("accuracy",),
 ) -> GateDecision:
-    """candidate/baseline: {set name: metrics from training.evaluate.accuracy_metrics}."""
+    """candidate/baseline: {set name: metrics from training.evaluate.accuracy_metrics (``accuracy``) or
+    training.detect.evaluate.detection_metrics (``map``, ``map_50``)}; ``metrics``: which to check."""
     checks: list[Check] = []
     reasons: list[str] = []
 
-    def check(name: str, cand: float, base: float | None, tol: float, n: int) -> None:
-        ok = base is None or cand >= base - tol - 1e-12
-        checks.append(Check(name, round(cand, 6), None if base is None else round(base, 6), tol, n, ok))
+    def check(name: str, metric: str, cand: float | None, base: float | None, tol: float, n: int) -> None:
+        if not _defined(cand) or not _defined(base):
+            return
+        assert cand is not None and base is not None
+        ok = cand >= base - tol - 1e-12
+        checks.append(Check(name, round(cand, 6), round(base, 6), tol, n, ok, metric))
         if not ok:
-            assert base is not None
             reasons.append(
-                f"{name}: accuracy {cand:.4f} fell below the baseline {base:.4f} by {base - cand:.4f} "
-                f"(tolerance {tol:.4f}, n={n})"
+                f"{name}: {METRIC_NAMES.get(metric, metric)} {cand:.4f} fell below the baseline {base:.4f} by "
+                f"{base - cand:.4f} (tolerance {tol:.4f}, n={n})"
             )
 
     test = candidate.get(PRIMARY)
+    primary = metrics[0]
     if config.min_accuracy > 0:
-        acc = test["accuracy"] if test else float("nan")
-        ok = test is not None and acc >= config.min_accuracy
-        checks.append(Check(f"{PRIMARY} minimum", round(acc, 6) if test else float("nan"), None,
-                            config.min_accuracy, test["n"] if test else 0, ok))
+        value = test.get(primary) if test else None
+        value = float(value) if _defined(value) else float("nan")
+        ok = test is not None and value >= config.min_accuracy
+        checks.append(Check(f"{PRIMARY} minimum", round(value, 6), None, config.min_accuracy,
+                            test["n"] if test else 0, ok, primary))
         if not ok:
-            reasons.append(f"{PRIMARY}: accuracy {acc:.4f} is below the required minimum {config.min_accuracy:.4f}")
+            reasons.append(f"{PRIMARY}: {METRIC_NAMES.get(primary, primary)} {value:.4f} is below the required "
+                           f"minimum {config.min_accuracy:.4f}")
     for set_name, cand in candidate.items():
         base = (baseline or {}).get(set_name)
         if base is None:
             continue
         tol = config.tolerance if set_name == PRIMARY else config.tolerance_for(set_name, None)
-        check(set_name, cand["accuracy"], base["accuracy"], tol, cand["n"])
+        for metric in metrics:
+            check(set_name, metric, cand.get(metric), base.get(metric), tol, cand["n"])
         for slice_name, sm in cand.get("per_slice", {}).items():
             bm = base.get("per_slice", {}).get(slice_name)
             if bm is None or sm["n"] < config.min_slice_size:
                 continue
-            check(f"{set_name}/{slice_name}", sm["accuracy"], bm["accuracy"],
-                  config.tolerance_for(set_name, slice_name), sm["n"])
+            for metric in metrics:
+                check(f"{set_name}/{slice_name}", metric, sm.get(metric), bm.get(metric),
+                      config.tolerance_for(set_name, slice_name), sm["n"])
     passed = not reasons
     if baseline is None:
         note = "no baseline to compare against; judged on absolute checks only"
@@ -109,6 +124,10 @@ def decide(
     elif passed:
         reasons = [f"held or improved on all {len(checks)} checks against {baseline_name or 'the baseline'}"]
     return GateDecision(passed=passed, reasons=reasons, checks=checks, baseline=baseline_name)
+
+
+def _defined(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
 
 
 def parse_slice_tolerances(values: list[str]) -> tuple[float | None, dict[str, float]]:

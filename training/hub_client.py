@@ -18,7 +18,17 @@ from typing import Any
 import httpx
 
 from fleet.errors import IntegrityError, TransportError, Unauthorized, error_for_response
-from fleet.protocol import BlobRequest, SnapshotCreate, SnapshotPublic
+from fleet.protocol import (
+    BlobRequest,
+    Message,
+    ModelList,
+    ModelPublic,
+    ModelReceipt,
+    RolloutCreate,
+    RolloutPublic,
+    SnapshotCreate,
+    SnapshotPublic,
+)
 from fleet.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -27,7 +37,7 @@ TOKEN_ENV = "FLYWHEEL_TOKEN"
 
 
 class HubClient:
-    """A thin, retrying client for the hub's trainer endpoints (see .notes/HUB_API.md, "Trainer")."""
+    """A thin, retrying client for the hub's trainer endpoints (fleet.protocol.dataset and .registry list them)."""
 
     def __init__(
         self,
@@ -59,8 +69,7 @@ class HubClient:
 
     def create_snapshot(self, name: str | None = None) -> SnapshotPublic:
         """POST /v1/snapshots: freeze the hub's accepted and gold labels."""
-        resp = self._request("POST", "/v1/snapshots", content=SnapshotCreate(name=name).to_json(),
-                             headers={"Content-Type": "application/json"})
+        resp = self._request("POST", "/v1/snapshots", **_json_body(SnapshotCreate(name=name)))
         return SnapshotPublic.from_json(resp.content)
 
     def snapshot_manifest(self, snapshot_id: str) -> tuple[bytes, str | None]:
@@ -70,8 +79,7 @@ class HubClient:
 
     def blobs_bulk(self, sha256s: list[str]) -> tuple[dict[str, bytes], list[str]]:
         """POST /v1/blobs/bulk -> ({sha256: bytes}, missing)."""
-        resp = self._request("POST", "/v1/blobs/bulk", content=BlobRequest(sha256s).to_json(),
-                             headers={"Content-Type": "application/json"})
+        resp = self._request("POST", "/v1/blobs/bulk", **_json_body(BlobRequest(sha256s)))
         missing = [s for s in resp.headers.get("X-Missing", "").replace(";", ",").split(",") if s.strip()]
         found: dict[str, bytes] = {}
         try:
@@ -88,28 +96,24 @@ class HubClient:
 
     # --- models and rollouts -----------------------------------------------------------------
 
-    def upload_model(self, onnx: bytes, signed_manifest_json: str) -> dict[str, Any]:
-        """POST /v1/models (multipart onnx + manifest) -> {version, status}."""
+    def upload_model(self, onnx: bytes, signed_manifest_json: str) -> ModelReceipt:
+        """POST /v1/models (multipart onnx + manifest): the version registered, or ``already`` there."""
         files = {
             "onnx": ("model.onnx", onnx, "application/octet-stream"),
             "manifest": ("manifest.json", signed_manifest_json.encode(), "application/json"),
         }
-        data: dict[str, Any] = self._request("POST", "/v1/models", files=files).json()
-        return data
+        return ModelReceipt.from_json(self._request("POST", "/v1/models", files=files).content)
 
-    def start_rollout(
-        self, version: str, stages: Iterable[float], stage_seconds: float | None = None
-    ) -> dict[str, Any]:
-        """POST /v1/rollouts -> {rollout_id, ...}."""
-        body: dict[str, Any] = {"version": version, "stages": list(stages)}
-        if stage_seconds is not None:
-            body["stage_seconds"] = stage_seconds
-        data: dict[str, Any] = self._request("POST", "/v1/rollouts", json=body).json()
-        return data
+    def start_rollout(self, version: str, stages: Iterable[float], stage_seconds: float | None = None) -> RolloutPublic:
+        """POST /v1/rollouts: roll ``version`` out over ``stages`` (fractions of the fleet)."""
+        body = RolloutCreate(version=version, stages=list(stages), stage_seconds=stage_seconds)
+        body.validate()  # a bad request is refused here, with the same message the hub would give
+        resp = self._request("POST", "/v1/rollouts", **_json_body(body))
+        return RolloutPublic.from_json(resp.content)
 
-    def list_models(self) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = self._request("GET", "/v1/models").json()
-        return data
+    def list_models(self) -> list[ModelPublic]:
+        """GET /v1/models: every registered version, oldest upload first."""
+        return ModelList.from_json(self._request("GET", "/v1/models").content).models
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -130,3 +134,8 @@ class HubClient:
             return resp
 
         return self._retry.call(f"{method} {path}", once, sleep=self._sleep)
+
+
+def _json_body(message: Message) -> dict[str, Any]:
+    """The request arguments that send ``message`` as its JSON."""
+    return {"content": message.to_json(), "headers": {"Content-Type": "application/json"}}

@@ -122,10 +122,12 @@ def build_model(
     return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width or w)
 
 
-def load_warm_start(model: Classifier, state: dict[str, Any]) -> dict[str, Any]:
-    """Copy a checkpoint's weights into ``model``; a head with more classes keeps the old rows.
+def load_warm_start(model: nn.Module, state: dict[str, Any], *,
+                    grows: Callable[[str], bool] = lambda key: key.startswith("head.")) -> dict[str, Any]:
+    """Copy a checkpoint's weights into ``model``; a class layer (``grows(key)``) with more classes keeps the old
+    rows, the new ones keep their initialisation.
 
-    Returns what happened: ``{"loaded": n, "grown_head": bool}``. Shapes other than the head must match.
+    Returns what happened: ``{"loaded": n, "grown_head": bool}``. Every other shape must match.
     """
     own = model.state_dict()
     grown = False
@@ -135,7 +137,7 @@ def load_warm_start(model: Classifier, state: dict[str, Any]) -> dict[str, Any]:
         target = own[key]
         if value.shape == target.shape:
             target.copy_(value)
-        elif key.startswith("head.") and value.shape[1:] == target.shape[1:] and value.shape[0] < target.shape[0]:
+        elif grows(key) and value.shape[1:] == target.shape[1:] and value.shape[0] < target.shape[0]:
             target[: value.shape[0]].copy_(value)
             grown = True
         else:
@@ -146,7 +148,7 @@ def load_warm_start(model: Classifier, state: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise InvalidInput(f"warm-start checkpoint lacks weights {missing[:5]}; was it made with the same --model?")
     if grown:
-        log.info("warm start: the head grew from %d to %d classes", state["head.weight"].shape[0], model.num_classes)
+        log.info("warm start: the class layer grew to %d classes", getattr(model, "num_classes", -1))
     return {"loaded": len(state), "grown_head": grown}
 
 

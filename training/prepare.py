@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -28,19 +28,22 @@ from training.data import (
     parse_source,
 )
 from training.hub_client import HubClient
-from training.snapshot import pull_snapshot, snapshot_to_imageset
+from training.snapshot import Snapshot, pull_snapshot, snapshot_to_imageset
 
 log = logging.getLogger(__name__)
 
 ClientFactory = Callable[[str], HubClient]
 
 
+S = TypeVar("S")  # the kind of labeled set: ImageSet (classify) or training.detect.data.BoxSet (detect)
+
+
 @dataclass
-class Prepared:
-    pool: ImageSet  # new images first, then base images
+class Prepared(Generic[S]):
+    pool: S  # new images first, then base images
     n_new: int
     sampler: EpochSampler
-    eval_sets: dict[str, ImageSet]
+    eval_sets: dict[str, S]
     class_names: list[str]
     shape: tuple[int, int, int]
     snapshot_id: str | None
@@ -53,7 +56,7 @@ def prepare_data(
     client_factory: ClientFactory,
     known_shape: tuple[int, int, int] | None = None,
     known_names: list[str] | None = None,
-) -> Prepared:
+) -> Prepared[ImageSet]:
     """Load, conform and split everything a run trains and evaluates on.
 
     ``known_shape``/``known_names`` come from a warm-start or resumed checkpoint and win over the data.
@@ -72,7 +75,7 @@ def prepare_data(
         if base_src.kind == "hub":
             raise InvalidInput(f"--base must be npz:PATH or folder:PATH; received {args.base!r}")
         base = _load_local(base_src.kind, base_src.location, shape, names, args, name="base")
-        shape = shape or _with_overrides(base.train.shape, args)
+        shape = shape or with_overrides(base.train.shape, args)
         names = names or list(base.class_names or [])
     snapshot_id, snap_stats = None, None
     if src.kind == "hub":
@@ -81,35 +84,26 @@ def prepare_data(
                 "hub data needs the input shape: give --image-size and --channels, a --base, or a --warm-start"
             )
         snap = pull_snapshot(client_factory(src.location), args.snapshot, cache_dir=args.cache_dir)
+        if snap.task != "classify":
+            raise InvalidInput(f"snapshot {snap.snapshot_id} holds {snap.task!r} labels; train it with --task "
+                               f"{snap.task}")
         snapshot_id, snap_stats = snap.snapshot_id, snap.stats
         images = snapshot_to_imageset(snap, channels=shape[0], size=shape[1:])
         if not len(images):
             raise InvalidInput(f"snapshot {snap.snapshot_id} holds no accepted or gold labels yet; nothing to learn")
         train, test = holdout_by_id(images, args.holdout)
-        data = Splits(train, test, class_names=_extend_names(names, snap.class_names, snap.snapshot_id))
+        data = Splits(train, test, class_names=extend_names(names, snap.class_names, snap.snapshot_id))
         names = list(data.class_names or [])
         new_tag = "snapshot"
     else:
         data = _load_local(src.kind, src.location, shape, names, args, name="data")
         new_tag = "data"
-    shape = shape or _with_overrides(data.train.shape, args)
+    shape = shape or with_overrides(data.train.shape, args)
     names = names or list(data.class_names or [])
 
-    new = conform(data.train, shape).with_tag("source", new_tag)
-    test_parts = []
-    if data.test is not None:
-        test_parts.append(conform(data.test, shape).with_tag("source", new_tag))
-    elif src.kind != "hub":
-        new, held = holdout_by_id(new, args.holdout)
-        if held is not None:
-            test_parts.append(held)
-    base_train = None
-    if base is not None:
-        base_train = conform(base.train, shape).with_tag("source", "base")
-        if base.test is not None:
-            test_parts.append(conform(base.test, shape).with_tag("source", "base"))
-    if not test_parts:
-        raise InvalidInput("no held-out test set: give x_test/y_test, a --base with a test split, or --holdout > 0")
+    new, base_train, test_parts = split_sources(
+        data, base, shape=shape, new_tag=new_tag, holdout=None if src.kind == "hub" else args.holdout,
+        conform=conform, holdout_fn=holdout_by_id, missing="x_test/y_test")
     eval_sets = {"test": concat(test_parts, name="test")}
     regression = [_load_regression(spec, shape, names, args, client_factory) for spec in args.regression_sets]
     if regression:
@@ -139,7 +133,32 @@ def prepare_data(
     return Prepared(pool, n_new, sampler, eval_sets, names, shape, snapshot_id, info)
 
 
-def _extend_names(known: list[str], snapshot: list[str], snapshot_id: str) -> list[str]:
+def split_sources(data: Any, base: Any, *, shape: tuple[int, int, int], new_tag: str, holdout: float | None,
+                  conform: Callable[[Any, tuple[int, int, int]], Any], holdout_fn: Callable[[Any, float], Any],
+                  missing: str) -> tuple[Any, Any, list[Any]]:
+    """(new training set, base training set or None, test parts) from the new data's and the base's splits
+    (``.train``/``.test``), conformed to ``shape`` and tagged ``source=new_tag`` / ``source=base``. New data
+    without a test split gives ``holdout`` of itself (None: it was held out already). ``missing`` names the
+    test arrays in the error when no test set results."""
+    new = conform(data.train, shape).with_tag("source", new_tag)
+    test_parts = []
+    if data.test is not None:
+        test_parts.append(conform(data.test, shape).with_tag("source", new_tag))
+    elif holdout is not None:
+        new, held = holdout_fn(new, holdout)
+        if held is not None:
+            test_parts.append(held)
+    base_train = None
+    if base is not None:
+        base_train = conform(base.train, shape).with_tag("source", "base")
+        if base.test is not None:
+            test_parts.append(conform(base.test, shape).with_tag("source", "base"))
+    if not test_parts:
+        raise InvalidInput(f"no held-out test set: give {missing}, a --base with a test split, or --holdout > 0")
+    return new, base_train, test_parts
+
+
+def extend_names(known: list[str], snapshot: list[str], snapshot_id: str) -> list[str]:
     """The classes a run learns: the snapshot's, which may only extend those the model already has."""
     if snapshot[: len(known)] != known and known[: len(snapshot)] != snapshot:
         raise InvalidInput(f"snapshot {snapshot_id} labels classes {snapshot}, which do not extend the model's "
@@ -153,7 +172,7 @@ def _explicit_shape(args: TrainArgs) -> tuple[int, int, int] | None:
     return None
 
 
-def _with_overrides(shape: tuple[int, int, int], args: TrainArgs) -> tuple[int, int, int]:
+def with_overrides(shape: tuple[int, int, int], args: TrainArgs) -> tuple[int, int, int]:
     c, h, w = shape
     if args.image_size:
         h, w = args.image_size
@@ -165,10 +184,25 @@ def _load_local(
 ) -> Splits:
     if kind == "npz":
         return load_npz(location, name=name)
+    if kind == "coco":
+        raise InvalidInput(f"coco:{location} holds boxes, which a classifier cannot learn; train a detector with "
+                           "--task detect")
     return load_folder(
         location, channels=shape[0] if shape else args.channels, size=shape[1:] if shape else args.image_size,
         class_names=names or None, test_fraction=args.holdout, seed=args.seed, name=name,
     )
+
+
+def regression_snapshot(spec: str, args: TrainArgs, client_factory: ClientFactory) -> Snapshot:
+    """The hub snapshot a ``--regression-set snapshot:ID`` names, from the hub of ``--data`` or ``--publish``."""
+    src = parse_source(args.data, what="--data")
+    url = src.location if src.kind == "hub" else args.publish
+    if not url:
+        raise InvalidInput(f"--regression-set {spec}: a snapshot needs a hub (--data hub:URL or --publish URL)")
+    snap = pull_snapshot(client_factory(url), spec.split(":", 1)[1], cache_dir=args.cache_dir)
+    if snap.task != args.task:
+        raise InvalidInput(f"--regression-set {spec} holds {snap.task!r} labels; this run trains a {args.task!r} model")
+    return snap
 
 
 def _load_regression(
@@ -176,12 +210,8 @@ def _load_regression(
 ) -> ImageSet:
     """``npz:PATH`` (its test split if it has one), ``folder:PATH`` (all images) or ``snapshot:ID`` (same hub)."""
     if spec.startswith("snapshot:"):
-        src = parse_source(args.data, what="--data")
-        url = src.location if src.kind == "hub" else args.publish
-        if not url:
-            raise InvalidInput(f"--regression-set {spec}: a snapshot needs a hub (--data hub:URL or --publish URL)")
-        snap = pull_snapshot(client_factory(url), spec.split(":", 1)[1], cache_dir=args.cache_dir)
-        images = snapshot_to_imageset(snap, channels=shape[0], size=shape[1:])
+        images = snapshot_to_imageset(regression_snapshot(spec, args, client_factory), channels=shape[0],
+                                      size=shape[1:])
     else:
         s = parse_source(spec, what="--regression-set")
         if s.kind == "hub":

@@ -54,10 +54,10 @@ def publish(
         log.info("dry run: would upload %s (%d bytes) and roll out over %s", m.version, m.onnx_size, stages)
         return {"dry_run": True, "uploaded": False, **plan, "seconds": time.perf_counter() - t0}
     registered = client.upload_model(onnx_path.read_bytes(), signed.to_json())
-    log.info("uploaded model %s -> %s", m.version, registered)
+    log.info("uploaded model %s: %s%s", m.version, registered.status, " (already there)" if registered.already else "")
     rollout = client.start_rollout(m.version, stages, stage_seconds)
-    log.info("started rollout %s for %s", rollout.get("rollout_id"), m.version)
+    log.info("started rollout %s for %s", rollout.rollout_id, m.version)
     return {
-        "dry_run": False, "uploaded": True, **plan, "hub": client.base_url, "registered": registered,
-        "rollout": rollout, "seconds": time.perf_counter() - t0,
+        "dry_run": False, "uploaded": True, **plan, "hub": client.base_url, "registered": registered.to_dict(),
+        "rollout": rollout.to_dict(), "seconds": time.perf_counter() - t0,
     }

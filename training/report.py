@@ -16,7 +16,7 @@ from fleet.errors import InvalidInput
 from training.checkpoint import load_checkpoint
 from training.data import ImageSet
 from training.evaluate import accuracy_metrics, predict, recommended_thresholds
-from training.export import export_model
+from training.export import ExportResult, export_model
 from training.gate import GateConfig, decide, metrics_from_report
 from training.models import build_model
 from training.publish import publish
@@ -44,12 +44,32 @@ def finish_turn(
     report["metrics"] = candidate
     report["baseline"] = None if baseline is None else {"name": baseline_name, "metrics": baseline}
 
+    if gate_turn(args, candidate, baseline, baseline_name, report):
+        t = time.perf_counter()
+        test = data.eval_sets["test"]
+        pick = np.random.default_rng(args.seed).choice(len(test), min(PARITY_IMAGES, len(test)), replace=False)
+        result = export_model(
+            model, args.out, meta=meta, version=str(args.version), parent_version=meta["parent_version"],
+            images=test.images[np.sort(pick)], metrics=manifest_metrics(candidate),
+            thresholds=recommended_thresholds(logits["test"]), data_snapshot=snapshot_name(args, data),
+            key=key, int8=args.int8, calibration=meta["calibration"].numpy(), parity_threshold=args.parity_threshold,
+        )
+        timings["export"] = time.perf_counter() - t
+        publish_export(args, result, factory, report)
+    timings["total"] = time.perf_counter() - t_start
+    write_report(args.out, report)
+    return report
+
+
+def gate_turn(args: TrainArgs, candidate: dict[str, dict[str, Any]], baseline: dict[str, dict[str, Any]] | None,
+              baseline_name: str | None, report: dict[str, Any], *, metrics: tuple[str, ...] = ("accuracy",)) -> bool:
+    """Decide with the run's gate settings; record the decision (``report["gate"]``, status ``rejected``)."""
     t = time.perf_counter()
     config = GateConfig(tolerance=args.tolerance, slice_tolerance=args.slice_tolerance,
                         slice_tolerances=args.slice_tolerances, min_slice_size=args.min_slice_size,
                         min_accuracy=args.min_accuracy)
-    decision = decide(candidate, baseline, config, baseline_name=baseline_name)
-    timings["gate"] = time.perf_counter() - t
+    decision = decide(candidate, baseline, config, baseline_name=baseline_name, metrics=metrics)
+    report["timings"]["gate"] = time.perf_counter() - t
     report["gate"] = decision.to_dict()
     report["published"] = False
     if not decision.passed:
@@ -57,29 +77,21 @@ def finish_turn(
         log.warning("gate rejected %s: %s", args.version, "; ".join(decision.reasons))
     else:
         log.info("gate passed: %s", "; ".join(decision.reasons))
+    return decision.passed
+
+
+def publish_export(args: TrainArgs, result: ExportResult, factory: ClientFactory, report: dict[str, Any]) -> None:
+    """Record an export (status ``ready``) and, with ``--publish``, upload it and start the rollout."""
+    report["export"] = result.to_dict()
+    report["status"] = "ready"
+    if args.publish:
         t = time.perf_counter()
-        test = data.eval_sets["test"]
-        pick = np.random.default_rng(args.seed).choice(len(test), min(PARITY_IMAGES, len(test)), replace=False)
-        result = export_model(
-            model, args.out, meta=meta, version=str(args.version), parent_version=meta["parent_version"],
-            images=test.images[np.sort(pick)], metrics=manifest_metrics(candidate),
-            thresholds=recommended_thresholds(logits["test"]), data_snapshot=_snapshot_name(args, data),
-            key=key, int8=args.int8, calibration=meta["calibration"].numpy(), parity_threshold=args.parity_threshold,
-        )
-        timings["export"] = time.perf_counter() - t
-        report["export"] = result.to_dict()
-        report["status"] = "ready"
-        if args.publish:
-            t = time.perf_counter()
-            client = None if args.dry_run else factory(args.publish)
-            report["publish"] = publish(client, result.onnx_path, result.manifest_path, stages=args.rollout_stages,
-                                        stage_seconds=args.stage_seconds, dry_run=args.dry_run)
-            timings["publish"] = time.perf_counter() - t
-            report["published"] = not args.dry_run
-            report["status"] = "dry_run" if args.dry_run else "published"
-    timings["total"] = time.perf_counter() - t_start
-    write_report(args.out, report)
-    return report
+        client = None if args.dry_run else factory(args.publish)
+        report["publish"] = publish(client, result.onnx_path, result.manifest_path, stages=args.rollout_stages,
+                                    stage_seconds=args.stage_seconds, dry_run=args.dry_run)
+        report["timings"]["publish"] = time.perf_counter() - t
+        report["published"] = not args.dry_run
+        report["status"] = "dry_run" if args.dry_run else "published"
 
 
 def evaluate_sets(
@@ -113,18 +125,21 @@ def evaluate_checkpoint(
     return metrics
 
 
-def manifest_metrics(metrics: dict[str, dict[str, Any]], *, max_items: int = 64) -> dict[str, float]:
-    """Flatten ``{set: metrics}`` for the manifest: ``test_accuracy``, ``test/condition=night``, ..."""
+def manifest_metrics(metrics: dict[str, dict[str, Any]], *, keys: tuple[str, ...] = ("accuracy",),
+                     max_items: int = 64) -> dict[str, float]:
+    """Flatten ``{set: metrics}`` for the manifest: ``test_accuracy`` (each of ``keys``), ``test_n``, and per slice
+    the first key: ``test/condition=night``, ..."""
     out: dict[str, float] = {}
     for set_name, m in metrics.items():
-        out[f"{set_name}_accuracy"] = round(m["accuracy"], 6)
+        for key in keys:
+            out[f"{set_name}_{key}"] = m[key]
         out[f"{set_name}_n"] = float(m["n"])
     for set_name, m in metrics.items():
         for slice_name, sm in m.get("per_slice", {}).items():
-            key = f"{set_name}/{slice_name}"
-            if len(out) < max_items and len(key) <= 128:
-                out[key] = round(sm["accuracy"], 6)
-    return {k: v for k, v in out.items() if math.isfinite(v)}
+            name = f"{set_name}/{slice_name}"
+            if len(out) < max_items and len(name) <= 128:
+                out[name] = sm[keys[0]]
+    return {k: round(float(v), 6) for k, v in out.items() if v is not None and math.isfinite(v)}
 
 
 def write_report(out: Path, report: dict[str, Any]) -> Path:
@@ -142,20 +157,27 @@ def write_report(out: Path, report: dict[str, Any]) -> Path:
 def _baseline(
     args: TrainArgs, warm: dict[str, Any] | None, data: Prepared, device: torch.device
 ) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    return baseline_metrics(args, warm, lambda ckpt: evaluate_checkpoint(ckpt, data.eval_sets, data.class_names,
+                                                                          device))
+
+
+def baseline_metrics(
+    args: TrainArgs, warm: dict[str, Any] | None, evaluate: Any
+) -> tuple[dict[str, dict[str, Any]] | None, str | None]:
+    """What the candidate must hold: ``--gate-against`` (a report.json, or a checkpoint ``evaluate(ckpt)``
+    measures now), else the warm start measured now, else nothing."""
     if args.gate_against:
         path = Path(args.gate_against)
         if path.suffix == ".json":
             return metrics_from_report(path)
         ckpt = load_checkpoint(path)
-        return evaluate_checkpoint(ckpt, data.eval_sets, data.class_names, device), \
-            f"checkpoint {path} (version {ckpt['meta'].get('version')})"
+        return evaluate(ckpt), f"checkpoint {path} (version {ckpt['meta'].get('version')})"
     if warm is not None:
-        return evaluate_checkpoint(warm, data.eval_sets, data.class_names, device), \
-            f"warm start {args.warm_start} (version {warm['meta'].get('version')})"
+        return evaluate(warm), f"warm start {args.warm_start} (version {warm['meta'].get('version')})"
     return None, None
 
 
-def _snapshot_name(args: TrainArgs, data: Prepared) -> str:
+def snapshot_name(args: TrainArgs, data: Prepared) -> str:
     if data.snapshot_id:
         return f"hub-snapshot:{data.snapshot_id}"
     return f"{Path(args.data.split(':', 1)[-1]).name}@sha256:{data.info['fingerprint'][:16]}"

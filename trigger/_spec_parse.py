@@ -39,6 +39,15 @@ _LEAF_KEYS = ("trigger", "label", "above", "below", "target_rate", "weight", "wi
 def parse_rule(doc: Any, path: str = "rule") -> Node:
     """The rule tree: nested ``any_of``/``all_of`` over trigger leaves whose labels are unique."""
     rule = _node(doc, path, 0, {"leaves": 0})
+    by_task: dict[str, list[str]] = {}
+    for leaf in leaves_of(rule):
+        if leaf.definition.task is not None:
+            by_task.setdefault(leaf.definition.task, []).append(leaf.trigger)
+    if len(by_task) > 1:
+        raise SpecError(
+            f"{path}: mixes classifier triggers ({', '.join(by_task['classify'])}) and detector triggers "
+            f"({', '.join(by_task['detect'])}); a campaign runs on one kind of model, so write one spec for each"
+        )
     labels = [leaf.label for leaf in leaves_of(rule)]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:

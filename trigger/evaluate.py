@@ -1,7 +1,8 @@
 """Evaluating a spec on frames: per frame, keep or not, a priority, and which triggers fired and why.
 
 An :class:`Evaluator` holds what must persist between batches on a device: a rate calibrator per
-``target_rate`` leaf, the budgets, the near-duplicate memory and the random leaves' generators.
+``target_rate`` leaf, the budgets, the near-duplicate memory, the random leaves' generators and, for a
+detector's video, the last frame of each stream (flicker compares each frame with the one before it).
 :meth:`Evaluator.state_dict` returns all of it as JSON-serialisable data, so an agent restart
 neither re-learns thresholds nor forgets what it already spent.
 
@@ -26,6 +27,7 @@ import numpy as np
 
 from trigger._admission import admit, make_budget, priority
 from trigger._checks import F64, I64, Bool, describe
+from trigger._history import StreamHistory
 from trigger._inputs import filter_mask, read_batch
 from trigger.calibrate import RateCalibrator
 from trigger.dedup import NearDuplicateFilter
@@ -42,7 +44,9 @@ STATE_FORMAT = "flywheel.trigger-state/1"
 class Evaluator:
     """Runs one spec over a stream of batches. ``spec``: a :class:`Spec` or a document for
     :func:`parse_spec`. ``bank``: the novelty bank, required when the spec uses ``novelty``.
-    ``clock``: unix seconds, for expiry and budgets (inject a fake one in tests)."""
+    ``clock``: unix seconds, for expiry and budgets (inject a fake one in tests). ``task``: the kind
+    of model the batches will come from ("classify" or "detect"); when given, a spec whose triggers
+    read the other kind's output is refused here, before any frame (without it, at the first batch)."""
 
     def __init__(
         self,
@@ -50,10 +54,17 @@ class Evaluator:
         *,
         bank: NoveltyBank | None = None,
         clock: Callable[[], float] = time.time,
+        task: str | None = None,
     ) -> None:
         self.spec = spec if isinstance(spec, Spec) else parse_spec(spec)
         self.bank = bank
         self.clock = clock
+        if task not in (None, "classify", "detect"):
+            raise ValueError(f"task must be 'classify', 'detect' or None; received {task!r}")
+        if task is not None and self.spec.task not in (None, task):
+            users = [leaf.label for leaf in self.spec.leaves if leaf.definition.task == self.spec.task]
+            raise ValueError(f"spec {self.spec.id!r} uses {self.spec.task} triggers ({', '.join(users)}) and "
+                             f"cannot run on a {task!r} model's frames")
         users = [leaf.label for leaf in self.spec.leaves if "bank" in leaf.definition.needs]
         if users and bank is None:
             raise ValueError(
@@ -87,6 +98,9 @@ class Evaluator:
                 memory=d.memory,
             )
         )
+        # the last frame of each video stream, for flicker; not in state_dict: after a restart the first frame
+        # of each stream has no predecessor (NaN), as after any gap
+        self.history = StreamHistory() if "stream" in self._uses else None
         self.stats: dict[str, int] = {
             "frames": 0, "filtered_out": 0, "qualified": 0, "kept": 0, "duplicate": 0, "over_budget": 0,
         }
@@ -98,7 +112,8 @@ class Evaluator:
         """Decide on a batch; see :class:`Decision`. ``now``: unix seconds (default: the clock)."""
         t = self.clock() if now is None else float(now)
         inputs, extra = read_batch(
-            batch, self.spec, needs=self._needs, uses=self._uses, bank=self.bank, dedup=self.dedup
+            batch, self.spec, needs=self._needs, uses=self._uses, bank=self.bank, dedup=self.dedup,
+            history=self.history,
         )
         n = inputs.n
         if self.spec.is_expired(t):
@@ -165,7 +180,10 @@ class Evaluator:
 
     def load_calibration(self, state: Mapping[str, Any] | None) -> None:
         """Restore :meth:`calibration_state`; ``None`` starts every calibrator afresh (a model they never saw:
-        each fires on its initial threshold, or not at all, until it has warmed up again)."""
+        each fires on its initial threshold, or not at all, until it has warmed up again). Called on a model swap,
+        it also forgets each stream's last frame: the next model's boxes are not compared with the last one's."""
+        if self.history is not None:
+            self.history.clear()
         for leaf in self._leaves:
             if leaf.label in self.calibrators:
                 self.calibrators[leaf.label] = RateCalibrator(leaf.threshold, window=leaf.window,

@@ -10,26 +10,39 @@ import numpy as np
 
 from trigger import scores as _s
 from trigger._checks import F64, I64, Bool
-from trigger.triggers import Inputs
+from trigger.boxes import Boxes
+from trigger.triggers import TRIGGERS, Inputs
 
-__all__ = ["BASE_SCORES", "Decision", "FrameBatch", "Scores"]
+__all__ = ["BASE_SCORES", "BOX_BASE_SCORES", "Decision", "FrameBatch", "Scores"]
 
 BASE_SCORES = ("entropy", "margin", "least_confidence", "energy")
+# a detector's batch: the box triggers of these names at their default parameters (the first three need
+# each box's class distribution and are left out without it)
+BOX_BASE_SCORES = ("box_entropy_max", "box_margin_max", "box_least_confidence_max", "box_low_score_mean")
 
 
 @dataclass
 class FrameBatch:
-    """What the device knows about n frames. Only ``logits`` is required.
+    """What the device knows about n frames: a classifier's ``logits`` or a detector's ``boxes``.
 
-    ``logits: (n, k)``; ``embeddings: (n, d)`` (penultimate features, for novelty and dedup);
-    ``human: (n,)`` int, the human's action as a class, -1 = unknown; ``challenger_logits: (n, k)``
-    from a shadow challenger (rows of NaN = no output for that frame); ``tags``: one dict of
+    Classifier: ``logits: (n, k)``; ``human: (n,)`` int, the human's action as a class, -1 = unknown;
+    ``challenger_logits: (n, k)`` from a shadow challenger (rows of NaN = no output for that frame);
+    ``samples: (m, n, k)`` MC-dropout/ensemble probabilities for BALD and variation ratio.
+
+    Detector (no logits): ``boxes``: :class:`trigger.boxes.Boxes` of n frames with their scores, classes and
+    class distributions (``trigger.nms.decode_dense`` makes them); ``challenger_boxes`` and ``human_boxes``
+    (Boxes of n frames; a frame marked unknown in ``Boxes.known`` has no answer, unlike an empty one);
+    ``stream: (n,)`` ints or strings naming each frame's video stream, frames of a stream in capture order
+    (flicker compares each frame with the one before it); ``timestamps: (n,)`` capture times in seconds;
+    ``operating_threshold``: the score at which the detector reports a box (its manifest's
+    ``DetectorSpec.operating_threshold``, default 0.5), which the box triggers' defaults are relative to.
+
+    Either: ``embeddings: (n, d)`` (penultimate features, for novelty and dedup); ``tags``: one dict of
     string metadata per frame (condition, site...); ``images: (n, h, w[, c])`` uint8, hashed for
-    near-duplicate checks only for frames that fire; ``samples: (m, n, k)`` MC-dropout/ensemble
-    probabilities for BALD and variation ratio; ``hashes: (n,)`` uint64 precomputed dhashes.
+    near-duplicate checks only for frames that fire; ``hashes: (n,)`` uint64 precomputed dhashes.
     """
 
-    logits: Any
+    logits: Any = None
     embeddings: Any = None
     human: Any = None
     challenger_logits: Any = None
@@ -37,8 +50,21 @@ class FrameBatch:
     images: Any = None
     samples: Any = None
     hashes: Any = None
+    boxes: Boxes | None = None
+    challenger_boxes: Boxes | None = None
+    human_boxes: Boxes | None = None
+    stream: Any = None
+    timestamps: Any = None
+    operating_threshold: float | None = None
+
+    @property
+    def task(self) -> str:
+        """``"detect"`` for a detector's batch (boxes, no logits), else ``"classify"``."""
+        return "detect" if self.logits is None and self.boxes is not None else "classify"
 
     def __len__(self) -> int:
+        if self.logits is None and isinstance(self.boxes, Boxes):
+            return self.boxes.n
         return int(np.shape(self.logits)[0])
 
 
@@ -48,12 +74,11 @@ class Decision:
     spool evicts the lowest first); ``fired``: the labels of the triggers that made the frame
     qualify; ``values`` and ``thresholds``: label -> the value that fired and the threshold it
     passed; ``scores``: a read-only mapping, computed on first access, name -> ``(n,)``: the base
-    scores entropy, margin, least_confidence and energy for every frame, and the spec's triggers by
-    label (NaN for frames the filters dropped and where a costly trigger was not needed; a kept
-    frame always has every value).
-    ``predicted`` ``(n,)`` is the model's class; ``duplicate`` and ``over_budget`` ``(n,)`` mark
-    frames that qualified but were suppressed. ``expired``: the spec was past its expiry and did
-    nothing.
+    scores for every frame (:class:`Scores`), and the spec's triggers by label (NaN for frames the
+    filters dropped and where a costly trigger was not needed; a kept frame always has every value).
+    ``predicted`` ``(n,)`` is the model's class (a detector's: its best box's, -1 without a box);
+    ``duplicate`` and ``over_budget`` ``(n,)`` mark frames that qualified but were suppressed.
+    ``expired``: the spec was past its expiry and did nothing.
     """
 
     keep: Bool
@@ -79,23 +104,33 @@ class Decision:
 class Scores(Mapping[str, F64]):
     """``Decision.scores``: name -> ``(n,)`` values, computed on first access.
 
-    The base scores (entropy in nats, margin, least_confidence, energy at T=1) cover every frame;
-    the spec's triggers are listed by label (NaN where a costly trigger was not needed, never for
-    a kept frame). Nothing is computed for a batch whose scores nobody reads.
+    The base scores cover every frame: for a classifier, entropy in nats, margin, least_confidence and
+    energy at T=1 (:data:`BASE_SCORES`); for a detector, :data:`BOX_BASE_SCORES` at their default parameters.
+    The spec's triggers are listed by label (NaN where a costly trigger was not needed, never for a kept
+    frame). Nothing is computed for a batch whose scores nobody reads.
     """
 
     def __init__(self, inputs: Inputs, values: Mapping[str, F64]) -> None:
         self._inputs = inputs
         self._values = dict(values)
-        self._keys = list(BASE_SCORES) + [k for k in self._values if k not in BASE_SCORES]
+        if inputs.task == "classify":
+            self._base: tuple[str, ...] = BASE_SCORES
+        else:
+            probs = inputs.boxes is not None and (inputs.boxes.probs is not None or inputs.boxes.m == 0)
+            self._base = BOX_BASE_SCORES if probs else BOX_BASE_SCORES[3:]
+        self._keys = list(self._base) + [k for k in self._values if k not in self._base]
 
     def __getitem__(self, key: str) -> F64:
-        cache = self._inputs.cache
-        if key in BASE_SCORES:
+        if key in self._base and self._inputs.task == "detect":
+            tdef = TRIGGERS[key]
+            return tdef.compute(self._inputs, None, {p.name: p.default for p in tdef.params if p.default is not None})
+        if key in self._base:
+            cache = self._inputs.cache
             cache_key = "energy@1.0" if key == "energy" else key
             out: F64 | None = cache.get(cache_key)
             if out is None:
                 p = self._inputs.probs
+                assert p is not None and self._inputs.logits is not None
                 if key == "entropy":
                     out = _s._entropy(p)
                 elif key == "margin":
@@ -119,10 +154,15 @@ class Scores(Mapping[str, F64]):
 
 
 def predicted(inputs: Inputs) -> I64:
-    """The model's class per frame (cached on ``inputs``)."""
+    """The model's class per frame (cached on ``inputs``): a classifier's top class; for a detector, the class
+    of the frame's best-scoring box, -1 for a frame without one."""
     out: I64 | None = inputs.cache.get("predicted")
     if out is None:
-        out = inputs.probs.argmax(axis=1)
+        if inputs.probs is not None:
+            out = inputs.probs.argmax(axis=1)
+        else:
+            assert inputs.boxes is not None
+            out = _top_box_label(inputs.boxes)
         inputs.cache["predicted"] = out
     return out
 
@@ -135,3 +175,12 @@ def empty_decision(inputs: Inputs, values: Mapping[str, F64] | None = None, *, e
         thresholds=[{} for _ in range(n)], scores=Scores(inputs, values or {}),
         predicted=predicted(inputs), duplicate=np.zeros(n, bool), over_budget=np.zeros(n, bool), expired=expired,
     )
+
+
+def _top_box_label(b: Boxes) -> I64:
+    out = np.full(b.n, -1, np.int64)
+    if b.m:
+        order = np.argsort(b.frame_index * 2.0 - b.scores, kind="stable")  # by frame, best first
+        has = b.counts > 0
+        out[has] = b.labels[order[b.offsets[:-1][has]]]
+    return out

@@ -23,8 +23,11 @@ Document (``format`` may be omitted; every other key not listed here is refused)
 
 A leaf is ``{"trigger": name, <one of "above" | "below" | "target_rate">, <trigger parameters>,
 "label": unique name (default: the trigger's), "weight": priority weight in [0, 1],
-"window": calibration window}``; ``human_disagreement`` and ``challenger_disagreement`` default to
-``"above": 0`` (fire whenever they disagree). ``target_rate`` fires on the trigger's interesting
+"window": calibration window}``; ``human_disagreement``, ``challenger_disagreement`` and their
+``box_`` counterparts default to ``"above": 0`` (fire whenever they disagree). A spec is for one kind
+of model: classifier triggers (entropy, margin...) read logits, detector triggers (``box_*``, e.g.
+``{"trigger": "box_flicker", "iou": 0.5, "above": 0.4}``) read boxes, and a spec mixing them is
+refused; novelty and random work for both. ``target_rate`` fires on the trigger's interesting
 side (see :data:`trigger.triggers.TRIGGERS`). Budgets give exactly one of ``rate_per_s``,
 ``rate_per_min``, ``rate_per_hour``, ``rate_per_day`` (0 = a lifetime cap of ``burst``) and a
 ``burst`` (default 1).

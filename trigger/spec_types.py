@@ -175,6 +175,12 @@ class Spec:
         return tuple(leaf.label for leaf in self.leaves)
 
     @property
+    def task(self) -> str | None:
+        """The kind of model the spec's triggers read: "classify" (logits), "detect" (boxes), or None (either:
+        novelty and random alone). :func:`trigger.spec.parse_spec` refuses a spec that mixes the two."""
+        return next((leaf.definition.task for leaf in self.leaves if leaf.definition.task is not None), None)
+
+    @property
     def needs(self) -> frozenset[str]:
         """FrameBatch fields (and "bank") the spec cannot run without."""
         out = {need for leaf in self.leaves for need in leaf.definition.needs}

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from trigger import box_scores as _bs
 from trigger import scores as _s
 from trigger._checks import F32, F64, I64
+from trigger.boxes import Boxes
 from trigger.disagreement import _challenger, _human
 
 if TYPE_CHECKING:
@@ -26,24 +28,44 @@ __all__ = ["TRIGGERS", "Inputs", "Param", "TriggerDef"]
 
 @dataclass
 class Inputs:
-    """One validated batch as the triggers see it; shared intermediate results are cached here."""
+    """One validated batch as the triggers see it; shared intermediate results are cached here.
 
-    logits: F64  # (n, k)
-    probs: F64  # (n, k), at the spec's temperature
+    A classifier's batch has ``logits`` and ``probs``; a detector's has ``boxes`` instead (and no logits), with
+    the optional challenger's and human's boxes and, for video, ``previous``: each frame's predecessor in its
+    stream (an unknown frame where there is none) and ``gap``, the seconds between them (NaN: unknown).
+    """
+
+    logits: F64 | None = None  # (n, k)
+    probs: F64 | None = None  # (n, k), at the spec's temperature
     embeddings: F32 | None = None  # (n, d)
     human: I64 | None = None  # (n,), -1 = unknown
     challenger_probs: F64 | None = None  # (n, k), NaN rows = no challenger output
     samples: F64 | None = None  # (m, n, k)
     bank: NoveltyBank | None = None
+    boxes: Boxes | None = None  # n frames
+    challenger_boxes: Boxes | None = None
+    human_boxes: Boxes | None = None
+    previous: Boxes | None = None
+    gap: F64 | None = None  # (n,)
+    operating_threshold: float = 0.5  # the detector's DetectorSpec.operating_threshold
     cache: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def task(self) -> str:
+        return "classify" if self.logits is not None else "detect"
+
+    @property
     def n(self) -> int:
-        return int(self.logits.shape[0])
+        if self.logits is not None:
+            return int(self.logits.shape[0])
+        assert self.boxes is not None
+        return self.boxes.n
 
     @property
     def k(self) -> int:
-        return int(self.logits.shape[1])
+        if self.logits is not None:
+            return int(self.logits.shape[1])
+        return (self.boxes.k if self.boxes is not None else None) or 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,7 @@ class TriggerDef:
     bounds: Callable[[Inputs, Mapping[str, Any]], tuple[float, float]] = lambda i, p: (-math.inf, math.inf)
     costly: bool = False  # computed only for frames that still need it
     stateful: bool = False  # consumes state per frame (evaluated on every frame that passes filters)
+    task: str | None = None  # "classify" (reads logits), "detect" (reads boxes) or None (either)
 
 
 def _rows(a: F64, rows: I64 | None) -> F64:
@@ -93,16 +116,21 @@ def _cached(inputs: Inputs, key: str, make: Callable[[], F64]) -> F64:
     return out
 
 
+def _probs(i: Inputs) -> F64:
+    assert i.probs is not None  # a classifier trigger runs on a classifier's batch (checked when it is read)
+    return i.probs
+
+
 def _least_confidence(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
-    return _rows(_cached(i, "least_confidence", lambda: _s._least_confidence(i.probs)), rows)
+    return _rows(_cached(i, "least_confidence", lambda: _s._least_confidence(_probs(i))), rows)
 
 
 def _margin(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
-    return _rows(_cached(i, "margin", lambda: _s._margin(i.probs)), rows)
+    return _rows(_cached(i, "margin", lambda: _s._margin(_probs(i))), rows)
 
 
 def _entropy(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
-    h = _cached(i, "entropy", lambda: _s._entropy(i.probs))
+    h = _cached(i, "entropy", lambda: _s._entropy(_probs(i)))
     if p.get("normalize"):
         h = h / math.log(i.k) if i.k > 1 else np.zeros_like(h)
     return _rows(h, rows)
@@ -110,7 +138,9 @@ def _entropy(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
 
 def _energy(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
     t = float(p.get("temperature", 1.0))
-    return _rows(_cached(i, f"energy@{t}", lambda: _s._energy(i.logits, t)), rows)
+    assert i.logits is not None
+    logits = i.logits
+    return _rows(_cached(i, f"energy@{t}", lambda: _s._energy(logits, t)), rows)
 
 
 def _bald(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
@@ -126,7 +156,7 @@ def _variation_ratio(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
 def _human_disagreement(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
     if i.human is None:
         return np.full(i.n if rows is None else len(rows), np.nan)
-    probs = i.probs if rows is None else i.probs[rows]
+    probs = _rows(_probs(i), rows)
     human = i.human if rows is None else i.human[rows]
     return _human(probs, human, int(p.get("top_k", 1)), bool(p.get("weighted", False)))
 
@@ -134,7 +164,7 @@ def _human_disagreement(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F6
 def _challenger_disagreement(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
     if i.challenger_probs is None:
         return np.full(i.n if rows is None else len(rows), np.nan)
-    probs = i.probs if rows is None else i.probs[rows]
+    probs = _rows(_probs(i), rows)
     q = i.challenger_probs if rows is None else i.challenger_probs[rows]
     known = np.isfinite(q).all(axis=1)
     return _challenger(probs, q, known, int(p.get("top_k", 1)), bool(p.get("weighted", False)))
@@ -164,44 +194,191 @@ def _log_k(i: Inputs, p: Mapping[str, Any]) -> tuple[float, float]:
 def _members(i: Inputs) -> int:
     return 1 if i.samples is None else int(i.samples.shape[0])
 
+# -- detectors: per-box triggers (trigger.box_scores) ------------------------------------------------------------
+
+
+def _box_floor(i: Inputs, p: Mapping[str, Any], default: float | None = None) -> float:
+    f = p.get("floor")
+    if f is not None:
+        return float(f)
+    return i.operating_threshold if default is None else default
+
+
+def _model_boxes(i: Inputs) -> Boxes:
+    assert i.boxes is not None  # a detector trigger runs on a detector's batch (checked when it is read)
+    return i.boxes
+
+
+def _box_uncertainty(measure: str, reduce: str) -> Compute:
+    def compute(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+        floor, norm = _box_floor(i, p), bool(p.get("normalize", False))
+        b = _model_boxes(i)
+        per_box = _cached(i, f"per-box:{measure}:{norm}", lambda: _bs._per_box(b, measure, norm))
+        return _rows(_cached(i, f"box:{measure}:{reduce}:{floor}:{norm}",
+                             lambda: _bs._uncertainty(b, measure, reduce, floor, norm, per_box)), rows)
+    return compute
+
+
+def _box_ambiguous(share: bool) -> Compute:
+    def compute(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+        t = p.get("threshold")
+        t = i.operating_threshold if t is None else float(t)
+        band = float(p.get("band", 0.1))
+        floor = _box_floor(i, p, max(t - band, 0.0))
+        return _rows(_cached(i, f"ambiguous:{share}:{t}:{band}:{floor}",
+                             lambda: _bs._ambiguous(_model_boxes(i), t - band, t + band, floor, share)), rows)
+    return compute
+
+
+def _box_compare(other: str) -> Compute:
+    def compute(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+        theirs: Boxes | None = getattr(i, other)
+        if theirs is None:
+            return np.full(i.n if rows is None else len(rows), np.nan)
+        iou, floor, classes = float(p.get("iou", 0.5)), _box_floor(i, p), bool(p.get("classes", True))
+        return _rows(_cached(i, f"{other}:{iou}:{floor}:{classes}",
+                             lambda: _bs._compare(_model_boxes(i), theirs, iou, floor, classes).score), rows)
+    return compute
+
+
+def _previous(i: Inputs, p: Mapping[str, Any]) -> Boxes | None:
+    if i.previous is None or i.gap is None:
+        return None
+    gap = p.get("max_gap")
+    return _bs._limit_gap(i.previous, i.gap, None if gap is None else float(gap))
+
+
+def _box_flicker(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    prev = _previous(i, p)
+    if prev is None:
+        return np.full(i.n if rows is None else len(rows), np.nan)
+    iou, floor, classes = float(p.get("iou", 0.5)), _box_floor(i, p), bool(p.get("classes", True))
+    return _rows(_cached(i, f"flicker:{iou}:{floor}:{classes}:{p.get('max_gap')}",
+                         lambda: _bs._compare(_model_boxes(i), prev, iou, floor, classes).score), rows)
+
+
+def _box_instability(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    prev = _previous(i, p)
+    if prev is None:
+        return np.full(i.n if rows is None else len(rows), np.nan)
+    floor = _box_floor(i, p)
+    return _rows(_cached(i, f"instability:{floor}:{p.get('max_gap')}",
+                         lambda: _bs._instability(_model_boxes(i), prev, floor)), rows)
+
+
+_FLOOR = Param("floor", float, None, low=0.0, high=1.0, optional=True,
+               doc="leave out boxes scoring under this (default: the detector's operating threshold)")
+_IOU = Param("iou", float, 0.5, low=0.01, high=1.0, doc="IoU at which two boxes are the same object")
+_CLASSES = Param("classes", bool, True, doc="a box matched with a box of another class counts as an error")
+_MAX_GAP = Param("max_gap", float, None, low=1e-6, optional=True,
+                 doc="seconds: a previous frame older than this is no predecessor (needs FrameBatch.timestamps)")
+_MEASURES = {
+    "entropy": ("the entropy of each box's class distribution (nats; 0..1 with normalize)", True),
+    "margin": ("1 - (top-1 - top-2) of each box's class distribution (high when two classes compete)", False),
+    "least_confidence": ("1 - the top class probability of each box (0..1 with normalize)", True),
+    "low_score": ("1 - each box's score (Lightly's objectness least confidence with 'mean')", False),
+}
+_REDUCE = {"max": "the largest of", "mean": "the mean of", "sum": "the sum (grows with the box count) of"}
+
+
+def _uncertainty_bounds(measure: str, reduce: str) -> Callable[[Inputs, Mapping[str, Any]], tuple[float, float]]:
+    def bounds(i: Inputs, p: Mapping[str, Any]) -> tuple[float, float]:
+        if reduce == "sum":
+            return 0.0, math.inf
+        if measure == "entropy" and not p.get("normalize"):
+            return _log_k(i, p)
+        if measure == "least_confidence" and not p.get("normalize") and i.k > 0:
+            return 0.0, 1.0 - 1.0 / i.k
+        return 0.0, 1.0
+    return bounds
+
+
+def _box_uncertainty_defs() -> list[TriggerDef]:
+    out = []
+    for measure, (what, normalizable) in _MEASURES.items():
+        for reduce, how in _REDUCE.items():
+            params = (_FLOOR, Param("normalize", bool, False, doc="scale to [0, 1]")) if normalizable else (_FLOOR,)
+            out.append(TriggerDef(
+                f"box_{measure}_{reduce}", f"{how} {what}, over boxes scoring >= floor (0 for a frame without one).",
+                "above", _box_uncertainty(measure, reduce), params=params,
+                needs=("boxes",) if measure == "low_score" else ("boxes", "box_probs"),
+                bounds=_uncertainty_bounds(measure, reduce), task="detect",
+            ))
+    return out
+
+
+def _box_defs() -> list[TriggerDef]:
+    band = (
+        Param("threshold", float, None, low=0.0, high=1.0, optional=True,
+              doc="the band's centre (default: the detector's operating threshold)"),
+        Param("band", float, 0.1, low=0.0, high=0.5, doc="half-width of the band of ambiguous scores"),
+        Param("floor", float, None, low=0.0, high=1.0, optional=True,
+              doc="share of the boxes scoring at least this (default: the band's lower edge)"),
+    )
+    compare = (_IOU, _FLOOR, _CLASSES)
+    return [
+        *_box_uncertainty_defs(),
+        TriggerDef("box_ambiguous_share", "share of the boxes whose score is within band of the operating threshold.",
+                   "above", _box_ambiguous(True), params=band, needs=("boxes",), bounds=lambda i, p: (0.0, 1.0),
+                   task="detect"),
+        TriggerDef("box_ambiguous_count", "how many boxes score within band of the operating threshold.", "above",
+                   _box_ambiguous(False), params=band, needs=("boxes",), bounds=lambda i, p: (0.0, math.inf),
+                   task="detect"),
+        TriggerDef("box_human_disagreement", "1 - F1 of the model's boxes against the human's (NaN where unknown).",
+                   "above", _box_compare("human_boxes"), params=compare, needs=("boxes",), uses=("human_boxes",),
+                   default_threshold=0.0, bounds=lambda i, p: (0.0, 1.0), weight=0.8, task="detect"),
+        TriggerDef("box_challenger_disagreement", "1 - F1 of the model's boxes against the challenger's.", "above",
+                   _box_compare("challenger_boxes"), params=compare, needs=("boxes",), uses=("challenger_boxes",),
+                   default_threshold=0.0, bounds=lambda i, p: (0.0, 1.0), weight=0.5, task="detect"),
+        TriggerDef("box_flicker", "1 - F1 against the previous frame of the stream: boxes that appear, vanish, "
+                   "jump or change class (NaN without one).", "above", _box_flicker, params=(*compare, _MAX_GAP),
+                   needs=("boxes",), uses=("stream", "timestamps"), bounds=lambda i, p: (0.0, 1.0), weight=0.5,
+                   task="detect"),
+        TriggerDef("box_instability", "1 - score-weighted localization stability (Kao et al. 2018) against the "
+                   "previous frame of the stream.", "above", _box_instability, params=(_FLOOR, _MAX_GAP),
+                   needs=("boxes",), uses=("stream", "timestamps"), bounds=lambda i, p: (0.0, 1.0), weight=0.4,
+                   task="detect"),
+    ]
+
 
 TRIGGERS: dict[str, TriggerDef] = {
     t.name: t
     for t in (
         TriggerDef(
             "least_confidence", "1 - max probability: high when the top class is weak.", "above",
-            _least_confidence, bounds=lambda i, p: (0.0, 1.0 - 1.0 / i.k),
+            _least_confidence, bounds=lambda i, p: (0.0, 1.0 - 1.0 / i.k), task="classify",
         ),
         TriggerDef(
             "margin", "top-1 minus top-2 probability: SMALL when two classes compete (use 'below').", "below",
-            _margin, bounds=lambda i, p: (0.0, 1.0),
+            _margin, bounds=lambda i, p: (0.0, 1.0), task="classify",
         ),
         TriggerDef(
             "entropy", "Shannon entropy of the prediction in nats (0..log k, or 0..1 with normalize).", "above",
             _entropy, params=(Param("normalize", bool, False, doc="divide by log k so values are in [0, 1]"),),
-            bounds=lambda i, p: (0.0, 1.0) if p.get("normalize") else _log_k(i, p),
+            bounds=lambda i, p: (0.0, 1.0) if p.get("normalize") else _log_k(i, p), task="classify",
         ),
         TriggerDef(
             "energy", "free energy -T logsumexp(logits/T): high = out of distribution (unbounded).", "above",
-            _energy, params=(Param("temperature", float, 1.0, low=1e-6, doc="energy temperature T"),),
+            _energy, params=(Param("temperature", float, 1.0, low=1e-6, doc="energy temperature T"),), task="classify",
         ),
         TriggerDef(
             "bald", "mutual information across MC/ensemble samples (needs FrameBatch.samples).", "above",
-            _bald, needs=("samples",), bounds=_log_k, weight=0.4,
+            _bald, needs=("samples",), bounds=_log_k, weight=0.4, task="classify",
         ),
         TriggerDef(
             "variation_ratio", "share of samples that vote against the modal class (needs samples).", "above",
             _variation_ratio, needs=("samples",), bounds=lambda i, p: (0.0, 1.0 - 1.0 / _members(i)), weight=0.4,
+            task="classify",
         ),
         TriggerDef(
             "human_disagreement", "the human's action is outside the model's top-k (NaN where unknown).", "above",
             _human_disagreement, params=(_TOP_K, _WEIGHTED), uses=("human",), default_threshold=0.0,
-            bounds=lambda i, p: (0.0, 1.0), weight=0.8,
+            bounds=lambda i, p: (0.0, 1.0), weight=0.8, task="classify",
         ),
         TriggerDef(
             "challenger_disagreement", "the challenger's top class is outside the model's top-k.", "above",
             _challenger_disagreement, params=(_TOP_K, _WEIGHTED), uses=("challenger_logits",), default_threshold=0.0,
-            bounds=lambda i, p: (0.0, 1.0), weight=0.5,
+            bounds=lambda i, p: (0.0, 1.0), weight=0.5, task="classify",
         ),
         TriggerDef(
             "novelty", "mean cosine distance to the k nearest novelty-bank entries (needs embeddings).", "above",
@@ -218,5 +395,6 @@ TRIGGERS: dict[str, TriggerDef] = {
             _random, params=(Param("seed", int, 0, low=0, doc="seed of this leaf's generator"),),
             bounds=lambda i, p: (0.0, 1.0), weight=0.1, stateful=True,
         ),
+        *_box_defs(),
     )
 }

@@ -11,12 +11,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from fleet.edge.campaigns import Campaigns
-from fleet.edge.config import AgentConfig
+from fleet.edge.config import VIDEO_KINDS, AgentConfig
 from fleet.edge.control import ControlLoop
 from fleet.edge.decider import Decider
 from fleet.edge.enrollment import load_enrollment
@@ -99,6 +99,7 @@ class Agent:
             heartbeat_s=config.heartbeat.interval_s, poll_s=config.ota.poll_interval_s,
         )
         self._stop = threading.Event()
+        self._stop_source: Callable[[], None] | None = None
         self._bad_batches = 0
         self._window: list[Inferred] = []
         self._window_frames = 0
@@ -107,6 +108,8 @@ class Agent:
     def stop(self) -> None:
         """Ask the loop to finish its batch and shut down cleanly (safe from a signal handler)."""
         self._stop.set()
+        if self._stop_source is not None:
+            self._stop_source()
 
     def run(self, *, max_frames: int | None = None) -> RunSummary:
         if max_frames is not None and max_frames < 1:
@@ -199,8 +202,15 @@ class Agent:
                     log.info("source %s: going on from frame %d of %d (%s)", s.path, npz.start, len(npz),
                              self.cursor.path)
                 src = npz
+            elif s.kind in VIDEO_KINDS:
+                from fleet.edge.video import open_video
+
+                src = open_video(s)
             else:
-                src = open_source(s.kind, s.path, loop=s.loop)
+                src = open_source(s.kind, s.target, loop=s.loop)
+        self._stop_source = getattr(src, "stop", None)  # a live source waits to reconnect: stop() ends that
+        if self._stop_source is not None and self._stop.is_set():
+            self._stop_source()
         return paced(iter(src), self.config.source.fps)
 
     def _advance_cursor(self, window: Sequence[Inferred]) -> None:

@@ -57,17 +57,25 @@ def enroll(
 def run(
     config: Path = CONFIG,
     max_frames: int | None = typer.Option(None, "--max-frames", min=1, help="Stop after this many frames."),
+    source: str | None = typer.Option(
+        None, "--source", help="Read this source instead of the config's [source]: KIND:PATH (npz, folder, replay, "
+        "video: a video file or folder), camera:/dev/video0, or a stream URL (rtsp://..., http://...). The "
+        "config's other [source] keys (max_fps, channels, timeouts...) still apply."),
 ) -> None:
     """Run the agent until the source ends, --max-frames is reached, or SIGTERM/SIGINT arrives."""
+    import dataclasses
     import signal
 
     from fleet.edge.agent import Agent
-    from fleet.edge.config import load_config
+    from fleet.edge.config import load_config, source_from_spec
     from fleet.errors import FlywheelError
 
     _logging()
     try:
-        agent = Agent(load_config(config))
+        cfg = load_config(config)
+        if source is not None:
+            cfg = dataclasses.replace(cfg, source=source_from_spec(source, cfg.source, cwd=Path.cwd()))
+        agent = Agent(cfg)
     except FlywheelError as exc:
         _fail(str(exc))
 

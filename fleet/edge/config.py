@@ -18,10 +18,24 @@ Example (every key but ``device_id``, ``hub.url`` and ``source`` has a default):
     trigger_max_delay_s = 1.0           # decide sooner once the oldest frame has waited this long
 
     [source]
-    kind = "replay"                     # npz | folder | replay
-    path = "frames/replay.jsonl"
-    loop = false
-    fps = 0                             # 0: as fast as frames come
+    kind = "replay"                     # npz | folder | replay | video | stream | camera
+    path = "frames/replay.jsonl"        # npz, folder, replay; video: a video file or a folder of them
+    loop = false                        # file kinds: start again at the end
+    fps = 0                             # file kinds: pace frames at this rate, like a camera (0: as fast as they come)
+    # video, stream and camera (the `video` extra, PyAV; see fleet/edge/video.py):
+    # url = "rtsp://user:pass@cam.local/stream1"   # stream: rtsp(s), http(s), rtmp(s), udp, rtp, srt, tcp
+    # device = "/dev/video0"            # camera, read with `format` (v4l2 on Linux when empty)
+    # format = ""                       # FFmpeg input format, when it cannot be guessed
+    # options = { video_size = "1280x720", framerate = "30", input_format = "mjpeg" }   # FFmpeg options
+    # max_fps = 0                       # drop frames above this rate (files: stream time; live: wall clock)
+    # channels = 3                      # 3: RGB, 1: gray (decoded straight to gray: for 1-channel models)
+    # width = 0                         # scale frames with FFmpeg (0: as decoded; one alone keeps the aspect)
+    # height = 0
+    # open_timeout_s = 10               # stream and camera: a connection or a read that waits longer drops
+    # read_timeout_s = 10
+    # reconnect_base_s = 0.5            # then reconnect with jittered exponential backoff (fleet/retry.py)
+    # reconnect_max_s = 8
+    # reconnect_deadline_s = 300        # give up after this long without a connection (0: never)
 
     [spool]
     max_bytes = 67108864
@@ -54,11 +68,15 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fleet.edge.streamurl import check_stream_url
 from fleet.errors import InvalidInput
 from fleet.protocol import NAME_RE
 
 FLEET_SECRET_ENV = "FLYWHEEL_FLEET_SECRET"
-SOURCE_KINDS = ("npz", "folder", "replay")
+FILE_KINDS = ("npz", "folder", "replay", "video")
+LIVE_KINDS = ("stream", "camera")
+SOURCE_KINDS = (*FILE_KINDS, *LIVE_KINDS)
+VIDEO_KINDS = ("video", *LIVE_KINDS)
 
 
 @dataclass(frozen=True)
@@ -81,9 +99,36 @@ class RuntimeConfig:
 @dataclass(frozen=True)
 class SourceConfig:
     kind: str
-    path: Path
+    path: Path | None = None  # file kinds
     loop: bool = False
-    fps: float = 0.0
+    fps: float = 0.0  # file kinds: pace
+    url: str = ""  # stream
+    device: str = ""  # camera
+    format: str = ""  # stream, camera: FFmpeg input format
+    options: tuple[tuple[str, str], ...] = ()  # video kinds: FFmpeg options, as (name, value) pairs
+    max_fps: float = 0.0  # video kinds: drop frames above this rate
+    channels: int = 3
+    width: int = 0
+    height: int = 0
+    open_timeout_s: float = 10.0
+    read_timeout_s: float = 10.0
+    reconnect_base_s: float = 0.5
+    reconnect_max_s: float = 8.0
+    reconnect_deadline_s: float = 300.0  # 0: never give up
+
+    @property
+    def target(self) -> str:
+        """What the source reads: the path, the URL or the device."""
+        return self.url if self.kind == "stream" else self.device if self.kind == "camera" else str(self.path)
+
+
+# the [source] keys that apply to some kinds only (the rest apply to all)
+SOURCE_KEYS_FOR: dict[str, tuple[str, ...]] = {
+    "path": FILE_KINDS, "loop": FILE_KINDS, "fps": FILE_KINDS, "url": ("stream",), "device": ("camera",),
+    "format": VIDEO_KINDS, "options": VIDEO_KINDS, "max_fps": VIDEO_KINDS, "channels": VIDEO_KINDS,
+    "width": VIDEO_KINDS, "height": VIDEO_KINDS, "open_timeout_s": LIVE_KINDS, "read_timeout_s": LIVE_KINDS,
+    "reconnect_base_s": LIVE_KINDS, "reconnect_max_s": LIVE_KINDS, "reconnect_deadline_s": LIVE_KINDS,
+}
 
 
 @dataclass(frozen=True)
@@ -196,6 +241,8 @@ def _check_keys(raw: dict[str, Any], cls: type, section: str) -> None:
 
 
 def _coerce(cls: type, section: str, key: str, value: Any, base_dir: Path) -> Any:
+    if (section, key) == ("source", "options"):
+        return _ffmpeg_options(value)
     if (section, key) in _PATH_KEYS:
         if not isinstance(value, str):
             raise InvalidInput(f"agent config: {section}.{key} must be a path string; received {value!r}")
@@ -210,6 +257,15 @@ def _coerce(cls: type, section: str, key: str, value: Any, base_dir: Path) -> An
         raise InvalidInput(f"agent config: {section}.{key} must be {_tname(expected)}; received {value!r}")
     number: Any = value
     return float(number) if isinstance(expected, tuple) else value
+
+
+def _ffmpeg_options(value: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"agent config: source.options must be a table of FFmpeg options; received {value!r:.80}")
+    for k, v in value.items():
+        if isinstance(v, (dict, list)):
+            raise InvalidInput(f"agent config: source.options.{k} must be a string or a number; received {v!r:.80}")
+    return tuple((str(k), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in value.items())
 
 
 def _tname(t: type | tuple[type, ...]) -> str:
@@ -243,11 +299,7 @@ def _validate(cfg: AgentConfig) -> None:
             f"agent config: runtime.trigger_window must be in 1..4096; received {cfg.runtime.trigger_window}"
         )
     positive("runtime.trigger_max_delay_s", cfg.runtime.trigger_max_delay_s, allow_zero=True)
-    if cfg.source.kind not in SOURCE_KINDS:
-        raise InvalidInput(
-            f"agent config: source.kind must be one of {list(SOURCE_KINDS)}; received {cfg.source.kind!r}"
-        )
-    positive("source.fps", cfg.source.fps, allow_zero=True)
+    _validate_source(cfg.source)
     if cfg.spool.max_bytes < 64 * 1024:
         raise InvalidInput(f"agent config: spool.max_bytes must be >= 65536; received {cfg.spool.max_bytes}")
     positive("uplink.bytes_per_minute", cfg.uplink.bytes_per_minute, allow_zero=True)
@@ -272,3 +324,66 @@ def _validate(cfg: AgentConfig) -> None:
     positive("ota.poll_interval_s", cfg.ota.poll_interval_s)
     if not 1 <= cfg.ota.health_frames <= 256:
         raise InvalidInput(f"agent config: ota.health_frames must be in 1..256; received {cfg.ota.health_frames}")
+
+
+def source_from_spec(spec: str, base: SourceConfig, *, cwd: Path) -> SourceConfig:
+    """``base`` with its source replaced by a command-line ``spec``: ``KIND:PATH`` (npz, folder, replay, video;
+    relative to ``cwd``), ``camera:DEVICE``, or a stream URL (``rtsp://...``, ``http://...``). The other keys
+    (``max_fps``, timeouts...) stay as the config says, unless they do not apply to the new kind."""
+    kind, sep, rest = spec.partition(":")
+    if sep and rest.startswith("//"):
+        kind, rest = "stream", spec
+    elif not sep or kind not in SOURCE_KINDS or not rest:
+        raise InvalidInput(
+            f"--source must be KIND:PATH with KIND in {list(FILE_KINDS)}, camera:DEVICE, or a stream URL "
+            f"such as rtsp://host/path; received {spec!r}")
+    applies = {f.name for f in fields(SourceConfig) if kind in SOURCE_KEYS_FOR.get(f.name, (kind,))}
+    keep = {k: getattr(base, k) for k in applies - {"kind", "path", "url", "device"}}
+    if kind == "stream":
+        keep["url"] = rest
+    elif kind == "camera":
+        keep["device"] = rest
+    else:
+        keep["path"] = _path(rest, cwd)
+    out = SourceConfig(kind=kind, **keep)
+    _validate_source(out)
+    return out
+
+
+def _validate_source(s: SourceConfig) -> None:
+    if s.kind not in SOURCE_KINDS:
+        raise InvalidInput(f"agent config: source.kind must be one of {list(SOURCE_KINDS)}; received {s.kind!r}")
+    defaults = SourceConfig(kind=s.kind)
+    for key, kinds in SOURCE_KEYS_FOR.items():
+        if s.kind not in kinds and getattr(s, key) != getattr(defaults, key):
+            hint = "; a live source comes at its own pace: source.max_fps caps it" if key == "fps" else ""
+            raise InvalidInput(
+                f"agent config: source.{key} applies to kind {' or '.join(map(repr, kinds))} only; "
+                f"source.kind is {s.kind!r}{hint}")
+    if s.kind in FILE_KINDS and s.path is None:
+        raise InvalidInput(f"agent config: source.path is required for kind {s.kind!r}")
+    if s.kind == "stream":
+        if not s.url:
+            raise InvalidInput("agent config: source.url is required for kind 'stream' (e.g. rtsp://host/path)")
+        check_stream_url(s.url)
+    if s.kind == "camera" and not s.device:
+        raise InvalidInput("agent config: source.device is required for kind 'camera' (e.g. /dev/video0)")
+    for key in ("fps", "max_fps"):
+        v = getattr(s, key)
+        if not 0 <= v < float("inf"):
+            raise InvalidInput(f"agent config: source.{key} must be >= 0 (0: no limit); received {v!r}")
+    if s.channels not in (1, 3):
+        raise InvalidInput(f"agent config: source.channels must be 3 (RGB) or 1 (gray); received {s.channels!r}")
+    for key in ("width", "height"):
+        if not 0 <= getattr(s, key) <= 8192:
+            raise InvalidInput(f"agent config: source.{key} must be in 0..8192 (0: as decoded); "
+                               f"received {getattr(s, key)!r}")
+    for key in ("open_timeout_s", "read_timeout_s", "reconnect_base_s"):
+        if not 0 < getattr(s, key) < float("inf"):
+            raise InvalidInput(f"agent config: source.{key} must be > 0 seconds; received {getattr(s, key)!r}")
+    if not s.reconnect_base_s <= s.reconnect_max_s < float("inf"):
+        raise InvalidInput(f"agent config: source.reconnect_max_s must be >= reconnect_base_s "
+                           f"({s.reconnect_base_s}); received {s.reconnect_max_s!r}")
+    if not 0 <= s.reconnect_deadline_s < float("inf"):
+        raise InvalidInput(f"agent config: source.reconnect_deadline_s must be >= 0 seconds (0: never give up); "
+                           f"received {s.reconnect_deadline_s!r}")

@@ -49,10 +49,13 @@ class Telemetry:
         flagged: int,
         human: NDArray[Any] | None = None,
         challenger_predicted: NDArray[Any] | None = None,
+        challenger_agrees: NDArray[Any] | None = None,
     ) -> None:
         """One processed batch. ``predicted``: (n,) top-1 classes; ``human``: (n,) with -1 = unknown;
         ``latency_ms``: per-frame latency, one number for all or (n,); ``challenger_predicted``: (n,) or None.
-        Entries of -1 in ``predicted``/``challenger_predicted`` (no valid output) are left out of comparisons."""
+        Entries of -1 in ``predicted``/``challenger_predicted`` (no valid output) are left out of comparisons.
+        ``challenger_agrees``: (n,) the agreement already decided per frame (a detector's box sets: 1 agree,
+        0 disagree, -1 not comparable), counted instead of comparing ``challenger_predicted``."""
         n = len(predicted)
         with self._lock:
             self.frames_seen += n
@@ -70,6 +73,9 @@ class Telemetry:
                 both = valid & (challenger_predicted >= 0)
                 self.challenger_compared += int(both.sum())
                 self.challenger_agreed += int((predicted[both] == challenger_predicted[both]).sum())
+            if challenger_agrees is not None:
+                self.challenger_compared += int((challenger_agrees >= 0).sum())
+                self.challenger_agreed += int((challenger_agrees == 1).sum())
 
     def record_flagged(self, n: int) -> None:
         with self._lock:

@@ -1,7 +1,10 @@
 """Run an ONNX model under onnxruntime, with preprocessing read from its manifest's input spec.
 
 Any frame size and 1, 3 or 4 channels go in; the manifest's InputSpec (size, channels, scale,
-mean/std, layout) decides what the model sees. Nothing about a model is hard-coded here.
+mean/std, layout) decides what the model sees, and its task which outputs come out: a classifier's
+``logits`` and ``embedding``, or a detector's dense ``boxes``, ``scores`` and ``embedding``, decoded into
+kept boxes per frame as its DetectorSpec says (:mod:`fleet.edge.detector`). Nothing about a model is
+hard-coded here.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fleet.edge.detector import Detections, decode
 from fleet.errors import PermanentError
 from fleet.protocol import InputSpec, ModelManifest
+from fleet.protocol.model import OUTPUTS
 
 log = logging.getLogger(__name__)
 
 INTERPOLATIONS = ("bilinear", "nearest")
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2, as Pillow's convert("L")
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
 class ModelError(PermanentError):
@@ -30,10 +36,15 @@ class ModelError(PermanentError):
 
 @dataclass
 class Outputs:
-    """What one forward pass returns: ``logits`` (n, k) and ``embedding`` (n, d), float32."""
+    """What one forward pass returns: ``embedding`` (n, d) and, for a classifier, ``logits`` (n, k); for a
+    detector, ``detections`` (the boxes kept on each frame) and the dense outputs they came from,
+    ``boxes`` (n, A, 4) and ``scores`` (n, A, k). Float32."""
 
-    logits: NDArray[Any]
+    logits: NDArray[Any] | None
     embedding: NDArray[Any]
+    detections: Detections | None = None
+    boxes: NDArray[Any] | None = None
+    scores: NDArray[Any] | None = None
 
 
 class Preprocessor:
@@ -151,14 +162,64 @@ class ModelRuntime:
                 f"model {self.version!r} input shape {shape} does not match its manifest's input spec "
                 f"({spec.layout}, expected [n, {', '.join(map(str, want))}])"
             )
+        if self.manifest.task == "detect":
+            self._check_detect_outputs()
+            return
         names = [o.name for o in self.session.get_outputs()]
         if "logits" not in names or "embedding" not in names:
-            raise ModelError(f"model {self.version!r} must have outputs 'logits' and 'embedding'; it has {names}")
+            hint = " (those of a 'detect' model)" if set(OUTPUTS["detect"]) <= set(names) else ""
+            raise ModelError(f"model {self.version!r} must have outputs 'logits' and 'embedding'; it has {names}{hint}")
+
+    def _check_detect_outputs(self) -> None:
+        """Refuse a detector whose outputs do not match its manifest: names ``boxes``, ``scores``, ``embedding``;
+        shapes ``(n, A, 4)``, ``(n, A, k)`` with ``k`` the manifest's class count and ``(n, d)`` with ``d`` its
+        ``embedding_dim``. Symbolic dimensions are left to the health check, which runs the model."""
+        outputs = {o.name: o for o in self.session.get_outputs()}
+        v, want_names = self.version, OUTPUTS["detect"]
+        if not set(want_names) <= set(outputs):
+            hint = " (those of a 'classify' model)" if set(OUTPUTS["classify"]) <= set(outputs) else ""
+            raise ModelError(f"model {v!r} (task 'detect') must have outputs {want_names}; "
+                             f"it has {list(outputs)}{hint}")
+        k, d = len(self.manifest.class_names), self.manifest.embedding_dim
+        want: dict[str, tuple[tuple[Any, ...], str]] = {
+            "boxes": (("n", "A", 4), "4 = x1, y1, x2, y2"),
+            "scores": (("n", "A", k), f"k = {k} classes in the manifest's class_names"),
+            "embedding": (("n", d), f"d = the manifest's embedding_dim {d}"),
+        }
+        for name, (shape, why) in want.items():
+            got = outputs[name].shape
+            if len(got) != len(shape) or any(isinstance(g, int) and isinstance(w, int) and g != w
+                                             for g, w in zip(got, shape, strict=True)):
+                raise ModelError(f"model {v!r}: output {name!r} has shape {got}, expected "
+                                 f"({', '.join(map(str, shape))}) with {why}")
+            if outputs[name].type not in FLOAT_TYPES:
+                raise ModelError(f"model {v!r}: output {name!r} is {outputs[name].type}, expected one of "
+                                 f"{list(FLOAT_TYPES)}")
+        a_boxes, a_scores = outputs["boxes"].shape[1], outputs["scores"].shape[1]
+        if isinstance(a_boxes, int) and isinstance(a_scores, int) and a_boxes != a_scores:
+            raise ModelError(f"model {v!r}: outputs 'boxes' and 'scores' must cover the same anchors; they have "
+                             f"{a_boxes} and {a_scores}")
 
     def infer(self, tensor: NDArray[Any]) -> Outputs:
         """Forward pass on an already preprocessed batch."""
+        if self.manifest.detector is not None:
+            return self._detect(tensor)
         logits, embedding = self.session.run(["logits", "embedding"], {self.input_name: tensor})
         return Outputs(logits=logits, embedding=embedding)
+
+    def _detect(self, tensor: NDArray[Any]) -> Outputs:
+        """A detector's forward pass, its dense outputs checked against the manifest and decoded."""
+        m = self.manifest
+        assert m.detector is not None
+        boxes, scores, embedding = self.session.run(OUTPUTS["detect"], {self.input_name: tensor})
+        n, k, d = len(tensor), len(m.class_names), m.embedding_dim
+        a = boxes.shape[1] if boxes.ndim >= 2 else "A"
+        for name, arr, want in (("boxes", boxes, (n, a, 4)), ("scores", scores, (n, a, k)),
+                                ("embedding", embedding, (n, d))):
+            if tuple(arr.shape) != want:
+                raise ModelError(f"model {m.version!r}: {name} shape {tuple(arr.shape)}, expected {want}")
+        return Outputs(logits=None, embedding=embedding, detections=decode(boxes, scores, m.detector),
+                       boxes=boxes, scores=scores)
 
     def run(self, images: Sequence[NDArray[Any]]) -> Outputs:
         """Preprocess frames and run the model on them."""
@@ -177,10 +238,24 @@ def health_check(runtime: ModelRuntime, frames: Sequence[NDArray[Any]]) -> None:
     except Exception as exc:  # a runtime failure inside onnxruntime
         raise ModelError(f"model {m.version!r} failed to run on {len(frames)} health-check frames: {exc}") from exc
     n, k, d = len(frames), len(m.class_names), m.embedding_dim
+    if out.detections is not None:  # a detector: its outputs' shapes were checked as it ran
+        _check_finite(m, ("boxes", out.boxes), ("scores", out.scores), ("embedding", out.embedding))
+        assert out.scores is not None
+        lo, hi = (float(out.scores.min()), float(out.scores.max())) if out.scores.size else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:
+            raise ModelError(f"model {m.version!r}: health check: scores range over [{lo:.4g}, {hi:.4g}], "
+                             f"expected per-class scores in [0, 1]")
+        return
+    assert out.logits is not None  # a classifier
     for name, arr, want in (("logits", out.logits, (n, k)), ("embedding", out.embedding, (n, d))):
         if tuple(arr.shape) != want:
             raise ModelError(f"model {m.version!r}: health check: {name} shape {tuple(arr.shape)}, expected {want}")
-        if not np.all(np.isfinite(arr)):
+        _check_finite(m, (name, arr))
+
+
+def _check_finite(m: ModelManifest, *named: tuple[str, NDArray[Any] | None]) -> None:
+    for name, arr in named:
+        if arr is not None and not np.all(np.isfinite(arr)):
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
             raise ModelError(f"model {m.version!r}: health check: {name} holds {bad} NaN or infinite values")
 

@@ -6,6 +6,9 @@ Deciding over a window (64 frames by default) rather than per frame keeps the tr
 per call off each frame; the library gives the same scores, firings and priorities either way, and
 a shadow-mode decision is not urgent. The challenger is never acted on: its outputs only feed the
 agreement counters, the triggers that compare against it, and the context recorded with a case.
+
+A detector's batch carries the boxes each model kept per frame (:class:`~fleet.edge.detector.Detections`);
+the challenger agrees on a frame when both found the same objects (IoU matching at 0.5, same classes).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fleet.edge.campaigns import Campaign
+from fleet.edge.detector import Detections, best_labels, box_sets_agree
 from fleet.edge.ota import LoadedModels
 from fleet.edge.recorder import Capture, new_case_id
 from fleet.edge.runtime import ModelRuntime, Outputs
@@ -37,11 +41,13 @@ class Inferred:
 
     frames: list[Frame]
     models: LoadedModels  # the models that produced these outputs
-    logits: NDArray[Any]  # (n, k) active
+    logits: NDArray[Any] | None  # (n, k) active; None for a detector
     embedding: NDArray[Any]  # (n, d) active
     challenger_logits: NDArray[Any] | None  # (n, k), or None without a (working) challenger
     latency_ms: float  # active model, per frame (preprocess + inference)
     seen_at: float  # unix seconds when the batch was inferred
+    detections: Detections | None = None  # a detector's boxes per frame
+    challenger_detections: Detections | None = None  # the challenger's, or None without a (working) challenger
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -52,12 +58,15 @@ class WindowResult:
     """What a decision window produced. Arrays are (n,) over the window's frames."""
 
     captures: list[Capture]
-    predicted: NDArray[Any]  # active top-1; -1 where its outputs were not finite
+    predicted: NDArray[Any]  # active top-1 (a detector: its best box's class, -1 for none); -1 where not finite
     human: NDArray[Any]  # -1 = unknown (or a class the model does not have)
     challenger_predicted: NDArray[Any] | None  # -1 = not comparable
     latency_ms: NDArray[Any]  # per frame
-    nonfinite: int  # frames whose active outputs held NaN or inf (never passed to the triggers)
+    nonfinite: int  # frames whose active outputs held NaN or inf (or a detector's scores left [0, 1]); never triggered
     models: LoadedModels | None = None  # the models that produced the window
+    detections: Detections | None = None  # a detector's boxes per frame
+    challenger_detections: Detections | None = None
+    challenger_agrees: NDArray[Any] | None = None  # a detector's: 1 same objects, 0 not, -1 not comparable
 
 
 def infer(frames: Sequence[Frame], models: LoadedModels, *, now: float | None = None) -> Inferred:
@@ -73,7 +82,8 @@ def infer(frames: Sequence[Frame], models: LoadedModels, *, now: float | None = 
     return Inferred(
         frames=list(frames), models=models, logits=out.logits, embedding=out.embedding,
         challenger_logits=None if ch_out is None else ch_out.logits, latency_ms=latency_ms,
-        seen_at=time.time() if now is None else now,
+        seen_at=time.time() if now is None else now, detections=out.detections,
+        challenger_detections=None if ch_out is None else ch_out.detections,
     )
 
 
@@ -84,6 +94,8 @@ def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_
     now = time.time() if now is None else now
     models = window[0].models
     assert all(w.models is models for w in window), "a decision window must hold one model generation"
+    if window[0].detections is not None:
+        return _decide_detections(window, campaigns)
     frames = [f for w in window for f in w.frames]
     n = len(frames)
     cat = (lambda xs: xs[0]) if len(window) == 1 else np.concatenate
@@ -160,17 +172,55 @@ def _run_challenger(challenger: ModelRuntime | None, active: ModelRuntime, image
                     tensor: NDArray[Any]) -> Outputs | None:
     if challenger is None:
         return None
+    task, ch_task = active.manifest.task, challenger.manifest.task
+    if ch_task != task:
+        _log_once(f"task-{challenger.version}", f"challenger {challenger.version} is a {ch_task!r} model beside a "
+                  f"{task!r} active model; not run")
+        return None
     try:
         same = challenger.preprocess.key() == active.preprocess.key()
         out = challenger.infer(tensor if same else challenger.preprocess(images))
     except Exception as exc:  # the challenger may be broken; it must never stop the active model
         log.warning("challenger %s failed on a batch: %s", challenger.version, exc)
         return None
+    if out.logits is None:  # a detector: its outputs were checked against its own manifest as it ran
+        k, ch_k = len(active.manifest.class_names), len(challenger.manifest.class_names)
+        if ch_k != k:
+            _log_once(f"shape-{challenger.version}", f"challenger {challenger.version} has another class list than "
+                      f"the active model ({ch_k} vs {k}); not compared")
+            return None
+        return out
     if out.logits.shape != (len(images), len(active.manifest.class_names)):
         _log_once(f"shape-{challenger.version}", f"challenger {challenger.version} has another class list than "
                   f"the active model ({out.logits.shape[1]} vs {len(active.manifest.class_names)}); not compared")
         return None
     return out
+
+
+def _decide_detections(window: Sequence[Inferred], campaigns: Sequence[Campaign]) -> WindowResult:
+    """A detector's window: its boxes and its challenger's, compared frame by frame. ``predicted`` is the class
+    of each frame's best box (-1 when it found none); a human action given as a class is not comparable with
+    boxes, so ``human`` is all -1."""
+    models = window[0].models
+    assert models.active is not None and models.active.manifest.detector is not None
+    dets = Detections.concat([w.detections for w in window if w.detections is not None])
+    n = len(dets)
+    cat = (lambda xs: xs[0]) if len(window) == 1 else np.concatenate
+    ok = dets.known_mask & _finite_rows(cat([w.embedding for w in window]))
+    predicted = np.where(ok, best_labels(dets), -1)
+    ch = agrees = None
+    if models.challenger is not None and all(w.challenger_detections is not None for w in window):
+        assert models.challenger.manifest.detector is not None
+        ch = Detections.concat([w.challenger_detections for w in window if w.challenger_detections is not None])
+        agrees = box_sets_agree(dets, ch, a_threshold=models.active.manifest.detector.operating_threshold,
+                                b_threshold=models.challenger.manifest.detector.operating_threshold)
+        agrees[~ok] = -1
+    latency = np.repeat([w.latency_ms for w in window], [len(w) for w in window])
+    for campaign in campaigns:  # the per-box triggers are not wired into the agent yet
+        _log_once(f"detect-{campaign.key}", f"campaign {campaign.key} is not evaluated: this device runs a "
+                  f"detector ({models.active.version}) and the agent does not pass boxes to the triggers yet")
+    return WindowResult([], predicted, np.full(n, -1, np.int64), None, latency, int(n - ok.sum()), models,
+                        detections=dets, challenger_detections=ch, challenger_agrees=agrees)
 
 
 def _finite_rows(*arrays: NDArray[Any]) -> NDArray[Any]:

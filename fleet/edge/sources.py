@@ -1,7 +1,8 @@
 """Frame sources: npz arrays, an image folder, and a replay stream. Each is an iterator of Frames.
 
-A camera adapter only has to yield :class:`Frame` objects too. Bad input is refused with the file,
-the line or the index, what was received and what was expected.
+Video files, RTSP/HTTP streams and cameras are in :mod:`fleet.edge.video` (the ``video`` extra), reached
+through :func:`open_source` too. Bad input is refused with the file, the line or the index, what was
+received and what was expected.
 
 Replay stream (JSONL, one frame per line; image paths relative to the JSONL file)::
 
@@ -13,51 +14,39 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from fleet.edge.frame import Frame, check_image
 from fleet.errors import InvalidInput
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+VIDEO_KINDS = ("video", "stream", "camera")  # through PyAV: fleet.edge.video
 MAX_TAGS = 32
 
 
-@dataclass
-class Frame:
-    """One frame: pixels (uint8, HxW or HxWxC with C in 1, 3, 4), the human's action if known, tags."""
-
-    image: NDArray[Any]
-    frame_id: str
-    human_action: int | None = None
-    tags: dict[str, str] = field(default_factory=dict)
-    ts: float | None = None  # capture time, unix seconds; None: when the agent saw it
-    position: int | None = None  # index in a source that can resume (npz): see SourceCursor
-
-
-def check_image(image: Any, where: str) -> NDArray[Any]:
-    """Return ``image`` as a uint8 HxW or HxWxC array, or raise InvalidInput saying what was wrong."""
-    arr = np.asarray(image)
-    if arr.dtype != np.uint8:
-        raise InvalidInput(f"{where}: image must be uint8; received dtype {arr.dtype}")
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or 0 in arr.shape:
-        raise InvalidInput(f"{where}: image must be HxW or HxWxC with C in (1, 3, 4); received shape {arr.shape}")
-    return arr
-
-
-def open_source(kind: str, path: Path, *, loop: bool = False) -> Iterator[Frame]:
-    """The source named ``kind`` (npz, folder, replay) over ``path``."""
+def open_source(kind: str, path: str | Path, *, loop: bool = False, **options: Any) -> Iterator[Frame]:
+    """The source named ``kind`` over ``path``: npz, folder, replay; video (a file or a folder of them),
+    stream (``path`` is the URL), camera (``path`` is the device). ``options``: the video sources' keyword
+    arguments (see :mod:`fleet.edge.video`)."""
     builders: dict[str, type[NpzSource | ImageFolderSource | ReplaySource]] = {
         "npz": NpzSource, "folder": ImageFolderSource, "replay": ReplaySource,
     }
-    if kind not in builders:
-        raise InvalidInput(f"unknown source kind {kind!r}; expected one of {sorted(builders)}")
-    return iter(builders[kind](path, loop=loop))
+    kinds = [*builders, *VIDEO_KINDS]
+    if kind not in kinds:
+        raise InvalidInput(f"unknown source kind {kind!r}; expected one of {kinds}")
+    if kind in VIDEO_KINDS:
+        from fleet.edge.video import LiveSource, VideoFileSource
+
+        if kind == "video":
+            return iter(VideoFileSource(path, loop=loop, **options))
+        return iter(LiveSource(str(path), kind=kind, **options))
+    if options:
+        raise InvalidInput(f"source kind {kind!r} takes no options; received {sorted(options)}")
+    return iter(builders[kind](Path(path), loop=loop))
 
 
 def paced(frames: Iterator[Frame], fps: float) -> Iterator[Frame]:

@@ -4,14 +4,14 @@ Routes take the hub and the caller through ``Annotated`` aliases (``HubDep``, ``
 request body is parsed by the message type itself (``Message.from_dict``: strict keys, the schema version,
 ranges; a :class:`~fleet.errors.ProtocolError` is a 422 through the app's one error mapping), after
 :class:`fleet.hub.bodies.BodyGuard` has checked its size, encoding and depth. :func:`request_body` puts the
-message's JSON schema into the OpenAPI document; routes declare their ``response_model`` the same way, so
-the document describes every request and every response.
+message's JSON schema into the OpenAPI document (:func:`multipart_body` the parts of an upload); routes declare
+their ``response_model`` the same way, and answer with :func:`message_response`, so the document describes
+every request and every response (tests/hub/test_openapi.py checks it, and that the answers match it).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request, Response
@@ -29,11 +29,12 @@ DeviceCaller = Annotated[Principal, Depends(require("device"))]
 LabelerCaller = Annotated[Principal, Depends(require("labeler"))]
 TrainerCaller = Annotated[Principal, Depends(require("trainer"))]
 ReaderCaller = Annotated[Principal, Depends(require("labeler", "trainer"))]
+AnyCaller = Annotated[Principal, Depends(require("device", "labeler", "trainer"))]  # model files, novelty banks
 
 
-def message_body(kind: type[M], *, optional: bool = False) -> Callable[..., Any]:
+def message_body(kind: type[M], *, optional: bool = False) -> Any:
     """A dependency that reads the request's JSON body as ``kind`` (an empty body is ``kind()`` when
-    ``optional``)."""
+    ``optional``); typed ``Any`` as FastAPI's ``Depends`` is, so ``body: Kind = message_body(Kind)`` checks."""
     async def parse(request: Request) -> M | None:
         raw = await request.body()
         if not raw.strip():
@@ -47,13 +48,22 @@ def message_body(kind: type[M], *, optional: bool = False) -> Callable[..., Any]
         return kind.from_dict(data)
 
     parse.__name__ = f"parse_{kind.__name__}"
-    return Depends(parse)  # type: ignore[no-any-return]
+    return Depends(parse)
 
 
 def request_body(kind: type[Message], *, required: bool = True) -> dict[str, Any]:
     """``openapi_extra`` for a route whose body is ``kind``: its JSON schema, definitions inlined."""
     return {"requestBody": {"required": required,
                             "content": {"application/json": {"schema": schema_of(kind)}}}}
+
+
+def multipart_body(parts: dict[str, str], *, files: tuple[str, ...] = (), description: str = "") -> dict[str, Any]:
+    """``openapi_extra`` for a ``multipart/form-data`` route: ``parts`` by name -> what each holds (the ones
+    named in ``files`` are binary file parts)."""
+    props = {name: {"type": "string", "description": text, **({"format": "binary"} if name in files else {})}
+             for name, text in parts.items()}
+    schema = {"type": "object", "required": list(parts), "properties": props, "description": description}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
 def schema_of(kind: type[Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,10 +11,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 from sqlalchemy.engine import Engine
 
-from fleet.errors import FlywheelError, status_for
+from fleet.errors import FlywheelError, ProtocolError, headers_for, status_for
 from fleet.hub.blobs import BlobStore, FileBlobStore
 from fleet.hub.bodies import BodyGuard
 from fleet.hub.context import Hub
@@ -87,41 +85,19 @@ def create_app_from_env() -> FastAPI:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = exc.errors()
-        if any(e.get("type") == "json_invalid" for e in errors):
-            msg = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
-            return JSONResponse({"detail": f"request body is not valid JSON ({msg}); expected a JSON object"},
-                                status_code=400)
-        parts = []
-        for e in errors[:10]:
-            loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
-            received = e.get("input")
-            parts.append(f"{loc}: {e.get('msg')}; received {_short(received)}")
-        return JSONResponse({"detail": "; ".join(parts), "errors": _jsonable(errors)}, status_code=422)
-
-    @app.exception_handler(ValidationError)
-    async def _pydantic(request: Request, exc: ValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'body'}: {e.get('msg')}; received "
-                 f"{_short(e.get('input'))}" for e in exc.errors()[:10]]
-        return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
-
     @app.exception_handler(FlywheelError)
     async def _fault(request: Request, exc: FlywheelError) -> JSONResponse:
         """Every fault the hub's own code raises, mapped once (fleet.errors.status_for)."""
-        after = getattr(exc, "retry_after", None)
-        headers = {"Retry-After": str(max(1, math.ceil(after)))} if after is not None else None
-        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc), headers=headers)
+        return JSONResponse({"detail": str(exc)}, status_code=status_for(exc), headers=headers_for(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A query or path parameter FastAPI checked (bodies are fleet.protocol messages): a ProtocolError."""
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ())) or 'request'}: {e.get('msg')}; received "
+                 f"{_short(e.get('input'))}" for e in exc.errors()[:10]]
+        return await _fault(request, ProtocolError("; ".join(parts)))
 
 
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _jsonable(errors: Any) -> Any:
-    out = []
-    for e in errors:
-        out.append({"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")})
-    return out

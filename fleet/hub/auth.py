@@ -15,12 +15,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
+from fleet.errors import Forbidden, Unauthorized
 from fleet.hub.context import Hub, get_hub
-from fleet.hub.models import SCOPES, ApiToken
+from fleet.hub.models import ApiToken
+from fleet.protocol import SCOPES
 
 TOKEN_PREFIX = "fwt_"
 BOOTSTRAP_ADMIN = "bootstrap-admin"
@@ -77,8 +79,7 @@ def bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(401, detail="missing bearer token: send 'Authorization: Bearer <token>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     return token.strip()
 
 
@@ -96,10 +97,10 @@ def require(*scopes: str) -> Callable[..., Awaitable[Principal]]:
         if cached is None:
             principal = await run_in_threadpool(lookup_token, hub, token)
         if principal is None:
-            raise HTTPException(401, detail="unknown or revoked token", headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized("unknown or revoked token")
         if principal.scope not in allowed:
-            raise HTTPException(403, detail=f"a {principal.scope} token may not call {request.method} "
-                                            f"{request.url.path}; it needs scope {sorted(allowed)}")
+            raise Forbidden(f"a {principal.scope} token may not call {request.method} {request.url.path}; it needs "
+                            f"scope {sorted(allowed)}")
         return principal
 
     return dependency
@@ -110,8 +111,8 @@ def require_device(principal: Principal, device_id: str, what: str) -> None:
     if principal.is_admin:
         return
     if principal.device_id != device_id:
-        raise HTTPException(403, detail=f"this token is bound to device {principal.device_id!r}; "
-                                        f"the {what} names device {device_id!r}")
+        raise Forbidden(f"this token is bound to device {principal.device_id!r}; the {what} names device "
+                        f"{device_id!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def image_query(secret: str, case_id: str, ttl_s: float, *, now: float | None = 
 
 def check_image_signature(secret: str, case_id: str, exp: int, sig: str, *, now: float) -> None:
     if exp < now:
-        raise HTTPException(403, detail=f"image link expired at {exp} (now {int(now)}); ask for a fresh selection")
+        raise Forbidden(f"image link expired at {exp} (now {int(now)}); ask for a fresh selection")
     # as bytes: compare_digest refuses str with non-ASCII characters (a 500 on a garbled link)
     if not hmac.compare_digest(sign_image(secret, case_id, exp).encode(), (sig or "").encode("utf-8", "replace")):
-        raise HTTPException(403, detail="image link signature does not verify")
+        raise Forbidden("image link signature does not verify")

@@ -6,7 +6,10 @@ Two layers, so that no body reaches a parser unchecked:
   chunked bodies without Content-Length), a deadline for receiving the whole body (408 and the
   connection closed, so a client that sends half a body and stalls does not hold a connection),
   and for every JSON body (``application/json``, ``*+json`` or no Content-Type) the checks of
-  :func:`check_json_text` before FastAPI parses it.
+  :func:`check_json_text` before FastAPI parses it. What it refuses is a fault of fleet.errors
+  (PayloadTooLarge, RequestTimeout, UnsupportedMedia, InvalidInput), answered with the status the
+  whole hub answers it with (:func:`fleet.errors.status_for`), before FastAPI, or by the app's
+  handler when the app is the one reading the body.
 - :func:`parse_json` for JSON that arrives inside something else (a multipart part, the webhook
   body, a stored event): the same size, encoding and depth checks, then ``json.loads``.
 
@@ -23,22 +26,23 @@ import re
 from typing import Any
 
 import numpy as np
-from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fleet.errors import (
+    FlywheelError,
+    InvalidInput,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMedia,
+    headers_for,
+    status_for,
+)
 from fleet.hub.settings import HubSettings
 
 _BOMS = ((b"\xef\xbb\xbf", "UTF-8 with a byte-order mark"), (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
 # a JSON string literal, unrolled so that long strings match in one step
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-
-
-class BodyRefused(HTTPException):
-    """A 4xx for a body that fails a limit; closes the connection when the body may not have been read."""
-
-    def __init__(self, status: int, detail: str, *, close: bool = False) -> None:
-        super().__init__(status, detail=detail, headers={"Connection": "close"} if close else None)
 
 
 def json_depth(text: str) -> int:
@@ -58,43 +62,43 @@ def json_depth(text: str) -> int:
 
 
 def decode_json_bytes(raw: bytes, what: str) -> str:
-    """``raw`` as text, or a 415 saying it is not UTF-8 JSON (UTF-16, a BOM, invalid bytes)."""
+    """``raw`` as text, or :class:`UnsupportedMedia` saying it is not UTF-8 JSON (UTF-16, a BOM, invalid bytes)."""
     for bom, name in _BOMS:
         if raw.startswith(bom):
-            raise BodyRefused(415, f"{what} is {name}; expected UTF-8 JSON without a byte-order mark "
+            raise UnsupportedMedia(f"{what} is {name}; expected UTF-8 JSON without a byte-order mark "
                                    f"(received {len(raw)} bytes starting {raw[:8]!r})")
     if len(raw) >= 2 and (raw[0] == 0 or raw[1] == 0):
-        raise BodyRefused(415, f"{what} holds NUL bytes at its start (UTF-16 or UTF-32?); expected UTF-8 JSON "
+        raise UnsupportedMedia(f"{what} holds NUL bytes at its start (UTF-16 or UTF-32?); expected UTF-8 JSON "
                                f"(received {len(raw)} bytes starting {raw[:8]!r})")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BodyRefused(415, f"{what} is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}); "
+        raise UnsupportedMedia(f"{what} is not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}); "
                                f"expected UTF-8 JSON") from None
 
 
 def check_json_text(raw: bytes | str, what: str, *, max_bytes: int, max_depth: int) -> str:
     """Size, encoding and nesting checks of a JSON document, before it is parsed; returns its text."""
     if len(raw) > max_bytes:
-        raise BodyRefused(413, f"{what} is {len(raw)} bytes; the limit is {max_bytes}")
+        raise PayloadTooLarge(f"{what} is {len(raw)} bytes; the limit is {max_bytes}")
     text = decode_json_bytes(raw, what) if isinstance(raw, bytes) else raw
     if text.count("[") + text.count("{") <= max_depth:  # cannot nest deeper than it has brackets
         return text
     depth = json_depth(text)
     if depth > max_depth:
-        raise BodyRefused(400, f"{what} nests arrays/objects {depth} levels deep; the limit is {max_depth}")
+        raise InvalidInput(f"{what} nests arrays/objects {depth} levels deep; the limit is {max_depth}")
     return text
 
 
-def parse_json(raw: bytes | str, what: str, *, max_bytes: int, max_depth: int, invalid_status: int = 400) -> Any:
-    """Check ``raw`` (see :func:`check_json_text`) and parse it; every failure is a 4xx naming ``what``
-    (``invalid_status`` for text that is not JSON at all)."""
+def parse_json(raw: bytes | str, what: str, *, max_bytes: int, max_depth: int,
+               invalid: type[FlywheelError] = InvalidInput) -> Any:
+    """Check ``raw`` (see :func:`check_json_text`) and parse it; every failure is a permanent fault naming
+    ``what`` (``invalid`` for text that is not JSON at all)."""
     text = check_json_text(raw, what, max_bytes=max_bytes, max_depth=max_depth)
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:  # ValueError: also ints past Python's digit limit
-        raise BodyRefused(invalid_status, f"{what} is not valid JSON ({str(exc)[:200]}); "
-                                          f"received {text[:60]!r}") from None
+        raise invalid(f"{what} is not valid JSON ({str(exc)[:200]}); received {text[:60]!r}") from None
 
 
 def loads_or_none(text: str, *, max_depth: int) -> tuple[Any, str | None]:
@@ -145,7 +149,8 @@ class BodyGuard:
         headers = dict(scope.get("headers", []))
         declared = _content_length(headers.get(b"content-length"))
         if declared is not None and declared > limit:
-            await _refuse(send, 413, f"request body of {declared} bytes is over this route's limit of {limit} bytes")
+            await _refuse(send, PayloadTooLarge(f"request body of {declared} bytes is over this route's limit of "
+                                                f"{limit} bytes"))
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -160,14 +165,13 @@ class BodyGuard:
                 async with asyncio.timeout_at(deadline):  # no task per message, unlike wait_for
                     message = await receive()
             except TimeoutError:
-                raise BodyRefused(408, f"request body not received within {timeout:g} s (received {seen} bytes"
-                                       f"{f' of {declared}' if declared is not None else ''}); send it faster or "
-                                       f"in smaller requests", close=True) from None
+                raise RequestTimeout(f"request body not received within {timeout:g} s (received {seen} bytes"
+                                     f"{f' of {declared}' if declared is not None else ''}); send it faster or "
+                                     f"in smaller requests") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyRefused(413, f"request body of more than {limit} bytes is over this route's limit",
-                                      close=True)
+                    raise PayloadTooLarge(f"request body of more than {limit} bytes is over this route's limit")
                 done = not message.get("more_body", False)
             else:
                 done = True
@@ -188,9 +192,9 @@ class BodyGuard:
             if _is_json(headers.get(b"content-type")) and scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
                 guarded_receive = await self._checked_json(guarded_receive)
             await self.app(scope, guarded_receive, tracking_send)
-        except BodyRefused as exc:
+        except FlywheelError as exc:  # refused here, before the app (the app answers its own refusals)
             if not started:
-                await _refuse(send, exc.status_code, str(exc.detail))
+                await _refuse(send, exc)
 
     async def _checked_json(self, receive: Receive) -> Receive:
         """Read the whole (bounded) JSON body, check it, and hand the app a receive that replays it."""
@@ -239,12 +243,14 @@ def _is_json(content_type: bytes | None) -> bool:
     return mime == b"application/json" or mime.endswith(b"+json")
 
 
-async def _refuse(send: Send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
+async def _refuse(send: Send, fault: FlywheelError) -> None:
+    """Answer ``fault`` as the app's handler would (its status from fleet.errors) and close the connection."""
+    body = json.dumps({"detail": str(fault)}).encode()
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers_for(fault).items()]
+    await send({"type": "http.response.start", "status": status_for(fault),
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *extra]})
     await send({"type": "http.response.body", "body": body})
 
 
-__all__ = ["BodyGuard", "BodyRefused", "check_json_text", "json_depth", "loads_or_none", "parse_json"]
+__all__ = ["BodyGuard", "check_json_text", "json_depth", "loads_or_none", "parse_json"]

@@ -1,7 +1,6 @@
-"""``flywheel hub`` (serve, migrate, token, enrollment-token, sweep-blobs), ``flywheel models``, ``flywheel campaigns``.
-
-``hub`` commands act on the hub's own database (run them where the hub runs, with its environment);
-``models`` and ``campaigns`` talk to a running hub over HTTP with an admin token.
+"""``flywheel hub`` (serve, migrate, token, enrollment-token, sweep-blobs): commands that act on the hub's own
+database (run them where the hub runs, with its environment). ``flywheel models`` and ``flywheel campaigns``,
+which talk to a running hub over HTTP, are in :mod:`fleet.hub.admin_cli`.
 """
 
 from __future__ import annotations
@@ -17,26 +16,11 @@ import typer
 app = typer.Typer(help="Serve the hub and manage its tokens.", no_args_is_help=True)
 token_app = typer.Typer(help="Create, list and revoke API tokens (admin, labeler, trainer).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
-models_app = typer.Typer(help="List, promote and roll back model versions.", no_args_is_help=True)
-campaigns_app = typer.Typer(help="Apply, list and delete trigger campaigns.", no_args_is_help=True)
-
-HUB_URL = typer.Option("http://127.0.0.1:8000", "--hub", envvar="FLYWHEEL_HUB_URL", help="The hub's base URL.")
-TOKEN = typer.Option(..., "--token", envvar="FLYWHEEL_HUB_TOKEN", help="An admin token for the hub.")
 
 
 @app.callback()
 def _hub() -> None:
     """Serve the hub and manage its tokens."""
-
-
-@models_app.callback()
-def _models() -> None:
-    """List, promote and roll back model versions."""
-
-
-@campaigns_app.callback()
-def _campaigns() -> None:
-    """Apply, list and delete trigger campaigns."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,9 +193,7 @@ def enrollment_token(
     """Print a one-time enrollment token for DEVICE_ID (the device runs 'flywheel agent enroll --enrollment-token')."""
     import time
 
-    from fastapi import HTTPException
-
-    from fleet.errors import ProtocolError
+    from fleet.errors import Conflict, ProtocolError
     from fleet.hub.db import make_engine, migrate, write_session
     from fleet.hub.enrollment import issue_grant
     from fleet.protocol import check_name
@@ -229,8 +211,8 @@ def enrollment_token(
         with write_session(engine) as s:
             token, _expires = issue_grant(s, device_id=device_id, group=group, now=time.time(),
                                           ttl_s=ttl_s or settings.enrollment_token_ttl_s, created_by="cli")
-    except HTTPException as exc:
-        typer.echo(f"error: {exc.detail}", err=True)
+    except Conflict as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     finally:
         engine.dispose()
@@ -261,120 +243,6 @@ def sweep_blobs(
     finally:
         engine.dispose()
     typer.echo(json.dumps(report.to_dict(), sort_keys=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# flywheel models / campaigns (over HTTP)
-# ---------------------------------------------------------------------------------------------
-
-
-def _call(hub: str, token: str, method: str, path: str, **kw: Any) -> Any:
-    import httpx
-
-    try:
-        r = httpx.request(method, hub.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"},
-                          timeout=30.0, **kw)
-    except httpx.HTTPError as exc:
-        typer.echo(f"error: cannot reach the hub at {hub}: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if r.status_code >= 400:
-        try:
-            detail = r.json().get("detail", r.text)
-        except ValueError:
-            detail = r.text
-        typer.echo(f"error: {method} {path} -> {r.status_code}: {detail}", err=True)
-        raise typer.Exit(1)
-    return r.json() if r.content else None
-
-
-@models_app.command("list")
-def models_list(hub: str = HUB_URL, token: str = TOKEN, as_json: bool = typer.Option(False, "--json")) -> None:
-    """Every registered version with its parent, status and metrics."""
-    rows = _call(hub, token, "GET", "/v1/models")
-    if as_json:
-        typer.echo(json.dumps(rows, indent=2))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("version", "parent", "status", "metrics")
-    for m in rows:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m["metrics"].items()))
-        table.add_row(m["version"], m["parent_version"] or "-", m["status"], metrics)
-    Console().print(table)
-
-
-@models_app.command("promote")
-def models_promote(
-    version: str = typer.Argument(...),
-    override: bool = typer.Option(False, "--override", help="Make it active now instead of rolling it out to the "
-                                  "whole fleet first (recorded with --reason; still undone if every device "
-                                  "refuses it)."),
-    reason: str = typer.Option("promoted by an operator", help="Recorded with the promotion."),
-    hub: str = HUB_URL, token: str = TOKEN,
-) -> None:
-    """Promote VERSION: the first model at once; over an active one, a rollout to the whole fleet with the
-    rollout's checks, completed after FLYWHEEL_HUB_PROMOTE_HOLD_S (or --override: active now)."""
-    m = _call(hub, token, "POST", f"/v1/models/{version}/promote", json={"override": override, "reason": reason})
-    ro = m.get("rollout")
-    if ro is None:
-        typer.echo(f"{m['version']} is {m['status']}")
-    elif ro["kind"] == "override":
-        typer.echo(f"{m['version']} is {m['status']} by admin override (rollout {ro['rollout_id']} watches it for "
-                   f"{ro['stage_seconds']:g} s; undone if the devices refuse it)")
-    else:
-        typer.echo(f"{m['version']} is rolling out to the whole fleet as rollout {ro['rollout_id']}; it becomes "
-                   f"active after {ro['stage_seconds']:g} s unless the devices' evidence rolls it back "
-                   f"(--override makes it active now)")
-
-
-@models_app.command("rollback")
-def models_rollback(
-    to: str | None = typer.Option(None, "--to", help="Version to re-activate (default: the previous one)."),
-    reason: str = typer.Option("rolled back by an operator", help="Recorded with the rollback."),
-    hub: str = HUB_URL, token: str = TOKEN,
-) -> None:
-    """Roll back the running rollout, or re-activate the previously active version."""
-    r = _call(hub, token, "POST", "/v1/models/rollback", json={"to": to, "reason": reason})
-    typer.echo(f"rolled back {r['rolled_back']}; active: {r['active']}")
-
-
-@campaigns_app.command("apply")
-def campaigns_apply(
-    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Trigger spec JSON (or {spec, groups})."),
-    group: list[str] = typer.Option([], "--group", help="Aim at this device group (repeatable; default all)."),
-    novelty_bank: str | None = typer.Option(None, "--novelty-bank", help="Ship this novelty bank with it."),
-    hub: str = HUB_URL, token: str = TOKEN,
-) -> None:
-    """Create or update a campaign from FILE (validated by the hub with trigger.parse_spec)."""
-    try:
-        doc = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        typer.echo(f"error: {file} is not JSON: {exc}", err=True)
-        raise typer.Exit(2) from None
-    body = doc if isinstance(doc, dict) and "spec" in doc else {"spec": doc}
-    if group:
-        body["groups"] = group
-    if novelty_bank:
-        body["novelty_bank"] = novelty_bank
-    c = _call(hub, token, "POST", "/v1/campaigns", json=body)
-    state = "unchanged" if c.get("already") else "applied"
-    typer.echo(f"{state}: {c['campaign_id']} v{c['version']} -> groups {c['groups'] or ['*']}")
-
-
-@campaigns_app.command("list")
-def campaigns_list(hub: str = HUB_URL, token: str = TOKEN) -> None:
-    """The newest version of each live campaign."""
-    for c in _call(hub, token, "GET", "/v1/campaigns"):
-        flag = " (expired)" if c.get("expired") else ""
-        typer.echo(f"{c['campaign_id']}\tv{c['version']}\t{','.join(c['groups']) or '*'}{flag}")
-
-
-@campaigns_app.command("delete")
-def campaigns_delete(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
-    """Withdraw a campaign from every device."""
-    r = _call(hub, token, "DELETE", f"/v1/campaigns/{campaign_id}")
-    typer.echo(f"deleted {r['campaign_id']} ({r['deleted_versions']} versions)")
 
 
 if __name__ == "__main__":  # pragma: no cover

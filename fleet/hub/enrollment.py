@@ -29,9 +29,9 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from fastapi import HTTPException
 from sqlmodel import Session, col, func, select
 
+from fleet.errors import Conflict, Forbidden, TooManyRequests, Unauthorized
 from fleet.hub.auth import Principal, hash_token, lookup_token
 from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_session
@@ -58,8 +58,9 @@ class Granted:
     group: str | None = None  # a grant's group, which wins over the request's
 
 
-class Refused(HTTPException):
-    """A refused enrollment: recorded in the audit and counted against the client."""
+# what a refused enrollment is (recorded in the audit and counted against the client): refused credentials
+# (Unauthorized, 401; Forbidden, 403) or an id the credentials cannot enroll again (Conflict, 409)
+REFUSALS = (Unauthorized, Conflict)
 
 
 def check_rate(hub: Hub, client: str) -> None:
@@ -73,65 +74,65 @@ def check_rate(hub: Hub, client: str) -> None:
     if n >= cfg.enroll_max_failures:
         retry = max(1, int((first or since) + cfg.enroll_failure_window_s - hub.now()) + 1)
         log.warning("enrollment from %s refused: %d failed attempts in %.0f s", client, n, cfg.enroll_failure_window_s)
-        raise HTTPException(429, detail=f"{n} failed enrollment attempts from {client} in the last "
-                                        f"{cfg.enroll_failure_window_s:g} s; the limit is {cfg.enroll_max_failures}: "
-                                        f"retry after {retry} s", headers={"Retry-After": str(retry)})
+        raise TooManyRequests(f"{n} failed enrollment attempts from {client} in the last "
+                              f"{cfg.enroll_failure_window_s:g} s; the limit is {cfg.enroll_max_failures}: "
+                              f"retry after {retry} s", retry_after=retry)
 
 
 def authorize(hub: Hub, s: Session, device_id: str, creds: Credentials) -> Granted:
-    """Which credential lets this request enroll ``device_id`` (or a :class:`Refused` saying why not)."""
+    """Which credential lets this request enroll ``device_id`` (or one of :data:`REFUSALS` saying why not)."""
     device = s.get(Device, device_id)
     if device is not None and device.revoked_at is not None:
-        raise Refused(403, detail=f"device {device_id!r} was revoked; it cannot enroll again")
+        raise Forbidden(f"device {device_id!r} was revoked; it cannot enroll again")
     if creds.bearer is not None:
         return _by_bearer(hub, device_id, creds.bearer)
     if creds.enrollment_token:
         return _by_grant(hub, s, device_id, creds.enrollment_token)
     cfg = hub.settings
     if not creds.fleet_secret:
-        raise Refused(401, detail="no credentials: send fleet_secret, an enrollment_token, or "
-                                  "'Authorization: Bearer <this device's token or an admin token>'")
+        raise Unauthorized("no credentials: send fleet_secret, an enrollment_token, or "
+                           "'Authorization: Bearer <this device's token or an admin token>'")
     if not hmac.compare_digest(creds.fleet_secret.encode("utf-8", "replace"),  # (JSON may carry lone surrogates)
                                cfg.fleet_secret.get_secret_value().encode()):
-        raise Refused(401, detail="fleet secret does not match this hub's")
+        raise Unauthorized("fleet secret does not match this hub's")
     if device is not None:
-        raise Refused(409, detail=(
+        raise Conflict(
             f"device {device_id!r} is already enrolled; the fleet secret only enrolls new devices. To enroll it "
             f"again send its current token ('Authorization: Bearer ...', which 'flywheel agent enroll --force' "
             f"does), an admin token, or an enrollment token an admin issued for it "
-            f"(POST /v1/devices/{device_id}/enrollment-token or 'flywheel hub enrollment-token {device_id}')"))
+            f"(POST /v1/devices/{device_id}/enrollment-token or 'flywheel hub enrollment-token {device_id}')")
     if cfg.enrollment_require_token:
-        raise Refused(403, detail=f"this hub enrolls devices only with a per-device enrollment token; ask an "
-                                  f"admin for one for {device_id!r}")
+        raise Forbidden(f"this hub enrolls devices only with a per-device enrollment token; ask an "
+                        f"admin for one for {device_id!r}")
     if cfg.enrollment_allow and not any(fnmatch.fnmatchcase(device_id, p) for p in cfg.enrollment_allow):
-        raise Refused(403, detail=f"device id {device_id!r} is not on this hub's enrollment allow-list "
-                                  f"{cfg.enrollment_allow}; ask an admin for an enrollment token")
+        raise Forbidden(f"device id {device_id!r} is not on this hub's enrollment allow-list "
+                        f"{cfg.enrollment_allow}; ask an admin for an enrollment token")
     return Granted("fleet-secret")
 
 
 def _by_bearer(hub: Hub, device_id: str, token: str) -> Granted:
     principal: Principal | None = lookup_token(hub, token)
     if principal is None:
-        raise Refused(401, detail="unknown or revoked bearer token")
+        raise Unauthorized("unknown or revoked bearer token")
     if principal.is_admin:
         return Granted("admin")
     if principal.scope == "device" and principal.device_id == device_id:
         return Granted("device-token")
-    raise Refused(403, detail=f"a {principal.scope} token"
-                              f"{f' of device {principal.device_id!r}' if principal.device_id else ''} cannot "
-                              f"enroll device {device_id!r}")
+    raise Forbidden(f"a {principal.scope} token"
+                    f"{f' of device {principal.device_id!r}' if principal.device_id else ''} cannot "
+                    f"enroll device {device_id!r}")
 
 
 def _by_grant(hub: Hub, s: Session, device_id: str, token: str) -> Granted:
     if not token.isascii():  # every token the hub issues is ASCII
-        raise Refused(401, detail=f"enrollment token is not valid for device {device_id!r}")
+        raise Unauthorized(f"enrollment token is not valid for device {device_id!r}")
     grant = s.exec(select(EnrollmentGrant).where(EnrollmentGrant.token_hash == hash_token(token))).first()
     if grant is None or grant.device_id != device_id:
-        raise Refused(401, detail=f"enrollment token is not valid for device {device_id!r}")
+        raise Unauthorized(f"enrollment token is not valid for device {device_id!r}")
     if grant.used_at is not None:
-        raise Refused(401, detail=f"enrollment token for {device_id!r} was already used; ask for a new one")
+        raise Unauthorized(f"enrollment token for {device_id!r} was already used; ask for a new one")
     if grant.expires_at <= hub.now():
-        raise Refused(401, detail=f"enrollment token for {device_id!r} expired; ask for a new one")
+        raise Unauthorized(f"enrollment token for {device_id!r} expired; ask for a new one")
     return Granted("enrollment-token", grant_id=grant.id, group=grant.group)
 
 
@@ -158,7 +159,7 @@ def issue_grant(s: Session, *, device_id: str, group: str | None, now: float, tt
     """Add a one-time enrollment token for ``device_id`` (the caller commits); return it and its expiry."""
     device = s.get(Device, device_id)
     if device is not None and device.revoked_at is not None:
-        raise HTTPException(409, detail=f"device {device_id!r} was revoked; it cannot enroll again")
+        raise Conflict(f"device {device_id!r} was revoked; it cannot enroll again")
     token = GRANT_PREFIX + secrets.token_urlsafe(32)
     s.add(EnrollmentGrant(device_id=device_id, token_hash=hash_token(token), group=group, created_at=now,
                           expires_at=now + ttl_s, created_by=created_by))

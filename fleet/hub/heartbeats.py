@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import HTTPException
 from sqlmodel import Session
 
+from fleet.errors import NotFound, ProtocolError
 from fleet.hub import rollouts
 from fleet.hub.context import Hub
 from fleet.hub.db import upsert_add
@@ -61,7 +61,7 @@ def record_heartbeat(hub: Hub, s: Session, hb: Heartbeat) -> None:
     now = hub.now()
     device = s.get(Device, hb.device_id, with_for_update=not _sqlite(s))
     if device is None:
-        raise HTTPException(404, detail=f"unknown device {hb.device_id!r}; enroll it first")
+        raise NotFound(f"unknown device {hb.device_id!r}; enroll it first")
     current = heartbeat_values(hb)
     state = s.get(HeartbeatState, (hb.device_id, hb.boot_id))
     delta = deltas(state.values if state is not None else None, current)
@@ -71,7 +71,7 @@ def record_heartbeat(hub: Hub, s: Session, hb: Heartbeat) -> None:
                          grace_s=cfg.heartbeat_rate_grace_s)
     if why is not None:
         log.warning("heartbeat of %s refused: %s", hb.device_id, why)
-        raise HTTPException(422, detail=why)
+        raise ProtocolError(why)
     device.last_seen_at = now
     device.model_version = hb.model_version
     device.boot_id = hb.boot_id

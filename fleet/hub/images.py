@@ -10,7 +10,8 @@ bomb. The check runs in four steps, each cheap and each bounded before the next 
    100 MB stops after the first few bytes past what it may hold;
 4. decode: Pillow decodes the pixels, which refuses bad filters and other damage a CRC cannot see.
 
-Every refusal is a 415 that says what was received and what was expected.
+Every refusal is a :class:`~fleet.errors.UnsupportedMedia` (415) that says what was received and what was
+expected.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import struct
 import zlib
 from typing import NoReturn
 
-from fastapi import HTTPException
+from fleet.errors import UnsupportedMedia
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # PNG colour type -> samples per pixel
@@ -121,11 +122,11 @@ def _check_decode(data: bytes, width: int, height: int) -> None:
             if im.size != (width, height):
                 _refuse(f"image decodes to {im.size[0]}x{im.size[1]} pixels but its header says {width}x{height}")
             im.load()
-    except HTTPException:
+    except UnsupportedMedia:
         raise
     except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, ValueError... for damage
         _refuse(f"image does not decode as a PNG ({type(exc).__name__}: {str(exc)[:200]})")
 
 
 def _refuse(detail: str) -> NoReturn:
-    raise HTTPException(415, detail=detail)
+    raise UnsupportedMedia(detail)

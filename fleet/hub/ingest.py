@@ -10,11 +10,10 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from fastapi import HTTPException
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import select
 
-from fleet.errors import ProtocolError
+from fleet.errors import Conflict, PayloadTooLarge, ProtocolError
 from fleet.hub.auth import Principal, require_device
 from fleet.hub.blobs import sha256_hex
 from fleet.hub.bodies import parse_json
@@ -94,14 +93,14 @@ class PreparedCase:
 
 
 def prepare_case(hub: Hub, principal: Principal, case_text: str | bytes, image: bytes) -> PreparedCase:
-    """Parse and validate one case and its image for ``principal``; raise a 4xx (or ProtocolError) if bad.
+    """Parse and validate one case and its image for ``principal``; raise a permanent fault (fleet.errors) if bad.
 
     The single and the batch upload both go through here, so a case is accepted or refused the same
     way whichever endpoint carries it.
     """
     cfg = hub.settings
     case = Case.from_dict(parse_json(case_text, "part 'case'", max_bytes=cfg.max_json_bytes,
-                                     max_depth=cfg.max_json_depth, invalid_status=422))
+                                     max_depth=cfg.max_json_depth, invalid=ProtocolError))
     require_device(principal, case.device_id, "case")
     _check_image(hub, case, image)
     embedding, dim = _check_model(hub, case)
@@ -220,12 +219,12 @@ def _statements(hub: Hub) -> _Statements:
 def _check_image(hub: Hub, case: Case, image: bytes) -> None:
     limit = hub.settings.max_image_bytes
     if len(image) > limit:
-        raise HTTPException(413, detail=f"image is {len(image)} bytes; the limit is {limit}")
+        raise PayloadTooLarge(f"image is {len(image)} bytes; the limit is {limit}")
     if len(image) != case.image_size:
-        raise HTTPException(422, detail=f"image is {len(image)} bytes but case.image_size says {case.image_size}")
+        raise ProtocolError(f"image is {len(image)} bytes but case.image_size says {case.image_size}")
     digest = sha256_hex(image)
     if digest != case.image_sha256:
-        raise HTTPException(422, detail=f"image sha256 is {digest} but case.image_sha256 says {case.image_sha256}")
+        raise ProtocolError(f"image sha256 is {digest} but case.image_sha256 says {case.image_sha256}")
     check_png(image, max_side=hub.settings.max_image_side, max_pixels=hub.settings.max_image_pixels)
 
 
@@ -234,31 +233,27 @@ def _check_model(hub: Hub, case: Case) -> tuple[bytes | None, int | None]:
     embedding's bytes and width."""
     info = model_info(hub, case.model_version)
     if info is None:
-        raise HTTPException(422, detail=f"unknown model version {case.model_version!r}; register it at "
-                                        f"POST /v1/models before devices report cases from it")
+        raise ProtocolError(f"unknown model version {case.model_version!r}; register it at POST /v1/models "
+                            f"before devices report cases from it")
     if case.task != info.task:
-        raise HTTPException(422, detail=f"a {case.task!r} prediction from model {info.version!r}, a {info.task!r} "
-                                        f"model")
+        raise ProtocolError(f"a {case.task!r} prediction from model {info.version!r}, a {info.task!r} model")
     if case.prediction.probs is None:
-        raise HTTPException(422, detail="a device's classify prediction must carry its probs; received none")
-    try:
-        case.prediction.check_classes(info.n_classes, f"prediction of model {info.version!r}")
-        if case.human_action is not None:
-            case.human_action.check_classes(info.n_classes, "human_action")
-        if case.challenger is not None:
-            ch = model_info(hub, case.challenger.version)
-            if ch is None:
-                raise HTTPException(422, detail=f"unknown challenger version {case.challenger.version!r}")
-            case.challenger.prediction.check_classes(ch.n_classes, f"challenger {ch.version!r}")
-    except ProtocolError as exc:
-        raise HTTPException(422, detail=str(exc)) from None
+        raise ProtocolError("a device's classify prediction must carry its probs; received none")
+    case.prediction.check_classes(info.n_classes, f"prediction of model {info.version!r}")
+    if case.human_action is not None:
+        case.human_action.check_classes(info.n_classes, "human_action")
+    if case.challenger is not None:
+        ch = model_info(hub, case.challenger.version)
+        if ch is None:
+            raise ProtocolError(f"unknown challenger version {case.challenger.version!r}")
+        case.challenger.prediction.check_classes(ch.n_classes, f"challenger {ch.version!r}")
     if case.embedding is None:
         return None, None
     raw = base64.b64decode(case.embedding)
     dim = len(raw) // 2
     if dim != info.embedding_dim:
-        raise HTTPException(422, detail=f"embedding has {dim} values; model {info.version!r} has "
-                                        f"embedding_dim {info.embedding_dim}")
+        raise ProtocolError(f"embedding has {dim} values; model {info.version!r} has embedding_dim "
+                            f"{info.embedding_dim}")
     return raw, dim
 
 
@@ -314,7 +309,7 @@ def _existing(hub: Hub, case: Case) -> tuple[int, CaseReceipt] | None:
         return None
     why = conflict(case, stored)
     if why is not None:
-        raise HTTPException(409, detail=why)
+        raise Conflict(why)
     return 200, CaseReceipt(case.case_id, "already")
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from fastapi import HTTPException
-
-from fleet.errors import FlywheelError, IntegrityError, InvalidInput, ProtocolError, status_for
+from fleet.errors import Conflict, PermanentError, status_for
 from fleet.hub.auth import Principal
 from fleet.hub.bodies import loads_or_none
 from fleet.hub.context import Hub
@@ -52,8 +51,8 @@ def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, by
     for i, (text, image) in enumerate(items):
         try:
             p = prepare_case(hub, principal, text, image)
-        except (HTTPException, ProtocolError, IntegrityError, InvalidInput) as exc:
-            results[i] = _rejected(_case_id_of(text, hub.settings.max_json_depth), *_error(exc))
+        except PermanentError as exc:  # bad input, a case of another device, ...: this case only
+            results[i] = _rejected(_case_id_of(text, hub.settings.max_json_depth), exc)
             continue
         if p.case.case_id in fresh:
             repeats.append((i, p))
@@ -69,10 +68,10 @@ def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, by
         if p.case.case_id in held:  # answered against what the hub holds, like its first copy
             results[i] = _known(p, held[p.case.case_id])
         elif answer.status == REJECTED:
-            results[i] = _rejected(p.case.case_id, int(answer.error_status or 422), answer.error or "")
+            results[i] = replace(answer)  # refused as its first copy was
         else:
             why = conflict(p.case, tuple(getattr(first.case, k) for k in CASE_IDENTITY))
-            results[i] = _result(p.case.case_id, ALREADY) if why is None else _rejected(p.case.case_id, 409, why)
+            results[i] = _result(p.case.case_id, ALREADY) if why is None else _rejected(p.case.case_id, Conflict(why))
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
 
@@ -162,7 +161,7 @@ def _known(prepared: PreparedCase, stored: tuple[Any, ...]) -> CaseReceipt:
     """The answer for a case id the hub already holds, exactly as the single endpoint gives it."""
     cid = prepared.case.case_id
     why = conflict(prepared.case, stored)
-    return _result(cid, ALREADY) if why is None else _rejected(cid, 409, why)
+    return _result(cid, ALREADY) if why is None else _rejected(cid, Conflict(why))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,17 +173,9 @@ def _result(case_id: str | None, status: str, *, duplicate_of: str | None = None
     return CaseReceipt(case_id or "", status, duplicate_of=duplicate_of)
 
 
-def _rejected(case_id: str | None, status: int, detail: str) -> CaseReceipt:
-    return CaseReceipt(case_id or "", REJECTED, error_status=status, error=detail[:4000])
-
-
-def _error(exc: Exception) -> tuple[int, str]:
-    """The status and detail the single endpoint answers for ``exc`` (fleet.errors.status_for)."""
-    if isinstance(exc, HTTPException):
-        return exc.status_code, str(exc.detail)
-    if isinstance(exc, FlywheelError):
-        return status_for(exc), str(exc)
-    return 422, str(exc)
+def _rejected(case_id: str | None, fault: PermanentError) -> CaseReceipt:
+    """The receipt of a refused case: the status and detail the single endpoint answers ``fault`` with."""
+    return CaseReceipt(case_id or "", REJECTED, error_status=status_for(fault), error=str(fault)[:4000])
 
 
 def _case_id_of(text: bytes | str, max_depth: int) -> str | None:

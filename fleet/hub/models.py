@@ -1,4 +1,4 @@
-"""The hub's SQLModel tables, and the Create/Public schemas the routes speak.
+"""The hub's SQLModel tables (what crosses the wire is fleet.protocol's messages, built from these rows).
 
 Times are unix seconds (float). JSON columns hold lists and objects as sent on the wire. Every table
 here is created by the Alembic revisions in ``fleet/hub/migrations``; a test checks they agree.
@@ -10,13 +10,6 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlmodel import Field, SQLModel
-
-CASE_STATES = ("unlabeled", "queued", "labeled", "held", "duplicate")
-LABEL_STATUSES = ("accepted", "held", "gold")
-MODEL_STATUSES = ("candidate", "canary", "active", "retired")
-SCOPES = ("device", "admin", "labeler", "trainer")
-ROLLOUT_STATES = ("running", "completed", "rolled_back", "aborted")
-ROLLOUT_KINDS = ("staged", "promotion", "override")
 
 
 def _json(**kw: Any) -> Any:
@@ -88,9 +81,6 @@ class EnrollmentAttempt(SQLModel, table=True):
     outcome: str = _id(32)  # enrolled | re-enrolled | refused
     method: str = _id(32, default="")  # fleet-secret | device-token | admin | enrollment-token | ""
     detail: str = Field(default="", sa_type=sa.Text)  # type: ignore[call-overload]
-
-
-ENROLL_OUTCOMES = ("enrolled", "re-enrolled", "refused")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,12 +235,6 @@ class HeartbeatState(SQLModel, table=True):
     values: dict[str, int] = _json()
     sent_at: float
     received_at: float
-
-
-FIELD_COUNTERS = (
-    "heartbeats", "frames_seen", "flagged", "uploaded", "evicted", "upload_failures", "health_failures",
-    "human_compared", "human_disagreed", "challenger_compared", "challenger_agreed", "ota_failures",
-)
 
 
 class FieldMetric(SQLModel, table=True):

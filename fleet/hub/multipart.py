@@ -9,17 +9,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from fastapi import HTTPException
+from fleet.errors import InvalidInput, ProtocolError
 
 _BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^\s;]{1,200}))', re.IGNORECASE)
 _PARAM = re.compile(rb';\s*([A-Za-z*]+)="([^"]*)"')
 
 
-class TooManyParts(HTTPException):
+class TooManyParts(InvalidInput):
     """More parts than the caller allows (a 400; a route may answer it as it sees fit)."""
 
     def __init__(self, max_parts: int) -> None:
-        super().__init__(400, detail=f"multipart body has more than {max_parts} parts")
+        super().__init__(f"multipart body has more than {max_parts} parts")
         self.max_parts = max_parts
 
 
@@ -32,26 +32,26 @@ class Part:
 
 
 def parse_form(body: bytes, content_type: str, *, max_parts: int = 8) -> dict[str, Part]:
-    """Parts by name; 400 with a message on anything that is not well-formed multipart/form-data."""
+    """Parts by name; :class:`InvalidInput` (400) on anything that is not well-formed multipart/form-data,
+    :class:`ProtocolError` (422) on a body of another type."""
     if not content_type.lower().startswith("multipart/form-data"):
-        raise HTTPException(422, detail=f"expected a multipart/form-data body; received Content-Type "
-                                        f"{content_type[:80]!r}")
+        raise ProtocolError(f"expected a multipart/form-data body; received Content-Type {content_type[:80]!r}")
     m = _BOUNDARY.search(content_type)
     if m is None:
-        raise HTTPException(400, detail="multipart body without a boundary in its Content-Type")
+        raise InvalidInput("multipart body without a boundary in its Content-Type")
     delim = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
     chunks = body.split(delim)
     if len(chunks) < 3 or not chunks[-1].startswith(b"--"):
-        raise HTTPException(400, detail="multipart body is truncated: no closing boundary")
+        raise InvalidInput("multipart body is truncated: no closing boundary")
     parts: dict[str, Part] = {}
     for chunk in chunks[1:-1]:
         if len(parts) >= max_parts:
             raise TooManyParts(max_parts)
         if not chunk.startswith(b"\r\n") or not chunk.endswith(b"\r\n"):
-            raise HTTPException(400, detail="multipart part is not framed by CRLF")
+            raise InvalidInput("multipart part is not framed by CRLF")
         head, sep, data = chunk[2:-2].partition(b"\r\n\r\n")
         if not sep:
-            raise HTTPException(400, detail="multipart part has no header/body separator")
+            raise InvalidInput("multipart part has no header/body separator")
         name = filename = ctype = None
         for line in head.split(b"\r\n"):
             key, _, value = line.partition(b":")
@@ -64,8 +64,8 @@ def parse_form(body: bytes, content_type: str, *, max_parts: int = 8) -> dict[st
             elif key == b"content-type":
                 ctype = value.strip().decode("latin-1")
         if name is None:
-            raise HTTPException(400, detail="multipart part without a Content-Disposition name")
+            raise InvalidInput("multipart part without a Content-Disposition name")
         if name in parts:
-            raise HTTPException(400, detail=f"multipart part {name!r} appears twice")
+            raise InvalidInput(f"multipart part {name!r} appears twice")
         parts[name] = Part(name=name, filename=filename, content_type=ctype, data=data)
     return parts

@@ -6,13 +6,13 @@ import bisect
 import threading
 import time
 from collections import defaultdict
-from typing import Any
 
 from sqlmodel import Session, col, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.hub import rollouts
-from fleet.hub.models import FIELD_COUNTERS, CaseRow, Device, FieldMetric, LabelRow, ModelVersion, WebhookEvent
+from fleet.hub.models import CaseRow, Device, FieldMetric, LabelRow, ModelVersion, WebhookEvent
+from fleet.protocol import CASE_STATES, FIELD_COUNTERS, FieldCounts, ModelSummary, QueueDepths, Summary
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -87,10 +87,10 @@ def _esc(value: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def summary(s: Session, *, events_acked: int) -> dict[str, Any]:
+def summary(s: Session, *, events_acked: int) -> Summary:
     """Per model version (cases, labels, accuracy on labeled cases, field metrics) and queue depths."""
     states = dict(s.exec(select(CaseRow.state, func.count()).group_by(CaseRow.state)).all())
-    per_version: dict[str, dict[str, Any]] = {}
+    per_version: dict[str, ModelSummary] = {}
     cases_by = dict(s.exec(select(CaseRow.model_version, func.count()).group_by(CaseRow.model_version)).all())
     labeled_by = dict(s.exec(select(CaseRow.model_version, func.count())
                              .where(col(CaseRow.label).is_not(None)).group_by(CaseRow.model_version)).all())
@@ -102,55 +102,51 @@ def summary(s: Session, *, events_acked: int) -> dict[str, Any]:
         m = models.get(version)
         labeled = int(labeled_by.get(version, 0))
         fm = rollouts.field_metrics(s, version)
-        per_version[version] = {
-            "status": m.status if m else "unknown",
-            "parent_version": m.parent_version if m else None,
-            "cases": int(cases_by.get(version, 0)),
-            "labels": labeled,
-            "accuracy": (int(correct_by.get(version, 0)) / labeled) if labeled else None,
-            "field_disagreement": fm["disagreement"],
-            "trigger_rate": fm["trigger_rate"],
-            "challenger_agreement": fm["challenger_agreement"],
-            "health_failures": fm["health_failures"],
-            "field": {k: fm[k] for k in FIELD_COUNTERS},
-            "metrics": m.metrics if m else {},
-        }
+        per_version[version] = ModelSummary(
+            status=m.status if m else "unknown",
+            parent_version=m.parent_version if m else None,
+            cases=int(cases_by.get(version, 0)),
+            labels=labeled,
+            accuracy=(int(correct_by.get(version, 0)) / labeled) if labeled else None,
+            field_disagreement=fm.disagreement,
+            trigger_rate=fm.trigger_rate,
+            challenger_agreement=fm.challenger_agreement,
+            health_failures=fm.health_failures,
+            field=FieldCounts(**{k: getattr(fm, k) for k in FIELD_COUNTERS}),
+            metrics=dict(m.metrics) if m else {},
+        )
     pending_events = s.exec(select(func.count()).select_from(WebhookEvent)
                             .where(col(WebhookEvent.id) > events_acked)).one()
     running = rollouts.running_rollout(s)
     active = rollouts.active_model(s)
-    return {
-        "models": per_version,
-        "queues": {
-            "unlabeled": int(states.get("unlabeled", 0)), "queued": int(states.get("queued", 0)),
-            "labeled": int(states.get("labeled", 0)), "held": int(states.get("held", 0)),
-            "duplicate": int(states.get("duplicate", 0)), "webhook_events_pending": int(pending_events),
-        },
-        "cases_total": int(sum(states.values())),
-        "labels_total": int(s.exec(select(func.count()).select_from(LabelRow)).one()),
-        "devices": int(s.exec(select(func.count()).select_from(Device)).one()),
-        "active_model": active.version if active is not None else None,
-        "rollout": rollouts.rollout_status(s, running) if running else None,
-    }
+    return Summary(
+        models=per_version,
+        queues=QueueDepths(**{state: int(states.get(state, 0)) for state in CASE_STATES},
+                           webhook_events_pending=int(pending_events)),
+        cases_total=int(sum(states.values())),
+        labels_total=int(s.exec(select(func.count()).select_from(LabelRow)).one()),
+        devices=int(s.exec(select(func.count()).select_from(Device)).one()),
+        active_model=active.version if active is not None else None,
+        rollout=rollouts.rollout_status(s, running) if running else None,
+    )
 
 
 def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int) -> str:
     data = summary(s, events_acked=events_acked)
     lines = ["# HELP flywheel_cases Cases held by the hub, by state.", "# TYPE flywheel_cases gauge"]
-    for state, n in data["queues"].items():
-        if state != "webhook_events_pending":
-            lines.append(f'flywheel_cases{{state="{state}"}} {n}')
+    for state in CASE_STATES:
+        lines.append(f'flywheel_cases{{state="{state}"}} {getattr(data.queues, state)}')
     lines += ["# HELP flywheel_webhook_events_pending Label Studio events not yet acknowledged.",
               "# TYPE flywheel_webhook_events_pending gauge",
-              f"flywheel_webhook_events_pending {data['queues']['webhook_events_pending']}",
+              f"flywheel_webhook_events_pending {data.queues.webhook_events_pending}",
               "# HELP flywheel_labels Human labels held.", "# TYPE flywheel_labels gauge",
-              f"flywheel_labels {data['labels_total']}",
+              f"flywheel_labels {data.labels_total}",
               "# HELP flywheel_devices Enrolled devices.", "# TYPE flywheel_devices gauge",
-              f"flywheel_devices {data['devices']}",
+              f"flywheel_devices {data.devices}",
               "# HELP flywheel_model_info Registered model versions (value 1), by status.",
               "# TYPE flywheel_model_info gauge"]
-    for v, m in data["models"].items():
-        lines.append(f'flywheel_model_info{{version="{_esc(v)}",status="{m["status"]}"}} 1')
+    for v, m in data.models.items():
+        lines.append(f'flywheel_model_info{{version="{_esc(v)}",status="{m.status}"}} 1')
     gauges = [("cases", "Cases reported from this model version."),
               ("labels", "Labeled cases reported from this version."),
               ("accuracy", "Accuracy on labeled cases of this version."),
@@ -159,9 +155,10 @@ def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int
               ("health_failures", "Health failures (heartbeats and OTA reports).")]
     for key, help_text in gauges:
         lines += [f"# HELP flywheel_model_{key} {help_text}", f"# TYPE flywheel_model_{key} gauge"]
-        for v, m in data["models"].items():
-            if m[key] is not None:
-                lines.append(f'flywheel_model_{key}{{version="{_esc(v)}"}} {float(m[key]):.6g}')
+        for v, m in data.models.items():
+            value = getattr(m, key)
+            if value is not None:
+                lines.append(f'flywheel_model_{key}{{version="{_esc(v)}"}} {float(value):.6g}')
     counters = s.exec(select(FieldMetric).where(FieldMetric.scope == "all")).all()
     lines += ["# HELP flywheel_field_total Summed device counters per model version.",
               "# TYPE flywheel_field_total counter"]

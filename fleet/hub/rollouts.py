@@ -21,16 +21,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from typing import Any
 
-import sqlalchemy as sa
-from fastapi import HTTPException
 from sqlmodel import Session, col, select
 
+from fleet.errors import Conflict, NotFound
 from fleet.hub.context import Hub
 from fleet.hub.evidence import DeviceEvidence, Pooled, verdict
 from fleet.hub.models import (
-    FIELD_COUNTERS,
     Campaign,
     Device,
     FieldMetric,
@@ -39,7 +36,7 @@ from fleet.hub.models import (
     Rollout,
     RolloutDeviceMetric,
 )
-from fleet.protocol import Assignment, CampaignRef, ModelRef
+from fleet.protocol import FIELD_COUNTERS, Assignment, CampaignRef, FieldMetrics, ModelRef, RolloutPublic
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +69,15 @@ def model_ref(mv: ModelVersion | None) -> ModelRef | None:
     return None if mv is None else ModelRef(version=mv.version, onnx_sha256=mv.onnx_sha256)
 
 
-def field_metrics(s: Session, version: str, scope: str = "all") -> dict[str, Any]:
+def field_metrics(s: Session, version: str, scope: str = "all") -> FieldMetrics:
     """Summed counters and the derived rates for ``version`` in ``scope``."""
     row = s.get(FieldMetric, (scope, version))
-    out: dict[str, Any] = {k: (getattr(row, k) if row is not None else 0) for k in FIELD_COUNTERS}
-    out["version"] = version
-    out["scope"] = scope
-    out["disagreement"] = _rate(out["human_disagreed"], out["human_compared"])
-    out["trigger_rate"] = _rate(out["flagged"], out["frames_seen"])
-    out["challenger_agreement"] = _rate(out["challenger_agreed"], out["challenger_compared"])
-    return out
+    counts = {k: int(getattr(row, k)) for k in FIELD_COUNTERS} if row is not None else {}
+    fm = FieldMetrics(version=version, scope=scope, **counts)
+    fm.disagreement = _rate(fm.human_disagreed, fm.human_compared)
+    fm.trigger_rate = _rate(fm.flagged, fm.frames_seen)
+    fm.challenger_agreement = _rate(fm.challenger_agreed, fm.challenger_compared)
+    return fm
 
 
 def _rate(num: int, den: int) -> float | None:
@@ -151,14 +147,13 @@ def start(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds
     now = hub.now()
     mv = s.get(ModelVersion, version)
     if mv is None:
-        raise HTTPException(404, detail=f"unknown model version {version!r}")
+        raise NotFound(f"unknown model version {version!r}")
     if mv.status not in ("candidate", "retired"):
-        raise HTTPException(409, detail=f"model {version!r} is {mv.status}; only a candidate or a retired "
-                                         f"version can be rolled out")
+        raise Conflict(f"model {version!r} is {mv.status}; only a candidate or a retired version can be rolled out")
     other = _supersede_override(hub, s, running_rollout(s), by=version)
     if other is not None:
-        raise HTTPException(409, detail=f"rollout {other.rollout_id} of {other.version!r} is still running; "
-                                         f"advance it to the end or roll it back first")
+        raise Conflict(f"rollout {other.rollout_id} of {other.version!r} is still running; advance it to the end "
+                       f"or roll it back first")
     incumbent = active_model(s)
     rollout = Rollout(
         rollout_id=f"ro-{int(now)}-{secrets.token_hex(3)}", version=version,
@@ -183,18 +178,17 @@ def promote_version(hub: Hub, s: Session, version: str, *, override: bool, reaso
     record it (``override``): either completes after ``promote_hold_s`` unless the evidence rolls it back."""
     mv = s.get(ModelVersion, version)
     if mv is None:
-        raise HTTPException(404, detail=f"unknown model version {version!r}")
+        raise NotFound(f"unknown model version {version!r}")
     running = running_rollout(s)
     if running is not None and running.version != version:
         running = _supersede_override(hub, s, running, by=version)
     if running is not None and running.version != version:
-        raise HTTPException(409, detail=f"rollout {running.rollout_id} of {running.version!r} is running; "
-                                         f"roll it back before promoting {version!r}")
+        raise Conflict(f"rollout {running.rollout_id} of {running.version!r} is running; roll it back before "
+                       f"promoting {version!r}")
     if running is not None:
         if not override:
-            raise HTTPException(409, detail=f"{version!r} is already rolling out ({running.rollout_id}, "
-                                             f"{running.kind}); advance that rollout, or promote with override "
-                                             f"to make it active now")
+            raise Conflict(f"{version!r} is already rolling out ({running.rollout_id}, {running.kind}); advance "
+                           f"that rollout, or promote with override to make it active now")
         if running.kind == "override":
             return running  # overridden already
         now = hub.now()
@@ -276,7 +270,7 @@ def promote(hub: Hub, s: Session, version: str) -> ModelVersion:
     now = hub.now()
     mv = s.get(ModelVersion, version)
     if mv is None:
-        raise HTTPException(404, detail=f"unknown model version {version!r}")
+        raise NotFound(f"unknown model version {version!r}")
     for other in s.exec(select(ModelVersion).where(ModelVersion.status == "active")).all():
         if other.version != version:
             _set_status(other, "retired", now)
@@ -313,11 +307,11 @@ def rollback_reason(hub: Hub, s: Session, rollout: Rollout) -> str | None:
     incumbent = None
     if rollout.incumbent is not None:
         inc = field_metrics(s, rollout.incumbent, rollout.rollout_id)
-        if inc["human_compared"] < hub.settings.rollback_min_compared:
+        if inc.human_compared < hub.settings.rollback_min_compared:
             inc = field_metrics(s, rollout.incumbent, "all")
-        incumbent = Pooled(inc["human_compared"], inc["human_disagreed"])
+        incumbent = Pooled(inc.human_compared, inc.human_disagreed)
     return verdict(hub.settings, devices, canary_size=canary_size(hub, s, rollout),
-                   candidate=Pooled(cand["human_compared"], cand["human_disagreed"]), incumbent=incumbent)
+                   candidate=Pooled(cand.human_compared, cand.human_disagreed), incumbent=incumbent)
 
 
 def canary_size(hub: Hub, s: Session, rollout: Rollout) -> int:
@@ -341,30 +335,21 @@ def evaluate_running(hub: Hub, s: Session) -> str | None:
     return None if rollout is None else evaluate(hub, s, rollout)
 
 
-def rollout_status(s: Session, rollout: Rollout) -> dict[str, Any]:
+def rollout_status(s: Session, rollout: Rollout) -> RolloutPublic:
+    """The rollout as the API shows it, with its candidate's and incumbent's field metrics in its scope."""
     versions = [rollout.version] + ([rollout.incumbent] if rollout.incumbent else [])
-    return {
-        "rollout_id": rollout.rollout_id,
-        "kind": rollout.kind,
-        "version": rollout.version,
-        "incumbent": rollout.incumbent,
-        "state": rollout.state,
-        "status": rollout.state,
-        "stages": rollout.stages,
-        "stage": rollout.stage_index,
-        "fraction": rollout.stages[rollout.stage_index],
-        "stage_seconds": rollout.stage_seconds,
-        "stage_started_at": rollout.stage_started_at,
-        "created_at": rollout.created_at,
-        "finished_at": rollout.finished_at,
-        "reason": rollout.reason,
-        "metrics": {v: field_metrics(s, v, rollout.rollout_id) for v in versions},
-    }
+    return RolloutPublic(
+        rollout_id=rollout.rollout_id, kind=rollout.kind, version=rollout.version, incumbent=rollout.incumbent,
+        state=rollout.state, stages=list(rollout.stages), stage=rollout.stage_index,
+        fraction=rollout.stages[rollout.stage_index], stage_seconds=rollout.stage_seconds,
+        stage_started_at=rollout.stage_started_at, created_at=rollout.created_at, finished_at=rollout.finished_at,
+        reason=rollout.reason, metrics={v: field_metrics(s, v, rollout.rollout_id) for v in versions},
+    )
 
 
 def _require_running(rollout: Rollout) -> None:
     if rollout.state != "running":
-        raise HTTPException(409, detail=f"rollout {rollout.rollout_id} is {rollout.state}, not running")
+        raise Conflict(f"rollout {rollout.rollout_id} is {rollout.state}, not running")
 
 
 def _set_status(mv: ModelVersion, status: str, now: float) -> None:
@@ -376,4 +361,4 @@ def _joined(first: str | None, then: str) -> str:
     return then if not first else f"{first}; then {then}"
 
 
-__all__ = ["bucket", "assignment_for", "assigned_models", "evaluate", "start", "advance", "rollback", "sa"]
+__all__ = ["bucket", "assignment_for", "assigned_models", "evaluate", "start", "advance", "rollback"]

@@ -10,8 +10,31 @@ parses with them. Each top-level message carries ``schema`` so a peer refuses a 
 - :mod:`fleet.protocol.model`: input specs and signed model manifests.
 - :mod:`fleet.protocol.labeling`: selections, the pool, labels and the webhook inbox.
 - :mod:`fleet.protocol.dataset`: snapshots for the trainer.
+- :mod:`fleet.protocol.registry`: the model registry, rollouts and their field metrics.
+- :mod:`fleet.protocol.campaigns`: campaigns and novelty banks.
+- :mod:`fleet.protocol.admin`: devices, API tokens, enrollment grants and audit, the hub's health and summary.
 """
 
+from fleet.protocol.admin import (
+    ENROLL_OUTCOMES,
+    ISSUED_SCOPES,
+    SCOPES,
+    DeviceList,
+    DevicePublic,
+    DeviceRevoked,
+    EnrollmentAttemptList,
+    EnrollmentAttemptPublic,
+    Grant,
+    GrantCreate,
+    Health,
+    ModelSummary,
+    QueueDepths,
+    Summary,
+    TokenCreate,
+    TokenIssued,
+    TokenList,
+    TokenPublic,
+)
 from fleet.protocol.base import (
     DB_INT,
     MAX_INT,
@@ -29,6 +52,17 @@ from fleet.protocol.base import (
     decode_embedding,
     encode_embedding,
     fit_tags,
+)
+from fleet.protocol.campaigns import (
+    BankCreate,
+    BankList,
+    BankPublic,
+    CampaignCreate,
+    CampaignDeleted,
+    CampaignList,
+    CampaignPublic,
+    CampaignReceipt,
+    CampaignVersions,
 )
 from fleet.protocol.dataset import (
     BlobRequest,
@@ -76,6 +110,24 @@ from fleet.protocol.labeling import (
     Verdict,
 )
 from fleet.protocol.model import OUTPUTS, DetectorSpec, InputSpec, ModelManifest, SignedManifest
+from fleet.protocol.registry import (
+    FIELD_COUNTERS,
+    MODEL_STATUSES,
+    ROLLOUT_KINDS,
+    ROLLOUT_STATES,
+    FieldCounts,
+    FieldMetrics,
+    ModelList,
+    ModelPublic,
+    ModelReceipt,
+    PromoteRequest,
+    Promotion,
+    RollbackReceipt,
+    RollbackRequest,
+    RolloutCreate,
+    RolloutList,
+    RolloutPublic,
+)
 from fleet.protocol.tasks import (
     MAX_BOXES,
     TASK_TYPES,
@@ -88,14 +140,20 @@ from fleet.protocol.tasks import (
 )
 
 __all__ = [
-    "CASE_STATES", "CASE_STATUSES", "DB_INT", "HEARTBEAT_COUNTERS", "LABEL_STATUSES", "MAX_BOXES", "MAX_INT",
-    "NAME_RE", "OTA_OUTCOMES", "OUTPUTS", "SCHEMA_VERSION", "SHA256_RE", "STRATEGIES", "TASKS", "TASK_TYPES", "Ack",
-    "Assignment", "BatchReceipt", "BlobRequest", "Box", "CampaignRef", "Case", "CaseReceipt", "ChallengerOutput",
-    "Classification", "Detection", "DetectorSpec", "EnrollRequest", "Enrollment", "EventPage", "Heartbeat",
-    "InputSpec", "LabelPage", "LabelPost", "LabelPublic", "LabelReceipt", "Message", "ModelManifest", "ModelRef",
-    "OtaReport", "PoolPage", "Prediction", "Release", "SelectedCase", "Selection", "SelectionRequest",
+    "CASE_STATES", "CASE_STATUSES", "DB_INT", "ENROLL_OUTCOMES", "FIELD_COUNTERS", "HEARTBEAT_COUNTERS",
+    "ISSUED_SCOPES", "LABEL_STATUSES", "MAX_BOXES", "MAX_INT", "MODEL_STATUSES", "NAME_RE", "OTA_OUTCOMES",
+    "OUTPUTS", "ROLLOUT_KINDS", "ROLLOUT_STATES", "SCHEMA_VERSION", "SCOPES", "SHA256_RE", "STRATEGIES", "TASKS",
+    "TASK_TYPES", "Ack", "Assignment", "BankCreate", "BankList", "BankPublic", "BatchReceipt", "BlobRequest", "Box",
+    "CampaignCreate", "CampaignDeleted", "CampaignList", "CampaignPublic", "CampaignReceipt", "CampaignRef",
+    "CampaignVersions", "Case", "CaseReceipt", "ChallengerOutput", "Classification", "Detection", "DetectorSpec",
+    "DeviceList", "DevicePublic", "DeviceRevoked", "EnrollRequest", "Enrollment", "EnrollmentAttemptList",
+    "EnrollmentAttemptPublic", "EventPage", "FieldCounts", "FieldMetrics", "Grant", "GrantCreate", "Health",
+    "Heartbeat", "InputSpec", "LabelPage", "LabelPost", "LabelPublic", "LabelReceipt", "Message", "ModelList",
+    "ModelManifest", "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "OtaReport", "PoolPage",
+    "Prediction", "PromoteRequest", "Promotion", "QueueDepths", "Release", "RollbackReceipt", "RollbackRequest",
+    "RolloutCreate", "RolloutList", "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest",
     "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic",
-    "StoredEvent", "TriggerHit", "Verdict", "canonical_json", "check_finite", "check_int", "check_name",
-    "check_sha256", "check_str", "check_tags", "decode_embedding", "decode_manifest", "encode_embedding",
-    "encode_manifest", "fit_tags", "parse_prediction",
+    "StoredEvent", "Summary", "TokenCreate", "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "Verdict",
+    "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
+    "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
 ]

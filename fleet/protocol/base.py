@@ -42,6 +42,8 @@ class Message:
     # module (looked up when parsing, so the module's ``Case`` is the one every part of the contract uses)
     PARTS: ClassVar[dict[str, type[Message] | str]] = {}
     LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {}
+    # fields holding an object of name -> nested message (at most n names)
+    MAPS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload, no-any-return]
@@ -96,6 +98,9 @@ class Message:
         for name, (kind, most) in cls.LISTS.items():
             if name in data:
                 data[name] = parse_list(cls._kind(kind), data[name], name, max_len=most)
+        for name, (kind, most) in cls.MAPS.items():
+            if name in data:
+                data[name] = parse_map(cls._kind(kind), data[name], name, max_len=most)
         data.update(cls._parse_extra(data))
         return cls(**data)
 
@@ -118,6 +123,14 @@ def parse_list(cls: type[T], value: Any, what: str, *, max_len: int) -> list[T]:
     if not isinstance(value, list) or len(value) > max_len:
         raise ProtocolError(f"{what} must be a list of at most {max_len} objects; received {_short(value)}")
     return [cls.from_dict(v) for v in value]
+
+
+def parse_map(cls: type[T], value: Any, what: str, *, max_len: int) -> dict[str, T]:
+    """A JSON object of name -> ``cls`` message (at most ``max_len`` names of at most 128 characters)."""
+    if not isinstance(value, dict) or len(value) > max_len:
+        raise ProtocolError(f"{what} must be an object of at most {max_len} names -> objects; received "
+                            f"{_short(value)}")
+    return {check_str(k, f"{what} name", max_len=128): cls.from_dict(v) for k, v in value.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +209,38 @@ def fit_tags(tags: dict[Any, Any]) -> dict[str, str]:
     return {str(k)[:MAX_TAG_NAME]: str(v)[:MAX_TAG_VALUE] for k, v in list(tags.items())[:MAX_TAGS]}
 
 
+def check_bool(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{what} must be true or false; received {value!r:.40}")
+    return value
+
+
 def check_one_of(value: Any, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise ProtocolError(f"{what} must be one of {list(choices)}; received {value!r:.80}")
     return str(value)
+
+
+def check_names_list(value: Any, what: str, *, max_len: int, name_check: bool = False) -> list[str]:
+    """A list of at most ``max_len`` strings (identifiers when ``name_check``; else up to 128 characters)."""
+    if not isinstance(value, list) or len(value) > max_len:
+        raise ProtocolError(f"{what} must be a list of at most {max_len} strings; received {value!r:.80}")
+    for i, v in enumerate(value):
+        if name_check:
+            check_name(v, f"{what}[{i}]")
+        else:
+            check_str(v, f"{what}[{i}]", max_len=128)
+    return value
+
+
+def check_number_map(value: Any, what: str) -> dict[str, float]:
+    """An object of at most 1000 names -> finite numbers."""
+    if not isinstance(value, dict) or len(value) > 1000:
+        raise ProtocolError(f"{what} must be an object of at most 1000 names -> numbers; received {value!r:.80}")
+    for k, v in value.items():
+        check_str(k, f"{what} name", max_len=128)
+        check_finite(v, f"{what}[{k!r}]")
+    return value
 
 
 def opt(value: Any, check: Any, what: str, **kw: Any) -> Any:

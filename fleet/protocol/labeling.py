@@ -27,6 +27,7 @@ from fleet.protocol.base import (
     DB_INT,
     SCHEMA_VERSION,
     Message,
+    check_bool,
     check_finite,
     check_fraction,
     check_int,
@@ -56,8 +57,7 @@ class SelectionRequest(Message):
     def validate(self) -> None:
         check_int(self.budget, "budget", lo=1, hi=1_000_000)
         check_one_of(self.strategy, STRATEGIES, "strategy")
-        if not isinstance(self.exclude_queued, bool):
-            raise ProtocolError(f"exclude_queued must be true or false; received {self.exclude_queued!r:.40}")
+        check_bool(self.exclude_queued, "exclude_queued")
         opt(self.seed, check_int, "seed", lo=0, hi=2**63 - 1)
 
 
@@ -213,9 +213,8 @@ class LabelPost(TaskMessage):
         check_int(self.annotation_id, "annotation_id", lo=0, hi=2**63 - 1)
         check_finite(self.created_at, "created_at")
         check_int(self.overlap, "overlap", lo=1, hi=100)
-        for name in ("ground_truth", "deleted"):
-            if not isinstance(getattr(self, name), bool):
-                raise ProtocolError(f"{name} must be true or false; received {getattr(self, name)!r:.40}")
+        check_bool(self.ground_truth, "ground_truth")
+        check_bool(self.deleted, "deleted")
         if self.gold_label is not None:
             self.gold_label.validate()
             if self.gold_label.task != self.label.task:

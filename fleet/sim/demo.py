@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from fleet.protocol import PoolPage, SignedManifest
+from fleet.protocol import CampaignCreate, CampaignReceipt, DeviceList, PoolPage, RolloutPublic, SignedManifest
 from fleet.signing import generate_keypair, write_keypair
 from fleet.sim.data import load_dataset
 from fleet.sim.fleet import Frames, World, build_world
@@ -143,7 +143,8 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
         if base.rollout_id is None:
             raise RuntimeError(f"the base model was not published: {base.gate_summary}")
         _finish_rollout(hub, base.rollout_id, say)
-        _post(hub, "/v1/campaigns", {"spec": campaign_spec(settings), "groups": [DEMO_GROUP]})
+        hub.call("POST", "/v1/campaigns", CampaignReceipt,
+                 body=CampaignCreate(spec=campaign_spec(settings), groups=[DEMO_GROUP]))
         configs = _enroll_agents(settings, hub, ws)
         acc0 = evaluate_onnx(base.onnx, base.manifest, world.test_set)
         turns.append(TurnResult(0, ArmResult(*acc0, labels=0, model_version=base.version),
@@ -391,9 +392,7 @@ def _uploaded_frames(hub: HubProcess, labeler: Labeler) -> dict[str, str]:
 
 def _error_capture(hub: HubProcess, ws: Path, shards: dict[str, Frames], uploaded: dict[str, str]) -> tuple[int, int]:
     """How many frames each device's model got wrong this turn, and how many of those it uploaded."""
-    r = httpx.get(hub.url + "/v1/devices", headers=hub.admin_headers, timeout=30)
-    r.raise_for_status()
-    versions = {d["device_id"]: d.get("model_version") for d in r.json()}
+    versions = {d.device_id: d.model_version for d in hub.call("GET", "/v1/devices", DeviceList).devices}
     errors = captured = 0
     cache: dict[str, Any] = {}
     for dev, shard in shards.items():
@@ -414,9 +413,7 @@ def _load_model(hub: HubProcess, version: str, ws: Path) -> Any:
 
     d = ws / "cache" / "models"
     d.mkdir(parents=True, exist_ok=True)
-    m = httpx.get(f"{hub.url}/v1/models/{version}/manifest", headers=hub.admin_headers, timeout=30)
-    m.raise_for_status()
-    signed = SignedManifest.from_json(m.text)
+    signed = hub.call("GET", f"/v1/models/{version}/manifest", SignedManifest)
     path = d / f"{version}.onnx"
     if not path.exists():
         o = httpx.get(f"{hub.url}/v1/models/{version}/onnx", headers=hub.admin_headers, timeout=60)
@@ -443,32 +440,16 @@ def evaluate_onnx(onnx: Path | None, manifest: SignedManifest | None, test: Fram
 
 def _finish_rollout(hub: HubProcess, rollout_id: str, say: Progress) -> str:
     """After a canary turn: take the rollout to the whole fleet unless the hub rolled it back already."""
-    status = _rollout(hub, rollout_id)
-    version = status.get("version")
-    if status.get("state") != "running":
-        say(f"rollout of {version} ended as {status.get('state')}: {status.get('reason', '')}")
-        return f"rollout of {version} {status.get('state')}"
-    for _ in range(len(status.get("stages") or [1.0]) + 1):
-        a = httpx.post(f"{hub.url}/v1/rollouts/{rollout_id}/advance", headers=hub.admin_headers, timeout=30)
-        a.raise_for_status()
-        status = _rollout(hub, rollout_id)
-        if status.get("state") != "running":
+    status = hub.call("GET", f"/v1/rollouts/{rollout_id}", RolloutPublic)
+    if status.state != "running":
+        say(f"rollout of {status.version} ended as {status.state}: {status.reason or ''}")
+        return f"rollout of {status.version} {status.state}"
+    for _ in range(len(status.stages) + 1):
+        status = hub.call("POST", f"/v1/rollouts/{rollout_id}/advance", RolloutPublic)
+        if status.state != "running":
             break
-    say(f"canary of {version} held; now active on the whole fleet")
-    return f"canary ok, {version} active"
-
-
-def _rollout(hub: HubProcess, rollout_id: str) -> dict[str, Any]:
-    r = httpx.get(f"{hub.url}/v1/rollouts/{rollout_id}", headers=hub.admin_headers, timeout=30)
-    r.raise_for_status()
-    return dict(r.json())
-
-
-def _post(hub: HubProcess, path: str, body: dict[str, Any]) -> Any:
-    r = httpx.post(hub.url + path, headers=hub.admin_headers, json=body, timeout=30)
-    if r.status_code >= 400:
-        raise RuntimeError(f"hub refused {path}: {r.status_code} {r.text}")
-    return r.json()
+    say(f"canary of {status.version} held; now active on the whole fleet")
+    return f"canary ok, {status.version} active"
 
 
 def _concat(parts: list[Frames]) -> Frames:

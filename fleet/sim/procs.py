@@ -13,12 +13,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
-from fleet.errors import FlywheelError
+from fleet.errors import FlywheelError, error_for_response
+from fleet.protocol import Message, TokenCreate, TokenIssued
 from fleet.signing import KeyPair
+
+M = TypeVar("M", bound=Message)
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,23 @@ class HubProcess:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
     def token(self, scope: str, name: str | None = None) -> str:
-        r = httpx.post(self.url + "/v1/tokens", headers=self.admin_headers,
-                       json={"scope": scope, "name": name or f"{scope}-{secrets.token_hex(4)}"}, timeout=30)
-        r.raise_for_status()
-        return str(r.json()["token"])
+        """A new token of ``scope`` on this hub."""
+        body = TokenCreate(scope=scope, name=name or f"{scope}-{secrets.token_hex(4)}")
+        return self.call("POST", "/v1/tokens", TokenIssued, body=body).token
+
+    def call(self, method: str, path: str, answer: type[M], *, body: Message | None = None,
+             timeout: float = 30.0) -> M:
+        """One admin call: ``body`` sent as JSON, the answer parsed as ``answer``; a refusal is its fleet.errors
+        fault (fleet.errors.error_for_response)."""
+        headers = dict(self.admin_headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        r = httpx.request(method, self.url + path, headers=headers, timeout=timeout,
+                          content=None if body is None else body.to_json())
+        err = error_for_response(r, f"{method} {path}")
+        if err is not None:
+            raise err
+        return answer.from_json(r.content)
 
     def stop(self) -> None:
         stop_process(self.process)

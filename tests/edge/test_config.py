@@ -79,7 +79,8 @@ def test_bad_values_are_refused_with_the_value(tmp_path: Path, patch: str, messa
 
 
 def test_bad_source_kind_and_device_id(tmp_path: Path) -> None:
-    with pytest.raises(InvalidInput, match=r"source.kind must be one of \['npz', 'folder', 'replay'\]; received 'usb'"):
+    with pytest.raises(InvalidInput, match=r"source.kind must be one of \['npz', 'folder', 'replay', 'video', "
+                                           r"'stream', 'camera'\]; received 'usb'"):
         load_config(write(tmp_path, MINIMAL.replace('"npz"', '"usb"')))
     with pytest.raises(InvalidInput, match="device_id"):
         load_config(write(tmp_path, MINIMAL.replace("cam-1", "cam 1/../x")))

@@ -126,7 +126,7 @@ def test_agent_against_the_real_hub(tmp_path: Path, hub: RunningHub) -> None:
     mine = [c for c in pool["cases"] if c["case"]["model_version"] == "edge-it-v1"]
     assert len(mine) == first.flagged
     assert all(c["case"]["tags"].get("site") == "north" for c in mine)
-    devices = httpx.get(hub.url + "/v1/devices", headers=hub.admin_headers).json()
+    devices = httpx.get(hub.url + "/v1/devices", headers=hub.admin_headers).json()["devices"]
     me = next(d for d in devices if d["device_id"] == "edge-it-1")
     assert me["model_version"] == "edge-it-v1" and me["last_seen_at"] is not None
     reports = hub_db(hub, "SELECT version, outcome FROM ota_reports WHERE device_id = 'edge-it-1'")

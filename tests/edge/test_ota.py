@@ -20,7 +20,6 @@ from fleet.edge.runtime import ModelRuntime
 from fleet.errors import ProtocolError
 from fleet.signing import sign_manifest
 from tests.edge.conftest import DEVICE, Keys, assign, client, publish
-from tests.support import hubadmin
 from tests.support.faults import replaced
 from tests.support.inproc import InProcHub
 from tests.support.models import ModelFiles
@@ -105,7 +104,7 @@ def refused_case(tmp_path: Path, hub: InProcHub, keys: Keys, make_model, publish
     report = hub.ota_reports()[-1]
     assert (report.version, report.outcome, report.previous_version) == ("v2", "refused", "v1")
     # the only device of the canary refused it: the hub rolled v2 back and assigns v1 again
-    assert hubadmin.models(hub.client, hub.bearer("trainer"))["v2"]["status"] == "retired"
+    assert hub.models()["v2"].status == "retired"
     follow(ota)  # not fetched again
     assert downloads(hub, "/v2/onnx") <= 1
     assert len(hub.ota_reports()) == 2

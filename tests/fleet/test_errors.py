@@ -17,6 +17,7 @@ from fleet.errors import (
     PayloadTooLarge,
     PermanentError,
     ProtocolError,
+    RequestTimeout,
     RetryableError,
     ServerBusy,
     TooManyRequests,
@@ -25,12 +26,13 @@ from fleet.errors import (
     UnsupportedMedia,
     error_for_response,
     error_for_status,
+    headers_for,
     parse_retry_after,
     status_for,
 )
 
 EXPECTED = {
-    400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: InvalidInput, 408: ServerBusy,
+    400: InvalidInput, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: InvalidInput, 408: RequestTimeout,
     409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMedia, 422: InvalidInput, 425: ServerBusy,
     429: TooManyRequests, 500: ServerBusy, 502: ServerBusy, 503: ServerBusy, 504: ServerBusy,
 }
@@ -45,7 +47,7 @@ def test_each_status_maps_onto_one_kind(status: int, kind: type[FlywheelError]) 
 
 @pytest.mark.parametrize("exc", [Forbidden("f"), Unauthorized("u"), NotFound("n"), Conflict("c"),
                                  PayloadTooLarge("p"), UnsupportedMedia("m"), InvalidInput("i"),
-                                 TooManyRequests("t", retry_after=1.0)])
+                                 TooManyRequests("t", retry_after=1.0), RequestTimeout("r")])
 def test_the_hubs_status_for_a_fault_maps_back_onto_the_same_fault(exc: FlywheelError) -> None:
     assert type(error_for_status(status_for(exc), "x")) is type(exc)
 
@@ -74,3 +76,10 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert parse_retry_after(when, now=1_000_000.0) == pytest.approx(30.0)
     for junk in (None, "", "soon", "nan", "inf"):
         assert parse_retry_after(junk) is None
+
+
+def test_the_hub_says_when_to_retry_and_how_to_authenticate() -> None:
+    assert headers_for(TooManyRequests("t", retry_after=0.2)) == {"Retry-After": "1"}  # whole seconds, at least 1
+    assert headers_for(ServerBusy("b", retry_after=2.5)) == {"Retry-After": "3"}
+    assert headers_for(Unauthorized("u")) == {"WWW-Authenticate": "Bearer"}
+    assert headers_for(Forbidden("f")) == headers_for(NotFound("n")) == {}

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet.protocol import Case
+from fleet.protocol import Case, DeviceList, DevicePublic, ModelList, ModelPublic
 from fleet.signing import KeyPair, generate_keypair, load_private_key
 from tests.support.cases import make_case
 from tests.support.models import make_model_files
@@ -207,6 +207,21 @@ class HubHarness:
                                  json={"override": True, "reason": "test harness"})
             assert r.status_code == 200, r.text
         return files
+
+    def models(self) -> list[ModelPublic]:
+        """GET /v1/models, as the trainer reads it."""
+        r = self.client.get("/v1/models", headers=self.trainer)
+        assert r.status_code == 200, r.text
+        return ModelList.from_json(r.content).models
+
+    def model_statuses(self) -> dict[str, str]:
+        return {m.version: m.status for m in self.models()}
+
+    def devices_listed(self) -> dict[str, DevicePublic]:
+        """GET /v1/devices, as an admin reads it."""
+        r = self.client.get("/v1/devices", headers=self.admin)
+        assert r.status_code == 200, r.text
+        return {d.device_id: d for d in DeviceList.from_json(r.content).devices}
 
     def make_case(self, device_id: str, *, model_version: str = "m1", probs: list[float] | None = None,
                   image: bytes | None = None, embedding: np.ndarray | None = None, case_id: str | None = None,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.protocol import Assignment
+from fleet.protocol import Assignment, CampaignList
 from tests.hub.conftest import HubHarness
 
 
@@ -39,8 +39,8 @@ def test_campaign_crud_versions_and_groups(hub: HubHarness) -> None:
     assert _campaigns(hub, "night-1") == [("fog", 1), ("rare", 1)]
     assert hub.client.post("/v1/campaigns", json=spec(version=2), headers=hub.admin).status_code == 201
     assert _campaigns(hub, "d1") == [("rare", 2)]
-    listing = hub.client.get("/v1/campaigns", headers=hub.admin).json()
-    assert [(c["campaign_id"], c["version"]) for c in listing] == [("fog", 1), ("rare", 2)]
+    listing = CampaignList.from_json(hub.client.get("/v1/campaigns", headers=hub.admin).content).campaigns
+    assert [(c.campaign_id, c.version) for c in listing] == [("fog", 1), ("rare", 2)]
     assert len(hub.client.get("/v1/campaigns/rare", headers=hub.admin).json()["versions"]) == 2
     assert hub.client.delete("/v1/campaigns/rare", headers=hub.admin).status_code == 200
     assert _campaigns(hub, "d1") == []
@@ -82,7 +82,7 @@ def test_invalid_specs_are_refused_with_the_trigger_message(hub: HubHarness) -> 
     r = hub.client.post("/v1/campaigns", json={"spec": spec(), "novelty_bank": "missing"}, headers=hub.admin)
     assert r.status_code == 422 and "novelty bank" in r.json()["detail"]
     assert hub.client.post("/v1/campaigns", json=spec(), headers=hub.devices["d1"]).status_code == 403
-    assert hub.client.get("/v1/campaigns", headers=hub.admin).json() == []
+    assert hub.client.get("/v1/campaigns", headers=hub.admin).json()["campaigns"] == []
 
 
 def test_novelty_bank_from_labeled_embeddings_is_served_to_devices(hub: HubHarness) -> None:

@@ -9,7 +9,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from fleet.hub.cli import app, campaigns_app, models_app
+from fleet.hub.admin_cli import campaigns_app, models_app
+from fleet.hub.cli import app
 from tests.support.hub import RunningHub, start_hub
 from tests.support.models import make_model_files
 

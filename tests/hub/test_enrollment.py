@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
 
+from fleet.protocol import EnrollmentAttemptList, EnrollmentAttemptPublic
 from tests.hub.conftest import HubHarness
 
 SECRET = "dev-fleet-secret"
@@ -24,10 +26,10 @@ def _bearer(r: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['token']}"}
 
 
-def _audit(hub: HubHarness, **params: Any) -> list[dict[str, Any]]:
+def _audit(hub: HubHarness, **params: Any) -> list[EnrollmentAttemptPublic]:
     r = hub.client.get("/v1/enrollment-attempts", params=params, headers=hub.admin)
     assert r.status_code == 200, r.text
-    return r.json()  # type: ignore[no-any-return]
+    return EnrollmentAttemptList.from_json(r.content).attempts
 
 
 def test_the_fleet_secret_cannot_take_over_an_enrolled_device(hub: HubHarness) -> None:
@@ -41,8 +43,8 @@ def test_the_fleet_secret_cannot_take_over_an_enrolled_device(hub: HubHarness) -
     hb = {"device_id": "d1", "sent_at": 1.0, "boot_id": "b1", "model_version": "m1"}
     assert hub.client.post("/v1/heartbeats", json=hb, headers=real).status_code == 204
     refused = _audit(hub, outcome="refused")
-    assert refused[0]["device_id"] == "d1" and refused[0]["client"] == "testclient"
-    assert "already enrolled" in refused[0]["detail"]
+    assert refused[0].device_id == "d1" and refused[0].client == "testclient"
+    assert "already enrolled" in refused[0].detail
 
 
 def test_a_device_re_enrolls_with_its_own_token_and_only_its_own(hub: HubHarness) -> None:
@@ -52,9 +54,8 @@ def test_a_device_re_enrolls_with_its_own_token_and_only_its_own(hub: HubHarness
     old = hub.devices["d1"]
     new = _bearer(_enroll(hub, "d1", headers=old))
     assert _works(hub, new) and not _works(hub, old)
-    assert _audit(hub, device_id="d1")[0] | {"at": 0, "id": 0} == {
-        "at": 0, "id": 0, "client": "testclient", "device_id": "d1", "outcome": "re-enrolled",
-        "method": "device-token", "detail": ""}
+    assert dataclasses.replace(_audit(hub, device_id="d1")[0], at=0, id=0) == EnrollmentAttemptPublic(
+        id=0, at=0, client="testclient", device_id="d1", outcome="re-enrolled", method="device-token", detail="")
 
 
 def test_an_admin_can_enroll_any_id_but_not_a_revoked_one(hub: HubHarness) -> None:
@@ -91,8 +92,7 @@ def test_an_allow_list_limits_what_the_fleet_secret_enrolls(hub_factory: Any) ->
     grant = hub.client.post("/v1/devices/dev-1/enrollment-token", json={"group": "lab"},
                             headers=hub.admin).json()["enrollment_token"]
     assert _enroll(hub, "dev-1", enrollment_token=grant).status_code == 200
-    devices = {d["device_id"]: d for d in hub.client.get("/v1/devices", headers=hub.admin).json()}
-    assert devices["dev-1"]["group"] == "lab"  # the grant's group wins
+    assert hub.devices_listed()["dev-1"].group == "lab"  # the grant's group wins
 
 
 def test_a_hub_can_require_per_device_enrollment_tokens(hub_factory: Any) -> None:
@@ -114,8 +114,8 @@ def test_failed_attempts_are_rate_limited_per_client_and_audited(hub_factory: An
     hub.clock.advance(60)
     assert _enroll(hub, "cam-9", fleet_secret=SECRET).status_code == 200
     audit = _audit(hub)
-    assert [a["outcome"] for a in audit] == ["enrolled", "refused", "refused", "refused"]
-    assert all("fleet secret does not match" in a["detail"] for a in audit[1:])
+    assert [a.outcome for a in audit] == ["enrolled", "refused", "refused", "refused"]
+    assert all("fleet secret does not match" in a.detail for a in audit[1:])
     assert hub.client.get("/v1/enrollment-attempts", params={"outcome": "x"}, headers=hub.admin).status_code == 422
     assert hub.client.get("/v1/enrollment-attempts", headers=hub.devices.get("cam-9", {})).status_code == 401
 

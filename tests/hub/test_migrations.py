@@ -63,7 +63,7 @@ def test_upgrade_from_the_first_revision_keeps_data(empty_url: str, tmp_path: Pa
     app = create_app(build_settings(tmp_path, empty_url, keypair))
     with TestClient(app) as client:
         admin = {"Authorization": "Bearer dev-admin-token"}
-        assert [d["device_id"] for d in client.get("/v1/devices", headers=admin).json()] == ["old-dev"]
+        assert [d["device_id"] for d in client.get("/v1/devices", headers=admin).json()["devices"]] == ["old-dev"]
         assert client.get("/v1/summary", headers=admin).json()["models"]["m0"]["cases"] == 1
 
 

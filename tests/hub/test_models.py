@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from fleet.errors import FlywheelError, status_for
 from fleet.protocol import SignedManifest
 from fleet.signing import generate_keypair, load_private_key, sign_manifest
 from tests.hub.conftest import HubHarness
@@ -19,8 +20,7 @@ def test_upload_list_download_and_promote(bare_hub: HubHarness) -> None:
     hub = bare_hub
     files = hub.register_model("m1")
     files2 = hub.register_model("m2", parent="m1", seed=1)
-    models = hub.client.get("/v1/models", headers=hub.trainer).json()
-    assert [(m["version"], m["parent_version"], m["status"]) for m in models] == [
+    assert [(m.version, m.parent_version, m.status) for m in hub.models()] == [
         ("m1", None, "candidate"), ("m2", "m1", "candidate")]
     r = hub.client.get("/v1/models/m2/onnx", headers=hub.trainer)
     assert r.status_code == 200 and r.content == files2.onnx_path.read_bytes()
@@ -37,11 +37,11 @@ def test_upload_list_download_and_promote(bare_hub: HubHarness) -> None:
     assert r.status_code == 200 and r.json()["status"] == "active", r.text
     assert r.json()["rollout"]["kind"] == "override" and "admin override by bootstrap-admin: hotfix" in \
         r.json()["rollout"]["reason"]
-    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    statuses = hub.model_statuses()
     assert statuses == {"m1": "retired", "m2": "active"}
     r = hub.client.post("/v1/models/rollback", headers=hub.admin)
     assert r.status_code == 200 and r.json()["active"] == "m1"
-    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    statuses = hub.model_statuses()
     assert statuses == {"m1": "active", "m2": "retired"}
 
 
@@ -63,7 +63,7 @@ def test_signature_from_another_key_is_refused(bare_hub: HubHarness) -> None:
     forged = sign_manifest(files.manifest, stranger)
     r = _upload(hub, files.onnx_path.read_bytes(), forged.to_json())
     assert r.status_code == 422 and "does not verify" in r.json()["detail"]  # type: ignore[attr-defined]
-    assert hub.client.get("/v1/models", headers=hub.trainer).json() == []
+    assert hub.model_statuses() == {}
     assert not list((hub.tmp / "blobs").rglob(files.manifest.onnx_sha256))
 
 
@@ -82,7 +82,7 @@ def test_onnx_bytes_must_match_the_manifest(bare_hub: HubHarness) -> None:
     onnx = files.onnx_path.read_bytes()
     r = _upload(hub, onnx + b"\0", files.signed.to_json())
     assert r.status_code == 400 and hashlib.sha256(onnx).hexdigest() in r.json()["detail"]  # type: ignore[attr-defined]
-    assert hub.client.get("/v1/models", headers=hub.trainer).json() == []
+    assert hub.model_statuses() == {}
 
 
 def test_malformed_model_uploads(bare_hub: HubHarness) -> None:
@@ -156,8 +156,8 @@ def test_model_uploads_are_checked_and_stored_in_bounded_memory(bare_hub: HubHar
             tracemalloc.start()
             try:
                 status, body = register_model(hub.hub, manifest, fh)  # type: ignore[arg-type]
-            except Exception as exc:  # noqa: BLE001 - the bad one is refused
-                status, body = getattr(exc, "status_code", 500), {"detail": str(getattr(exc, "detail", exc))}
+            except FlywheelError as exc:  # the bad one is refused
+                status, body = status_for(exc), {"detail": str(exc)}
             peaks[name] = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
             if mutate:
@@ -177,7 +177,7 @@ def test_an_onnx_file_longer_than_its_manifest_is_refused_after_reading_only_wha
     onnx = files.onnx_path.read_bytes()
     r = _upload(hub, onnx + b"\0" * (1 << 20), files.signed.to_json())
     assert r.status_code == 400 and f"more than {len(onnx)} bytes" in r.json()["detail"]  # type: ignore[attr-defined]
-    assert hub.client.get("/v1/models", headers=hub.trainer).json() == []
+    assert hub.model_statuses() == {}
 
 
 def test_a_model_signed_by_a_key_no_longer_trusted_is_not_served_as_active(hub_factory: object,
@@ -192,7 +192,7 @@ def test_a_model_signed_by_a_key_no_longer_trusted_is_not_served_as_active(hub_f
     a.enroll("d1")
     other = generate_keypair()
     b: HubHarness = hub_factory(signing_public_key=other.public_b64)  # type: ignore[operator]
-    statuses = {m["version"]: m["status"] for m in b.client.get("/v1/models", headers=b.trainer).json()}
+    statuses = b.model_statuses()
     assert statuses == {"m1": "retired"}  # nothing B's devices could verify is active
     files = make_model_files(Path(str(tmp_path)) / "b", "m2", private_key=load_private_key(other.private_pem))
     r = _upload(b, files.onnx_path.read_bytes(), files.signed.to_json())
@@ -200,7 +200,7 @@ def test_a_model_signed_by_a_key_no_longer_trusted_is_not_served_as_active(hub_f
     assert b.client.post("/v1/models/m2/promote", headers=b.admin).json()["status"] == "active"
 
     back: HubHarness = hub_factory()  # type: ignore[operator]  # the key switched back to A
-    statuses = {m["version"]: m["status"] for m in back.client.get("/v1/models", headers=back.trainer).json()}
+    statuses = back.model_statuses()
     assert statuses == {"m1": "active", "m2": "retired"}
     r = back.client.get("/v1/assignment", params={"device_id": "d1"}, headers=back.admin)
     assert r.json()["active"]["version"] == "m1"

@@ -8,7 +8,7 @@ import pytest
 
 from fleet.hub.heartbeats import deltas
 from fleet.hub.rollouts import bucket
-from fleet.protocol import Assignment
+from fleet.protocol import Assignment, RolloutList
 from tests.hub.conftest import HubHarness
 
 N_DEVICES = 40
@@ -81,7 +81,7 @@ def test_staged_rollout_buckets_devices_and_completes(hub: HubHarness) -> None:
         r = hub.client.post(f"/v1/rollouts/{ro['rollout_id']}/advance", headers=hub.trainer)
         assert r.status_code == 200, r.text
     assert r.json()["state"] == "completed"
-    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    statuses = hub.model_statuses()
     assert statuses == {"m1": "retired", "m2": "active"}
     assert all(_assign(hub, d).active.version == "m2" for d in devices[:5])  # type: ignore[union-attr]
 
@@ -119,7 +119,7 @@ def test_field_disagreement_rolls_the_canary_back(hub: HubHarness) -> None:
     assert 50 <= m2["human_compared"] < 30 * len(canary) and m2["disagreement"] >= 0.4
     assert status["metrics"]["m1"]["disagreement"] == pytest.approx(0.1)
     assert all(_assign(hub, d).active.version == "m1" for d in devices)  # type: ignore[union-attr]
-    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    statuses = hub.model_statuses()
     assert statuses == {"m1": "active", "m2": "retired"}
 
 
@@ -239,8 +239,7 @@ def test_a_device_outside_the_canary_cannot_touch_the_candidates_metrics(hub: Hu
     assert status["metrics"]["m2"]["health_failures"] == 0 and status["metrics"]["m2"]["human_compared"] == 0
     summary = hub.client.get("/v1/summary", headers=hub.trainer).json()
     assert summary["models"]["m2"]["field"]["heartbeats"] == 0  # not counted in the fleet-wide metrics either
-    rows = hub.client.get("/v1/devices", headers=hub.admin).json()
-    assert next(d for d in rows if d["device_id"] == forger)["model_version"] == "m2"  # its own state moves
+    assert hub.devices_listed()[forger].model_version == "m2"  # its own state moves
 
 
 def test_one_device_in_the_canary_cannot_roll_it_back_alone(hub: HubHarness) -> None:
@@ -332,7 +331,7 @@ def test_a_promotion_every_device_refuses_is_undone(hub: HubHarness, override: b
     _ota(hub, "d2", "m2")
     status = _status(hub, ro)
     assert status["state"] == "rolled_back" and "every device in the canary (2) refused" in status["reason"]
-    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    statuses = hub.model_statuses()
     assert statuses == {"m1": "active", "m2": "retired"}
     assert all(_assign(hub, d).active.version == "m1" for d in ("d1", "d2"))  # type: ignore[union-attr]
 
@@ -348,15 +347,15 @@ def test_a_promotion_completes_after_its_hold_and_overrides_are_recorded(hub_fac
     assert again.status_code == 409 and "already rolling out" in again.json()["detail"]
     hub.clock.advance(301)
     _assign(hub, "d1")
-    statuses = {m["version"]: m["status"] for m in hub.client.get("/v1/models", headers=hub.trainer).json()}
+    statuses = hub.model_statuses()
     assert statuses == {"m1": "retired", "m2": "active"}
     hub.register_model("m3", seed=2)
     r = hub.client.post("/v1/models/m3/promote", headers=hub.admin, json={"override": True, "reason": "CVE fix"})
     assert r.json()["status"] == "active"
-    listed = hub.client.get("/v1/rollouts", headers=hub.trainer).json()
-    assert [(x["version"], x["kind"], x["state"]) for x in listed] == [
+    listed = RolloutList.from_json(hub.client.get("/v1/rollouts", headers=hub.trainer).content).rollouts
+    assert [(x.version, x.kind, x.state) for x in listed] == [
         ("m3", "override", "running"), ("m2", "promotion", "completed")]
-    assert listed[0]["reason"] == "admin override by bootstrap-admin: CVE fix"
+    assert listed[0].reason == "admin override by bootstrap-admin: CVE fix"
 
 
 def test_a_new_rollout_or_promotion_ends_an_overrides_watch(hub: HubHarness) -> None:

@@ -1,6 +1,7 @@
 """What the in-process hub holds and was sent, read back for assertions: through its API (as a labeler or a
-trainer would), its database (what no API lists: OTA reports, field metrics, the webhook inbox) and the tap
-on the app (what clients sent it: heartbeats, label posts and their receipts)."""
+trainer would, parsed with the wire contract's types), its database (what no API lists: OTA reports, field
+metrics, the webhook inbox) and the tap on the app (what clients sent it: heartbeats, label posts and their
+receipts)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ import json
 from typing import Any
 
 from fleet.protocol import (
+    FIELD_COUNTERS,
     BatchReceipt,
     Case,
     CaseReceipt,
     Heartbeat,
     LabelPublic,
+    ModelList,
+    ModelPublic,
     OtaReport,
+    RolloutList,
+    RolloutPublic,
     SelectedCase,
 )
 from tests.support.asgi import Tap
@@ -116,6 +122,18 @@ class HubReads:
         rows = self.sql("SELECT value FROM hub_state WHERE key = 'labeling_events_acked'")
         return int(rows[0][0]) if rows else 0
 
+    def models(self) -> dict[str, ModelPublic]:
+        """The model registry as a trainer reads it (GET /v1/models): version -> its entry."""
+        r = self.client.get("/v1/models", headers=self.bearer("trainer"))
+        assert r.status_code == 200, r.text
+        return {m.version: m for m in ModelList.from_json(r.content).models}
+
+    def rollouts(self) -> list[RolloutPublic]:
+        """Every rollout as a trainer reads it (GET /v1/rollouts), newest first."""
+        r = self.client.get("/v1/rollouts", headers=self.bearer("trainer"))
+        assert r.status_code == 200, r.text
+        return RolloutList.from_json(r.content).rollouts
+
     def ota_reports(self) -> list[OtaReport]:
         rows = self.sql("SELECT device_id, version, outcome, reason, previous_version, reported_at FROM ota_reports "
                         "ORDER BY id")
@@ -128,8 +146,6 @@ class HubReads:
 
     def field_metrics(self, version: str, scope: str = "all") -> dict[str, int]:
         """The hub's summed field counters for ``version`` (zeros when it has none)."""
-        from fleet.hub.models import FIELD_COUNTERS
-
         rows = self.sql(f"SELECT {', '.join(FIELD_COUNTERS)} FROM field_metrics WHERE scope = ? AND version = ?",
                         (scope, version))
         return dict(zip(FIELD_COUNTERS, rows[0] if rows else [0] * len(FIELD_COUNTERS), strict=True))

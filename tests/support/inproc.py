@@ -41,9 +41,9 @@ from fleet.protocol import (
     Classification,
     LabelPost,
     LabelReceipt,
+    RolloutPublic,
 )
 from fleet.signing import KeyPair, load_private_key
-from tests.support import hubadmin
 from tests.support.asgi import Tap, port_of, serve_app
 from tests.support.cases import make_case
 from tests.support.faults import FaultTransport
@@ -282,7 +282,7 @@ class InProcHub(HubReads):
         r = self.client.post("/v1/rollouts", headers=self.bearer("trainer"),
                              json={"version": version, "stages": stages, "stage_seconds": stage_seconds})
         assert r.status_code == 201, r.text
-        return hubadmin.rollout_id(r.json())
+        return RolloutPublic.from_json(r.content).rollout_id
 
     def advance(self, rollout_id: str) -> dict[str, Any]:
         r = self.client.post(f"/v1/rollouts/{rollout_id}/advance", headers=self.bearer("trainer"))

@@ -23,12 +23,21 @@ from typing import Any
 import httpx
 import numpy as np
 
+from fleet.protocol import (
+    CASE_STATES,
+    Assignment,
+    Case,
+    DeviceList,
+    DevicePublic,
+    ModelList,
+    PoolPage,
+    RolloutPublic,
+)
 from tests.support.hub import REPO, RunningHub, start_hub, stop
 from tests.support.models import ModelFiles
 
 PG_URL = os.environ.get("FLYWHEEL_TEST_PG_URL")
 PG_ADMIN_URL = os.environ.get("FLYWHEEL_TEST_PG_ADMIN_URL")
-CASE_STATES = ("unlabeled", "queued", "labeled", "held", "duplicate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,39 +152,46 @@ def publish(hub: RunningHub, files: ModelFiles, trainer: str, *, promote: bool =
         assert r.status_code == 200, r.text
 
 
-def all_cases(hub: RunningHub, token: str) -> list[dict[str, Any]]:
-    """Every case the hub holds, in every state (paged through /v1/pool)."""
-    out: list[dict[str, Any]] = []
+def model_statuses(client: httpx.Client, token: str) -> dict[str, str]:
+    """Every registered model version -> its status (``client``: a client of the hub)."""
+    r = client.get("/v1/models", headers=bearer(token))
+    r.raise_for_status()
+    return {m.version: m.status for m in ModelList.from_json(r.content).models}
+
+
+def all_cases(hub: RunningHub, token: str) -> list[Case]:
+    """Every case the hub holds, in every state (paged through /v1/pool), as the devices sent them."""
+    out: list[Case] = []
     with httpx.Client(base_url=hub.url, headers=bearer(token), timeout=30) as c:
         for state in CASE_STATES:
             offset = 0
             while True:
                 r = c.get("/v1/pool", params={"state": state, "limit": 1000, "offset": offset})
                 r.raise_for_status()
-                page = r.json()["cases"]
-                out += page
+                page = PoolPage.from_json(r.content).cases
+                out += [selected.case for selected in page]
                 offset += len(page)
                 if len(page) < 1000:
                     break
     return out
 
 
-def rollout_state(hub: RunningHub, rollout_id: str) -> dict[str, Any]:
+def rollout_state(hub: RunningHub, rollout_id: str) -> RolloutPublic:
     r = httpx.get(f"{hub.url}/v1/rollouts/{rollout_id}", headers=hub.admin_headers, timeout=30)
     r.raise_for_status()
-    return dict(r.json())
+    return RolloutPublic.from_json(r.content)
 
 
-def assignment_of(hub: RunningHub, device_id: str) -> dict[str, Any]:
+def assignment_of(hub: RunningHub, device_id: str) -> Assignment:
     r = httpx.get(hub.url + "/v1/assignment", params={"device_id": device_id}, headers=hub.admin_headers, timeout=30)
     r.raise_for_status()
-    return dict(r.json())
+    return Assignment.from_json(r.content)
 
 
-def devices(hub: RunningHub) -> dict[str, dict[str, Any]]:
+def devices(hub: RunningHub) -> dict[str, DevicePublic]:
     r = httpx.get(hub.url + "/v1/devices", headers=hub.admin_headers, timeout=30)
     r.raise_for_status()
-    return {d["device_id"]: d for d in r.json()}
+    return {d.device_id: d for d in DeviceList.from_json(r.content).devices}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,11 +67,11 @@ def test_hub_killed_mid_upload_loses_and_duplicates_nothing(tmp_path: Path) -> N
         assert all(c == 0 for c in codes.values()), {a.device_id: a.log_tail() for a in agents}
 
         cases = all_cases(hub, labeler)
-        by_id = collections.Counter(c["case_id"] for c in cases)
+        by_id = collections.Counter(c.case_id for c in cases)
         assert max(by_id.values()) == 1
         got: dict[str, list[str]] = collections.defaultdict(list)
         for c in cases:
-            got[c["device_id"]].append(c["tags"]["frame"])
+            got[c.device_id].append(c.tags["frame"])
         retried = 0
         for a in agents:
             frames = got[a.device_id]

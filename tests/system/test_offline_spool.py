@@ -88,8 +88,8 @@ def test_device_cut_off_keeps_the_most_valuable_cases(tmp_path: Path) -> None:
 
         summary = agent.summary()
         st = spool_stats(agent)["spool"]
-        cases = [c for c in all_cases(hub, labeler) if c["tags"]["frame"].startswith("main")]
-        filed = [c["tags"]["frame"] for c in cases]
+        cases = [c for c in all_cases(hub, labeler) if c.tags["frame"].startswith("main")]
+        filed = [c.tags["frame"] for c in cases]
         assert len(filed) == len(set(filed)), "a case was filed twice"
         lost = set(frames) - set(filed)
         assert summary["flagged"] == FRAMES and summary["spool_items"] == 0
@@ -98,8 +98,8 @@ def test_device_cut_off_keeps_the_most_valuable_cases(tmp_path: Path) -> None:
         assert offline["evicted"] > 0, "the spool never filled; the test proves nothing"
         assert len(lost) == summary["evicted"] == st["evicted"], (len(lost), summary, st)  # lost == counted
         assert vip_frames <= set(filed), f"high-priority cases were evicted: {sorted(vip_frames - set(filed))[:5]}"
-        low = [c["priority"] for c in cases if c["tags"]["frame"] not in vip_frames]
-        high = [c["priority"] for c in cases if c["tags"]["frame"] in vip_frames]
+        low = [c.priority for c in cases if c.tags["frame"] not in vip_frames]
+        high = [c.priority for c in cases if c.tags["frame"] in vip_frames]
         assert max(low, default=0.0) < min(high)
         record("offline_spool", offline_s=round(offline_s, 1), spool_cap_bytes=SPOOL_BYTES, flagged=FRAMES,
                high_priority=len(vip_frames), delivered=len(filed), evicted_counted=st["evicted"],

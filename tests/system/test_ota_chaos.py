@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from fleet.edge.runtime import ModelRuntime
+from fleet.protocol import RolloutPublic
 from fleet.signing import generate_keypair, load_private_key, sign_manifest
 from tests.support.hub import RunningHub
 from tests.support.models import ModelFiles, make_model_files
@@ -38,6 +39,7 @@ from .support import (
     devices,
     flagging_spec,
     make_agent,
+    model_statuses,
     publish,
     record,
     restartable_hub,
@@ -157,7 +159,7 @@ def roll_out(hub: RunningHub, trainer: str, version: str) -> str:
     r = httpx.post(hub.url + "/v1/rollouts", headers=bearer(trainer), json={"version": version, "stages": [1.0]},
                    timeout=30)
     assert r.status_code in (200, 201), r.text
-    return str(r.json()["rollout_id"])
+    return RolloutPublic.from_json(r.content).rollout_id
 
 
 def test_bad_canaries_are_rolled_back_everywhere(tmp_path: Path) -> None:
@@ -183,23 +185,23 @@ def test_bad_canaries_are_rolled_back_everywhere(tmp_path: Path) -> None:
 
         def fleet_on(version: str) -> bool:
             seen = devices(hub)
-            return all(seen[d]["model_version"] == version for d in ids)
+            return all(seen[d].model_version == version for d in ids)
 
         # the bad canaries: (name, version, how it is broken)
         bad: list[tuple[str, str]] = []
         with agents_running(agents) as procs:
             wait_for("both devices on the incumbent", lambda: fleet_on("ota-v1"), timeout=60)
 
-            def canary(name: str, files: ModelFiles, tamper: Any = None) -> dict[str, Any]:
+            def canary(name: str, files: ModelFiles, tamper: Any = None) -> RolloutPublic:
                 publish(hub, files, trainer)
                 if tamper is not None:
                     tamper()
                 rid = roll_out(hub, trainer, files.manifest.version)
-                st = wait_for(f"rollout of {name} rolled back", lambda: (lambda s: s if s["state"] == "rolled_back"
+                st = wait_for(f"rollout of {name} rolled back", lambda: (lambda s: s if s.state == "rolled_back"
                               else None)(rollout_state(hub, rid)), timeout=60, every=0.3)
                 for d in ids:
                     a = assignment_of(hub, d)
-                    assert a["active"]["version"] == "ota-v1" and a["challenger"] is None, (name, a)
+                    assert a.active is not None and a.active.version == "ota-v1" and a.challenger is None, (name, a)
                 bad.append((name, files.manifest.version))
                 return st
 
@@ -222,7 +224,7 @@ def test_bad_canaries_are_rolled_back_everywhere(tmp_path: Path) -> None:
                 elif name == "wrong signature":
                     tamper = lambda f=files: tamper_signature(hub, f.manifest.version, f.manifest)  # noqa: E731
                 st = canary(name, files, tamper)
-                assert "health failures" in (st["reason"] or ""), st
+                assert "health failures" in (st.reason or ""), st
                 reports = ota_reports(hub, version)
                 assert [(d, o) for d, o, _ in reports] == [(d, "refused") for d in ids], (name, reports)
                 assert all(why.lower() in reason.lower() for *_, reason in reports), (name, why, reports)
@@ -235,23 +237,23 @@ def test_bad_canaries_are_rolled_back_everywhere(tmp_path: Path) -> None:
             publish(hub, worse, trainer)
             rid_holder["id"] = roll_out(hub, trainer, "ota-worse")
             wait_for("the fleet running the worse canary", lambda: fleet_on("ota-worse") or
-                     rollout_state(hub, rid_holder["id"])["state"] != "running", timeout=60, every=0.2)
-            st = wait_for("the worse canary rolled back", lambda: (lambda s: s if s["state"] == "rolled_back"
+                     rollout_state(hub, rid_holder["id"]).state != "running", timeout=60, every=0.2)
+            st = wait_for("the worse canary rolled back", lambda: (lambda s: s if s.state == "rolled_back"
                           else None)(rollout_state(hub, rid_holder["id"])), timeout=90, every=0.3)
-            assert "field disagreement" in (st["reason"] or ""), st
-            m = st["metrics"]
-            assert m["ota-worse"]["human_compared"] >= 80 and m["ota-worse"]["disagreement"] > 0.1, m
+            assert "field disagreement" in (st.reason or ""), st
+            worse_field = st.metrics["ota-worse"]
+            assert worse_field.human_compared >= 80 and (worse_field.disagreement or 0) > 0.1, worse_field
             for d in ids:
                 a = assignment_of(hub, d)
-                assert a["active"]["version"] == "ota-v1" and a["challenger"] is None, a
+                assert a.active is not None and a.active.version == "ota-v1" and a.challenger is None, a
             bad.append(("worse field disagreement", "ota-worse"))
             wait_for("every device back on the incumbent", lambda: fleet_on("ota-v1"), timeout=60)
             procs.terminate()
             codes = procs.wait(timeout=60)
         assert all(c == 0 for c in codes.values()), {a.device_id: a.log_tail() for a in agents}
 
-        listed = {m["version"]: m["status"] for m in httpx.get(hub.url + "/v1/models", headers=bearer(trainer),
-                                                                 timeout=30).json()}
+        with httpx.Client(base_url=hub.url, timeout=30) as c:
+            listed = model_statuses(c, trainer)
         assert listed["ota-v1"] == "active"
         assert all(listed[v] == "retired" for _, v in bad), listed
         for a in agents:
@@ -266,4 +268,5 @@ def test_bad_canaries_are_rolled_back_everywhere(tmp_path: Path) -> None:
         assert r.status_code == 422, r.text
         record("ota_bad_canaries", canaries=[n for n, _ in bad], rolled_back=len(bad), devices=len(ids),
                fleet_ends_on="ota-v1", alien_signature_refused_at_upload=True, device_reasons=reasons,
-               worse_metrics={k: {kk: m[k][kk] for kk in ("human_compared", "disagreement")} for k in m})
+               worse_metrics={k: {"human_compared": v.human_compared, "disagreement": v.disagreement}
+                              for k, v in st.metrics.items()})

@@ -27,11 +27,28 @@ import httpx
 import numpy as np
 import pytest
 
+from fleet.protocol import (
+    CaseReceipt,
+    EnrollmentAttemptList,
+    RolloutList,
+    RolloutPublic,
+    SelectedCase,
+    TokenList,
+)
 from tests.support.cases import make_case
 from tests.support.hub import RunningHub
 from tests.support.models import make_model_files
 
-from .support import bearer, fresh_pg_database, publish, record, restartable_hub, wait_for
+from .support import (
+    bearer,
+    fresh_pg_database,
+    model_statuses,
+    publish,
+    record,
+    restartable_hub,
+    rollout_state,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -131,8 +148,8 @@ def test_devices_cannot_touch_each_others_data(hub: RunningHub) -> None:
         r = c.get("/v1/assignment", params={"device_id": "iso-b"}, headers=bearer(a))
         assert r.status_code == 403 or (r.status_code == 200 and r.json()["device_id"] == "iso-a"), r.text
         labeler = hub.token("labeler")
-        stored = c.get("/v1/cases/iso-b-case", headers=bearer(labeler)).json()
-        assert stored["device_id"] == "iso-b" and stored["tags"] == {"frame": "x"}
+        stored = SelectedCase.from_json(c.get("/v1/cases/iso-b-case", headers=bearer(labeler)).content).case
+        assert stored.device_id == "iso-b" and stored.tags == {"frame": "x"}
         blob = c.get(f"/v1/blobs/{sha_b}", headers=bearer(hub.token("trainer")))
         assert blob.content == img_b
     record("security_isolation", cross_device_attempts=tried, refused=tried)
@@ -225,7 +242,7 @@ def test_admin_routes_refuse_device_labeler_and_trainer_tokens(hub: RunningHub) 
                 tried += 1
                 assert r.status_code == 403, f"{scope} token: {method} {path} -> {r.status_code} {r.text[:200]}"
         assert c.get("/v1/summary", headers=hub.admin_headers).status_code == 200
-        names = [t["name"] for t in c.get("/v1/tokens", headers=hub.admin_headers).json()]
+        names = [t.name for t in TokenList.from_json(c.get("/v1/tokens", headers=hub.admin_headers).content).tokens]
         assert "evil" not in names
     record("security_admin_routes", attempts=tried, refused=tried)
 
@@ -323,8 +340,7 @@ def test_path_traversal_and_oversized_payloads_are_refused(hub: RunningHub, tmp_
         for what, r in oversized:
             assert refused(r, 413), f"{what}: {r.status_code} {r.text[:200]}"
             assert "received" in r.text or "limit" in r.text, (what, r.text[:200])
-        versions = [m["version"] for m in c.get("/v1/models", headers=bearer(trainer)).json()]
-        assert "sec-huge" not in versions
+        assert "sec-huge" not in model_statuses(c, trainer)
         assert c.get("/healthz").status_code == 200
     record("security_bad_input", traversal_probes=traversal, oversized_payloads=len(oversized),
            all_refused_4xx=True)
@@ -391,9 +407,10 @@ def test_enrollment_cannot_take_over_a_device_and_failures_are_limited(hub: Runn
         # the device's own token re-enrolls it (what `flywheel agent enroll --force` sends)
         again = c.post("/v1/enroll", json={"device_id": "tk-cam-1"}, headers=bearer(real))
         assert again.status_code == 200, again.text
-        audit = c.get("/v1/enrollment-attempts", params={"device_id": "tk-cam-1"}, headers=hub.admin_headers).json()
-        assert [a["outcome"] for a in audit] == ["re-enrolled", "refused", "enrolled"]
-        assert audit[1]["client"] == "127.0.0.1" and audit[0]["method"] == "device-token"
+        r = c.get("/v1/enrollment-attempts", params={"device_id": "tk-cam-1"}, headers=hub.admin_headers)
+        audit = EnrollmentAttemptList.from_json(r.content).attempts
+        assert [a.outcome for a in audit] == ["re-enrolled", "refused", "enrolled"]
+        assert audit[1].client == "127.0.0.1" and audit[0].method == "device-token"
         time.sleep(4.2)  # the failure window of LIMITS
         codes = [c.post("/v1/enroll", json={"device_id": f"tk-guess-{i}", "fleet_secret": f"guess-{i}"}).status_code
                  for i in range(8)]
@@ -424,7 +441,7 @@ def test_reused_case_ids_leave_no_blob_and_the_sweep_removes_orphans(hub: Runnin
             assert r.status_code == 409 and "different content" in r.text, r.text
             r = post_case(c, other, case_json("leak-other", different, case_id="leak-1"), different)
             assert r.status_code == 409, r.text
-        assert post_case(c, dev, first, img).json() == {"case_id": "leak-1", "already": True}  # a retry
+        assert CaseReceipt.from_json(post_case(c, dev, first, img).content).status == "already"  # a retry
         assert files() == before  # 40 refused uploads of different images: not one byte stored
     # an orphan an older hub left behind (its bytes, no row) goes with `flywheel hub sweep-blobs`
     orphan = png(77)
@@ -553,7 +570,7 @@ def test_one_device_cannot_forge_a_rollouts_metrics(tmp_path: Path) -> None:
             tokens = {f"fm-{i:02d}": enroll(c, h, f"fm-{i:02d}") for i in range(30)}
             r = c.post("/v1/rollouts", headers=bearer(trainer), json={"version": "fm-v2", "stages": [0.2, 1.0]})
             assert r.status_code == 201, r.text
-            ro = r.json()
+            ro = RolloutPublic.from_json(r.content)
             canary = [d for d in tokens if c.get("/v1/assignment", headers=bearer(tokens[d])).json()["active"]
                       ["version"] == "fm-v2"]
             outside = [d for d in tokens if d not in canary]
@@ -564,18 +581,18 @@ def test_one_device_cannot_forge_a_rollouts_metrics(tmp_path: Path) -> None:
                 assert c.post("/v1/ota-reports", headers=bearer(tokens[forger]), json=refusal).status_code == 204
             hb = {**heartbeat(forger), "model_version": "fm-v2", "human_compared": 1000, "human_disagreed": 1000}
             assert c.post("/v1/heartbeats", headers=bearer(tokens[forger]), json=hb).status_code == 204
-            st = c.get(f"/v1/rollouts/{ro['rollout_id']}", headers=bearer(trainer)).json()
-            assert st["state"] == "running" and st["metrics"]["fm-v2"]["health_failures"] == 0, st
+            st = rollout_state(h, ro.rollout_id)
+            assert st.state == "running" and st.metrics["fm-v2"].health_failures == 0, st
             a = canary[0]  # one canary device alone cannot roll it back either
             for _ in range(3):
                 r = c.post("/v1/ota-reports", headers=bearer(tokens[a]), json={**refusal, "device_id": a})
                 assert r.status_code == 204
-            assert c.get(f"/v1/rollouts/{ro['rollout_id']}", headers=bearer(trainer)).json()["state"] == "running"
+            assert rollout_state(h, ro.rollout_id).state == "running"
             b = canary[1]
             r = c.post("/v1/ota-reports", headers=bearer(tokens[b]), json={**refusal, "device_id": b})
-            st = c.get(f"/v1/rollouts/{ro['rollout_id']}", headers=bearer(trainer)).json()
-            assert st["state"] == "rolled_back" and a in st["reason"] and b in st["reason"], st
-            assert forger not in st["reason"]
+            st = rollout_state(h, ro.rollout_id)
+            assert st.state == "rolled_back" and st.reason and a in st.reason and b in st.reason, st
+            assert forger not in st.reason
     record("security_field_metrics", forged_reports_counted=0, devices_needed=2, rolled_back_with=[a, b])
 
 
@@ -597,10 +614,10 @@ def test_promotions_every_device_refuses_are_undone_and_untrusted_keys_are_not_s
                 r = c.post("/v1/ota-reports", headers=bearer(tok), json={
                     "device_id": d, "version": "pk-v2", "outcome": "refused", "reason": "does not verify"})
                 assert r.status_code == 204
-            models = {m["version"]: m["status"] for m in c.get("/v1/models", headers=bearer(trainer)).json()}
+            models = model_statuses(c, trainer)
             assert models == {"pk-v1": "active", "pk-v2": "retired"}, models
-            rollout = c.get("/v1/rollouts", headers=bearer(trainer)).json()[0]
-            assert rollout["kind"] == "promotion" and "every device in the canary (2)" in rollout["reason"]
+            rollout = RolloutList.from_json(c.get("/v1/rollouts", headers=bearer(trainer)).content).rollouts[0]
+            assert rollout.kind == "promotion" and "every device in the canary (2)" in (rollout.reason or "")
 
         # the fleet key switched to B, a B-signed model made active, then the key switched back to A
         other = generate_keypair()
@@ -610,13 +627,13 @@ def test_promotions_every_device_refuses_are_undone_and_untrusted_keys_are_not_s
         b_model = make_model_files(tmp_path / "b", "pk-b1", private_key=load_private_key(other.private_pem))
         publish(h, b_model, trainer, promote=True)
         with httpx.Client(base_url=h.url, timeout=30) as c:
-            models = {m["version"]: m["status"] for m in c.get("/v1/models", headers=bearer(trainer)).json()}
+            models = model_statuses(c, trainer)
             assert models["pk-b1"] == "active" and models["pk-v1"] == "retired", models
         kill9(h)
         h.env["FLYWHEEL_HUB_SIGNING_PUBLIC_KEY"] = h.keypair.public_b64
         respawn(h)
         with httpx.Client(base_url=h.url, timeout=30) as c:
-            models = {m["version"]: m["status"] for m in c.get("/v1/models", headers=bearer(trainer)).json()}
+            models = model_statuses(c, trainer)
             assert models["pk-b1"] == "retired" and models["pk-v1"] == "active", models
             a = c.get("/v1/assignment", params={"device_id": "pk-a"}, headers=h.admin_headers).json()
             assert a["active"]["version"] == "pk-v1"

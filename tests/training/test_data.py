@@ -66,7 +66,7 @@ def test_parse_source_and_tags() -> None:
     assert parse_source("npz:/a/b.npz").kind == "npz"
     assert parse_source("hub:http://h:8000").location == "http://h:8000"
     assert parse_source("x.npz").kind == "npz"
-    with pytest.raises(InvalidInput, match="npz:PATH, folder:PATH or hub:URL; received 'nope'"):
+    with pytest.raises(InvalidInput, match="npz:PATH, folder:PATH, coco:PATH or hub:URL; received 'nope'"):
         parse_source("nope")
     assert parse_tags("night") == {"condition": "night"}
     assert parse_tags("condition=fog;device=d1") == {"condition": "fog", "device": "d1"}

@@ -68,7 +68,7 @@ def test_train_publishes_to_a_real_hub(running_hub: RunningHub, digits_npz: Path
     assert report["metrics"]["test"]["per_slice"]["source=snapshot"]["n"] > 0
 
     headers = {"Authorization": f"Bearer {trainer}"}
-    models = httpx.get(hub.url + "/v1/models", headers=headers).json()
+    models = httpx.get(hub.url + "/v1/models", headers=headers).json()["models"]
     assert [m["version"] for m in models] == ["m0", "hub-1"]
     assert next(m for m in models if m["version"] == "hub-1")["parent_version"] is None
     signed = SignedManifest.from_json(httpx.get(hub.url + "/v1/models/hub-1/manifest", headers=headers).content)

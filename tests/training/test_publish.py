@@ -11,7 +11,6 @@ import pytest
 from fleet.errors import InvalidInput
 from fleet.protocol import SignedManifest
 from fleet.signing import verify_manifest
-from tests.support import hubadmin
 from tests.support.data import digits_arrays, png_bytes
 from tests.support.inproc import InProcHub
 from training import export as export_mod
@@ -40,15 +39,15 @@ def test_a_passing_candidate_is_uploaded_signed_and_rolled_out(
     report = main(make_args(publish="http://hub", sign_key=str(signing_key[0]), version="v7",
                             rollout_stages=[0.25, 1.0], stage_seconds=5.0), client_factory=factory_for(hub))
     assert report["status"] == "published" and report["published"]
-    [rollout] = hubadmin.rollouts(hub.client, hub.bearer("trainer"))
-    assert posted(hub, "/v1/models") == 1 and hubadmin.rollout_summary(rollout) == {
-        "version": "v7", "stages": [0.25, 1.0], "stage_seconds": 5.0}
-    assert hubadmin.models(hub.client, hub.bearer("trainer"))["v7"]["status"] == "canary"  # m0 is the incumbent
+    [rollout] = hub.rollouts()
+    assert posted(hub, "/v1/models") == 1
+    assert (rollout.version, rollout.stages, rollout.stage_seconds) == ("v7", [0.25, 1.0], 5.0)
+    assert hub.models()["v7"].status == "canary"  # m0 is the incumbent
     r = hub.client.get("/v1/models/v7/manifest", headers=hub.bearer("trainer"))
     manifest = verify_manifest(SignedManifest.from_dict(r.json()), signing_key[1])
     onnx = hub.client.get("/v1/models/v7/onnx", headers=hub.bearer("trainer")).content
     assert manifest.onnx_size == len(onnx)
-    assert report["publish"]["rollout"]["rollout_id"] == hubadmin.rollout_id(rollout)
+    assert report["publish"]["rollout"]["rollout_id"] == rollout.rollout_id
     assert "publish" in report["timings"]
 
 

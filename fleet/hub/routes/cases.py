@@ -7,11 +7,11 @@ from typing import Any, Literal
 
 import numpy as np
 import sqlalchemy as sa
-from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlmodel import col, func, select
 from starlette.concurrency import run_in_threadpool
 
-from fleet.errors import Conflict, InvalidInput, NotFound
+from fleet.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, ProtocolError
 from fleet.hub.api import (
     DeviceCaller,
     HubDep,
@@ -19,6 +19,7 @@ from fleet.hub.api import (
     ReaderCaller,
     message_body,
     message_response,
+    multipart_body,
     request_body,
 )
 from fleet.hub.auth import check_image_signature, image_query
@@ -26,11 +27,12 @@ from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes, ingest_case, model_info
 from fleet.hub.ingest_batch import ingest_batch
-from fleet.hub.models import CASE_STATES, CaseRow
+from fleet.hub.models import CaseRow
 from fleet.hub.models import Selection as SelectionRow
 from fleet.hub.multipart import TooManyParts, parse_form
 from fleet.hub.selection import assign_clusters, get_strategy
 from fleet.protocol import (
+    CASE_STATES,
     BatchReceipt,
     Case,
     CaseReceipt,
@@ -49,19 +51,23 @@ assert set(CaseState.__args__) == set(CASE_STATES)  # type: ignore[attr-defined]
 
 
 @router.post("/v1/cases", status_code=201, response_model=CaseReceipt,
+             openapi_extra=multipart_body({"case": "the Case JSON (a field or a file part)",
+                                           "image": "the PNG the case names by sha256"}, files=("image",)),
              responses={200: {"model": CaseReceipt, "description": "the case was there already (same content)"}})
 async def post_case(request: Request, principal: DeviceCaller, hub: HubDep) -> Response:
     """multipart: ``case`` (Case JSON, a field or a file part) and ``image`` (PNG bytes, a file part)."""
     form = parse_form(await request.body(), request.headers.get("content-type", ""))
     case_part, image_part = form.get("case"), form.get("image")
     if case_part is None or image_part is None:
-        raise HTTPException(422, detail=f"expected multipart parts 'case' (JSON) and 'image' (PNG); "
-                                        f"received parts {sorted(form)}")
+        raise ProtocolError(f"expected multipart parts 'case' (JSON) and 'image' (PNG); received parts "
+                            f"{sorted(form)}")
     status, receipt = await run_in_threadpool(ingest_case, hub, principal, case_part.data, image_part.data)
     return message_response(receipt, status_code=status)
 
 
-@router.post("/v1/cases/batch", response_model=BatchReceipt)
+@router.post("/v1/cases/batch", response_model=BatchReceipt,
+             openapi_extra=multipart_body({"case_0": "the first Case JSON", "image_0": "its PNG"}, files=("image_0",),
+                                          description="case_i and image_i for i = 0..n-1, in pairs"))
 async def post_cases(request: Request, principal: DeviceCaller, hub: HubDep) -> Response:
     """multipart: ``case_0``, ``image_0``, ``case_1``, ``image_1``, ... -> one receipt per case, in order.
 
@@ -72,15 +78,14 @@ async def post_cases(request: Request, principal: DeviceCaller, hub: HubDep) -> 
     try:
         form = parse_form(await request.body(), request.headers.get("content-type", ""), max_parts=2 * limit)
     except TooManyParts:
-        raise HTTPException(413, detail=f"a batch carries at most {limit} cases ({2 * limit} parts: case_i and "
-                                        f"image_i for i = 0..{limit - 1}); received more") from None
+        raise PayloadTooLarge(f"a batch carries at most {limit} cases ({2 * limit} parts: case_i and image_i for "
+                              f"i = 0..{limit - 1}); received more") from None
     n = len(form) // 2
     expected = [name for i in range(n) for name in (f"case_{i}", f"image_{i}")]
     if not form or len(form) % 2 or set(form) != set(expected):
         shown = sorted(form)[:8]
-        raise HTTPException(422, detail=f"expected parts case_i (Case JSON) and image_i (PNG) for i = 0..n-1 in "
-                                        f"pairs; received {len(form)} part(s) {shown}"
-                                        f"{' ...' if len(form) > 8 else ''}")
+        raise ProtocolError(f"expected parts case_i (Case JSON) and image_i (PNG) for i = 0..n-1 in pairs; "
+                            f"received {len(form)} part(s) {shown}{' ...' if len(form) > 8 else ''}")
     items = [(form[f"case_{i}"].data, form[f"image_{i}"].data) for i in range(n)]
     results = await run_in_threadpool(ingest_batch, hub, principal, items)
     return message_response(BatchReceipt(results))

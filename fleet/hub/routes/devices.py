@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Literal
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import col, select
 
+from fleet.errors import Conflict, NotFound, ProtocolError
 from fleet.hub import enrollment, heartbeats, rollouts
-from fleet.hub.api import DeviceCaller, HubDep, message_body, message_response, request_body
-from fleet.hub.auth import Principal, bearer, issue_token, require, require_device
-from fleet.hub.context import Hub, get_hub
+from fleet.hub.api import AdminCaller, DeviceCaller, HubDep, message_body, message_response, request_body
+from fleet.hub.auth import bearer, issue_token, require_device
+from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_session
-from fleet.hub.models import ENROLL_OUTCOMES, ApiToken, Device, EnrollmentAttempt, OtaReportRow
-from fleet.hub.schemas import GrantCreate, TokenCreate, TokenPublic
-from fleet.protocol import Assignment, Enrollment, EnrollRequest, Heartbeat, OtaReport, check_name
+from fleet.hub.models import ApiToken, Device, EnrollmentAttempt, OtaReportRow
+from fleet.protocol import (
+    ENROLL_OUTCOMES,
+    Assignment,
+    DeviceList,
+    DevicePublic,
+    DeviceRevoked,
+    Enrollment,
+    EnrollmentAttemptList,
+    EnrollmentAttemptPublic,
+    EnrollRequest,
+    Grant,
+    GrantCreate,
+    Heartbeat,
+    OtaReport,
+    TokenCreate,
+    TokenIssued,
+    TokenList,
+    TokenPublic,
+    check_name,
+)
 
 router = APIRouter(tags=["devices"])
 
@@ -51,11 +70,11 @@ def enroll(request: Request, hub: HubDep, body: EnrollRequest = message_body(Enr
             enrollment.use_grant(hub, s, granted)
             token = issue_token(s, scope="device", name=f"device-{secrets.token_hex(8)}", now=now,
                                 device_id=body.device_id)
-    except enrollment.Refused as exc:
-        enrollment.record(hub, client=client, device_id=body.device_id, outcome="refused", detail=str(exc.detail))
+    except enrollment.REFUSALS as exc:
+        enrollment.record(hub, client=client, device_id=body.device_id, outcome="refused", detail=str(exc))
         raise
     except DBIntegrityError:
-        raise HTTPException(409, detail=f"device {body.device_id!r} is enrolling concurrently; retry") from None
+        raise Conflict(f"device {body.device_id!r} is enrolling concurrently; retry") from None
     enrollment.record(hub, client=client, device_id=body.device_id, outcome="re-enrolled" if again else "enrolled",
                       method=granted.method)
     hub.tokens.clear()
@@ -63,27 +82,29 @@ def enroll(request: Request, hub: HubDep, body: EnrollRequest = message_body(Enr
                                        fleet_public_key=hub.settings.public_key() or "", hub_time=now))
 
 
-@router.post("/v1/devices/{device_id}/enrollment-token", status_code=201)
-def create_enrollment_token(device_id: str, body: GrantCreate | None = Body(None),
-                            principal: Principal = Depends(require("admin")),
-                            hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/v1/devices/{device_id}/enrollment-token", status_code=201, response_model=Grant,
+             openapi_extra=request_body(GrantCreate, required=False))
+def create_enrollment_token(device_id: str, principal: AdminCaller, hub: HubDep,
+                            body: GrantCreate = message_body(GrantCreate, optional=True)) -> Response:
     """A one-time, expiring token that enrolls ``device_id`` (new, or again after it lost its credentials)."""
     check_name(device_id, "device_id")
-    body = body or GrantCreate()
     ttl = body.ttl_s or hub.settings.enrollment_token_ttl_s
     with write_session(hub.engine) as s:
         token, expires = enrollment.issue_grant(s, device_id=device_id, group=body.group, now=hub.now(), ttl_s=ttl,
                                                 created_by=principal.name)
-    return {"device_id": device_id, "enrollment_token": token, "expires_at": expires, "group": body.group}
+    return message_response(Grant(device_id=device_id, enrollment_token=token, expires_at=expires, group=body.group),
+                            status_code=201)
 
 
-@router.get("/v1/enrollment-attempts")
-def enrollment_attempts(device_id: str | None = Query(None, max_length=128), outcome: str | None = Query(None),
-                        limit: int = Query(100, ge=1, le=1000), _: Principal = Depends(require("admin")),
-                        hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+EnrollOutcome = Literal["enrolled", "re-enrolled", "refused"]
+assert set(EnrollOutcome.__args__) == set(ENROLL_OUTCOMES)  # type: ignore[attr-defined]
+
+
+@router.get("/v1/enrollment-attempts", response_model=EnrollmentAttemptList)
+def enrollment_attempts(_: AdminCaller, hub: HubDep, device_id: str | None = Query(None, max_length=128),
+                        outcome: EnrollOutcome | None = Query(None),
+                        limit: int = Query(100, ge=1, le=1000)) -> Response:
     """The enrollment audit, newest first: who enrolled which device how, and every refused attempt."""
-    if outcome is not None and outcome not in ENROLL_OUTCOMES:
-        raise HTTPException(422, detail=f"outcome must be one of {list(ENROLL_OUTCOMES)}; received {outcome!r}")
     q = select(EnrollmentAttempt)
     if device_id is not None:
         q = q.where(EnrollmentAttempt.device_id == device_id)
@@ -91,7 +112,9 @@ def enrollment_attempts(device_id: str | None = Query(None, max_length=128), out
         q = q.where(EnrollmentAttempt.outcome == outcome)
     with read_session(hub.engine) as s:
         rows = s.exec(q.order_by(col(EnrollmentAttempt.id).desc()).limit(limit)).all()
-    return [r.model_dump() for r in rows]
+    return message_response(EnrollmentAttemptList(attempts=[
+        EnrollmentAttemptPublic(id=int(r.id or 0), at=r.at, client=r.client, device_id=r.device_id,
+                                outcome=r.outcome, method=r.method, detail=r.detail) for r in rows]))
 
 
 @router.post("/v1/heartbeats", status_code=204, response_class=Response, openapi_extra=request_body(Heartbeat))
@@ -126,7 +149,7 @@ def assignment(principal: DeviceCaller, hub: HubDep, device_id: str | None = Que
     """What the calling device should run (an admin may ask for any device with ?device_id=)."""
     target = principal.device_id if not principal.is_admin else device_id
     if target is None:
-        raise HTTPException(422, detail="an admin must name the device: ?device_id=<id>")
+        raise ProtocolError("an admin must name the device: ?device_id=<id>")
     check_name(target, "device_id")
     require_device(principal, target, "assignment request")
     if _rollout_due(hub):
@@ -135,7 +158,7 @@ def assignment(principal: DeviceCaller, hub: HubDep, device_id: str | None = Que
     with read_session(hub.engine) as s:
         device = s.get(Device, target)
         if device is None or device.revoked_at is not None:
-            raise HTTPException(404, detail=f"unknown or revoked device {target!r}")
+            raise NotFound(f"unknown or revoked device {target!r}")
         return message_response(rollouts.assignment_for(s, device, now=hub.now()))
 
 
@@ -146,57 +169,65 @@ def _rollout_due(hub: Hub) -> bool:
     return r is not None and r.stage_seconds is not None and hub.now() - r.stage_started_at >= r.stage_seconds
 
 
-@router.get("/v1/devices")
-def list_devices(_: Principal = Depends(require("admin")), hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+@router.get("/v1/devices", response_model=DeviceList)
+def list_devices(_: AdminCaller, hub: HubDep) -> Response:
+    """Every enrolled device, by id."""
     with read_session(hub.engine) as s:
-        return [d.model_dump() for d in s.exec(select(Device).order_by(Device.device_id)).all()]
+        rows = s.exec(select(Device).order_by(Device.device_id)).all()
+    return message_response(DeviceList(devices=[
+        DevicePublic(device_id=d.device_id, group=d.group, enrolled_at=d.enrolled_at, revoked_at=d.revoked_at,
+                     last_seen_at=d.last_seen_at, model_version=d.model_version, boot_id=d.boot_id) for d in rows]))
 
 
-@router.post("/v1/devices/{device_id}/revoke")
-def revoke_device(device_id: str, _: Principal = Depends(require("admin")),
-                  hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/v1/devices/{device_id}/revoke", response_model=DeviceRevoked)
+def revoke_device(device_id: str, _: AdminCaller, hub: HubDep) -> Response:
+    """The device never enrolls again, and every token it holds stops working."""
     check_name(device_id, "device_id")
     now = hub.now()
     with write_session(hub.engine) as s:
         device = s.get(Device, device_id)
         if device is None:
-            raise HTTPException(404, detail=f"unknown device {device_id!r}")
+            raise NotFound(f"unknown device {device_id!r}")
         device.revoked_at = device.revoked_at or now
         s.add(device)
         n = s.execute(sa.update(ApiToken).where(col(ApiToken.device_id) == device_id,
                                                 col(ApiToken.revoked_at).is_(None)).values(revoked_at=now))
     hub.tokens.clear()
-    return {"device_id": device_id, "revoked_at": device.revoked_at, "tokens_revoked": n.rowcount}
+    return message_response(DeviceRevoked(device_id=device_id, revoked_at=device.revoked_at, tokens_revoked=n.rowcount))
 
 
-@router.post("/v1/tokens", status_code=201)
-def create_token(body: TokenCreate, _: Principal = Depends(require("admin")),
-                 hub: Hub = Depends(get_hub)) -> TokenPublic:
+@router.post("/v1/tokens", status_code=201, response_model=TokenIssued, openapi_extra=request_body(TokenCreate))
+def create_token(_: AdminCaller, hub: HubDep, body: TokenCreate = message_body(TokenCreate)) -> Response:
+    """A new admin, labeler or trainer token (shown once)."""
     try:
         with write_session(hub.engine) as s:
             token = issue_token(s, scope=body.scope, name=body.name, now=hub.now())
     except DBIntegrityError:
-        raise HTTPException(409, detail=f"a token named {body.name!r} already exists; revoke it or pick "
-                                        f"another name") from None
-    return TokenPublic(name=body.name, scope=body.scope, token=token)
+        raise Conflict(f"a token named {body.name!r} already exists; revoke it or pick another name") from None
+    return message_response(TokenIssued(name=body.name, scope=body.scope, token=token), status_code=201)
 
 
-@router.get("/v1/tokens")
-def list_tokens(_: Principal = Depends(require("admin")), hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+@router.get("/v1/tokens", response_model=TokenList)
+def list_tokens(_: AdminCaller, hub: HubDep) -> Response:
+    """The admin, labeler and trainer tokens by name (never the tokens themselves)."""
     with read_session(hub.engine) as s:
         rows = s.exec(select(ApiToken).where(ApiToken.scope != "device").order_by(ApiToken.name)).all()
-        return [{"name": t.name, "scope": t.scope, "created_at": t.created_at, "revoked_at": t.revoked_at}
-                for t in rows]
+    return message_response(TokenList(tokens=[token_public(t) for t in rows]))
 
 
-@router.delete("/v1/tokens/{name}")
-def revoke_token(name: str, _: Principal = Depends(require("admin")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.delete("/v1/tokens/{name}", response_model=TokenPublic)
+def revoke_token(name: str, _: AdminCaller, hub: HubDep) -> Response:
     check_name(name, "token name")
     with write_session(hub.engine) as s:
         tok = s.exec(select(ApiToken).where(ApiToken.name == name)).first()
         if tok is None:
-            raise HTTPException(404, detail=f"no token named {name!r}")
+            raise NotFound(f"no token named {name!r}")
         tok.revoked_at = tok.revoked_at or hub.now()
         s.add(tok)
+        out = token_public(tok)
     hub.tokens.clear()
-    return {"name": name, "revoked_at": tok.revoked_at}
+    return message_response(out)
+
+
+def token_public(t: ApiToken) -> TokenPublic:
+    return TokenPublic(name=t.name, scope=t.scope, created_at=t.created_at, revoked_at=t.revoked_at)

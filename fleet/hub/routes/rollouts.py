@@ -2,69 +2,73 @@
 
 from __future__ import annotations
 
-from typing import Any
+from fastapi import APIRouter, Response
+from sqlmodel import Session, col, select
 
-from fastapi import APIRouter, Body, Depends, HTTPException
-from sqlmodel import col, select
-
+from fleet.errors import NotFound, ProtocolError
 from fleet.hub import rollouts
-from fleet.hub.auth import Principal, require
-from fleet.hub.context import Hub, get_hub
+from fleet.hub.api import HubDep, TrainerCaller, message_body, message_response, request_body
 from fleet.hub.db import read_session, write_session
 from fleet.hub.models import Rollout
-from fleet.hub.schemas import RollbackRequest, RolloutCreate
+from fleet.protocol import RollbackRequest, RolloutCreate, RolloutList, RolloutPublic
 
 router = APIRouter(tags=["rollouts"])
 
 
-@router.post("/v1/rollouts", status_code=201)
-def start(body: RolloutCreate, _: Principal = Depends(require("trainer")),
-          hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/v1/rollouts", status_code=201, response_model=RolloutPublic, openapi_extra=request_body(RolloutCreate))
+def start(_: TrainerCaller, hub: HubDep, body: RolloutCreate = message_body(RolloutCreate)) -> Response:
     with write_session(hub.engine) as s:
         r = rollouts.start(hub, s, body.version, body.stages, body.stage_seconds)
         s.flush()
-        return rollouts.rollout_status(s, r)
+        return message_response(rollouts.rollout_status(s, r), status_code=201)
 
 
-@router.get("/v1/rollouts")
-def list_rollouts(_: Principal = Depends(require("trainer")), hub: Hub = Depends(get_hub)) -> list[dict[str, Any]]:
+@router.get("/v1/rollouts", response_model=RolloutList)
+def list_rollouts(_: TrainerCaller, hub: HubDep) -> Response:
+    """Every rollout, newest first."""
     with read_session(hub.engine) as s:
         rows = s.exec(select(Rollout).order_by(col(Rollout.created_at).desc())).all()
-        return [rollouts.rollout_status(s, r) for r in rows]
+        return message_response(RolloutList(rollouts=[rollouts.rollout_status(s, r) for r in rows]))
 
 
-@router.get("/v1/rollouts/{rollout_id}")
-def get_rollout(rollout_id: str, _: Principal = Depends(require("trainer")),
-                hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.get("/v1/rollouts/{rollout_id}", response_model=RolloutPublic)
+def get_rollout(rollout_id: str, _: TrainerCaller, hub: HubDep) -> Response:
+    """The rollout, after applying what its evidence and its stage clock say."""
     with write_session(hub.engine) as s:
         r = _get(s, rollout_id)
         rollouts.evaluate(hub, s, r)
         s.flush()
-        return rollouts.rollout_status(s, r)
+        return message_response(rollouts.rollout_status(s, r))
 
 
-@router.post("/v1/rollouts/{rollout_id}/advance")
-def advance(rollout_id: str, _: Principal = Depends(require("trainer")), hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/v1/rollouts/{rollout_id}/advance", response_model=RolloutPublic)
+def advance(rollout_id: str, _: TrainerCaller, hub: HubDep) -> Response:
+    """The next stage now (the last stage completes the rollout)."""
     with write_session(hub.engine) as s:
         r = _get(s, rollout_id)
         if rollouts.evaluate(hub, s, r) is None:  # (a due clock or a rollback already moved it)
             rollouts.advance(hub, s, r, reason="advanced by request")
         s.flush()
-        return rollouts.rollout_status(s, r)
+        return message_response(rollouts.rollout_status(s, r))
 
 
-@router.post("/v1/rollouts/{rollout_id}/rollback")
-def rollback(rollout_id: str, body: RollbackRequest | None = Body(None), _: Principal = Depends(require("trainer")),
-             hub: Hub = Depends(get_hub)) -> dict[str, Any]:
+@router.post("/v1/rollouts/{rollout_id}/rollback", response_model=RolloutPublic,
+             openapi_extra=request_body(RollbackRequest, required=False))
+def rollback(rollout_id: str, _: TrainerCaller, hub: HubDep,
+             body: RollbackRequest = message_body(RollbackRequest, optional=True)) -> Response:
+    """Back to the incumbent everywhere; the candidate is retired."""
+    if body.to is not None:
+        raise ProtocolError(f"a rollout rolls back to its incumbent; received to={body.to!r} (re-activate a "
+                            f"version with POST /v1/models/rollback)")
     with write_session(hub.engine) as s:
         r = _get(s, rollout_id)
-        rollouts.rollback(hub, s, r, reason=(body or RollbackRequest()).reason)
+        rollouts.rollback(hub, s, r, reason=body.reason)
         s.flush()
-        return rollouts.rollout_status(s, r)
+        return message_response(rollouts.rollout_status(s, r))
 
 
-def _get(s: Any, rollout_id: str) -> Rollout:
+def _get(s: Session, rollout_id: str) -> Rollout:
     r = s.get(Rollout, rollout_id[:64])
     if r is None:
-        raise HTTPException(404, detail=f"unknown rollout {rollout_id!r}")
-    return r  # type: ignore[no-any-return]
+        raise NotFound(f"unknown rollout {rollout_id!r}")
+    return r

@@ -1,0 +1,175 @@
+"""``flywheel models`` and ``flywheel campaigns``: a running hub's model registry and campaigns, over HTTP with
+an admin token. Requests are built and answers read with fleet.protocol's messages; a refusal is reported
+with the hub's reason (fleet.errors.error_for_response) and exits 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import typer
+
+if TYPE_CHECKING:
+    from fleet.protocol import Message
+
+M = TypeVar("M", bound="Message")
+
+models_app = typer.Typer(help="List, promote and roll back model versions.", no_args_is_help=True)
+campaigns_app = typer.Typer(help="Apply, list and delete trigger campaigns.", no_args_is_help=True)
+
+HUB_URL = typer.Option("http://127.0.0.1:8000", "--hub", envvar="FLYWHEEL_HUB_URL", help="The hub's base URL.")
+TOKEN = typer.Option(..., "--token", envvar="FLYWHEEL_HUB_TOKEN", help="An admin token for the hub.")
+
+
+@models_app.callback()
+def _models() -> None:
+    """List, promote and roll back model versions."""
+
+
+@campaigns_app.callback()
+def _campaigns() -> None:
+    """Apply, list and delete trigger campaigns."""
+
+
+def _call(hub: str, token: str, method: str, path: str, answer: type[M], *, body: Message | None = None) -> M:
+    """One call to the hub's API: ``body`` sent as JSON, the answer parsed as ``answer``; a failure (no
+    answer, a refusal, an answer that breaks the contract) is printed and exits 1."""
+    import httpx
+
+    from fleet.errors import FlywheelError, error_for_response
+
+    what = f"{method} {path}"
+    headers = {"Authorization": f"Bearer {token}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    try:
+        r = httpx.request(method, hub.rstrip("/") + path, headers=headers, timeout=30.0,
+                          content=body.to_json() if body is not None else None)
+        err = error_for_response(r, what)
+        if err is not None:
+            raise err
+        return answer.from_json(r.content)
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot reach the hub at {hub}: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except FlywheelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@models_app.command("list")
+def models_list(hub: str = HUB_URL, token: str = TOKEN, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every registered version with its parent, status and metrics."""
+    from fleet.protocol import ModelList
+
+    models = _call(hub, token, "GET", "/v1/models", ModelList).models
+    if as_json:
+        typer.echo(json.dumps([m.to_dict() for m in models], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("version", "parent", "status", "metrics")
+    for m in models:
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.metrics.items()))
+        table.add_row(m.version, m.parent_version or "-", m.status, metrics)
+    Console().print(table)
+
+
+@models_app.command("promote")
+def models_promote(
+    version: str = typer.Argument(...),
+    override: bool = typer.Option(False, "--override", help="Make it active now instead of rolling it out to the "
+                                  "whole fleet first (recorded with --reason; still undone if every device "
+                                  "refuses it)."),
+    reason: str = typer.Option("promoted by an operator", help="Recorded with the promotion."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """Promote VERSION: the first model at once; over an active one, a rollout to the whole fleet with the
+    rollout's checks, completed after FLYWHEEL_HUB_PROMOTE_HOLD_S (or --override: active now)."""
+    from fleet.protocol import PromoteRequest, Promotion
+
+    m = _call(hub, token, "POST", f"/v1/models/{version}/promote", Promotion,
+              body=_request(PromoteRequest, override=override, reason=reason))
+    ro = m.rollout
+    held = f"{ro.stage_seconds:g} s" if ro is not None and ro.stage_seconds is not None else "until advanced"
+    if ro is None:
+        typer.echo(f"{m.version} is {m.status}")
+    elif ro.kind == "override":
+        typer.echo(f"{m.version} is {m.status} by admin override (rollout {ro.rollout_id} watches it for {held}; "
+                   f"undone if the devices refuse it)")
+    else:
+        typer.echo(f"{m.version} is rolling out to the whole fleet as rollout {ro.rollout_id}; it becomes active "
+                   f"after {held} unless the devices' evidence rolls it back (--override makes it active now)")
+
+
+@models_app.command("rollback")
+def models_rollback(
+    to: str | None = typer.Option(None, "--to", help="Version to re-activate (default: the previous one)."),
+    reason: str = typer.Option("rolled back by an operator", help="Recorded with the rollback."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """Roll back the running rollout, or re-activate the previously active version."""
+    from fleet.protocol import RollbackReceipt, RollbackRequest
+
+    r = _call(hub, token, "POST", "/v1/models/rollback", RollbackReceipt,
+              body=_request(RollbackRequest, to=to, reason=reason))
+    typer.echo(f"rolled back {r.rolled_back}; active: {r.active}")
+
+
+@campaigns_app.command("apply")
+def campaigns_apply(
+    file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Trigger spec JSON (or {spec, groups})."),
+    group: list[str] = typer.Option([], "--group", help="Aim at this device group (repeatable; default all)."),
+    novelty_bank: str | None = typer.Option(None, "--novelty-bank", help="Ship this novelty bank with it."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """Create or update a campaign from FILE (validated by the hub with trigger.parse_spec)."""
+    try:
+        doc = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        typer.echo(f"error: {file} is not JSON: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from fleet.protocol import CampaignCreate, CampaignReceipt
+
+    given = _request(CampaignCreate.from_dict, doc)  # {spec, groups, novelty_bank}, or a bare spec
+    body = _request(replace, given, groups=group or given.groups, novelty_bank=novelty_bank or given.novelty_bank)
+    c = _call(hub, token, "POST", "/v1/campaigns", CampaignReceipt, body=body)
+    state = "unchanged" if c.already else "applied"
+    typer.echo(f"{state}: {c.campaign_id} v{c.version} -> groups {c.groups or ['*']}")
+
+
+@campaigns_app.command("list")
+def campaigns_list(hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """The newest version of each live campaign."""
+    from fleet.protocol import CampaignList
+
+    for c in _call(hub, token, "GET", "/v1/campaigns", CampaignList).campaigns:
+        flag = " (expired)" if c.expired else ""
+        typer.echo(f"{c.campaign_id}\tv{c.version}\t{','.join(c.groups) or '*'}{flag}")
+
+
+@campaigns_app.command("delete")
+def campaigns_delete(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """Withdraw a campaign from every device."""
+    from fleet.protocol import CampaignDeleted
+
+    r = _call(hub, token, "DELETE", f"/v1/campaigns/{campaign_id}", CampaignDeleted)
+    typer.echo(f"deleted {r.campaign_id} ({r.deleted_versions} versions)")
+
+
+def _request(build: Callable[..., M], *args: Any, **fields: Any) -> M:
+    """A request message built from the command line; a value it refuses is a bad parameter (exit 2)."""
+    from fleet.errors import ProtocolError
+
+    try:
+        message = build(*args, **fields)
+        message.validate()
+        return message
+    except ProtocolError as exc:
+        raise typer.BadParameter(str(exc)) from None
+

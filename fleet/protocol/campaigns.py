@@ -1,0 +1,179 @@
+"""Campaign messages: versioned, expiring trigger specs aimed at device groups, and the novelty banks they
+ship with (built at the hub from labeled cases' embeddings; devices download them by id).
+
+==============================================  ================================================================
+``POST /v1/campaigns``                          :class:`CampaignCreate` -> :class:`CampaignReceipt`
+``GET  /v1/campaigns``                          -> :class:`CampaignList`
+``GET  /v1/campaigns/{id}``                     -> :class:`CampaignVersions`
+``DELETE /v1/campaigns/{id}``                   -> :class:`CampaignDeleted`
+``POST /v1/novelty-banks``                      :class:`BankCreate` -> :class:`BankPublic`
+``GET  /v1/novelty-banks``                      -> :class:`BankList`
+``GET  /v1/novelty-banks/{id}``                 -> the bank as ``.npz`` (``trigger.NoveltyBank``)
+==============================================  ================================================================
+
+What a device is assigned of a campaign is a :class:`~fleet.protocol.device.CampaignRef`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+from fleet.errors import ProtocolError
+from fleet.protocol.base import (
+    DB_INT,
+    SCHEMA_VERSION,
+    Message,
+    check_bool,
+    check_finite,
+    check_int,
+    check_name,
+    check_names_list,
+    check_sha256,
+    opt,
+)
+
+
+@dataclass
+class CampaignCreate(Message):
+    """A campaign: a trigger spec (``trigger.parse_spec`` checks it), the device groups it is aimed at (none:
+    every group) and the novelty bank it ships with. A bare spec document is read as ``{"spec": doc}``."""
+
+    spec: dict[str, Any]
+    groups: list[str] = field(default_factory=list)
+    novelty_bank: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Self:
+        if isinstance(data, dict) and "spec" not in data:  # a bare trigger spec document
+            data = {"spec": data}
+        return super().from_dict(data)
+
+    def validate(self) -> None:
+        if not isinstance(self.spec, dict):
+            raise ProtocolError(f"spec must be a trigger spec object; received {type(self.spec).__name__}")
+        check_names_list(self.groups, "groups", max_len=100, name_check=True)
+        opt(self.novelty_bank, check_name, "novelty_bank")
+
+
+@dataclass
+class CampaignPublic(Message):
+    """One version of a campaign (``expired``: whether it had expired when listed; None when not asked)."""
+
+    campaign_id: str
+    version: int
+    spec: dict[str, Any]
+    groups: list[str]
+    created_at: float
+    expires_at: float | None = None
+    novelty_bank: str | None = None
+    deleted_at: float | None = None
+    expired: bool | None = None
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.campaign_id, "campaign_id")
+        check_int(self.version, "version", lo=0, hi=DB_INT)
+        if not isinstance(self.spec, dict):
+            raise ProtocolError(f"spec must be an object; received {type(self.spec).__name__}")
+        check_names_list(self.groups, "groups", max_len=100, name_check=True)
+        check_finite(self.created_at, "created_at")
+        opt(self.expires_at, check_finite, "expires_at")
+        opt(self.novelty_bank, check_name, "novelty_bank")
+        opt(self.deleted_at, check_finite, "deleted_at")
+        opt(self.expired, check_bool, "expired")
+
+
+@dataclass
+class CampaignReceipt(CampaignPublic):
+    """The campaign a create stored (201), or found ``already`` stored with the same content (200)."""
+
+    already: bool = False
+
+
+@dataclass
+class CampaignList(Message):
+    """The newest version of each campaign."""
+
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"campaigns": (CampaignPublic, 100_000)}
+
+    campaigns: list[CampaignPublic]
+    schema: int = SCHEMA_VERSION
+
+
+@dataclass
+class CampaignVersions(Message):
+    """Every version of one campaign, newest first."""
+
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"versions": (CampaignPublic, 100_000)}
+
+    campaign_id: str
+    versions: list[CampaignPublic]
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.campaign_id, "campaign_id")
+
+
+@dataclass
+class CampaignDeleted(Message):
+    """A campaign withdrawn from every assignment (its rows stay, for lineage)."""
+
+    campaign_id: str
+    deleted_versions: int
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.campaign_id, "campaign_id")
+        check_int(self.deleted_versions, "deleted_versions", lo=0)
+
+
+@dataclass
+class BankCreate(Message):
+    """Build a novelty bank from the embeddings of labeled cases of ``model_version`` (default: the active
+    model), at most ``max_size`` of them (sampled with ``seed``)."""
+
+    bank_id: str | None = None
+    model_version: str | None = None
+    max_size: int | None = None
+    seed: int = 0
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        opt(self.bank_id, check_name, "bank_id")
+        opt(self.model_version, check_name, "model_version")
+        opt(self.max_size, check_int, "max_size", lo=1)
+        check_int(self.seed, "seed", lo=0, hi=2**63 - 1)
+
+
+@dataclass
+class BankPublic(Message):
+    """A novelty bank: ``n`` embeddings of width ``dim`` from ``model_version``, stored by ``sha256``."""
+
+    bank_id: str
+    sha256: str
+    size: int  # bytes of the .npz served at /v1/novelty-banks/{bank_id}
+    n: int
+    dim: int
+    created_at: float
+    model_version: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.bank_id, "bank_id")
+        check_sha256(self.sha256, "sha256")
+        for name in ("size", "n", "dim"):
+            check_int(getattr(self, name), name, lo=0)
+        check_finite(self.created_at, "created_at")
+        opt(self.model_version, check_name, "model_version")
+
+
+@dataclass
+class BankList(Message):
+    """Every novelty bank, oldest first."""
+
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"banks": (BankPublic, 100_000)}
+
+    banks: list[BankPublic]
+    schema: int = SCHEMA_VERSION

@@ -1,0 +1,215 @@
+"""Export of detectors to the dense layout: ONNX against torch, the device's decoding (a numpy decoder and NMS
+kept here, written from the formula in training.detect.export) against torchvision's own post-processing, the
+signed manifest (task detect, DetectorSpec), int8 only when its mAP holds, and the models that cannot export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from fleet.errors import InvalidInput
+from fleet.protocol import InputSpec, SignedManifest
+from fleet.signing import load_private_key, verify_file_sha256, verify_manifest
+from training.checkpoint import load_checkpoint
+from training.detect import export as det_export
+from training.detect.data import load_box_npz
+from training.detect.export import DenseDetector, embedding_dim, export_detector
+from training.detect.models import Detector, build_detector
+from training.detect.report import rebuild_detector
+from training.errors import ParityError
+from training.export import input_spec, normalize_images
+
+
+def numpy_decode(boxes: np.ndarray, scores: np.ndarray, *, score_threshold: float, pre_nms_top_k: int,
+                 nms_iou: float, max_detections: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The device's decoding as training.detect.export documents it, in numpy: per frame, every (anchor, class)
+    pair scoring above the threshold, the top k pairs, greedy NMS within each class, the best max_detections."""
+    out = []
+    for b, s in zip(boxes, scores, strict=True):
+        anchor, cls = np.nonzero(s > score_threshold)
+        sc = s[anchor, cls]
+        top = np.argsort(-sc, kind="stable")[:pre_nms_top_k]
+        anchor, cls, sc = anchor[top], cls[top], sc[top]
+        keep: list[int] = []
+        for i in range(len(sc)):  # already best first
+            same = [j for j in keep if cls[j] == cls[i]]
+            if not same or iou(b[anchor[i]], b[anchor[same]]).max() <= nms_iou:
+                keep.append(i)
+        keep = keep[:max_detections]
+        out.append((b[anchor[keep]], sc[keep], cls[keep]))
+    return out
+
+
+def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    ix = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    inter = ix * iy
+    return inter / ((box[2] - box[0]) * (box[3] - box[1]) + (others[:, 2] - others[:, 0]) *
+                    (others[:, 3] - others[:, 1]) - inter)
+
+
+def torchvision_detections(model: Detector, x: np.ndarray) -> list[dict[str, np.ndarray]]:
+    h, w = model.image_size
+    with torch.inference_mode():
+        dets = model.eval()(torch.from_numpy(x))
+    return [{"boxes": d["boxes"].numpy() / np.array([w, h, w, h], np.float32), "scores": d["scores"].numpy(),
+             "labels": d["labels"].numpy()} for d in dets]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_detector: Path, signing_key: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[Detector, dict, Path, np.ndarray]:
+    ckpt = load_checkpoint(trained_detector / "checkpoint.pt")
+    meta = ckpt["meta"]
+    model = rebuild_detector(meta, ckpt["model"]).eval()
+    test = load_box_npz(trained_detector.parent / "scenes96.npz").test
+    assert test is not None
+    out = tmp_path_factory.mktemp("det-export")
+    export_detector(model, out, meta=meta, version="det-2", parent_version="det-parent",
+                    images=test.images.images[:16], truth=test, metrics={"test_map": 0.5}, operating_threshold=0.3,
+                    key=load_private_key(signing_key[0]), parity_threshold=1e-5)
+    x = normalize_images(test.images.images[:16], InputSpec.from_dict(meta["input"])).astype(np.float32)
+    return model, meta, out, x
+
+
+def test_onnx_outputs_match_torch_to_1e5_with_a_dynamic_batch(exported: tuple) -> None:
+    model, meta, out, x = exported
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["boxes", "scores", "embedding"]
+    dense = DenseDetector(model).eval()
+    with torch.inference_mode():
+        want = [t.numpy() for t in dense(torch.from_numpy(x))]
+    got = sess.run(None, {"input": x})
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)) <= 1e-5
+    a = dense.num_anchors
+    assert a == 12 * 12 + 6 * 6 + 3 * 3  # one anchor a place on the 96x96 input's strides 8, 16, 32
+    for n in (1, 5):
+        boxes, scores, emb = sess.run(None, {"input": x[:n]})
+        assert boxes.shape == (n, a, 4) and scores.shape == (n, a, 4) and emb.shape == (n, meta["embedding_dim"])
+        assert boxes.min() >= 0 and boxes.max() <= 1 and scores.min() >= 0 and scores.max() <= 1
+        assert np.all(boxes[..., 2] >= boxes[..., 0]) and np.all(boxes[..., 3] >= boxes[..., 1])
+
+
+def test_the_devices_decoding_reproduces_torchvisions_post_processing(exported: tuple) -> None:
+    model, _, out, x = exported
+    signed = SignedManifest.from_json((out / "manifest.json").read_text())
+    spec = signed.manifest.detector
+    assert spec is not None
+    boxes, scores, _ = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x})
+    decoded = numpy_decode(boxes, scores, score_threshold=spec.score_threshold, pre_nms_top_k=spec.pre_nms_top_k,
+                           nms_iou=spec.nms_iou, max_detections=spec.max_detections)
+    reference = torchvision_detections(model, x)
+    found = 0
+    for (b, s, c), ref in zip(decoded, reference, strict=True):
+        assert len(s) == len(ref["scores"])
+        assert np.array_equal(c, ref["labels"])
+        np.testing.assert_allclose(s, ref["scores"], atol=1e-5)
+        np.testing.assert_allclose(b, ref["boxes"], atol=1e-5)
+        found += int((s >= spec.operating_threshold).sum())
+    assert found >= len(x) // 2  # a trained model: real detections, not just the score floor
+
+
+def test_the_signed_manifest_describes_a_detector(exported: tuple, signing_key: tuple[Path, str]) -> None:
+    model, meta, out, _ = exported
+    signed = SignedManifest.from_json((out / "manifest.json").read_text())
+    manifest = verify_manifest(signed, signing_key[1])
+    verify_file_sha256(out / "model.onnx", manifest.onnx_sha256, manifest.onnx_size)
+    assert manifest.task == "detect" and manifest.outputs == ["boxes", "scores", "embedding"]
+    assert manifest.version == "det-2" and manifest.parent_version == "det-parent"
+    assert manifest.class_names == ["0", "1", "2", "3"] and manifest.embedding_dim == meta["embedding_dim"] == 192
+    spec = manifest.detector
+    assert spec is not None and spec.score_threshold == model.post.score_thresh
+    assert spec.nms_iou == model.post.nms_thresh and spec.max_detections == model.post.detections_per_img
+    # torchvision's top-k is per level; the device's over all 3 levels' pairs never cuts what it would keep
+    assert spec.pre_nms_top_k == 3 * model.post.topk_candidates >= 189 * 4
+    assert spec.operating_threshold == 0.3 and manifest.metrics == {"test_map": 0.5}
+    assert manifest.input.height == 96 and manifest.input.mean == meta["input"]["mean"]
+
+
+def test_int8_ships_only_when_its_map_holds(trained_detector: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = load_checkpoint(trained_detector / "checkpoint.pt")
+    model = rebuild_detector(ckpt["meta"], ckpt["model"])
+    test = load_box_npz(trained_detector.parent / "scenes96.npz").test
+    assert test is not None
+    kw = dict(meta=ckpt["meta"], version="q", parent_version=None, images=test.images.images[:8],
+              calibration=ckpt["meta"]["calibration"].numpy(), int8=True)
+    res = export_detector(model, tmp_path / "a", truth=test, **kw)
+    assert res.int8_note is not None and res.int8_agreement is not None
+    assert (res.shipped == "int8") == res.int8_note.startswith("int8 shipped: mAP")
+    assert (tmp_path / "a" / "model.int8.onnx").is_file()
+    monkeypatch.setattr(det_export, "INT8_MAX_MAP_DROP", -1.0)  # int8 would have to beat fp32 by a whole point
+    strict = export_detector(model, tmp_path / "b", truth=test, **kw)
+    assert strict.shipped == "fp32" and "int8 not shipped: mAP" in (strict.int8_note or "")
+    blind = export_detector(model, tmp_path / "c", truth=None, **kw)
+    assert blind.shipped == "fp32" and blind.int8_note == ("int8 not shipped: no labelled images to measure its mAP "
+                                                           "on; shipping fp32")
+
+
+def test_a_decoding_that_disagrees_with_torchvision_publishes_nothing(trained_detector: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = load_checkpoint(trained_detector / "checkpoint.pt")
+    model = rebuild_detector(ckpt["meta"], ckpt["model"])
+    real = det_export.decode_dense
+
+    def shifted(boxes: np.ndarray, scores: np.ndarray, spec: object) -> det_export.Detections:
+        out = real(boxes, scores, spec)  # type: ignore[arg-type]
+        out.boxes = [b + 0.01 for b in out.boxes]
+        return out
+
+    monkeypatch.setattr(det_export, "decode_dense", shifted)
+    images = load_box_npz(trained_detector.parent / "scenes96.npz").test.images.images[:4]  # type: ignore[union-attr]
+    with pytest.raises(ParityError, match="does not reproduce torchvision's post-processing .*boxes differ by up "
+                                          "to 0.01"):
+        export_detector(model, tmp_path, meta=ckpt["meta"], version="bad", parent_version=None, images=images)
+    assert not list(tmp_path.glob("manifest*.json"))
+
+
+class _TieBreak(torch.nn.Module):
+    """SSD's head with a fixed random offset on its class logits: an untrained SSDlite scores whole regions
+    alike, and which of two equal boxes NMS keeps is up to the order of the tie on either side."""
+
+    def __init__(self, head: torch.nn.Module, anchors: int, classes: int) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("offset", torch.randn(1, anchors, classes, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.head(x)
+        return {**out, "cls_logits": out["cls_logits"] + 3 * self.offset}
+
+
+def test_ssdlite_exports_the_dense_layout(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_detector("ssdlite320_mobilenet_v3_large", num_classes=2, in_channels=3, image_size=(320, 320))
+    model.eval()
+    anchors = DenseDetector(model).num_anchors
+    model.net.head = _TieBreak(model.net.head, anchors, 3)
+    meta = {"input": input_spec((3, 320, 320), [0.5] * 3, [0.25] * 3).to_dict(), "class_names": ["a", "b"],
+            "embedding_dim": embedding_dim(model)}
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 320, 320), dtype=np.uint8)
+    res = export_detector(model, tmp_path, meta=meta, version="ssd-1", parent_version=None, images=images,
+                          parity_threshold=1e-4)
+    manifest = res.manifest
+    assert res.parity_max_abs_diff <= 1e-4 and manifest.task == "detect" and manifest.detector is not None
+    assert manifest.detector.pre_nms_top_k == 2 * anchors  # torchvision's per-class top-k, for both classes
+    sess = ort.InferenceSession(str(res.onnx_path), providers=["CPUExecutionProvider"])
+    boxes, scores, emb = sess.run(None, {"input": np.zeros((1, 3, 320, 320), np.float32)})
+    assert boxes.shape == (1, anchors, 4) and scores.shape == (1, anchors, 2)
+    assert emb.shape == (1, meta["embedding_dim"])
+    assert np.all(scores.sum(axis=2) < 1)  # softmax over background + 2 classes, background left out
+
+
+def test_a_two_stage_detector_does_not_export(tmp_path: Path) -> None:
+    model = build_detector("fasterrcnn_mobilenet_v3_large_320_fpn", num_classes=2, in_channels=3,
+                           image_size=(320, 320))
+    with pytest.raises(InvalidInput, match="fasterrcnn_mobilenet_v3_large_320_fpn has no dense layout"):
+        DenseDetector(model)
+    with pytest.raises(InvalidInput, match="takes 3-channel images; received 1"):
+        build_detector("ssdlite320_mobilenet_v3_large", num_classes=2, in_channels=1, image_size=(320, 320))
+    with pytest.raises(InvalidInput, match="unknown detector 'yolo'; choose one of"):
+        build_detector("yolo", num_classes=2, in_channels=1, image_size=(64, 64))
