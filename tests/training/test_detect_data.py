@@ -3,25 +3,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
 import json
-import tarfile
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 
 from fleet.errors import InvalidInput
-from fleet.protocol import BlobRequest, Box, Detection, SnapshotEntry, SnapshotHeader, encode_manifest
 from fleet.sim.scenes import digit_scenes
-from tests.support.cases import make_case
 from tests.support.data import png_bytes
 from training.detect.data import load_box_npz, load_coco, snapshot_to_boxset
-from training.hub_client import HubClient
 from training.snapshot import pull_snapshot
+
+from .detect_snapshot import SNAPSHOT, detect_entries, snapshot_client
 
 
 def write_npz(path: Path, **override: np.ndarray) -> Path:
@@ -113,61 +107,11 @@ def test_a_bad_coco_folder_is_refused_with_what_was_received(tmp_path: Path, ann
         load_coco(tmp_path, channels=None, size=None)
 
 
-# -- hub snapshots of detect labels -----------------------------------------------------------------
-#
-# The hub does not ingest detect cases yet (fleet/hub/ingest.py takes classify predictions only), so it cannot
-# make a snapshot of boxes. Until it does, these tests write the snapshot's wire files themselves with the
-# contract's types (fleet.protocol.SnapshotHeader / SnapshotEntry / encode_manifest: the bytes the hub's
-# GET /v1/snapshots/{id}/manifest sends) and serve them, with the images, through httpx.MockTransport, because
-# the trainer's loader (training.snapshot.pull_snapshot) reads snapshots over HTTP only.
-
-SNAPSHOT = "snap-det"
-
-
-def detect_entries(n: int = 6) -> tuple[list[SnapshotEntry], dict[str, bytes]]:
-    """``n`` digit scenes as labeled detect cases from ``dev-1`` (tag ``condition=fog``), and their PNGs by sha256;
-    the boxes' classes are the digits' parity (``car`` even, ``person`` odd)."""
-    s = digit_scenes(n, seed=5, size=32)
-    entries, blobs = [], {}
-    for i in range(n):
-        png = png_bytes(s.images[i])
-        blobs[hashlib.sha256(png).hexdigest()] = png
-        boxes = [Box(*map(float, b), label=int(c % 2)) for b, c in zip(s.boxes[i], s.labels[i], strict=True)]
-        seen = make_case(case_id=f"c{i}", device_id="dev-1", model_version="det-0", probs=[0.5, 0.5], image=png,
-                         captured_at=1.0, tags={"condition": "fog"})
-        case = dataclasses.replace(seen, prediction=Detection([dataclasses.replace(b, score=0.5) for b in boxes]))
-        entries.append(SnapshotEntry(case=case, label=Detection(boxes), status="accepted"))
-    return entries, blobs
-
-
-def snapshot_client(entries: list[SnapshotEntry], blobs: dict[str, bytes]) -> HubClient:
-    """A trainer's client whose hub answers only snapshot :data:`SNAPSHOT` of ``entries`` and its blobs."""
-    header = SnapshotHeader(snapshot_id=SNAPSHOT, version=1, task="detect", class_names=["car", "person"],
-                            n_entries=len(entries), created_at=1.0)
-    manifest = encode_manifest(header, entries)
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        if request.method == "GET" and request.url.path == f"/v1/snapshots/{SNAPSHOT}/manifest":
-            return httpx.Response(200, content=manifest,
-                                  headers={"X-Manifest-Sha256": hashlib.sha256(manifest).hexdigest()})
-        if request.method == "POST" and request.url.path == "/v1/blobs/bulk":
-            buf = io.BytesIO()
-            with tarfile.open(fileobj=buf, mode="w") as tar:
-                for sha in BlobRequest.from_json(request.read()).sha256s:
-                    info = tarfile.TarInfo(f"{sha}.png")
-                    info.size = len(blobs[sha])
-                    tar.addfile(info, io.BytesIO(blobs[sha]))
-            return httpx.Response(200, content=buf.getvalue(), headers={"content-type": "application/x-tar"})
-        return httpx.Response(404, json={"detail": f"no route {request.method} {request.url.path}"})
-
-    return HubClient("http://hub", "tok", transport=httpx.MockTransport(handle), sleep=lambda _: None)
-
-
 def test_a_snapshot_of_detect_labels_becomes_boxes(tmp_path: Path) -> None:
-    entries, blobs = detect_entries()
-    snap = pull_snapshot(snapshot_client(entries, blobs), SNAPSHOT, cache_dir=tmp_path / "cache")
+    entries, blobs = detect_entries(6)
+    snap = pull_snapshot(snapshot_client(entries, blobs), cache_dir=tmp_path / "cache")
     data = snapshot_to_boxset(snap, channels=1, size=(16, 16))
-    assert snap.task == "detect" and snap.class_names == ["car", "person"]
+    assert snap.snapshot_id == SNAPSHOT and snap.task == "detect" and snap.class_names == ["car", "person"]
     assert len(data) == 6 and data.shape == (1, 16, 16)
     assert data.images.ids == [f"c{i}" for i in range(6)]
     assert data.tags[0] == {"condition": "fog", "source": "snapshot"}
@@ -180,7 +124,7 @@ def test_the_classifier_refuses_a_detect_snapshot_and_a_coco_folder(tmp_path: Pa
     from training.config import TrainArgs
     from training.train import main
 
-    client = snapshot_client(*detect_entries())
+    client = snapshot_client(*detect_entries(6))
     args = TrainArgs(data="hub:http://hub", snapshot=SNAPSHOT, out=tmp_path / "r", channels=1, image_size=(16, 16),
                      threads=1, cache_dir=tmp_path / "cache")
     with pytest.raises(InvalidInput, match="holds 'detect' labels; train it with --task detect"):
