@@ -34,9 +34,9 @@ SURFACES = {
         "SCHEMA_VERSION", "SCOPES", "SHA256_RE", "STRATEGIES", "SelectedCase", "Selection", "SelectionRequest",
         "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic",
         "StoredEvent", "Summary", "TASKS", "TASK_TYPES", "TokenCreate", "TokenIssued", "TokenList", "TokenPublic",
-        "TriggerHit", "Verdict", "canonical_json", "check_finite", "check_int", "check_name", "check_sha256",
-        "check_str", "check_tags", "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest",
-        "fit_tags", "parse_prediction"],
+        "TriggerHit", "TriggerYield", "Verdict", "YieldReport", "canonical_json", "check_finite", "check_int",
+        "check_name", "check_sha256", "check_str", "check_tags", "decode_embedding", "decode_manifest",
+        "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction"],
     "fleet.signing": [
         "KeyPair", "PRIVATE_KEY_ENV", "generate_keypair", "key_id", "load_private_key", "public_key_b64",
         "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"],
