@@ -10,9 +10,10 @@ Delay: simulated annotators submit through the Label Studio API while the bridge
 for every annotation, the time from its creation in Label Studio to the hub accepting its label.
 Measured twice: with webhooks (Label Studio -> hub inbox -> bridge) and with reconciliation only.
 
-Push runs against the contract's loopback fake hub (tests/labeling/fakehub.py, a real HTTP server that
-Label Studio posts webhooks to), so the figures are Label Studio's and the bridge's. The delay is
-measured against that fake and, end to end, against the real hub (fleet.hub served on loopback).
+The hub is the real one (fleet.hub, in-process and served on loopback: tests/labeling/realhub.py). Push
+takes the cases the hub serves (its pool, with signed image links) and times only the bridge and Label
+Studio: the hub is not on that path. The delay is end to end through the hub: selection, signed images,
+the webhook inbox, POST /v1/labels.
 
     .venv/bin/python benchmarks/bench_labeling.py [--ls-url URL --ls-token TOKEN] [--tasks 5000]
 
@@ -38,26 +39,49 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from labeling.bots import BotSpec, BotTeam  # noqa: E402
-from labeling.bridge import Bridge
+from labeling.bridge import Bridge  # noqa: E402
 from labeling.config import BridgeConfig  # noqa: E402
 from labeling.configs import classification_result  # noqa: E402
 from labeling.hub_client import HubClient, SelectedCase  # noqa: E402
 from labeling.ledger import Ledger  # noqa: E402
-from labeling.push import push_cases
+from labeling.push import push_cases  # noqa: E402
 from labeling.studio import Studio  # noqa: E402
 from labeling.throttle import Throttle  # noqa: E402
-from tests.labeling.fakehub import FakeHub  # noqa: E402
 from tests.labeling.lsserver import StudioServer, studio_bin  # noqa: E402
+from tests.labeling.realhub import DEVICE, LabelingHub, labeling_hub  # noqa: E402
+from tests.support.cases import make_case  # noqa: E402
+from tests.support.inproc import noise_png  # noqa: E402
 
 CLASSES = ["cat", "dog", "bird", "car"]
 
 
-def bench_push(studio: Studio, hub: FakeHub, n_tasks: int, n_baseline: int, batch: int) -> dict[str, float]:
-    ids = hub.add_cases(n_tasks + n_baseline + 50, clusters=16, prefix=f"push{uuid.uuid4().hex[:4]}")
-    cases = [SelectedCase.from_json(hub._public(hub.cases[c])) for c in ids]
+def ingest(hub: LabelingHub, n: int, *, prefix: str) -> list[SelectedCase]:
+    """``n`` cases into the hub in batches of 64 (small noise images: push never loads them), then read back as
+    the hub serves them to the bridge."""
+    rng = np.random.default_rng(0)
+    ids: list[str] = []
+    k = len(hub.class_names)
+    for start in range(0, n, 64):
+        data: dict[str, str] = {}
+        files: dict[str, tuple[str, bytes, str]] = {}
+        for i in range(min(64, n - start)):
+            image = noise_png(start + i)
+            probs = rng.dirichlet(np.ones(k)).tolist()
+            case = make_case(case_id=f"{prefix}-{start + i:06d}", device_id=DEVICE, model_version=hub.model_version,
+                             probs=probs, image=image, embedding=rng.normal(size=16).astype(np.float32))
+            data[f"case_{i}"] = case.to_json()
+            files[f"image_{i}"] = ("frame.png", image, "image/png")
+            ids.append(case.case_id)
+        r = hub.client.post("/v1/cases/batch", headers=hub.bearer(DEVICE), data=data, files=files)
+        assert r.status_code == 200, r.text
+    return [hub.selected(c) for c in ids]
+
+
+def bench_push(studio: Studio, hub: LabelingHub, n_tasks: int, n_baseline: int, batch: int) -> dict[str, float]:
+    cases = ingest(hub, n_tasks + n_baseline + 50, prefix=f"push{uuid.uuid4().hex[:4]}")
     warm, bulk, base = cases[:50], cases[50:50 + n_tasks], cases[50 + n_tasks:]
     title = f"bench-push-{uuid.uuid4().hex[:6]}"
-    bridge = Bridge(studio, HubClient(hub.base_url, hub.token), Ledger(":memory:"),
+    bridge = Bridge(studio, hub.bridge_client(), Ledger(":memory:"),
                     BridgeConfig(project_title=title, overlap=1, overlap_share=0.0, batch_size=batch))
     try:
         push_cases(bridge, warm)  # warm-up: project, caches, first imports
@@ -87,68 +111,21 @@ def bench_push(studio: Studio, hub: FakeHub, n_tasks: int, n_baseline: int, batc
     }
 
 
-def bench_delay(studio: Studio, hub: FakeHub, url: str, *, webhooks: bool, n_annotations: int,
+def bench_delay(studio: Studio, url: str, *, webhooks: bool, n_annotations: int,
                 interval_s: float) -> dict[str, object]:
-    ids = hub.add_cases(n_annotations, clusters=4, prefix=f"delay{uuid.uuid4().hex[:4]}")
-    cases = [SelectedCase.from_json(hub._public(hub.cases[c])) for c in ids]
-    title = f"bench-delay-{uuid.uuid4().hex[:6]}"
-    config = BridgeConfig(project_title=title, overlap=1, overlap_share=0.0,
-                          throttle=Throttle(min_depth=0, max_depth=0), reconcile_every_s=0.0 if not webhooks else 3600,
-                          webhook_url=f"{hub.base_url}/v1/labeling/webhook" if webhooks else None,
-                          webhook_secret=hub.webhook_secret if webhooks else None)
-    bridge = Bridge(studio, HubClient(hub.base_url, hub.token), Ledger(":memory:"), config)
-    push_cases(bridge, cases)
-    bridge.sync_once(push=False)
-    team = BotTeam(url, studio, bridge.project_id, [BotSpec(f"b{i}", 1.0, 0.5) for i in range(3)], hub.truth,
-                   CLASSES)
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            started = time.monotonic()
-            bridge.sync_once(push=False)
-            stop.wait(max(interval_s - (time.monotonic() - started), 0))
-
-    syncer = threading.Thread(target=loop, daemon=True)
-    expected = len(bridge.ledger.tasks("open"))
-    syncer.start()
-    team.start()
-    mine = set(ids)
-    deadline = time.monotonic() + 600
-    while sum(lb["case_id"] in mine for lb in hub.live_labels()) < expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    team.stop.set()
-    stop.set()
-    syncer.join(30)
-    created = {a.id: a.created_at for t in studio.iter_tasks(bridge.project_id) for a in t.annotations}
-    arrived = {d["annotation_id"]: at for at, d, action in hub.label_log if action == "created"}
-    delays = np.array([arrived[a] - created[a] for a in created if a in arrived])
-    team.close()
-    studio.delete_project(bridge.project_id)
-    return {
-        "hub": "loopback fake (tests/labeling/fakehub.py)", "path": "webhook" if webhooks else "reconciliation",
-        "sync_interval_s": interval_s, "annotations": len(created), "delivered": int(delays.size),
-        "p50_s": float(np.percentile(delays, 50)), "p95_s": float(np.percentile(delays, 95)),
-        "max_s": float(delays.max()),
-    }
-
-
-def bench_delay_real_hub(studio: Studio, url: str, *, webhooks: bool, n_annotations: int,
-                         interval_s: float) -> dict[str, object]:
-    """The same delay, end to end through the real hub (fleet.hub on loopback): selection, signed images,
-    the webhook inbox, POST /v1/labels; the hub's own write time of each label is the arrival time."""
-    from tests.labeling.realhub import serve_real_hub
-
+    """From an annotation's creation in Label Studio to the hub's write of its label, end to end through the real
+    hub on loopback (the bridge over HTTP too); the hub's own write time of each label is the arrival time."""
     n = 3 * (n_annotations // 3)
-    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp, serve_real_hub(Path(tmp)) as real:
+    with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp, \
+            labeling_hub(Path(tmp), serve=True, class_names=CLASSES) as real:
         real.add_cases(n)
         title = f"bench-delay-hub-{uuid.uuid4().hex[:6]}"
         config = BridgeConfig(project_title=title, overlap=1, overlap_share=0.0,
                               throttle=Throttle(min_depth=n, max_depth=n),
                               reconcile_every_s=0.0 if not webhooks else 3600,
-                              webhook_url=f"{real.url}/v1/labeling/webhook" if webhooks else None,
+                              webhook_url=f"{real.public_url}/v1/labeling/webhook" if webhooks else None,
                               webhook_secret=real.webhook_secret if webhooks else None)
-        bridge = Bridge(studio, HubClient(real.url, real.labeler_token), Ledger(":memory:"), config)
+        bridge = Bridge(studio, HubClient(real.public_url, real.labeler_token), Ledger(":memory:"), config)
         bridge.sync_once()
         bridge.config = replace(config, throttle=Throttle(min_depth=0, max_depth=0))
         team = BotTeam(url, studio, bridge.project_id, [BotSpec(f"h{i}", 1.0, 0.5) for i in range(3)],
@@ -166,13 +143,13 @@ def bench_delay_real_hub(studio: Studio, url: str, *, webhooks: bool, n_annotati
         syncer.start()
         team.start()
         deadline = time.monotonic() + 600
-        while len(real.labels()) < expected and time.monotonic() < deadline:
+        while len(real.live_labels()) < expected and time.monotonic() < deadline:
             time.sleep(0.2)
         team.stop.set()
         stop.set()
         syncer.join(30)
         created = {a.id: a.created_at for t in studio.iter_tasks(bridge.project_id) for a in t.annotations}
-        arrived = {lb["annotation_id"]: lb["updated_at"] for lb in real.labels()}
+        arrived = {lb["annotation_id"]: lb["updated_at"] for lb in real.live_labels()}
         delays = np.array([arrived[a] - created[a] for a in created if a in arrived])
         team.close()
         studio.delete_project(bridge.project_id)
@@ -196,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between bridge turns")
     ap.add_argument("--skip-push", action="store_true")
     ap.add_argument("--skip-delay", action="store_true")
-    ap.add_argument("--skip-real-hub", action="store_true", help="measure the delay against the fake hub only")
     ap.add_argument("--json", type=Path, help="write the results here too")
     args = ap.parse_args(argv)
 
@@ -209,28 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         print("starting Label Studio ...", flush=True)
         server.start()
         args.ls_url, args.ls_token = server.url, server.token
-    hub = FakeHub(class_names=list(CLASSES))
     results: dict[str, object] = {"machine": f"{platform.node()} ({os.cpu_count()} CPUs)"}
     try:
-        with hub.serve():
-            studio = Studio(args.ls_url, args.ls_token, workers=args.workers)
-            results["workers"] = args.workers
-            if not args.skip_push:
+        studio = Studio(args.ls_url, args.ls_token, workers=args.workers)
+        results["workers"] = args.workers
+        if not args.skip_push:
+            with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp, \
+                    labeling_hub(Path(tmp), class_names=CLASSES) as hub:
                 results["push"] = bench_push(studio, hub, args.tasks, args.baseline, args.batch)
-                print(json.dumps(results["push"], indent=1), flush=True)
-            if not args.skip_delay:
-                results["delay"] = [
-                    bench_delay(studio, hub, args.ls_url, webhooks=w, n_annotations=args.annotations,
-                                interval_s=args.interval)
-                    for w in (True, False)
-                ]
-                if not args.skip_real_hub:
-                    results["delay"] += [  # type: ignore[operator]
-                        bench_delay_real_hub(studio, args.ls_url, webhooks=w, n_annotations=args.annotations,
-                                             interval_s=args.interval)
-                        for w in (True, False)
-                    ]
-                print(json.dumps(results["delay"], indent=1), flush=True)
+            print(json.dumps(results["push"], indent=1), flush=True)
+        if not args.skip_delay:
+            results["delay"] = [
+                bench_delay(studio, args.ls_url, webhooks=w, n_annotations=args.annotations, interval_s=args.interval)
+                for w in (True, False)
+            ]
+            print(json.dumps(results["delay"], indent=1), flush=True)
     finally:
         if server is not None:
             server.stop()

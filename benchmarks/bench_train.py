@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import logging
 import os
 import platform
@@ -38,8 +37,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fleet.protocol import RolloutCreate, RolloutPublic  # noqa: E402
+from fleet.protocol import (  # noqa: E402
+    BlobRequest,
+    Classification,
+    RolloutCreate,
+    RolloutPublic,
+    SnapshotEntry,
+    SnapshotHeader,
+    SnapshotPublic,
+    encode_manifest,
+)
 from fleet.signing import generate_keypair, write_keypair  # noqa: E402
+from tests.support.cases import make_case  # noqa: E402
 from training.config import TrainArgs  # noqa: E402
 from training.hub_client import HubClient  # noqa: E402
 from training.snapshot import pull_snapshot  # noqa: E402
@@ -169,10 +178,14 @@ def pull_times(hub: MiniHub, tmp: Path) -> tuple[float, float]:
 
 
 class MiniHub:
-    """The hub's trainer endpoints in memory (snapshots, bulk blobs, models, rollouts)."""
+    """The hub's trainer endpoints in memory (snapshots, bulk blobs, models, rollouts), answering in the wire
+    contract's types (fleet.protocol), so it cannot drift from what the real hub sends. A stub rather than the
+    real hub in-process on purpose: the figures are the trainer's own work, and the hub's server time
+    (SQLite, the blob store, building the tar) in the same process would be counted in the pull and publish
+    phases."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self.entries: list[SnapshotEntry] = []
         self.blobs: dict[str, bytes] = {}
         self.snapshots: dict[str, bytes] = {}
 
@@ -181,9 +194,11 @@ class MiniHub:
 
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="PNG")
-        sha = hashlib.sha256(buf.getvalue()).hexdigest()
-        self.blobs[sha] = buf.getvalue()
-        self.lines.append(json.dumps({"case_id": case_id, "label": label, "tags": tags, "image_sha256": sha}))
+        png = buf.getvalue()
+        self.blobs[hashlib.sha256(png).hexdigest()] = png
+        case = make_case(case_id=case_id, device_id="bench-dev", model_version="bench-parent", probs=[0.1] * 10,
+                         image=png, captured_at=1.0, tags=tags)
+        self.entries.append(SnapshotEntry(case=case, label=Classification(label), status="accepted"))
 
     def client(self, url: str) -> HubClient:
         return HubClient(url, "bench", transport=httpx.MockTransport(self.handle))
@@ -192,17 +207,23 @@ class MiniHub:
         req.read()
         path = req.url.path
         if path == "/v1/snapshots":
-            sid = f"snap-{len(self.snapshots) + 1}"
-            self.snapshots[sid] = ("\n".join(self.lines) + "\n").encode()
-            return httpx.Response(201, json={"snapshot_id": sid, "version": len(self.snapshots),
-                                             "n_labels": len(self.lines),
-                                             "manifest_sha256": hashlib.sha256(self.snapshots[sid]).hexdigest()})
+            version = len(self.snapshots) + 1
+            sid = f"snap-{version:05d}"
+            header = SnapshotHeader(snapshot_id=sid, version=version, task="classify",
+                                    class_names=[str(i) for i in range(10)], n_entries=len(self.entries),
+                                    created_at=time.time())
+            self.snapshots[sid] = encode_manifest(header, self.entries)
+            public = SnapshotPublic(snapshot_id=sid, version=version, n_labels=len(self.entries),
+                                    manifest_sha256=hashlib.sha256(self.snapshots[sid]).hexdigest(),
+                                    created_at=header.created_at)
+            return httpx.Response(201, content=public.to_json(), headers={"content-type": "application/json"})
         if path.endswith("/manifest"):
-            return httpx.Response(200, content=self.snapshots[path.split("/")[3]])
+            body = self.snapshots[path.split("/")[3]]
+            return httpx.Response(200, content=body, headers={"X-Manifest-Sha256": hashlib.sha256(body).hexdigest()})
         if path == "/v1/blobs/bulk":
             buf = io.BytesIO()
             with tarfile.open(fileobj=buf, mode="w") as tar:
-                for sha in json.loads(req.content)["sha256s"]:
+                for sha in BlobRequest.from_json(req.content).sha256s:
                     info = tarfile.TarInfo(f"{sha}.png")
                     info.size = len(self.blobs[sha])
                     tar.addfile(info, io.BytesIO(self.blobs[sha]))

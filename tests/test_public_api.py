@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 
 import pytest
 
@@ -21,6 +22,24 @@ SURFACES = {
         "score_annotators", "vote_counts"],
     "fleet.consensus_boxes": [
         "box_f1", "check_box_classes", "detection_f1", "match_same_class", "merge_boxes", "merge_detections"],
+    "fleet.protocol": [
+        "Ack", "Assignment", "BankCreate", "BankList", "BankPublic", "BatchReceipt", "BlobRequest", "Box",
+        "CASE_STATES", "CASE_STATUSES", "CampaignCreate", "CampaignDeleted", "CampaignList", "CampaignPublic",
+        "CampaignReceipt", "CampaignRef", "CampaignVersions", "Case", "CaseReceipt", "ChallengerOutput",
+        "Classification", "DB_INT", "Detection", "DetectorSpec", "DeviceList", "DevicePublic", "DeviceRevoked",
+        "ENROLL_OUTCOMES", "EnrollRequest", "Enrollment", "EnrollmentAttemptList", "EnrollmentAttemptPublic",
+        "EventPage", "FIELD_COUNTERS", "FieldCounts", "FieldMetrics", "Grant", "GrantCreate", "HEARTBEAT_COUNTERS",
+        "Health", "Heartbeat", "ISSUED_SCOPES", "InputSpec", "LABEL_STATUSES", "LabelPage", "LabelPost", "LabelPublic",
+        "LabelReceipt", "LearnedFit", "MAX_BOXES", "MAX_INT", "MODEL_STATUSES", "Message", "ModelList",
+        "ModelManifest", "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "NAME_RE", "OTA_OUTCOMES",
+        "OUTPUTS", "OtaReport", "PoolPage", "Prediction", "PromoteRequest", "Promotion", "QueueDepths",
+        "ROLLOUT_KINDS", "ROLLOUT_STATES", "Release", "RollbackReceipt", "RollbackRequest", "RolloutCreate",
+        "RolloutList", "RolloutPublic", "SCHEMA_VERSION", "SCOPES", "SHA256_RE", "STRATEGIES", "SelectedCase",
+        "Selection", "SelectionRequest", "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader",
+        "SnapshotList", "SnapshotPublic", "StoredEvent", "Summary", "TASKS", "TASK_TYPES", "TokenCreate",
+        "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "TriggerYield", "Verdict", "YieldReport",
+        "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
+        "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction"],
     "fleet.signing": [
         "KeyPair", "PRIVATE_KEY_ENV", "generate_keypair", "key_id", "load_private_key", "public_key_b64",
         "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"],
@@ -42,3 +61,19 @@ def test_nothing_public_the_module_defines_is_left_out(module: str) -> None:
         (inspect.isclass(v) or inspect.isfunction(v)) and v.__module__ == module
         or n.isupper() and n not in ("T", "TYPE_CHECKING"))}
     assert defined <= set(mod.__all__), sorted(defined - set(mod.__all__))
+
+
+def test_every_message_type_of_the_wire_contract_is_exported() -> None:
+    """fleet.protocol re-exports what its submodules define: each message type (a dataclass subclass of Message)
+    there is in the package's ``__all__``, so a client never imports a submodule to parse an answer."""
+    import fleet.protocol
+    from fleet.protocol import Message
+
+    defined = set()
+    for info in pkgutil.iter_modules(fleet.protocol.__path__):
+        mod = importlib.import_module(f"fleet.protocol.{info.name}")
+        defined |= {n for n, v in vars(mod).items() if inspect.isclass(v) and issubclass(v, Message)
+                    and v.__module__ == mod.__name__ and "__dataclass_fields__" in vars(v)  # not the mixins
+                    and not n.startswith("_")}
+    assert defined, "found no message types in fleet.protocol's submodules"
+    assert defined <= set(fleet.protocol.__all__), sorted(defined - set(fleet.protocol.__all__))

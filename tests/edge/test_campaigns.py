@@ -12,7 +12,8 @@ from fleet.edge.shadow import Inferred, decide
 from fleet.edge.sources import Frame
 from fleet.errors import InvalidInput
 from fleet.protocol import CampaignRef
-from tests.edge.fakehub import FakeHub
+from tests.edge.conftest import bank, client
+from tests.support.inproc import InProcHub
 
 CALIBRATED = {"id": "cal", "version": 1, "rule": {"trigger": "entropy", "target_rate": 0.1}}
 NOVELTY = {"id": "novel", "version": 1, "rule": {"trigger": "novelty", "k": 3, "above": 0.5}}
@@ -35,8 +36,8 @@ def window(n: int, seed: int = 0, embedding: np.ndarray | None = None) -> list[I
                      latency_ms=1.0, seen_at=1.0)]
 
 
-def test_trigger_state_survives_a_restart(tmp_path: Path, hub: FakeHub) -> None:
-    camps = Campaigns(hub.client(), tmp_path)
+def test_trigger_state_survives_a_restart(tmp_path: Path, hub: InProcHub) -> None:
+    camps = Campaigns(client(hub), tmp_path)
     (live,) = camps.apply([ref(CALIBRATED)])
     for seed in range(5):
         decide(window(64, seed), [live], device_id="d")
@@ -44,14 +45,14 @@ def test_trigger_state_survives_a_restart(tmp_path: Path, hub: FakeHub) -> None:
     threshold = live.evaluator.calibrators["entropy"].threshold
     assert seen == 320
     camps.save_state()
-    again = Campaigns(hub.client(), tmp_path)
+    again = Campaigns(client(hub), tmp_path)
     (restored,) = again.apply([ref(CALIBRATED)])
     assert restored.evaluator.calibrators["entropy"].seen == seen
     assert restored.evaluator.calibrators["entropy"].threshold == pytest.approx(threshold)
 
 
-def test_same_campaign_keeps_its_evaluator_and_a_new_version_replaces_it(tmp_path: Path, hub: FakeHub) -> None:
-    camps = Campaigns(hub.client(), tmp_path)
+def test_same_campaign_keeps_its_evaluator_and_a_new_version_replaces_it(tmp_path: Path, hub: InProcHub) -> None:
+    camps = Campaigns(client(hub), tmp_path)
     (a,) = camps.apply([ref(CALIBRATED)])
     (b,) = camps.apply([ref(CALIBRATED)])
     assert a is b
@@ -61,9 +62,9 @@ def test_same_campaign_keeps_its_evaluator_and_a_new_version_replaces_it(tmp_pat
     assert camps.apply([]) == ()
 
 
-def test_expired_and_invalid_campaigns_are_left_out(tmp_path: Path, hub: FakeHub,
+def test_expired_and_invalid_campaigns_are_left_out(tmp_path: Path, hub: InProcHub,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    camps = Campaigns(hub.client(), tmp_path, clock=lambda: 1000.0)
+    camps = Campaigns(client(hub), tmp_path, clock=lambda: 1000.0)
     bad = {"id": "bad", "version": 1, "rule": {"trigger": "margin", "above": "high"}}
     with caplog.at_level(logging.ERROR):
         live = camps.apply([ref(CALIBRATED, expires_at=999.0), ref(bad), ref(dict(CALIBRATED, id="ok"))])
@@ -71,18 +72,14 @@ def test_expired_and_invalid_campaigns_are_left_out(tmp_path: Path, hub: FakeHub
     assert "refusing campaign bad v1 from the hub" in caplog.text
 
 
-def test_novelty_bank_is_downloaded_verified_and_cached(tmp_path: Path, hub: FakeHub,
+def test_novelty_bank_is_downloaded_verified_and_cached(tmp_path: Path, hub: InProcHub,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    from trigger import NoveltyBank
-
     rng = np.random.default_rng(0)
     seen = rng.normal(0, 0.1, (50, 8)).astype(np.float32)
     seen[:, 0] += 1.0  # everything the bank knows points one way ...
-    bank = NoveltyBank.from_embeddings(seen)
-    data = bank.to_bytes()
-    hub.banks["bank-1"] = data
-    camps = Campaigns(hub.client(), tmp_path)
-    (live,) = camps.apply([ref(NOVELTY, novelty_bank="bank-1", novelty_bank_sha256=bank.sha256)])
+    sha = bank(hub, seen)["sha256"]  # built by the hub from labeled cases with these embeddings
+    camps = Campaigns(client(hub), tmp_path)
+    (live,) = camps.apply([ref(NOVELTY, novelty_bank="bank-1", novelty_bank_sha256=sha)])
     new = rng.normal(0, 0.1, (16, 8)).astype(np.float32)
     new[:, 0] -= 1.0  # ... and these frames the other way
     result = decide(window(16, embedding=new), [live], device_id="d")
@@ -90,12 +87,12 @@ def test_novelty_bank_is_downloaded_verified_and_cached(tmp_path: Path, hub: Fak
     assert all([h.name for h in c.fields["triggers"]] == ["novelty"] for c in result.captures)
     assert all(0.5 < c.fields["scores"]["novelty"] <= 2.0 for c in result.captures)
     # a second device start reuses the cached file
-    before = len(hub.requests)
-    Campaigns(hub.client(), tmp_path).apply([ref(NOVELTY, novelty_bank="bank-1", novelty_bank_sha256=bank.sha256)])
-    assert len(hub.requests) == before
+    before = len(hub.requests())
+    Campaigns(client(hub), tmp_path).apply([ref(NOVELTY, novelty_bank="bank-1", novelty_bank_sha256=sha)])
+    assert len(hub.requests()) == before
     # a bank whose bytes do not match the assignment's hash is refused
     with caplog.at_level(logging.ERROR):
-        live2 = Campaigns(hub.client(), tmp_path / "other").apply(
+        live2 = Campaigns(client(hub), tmp_path / "other").apply(
             [ref(dict(NOVELTY, version=2), novelty_bank="bank-1", novelty_bank_sha256="ab" * 32)])
     assert live2 == () and "sha256" in caplog.text
 
@@ -107,14 +104,14 @@ def test_local_default_spec_must_be_valid(tmp_path: Path) -> None:
     assert [c.key for c in camps.current] == ["cal-local"]
 
 
-def test_assigned_campaigns_resume_at_start_even_offline(tmp_path: Path, hub: FakeHub) -> None:
-    Campaigns(hub.client(), tmp_path).apply([ref(CALIBRATED), ref(dict(CALIBRATED, id="gone", version=3),
+def test_assigned_campaigns_resume_at_start_even_offline(tmp_path: Path, hub: InProcHub) -> None:
+    Campaigns(client(hub), tmp_path).apply([ref(CALIBRATED), ref(dict(CALIBRATED, id="gone", version=3),
                                                                    expires_at=10.0)])
-    hub.fail = lambda r: 503  # the hub is down at the next start
-    resumed = Campaigns(hub.client(), tmp_path, clock=lambda: 100.0)
+    hub.faults.add(None, "", "503", times=None)  # the hub is down at the next start
+    resumed = Campaigns(client(hub), tmp_path, clock=lambda: 100.0)
     assert [c.key for c in resumed.current] == ["cal-v1"]  # the expired one stays out
     (tmp_path / "assigned.json").write_text("{broken")
-    assert Campaigns(hub.client(), tmp_path).current == ()
+    assert Campaigns(client(hub), tmp_path).current == ()
 
 
 def scaled_window(n: int, seed: int, *, version: str, scale: float) -> list[Inferred]:
@@ -137,11 +134,11 @@ def fire_rate(camps: Campaigns, version: str, scale: float, seeds: range) -> flo
     return kept / n
 
 
-def test_calibrated_thresholds_follow_the_model_across_an_ota_and_a_rollback(tmp_path: Path, hub: FakeHub) -> None:
+def test_calibrated_thresholds_follow_the_model_across_an_ota_and_a_rollback(tmp_path: Path, hub: InProcHub) -> None:
     """A threshold fitted to one model's entropies means nothing for another's: after an OTA to a confident
     model (low entropies), triggers fitted to the unsure one would never fire again."""
     spec = {"id": "cal", "version": 1, "rule": {"trigger": "entropy", "target_rate": 0.1}}
-    camps = Campaigns(hub.client(), tmp_path)
+    camps = Campaigns(client(hub), tmp_path)
     (live,) = camps.apply([ref(spec)])
     assert fire_rate(camps, "v1", 0.5, range(0, 40)) == pytest.approx(0.1, abs=0.03)
     v1_threshold = live.evaluator.calibrators["entropy"].threshold
@@ -162,7 +159,7 @@ def test_calibrated_thresholds_follow_the_model_across_an_ota_and_a_rollback(tmp
     camps.use_model("v2")
     v2_threshold = live.evaluator.calibrators["entropy"].threshold
     camps.save_state()
-    again = Campaigns(hub.client(), tmp_path)
+    again = Campaigns(client(hub), tmp_path)
     (restored,) = again.apply([ref(spec)])
     again.use_model("v2")
     assert restored.evaluator.calibrators["entropy"].threshold == pytest.approx(v2_threshold, rel=0.01)
@@ -170,10 +167,10 @@ def test_calibrated_thresholds_follow_the_model_across_an_ota_and_a_rollback(tmp
     assert restored.evaluator.calibrators["entropy"].threshold == pytest.approx(v1_threshold, rel=0.01)
 
 
-def test_budgets_and_dedup_memory_carry_over_a_model_change(tmp_path: Path, hub: FakeHub) -> None:
+def test_budgets_and_dedup_memory_carry_over_a_model_change(tmp_path: Path, hub: InProcHub) -> None:
     spec = {"id": "b", "version": 1, "rule": {"trigger": "entropy", "above": -1.0},
             "budgets": {"global": {"rate_per_day": 0, "burst": 10}}}
-    camps = Campaigns(hub.client(), tmp_path)
+    camps = Campaigns(client(hub), tmp_path)
     camps.apply([ref(spec)])
     camps.use_model("v1")
     first = decide(scaled_window(64, 0, version="v1", scale=1.0), camps.current, device_id="d")

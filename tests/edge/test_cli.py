@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,8 @@ from typer.testing import CliRunner
 
 from fleet.edge.cli import app
 from fleet.edge.spool import Spool
-from tests.edge.conftest import Keys, publish
-from tests.edge.fakehub import FakeHub
-from tests.edge.httpfake import serve
+from tests.edge.conftest import Keys, assign, publish
+from tests.support.inproc import InProcHub, inproc_hub
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = {"torch", "torchvision", "sqlmodel", "fastapi", "label_studio_sdk", "sqlalchemy"}
@@ -50,6 +50,13 @@ def test_agent_run_help_through_the_real_entry_point() -> None:
     assert "--max-frames" in out.stdout and "--config" in out.stdout
 
 
+@pytest.fixture
+def hub(tmp_path: Path, keys: Keys) -> Iterator[InProcHub]:
+    """The real hub with no device enrolled yet (the CLI enrolls ``dev-1``), its fleet secret "fleet-secret"."""
+    with inproc_hub(tmp_path, keys.pair, fleet_secret="fleet-secret") as h:
+        yield h
+
+
 def write_config(tmp_path: Path, url: str, **extra: str) -> Path:
     frames = np.random.default_rng(0).integers(0, 256, (32, 8, 8), dtype=np.uint8)
     np.savez(tmp_path / "frames.npz", images=frames, human=np.arange(32) % 3)
@@ -78,9 +85,9 @@ drain_timeout_s = 2
     return path
 
 
-def test_enroll_refuses_bad_secret_and_pins_the_key(tmp_path: Path, hub: FakeHub, keys: Keys) -> None:
+def test_enroll_refuses_bad_secret_and_pins_the_key(tmp_path: Path, hub: InProcHub, keys: Keys) -> None:
     runner = CliRunner()
-    with serve(hub) as url:
+    with hub.serve() as url:
         cfg = write_config(tmp_path, url)
         cfg.write_text(cfg.read_text().replace('fleet_secret = "fleet-secret"', 'fleet_secret = "wrong"'))
         r = runner.invoke(app, ["enroll", "--config", str(cfg)])
@@ -98,8 +105,8 @@ def test_enroll_refuses_bad_secret_and_pins_the_key(tmp_path: Path, hub: FakeHub
         assert r.exit_code == 0 and json.loads(r.output)["models"]["active"] is None
 
 
-def test_enroll_refuses_a_hub_offering_another_key(tmp_path: Path, hub: FakeHub, other_keys: Keys) -> None:
-    with serve(hub) as url:
+def test_enroll_refuses_a_hub_offering_another_key(tmp_path: Path, hub: InProcHub, other_keys: Keys) -> None:
+    with hub.serve() as url:
         cfg = write_config(tmp_path, url)
         cfg.write_text(cfg.read_text().replace("[hub]\n", f'[hub]\nfleet_public_key = "{other_keys.public_b64}"\n'))
         r = CliRunner().invoke(app, ["enroll", "--config", str(cfg)])
@@ -114,12 +121,12 @@ def test_run_without_enrollment_says_what_to_do(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_as_a_process_and_stop_cleanly_on_sigterm(tmp_path: Path, hub: FakeHub, make_model) -> None:
+def test_run_as_a_process_and_stop_cleanly_on_sigterm(tmp_path: Path, hub: InProcHub, make_model) -> None:
     v1 = make_model("v1")
     publish(hub, v1)
-    hub.assign(active=v1.manifest)
+    assign(hub, v1)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with serve(hub) as url:
+    with hub.serve() as url:
         cfg = write_config(tmp_path, url, loop="true", fps="200")
         subprocess.run([sys.executable, "-m", "fleet.cli", "agent", "enroll", "-c", str(cfg)], cwd=ROOT, env=env,
                        check=True, capture_output=True)
@@ -127,7 +134,7 @@ def test_run_as_a_process_and_stop_cleanly_on_sigterm(tmp_path: Path, hub: FakeH
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if any(h.counters.get("frames_seen", 0) > 50 for h in hub.heartbeats):
+            if any(h.counters.get("frames_seen", 0) > 50 for h in hub.heartbeats()):
                 break
             time.sleep(0.1)
         else:
@@ -140,17 +147,17 @@ def test_run_as_a_process_and_stop_cleanly_on_sigterm(tmp_path: Path, hub: FakeH
     assert summary["stopped_by"] == "signal" and summary["model_version"] == "v1"
     assert summary["frames"] >= 50
     assert "got SIGTERM" in err
-    last = hub.heartbeats[-1]
+    last = hub.heartbeats()[-1]
     assert last.counters["frames_seen"] == summary["frames"]  # the final heartbeat went out on the way down
     assert last.human_compared == summary["frames"] and last.model_version == "v1"
-    assert [r.outcome for r in hub.ota_reports] == ["installed"]
+    assert [r.outcome for r in hub.ota_reports()] == ["installed"]
     Spool(tmp_path / "data" / "spool.db", max_bytes=1 << 20).check()
 
 
-def test_enroll_force_re_enrolls_with_the_devices_own_token(tmp_path: Path, hub: FakeHub) -> None:
+def test_enroll_force_re_enrolls_with_the_devices_own_token(tmp_path: Path, hub: InProcHub) -> None:
     """The hub binds an id to its first enrollment: --force sends the stored token, not just the fleet secret."""
     runner = CliRunner()
-    with serve(hub) as url:
+    with hub.serve() as url:
         cfg = write_config(tmp_path, url)
         assert runner.invoke(app, ["enroll", "--config", str(cfg)]).exit_code == 0
         (tmp_path / "data" / "enrollment.json").rename(tmp_path / "lost.json")  # credentials lost

@@ -17,12 +17,12 @@ from fleet.edge.ota import LoadedModels, OtaManager
 from fleet.edge.runtime import ModelError, ModelRuntime, health_check, synthetic_frames
 from fleet.edge.shadow import decide, infer
 from fleet.edge.sources import Frame
-from fleet.protocol import Assignment, Detection, DetectorSpec, ModelManifest
+from fleet.protocol import Detection, DetectorSpec, ModelManifest
 from fleet.signing import sign_manifest
-from tests.edge.conftest import Keys, publish
-from tests.edge.fakehub import FakeHub
-from tests.edge.test_agent import campaign, make_agent
+from tests.edge.conftest import DEVICE, Keys, assign, client, publish
+from tests.edge.test_agent import make_agent
 from tests.support.detectors import Square, draw_squares, make_detector_files, square_box
+from tests.support.inproc import InProcHub
 from tests.support.models import ModelFiles, make_model_files
 
 H = W = 32
@@ -251,41 +251,44 @@ def signed_detector(tmp_path: Path, keys: Keys, version: str, **kw: Any) -> Mode
     return make_detector_files(tmp_path / "published", version, private_key=keys.private, **kw)
 
 
-def follow(ota: OtaManager, hub: FakeHub) -> None:
-    ota.apply(Assignment.from_dict(hub.assignment))
+def follow(ota: OtaManager) -> None:
+    """One OTA turn: fetch the hub's assignment for this device, follow it, report."""
+    ota.apply(ota.client.get_assignment())
     ota.flush_reports()
 
 
-def test_ota_refuses_a_detector_whose_outputs_do_not_match_and_keeps_running(tmp_path: Path, hub: FakeHub,
+def test_ota_refuses_a_detector_whose_outputs_do_not_match_and_keeps_running(tmp_path: Path, hub: InProcHub,
                                                                               keys: Keys) -> None:
     v1 = signed_detector(tmp_path, keys, "v1")
     publish(hub, v1)
-    ota = OtaManager(ModelStore(tmp_path / "device", keys.public_b64), hub.client(), device_id=hub.device_id)
+    ota = OtaManager(ModelStore(tmp_path / "device", keys.public_b64), client(hub), device_id=DEVICE)
     ota.startup()
-    hub.assign(active=v1.manifest)
-    follow(ota, hub)
+    assign(hub, v1)
+    follow(ota)
     running = ota.models.active
     assert running is not None and running.manifest.task == "detect"
     v2 = signed_detector(tmp_path, keys, "v2", class_channels=(0, 1))  # a graph with two classes
     wrong = relabel(v2.manifest, class_names=["red", "green", "blue"])  # ... published as three
-    hub.publish(sign_manifest(wrong, keys.private).to_json(), v2.onnx_path.read_bytes())
-    hub.assign(active=wrong)
-    follow(ota, hub)
+    wrong_files = dataclasses.replace(v2, manifest=wrong, signed=sign_manifest(wrong, keys.private))
+    publish(hub, wrong_files)  # the hub checks the signature and the bytes, not the graph
+    assign(hub, wrong_files)
+    follow(ota)
     assert ota.models.active is running and ota.store.get("active").version == "v1"  # type: ignore[union-attr]
     assert not list(ota.store.incoming.iterdir())
-    report = hub.ota_reports[-1]
+    report = hub.ota_reports()[-1]
     assert (report.version, report.outcome, report.previous_version) == ("v2", "refused", "v1")
     assert "output 'scores' has shape ['n', 64, 2], expected (n, A, 3)" in report.reason
     # a detector that installs and then misbehaves in service is rolled back like a classifier
     v3 = signed_detector(tmp_path, keys, "v3", gain=8.0)
     publish(hub, v3)
-    hub.assign(active=v3.manifest)
-    follow(ota, hub)
+    assign(hub, v3)
+    follow(ota)
     assert ota.models.versions == ("v3", None)
     assert ota.rollback("NaN boxes in 3 consecutive windows")
     ota.flush_reports()
     assert ota.models.versions == ("v1", None)
-    assert (hub.ota_reports[-1].version, hub.ota_reports[-1].outcome) == ("v3", "rolled_back")
+    assert [(r.version, r.outcome) for r in hub.ota_reports()] == [
+        ("v1", "installed"), ("v2", "refused"), ("v3", "installed"), ("v3", "rolled_back")]
 
 
 # -- the challenger beside a detector ---------------------------------------------------------------
@@ -354,21 +357,24 @@ def test_a_challenger_of_another_task_is_not_run(tmp_path: Path, caplog: pytest.
     assert decide([inferred], [], device_id="dev").challenger_agrees is None
 
 
-def test_agent_counts_challenger_agreement_on_boxes_in_the_heartbeat(tmp_path: Path, hub: FakeHub, keys: Keys,
+def test_agent_counts_challenger_agreement_on_boxes_in_the_heartbeat(tmp_path: Path, hub: InProcHub, keys: Keys,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     v1 = signed_detector(tmp_path, keys, "v1")
     v2 = signed_detector(tmp_path, keys, "v2", class_channels=(1, 0, 2))
     publish(hub, v1)
     publish(hub, v2)
     spec = {"id": "all", "version": 1, "rule": {"trigger": "entropy", "above": -1.0}}
-    hub.assign(active=v1.manifest, challenger=v2.manifest, campaigns=[campaign(spec)])
+    assign(hub, v2, campaigns=(spec,))
+    hub.rollout("v1", [1.0])  # the canary (every device) runs v1 and keeps the incumbent v2 in shadow
     agent = make_agent(tmp_path, hub, keys, scenes() * 5, runtime={"batch_size": 4})
     with caplog.at_level(logging.ERROR):
         summary = agent.run()
     agent.close()
     assert (summary.model_version, summary.challenger_version, summary.frames) == ("v1", "v2", 30)
-    hb = hub.heartbeats[-1]
+    hb = hub.heartbeats()[-1]
     assert (hb.challenger_compared, hb.challenger_agreed) == (30, 15)
     assert hb.counters["frames_seen"] == 30 and hb.human_compared == 0 and hb.counters["health_failures"] == 0
+    metrics = hub.field_metrics("v1")  # the hub counts the shadow's agreement for the version the device ran
+    assert (metrics["challenger_compared"], metrics["challenger_agreed"]) == (30, 15)
     # until the per-box triggers are wired in, a campaign on a detector says so instead of keeping nothing quietly
     assert "campaign all-v1 is not evaluated: this device runs a detector (v1)" in caplog.text

@@ -12,7 +12,8 @@ from fleet.edge.spool import Spool
 from fleet.edge.uplink import UplinkStats
 from fleet.errors import Forbidden, IntegrityError, InvalidInput, NotFound, ServerBusy, TransportError, Unauthorized
 from fleet.protocol import BatchReceipt, CaseReceipt
-from tests.edge.fakehub import FakeHub
+from tests.edge.conftest import bank, client
+from tests.support.inproc import InProcHub
 
 
 def client_answering(status: int, body: object = None) -> HubClient:
@@ -41,23 +42,23 @@ def test_network_faults_are_retryable_transport_errors() -> None:
         client.get_assignment()
 
 
-def test_calls_need_enrollment_and_send_the_token(hub: FakeHub) -> None:
+def test_calls_need_enrollment_and_send_the_token(hub: InProcHub) -> None:
     with pytest.raises(Unauthorized, match="not enrolled"):
-        hub.client(token="").get_assignment()
-    hub.client().get_assignment()
-    assert hub.requests[-1] == "GET /v1/assignment"
+        client(hub, token="").get_assignment()
+    assert client(hub).get_assignment().device_id == "dev-1"
+    assert hub.requests() == ["GET /v1/assignment"]
 
 
-def test_download_is_streamed_hashed_and_size_capped(tmp_path: Path, hub: FakeHub) -> None:
-    hub.banks["b1"] = b"x" * 5000
-    sha = hub.client().download_novelty_bank("b1", tmp_path / "b.npz")
+def test_download_is_streamed_hashed_and_size_capped(tmp_path: Path, hub: InProcHub) -> None:
+    row = bank(hub, np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32), bank_id="b1")
+    sha = client(hub).download_novelty_bank("b1", tmp_path / "b.npz")
     import hashlib
 
-    assert sha == hashlib.sha256(b"x" * 5000).hexdigest()
+    assert sha == row["sha256"] == hashlib.sha256((tmp_path / "b.npz").read_bytes()).hexdigest()
     with pytest.raises(IntegrityError, match="more than 100 bytes"):
-        hub.client().download_novelty_bank("b1", tmp_path / "c.npz", max_bytes=100)
+        client(hub).download_novelty_bank("b1", tmp_path / "c.npz", max_bytes=100)
     with pytest.raises(NotFound, match="404"):
-        hub.client().download_model("nope", tmp_path / "m.onnx")
+        client(hub).download_model("nope", tmp_path / "m.onnx")
 
 
 def test_telemetry_counts_and_percentiles() -> None:
@@ -72,17 +73,19 @@ def test_telemetry_counts_and_percentiles() -> None:
     assert p50 == pytest.approx(2.5) and 3.8 <= p95 <= 4.0
 
 
-def test_heartbeat_is_valid_and_counts_evictions_since_boot(tmp_path: Path, hub: FakeHub) -> None:
+def test_heartbeat_is_valid_and_counts_evictions_since_boot(tmp_path: Path, hub: InProcHub) -> None:
     spool = Spool(tmp_path / "s.db", max_bytes=70_000)
     spool.put("old", 0.1, "{}", b"x" * 60_000)
     spool.put("new", 0.9, "{}", b"x" * 60_000)  # evicts "old" before this boot's sender exists
     sender = HeartbeatSender(device_id="dev-1", telemetry=Telemetry(), spool=spool, uplink_stats=UplinkStats(),
-                             client=hub.client(), versions=lambda: ("v1", None))
+                             client=client(hub), versions=lambda: ("v1", None))
     spool.put("newer", 0.95, "{}", b"x" * 60_000)
     assert sender.send()
-    hb = hub.heartbeats[-1]
+    hb = hub.heartbeats()[-1]
     assert hb.counters["evicted"] == 1 and hb.spool_items == 1 and hb.model_version == "v1"
-    hub.fail = lambda r: 503
+    [(values,)] = hub.sql("SELECT \"values\" FROM heartbeat_states WHERE device_id = 'dev-1'")
+    assert '"evicted": 1' in values  # what the hub keeps of it
+    hub.faults.add("POST", "^/v1/heartbeats$", "503")
     assert not sender.send() and sender.failed == 1
 
 

@@ -29,8 +29,9 @@ from fleet.edge.sources import Frame, open_source
 from fleet.edge.video import LiveSource, RateCap, VideoFileSource, open_video, redact
 from fleet.errors import InvalidInput, NotFound, PermanentError, TransportError
 from fleet.retry import RetryPolicy
-from tests.edge.conftest import Keys, publish
-from tests.edge.fakehub import FakeHub
+from tests.edge.conftest import DEVICE, Keys, assign, client, publish
+from tests.edge.test_agent import stored
+from tests.support.inproc import InProcHub
 from tests.support.services import missing_service
 from tests.support.tcpproxy import TcpProxy
 from tests.support.video import CODECS, SQUARE, square_x, write_clip
@@ -388,7 +389,7 @@ def test_agent_cli_reports_a_bad_source(tmp_path: Path) -> None:
 KEEP_ALL = {"id": "all", "version": 1, "rule": {"trigger": "entropy", "above": -1.0}}
 
 
-def run_agent(tmp_path: Path, hub: FakeHub, keys: Keys, source: dict[str, Any], max_frames: int) -> Any:
+def run_agent(tmp_path: Path, hub: InProcHub, keys: Keys, source: dict[str, Any], max_frames: int) -> Any:
     agent = video_agent(tmp_path, hub, keys, source)
     try:
         return agent.run(max_frames=max_frames)
@@ -396,51 +397,52 @@ def run_agent(tmp_path: Path, hub: FakeHub, keys: Keys, source: dict[str, Any], 
         agent.close()
 
 
-def video_agent(tmp_path: Path, hub: FakeHub, keys: Keys, source: dict[str, Any]) -> Any:
+def video_agent(tmp_path: Path, hub: InProcHub, keys: Keys, source: dict[str, Any]) -> Any:
     from fleet.edge.agent import Agent
     from fleet.protocol import Enrollment
 
-    doc = {"device_id": hub.device_id, "data_dir": "data", "hub": {"url": "http://hub.test"}, "source": source,
+    doc = {"device_id": DEVICE, "data_dir": "data", "hub": {"url": "http://hub.test"}, "source": source,
            "heartbeat": {"interval_s": 0.05}, "ota": {"poll_interval_s": 0.05},
            "runtime": {"trigger_window": 4}, "uplink": {"backoff_base_s": 0.02, "backoff_max_s": 0.1}}
     cfg = config_from_dict(doc, base_dir=tmp_path)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     (cfg.data_dir / "enrollment.json").write_text(
-        Enrollment(device_id=hub.device_id, token=hub.token, fleet_public_key=keys.public_b64).to_json())
-    return Agent(cfg, client=hub.client())
+        Enrollment(device_id=DEVICE, token=hub.tokens[DEVICE], fleet_public_key=keys.public_b64).to_json())
+    return Agent(cfg, client=client(hub))
 
 
-def test_agent_mines_a_video_file(tmp_path: Path, hub: FakeHub, keys: Keys, make_model: Any) -> None:
+def test_agent_mines_a_video_file(tmp_path: Path, hub: InProcHub, keys: Keys, make_model: Any) -> None:
     v1 = make_model("v1", channels=3)
     publish(hub, v1)
-    hub.assign(active=v1.manifest, campaigns=[{"campaign_id": "all", "version": 1, "spec": KEEP_ALL}])
+    assign(hub, v1, campaigns=(KEEP_ALL,))
     write_clip(tmp_path / "clip.mp4", frames=30, fps=30, creation_time="2024-05-01T12:00:00Z")
     summary = run_agent(tmp_path, hub, keys, {"kind": "video", "path": "clip.mp4", "max_fps": 10}, 1000)
     assert summary.stopped_by == "source-ended" and summary.frames == 10 and summary.uploaded == 10
-    captured = sorted(case.captured_at - 1714564800.0 for case, _ in hub.cases.values())
+    cases = stored(hub)
+    captured = sorted(case.captured_at - 1714564800.0 for case, _ in cases)
     assert captured == pytest.approx([i / 10 for i in range(10)], abs=1e-6)
-    _, png = next(iter(hub.cases.values()))
+    _, png = cases[0]
     assert np.asarray(Image.open(io.BytesIO(png))).shape == (48, 64, 3)
 
 
-def test_agent_mines_an_rtsp_stream_in_gray(tmp_path: Path, hub: FakeHub, keys: Keys, make_model: Any,
+def test_agent_mines_an_rtsp_stream_in_gray(tmp_path: Path, hub: InProcHub, keys: Keys, make_model: Any,
                                            rtsp_base: str) -> None:
     v1 = make_model("v1", channels=1)
     publish(hub, v1)
-    hub.assign(active=v1.manifest, campaigns=[{"campaign_id": "all", "version": 1, "spec": KEEP_ALL}])
+    assign(hub, v1, campaigns=(KEEP_ALL,))
     t0 = time.time()
     summary = run_agent(tmp_path, hub, keys, {"kind": "stream", "url": f"{rtsp_base}/h264", "channels": 1}, 24)
     assert summary.stopped_by == "max-frames" and summary.frames == 24 and summary.uploaded == 24
-    cases = sorted(hub.cases.values(), key=lambda c: c[0].captured_at)
+    cases = sorted(stored(hub), key=lambda c: c[0].captured_at)
     assert t0 <= cases[0][0].captured_at <= cases[-1][0].captured_at <= time.time()
     assert np.asarray(Image.open(io.BytesIO(cases[0][1]))).shape == (48, 64)  # gray, as the model wants
 
 
-def test_stopping_the_agent_ends_its_wait_for_a_stream(tmp_path: Path, hub: FakeHub, keys: Keys,
+def test_stopping_the_agent_ends_its_wait_for_a_stream(tmp_path: Path, hub: InProcHub, keys: Keys,
                                                        make_model: Any) -> None:
     v1 = make_model("v1", channels=3)
     publish(hub, v1)
-    hub.assign(active=v1.manifest, campaigns=[{"campaign_id": "all", "version": 1, "spec": KEEP_ALL}])
+    assign(hub, v1, campaigns=(KEEP_ALL,))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens: the agent waits to reconnect, up to 5 s between tries

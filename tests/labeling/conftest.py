@@ -1,5 +1,6 @@
-"""Fixtures for the labeling bridge: a fake hub over MockTransport and an in-memory Label Studio for unit
-tests; a real Label Studio (from scripts/test.sh) for the integration tests."""
+"""Fixtures for the labeling bridge: the real hub in-process (tests/labeling/realhub.py) and an in-memory Label
+Studio for unit tests; a real Label Studio (from scripts/test.sh) for the integration tests, with the real hub
+also served on loopback."""
 
 from __future__ import annotations
 
@@ -9,22 +10,18 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from fleet.retry import RetryPolicy
 from labeling.bridge import Bridge
 from labeling.config import BridgeConfig
-from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.throttle import Throttle
-from tests.labeling.fakehub import FakeHub
 from tests.labeling.fakestudio import FakeStudio
 from tests.labeling.livestack import Live, build
-from tests.labeling.realhub import RealHub, serve_real_hub
+from tests.labeling.realhub import LabelingHub, labeling_hub
 from tests.support.services import missing_service
 
-CLASSES = ["cat", "dog", "bird"]
 FAST_RETRY = RetryPolicy(attempts=4, base_s=0.0, cap_s=0.0, deadline_s=10.0)
 
 
@@ -45,10 +42,10 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def hub() -> FakeHub:
-    h = FakeHub(class_names=list(CLASSES))
-    h.add_cases(40)
-    return h
+def hub(tmp_path: Path) -> Iterator[LabelingHub]:
+    """The real hub with model m1 (cat, dog, bird) active and 40 cases from ``dev-1``."""
+    with labeling_hub(tmp_path, 40) as h:
+        yield h
 
 
 @pytest.fixture
@@ -56,9 +53,8 @@ def studio() -> FakeStudio:
     return FakeStudio()
 
 
-def make_bridge(hub: FakeHub, studio: object, clock: Clock, **overrides: object) -> Bridge:
-    client = HubClient(hub.base_url, hub.token, http=httpx.Client(transport=hub.transport()), retry=FAST_RETRY,
-                       sleep=lambda _: None)
+def make_bridge(hub: LabelingHub, studio: object, clock: Clock, **overrides: object) -> Bridge:
+    client = hub.bridge_client(retry=FAST_RETRY, sleep=lambda _: None)
     defaults: dict[str, object] = {
         "project_title": "unit", "overlap": 1, "overlap_share": 0.0,
         "throttle": Throttle(min_depth=6, max_depth=50, horizon_s=60, window_s=60), "in_doubt_grace_s": 0.0,
@@ -70,7 +66,7 @@ def make_bridge(hub: FakeHub, studio: object, clock: Clock, **overrides: object)
 
 
 @pytest.fixture
-def bridge(hub: FakeHub, studio: FakeStudio, clock: Clock) -> Bridge:
+def bridge(hub: LabelingHub, studio: FakeStudio, clock: Clock) -> Bridge:
     return make_bridge(hub, studio, clock)
 
 
@@ -102,18 +98,15 @@ def ls_project_title(ls_env: tuple[str, str]) -> Iterator[str]:
 
 @pytest.fixture
 def live(ls_env: tuple[str, str], ls_project_title: str, tmp_path: Path) -> Iterator[Live]:
-    """The live stack (tests/labeling/livestack.py) on a fresh project, with 60 cases in the fake hub."""
-    hub = FakeHub(class_names=list(CLASSES))
-    hub.add_cases(60, clusters=4)
-    with hub.serve():
+    """The live stack (tests/labeling/livestack.py) on a fresh project, with 60 cases in the real hub."""
+    with labeling_hub(tmp_path, 60, serve=True) as hub:
         lv = build(ls_env, ls_project_title, tmp_path, hub)
         yield lv
         lv.studio.close()
 
 
 @pytest.fixture
-def real_hub(tmp_path: Path) -> Iterator[RealHub]:
-    """The real hub (fleet.hub) on loopback with model m1 active (tests/labeling/realhub.py)."""
-    pytest.importorskip("fastapi")
-    with serve_real_hub(tmp_path) as hub:
+def real_hub(tmp_path: Path) -> Iterator[LabelingHub]:
+    """The real hub with model m1 active and no case yet, also on loopback (Label Studio reaches it there)."""
+    with labeling_hub(tmp_path, serve=True) as hub:
         yield hub

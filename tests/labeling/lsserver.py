@@ -1,10 +1,9 @@
-"""Helpers for integration tests and the benchmark: a Label Studio server of one's own, and a transport that
-puts network faults between the bridge and a real Label Studio."""
+"""Helpers for integration tests and the benchmark: a Label Studio server of one's own (network faults between
+the bridge and it come from tests/support/faults.py)."""
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import signal
 import subprocess
@@ -102,56 +101,3 @@ def sync_cut_off_by_a_kill(server: StudioServer, sync: Callable[[], Any], pushin
     k.join()
     assert killed and report.errors, "the push should have been cut off"
     return report
-
-
-@dataclass
-class Rule:
-    method: str
-    path: re.Pattern[str]
-    kind: str  # refuse | lose | slow | 503 | 400
-    times: int
-    delay_s: float = 0.0
-
-
-class FaultyTransport(httpx.BaseTransport):
-    """A real transport with scripted faults: refuse the connection, lose the answer after the server
-    acted (what a timeout looks like), answer slowly, or answer 503 or 400 (a refusal, with Label Studio's
-    validation-error shape) without forwarding."""
-
-    def __init__(self) -> None:
-        self.inner = httpx.HTTPTransport()
-        self.rules: list[Rule] = []
-        self.hits: list[tuple[str, str, str]] = []
-        self.down = False
-
-    def add(self, method: str, path: str, kind: str, *, times: int = 1, delay_s: float = 0.0) -> None:
-        self.rules.append(Rule(method, re.compile(path), kind, times, delay_s))
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self.down:
-            self.hits.append((request.method, request.url.path, "down"))
-            raise httpx.ConnectError("injected: Label Studio is down", request=request)
-        for rule in self.rules:
-            if rule.times > 0 and rule.method == request.method and rule.path.search(request.url.path):
-                rule.times -= 1
-                self.hits.append((request.method, request.url.path, rule.kind))
-                if rule.kind == "refuse":
-                    raise httpx.ConnectError("injected: connection refused", request=request)
-                if rule.kind == "503":
-                    return httpx.Response(503, json={"detail": "injected: busy"}, request=request)
-                if rule.kind == "400":
-                    return httpx.Response(400, json={"detail": "Validation error",
-                                                     "validation_errors": {"injected": ["refused"]}},
-                                          request=request)
-                if rule.kind == "slow":
-                    time.sleep(rule.delay_s)
-                    break
-                if rule.kind == "lose":
-                    response = self.inner.handle_request(request)
-                    response.read()
-                    response.close()
-                    raise httpx.ReadTimeout("injected: the answer was lost", request=request)
-        return self.inner.handle_request(request)
-
-    def close(self) -> None:
-        self.inner.close()

@@ -1,12 +1,14 @@
-"""The real hub (fleet.hub) served on loopback by uvicorn, with a model registered and cases ingested, for
-integration tests and the benchmark: Label Studio posts its webhooks to it and loads its signed images."""
+"""The real hub (fleet.hub) for the labeling tests and the benchmark: in-process (tests/support/inproc.py) with a
+model whose classes are the tests' and cases whose image colour says their true class, and served on loopback
+when Label Studio must post webhooks to it and annotators' browsers must load its signed images.
+
+The bridge talks to it through its in-process transport (with scripted faults, ``hub.faults``); Label Studio
+and browsers through the loopback server; both reach the same app and database."""
 
 from __future__ import annotations
 
-import threading
-import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,119 +17,139 @@ from typing import Any
 import httpx
 import numpy as np
 
-from tests.labeling.fakehub import png_for
-from tests.labeling.lsserver import free_port
+from fleet.protocol import Case, Selection
+from fleet.signing import KeyPair, generate_keypair
+from labeling.hub_client import HubClient
+from tests.labeling.images import png_for
+from tests.support.asgi import free_port
+from tests.support.cases import make_case
+from tests.support.inproc import InProcHub, inproc_hub
+
+CLASSES = ["cat", "dog", "bird"]
+DEVICE = "dev-1"
+FIRST_MODEL = "m1"
+_KEYS: list[KeyPair] = []
 
 
 @dataclass
-class RealHub:
-    url: str
-    client: httpx.Client
-    admin: dict[str, str]
-    labeler_token: str
-    webhook_secret: str
-    class_names: list[str]
-    model_version: str
-    truth: dict[str, int] = field(default_factory=dict)
-    device: dict[str, str] = field(default_factory=dict)
-    publish_model: Any = None  # (version) -> None: uploads a new model version and makes it active
+class LabelingHub(InProcHub):
+    """The real hub with the labeling side's conveniences: the current model version, cases with a known true
+    class, labels as flat rows (``label``: the class index), and the clusters its selections gave."""
 
-    def publish(self, version: str) -> None:
-        """A new model version, uploaded by the trainer and promoted: the fleet's next model."""
-        self.publish_model(version)
+    class_names: list[str] = field(default_factory=lambda: list(CLASSES))
+    model_version: str = FIRST_MODEL
+
+    @property
+    def labeler_token(self) -> str:
+        return self.token("labeler")
+
+    @property
+    def public_url(self) -> str:
+        """Where annotators and Label Studio reach the hub (its signed image links point there)."""
+        return str(self.settings.public_url).rstrip("/")
+
+    def bridge_client(self, **kw: Any) -> HubClient:
+        """The bridge's client of this hub, in-process through :attr:`faults` (``kw`` as HubClient's)."""
+        return HubClient(self.public_url, self.labeler_token, http=self.http(), **kw)
+
+    def next_model(self, version: str) -> None:
+        """A new model version with the same classes, uploaded by the trainer and made active at once."""
+        files = self.model_files(version, num_classes=len(self.class_names), class_names=list(self.class_names),
+                                 parent=self.model_version, seed=sum(map(ord, version)))
+        self.publish(version, files=files)
         self.model_version = version
 
-    def add_cases(self, n: int, *, seed: int = 0, model_version: str | None = None) -> list[str]:
-        """Ingest ``n`` cases from one device, each with a PNG whose colour says its (true) class."""
-        from tests.support.cases import make_case
+    def add_cases(self, n: int, *, seed: int = 0, model_version: str | None = None,
+                  prefix: str = "c") -> list[str]:
+        """Ingest ``n`` cases from ``dev-1``, each with a PNG whose colour says its true class (kept in
+        :attr:`truth`), a random class distribution and embedding."""
+        truth = send_cases(self.client, self.bearer(DEVICE), n, n_classes=len(self.class_names), seed=seed,
+                           model_version=model_version or self.model_version, prefix=prefix)
+        self.truth.update(truth)
+        return list(truth)
 
-        rng = np.random.default_rng(seed)
-        k = len(self.class_names)
-        ids = []
-        for _ in range(n):
-            truth = int(rng.integers(k))
-            probs = rng.dirichlet(np.ones(k)).round(4)
-            probs = (probs / probs.sum()).tolist()
-            image = png_for(truth, k, seed=int(rng.integers(1000)), noise=rng)  # noise: no near-duplicates
-            case = make_case(case_id=f"c-{uuid.uuid4().hex[:12]}", device_id="dev-1",
-                             model_version=model_version or self.model_version, probs=probs, image=image,
-                             embedding=rng.normal(size=16).astype(np.float32))
-            r = self.client.post("/v1/cases", headers=self.device, data={"case": case.to_json()},
-                                 files={"image": ("frame.png", image, "image/png")})
-            assert r.status_code == 201, r.text
-            self.truth[case.case_id] = truth
-            ids.append(case.case_id)
-        return ids
+    def live_labels(self, case_id: str | None = None) -> list[dict[str, Any]]:
+        """The hub's labels as rows, each with its class as ``label`` (a classify answer's index)."""
+        return [{**lb.to_dict(), "label": lb.label.label} for lb in self.labels(case_id)]
 
-    def labels(self) -> list[dict[str, Any]]:
-        """The hub's labels, each with its class as ``label`` (a classify answer's index)."""
-        r = self.client.get("/v1/labels", headers={"Authorization": f"Bearer {self.labeler_token}"},
-                            params={"limit": 10000})
-        assert r.status_code == 200, r.text
-        return [{**lb, "label": lb["label"]["label"]} for lb in r.json()["labels"]]
+    def predicted(self, case_id: str) -> int:
+        """The class the model that made the case predicted."""
+        return int(self.selected(case_id).case.prediction.label)
 
-    def case(self, case_id: str) -> dict[str, Any]:
-        r = self.client.get(f"/v1/cases/{case_id}", headers={"Authorization": f"Bearer {self.labeler_token}"})
-        assert r.status_code == 200, r.text
-        return dict(r.json())
+    def clusters(self) -> dict[str, int]:
+        """Case id -> the diversity cluster the hub's latest selection of it gave (selections are the only
+        answers that carry clusters)."""
+        out: dict[str, int] = {}
+        for x in self.tap.find("POST", "/v1/selections", status=200):
+            out.update((c.case_id, c.cluster) for c in Selection.from_json(x.response).cases)
+        return out
+
+    def history(self) -> list[tuple[str, str, int]]:
+        """(method, path, status) of every request the hub answered, from any client."""
+        return [(x.method, x.path, x.status) for x in list(self.tap.exchanges)]
+
+
+def send_cases(http: httpx.Client, device: dict[str, str], n: int, *, n_classes: int, model_version: str,
+               seed: int = 0, prefix: str = "c") -> dict[str, int]:
+    """Post ``n`` cases (:func:`labeling_case`) from ``dev-1`` (``device``: its Authorization header) to a hub;
+    case id -> true class, in the order sent."""
+    rng = np.random.default_rng(seed)
+    truth: dict[str, int] = {}
+    for _ in range(n):
+        case, image, cls = labeling_case(rng, n_classes, model_version=model_version,
+                                         case_id=f"{prefix}-{uuid.uuid4().hex[:12]}")
+        r = http.post("/v1/cases", headers=device, data={"case": case.to_json()},
+                      files={"image": ("frame.png", image, "image/png")})
+        assert r.status_code == 201, r.text
+        truth[case.case_id] = cls
+    return truth
+
+
+def labeling_case(rng: np.random.Generator, k: int, *, model_version: str, case_id: str,
+                  device_id: str = DEVICE) -> tuple[Case, bytes, int]:
+    """(case, PNG, true class): an image coloured by a random true class (speckled: no near-duplicates), a random
+    class distribution and 16-d embedding."""
+    truth = int(rng.integers(k))
+    probs = rng.dirichlet(np.ones(k)).round(4)
+    probs = (probs / probs.sum()).tolist()
+    image = png_for(truth, k, seed=int(rng.integers(1000)), noise=rng)
+    case = make_case(case_id=case_id, device_id=device_id, model_version=model_version, probs=probs, image=image,
+                     embedding=rng.normal(size=16).astype(np.float32))
+    return case, image, truth
+
+
+def keypair() -> KeyPair:
+    """The fleet key pair of the labeling tests' hubs (one per session: seeded hubs are keyed by it)."""
+    if not _KEYS:
+        _KEYS.append(generate_keypair())
+    return _KEYS[0]
+
+
+def seeded(n_cases: int, *, class_names: list[str] | None = None) -> Callable[[LabelingHub], None]:
+    """A seed: ``dev-1`` enrolled, model m1 with ``class_names`` active, a labeler token, ``n_cases`` cases."""
+    def seed(hub: LabelingHub) -> None:
+        hub.class_names = list(class_names or CLASSES)
+        hub.enroll(DEVICE)
+        files = hub.model_files(FIRST_MODEL, num_classes=len(hub.class_names), class_names=hub.class_names)
+        hub.publish(FIRST_MODEL, files=files)
+        hub.token("labeler")
+        hub.add_cases(n_cases)
+
+    return seed
 
 
 @contextmanager
-def serve_real_hub(tmp: Path, *, n_classes: int = 3) -> Iterator[RealHub]:
-    import uvicorn
-
-    from fleet.hub.app import create_app
-    from fleet.hub.settings import HubSettings
-    from fleet.signing import generate_keypair, load_private_key
-    from tests.support.models import make_model_files
-
-    keypair = generate_keypair()
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    settings = HubSettings(dev=True, data_dir=tmp / "hub", signing_public_key=keypair.public_b64, public_url=url)
-    app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    client = httpx.Client(base_url=url, timeout=30)
-    try:
-        admin = {"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"}
-
-        def token(scope: str) -> str:
-            r = client.post("/v1/tokens", json={"scope": scope, "name": f"{scope}-{uuid.uuid4().hex[:6]}"},
-                            headers=admin)
-            assert r.status_code == 201, r.text
-            return str(r.json()["token"])
-
-        trainer = {"Authorization": f"Bearer {token('trainer')}"}
-        parent: list[str] = []
-
-        def publish(version: str) -> Any:
-            files = make_model_files(tmp / "models", version, private_key=load_private_key(keypair.private_pem),
-                                     num_classes=n_classes, parent=parent[-1] if parent else None,
-                                     seed=len(parent))
-            r = client.post("/v1/models", headers=trainer,
-                            files={"onnx": ("model.onnx", files.onnx_path.read_bytes(), "application/octet-stream")},
-                            data={"manifest": files.signed.to_json()})  # type: ignore[union-attr]
-            assert r.status_code == 201, r.text
-            r = client.post(f"/v1/models/{version}/promote", headers=admin,  # at once: the test's new model
-                            json={"override": True, "reason": "the labeling tests' next model version"})
-            assert r.status_code == 200, r.text
-            parent.append(version)
-            return files
-
-        files = publish("m1")
-        r = client.post("/v1/enroll", json={"device_id": "dev-1", "group": "default",
-                                            "fleet_secret": settings.fleet_secret.get_secret_value()})
-        assert r.status_code == 200, r.text
-        hub = RealHub(url, client, admin, token("labeler"), settings.webhook_secret.get_secret_value(),
-                      list(files.manifest.class_names), "m1",
-                      device={"Authorization": f"Bearer {r.json()['token']}"}, publish_model=publish)
-        yield hub
-    finally:
-        client.close()
-        server.should_exit = True
-        thread.join(10)
+def labeling_hub(tmp: Path, n_cases: int = 0, *, serve: bool = False, class_names: list[str] | None = None,
+                 **settings: Any) -> Iterator[LabelingHub]:
+    """The real hub with model m1 (``class_names``, default cat/dog/bird) active and ``n_cases`` cases from
+    ``dev-1`` (a copy of a per-session template); with ``serve``, also on loopback at its ``public_url``."""
+    names = list(class_names or CLASSES)
+    public_url = f"http://127.0.0.1:{free_port()}" if serve else None
+    with inproc_hub(tmp, keypair(), kind=LabelingHub, seed=seeded(n_cases, class_names=names),
+                    seed_key=f"labeling-{n_cases}-{','.join(names)}", public_url=public_url, **settings) as hub:
+        hub.class_names = names
+        if not serve:
+            yield hub
+            return
+        with hub.serve():
+            yield hub

@@ -3,6 +3,7 @@ Chromium (Debian's, driven by playwright through ``executable_path``; no browser
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -13,15 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from labeling.bridge import Bridge
-from labeling.config import BridgeConfig
-from labeling.hub_client import HubClient
-from labeling.ledger import Ledger
 from labeling.login import user_token
 from labeling.studio import Studio
-from labeling.throttle import Throttle
 from tests.labeling.livestack import CLASSES, Live
-from tests.labeling.realhub import serve_real_hub
 from tests.support.services import missing_service
 
 pytestmark = pytest.mark.integration
@@ -75,6 +70,13 @@ def open_task(ls_url: str, studio: Studio, project_id: int, task_id: int, class_
         except Exception:
             page.screenshot(path=str(shot.with_name("failed-" + shot.name)))
             raise
+        # the model's guess is applied after the page renders, late on a busy machine; if it never comes, the
+        # caller's assertion says so
+        from playwright.sync_api import TimeoutError as PageTimeout
+
+        with contextlib.suppress(PageTimeout):
+            page.wait_for_function("() => document.querySelector('label input[type=radio][name]:checked')",
+                                   timeout=15_000)
         page.wait_for_timeout(500)
         page.screenshot(path=str(shot))
         radios: list[Any] = page.eval_on_selector_all(
@@ -87,35 +89,15 @@ def open_task(ls_url: str, studio: Studio, project_id: int, task_id: int, class_
 def test_an_annotator_sees_the_image_the_choices_and_the_models_guess(live: Live, tmp_path: Path) -> None:
     live.bridge.sync_once()
     first = min(live.bridge.ledger.tasks("open"), key=lambda t: t.score or 0.0)
-    case = live.hub.cases[first.case_id]
+    case_id = first.case_id
+    # Label Studio's UI loads task images cross-origin: the hub's signed link must allow any origin
+    r = httpx.get(first.image_url or "", headers={"Origin": live.url}, timeout=10)
+    assert r.status_code == 200 and r.headers.get("access-control-allow-origin") in ("*", live.url)
     shot = tmp_path / "annotator_view.png"
     radios = open_task(live.url, live.studio, live.bridge.project_id, int(first.task_id or 0), CLASSES, shot)
-    assert ("GET", f"/v1/cases/{case.case_id}/image", 200) in live.hub.history  # straight from the hub
+    assert ("GET", f"/v1/cases/{case_id}/image", 200) in live.hub.history()  # straight from the hub
     assert {name for name, _, shown in radios if shown} >= set(CLASSES), radios
     checked = [name for name, on, _ in radios if on and name in CLASSES]
-    assert checked == [CLASSES[case.predicted_class]], radios  # the model's guess, pre-selected
+    assert checked == [CLASSES[live.hub.predicted(case_id)]], radios  # the model's guess, pre-selected
     if NOTES.is_dir():
         shutil.copy(shot, NOTES / "annotator_view.png")
-
-
-def test_the_real_hubs_images_render_for_annotators(ls_env: tuple[str, str], ls_project_title: str,
-                                                    tmp_path: Path) -> None:
-    """Label Studio loads task images cross-origin: the hub's image link must allow any origin."""
-    pytest.importorskip("fastapi")
-    with serve_real_hub(tmp_path) as real:
-        real.add_cases(4)
-        studio = Studio(*ls_env)
-        bridge = Bridge(studio, HubClient(real.url, real.labeler_token), Ledger(":memory:"),
-                        BridgeConfig(project_title=ls_project_title, overlap=1, overlap_share=0.0,
-                                     throttle=Throttle(min_depth=2, max_depth=2)))
-        bridge.sync_once()
-        task = bridge.ledger.tasks("open")[0]
-        r = httpx.get(task.image_url or "", headers={"Origin": ls_env[0]}, timeout=10)
-        assert r.status_code == 200
-        if r.headers.get("access-control-allow-origin") not in ("*", ls_env[0]):
-            pytest.xfail("the hub's GET /v1/cases/{id}/image sends no Access-Control-Allow-Origin header, so "
-                         "Label Studio's UI cannot show the image (fix in fleet/hub/routes/cases.py)")
-        shot = tmp_path / "annotator_view_real_hub.png"
-        radios = open_task(ls_env[0], studio, bridge.project_id, int(task.task_id or 0), real.class_names, shot)
-        assert {name for name, _, shown in radios if shown} >= set(real.class_names), radios
-        studio.close()

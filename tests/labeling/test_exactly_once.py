@@ -1,5 +1,6 @@
 """Labels reach the hub exactly once: webhooks twice or never, updates, deletions, skips, malformed answers,
-and faults on either side. Unit level: the hub answers through MockTransport, Label Studio is in memory."""
+and faults on either side. Unit level: the real hub answers in-process (faults injected on the way to it),
+Label Studio is in memory."""
 
 from __future__ import annotations
 
@@ -11,58 +12,49 @@ from labeling.bridge import Bridge
 from labeling.config import QUEUE_VERSION
 from labeling.pull import apply_webhook
 from tests.labeling.conftest import Clock, make_bridge
-from tests.labeling.fakehub import FakeHub
 from tests.labeling.fakestudio import FakeStudio
+from tests.labeling.realhub import CLASSES, LabelingHub
 
-CLASSES = ["cat", "dog", "bird"]
 
-
-def tasks_of(studio: FakeStudio) -> list[dict]:
+def tasks_of(studio: FakeStudio) -> list[dict]:  # type: ignore[type-arg]
     return sorted(studio.tasks.values(), key=lambda t: t["id"])
 
 
-def created(hub: FakeHub) -> list[int]:
-    return [d["annotation_id"] for _, d, action in hub.label_log if action == "created"]
-
-
-def actions(hub: FakeHub) -> list[str]:
-    return [action for _, _, action in hub.label_log]
-
-
-def test_push_creates_tasks_with_signed_images_predictions_and_clusters(bridge: Bridge, hub: FakeHub,
+def test_push_creates_tasks_with_signed_images_predictions_and_clusters(bridge: Bridge, hub: LabelingHub,
                                                                         studio: FakeStudio) -> None:
     report = bridge.sync_once()
     assert report.pushed == 6 and not report.errors  # min_depth 6, overlap 1
     project = studio.projects[bridge.project_id]
     assert project.sampling == "Uncertainty sampling" and project.model_version == QUEUE_VERSION
     assert project.class_names == CLASSES
+    clusters = hub.clusters()  # what the hub's selection said
     for t in tasks_of(studio):
-        case = hub.cases[t["data"]["case_id"]]
+        case = hub.selected(t["data"]["case_id"])
         assert case.state == "queued"
-        assert t["data"]["image"].startswith(f"{hub.base_url}/v1/cases/{case.case_id}/image?exp=")
+        assert t["data"]["image"].startswith(f"{hub.public_url}/v1/cases/{case.case_id}/image?exp=")
         [p] = t["predictions"]
-        assert (p["score"], p["cluster"], p["model_version"]) == (case.score, case.cluster, QUEUE_VERSION)
+        assert (p["score"], p["cluster"], p["model_version"]) == (case.score, clusters[case.case_id], QUEUE_VERSION)
         assert t["data"]["model_version"] == hub.model_version  # the model that made the prediction
-        assert p["result"][0]["value"]["choices"] == [CLASSES[case.predicted_class]]
+        assert p["result"][0]["value"]["choices"] == [CLASSES[case.case.prediction.label]]
     # the queue is full: the next turn pushes nothing
     assert bridge.sync_once().pushed == 0
 
 
-def test_labels_come_back_once_through_reconciliation(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_labels_come_back_once_through_reconciliation(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     bridge.sync_once()
     for t in tasks_of(studio)[:3]:
-        studio.annotate(t["id"], 7, CLASSES[hub.cases[t["data"]["case_id"]].truth])
+        studio.annotate(t["id"], 7, CLASSES[hub.truth[t["data"]["case_id"]]])
     first = bridge.sync_once(reconcile=True)
     assert first.labels_posted == 3
     for _ in range(3):
         assert bridge.sync_once(reconcile=True).labels_posted == 0
-    assert len(hub.live_labels()) == 3 and actions(hub) == ["created"] * 3
+    assert len(hub.live_labels()) == 3 and hub.actions() == ["created"] * 3
     label = hub.live_labels()[0]
     assert label["annotator"] == "user7@flywheel.local" and label["status"] == "accepted"
-    assert hub.cases[label["case_id"]].state == "labeled"
+    assert hub.state(label["case_id"]) == "labeled" and label["label"] == hub.truth[label["case_id"]]
 
 
-def test_a_webhook_delivered_twice_is_applied_once(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_a_webhook_delivered_twice_is_applied_once(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     bridge.sync_once()
     t = tasks_of(studio)[0]
     ann = studio.annotate(t["id"], 7, "dog")
@@ -70,15 +62,15 @@ def test_a_webhook_delivered_twice_is_applied_once(bridge: Bridge, hub: FakeHub,
     hub.post_webhook(body)
     hub.post_webhook(body)  # identical bytes: the inbox keeps one
     hub.post_webhook(dict(reversed(list(body.items()))))  # same event, other bytes: two inbox entries
-    assert len(hub.events) == 2
+    assert len(hub.events()) == 2
     report = bridge.sync_once(reconcile=False, push=False)
     assert report.webhook_events == 2 and report.labels_posted == 1
     bridge.sync_once(reconcile=True, push=False)
-    assert created(hub) == [ann["id"]] and len(hub.live_labels()) == 1
-    assert hub.acked == 2
+    assert hub.created() == [ann["id"]] and len(hub.live_labels()) == 1
+    assert hub.acked() == max(e["id"] for e in hub.events())
 
 
-def test_a_webhook_that_never_comes_is_caught_by_reconciliation(bridge: Bridge, hub: FakeHub,
+def test_a_webhook_that_never_comes_is_caught_by_reconciliation(bridge: Bridge, hub: LabelingHub,
                                                                  studio: FakeStudio) -> None:
     bridge.sync_once()
     t = tasks_of(studio)[0]
@@ -88,11 +80,11 @@ def test_a_webhook_that_never_comes_is_caught_by_reconciliation(bridge: Bridge, 
     # the webhook finally arrives, late: nothing changes
     hub.post_webhook(studio.webhook("ANNOTATION_CREATED", ann))
     assert bridge.sync_once(reconcile=False, push=False).labels_posted == 0
-    assert created(hub) == [ann["id"]]
+    assert hub.created() == [ann["id"]]
 
 
 def test_an_annotation_changed_after_ingest_updates_the_label_and_stale_events_are_ignored(
-        bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+        bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     bridge.sync_once()
     t = tasks_of(studio)[0]
     ann = studio.annotate(t["id"], 7, "dog")
@@ -104,17 +96,14 @@ def test_an_annotation_changed_after_ingest_updates_the_label_and_stale_events_a
     [label] = hub.live_labels()
     assert label["label"] == CLASSES.index("bird")
     # the original "created" webhook delivered late must not flip the label back
-    hub.events.clear()
-    hub.acked = 0
-    bridge.ledger.put("webhook_cursor", None)
     hub.post_webhook(old_body)
-    bridge.sync_once(reconcile=True, push=False)
+    assert bridge.sync_once(reconcile=True, push=False).webhook_events == 1
     [label] = hub.live_labels()
     assert label["label"] == CLASSES.index("bird")
-    assert actions(hub) == ["created", "updated"]
+    assert hub.actions() == ["created", "updated"]
 
 
-def test_a_deleted_annotation_deletes_its_label_once(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_a_deleted_annotation_deletes_its_label_once(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     bridge.sync_once()
     t = tasks_of(studio)[0]
     ann = studio.annotate(t["id"], 7, "dog")
@@ -125,44 +114,44 @@ def test_a_deleted_annotation_deletes_its_label_once(bridge: Bridge, hub: FakeHu
     hub.post_webhook({**body, "again": True})
     assert bridge.sync_once(reconcile=False, push=False).labels_deleted == 1
     bridge.sync_once(reconcile=True, push=False)
-    assert hub.live_labels() == [] and actions(hub) == ["created", "deleted"]
+    assert hub.live_labels() == [] and hub.actions() == ["created", "deleted"]
     # a late "created" event for the deleted annotation does not resurrect it
     hub.post_webhook(studio.webhook("ANNOTATION_CREATED", ann))
     bridge.sync_once(reconcile=True, push=False)
     assert hub.live_labels() == []
 
 
-def test_a_task_deleted_in_label_studio_releases_its_case(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_a_task_deleted_in_label_studio_releases_its_case(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     bridge.sync_once()
     t1, t2 = tasks_of(studio)[:2]
     studio.annotate(t1["id"], 7, "dog")
     bridge.sync_once(reconcile=True, push=False)
     case1, case2 = t1["data"]["case_id"], t2["data"]["case_id"]
-    assert hub.cases[case1].state == "labeled"
+    assert hub.state(case1) == "labeled"
     studio.delete_task(t1["id"])  # by reconciliation only
     studio.delete_task(t2["id"])
     hub.post_webhook(studio.webhook("TASKS_DELETED", task_ids=[t2["id"]]))  # and by webhook
     report = bridge.sync_once(reconcile=True, push=False)
     assert report.released == 2 and report.labels_deleted == 1
-    assert hub.cases[case1].state == "unlabeled" and hub.cases[case2].state == "unlabeled"
+    assert hub.state(case1) == "unlabeled" and hub.state(case2) == "unlabeled"
     assert hub.live_labels() == []
     assert bridge.sync_once(reconcile=True, push=False).released == 0
 
 
-def test_a_skipped_task_goes_back_to_the_pool(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_a_skipped_task_goes_back_to_the_pool(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     bridge.sync_once()
     t = tasks_of(studio)[0]
     case = t["data"]["case_id"]
     studio.annotate(t["id"], 7, None, cancelled=True)
     report = bridge.sync_once(reconcile=True, push=False)
     assert report.released == 1
-    assert hub.cases[case].state == "unlabeled"
+    assert hub.state(case) == "unlabeled"
     assert t["id"] not in studio.tasks  # out of the annotators' queue
     assert hub.live_labels() == []
 
 
 def test_a_malformed_result_is_refused_with_a_logged_reason_until_fixed(
-        bridge: Bridge, hub: FakeHub, studio: FakeStudio, caplog: pytest.LogCaptureFixture) -> None:
+        bridge: Bridge, hub: LabelingHub, studio: FakeStudio, caplog: pytest.LogCaptureFixture) -> None:
     bridge.sync_once()
     t = tasks_of(studio)[0]
     two = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": ["cat", "dog"]}}]
@@ -187,7 +176,7 @@ def test_a_malformed_result_is_refused_with_a_logged_reason_until_fixed(
 
 
 def test_a_malformed_webhook_body_is_refused_and_does_not_block_the_inbox(
-        bridge: Bridge, hub: FakeHub, studio: FakeStudio, caplog: pytest.LogCaptureFixture) -> None:
+        bridge: Bridge, hub: LabelingHub, studio: FakeStudio, caplog: pytest.LogCaptureFixture) -> None:
     bridge.sync_once()
     ann = studio.annotate(tasks_of(studio)[0]["id"], 7, "cat")
     hub.post_webhook({"action": "ANNOTATION_CREATED", "annotation": {"id": "not-a-number"}})
@@ -198,42 +187,44 @@ def test_a_malformed_webhook_body_is_refused_and_does_not_block_the_inbox(
     assert any("refusing webhook body" in r.message for r in caplog.records)
 
 
-def test_hub_down_during_flush_loses_and_duplicates_nothing(bridge: Bridge, hub: FakeHub,
+def test_hub_down_during_flush_loses_and_duplicates_nothing(bridge: Bridge, hub: LabelingHub,
                                                            studio: FakeStudio) -> None:
     bridge.sync_once()
     for t in tasks_of(studio)[:4]:
         studio.annotate(t["id"], 7, "cat")
-    hub.fail("POST", "/v1/labels", times=20, kind="503")
+    hub.faults.add("POST", "^/v1/labels$", "503", times=20)
     report = bridge.sync_once(reconcile=True, push=False)
     assert report.errors and hub.live_labels() == []
     hub.faults.clear()
-    hub.fail("POST", "/v1/labels", times=2, kind="lose")  # applied by the hub, answer lost: retried
-    hub.fail("POST", "/v1/labels", times=1, kind="drop")
+    hub.faults.add("POST", "^/v1/labels$", "lose", times=2)  # applied by the hub, answer lost: retried
+    hub.faults.add("POST", "^/v1/labels$", "refuse", times=1)
     report = bridge.sync_once(reconcile=True, push=False)
     assert not report.errors
     assert len(hub.live_labels()) == 4
-    assert sorted(created(hub)) == sorted({*created(hub)})  # each annotation created once
-    assert actions(hub).count("created") == 4
+    assert sorted(hub.created()) == sorted({*hub.created()})  # each annotation created once
+    assert hub.actions().count("created") == 4 and set(hub.actions()) == {"created", "unchanged"}
 
 
-def test_label_studio_down_during_pull_deletes_nothing(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_label_studio_down_during_pull_deletes_nothing(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     bridge.sync_once()
     for t in tasks_of(studio)[:4]:
         studio.annotate(t["id"], 7, "cat")
     bridge.sync_once(reconcile=True, push=False)
+    labeled = hub.in_state("labeled")
+    assert len(labeled) == 4
     studio.fail_pages_after = 2  # the listing breaks off half way
     report = bridge.sync_once(reconcile=True, push=False)
     assert report.errors and len(hub.live_labels()) == 4
-    assert all(c.state != "unlabeled" for c in hub.cases.values() if c.state == "labeled")
+    assert hub.in_state("labeled") == labeled  # nothing released or deleted on a half listing
     studio.fail_pages_after = None
     studio.down = True
     assert bridge.sync_once(reconcile=True).errors
     studio.down = False
     assert not bridge.sync_once(reconcile=True).errors
-    assert len(hub.live_labels()) == 4 and actions(hub).count("deleted") == 0
+    assert len(hub.live_labels()) == 4 and hub.actions().count("deleted") == 0
 
 
-def test_an_import_whose_answer_is_lost_is_not_duplicated(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_an_import_whose_answer_is_lost_is_not_duplicated(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     studio.lose_next_import = True
     bridge.sync_once()
     case_ids = [t["data"]["case_id"] for t in studio.tasks.values()]
@@ -242,7 +233,7 @@ def test_an_import_whose_answer_is_lost_is_not_duplicated(bridge: Bridge, hub: F
     assert all(t.task_id in studio.tasks for t in bridge.ledger.tasks())
 
 
-def test_an_import_that_never_arrived_is_retried(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_an_import_that_never_arrived_is_retried(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     bridge.project(CLASSES)
     studio.down = True
     assert bridge.sync_once().errors
@@ -254,28 +245,28 @@ def test_an_import_that_never_arrived_is_retried(bridge: Bridge, hub: FakeHub, s
     assert {t.state for t in bridge.ledger.tasks()} == {"open"}
 
 
-def test_label_studio_down_before_the_first_push_strands_no_case(bridge: Bridge, hub: FakeHub,
+def test_label_studio_down_before_the_first_push_strands_no_case(bridge: Bridge, hub: LabelingHub,
                                                                   studio: FakeStudio) -> None:
     studio.down = True  # the project cannot even be created
     assert bridge.sync_once().errors
     studio.down = False
     bridge.sync_once()
-    queued = {c.case_id for c in hub.cases.values() if c.state == "queued"}
+    queued = hub.in_state("queued")
     assert queued and {t["data"]["case_id"] for t in studio.tasks.values()} == queued
 
 
-def test_a_selection_whose_answer_is_lost_is_adopted_next_turn(bridge: Bridge, hub: FakeHub,
+def test_a_selection_whose_answer_is_lost_is_adopted_next_turn(bridge: Bridge, hub: LabelingHub,
                                                                studio: FakeStudio) -> None:
     bridge.project(CLASSES)
-    hub.fail("POST", "/v1/selections", kind="lose")
+    hub.faults.add("POST", "^/v1/selections$", "lose")
     assert bridge.sync_once().errors
-    queued = {c.case_id for c in hub.cases.values() if c.state == "queued"}
+    queued = hub.in_state("queued")
     assert len(queued) == 6 and not studio.tasks
     bridge.sync_once()
     assert {t["data"]["case_id"] for t in studio.tasks.values()} == queued
 
 
-def test_overlap_consensus_accepts_agreement_and_holds_disagreement(hub: FakeHub, studio: FakeStudio,
+def test_overlap_consensus_accepts_agreement_and_holds_disagreement(hub: LabelingHub, studio: FakeStudio,
                                                                     clock: Clock) -> None:
     bridge = make_bridge(hub, studio, clock, overlap=2, overlap_share=1.0)
     bridge.sync_once()
@@ -292,38 +283,43 @@ def test_overlap_consensus_accepts_agreement_and_holds_disagreement(hub: FakeHub
                for c in (t1["data"]["case_id"], t2["data"]["case_id"])}
     assert by_case[t1["data"]["case_id"]] == [("accepted", 1.0), ("accepted", 1.0)]
     assert by_case[t2["data"]["case_id"]] == [("held", 0.5), ("held", 0.5)]
-    assert hub.cases[t2["data"]["case_id"]].state == "held"
+    assert hub.state(t2["data"]["case_id"]) == "held"
     assert next(lb for lb in hub.live_labels() if lb["annotation_id"] == a["id"])["n_annotators"] == 2
 
 
-def test_gold_tasks_carry_their_answer_to_the_hub_and_score_annotators(hub: FakeHub, studio: FakeStudio,
+def test_gold_tasks_carry_their_answer_to_the_hub_and_score_annotators(hub: LabelingHub, studio: FakeStudio,
                                                                        clock: Clock) -> None:
     """The bridge keeps a gold task's answer from annotators and sends it with every answer on the task; the
     hub decides (fleet.consensus: tests/hub/test_labels.py holds an unreliable annotator everywhere)."""
     from labeling.push import push_gold
 
     bridge = make_bridge(hub, studio, clock)
-    gold_ids = hub.add_cases(4, prefix="gold")
-    for c in gold_ids:  # known answers: labeled in the hub already, never selected again
-        hub.cases[c].state = "labeled"
-    items = [(hub._public(hub.cases[c]), hub.cases[c].truth) for c in gold_ids]
+    gold_ids = hub.add_cases(4, seed=99, prefix="gold")
+    for c in gold_ids:  # known answers: a reviewer's, so labeled in the hub already and never selected again
+        hub.label(c, hub.truth[c], annotator="reviewer@flywheel.local", source="review", ground_truth=True)
+        assert hub.state(c) == "labeled"
+    items = [(hub.selected(c), hub.truth[c]) for c in gold_ids]
     assert push_gold(bridge, items) == 4
     gold_tasks = [studio.task_of_case(c) for c in gold_ids]
     bridge.sync_once()  # plus ordinary tasks
     ordinary = [t for t in tasks_of(studio) if not t["data"]["case_id"].startswith("gold")]
-    wrong = {c: CLASSES[(hub.cases[c].truth + 1) % 3] for c in gold_ids}
+    wrong = {c: CLASSES[(hub.truth[c] + 1) % 3] for c in gold_ids}
     for t in gold_tasks:
-        studio.annotate(t["id"], 7, CLASSES[hub.cases[t["data"]["case_id"]].truth])  # careful annotator
+        studio.annotate(t["id"], 7, CLASSES[hub.truth[t["data"]["case_id"]]])  # careful annotator
         studio.annotate(t["id"], 9, wrong[t["data"]["case_id"]])  # careless annotator
     studio.annotate(ordinary[0]["id"], 7, "cat")
     studio.annotate(ordinary[1]["id"], 9, "cat")
     bridge.sync_once(reconcile=True, push=False)
-    gold_labels = [lb for lb in hub.live_labels() if lb["case_id"].startswith("gold")]
+    from_studio = [lb for lb in hub.live_labels() if lb["source"] == "label-studio"]
+    gold_labels = [lb for lb in from_studio if lb["case_id"].startswith("gold")]
     assert sorted({(lb["annotator"], lb["status"]) for lb in gold_labels}) == [
         ("user7@flywheel.local", "gold"), ("user9@flywheel.local", "held")]
-    assert all(e[1]["gold_label"] is not None for e in hub.label_log if e[1]["case_id"].startswith("gold"))
-    assert all("gold_label" not in e[1] or e[1]["gold_label"] is None for e in hub.label_log
-               if not e[1]["case_id"].startswith("gold"))
+    posts = [post for post, _ in hub.label_posts() if post["source"] == "label-studio"]
+    assert all(p["gold_label"] is not None for p in posts if p["case_id"].startswith("gold"))
+    assert all(p.get("gold_label") is None for p in posts if not p["case_id"].startswith("gold"))
+    # the hub scores annotators on gold answers: 0 of 4 right holds the careless one's other answers too
+    status = {lb["annotator"]: lb["status"] for lb in from_studio if not lb["case_id"].startswith("gold")}
+    assert status == {"user7@flywheel.local": "accepted", "user9@flywheel.local": "held"}
     from labeling.status import collect
 
     info = collect(bridge.ledger, now=clock())
@@ -331,7 +327,7 @@ def test_gold_tasks_carry_their_answer_to_the_hub_and_score_annotators(hub: Fake
     assert info["annotators"]["user9@flywheel.local"]["total"] == 4
 
 
-def test_the_throttle_pushes_more_once_annotators_work(hub: FakeHub, studio: FakeStudio, clock: Clock) -> None:
+def test_the_throttle_pushes_more_once_annotators_work(hub: LabelingHub, studio: FakeStudio, clock: Clock) -> None:
     from labeling.throttle import Throttle
 
     bridge = make_bridge(hub, studio, clock, throttle=Throttle(min_depth=4, max_depth=30, horizon_s=60, window_s=10))
@@ -348,7 +344,7 @@ def test_the_throttle_pushes_more_once_annotators_work(hub: FakeHub, studio: Fak
     assert bridge.ledger.open_slots() == 24
 
 
-def test_classes_may_grow_but_not_change(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_classes_may_grow_but_not_change(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     from fleet.errors import InvalidInput
 
     bridge.sync_once()
@@ -358,7 +354,7 @@ def test_classes_may_grow_but_not_change(bridge: Bridge, hub: FakeHub, studio: F
         bridge.project(["dog", "cat", "bird", "fish"])
 
 
-def test_a_reused_annotation_id_replaces_the_old_label(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
+def test_a_reused_annotation_id_replaces_the_old_label(bridge: Bridge, hub: LabelingHub, studio: FakeStudio) -> None:
     """SQLite-backed Label Studio reuses the highest id after a delete: the old label goes first."""
     bridge.sync_once()
     t1, t2 = tasks_of(studio)[:2]
@@ -371,14 +367,15 @@ def test_a_reused_annotation_id_replaces_the_old_label(bridge: Bridge, hub: Fake
     bridge.sync_once(reconcile=True, push=False)
     [label] = hub.live_labels()
     assert label["case_id"] == t2["data"]["case_id"] and label["annotator"] == "user8@flywheel.local"
-    assert actions(hub) == ["created", "deleted", "created"]
+    assert hub.actions() == ["created", "deleted", "created"]
 
 
-def test_expiring_image_links_are_refreshed_from_the_hub(bridge: Bridge, hub: FakeHub, studio: FakeStudio) -> None:
-    hub.image_ttl_s = 600  # links that expire within the bridge's one-hour margin
+def test_expiring_image_links_are_refreshed_from_the_hub(bridge: Bridge, hub: LabelingHub,
+                                                         studio: FakeStudio) -> None:
+    hub.settings.image_url_ttl_s = 600  # links that expire within the bridge's one-hour margin
     bridge.sync_once()
     before = {t["id"]: t["data"]["image"] for t in studio.tasks.values()}
-    hub.image_ttl_s = 7 * 24 * 3600
+    hub.settings.image_url_ttl_s = 7 * 24 * 3600
     report = bridge.sync_once(push=False)
     assert report.images_refreshed == len(before) == 6
     for t in studio.tasks.values():

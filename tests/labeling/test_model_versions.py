@@ -24,8 +24,8 @@ from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.studio import Studio
 from labeling.throttle import Throttle
-from tests.labeling.lsserver import FaultyTransport
-from tests.labeling.realhub import RealHub
+from tests.labeling.realhub import LabelingHub
+from tests.support.faults import FaultTransport
 
 pytestmark = pytest.mark.integration
 
@@ -35,18 +35,19 @@ class Stack:
     bridge: Bridge
     studio: Studio
     hub: HubClient
-    faults: FaultyTransport
+    faults: FaultTransport
     make_team: Callable[[], BotTeam]
 
 
 @pytest.fixture
-def stack(ls_env: tuple[str, str], ls_project_title: str, real_hub: RealHub, tmp_path: Path) -> Iterator[Stack]:
-    faults = FaultyTransport()
+def stack(ls_env: tuple[str, str], ls_project_title: str, real_hub: LabelingHub, tmp_path: Path) -> Iterator[Stack]:
+    faults = FaultTransport()
     studio = Studio(*ls_env, http=httpx.Client(transport=faults, timeout=30))
-    hub = HubClient(real_hub.url, real_hub.labeler_token)
+    hub = real_hub.bridge_client()
     config = BridgeConfig(project_title=ls_project_title, overlap=1, overlap_share=0.0, strategy="uncertainty",
                           throttle=Throttle(min_depth=8, max_depth=8, max_batch=8), reconcile_every_s=0.0,
-                          webhook_url=f"{real_hub.url}/v1/labeling/webhook", webhook_secret=real_hub.webhook_secret)
+                          webhook_url=f"{real_hub.public_url}/v1/labeling/webhook",
+                          webhook_secret=real_hub.webhook_secret)
     bridge = Bridge(studio, hub, Ledger(tmp_path / "ledger.sqlite"), config)
     teams: list[BotTeam] = []
 
@@ -85,22 +86,22 @@ def _check_queue_order(studio: Studio, project_id: int, solved_before: list[str 
         solved[cluster(cid)] += 1
 
 
-def _sync_until_labeled(bridge: Bridge, real_hub: RealHub, n: int, timeout_s: float = 30.0, *,
+def _sync_until_labeled(bridge: Bridge, real_hub: LabelingHub, n: int, timeout_s: float = 30.0, *,
                         reconcile: bool = True) -> None:
     deadline = time.monotonic() + timeout_s
-    while len(real_hub.labels()) < n and time.monotonic() < deadline:
+    while len(real_hub.live_labels()) < n and time.monotonic() < deadline:
         report = bridge.sync_once(push=False, reconcile=reconcile)
         assert not report.errors, report.errors
         time.sleep(0.2)
 
 
-def test_every_model_version_reaches_the_queue_in_uncertainty_order(stack: Stack, real_hub: RealHub) -> None:
+def test_every_model_version_reaches_the_queue_in_uncertainty_order(stack: Stack, real_hub: LabelingHub) -> None:
     bridge, studio, make_team = stack.bridge, stack.studio, stack.make_team
     labeled = 0
     team = None
     for turn, version in enumerate(["m1", "m2", "m3"]):
         if turn:
-            real_hub.publish(version)  # the retrained model is now the fleet's
+            real_hub.next_model(version)  # the retrained model is now the fleet's
         ids = real_hub.add_cases(8, seed=turn)
         report = bridge.sync_once()
         assert not report.errors, f"{version}: {report.errors}"
@@ -121,7 +122,7 @@ def test_every_model_version_reaches_the_queue_in_uncertainty_order(stack: Stack
 
         labeled += 8
         _sync_until_labeled(bridge, real_hub, labeled, reconcile=False)  # the webhook works for every version
-        labels = real_hub.labels()
+        labels = real_hub.live_labels()
         assert len(labels) == labeled, f"{version}: {len(labels)} labels at the hub, expected {labeled}"
         assert len({lb["case_id"] for lb in labels}) == labeled  # exactly once per case
         for lb in labels:
@@ -129,21 +130,21 @@ def test_every_model_version_reaches_the_queue_in_uncertainty_order(stack: Stack
     for _ in range(2):  # nothing is posted twice on later turns
         again = bridge.sync_once(push=False, reconcile=True)
         assert again.labels_posted == 0 and not again.errors
-    assert len(real_hub.labels()) == 24
+    assert len(real_hub.live_labels()) == 24
 
 
-def _two_labeled_then_m2(stack: Stack, real_hub: RealHub, bridge: Bridge, seed: int) -> tuple[list[str], BotTeam]:
+def _two_labeled_then_m2(stack: Stack, real_hub: LabelingHub, bridge: Bridge, seed: int) -> tuple[list[str], BotTeam]:
     """Six m1 cases pushed, two of them labeled: four tasks are still open when m2 becomes the fleet's model."""
     old = real_hub.add_cases(6, seed=seed)
     assert bridge.sync_once().pushed == 6
     team = stack.make_team()
     for _ in range(2):
         assert team.bots[0].step()
-    real_hub.publish("m2")
+    real_hub.next_model("m2")
     return old, team
 
 
-def _one_queue_for_both(stack: Stack, real_hub: RealHub, bridge: Bridge, old: list[str], team: BotTeam,
+def _one_queue_for_both(stack: Stack, real_hub: LabelingHub, bridge: Bridge, old: list[str], team: BotTeam,
                         seed: int) -> None:
     """Six m2 cases pushed beside the open m1 tasks: one queue serves every open task in uncertainty order,
     and each case is labeled at the hub exactly once."""
@@ -159,17 +160,17 @@ def _one_queue_for_both(stack: Stack, real_hub: RealHub, bridge: Bridge, old: li
     assert sorted(served) == sorted(open_old + new), "every open task, old or new, is served"
     _check_queue_order(stack.studio, bridge.project_id, bot.stats.served[:start], served)
     _sync_until_labeled(bridge, real_hub, 12)
-    assert sorted(lb["case_id"] for lb in real_hub.labels()) == sorted(old + new)
+    assert sorted(lb["case_id"] for lb in real_hub.live_labels()) == sorted(old + new)
 
 
-def test_open_tasks_stay_in_the_queue_when_the_model_changes(stack: Stack, real_hub: RealHub) -> None:
+def test_open_tasks_stay_in_the_queue_when_the_model_changes(stack: Stack, real_hub: LabelingHub) -> None:
     bridge = stack.bridge
     old, team = _two_labeled_then_m2(stack, real_hub, bridge, seed=10)
     bridge.config = replace(bridge.config, throttle=Throttle(min_depth=10, max_depth=10))  # 4 open + 6 new
     _one_queue_for_both(stack, real_hub, bridge, old, team, seed=11)
 
 
-def test_a_project_from_before_the_queue_version_is_carried_over(stack: Stack, real_hub: RealHub) -> None:
+def test_a_project_from_before_the_queue_version_is_carried_over(stack: Stack, real_hub: LabelingHub) -> None:
     """A project whose queue points at a model's own version (as bridges before the queue version left it):
     its open tasks keep their place, new model versions reach it, and it ends on the queue version."""
     bridge = stack.bridge
@@ -181,11 +182,11 @@ def test_a_project_from_before_the_queue_version_is_carried_over(stack: Stack, r
     _one_queue_for_both(stack, real_hub, upgraded, old, team, seed=21)
 
 
-def test_a_refused_project_update_does_not_stop_the_push(stack: Stack, real_hub: RealHub) -> None:
+def test_a_refused_project_update_does_not_stop_the_push(stack: Stack, real_hub: LabelingHub) -> None:
     bridge, studio = stack.bridge, stack.studio
     real_hub.add_cases(4, seed=30)
     assert bridge.sync_once().pushed == 4  # the project exists now
-    real_hub.publish("m2")
+    real_hub.next_model("m2")
     ids = real_hub.add_cases(6, seed=31)
     # a new bridge process whose settings differ (overlap 2): Label Studio refuses the project update
     again = Bridge(studio, bridge.hub, bridge.ledger, replace(bridge.config, overlap=2, overlap_share=1.0,
@@ -198,7 +199,7 @@ def test_a_refused_project_update_does_not_stop_the_push(stack: Stack, real_hub:
     assert studio.get_project(again.project_id).maximum_annotations == 1  # the project as it was
 
 
-def test_a_refused_import_gives_the_cases_back_to_the_pool(stack: Stack, real_hub: RealHub) -> None:
+def test_a_refused_import_gives_the_cases_back_to_the_pool(stack: Stack, real_hub: LabelingHub) -> None:
     bridge, studio = stack.bridge, stack.studio
     ids = real_hub.add_cases(5, seed=40)
     bridge.project(real_hub.class_names)
@@ -207,13 +208,13 @@ def test_a_refused_import_gives_the_cases_back_to_the_pool(stack: Stack, real_hu
     assert report.pushed == 0
     assert any("refused 5 task(s) (5 returned to the hub's pool)" in e for e in report.errors), report.errors
     assert not bridge.ledger.tasks("importing")
-    assert {real_hub.case(c)["state"] for c in ids} == {"unlabeled"}
+    assert {real_hub.state(c) for c in ids} == {"unlabeled"}
     report = bridge.sync_once()  # Label Studio takes them now
     assert report.pushed == 5 and not report.errors, report
     assert {t.case_id for t in studio.iter_tasks(bridge.project_id)} == set(ids)
 
 
-def test_an_annotator_sees_the_new_models_guess_after_a_model_update(stack: Stack, real_hub: RealHub,
+def test_an_annotator_sees_the_new_models_guess_after_a_model_update(stack: Stack, real_hub: LabelingHub,
                                                                      ls_env: tuple[str, str], tmp_path: Path) -> None:
     """In Label Studio's own UI: a task pushed after the retrain shows the new model's guess pre-selected, and
     a task still open from the old model keeps showing the old model's guess."""
@@ -222,7 +223,7 @@ def test_an_annotator_sees_the_new_models_guess_after_a_model_update(stack: Stac
     bridge, studio = stack.bridge, stack.studio
     old = real_hub.add_cases(3, seed=50)
     bridge.sync_once()
-    real_hub.publish("m2")
+    real_hub.next_model("m2")
     new = real_hub.add_cases(3, seed=51)
     assert bridge.sync_once().pushed == 3
     names = real_hub.class_names
@@ -230,5 +231,5 @@ def test_an_annotator_sees_the_new_models_guess_after_a_model_update(stack: Stac
         row = bridge.ledger.task(case_id=cid)
         assert row is not None and row.task_id is not None
         radios = open_task(ls_env[0], studio, bridge.project_id, row.task_id, names, tmp_path / shot)
-        guess = names[int(real_hub.case(cid)["case"]["prediction"]["label"])]
+        guess = names[int(real_hub.predicted(cid))]
         assert [n for n, on, _ in radios if on and n in names] == [guess], (cid, radios)

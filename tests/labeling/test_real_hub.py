@@ -16,19 +16,20 @@ from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.studio import Studio
 from labeling.throttle import Throttle
-from tests.labeling.realhub import RealHub
+from tests.labeling.realhub import LabelingHub
 
 pytestmark = pytest.mark.integration
 
 
 def test_labels_reach_the_real_hub_exactly_once(ls_env: tuple[str, str], ls_project_title: str,
-                                                real_hub: RealHub, tmp_path: Path) -> None:
+                                                real_hub: LabelingHub, tmp_path: Path) -> None:
     real_hub.add_cases(12)
     studio = Studio(*ls_env)
-    hub = HubClient(real_hub.url, real_hub.labeler_token)
+    hub = HubClient(real_hub.public_url, real_hub.labeler_token)  # over loopback HTTP, like a deployed bridge
     config = BridgeConfig(project_title=ls_project_title, overlap=1, overlap_share=0.0,
                           throttle=Throttle(min_depth=6, max_depth=6),
-                          webhook_url=f"{real_hub.url}/v1/labeling/webhook", webhook_secret=real_hub.webhook_secret)
+                          webhook_url=f"{real_hub.public_url}/v1/labeling/webhook",
+                          webhook_secret=real_hub.webhook_secret)
     bridge = Bridge(studio, hub, Ledger(tmp_path / "ledger.sqlite"), config)
     report = bridge.sync_once()
     assert report.pushed == 6 and not report.errors, report.errors
@@ -50,11 +51,11 @@ def test_labels_reach_the_real_hub_exactly_once(ls_env: tuple[str, str], ls_proj
     for _ in range(2):
         again = bridge.sync_once(reconcile=True, push=False)
         assert again.labels_posted == 0 and not again.errors
-    labels = real_hub.labels()
+    labels = real_hub.live_labels()
     assert len(labels) == 4 and len({lb["annotation_id"] for lb in labels}) == 4
     for lb in labels:
         assert lb["label"] == real_hub.truth[lb["case_id"]]
-        assert real_hub.case(lb["case_id"])["state"] == "labeled"
+        assert real_hub.state(lb["case_id"]) == "labeled"
 
     # one task deleted in Label Studio: its label goes, its case returns to the pool
     gone = labels[0]
@@ -62,8 +63,8 @@ def test_labels_reach_the_real_hub_exactly_once(ls_env: tuple[str, str], ls_proj
     time.sleep(0.5)
     report = bridge.sync_once(reconcile=True, push=False)
     assert report.labels_deleted == 1 and report.released == 1, report
-    assert real_hub.case(gone["case_id"])["state"] == "unlabeled"
-    assert len(real_hub.labels()) == 3
+    assert real_hub.state(gone["case_id"]) == "unlabeled"
+    assert len(real_hub.live_labels()) == 3
     team.close()
     studio.close()
     hub.close()

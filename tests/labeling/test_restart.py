@@ -14,17 +14,14 @@ from fleet.retry import RetryPolicy
 from labeling.bots import BotSpec, BotTeam
 from labeling.bridge import Bridge
 from labeling.config import BridgeConfig
-from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.studio import Studio
 from labeling.throttle import Throttle
-from tests.labeling.fakehub import FakeHub
 from tests.labeling.lsserver import StudioServer, studio_bin, sync_cut_off_by_a_kill
+from tests.labeling.realhub import CLASSES, LabelingHub, labeling_hub
 from tests.support.services import missing_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-CLASSES = ["cat", "dog", "bird"]
 
 
 @pytest.mark.timeout(900)
@@ -34,21 +31,21 @@ def test_label_studio_restarted_mid_sync(tmp_path: Path) -> None:
         missing_service("no label-studio executable (scripts/test.sh installs .venv-studio)")
     server = StudioServer(binary, tmp_path / "ls")
     server.start()
-    hub = FakeHub(class_names=list(CLASSES))
-    hub.add_cases(250, clusters=5)
     try:
-        with hub.serve():
+        with labeling_hub(tmp_path, serve=True) as hub:
+            hub.add_cases(250, seed=5)
             studio = Studio(server.url, server.token, http=httpx.Client(timeout=10),
                             retry=RetryPolicy(attempts=3, base_s=0.2, cap_s=0.5, deadline_s=5))
             config = BridgeConfig(project_title="restart", overlap=1, overlap_share=0.0, batch_size=25,
                                   throttle=Throttle(min_depth=150, max_depth=150), in_doubt_grace_s=0.5,
-                                  webhook_url=f"{hub.base_url}/v1/labeling/webhook", webhook_secret=hub.webhook_secret)
-            bridge = Bridge(studio, HubClient(hub.base_url, hub.token), Ledger(tmp_path / "ledger.sqlite"), config)
+                                  webhook_url=f"{hub.public_url}/v1/labeling/webhook",
+                                  webhook_secret=hub.webhook_secret)
+            bridge = Bridge(studio, hub.bridge_client(), Ledger(tmp_path / "ledger.sqlite"), config)
             bridge.project(CLASSES)
 
             # kill Label Studio while a 150-task push is under way, in batches of 25
             sync_cut_off_by_a_kill(server, bridge.sync_once, lambda: bool(queued_cases(hub)))
-            queued = {c.case_id for c in hub.cases.values() if c.state == "queued"}
+            queued = hub.in_state("queued")
             assert queued  # selected in the hub, some of them not (or not knowingly) in Label Studio yet
 
             server.start()  # same data dir, same port
@@ -58,11 +55,11 @@ def test_label_studio_restarted_mid_sync(tmp_path: Path) -> None:
             tasks = list(studio.iter_tasks(bridge.project_id))
             case_ids = [t.case_id for t in tasks]
             assert len(case_ids) == len(set(case_ids)), "a task was duplicated"
-            queued = {c.case_id for c in hub.cases.values() if c.state == "queued"}
+            queued = hub.in_state("queued")
             assert set(case_ids) == queued, "a selected case has no task, or a task has no selected case"
             assert all(t.predictions and t.predictions[0].cluster is not None for t in tasks)
 
-            team = BotTeam(server.url, studio, bridge.project_id, [BotSpec("ann", 1.0, 0.0)], hub.truth, CLASSES)
+            team = BotTeam(server.url, studio, bridge.project_id, [BotSpec("ann", 1.0, 0.0)], hub.truth.get, CLASSES)
             for _ in range(10):
                 team.bots[0].step()
             server.stop(kill=True)  # down again, before the bridge pulled those labels
@@ -74,13 +71,12 @@ def test_label_studio_restarted_mid_sync(tmp_path: Path) -> None:
             annotations = {a.id for t in studio.iter_tasks(bridge.project_id) for a in t.annotations}
             assert len(annotations) == 11
             assert {lb["annotation_id"] for lb in hub.live_labels()} == annotations
-            assert [a for _, _, a in hub.label_log].count("created") == 11
+            assert hub.actions().count("created") == 11
             team.close()
             studio.close()
     finally:
         server.stop(kill=True)
 
 
-def queued_cases(hub: FakeHub) -> list[str]:
-    with hub.lock:
-        return [c.case_id for c in hub.cases.values() if c.state == "queued"]
+def queued_cases(hub: LabelingHub) -> list[str]:
+    return sorted(hub.in_state("queued"))

@@ -1,6 +1,6 @@
 """The bridge against a real Label Studio (started by scripts/test.sh): push, the uncertainty queue,
-simulated annotators, labels back exactly once, and faults. The hub side is the contract's fake served
-on loopback, so Label Studio posts real webhooks to it and loads its signed images."""
+simulated annotators, labels back exactly once, and faults. The hub is the real one, in-process for the
+bridge and served on loopback, so Label Studio posts real webhooks to it and loads its signed images."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 
 from labeling.bots import BotSpec
 from labeling.config import QUEUE_VERSION
-from tests.labeling.fakehub import FakeHub
 from tests.labeling.livestack import CLASSES, Live
+from tests.labeling.realhub import labeling_hub
 
 pytestmark = pytest.mark.integration
 
@@ -28,10 +28,11 @@ def test_push_creates_ordered_tasks_with_predictions_and_signed_images(live: Liv
     assert project.class_names == CLASSES and project.show_collab_predictions
     tasks = list(live.studio.iter_tasks(live.bridge.project_id))
     assert len(tasks) == 8 and len({t.case_id for t in tasks}) == 8
+    clusters = live.hub.clusters()
     for t in tasks:
-        case = live.hub.cases[t.case_id or ""]
+        case = live.hub.selected(t.case_id or "")
         [p] = t.predictions
-        assert (p.model_version, p.score, p.cluster) == (QUEUE_VERSION, case.score, case.cluster)
+        assert (p.model_version, p.score, p.cluster) == (QUEUE_VERSION, case.score, clusters[case.case_id])
         assert t.data["model_version"] == live.hub.model_version
         image = httpx.get(t.data["image"], timeout=10)  # what an annotator's browser does
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
@@ -49,10 +50,10 @@ def test_the_queue_serves_the_most_informative_task_first_spread_over_clusters(l
         served.append(task)
         bot.studio.create_annotation(task.id, [{"from_name": "label", "to_name": "image", "type": "choices",
                                                 "value": {"choices": ["cat"]}}])
-    pushed = [live.hub.cases[t.case_id] for t in live.bridge.ledger.tasks() if t.case_id in live.hub.cases]
-    assert served[0].predictions[0].score == min(c.score for c in pushed)  # lowest score = most informative
+    pushed = [t.case_id for t in live.bridge.ledger.tasks()]
+    assert served[0].predictions[0].score == min(live.hub.selected(c).score for c in pushed)  # most informative
     clusters = [t.predictions[0].cluster for t in served]
-    available = {c.cluster for c in pushed}
+    available = {live.hub.clusters()[c] for c in pushed}
     assert len(set(clusters)) == min(4, len(available))  # one per cluster before any cluster repeats
     team.close()
 
@@ -70,12 +71,12 @@ def test_bots_annotate_and_every_annotation_comes_back_exactly_once(live: Live) 
     for _ in range(2):
         again = live.bridge.sync_once(reconcile=True, push=False)
         assert again.labels_posted == 0 and again.labels_deleted == 0
-    created = [d["annotation_id"] for _, d, a in live.hub.label_log if a == "created"]
+    created = live.hub.created()
     assert sorted(created) == sorted(ls)
     stats = team.stats
     assert stats["ann"].answered and stats["ann"].correct == stats["ann"].answered
     accurate = [lb for lb in hub.values() if lb["annotator"] == BotSpec("ann").email]
-    assert all(lb["label"] == live.hub.cases[lb["case_id"]].truth for lb in accurate)
+    assert all(lb["label"] == live.hub.truth[lb["case_id"]] for lb in accurate)
     team.close()
 
 
@@ -84,7 +85,7 @@ def test_webhook_delivered_twice_or_never(live: Live) -> None:
     team = live.team(BotSpec("ann", 1.0, 0.0))
     team.bots[0].step()
     live.wait_for_webhooks(1)
-    body = live.hub.events[0]["body"]
+    body = live.hub.events()[0]["body"]
     live.hub.post_webhook({**body, "redelivered": True})  # Label Studio retried: a second inbox entry
     report = live.bridge.sync_once(reconcile=False, push=False)
     assert report.webhook_events == 2 and report.labels_posted == 1
@@ -92,7 +93,7 @@ def test_webhook_delivered_twice_or_never(live: Live) -> None:
     live.studio.delete_webhooks(live.bridge.project_id)
     team.bots[0].step()
     time.sleep(0.5)
-    assert len(live.hub.events) == 2
+    assert len(live.hub.events()) == 2
     assert live.bridge.sync_once(reconcile=False, push=False).labels_posted == 0
     assert live.bridge.sync_once(reconcile=True, push=False).labels_posted == 1
     assert len(live.hub.live_labels()) == 2 == len(live.ls_annotations())
@@ -118,8 +119,8 @@ def test_task_deleted_and_annotation_changed_in_label_studio(live: Live) -> None
     assert report.labels_posted == 1 and report.labels_deleted == 1 and report.released == 1
     labels = live.labels_by_annotation()
     assert labels[a1]["label"] == new_class and a2 not in labels
-    assert live.hub.cases[case2].state == "unlabeled"
-    actions = [a for _, _, a in live.hub.label_log]
+    assert live.hub.state(case2) == "unlabeled"
+    actions = live.hub.actions()
     assert actions.count("updated") == 1 and actions.count("deleted") == 1
     team.close()
 
@@ -132,7 +133,7 @@ def test_skipped_tasks_go_back_to_the_pool(live: Live) -> None:
     [row] = [t for t in live.bridge.ledger.tasks() if t.task_id in {a.task_id for a in live.ls_annotations().values()}]
     report = live.bridge.sync_once(reconcile=True, push=False)
     assert report.released == 1
-    assert live.hub.cases[row.case_id].state == "unlabeled"
+    assert live.hub.state(row.case_id) == "unlabeled"
     assert live.studio.get_task(int(row.task_id or 0)) is None
     team.close()
 
@@ -159,17 +160,18 @@ def test_label_studio_down_slow_or_losing_answers_during_push(live: Live) -> Non
     assert not report.errors, report.errors
     tasks = list(live.studio.iter_tasks(live.bridge.project_id))
     assert len(tasks) == len({t.case_id for t in tasks}) == 8  # nothing duplicated
-    assert all(t.predictions[0].cluster == live.hub.cases[t.case_id or ""].cluster for t in tasks)
+    clusters = live.hub.clusters()
+    assert all(t.predictions[0].cluster == clusters[t.case_id or ""] for t in tasks)
     assert {r.state for r in live.bridge.ledger.tasks()} == {"open"}
     # Label Studio completely down: the turn reports it, nothing is half-written, the next turn finishes
     f.down = True
-    team_hub_queued = sum(c.state == "queued" for c in live.hub.cases.values())
+    team_hub_queued = len(live.hub.in_state("queued"))
     assert live.bridge.sync_once(reconcile=True).errors
     f.down = False
     live.bridge.sync_once(reconcile=True)
     tasks = list(live.studio.iter_tasks(live.bridge.project_id))
     assert len(tasks) == len({t.case_id for t in tasks})
-    queued = {c.case_id for c in live.hub.cases.values() if c.state == "queued"}
+    queued = live.hub.in_state("queued")
     assert queued == {t.case_id for t in tasks} and len(queued) >= team_hub_queued
 
 
@@ -187,7 +189,7 @@ def test_label_studio_down_during_pull_loses_and_duplicates_nothing(live: Live) 
     f.rules.clear()
     live.bridge.sync_once(reconcile=True, push=False)
     assert set(live.labels_by_annotation()) == set(live.ls_annotations())
-    assert [a for _, _, a in live.hub.label_log].count("created") == len(live.ls_annotations())
+    assert live.hub.actions().count("created") == len(live.ls_annotations())
     team.close()
 
 
@@ -198,11 +200,9 @@ def test_the_cli_syncs_and_reports_status(ls_env: tuple[str, str], ls_project_ti
 
     from labeling.cli import app
 
-    hub = FakeHub(class_names=list(CLASSES))
-    hub.add_cases(20)
     state = tmp_path / "state.sqlite"
-    with hub.serve():
-        args = ["sync", "--hub-url", hub.base_url, "--hub-token", hub.token, "--ls-url", ls_env[0],
+    with labeling_hub(tmp_path, 40, serve=True) as hub:
+        args = ["sync", "--hub-url", hub.public_url, "--hub-token", hub.labeler_token, "--ls-url", ls_env[0],
                 "--ls-token", ls_env[1], "--project", ls_project_title, "--state", str(state), "--overlap", "1",
                 "--min-depth", "5", "--webhook-secret", hub.webhook_secret, "--json"]
         result = CliRunner().invoke(app, args)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.labeling.lsserver import StudioServer, studio_bin, sync_cut_off_by_a_kill
-from tests.labeling.realhub import RealHub
+from tests.labeling.realhub import send_cases
 from tests.support.models import make_model_files
 from tests.support.services import missing_service
 
@@ -51,10 +51,7 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
             publish(proc_hub, model, trainer, promote=True)
             token = c.post("/v1/enroll", json={"device_id": "dev-1", "fleet_secret": proc_hub.fleet_secret}
                            ).json()["token"]
-            hub = RealHub(url=proc_hub.url, client=c, admin=proc_hub.admin_headers, labeler_token=labeler,
-                          webhook_secret=proc_hub.webhook_secret, class_names=CLASSES, model_version="lab-v1",
-                          device=bearer(token))
-            hub.add_cases(60, seed=3)
+            truth = send_cases(c, bearer(token), 60, n_classes=len(CLASSES), model_version="lab-v1", seed=3)
 
             studio = Studio(server.url, server.token, http=httpx.Client(timeout=10),
                             retry=RetryPolicy(attempts=3, base_s=0.2, cap_s=0.5, deadline_s=5))
@@ -80,7 +77,7 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
             assert len(case_ids) == len(set(case_ids)), "a task was duplicated"
             assert set(case_ids) == set(queued()), "a selected case has no task, or a task no selected case"
 
-            team = BotTeam(server.url, studio, bridge.project_id, [BotSpec("ann", 1.0, 0.0)], hub.truth.get,
+            team = BotTeam(server.url, studio, bridge.project_id, [BotSpec("ann", 1.0, 0.0)], truth.get,
                            CLASSES)
             bot = team.bots[0]
             try:
@@ -123,7 +120,7 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
             labels = c.get("/v1/labels", params={"limit": 10000}, headers=bearer(labeler)).json()["labels"]
             assert sorted(lb["annotation_id"] for lb in labels) == sorted(annotations), "an annotation missing or twice"
             for lb in labels:
-                assert lb["label"]["label"] == hub.truth[lb["case_id"]]
+                assert lb["label"]["label"] == truth[lb["case_id"]]
             labeled = c.get("/v1/pool", params={"state": "labeled", "limit": 1000}, headers=bearer(labeler)).json()
             assert labeled["total"] == 15
             studio.close()

@@ -1,17 +1,22 @@
-"""Small real data for the trainer's tests: sklearn's bundled digits and a slice of Fashion-MNIST."""
+"""Small real data for the trainer's tests (sklearn's bundled digits and a slice of Fashion-MNIST), and the real hub
+in-process (tests/support/inproc.py) holding labeled digits for snapshots, and taking what the trainer publishes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fleet.signing import generate_keypair, write_keypair
+from fleet.signing import KeyPair, generate_keypair, write_keypair
 from tests.support.data import digits_arrays
+from tests.support.inproc import InProcHub, inproc_hub
 from training.config import TrainArgs
+from training.hub_client import HubClient
+
+DEVICE, MODEL = "dev-1", "m0"
 
 FASHION = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "fashion-mnist" / "fashion_mnist.npz"
 
@@ -42,11 +47,42 @@ def fashion_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def signing_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def signing_pair() -> KeyPair:
+    """The fleet's key pair: the trainer signs with it, the hub trusts it."""
+    return generate_keypair()
+
+
+@pytest.fixture(scope="session")
+def signing_key(signing_pair: KeyPair, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """(private key file, base64 public key)."""
-    pair = generate_keypair()
-    priv, _ = write_keypair(pair, tmp_path_factory.mktemp("keys"))
-    return priv, pair.public_b64
+    priv, _ = write_keypair(signing_pair, tmp_path_factory.mktemp("keys"))
+    return priv, signing_pair.public_b64
+
+
+def _digits_fleet(hub: InProcHub) -> None:
+    hub.enroll(DEVICE)
+    hub.publish(MODEL, num_classes=10, class_names=[str(i) for i in range(10)])
+
+
+@pytest.fixture
+def hub(tmp_path: Path, signing_pair: KeyPair) -> Iterator[InProcHub]:
+    """The real hub trusting the fleet key, with ``dev-1`` enrolled and model m0 (digits: 8x8, 10 classes) active."""
+    with inproc_hub(tmp_path, signing_pair, seed=_digits_fleet, seed_key="training") as h:
+        yield h
+
+
+def add_case(hub: InProcHub, case_id: str, label: int, png: bytes, tags: dict[str, str] | None = None) -> str:
+    """A case from ``dev-1`` with this image, labeled ``label`` (accepted by the hub); its image's sha256."""
+    hub.send_case(DEVICE, model_version=MODEL, probs=[0.1] * 10, image=png, case_id=case_id, tags=tags or {})
+    receipt = hub.label(case_id, label)
+    assert receipt.case_state == "labeled", receipt
+    return hub.cases()[case_id].image_sha256
+
+
+def trainer(hub: InProcHub, url: str = "http://hub", token: str | None = None, **kw: Any) -> HubClient:
+    """The trainer's client of the hub (``token``: another one than a trainer's), through its fault transport."""
+    kw.setdefault("sleep", lambda _: None)
+    return HubClient(url, hub.token("trainer") if token is None else token, transport=hub.faults, **kw)
 
 
 @pytest.fixture

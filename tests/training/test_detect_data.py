@@ -13,10 +13,9 @@ from fleet.errors import InvalidInput
 from fleet.sim.scenes import digit_scenes
 from tests.support.data import png_bytes
 from training.detect.data import load_box_npz, load_coco, snapshot_to_boxset
-from training.hub_client import HubClient
 from training.snapshot import pull_snapshot
 
-from .fakehub import FakeHub
+from .detect_snapshot import SNAPSHOT, detect_entries, snapshot_client
 
 
 def write_npz(path: Path, **override: np.ndarray) -> Path:
@@ -108,41 +107,28 @@ def test_a_bad_coco_folder_is_refused_with_what_was_received(tmp_path: Path, ann
         load_coco(tmp_path, channels=None, size=None)
 
 
-def detect_hub(n: int = 6) -> FakeHub:
-    hub = FakeHub(task="detect", class_names=["car", "person"])
-    s = digit_scenes(n, seed=5, size=32)
-    for i in range(n):
-        boxes = [{"x1": float(b[0]), "y1": float(b[1]), "x2": float(b[2]), "y2": float(b[3]), "label": int(c % 2)}
-                 for b, c in zip(s.boxes[i], s.labels[i], strict=True)]
-        hub.add_case(f"c{i}", {"task": "detect", "boxes": boxes}, png_bytes(s.images[i]), {"condition": "fog"})
-    return hub
-
-
 def test_a_snapshot_of_detect_labels_becomes_boxes(tmp_path: Path) -> None:
-    hub = detect_hub()
-    client = HubClient("http://hub", "tok", transport=hub.transport(), sleep=lambda _: None)
-    snap = pull_snapshot(client, cache_dir=tmp_path / "cache")
+    entries, blobs = detect_entries(6)
+    snap = pull_snapshot(snapshot_client(entries, blobs), cache_dir=tmp_path / "cache")
     data = snapshot_to_boxset(snap, channels=1, size=(16, 16))
-    assert snap.task == "detect" and len(data) == 6 and data.shape == (1, 16, 16)
+    assert snap.snapshot_id == SNAPSHOT and snap.task == "detect" and snap.class_names == ["car", "person"]
+    assert len(data) == 6 and data.shape == (1, 16, 16)
     assert data.images.ids == [f"c{i}" for i in range(6)]
     assert data.tags[0] == {"condition": "fog", "source": "snapshot"}
-    first = hub.cases[0]["label"]["boxes"][0]
-    assert np.allclose(data.boxes[0][0], [first["x1"], first["y1"], first["x2"], first["y2"]])
+    for got, entry in zip(data.boxes, entries, strict=True):
+        assert np.allclose(got, [[b.x1, b.y1, b.x2, b.y2] for b in entry.label.boxes])
+    assert [c.tolist() for c in data.classes] == [[b.label for b in e.label.boxes] for e in entries]
 
 
 def test_the_classifier_refuses_a_detect_snapshot_and_a_coco_folder(tmp_path: Path) -> None:
     from training.config import TrainArgs
     from training.train import main
 
-    hub = detect_hub()
-
-    def factory(url: str) -> HubClient:
-        return HubClient(url, "tok", transport=hub.transport(), sleep=lambda _: None)
-
-    args = TrainArgs(data="hub:http://hub", out=tmp_path / "r", channels=1, image_size=(16, 16), threads=1,
-                     cache_dir=tmp_path / "cache")
+    client = snapshot_client(*detect_entries(6))
+    args = TrainArgs(data="hub:http://hub", snapshot=SNAPSHOT, out=tmp_path / "r", channels=1, image_size=(16, 16),
+                     threads=1, cache_dir=tmp_path / "cache")
     with pytest.raises(InvalidInput, match="holds 'detect' labels; train it with --task detect"):
-        main(args, client_factory=factory)
+        main(args, client_factory=lambda _: client)
     coco = write_coco(tmp_path / "coco")
     with pytest.raises(InvalidInput, match="holds boxes, which a classifier cannot learn"):
         main(TrainArgs(data=f"coco:{coco}", out=tmp_path / "r2", threads=1))

@@ -22,11 +22,10 @@ from training.config import TrainArgs
 from training.detect.data import load_box_npz
 from training.detect.evaluate import detection_metrics, predict
 from training.detect.models import build_detector
-from training.hub_client import HubClient
 from training.train import main
 
 from .conftest import write_scenes_npz
-from .test_detect_data import detect_hub
+from .detect_snapshot import detect_entries, snapshot_client
 
 MakeArgs = Callable[..., TrainArgs]
 
@@ -114,13 +113,9 @@ def test_a_warm_start_is_the_baseline_the_map_gate_holds_against(make_det_args: 
 
 def test_boxes_from_a_hub_snapshot_train_a_detector(make_det_args: MakeArgs, scenes_npz: Path,
                                                     tmp_path: Path) -> None:
-    hub = detect_hub(12)
-    hub.class_names = [str(i) for i in range(4)]
-
-    def factory(url: str) -> HubClient:
-        return HubClient(url, "tok", transport=hub.transport(), sleep=lambda _: None)
-
-    report = main(make_det_args(data="hub:http://hub", base=f"npz:{scenes_npz}", holdout=0.25), client_factory=factory)
+    client = snapshot_client(*detect_entries(12), class_names=tuple(str(i) for i in range(4)))
+    report = main(make_det_args(data="hub:http://hub", base=f"npz:{scenes_npz}", holdout=0.25),
+                  client_factory=lambda _: client)
     assert report["data"]["snapshot"]["id"] == "snap-1" and report["data"]["snapshot"]["blobs"] == 12
     assert report["data"]["shape"] == [1, 64, 64] and report["status"] == "ready"
     held = report["data"]["eval"]["test"] - 24  # the base's 24 test scenes, and the snapshot's held-out cases

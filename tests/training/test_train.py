@@ -13,12 +13,13 @@ import torch
 
 from fleet.errors import InvalidInput
 from tests.support.data import digits_arrays, png_bytes
+from tests.support.inproc import InProcHub
 from training.checkpoint import load_checkpoint
 from training.config import TrainArgs
 from training.hub_client import HubClient
 from training.train import main
 
-from .fakehub import FakeHub
+from .conftest import add_case, trainer
 
 MakeArgs = Callable[..., TrainArgs]
 
@@ -84,26 +85,26 @@ def test_warm_start_is_the_gate_baseline_and_parent(make_args: MakeArgs, trained
     assert report["gate"]["passed"] and report["export"]["manifest"]["parent_version"] == "parent-1"
 
 
-def test_hub_snapshot_with_base_replay(make_args: MakeArgs, digits_npz: Path, tmp_path: Path) -> None:
+def test_hub_snapshot_with_base_replay(make_args: MakeArgs, digits_npz: Path, tmp_path: Path, hub: InProcHub) -> None:
     """New labels come from a hub snapshot (dark images), replayed against the digits base set."""
     x, y = digits_arrays()
-    hub = FakeHub()
     for i in range(60):
-        hub.add_case(f"c{i}", int(y[i]), png_bytes((x[i] // 4).astype(np.uint8)), {"condition": "dark"})
+        add_case(hub, f"c{i}", int(y[i]), png_bytes((x[i] // 4).astype(np.uint8)), {"condition": "dark"})
     clients: dict[str, HubClient] = {}
 
     def factory(url: str) -> HubClient:
-        return clients.setdefault(url, HubClient(url, "tok", transport=hub.transport()))
+        return clients.setdefault(url, trainer(hub, url))
 
     report = main(make_args(data="hub:http://hub", base=f"npz:{digits_npz}", replay_ratio=0.75, holdout=0.25),
                   client_factory=factory)
     data = report["data"]
-    assert data["snapshot"]["id"] == "snap-1" and data["snapshot"]["blobs"] == 60
+    snapshot_id = data["snapshot"]["id"]
+    assert snapshot_id.startswith("snap-") and data["snapshot"]["blobs"] == 60
     assert data["base"]["per_epoch"] == 3 * data["new"]["n"] and data["epoch_size"] == 4 * data["new"]["n"]
     slices = report["metrics"]["test"]["per_slice"]
     assert slices["source=snapshot"]["n"] + slices["source=base"]["n"] == report["metrics"]["test"]["n"]
     assert "condition=dark" in slices
-    assert report["export"]["manifest"]["data_snapshot"] == "hub-snapshot:snap-1"
+    assert report["export"]["manifest"]["data_snapshot"] == f"hub-snapshot:{snapshot_id}"
 
 
 def test_hub_data_without_a_shape_is_refused(make_args: MakeArgs) -> None:
@@ -149,8 +150,6 @@ def test_rgb_image_folder_with_a_torchvision_model(tmp_path: Path, make_args: Ma
     assert report["export"]["manifest"]["input"]["channels"] == 3
 
 
-def test_an_empty_snapshot_is_refused(make_args: MakeArgs, digits_npz: Path) -> None:
-    hub = FakeHub()
-    with pytest.raises(InvalidInput, match="snap-1 holds no accepted or gold labels yet"):
-        main(make_args(data="hub:http://hub", base=f"npz:{digits_npz}"),
-             client_factory=lambda url: HubClient(url, "tok", transport=hub.transport()))
+def test_an_empty_snapshot_is_refused(make_args: MakeArgs, digits_npz: Path, hub: InProcHub) -> None:
+    with pytest.raises(InvalidInput, match=r"snap-\d+ holds no accepted or gold labels yet"):
+        main(make_args(data="hub:http://hub", base=f"npz:{digits_npz}"), client_factory=lambda url: trainer(hub, url))
