@@ -16,7 +16,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fleet.protocol import Box, Detection, DetectorSpec
-from trigger.boxes import Boxes, match_boxes
+from trigger.box_scores import box_disagreement
+from trigger.boxes import Boxes
 from trigger.nms import decode_dense
 
 AGREE_IOU = 0.5  # two boxes are the same object at this IoU or more (the heartbeat's challenger agreement)
@@ -73,18 +74,13 @@ def above(d: Boxes, threshold: float) -> Boxes:
 def box_sets_agree(a: Boxes, b: Boxes, *, a_threshold: float, b_threshold: float,
                    iou: float = AGREE_IOU) -> NDArray[Any]:
     """(n,) int8 per frame: 1 where the boxes ``a`` and ``b`` found at their operating thresholds are the same
-    objects (every box matched one to one at IoU >= ``iou``, with the same class; ``trigger.boxes.match_boxes``),
+    objects (every box matched one to one at IoU >= ``iou``, with the same class: ``trigger.box_scores``' 1 - F1
+    is 0),
     0 where they are not, -1 where either box set is unknown. ``a`` and ``b`` cover the same ``n`` frames."""
     if a.n != b.n:
         raise ValueError(f"box sets cover {a.n} and {b.n} frames; expected the same frames")
-    a_on, b_on = above(a, a_threshold), above(b, b_threshold)
-    match_a, _ = match_boxes(a_on, b_on, iou=iou, classes=True)
-    same = match_a >= 0
-    same[same] = a_on.labels[same] == b_on.labels[match_a[same]]
-    unmatched = np.bincount(a_on.frame_index[~same], minlength=a.n)  # (n,) boxes of a without their twin in b
-    out = np.where((unmatched == 0) & (a_on.counts == b_on.counts), 1, 0).astype(np.int8)
-    out[~(a.known_mask & b.known_mask)] = -1
-    return out
+    differ = box_disagreement(above(a, a_threshold), above(b, b_threshold), iou=iou).score  # NaN: unknown
+    return np.where(np.isnan(differ), -1, differ == 0).astype(np.int8)
 
 
 def _sound_frames(boxes: NDArray[Any], scores: NDArray[Any]) -> NDArray[Any]:

@@ -360,7 +360,7 @@ def test_agent_counts_challenger_agreement_on_boxes_in_the_heartbeat(tmp_path: P
     v2 = signed_detector(tmp_path, keys, "v2", class_channels=(1, 0, 2))
     publish(hub, v1)
     publish(hub, v2)
-    spec = {"id": "all", "version": 1, "rule": {"trigger": "entropy", "above": -1.0}}
+    spec = {"id": "ch", "version": 1, "rule": {"trigger": "box_challenger_disagreement"}}
     hub.assign(active=v1.manifest, challenger=v2.manifest, campaigns=[campaign(spec)])
     agent = make_agent(tmp_path, hub, keys, scenes() * 5, runtime={"batch_size": 4})
     with caplog.at_level(logging.ERROR):
@@ -370,5 +370,5 @@ def test_agent_counts_challenger_agreement_on_boxes_in_the_heartbeat(tmp_path: P
     hb = hub.heartbeats[-1]
     assert (hb.challenger_compared, hb.challenger_agreed) == (30, 15)
     assert hb.counters["frames_seen"] == 30 and hb.human_compared == 0 and hb.counters["health_failures"] == 0
-    # until the per-box triggers are wired in, a campaign on a detector says so instead of keeping nothing quietly
-    assert "campaign all-v1 is not evaluated: this device runs a detector (v1)" in caplog.text
+    # the frames where the challenger disagrees are the ones the campaign keeps (fewer with the dedup)
+    assert 0 < hb.counters["flagged"] <= 15 and "cannot run" not in caplog.text
