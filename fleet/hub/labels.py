@@ -7,20 +7,28 @@ agreement, a dissent, an answer still waiting for the rest of its overlap, a wro
 annotator whose gold record is too poor). When an annotator's record crosses that bar, every case they
 answered is decided again. The case then takes the gold answer, else the majority of its accepted ones
 (ties to the most recent), else ``held``.
+
+A detector's answers are lists of boxes: two answers agree when they mark the same objects (matched one to one
+at IoU >= :data:`BOX_AGREE_IOU`, same classes; :func:`trigger.box_scores.box_disagreement`), and the vote runs
+over the groups of agreeing answers as it runs over classes.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from sqlmodel import Session, col, select
 
 from fleet.consensus import AnnotatorScore, Rules, Vote, decide, score_annotators
-from fleet.errors import Conflict, InvalidInput, NotFound
+from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
 from fleet.hub.context import Hub
-from fleet.hub.ingest import model_info
+from fleet.hub.ingest import detection_boxes, model_info
 from fleet.hub.models import CaseRow, LabelRow
-from fleet.protocol import LabelPost, LabelPublic, LabelReceipt, Verdict, parse_prediction
+from fleet.protocol import Detection, LabelPost, LabelPublic, LabelReceipt, Verdict, parse_prediction
+from trigger.box_scores import box_disagreement
+
+BOX_AGREE_IOU = 0.5  # two annotators' boxes are the same object at this IoU or more
 
 
 def rules_of(hub: Hub) -> Rules:
@@ -40,7 +48,12 @@ def apply(hub: Hub, s: Session, post: LabelPost) -> LabelReceipt:
         raise InvalidInput(f"a {post.label.task!r} label for a {case.task!r} case")
     if info is not None:
         for answer, what in ((post.label, "label"), (post.gold_label, "gold_label")):
-            if answer is not None and answer.label >= info.n_classes:
+            if isinstance(answer, Detection):
+                try:
+                    answer.check_classes(info.n_classes, what)
+                except ProtocolError as exc:
+                    raise InvalidInput(f"{exc}: model {info.version!r} has classes {list(info.class_names)}") from None
+            elif answer is not None and answer.label >= info.n_classes:
                 raise InvalidInput(f"{what} {answer.label} is out of range: model {info.version!r} has "
                                    f"{info.n_classes} classes {list(info.class_names)}")
     existing = s.exec(select(LabelRow).where(LabelRow.source == post.source,
@@ -59,7 +72,8 @@ def apply(hub: Hub, s: Session, post: LabelPost) -> LabelReceipt:
         s.flush()
         action = "deleted"
     else:
-        fields = {"case_id": post.case_id, "label": post.label.label, "payload": post.label.as_label().to_dict(),
+        fields = {"case_id": post.case_id, "label": None if isinstance(post.label, Detection) else post.label.label,
+                  "payload": post.label.as_label().to_dict(),
                   "annotator": post.annotator, "task_id": post.task_id, "created_at": post.created_at,
                   "overlap": post.overlap, "ground_truth": post.ground_truth,
                   "gold_payload": None if post.gold_label is None else post.gold_label.as_label().to_dict()}
@@ -87,21 +101,34 @@ def decide_case(hub: Hub, s: Session, case: CaseRow, rules: Rules) -> None:
     """Give every answer on ``case`` its status, and the case its consensus label and state."""
     rows = list(s.exec(select(LabelRow).where(LabelRow.case_id == case.case_id)
                        .order_by(col(LabelRow.updated_at).desc(), col(LabelRow.id).desc())).all())
+    classes: dict[int, int] = {}  # each answer's vote: its class, or for boxes its group of agreeing answers
     if rows:
-        info = model_info(hub, case.model_version)
-        n_classes = info.n_classes if info is not None else 1 + max(int(r.label or 0) for r in rows)
-        gold = next((r.gold_payload["label"] for r in rows if r.gold_payload is not None), None)
-        if gold is None:  # a reviewer's ground-truth answer makes the case a gold task too
-            gold = next((r.label for r in rows if r.ground_truth), None)
+        gold_doc: dict[str, Any] | None = None
+        if case.task == "detect":
+            groups: list[dict[str, Any]] = []
+            classes = {id(r): _box_group(groups, r.payload) for r in rows}
+            gold_doc = next((r.gold_payload for r in rows if r.gold_payload is not None and not r.ground_truth), None)
+            gold_doc = next((r.payload for r in rows if r.ground_truth), gold_doc)
+            gold = None if gold_doc is None else _box_group(groups, gold_doc)
+            n_classes = max(1, len(groups))
+        else:
+            info = model_info(hub, case.model_version)
+            classes = {id(r): int(r.label or 0) for r in rows}
+            n_classes = info.n_classes if info is not None else 1 + max(classes.values())
+            gold = next((r.gold_payload["label"] for r in rows if r.gold_payload is not None), None)
+            if gold is None:  # a reviewer's ground-truth answer makes the case a gold task too
+                gold = next((r.label for r in rows if r.ground_truth), None)
+            if gold is not None:
+                gold_doc = {"task": "classify", "label": int(gold), "probs": None}
         scores = _scores(s, sorted({r.annotator for r in rows if not r.ground_truth}))
-        rulings = decide([Vote(int(r.id or 0), r.annotator, int(r.label or 0), r.ground_truth) for r in rows],
+        rulings = decide([Vote(int(r.id or 0), r.annotator, classes[id(r)], r.ground_truth) for r in rows],
                          n_classes=n_classes, required=max(r.overlap for r in rows), gold_label=gold, scores=scores,
                          rules=rules)
         for r, ruling in zip(rows, rulings, strict=True):
             r.status, r.agreement, r.n_annotators, r.reason = (ruling.status, ruling.agreement, ruling.n_annotators,
                                                               ruling.reason[:500])
-            if gold is not None and not r.ground_truth:  # scored against it (see _scores)
-                r.gold_payload = {"task": "classify", "label": int(gold), "probs": None}
+            if gold_doc is not None and not r.ground_truth:  # scored against it (see _scores)
+                r.gold_payload = gold_doc
             s.add(r)
     gold_rows = [r for r in rows if r.status == "gold"]
     accepted = [r for r in rows if r.status == "accepted"]
@@ -109,9 +136,9 @@ def decide_case(hub: Hub, s: Session, case: CaseRow, rules: Rules) -> None:
         chosen, case.label_status, case.state = gold_rows[0], "gold", "labeled"
         case.label, case.label_payload = chosen.label, chosen.payload
     elif accepted:
-        votes = Counter(r.label for r in accepted)
+        votes = Counter(classes[id(r)] for r in accepted)
         top = max(votes.values())
-        chosen = next(r for r in accepted if votes[r.label] == top)  # ties go to the most recent
+        chosen = next(r for r in accepted if votes[classes[id(r)]] == top)  # ties go to the most recent
         case.label, case.label_payload, case.label_status, case.state = chosen.label, chosen.payload, "accepted", \
             "labeled"
     elif rows:
@@ -132,10 +159,33 @@ def _scores(s: Session, annotators: list[str]) -> dict[str, AnnotatorScore]:
     """Each annotator's record on gold tasks: their crowd answers on cases whose answer is known."""
     if not annotators:
         return {}
-    rows = s.exec(select(LabelRow.annotator, LabelRow.label, LabelRow.gold_payload)
+    rows = s.exec(select(LabelRow.annotator, LabelRow.label, LabelRow.payload, LabelRow.gold_payload)
                   .where(col(LabelRow.annotator).in_(annotators), col(LabelRow.gold_payload).is_not(None),
                          col(LabelRow.ground_truth).is_(False))).all()
-    return score_annotators([(a, int(lbl or 0), int(g["label"])) for a, lbl, g in rows if g is not None])
+    return score_annotators([(a, int(lbl or 0), int(g["label"])) if g.get("task") != "detect"
+                             else (a, int(not same_boxes(payload, g)), 0)  # boxes: right (0, 0) or wrong (1, 0)
+                             for a, lbl, payload, g in rows if g is not None])
+
+
+def same_boxes(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two box answers (Detection documents) mark the same objects: every box matched one to one at
+    IoU >= BOX_AGREE_IOU with the same class."""
+    da, db = parse_prediction(a, "label"), parse_prediction(b, "label")
+    if not isinstance(da, Detection) or not isinstance(db, Detection):
+        return False
+    if not da.boxes and not db.boxes:
+        return True
+    return bool(box_disagreement(detection_boxes([da]), detection_boxes([db]), iou=BOX_AGREE_IOU).score[0] == 0)
+
+
+def _box_group(groups: list[dict[str, Any]], answer: dict[str, Any]) -> int:
+    """The index in ``groups`` (one answer per group of agreeing box answers) of ``answer``'s; a new group when
+    it agrees with none."""
+    for i, g in enumerate(groups):
+        if same_boxes(g, answer):
+            return i
+    groups.append(answer)
+    return len(groups) - 1
 
 
 def _unreliable(s: Session, annotators: list[str], rules: Rules) -> dict[str, bool]:

@@ -139,3 +139,49 @@ def test_a_classifier_case_has_a_preview_too(hub: HubHarness) -> None:
     case_id = hub.send_case("d1")
     r = hub.client.get(f"/v1/cases/{case_id}/preview", headers=hub.labeler)
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (256, 256)
+
+
+def box_label(det_hub: HubHarness, case_id: str, boxes: list[list[float]], **kw: Any) -> Any:
+    """Post one annotator's boxes ``[x1, y1, x2, y2, class]`` on ``case_id``."""
+    det_hub._seq += 1
+    body = {"case_id": case_id, "annotator": "a@example.com", "source": "label-studio", "task_id": det_hub._seq,
+            "annotation_id": det_hub._seq, "created_at": det_hub.clock(), **kw,
+            "label": {"task": "detect", "boxes": [{"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "label": int(b[4])}
+                                                  for b in boxes]}}
+    return det_hub.client.post("/v1/labels", json=body, headers=det_hub.labeler)
+
+
+def test_box_labels_agree_by_iou_reach_consensus_and_go_into_a_snapshot(det_hub: HubHarness) -> None:
+    from fleet.protocol import decode_manifest
+
+    case, image = detect_case(det_hub, [RED_BOX, BLUE_BOX])
+    assert det_hub.post_case(case, image).status_code == 201
+    red = [0.125, 0.25, 0.5, 0.625, 0]
+    nudged = [0.14, 0.26, 0.5, 0.625, 0]  # IoU 0.93 with red: the same object
+    first = box_label(det_hub, case.case_id, [red], overlap=3, annotator="a@x")
+    assert first.status_code == 200, first.text
+    box_label(det_hub, case.case_id, [nudged], overlap=3, annotator="b@x")
+    last = box_label(det_hub, case.case_id, [red, [0.6, 0.6, 0.9, 0.9, 2]], overlap=3, annotator="c@x").json()
+    assert sorted((v["status"], round(v["agreement"], 3)) for v in last["verdicts"]) == [
+        ("accepted", 0.667), ("accepted", 0.667), ("held", 0.667)]
+    got = SelectedCase.from_json(det_hub.client.get(f"/v1/cases/{case.case_id}", headers=det_hub.labeler).content)
+    assert got.label_status == "accepted" and isinstance(got.label, Detection) and len(got.label.boxes) == 1
+    snap = det_hub.client.post("/v1/snapshots", headers=det_hub.trainer)
+    assert snap.status_code == 201, snap.text
+    m = det_hub.client.get(f"/v1/snapshots/{snap.json()['snapshot_id']}/manifest", headers=det_hub.trainer)
+    header, entries = decode_manifest(m.content)
+    assert (header.task, header.class_names) == ("detect", ["red", "green", "blue"])
+    assert [e.case.case_id for e in entries] == [case.case_id] and entries[0].label == got.label
+
+
+def test_a_gold_box_answer_scores_the_crowd_and_bad_boxes_are_refused(det_hub: HubHarness) -> None:
+    case, image = detect_case(det_hub, [RED_BOX])
+    assert det_hub.post_case(case, image).status_code == 201
+    box_label(det_hub, case.case_id, [], annotator="crowd@x")  # saw nothing: wrong
+    receipt = box_label(det_hub, case.case_id, [[0.125, 0.25, 0.5, 0.625, 0]], ground_truth=True,
+                        annotator="reviewer@x").json()
+    assert {v["reason"] for v in receipt["verdicts"]} == {"ground truth of a gold task", "differs from the gold answer"}
+    r = box_label(det_hub, case.case_id, [[0.1, 0.1, 0.4, 0.4, 5]], annotator="x@x")
+    assert r.status_code == 400 and "box 0 has class 5" in r.text and "['red', 'green', 'blue']" in r.text, r.text
+    r = det_hub.label(case.case_id, 0)  # a class for a box case
+    assert r.status_code == 400 and "a 'classify' label for a 'detect' case" in r.text
