@@ -162,7 +162,8 @@ class StudioLabeler:
             self.say(f"starting Label Studio ({binary}); the first start takes a minute or two")
             self.server = start_studio(ws / "label-studio" / "data", binary=binary)
             self.url, self.token = self.server.url, self.server.token
-            self.say(f"Label Studio on {self.url} (data in {ws / 'label-studio'})")
+            self.say(f"Label Studio on {self.url}: log in as {self.server.email} with password "
+                     f"{self.server.password} to watch the queue fill (data in {ws / 'label-studio'})")
         run = secrets.token_hex(3)
         self.dir = ws / "label-studio"
         self.dir.mkdir(parents=True, exist_ok=True)

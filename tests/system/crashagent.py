@@ -48,6 +48,13 @@ def main(config: str, step: str) -> None:
             return out
         return wrapper
 
+    def before(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if updating[0] and name == step:
+                die()
+            return fn(*args, **kwargs)
+        return wrapper
+
     follow = ota.OtaManager._follow_active
 
     def follow_active(self: Any, ref: Any) -> None:
@@ -60,8 +67,9 @@ def main(config: str, step: str) -> None:
     ota.OtaManager._follow_active = follow_active  # type: ignore[method-assign]
     HubClient.get_manifest = after("manifest", HubClient.get_manifest)  # type: ignore[method-assign]
     HubClient.download_model = after("download", HubClient.download_model)  # type: ignore[method-assign]
-    ota.verify_file_sha256 = after("verify", ota.verify_file_sha256)
-    ota.ModelRuntime = after("load", ota.ModelRuntime)  # type: ignore[misc]
+    # the download hashes the bytes as they arrive and the OTA compares that hash before loading: a cut
+    # right before the load is a cut right after the verification
+    ota.ModelRuntime = after("load", before("verify", ota.ModelRuntime))  # type: ignore[misc]
     ota.health_check = after("health", ota.health_check)
     ModelStore.commit = after("commit", ModelStore.commit)  # type: ignore[method-assign]
     ModelStore.write_state = after("state", ModelStore.write_state)  # type: ignore[method-assign]

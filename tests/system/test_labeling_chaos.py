@@ -66,7 +66,7 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
             bridge.project(CLASSES)
 
             def queued() -> list[str]:
-                return [x["case_id"] for x in c.get("/v1/pool", params={"state": "queued", "limit": 1000},
+                return [x["case"]["case_id"] for x in c.get("/v1/pool", params={"state": "queued", "limit": 1000},
                                                     headers=bearer(labeler)).json()["cases"]]
 
             # 1. Label Studio killed while a 40-task push is under way (in batches of 10), then restarted
@@ -123,7 +123,7 @@ def test_annotations_reach_the_hub_exactly_once_through_restarts_and_bad_webhook
             labels = c.get("/v1/labels", params={"limit": 10000}, headers=bearer(labeler)).json()["labels"]
             assert sorted(lb["annotation_id"] for lb in labels) == sorted(annotations), "an annotation missing or twice"
             for lb in labels:
-                assert lb["label"] == hub.truth[lb["case_id"]]
+                assert lb["label"]["label"] == hub.truth[lb["case_id"]]
             labeled = c.get("/v1/pool", params={"state": "labeled", "limit": 1000}, headers=bearer(labeler)).json()
             assert labeled["total"] == 15
             studio.close()

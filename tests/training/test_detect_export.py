@@ -1,5 +1,5 @@
 """Export of detectors to the dense layout: ONNX against torch, the device's decoding (a numpy decoder and NMS
-kept here, written from the formula in training.detect.export) against torchvision's own post-processing, the
+kept here, written from the rule in training.detect.dense) against the boxes the trainer's gate measures, the
 signed manifest (task detect, DetectorSpec), int8 only when its mAP holds, and the models that cannot export."""
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from fleet.signing import load_private_key, verify_file_sha256, verify_manifest
 from training.checkpoint import load_checkpoint
 from training.detect import export as det_export
 from training.detect.data import load_box_npz
-from training.detect.export import DenseDetector, embedding_dim, export_detector
+from training.detect.dense import DenseDetector, Detections
+from training.detect.evaluate import predict
+from training.detect.export import embedding_dim, export_detector
 from training.detect.models import Detector, build_detector
 from training.detect.report import rebuild_detector
 from training.errors import ParityError
@@ -26,21 +28,21 @@ from training.export import input_spec, normalize_images
 
 def numpy_decode(boxes: np.ndarray, scores: np.ndarray, *, score_threshold: float, pre_nms_top_k: int,
                  nms_iou: float, max_detections: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The device's decoding as training.detect.export documents it, in numpy: per frame, every (anchor, class)
-    pair scoring above the threshold, the top k pairs, greedy NMS within each class, the best max_detections."""
+    """The device's decoding as training.detect.dense documents it, in plain numpy loops: per frame, each anchor
+    with its best class, those scoring above the threshold, the top k, greedy NMS within each class, the best
+    max_detections."""
     out = []
     for b, s in zip(boxes, scores, strict=True):
-        anchor, cls = np.nonzero(s > score_threshold)
-        sc = s[anchor, cls]
-        top = np.argsort(-sc, kind="stable")[:pre_nms_top_k]
-        anchor, cls, sc = anchor[top], cls[top], sc[top]
+        cls, sc = s.argmax(axis=1), s.max(axis=1)
+        anchor = np.flatnonzero(sc > score_threshold)
+        top = anchor[np.argsort(-sc[anchor], kind="stable")][:pre_nms_top_k]
         keep: list[int] = []
-        for i in range(len(sc)):  # already best first
+        for i in top:  # already best first
             same = [j for j in keep if cls[j] == cls[i]]
-            if not same or iou(b[anchor[i]], b[anchor[same]]).max() <= nms_iou:
-                keep.append(i)
+            if not same or iou(b[i], b[same]).max() <= nms_iou:
+                keep.append(int(i))
         keep = keep[:max_detections]
-        out.append((b[anchor[keep]], sc[keep], cls[keep]))
+        out.append((b[keep], sc[keep], cls[keep]))
     return out
 
 
@@ -50,14 +52,6 @@ def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     inter = ix * iy
     return inter / ((box[2] - box[0]) * (box[3] - box[1]) + (others[:, 2] - others[:, 0]) *
                     (others[:, 3] - others[:, 1]) - inter)
-
-
-def torchvision_detections(model: Detector, x: np.ndarray) -> list[dict[str, np.ndarray]]:
-    h, w = model.image_size
-    with torch.inference_mode():
-        dets = model.eval()(torch.from_numpy(x))
-    return [{"boxes": d["boxes"].numpy() / np.array([w, h, w, h], np.float32), "scores": d["scores"].numpy(),
-             "labels": d["labels"].numpy()} for d in dets]
 
 
 @pytest.fixture(scope="module")
@@ -94,21 +88,23 @@ def test_onnx_outputs_match_torch_to_1e5_with_a_dynamic_batch(exported: tuple) -
         assert np.all(boxes[..., 2] >= boxes[..., 0]) and np.all(boxes[..., 3] >= boxes[..., 1])
 
 
-def test_the_devices_decoding_reproduces_torchvisions_post_processing(exported: tuple) -> None:
-    model, _, out, x = exported
+def test_the_device_decodes_the_boxes_the_gate_measured(exported: tuple, trained_detector: Path) -> None:
+    model, meta, out, x = exported
     signed = SignedManifest.from_json((out / "manifest.json").read_text())
     spec = signed.manifest.detector
     assert spec is not None
     boxes, scores, _ = ort.InferenceSession(str(out / "model.onnx")).run(None, {"input": x})
     decoded = numpy_decode(boxes, scores, score_threshold=spec.score_threshold, pre_nms_top_k=spec.pre_nms_top_k,
                            nms_iou=spec.nms_iou, max_detections=spec.max_detections)
-    reference = torchvision_detections(model, x)
+    test = load_box_npz(trained_detector.parent / "scenes96.npz").test
+    assert test is not None
+    gate = predict(model, test.images.images[:16], mean=meta["input"]["mean"], std=meta["input"]["std"])
     found = 0
-    for (b, s, c), ref in zip(decoded, reference, strict=True):
-        assert len(s) == len(ref["scores"])
-        assert np.array_equal(c, ref["labels"])
-        np.testing.assert_allclose(s, ref["scores"], atol=1e-5)
-        np.testing.assert_allclose(b, ref["boxes"], atol=1e-5)
+    for (b, s, c), gb, gs, gc in zip(decoded, gate.boxes, gate.scores, gate.classes, strict=True):
+        assert len(s) == len(gs)
+        assert np.array_equal(c, gc)
+        np.testing.assert_allclose(s, gs, atol=1e-5)
+        np.testing.assert_allclose(b, gb, atol=1e-5)
         found += int((s >= spec.operating_threshold).sum())
     assert found >= len(x) // 2  # a trained model: real detections, not just the score floor
 
@@ -150,21 +146,21 @@ def test_int8_ships_only_when_its_map_holds(trained_detector: Path, tmp_path: Pa
                                                            "on; shipping fp32")
 
 
-def test_a_decoding_that_disagrees_with_torchvision_publishes_nothing(trained_detector: Path, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_onnx_model_that_decodes_other_boxes_publishes_nothing(trained_detector: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     ckpt = load_checkpoint(trained_detector / "checkpoint.pt")
     model = rebuild_detector(ckpt["meta"], ckpt["model"])
-    real = det_export.decode_dense
+    real = det_export._run_decoded
 
-    def shifted(boxes: np.ndarray, scores: np.ndarray, spec: object) -> det_export.Detections:
-        out = real(boxes, scores, spec)  # type: ignore[arg-type]
+    def shifted(onnx_path: Path, x: np.ndarray, spec: object) -> Detections:
+        out = real(onnx_path, x, spec)  # type: ignore[arg-type]
         out.boxes = [b + 0.01 for b in out.boxes]
         return out
 
-    monkeypatch.setattr(det_export, "decode_dense", shifted)
+    monkeypatch.setattr(det_export, "_run_decoded", shifted)
     images = load_box_npz(trained_detector.parent / "scenes96.npz").test.images.images[:4]  # type: ignore[union-attr]
-    with pytest.raises(ParityError, match="does not reproduce torchvision's post-processing .*boxes differ by up "
-                                          "to 0.01"):
+    with pytest.raises(ParityError, match="the device's boxes from model.fp32.onnx are not the boxes torch's "
+                                          "outputs decode to .*boxes differ by up to 0.01"):
         export_detector(model, tmp_path, meta=ckpt["meta"], version="bad", parent_version=None, images=images)
     assert not list(tmp_path.glob("manifest*.json"))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,38 +21,40 @@ import torch
 
 from training.data import slice_masks
 from training.detect.data import BoxSet
+from training.detect.dense import DenseDetector, Detections, detector_spec, device_decode
+from training.detect.models import DENSE_MODELS, Detector
 from training.evaluate import normalize, stats_tensors
 
 METRICS = ("map", "map_50")  # what the gate checks, primary first
-
-
-@dataclass
-class Detections:
-    """Per image: ``boxes[i]`` (m_i, 4) normalised xyxy, ``scores[i]`` (m_i,), ``classes[i]`` (m_i,) int64."""
-
-    boxes: list[np.ndarray]
-    scores: list[np.ndarray]
-    classes: list[np.ndarray]
-
-    def __len__(self) -> int:
-        return len(self.boxes)
 
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, images: np.ndarray, *, mean: Sequence[float], std: Sequence[float],
             device: torch.device | None = None, batch_size: int = 64,
             amp_dtype: torch.dtype | None = None) -> Detections:
-    """torchvision's post-processed detections for uint8 ``images`` (n, c, h, w), boxes normalised to [0, 1]."""
+    """The detections for uint8 ``images`` (n, c, h, w), boxes normalised to [0, 1], as the fleet will see them:
+    a detector with a dense layout is decoded by the device's rule (:func:`training.detect.dense.device_decode`
+    with the manifest's settings); any other model (Faster R-CNN, which does not export) by torchvision's."""
     device = device or next(model.parameters()).device
     m, s = stats_tensors(mean, std, device)
     h, w = images.shape[2:]
     scale = torch.tensor([w, h, w, h], dtype=torch.float32)
     was_training = model.training
     model.eval()
+    is_dense = isinstance(model, Detector) and model.name in DENSE_MODELS
+    dense = DenseDetector(model).eval() if is_dense else None
+    spec = detector_spec(model) if isinstance(model, Detector) else None
     out = Detections([], [], [])
     for i in range(0, len(images), batch_size):
         x = normalize(torch.from_numpy(images[i: i + batch_size]).to(device), m, s)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if dense is not None and spec is not None:
+                boxes, scores, _ = dense(x)
+                part = device_decode(boxes, scores.clamp(0, 1), spec)
+                out.boxes += part.boxes
+                out.scores += part.scores
+                out.classes += part.classes
+                continue
             dets = model(x)
         for d in dets:
             out.boxes.append((d["boxes"].float().cpu() / scale).clamp_(0, 1).numpy())

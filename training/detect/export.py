@@ -1,27 +1,12 @@
-"""Export a detector to the fleet's dense layout, prove the device's decoding matches torchvision, sign it.
+"""Export a detector to the fleet's dense layout, prove the device decodes the same boxes as torch, sign it.
 
-The ONNX graph (:class:`DenseDetector`) is the backbone, the head and the decoding of every anchor's box, with
-no NMS (:data:`fleet.protocol.model.OUTPUTS` ``["detect"]``):
-
-* ``boxes (n, A, 4)``: each anchor's box, normalised x1, y1, x2, y2 clipped to [0, 1]. FCOS: the anchor's
-  centre minus/plus its ltrb regression times the anchor's size (torchvision's ``BoxLinearCoder``); SSDlite: the
-  anchor moved by its (dx, dy, dw, dh) regression (``BoxCoder``, weights 10, 10, 5, 5);
-* ``scores (n, A, k)``: each anchor's score per class. FCOS: ``sqrt(sigmoid(cls_logits) * sigmoid(centerness))``,
-  the formula of torchvision's ``FCOS.postprocess_detections``; SSDlite: ``softmax(cls_logits)`` without the
-  background column;
-* ``embedding (n, d)``: the global average of every feature map the head sees, concatenated.
-
-The device (and :func:`decode_dense` here) turns them into boxes with the manifest's
-:class:`fleet.protocol.DetectorSpec`: keep every (anchor, class) pair whose score is strictly above
-``score_threshold`` (an anchor may give boxes of several classes), the ``pre_nms_top_k`` best pairs, then NMS
-within each class (a box goes when its IoU with a better box of its class exceeds ``nms_iou``) and the
-``max_detections`` best, by score. This is
-torchvision's post-processing exactly, with one difference in where top-k applies: torchvision takes the top
-``topk_candidates`` per pyramid level (FCOS) or per class (SSD), the device over all pairs; the two agree
-whenever no level or class has more candidates above the threshold than that (always, when
-``pre_nms_top_k >= A * k``). :func:`export_detector` checks this agreement on real images and refuses to
-write a manifest when it fails. Faster R-CNN proposes regions through NMS inside the network, so it has no
-dense layout and does not export.
+The ONNX graph is :class:`training.detect.dense.DenseDetector` (backbone, head and the decoding of every
+anchor's box, no NMS; the layout is described there). The device turns its outputs into boxes with
+:func:`trigger.nms.decode_dense` and the manifest's :class:`fleet.protocol.DetectorSpec`, the rule the trainer's
+mAP gate measured the model with (:func:`training.detect.dense.device_decode`). :func:`export_detector` checks,
+on real images, that onnxruntime's outputs match torch's and that the device's boxes from them match the boxes
+the gate saw, and refuses to write a manifest when either fails. Faster R-CNN proposes regions through NMS
+inside the network, so it has no dense layout and does not export.
 """
 
 from __future__ import annotations
@@ -35,13 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from fleet.errors import InvalidInput
 from fleet.protocol import DetectorSpec, InputSpec, ModelManifest
 from fleet.protocol.model import OUTPUTS as LAYOUTS
-from training.detect.evaluate import Detections, mean_average_precision
-from training.detect.models import DENSE_MODELS, Detector
+from training.detect.dense import DenseDetector, Detections, channels, detector_spec, device_decode, features
+from training.detect.evaluate import mean_average_precision
+from training.detect.models import Detector
 from training.errors import ParityError
 from training.export import ExportResult, export_onnx, normalize_images, parity_check, quantize_int8, write_manifest
 
@@ -54,82 +38,7 @@ log = logging.getLogger(__name__)
 
 OUTPUTS = LAYOUTS["detect"]
 INT8_MAX_MAP_DROP = 0.01  # int8 ships only if its mAP@[.5:.95] is within this of the fp32 model's
-DECODE_ATOL = 1e-4  # boxes (normalised) and scores of the device's decoding vs torchvision's post-processing
-
-
-class DenseDetector(nn.Module):
-    """A trained :class:`Detector` as the dense layout: ``x (n, c, h, w)`` -> ``boxes, scores, embedding``."""
-
-    def __init__(self, detector: Detector) -> None:
-        super().__init__()
-        if detector.name not in DENSE_MODELS:
-            raise InvalidInput(f"{detector.name} has no dense layout (its region proposals need NMS inside the "
-                               f"network); models that export: {list(DENSE_MODELS)}")
-        from torchvision.models.detection.image_list import ImageList
-
-        self.detector = detector
-        self.kind = "fcos" if detector.name.startswith("fcos") else "ssd"
-        h, w = detector.image_size
-        dummy = torch.zeros(1, _channels(detector), h, w)
-        anchors = detector.net.anchor_generator(ImageList(dummy, [(h, w)]), _features(detector, dummy))[0]
-        self.register_buffer("anchors", anchors, persistent=False)
-        self.register_buffer("scale", torch.tensor([w, h, w, h], dtype=torch.float32), persistent=False)
-        self.image_size = (h, w)
-
-    @property
-    def num_anchors(self) -> int:
-        return int(self.anchors.shape[0])
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from torchvision.ops import boxes as box_ops
-
-        net = self.detector.net
-        feats = self.detector.backbone_features(x)
-        embedding = torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1)
-        out = net.head(feats)
-        reg = out["bbox_regression"]
-        if self.kind == "fcos":
-            boxes = net.box_coder.decode(reg, self.anchors.unsqueeze(0))
-            scores = torch.sqrt(torch.sigmoid(out["cls_logits"]) * torch.sigmoid(out["bbox_ctrness"]))
-        else:
-            n, a = reg.shape[0], reg.shape[1]
-            anchors = self.anchors.unsqueeze(0).expand(n, a, 4).reshape(-1, 4)
-            boxes = net.box_coder.decode_single(reg.reshape(-1, 4), anchors).reshape(n, a, 4)
-            scores = torch.softmax(out["cls_logits"], dim=-1)[..., 1:]
-        boxes = box_ops.clip_boxes_to_image(boxes, self.image_size) / self.scale
-        return boxes, scores, embedding
-
-
-def detector_spec(detector: Detector, *, operating_threshold: float | None = None) -> DetectorSpec:
-    """The manifest's post-processing settings: the model's own, and the operating point (F1-best) if known."""
-    post = detector.post
-    op = 0.5 if operating_threshold is None else operating_threshold
-    return DetectorSpec(score_threshold=post.score_thresh, nms_iou=post.nms_thresh,
-                        pre_nms_top_k=min(100_000, post.topk_candidates * detector.topk_groups),
-                        max_detections=post.detections_per_img,
-                        operating_threshold=round(float(min(1.0, max(post.score_thresh, op))), 6))
-
-
-def decode_dense(boxes: np.ndarray | torch.Tensor, scores: np.ndarray | torch.Tensor,
-                 spec: DetectorSpec) -> Detections:
-    """The device's decoding of dense outputs ``boxes (n, A, 4)``, ``scores (n, A, k)`` (see the module doc),
-    with torchvision's NMS: per image, boxes normalised, scores, classes."""
-    from torchvision.ops import batched_nms
-
-    b_all, s_all = torch.as_tensor(boxes, dtype=torch.float32), torch.as_tensor(scores, dtype=torch.float32)
-    out = Detections([], [], [])
-    k = s_all.shape[2]
-    for b, s in zip(b_all, s_all, strict=True):
-        flat = s.flatten()
-        idx = torch.nonzero(flat > spec.score_threshold).flatten()
-        top = flat[idx].topk(min(spec.pre_nms_top_k, len(idx)))
-        idx = idx[top.indices]
-        anchor, cls = idx // k, idx % k
-        keep = batched_nms(b[anchor], top.values, cls, spec.nms_iou)[: spec.max_detections]
-        out.boxes.append(b[anchor[keep]].numpy())
-        out.scores.append(top.values[keep].numpy())
-        out.classes.append(cls[keep].numpy().astype(np.int64))
-    return out
+DECODE_ATOL = 1e-4  # boxes (normalised) and scores the device decodes from ONNX vs from torch
 
 
 def compare_detections(a: Detections, b: Detections, *, atol: float = DECODE_ATOL) -> str | None:
@@ -179,10 +88,10 @@ def export_detector(
     """Export the dense layout, check it, optionally quantize, then write and sign the manifest (``task: detect``).
 
     Checks, each a :class:`ParityError` before any manifest is written: onnxruntime vs torch on every output
-    (max abs difference <= ``parity_threshold``), and :func:`decode_dense` of the ONNX outputs vs torchvision's
-    post-processing of the same images (boxes, scores, classes). ``images`` (n, c, h, w) uint8 are the check
-    batch; ``truth`` (labelled images) measures int8's mAP against fp32's, without it int8 does not ship (the
-    result's ``int8_agreement`` then holds int8's mAP@[.5:.95]).
+    (max abs difference <= ``parity_threshold``), and the device's boxes (:func:`device_decode`) from the ONNX
+    outputs vs from torch's, the boxes the gate measured (boxes, scores, classes). ``images`` (n, c, h, w) uint8
+    are the check batch; ``truth`` (labelled images) measures int8's mAP against fp32's, without it int8 does
+    not ship (the result's ``int8_agreement`` then holds int8's mAP@[.5:.95]).
     """
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -198,12 +107,13 @@ def export_detector(
     diff = parity_check(dense, fp32, x, threshold=parity_threshold, outputs=OUTPUTS)
     decoded = _run_decoded(fp32, x, post)
     with torch.inference_mode():
-        reference = _torchvision_detections(detector, torch.from_numpy(x))
+        boxes, scores, _ = dense(torch.from_numpy(x))
+    reference = device_decode(boxes, scores, post)
     mismatch = compare_detections(decoded, reference, atol=max(DECODE_ATOL, parity_threshold))
     if mismatch:
-        raise ParityError(f"the device's decoding of {fp32.name} does not reproduce torchvision's post-processing "
+        raise ParityError(f"the device's boxes from {fp32.name} are not the boxes torch's outputs decode to "
                           f"({mismatch}); nothing is published")
-    log.info("parity: max abs difference %.2e on %d images; decoded detections match torchvision's", diff, len(x))
+    log.info("parity: max abs difference %.2e on %d images; the device decodes the same boxes", diff, len(x))
     shipped, int8_map, note = fp32, None, None
     if int8:
         shipped, int8_map, note = _try_int8(fp32, out_dir, spec, post, truth, calibration, images,
@@ -230,31 +140,8 @@ def export_detector(
 
 def embedding_dim(detector: Detector) -> int:
     """The width of the dense layout's ``embedding`` for this detector."""
-    feats = _features(detector, torch.zeros(1, _channels(detector), *detector.image_size))
+    feats = features(detector, torch.zeros(1, channels(detector), *detector.image_size))
     return int(sum(f.shape[1] for f in feats))
-
-
-def _channels(detector: Detector) -> int:
-    return int(next(detector.net.backbone.parameters()).shape[1])
-
-
-@torch.no_grad()
-def _features(detector: Detector, x: torch.Tensor) -> list[torch.Tensor]:
-    """The feature maps for ``x`` in eval mode (batch norm on running statistics), the mode left as it was."""
-    was_training = detector.training
-    detector.eval()
-    try:
-        return detector.backbone_features(x.to(next(detector.parameters()).device))
-    finally:
-        detector.train(was_training)
-
-
-def _torchvision_detections(detector: Detector, x: torch.Tensor) -> Detections:
-    h, w = detector.image_size
-    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-    dets = detector.eval()(x)
-    return Detections([(d["boxes"] / scale).numpy() for d in dets], [d["scores"].numpy() for d in dets],
-                      [d["labels"].numpy().astype(np.int64) for d in dets])
 
 
 def _run_decoded(onnx_path: Path, x: np.ndarray, spec: DetectorSpec) -> Detections:
@@ -262,7 +149,7 @@ def _run_decoded(onnx_path: Path, x: np.ndarray, spec: DetectorSpec) -> Detectio
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     boxes, scores, _ = sess.run(OUTPUTS, {"input": x.astype(np.float32)})
-    return decode_dense(boxes, scores, spec)
+    return device_decode(boxes, scores, spec)
 
 
 def _try_int8(fp32: Path, out_dir: Path, spec: InputSpec, post: DetectorSpec, truth: BoxSet | None,

@@ -81,7 +81,7 @@ def finish_detect_turn(
 
 def evaluate_box_sets(model: torch.nn.Module, sets: dict[str, BoxSet], class_names: list[str], mean: list[float],
                       std: list[float], device: torch.device) -> dict[str, dict[str, Any]]:
-    """mAP per evaluation set (fp32 inference, torchvision's post-processing: what the device reproduces)."""
+    """mAP per evaluation set (fp32 inference, the boxes the device decodes: :func:`predict`)."""
     out = {}
     for name, s in sets.items():
         pred = predict(model, s.images.images, mean=mean, std=std, device=device)
