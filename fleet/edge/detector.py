@@ -74,9 +74,9 @@ def above(d: Boxes, threshold: float) -> Boxes:
 def box_sets_agree(a: Boxes, b: Boxes, *, a_threshold: float, b_threshold: float,
                    iou: float = AGREE_IOU) -> NDArray[Any]:
     """(n,) int8 per frame: 1 where the boxes ``a`` and ``b`` found at their operating thresholds are the same
-    objects (every box matched one to one at IoU >= ``iou``, with the same class: ``trigger.box_scores``' 1 - F1
-    is 0),
-    0 where they are not, -1 where either box set is unknown. ``a`` and ``b`` cover the same ``n`` frames."""
+    objects (every box matched one to one at IoU >= ``iou`` with the same class: 1 - F1 is 0 in
+    :func:`trigger.box_scores.box_disagreement`), 0 where they are not, -1 where either box set is unknown.
+    ``a`` and ``b`` cover the same ``n`` frames."""
     if a.n != b.n:
         raise ValueError(f"box sets cover {a.n} and {b.n} frames; expected the same frames")
     differ = box_disagreement(above(a, a_threshold), above(b, b_threshold), iou=iou).score  # NaN: unknown

@@ -109,3 +109,14 @@ def test_replay_reads_the_human_boxes_and_refuses_bad_ones(tmp_path: Path) -> No
         with pytest.raises(InvalidInput, match="replay.jsonl:1: 'human_boxes'") as err:
             list(ReplaySource(path))
         assert says in str(err.value)
+
+
+def test_telemetry_counts_box_agreement_with_the_human_and_the_challenger() -> None:
+    from fleet.edge.heartbeat import Telemetry
+
+    t = Telemetry()
+    t.record_batch(predicted=np.array([0, -1, 2, 1]), latency_ms=1.0, flagged=0, human=np.full(4, -1),
+                   challenger_agrees=np.array([1, 0, -1, 1], np.int8), human_agrees=np.array([0, -1, 1, 0], np.int8))
+    snap = t.snapshot()
+    assert (snap["human_compared"], snap["human_disagreed"]) == (3, 2)  # -1: the human marked nothing there
+    assert (snap["challenger_compared"], snap["challenger_agreed"]) == (3, 2)
