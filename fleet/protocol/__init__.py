@@ -63,6 +63,8 @@ from fleet.protocol.campaigns import (
     CampaignPublic,
     CampaignReceipt,
     CampaignVersions,
+    TriggerYield,
+    YieldReport,
 )
 from fleet.protocol.dataset import (
     BlobRequest,
@@ -153,7 +155,8 @@ __all__ = [
     "Prediction", "PromoteRequest", "Promotion", "QueueDepths", "Release", "RollbackReceipt", "RollbackRequest",
     "RolloutCreate", "RolloutList", "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest",
     "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic",
-    "StoredEvent", "Summary", "TokenCreate", "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "Verdict",
+    "StoredEvent", "Summary", "TokenCreate", "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "TriggerYield",
+    "Verdict", "YieldReport",
     "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
     "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
 ]

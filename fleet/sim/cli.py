@@ -25,6 +25,9 @@ def demo(
     labeler: str = typer.Option(
         "auto", "--labeler", help="auto (Label Studio, installed into ./.venv-studio on first use; the oracle if it "
         "cannot be had), studio (Label Studio or fail), oracle (the built-in oracle)."),
+    annotate: bool = typer.Option(
+        False, "--annotate", help="You label each turn's tasks in Label Studio's UI; the demo waits, shows "
+        "progress, and ends a turn early when you touch <workspace>/finish-turn."),
     install_studio: bool = typer.Option(
         True, "--install-studio/--no-install-studio", help="Install Label Studio into ./.venv-studio when missing."),
     seed_size: int | None = typer.Option(
@@ -53,8 +56,9 @@ def demo(
     ws = workspace or Path("flywheel-demo") / time.strftime("%Y%m%d-%H%M%S")
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
                             frames_per_device=frames, labeler=labeler, strategy=strategy, allow_short=allow_short,
-                            install_studio=install_studio, seed_size=seed_size, test_size=test_size, model=model,
-                            width=width, base_epochs=base_epochs, turn_epochs=epochs)
+                            install_studio=install_studio, annotate=annotate, seed_size=seed_size,
+                            test_size=test_size, model=model, width=width, base_epochs=base_epochs,
+                            turn_epochs=epochs)
     try:
         settings.validate()
     except ValueError as exc:

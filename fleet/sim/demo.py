@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class DemoSettings:
     strategy: str = "uncertainty+diversity"
     labeler: str = "auto"  # auto | oracle | studio
     install_studio: bool = True  # auto/studio: install Label Studio into ./.venv-studio when it is missing
+    annotate: bool = False  # a person labels each turn in Label Studio's UI (needs Label Studio)
     model: str = "smallcnn"
     width: int = 16
     allow_short: bool = False  # a turn whose labels fall short of the budget is an error unless this is set
@@ -72,6 +73,8 @@ class DemoSettings:
             raise ValueError(f"--upload-rate must be in (0, 1); received {self.upload_rate}")
         if self.labeler not in ("auto", "oracle", "studio"):
             raise ValueError(f"--labeler must be auto, oracle or studio; received {self.labeler!r}")
+        if self.annotate and self.labeler == "oracle":
+            raise ValueError("--annotate has you label in Label Studio; it cannot go with --labeler oracle")
 
     def seed_frames(self, classes: int) -> int:
         """The seed set's size: ``seed_size`` if given, else SEED_PER_CLASS frames a class."""
@@ -483,6 +486,8 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World, ws: Pat
     """Label Studio with simulated annotators (installed into ./.venv-studio the first time, unless told not
     to), or the oracle when asked, or when Label Studio cannot be had: then one line says why."""
     token = hub.token("labeler", "demo-labeler")
+    if settings.annotate:  # a person labels: Label Studio or nothing
+        settings = replace(settings, labeler="studio")
     if settings.labeler in ("auto", "studio"):
         from fleet.sim.labelers import studio_available
         from fleet.sim.procs import ProcessFailed
@@ -502,7 +507,8 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World, ws: Pat
             from fleet.sim.labelers import StudioLabeler
 
             try:
-                return StudioLabeler(hub, token, world, ws, strategy=settings.strategy, say=say)
+                return StudioLabeler(hub, token, world, ws, strategy=settings.strategy, say=say,
+                                     annotate=settings.annotate)
             except ProcessFailed as exc:
                 if settings.labeler == "studio":
                     raise RuntimeError(f"--labeler studio: {exc}") from exc
