@@ -85,6 +85,8 @@ class HubSettings(BaseSettings):
                                    "(PRAGMA soft_heap_limit).")
 
     rollback_margin: float = Field(0.05, ge=0, le=1, description="Canary disagreement above incumbent's + this.")
+    rollback_alpha: float = Field(0.01, gt=0, lt=1, description="Significance of the one-sided two-proportion "
+                                  "z-test a field-disagreement rollback needs (fleet.hub.evidence).")
     rollback_min_compared: int = Field(200, ge=1, description="Human-compared frames needed on each side.")
     rollback_health_failures: int = Field(3, ge=1, description="Health failures that roll a canary back.")
     rollback_min_devices: int = Field(2, ge=1, description="Devices the evidence for an automatic rollback must "

@@ -63,6 +63,7 @@ from fleet.protocol.campaigns import (
     CampaignPublic,
     CampaignReceipt,
     CampaignVersions,
+    LearnedFit,
     TriggerYield,
     YieldReport,
 )
@@ -150,8 +151,8 @@ __all__ = [
     "CampaignVersions", "Case", "CaseReceipt", "ChallengerOutput", "Classification", "Detection", "DetectorSpec",
     "DeviceList", "DevicePublic", "DeviceRevoked", "EnrollRequest", "Enrollment", "EnrollmentAttemptList",
     "EnrollmentAttemptPublic", "EventPage", "FieldCounts", "FieldMetrics", "Grant", "GrantCreate", "Health",
-    "Heartbeat", "InputSpec", "LabelPage", "LabelPost", "LabelPublic", "LabelReceipt", "Message", "ModelList",
-    "ModelManifest", "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "OtaReport", "PoolPage",
+    "Heartbeat", "InputSpec", "LabelPage", "LabelPost", "LabelPublic", "LabelReceipt", "LearnedFit", "Message",
+    "ModelList", "ModelManifest", "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "OtaReport", "PoolPage",
     "Prediction", "PromoteRequest", "Promotion", "QueueDepths", "Release", "RollbackReceipt", "RollbackRequest",
     "RolloutCreate", "RolloutList", "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest",
     "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic",

@@ -29,6 +29,7 @@ from fleet.protocol import (
     CampaignPublic,
     CampaignReceipt,
     CampaignVersions,
+    LearnedFit,
     YieldReport,
     check_name,
 )
@@ -99,6 +100,19 @@ def rebalance_campaign(campaign_id: str, _: AdminCaller, hub: HubDep) -> Respons
         row, new = rebalance(s, campaign_id, now=hub.now())
         out = CampaignReceipt(**_campaign_fields(row), already=not new)
     return message_response(out)
+
+
+@router.post("/v1/campaigns/{campaign_id}/learn", status_code=201, response_model=LearnedFit)
+def learn_trigger(campaign_id: str, _: AdminCaller, hub: HubDep,
+                  target_rate: float = Query(0.05, gt=0, lt=1)) -> Response:
+    """Fit the campaign's learned trigger (:mod:`fleet.hub.learned`) on the active model's labeled cases and
+    publish it as a new campaign version firing at ``target_rate``."""
+    from fleet.hub.learned import learn
+
+    check_name(campaign_id, "campaign id")
+    with write_session(hub.engine) as s:
+        _, fit = learn(s, campaign_id, now=hub.now(), target_rate=target_rate)
+    return message_response(fit, status_code=201)
 
 
 @router.get("/v1/yields", response_model=YieldReport)
