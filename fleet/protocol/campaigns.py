@@ -9,6 +9,9 @@ ship with (built at the hub from labeled cases' embeddings; devices download the
 ``POST /v1/novelty-banks``                      :class:`BankCreate` -> :class:`BankPublic`
 ``GET  /v1/novelty-banks``                      -> :class:`BankList`
 ``GET  /v1/novelty-banks/{id}``                 -> the bank as ``.npz`` (``trigger.NoveltyBank``)
+``PUT  /v1/models/{version}/novelty-bank``      ``.npz`` body (trainer) -> :class:`BankPublic`: the bank of the
+                                                model's training set, in its embedding space (bank id
+                                                ``model-{version}``)
 ==============================================  ================================================================
 
 What a device is assigned of a campaign is a :class:`~fleet.protocol.device.CampaignRef`.
