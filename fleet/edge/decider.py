@@ -82,7 +82,7 @@ class Decider:
         self.telemetry.record_batch(
             predicted=result.predicted, latency_ms=result.latency_ms, flagged=len(result.captures),
             human=result.human, challenger_predicted=result.challenger_predicted,
-            challenger_agrees=result.challenger_agrees,
+            challenger_agrees=result.challenger_agrees, human_agrees=result.human_agrees,
         )
         self.on_result(result)
         self.on_spooled(window)

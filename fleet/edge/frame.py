@@ -4,19 +4,25 @@ video ones, which import no other source module)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fleet.errors import InvalidInput
 
+if TYPE_CHECKING:
+    from fleet.protocol import Detection
+
 __all__ = ["Frame", "check_image"]
 
 
 @dataclass
 class Frame:
-    """One frame: pixels (uint8, HxW or HxWxC with C in 1, 3, 4), the human's action if known, tags."""
+    """One frame: pixels (uint8, HxW or HxWxC with C in 1, 3, 4), the human's action if known, tags.
+
+    The human's action is a class (``human_action``, for a classifier) or the objects the person marked
+    (``human_boxes``, for a detector); a source sets the one it knows."""
 
     image: NDArray[Any]
     frame_id: str
@@ -29,6 +35,7 @@ class Frame:
     stream: str | None = None
     index: int | None = None
     stream_time: float | None = None
+    human_boxes: Detection | None = None  # the objects the person at the device marked, if a source knows them
 
 
 def check_image(image: Any, where: str) -> NDArray[Any]:

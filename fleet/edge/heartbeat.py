@@ -50,12 +50,14 @@ class Telemetry:
         human: NDArray[Any] | None = None,
         challenger_predicted: NDArray[Any] | None = None,
         challenger_agrees: NDArray[Any] | None = None,
+        human_agrees: NDArray[Any] | None = None,
     ) -> None:
         """One processed batch. ``predicted``: (n,) top-1 classes; ``human``: (n,) with -1 = unknown;
         ``latency_ms``: per-frame latency, one number for all or (n,); ``challenger_predicted``: (n,) or None.
         Entries of -1 in ``predicted``/``challenger_predicted`` (no valid output) are left out of comparisons.
         ``challenger_agrees``: (n,) the agreement already decided per frame (a detector's box sets: 1 agree,
-        0 disagree, -1 not comparable), counted instead of comparing ``challenger_predicted``."""
+        0 disagree, -1 not comparable), counted instead of comparing ``challenger_predicted``; ``human_agrees``
+        the same against the human's boxes, counted with the human comparisons."""
         n = len(predicted)
         with self._lock:
             self.frames_seen += n
@@ -76,6 +78,9 @@ class Telemetry:
             if challenger_agrees is not None:
                 self.challenger_compared += int((challenger_agrees >= 0).sum())
                 self.challenger_agreed += int((challenger_agrees == 1).sum())
+            if human_agrees is not None:
+                self.human_compared += int((human_agrees >= 0).sum())
+                self.human_disagreed += int((human_agrees == 0).sum())
 
     def record_flagged(self, n: int) -> None:
         with self._lock:

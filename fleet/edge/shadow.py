@@ -24,12 +24,19 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fleet.edge.campaigns import Campaign
-from fleet.edge.detector import Detections, best_labels, box_sets_agree
+from fleet.edge.detector import Detections, best_labels, box_sets_agree, to_detection
+from fleet.edge.frame import Frame
 from fleet.edge.ota import LoadedModels
 from fleet.edge.recorder import Capture, new_case_id
 from fleet.edge.runtime import ModelRuntime, Outputs
-from fleet.edge.sources import Frame
-from fleet.protocol import ChallengerOutput, Classification, TriggerHit, encode_embedding, fit_tags
+from fleet.protocol import (
+    ChallengerOutput,
+    Classification,
+    Prediction,
+    TriggerHit,
+    encode_embedding,
+    fit_tags,
+)
 from fleet.protocol.base import MAX_NAME
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,7 @@ class WindowResult:
     detections: Detections | None = None  # a detector's boxes per frame
     challenger_detections: Detections | None = None
     challenger_agrees: NDArray[Any] | None = None  # a detector's: 1 same objects, 0 not, -1 not comparable
+    human_agrees: NDArray[Any] | None = None  # a detector's against the human's boxes: 1, 0, -1 as above
 
 
 def infer(frames: Sequence[Frame], models: LoadedModels, *, now: float | None = None) -> Inferred:
@@ -95,7 +103,7 @@ def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_
     models = window[0].models
     assert all(w.models is models for w in window), "a decision window must hold one model generation"
     if window[0].detections is not None:
-        return _decide_detections(window, campaigns)
+        return _decide_detections(window, campaigns, device_id=device_id, now=now)
     frames = [f for w in window for f in w.frames]
     n = len(frames)
     cat = (lambda xs: xs[0]) if len(window) == 1 else np.concatenate
@@ -135,17 +143,7 @@ def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_
         images=images_kept,
         hashes=hashes,
     )
-    best: dict[int, tuple[float, Campaign, Any]] = {}
-    for campaign in campaigns:
-        try:
-            decision = campaign.evaluator.evaluate(batch, now=now)
-        except ValueError as exc:  # a spec that needs what this device cannot give (say, embeddings)
-            _log_once(campaign.key, f"campaign {campaign.key} cannot run on this device's frames: {exc}")
-            continue
-        for j in np.flatnonzero(decision.keep):
-            prio = float(decision.priority[j])
-            if j not in best or prio > best[j][0]:
-                best[j] = (prio, campaign, decision)
+    best = _best_per_frame(batch, campaigns, now)
     if not best:
         return result
     rows = np.array(sorted(best), dtype=np.intp)
@@ -158,9 +156,12 @@ def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_
     for j in rows.tolist():
         prio, campaign, decision = best[j]
         i = int(idx[j])
+        ch = ch_probs.get(i)
         result.captures.append(_capture(
-            frames[i], j, prio, campaign, decision, models, probs[i], embedding[i], ch_probs.get(i),
-            device_id=device_id, now=seen_at[i],
+            frames[i], j, prio, campaign, decision, models, embedding[i], _classification(probs[i]),
+            None if ch is None or not np.isfinite(ch).all() else _classification(ch),
+            # an action the model has no class for cannot be compared, so it is not sent either
+            None if human[i] < 0 else Classification(int(human[i])), device_id=device_id, now=seen_at[i],
         ))
     return result
 
@@ -197,30 +198,110 @@ def _run_challenger(challenger: ModelRuntime | None, active: ModelRuntime, image
     return out
 
 
-def _decide_detections(window: Sequence[Inferred], campaigns: Sequence[Campaign]) -> WindowResult:
-    """A detector's window: its boxes and its challenger's, compared frame by frame. ``predicted`` is the class
-    of each frame's best box (-1 when it found none); a human action given as a class is not comparable with
-    boxes, so ``human`` is all -1."""
+def _decide_detections(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_id: str,
+                       now: float) -> WindowResult:
+    """A detector's window: its boxes, its challenger's and the human's compared frame by frame, and the campaigns'
+    box triggers evaluated on them. ``predicted`` is the class of each frame's best box (-1 when it found none); a
+    human action given as a class is not comparable with boxes, so ``human`` is all -1 and the human's boxes
+    (``Frame.human_boxes``) are compared instead (``human_agrees``). Each frame's stream (``Frame.stream``; the
+    frames of a plain source are one stream, in order) feeds flicker."""
     models = window[0].models
     assert models.active is not None and models.active.manifest.detector is not None
+    spec = models.active.manifest.detector
+    k = len(models.active.manifest.class_names)
+    frames = [f for w in window for f in w.frames]
     dets = Detections.concat([w.detections for w in window if w.detections is not None])
     n = len(dets)
     cat = (lambda xs: xs[0]) if len(window) == 1 else np.concatenate
-    ok = dets.known_mask & _finite_rows(cat([w.embedding for w in window]))
+    embedding = cat([w.embedding for w in window])
+    ok = dets.known_mask & _finite_rows(embedding)
     predicted = np.where(ok, best_labels(dets), -1)
     ch = agrees = None
     if models.challenger is not None and all(w.challenger_detections is not None for w in window):
         assert models.challenger.manifest.detector is not None
         ch = Detections.concat([w.challenger_detections for w in window if w.challenger_detections is not None])
-        agrees = box_sets_agree(dets, ch, a_threshold=models.active.manifest.detector.operating_threshold,
+        agrees = box_sets_agree(dets, ch, a_threshold=spec.operating_threshold,
                                 b_threshold=models.challenger.manifest.detector.operating_threshold)
         agrees[~ok] = -1
+    human = _human_boxes(frames, k)
+    human_agrees = None
+    if human is not None:
+        human_agrees = box_sets_agree(dets, human, a_threshold=spec.operating_threshold, b_threshold=0.0)
+        human_agrees[~ok] = -1
     latency = np.repeat([w.latency_ms for w in window], [len(w) for w in window])
-    for campaign in campaigns:  # the per-box triggers are not wired into the agent yet
-        _log_once(f"detect-{campaign.key}", f"campaign {campaign.key} is not evaluated: this device runs a "
-                  f"detector ({models.active.version}) and the agent does not pass boxes to the triggers yet")
-    return WindowResult([], predicted, np.full(n, -1, np.int64), None, latency, int(n - ok.sum()), models,
-                        detections=dets, challenger_detections=ch, challenger_agrees=agrees)
+    result = WindowResult([], predicted, np.full(n, -1, np.int64), None, latency, int(n - ok.sum()), models,
+                          detections=dets, challenger_detections=ch, challenger_agrees=agrees,
+                          human_agrees=human_agrees)
+    idx = np.flatnonzero(ok)
+    if not campaigns or not len(idx):
+        return result
+
+    from trigger import FrameBatch
+
+    def sub(b: Detections | None) -> Detections | None:
+        return b if b is None or len(idx) == n else b.take(idx)
+
+    seen_at = [w.seen_at for w in window for _ in w.frames]
+    images_kept, hashes = _images_or_hashes([f.image for f in frames], idx)
+    batch = FrameBatch(
+        boxes=sub(dets),
+        embeddings=embedding if len(idx) == n else embedding[idx],
+        challenger_boxes=sub(ch),
+        human_boxes=sub(human),
+        stream=[frames[i].stream or "" for i in idx],
+        timestamps=[_stream_clock(frames[i], seen_at[i]) for i in idx],
+        operating_threshold=spec.operating_threshold,
+        tags=[frames[i].tags for i in idx],
+        images=images_kept,
+        hashes=hashes,
+    )
+    for j, (prio, campaign, decision) in _best_per_frame(batch, campaigns, now).items():
+        i = int(idx[j])
+        result.captures.append(_capture(
+            frames[i], j, prio, campaign, decision, models, embedding[i], to_detection(dets, i),
+            None if ch is None or not ch.known_mask[i] else to_detection(ch, i),
+            frames[i].human_boxes if human is not None and human.known_mask[i] else None,
+            device_id=device_id, now=seen_at[i],
+        ))
+    return result
+
+
+def _best_per_frame(batch: Any, campaigns: Sequence[Campaign], now: float) -> dict[int, tuple[float, Campaign, Any]]:
+    """Each kept row of ``batch`` (by row, in order) with the campaign that kept it at the highest priority and
+    that campaign's decision. A campaign that cannot run on these frames is logged once and skipped."""
+    best: dict[int, tuple[float, Campaign, Any]] = {}
+    for campaign in campaigns:
+        try:
+            decision = campaign.evaluator.evaluate(batch, now=now)
+        except ValueError as exc:  # a spec that needs what this device cannot give (say, embeddings)
+            _log_once(campaign.key, f"campaign {campaign.key} cannot run on this device's frames: {exc}")
+            continue
+        for j in np.flatnonzero(decision.keep).tolist():
+            prio = float(decision.priority[j])
+            if j not in best or prio > best[j][0]:
+                best[j] = (prio, campaign, decision)
+    return dict(sorted(best.items()))
+
+
+def _human_boxes(frames: Sequence[Frame], k: int) -> Detections | None:
+    """The objects the human marked per frame (unknown where a frame has none, or a class the model lacks), or
+    None when no frame of the window has any."""
+    if all(f.human_boxes is None for f in frames):
+        return None
+    known = np.array([f.human_boxes is not None and all(b.label < k for b in f.human_boxes.boxes)
+                      for f in frames])
+    rows = [[(b.x1, b.y1, b.x2, b.y2) for b in f.human_boxes.boxes] if kn and f.human_boxes else []
+            for f, kn in zip(frames, known, strict=True)]
+    labels = [[b.label for b in f.human_boxes.boxes] if kn and f.human_boxes else []
+              for f, kn in zip(frames, known, strict=True)]
+    return Detections.from_frames(rows, labels=labels, known=known)
+
+
+def _stream_clock(frame: Frame, seen_at: float) -> float:
+    """Seconds on the frame's stream clock: the video's own, else its capture time, else when it was seen."""
+    if frame.stream_time is not None:
+        return frame.stream_time
+    return frame.ts if frame.ts is not None else seen_at
 
 
 def _finite_rows(*arrays: NDArray[Any]) -> NDArray[Any]:
@@ -271,9 +352,10 @@ def _log_once(key: str, message: str) -> None:
 
 
 def _capture(frame: Frame, j: int, prio: float, campaign: Campaign, decision: Any, models: LoadedModels,
-             probs: NDArray[Any], embedding: NDArray[Any], ch_probs: NDArray[Any] | None, *, device_id: str,
-             now: float) -> Capture:
-    """The Case fields for frame ``j`` of a decision (``probs``/``ch_probs``: (k,) for this frame)."""
+             embedding: NDArray[Any], prediction: Prediction, challenger: Prediction | None,
+             human: Prediction | None, *, device_id: str, now: float) -> Capture:
+    """The Case fields for frame ``j`` of a decision: the active model's ``prediction``, the challenger's and the
+    human's action (a Classification or a Detection, by task; None without one)."""
     assert models.active is not None
     values = decision.values[j]
     thresholds = decision.thresholds[j] if j < len(decision.thresholds) else {}
@@ -295,19 +377,21 @@ def _capture(frame: Frame, j: int, prio: float, campaign: Campaign, decision: An
         device_id=device_id,
         captured_at=frame.ts if frame.ts is not None else now,
         model_version=models.active.version,
-        prediction=Classification(int(np.argmax(probs)), [float(p) for p in probs]),
+        prediction=prediction,
         priority=min(1.0, max(0.0, prio)),
         scores=scores,
         triggers=hits,
         campaign_id=campaign.campaign_id,
         campaign_version=campaign.version,
-        # an action the model has no class for cannot be compared, so it is not sent either
-        human_action=Classification(frame.human_action) if frame.human_action is not None
-        and 0 <= frame.human_action < len(probs) else None,
+        human_action=human,
         tags=fit_tags(frame.tags),
         embedding=encode_embedding(embedding),
     )
-    if models.challenger is not None and ch_probs is not None and np.isfinite(ch_probs).all():
-        fields["challenger"] = ChallengerOutput(
-            models.challenger.version, Classification(int(np.argmax(ch_probs)), [float(p) for p in ch_probs]))
+    if models.challenger is not None and challenger is not None:
+        fields["challenger"] = ChallengerOutput(models.challenger.version, challenger)
     return Capture(image=frame.image, fields=fields)
+
+
+def _classification(probs: NDArray[Any]) -> Classification:
+    """A classifier's output for one frame, ``probs: (k,)``."""
+    return Classification(int(np.argmax(probs)), [float(p) for p in probs])

@@ -7,6 +7,11 @@ received and what was expected.
 Replay stream (JSONL, one frame per line; image paths relative to the JSONL file)::
 
     {"image": "frames/000001.png", "human_action": 2, "tags": {"condition": "night"}, "ts": 1718000000.0}
+
+For a detector, the human's action is the objects the person marked, each ``[x1, y1, x2, y2, class]``
+normalised to [0, 1] (``[]``: the person saw nothing)::
+
+    {"image": "frames/000002.png", "human_boxes": [[0.1, 0.2, 0.4, 0.6, 0]]}
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from fleet.edge.frame import Frame, check_image
 from fleet.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from fleet.protocol import Detection
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_KINDS = ("video", "stream", "camera")  # through PyAV: fleet.edge.video
@@ -198,7 +206,8 @@ class ImageFolderSource:
 
 
 class ReplaySource:
-    """A recorded stream: JSONL lines ``{image, human_action?, tags?, ts?}``, images beside the file."""
+    """A recorded stream: JSONL lines ``{image, human_action?, human_boxes?, tags?, ts?}``, images beside the
+    file."""
 
     def __init__(self, path: str | Path, *, loop: bool = False) -> None:
         self.path = Path(path)
@@ -227,9 +236,10 @@ class ReplaySource:
             raise InvalidInput(f"{where}: not valid JSON ({exc})") from exc
         if not isinstance(rec, dict):
             raise InvalidInput(f"{where}: each line must be a JSON object; received {type(rec).__name__}")
-        unknown = sorted(set(rec) - {"image", "human_action", "tags", "ts"})
+        unknown = sorted(set(rec) - {"image", "human_action", "human_boxes", "tags", "ts"})
         if unknown:
-            raise InvalidInput(f"{where}: unknown key(s) {unknown}; expected image, human_action, tags, ts")
+            raise InvalidInput(f"{where}: unknown key(s) {unknown}; expected image, human_action, human_boxes, tags, "
+                               f"ts")
         image = rec.get("image")
         if not isinstance(image, str) or not image:
             raise InvalidInput(f"{where}: 'image' must be a relative path string; received {image!r}")
@@ -248,7 +258,23 @@ class ReplaySource:
             human_action=human,
             tags={str(k): str(v) for k, v in tags.items()},
             ts=float(ts) if ts is not None else None,
+            human_boxes=None if rec.get("human_boxes") is None else human_boxes(rec["human_boxes"], where),
         )
+
+
+def human_boxes(value: Any, where: str) -> Detection:
+    """The objects a person marked, ``[[x1, y1, x2, y2, class], ...]`` normalised to [0, 1], as a Detection."""
+    from fleet.errors import ProtocolError
+    from fleet.protocol import Box, Detection
+
+    if not isinstance(value, list) or not all(isinstance(b, list) and len(b) == 5 for b in value):
+        raise InvalidInput(f"{where}: 'human_boxes' must be a list of [x1, y1, x2, y2, class]; received {value!r:.80}")
+    try:
+        out = Detection([Box(float(b[0]), float(b[1]), float(b[2]), float(b[3]), b[4]) for b in value])
+        out.validate()
+    except (ProtocolError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"{where}: 'human_boxes': {exc}") from exc
+    return out
 
 
 def read_image(path: Path) -> NDArray[Any]:

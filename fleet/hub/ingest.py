@@ -21,8 +21,9 @@ from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_connection
 from fleet.hub.images import check_png
 from fleet.hub.models import CaseRow, ModelVersion
-from fleet.hub.selection import informativeness
-from fleet.protocol import Case, CaseReceipt
+from fleet.hub.selection import box_informativeness, informativeness
+from fleet.protocol import Case, CaseReceipt, Classification, Detection
+from trigger.boxes import Boxes
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def case_row(case: Case, *, received_at: float, embedding: bytes | None, embeddi
     return {
         "case_id": case.case_id, "device_id": case.device_id, "captured_at": case.captured_at,
         "received_at": received_at, "model_version": case.model_version, "task": case.task,
-        "predicted_class": case.prediction.label, "uncertainty": case_informativeness(case),
+        "predicted_class": case.prediction.label if isinstance(case.prediction, Classification) else None,
+        "uncertainty": case_informativeness(case),
         "priority": case.priority, "campaign_id": case.campaign_id, "campaign_version": case.campaign_version,
         "payload": payload, "embedding": embedding, "embedding_dim": embedding_dim,
         "image_sha256": case.image_sha256, "image_size": image_size, "duplicate_of": None, "state": "unlabeled",
@@ -125,11 +127,33 @@ def case_row(case: Case, *, received_at: float, embedding: bytes | None, embeddi
     }
 
 
+def detection_boxes(detections: list[Detection]) -> Boxes:
+    """The boxes of ``detections`` (one per frame) as :class:`trigger.boxes.Boxes`, each box's class
+    distribution kept when every box has one of the same width."""
+    per = [d.boxes for d in detections]
+    widths = {len(b.probs) if b.probs is not None else 0 for bs in per for b in bs}
+    probs = None
+    if len(widths) == 1 and 0 not in widths:
+        probs = [[b.probs for b in bs] for bs in per]
+    return Boxes.from_frames([[(b.x1, b.y1, b.x2, b.y2) for b in bs] for bs in per],
+                             scores=[[1.0 if b.score is None else b.score for b in bs] for bs in per],
+                             labels=[[b.label for b in bs] for bs in per], probs=probs)
+
+
 def case_informativeness(case: Case) -> float:
-    """How much labeling ``case`` would teach, in [0, 1] (see :func:`fleet.hub.selection.informativeness`)."""
+    """How much labeling ``case`` would teach, in [0, 1] (see :func:`fleet.hub.selection.informativeness`, and
+    :func:`fleet.hub.selection.box_informativeness` for a detector's case)."""
+    if isinstance(case.prediction, Detection):
+        hb = case.human_action if isinstance(case.human_action, Detection) else None
+        ch = case.challenger.prediction if case.challenger is not None else None
+        return float(box_informativeness(
+            detection_boxes([case.prediction]), human=None if hb is None else detection_boxes([hb]),
+            challenger=detection_boxes([ch]) if isinstance(ch, Detection) else None)[0])
+    assert isinstance(case.prediction, Classification)
     probs = np.asarray(case.prediction.probs, dtype=np.float64)[None, :]
-    human = -1 if case.human_action is None else case.human_action.label
-    challenger = -1 if case.challenger is None else case.challenger.prediction.label
+    human = case.human_action.label if isinstance(case.human_action, Classification) else -1
+    challenger = case.challenger.prediction.label if case.challenger is not None and isinstance(
+        case.challenger.prediction, Classification) else -1
     return float(informativeness(probs, human=np.asarray([human]), challenger=np.asarray([challenger]))[0])
 
 
@@ -237,7 +261,7 @@ def _check_model(hub: Hub, case: Case) -> tuple[bytes | None, int | None]:
                             f"before devices report cases from it")
     if case.task != info.task:
         raise ProtocolError(f"a {case.task!r} prediction from model {info.version!r}, a {info.task!r} model")
-    if case.prediction.probs is None:
+    if isinstance(case.prediction, Classification) and case.prediction.probs is None:
         raise ProtocolError("a device's classify prediction must carry its probs; received none")
     case.prediction.check_classes(info.n_classes, f"prediction of model {info.version!r}")
     if case.human_action is not None:

@@ -17,6 +17,8 @@ from typing import Protocol
 import numpy as np
 
 from fleet.errors import InvalidInput
+from trigger.box_scores import box_disagreement, box_uncertainty
+from trigger.boxes import Boxes
 from trigger.scores import least_confidence
 
 COLD_START_LABELS = 100  # adaptive: typical frames until this many are labeled (TypiClust's low-budget regime)
@@ -74,6 +76,24 @@ def informativeness(probs: np.ndarray, *, human: np.ndarray | None = None,
     if human is not None:
         h = np.asarray(human)
         out = np.where((h >= 0) & (h != pred), np.maximum(out, 0.9 + 0.1 * lc), out)
+    return np.clip(out, 0.0, 1.0)
+
+
+def box_informativeness(boxes: Boxes, *, human: Boxes | None = None, challenger: Boxes | None = None) -> np.ndarray:
+    """A detector's frames, ``boxes`` of n frames (``human`` and ``challenger``: the other box sets of the same
+    frames, unknown where there is none) -> (n,) in [0, 1], higher = label first, ranked as
+    :func:`informativeness` ranks a classifier's: the least sure box's normalised least confidence (1 - its score
+    without class distributions; 0 for a frame without a box); frames where the challenger's boxes differ
+    (1 - F1 > 0, :func:`trigger.box_scores.box_disagreement`) in [0.5, 1]; where the human's do, in [0.9, 1]."""
+    if boxes.probs is not None or boxes.m == 0:
+        u = box_uncertainty(boxes, measure="least_confidence", reduce="max", normalize=True)
+    else:
+        u = box_uncertainty(boxes, measure="low_score", reduce="max")
+    out = np.nan_to_num(u, nan=0.0)
+    for other, base in ((challenger, 0.5), (human, 0.9)):
+        if other is not None:
+            differ = np.nan_to_num(box_disagreement(boxes, other).score, nan=0.0) > 0
+            out = np.where(differ, np.maximum(out, base + (1.0 - base) * out), out)
     return np.clip(out, 0.0, 1.0)
 
 

@@ -68,7 +68,7 @@ def test_detector_finds_each_square_once_with_its_class_score_and_distribution(t
     assert out.logits is None and out.embedding.shape == (2, 16)
     assert out.boxes is not None and out.boxes.shape == (2, 64, 4) and out.scores is not None
     d = out.detections
-    assert d is not None and len(d) == 2 and d.counts.tolist() == [3, 0] and d.known.all()
+    assert d is not None and len(d) == 2 and d.counts.tolist() == [3, 0] and d.known_mask.all()
     want = sorted(((expected_score(s), square_box(s, H, W)) for s in SCENE), key=lambda t: -t[0][1])
     got = d.boxes[d.rows(0)]
     assert np.allclose(got, [box for _, box in want], atol=1e-6)  # the squares' exact boxes, best first
@@ -123,16 +123,16 @@ def test_thresholds_top_k_and_max_detections_follow_the_manifest(tmp_path: Path)
 
 def test_empty_and_nonfinite_frames(tmp_path: Path) -> None:
     d = detector(tmp_path).run([np.zeros((H, W, 3), np.uint8), np.full((H, W), 40, np.uint8)]).detections
-    assert d is not None and d.counts.tolist() == [0, 0] and d.known.all()
+    assert d is not None and d.counts.tolist() == [0, 0] and d.known_mask.all()
     assert d.boxes.shape == (0, 4) and d.probs.shape == (0, 3) and best_labels(d).tolist() == [-1, -1]
     boxes = np.tile([[0.1, 0.1, 0.5, 0.5]], (2, 3, 1)).astype(np.float32)
     scores = np.full((2, 3, 2), 0.9, np.float32)
     scores[1, 2, 0] = np.nan
     d = decode(boxes, scores, DetectorSpec())
-    assert d.known.tolist() == [True, False] and d.counts.tolist() == [1, 0]
+    assert d.known_mask.tolist() == [True, False] and d.counts.tolist() == [1, 0]
     scores[1, 2, 0] = 1.5  # a score out of [0, 1] is as much a fault as NaN
     boxes[0, 0, 0] = np.inf
-    assert decode(boxes, scores, DetectorSpec()).known.tolist() == [False, False]
+    assert decode(boxes, scores, DetectorSpec()).known_mask.tolist() == [False, False]
 
 
 # -- the decoder against torchvision's post-processing -------------------------------------------
@@ -363,7 +363,7 @@ def test_agent_counts_challenger_agreement_on_boxes_in_the_heartbeat(tmp_path: P
     v2 = signed_detector(tmp_path, keys, "v2", class_channels=(1, 0, 2))
     publish(hub, v1)
     publish(hub, v2)
-    spec = {"id": "all", "version": 1, "rule": {"trigger": "entropy", "above": -1.0}}
+    spec = {"id": "ch", "version": 1, "rule": {"trigger": "box_challenger_disagreement"}}
     assign(hub, v2, campaigns=(spec,))
     hub.rollout("v1", [1.0])  # the canary (every device) runs v1 and keeps the incumbent v2 in shadow
     agent = make_agent(tmp_path, hub, keys, scenes() * 5, runtime={"batch_size": 4})
@@ -376,5 +376,5 @@ def test_agent_counts_challenger_agreement_on_boxes_in_the_heartbeat(tmp_path: P
     assert hb.counters["frames_seen"] == 30 and hb.human_compared == 0 and hb.counters["health_failures"] == 0
     metrics = hub.field_metrics("v1")  # the hub counts the shadow's agreement for the version the device ran
     assert (metrics["challenger_compared"], metrics["challenger_agreed"]) == (30, 15)
-    # until the per-box triggers are wired in, a campaign on a detector says so instead of keeping nothing quietly
-    assert "campaign all-v1 is not evaluated: this device runs a detector (v1)" in caplog.text
+    # the frames where the challenger disagrees are the ones the campaign keeps (fewer with the dedup)
+    assert 0 < hb.counters["flagged"] <= 15 and "cannot run" not in caplog.text

@@ -6,7 +6,9 @@ scripts/services.sh starts it for the test command. Every client gets its own pi
 starts on a key frame), with a ball moving over a 64x48 test pattern at 15 frames/s:
 
 - ``/h264``: H.264 (x264, zero latency), the codec most IP cameras send;
-- ``/mjpeg``: Motion JPEG (RFC 2435), what cheaper cameras send.
+- ``/mjpeg``: Motion JPEG (RFC 2435), what cheaper cameras send;
+- ``/frames`` (with ``--frames DIR``): the PNG files ``DIR/00000.png``, ``DIR/00001.png``, ... over and over as
+  H.264, for tests that need to know what the camera shows.
 
 It prints ``ready rtsp://127.0.0.1:PORT`` once it listens and serves until SIGTERM or SIGINT.
 """
@@ -38,6 +40,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--height", type=int, default=48)
     ap.add_argument("--fps", type=int, default=15)
+    ap.add_argument("--frames", default="", help="a folder of 00000.png, 00001.png, ... to serve at /frames")
     args = ap.parse_args()
 
     Gst.init(None)
@@ -46,9 +49,14 @@ def main() -> None:
     server.set_service(str(args.port))
     mounts = server.get_mount_points()
     source = SOURCE.format(w=args.width, h=args.height, fps=args.fps)
-    for path, tail in MOUNTS.items():
+    launches = {path: f"( {source} ! {tail.format(fps=args.fps)} )" for path, tail in MOUNTS.items()}
+    if args.frames:
+        pngs = (f'multifilesrc location="{args.frames}/%05d.png" loop=true caps=image/png,framerate={args.fps}/1 '
+                f"! pngdec ! videoconvert ! video/x-raw,format=I420")
+        launches["/frames"] = f"( {pngs} ! {MOUNTS['/h264'].format(fps=args.fps)} )"
+    for path, launch in launches.items():
         factory = GstRtspServer.RTSPMediaFactory()
-        factory.set_launch(f"( {source} ! {tail.format(fps=args.fps)} )")
+        factory.set_launch(launch)
         factory.set_shared(False)
         mounts.add_factory(path, factory)
     if server.attach(None) == 0:

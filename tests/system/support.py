@@ -258,18 +258,21 @@ def make_agent(root: Path, hub: RunningHub, device_id: str, *, spec: dict[str, A
                shard: str = "shard.npz", loop: bool = False, fps: float = 0.0, spool_max_bytes: int = 64 << 20,
                timeout_s: float = 2.0, backoff_max_s: float = 1.0, drain_timeout_s: float = 60.0,
                heartbeat_s: float = 0.5, poll_s: float = 0.5, batch_size: int = 8, trigger_window: int = 16,
-               enroll: bool = True) -> AgentDir:
-    """Write agent.toml (and the default spec) under ``root`` and enroll the device through the CLI."""
+               enroll: bool = True, source: dict[str, Any] | None = None) -> AgentDir:
+    """Write agent.toml (and the default spec) under ``root`` and enroll the device through the CLI. ``source``:
+    the ``[source]`` table instead of the npz ``shard`` (say ``{"kind": "video", "path": "clip.mp4"}``)."""
     root.mkdir(parents=True, exist_ok=True)
     spec_line = ""
     if spec is not None:
         (root / "spec.json").write_text(json.dumps(spec))
         spec_line = '[triggers]\ndefault_spec = "spec.json"\n'
+    source_table = (f'kind = "npz"\npath = "{shard}"\nloop = {str(loop).lower()}\nfps = {fps}\n' if source is None
+                    else "".join(f"{k} = {json.dumps(v)}\n" for k, v in source.items()))
     (root / "agent.toml").write_text(
         f'device_id = "{device_id}"\ndata_dir = "data"\n\n'
         f'[hub]\nurl = "{hub.url}"\nfleet_secret = "{hub.fleet_secret}"\n'
         f'fleet_public_key = "{hub.keypair.public_b64}"\ntimeout_s = {timeout_s}\n\n'
-        f'[source]\nkind = "npz"\npath = "{shard}"\nloop = {str(loop).lower()}\nfps = {fps}\n\n'
+        f"[source]\n{source_table}\n"
         f"[runtime]\nthreads = 1\nbatch_size = {batch_size}\ntrigger_window = {trigger_window}\n"
         "trigger_max_delay_s = 0.5\n\n"
         f"[spool]\nmax_bytes = {spool_max_bytes}\n\n"

@@ -101,6 +101,27 @@ def get_case(case_id: str, request: Request, _: ReaderCaller, hub: HubDep) -> Re
     return message_response(selected_case(hub, row, base_url(hub, request)))
 
 
+@router.get("/v1/cases/{case_id}/preview", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the case's frame with its boxes drawn"}})
+def preview(case_id: str, _: ReaderCaller, hub: HubDep) -> Response:
+    """The case's frame as PNG with the model's boxes drawn (class and score), and the human's and challenger's
+    boxes when the case has them; a classifier's case gets its predicted class as a caption."""
+    from fleet.hub.preview import render_preview
+
+    check_name(case_id, "case_id")
+    with read_session(hub.engine) as s:
+        row = s.get(CaseRow, case_id)
+    if row is None:
+        raise NotFound(f"unknown case {case_id!r}")
+    try:
+        data = hub.blobs.get(row.image_sha256)
+    except KeyError:
+        raise NotFound(f"image {row.image_sha256} of case {case_id!r} is missing from the blob store") from None
+    info = model_info(hub, row.model_version)
+    png = render_preview(data, Case.from_dict(row.payload), list(info.class_names) if info else [])
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+
 @router.get("/v1/pool", response_model=PoolPage)
 def pool(request: Request, _: ReaderCaller, hub: HubDep, state: CaseState = Query("unlabeled"),
          limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=2**63 - 1)) -> Response:

@@ -108,6 +108,9 @@ def _classes(hub: Hub, rows: Sequence[CaseRow]) -> tuple[str, list[str]]:
     if not infos:
         return "classify", ["class_0"]
     widest = max(infos, key=lambda i: len(i.class_names))
+    tasks = sorted({i.task for i in infos})
+    if len(tasks) > 1:
+        raise Conflict(f"labeled cases come from models of different tasks {tasks}; a snapshot holds one task's labels")
     for i in infos:
         if list(widest.class_names[:len(i.class_names)]) != list(i.class_names) or i.task != widest.task:
             raise Conflict(f"labeled cases come from models whose classes do not extend one another: "
