@@ -16,6 +16,7 @@ from sqlmodel import col, func, select
 from fleet.errors import Conflict, NotFound, ProtocolError
 from fleet.hub import rollouts
 from fleet.hub.api import AdminCaller, AnyCaller, HubDep, message_body, message_response, request_body
+from fleet.hub.context import Hub
 from fleet.hub.db import insert_ignore, read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes
 from fleet.hub.models import Blob, Campaign, CaseRow, NoveltyBankRow
@@ -72,6 +73,11 @@ def create_campaign(_: AdminCaller, hub: HubDep, body: CampaignCreate = message_
 @router.get("/v1/campaigns", response_model=CampaignList)
 def list_campaigns(_: AdminCaller, hub: HubDep, include_deleted: bool = Query(False)) -> Response:
     """The newest version of each campaign."""
+    return message_response(campaign_list(hub, include_deleted=include_deleted))
+
+
+def campaign_list(hub: Hub, *, include_deleted: bool = False) -> CampaignList:
+    """The newest version of each campaign (of the deleted ones too when ``include_deleted``)."""
     with read_session(hub.engine) as s:
         rows = s.exec(select(Campaign).order_by(Campaign.campaign_id, col(Campaign.version).desc())).all()
     out, seen = [], set()
@@ -80,7 +86,7 @@ def list_campaigns(_: AdminCaller, hub: HubDep, include_deleted: bool = Query(Fa
             continue
         seen.add(r.campaign_id)
         out.append(campaign_public(r, now=hub.now()))
-    return message_response(CampaignList(campaigns=out))
+    return CampaignList(campaigns=out)
 
 
 @router.get("/v1/campaigns/{campaign_id}", response_model=CampaignVersions)
