@@ -59,14 +59,15 @@ def populate(h: HubHarness, *, advance: Any = None) -> Loop:
     r = h.client.post("/v1/snapshots", json={"name": "turn-1"}, headers=h.trainer)
     assert r.status_code == 201, r.text
     snapshot = r.json()["snapshot_id"]
-    h.register_model("m2", parent="m1", data_snapshot=f"hub-snapshot:{snapshot}")
+    h.register_model("m2", parent="m1", data_snapshot=f"hub-snapshot:{snapshot}",
+                     metrics={"test_accuracy": 0.71, "test_n": 500.0, "test/condition=night": 0.62})
     r = h.client.post("/v1/rollouts", json={"version": "m2", "stages": [0.34, 1.0]}, headers=h.trainer)
     assert r.status_code == 201, r.text
     rollout = r.json()["rollout_id"]
     r = h.client.post(f"/v1/rollouts/{rollout}/rollback", json={"reason": "canary disagreement rose 12% -> 31%"},
                       headers=h.trainer)
     assert r.status_code == 200 and r.json()["state"] == "rolled_back", r.text
-    h.register_model("m3", parent="m2", data_snapshot=snapshot)
+    h.register_model("m3", parent="m2", data_snapshot=snapshot, metrics={"test_accuracy": 0.78, "test_n": 500.0})
     r = h.client.post("/v1/rollouts", json={"version": "m3", "stages": [0.34, 0.67, 1.0]}, headers=h.trainer)
     assert r.status_code == 201, r.text
     return Loop(cases=cases, labeled=labeled, snapshot=snapshot)
@@ -153,7 +154,8 @@ def test_every_page_shows_the_loop(hub: HubHarness) -> None:
     assert "Accuracy per model version" in models and "<svg" in models and "<script" not in models
     models = text_of(models)
     assert "m1 active – – – 9 40.0% 20.0%" in models  # 2 of the 5 labels agree with m1; heartbeats: 15 / 150
-    assert "m2 retired m1 hub-snapshot:snap-00001" in models and "m3 canary m2 snap-00001" in models
+    assert "m2 retired m1 hub-snapshot:snap-00001 test_accuracy = 0.710" in models
+    assert "m3 canary m2 snap-00001 test_accuracy = 0.780" in models
     assert "canary disagreement rose 12% -> 31%" in html.unescape(models)
 
     m2 = text_of(hub.client.get("/ui/models/m2").text)
@@ -161,6 +163,7 @@ def test_every_page_shows_the_loop(hub: HubHarness) -> None:
     assert "Devices cam-north-1 (2), cam-north-2 (2), cam-south-1 (1)" in m2
     assert "Annotators ann@example.com, bob@example.com" in m2 and "Trained on (5 labeled cases)" in m2
     assert "rolled_back" in m2 and "canary disagreement rose" in m2
+    assert "test_accuracy: 0.710" in m2 and "test/condition=night 0.62" in m2  # the gate report
     m1 = text_of(hub.client.get("/ui/models/m1").text)
     assert "none (a base model)" in m1 and "heartbeats" in m1 and "3 heartbeats" in m1
 
