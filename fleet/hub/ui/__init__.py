@@ -3,6 +3,8 @@ login; :func:`install` adds it to an app."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import RedirectResponse
 
@@ -21,12 +23,12 @@ def install(app: FastAPI) -> None:
     async def _login(request: Request, exc: LoginRequired) -> RedirectResponse:
         return RedirectResponse("/ui/login", status_code=303)
 
-    previous = app.exception_handlers[FlywheelError]
+    previous: Any = app.exception_handlers[FlywheelError]
 
     @app.exception_handler(FlywheelError)
     async def _fault(request: Request, exc: FlywheelError) -> Response:
         if not request.url.path.startswith("/ui/"):
-            return await previous(request, exc)
+            return cast(Response, await previous(request, exc))
         try:
             admin = current_admin(request.app.state.hub, request)
         except LoginRequired:
