@@ -146,6 +146,12 @@ def train_command(
     ),
     eval_each_epoch: bool = typer.Option(False, "--eval-each-epoch", help="Record test accuracy after every epoch."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    tracking_uri: str | None = typer.Option(
+        None, "--tracking-uri",
+        help="Log parameters, per-epoch metrics, the gate report and the ONNX model to this MLflow store, e.g. "
+        "sqlite:///runs/mlflow.db or http://HOST:5000 (the tracking extra); checked before training starts.",
+    ),
+    experiment: str = typer.Option("flywheel", "--experiment", help="MLflow experiment (created if missing)."),
 ) -> None:
     """Retrain on new labels (+ replayed base data), gate against the current model, export, sign, publish."""
     _logging()
@@ -168,6 +174,7 @@ def train_command(
             sign_key=sign_key, int8=int8, parity_threshold=parity_threshold, publish=publish, token=token,
             rollout_stages=parse_stages(rollout_stages), stage_seconds=stage_seconds, dry_run=dry_run,
             device=device, amp=amp, threads=threads, cache_dir=cache_dir, eval_each_epoch=eval_each_epoch,
+            tracking_uri=tracking_uri, experiment=experiment,
         ).validate()
     except FlywheelError as exc:
         raise typer.BadParameter(str(exc)) from exc

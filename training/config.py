@@ -74,6 +74,8 @@ class TrainArgs:
     threads: int | None = None
     cache_dir: Path | None = None
     eval_each_epoch: bool = False
+    tracking_uri: str | None = None  # MLflow store (training.tracking)
+    experiment: str = "flywheel"
 
     def validate(self) -> TrainArgs:
         """Check ranges and fill defaults (lr, version); returns self."""
@@ -116,6 +118,8 @@ class TrainArgs:
             raise InvalidInput(f"--lr must be a positive number; received {self.lr}")
         if self.parity_threshold <= 0:
             raise InvalidInput(f"--parity-threshold must be > 0; received {self.parity_threshold}")
+        if not self.experiment.strip() or len(self.experiment) > 500:
+            raise InvalidInput(f"--experiment must be a name of 1 to 500 characters; received {self.experiment!r}")
         for name, value in (("--version", self.version), ("--parent", self.parent)):
             if value is not None and not NAME_RE.match(value):
                 raise InvalidInput(f"{name} must be letters, digits, '.', '_' or '-' (max 128); received {value!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fleet.errors import IntegrityError
+from fleet.errors import IntegrityError, PermanentError
 
 
 class SnapshotError(IntegrityError):
@@ -11,3 +11,7 @@ class SnapshotError(IntegrityError):
 
 class ParityError(IntegrityError):
     """The exported ONNX model does not compute what the torch model computes; nothing is published."""
+
+
+class TrackingError(PermanentError):
+    """The experiment-tracking store (``--tracking-uri``) cannot be used; raised before a turn trains anything."""

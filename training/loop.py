@@ -32,6 +32,7 @@ from training.checkpoint import (
     set_rng_state,
 )
 from training.config import TrainArgs
+from training.tracking import NullTracker, Tracker, track_epoch, track_params
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class LoopCore(ABC):
         self.start_epoch = 0
         self.resumed_from: int | None = None
         self.history: list[dict[str, Any]] = []
+        self.tracker: Tracker = NullTracker()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -154,11 +156,16 @@ class LoopCore(ABC):
         }
 
     def fit(self, resume: dict[str, Any] | None, progress: Progress | None, ckpt_path: Path, meta: dict[str, Any],
-            report: dict[str, Any]) -> bool:
-        """Resume if asked, train every epoch (the task's ``run``), record it in ``report``; True on rank 0, which
-        then finishes the turn alone."""
+            report: dict[str, Any], tracker: Tracker | None = None) -> bool:
+        """Resume if asked, train every epoch (the task's ``run``), record it in ``report`` and ``tracker`` (the
+        parameters, then each epoch, a resumed run's earlier ones first); True on rank 0, which then finishes the
+        turn alone."""
+        self.tracker = tracker or NullTracker()
+        track_params(self.tracker, self.args, report)
         if resume:
             self.load(resume)
+            for stats in self.history:
+                track_epoch(self.tracker, stats)
         report["training"] = self.describe()
         t = time.perf_counter()
         self.run(progress, ckpt_path, meta)
@@ -166,6 +173,11 @@ class LoopCore(ABC):
         report["training"].update(history=self.history, resumed_from_epoch=self.resumed_from)
         barrier(self.dist)
         return self.dist.is_main
+
+    def record(self, stats: dict[str, Any]) -> None:
+        """An epoch's statistics (``epoch`` and numbers) into the history and the tracker."""
+        self.history.append(stats)
+        track_epoch(self.tracker, stats)
 
     @abstractmethod
     def run(self, progress: Progress | None, ckpt_path: Path, meta: dict[str, Any]) -> None:

@@ -36,7 +36,8 @@ from training.hub_client import HubClient
 from training.loop import LoopCore, Progress, batch_starts, phase, prepare_on_ranks, set_threads, start_turn
 from training.models import Classifier, build_model, default_width, load_warm_start
 from training.prepare import ClientFactory, Prepared, prepare_data
-from training.report import finish_turn, write_report
+from training.report import REPORT, finish_turn, write_report
+from training.tracking import NullTracker, Tracker, open_tracker, track_turn
 
 log = logging.getLogger(__name__)
 
@@ -117,15 +118,25 @@ def main(
         from training.detect.train import turn
     else:
         turn = _turn
+    tracker: Tracker = NullTracker()
     try:
-        return turn(args, dist, device, factory, progress, report, t_start)
+        if dist.is_main:  # reach the tracking store before anything trains (training.tracking)
+            tracker = open_tracker(args.tracking_uri, args.experiment)
+        result = turn(args, dist, device, factory, progress, report, t_start, tracker)
+        track_turn(tracker, report, args.out)
+        tracker.end("FINISHED")
+        return result
     except Exception as exc:
         if dist.is_main:
             report.update(status="failed", error=f"{type(exc).__name__}: {exc}")
             report["timings"]["total"] = time.perf_counter() - t_start
             write_report(args.out, report)
+            tracker.set_tags({"flywheel.status": "failed", "flywheel.error": report["error"][:5000]})
+            tracker.log_artifact(args.out / REPORT)
+            tracker.end("FAILED")
         raise
     finally:
+        tracker.end("KILLED")  # interrupted (Ctrl-C, a signal): nothing was closed above
         for c in clients.values():
             c.close()
         shutdown(dist)
@@ -133,7 +144,7 @@ def main(
 
 def _turn(
     args: TrainArgs, dist: Dist, device: torch.device, factory: ClientFactory, progress: Progress | None,
-    report: dict[str, Any], t_start: float,
+    report: dict[str, Any], t_start: float, tracker: Tracker,
 ) -> dict[str, Any]:
     timings = report["timings"]
     ckpt_path = args.out / CHECKPOINT
@@ -161,7 +172,7 @@ def _turn(
         report["warm_start"] = {"checkpoint": str(args.warm_start), **load_warm_start(model, warm["model"])}
     meta = _meta(args, model, data, spec, parent)
     train = _Trainer(args, dist, device, model, data, spec, bool(warm))
-    if not train.fit(resume, progress, ckpt_path, meta, report):
+    if not train.fit(resume, progress, ckpt_path, meta, report, tracker):
         return {"rank": dist.rank, "status": "worker-done"}
     return finish_turn(args, train.core, data, meta, warm, key, factory, report, t_start, device=device)
 
@@ -205,7 +216,7 @@ class _Trainer(LoopCore):
                      "images_per_s": stats["images_per_s"] * world}
             if args.eval_each_epoch and dist.is_main:
                 stats["test_accuracy"] = self._quick_accuracy()
-            self.history.append(stats)
+            self.record(stats)
             log.info("epoch %d/%d: loss %.4f, train acc %.4f, %.0f images/s%s", epoch + 1, args.epochs,
                      stats["loss"], stats["train_accuracy"], stats["images_per_s"],
                      f", test acc {stats['test_accuracy']:.4f}" if "test_accuracy" in stats else "")

@@ -153,6 +153,43 @@ def campaigns_list(hub: str = HUB_URL, token: str = TOKEN) -> None:
         typer.echo(f"{c.campaign_id}\tv{c.version}\t{','.join(c.groups) or '*'}{flag}")
 
 
+@campaigns_app.command("rebalance")
+def campaigns_rebalance(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """Move an auto campaign's trigger budgets towards the triggers whose uploads were errors (a new version)."""
+    from fleet.protocol import CampaignReceipt
+
+    c = _call(hub, token, "POST", f"/v1/campaigns/{campaign_id}/rebalance", CampaignReceipt)
+    per = (c.spec.get("budgets") or {}).get("per_trigger") or {}
+    shares = ", ".join(f"{k} {v['rate_per_s'] * 60:.3g}/min" for k, v in per.items())
+    typer.echo(f"{'unchanged' if c.already else 'rebalanced'}: {c.campaign_id} v{c.version}: {shares}")
+
+
+@campaigns_app.command("yield")
+def campaigns_yield(campaign_id: str | None = typer.Argument(None, help="One campaign (default: all)."),
+                    hub: str = HUB_URL, token: str = TOKEN,
+                    as_json: bool = typer.Option(False, "--json", help="The hub's answer as JSON.")) -> None:
+    """What each campaign trigger's uploads were worth once labeled: errors found, yield, labels and bytes per
+    error found (trigger '*': the campaign's cases, each once)."""
+    from urllib.parse import quote
+
+    from fleet.protocol import YieldReport
+
+    path = "/v1/yields" + (f"?campaign_id={quote(campaign_id)}" if campaign_id else "")
+    report = _call(hub, token, "GET", path, YieldReport)
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    typer.echo("campaign\ttrigger\tuploads\tlabeled\terrors\tyield\tlabels/error\tKiB/error")
+    for y in report.yields:
+        typer.echo(f"{y.campaign_id}\t{y.trigger}\t{y.uploads}\t{y.labeled}\t{y.errors}\t"
+                   f"{_fmt(y.yield_, '.2f')}\t{_fmt(y.labels_per_error, '.1f')}\t"
+                   f"{_fmt(None if y.bytes_per_error is None else y.bytes_per_error / 1024, '.1f')}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 @campaigns_app.command("delete")
 def campaigns_delete(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
     """Withdraw a campaign from every device."""

@@ -304,6 +304,7 @@ class Campaign(SQLModel, table=True):
     novelty_bank: str | None = _id(default=None)
     created_at: float
     deleted_at: float | None = None
+    auto_budgets: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})  # fleet.hub.autobudget
 
 
 class NoveltyBankRow(SQLModel, table=True):

@@ -165,5 +165,25 @@ def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int
     for fm in counters:
         for k in FIELD_COUNTERS:
             lines.append(f'flywheel_field_total{{version="{_esc(fm.version)}",counter="{k}"}} {getattr(fm, k)}')
+    lines += _yield_lines(s)
     lines += request_metrics.render()
     return "\n".join(lines) + "\n"
+
+
+def _yield_lines(s: Session) -> list[str]:
+    """Per campaign and trigger (fleet.hub.yields): uploads, labeled and errors found as gauges, and the yield."""
+    from fleet.hub.yields import trigger_yields
+
+    rows = trigger_yields(s).yields
+    lines = []
+    for key, help_text in (("uploads", "Cases a campaign's trigger flagged."),
+                           ("labeled", "Of those, cases with an accepted label."),
+                           ("errors", "Of those, cases the capturing model got wrong."),
+                           ("yield", "Errors found / labeled cases.")):
+        lines += [f"# HELP flywheel_trigger_{key} {help_text}", f"# TYPE flywheel_trigger_{key} gauge"]
+        for y in rows:
+            value = y.yield_ if key == "yield" else getattr(y, key)
+            if value is not None:
+                lines.append(f'flywheel_trigger_{key}{{campaign="{_esc(y.campaign_id)}",trigger="{_esc(y.trigger)}"}} '
+                             f"{float(value):.6g}")
+    return lines

@@ -64,6 +64,8 @@ from fleet.protocol.campaigns import (
     CampaignPublic,
     CampaignReceipt,
     CampaignVersions,
+    TriggerYield,
+    YieldReport,
 )
 from fleet.protocol.dataset import (
     BlobRequest,
@@ -156,7 +158,7 @@ __all__ = [
     "Promotion", "QueueDepths", "Release", "RollbackReceipt", "RollbackRequest", "RolloutCreate", "RolloutList",
     "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest", "SignedManifest", "SnapshotCreate",
     "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic", "StoredEvent", "Summary", "TokenCreate",
-    "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "Verdict", "canonical_json", "check_finite",
-    "check_int", "check_name", "check_sha256", "check_str", "check_tags", "decode_embedding", "decode_manifest",
-    "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
+    "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "TriggerYield", "Verdict", "YieldReport",
+    "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
+    "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
 ]

@@ -26,10 +26,12 @@ from fleet.protocol.base import (
     Message,
     check_bool,
     check_finite,
+    check_fraction,
     check_int,
     check_name,
     check_names_list,
     check_sha256,
+    check_str,
     opt,
 )
 
@@ -59,7 +61,8 @@ class CampaignCreate(Message):
 
 @dataclass
 class CampaignPublic(Message):
-    """One version of a campaign (``expired``: whether it had expired when listed; None when not asked)."""
+    """One version of a campaign (``expired``: whether it had expired when listed; None when not asked;
+    ``auto_budgets``: the hub moves its trigger budgets towards yield, fleet.hub.autobudget)."""
 
     campaign_id: str
     version: int
@@ -70,6 +73,7 @@ class CampaignPublic(Message):
     novelty_bank: str | None = None
     deleted_at: float | None = None
     expired: bool | None = None
+    auto_budgets: bool = False
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
@@ -83,6 +87,7 @@ class CampaignPublic(Message):
         opt(self.novelty_bank, check_name, "novelty_bank")
         opt(self.deleted_at, check_finite, "deleted_at")
         opt(self.expired, check_bool, "expired")
+        check_bool(self.auto_budgets, "auto_budgets")
 
 
 @dataclass
@@ -176,4 +181,49 @@ class BankList(Message):
     LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"banks": (BankPublic, 100_000)}
 
     banks: list[BankPublic]
+    schema: int = SCHEMA_VERSION
+
+
+@dataclass
+class TriggerYield(Message):
+    """What one trigger of one campaign found (``trigger`` ``"*"``: the campaign's cases, each counted once).
+
+    ``uploads``: cases it flagged (a case several triggers flagged counts for each); ``labeled``: those with an
+    accepted label; ``errors``: labeled cases on which the model that captured them was wrong (classify: the
+    label is another class; detect: a box missed, added or of another class at IoU 0.5, over the boxes at or
+    above the model's operating threshold); ``yield_`` errors / labeled; ``labels_per_error`` labeled / errors
+    and ``bytes_per_error`` uploaded image bytes / errors (null without an error found).
+    """
+
+    campaign_id: str
+    trigger: str
+    uploads: int
+    labeled: int
+    errors: int
+    bytes: int
+    yield_: float | None = None
+    labels_per_error: float | None = None
+    bytes_per_error: float | None = None
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.campaign_id, "campaign_id")
+        check_str(self.trigger, "trigger", max_len=128)
+        for name in ("uploads", "labeled", "errors", "bytes"):
+            check_int(getattr(self, name), name, lo=0)
+        if not self.errors <= self.labeled <= self.uploads:
+            raise ProtocolError(f"a yield needs errors <= labeled <= uploads; received {self.errors}, "
+                                f"{self.labeled}, {self.uploads}")
+        opt(self.yield_, check_fraction, "yield_")
+        opt(self.labels_per_error, check_finite, "labels_per_error")
+        opt(self.bytes_per_error, check_finite, "bytes_per_error")
+
+
+@dataclass
+class YieldReport(Message):
+    """Per campaign and trigger, what the uploads turned out to be worth once labeled (``GET /v1/yields``)."""
+
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"yields": (TriggerYield, 100_000)}
+
+    yields: list[TriggerYield]
     schema: int = SCHEMA_VERSION

@@ -22,7 +22,22 @@ def demo(
     workspace: Path | None = typer.Option(
         None, "--workspace", help="A new folder for this run (default: ./flywheel-demo/<time>)."),
     frames: int = typer.Option(300, "--frames-per-device", min=10, help="Frames each device sees per turn."),
-    labeler: str = typer.Option("auto", "--labeler", help="auto (Label Studio if installed), studio, oracle."),
+    labeler: str = typer.Option(
+        "auto", "--labeler", help="auto (Label Studio, installed into ./.venv-studio on first use; the oracle if it "
+        "cannot be had), studio (Label Studio or fail), oracle (the built-in oracle)."),
+    annotate: bool = typer.Option(
+        False, "--annotate", help="You label each turn's tasks in Label Studio's UI; the demo waits, shows "
+        "progress, and ends a turn early when you touch <workspace>/finish-turn."),
+    install_studio: bool = typer.Option(
+        True, "--install-studio/--no-install-studio", help="Install Label Studio into ./.venv-studio when missing."),
+    seed_size: int | None = typer.Option(
+        None, "--seed-size", min=1, help="Frames in the base model's seed set (default: 15 a class)."),
+    test_size: int | None = typer.Option(
+        None, "--test-size", min=1, help="Test images a condition, stratified by class (default: all, up to 500)."),
+    model: str = typer.Option("smallcnn", "--model", help="The classifier `flywheel train` builds (--model there)."),
+    width: int = typer.Option(16, "--width", min=1, help="The model's width."),
+    base_epochs: int = typer.Option(30, "--base-epochs", min=1, help="Epochs for the base model."),
+    epochs: int = typer.Option(20, "--epochs", min=1, help="Epochs for each turn's retrain (both arms)."),
     strategy: str = typer.Option("uncertainty+diversity", "--strategy", help="The hub's selection strategy."),
     allow_short: bool = typer.Option(
         False, "--allow-short", help="Carry on when a turn cannot spend its label budget (by default that is an "
@@ -40,7 +55,10 @@ def demo(
     console = Console()
     ws = workspace or Path("flywheel-demo") / time.strftime("%Y%m%d-%H%M%S")
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
-                            frames_per_device=frames, labeler=labeler, strategy=strategy, allow_short=allow_short)
+                            frames_per_device=frames, labeler=labeler, strategy=strategy, allow_short=allow_short,
+                            install_studio=install_studio, annotate=annotate, seed_size=seed_size,
+                            test_size=test_size, model=model, width=width, base_epochs=base_epochs,
+                            turn_epochs=epochs)
     try:
         settings.validate()
     except ValueError as exc:

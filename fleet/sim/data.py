@@ -115,3 +115,20 @@ def _split(name: str, x: npt.NDArray[np.uint8], y: npt.NDArray[np.int64], classe
     n_test = max(len(classes), int(round(len(x) * test_fraction)))
     test, train = order[:n_test], order[n_test:]
     return Dataset(name, x[train], y[train], x[test], y[test], classes)
+
+
+def sample_test(data: Dataset, n: int, *, seed: int = 0) -> Dataset:
+    """``data`` with about ``n`` test images (never more than ``max(n, classes)``), sampled per class in proportion
+    to the class's share, each class keeping at least one, so that every test condition stays cheap to evaluate
+    on a large set."""
+    if n < 1:
+        raise ValueError(f"the test size must be a positive number of images; received {n}")
+    if len(data.y_test) <= n:
+        return data
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(data.y_test, return_counts=True)
+    quota = np.maximum(1, np.floor(counts * n / len(data.y_test)).astype(np.int64))
+    keep = np.concatenate([rng.choice(np.flatnonzero(data.y_test == c), size=min(q, m), replace=False)
+                           for c, q, m in zip(classes, quota, counts, strict=True)])
+    keep.sort()
+    return Dataset(data.name, data.x_train, data.y_train, data.x_test[keep], data.y_test[keep], data.class_names)

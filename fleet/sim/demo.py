@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from fleet.protocol import CampaignCreate, CampaignReceipt, DeviceList, PoolPage, RolloutPublic, SignedManifest
 from fleet.signing import generate_keypair, write_keypair
-from fleet.sim.data import load_dataset
+from fleet.sim.data import load_dataset, sample_test
 from fleet.sim.fleet import Frames, World, build_world
 from fleet.sim.labelers import Labeler, OracleLabeler, shortfall
 from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged, start_hub, start_logged, stop_process, tail
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 DEMO_GROUP = "demo"
 EXIT_REJECTED = 3  # `flywheel train` exit code for a candidate the gate rejected
+SEED_PER_CLASS = 15  # the default seed set: this many frames a class (a many-class set needs more than digits)
+TEST_CAP = 500  # the default test set: at most this many images a condition (stratified), so turns stay short
+NEAR_CHANCE = 1.5  # a model below this many times chance accuracy is "near chance"
 
 
 @dataclass
@@ -44,26 +47,38 @@ class DemoSettings:
     seed: int = 0
     dataset: str | None = None
     frames_per_device: int = 300  # per turn
-    seed_size: int = 150
+    seed_size: int | None = None  # None: SEED_PER_CLASS frames a class (150 for digits)
+    test_size: int | None = None  # test images per condition, stratified by class; None: all, up to TEST_CAP
     base_epochs: int = 30
     turn_epochs: int = 20
     turn_lr: float = 0.05  # fine-tuning rate from the current model's checkpoint (both arms)
     upload_rate: float = 0.08  # calibrated uncertainty trigger's target rate per device
     strategy: str = "uncertainty+diversity"
     labeler: str = "auto"  # auto | oracle | studio
+    install_studio: bool = True  # auto/studio: install Label Studio into ./.venv-studio when it is missing
+    annotate: bool = False  # a person labels each turn in Label Studio's UI (needs Label Studio)
     model: str = "smallcnn"
     width: int = 16
     allow_short: bool = False  # a turn whose labels fall short of the budget is an error unless this is set
 
     def validate(self) -> None:
-        for name in ("turns", "devices", "budget", "frames_per_device", "seed_size", "base_epochs", "turn_epochs"):
+        for name in ("turns", "devices", "budget", "frames_per_device", "seed_size", "test_size", "base_epochs",
+                     "turn_epochs", "width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value is None and name in ("seed_size", "test_size"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; received {value!r}")
         if not 0 < self.upload_rate < 1:
             raise ValueError(f"--upload-rate must be in (0, 1); received {self.upload_rate}")
         if self.labeler not in ("auto", "oracle", "studio"):
             raise ValueError(f"--labeler must be auto, oracle or studio; received {self.labeler!r}")
+        if self.annotate and self.labeler == "oracle":
+            raise ValueError("--annotate has you label in Label Studio; it cannot go with --labeler oracle")
+
+    def seed_frames(self, classes: int) -> int:
+        """The seed set's size: ``seed_size`` if given, else SEED_PER_CLASS frames a class."""
+        return self.seed_size if self.seed_size is not None else SEED_PER_CLASS * classes
 
 
 class ShortTurn(RuntimeError):
@@ -117,7 +132,9 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
     key_path, _ = write_keypair(pair, ws / "keys")
 
     data = load_dataset(settings.dataset, seed=settings.seed)
-    world = build_world(data, seed=settings.seed, seed_size=settings.seed_size)
+    k = len(data.class_names)
+    data = sample_test(data, settings.test_size if settings.test_size is not None else TEST_CAP, seed=settings.seed)
+    world = build_world(data, seed=settings.seed, seed_size=settings.seed_frames(k))
     say(f"data: {data.name}, {len(data.class_names)} classes, images {data.x_train.shape[1:]}, "
         f"seed set {len(world.seed_set)} (mostly clear), test {len(world.test_set)} across conditions")
     seed_npz = world.seed_set.save_training(ws / "seed.npz", test=world.test_set, class_names=data.class_names)
@@ -147,6 +164,10 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
                  body=CampaignCreate(spec=campaign_spec(settings), groups=[DEMO_GROUP]))
         configs = _enroll_agents(settings, hub, ws)
         acc0 = evaluate_onnx(base.onnx, base.manifest, world.test_set)
+        if acc0[0] < NEAR_CHANCE / k:
+            say(f"WARNING: the base model is near chance (test accuracy {acc0[0]:.3f}, chance {1 / k:.3f} with {k} "
+                f"classes): give it more seed frames (--seed-size, now {len(world.seed_set)}), more epochs "
+                f"(--base-epochs, now {settings.base_epochs}) or another model (--model, now {settings.model})")
         turns.append(TurnResult(0, ArmResult(*acc0, labels=0, model_version=base.version),
                                 ArmResult(*acc0, labels=0, model_version=base.version),
                                 seconds=time.monotonic() - t0, gate="base"))
@@ -235,6 +256,10 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
                 on_turn(turns)
         if rollout_id is not None:
             _finish_rollout(hub, rollout_id, say)
+        if settings.turns and fly.version == base.version and any(t.spent for t in turns):
+            say(f"WARNING: every flywheel candidate failed the gate, so the fleet still runs the base model: give "
+                f"each turn more labels (--budget, now {settings.budget}) or epochs (--epochs, now "
+                f"{settings.turn_epochs}), or a stronger base (--seed-size, --base-epochs)")
     except ShortTurn as exc:  # the turns so far still get their report, with the reason it stopped
         write_report(turns, ws / "report", title="Flywheel demo", labeler=labeler.name if labeler else "",
                      settings={k: str(v) for k, v in asdict(settings).items()}, error=str(exc))
@@ -458,15 +483,36 @@ def _concat(parts: list[Frames]) -> Frames:
 
 
 def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World, ws: Path, say: Progress) -> Labeler:
+    """Label Studio with simulated annotators (installed into ./.venv-studio the first time, unless told not
+    to), or the oracle when asked, or when Label Studio cannot be had: then one line says why."""
     token = hub.token("labeler", "demo-labeler")
+    if settings.annotate:  # a person labels: Label Studio or nothing
+        settings = replace(settings, labeler="studio")
     if settings.labeler in ("auto", "studio"):
         from fleet.sim.labelers import studio_available
+        from fleet.sim.procs import ProcessFailed
+        from fleet.sim.studio import find_studio_bin, install_studio, studio_requirement
 
         why = studio_available()
+        if why is not None and find_studio_bin() is None and settings.install_studio \
+                and "label-studio-sdk" not in why:
+            venv = Path.cwd() / ".venv-studio"
+            say(f"installing {studio_requirement()} into {venv} (once; a minute or two)")
+            try:
+                install_studio(venv)
+                why = studio_available()
+            except ProcessFailed as exc:
+                why = str(exc).splitlines()[0]
         if why is None:
             from fleet.sim.labelers import StudioLabeler
 
-            return StudioLabeler(hub, token, world, ws, strategy=settings.strategy, say=say)
+            try:
+                return StudioLabeler(hub, token, world, ws, strategy=settings.strategy, say=say,
+                                     annotate=settings.annotate)
+            except ProcessFailed as exc:
+                if settings.labeler == "studio":
+                    raise RuntimeError(f"--labeler studio: {exc}") from exc
+                why = f"it did not start: {str(exc).splitlines()[0]}"
         if settings.labeler == "studio":
             raise RuntimeError(f"--labeler studio: {why}")
         say(f"Label Studio not used ({why}); the built-in oracle labels instead")

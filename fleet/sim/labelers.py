@@ -32,6 +32,7 @@ class LabelRound:
     selected: int
     labeled: int
     problems: tuple[str, ...] = ()
+    finished_early: bool = False  # a person ended the turn before labeling every task (--annotate)
 
 
 def shortfall(round_: LabelRound, *, budget: int, supply: int) -> tuple[str, bool]:
@@ -46,6 +47,8 @@ def shortfall(round_: LabelRound, *, budget: int, supply: int) -> tuple[str, boo
     wanted = min(budget, supply)
     if round_.labeled >= budget:
         return "", False
+    if round_.finished_early:
+        return f"you finished the turn early: {round_.labeled} of {round_.selected} task(s) labeled", False
     if round_.labeled >= wanted and not round_.problems:
         return f"the pool held only {supply} case(s) for a budget of {budget}", False
     if round_.labeled == round_.selected < wanted and not round_.problems:
@@ -142,11 +145,15 @@ class StudioLabeler:
 
     def __init__(self, hub: HubProcess, labeler_token: str, world: World, ws: Path, *,
                  strategy: str = "uncertainty+diversity", say: Callable[[str], None] | None = None,
-                 annotators: int = 3, accuracy: float = 1.0, settle_s: float = 600.0, return_s: float = 120.0) -> None:
+                 annotators: int = 3, accuracy: float = 1.0, settle_s: float = 600.0, return_s: float = 120.0,
+                 annotate: bool = False, poll_s: float = 3.0) -> None:
         from fleet.sim.studio import StudioServer, find_studio_bin, start_studio, studio_version
 
-        # settle_s: the most the bots may take for a turn's tasks; return_s: for their labels to reach the hub
+        # settle_s: the most the bots may take for a turn's tasks; return_s: for their labels to reach the hub;
+        # annotate: a person labels in Label Studio's UI instead of the bots (the demo waits, polling every poll_s)
         self.world, self.settle_s, self.return_s, self.strategy = world, settle_s, return_s, strategy
+        self.annotate, self.poll_s = annotate, poll_s
+        self.finish_path = ws / "finish-turn"  # --annotate: touch it to end a turn with the labels so far
         self.say = say or (lambda msg: log.info("%s", msg))
         self._headers = {"Authorization": f"Bearer {labeler_token}"}
         self.hub = httpx.Client(base_url=hub.url, headers=self._headers, timeout=60)
@@ -162,7 +169,8 @@ class StudioLabeler:
             self.say(f"starting Label Studio ({binary}); the first start takes a minute or two")
             self.server = start_studio(ws / "label-studio" / "data", binary=binary)
             self.url, self.token = self.server.url, self.server.token
-            self.say(f"Label Studio on {self.url} (data in {ws / 'label-studio'})")
+            self.say(f"Label Studio on {self.url}: log in as {self.server.email} with password "
+                     f"{self.server.password} to watch the queue fill (data in {ws / 'label-studio'})")
         run = secrets.token_hex(3)
         self.dir = ws / "label-studio"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +186,8 @@ class StudioLabeler:
         self._answers: dict[str, int] = {}  # case id -> true label, for the cases pushed so far
         self.correct = 0
         version = studio_version(self.url, self.token)
-        self.name = f"Label Studio {version or ''}".rstrip() + f" with {annotators} simulated annotators"
+        who = "you as the annotator" if annotate else f"{annotators} simulated annotators"
+        self.name = f"Label Studio {version or ''}".rstrip() + f" with {who}"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -192,6 +201,8 @@ class StudioLabeler:
         pushed = int(report.get("pushed") or 0)
         if pushed == 0 and not open_before:
             return LabelRound(0, 0, tuple(problems))
+        if self.annotate:
+            return self._wait_for_person(turn, before, pushed + open_before, problems)
         self._learn_answers()
         tallies = self._label_cmd("bots", "--truth", str(self.truth_path), "--team", self.team, "--until-idle",
                                   timeout=self.settle_s)
@@ -213,6 +224,31 @@ class StudioLabeler:
         if done < answered:
             problems.append(f"only {done} of {answered} annotations reached the hub within {self.return_s:.0f}s")
         return LabelRound(pushed + open_before, done, tuple(problems))
+
+    def _wait_for_person(self, turn: int, before: int, tasks: int, problems: list[str]) -> LabelRound:
+        """Wait until a person has labeled this turn's ``tasks`` in Label Studio's UI, or ends the turn early by
+        creating :attr:`finish_path`; annotations come back through the bridge (webhooks, then reconciliation),
+        and progress is said whenever it moves."""
+        self.finish_path.unlink(missing_ok=True)
+        self.say(f"turn {turn}: {tasks} task(s) wait for you in Label Studio at {self.url}, project "
+                 f"{self.project!r}; label them there (the turn ends when all are labeled), or end the turn early "
+                 f"with: touch {self.finish_path}")
+        shown, early = -1, False
+        while True:
+            report = self._sync("--no-push")
+            problems += [e for e in report.get("errors") or [] if e not in problems]
+            done = self._labeled() - before
+            if done != shown:
+                self.say(f"turn {turn}: {done} / {tasks} labeled")
+                shown = done
+            if done >= tasks:
+                break
+            if self.finish_path.exists():
+                self.finish_path.unlink(missing_ok=True)
+                early = True
+                break
+            time.sleep(self.poll_s)
+        return LabelRound(tasks, done, tuple(problems), finished_early=early)
 
     def close(self) -> None:
         self.hub.close()

@@ -26,6 +26,51 @@ STUDIO_ENV = {
 }
 
 
+STUDIO_REQUIREMENT = "label-studio==1.23.2"  # the `studio` extra's pin, when the installed metadata lacks it
+
+
+def studio_requirement() -> str:
+    """The Label Studio pin of this package's ``studio`` extra (pyproject.toml is the one place it is written)."""
+    import importlib.metadata as md
+    import re
+
+    try:
+        reqs = md.requires("edge-flywheel") or []
+    except md.PackageNotFoundError:
+        return STUDIO_REQUIREMENT
+    for r in reqs:
+        name, _, marker = r.partition(";")
+        if re.search(r"extra\s*==\s*['\"]studio['\"]", marker) and name.strip().startswith("label-studio"):
+            return name.strip().replace(" ", "")
+    return STUDIO_REQUIREMENT
+
+
+def install_studio(venv: Path, *, timeout: float = 900.0) -> Path:
+    """Install Label Studio (the ``studio`` extra's pin) into its own virtualenv ``venv`` (its Django pins stay out
+    of ours) and return its ``label-studio`` executable. Raises ProcessFailed, with pip's last lines, on failure;
+    a half-made virtualenv is removed."""
+    made = not venv.exists()
+    log_path = venv.parent / f"{venv.name}-install.log"
+    try:
+        with log_path.open("wb") as log:
+            if made:
+                subprocess.run([sys.executable, "-m", "venv", str(venv)], stdout=log, stderr=subprocess.STDOUT,
+                               check=True, timeout=timeout)
+            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+                            "-q", studio_requirement()], stdout=log, stderr=subprocess.STDOUT, check=True,
+                           timeout=timeout)
+    except (subprocess.SubprocessError, OSError) as exc:
+        if made:
+            shutil.rmtree(venv, ignore_errors=True)
+        raise ProcessFailed(f"installing {studio_requirement()} into {venv} failed ({exc}):\n{tail(log_path, 10)}"
+                            ) from exc
+    binary = venv / "bin" / "label-studio"
+    if not binary.is_file():
+        raise ProcessFailed(f"{studio_requirement()} installed into {venv}, but {binary} is missing")
+    log_path.unlink(missing_ok=True)
+    return binary
+
+
 def find_studio_bin() -> Path | None:
     """The ``label-studio`` executable: $FLYWHEEL_STUDIO_BIN, next to this interpreter, on PATH, or
     ``.venv-studio/bin/label-studio`` under the current directory (what scripts/services.sh creates)."""

@@ -44,3 +44,27 @@ def test_demo_refuses_a_used_workspace_and_bad_options(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "fleet.cli", "demo", "--labeler", "crowd"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "labeler" in run.stdout + run.stderr
+
+
+def test_demo_on_a_many_class_rgb_set_says_which_option_to_change(tmp_path: Path) -> None:
+    """Thirty classes of RGB noise: no model gets above chance on it, and the demo must say so, naming the
+    options that would help, and honour the sizes it was given."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    k = 30
+    data = tmp_path / "many.npz"
+    np.savez(data, x_train=rng.integers(0, 256, (900, 16, 16, 3), dtype=np.uint8), y_train=np.arange(900) % k,
+             x_test=rng.integers(0, 256, (300, 16, 16, 3), dtype=np.uint8), y_test=np.arange(300) % k)
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "fleet.cli", "demo", "--workspace", str(ws), "--dataset", str(data), "--turns", "1",
+           "--devices", "1", "--frames-per-device", "60", "--budget", "10", "--labeler", "oracle",
+           "--base-epochs", "1", "--epochs", "1", "--seed-size", "60", "--test-size", "90", "--width", "8"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = " ".join(run.stdout.split())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "30 classes" in out and "seed set 60" in out and "test 540 across conditions" in out  # 90 x 6
+    assert "WARNING: the base model is near chance" in out
+    assert "(--seed-size, now 60)" in out and "(--base-epochs, now 1)" in out and "(--model, now smallcnn)" in out
+    settings = json.loads((ws / "report" / "results.json").read_text())["settings"]
+    assert settings["seed_size"] == "60" and settings["test_size"] == "90" and settings["turn_epochs"] == "1"

@@ -32,6 +32,7 @@ from training.export import input_spec
 from training.loop import LoopCore, Progress, batch_starts, phase, prepare_on_ranks, start_turn
 from training.models import load_warm_start
 from training.prepare import ClientFactory
+from training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def train_one_epoch(
 
 def turn(
     args: TrainArgs, dist: Dist, device: torch.device, factory: ClientFactory, progress: Progress | None,
-    report: dict[str, Any], t_start: float,
+    report: dict[str, Any], t_start: float, tracker: Tracker,
 ) -> dict[str, Any]:
     """One detector turn on this rank (see :func:`training.train.main`, which calls it)."""
     timings = report["timings"]
@@ -120,7 +121,7 @@ def turn(
         report["init_weights"] = load_init_weights(model, args.init_weights)
     meta = _meta(args, model, data, spec, start.parent)
     train = _DetTrainer(args, dist, device, model, data, spec, warm=bool(warm))
-    if not train.fit(resume, progress, ckpt_path, meta, report):
+    if not train.fit(resume, progress, ckpt_path, meta, report, tracker):
         return {"rank": dist.rank, "status": "worker-done"}
     return finish_detect_turn(args, train.core, data, meta, warm, key, factory, report, t_start, device=device)
 
@@ -172,7 +173,7 @@ class _DetTrainer(LoopCore):
                      "images_per_s": stats["images_per_s"] * world}
             if args.eval_each_epoch and dist.is_main:
                 stats["test_map_50"] = self._quick_map()
-            self.history.append(stats)
+            self.record(stats)
             log.info("epoch %d/%d: loss %.4f, %.1f images/s%s", epoch + 1, args.epochs, stats["loss"],
                      stats["images_per_s"], f", test mAP@.5 {stats['test_map_50']:.4f}" if "test_map_50" in stats
                      else "")

@@ -30,6 +30,7 @@ from fleet.protocol import (
     CampaignPublic,
     CampaignReceipt,
     CampaignVersions,
+    YieldReport,
     check_name,
 )
 
@@ -40,8 +41,12 @@ router = APIRouter(tags=["campaigns"])
              openapi_extra=request_body(CampaignCreate),
              responses={200: {"model": CampaignReceipt, "description": "the same version was there already"}})
 def create_campaign(_: AdminCaller, hub: HubDep, body: CampaignCreate = message_body(CampaignCreate)) -> Response:
-    """A trigger spec (as ``{spec, groups, novelty_bank}``, or bare), validated with ``trigger.parse_spec``."""
-    spec = parse_spec(body.spec)
+    """A trigger spec (as ``{spec, groups, novelty_bank}``, or bare), validated with ``trigger.parse_spec``;
+    ``budgets.per_trigger: "auto"`` starts with even shares that ``POST .../rebalance`` moves towards yield."""
+    from fleet.hub.autobudget import resolve_auto
+
+    posted, auto = resolve_auto(body.spec)
+    spec = parse_spec(posted)
     campaign_id = check_name(spec.id, "campaign id")
     now = hub.now()
     expires_at = spec.expires_at
@@ -56,7 +61,7 @@ def create_campaign(_: AdminCaller, hub: HubDep, body: CampaignCreate = message_
         same = s.get(Campaign, (campaign_id, spec.version))
         if same is not None:
             if same.spec == doc and same.groups == body.groups and same.novelty_bank == body.novelty_bank \
-                    and same.deleted_at is None:
+                    and same.deleted_at is None and same.auto_budgets == auto:
                 return message_response(CampaignReceipt(**_campaign_fields(same), already=True))
             raise Conflict(f"campaign {campaign_id!r} version {spec.version} already exists with different "
                            f"content; bump the version")
@@ -64,7 +69,7 @@ def create_campaign(_: AdminCaller, hub: HubDep, body: CampaignCreate = message_
         if newest is not None and spec.version < newest:
             raise Conflict(f"campaign {campaign_id!r} is at version {newest}; received older version {spec.version}")
         row = Campaign(campaign_id=campaign_id, version=spec.version, spec=doc, groups=body.groups,
-                       expires_at=expires_at, novelty_bank=body.novelty_bank, created_at=now)
+                       expires_at=expires_at, novelty_bank=body.novelty_bank, created_at=now, auto_budgets=auto)
         s.add(row)
         out = CampaignReceipt(**_campaign_fields(row))
     return message_response(out, status_code=201)
@@ -87,6 +92,31 @@ def campaign_list(hub: Hub, *, include_deleted: bool = False) -> CampaignList:
         seen.add(r.campaign_id)
         out.append(campaign_public(r, now=hub.now()))
     return CampaignList(campaigns=out)
+
+
+@router.post("/v1/campaigns/{campaign_id}/rebalance", response_model=CampaignReceipt)
+def rebalance_campaign(campaign_id: str, _: AdminCaller, hub: HubDep) -> Response:
+    """Move an auto campaign's trigger budgets towards yield (:mod:`fleet.hub.autobudget`): a new version when
+    a share moved, else the current one with ``already`` true."""
+    from fleet.hub.autobudget import rebalance
+
+    check_name(campaign_id, "campaign id")
+    with write_session(hub.engine) as s:
+        row, new = rebalance(s, campaign_id, now=hub.now())
+        out = CampaignReceipt(**_campaign_fields(row), already=not new)
+    return message_response(out)
+
+
+@router.get("/v1/yields", response_model=YieldReport)
+def get_yields(_: AdminCaller, hub: HubDep, campaign_id: str | None = Query(None)) -> Response:
+    """Per campaign and trigger: uploads, labeled, errors found, yield, labels and bytes per error found
+    (:mod:`fleet.hub.yields`); ``campaign_id`` keeps one campaign's rows."""
+    from fleet.hub.yields import trigger_yields
+
+    if campaign_id is not None:
+        check_name(campaign_id, "campaign id")
+    with read_session(hub.engine) as s:
+        return message_response(trigger_yields(s, campaign_id=campaign_id))
 
 
 @router.get("/v1/campaigns/{campaign_id}", response_model=CampaignVersions)
@@ -122,7 +152,7 @@ def campaign_public(row: Campaign, *, now: float) -> CampaignPublic:
 def _campaign_fields(row: Campaign) -> dict[str, Any]:
     return {"campaign_id": row.campaign_id, "version": row.version, "spec": row.spec, "groups": list(row.groups),
             "expires_at": row.expires_at, "novelty_bank": row.novelty_bank, "created_at": row.created_at,
-            "deleted_at": row.deleted_at}
+            "deleted_at": row.deleted_at, "auto_budgets": row.auto_budgets}
 
 
 def parse_spec(doc: dict[str, Any]) -> Any:

@@ -1,0 +1,111 @@
+"""Per-trigger yield (fleet.hub.yields): which campaign triggers' uploads were model errors once labeled, in the
+API, in /metrics and in `flywheel campaigns yield`, with hand-counted figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from fleet.hub.yields import boxes_differ
+from fleet.protocol import TriggerHit, YieldReport
+from tests.hub.conftest import HubHarness
+
+
+def send(hub: HubHarness, campaign: str, triggers: list[str], *, predicted: int) -> str:
+    """A case of ``campaign`` flagged by ``triggers``, on which the model predicted class ``predicted``."""
+    probs = [0.1] * 3
+    probs[predicted] = 0.8
+    case, image = hub.make_case("d1", probs=probs, campaign_id=campaign, campaign_version=1,
+                                triggers=[TriggerHit(t, 0.9, 0.5) for t in triggers])
+    r = hub.post_case(case, image)
+    assert r.status_code == 201, r.text
+    return case.case_id
+
+
+def yields(hub: HubHarness, **params: str) -> dict[tuple[str, str], tuple]:
+    r = hub.client.get("/v1/yields", params=params, headers=hub.admin)
+    assert r.status_code == 200, r.text
+    return {(y.campaign_id, y.trigger): (y.uploads, y.labeled, y.errors, y.yield_, y.labels_per_error, y.bytes)
+            for y in YieldReport.from_json(r.content).yields}
+
+
+def test_yield_counts_errors_found_per_trigger_and_per_campaign(hub: HubHarness) -> None:
+    hub.enroll("d1")
+    # campaign "rare": 'entropy' flags 4 cases, 'novelty' 2 (one case both); labels say which were wrong
+    a = send(hub, "rare", ["entropy"], predicted=0)
+    b = send(hub, "rare", ["entropy"], predicted=1)
+    c = send(hub, "rare", ["entropy", "novelty"], predicted=2)
+    d = send(hub, "rare", ["entropy"], predicted=0)  # never labeled
+    e = send(hub, "rare", ["novelty"], predicted=1)
+    f = send(hub, "other", ["flicker"], predicted=0)
+    sizes = {cid: hub.client.get(f"/v1/cases/{cid}", headers=hub.admin).json()["case"]["image_size"]
+             for cid in (a, b, c, d, e, f)}
+    r = hub.client.post("/v1/selections", json={"budget": 6, "strategy": "uncertainty"}, headers=hub.labeler)
+    assert r.status_code in (200, 201), r.text
+    for cid, label in ((a, 2), (b, 1), (c, 0), (e, 1), (f, 0)):  # a and c wrong; b, e and f right
+        assert hub.label(cid, label).status_code in (200, 201)
+    got = yields(hub)
+    rare_bytes = sum(sizes[x] for x in (a, b, c, d, e))
+    assert got[("rare", "*")] == (5, 4, 2, 0.5, 2.0, rare_bytes)
+    assert got[("rare", "entropy")] == (4, 3, 2, 2 / 3, 1.5, sum(sizes[x] for x in (a, b, c, d)))
+    assert got[("rare", "novelty")] == (2, 2, 1, 0.5, 2.0, sizes[c] + sizes[e])
+    assert got[("other", "flicker")] == (1, 1, 0, 0.0, None, sizes[f])
+    assert list(got)[:3] == [("other", "*"), ("other", "flicker"), ("rare", "*")]  # campaign, then "*" first
+    assert set(yields(hub, campaign_id="other")) == {("other", "*"), ("other", "flicker")}
+    assert hub.client.get("/v1/yields", params={"campaign_id": "bad id!"},
+                          headers=hub.admin).status_code == 422
+    assert hub.client.get("/v1/yields", headers=hub.labeler).status_code == 403
+
+    text = hub.client.get("/metrics", headers=hub.admin).text
+    assert 'flywheel_trigger_errors{campaign="rare",trigger="entropy"} 2' in text
+    assert 'flywheel_trigger_yield{campaign="rare",trigger="novelty"} 0.5' in text
+    assert 'flywheel_trigger_uploads{campaign="rare",trigger="*"} 5' in text
+
+
+def test_a_detection_is_wrong_when_a_box_is_missed_added_or_of_another_class() -> None:
+    car = {"x1": 0.1, "y1": 0.1, "x2": 0.4, "y2": 0.4, "label": 0}
+    person = {"x1": 0.5, "y1": 0.5, "x2": 0.9, "y2": 0.9, "label": 1}
+    nudged = {**car, "x2": 0.42}  # IoU 0.93 with car: the same object
+    assert not boxes_differ([car, person], [person, nudged])
+    assert not boxes_differ([], [])
+    assert boxes_differ([car], [car, person])  # missed
+    assert boxes_differ([car, person], [car])  # added
+    assert boxes_differ([car], [])
+    assert boxes_differ([{**car, "label": 1}], [car])  # class flip
+    assert boxes_differ([{**car, "x1": 0.3}], [car])  # IoU 0.33 < 0.5: not the same box
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_the_cli_prints_the_yields(hub: HubHarness, as_json: bool) -> None:
+    pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    import fleet.hub.admin_cli as admin_cli
+
+    hub.enroll("d1")
+    cid = send(hub, "rare", ["entropy"], predicted=0)
+    hub.client.post("/v1/selections", json={"budget": 1, "strategy": "uncertainty"}, headers=hub.labeler)
+    hub.label(cid, 2)
+
+    def request(method: str, url: str, **kw: object) -> object:  # the CLI's httpx call, into the in-process hub
+        path = url.split("://", 1)[1].split("/", 1)[1]
+        kw.pop("timeout", None)
+        return hub.client.request(method, "/" + path, **kw)  # type: ignore[arg-type]
+
+    import httpx
+
+    orig = httpx.request
+    httpx.request = request  # type: ignore[assignment]
+    try:
+        token = hub.settings.admin_token.get_secret_value()
+        run = CliRunner().invoke(admin_cli.campaigns_app, ["yield", "rare", "--hub", "http://hub.test", "--token",
+                                                           token, *(["--json"] if as_json else [])])
+    finally:
+        httpx.request = orig  # type: ignore[assignment]
+    assert run.exit_code == 0, run.output
+    if as_json:
+        report = YieldReport.from_json(run.output)
+        assert [(y.trigger, y.errors, y.yield_) for y in report.yields] == [("*", 1, 1.0), ("entropy", 1, 1.0)]
+    else:
+        lines = run.output.splitlines()
+        assert lines[0].startswith("campaign\ttrigger\tuploads\tlabeled\terrors\tyield")
+        assert lines[2].split("\t")[:7] == ["rare", "entropy", "1", "1", "1", "1.00", "1.0"]

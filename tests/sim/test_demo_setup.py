@@ -1,0 +1,99 @@
+"""How the demo sets itself up: Label Studio installed on first use (or the oracle, with the reason in one line),
+the pin read from the package's own `studio` extra, and a stratified test sample for large data sets."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fleet.sim.studio as studio
+from fleet.sim import demo
+from fleet.sim.data import Dataset, sample_test
+from fleet.sim.demo import DemoSettings, _make_labeler
+from fleet.sim.labelers import OracleLabeler
+from fleet.sim.procs import ProcessFailed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_studio_pin_is_the_studio_extra_of_pyproject() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert studio.studio_requirement() == extras["studio"][0].replace(" ", "")
+    assert extras["studio"][0] == studio.STUDIO_REQUIREMENT  # the fallback when no metadata is installed
+
+
+def test_a_failed_install_leaves_no_half_made_virtualenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(studio, "studio_requirement", lambda: "./no-such-project-dir")  # pip fails, no network
+    venv = tmp_path / ".venv-studio"
+    with pytest.raises(ProcessFailed, match=r"installing \./no-such-project-dir into .*\.venv-studio failed"):
+        studio.install_studio(venv, timeout=300)
+    assert not venv.exists()
+
+
+class _Hub:
+    url = "http://127.0.0.1:9"
+
+    def token(self, role: str, name: str) -> str:
+        return f"{role}-{name}"
+
+
+def _world() -> Any:
+    return object()
+
+
+def test_auto_falls_back_to_the_oracle_and_says_why_in_one_line(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    said: list[str] = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLYWHEEL_STUDIO_URL", raising=False)
+    monkeypatch.setattr(studio, "find_studio_bin", lambda: None)
+
+    def broken(venv: Path, **_: Any) -> Path:
+        raise ProcessFailed("installing label-studio==1.23.2 into .venv-studio failed (exit 1):\nERROR: no network")
+
+    monkeypatch.setattr(studio, "install_studio", broken)
+    settings = DemoSettings(workspace=tmp_path / "ws")
+    labeler = _make_labeler(settings, _Hub(), _world(), tmp_path, said.append)  # type: ignore[arg-type]
+    assert isinstance(labeler, OracleLabeler)
+    assert said[0].startswith("installing label-studio==")
+    assert said[-1] == ("Label Studio not used (installing label-studio==1.23.2 into .venv-studio failed (exit 1):); "
+                        "the built-in oracle labels instead")
+    labeler.close()
+    # --labeler studio fails instead, with the same reason; --no-install-studio does not try to install
+    with pytest.raises(RuntimeError, match="--labeler studio: installing label-studio"):
+        _make_labeler(DemoSettings(workspace=tmp_path, labeler="studio"), _Hub(), _world(), tmp_path, said.append)  # type: ignore[arg-type]
+    said.clear()
+    _make_labeler(DemoSettings(workspace=tmp_path, install_studio=False), _Hub(), _world(), tmp_path,  # type: ignore[arg-type]
+                  said.append).close()
+    assert len(said) == 1 and "the studio extra (the Label Studio server) is not installed" in said[0]
+
+
+def test_the_seed_set_scales_with_the_classes_and_options_are_checked(tmp_path: Path) -> None:
+    assert DemoSettings(workspace=tmp_path).seed_frames(10) == 150 == demo.SEED_PER_CLASS * 10
+    assert DemoSettings(workspace=tmp_path).seed_frames(40) == 600
+    assert DemoSettings(workspace=tmp_path, seed_size=90).seed_frames(40) == 90
+    for bad in ({"seed_size": 0}, {"test_size": -3}, {"width": 0}, {"base_epochs": 0}):
+        with pytest.raises(ValueError, match=f"--{next(iter(bad)).replace('_', '-')} must be a positive integer; "
+                                             f"received {next(iter(bad.values()))}"):
+            DemoSettings(workspace=tmp_path, **bad).validate()  # type: ignore[arg-type]
+
+
+def test_the_test_sample_keeps_every_class_in_proportion() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(40), np.r_[np.full(20, 50), np.full(20, 10)])  # 1200 test images, two class sizes
+    x = rng.integers(0, 255, (len(y), 8, 8, 3), dtype=np.uint8)
+    data = Dataset("many", x[:5], y[:5], x, y, [f"c{i}" for i in range(40)])
+    small = sample_test(data, 300, seed=1)
+    counts = np.bincount(small.y_test, minlength=40)
+    assert counts.min() >= 1 and len(small.y_test) <= 300
+    assert counts[:20].tolist() == [12] * 20 and counts[20:].tolist() == [2] * 20  # 300/1200 of 50 and of 10
+    for i in rng.choice(len(small.y_test), 20):  # each kept image still has its own label
+        j = int(np.flatnonzero((x == small.x_test[i]).all(axis=(1, 2, 3)))[0])
+        assert y[j] == small.y_test[i]
+    assert sample_test(data, 5000) is data
+    with pytest.raises(ValueError, match="positive number of images; received 0"):
+        sample_test(data, 0)
