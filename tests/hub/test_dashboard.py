@@ -145,6 +145,8 @@ def test_every_page_shows_the_loop(hub: HubHarness) -> None:
     assert "entropy 9" in campaigns and "novelty 4" in campaigns  # uploads per trigger
     assert "night-rare v2 6" in campaigns and "(none) 3" in campaigns  # per campaign
     assert "Uploads per day (UTC)" in campaigns and "night-rare 2 north" in campaigns
+    # the yield, as GET /v1/yields reports it: 2 of the campaign's 4 labeled cases caught m1 wrong
+    assert "night-rare all triggers 6 4 2 50.0% 2.0" in campaigns and "night-rare novelty 3 2 1 50.0% 2.0" in campaigns
 
     queue = text_of(hub.client.get("/ui/queue").text)
     assert "4 in the pool" in queue and "5 labeled" in queue and "Labels per hour" in queue

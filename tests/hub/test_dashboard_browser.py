@@ -122,6 +122,7 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 assert page.locator("#triggers").inner_text().split("\n")[1:3] == ["entropy\t9", "novelty\t4"]
                 assert "night-rare v2\t6" in page.locator("#by-campaign").inner_text()
                 assert "night-rare" in page.locator("#campaigns").inner_text()
+                assert "night-rare\tall triggers\t6\t4\t2\t50.0%" in page.locator("#yields").inner_text()
                 assert page.locator("svg.chart[aria-label='Uploads per day (UTC)'] rect").count() >= 1
                 shot("campaigns")
 

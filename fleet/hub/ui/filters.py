@@ -31,7 +31,7 @@ def pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def size(n: int | None) -> str:
+def size(n: float | None) -> str:
     if n is None:
         return "–"
     value = float(n)

@@ -23,6 +23,7 @@ from fleet.hub.routes.labels import acked
 from fleet.hub.routes.models import model_public
 from fleet.hub.ui import charts, figures, filters
 from fleet.hub.ui.session import clear_session, current_admin, login, set_session
+from fleet.hub.yields import trigger_yields
 
 router = APIRouter(prefix="/ui", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).with_name("templates"))
@@ -93,12 +94,13 @@ def fleet(request: Request, admin: Admin, hub: HubDep) -> Response:
 def campaigns(request: Request, admin: Admin, hub: HubDep) -> Response:
     with read_session(hub.engine) as s:
         up = figures.uploads(s, now=hub.now())
+        yields = trigger_yields(s).yields
     day_chart = charts.bar_chart([d for d, _ in up.by_day], {"uploads": [n for _, n in up.by_day]},
                                  title="Uploads per day (UTC)", fmt="{:.0f}")
     trigger_chart = charts.bar_chart([t for t, _ in up.by_trigger], {"uploads": [n for _, n in up.by_trigger]},
                                      title="Uploads per trigger", fmt="{:.0f}")
     return _page(request, "campaigns.html", admin, campaigns=campaign_list(hub).campaigns, uploads=up,
-                 day_chart=day_chart, trigger_chart=trigger_chart)
+                 day_chart=day_chart, trigger_chart=trigger_chart, yields=yields)
 
 
 @router.get("/queue", response_class=HTMLResponse)
