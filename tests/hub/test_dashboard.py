@@ -97,6 +97,7 @@ def test_pages_redirect_to_the_login_without_a_valid_session(hub: HubHarness) ->
     assert hub.client.get("/ui/fleet", headers=hub.admin, follow_redirects=False).status_code == 303
     r = hub.client.get("/ui/login")
     assert r.status_code == 200 and 'name="token"' in r.text and 'method="post"' in r.text
+    assert not [p for p in hub.app.openapi()["paths"] if p.startswith("/ui")]  # pages, not API
 
 
 def test_a_wrong_token_shows_an_error_and_sets_no_cookie(hub: HubHarness) -> None:
