@@ -5,6 +5,10 @@ works like an annotator: asks Label Studio for its next task (so uncertainty sam
 task locks all apply), answers correctly with probability ``accuracy`` (otherwise a wrong class at
 random), takes ``seconds_per_task`` on average, and skips a share of tasks. For fault tests a bot can
 also send malformed answers. Used by the demo and the benchmarks.
+
+On a detect project a bot draws boxes: the true boxes with a person's small errors. Each true box is
+missed with probability ``1 - accuracy``, and every box it draws has its corners jittered by Gaussian
+noise of ``box_jitter`` times the box's width and height (clipped to the image).
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ from typing import Any
 import httpx
 import numpy as np
 
+from fleet.consensus import detection_f1
 from fleet.errors import Conflict, FlywheelError, InvalidInput, RetryableError
-from labeling.configs import FROM_NAME, TO_NAME, classification_result
+from fleet.protocol import Box, Detection
+from labeling.configs import FROM_NAME, TO_NAME, classification_result, detection_result
 from labeling.login import user_token
 from labeling.studio import Studio
 
 log = logging.getLogger(__name__)
 
 BOT_DOMAIN = "bots.flywheel.local"
+
+Truth = int | Detection | None  # what a bot knows of a case: its class, or its true boxes
 
 
 @dataclass(frozen=True)
@@ -40,8 +48,11 @@ class BotSpec:
     seconds_per_task: float = 2.0
     skip_rate: float = 0.0
     malformed_rate: float = 0.0
+    box_jitter: float = 0.03  # detect: corner noise, as a fraction of the box's width and height
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.box_jitter) or not 0.0 <= self.box_jitter <= 0.5:
+            raise InvalidInput(f"box_jitter must lie in [0, 0.5]; received {self.box_jitter!r}")
         if not self.name.replace("-", "").replace("_", "").isalnum():
             raise InvalidInput(f"bot name must be letters, digits, '-' or '_'; received {self.name!r}")
         for attr in ("accuracy", "skip_rate", "malformed_rate"):
@@ -84,12 +95,14 @@ class BotStats:
     errors: int = 0
     submitted_at: list[tuple[int, float]] = field(default_factory=list)  # (annotation id, unix time)
     served: list[str | None] = field(default_factory=list)  # case ids in the order the queue gave them
+    answers: dict[str, Detection] = field(default_factory=dict)  # detect: the boxes drawn, by case id
 
 
 class Bot:
-    """One annotator at work. ``truth`` maps a case id to its class index (None when unknown)."""
+    """One annotator at work. ``truth`` maps a case id to its class index, or on a detect project to its true
+    boxes (a :class:`Detection`); None when unknown."""
 
-    def __init__(self, spec: BotSpec, studio: Studio, project_id: int, truth: Callable[[str], int | None],
+    def __init__(self, spec: BotSpec, studio: Studio, project_id: int, truth: Callable[[str], Truth],
                  class_names: Sequence[str], *, seed: int | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.spec = spec
@@ -102,16 +115,18 @@ class Bot:
         self.stats = BotStats()
         self._lock = threading.Lock()
 
-    def answer(self, case_id: str | None) -> tuple[list[dict[str, Any]], bool, bool, int | None]:
+    def answer(self, case_id: str | None) -> tuple[list[dict[str, Any]], bool, bool, int | Detection | None]:
         """``(result, was_cancelled, malformed, label)`` for one task, drawn from the bot's spec."""
         k = len(self.class_names)
         if self.rng.random() < self.spec.skip_rate:
             return [], True, False, None
+        known = self.truth(case_id) if case_id else None
+        if isinstance(known, Detection):
+            return self._draw(known)
         if self.rng.random() < self.spec.malformed_rate:
             two = list(self.rng.choice(self.class_names, size=min(2, k), replace=False))
             bad = [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": two}}]
             return bad, False, True, None
-        known = self.truth(case_id) if case_id else None
         if known is None:
             label = int(self.rng.integers(k))
         elif self.rng.random() < self.spec.accuracy or k == 1:
@@ -119,6 +134,22 @@ class Bot:
         else:
             label = int(self.rng.choice([c for c in range(k) if c != known]))
         return classification_result(self.class_names[label]), False, False, label
+
+    def _draw(self, truth: Detection) -> tuple[list[dict[str, Any]], bool, bool, Detection | None]:
+        """The true boxes with a person's errors (see the module docstring), or a malformed region."""
+        if self.rng.random() < self.spec.malformed_rate:  # a box of no size, as a slipped click makes
+            bad = [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "rectanglelabels",
+                    "value": {"x": 10.0, "y": 10.0, "width": 0.0, "height": 0.0, "rotation": 0,
+                              "rectanglelabels": [self.class_names[0]]}}]
+            return bad, False, True, None
+        xyxy = np.array([[b.x1, b.y1, b.x2, b.y2] for b in truth.boxes], np.float64).reshape(-1, 4)
+        kept = self.rng.random(len(xyxy)) < self.spec.accuracy
+        size = np.tile(xyxy[:, 2:] - xyxy[:, :2], 2)
+        drawn = np.clip(xyxy + self.rng.normal(0.0, self.spec.box_jitter, xyxy.shape) * size, 0.0, 1.0)
+        ok = kept & (drawn[:, 2] > drawn[:, 0] + 1e-4) & (drawn[:, 3] > drawn[:, 1] + 1e-4)
+        answer = Detection([Box(x1, y1, x2, y2, truth.boxes[i].label)
+                            for i, (x1, y1, x2, y2) in zip(np.flatnonzero(ok), drawn[ok].tolist(), strict=True)])
+        return detection_result(answer, self.class_names), False, False, answer
 
     def step(self) -> bool:
         """Take and answer one task. False when the queue has nothing for this bot."""
@@ -146,7 +177,11 @@ class Bot:
             else:
                 self.stats.answered += 1
                 known = self.truth(task.case_id) if task.case_id else None
-                self.stats.correct += int(known is not None and label == known)
+                if isinstance(label, Detection) and task.case_id:
+                    self.stats.answers[task.case_id] = label
+                    self.stats.correct += int(isinstance(known, Detection) and detection_f1(label, known) == 1.0)
+                else:
+                    self.stats.correct += int(known is not None and label == known)
         return True
 
     def run(self, stop: threading.Event, *, max_tasks: int | None = None, idle_s: float = 0.5) -> BotStats:
@@ -189,7 +224,7 @@ class BotTeam:
     """Several bots working the same project in threads."""
 
     def __init__(self, url: str, admin: Studio, project_id: int, specs: Sequence[BotSpec],
-                 truth: Callable[[str], int | None], class_names: Sequence[str], *,
+                 truth: Callable[[str], Truth], class_names: Sequence[str], *,
                  password: str = "flywheel-bot-password", seed: int = 0,
                  http_factory: Callable[[], httpx.Client] | None = None) -> None:
         tokens = enroll(url, admin, specs, password=password)

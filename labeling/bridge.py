@@ -14,7 +14,6 @@ from fleet.errors import FlywheelError, InvalidInput, RetryableError
 from labeling import pull
 from labeling import push as pushing
 from labeling.config import BridgeConfig, SyncReport
-from labeling.configs import get_kind
 from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.projects import Project, ProjectSettings, ProjectUpdateRefused
@@ -35,7 +34,7 @@ class Bridge:
         self.ledger = ledger
         self.config = config
         self.clock = clock
-        self.kind = get_kind(config.kind)
+        self.kind = config.label_kind
         self._project: Project | None = None
         self._webhook_ready = False
         self._last_reconcile = 0.0
@@ -74,9 +73,9 @@ class Bridge:
                                f"start a new project (--project) for a model with different classes")
         settings = ProjectSettings(
             title=self.config.project_title,
-            label_config=self.kind.config(names, instructions=self.config.instructions),
+            label_config=self.kind.config(names, instructions=self.config.label_instructions),
             model_version=self.config.queue_version, overlap=self.config.overlap,
-            overlap_share=self.config.overlap_share, instructions=self.config.instructions,
+            overlap_share=self.config.overlap_share, instructions=self.config.label_instructions,
         )
         try:
             self._project = self.studio.ensure_project(settings)

@@ -61,7 +61,10 @@ def sync(
     webhook_secret: str = typer.Option("", "--webhook-secret", envvar="FLYWHEEL_WEBHOOK_SECRET",
                                        help="The hub's webhook secret; without it no webhook is registered."),
     classes: str = typer.Option("", "--classes", help="Comma-separated class names (default: from the hub)."),
-    gold: Path = typer.Option(None, "--gold", help="JSONL of {case_id, label}: push these as gold tasks once."),  # noqa: B008
+    task: str = typer.Option("classify", "--task",
+                             help="The cases' task: 'classify' (choices) or 'detect' (boxes, RectangleLabels)."),
+    gold: Path = typer.Option(None, "--gold", help="JSONL of {case_id, label}: push these as gold tasks once "  # noqa: B008
+                              "(label: a class index, or a detect label {\"task\": \"detect\", \"boxes\": [...]})."),
     no_push: bool = typer.Option(False, "--no-push", help="Only bring labels back; push nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print each turn's report as JSON."),
 ) -> None:
@@ -77,7 +80,7 @@ def sync(
     _need(ls_token, "--ls-token / FLYWHEEL_LS_TOKEN")
     try:
         config = BridgeConfig(
-            project_title=project, overlap=overlap, overlap_share=overlap_share,
+            project_title=project, task=task, overlap=overlap, overlap_share=overlap_share,
             strategy=strategy,
             throttle=Throttle(horizon_s=horizon, min_depth=min_depth, max_depth=max_depth),
             reconcile_every_s=reconcile_every,
@@ -146,7 +149,8 @@ def bots(
     ls_url: str = LsUrl,
     ls_token: str = LsToken,
     project: str = Project,
-    truth: Path = typer.Option(..., "--truth", help="JSONL of {case_id, label}: the answers bots know."),  # noqa: B008
+    truth: Path = typer.Option(..., "--truth", help="JSONL of {case_id, label}: the answers bots know (a class "  # noqa: B008
+                               "index, or a detect label {\"task\": \"detect\", \"boxes\": [...]})."),
     team: str = typer.Option("3x0.9@2", "--team", help="'NxACCURACY@SECONDS' or 'name:accuracy@seconds,...'."),
     skip_rate: float = typer.Option(0.0, "--skip-rate", min=0.0, max=1.0),
     password: str = typer.Option("flywheel-bot-password", "--password", envvar="FLYWHEEL_BOT_PASSWORD"),
@@ -162,7 +166,7 @@ def bots(
     from labeling.studio import Studio
 
     _need(ls_token, "--ls-token / FLYWHEEL_LS_TOKEN")
-    answers = {str(d["case_id"]): int(d["label"]) for d in _read_jsonl(truth)}
+    answers = {str(d["case_id"]): d["label"] for d in _read_jsonl(truth)}
     admin = Studio(ls_url, ls_token)
     found = admin.find_project(project)
     if found is None:
@@ -208,8 +212,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError as exc:
             raise typer.BadParameter(f"{path}:{i} is not JSON ({exc})") from None
-        if not isinstance(row, dict) or "case_id" not in row or not isinstance(row.get("label"), int):
-            raise typer.BadParameter(f"{path}:{i} must be {{\"case_id\": str, \"label\": int}}; received {line[:80]!r}")
+        label = row.get("label") if isinstance(row, dict) else None
+        if isinstance(label, dict):
+            from fleet.errors import ProtocolError
+            from fleet.protocol import Classification, parse_prediction
+
+            try:
+                parsed = parse_prediction(label, f"{path}:{i} label")
+            except ProtocolError as exc:
+                raise typer.BadParameter(str(exc)) from None
+            row["label"] = parsed.label if isinstance(parsed, Classification) else parsed
+        elif not isinstance(label, int) or isinstance(label, bool):
+            row = None
+        if not isinstance(row, dict) or "case_id" not in row:
+            raise typer.BadParameter(f"{path}:{i} must be {{\"case_id\": str, \"label\": int or a detect label}}; "
+                                     f"received {line[:80]!r}")
         rows.append(row)
     return rows
 
@@ -222,7 +239,7 @@ def _push_gold(bridge: Any, path: Path) -> None:
         t = bridge.ledger.task(case_id=str(row["case_id"]))
         if t is not None and t.state in ("open", "done", "importing"):
             continue
-        items.append((bridge.hub.get_case(str(row["case_id"])), int(row["label"])))
+        items.append((bridge.hub.get_case(str(row["case_id"])), row["label"]))
     if items:
         n = push_gold(bridge, items)
         log.info("pushed %d gold tasks", n)

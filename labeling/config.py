@@ -7,7 +7,7 @@ from typing import Any
 
 from fleet.errors import InvalidInput
 from fleet.protocol import STRATEGIES
-from labeling.configs import check_class_names, get_kind
+from labeling.configs import LabelKind, check_class_names, get_kind, kind_for_task
 from labeling.throttle import Throttle
 
 # The ``model_version`` of every prediction the bridge pushes, and of the project: one queue across model
@@ -24,7 +24,8 @@ class BridgeConfig:
     """Everything that shapes the queue and the quality rules (typed, built by the caller, never at import)."""
 
     project_title: str = "Flywheel"
-    kind: str = "image-classification"
+    task: str = "classify"  # the contract's task of the cases this project labels; it picks the labeling kind
+    kind: str = ""  # a labeling kind by name (labeling.configs.KINDS); empty: the task's kind
     class_names: tuple[str, ...] = ()
     overlap: int = 2
     overlap_share: float = 0.2
@@ -36,11 +37,14 @@ class BridgeConfig:
     webhook_secret: str | None = None
     image_refresh_margin_s: float = 3600.0
     in_doubt_grace_s: float = 2.0
-    instructions: str | None = "Pick the class that best describes the image. Skip it if you cannot tell."
+    instructions: str | None = ""  # shown above the image; empty: the kind's own words; None: none
     queue_version: str = QUEUE_VERSION
 
     def __post_init__(self) -> None:
-        get_kind(self.kind)
+        by_task = kind_for_task(self.task)
+        if self.kind and get_kind(self.kind).task != self.task:
+            raise InvalidInput(f"labeling kind {self.kind!r} labels {get_kind(self.kind).task!r} cases; the project's "
+                               f"task is {self.task!r} (its kind is {by_task.name!r})")
         if not self.queue_version or len(self.queue_version) > 64 or not self.queue_version.isprintable():
             raise InvalidInput(f"queue_version must be 1-64 printable characters; received {self.queue_version!r}")
         if self.class_names:
@@ -55,6 +59,16 @@ class BridgeConfig:
             raise InvalidInput(f"batch_size must be between 1 and 5000; received {self.batch_size}")
         if self.webhook_url and not self.webhook_secret:
             raise InvalidInput("a webhook URL needs a webhook secret (the hub checks X-Flywheel-Webhook-Secret)")
+
+    @property
+    def label_kind(self) -> LabelKind:
+        """The labeling kind: the one named, else the task's."""
+        return get_kind(self.kind) if self.kind else kind_for_task(self.task)
+
+    @property
+    def label_instructions(self) -> str | None:
+        """What annotators read above the image."""
+        return self.label_kind.instructions if self.instructions == "" else self.instructions
 
     @property
     def expected_overlap(self) -> float:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fleet.protocol import Detection
 from labeling.ledger_rows import ADDED_COLUMNS, SCHEMA, AnnotationRow, TaskRow, annotation_row, task_row
 
 
@@ -91,11 +92,12 @@ class Ledger:
                 db.execute("DELETE FROM tasks WHERE case_id = ? AND state NOT IN ('open', 'done', 'importing')",
                            (r["case_id"],))
                 db.execute(
-                    "INSERT OR IGNORE INTO tasks(case_id, project_id, state, overlap, gold_label, model_version, score,"
-                    " cluster, image_url, task_json, pushed_at, updated_at)"
-                    " VALUES(?, ?, 'importing', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r["case_id"], project_id, r.get("overlap", 1), r.get("gold_label"), r.get("model_version"),
-                     r.get("score"), r.get("cluster"), r.get("image_url"), json.dumps(r.get("task_json")), now, now))
+                    "INSERT OR IGNORE INTO tasks(case_id, project_id, state, overlap, gold_label, gold_answer,"
+                    " model_version, score, cluster, image_url, task_json, pushed_at, updated_at)"
+                    " VALUES(?, ?, 'importing', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r["case_id"], project_id, r.get("overlap", 1), r.get("gold_label"), _dumps(r.get("gold_answer")),
+                     r.get("model_version"), r.get("score"), r.get("cluster"), r.get("image_url"),
+                     json.dumps(r.get("task_json")), now, now))
 
     def discard_importing(self, case_ids: list[str]) -> None:
         """Forget cases whose import Label Studio refused: they have no task, and the hub gets them back."""
@@ -125,13 +127,15 @@ class Ledger:
             db.executemany("UPDATE tasks SET cluster_set = ? WHERE case_id = ?", [(int(done), c) for c in case_ids])
 
     def set_task(self, case_id: str, **fields: Any) -> None:
-        allowed = {"state", "overlap", "dirty", "gold_label", "image_url", "model_version", "prediction_id",
-                   "task_json"}
+        allowed = {"state", "overlap", "dirty", "gold_label", "gold_answer", "image_url", "model_version",
+                   "prediction_id", "task_json"}
         bad = set(fields) - allowed
         if bad:
             raise ValueError(f"unknown task fields {sorted(bad)}")
         if "task_json" in fields:
             fields["task_json"] = json.dumps(fields["task_json"])
+        if "gold_answer" in fields:
+            fields["gold_answer"] = _dumps(fields["gold_answer"])
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self.transaction() as db:
             db.execute(f"UPDATE tasks SET {cols}, updated_at = ? WHERE case_id = ?",
@@ -191,8 +195,11 @@ class Ledger:
 
     def upsert_annotation(self, *, annotation_id: int, task_id: int, case_id: str, user_id: int | None,
                           annotator: str, created_at: float, updated_at: float, ground_truth: bool,
-                          cancelled: bool, label: int | None, refused: str | None) -> str:
+                          cancelled: bool, label: int | None, refused: str | None,
+                          answer: dict[str, Any] | None = None) -> str:
         """Apply one observation of an annotation. Returns ``new``, ``changed``, ``same`` or ``stale``.
+
+        ``label`` is a class answer; ``answer`` a detect answer's boxes (a Detection's dict).
 
         An older observation than the one held (by ``updated_at``) is stale; so is any observation of an
         annotation already deleted, unless its creation time differs (Label Studio reused the id).
@@ -203,9 +210,9 @@ class Ledger:
                 same_identity = abs(row["created_at"] - created_at) < 1e-3 and row["task_id"] == task_id
                 if same_identity and (row["deleted"] or updated_at < row["updated_at"] - 1e-6):
                     return "stale"
-                if same_identity and (row["label"], row["refused"], bool(row["cancelled"]),
+                if same_identity and (row["label"], row["answer"], row["refused"], bool(row["cancelled"]),
                                       bool(row["ground_truth"]), row["annotator"]) == (
-                        label, refused, cancelled, ground_truth, annotator):
+                        label, _dumps(answer), refused, cancelled, ground_truth, annotator):
                     if updated_at > row["updated_at"]:
                         db.execute("UPDATE annotations SET updated_at = ? WHERE annotation_id = ?",
                                    (updated_at, annotation_id))
@@ -218,17 +225,17 @@ class Ledger:
             if row is None:
                 db.execute(
                     "INSERT INTO annotations(annotation_id, task_id, case_id, user_id, annotator, created_at,"
-                    " updated_at, ground_truth, cancelled, label, refused, first_seen)"
-                    " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " updated_at, ground_truth, cancelled, label, answer, refused, first_seen)"
+                    " VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (annotation_id, task_id, case_id, user_id, annotator, created_at, updated_at, int(ground_truth),
-                     int(cancelled), label, refused, self.clock()))
+                     int(cancelled), label, _dumps(answer), refused, self.clock()))
                 outcome = "new"
             else:
                 db.execute(
                     "UPDATE annotations SET annotator = ?, updated_at = ?, ground_truth = ?, cancelled = ?,"
-                    " label = ?, refused = ? WHERE annotation_id = ?",
+                    " label = ?, answer = ?, refused = ? WHERE annotation_id = ?",
                     (annotator, max(updated_at, row["updated_at"]), int(ground_truth), int(cancelled), label,
-                     refused, annotation_id))
+                     _dumps(answer), refused, annotation_id))
                 outcome = "changed"
             db.execute("UPDATE tasks SET dirty = 1 WHERE task_id = ?", (task_id,))
             return outcome
@@ -293,8 +300,8 @@ class Ledger:
         with self.transaction() as db:
             db.executemany("INSERT OR IGNORE INTO users(user_id, name) VALUES(?, ?)", list(users.items()))
 
-    def gold_answers(self) -> list[tuple[str, int, int]]:
-        """``(annotator, answer, known_label)`` for every crowd answer on a gold task."""
+    def gold_answers(self) -> list[tuple[str, int | Detection, int | Detection]]:
+        """``(annotator, answer, known_label)`` for every crowd answer on a gold task (classes, then boxes)."""
         rows = self._all(
             "SELECT a.annotator, a.label, COALESCE(t.gold_label, g.label) AS known FROM annotations a"
             " JOIN tasks t ON t.task_id = a.task_id"
@@ -302,7 +309,14 @@ class Ledger:
             "            AND label IS NOT NULL GROUP BY task_id) g ON g.task_id = a.task_id"
             " WHERE a.deleted = 0 AND a.cancelled = 0 AND a.ground_truth = 0 AND a.label IS NOT NULL"
             " AND COALESCE(t.gold_label, g.label) IS NOT NULL")
-        return [(r["annotator"], int(r["label"]), int(r["known"])) for r in rows]
+        out: list[tuple[str, int | Detection, int | Detection]] = [
+            (r["annotator"], int(r["label"]), int(r["known"])) for r in rows]
+        boxes = self._all(
+            "SELECT a.annotator, a.answer, t.gold_answer FROM annotations a JOIN tasks t ON t.task_id = a.task_id"
+            " WHERE a.deleted = 0 AND a.cancelled = 0 AND a.ground_truth = 0 AND a.answer IS NOT NULL"
+            " AND t.gold_answer IS NOT NULL")
+        return out + [(r["annotator"], Detection.from_json(r["answer"]), Detection.from_json(r["gold_answer"]))
+                      for r in boxes]
 
     def tasks_of_annotator(self, annotator: str) -> list[int]:
         rows = self._all("SELECT DISTINCT task_id FROM annotations WHERE annotator = ? AND deleted = 0", (annotator,))
@@ -334,3 +348,8 @@ class Ledger:
             "mean_agreement": sum(agreements) / len(agreements) if agreements else None,
             "refused": int(refused["n"]) if refused else 0,
         }
+
+
+def _dumps(value: dict[str, Any] | None) -> str | None:
+    """A JSON column's text (keys sorted, so the same payload always compares equal)."""
+    return None if value is None else json.dumps(value, sort_keys=True)

@@ -7,10 +7,14 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from fleet.protocol import Classification, Prediction, parse_prediction
+
 OPEN_STATES = ("open", "done")
 
 # columns added after the first release, with their type: a ledger from an older bridge gains them at open
-ADDED_COLUMNS = {"annotations": (("hub_status", "TEXT"), ("hub_agreement", "REAL"), ("hub_reason", "TEXT"))}
+ADDED_COLUMNS = {"annotations": (("hub_status", "TEXT"), ("hub_agreement", "REAL"), ("hub_reason", "TEXT"),
+                                  ("answer", "TEXT")),
+                 "tasks": (("gold_answer", "TEXT"),)}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -78,6 +82,14 @@ class TaskRow:
     pushed_at: float
     dirty: bool
     task_json: dict[str, Any] | None = None
+    gold_answer: dict[str, Any] | None = None  # the known boxes of a detect gold task (a Detection's dict)
+
+    @property
+    def gold(self) -> Prediction | None:
+        """The known answer of a gold task, as the hub's label type (None: not a gold task)."""
+        if self.gold_label is not None:
+            return Classification(int(self.gold_label))
+        return None if self.gold_answer is None else parse_prediction(self.gold_answer, "gold answer")
 
 
 @dataclass(frozen=True)
@@ -97,11 +109,19 @@ class AnnotationRow:
     first_seen: float
     sent: dict[str, Any] | None
     sent_at: float | None
+    answer: dict[str, Any] | None = None  # a detect answer's boxes (a Detection's dict); classes use ``label``
 
     @property
     def valid(self) -> bool:
-        """An answer that counts: not deleted, not a skip, and parsed to a class."""
-        return not self.deleted and not self.cancelled and self.label is not None
+        """An answer that counts: not deleted, not a skip, and parsed to a class or to boxes."""
+        return not self.deleted and not self.cancelled and (self.label is not None or self.answer is not None)
+
+    @property
+    def payload(self) -> Prediction:
+        """The answer as the hub's label type."""
+        if self.answer is not None:
+            return parse_prediction(self.answer, f"annotation {self.annotation_id}")
+        return Classification(int(self.label or 0))
 
 
 def task_row(r: sqlite3.Row) -> TaskRow:
@@ -111,6 +131,7 @@ def task_row(r: sqlite3.Row) -> TaskRow:
         cluster=r["cluster"], prediction_id=r["prediction_id"], cluster_set=bool(r["cluster_set"]),
         image_url=r["image_url"], pushed_at=float(r["pushed_at"]), dirty=bool(r["dirty"]),
         task_json=json.loads(r["task_json"]) if r["task_json"] else None,
+        gold_answer=json.loads(r["gold_answer"]) if r["gold_answer"] else None,
     )
 
 
@@ -121,4 +142,5 @@ def annotation_row(r: sqlite3.Row) -> AnnotationRow:
         ground_truth=bool(r["ground_truth"]), cancelled=bool(r["cancelled"]), label=r["label"],
         refused=r["refused"], deleted=bool(r["deleted"]), first_seen=float(r["first_seen"]),
         sent=json.loads(r["sent"]) if r["sent"] else None, sent_at=r["sent_at"],
+        answer=json.loads(r["answer"]) if r["answer"] else None,
     )

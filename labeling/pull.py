@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
-from fleet.protocol import Classification, LabelPost
+from fleet.protocol import Classification, LabelPost, Prediction
 from labeling.context import BridgeContext
 from labeling.records import AnnotationRecord, TaskRecord, parse_webhook
 
@@ -28,17 +28,17 @@ SOURCE = "label-studio"
 # ---------------------------------------------------------------------------------------------
 
 
-def interpret(bridge: BridgeContext, a: AnnotationRecord) -> tuple[int | None, str | None]:
-    """The class an annotation picked, or the reason it is refused. A skip is neither."""
+def interpret(bridge: BridgeContext, a: AnnotationRecord) -> tuple[Prediction | None, str | None]:
+    """The answer an annotation gives (a class, or boxes), or the reason it is refused. A skip is neither.
+
+    The reason names the annotation and its task, so a log line or the ledger's ``refused`` says where to look.
+    """
     if a.was_cancelled:
         return None, None
     try:
-        label = bridge.kind.parse(a.result, bridge.class_names)
+        return bridge.kind.parse(a.result, bridge.class_names), None
     except InvalidInput as exc:
-        return None, str(exc)
-    if not isinstance(label, int):
-        return None, f"{bridge.kind.name} answers are not class indices; the hub takes image-level classes only"
-    return label, None
+        return None, f"annotation {a.id} on task {a.task_id} is not a valid {bridge.kind.name} answer: {exc}"
 
 
 def annotator_name(bridge: BridgeContext, user_id: int | None) -> str:
@@ -81,11 +81,13 @@ def observe_task(bridge: BridgeContext, task: TaskRecord) -> bool:
 
 
 def observe_annotation(bridge: BridgeContext, a: AnnotationRecord, case_id: str) -> str:
-    label, refused = interpret(bridge, a)
+    answer, refused = interpret(bridge, a)
     outcome = bridge.ledger.upsert_annotation(
         annotation_id=a.id, task_id=a.task_id, case_id=case_id, user_id=a.user_id,
         annotator=annotator_name(bridge, a.user_id), created_at=a.created_at, updated_at=a.updated_at,
-        ground_truth=a.ground_truth, cancelled=a.was_cancelled, label=label, refused=refused)
+        ground_truth=a.ground_truth, cancelled=a.was_cancelled,
+        label=answer.label if isinstance(answer, Classification) else None, refused=refused,
+        answer=None if answer is None or isinstance(answer, Classification) else answer.to_dict())
     if refused and outcome in ("new", "changed"):
         log.warning("refusing annotation %d on task %d (case %s): %s", a.id, a.task_id, case_id, refused)
     return outcome
@@ -212,9 +214,9 @@ def flush(bridge: BridgeContext) -> dict[str, int]:
         if task.state in ("open", "done"):
             anns = bridge.ledger.annotations_of(task.task_id)
             valid = [a for a in anns if a.valid]
-            gold = None if task.gold_label is None else Classification(int(task.gold_label))
+            gold = task.gold
             for a in valid:
-                post = LabelPost(case_id=task.case_id, label=Classification(int(a.label or 0)), annotator=a.annotator,
+                post = LabelPost(case_id=task.case_id, label=a.payload, annotator=a.annotator,
                                  task_id=task.task_id, annotation_id=a.annotation_id, created_at=a.created_at,
                                  source=SOURCE, overlap=task.overlap, ground_truth=a.ground_truth, gold_label=gold)
                 payload = post.to_dict()
@@ -229,7 +231,7 @@ def flush(bridge: BridgeContext) -> dict[str, int]:
                     out["deleted"] += 1
             crowd = [a for a in valid if not a.ground_truth]
             skipped = [a for a in anns if a.cancelled and not a.ground_truth]
-            is_gold = task.gold_label is not None or any(a.ground_truth for a in valid)
+            is_gold = gold is not None or any(a.ground_truth for a in valid)
             if not crowd and skipped and not is_gold:
                 log.info("task %d (case %s) was skipped; returning the case to the pool", task.task_id, task.case_id)
                 bridge.ledger.set_task(task.case_id, state="releasing")

@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from fleet.errors import Conflict, FlywheelError, InvalidInput, NotFound, PermanentError, RetryableError
-from fleet.protocol import SelectedCase
-from labeling.configs import IMAGE_FIELD, classification_result
+from fleet.errors import (
+    Conflict,
+    FlywheelError,
+    InvalidInput,
+    NotFound,
+    PermanentError,
+    ProtocolError,
+    RetryableError,
+)
+from fleet.protocol import Detection, SelectedCase
+from labeling.configs import IMAGE_FIELD, kind_for_task
 from labeling.context import BridgeContext
 from labeling.throttle import push_budget, target_depth, throughput
 
@@ -52,17 +61,20 @@ def budget_now(bridge: BridgeContext) -> tuple[int, dict[str, float]]:
 
 
 def task_json(case: SelectedCase, *, queue_version: str, cluster: int | None = None) -> dict[str, Any]:
-    """A Label Studio task for one case: the signed image URL, and the prediction as a pre-annotation.
+    """A Label Studio task for one case: the signed image URL, and the prediction as a pre-annotation (the
+    predicted class, or the model's boxes in percent coordinates with each box's score).
 
-    The prediction carries the queue's version (see :data:`labeling.bridge.QUEUE_VERSION`); the model that
-    made it is in the task's data, where the data manager shows it as a column.
+    The prediction carries the queue's version (see :data:`labeling.bridge.QUEUE_VERSION`) and the case's
+    image-level queue score (lowest = most informative, served first); the model that made it is in the
+    task's data, where the data manager shows it as a column.
     """
+    prediction = case.case.prediction
     return {
         "data": {
             IMAGE_FIELD: case.image_url,
             "case_id": case.case_id,
             "model_version": case.model_version,
-            "predicted": case.predicted_name,
+            "predicted": _predicted_text(case),
             "score": case.score,
             "cluster": case.cluster if cluster is None else cluster,
             "tags": case.case.tags,
@@ -70,7 +82,7 @@ def task_json(case: SelectedCase, *, queue_version: str, cluster: int | None = N
         "predictions": [{
             "model_version": queue_version,
             "score": case.score,
-            "result": classification_result(case.predicted_name),
+            "result": kind_for_task(prediction.task).prediction(prediction, case.class_names),
         }],
     }
 
@@ -96,7 +108,8 @@ def push_once(bridge: BridgeContext) -> int:
     return pushed
 
 
-def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *, gold: dict[str, int] | None = None) -> int:
+def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *,
+               gold: Mapping[str, int | Detection] | None = None) -> int:
     """Create tasks for ``cases`` in batches; ``gold`` maps case ids to known answers (gold tasks).
 
     Every Label Studio refusal (4xx) on this path is handled where it happens: a refused project update is
@@ -106,7 +119,11 @@ def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *, gold: di
     if not cases:
         return 0
     names = list(cases[0].class_names)
+    task = bridge.kind.task
     for c in cases:
+        if c.case.task != task:
+            raise InvalidInput(f"case {c.case_id} is a {c.case.task!r} case; this project labels {task!r} cases "
+                               f"(BridgeConfig.task; one project per task)")
         if list(c.class_names) != names:
             raise InvalidInput(f"one push mixes models with different classes: {names} and {list(c.class_names)} "
                                f"(case {c.case_id})")
@@ -120,14 +137,14 @@ def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *, gold: di
         chunk = cases[start:start + size]
         for c in chunk:  # a case already queued can still become a gold task
             if c.case_id in gold and _live(bridge, c.case_id):
-                bridge.ledger.set_task(c.case_id, gold_label=gold[c.case_id], dirty=True)
+                bridge.ledger.set_task(c.case_id, **_gold_fields(gold[c.case_id]), dirty=True)
         batch = [c for c in chunk if not _live(bridge, c.case_id)]
         if not batch:
             continue
         payloads = [task_json(c, queue_version=bridge.config.queue_version, cluster=clusters[c.case_id])
                     for c in batch]
         rows: list[dict[str, Any]] = [
-            {"case_id": c.case_id, "gold_label": gold.get(c.case_id), "model_version": c.model_version,
+            {"case_id": c.case_id, **_gold_fields(gold.get(c.case_id)), "model_version": c.model_version,
              "score": c.score, "cluster": clusters[c.case_id], "image_url": c.image_url, "task_json": p}
             for c, p in zip(batch, payloads, strict=True)]
         bridge.ledger.record_importing(project.id, rows)
@@ -153,17 +170,30 @@ def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *, gold: di
     return pushed
 
 
-def push_gold(bridge: BridgeContext, items: Sequence[tuple[SelectedCase, int]]) -> int:
-    """Gold tasks: cases whose answer is known, queued like any other task (annotators cannot tell).
+def push_gold(bridge: BridgeContext, items: Sequence[tuple[SelectedCase, int | Detection]]) -> int:
+    """Gold tasks: cases whose answer is known (a class index, or the true boxes of a detect case), queued like
+    any other task (annotators cannot tell).
 
     The known answer stays in the bridge's ledger, never in the task, where annotators could read it.
-    An answer that matches it is posted with status ``gold``; one that does not is held; both score
-    the annotator (:func:`fleet.consensus.score_annotators`).
+    An answer that matches it (boxes: box F1 at the hub's bar) is posted with status ``gold``; one that does
+    not is held; both score the annotator (:func:`fleet.consensus.score_annotators`).
     """
-    gold = {c.case_id: int(label) for c, label in items}
+    gold: dict[str, int | Detection] = {}
     for c, label in items:
-        if not 0 <= label < len(c.class_names):
-            raise InvalidInput(f"gold label {label} of case {c.case_id} is not a class index of {list(c.class_names)}")
+        if isinstance(label, Detection):
+            try:
+                label.validate()
+                label.check_classes(len(c.class_names), f"gold boxes of case {c.case_id}")
+            except ProtocolError as exc:
+                raise InvalidInput(str(exc)) from None
+            if c.case.task != "detect":
+                raise InvalidInput(f"gold boxes given for case {c.case_id}, a {c.case.task!r} case")
+            gold[c.case_id] = label.as_label()
+        elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(c.class_names):
+            gold[c.case_id] = int(label)
+        else:
+            raise InvalidInput(f"gold label {label!r} of case {c.case_id} is neither a class index of "
+                               f"{list(c.class_names)} nor a Detection")
     return push_cases(bridge, [c for c, _ in items], gold=gold)
 
 
@@ -347,6 +377,22 @@ def _global_clusters(bridge: BridgeContext, cases: Sequence[SelectedCase]) -> di
     out = {c.case_id: base + c.cluster for c in cases}
     bridge.ledger.put("cluster_base", base + max(c.cluster for c in cases) + 1)
     return out
+
+
+def _gold_fields(value: int | Detection | None) -> dict[str, Any]:
+    """A gold answer as the ledger's task columns: a class in ``gold_label``, boxes in ``gold_answer``."""
+    if isinstance(value, Detection):
+        return {"gold_label": None, "gold_answer": value.to_dict()}
+    return {"gold_label": value, "gold_answer": None}
+
+
+def _predicted_text(case: SelectedCase) -> str:
+    """What the model predicted, for the data manager's column: the class, or the boxes' classes with counts."""
+    prediction = case.case.prediction
+    if isinstance(prediction, Detection):
+        counts = Counter(case.class_names[b.label] for b in prediction.boxes)
+        return ", ".join(f"{n} x{k}" for n, k in sorted(counts.items())) or "no boxes"
+    return case.predicted_name
 
 
 def _prediction_version(task: dict[str, Any]) -> str | None:

@@ -39,5 +39,5 @@ start_rtsp_server
 # --- lint, types, tests (a test whose service is missing fails instead of skipping)
 export FLYWHEEL_TEST_SERVICES=required
 .venv/bin/ruff check fleet trigger labeling training tests benchmarks
-.venv/bin/mypy trigger fleet/protocol fleet/errors.py fleet/signing.py fleet/retry.py fleet/consensus.py
+.venv/bin/mypy trigger fleet/protocol fleet/errors.py fleet/signing.py fleet/retry.py fleet/consensus.py fleet/consensus_boxes.py
 .venv/bin/python -m pytest -q "$@"

@@ -16,8 +16,11 @@ SURFACES = {
         "error_for_status", "headers_for", "parse_retry_after", "require", "response_detail", "status_for"],
     "fleet.retry": ["NO_RETRY", "RetryPolicy", "retrying"],
     "fleet.consensus": [
-        "AnnotatorScore", "Rules", "Ruling", "STATUSES", "Vote", "decide", "gold_accuracy", "majority_vote",
-        "pairwise_agreement", "score_annotators", "vote_counts"],
+        "AnnotatorScore", "Rules", "Ruling", "STATUSES", "Vote", "box_f1", "decide", "detection_f1", "gold_accuracy",
+        "majority_vote", "match_same_class", "merge_boxes", "merge_detections", "pairwise_agreement",
+        "score_annotators", "vote_counts"],
+    "fleet.consensus_boxes": [
+        "box_f1", "check_box_classes", "detection_f1", "match_same_class", "merge_boxes", "merge_detections"],
     "fleet.signing": [
         "KeyPair", "PRIVATE_KEY_ENV", "generate_keypair", "key_id", "load_private_key", "public_key_b64",
         "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"],

@@ -4,8 +4,9 @@ A labeled case tells the hub whether the model that captured it was wrong: for `
 is another class than the model's top class; for ``detect``, the human's boxes and the model's boxes at or
 above its operating threshold (the manifest's ``DetectorSpec.operating_threshold``, 0.5 for a model the hub
 does not know) differ: a box missed, a box added, or a matched box of another class, matching one to one at IoU
->= :data:`MATCH_IOU` (:func:`trigger.boxes.match_boxes`). Per campaign and per trigger that fired on a case
-(a case several triggers flagged counts for each of them; trigger ``"*"`` counts each case once):
+>= :data:`MATCH_IOU` (box F1 below 1 under :func:`fleet.consensus.detection_f1`). Per campaign and per
+trigger that fired on a case (a case several triggers flagged counts for each of them; trigger ``"*"`` counts
+each case once):
 
 - ``uploads``, ``bytes``: the cases it flagged and their image bytes;
 - ``labeled``, ``errors``: those with an accepted label, and those among them the model got wrong;
@@ -21,11 +22,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 from sqlmodel import Session, col, select
 
 from fleet.hub.models import CaseRow, ModelVersion
-from fleet.protocol import TriggerYield, YieldReport
+from fleet.protocol import Box, Detection, TriggerYield, YieldReport
 
 ALL = "*"  # the campaign's row: every case once
 MATCH_IOU = 0.5
@@ -79,23 +79,15 @@ def _wrong(task: str, label: int | None, predicted: int | None, payload: dict[st
 def boxes_differ(model: Iterable[dict[str, Any]], human: Iterable[dict[str, Any]], *,
                  iou: float = MATCH_IOU) -> bool:
     """True when two box lists (wire ``Box`` dicts: x1, y1, x2, y2, label) do not describe the same objects:
-    a box of either left unmatched at IoU >= ``iou`` (one to one, same class first), or a matched pair of
-    different classes."""
-    from trigger.boxes import Boxes, match_boxes
+    their box F1 under the consensus rule (:func:`fleet.consensus.detection_f1`: one to one, same class, IoU >=
+    ``iou``) is below 1, so a box of either is unmatched (missed, added, or of another class)."""
+    from fleet.consensus import detection_f1
 
-    a, b = list(model), list(human)
-    if not a or not b:
-        return bool(a) != bool(b)
+    def detection(rows: Iterable[dict[str, Any]]) -> Detection:
+        return Detection([Box(x1=float(r["x1"]), y1=float(r["y1"]), x2=float(r["x2"]), y2=float(r["y2"]),
+                              label=int(r["label"])) for r in rows])
 
-    def boxes(rows: list[dict[str, Any]]) -> Boxes:
-        xyxy = np.asarray([[r["x1"], r["y1"], r["x2"], r["y2"]] for r in rows], np.float64)
-        return Boxes.from_frames([xyxy], labels=[np.asarray([int(r["label"]) for r in rows], np.int64)])
-
-    ba, bb = boxes(a), boxes(b)
-    ma, mb = match_boxes(ba, bb, iou=iou, classes=True)
-    if (ma < 0).any() or (mb < 0).any():
-        return True
-    return bool((np.asarray(ba.labels) != np.asarray(bb.labels)[ma]).any())
+    return detection_f1(detection(model), detection(human), iou=iou) < 1.0
 
 
 def _operating_thresholds(s: Session) -> dict[str, float]:

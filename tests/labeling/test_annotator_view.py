@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 NOTES = Path(__file__).resolve().parents[2] / ".notes"
 
 
-def open_task(ls_url: str, studio: Studio, project_id: int, task_id: int, class_names: list[str],
-              shot: Path) -> list[Any]:
-    """Log in as an annotator, open the task's labeling page, wait until the image and the choices have
-    rendered, save a screenshot; returns ``[name, checked, shown]`` for each choice."""
+@contextmanager
+def annotator_page(ls_url: str, studio: Studio) -> Iterator[Any]:
+    """A headless Chromium page logged in to Label Studio as a fresh annotator."""
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         missing_service("Debian's chromium is not installed (scripts/test.sh installs it)")
@@ -48,25 +49,37 @@ def open_task(ls_url: str, studio: Studio, project_id: int, task_id: int, class_
             page.fill("input[name=password]", password)
             page.click("button[type=submit]")
             page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
-            page.goto(f"{ls_url}/projects/{project_id}/data?task={task_id}")
-            try:
-                for name in class_names:  # Label Studio names each choice's radio after its value
-                    page.locator(f"input[type=radio][name={name!r}]").first.wait_for(state="attached", timeout=60_000)
-                # the labeling pane's image has really loaded (Label Studio fetches the signed URL
-                # cross-origin and shows it from a blob), at labeling size, not as a grid thumbnail
-                page.wait_for_function(
-                    "() => [...document.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0 "
-                    "&& i.width >= 300)", timeout=60_000)
-            except Exception:
-                page.screenshot(path=str(shot.with_name("failed-" + shot.name)))
-                raise
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(shot))
-            radios: list[Any] = page.eval_on_selector_all(
-                "label input[type=radio][name]",
-                "els => els.map(e => [e.name, e.checked, e.closest('label').getBoundingClientRect().height > 0])")
+            yield page
         finally:
             browser.close()
+
+
+def wait_for_labeling_image(page: Any) -> None:
+    """Wait until the labeling pane's image has really loaded (Label Studio fetches the signed URL
+    cross-origin and shows it from a blob), at labeling size, not as a grid thumbnail."""
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0 "
+        "&& i.width >= 300)", timeout=60_000)
+
+
+def open_task(ls_url: str, studio: Studio, project_id: int, task_id: int, class_names: list[str],
+              shot: Path) -> list[Any]:
+    """Log in as an annotator, open the task's labeling page, wait until the image and the choices have
+    rendered, save a screenshot; returns ``[name, checked, shown]`` for each choice."""
+    with annotator_page(ls_url, studio) as page:
+        page.goto(f"{ls_url}/projects/{project_id}/data?task={task_id}")
+        try:
+            for name in class_names:  # Label Studio names each choice's radio after its value
+                page.locator(f"input[type=radio][name={name!r}]").first.wait_for(state="attached", timeout=60_000)
+            wait_for_labeling_image(page)
+        except Exception:
+            page.screenshot(path=str(shot.with_name("failed-" + shot.name)))
+            raise
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(shot))
+        radios: list[Any] = page.eval_on_selector_all(
+            "label input[type=radio][name]",
+            "els => els.map(e => [e.name, e.checked, e.closest('label').getBoundingClientRect().height > 0])")
     assert shot.stat().st_size > 10_000
     return radios
 

@@ -71,5 +71,5 @@ def test_malformed_results_are_refused_with_a_reason(result: object, reason: str
 
 def test_kinds_are_looked_up_by_name_and_an_unknown_one_lists_the_valid_ones() -> None:
     assert get_kind("image-classification").control_type == "Choices"
-    with pytest.raises(InvalidInput, match=r"\['image-classification'\]"):
+    with pytest.raises(InvalidInput, match=r"\['image-classification', 'image-detection'\]"):
         get_kind("segmentation")

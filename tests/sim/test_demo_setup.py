@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fleet.sim.studio as studio
-from fleet.sim import demo
+from fleet.sim import settings
 from fleet.sim.data import Dataset, sample_test
 from fleet.sim.demo import DemoSettings, _make_labeler
 from fleet.sim.labelers import OracleLabeler
@@ -73,7 +73,7 @@ def test_auto_falls_back_to_the_oracle_and_says_why_in_one_line(tmp_path: Path,
 
 
 def test_the_seed_set_scales_with_the_classes_and_options_are_checked(tmp_path: Path) -> None:
-    assert DemoSettings(workspace=tmp_path).seed_frames(10) == 150 == demo.SEED_PER_CLASS * 10
+    assert DemoSettings(workspace=tmp_path).seed_frames(10) == 150 == settings.SEED_PER_CLASS * 10
     assert DemoSettings(workspace=tmp_path).seed_frames(40) == 600
     assert DemoSettings(workspace=tmp_path, seed_size=90).seed_frames(40) == 90
     for bad in ({"seed_size": 0}, {"test_size": -3}, {"width": 0}, {"base_epochs": 0}):

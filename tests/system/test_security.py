@@ -728,6 +728,7 @@ def _up(url: str) -> bool:
 def test_the_demo_passes_the_trainers_token_in_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`ps` shows every command line to every user: the demo's `flywheel train --publish` must not carry the token."""
     from fleet.sim import demo
+    from fleet.sim import trainer as demo_trainer
 
     seen: dict[str, Any] = {}
 
@@ -738,7 +739,7 @@ def test_the_demo_passes_the_trainers_token_in_the_environment(tmp_path: Path, m
         (out / "report.json").write_text(json.dumps({"gate": {"passed": True}, "publish": {"version": "v"}}))
         return 0
 
-    monkeypatch.setattr(demo, "run_logged", fake_run)
+    monkeypatch.setattr(demo_trainer, "run_logged", fake_run)
     hub = demo.HubProcess(url="http://127.0.0.1:9", admin_token="a", fleet_secret="f", webhook_secret="w",
                           data_dir=tmp_path, process=None, log_path=tmp_path / "log")  # type: ignore[arg-type]
     trainer = demo.Trainer(demo.DemoSettings(workspace=tmp_path), tmp_path, tmp_path / "key", hub, "fwt_TRAINER",

@@ -1,0 +1,162 @@
+"""The demo's fleet from the outside: enrolling and running the agent processes, what the hub's pool holds
+for the labeler, which of the models' errors the uploads captured, accuracy on the test frames, finishing a
+rollout. Every call goes through the hub's API, as an operator's tools would."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import numpy as np
+
+from fleet.protocol import DeviceList, PoolPage, RolloutPublic, SignedManifest
+from fleet.sim.fleet import Frames
+from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged, start_logged, tail
+
+if TYPE_CHECKING:
+    from fleet.sim.labelers import Labeler
+    from fleet.sim.settings import DemoSettings
+
+log = logging.getLogger(__name__)
+
+DEMO_GROUP = "demo"
+Progress = Callable[[str], None]
+
+
+def enroll_agents(settings: DemoSettings, hub: HubProcess, ws: Path) -> list[Path]:
+    configs = []
+    for i in range(settings.devices):
+        dev = f"dev-{i:03d}"
+        d = ws / "agents" / dev
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = d / "agent.toml"
+        cfg.write_text(
+            f'device_id = "{dev}"\ndata_dir = "data"\n\n[hub]\nurl = "{hub.url}"\ngroup = "{DEMO_GROUP}"\n'
+            f'fleet_secret = "{hub.fleet_secret}"\n\n[source]\nkind = "npz"\npath = "shard.npz"\n\n'
+            "[runtime]\nthreads = 1\nbatch_size = 16\ntrigger_window = 32\n\n"
+            "[uplink]\ndrain_timeout_s = 60\nbackoff_base_s = 0.2\nbackoff_max_s = 2\n\n"
+            "[heartbeat]\ninterval_s = 1\n\n[ota]\npoll_interval_s = 1\n"
+        )
+        run_logged(flywheel_cmd("agent", "enroll", "--config", str(cfg)), d / "agent.log")
+        configs.append(cfg)
+    return configs
+
+
+def run_agents(settings: DemoSettings, ws: Path, configs: list[Path], frames: Frames, turn: int,
+                procs: list[Any]) -> dict[str, Frames]:
+    """Give each device a disjoint shard and run all agents at once, as separate processes."""
+    shards: dict[str, Frames] = {}
+    procs.clear()
+    per = len(frames) // len(configs)
+    for i, cfg in enumerate(configs):
+        shard = frames.take(np.arange(i * per, (i + 1) * per))
+        shard.save_shard(cfg.parent / "shard.npz")
+        shards[cfg.parent.name] = shard
+        procs.append(start_logged(flywheel_cmd("agent", "run", "--config", str(cfg), "--max-frames", str(per)),
+                                  cfg.parent / "agent.log"))
+    deadline = time.monotonic() + 600
+    for cfg, p in zip(configs, procs, strict=True):
+        code = p.wait(max(1.0, deadline - time.monotonic()))
+        if code != 0:
+            raise RuntimeError(f"agent {cfg.parent.name} exited with {code} in turn {turn}:\n"
+                               f"{tail(cfg.parent / 'agent.log')}")
+    procs.clear()
+    return shards
+
+
+def pool_supply(hub: HubProcess, labeler: Labeler) -> int:
+    """Cases the hub could give the labeler now: unlabeled, or queued (selected, not yet labeled)."""
+    total = 0
+    for state in ("unlabeled", "queued"):
+        r = httpx.get(hub.url + "/v1/pool", params={"state": state, "limit": 1}, headers=labeler.headers, timeout=60)
+        r.raise_for_status()
+        total += int(r.json()["total"])
+    return total
+
+
+def uploaded_frames(hub: HubProcess, labeler: Labeler) -> dict[str, str]:
+    """frame id -> case id, for every case the fleet has uploaded so far."""
+    out: dict[str, str] = {}
+    for state in ("unlabeled", "queued", "labeled", "held", "duplicate"):
+        offset = 0
+        while True:
+            r = httpx.get(hub.url + "/v1/pool", params={"state": state, "limit": 1000, "offset": offset},
+                          headers=labeler.headers, timeout=60)
+            if r.status_code == 422:
+                break
+            r.raise_for_status()
+            cases = PoolPage.from_json(r.content).cases
+            for c in cases:
+                frame = c.case.tags.get("frame")
+                if frame:
+                    out[frame] = c.case_id
+            if len(cases) < 1000:
+                break
+            offset += 1000
+    return out
+
+
+def error_capture(hub: HubProcess, ws: Path, shards: dict[str, Frames], uploaded: dict[str, str]) -> tuple[int, int]:
+    """How many frames each device's model got wrong this turn, and how many of those it uploaded."""
+    versions = {d.device_id: d.model_version for d in hub.call("GET", "/v1/devices", DeviceList).devices}
+    errors = captured = 0
+    cache: dict[str, Any] = {}
+    for dev, shard in shards.items():
+        version = versions.get(dev)
+        if not version:
+            continue
+        if version not in cache:
+            cache[version] = load_model(hub, version, ws)
+        pred = cache[version].run(list(shard.images)).logits.argmax(1)
+        wrong = pred != shard.labels
+        errors += int(wrong.sum())
+        captured += sum(1 for f in shard.frame_ids[wrong] if str(f) in uploaded)
+    return errors, captured
+
+
+def load_model(hub: HubProcess, version: str, ws: Path) -> Any:
+    from fleet.edge.runtime import ModelRuntime
+
+    d = ws / "cache" / "models"
+    d.mkdir(parents=True, exist_ok=True)
+    signed = hub.call("GET", f"/v1/models/{version}/manifest", SignedManifest)
+    path = d / f"{version}.onnx"
+    if not path.exists():
+        o = httpx.get(f"{hub.url}/v1/models/{version}/onnx", headers=hub.admin_headers, timeout=60)
+        o.raise_for_status()
+        path.write_bytes(o.content)
+    return ModelRuntime(path, signed.manifest, threads=2)
+
+
+def evaluate_onnx(onnx: Path | None, manifest: SignedManifest | None, test: Frames) -> tuple[float, dict[str, float]]:
+    """Accuracy overall and per condition of an exported model on the test frames (onnxruntime)."""
+    from fleet.edge.runtime import ModelRuntime
+
+    if onnx is None:
+        raise ValueError("no model to evaluate")
+    if manifest is None:
+        manifest = SignedManifest.from_json((onnx.parent / "manifest.json").read_text())
+    rt = ModelRuntime(onnx, manifest.manifest, threads=2)
+    preds = np.concatenate([rt.run(list(test.images[i:i + 512])).logits.argmax(1)
+                            for i in range(0, len(test), 512)])
+    ok = preds == test.labels
+    per = {str(c): float(ok[test.conditions == c].mean()) for c in np.unique(test.conditions)}
+    return float(ok.mean()), per
+
+
+def finish_rollout(hub: HubProcess, rollout_id: str, say: Progress) -> str:
+    """After a canary turn: take the rollout to the whole fleet unless the hub rolled it back already."""
+    status = hub.call("GET", f"/v1/rollouts/{rollout_id}", RolloutPublic)
+    if status.state != "running":
+        say(f"rollout of {status.version} ended as {status.state}: {status.reason or ''}")
+        return f"rollout of {status.version} {status.state}"
+    for _ in range(len(status.stages) + 1):
+        status = hub.call("POST", f"/v1/rollouts/{rollout_id}/advance", RolloutPublic)
+        if status.state != "running":
+            break
+    say(f"canary of {status.version} held; now active on the whole fleet")
+    return f"canary ok, {status.version} active"

@@ -1,0 +1,67 @@
+"""The demo's settings (what ``flywheel demo`` was asked) and an arm's state across turns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fleet.sim.fleet import Frames
+
+SEED_PER_CLASS = 15  # the default seed set: this many frames a class (a many-class set needs more than digits)
+TEST_CAP = 500  # the default test set: at most this many images a condition (stratified), so turns stay short
+NEAR_CHANCE = 1.5  # a model below this many times chance accuracy is "near chance"
+
+
+@dataclass
+class DemoSettings:
+    workspace: Path
+    turns: int = 4
+    devices: int = 4
+    budget: int = 40  # labels per turn, for each arm
+    seed: int = 0
+    dataset: str | None = None
+    frames_per_device: int = 300  # per turn
+    seed_size: int | None = None  # None: SEED_PER_CLASS frames a class (150 for digits)
+    test_size: int | None = None  # test images per condition, stratified by class; None: all, up to TEST_CAP
+    base_epochs: int = 30
+    turn_epochs: int = 20
+    turn_lr: float = 0.05  # fine-tuning rate from the current model's checkpoint (both arms)
+    upload_rate: float = 0.08  # calibrated uncertainty trigger's target rate per device
+    strategy: str = "uncertainty+diversity"
+    labeler: str = "auto"  # auto | oracle | studio
+    install_studio: bool = True  # auto/studio: install Label Studio into ./.venv-studio when it is missing
+    annotate: bool = False  # a person labels each turn in Label Studio's UI (needs Label Studio)
+    model: str = "smallcnn"
+    width: int = 16
+    allow_short: bool = False  # a turn whose labels fall short of the budget is an error unless this is set
+
+    def validate(self) -> None:
+        for name in ("turns", "devices", "budget", "frames_per_device", "seed_size", "test_size", "base_epochs",
+                     "turn_epochs", "width"):
+            value = getattr(self, name)
+            if value is None and name in ("seed_size", "test_size"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; received {value!r}")
+        if not 0 < self.upload_rate < 1:
+            raise ValueError(f"--upload-rate must be in (0, 1); received {self.upload_rate}")
+        if self.labeler not in ("auto", "oracle", "studio"):
+            raise ValueError(f"--labeler must be auto, oracle or studio; received {self.labeler!r}")
+        if self.annotate and self.labeler == "oracle":
+            raise ValueError("--annotate has you label in Label Studio; it cannot go with --labeler oracle")
+
+    def seed_frames(self, classes: int) -> int:
+        """The seed set's size: ``seed_size`` if given, else SEED_PER_CLASS frames a class."""
+        return self.seed_size if self.seed_size is not None else SEED_PER_CLASS * classes
+
+
+@dataclass
+class Arm:
+    """One arm's state across turns: its current checkpoint, version, and labels spent."""
+
+    name: str
+    checkpoint: Path | None = None
+    version: str | None = None
+    onnx: Path | None = None
+    labels: int = 0
+    labeled: list[Frames] = field(default_factory=list)

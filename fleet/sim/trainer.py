@@ -1,0 +1,76 @@
+"""The demo's trainer: ``flywheel train`` run as its own process for every model, as on a GPU box; its
+report read back into a :class:`TrainResult`. The hub token travels in the environment, never on the command
+line (``ps`` shows command lines to every user)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fleet.protocol import SignedManifest
+from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged
+
+if TYPE_CHECKING:
+    from fleet.sim.settings import Arm, DemoSettings
+
+EXIT_REJECTED = 3  # `flywheel train` exit code for a candidate the gate rejected
+
+
+@dataclass
+class TrainResult:
+    version: str
+    out: Path
+    checkpoint: Path
+    onnx: Path
+    manifest: SignedManifest | None
+    passed: bool
+    published: bool
+    rollout_id: str | None
+    gate_summary: str
+    timings: dict[str, float] = field(default_factory=dict)  # the trainer's own phases
+
+
+class Trainer:
+    def __init__(self, settings: DemoSettings, ws: Path, key: Path, hub: HubProcess, token: str, seed_npz: Path,
+                 class_names: list[str]) -> None:
+        self.settings, self.ws, self.key, self.hub, self.token = settings, ws, key, hub, token
+        self.seed_npz, self.class_names = seed_npz, class_names
+
+    def train(self, name: str, *, data: str, epochs: int, publish: bool, stages: str, warm: Arm | None) -> TrainResult:
+        s = self.settings
+        out = self.ws / "models" / name
+        version = f"{name}-s{s.seed}"
+        args = ["train", "--data", data, "--out", str(out), "--model", s.model, "--width", str(s.width),
+                "--epochs", str(epochs), "--seed", str(s.seed), "--version", version, "--sign-key", str(self.key),
+                "--holdout", "0", "--no-progress", "--threads", "1", "--cache-dir", str(self.ws / "cache"),
+                "--class-names", ",".join(self.class_names), "--min-slice-size", "1000000"]
+        if data != f"npz:{self.seed_npz}":
+            args += ["--base", f"npz:{self.seed_npz}", "--replay-ratio", "0.5"]
+        if warm is not None and warm.checkpoint is not None:
+            args += ["--warm-start", str(warm.checkpoint), "--gate-against", str(warm.checkpoint),
+                     "--tolerance", "0.01", "--lr", str(s.turn_lr)]
+        env = None
+        if publish:  # the token goes in the environment: a command line is visible to every user (ps)
+            args += ["--publish", self.hub.url, "--rollout-stages", stages]
+            env = {**os.environ, "FLYWHEEL_TOKEN": self.token}
+        else:
+            args += ["--dry-run"]
+        run_logged(flywheel_cmd(*args), self.ws / "logs" / f"train-{name}.log", env=env,
+                   ok_codes=(0, EXIT_REJECTED))
+        report = json.loads((out / "report.json").read_text())
+        gate = report.get("gate") or {}
+        passed = bool(gate.get("passed", True))
+        pub = report.get("publish") or {}
+        manifest = SignedManifest.from_json((out / "manifest.json").read_text()) if (out / "manifest.json").exists() \
+            else None
+        reasons = "; ".join(str(r) for r in gate.get("reasons", [])[:1])
+        summary = f"{name}: gate {'passed' if passed else 'failed'}"
+        if reasons and not passed:
+            summary += f" ({reasons})"
+        return TrainResult(version, out, out / "checkpoint.pt", out / "model.onnx", manifest, passed,
+                           bool(pub.get("uploaded") or pub.get("version")) and publish and passed,
+                           pub.get("rollout_id") or (pub.get("rollout") or {}).get("rollout_id"), summary,
+                           {k: float(v) for k, v in (report.get("timings") or {}).items()})
