@@ -30,8 +30,11 @@ Scores, all computed with the on-device trigger library (:mod:`trigger`):
   novelty (cosine k-NN distance to a bank of the seed set's embeddings), and a calibrated
   combination of these with the challenger's belief in the base model's class, BALD over the
   two models and the disagreement of the bank's nearest labels with the prediction (the headline,
-  "calibrated combination"). The library has no trigger that evaluates such a weighted sum yet, so
-  the combinations are computed here from the library's scores.
+  "calibrated combination"). These combinations are computed here from the library's scores;
+* both groups: the ``learned_error`` trigger as it ships (:mod:`trigger.learned`): the hub's fit
+  (:func:`fleet.hub.learned.fit_logistic`, the same code as ``flywheel campaigns learn``) on the
+  calibration stream's device features, evaluated by the trigger library from the spec parameters,
+  as ``flywheel agent`` evaluates it.
 
 Metrics per group (human known / unknown) and budget ``b``: upload the top ``round(b * n)``
 frames of the group by score; capture = errors uploaded / errors in the group; random captures
@@ -279,6 +282,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     err_cal = feats_cal["pred"] != calib["y"]
     err_str = feats_str["pred"] != stream["y"]
 
+    learned_str, learned_params = _learned(base_cal, chal_cal, calib["human"], err_cal, base_str, chal_str,
+                                           stream["human"])
     known_cal, known_str = calib["human"] >= 0, stream["human"] >= 0
     unk_model = _fit(_unknown_matrix(feats_cal), err_cal, seed=args.seed)
     known_model = _fit(_known_matrix(feats_cal)[known_cal], err_cal[known_cal], seed=args.seed)
@@ -289,7 +294,8 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         f = {k: v[mask] for k, v in feats_str.items()}
         e = err_str[mask]
         stats[group] = {"n": int(mask.sum()), "errors": int(e.sum()), "error_rate": float(e.mean())}
-        candidates: list[tuple[str, Arr]] = [("entropy (baseline)", f["entropy"])]
+        candidates: list[tuple[str, Arr]] = [("entropy (baseline)", f["entropy"]),
+                                             ("learned_error trigger (as shipped)", learned_str[mask])]
         if group == "known":
             candidates += [
                 ("human disagreement, weighted + entropy tie-break", f["human_w"] + 0.01 * f["entropy_n"]),
@@ -315,7 +321,25 @@ def _run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     stats["train_cached"] = base.cached and challenger.cached
     stats["infer_s"] = infer_s
     stats["bank"] = repr(bank)
+    stats["learned_params"] = {k: round(float(v), 3) for k, v in learned_params.items()}
     return {"rows": rows, "stats": stats}
+
+
+def _learned(base_cal: Any, chal_cal: Any, human_cal: Arr, err_cal: Arr, base_str: Any, chal_str: Any,
+             human_str: Arr) -> tuple[Arr, dict[str, float]]:
+    """The learned_error trigger as it ships: the hub's fit on the calibration stream, then the device's
+    evaluation of the leaf's parameters on the evaluated stream."""
+    from fleet.hub.learned import fit_logistic
+    from trigger import TRIGGERS, softmax
+    from trigger.learned import FEATURES, error_features
+    from trigger.triggers import Inputs
+
+    x = error_features(softmax(base_cal.logits), human_cal, softmax(chal_cal.logits))
+    w, b = fit_logistic(x, err_cal.astype(np.float64))
+    params = {**{f"w_{f}": float(v) for f, v in zip(FEATURES, w, strict=True)}, "bias": b}
+    inputs = Inputs(logits=base_str.logits, probs=softmax(base_str.logits), human=human_str,
+                    challenger_probs=softmax(chal_str.logits))
+    return TRIGGERS["learned_error"].compute(inputs, None, params), params
 
 
 def _stream(x: Arr, y: Arr, mix: dict[str, float], rng: np.random.Generator, seed: int) -> dict[str, Any]:
@@ -503,6 +527,8 @@ def _setup(args: argparse.Namespace, st: dict[str, Any]) -> str:
         f"{g[2]['n']} training images outside the seed set, same conditions and human (error rate "
         f"{g[2]['error_rate']:.3f}); the calibrated scores are logistic regressions fitted there on standardised "
         f"features. Unknown-group weights: {st['weights_unknown']}. Known-group weights: {st['weights_known']}. "
+        f"The learned_error trigger's parameters as the hub ships them (one model for both groups, fitted on "
+        f"trigger.learned's device features): {st['learned_params']}. "
         f"Novelty bank: {st['bank']} of the seed set's base-model embeddings. Ties in a score go to the earlier "
         f"frame (the stream is in random order). Runtime {st.get('seconds', 0):.0f} s on {platform.machine()} "
         f"with {os.cpu_count()} logical CPUs (load average {st.get('load', float('nan')):.1f} at the start), "

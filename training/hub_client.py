@@ -19,6 +19,7 @@ import httpx
 
 from fleet.errors import IntegrityError, TransportError, Unauthorized, error_for_response
 from fleet.protocol import (
+    BankPublic,
     BlobRequest,
     Message,
     ModelList,
@@ -103,6 +104,12 @@ class HubClient:
             "manifest": ("manifest.json", signed_manifest_json.encode(), "application/json"),
         }
         return ModelReceipt.from_json(self._request("POST", "/v1/models", files=files).content)
+
+    def put_novelty_bank(self, version: str, data: bytes) -> BankPublic:
+        """PUT /v1/models/{version}/novelty-bank: the model's novelty bank (``.npz`` bytes of a NoveltyBank)."""
+        resp = self._request("PUT", f"/v1/models/{version}/novelty-bank", content=data,
+                             headers={"Content-Type": "application/octet-stream"})
+        return BankPublic.from_json(resp.content)
 
     def start_rollout(self, version: str, stages: Iterable[float], stage_seconds: float | None = None) -> RolloutPublic:
         """POST /v1/rollouts: roll ``version`` out over ``stages`` (fractions of the fleet)."""

@@ -36,10 +36,13 @@ def publish(
     stages: list[float],
     stage_seconds: float | None = None,
     dry_run: bool = False,
+    bank_path: Path | None = None,
 ) -> dict[str, Any]:
-    """Upload ``model.onnx`` with its signed manifest, then start a rollout; ``dry_run`` only checks and reports.
+    """Upload ``model.onnx`` with its signed manifest and its novelty bank (``bank_path``, see
+    :mod:`training.bank`), then start a rollout; ``dry_run`` only checks and reports.
 
     The files are checked against the manifest (sha256, size) first, so what is uploaded is what was signed.
+    The bank goes up before the rollout starts, so the first canary device finds the bank of its new model.
     """
     t0 = time.perf_counter()
     if manifest_path.name != "manifest.json":
@@ -49,15 +52,21 @@ def publish(
     signed = SignedManifest.from_json(manifest_path.read_text())
     m = signed.manifest
     verify_file_sha256(onnx_path, m.onnx_sha256, m.onnx_size)
-    plan = {"version": m.version, "stages": stages, "stage_seconds": stage_seconds}
+    plan = {"version": m.version, "stages": stages, "stage_seconds": stage_seconds,
+            "novelty_bank": None if bank_path is None else str(bank_path)}
     if dry_run or client is None:
         log.info("dry run: would upload %s (%d bytes) and roll out over %s", m.version, m.onnx_size, stages)
         return {"dry_run": True, "uploaded": False, **plan, "seconds": time.perf_counter() - t0}
     registered = client.upload_model(onnx_path.read_bytes(), signed.to_json())
     log.info("uploaded model %s: %s%s", m.version, registered.status, " (already there)" if registered.already else "")
+    bank = None if bank_path is None else client.put_novelty_bank(m.version, bank_path.read_bytes())
+    if bank is not None:
+        log.info("uploaded novelty bank %s of model %s (%d embeddings of dim %d)", bank.bank_id, m.version, bank.n,
+                 bank.dim)
     rollout = client.start_rollout(m.version, stages, stage_seconds)
     log.info("started rollout %s for %s", rollout.rollout_id, m.version)
     return {
         "dry_run": False, "uploaded": True, **plan, "hub": client.base_url, "registered": registered.to_dict(),
-        "rollout": rollout.to_dict(), "seconds": time.perf_counter() - t0,
+        "bank": None if bank is None else bank.to_dict(), "rollout": rollout.to_dict(),
+        "seconds": time.perf_counter() - t0,
     }

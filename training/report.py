@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from fleet.errors import InvalidInput
+from training.bank import write_bank
 from training.checkpoint import load_checkpoint
 from training.data import ImageSet
 from training.evaluate import accuracy_metrics, predict, recommended_thresholds
@@ -55,7 +56,7 @@ def finish_turn(
             key=key, int8=args.int8, calibration=meta["calibration"].numpy(), parity_threshold=args.parity_threshold,
         )
         timings["export"] = time.perf_counter() - t
-        publish_export(args, result, factory, report)
+        publish_export(args, result, factory, report, bank_images=data.pool.images, bank_labels=data.pool.labels)
     timings["total"] = time.perf_counter() - t_start
     write_report(args.out, report)
     return report
@@ -80,15 +81,22 @@ def gate_turn(args: TrainArgs, candidate: dict[str, dict[str, Any]], baseline: d
     return decision.passed
 
 
-def publish_export(args: TrainArgs, result: ExportResult, factory: ClientFactory, report: dict[str, Any]) -> None:
-    """Record an export (status ``ready``) and, with ``--publish``, upload it and start the rollout."""
+def publish_export(args: TrainArgs, result: ExportResult, factory: ClientFactory, report: dict[str, Any], *,
+                   bank_images: np.ndarray, bank_labels: np.ndarray | None) -> None:
+    """Record an export (status ``ready``) with its novelty bank, built by the exported model from
+    ``bank_images: (n, c, h, w)`` uint8 (the training pool; ``bank_labels: (n,)`` or None), and, with
+    ``--publish``, upload both and start the rollout."""
     report["export"] = result.to_dict()
+    t = time.perf_counter()
+    bank_path = write_bank(args.out, result.onnx_path, result.manifest, bank_images, bank_labels, seed=args.seed)
+    report["timings"]["novelty_bank"] = time.perf_counter() - t
+    report["novelty_bank"] = str(bank_path)
     report["status"] = "ready"
     if args.publish:
         t = time.perf_counter()
         client = None if args.dry_run else factory(args.publish)
         report["publish"] = publish(client, result.onnx_path, result.manifest_path, stages=args.rollout_stages,
-                                    stage_seconds=args.stage_seconds, dry_run=args.dry_run)
+                                    stage_seconds=args.stage_seconds, dry_run=args.dry_run, bank_path=bank_path)
         report["timings"]["publish"] = time.perf_counter() - t
         report["published"] = not args.dry_run
         report["status"] = "dry_run" if args.dry_run else "published"

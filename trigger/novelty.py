@@ -27,7 +27,7 @@ import numpy as np
 from trigger._checks import F32, F64, I64, as_float, as_labels, describe, positive_int
 from trigger._novelty_index import Index, build, normalise, row_norms
 
-__all__ = ["NoveltyBank"]
+__all__ = ["NoveltyBank", "sample_rows"]
 
 FORMAT = "flywheel.novelty/1"
 _KEYS = {"format", "vectors", "labels", "projection", "centroids", "offsets", "meta"}
@@ -319,6 +319,20 @@ class NoveltyBank:
         out: F64 = 1.0 - sims.sum(axis=1, dtype=np.float64) / (k * row_norms(q))
         np.clip(out, 0.0, 2.0, out=out)
         return out
+
+
+def sample_rows(labels: Any, size: int, *, seed: int = 0) -> I64:
+    """The rows ``(<= size,)`` sorted, that :meth:`NoveltyBank.from_embeddings` keeps with ``max_size=size``
+    and ``seed``: a seeded sample stratified by ``labels: (m,)`` (-1 = unknown), all rows when ``m <= size``.
+
+    Pick the rows first to embed only those (``from_embeddings(emb[rows], labels=labels[rows])`` then gives
+    the same bank as embedding everything)."""
+    arr = np.asarray(labels)
+    lab = as_labels(arr, "labels", n=arr.shape[0] if arr.ndim == 1 else -1)
+    size = positive_int(size, "size")
+    if len(lab) <= size:
+        return np.arange(len(lab), dtype=np.int64)
+    return _stratified_sample(lab, size, np.random.default_rng(seed))
 
 
 # ---------------------------------------------------------------------------------------------

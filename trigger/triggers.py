@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trigger import box_scores as _bs
+from trigger import learned as _learned
 from trigger import scores as _s
 from trigger._checks import F32, F64, I64
 from trigger.boxes import Boxes
@@ -182,6 +183,18 @@ def _random(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
     rng: np.random.Generator = p["_rng"]  # the evaluator hands each random leaf its own generator
     return rng.random(i.n if rows is None else len(rows))
 
+
+def _learned_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    probs = _rows(_probs(i), rows)
+    human = None if i.human is None else _rows(i.human, rows)  # type: ignore[arg-type]
+    ch = None if i.challenger_probs is None else _rows(i.challenger_probs, rows)
+    weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.FEATURES]
+    return _learned.error_probability(_learned.error_features(probs, human, ch), weights, float(p.get("bias", 0.0)))
+
+
+_LEARNED_PARAMS = (*(Param(f"w_{f}", float, 0.0, low=-100.0, high=100.0, doc=f"weight of feature {f}")
+                     for f in _learned.FEATURES),
+                   Param("bias", float, 0.0, low=-100.0, high=100.0, doc="the logistic model's intercept"))
 
 _TOP_K = Param("top_k", int, 1, low=1, doc="disagree only when the other class is outside the model's top k")
 _WEIGHTED = Param("weighted", bool, False, doc="scale 0/1 disagreement by confidence (confident mistakes first)")
@@ -379,6 +392,12 @@ TRIGGERS: dict[str, TriggerDef] = {
             "challenger_disagreement", "the challenger's top class is outside the model's top-k.", "above",
             _challenger_disagreement, params=(_TOP_K, _WEIGHTED), uses=("challenger_logits",), default_threshold=0.0,
             bounds=lambda i, p: (0.0, 1.0), weight=0.5, task="classify",
+        ),
+        TriggerDef(
+            "learned_error", "the chance the model is wrong, by the hub's logistic model over the scores "
+            "(trigger.learned; weights w_<feature> and bias set by the hub).", "above", _learned_error,
+            params=_LEARNED_PARAMS, uses=("human", "challenger_logits"), bounds=lambda i, p: (0.0, 1.0), weight=0.6,
+            task="classify",
         ),
         TriggerDef(
             "novelty", "mean cosine distance to the k nearest novelty-bank entries (needs embeddings).", "above",

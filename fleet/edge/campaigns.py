@@ -10,6 +10,15 @@ Calibrated thresholds are kept per model version (:meth:`Campaigns.use_model`): 
 one model's scores means nothing for another's, so after an OTA the triggers calibrate afresh on the new
 model, and a rollback returns to the old model's thresholds. Budgets and dedup memory are the device's,
 whatever model runs, and carry over.
+
+Novelty banks are per model version too: a bank holds one model's embeddings, and distances to it mean
+nothing for another model's. The hub names the version each campaign's bank was built in
+(``CampaignRef.novelty_bank_version``); a campaign is live only while that version is the model the device
+runs. A campaign whose bank is for another model is built but parked (its bank already fetched, so an OTA
+or a rollback to that model brings it in at once, without a download on the inference path); a campaign
+whose hub has no bank yet for the assigned model waits (retried at each assignment, logged once). So a
+device never scores novelty against another model's bank: between an OTA and the bank of the new model,
+the campaign is paused.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ class Campaign:
     expires_at: float | None = None
     model_version: str | None = None  # the model the evaluator's calibrators are fitted to
     calibrations: dict[str, Any] = field(default_factory=dict)  # other models' calibration, by version
+    bank_version: str | None = None  # the model whose embeddings the novelty bank holds (None: no bank, or unknown)
+    bank_key: tuple[str | None, str | None] = (None, None)  # (bank id, sha256) it was built with
 
     @property
     def key(self) -> str:
@@ -82,44 +93,49 @@ class Campaigns:
         self.lock = threading.RLock()
         self._default = self._build_default(default_spec) if default_spec is not None else None
         self.current: tuple[Campaign, ...] = (self._default,) if self._default else ()
+        self._assigned: tuple[Campaign, ...] = ()  # built from the assignment, live or parked (see fits)
         self._refused: set[tuple[str, int]] = set()
+        self._waiting: set[tuple[str, int, str | None]] = set()  # logged once: (campaign, version, bank version)
         self.model_version: str | None = None  # the active model the triggers run on (see use_model)
         self._restore_assigned()
 
     def use_model(self, version: str) -> None:
-        """The active model is now ``version``: each campaign's calibrated thresholds follow it."""
+        """The active model is now ``version``: each campaign's calibrated thresholds follow it, and campaigns
+        whose novelty bank is another model's are paused (parked ones for ``version`` come back)."""
         if version == self.model_version:
             return
         with self.lock:
             self.model_version = version
+            self._go_live()
             for c in self.current:
                 c.use_model(version)
 
+    def fits(self, c: Campaign) -> bool:
+        """Whether ``c`` may run on the current model: it has no bank, or a bank of this model's space."""
+        return c.bank_version is None or self.model_version is None or c.bank_version == self.model_version
+
     def apply(self, refs: Sequence[CampaignRef]) -> tuple[Campaign, ...]:
-        """Make the live set match the assignment's campaigns (or the default spec if there are none)."""
+        """Make the live set match the assignment's campaigns that fit the model (or the default spec if none do)."""
         now = self.clock()
-        live = {(c.campaign_id, c.version): c for c in self.current}
+        built = {_key(c.campaign_id, c.version, c.bank_key): c for c in self._assigned}
         out: list[Campaign] = []
         for ref in refs:
             if ref.expires_at is not None and ref.expires_at <= now:
                 continue
-            key = (ref.campaign_id, ref.version)
-            if key in live:
-                out.append(live[key])
+            key = _key(ref.campaign_id, ref.version, (ref.novelty_bank, ref.novelty_bank_sha256))
+            if key in built:
+                out.append(built[key])
                 continue
-            if key in self._refused:
+            if (ref.campaign_id, ref.version) in self._refused:
                 continue
             campaign = self._build(ref)
             if campaign is not None:
-                log.info("campaign %s v%d is live", ref.campaign_id, ref.version)
+                log.info("campaign %s v%d is %s", ref.campaign_id, ref.version,
+                         "live" if self.fits(campaign) else f"ready for model {campaign.bank_version}")
                 out.append(campaign)
-        if not out and self._default is not None:
-            out.append(self._default)
-        with self.lock:
-            for c in self.current:
-                if all(c is not o for o in out):
-                    self._save(c)
-            self.current = tuple(out)
+        with self.lock:  # what leaves the live set saves its state there; a parked campaign never ran
+            self._assigned = tuple(out)
+            self._go_live()
         self._remember(refs)
         return self.current
 
@@ -131,11 +147,36 @@ class Campaigns:
 
     # -- private ------------------------------------------------------------------------------
 
+    def _go_live(self) -> None:
+        """Set ``current`` to the assigned campaigns that fit the model (else the default spec); hold ``lock``.
+
+        Campaigns that leave save their state first; those that come in (a parked one: the same campaign with
+        the bank of the model now running) take it back, so budgets and dedup memory carry over."""
+        live = [c for c in self._assigned if self.fits(c)]
+        paused = [c for c in self._assigned if not self.fits(c)]
+        if not live and self._default is not None:  # nothing assigned runs (none, or all paused): the local spec
+            live = [self._default]
+        leaving = [c for c in self.current if all(c is not o for o in live)]
+        for c in leaving:
+            self._save(c)
+            if any(c is p for p in paused):
+                log.info("campaign %s paused: its novelty bank holds model %s's embeddings, the device runs %s",
+                         c.key, c.bank_version, self.model_version)
+        for c in live:
+            if all(c is not o for o in self.current):
+                self._restore(c)
+                if self.model_version is not None:
+                    c.use_model(self.model_version)
+        self.current = tuple(live)
+
     def _build(self, ref: CampaignRef) -> Campaign | None:
         from trigger import Evaluator, SpecError, parse_spec
 
         try:
             spec = parse_spec(ref.spec)
+            if "bank" in spec.needs and ref.novelty_bank is None and ref.novelty_bank_version is not None:
+                self._wait(ref)
+                return None
             bank = self._bank(ref) if ref.novelty_bank else None
             evaluator = Evaluator(spec, bank=bank, clock=self.clock)
         except RetryableError as exc:
@@ -146,11 +187,17 @@ class Campaigns:
             self._refused.add((ref.campaign_id, ref.version))
             log.error("refusing campaign %s v%d from the hub: %s", ref.campaign_id, ref.version, exc)
             return None
-        campaign = Campaign(ref.campaign_id, ref.version, evaluator, ref.expires_at)
-        self._restore(campaign)
-        if self.model_version is not None:
-            campaign.use_model(self.model_version)
-        return campaign
+        self._waiting.discard((ref.campaign_id, ref.version, ref.novelty_bank_version))
+        return Campaign(ref.campaign_id, ref.version, evaluator, ref.expires_at,
+                        bank_version=ref.novelty_bank_version if bank is not None else None,
+                        bank_key=(ref.novelty_bank, ref.novelty_bank_sha256))
+
+    def _wait(self, ref: CampaignRef) -> None:
+        key = (ref.campaign_id, ref.version, ref.novelty_bank_version)
+        if key not in self._waiting:
+            self._waiting.add(key)
+            log.warning("campaign %s v%d paused: the hub has no novelty bank for model %s yet; waiting for it",
+                        ref.campaign_id, ref.version, ref.novelty_bank_version)
 
     def _build_default(self, doc: dict[str, Any]) -> Campaign:
         from trigger import Evaluator, SpecError, parse_spec
@@ -230,6 +277,12 @@ class Campaigns:
             atomic_write_json(self._state_path(c), state)
         except (OSError, TypeError, ValueError) as exc:
             log.warning("campaign %s: could not save trigger state: %s", c.key, exc)
+
+
+def _key(campaign_id: str, version: int | None, bank: tuple[str | None, str | None]
+         ) -> tuple[str, int | None, str | None, str | None]:
+    """What identifies a built campaign: a new campaign version, or a new bank for it, is a new evaluator."""
+    return (campaign_id, version, *bank)
 
 
 def _sha256(path: Path) -> str:

@@ -164,6 +164,21 @@ def campaigns_rebalance(campaign_id: str = typer.Argument(...), hub: str = HUB_U
     typer.echo(f"{'unchanged' if c.already else 'rebalanced'}: {c.campaign_id} v{c.version}: {shares}")
 
 
+@campaigns_app.command("learn")
+def campaigns_learn(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN,
+                    target_rate: float = typer.Option(0.05, "--target-rate", help="Share of frames it fires on.")
+                    ) -> None:
+    """Fit the campaign's learned trigger (is the model wrong on this frame?) on the active model's labeled
+    cases and publish it as a new campaign version."""
+    from fleet.protocol import LearnedFit
+
+    fit = _call(hub, token, "POST", f"/v1/campaigns/{campaign_id}/learn?target_rate={target_rate}", LearnedFit)
+    weights = ", ".join(f"{k} {v:+.2f}" for k, v in fit.weights.items())
+    auc = "-" if fit.train_auc is None else f"{fit.train_auc:.3f}"
+    typer.echo(f"learned: {fit.campaign_id} v{fit.version} for model {fit.model_version} on {fit.cases} cases "
+               f"({fit.errors} wrong), training AUC {auc}; bias {fit.bias:+.2f}, {weights}")
+
+
 @campaigns_app.command("yield")
 def campaigns_yield(campaign_id: str | None = typer.Argument(None, help="One campaign (default: all)."),
                     hub: str = HUB_URL, token: str = TOKEN,

@@ -57,6 +57,12 @@ def request_body(kind: type[Message], *, required: bool = True) -> dict[str, Any
                             "content": {"application/json": {"schema": schema_of(kind)}}}}
 
 
+def binary_body(description: str, *, media: str = "application/octet-stream") -> dict[str, Any]:
+    """``openapi_extra`` for a route whose body is raw bytes of ``media`` (the route reads and checks them)."""
+    return {"requestBody": {"required": True, "content": {media: {"schema": {
+        "type": "string", "format": "binary", "description": description}}}}}
+
+
 def multipart_body(parts: dict[str, str], *, files: tuple[str, ...] = (), description: str = "") -> dict[str, Any]:
     """``openapi_extra`` for a ``multipart/form-data`` route: ``parts`` by name -> what each holds (the ones
     named in ``files`` are binary file parts)."""

@@ -133,6 +133,8 @@ class BodyGuard:
             return s.max_image_bytes + s.max_json_bytes
         if method == "POST" and route == "/v1/cases/batch":
             return s.max_batch_bytes
+        if method == "PUT" and route.startswith("/v1/models/") and route.endswith("/novelty-bank"):
+            return s.max_bank_bytes
         return s.max_json_bytes
 
     def timeout_for(self, path: str, method: str) -> float:

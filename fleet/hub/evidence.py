@@ -10,15 +10,21 @@ agree; a canary of one device is all the evidence there can be. The candidate ro
    ``needed`` devices; or
 2. **every device refused it**: every device in the canary reported a refused or rolled-back
    install (so a promotion every device refuses is undone, however small the fleet); or
-3. **field disagreement**: with at least ``rollback_min_compared`` human-compared frames in all,
-   its disagreement exceeds the incumbent's by more than ``rollback_margin``, and so does each of
-   at least ``needed`` devices on its own (each with ``rollback_min_device_compared`` frames).
+3. **field disagreement**: with at least ``rollback_min_compared`` human-compared frames on each side
+   (a fixed-n design: nothing is tested on fewer), its disagreement is higher than the incumbent's by
+   a one-sided two-proportion z-test (pooled variance; Agresti, *Categorical Data Analysis*, 3rd ed.,
+   section 1.4 and 2.1.3) at significance ``rollback_alpha``, the gap exceeds ``rollback_margin`` (the
+   smallest difference worth a rollback), and each of at least ``needed`` devices on its own
+   (with ``rollback_min_device_compared`` frames) disagrees more than the incumbent plus the margin.
+   The test is run once a heartbeat, so over a rollout it is looked at repeatedly; ``rollback_alpha``
+   (0.01 by default) is set low to keep the false-rollback rate of those repeated looks small.
 
-The reason names the devices the evidence came from.
+The reason names the test, its figures and the devices the evidence came from.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fleet.hub.settings import HubSettings
@@ -68,15 +74,33 @@ def verdict(cfg: HubSettings, devices: list[DeviceEvidence], *, canary_size: int
     gap = candidate.disagreement - incumbent.disagreement
     if gap <= cfg.rollback_margin:
         return None
+    z, p = two_proportion_z(candidate, incumbent)
+    if p >= cfg.rollback_alpha:
+        return None
     bar = incumbent.disagreement + cfg.rollback_margin
     dissent = sorted((d for d in devices if d.human_compared >= cfg.rollback_min_device_compared
                       and d.disagreement > bar), key=lambda d: (-d.human_compared, d.device_id))
     if len(dissent) < needed:
         return None
     return (f"field disagreement {candidate.disagreement:.3f} over {candidate.human_compared} frames exceeds the "
-            f"incumbent's {incumbent.disagreement:.3f} by {gap:.3f} > margin {cfg.rollback_margin}, and so does each "
-            f"of {len(dissent)} devices (evidence needed from {needed}): "
+            f"incumbent's {incumbent.disagreement:.3f} over {incumbent.human_compared} by {gap:.3f} > margin "
+            f"{cfg.rollback_margin} (one-sided two-proportion z-test: z = {z:.2f}, p = {p:.2g} < alpha "
+            f"{cfg.rollback_alpha}), and so does each of {len(dissent)} devices (evidence needed from {needed}): "
             f"{_shown([(d.device_id, round(d.disagreement, 3)) for d in dissent])}")
+
+
+def two_proportion_z(a: Pooled, b: Pooled) -> tuple[float, float]:
+    """``(z, p)`` of the one-sided test that ``a``'s disagreement rate is higher than ``b``'s: pooled
+    two-proportion z statistic and its upper-tail normal p-value. Both need compared frames."""
+    if a.human_compared <= 0 or b.human_compared <= 0:
+        raise ValueError(f"both sides need compared frames; received {a.human_compared} and {b.human_compared}")
+    pooled = (a.human_disagreed + b.human_disagreed) / (a.human_compared + b.human_compared)
+    se = math.sqrt(pooled * (1.0 - pooled) * (1.0 / a.human_compared + 1.0 / b.human_compared))
+    gap = a.disagreement - b.disagreement
+    if se == 0.0:  # both sides all agree or all disagree: no variance, the gap is certain
+        return (math.inf if gap > 0 else 0.0), (0.0 if gap > 0 else 1.0)
+    z = gap / se
+    return z, 0.5 * math.erfc(z / math.sqrt(2.0))
 
 
 def _shown(items: list[tuple[str, object]], *, counts: bool = True) -> str:

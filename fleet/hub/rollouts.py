@@ -18,9 +18,12 @@ rules that roll a candidate back, and how many devices the evidence must come fr
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import secrets
+from typing import Any
 
 from sqlmodel import Session, col, select
 
@@ -107,14 +110,15 @@ def assignment_for(s: Session, device: Device, *, now: float) -> Assignment:
         device_id=device.device_id,
         active=model_ref(active),
         challenger=model_ref(challenger),
-        campaigns=campaigns_for(s, device.group, now=now),
+        campaigns=campaigns_for(s, device.group, now=now, model_version=active.version if active else None),
         rollout_id=rollout.rollout_id if rollout is not None else None,
         issued_at=now,
     )
 
 
-def campaigns_for(s: Session, group: str, *, now: float) -> list[CampaignRef]:
-    """The newest live version of each campaign aimed at ``group`` (or at every group)."""
+def campaigns_for(s: Session, group: str, *, now: float, model_version: str | None = None) -> list[CampaignRef]:
+    """The newest live version of each campaign aimed at ``group`` (or at every group), each with the novelty
+    bank of ``model_version``, the model the device is assigned (see :func:`bank_for`)."""
     rows = s.exec(select(Campaign).where(col(Campaign.deleted_at).is_(None))
                   .order_by(Campaign.campaign_id, col(Campaign.version).desc())).all()
     out: list[CampaignRef] = []
@@ -127,14 +131,47 @@ def campaigns_for(s: Session, group: str, *, now: float) -> list[CampaignRef]:
             continue
         if c.groups and group not in c.groups:
             continue
-        bank_sha = None
-        if c.novelty_bank:
-            bank = s.get(NoveltyBankRow, c.novelty_bank)
-            bank_sha = bank.sha256 if bank is not None else None
-        out.append(CampaignRef(campaign_id=c.campaign_id, version=c.version, spec=c.spec,
-                               expires_at=c.expires_at, novelty_bank=c.novelty_bank if bank_sha else None,
-                               novelty_bank_sha256=bank_sha))
+        ref = CampaignRef(campaign_id=c.campaign_id, version=c.version, spec=c.spec, expires_at=c.expires_at)
+        if c.novelty_bank or _needs_bank(c.spec):
+            bank, ref.novelty_bank_version = bank_for(s, c.novelty_bank, model_version)
+            if bank is not None:
+                ref.novelty_bank, ref.novelty_bank_sha256 = bank.bank_id, bank.sha256
+        out.append(ref)
     return out
+
+
+def bank_for(s: Session, campaign_bank: str | None, model_version: str | None
+             ) -> tuple[NoveltyBankRow | None, str | None]:
+    """The novelty bank a device running ``model_version`` scores a campaign's novelty against, and the model
+    version whose embeddings it must hold.
+
+    The campaign's own bank if it was built in ``model_version``'s space (or its space is unknown, or the device
+    has no model yet); else the newest bank of ``model_version`` (the trainer uploads one with each model);
+    else none: ``(None, model_version)`` tells the device to pause the campaign until that bank exists.
+    """
+    own = s.get(NoveltyBankRow, campaign_bank) if campaign_bank else None
+    if own is not None and (model_version is None or own.model_version in (None, model_version)):
+        return own, own.model_version or model_version
+    if model_version is None:
+        return None, None
+    newest = s.exec(select(NoveltyBankRow).where(NoveltyBankRow.model_version == model_version)
+                    .order_by(col(NoveltyBankRow.created_at).desc())).first()
+    return newest, model_version
+
+
+def _needs_bank(spec: dict[str, Any]) -> bool:
+    """Whether a stored trigger spec scores novelty (its rules need a bank)."""
+    return "bank" in _spec_needs(json.dumps(spec, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)
+def _spec_needs(doc: str) -> frozenset[str]:
+    from trigger import parse_spec
+
+    try:
+        return frozenset(parse_spec(json.loads(doc)).needs)
+    except (ValueError, TypeError):  # stored specs were parsed at creation; a newer parser may disagree
+        return frozenset()
 
 
 # ---------------------------------------------------------------------------------------------

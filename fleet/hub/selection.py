@@ -19,6 +19,11 @@ import numpy as np
 from fleet.errors import InvalidInput
 from trigger.scores import least_confidence
 
+COLD_START_LABELS = 100  # adaptive: typical frames until this many are labeled (TypiClust's low-budget regime)
+TYPICLUST_MAX_CLUSTERS = 500  # k-means cost bound; above it clusters hold several uncovered modes
+TYPICLUST_MIN_SIZE = 5  # TypiClust's minimum cluster size: smaller clusters (outliers) are taken last
+TYPICALITY_K = 20  # neighbours in TypiClust's typicality
+
 
 class Strategy(Protocol):
     def __call__(
@@ -238,6 +243,78 @@ def uncertainty_kcenter_strategy(
     first = int(np.argmax(u[keep]))
     picked = k_center_greedy(embeddings[keep], budget, seeds=labeled, first=first)
     return keep[picked].astype(np.int64)
+
+
+@register("typiclust")
+def typiclust_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """Typical frames of the parts of the pool the labels do not cover yet (TypiClust, Hacohen et al., ICML
+    2022), for the cold start, where a weak model's uncertainty is no better than chance.
+
+    The labeled and the pool embeddings together are cut into ``labeled + budget`` clusters (spherical
+    k-means, at most :data:`TYPICLUST_MAX_CLUSTERS`); clusters are taken fewest labels first, then largest
+    first (clusters of fewer than :data:`TYPICLUST_MIN_SIZE` pool frames last), and each gives its most
+    typical pool frame: the highest :func:`typicality` within the cluster. Uncertainty is not used. Without
+    embeddings it falls back to ``random``.
+    """
+    if embeddings is None or len(embeddings) == 0:
+        return random_strategy(uncertainty, None, budget, rng=rng)
+    keep = np.flatnonzero(~_near_labeled(embeddings, labeled, dup_threshold))
+    if len(keep) == 0 or budget <= 0:
+        return np.zeros(0, dtype=np.int64)
+    x = l2_normalize(embeddings[keep])
+    lab = l2_normalize(labeled) if labeled is not None and len(labeled) else np.zeros((0, x.shape[1]))
+    m = len(lab)
+    k = int(min(TYPICLUST_MAX_CLUSTERS, len(keep), m + budget))
+    clusters = spherical_kmeans(np.concatenate([lab, x]), k, rng=rng)
+    covered = np.bincount(clusters[:m], minlength=k)
+    pool_of = clusters[m:]
+    size = np.bincount(pool_of, minlength=k)
+    order = np.lexsort((-size, covered, size < TYPICLUST_MIN_SIZE))  # small last, then fewest labels, largest
+    picked: list[int] = []
+    for c in order:
+        if len(picked) >= budget:
+            break
+        members = np.flatnonzero(pool_of == c)
+        if len(members) == 0:
+            continue
+        picked.append(int(members[np.argmax(typicality(x[members]))]))
+    if len(picked) < min(budget, len(keep)):  # fewer non-empty clusters than the budget: the most typical rest
+        rest = np.setdiff1d(np.arange(len(keep)), picked)
+        score = typicality(x[rest])
+        picked.extend(int(i) for i in rest[np.argsort(-score, kind="stable")][: min(budget, len(keep)) - len(picked)])
+    return keep[np.asarray(picked, dtype=np.int64)].astype(np.int64)
+
+
+@register("adaptive")
+def adaptive_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """Budget-aware: ``typiclust`` while fewer than :data:`COLD_START_LABELS` frames are labeled (the model
+    is too weak for its uncertainty to mean much), ``uncertainty+diversity`` from then on."""
+    n_labeled = 0 if labeled is None else len(labeled)
+    inner = typiclust_strategy if n_labeled < COLD_START_LABELS else uncertainty_diversity_strategy
+    return inner(uncertainty, embeddings, budget, rng=rng, labeled=labeled, dup_threshold=dup_threshold)
+
+
+def typicality(x: np.ndarray, *, k: int = TYPICALITY_K) -> np.ndarray:
+    """x: (n, d) unit rows -> (n,) TypiClust's typicality: the inverse of the mean cosine distance to the
+    ``min(k, n - 1)`` nearest other rows (Hacohen et al. 2022, eq. 3, with cosine for Euclidean distance on
+    unit vectors); 1 for a lone row. Higher = in a denser part of the space."""
+    n = len(x)
+    if n <= 1:
+        return np.ones(n)
+    kk = min(k, n - 1)
+    out = np.empty(n)
+    for i in range(0, n, 1024):
+        d = np.maximum(1.0 - x[i:i + 1024] @ x.T, 0.0)
+        d[np.arange(len(d)), np.arange(i, i + len(d))] = np.inf  # not its own neighbour
+        near = np.partition(d, kk - 1, axis=1)[:, :kk]
+        out[i:i + 1024] = 1.0 / (near.mean(axis=1) + 1e-12)
+    return out
 
 
 def spherical_kmeans(x: np.ndarray, k: int, *, rng: np.random.Generator, iters: int = 20) -> np.ndarray:

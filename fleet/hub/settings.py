@@ -65,6 +65,8 @@ class HubSettings(BaseSettings):
     max_image_pixels: int = Field(2048 * 2048, ge=64, description="Pixels (width x height) an uploaded image "
                                   "may decode to; its pixel data is inflated in bounded steps and must fit.")
     max_model_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    max_bank_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Body limit of PUT "
+                                "/v1/models/{version}/novelty-bank (devices download banks up to 64 MiB).")
     max_json_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     max_json_depth: int = Field(64, ge=2, le=200, description="How deeply any JSON body or part may nest arrays "
                                 "and objects (checked before parsing; deeper is a 400).")
@@ -85,6 +87,8 @@ class HubSettings(BaseSettings):
                                    "(PRAGMA soft_heap_limit).")
 
     rollback_margin: float = Field(0.05, ge=0, le=1, description="Canary disagreement above incumbent's + this.")
+    rollback_alpha: float = Field(0.01, gt=0, lt=1, description="Significance of the one-sided two-proportion "
+                                  "z-test a field-disagreement rollback needs (fleet.hub.evidence).")
     rollback_min_compared: int = Field(200, ge=1, description="Human-compared frames needed on each side.")
     rollback_health_failures: int = Field(3, ge=1, description="Health failures that roll a canary back.")
     rollback_min_devices: int = Field(2, ge=1, description="Devices the evidence for an automatic rollback must "

@@ -9,6 +9,9 @@ ship with (built at the hub from labeled cases' embeddings; devices download the
 ``POST /v1/novelty-banks``                      :class:`BankCreate` -> :class:`BankPublic`
 ``GET  /v1/novelty-banks``                      -> :class:`BankList`
 ``GET  /v1/novelty-banks/{id}``                 -> the bank as ``.npz`` (``trigger.NoveltyBank``)
+``PUT  /v1/models/{version}/novelty-bank``      ``.npz`` body (trainer) -> :class:`BankPublic`: the bank of the
+                                                model's training set, in its embedding space (bank id
+                                                ``model-{version}``)
 ==============================================  ================================================================
 
 What a device is assigned of a campaign is a :class:`~fleet.protocol.device.CampaignRef`.
@@ -227,3 +230,37 @@ class YieldReport(Message):
 
     yields: list[TriggerYield]
     schema: int = SCHEMA_VERSION
+
+
+@dataclass
+class LearnedFit(Message):
+    """The learned trigger the hub fitted for a campaign (``POST /v1/campaigns/{id}/learn``): the new campaign
+    version that carries it, the model version and labeled cases it was fitted on, its weights per feature
+    (trigger.learned.FEATURES), intercept, training AUC and the rate it fires at."""
+
+    campaign_id: str
+    version: int
+    model_version: str
+    cases: int
+    errors: int
+    weights: dict[str, float]
+    bias: float
+    target_rate: float
+    train_auc: float | None = None
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.campaign_id, "campaign_id")
+        check_int(self.version, "version", lo=0, hi=DB_INT)
+        check_name(self.model_version, "model_version")
+        check_int(self.cases, "cases", lo=0)
+        check_int(self.errors, "errors", lo=0)
+        if not isinstance(self.weights, dict) or len(self.weights) > 64:
+            raise ProtocolError(f"weights must be an object of at most 64 feature -> number; received "
+                                f"{self.weights!r:.80}")
+        for k, v in self.weights.items():
+            check_str(k, "feature name", max_len=64)
+            check_finite(v, f"weights[{k!r}]")
+        check_finite(self.bias, "bias")
+        check_fraction(self.target_rate, "target_rate")
+        opt(self.train_auc, check_fraction, "train_auc")

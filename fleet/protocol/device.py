@@ -239,7 +239,12 @@ class ModelRef(Message):
 
 @dataclass
 class CampaignRef(Message):
-    """A campaign assigned to a device: its id, version, expiry and the trigger spec document."""
+    """A campaign assigned to a device: its id, version, expiry and the trigger spec document.
+
+    ``novelty_bank_version`` is the model version whose embedding space the bank holds. A device scores
+    novelty only against a bank of the model it runs; when the hub names a version but no bank, the bank for
+    that model does not exist yet and the device pauses the campaign until it does.
+    """
 
     VERSIONED: ClassVar[bool] = False
 
@@ -249,6 +254,7 @@ class CampaignRef(Message):
     expires_at: float | None = None  # unix seconds
     novelty_bank: str | None = None  # bank id served at /v1/novelty-banks/{id}
     novelty_bank_sha256: str | None = None
+    novelty_bank_version: str | None = None  # the model version whose embeddings the bank holds
 
     def validate(self) -> None:
         check_name(self.campaign_id, "campaign_id")
@@ -258,6 +264,7 @@ class CampaignRef(Message):
         opt(self.expires_at, check_finite, "expires_at")
         opt(self.novelty_bank, check_name, "novelty_bank")
         opt(self.novelty_bank_sha256, check_sha256, "novelty_bank_sha256")
+        opt(self.novelty_bank_version, check_name, "novelty_bank_version")
 
 
 @dataclass

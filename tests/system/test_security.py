@@ -222,6 +222,7 @@ NOT_FOR_DEVICES = [
     ("GET", "/v1/summary", None),
     ("GET", "/v1/models", None),
     ("POST", "/v1/rollouts", {"version": "sec-v1", "stages": [1.0]}),
+    ("PUT", "/v1/models/sec-v1/novelty-bank", None),
     ("POST", "/v1/selections", {"budget": 5, "strategy": "random"}),
     ("POST", "/v1/labels", {"case_id": "iso-b-case", "label": {"task": "classify", "label": 0}, "annotator": "x",
                             "task_id": 1, "annotation_id": 1, "created_at": 1.0}),

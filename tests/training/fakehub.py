@@ -13,6 +13,7 @@ import httpx
 
 from fleet.protocol import (
     SCHEMA_VERSION,
+    BankPublic,
     RolloutCreate,
     RolloutPublic,
     SignedManifest,
@@ -20,6 +21,7 @@ from fleet.protocol import (
     SnapshotPublic,
 )
 from tests.support.cases import make_case
+from trigger import NoveltyBank
 
 
 @dataclass
@@ -33,6 +35,7 @@ class FakeHub:
     requests: list[tuple[str, str]] = field(default_factory=list)
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     rollouts: list[dict[str, Any]] = field(default_factory=list)
+    banks: dict[str, bytes] = field(default_factory=dict)  # model version -> the .npz it was sent
     snapshots: dict[str, bytes] = field(default_factory=dict)
     announce_sha: str | None = None  # overrides the manifest sha the hub announces
     class_names: list[str] = field(default_factory=lambda: [str(i) for i in range(10)])
@@ -105,6 +108,15 @@ class FakeHub:
                 return httpx.Response(400, json={"detail": "sha256 mismatch"})
             self.models[signed.manifest.version] = {"onnx": onnx, "manifest": signed}
             return httpx.Response(201, json={"version": signed.manifest.version, "status": "candidate"})
+        if request.method == "PUT" and path.startswith("/v1/models/") and path.endswith("/novelty-bank"):
+            version = path.split("/")[3]
+            if version not in self.models:
+                return httpx.Response(404, json={"detail": "unknown version"})
+            bank = NoveltyBank.from_bytes(request.content)
+            self.banks[version] = request.content
+            return httpx.Response(201, content=BankPublic(
+                bank_id=f"model-{version}", sha256=bank.sha256, size=len(request.content), n=len(bank), dim=bank.dim,
+                created_at=1.0, model_version=version).to_json())
         if request.method == "POST" and path == "/v1/rollouts":
             body = RolloutCreate.from_json(request.content)
             if body.version not in self.models:

@@ -18,6 +18,7 @@ from tests.support.cases import label_post, make_case
 from tests.support.data import digits_arrays, png_bytes
 from tests.support.hub import RunningHub, running_hub  # noqa: F401
 from tests.support.models import make_model_files
+from trigger import NoveltyBank
 
 
 def seed_labeled_cases(hub: RunningHub, n: int, trainer: str, tmp_path: Path) -> None:
@@ -76,6 +77,11 @@ def test_train_publishes_to_a_real_hub(running_hub: RunningHub, digits_npz: Path
     onnx = httpx.get(hub.url + "/v1/models/hub-1/onnx", headers=headers).content
     assert hashlib.sha256(onnx).hexdigest() == manifest.onnx_sha256 == report["export"]["sha256"]
     assert manifest.data_snapshot == f"hub-snapshot:{report['data']['snapshot']['id']}"
+    # the model's novelty bank is on the hub, in the model's embedding space
+    banks = {b["bank_id"]: b for b in httpx.get(hub.url + "/v1/novelty-banks", headers=headers).json()["banks"]}
+    assert banks["model-hub-1"]["model_version"] == "hub-1" and banks["model-hub-1"]["dim"] == manifest.embedding_dim
+    bank = NoveltyBank.from_bytes(httpx.get(hub.url + "/v1/novelty-banks/model-hub-1", headers=headers).content)
+    assert bank.dim == manifest.embedding_dim and bank.meta["model_version"] == "hub-1"
     rollout_id = report["publish"]["rollout"]["rollout_id"]
     status = httpx.get(f"{hub.url}/v1/rollouts/{rollout_id}", headers=headers).json()
     assert status["version"] == "hub-1"

@@ -12,11 +12,13 @@ from fleet.errors import InvalidInput
 from fleet.signing import verify_manifest
 from tests.support.data import digits_arrays, png_bytes
 from training import export as export_mod
+from training.bank import BANK_FILE, MAX_BANK_SIZE
 from training.config import TrainArgs
 from training.errors import ParityError, SnapshotError
 from training.hub_client import HubClient
 from training.publish import parse_stages
 from training.train import main
+from trigger import NoveltyBank
 
 from .fakehub import FakeHub
 
@@ -40,6 +42,12 @@ def test_a_passing_candidate_is_uploaded_signed_and_rolled_out(
     manifest = verify_manifest(uploaded["manifest"], signing_key[1])
     assert manifest.onnx_size == len(uploaded["onnx"])
     assert report["publish"]["rollout"]["rollout_id"] == "r1" and "publish" in report["timings"]
+    # the model's novelty bank went up before the rollout, built in its own embedding space
+    assert hub.requests.index(("PUT", "/v1/models/v7/novelty-bank")) < hub.requests.index(("POST", "/v1/rollouts"))
+    bank = NoveltyBank.from_bytes(hub.banks["v7"])
+    assert bank.dim == manifest.embedding_dim and bank.meta["model_version"] == "v7"
+    pool = report["data"]["new"]["n"] + (report["data"]["base"] or {"n": 0})["n"]
+    assert len(bank) == min(MAX_BANK_SIZE, pool) and report["novelty_bank"].endswith(BANK_FILE)
 
 
 def test_a_candidate_that_fails_the_gate_never_reaches_the_hub(

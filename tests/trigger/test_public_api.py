@@ -48,6 +48,7 @@ EXPORTED = [
     "margin",
     "match_boxes",
     "parse_spec",
+    "sample_rows",
     "softmax",
     "variation_ratio",
 ]

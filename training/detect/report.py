@@ -73,7 +73,7 @@ def finish_detect_turn(
                 calibration=meta["calibration"].numpy(), parity_threshold=args.parity_threshold,
             )
             timings["export"] = time.perf_counter() - t
-            publish_export(args, result, factory, report)
+            publish_export(args, result, factory, report, bank_images=data.pool.images.images, bank_labels=None)
     timings["total"] = time.perf_counter() - t_start
     write_report(args.out, report)
     return report

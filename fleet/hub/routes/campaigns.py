@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import tempfile
 from pathlib import Path
@@ -9,17 +10,27 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import col, func, select
+from starlette.concurrency import run_in_threadpool
 
-from fleet.errors import Conflict, NotFound, ProtocolError
+from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
 from fleet.hub import rollouts
-from fleet.hub.api import AdminCaller, AnyCaller, HubDep, message_body, message_response, request_body
+from fleet.hub.api import (
+    AdminCaller,
+    AnyCaller,
+    HubDep,
+    TrainerCaller,
+    binary_body,
+    message_body,
+    message_response,
+    request_body,
+)
 from fleet.hub.context import Hub
 from fleet.hub.db import insert_ignore, read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes
-from fleet.hub.models import Blob, Campaign, CaseRow, NoveltyBankRow
+from fleet.hub.models import Blob, Campaign, CaseRow, ModelVersion, NoveltyBankRow
 from fleet.protocol import (
     BankCreate,
     BankList,
@@ -30,6 +41,7 @@ from fleet.protocol import (
     CampaignPublic,
     CampaignReceipt,
     CampaignVersions,
+    LearnedFit,
     YieldReport,
     check_name,
 )
@@ -105,6 +117,19 @@ def rebalance_campaign(campaign_id: str, _: AdminCaller, hub: HubDep) -> Respons
         row, new = rebalance(s, campaign_id, now=hub.now())
         out = CampaignReceipt(**_campaign_fields(row), already=not new)
     return message_response(out)
+
+
+@router.post("/v1/campaigns/{campaign_id}/learn", status_code=201, response_model=LearnedFit)
+def learn_trigger(campaign_id: str, _: AdminCaller, hub: HubDep,
+                  target_rate: float = Query(0.05, gt=0, lt=1)) -> Response:
+    """Fit the campaign's learned trigger (:mod:`fleet.hub.learned`) on the active model's labeled cases and
+    publish it as a new campaign version firing at ``target_rate``."""
+    from fleet.hub.learned import learn
+
+    check_name(campaign_id, "campaign id")
+    with write_session(hub.engine) as s:
+        _, fit = learn(s, campaign_id, now=hub.now(), target_rate=target_rate)
+    return message_response(fit, status_code=201)
 
 
 @router.get("/v1/yields", response_model=YieldReport)
@@ -207,6 +232,72 @@ def build_bank(_: AdminCaller, hub: HubDep, body: BankCreate = message_body(Bank
     except DBIntegrityError:
         raise Conflict(f"a novelty bank named {bank_id!r} already exists") from None
     return message_response(out, status_code=201)
+
+
+@router.put("/v1/models/{version}/novelty-bank", status_code=201, response_model=BankPublic,
+            openapi_extra=binary_body("the bank as .npz (trigger.NoveltyBank.to_bytes), built from the model's "
+                                      "embeddings of its training set"),
+            responses={200: {"model": BankPublic, "description": "the same bank was there already, or replaced"}})
+async def put_model_bank(version: str, request: Request, _: TrainerCaller, hub: HubDep) -> Response:
+    """The novelty bank of model ``version`` (``model-{version}``): loaded with ``trigger.NoveltyBank`` and
+    its width checked against the model's ``embedding_dim``. Devices that run ``version`` get this bank for
+    their novelty triggers (see :func:`fleet.hub.rollouts.campaigns_for`); a new upload replaces it."""
+    check_name(version, "version")
+    data = await request.body()
+    status, out = await run_in_threadpool(store_model_bank, hub, version, data)
+    return message_response(out, status_code=status)
+
+
+def model_bank_id(version: str) -> str:
+    """The bank id of model ``version``'s own bank: ``model-{version}``, or a digest of a version too long."""
+    name = f"model-{version}"
+    return name if len(name) <= 128 else f"model-{hashlib.sha256(version.encode()).hexdigest()[:32]}"
+
+
+def store_model_bank(hub: Hub, version: str, data: bytes) -> tuple[int, BankPublic]:
+    """Validate ``data`` as the bank of ``version`` and store it: (201 created | 200 same or replaced, its row)."""
+    from trigger import NoveltyBank
+
+    with read_session(hub.engine) as s:
+        mv = s.get(ModelVersion, version)
+    if mv is None:
+        raise NotFound(f"unknown model version {version!r}; upload the model before its novelty bank")
+    if not data:
+        raise InvalidInput("the request has no body; expected the novelty bank as .npz bytes")
+    try:
+        bank = NoveltyBank.from_bytes(data)
+    except ValueError as exc:
+        raise InvalidInput(f"not a novelty bank ({len(data)} bytes): {exc}") from None
+    if bank.dim != mv.embedding_dim:
+        raise InvalidInput(f"novelty bank embeddings have dimension {bank.dim}; model {version!r} has "
+                           f"embedding_dim {mv.embedding_dim}")
+    bank_id = model_bank_id(version)
+    sha, _ = hub.blobs.put(data)
+    now = hub.now()
+    try:
+        return _upsert_model_bank(hub, bank_id, version, bank, sha, len(data), now)
+    except DBIntegrityError:
+        raise Conflict(f"novelty bank {bank_id!r} was stored concurrently; send it again") from None
+
+
+def _upsert_model_bank(hub: Hub, bank_id: str, version: str, bank: Any, sha: str, size: int,
+                       now: float) -> tuple[int, BankPublic]:
+    with write_session(hub.engine) as s:
+        row = s.get(NoveltyBankRow, bank_id)
+        if row is not None and row.model_version != version:
+            raise Conflict(f"novelty bank {bank_id!r} exists and holds model {row.model_version!r}'s embeddings, "
+                           f"not {version!r}'s")
+        s.execute(insert_ignore(hub.engine, Blob.__table__,  # type: ignore[arg-type]
+                                {"sha256": sha, "size": size, "kind": "bank", "created_at": now}))
+        status = 201 if row is None else 200
+        if row is None:
+            row = NoveltyBankRow(bank_id=bank_id, sha256=sha, size=size, n=len(bank), dim=bank.dim,
+                                 model_version=version, created_at=now)
+        elif row.sha256 != sha:
+            row.sha256, row.size, row.n, row.dim, row.created_at = sha, size, len(bank), bank.dim, now
+        s.add(row)
+        out = bank_public(row)
+    return status, out
 
 
 @router.get("/v1/novelty-banks", response_model=BankList)

@@ -166,8 +166,9 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     if body.budget > cfg.max_selection_budget:
         raise InvalidInput(f"budget {body.budget} is over the limit {cfg.max_selection_budget}")
     states = ["unlabeled"] if body.exclude_queued else ["unlabeled", "queued"]
-    # cluster-proportional selection needs the whole pool to weigh each cluster's mass
-    pool_n = MAX_POOL if body.strategy == "uncertainty+diversity" else body.budget * cfg.selection_pool_factor
+    # cluster-proportional and typical selection need the whole pool to weigh each cluster's mass
+    whole = ("uncertainty+diversity", "typiclust", "adaptive")  # these weigh the pool's shape, not its top
+    pool_n = MAX_POOL if body.strategy in whole else body.budget * cfg.selection_pool_factor
     rng = np.random.default_rng(body.seed)
     q = select(CaseRow.case_id, CaseRow.uncertainty, CaseRow.embedding, CaseRow.image_sha256).where(
         col(CaseRow.state).in_(states))

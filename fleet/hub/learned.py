@@ -1,0 +1,131 @@
+"""The learned trigger, fitted on the hub: which frames the deployed classifier gets wrong, predicted from the
+scores the device computes (:mod:`trigger.learned`), shipped to devices as a ``learned_error`` leaf of the
+campaign's spec.
+
+:func:`learn` takes the campaign's labeled ``classify`` cases captured by the active model (a fit is per model
+version: another model's scores mean something else), computes each case's features from its stored payload
+with the device's own :func:`trigger.learned.error_features`, and fits a logistic regression by Newton's method
+(iteratively reweighted least squares) with an L2 penalty :data:`L2` on the weights. It needs
+:data:`MIN_CASES` labeled cases with both outcomes. The campaign gets a new version whose rule also fires on
+the ``learned_error`` leaf at the asked ``target_rate`` (the device calibrates the threshold); an earlier
+learned leaf is replaced. The answer reports the fit: cases, errors, weights and the training AUC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sqlmodel import Session, col, select
+
+from fleet.errors import NotFound, ProtocolError
+from fleet.hub import rollouts
+from fleet.hub.models import Campaign, CaseRow
+from fleet.protocol import LearnedFit
+from trigger.learned import FEATURES, error_features
+
+LEAF = "learned_error"
+MIN_CASES = 30
+L2 = 1.0
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = L2, iters: int = 100) -> tuple[np.ndarray, float]:
+    """``x (n, F)``, ``y (n,)`` in {0, 1} -> ``(weights (F,), bias)`` maximising the log-likelihood minus
+    ``l2 / 2 * |w|^2`` (the bias is not penalised), by Newton's method until the step is below 1e-10."""
+    n, f = x.shape
+    a = np.hstack([x, np.ones((n, 1))])
+    theta = np.zeros(f + 1)
+    penalty = np.diag([l2] * f + [0.0])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(a @ theta)))
+        grad = a.T @ (y - p) - penalty @ theta
+        hess = a.T @ (a * (p * (1.0 - p))[:, None]) + penalty + 1e-9 * np.eye(f + 1)
+        step = np.linalg.solve(hess, grad)
+        theta += step
+        if float(np.abs(step).max()) < 1e-10:
+            break
+    return theta[:f], float(theta[f])
+
+
+def auc(score: np.ndarray, y: np.ndarray) -> float | None:
+    """The area under the ROC curve (Mann-Whitney: the chance a random error scores above a random correct
+    case, ties counting half), or None without both outcomes."""
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if not n_pos or not n_neg:
+        return None
+    _, inv, counts = np.unique(score, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]  # 1-based ranks, ties averaged
+    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def case_features(payloads: list[dict[str, Any]]) -> np.ndarray:
+    """The features of stored ``classify`` case payloads, as the device computes them."""
+    probs = np.asarray([c["prediction"]["probs"] for c in payloads], dtype=np.float64)
+    human = np.asarray([(c.get("human_action") or {}).get("label", -1) for c in payloads], dtype=np.int64)
+    k = probs.shape[1]
+    ch = np.full(probs.shape, np.nan)
+    for i, c in enumerate(payloads):
+        q = ((c.get("challenger") or {}).get("prediction") or {}).get("probs")
+        if q is not None and len(q) == k:
+            ch[i] = q
+    return error_features(probs, human, ch)
+
+
+def learn(s: Session, campaign_id: str, *, now: float, target_rate: float) -> tuple[Campaign, LearnedFit]:
+    """Fit the campaign's learned trigger on the active model's labeled cases and store the new version."""
+    from trigger import SpecError, parse_spec
+
+    if not 0.0 < target_rate < 1.0:
+        raise ProtocolError(f"target_rate must be in (0, 1); received {target_rate}")
+    row = s.exec(select(Campaign).where(Campaign.campaign_id == campaign_id, col(Campaign.deleted_at).is_(None))
+                 .order_by(col(Campaign.version).desc())).first()
+    if row is None:
+        raise NotFound(f"no live campaign {campaign_id!r}")
+    active = rollouts.active_model(s)
+    if active is None:
+        raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
+    rows = s.exec(select(CaseRow.payload, CaseRow.label, CaseRow.predicted_class).where(
+        CaseRow.campaign_id == campaign_id, CaseRow.model_version == active.version, CaseRow.task == "classify",
+        CaseRow.label_status == "accepted")).all()
+    y = np.asarray([int(label != predicted) for _, label, predicted in rows], dtype=np.float64)
+    if len(rows) < MIN_CASES or y.sum() == 0 or y.sum() == len(y):
+        raise ProtocolError(f"a learned trigger for campaign {campaign_id!r} needs at least {MIN_CASES} labeled "
+                            f"cases from the active model {active.version} with both right and wrong ones; it has "
+                            f"{len(rows)} ({int(y.sum())} wrong)")
+    x = case_features([p for p, _, _ in rows])
+    w, b = fit_logistic(x, y)
+    leaf = {"trigger": LEAF, "label": LEAF, "target_rate": target_rate, "bias": round(b, 6),
+            **{f"w_{f}": round(float(v), 6) for f, v in zip(FEATURES, w, strict=True)}}
+    doc = dict(row.spec)
+    doc["rule"] = _with_leaf(doc["rule"], leaf)
+    doc["version"] = row.version + 1
+    if row.auto_budgets:
+        from fleet.hub.autobudget import _with_shares
+
+        labels = [k for k in doc["budgets"]["per_trigger"] if k != LEAF]
+        rates = {k: float(doc["budgets"]["per_trigger"][k]["rate_per_s"]) for k in labels}
+        total = sum(rates.values()) or 1.0
+        shares = {k: v / total * len(labels) / (len(labels) + 1) for k, v in rates.items()}
+        doc = _with_shares(doc, {**shares, LEAF: 1.0 / (len(labels) + 1)})
+    try:
+        doc = parse_spec(doc).to_dict()
+    except SpecError as exc:
+        raise ProtocolError(f"the learned leaf does not fit campaign {campaign_id!r}'s spec: {exc}") from exc
+    new = Campaign(campaign_id=campaign_id, version=row.version + 1, spec=doc, groups=list(row.groups),
+                   expires_at=row.expires_at, novelty_bank=row.novelty_bank, created_at=now,
+                   auto_budgets=row.auto_budgets)
+    s.add(new)
+    fit = LearnedFit(campaign_id=campaign_id, version=new.version, model_version=active.version, cases=len(rows),
+                     errors=int(y.sum()), weights={f: float(v) for f, v in zip(FEATURES, w, strict=True)}, bias=b,
+                     train_auc=auc(x @ w + b, y), target_rate=target_rate)
+    return new, fit
+
+
+def _with_leaf(rule: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
+    """``rule`` firing also on ``leaf``: an earlier learned leaf at the top is replaced."""
+    if rule.get("trigger") == LEAF or rule.get("label") == LEAF:
+        return leaf
+    if "any_of" in rule:
+        kept = [r for r in rule["any_of"] if r.get("label") != LEAF and r.get("trigger") != LEAF]
+        return {**rule, "any_of": [*kept, leaf]}
+    return {"any_of": [rule, leaf]}

@@ -1,0 +1,189 @@
+"""A device never scores novelty against another model's bank: the real hub (in-process, SQLite and PostgreSQL)
+assigns each campaign the bank of the device's model, and the device follows it across an OTA and a rollback."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fleet.edge.campaigns import Campaigns
+from fleet.edge.hubclient import HubClient
+from fleet.edge.ota import LoadedModels
+from fleet.edge.shadow import Inferred, WindowResult, decide
+from fleet.edge.sources import Frame
+from fleet.protocol import Assignment
+from tests.hub.conftest import (  # noqa: F401 - the hub's fixtures: a real hub on each database
+    HubHarness,
+    backend,
+    database_url,
+    hub_factory,
+    keypair,
+    pg_template,
+    sqlite_template,
+)
+from trigger import NoveltyBank
+
+NOVELTY = {"id": "novel", "version": 1, "rule": {"trigger": "novelty", "k": 3, "above": 0.5}}
+DIM = 16  # the test models' embedding width
+
+
+def direction(axis: int, n: int, seed: int) -> np.ndarray:
+    """``(n, DIM)`` embeddings around the unit vector on ``axis``."""
+    x = np.random.default_rng(seed).normal(0, 0.1, (n, DIM)).astype(np.float32)
+    x[:, axis] += 1.0
+    return x
+
+
+def window(version: str, embedding: np.ndarray) -> list[Inferred]:
+    """A window of frames from model ``version`` with these embeddings (only the version of the model is read)."""
+    n = len(embedding)
+    rng = np.random.default_rng(n)
+    models = LoadedModels()
+    object.__setattr__(models, "active", type("M", (), {"version": version})())
+    frames = [Frame(image=rng.integers(0, 256, (8, 8), dtype=np.uint8), frame_id=str(i)) for i in range(n)]
+    return [Inferred(frames=frames, models=models, logits=rng.normal(0, 1, (n, 3)).astype(np.float32),
+                     embedding=embedding, challenger_logits=None, latency_ms=1.0, seen_at=1.0)]
+
+
+class Device:
+    """The part of an agent that follows assignments: campaigns first, then the model swap (control thread),
+    then every window switches the campaigns to the model that inferred it (decider thread)."""
+
+    def __init__(self, hub: HubHarness, tmp: Path) -> None:
+        hub.enroll("dev")
+        token = hub.devices["dev"]["Authorization"].removeprefix("Bearer ")
+        self.client = HubClient(hub.client, token=token)
+        self.campaigns = Campaigns(self.client, tmp / "agent")
+        self.running: str | None = None
+
+    def poll(self) -> Assignment:
+        a = self.client.get_assignment()
+        self.campaigns.apply(a.campaigns)
+        return a
+
+    def follow(self) -> Assignment:
+        a = self.poll()
+        assert a.active is not None
+        self.running = a.active.version  # the OTA swap
+        return a
+
+    def run(self, embedding: np.ndarray) -> WindowResult:
+        assert self.running is not None
+        self.campaigns.use_model(self.running)
+        with self.campaigns.lock:
+            return decide(window(self.running, embedding), self.campaigns.current, device_id="dev")
+
+    def bank(self) -> NoveltyBank | None:
+        """The bank the live novelty campaign scores against (None: the campaign is paused)."""
+        live = [c for c in self.campaigns.current if c.campaign_id == "novel"]
+        return live[0].evaluator.bank if live else None
+
+
+def put_bank(hub: HubHarness, version: str, bank: NoveltyBank) -> None:
+    r = hub.client.put(f"/v1/models/{version}/novelty-bank", content=bank.to_bytes(),
+                       headers={**hub.trainer, "Content-Type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+
+
+def novelty_of(result: WindowResult) -> list[float]:
+    return [c.fields["scores"]["novelty"] for c in result.captures]
+
+
+@pytest.fixture
+def hub(hub_factory: Any) -> HubHarness:  # noqa: F811 - the fixture imported above
+    """The real hub, in-process, with model v1 active."""
+    h: HubHarness = hub_factory()
+    h.register_model("v1", promote=True)
+    return h
+
+
+def test_novelty_follows_the_model_across_an_ota_and_a_rollback(hub: HubHarness, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    bank_v1 = NoveltyBank.from_embeddings(direction(0, 60, seed=1))  # v1 saw everything along axis 0
+    bank_v2 = NoveltyBank.from_embeddings(direction(1, 60, seed=2))  # v2 embeds the same data along axis 1
+    put_bank(hub, "v1", bank_v1)
+    r = hub.client.post("/v1/campaigns", json={"spec": NOVELTY, "novelty_bank": "model-v1"}, headers=hub.admin)
+    assert r.status_code == 201, r.text
+    device = Device(hub, tmp_path)
+    frames = direction(2, 24, seed=3)  # what the device sees: new to both banks
+
+    # v1 runs with v1's bank: the novelty it scores is the distance to v1's bank
+    device.follow()
+    result = device.run(frames)
+    assert device.bank() is not None and device.bank().sha256 == bank_v1.sha256  # type: ignore[union-attr]
+    assert novelty_of(result) == pytest.approx(bank_v1.distance(frames, k=3).tolist())
+    assert len(result.captures) == 24
+
+    # OTA to v2, which has no bank yet: the campaign is paused, nothing is scored against v1's bank
+    hub.register_model("v2", seed=2, promote=True)
+    with caplog.at_level(logging.WARNING, logger="fleet.edge.campaigns"):
+        a = device.follow()
+        device.follow()  # the next poll waits too, without a second log line
+    (ref,) = a.campaigns
+    assert (ref.novelty_bank, ref.novelty_bank_version) == (None, "v2")
+    assert caplog.text.count("the hub has no novelty bank for model v2 yet") == 1
+    result = device.run(frames)
+    assert device.bank() is None and result.captures == [] and device.campaigns.current == ()
+
+    # v2's bank arrives with the next assignment: novelty in v2's space
+    put_bank(hub, "v2", bank_v2)
+    device.follow()
+    result = device.run(frames)
+    assert device.bank().sha256 == bank_v2.sha256  # type: ignore[union-attr]
+    assert novelty_of(result) == pytest.approx(bank_v2.distance(frames, k=3).tolist())
+
+    # the device falls back to v1 on its own (a failed health check): v2's bank stops at once
+    device.running = "v1"
+    assert device.run(frames).captures == [] and device.bank() is None
+    device.running = "v2"
+    assert device.run(frames).captures and device.bank().sha256 == bank_v2.sha256  # type: ignore[union-attr]
+
+    # the fleet rolls back to v1: the assignment brings v1's bank, which waits until v1 runs again
+    r = hub.client.post("/v1/models/rollback", json={"reason": "test"}, headers=hub.admin)
+    assert r.status_code == 200 and r.json()["active"] == "v1", r.text
+    a = device.poll()  # the control thread took the assignment; the swap has not happened yet
+    assert (a.campaigns[0].novelty_bank, a.campaigns[0].novelty_bank_version) == ("model-v1", "v1")
+    assert device.run(frames).captures == []  # v2 still runs: v1's bank is not used on its embeddings
+    device.follow()
+    result = device.run(frames)
+    assert device.bank().sha256 == bank_v1.sha256  # type: ignore[union-attr]
+    assert novelty_of(result) == pytest.approx(bank_v1.distance(frames, k=3).tolist())
+
+
+def test_a_new_bank_for_the_same_campaign_rebuilds_it(hub: HubHarness, tmp_path: Path) -> None:
+    put_bank(hub, "v1", NoveltyBank.from_embeddings(direction(0, 30, seed=1)))
+    assert hub.client.post("/v1/campaigns", json={"spec": NOVELTY}, headers=hub.admin).status_code == 201
+    device = Device(hub, tmp_path)
+    device.follow()
+    before = device.campaigns.current
+    rebuilt = NoveltyBank.from_embeddings(direction(1, 30, seed=2))
+    r = hub.client.put("/v1/models/v1/novelty-bank", content=rebuilt.to_bytes(),
+                       headers={**hub.trainer, "Content-Type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    device.follow()
+    device.run(direction(2, 4, seed=3))
+    assert device.campaigns.current != before and device.bank().sha256 == rebuilt.sha256  # type: ignore[union-attr]
+
+
+def test_budgets_carry_over_when_the_bank_changes_with_the_model(hub: HubHarness, tmp_path: Path) -> None:
+    """The campaign rebuilt with v2's bank is the same campaign: what v1 spent of its budget stays spent."""
+    spec = {"id": "novel", "version": 1, "rule": {"trigger": "novelty", "k": 3, "above": 0.0},
+            "budgets": {"global": {"rate_per_day": 0, "burst": 10}}}
+    put_bank(hub, "v1", NoveltyBank.from_embeddings(direction(0, 30, seed=1)))
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    device = Device(hub, tmp_path)
+    device.follow()
+    assert len(device.run(direction(2, 24, seed=3)).captures) == 10
+    hub.register_model("v2", seed=2)
+    bank_v2 = NoveltyBank.from_embeddings(direction(1, 30, seed=2))
+    put_bank(hub, "v2", bank_v2)
+    r = hub.client.post("/v1/models/v2/promote", json={"override": True, "reason": "test"}, headers=hub.admin)
+    assert r.status_code == 200, r.text
+    device.follow()
+    result = device.run(direction(2, 24, seed=4))
+    assert device.bank().sha256 == bank_v2.sha256  # type: ignore[union-attr]
+    assert result.captures == []  # live on v2's bank, with the budget v1 spent

@@ -1,0 +1,112 @@
+"""The learned trigger (trigger.learned, fleet.hub.learned): the hub's logistic fit checked against
+scikit-learn, its AUC against scikit-learn's, the fit on a campaign's labeled cases shipped as a new campaign
+version, and the device computing the same probability from the spec with numpy alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fleet.hub.learned import MIN_CASES, auc, case_features, fit_logistic
+from fleet.protocol import Assignment, LearnedFit, TriggerHit
+from tests.hub.conftest import HubHarness
+from trigger import TRIGGERS, parse_spec
+from trigger.learned import FEATURES, error_features, error_probability
+from trigger.triggers import Inputs
+
+
+def test_the_fit_and_the_auc_agree_with_scikit_learn() -> None:
+    sklearn_lm = pytest.importorskip("sklearn.linear_model")
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    x = rng.random((400, len(FEATURES)))
+    y = (rng.random(400) < 1 / (1 + np.exp(-(3 * x[:, 0] - 2 * x[:, 1] + 2 * x[:, 3] - 1.5)))).astype(float)
+    w, b = fit_logistic(x, y, l2=1.0)
+    ref = sklearn_lm.LogisticRegression(C=1.0, tol=1e-12, max_iter=10_000).fit(x, y)  # lbfgs: intercept free
+    np.testing.assert_allclose(w, ref.coef_[0], atol=1e-4)
+    assert b == pytest.approx(float(ref.intercept_[0]), abs=1e-4)
+    score = np.round(x @ w + b, 1)  # rounded: ties must count half, as scikit-learn counts them
+    assert auc(score, y) == pytest.approx(metrics.roc_auc_score(y, score), abs=1e-12)
+    assert auc(score, np.zeros(400)) is None
+
+
+def test_features_are_the_devices_scores() -> None:
+    probs = np.asarray([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.5, 0.5, 0.0]])
+    human = np.asarray([0, 2, -1])
+    ch = np.asarray([[0.1, 0.8, 0.1], [np.nan] * 3, [0.6, 0.3, 0.1]])
+    f = error_features(probs, human, ch)
+    assert f[:, 0] == pytest.approx((1 - probs.max(1)) / (2 / 3))
+    assert f[:, 1] == pytest.approx([0.5, 0.05, 0.0])
+    assert f[:, 3].tolist() == [0, 1, 0] and f[:, 4].tolist() == [1, 1, 0]  # human: disagrees on frame 1 only
+    assert f[:, 5].tolist() == [1, 0, 0] and f[:, 6].tolist() == [1, 0, 1]  # challenger: no output on frame 1
+    with pytest.raises(ValueError, match="human must have shape"):
+        error_features(probs, np.asarray([0, 5, 1]))
+
+
+def send(hub: HubHarness, rng: np.random.Generator, n: int) -> None:
+    """Cases on which the model is wrong when it is unsure or when the human's action says another class."""
+    for _ in range(n):
+        top = float(rng.uniform(0.35, 0.98))
+        probs = [top, (1 - top) * 0.6, (1 - top) * 0.4]
+        human = int(rng.integers(0, 3)) if rng.random() < 0.5 else None
+        case, image = hub.make_case("d1", probs=probs, campaign_id="mine", campaign_version=1, human=human,
+                                    triggers=[TriggerHit("unsure", 0.5, 0.1)])
+        assert hub.post_case(case, image).status_code == 201
+
+
+def test_without_an_active_model_there_is_nothing_to_fit_to(bare_hub: HubHarness) -> None:
+    spec = {"id": "mine", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert bare_hub.client.post("/v1/campaigns", json={"spec": spec}, headers=bare_hub.admin).status_code == 201
+    r = bare_hub.client.post("/v1/campaigns/mine/learn", headers=bare_hub.admin)
+    assert r.status_code == 422 and "no active model" in r.json()["detail"]
+
+
+def test_the_hub_fits_and_ships_a_learned_trigger(hub: HubHarness) -> None:
+    spec = {"id": "mine", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    rng = np.random.default_rng(1)
+    send(hub, rng, 10)
+    sel = hub.client.post("/v1/selections", json={"budget": 100, "strategy": "random"}, headers=hub.labeler)
+
+    def truth(c: dict) -> int:  # the right class: another one when the model was unsure or the human said so
+        human = (c["human_action"] or {}).get("label")
+        wrong = c["prediction"]["probs"][0] < 0.6 or (human is not None and human != 0)
+        return (human if human not in (None, 0) else 1) if wrong else 0
+
+    for c in sel.json()["cases"]:
+        hub.label(c["case"]["case_id"], truth(c["case"]))
+    r = hub.client.post("/v1/campaigns/mine/learn", headers=hub.admin)
+    assert r.status_code == 422 and f"at least {MIN_CASES} labeled cases from the active model m1" in r.text
+    send(hub, rng, 70)
+    sel = hub.client.post("/v1/selections", json={"budget": 100, "strategy": "random"}, headers=hub.labeler)
+    for c in sel.json()["cases"]:
+        hub.label(c["case"]["case_id"], truth(c["case"]))
+
+    r = hub.client.post("/v1/campaigns/mine/learn", params={"target_rate": 0.1}, headers=hub.admin)
+    assert r.status_code == 201, r.text
+    fit = LearnedFit.from_json(r.content)
+    assert (fit.version, fit.model_version, fit.cases) == (2, "m1", 80) and 0 < fit.errors < 80
+    assert fit.weights["least_confidence"] > 0 and fit.weights["human"] > 0  # both signals learned
+    assert fit.train_auc is not None and fit.train_auc > 0.9
+    # devices are assigned the new version; its rule fires on the learned leaf too, at the asked rate
+    a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices["d1"]).content)
+    shipped = parse_spec(a.campaigns[0].spec)
+    assert a.campaigns[0].version == 2 and shipped.labels == ("unsure", "learned_error")
+    leaf = shipped.leaves[1]
+    assert leaf.mode == "target_rate" and leaf.threshold == 0.1
+    # the device computes the hub's probability from the spec's weights, numpy only
+    probs = np.asarray([[0.9, 0.06, 0.04], [0.45, 0.33, 0.22], [0.9, 0.06, 0.04]])
+    human = np.asarray([-1, -1, 2])
+    on_device = TRIGGERS["learned_error"].compute(Inputs(logits=np.log(probs), probs=probs, human=human), None,
+                                                  leaf.params)
+    want = error_probability(error_features(probs, human), [fit.weights[f] for f in FEATURES], fit.bias)
+    np.testing.assert_allclose(on_device, want, atol=1e-5)
+    assert on_device[1] > on_device[0] and on_device[2] > on_device[0]  # unsure, and a disagreeing human
+    # a refit replaces the learned leaf
+    again = LearnedFit.from_json(hub.client.post("/v1/campaigns/mine/learn", headers=hub.admin).content)
+    spec3 = hub.client.get("/v1/campaigns/mine", headers=hub.admin).json()["versions"][0]["spec"]
+    assert again.version == 3 and parse_spec(spec3).labels == ("unsure", "learned_error")
+    assert hub.client.post("/v1/campaigns/nobody/learn", headers=hub.admin).status_code == 404
+    assert hub.client.post("/v1/campaigns/mine/learn", params={"target_rate": 1.5},
+                           headers=hub.admin).status_code == 422
+    assert case_features([{"prediction": {"probs": [0.5, 0.5]}}]).shape == (1, len(FEATURES))

@@ -1,0 +1,85 @@
+"""Cold-start selection (fleet.hub.selection): TypiClust's typicality reproduced from its definition on the same
+arrays, typical frames of uncovered clusters first, and the adaptive switch to uncertainty+diversity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fleet.hub.selection import (
+    COLD_START_LABELS,
+    adaptive_strategy,
+    l2_normalize,
+    typicality,
+    typiclust_strategy,
+    uncertainty_diversity_strategy,
+)
+from tests.hub.conftest import HubHarness
+
+
+def reference_typicality(x: np.ndarray, k: int) -> np.ndarray:
+    """Hacohen et al. 2022, eq. 3, written out with loops: 1 / mean distance to the k nearest other points
+    (cosine distance between unit vectors, as the hub measures embeddings)."""
+    out = []
+    for i in range(len(x)):
+        d = sorted(1.0 - float(x[i] @ x[j]) for j in range(len(x)) if j != i)
+        out.append(1.0 / np.mean(d[:k]))
+    return np.asarray(out)
+
+
+def blobs(rng: np.random.Generator, sizes: list[int], d: int = 16, spread: float = 0.05) -> tuple[np.ndarray, ...]:
+    centres = l2_normalize(rng.normal(size=(len(sizes), d)))
+    x = np.concatenate([c + spread * rng.normal(size=(n, d)) for c, n in zip(centres, sizes, strict=True)])
+    which = np.repeat(np.arange(len(sizes)), sizes)
+    return x, which, centres
+
+
+def test_typicality_is_the_published_definition() -> None:
+    rng = np.random.default_rng(0)
+    x = l2_normalize(rng.normal(size=(40, 8)))
+    np.testing.assert_allclose(typicality(x, k=5), reference_typicality(x, 5), rtol=1e-6)  # float32 embeddings
+    np.testing.assert_allclose(typicality(x, k=100), reference_typicality(x, 39), rtol=1e-6)  # k capped at n - 1
+    assert typicality(x[:1]).tolist() == [1.0]
+
+
+def test_typiclust_takes_the_typical_frame_of_each_uncovered_cluster() -> None:
+    rng = np.random.default_rng(1)
+    x, which, centres = blobs(rng, [120, 80, 60, 40, 30])
+    outliers = l2_normalize(rng.normal(size=(6, 16)))  # lone frames far from every cluster
+    pool = np.concatenate([x, outliers])
+    u = rng.random(len(pool))  # uncertainty plays no part in the cold start
+    picks = typiclust_strategy(u, pool, 5, rng=np.random.default_rng(2))
+    assert sorted(which[picks].tolist()) == [0, 1, 2, 3, 4]  # one per cluster, no outlier
+    for i in picks:  # each is among the most central of its cluster
+        members = np.flatnonzero(which == which[i])
+        dist = 1.0 - l2_normalize(x[members]) @ l2_normalize(centres[which[i]][None])[0]
+        assert np.sum(dist < dist[members == i][0]) <= len(members) // 4
+    # with labels already on clusters 0, 1 and 2, the budget goes to the two clusters no label covers
+    labeled = x[np.flatnonzero(which <= 2)[::20]]
+    picks = typiclust_strategy(u, pool, 2, rng=np.random.default_rng(3), labeled=labeled)
+    assert sorted(which[picks].tolist()) == [3, 4]
+    assert typiclust_strategy(u, None, 3, rng=np.random.default_rng(0)).shape == (3,)  # no embeddings: random
+
+
+def test_adaptive_switches_from_typical_to_uncertain_frames_at_the_cold_start_bar() -> None:
+    rng = np.random.default_rng(4)
+    x, _, _ = blobs(rng, [100, 100, 100])
+    u = rng.random(len(x))
+    few = x[: COLD_START_LABELS - 1]
+    many = np.concatenate([x] * 2)[: COLD_START_LABELS]
+    for labeled, inner in ((few, typiclust_strategy), (many, uncertainty_diversity_strategy)):
+        got = adaptive_strategy(u, x, 10, rng=np.random.default_rng(5), labeled=labeled)
+        want = inner(u, x, 10, rng=np.random.default_rng(5), labeled=labeled)
+        assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("strategy", ["typiclust", "adaptive"])
+def test_the_hub_selects_with_the_cold_start_strategies(hub: HubHarness, strategy: str) -> None:
+    hub.enroll("d1")
+    rng = np.random.default_rng(6)
+    x, _, _ = blobs(rng, [12, 8, 6])
+    for e in x:
+        hub.send_case("d1", embedding=e.astype(np.float32))
+    r = hub.client.post("/v1/selections", json={"budget": 3, "strategy": strategy}, headers=hub.labeler)
+    assert r.status_code in (200, 201), r.text
+    assert len(r.json()["cases"]) == 3 and r.json()["strategy"] == strategy

@@ -1,0 +1,71 @@
+"""A learned trigger: the chance that the deployed classifier is wrong on a frame, from the scores the device
+already computes, by a logistic model the hub fits on labeled cases and ships in the campaign spec.
+
+The features (:data:`FEATURES`, each in [0, 1]) are computed the same way on the device (from the frame's
+probabilities, the human's action and the challenger's probabilities) and on the hub (from a stored case's
+payload), by :func:`error_features`:
+
+- ``least_confidence``: (1 - max p) / (1 - 1/k); ``margin``: top-1 minus top-2 probability; ``entropy``:
+  Shannon entropy / log k;
+- ``human``: the human's action is not the model's top class (0 where unknown), ``human_known``: 1 where a
+  human action is known; ``challenger``, ``challenger_known``: the same for the challenger's top class.
+
+The trigger ``learned_error`` (:data:`trigger.triggers.TRIGGERS`) returns ``sigmoid(bias + sum_f w_f x_f)``,
+with one spec parameter per weight (``w_<feature>``) and ``bias``: numpy only, on the device. A leaf usually
+fires at a ``target_rate``, so the device calibrates its threshold as for any other score.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from trigger import scores as _s
+from trigger._checks import F64, I64
+from trigger.disagreement import _outside_top_k
+
+__all__ = ["FEATURES", "error_features", "error_probability"]
+
+FEATURES = ("least_confidence", "margin", "entropy", "human", "human_known", "challenger", "challenger_known")
+
+
+def error_features(probs: Any, human: Any = None, challenger_probs: Any = None) -> F64:
+    """``probs (n, k)`` rows summing to 1; ``human (n,)`` class or -1 (unknown) or None; ``challenger_probs
+    (n, k)`` with NaN rows where there is no challenger output, or None -> ``(n, len(FEATURES))`` in [0, 1]."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise ValueError(f"probs must have shape (n, k >= 2); received shape {p.shape}")
+    n = p.shape[0]
+    out = np.zeros((n, len(FEATURES)))
+    out[:, 0] = _s._least_confidence(p, normalize=True)
+    out[:, 1] = _s._margin(p)
+    out[:, 2] = _s._entropy(p, normalize=True)
+    if human is not None:
+        h: I64 = np.asarray(human, dtype=np.int64)
+        if h.shape != (n,) or (h >= p.shape[1]).any():
+            raise ValueError(f"human must have shape ({n},) with classes below {p.shape[1]} or -1; received "
+                             f"shape {h.shape}")
+        known = h >= 0
+        out[:, 3] = np.where(known, _outside_top_k(p, np.where(known, h, 0), 1), 0.0)
+        out[:, 4] = known
+    if challenger_probs is not None:
+        q = np.asarray(challenger_probs, dtype=np.float64)
+        if q.shape != p.shape:
+            raise ValueError(f"challenger_probs must have the shape of probs {p.shape}; received {q.shape}")
+        seen: Any = np.isfinite(q).all(axis=1)
+        top = np.where(seen[:, None], q, 0.0).argmax(axis=1)
+        out[:, 5] = np.where(seen, _outside_top_k(p, top, 1), 0.0)
+        out[:, 6] = seen
+    return np.clip(out, 0.0, 1.0)
+
+
+def error_probability(features: Any, weights: Any, bias: float) -> F64:
+    """``features (n, F)``, ``weights (F,)`` -> ``(n,)`` sigmoid(bias + features @ weights), computed stably."""
+    x = np.asarray(features, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    if x.ndim != 2 or w.shape != (x.shape[1],):
+        raise ValueError(f"features (n, F) and weights (F,) must agree; received {x.shape} and {w.shape}")
+    z = bias + x @ w
+    out: F64 = np.where(z >= 0, 1.0 / (1.0 + np.exp(-np.abs(z))), np.exp(-np.abs(z)) / (1.0 + np.exp(-np.abs(z))))
+    return out
