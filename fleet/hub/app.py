@@ -65,6 +65,9 @@ def create_app(
 
     for router in ROUTERS:
         app.include_router(router)
+    from fleet.hub.ui import install as install_dashboard
+
+    install_dashboard(app)
     app.add_middleware(BodyGuard, settings=settings)  # type: ignore[arg-type]
     app.add_middleware(metrics.middleware)  # type: ignore[arg-type]
     return app

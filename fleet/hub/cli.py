@@ -71,6 +71,7 @@ def serve(
     migrate(engine)
     engine.dispose()
     os.environ["FLYWHEEL_HUB_MIGRATE_ON_START"] = "0"  # done once, here, before the workers start
+    typer.echo(f"dashboard: http://{host}:{port}/ui (log in with the admin token)", err=True)
     uvicorn.run("fleet.hub.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False)
 

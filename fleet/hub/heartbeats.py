@@ -75,6 +75,7 @@ def record_heartbeat(hub: Hub, s: Session, hb: Heartbeat) -> None:
     device.last_seen_at = now
     device.model_version = hb.model_version
     device.boot_id = hb.boot_id
+    device.spool_bytes, device.spool_items = hb.spool_bytes, hb.spool_items
     s.add(device)
     if state is None:
         s.add(HeartbeatState(device_id=hb.device_id, boot_id=hb.boot_id, model_version=hb.model_version,

@@ -39,6 +39,8 @@ class Device(SQLModel, table=True):
     last_seen_at: float | None = None
     model_version: str | None = _id(default=None)
     boot_id: str | None = _id(default=None)
+    spool_bytes: int | None = Field(default=None, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    spool_items: int | None = Field(default=None, sa_type=sa.BigInteger)  # type: ignore[call-overload]
 
 
 class ApiToken(SQLModel, table=True):

@@ -11,6 +11,7 @@ parses with them. Each top-level message carries ``schema`` so a peer refuses a 
 - :mod:`fleet.protocol.labeling`: selections, the pool, labels and the webhook inbox.
 - :mod:`fleet.protocol.dataset`: snapshots for the trainer.
 - :mod:`fleet.protocol.registry`: the model registry, rollouts and their field metrics.
+- :mod:`fleet.protocol.lineage`: what a model was trained on, and what a case's label influenced.
 - :mod:`fleet.protocol.campaigns`: campaigns and novelty banks.
 - :mod:`fleet.protocol.admin`: devices, API tokens, enrollment grants and audit, the hub's health and summary.
 """
@@ -112,6 +113,7 @@ from fleet.protocol.labeling import (
     StoredEvent,
     Verdict,
 )
+from fleet.protocol.lineage import CaseInfluence, DeviceContribution, LineageEntry, ModelLineage
 from fleet.protocol.model import OUTPUTS, DetectorSpec, InputSpec, ModelManifest, SignedManifest
 from fleet.protocol.registry import (
     FIELD_COUNTERS,
@@ -148,16 +150,17 @@ __all__ = [
     "OUTPUTS", "ROLLOUT_KINDS", "ROLLOUT_STATES", "SCHEMA_VERSION", "SCOPES", "SHA256_RE", "STRATEGIES", "TASKS",
     "TASK_TYPES", "Ack", "Assignment", "BankCreate", "BankList", "BankPublic", "BatchReceipt", "BlobRequest", "Box",
     "CampaignCreate", "CampaignDeleted", "CampaignList", "CampaignPublic", "CampaignReceipt", "CampaignRef",
-    "CampaignVersions", "Case", "CaseReceipt", "ChallengerOutput", "Classification", "Detection", "DetectorSpec",
-    "DeviceList", "DevicePublic", "DeviceRevoked", "EnrollRequest", "Enrollment", "EnrollmentAttemptList",
-    "EnrollmentAttemptPublic", "EventPage", "FieldCounts", "FieldMetrics", "Grant", "GrantCreate", "Health",
-    "Heartbeat", "InputSpec", "LabelPage", "LabelPost", "LabelPublic", "LabelReceipt", "LearnedFit", "Message",
-    "ModelList", "ModelManifest", "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "OtaReport", "PoolPage",
-    "Prediction", "PromoteRequest", "Promotion", "QueueDepths", "Release", "RollbackReceipt", "RollbackRequest",
-    "RolloutCreate", "RolloutList", "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest",
-    "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic",
-    "StoredEvent", "Summary", "TokenCreate", "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "TriggerYield",
-    "Verdict", "YieldReport",
-    "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
-    "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction",
+    "CampaignVersions", "Case", "CaseInfluence", "CaseReceipt", "ChallengerOutput", "Classification", "Detection",
+    "DetectorSpec", "DeviceContribution", "DeviceList", "DevicePublic", "DeviceRevoked", "EnrollRequest",
+    "Enrollment", "EnrollmentAttemptList", "EnrollmentAttemptPublic", "EventPage", "FieldCounts", "FieldMetrics",
+    "Grant", "GrantCreate", "Health", "Heartbeat", "InputSpec", "LabelPage", "LabelPost", "LabelPublic",
+    "LabelReceipt", "LearnedFit", "LineageEntry", "Message", "ModelLineage", "ModelList", "ModelManifest",
+    "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "OtaReport", "PoolPage", "Prediction",
+    "PromoteRequest", "Promotion", "QueueDepths", "Release", "RollbackReceipt", "RollbackRequest", "RolloutCreate",
+    "RolloutList", "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest", "SignedManifest",
+    "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic", "StoredEvent", "Summary",
+    "TokenCreate", "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "TriggerYield", "Verdict",
+    "YieldReport", "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str",
+    "check_tags", "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags",
+    "parse_prediction",
 ]

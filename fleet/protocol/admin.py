@@ -51,7 +51,8 @@ MAX_GRANT_TTL_S = 366 * 24 * 3600.0
 
 @dataclass
 class DevicePublic(Message):
-    """An enrolled device: its group, when it enrolled and was last heard from, and what it last ran."""
+    """An enrolled device: its group, when it enrolled and was last heard from, and what it last ran; its spool
+    as its last heartbeat said, and the evictions and comparisons with the human summed over its boots."""
 
     device_id: str
     group: str
@@ -60,6 +61,11 @@ class DevicePublic(Message):
     last_seen_at: float | None = None
     model_version: str | None = None  # as its last heartbeat said
     boot_id: str | None = None
+    spool_bytes: int | None = None
+    spool_items: int | None = None
+    evicted: int = 0
+    human_compared: int = 0
+    human_disagreed: int = 0
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
@@ -70,6 +76,15 @@ class DevicePublic(Message):
         opt(self.last_seen_at, check_finite, "last_seen_at")
         opt(self.model_version, check_name, "model_version")
         opt(self.boot_id, check_name, "boot_id")
+        opt(self.spool_bytes, check_int, "spool_bytes", lo=0)
+        opt(self.spool_items, check_int, "spool_items", lo=0)
+        for name in ("evicted", "human_compared", "human_disagreed"):
+            check_int(getattr(self, name), name, lo=0)
+
+    @property
+    def disagreement(self) -> float | None:
+        """The share of compared frames where the model's top-1 differed from the human's action."""
+        return self.human_disagreed / self.human_compared if self.human_compared else None
 
 
 @dataclass

@@ -93,6 +93,8 @@ def make_model_files(
     seed: int = 0,
     poison: str | None = None,
     class_names: list[str] | None = None,
+    data_snapshot: str | None = None,
+    metrics: dict[str, float] | None = None,
 ) -> ModelFiles:
     """Write ``{version}.onnx`` and return its manifest, signed when a private key is given (classes named
     ``class_i`` unless ``class_names`` says)."""
@@ -114,6 +116,8 @@ def make_model_files(
                         mean=[0.5] * channels, std=[0.25] * channels),
         class_names=class_names or [f"class_{i}" for i in range(num_classes)],
         embedding_dim=embedding_dim,
+        data_snapshot=data_snapshot,
+        metrics=dict(metrics or {}),
         created_at=time.time(),
     )
     signed = sign_manifest(manifest, private_key) if private_key is not None else None  # type: ignore[arg-type]

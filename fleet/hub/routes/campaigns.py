@@ -90,6 +90,11 @@ def create_campaign(_: AdminCaller, hub: HubDep, body: CampaignCreate = message_
 @router.get("/v1/campaigns", response_model=CampaignList)
 def list_campaigns(_: AdminCaller, hub: HubDep, include_deleted: bool = Query(False)) -> Response:
     """The newest version of each campaign."""
+    return message_response(campaign_list(hub, include_deleted=include_deleted))
+
+
+def campaign_list(hub: Hub, *, include_deleted: bool = False) -> CampaignList:
+    """The newest version of each campaign (of the deleted ones too when ``include_deleted``)."""
     with read_session(hub.engine) as s:
         rows = s.exec(select(Campaign).order_by(Campaign.campaign_id, col(Campaign.version).desc())).all()
     out, seen = [], set()
@@ -98,7 +103,7 @@ def list_campaigns(_: AdminCaller, hub: HubDep, include_deleted: bool = Query(Fa
             continue
         seen.add(r.campaign_id)
         out.append(campaign_public(r, now=hub.now()))
-    return message_response(CampaignList(campaigns=out))
+    return CampaignList(campaigns=out)
 
 
 @router.post("/v1/campaigns/{campaign_id}/rebalance", response_model=CampaignReceipt)

@@ -93,12 +93,17 @@ async def post_cases(request: Request, principal: DeviceCaller, hub: HubDep) -> 
 
 @router.get("/v1/cases/{case_id}", response_model=SelectedCase)
 def get_case(case_id: str, request: Request, _: ReaderCaller, hub: HubDep) -> Response:
+    return message_response(selected_case(hub, case_row(hub, case_id), base_url(hub, request)))
+
+
+def case_row(hub: Hub, case_id: str) -> CaseRow:
+    """The stored case, or NotFound."""
     check_name(case_id, "case_id")
     with read_session(hub.engine) as s:
         row = s.get(CaseRow, case_id)
     if row is None:
         raise NotFound(f"unknown case {case_id!r}")
-    return message_response(selected_case(hub, row, base_url(hub, request)))
+    return row
 
 
 @router.get("/v1/cases/{case_id}/preview", response_class=Response,

@@ -8,7 +8,7 @@ from typing import Literal
 import sqlalchemy as sa
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from fleet.errors import Conflict, NotFound, ProtocolError
 from fleet.hub import enrollment, heartbeats, rollouts
@@ -16,7 +16,7 @@ from fleet.hub.api import AdminCaller, DeviceCaller, HubDep, message_body, messa
 from fleet.hub.auth import bearer, issue_token, require_device
 from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_session
-from fleet.hub.models import ApiToken, Device, EnrollmentAttempt, OtaReportRow
+from fleet.hub.models import ApiToken, Device, EnrollmentAttempt, HeartbeatState, OtaReportRow
 from fleet.protocol import (
     ENROLL_OUTCOMES,
     Assignment,
@@ -173,10 +173,25 @@ def _rollout_due(hub: Hub) -> bool:
 def list_devices(_: AdminCaller, hub: HubDep) -> Response:
     """Every enrolled device, by id."""
     with read_session(hub.engine) as s:
-        rows = s.exec(select(Device).order_by(Device.device_id)).all()
-    return message_response(DeviceList(devices=[
+        return message_response(device_list(s))
+
+
+def device_list(s: Session) -> DeviceList:
+    """Every enrolled device, by id, with its spool and its evictions and human comparisons over its boots."""
+    rows = s.exec(select(Device).order_by(Device.device_id)).all()
+    summed: dict[str, dict[str, int]] = {}
+    for device_id, values in s.exec(select(HeartbeatState.device_id, HeartbeatState.values)).all():
+        acc = summed.setdefault(device_id, {})
+        for k in _SUMMED:
+            acc[k] = acc.get(k, 0) + int(values.get(k, 0))
+    return DeviceList(devices=[
         DevicePublic(device_id=d.device_id, group=d.group, enrolled_at=d.enrolled_at, revoked_at=d.revoked_at,
-                     last_seen_at=d.last_seen_at, model_version=d.model_version, boot_id=d.boot_id) for d in rows]))
+                     last_seen_at=d.last_seen_at, model_version=d.model_version, boot_id=d.boot_id,
+                     spool_bytes=d.spool_bytes, spool_items=d.spool_items, **summed.get(d.device_id, {}))
+        for d in rows])
+
+
+_SUMMED = ("evicted", "human_compared", "human_disagreed")  # cumulative per boot in HeartbeatState.values
 
 
 @router.post("/v1/devices/{device_id}/revoke", response_model=DeviceRevoked)

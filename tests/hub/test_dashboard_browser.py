@@ -1,0 +1,172 @@
+"""The dashboard in a real browser: headless Chromium (Debian's, through playwright's ``executable_path``; no
+browser is ever downloaded) against a real ``flywheel hub serve`` holding a small loop's data. It logs in
+through the form, opens every page, checks what each shows, and saves a screenshot of each (copied to
+``/tmp/dash-<page>.png`` for a person to look at)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import time
+import types
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from fleet.protocol import Box, Case, Detection, TriggerHit
+from tests.hub.conftest import FakeClock, HubHarness
+from tests.hub.test_dashboard import DEVICES, populate
+from tests.support.detectors import draw_squares, make_detector_files
+from tests.support.hub import start_hub
+from tests.support.services import missing_service
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def _detect_case(data_dir: Path, device: str) -> str:
+    """A detector's case: a frame with two squares and the boxes the model drew around them.
+
+    Written straight into the hub's database and blob store: ``POST /v1/cases`` does not take detect cases yet
+    (fleet/hub/ingest.py reads ``prediction.probs``, which a Detection has not).
+    """
+    from PIL import Image
+
+    from fleet.hub.blobs import FileBlobStore
+    from fleet.hub.db import make_engine, write_session
+    from fleet.hub.models import Blob, CaseRow
+
+    frame = draw_squares(96, 128, [(10, 12, 50, 60, (255, 0, 0)), (70, 40, 118, 88, (0, 255, 0))])
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="PNG")
+    png = buf.getvalue()
+    boxes = [Box(10 / 128, 12 / 96, 50 / 128, 60 / 96, 0, 0.91), Box(70 / 128, 40 / 96, 118 / 128, 88 / 96, 1, 0.48)]
+    case = Case(case_id="det-case-1", device_id=device, captured_at=time.time(), model_version="det1",
+                prediction=Detection(boxes), image_sha256=hashlib.sha256(png).hexdigest(), image_size=len(png),
+                scores={"box_margin": 0.04}, triggers=[TriggerHit("box_ambiguity", 0.96, 0.9)])
+    sha, _ = FileBlobStore(data_dir / "blobs").put(png)
+    engine = make_engine(f"sqlite:///{data_dir / 'hub.db'}", pool_size=1)
+    try:
+        with write_session(engine) as s:
+            s.add(Blob(sha256=sha, size=len(png), kind="image", created_at=time.time()))
+            s.add(CaseRow(case_id=case.case_id, device_id=device, captured_at=case.captured_at,
+                          received_at=time.time(), model_version="det1", task="detect", uncertainty=0.96,
+                          payload=case.to_dict(), image_sha256=sha, image_size=len(png)))
+    finally:
+        engine.dispose()
+    return case.case_id
+
+
+def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        missing_service("Debian's chromium is not installed (scripts/test.sh installs it)")
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    with start_hub(tmp_path / "hub") as hub, httpx.Client(base_url=hub.url, timeout=30) as client:
+        settings = types.SimpleNamespace(admin_token=SecretStr(hub.admin_token),
+                                         fleet_secret=SecretStr(hub.fleet_secret))
+        h = HubHarness(client=client, app=None, settings=settings, keypair=hub.keypair, clock=FakeClock(time.time()),
+                       tmp=tmp_path)
+        h.register_model("m1", promote=True)
+        loop = populate(h, advance=lambda seconds: None)  # a real hub keeps its own time
+        files = make_detector_files(tmp_path / "models", "det1", private_key=hub.private_key(),
+                                    height=96, width=128)
+        r = client.post("/v1/models", headers=h.trainer, data={"manifest": files.signed.to_json()},
+                        files={"onnx": ("det1.onnx", files.onnx_path.read_bytes(), "application/octet-stream")})
+        assert r.status_code == 201, r.text
+        det_case = _detect_case(tmp_path / "hub", DEVICES[0])
+
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 860})
+
+                def shot(name: str) -> None:
+                    path = shots / f"dash-{name}.png"
+                    page.screenshot(path=str(path), full_page=True)
+                    shutil.copy(path, f"/tmp/dash-{name}.png")
+
+                # no cookie: every page sends the browser to the login
+                page.goto(f"{hub.url}/ui/models")
+                assert page.url == f"{hub.url}/ui/login"
+                # a wrong token: the form again, with the error, and no cookie
+                page.fill("input[name=token]", "not-the-token")
+                page.click("button[type=submit]")
+                assert page.locator("[role=alert]").inner_text().startswith("That is not an admin token")
+                assert page.context.cookies() == []
+                shot("login-error")
+                # the admin token: a session cookie the page's scripts cannot read
+                page.fill("input[name=token]", hub.admin_token)
+                page.click("button[type=submit]")
+                page.wait_for_url(f"{hub.url}/ui/fleet")
+                (cookie,) = page.context.cookies()
+                assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"], cookie["path"]) == (
+                    "flywheel_ui", True, "Strict", "/ui")
+                assert hub.admin_token not in cookie["value"] and hub.admin_token not in page.url
+
+                rows = page.locator("#devices tbody tr")
+                assert rows.count() == 3
+                south = rows.filter(has_text="cam-south-1").inner_text()
+                assert "54.0 KiB" in south and "30.0%" in south and "s ago" in south
+                assert page.locator("svg.chart rect").count() >= 1
+                shot("fleet")
+
+                page.click("nav >> text=Campaigns")
+                assert page.locator("#triggers").inner_text().split("\n")[1:3] == ["entropy\t9", "novelty\t4"]
+                assert "night-rare v2\t6" in page.locator("#by-campaign").inner_text()
+                assert "night-rare" in page.locator("#campaigns").inner_text()
+                assert "night-rare\tall triggers\t6\t4\t2\t50.0%" in page.locator("#yields").inner_text()
+                assert page.locator("svg.chart[aria-label='Uploads per day (UTC)'] rect").count() >= 1
+                shot("campaigns")
+
+                page.click("nav >> text=Queue")
+                tiles = page.locator("#queue-tiles").inner_text()
+                assert "5\nLABELED" in tiles.upper() and "5\nIN THE POOL" in tiles.upper()
+                assert page.locator("svg.chart[aria-label^='Labels per hour'] rect").count() >= 1
+                shot("queue")
+
+                page.click("nav >> text=Models")
+                models = page.locator("#models").inner_text()
+                assert "m2\tretired\tm1\thub-snapshot:" in models and "m3\tcanary\tm2" in models
+                assert "canary disagreement rose 12% -> 31%" in page.locator("table.rollouts").inner_text()
+                assert page.locator("svg.chart[aria-label='Accuracy per model version'] rect").count() >= 1
+                shot("models")
+
+                page.click("#models >> text=m2")
+                page.wait_for_url(f"{hub.url}/ui/models/m2")
+                lineage = page.locator("#lineage").inner_text()
+                assert loop.snapshot in lineage and "cam-north-1 (2)" in lineage and "ann@example.com" in lineage
+                assert page.locator("#entries tbody tr").count() == 5
+                assert "rolled_back" in page.locator("table.rollouts").inner_text()
+                shot("model")
+
+                page.click(f"#entries >> text={loop.labeled[0]}")
+                page.wait_for_url(f"{hub.url}/ui/cases/{loop.labeled[0]}")
+                page.wait_for_function("() => document.querySelector('.frame img').naturalWidth > 0")
+                facts = page.locator("#facts").inner_text()
+                assert "Influenced\nm2, m3" in facts and "entropy\t0.800\t0.700" in facts
+                shot("case")
+
+                page.goto(f"{hub.url}/ui/cases/{det_case}")
+                page.wait_for_function("() => document.querySelector('.frame img').naturalWidth === 128")
+                assert page.locator(".frame svg rect").count() == 2
+                assert page.locator(".box-label").all_inner_texts() == ["red 0.91", "green 0.48"]
+                assert "2 boxes: red 0.91, green 0.48" in page.locator("#facts").inner_text()
+                shot("case-detect")
+
+                page.click("text=Log out")
+                page.wait_for_url(f"{hub.url}/ui/login")
+                assert page.context.cookies() == []
+                page.goto(f"{hub.url}/ui/fleet")
+                assert page.url == f"{hub.url}/ui/login"
+            finally:
+                browser.close()
+    for png in shots.iterdir():
+        assert png.stat().st_size > 5_000, png
