@@ -85,7 +85,8 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
     seed_npz = world.seed_set.save_training(ws / "seed.npz", test=world.test_set, class_names=data.class_names)
 
     hub = start_hub(ws / "hub", pair)
-    say(f"hub on {hub.url} (SQLite in {ws / 'hub'})")
+    say(f"hub on {hub.url} (SQLite in {ws / 'hub'}); its dashboard: {hub.url}/ui, log in with the admin token "
+        f"{hub.admin_token}")
     turns: list[TurnResult] = []
     agents_procs: list[Any] = []
     labeler: Labeler | None = None
