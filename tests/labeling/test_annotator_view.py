@@ -17,36 +17,21 @@ import pytest
 from labeling.login import user_token
 from labeling.studio import Studio
 from tests.labeling.livestack import CLASSES, Live
-from tests.support.services import missing_service
+from tests.support.browser import chromium_page, studio_login
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
 NOTES = Path(__file__).resolve().parents[2] / ".notes"
 
 
 @contextmanager
 def annotator_page(ls_url: str, studio: Studio) -> Iterator[Any]:
     """A headless Chromium page logged in to Label Studio as a fresh annotator."""
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        missing_service("Debian's chromium is not installed (scripts/test.sh installs it)")
     email, password = f"viewer-{uuid.uuid4().hex[:6]}@bots.flywheel.local", "viewer-password-1"
     user_token(ls_url, email, password, invite_token=studio.invite_token())
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{ls_url}/user/login/")
-            page.fill("input[name=email]", email)
-            page.fill("input[name=password]", password)
-            page.click("button[type=submit]")
-            page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
-            yield page
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        studio_login(page, ls_url, email, password)
+        yield page
 
 
 def wait_for_labeling_image(page: Any) -> None:

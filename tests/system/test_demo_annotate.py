@@ -19,14 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.browser import chromium_page, studio_login
 from tests.support.services import missing_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run", "--disable-quic"]
-
 
 class Lines:
     """A child's stdout, line by line, read on a thread so the test can wait for a line with a deadline."""
@@ -55,31 +51,19 @@ class Lines:
 def label_in_the_browser(url: str, email: str, password: str, project_id: int, picks: dict[int, str],
                          shots: Path) -> None:
     """Log in to Label Studio as a person, open each task, click the class, submit."""
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        missing_service("Debian's chromium is not installed (scripts/test.sh installs it)")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{url}/user/login/")
-            page.fill("input[name=email]", email)
-            page.fill("input[name=password]", password)
-            page.click("button[type=submit]")
-            page.wait_for_url(lambda u: "/user/login" not in u, timeout=60_000)
-            for task_id, name in picks.items():
-                page.goto(f"{url}/projects/{project_id}/data?task={task_id}")
-                radio = page.locator(f"input[type=radio][name={name!r}]").first
-                radio.wait_for(state="attached", timeout=60_000)
-                page.wait_for_timeout(1000)  # the model's guess is pre-selected once the task has loaded
-                page.locator("label", has=radio).first.click()
-                page.wait_for_function("n => document.querySelector(`input[type=radio][name=\"${n}\"]`).checked",
-                                       arg=name, timeout=10_000)
-                page.screenshot(path=str(shots / f"task-{task_id}.png"))
-                page.get_by_role("button", name="Submit").first.click()
-                page.wait_for_timeout(1500)
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        studio_login(page, url, email, password)
+        for task_id, name in picks.items():
+            page.goto(f"{url}/projects/{project_id}/data?task={task_id}")
+            radio = page.locator(f"input[type=radio][name={name!r}]").first
+            radio.wait_for(state="attached", timeout=60_000)
+            page.wait_for_timeout(1000)  # the model's guess is pre-selected once the task has loaded
+            page.locator("label", has=radio).first.click()
+            page.wait_for_function("n => document.querySelector(`input[type=radio][name=\"${n}\"]`).checked",
+                                   arg=name, timeout=10_000)
+            page.screenshot(path=str(shots / f"task-{task_id}.png"))
+            page.get_by_role("button", name="Submit").first.click()
+            page.wait_for_timeout(1500)
 
 
 def test_you_label_in_label_studio_and_the_loop_turns_on_your_labels(tmp_path: Path) -> None:

@@ -13,16 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import missing_service
-from tests.system.test_demo_annotate import ARGS, CHROMIUM, Lines
+from tests.support.browser import chromium_page
+from tests.system.test_demo_annotate import Lines
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def test_the_dashboard_shows_the_demos_fleet_campaign_queue_and_lineage(tmp_path: Path) -> None:
-    playwright = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        missing_service("Debian's chromium is not installed (scripts/test.sh installs it)")
     ws = tmp_path / "ws"
     cmd = [sys.executable, "-m", "fleet.cli", "demo", "--workspace", str(ws), "--labeler", "oracle", "--turns", "2",
            "--devices", "2", "--frames-per-device", "120", "--budget", "10", "--base-epochs", "3", "--epochs", "2",
@@ -36,23 +33,18 @@ def test_the_dashboard_shows_the_demos_fleet_campaign_queue_and_lineage(tmp_path
         lines.wait_for("turn 1: flywheel", 600)  # the base model and one retrained model are in the registry
         lines.wait_for("canary of fw-1", 120)
         pages: dict[str, str] = {}
-        with playwright.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1280, "height": 900})
-                page.goto(f"{url}/ui/fleet")
-                page.fill("input[name=token]", token)
-                page.click("button[type=submit]")
-                page.wait_for_url(f"{url}/ui/fleet")
-                for name in ("fleet", "campaigns", "queue", "models", "models/fw-1-s0"):
-                    page.goto(f"{url}/ui/{name}")
-                    pages[name] = page.inner_text("main") if page.locator("main").count() else page.inner_text("body")
-                    shot = tmp_path / f"demo-dash-{name.replace('/', '-')}.png"
-                    page.screenshot(path=str(shot), full_page=True)
-                    if Path("/tmp").is_dir():
-                        shutil.copy(shot, Path("/tmp") / shot.name)
-            finally:
-                browser.close()
+        with chromium_page() as page:
+            page.goto(f"{url}/ui/fleet")
+            page.fill("input[name=token]", token)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{url}/ui/fleet")
+            for name in ("fleet", "campaigns", "queue", "models", "models/fw-1-s0"):
+                page.goto(f"{url}/ui/{name}")
+                pages[name] = page.inner_text("main") if page.locator("main").count() else page.inner_text("body")
+                shot = tmp_path / f"demo-dash-{name.replace('/', '-')}.png"
+                page.screenshot(path=str(shot), full_page=True)
+                if Path("/tmp").is_dir():
+                    shutil.copy(shot, Path("/tmp") / shot.name)
         assert proc.wait(600) == 0, "".join(lines.seen[-40:])
     finally:
         if proc.poll() is None:
