@@ -121,7 +121,7 @@ def test_a_snapshot_of_detect_labels_becomes_boxes(tmp_path: Path, hub: InProcHu
     assert [c.tolist() for c in data.classes] == [[b.label for b in d.boxes] for d in truth.values()]
 
 
-def test_the_classifier_refuses_a_detect_snapshot_and_a_coco_folder(tmp_path: Path, hub: InProcHub) -> None:
+def test_the_classifier_refuses_a_snapshot_of_boxes_and_a_coco_folder(tmp_path: Path, hub: InProcHub) -> None:
     from training.config import TrainArgs
     from training.train import main
 
