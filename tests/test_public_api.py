@@ -25,7 +25,8 @@ SURFACES = {
     "fleet.protocol": [
         "Ack", "Assignment", "BankCreate", "BankList", "BankPublic", "BatchReceipt", "BlobRequest", "Box",
         "CASE_STATES", "CASE_STATUSES", "CampaignCreate", "CampaignDeleted", "CampaignList", "CampaignPublic",
-        "CampaignReceipt", "CampaignRef", "CampaignVersions", "Case", "CaseReceipt", "ChallengerOutput",
+        "CampaignReceipt", "CampaignRef", "CampaignVersions", "Case", "CaseInfluence", "CaseReceipt",
+        "ChallengerOutput", "DeviceContribution", "LineageEntry", "ModelLineage",
         "Classification", "DB_INT", "Detection", "DetectorSpec", "DeviceList", "DevicePublic", "DeviceRevoked",
         "ENROLL_OUTCOMES", "EnrollRequest", "Enrollment", "EnrollmentAttemptList", "EnrollmentAttemptPublic",
         "EventPage", "FIELD_COUNTERS", "FieldCounts", "FieldMetrics", "Grant", "GrantCreate", "HEARTBEAT_COUNTERS",

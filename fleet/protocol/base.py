@@ -12,7 +12,7 @@ import json
 import math
 import re
 import sys
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -46,7 +46,9 @@ class Message:
     MAPS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {}
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload, no-any-return]
+        """The message as plain JSON values: nested messages as dicts, lists and dicts copied (what
+        ``dataclasses.asdict`` gives, without deep-copying every leaf)."""
+        return {name: _plain(getattr(self, name)) for name in _field_names(type(self))}
 
     def to_json(self) -> str:
         try:  # the same JSON as to_dict's, without its deep copy (the agent encodes a case per flagged frame)
@@ -69,7 +71,7 @@ class Message:
             return data
         if not isinstance(data, dict):
             raise ProtocolError(f"{cls.__name__} must be a JSON object; received {type(data).__name__}")
-        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        known = _field_names(cls)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ProtocolError(f"{cls.__name__}: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
@@ -90,8 +92,7 @@ class Message:
         """The message from its JSON fields, nested messages parsed by their own types (a nested field typed
         ``X | None`` may be null)."""
         data = dict(data)
-        optional = {f.name for f in fields(cls)  # type: ignore[arg-type]
-                    if f.default is None or str(f.type).replace(" ", "").endswith("|None")}
+        optional = _optional_names(cls)
         for name, kind in cls.PARTS.items():
             if name in data and not (data[name] is None and name in optional):
                 data[name] = cls._kind(kind).from_dict(data[name])
@@ -273,6 +274,40 @@ def decode_embedding(text: str) -> npt.NDArray[np.float32]:
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON bytes (sorted keys, no spaces): what signatures are computed over."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+_NAMES: dict[type, frozenset[str]] = {}
+_OPTIONAL: dict[type, frozenset[str]] = {}
+
+
+def _field_names(cls: type) -> frozenset[str]:
+    """A message class's field names (computed once per class: parsing and dumping run per case)."""
+    out = _NAMES.get(cls)
+    if out is None:
+        out = _NAMES[cls] = frozenset(f.name for f in fields(cls))
+    return out
+
+
+def _optional_names(cls: type) -> frozenset[str]:
+    """The fields of a message class that may be null: default None, or typed ``X | None``."""
+    out = _OPTIONAL.get(cls)
+    if out is None:
+        out = _OPTIONAL[cls] = frozenset(f.name for f in fields(cls)
+                                         if f.default is None or str(f.type).replace(" ", "").endswith("|None"))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON values: messages as dicts, lists and dicts copied, the rest as it is."""
+    if isinstance(value, Message):
+        return value.to_dict()
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _fields_of(obj: Any) -> dict[str, Any]:

@@ -47,6 +47,7 @@ def test_studio_bin_is_found_from_the_environment(tmp_path: Path, monkeypatch: p
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three turns through Label Studio: ~4 min alone, far more on a loaded machine
 def test_demo_spends_every_turns_budget_through_label_studio(tmp_path: Path, studio_env: tuple[str, str]) -> None:
     """Three turns, so the queue crosses three model versions (base, fw-1, fw-2) in one Label Studio project."""
     ws = tmp_path / "ws"
