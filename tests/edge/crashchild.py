@@ -3,8 +3,9 @@
     python -m tests.edge.crashchild spool DB MAX_BYTES SEED
         put cases (random sizes and priorities), ack and drop some; print "put|ack|drop <case_id>" after
         each commit
-    python -m tests.edge.crashchild ota ROOT PUBLIC_KEY MODELS_DIR SEED
-        follow assignments that alternate between the published models, forever
+    python -m tests.edge.crashchild ota ROOT PUBLIC_KEY HUB_URL TOKEN VERSIONS SEED
+        follow assignments that alternate between the models VERSIONS (comma-separated) registered at the hub
+        on HUB_URL (dev-1's TOKEN), downloading them from it, forever
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import sys
-from pathlib import Path
 
 
 def spool_child(db: str, max_bytes: int, seed: int) -> None:
@@ -39,7 +39,7 @@ def spool_child(db: str, max_bytes: int, seed: int) -> None:
                     print(f"drop {item.case_id}", flush=True)
 
 
-def ota_child(root: str, public_key: str, models_dir: str, seed: int) -> None:
+def ota_child(root: str, public_key: str, hub_url: str, token: str, versions: str, seed: int) -> None:
     import httpx
 
     from fleet.edge.hubclient import HubClient
@@ -47,29 +47,18 @@ def ota_child(root: str, public_key: str, models_dir: str, seed: int) -> None:
     from fleet.edge.ota import OtaManager
     from fleet.protocol import Assignment
 
-    published = {}
-    for p in sorted(Path(models_dir).glob("*.json")):
-        signed = json.loads(p.read_text())
-        published[signed["manifest"]["version"]] = (p.read_text(), p.with_suffix(".onnx").read_bytes())
-
-    def handle(request: httpx.Request) -> httpx.Response:
-        _, _, _, version, what = request.url.path.split("/")
-        manifest, onnx = published[version]
-        return httpx.Response(200, content=manifest if what == "manifest" else onnx)
-
-    client = HubClient(httpx.Client(base_url="http://hub", transport=httpx.MockTransport(handle)), token="t")
+    client = HubClient(httpx.Client(base_url=hub_url, timeout=30), token=token)
+    names = sorted(versions.split(","))
+    shas = {v: client.get_manifest(v).manifest.onnx_sha256 for v in names}
     ota = OtaManager(ModelStore(root, public_key), client, device_id="dev-1")
     ota.startup()
     rng = random.Random(seed)
-    versions = sorted(published)
     while True:
-        version = rng.choice(versions)
-        sha = json.loads(published[version][0])["manifest"]["onnx_sha256"]
-        challenger = rng.choice([None, *versions])
-        ch = None
-        if challenger is not None:
-            ch = {"version": challenger, "onnx_sha256": json.loads(published[challenger][0])["manifest"]["onnx_sha256"]}
-        ota.apply(Assignment.from_dict({"device_id": "dev-1", "active": {"version": version, "onnx_sha256": sha},
+        version = rng.choice(names)
+        challenger = rng.choice([None, *names])
+        ch = None if challenger is None else {"version": challenger, "onnx_sha256": shas[challenger]}
+        ota.apply(Assignment.from_dict({"device_id": "dev-1", "active": {"version": version,
+                                                                         "onnx_sha256": shas[version]},
                                         "challenger": ch}))
         print(f"active {ota.models.versions[0]}", flush=True)
 
@@ -79,6 +68,6 @@ if __name__ == "__main__":
     if mode == "spool":
         spool_child(args[0], int(args[1]), int(args[2]))
     elif mode == "ota":
-        ota_child(args[0], args[1], args[2], int(args[3]))
+        ota_child(args[0], args[1], args[2], args[3], args[4], int(args[5]))
     else:
         raise SystemExit(f"unknown mode {mode!r}")

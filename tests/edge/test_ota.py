@@ -315,41 +315,42 @@ def test_startup_falls_back_when_the_active_files_are_damaged(tmp_path: Path, hu
 
 
 @pytest.mark.slow
-def test_kill_9_during_ota_swaps_leaves_a_valid_active_model(tmp_path: Path, keys: Keys, make_model) -> None:
-    published = tmp_path / "published"
-    for i in range(3):
-        files = make_model(f"v{i}", seed=i)
-        files.onnx_path.with_suffix(".json").write_text(files.signed.to_json())
+def test_kill_9_during_ota_swaps_leaves_a_valid_active_model(tmp_path: Path, hub: InProcHub, keys: Keys,
+                                                            make_model) -> None:
+    versions = [f"v{i}" for i in range(3)]
+    for i, version in enumerate(versions):
+        publish(hub, make_model(version, seed=i))
     root = tmp_path / "device-models"
     rng = random.Random(7)
     seen_versions = set()
-    for round_ in range(8):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.edge.crashchild", "ota", str(root), keys.public_b64, str(published),
-             str(round_)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        assert first.startswith("active"), proc.stderr.read() if proc.stderr else ""
-        time.sleep(rng.uniform(0.0, 0.4))
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
-        # restart: repair, then the active model verifies, loads and passes its health check
-        store = ModelStore(root, keys.public_b64)
-        state_before = json.loads((root / "state.json").read_text())
-        assert state_before["active"] is not None
-        store.repair()
-        active = store.get("active")
-        assert active is not None
-        seen_versions.add(active.version)
-        ModelRuntime(active.onnx_path, active.manifest)
-        for slot in ("previous", "challenger"):
-            stored = store.get(slot)
-            if stored is not None:
-                ModelRuntime(stored.onnx_path, stored.manifest)
-        assert not list(store.incoming.iterdir())
-        referenced = {v for v in store.state().values() if v}
-        assert {p.name for p in store.versions.iterdir()} == referenced
+    with hub.serve() as url:  # the child is another process: it downloads the models from the hub on loopback
+        for round_ in range(8):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.edge.crashchild", "ota", str(root), keys.public_b64, url,
+                 hub.tokens[DEVICE], ",".join(versions), str(round_)],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            assert first.startswith("active"), proc.stderr.read() if proc.stderr else ""
+            time.sleep(rng.uniform(0.0, 0.4))
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+            # restart: repair, then the active model verifies, loads and passes its health check
+            store = ModelStore(root, keys.public_b64)
+            state_before = json.loads((root / "state.json").read_text())
+            assert state_before["active"] is not None
+            store.repair()
+            active = store.get("active")
+            assert active is not None
+            seen_versions.add(active.version)
+            ModelRuntime(active.onnx_path, active.manifest)
+            for slot in ("previous", "challenger"):
+                stored = store.get(slot)
+                if stored is not None:
+                    ModelRuntime(stored.onnx_path, stored.manifest)
+            assert not list(store.incoming.iterdir())
+            referenced = {v for v in store.state().values() if v}
+            assert {p.name for p in store.versions.iterdir()} == referenced
     assert seen_versions  # the child really swapped models under the kills

@@ -5,7 +5,6 @@ through the form, opens every page, checks what each shows, and saves a screensh
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shutil
 import time
@@ -16,9 +15,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from fleet.protocol import Box, Case, Detection, TriggerHit
+from fleet.protocol import Box, TriggerHit
 from tests.hub.conftest import FakeClock, HubHarness
 from tests.hub.test_dashboard import DEVICES, populate
+from tests.support.cases import make_detect_case
 from tests.support.detectors import draw_squares, make_detector_files
 from tests.support.hub import start_hub
 from tests.support.services import missing_service
@@ -30,36 +30,20 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run", "--disable-quic"]
 
 
-def _detect_case(data_dir: Path, device: str) -> str:
-    """A detector's case: a frame with two squares and the boxes the model drew around them.
-
-    Written straight into the hub's database and blob store: ``POST /v1/cases`` does not take detect cases yet
-    (fleet/hub/ingest.py reads ``prediction.probs``, which a Detection has not).
-    """
+def _detect_case(hub: HubHarness, device: str) -> str:
+    """A detector's case, uploaded by ``device`` through ``POST /v1/cases``: a frame with two squares and the
+    boxes the model drew around them."""
     from PIL import Image
-
-    from fleet.hub.blobs import FileBlobStore
-    from fleet.hub.db import make_engine, write_session
-    from fleet.hub.models import Blob, CaseRow
 
     frame = draw_squares(96, 128, [(10, 12, 50, 60, (255, 0, 0)), (70, 40, 118, 88, (0, 255, 0))])
     buf = io.BytesIO()
     Image.fromarray(frame).save(buf, format="PNG")
     png = buf.getvalue()
     boxes = [Box(10 / 128, 12 / 96, 50 / 128, 60 / 96, 0, 0.91), Box(70 / 128, 40 / 96, 118 / 128, 88 / 96, 1, 0.48)]
-    case = Case(case_id="det-case-1", device_id=device, captured_at=time.time(), model_version="det1",
-                prediction=Detection(boxes), image_sha256=hashlib.sha256(png).hexdigest(), image_size=len(png),
-                scores={"box_margin": 0.04}, triggers=[TriggerHit("box_ambiguity", 0.96, 0.9)])
-    sha, _ = FileBlobStore(data_dir / "blobs").put(png)
-    engine = make_engine(f"sqlite:///{data_dir / 'hub.db'}", pool_size=1)
-    try:
-        with write_session(engine) as s:
-            s.add(Blob(sha256=sha, size=len(png), kind="image", created_at=time.time()))
-            s.add(CaseRow(case_id=case.case_id, device_id=device, captured_at=case.captured_at,
-                          received_at=time.time(), model_version="det1", task="detect", uncertainty=0.96,
-                          payload=case.to_dict(), image_sha256=sha, image_size=len(png)))
-    finally:
-        engine.dispose()
+    case = make_detect_case(case_id="det-case-1", device_id=device, model_version="det1", boxes=boxes, image=png,
+                            scores={"box_margin": 0.04}, triggers=[TriggerHit("box_ambiguity", 0.96, 0.9)], tags={})
+    r = hub.post_case(case, png)
+    assert r.status_code == 201, r.text
     return case.case_id
 
 
@@ -81,7 +65,7 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
         r = client.post("/v1/models", headers=h.trainer, data={"manifest": files.signed.to_json()},
                         files={"onnx": ("det1.onnx", files.onnx_path.read_bytes(), "application/octet-stream")})
         assert r.status_code == 201, r.text
-        det_case = _detect_case(tmp_path / "hub", DEVICES[0])
+        det_case = _detect_case(h, DEVICES[0])
 
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)

@@ -1,6 +1,6 @@
 """Boxes in Label Studio: the RectangleLabels config, the model's boxes as percent pre-annotations, annotations
 back to a :class:`Detection` (round trip, clipping, refusals), a detect bridge through the in-memory Label
-Studio to a detect hub, and bots that draw boxes."""
+Studio to the real hub with a detector active, and bots that draw boxes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from xml.etree import ElementTree
 import pytest
 
 from fleet.errors import InvalidInput
-from fleet.protocol import Box, Case, Classification, Detection, SelectedCase
+from fleet.protocol import Box, Case, Classification, Detection, LabelPost, SelectedCase
 from labeling.bots import Bot, BotSpec
 from labeling.bridge import Bridge
 from labeling.config import BridgeConfig
@@ -24,13 +24,12 @@ from labeling.configs import (
     kind_for_task,
     parse_detection,
 )
-from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.push import push_gold, task_json
 from labeling.status import collect
 from labeling.throttle import Throttle
+from tests.labeling.boxhub import CLASSES, DetectHub, detect_hub
 from tests.labeling.conftest import FAST_RETRY
-from tests.labeling.detecthub import CLASSES, DetectHub, serve_detect_hub
 from tests.labeling.fakestudio import FakeStudio
 
 
@@ -139,45 +138,45 @@ def test_the_project_kind_follows_the_task() -> None:
 
 
 @pytest.fixture
-def detect_hub() -> Iterator[DetectHub]:
-    pytest.importorskip("uvicorn")
-    hub = DetectHub()
-    hub.add_cases(6, seed=3)
-    with serve_detect_hub(hub):
+def box_hub(tmp_path: Path) -> Iterator[DetectHub]:
+    """The real hub, in-process, with a detector active and six detect cases."""
+    with detect_hub(tmp_path, 6, seed=3) as hub:
         yield hub
 
 
 def detect_bridge(hub: DetectHub, studio: FakeStudio) -> Bridge:
-    client = HubClient(hub.url, hub.token, retry=FAST_RETRY, sleep=lambda _: None)
     config = BridgeConfig(project_title="boxes", task="detect", overlap=1, overlap_share=0.0,
                           throttle=Throttle(min_depth=6, max_depth=6), in_doubt_grace_s=0.0, reconcile_every_s=0.0)
-    return Bridge(studio, client, Ledger(":memory:"), config)
+    return Bridge(studio, hub.bridge_client(retry=FAST_RETRY, sleep=lambda _: None), Ledger(":memory:"), config)
 
 
-def test_rectangle_annotations_reach_the_hub_once_as_boxes(detect_hub: DetectHub) -> None:
+def test_rectangle_annotations_reach_the_hub_once_as_boxes(box_hub: DetectHub) -> None:
     studio = FakeStudio()
-    bridge = detect_bridge(detect_hub, studio)
+    bridge = detect_bridge(box_hub, studio)
     assert bridge.sync_once().pushed == 6
     project = studio.get_project(bridge.project_id)
     assert "<RectangleLabels" in project.label_config and project.class_names == CLASSES
     tasks = sorted(studio.tasks.values(), key=lambda t: t["id"])
     pre = tasks[0]["predictions"][0]["result"]
-    case = detect_hub.cases[tasks[0]["data"]["case_id"]]
-    assert len(pre) == len(case.prediction.boxes) and all(r["type"] == "rectanglelabels" for r in pre)
+    case_id = tasks[0]["data"]["case_id"]
+    prediction, truth = box_hub.prediction(case_id), box_hub.boxes[case_id]
+    assert len(pre) == len(prediction.boxes) and all(r["type"] == "rectanglelabels" for r in pre)
 
-    drawn = detection_result(case.truth, CLASSES)
+    drawn = detection_result(truth, CLASSES)
     ann = studio.annotate(tasks[0]["id"], 7, None, result=drawn)
     bad = studio.annotate(tasks[1]["id"], 8, None, result=[rect(10, 10, 0, 0)])
     bridge.sync_once()
     bridge.sync_once()  # a second pass finds nothing new
-    created = [p for p, action in detect_hub.posts if action == "created"]
-    assert [p.case_id for p in created] == [case.case_id]
+    created = [LabelPost.from_dict(p) for p, action in box_hub.label_posts() if action == "created"]
+    assert [p.case_id for p in created] == [case_id]
     label = created[0].label
     assert isinstance(label, Detection) and label.as_label() == label
-    for got, want in zip(label.boxes, case.truth.boxes, strict=True):
+    for got, want in zip(label.boxes, truth.boxes, strict=True):
         assert (got.x1, got.y1, got.x2, got.y2, got.label) == pytest.approx((want.x1, want.y1, want.x2, want.y2,
                                                                              want.label))
-    assert detect_hub.cases[case.case_id].state == "labeled"
+    assert box_hub.state(case_id) == "labeled"
+    [stored] = box_hub.labels(case_id)
+    assert stored.label == label and stored.status == "accepted"
     refused = bridge.ledger.annotation(bad["id"])
     assert refused is not None and not refused.valid
     assert f"annotation {bad['id']} on task {tasks[1]['id']}" in (refused.refused or "")
@@ -187,24 +186,27 @@ def test_rectangle_annotations_reach_the_hub_once_as_boxes(detect_hub: DetectHub
     moved = [{**drawn[0], "value": {**drawn[0]["value"], "x": drawn[0]["value"]["x"] + 1.0}}] + drawn[1:]
     studio.change(ann["id"], result=moved)
     bridge.sync_once()
-    actions = [action for p, action in detect_hub.posts if p.annotation_id == ann["id"]]
+    actions = [action for p, action in box_hub.label_posts() if p["annotation_id"] == ann["id"]]
     assert actions == ["created", "updated"]
-    assert len([lb for lb in detect_hub.label_rows() if lb.case_id == case.case_id]) == 1
+    [stored] = box_hub.labels(case_id)
+    assert isinstance(stored.label, Detection)
+    assert stored.label.boxes[0].x1 == pytest.approx(truth.boxes[0].x1 + 0.01)
 
 
-def test_gold_box_tasks_carry_the_known_boxes_to_the_hub(detect_hub: DetectHub) -> None:
+def test_gold_box_tasks_carry_the_known_boxes_to_the_hub(box_hub: DetectHub) -> None:
     studio = FakeStudio()
-    bridge = detect_bridge(detect_hub, studio)
+    bridge = detect_bridge(box_hub, studio)
     cases = bridge.hub.iter_pool("unlabeled")[:2]
-    truth = [detect_hub.cases[c.case_id].truth for c in cases]
+    truth = [box_hub.boxes[c.case_id] for c in cases]
     assert push_gold(bridge, list(zip(cases, truth, strict=True))) == 2
     first, second = (studio.task_of_case(c.case_id) for c in cases)
     studio.annotate(first["id"], 7, None, result=detection_result(truth[0], CLASSES))
     studio.annotate(second["id"], 7, None, result=[])  # missed every box
     bridge.sync_once()
-    verdicts = {p.case_id: p for p, _ in detect_hub.posts}
-    assert verdicts[cases[0].case_id].gold_label == truth[0].as_label()
-    statuses = {lb.case_id: lb.status for lb in detect_hub.label_rows()}
+    posts = {p["case_id"]: LabelPost.from_dict(p) for p, _ in box_hub.label_posts()}
+    assert posts[cases[0].case_id].gold_label == truth[0].as_label()
+    assert posts[cases[1].case_id].gold_label == truth[1].as_label()
+    statuses = {lb.case_id: lb.status for lb in box_hub.labels()}
     assert statuses == {cases[0].case_id: "gold", cases[1].case_id: "held"}
     # the bridge's own status page scores the annotator the same way: box F1 1.0 and 0.0 on two gold tasks
     [who] = collect(bridge.ledger)["annotators"].values()

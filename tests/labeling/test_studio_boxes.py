@@ -2,8 +2,8 @@
 RectangleLabels tasks, simulated annotators drawing boxes in the real queue, and every case back exactly once
 as boxes (webhooks plus reconciliation); and Label Studio's own annotator view showing the model's boxes.
 
-The hub side is tests/labeling/detecthub.py served on loopback (the real hub takes no detect cases yet), so
-Label Studio posts real webhooks to it and the annotator's browser loads its PNGs.
+The hub is the real one with a detector active (tests/labeling/boxhub.py), in-process for the bridge and served
+on loopback, so Label Studio posts real webhooks to it and the annotator's browser loads its signed PNGs.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from fleet.protocol import Box, Detection
 from labeling.bots import BotSpec, BotTeam
 from labeling.bridge import Bridge
 from labeling.config import QUEUE_VERSION, BridgeConfig
-from labeling.hub_client import HubClient
 from labeling.ledger import Ledger
 from labeling.studio import Studio
 from labeling.throttle import Throttle
-from tests.labeling.detecthub import CLASSES, DetectHub, serve_detect_hub
+from tests.labeling.boxhub import CLASSES, DetectHub, detect_hub
 from tests.labeling.test_annotator_view import annotator_page, wait_for_labeling_image
 
 pytestmark = pytest.mark.integration
@@ -43,15 +42,12 @@ class BoxStack:
 
 @pytest.fixture
 def boxes(ls_env: tuple[str, str], ls_project_title: str, tmp_path: Path) -> Iterator[BoxStack]:
-    pytest.importorskip("uvicorn")
-    hub = DetectHub(model_version="det-1")
-    hub.add_cases(6, seed=11)
-    with serve_detect_hub(hub):
+    with detect_hub(tmp_path, 6, seed=11, serve=True) as hub:
         studio = Studio(*ls_env)
-        client = HubClient(hub.url, hub.token)
+        client = hub.bridge_client()
         config = BridgeConfig(project_title=ls_project_title, task="detect", overlap=1, overlap_share=0.0,
                               strategy="uncertainty", throttle=Throttle(min_depth=6, max_depth=6, max_batch=6),
-                              reconcile_every_s=0.0, webhook_url=f"{hub.url}/v1/labeling/webhook",
+                              reconcile_every_s=0.0, webhook_url=f"{hub.public_url}/v1/labeling/webhook",
                               webhook_secret=hub.webhook_secret)
         bridge = Bridge(studio, client, Ledger(tmp_path / "ledger.sqlite"), config)
         yield BoxStack(ls_env[0], hub, studio, bridge)
@@ -66,20 +62,21 @@ def test_two_model_versions_of_boxes_come_back_exactly_once(boxes: BoxStack) -> 
     assert "<RectangleLabels" in project.label_config and project.class_names == CLASSES
     assert project.model_version == QUEUE_VERSION
     first = {t.case_id: t for t in studio.iter_tasks(bridge.project_id)}
+    scores = {cid: hub.selected(cid or "").score for cid in first}
     for cid, t in first.items():
         [p] = t.predictions
-        assert (p.model_version, p.score) == (QUEUE_VERSION, hub.cases[cid or ""].score)
+        assert (p.model_version, p.score) == (QUEUE_VERSION, scores[cid])
 
     team = BotTeam(boxes.url, studio, bridge.project_id, [BotSpec("boxer", 0.85, 0.0, box_jitter=0.03)],
-                   hub.truth, CLASSES, seed=5)
+                   hub.truth_of, CLASSES, seed=5)
     try:
         team.run_until_idle()
         served = team.stats["boxer"].served
         assert sorted(served) == sorted(first)  # every task of the first model, once
-        assert hub.cases[served[0] or ""].score == min(c.score for c in hub.cases.values())  # most informative first
+        assert scores[served[0]] == min(scores.values())  # most informative first
 
-        hub.model_version = "det-2"  # the retrained model's cases reach the same queue
-        second = hub.add_cases(6, seed=12, model_version="det-2")
+        hub.next_model("det-2")  # the retrained detector's cases reach the same queue
+        second = hub.add_cases(6, seed=12)
         report = bridge.sync_once()
         assert report.pushed == 6 and not report.errors, report
         assert studio.get_project(bridge.project_id).model_version == QUEUE_VERSION
@@ -91,18 +88,18 @@ def test_two_model_versions_of_boxes_come_back_exactly_once(boxes: BoxStack) -> 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         bridge.sync_once()
-        if len(hub.label_rows()) >= 12:
+        if len(hub.labels()) >= 12:
             break
         time.sleep(0.5)
     bridge.sync_once()  # once more: nothing new may be posted
-    assert hub.events, "Label Studio posted no webhook to the hub"
-    created = [p.case_id for p, action in hub.posts if action == "created"]
-    assert sorted(created) == sorted(hub.cases)  # every case, exactly once
-    assert all(action in ("created", "unchanged") for _, action in hub.posts), hub.posts
+    assert hub.events(), "Label Studio posted no webhook to the hub"
+    created = [p["case_id"] for p, action in hub.label_posts() if action == "created"]
+    assert sorted(created) == sorted(hub.states()) == sorted([*first, *second])  # every case, exactly once
+    assert set(hub.actions()) <= {"created", "unchanged"}, hub.label_posts()
     answers = team.stats["boxer"].answers
     versions = {t.case_id: t.data["model_version"] for t in studio.iter_tasks(bridge.project_id)}
     assert sorted(versions.values()) == ["det-1"] * 6 + ["det-2"] * 6
-    for label in hub.label_rows():
+    for label in hub.labels():
         assert isinstance(label.label, Detection)
         drawn = answers[label.case_id]
         got = np.array([[b.x1, b.y1, b.x2, b.y2, b.label] for b in label.label.boxes]).reshape(-1, 5)
@@ -114,11 +111,11 @@ def test_two_model_versions_of_boxes_come_back_exactly_once(boxes: BoxStack) -> 
 def test_an_annotator_sees_the_models_boxes_on_the_image(boxes: BoxStack, tmp_path: Path) -> None:
     hub, bridge = boxes.hub, boxes.bridge
     bridge.sync_once()
-    rows = sorted(bridge.ledger.tasks("open"), key=lambda t: (-len(hub.cases[t.case_id].prediction.boxes),
-                                                               t.score or 0.0))
+    found = {t.case_id: hub.prediction(t.case_id) for t in bridge.ledger.tasks("open")}
+    rows = sorted(bridge.ledger.tasks("open"), key=lambda t: (-len(found[t.case_id].boxes), t.score or 0.0))
     task = rows[0]
-    case = hub.cases[task.case_id]
-    assert len(case.prediction.boxes) >= 2
+    prediction = found[task.case_id]
+    assert len(prediction.boxes) >= 2
     shot = tmp_path / "annotator_view_boxes.png"
     with annotator_page(boxes.url, boxes.studio) as page:
         page.goto(f"{boxes.url}/projects/{bridge.project_id}/data?task={task.task_id}")
@@ -135,8 +132,8 @@ def test_an_annotator_sees_the_models_boxes_on_the_image(boxes: BoxStack, tmp_pa
             "() => { const i = [...document.querySelectorAll('img')].find(i => i.width >= 300);"
             " const r = i.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }")
     shutil.copy(shot, SHOT_COPY)
-    assert _outlined(shot, image_box, case.prediction), "the model's boxes are not drawn on the image"
-    other = Detection([Box(b.x1, b.y1, b.x2, b.y2, (b.label + 1) % len(CLASSES)) for b in case.prediction.boxes])
+    assert _outlined(shot, image_box, prediction), "the model's boxes are not drawn on the image"
+    other = Detection([Box(b.x1, b.y1, b.x2, b.y2, (b.label + 1) % len(CLASSES)) for b in prediction.boxes])
     assert not _outlined(shot, image_box, other)  # the check sees the class's colour, not any edge
 
 

@@ -1,5 +1,5 @@
 """Cases for tests, in the wire contract's shape (fleet.protocol.Case): a classification with its class
-distribution, and optionally the human's action and a challenger's prediction."""
+distribution, and optionally the human's action and a challenger's prediction; or a detector's boxes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from fleet.protocol import Case, ChallengerOutput, Classification, LabelPost, TriggerHit, encode_embedding
+from fleet.protocol import (
+    Box,
+    Case,
+    ChallengerOutput,
+    Classification,
+    Detection,
+    LabelPost,
+    TriggerHit,
+    encode_embedding,
+)
 
 
 def make_case(*, case_id: str, device_id: str, model_version: str, probs: list[float], image: bytes,
@@ -29,6 +38,21 @@ def make_case(*, case_id: str, device_id: str, model_version: str, probs: list[f
         triggers=[TriggerHit("entropy", 0.9, 0.5)] if triggers is None else triggers,
         tags={"condition": "night"} if tags is None else tags,
         human_action=None if human is None else Classification(human), challenger=ch,
+        embedding=None if embedding is None else encode_embedding(embedding), **extra,
+    )
+
+
+def make_detect_case(*, case_id: str, device_id: str, model_version: str, boxes: list[Box] | Detection,
+                     image: bytes, captured_at: float | None = None, embedding: np.ndarray | None = None,
+                     triggers: list[TriggerHit] | None = None, tags: dict[str, str] | None = None,
+                     **extra: Any) -> Case:
+    """A case whose detector found ``boxes`` on ``image`` (``extra``: human_action, challenger, ...)."""
+    return Case(
+        case_id=case_id, device_id=device_id, captured_at=time.time() if captured_at is None else captured_at,
+        model_version=model_version, prediction=boxes if isinstance(boxes, Detection) else Detection(list(boxes)),
+        image_sha256=hashlib.sha256(image).hexdigest(), image_size=len(image),
+        triggers=[TriggerHit("box_flicker", 1.0, 0.2)] if triggers is None else triggers,
+        tags={"condition": "day"} if tags is None else tags,
         embedding=None if embedding is None else encode_embedding(embedding), **extra,
     )
 

@@ -23,6 +23,7 @@ from fleet.protocol import (
     RolloutList,
     RolloutPublic,
     SelectedCase,
+    SnapshotList,
 )
 from tests.support.asgi import Tap
 from tests.support.faults import FaultTransport
@@ -133,6 +134,12 @@ class HubReads:
         r = self.client.get("/v1/rollouts", headers=self.bearer("trainer"))
         assert r.status_code == 200, r.text
         return RolloutList.from_json(r.content).rollouts
+
+    def snapshots(self) -> list[str]:
+        """Every snapshot's id as a trainer lists them (GET /v1/snapshots), oldest first."""
+        r = self.client.get("/v1/snapshots", headers=self.bearer("trainer"))
+        assert r.status_code == 200, r.text
+        return [snap.snapshot_id for snap in SnapshotList.from_json(r.content).snapshots]
 
     def ota_reports(self) -> list[OtaReport]:
         rows = self.sql("SELECT device_id, version, outcome, reason, previous_version, reported_at FROM ota_reports "

@@ -39,6 +39,7 @@ import numpy as np
 from fleet.protocol import (
     Case,
     Classification,
+    Detection,
     LabelPost,
     LabelReceipt,
     RolloutPublic,
@@ -331,15 +332,17 @@ class InProcHub(HubReads):
             self.truth[case.case_id] = truth
         return case.case_id
 
-    def label(self, case_id: str, label: int, *, annotation_id: int | None = None, **kw: Any) -> LabelReceipt:
-        """Post one annotator's answer (a LabelPost; ``kw`` sets its other fields) and return the receipt."""
+    def label(self, case_id: str, label: int | Detection, *, annotation_id: int | None = None,
+              **kw: Any) -> LabelReceipt:
+        """Post one annotator's answer (a LabelPost; ``label``: a class index, or the boxes of a detect case;
+        ``kw`` sets its other fields) and return the receipt."""
         self._seq += 1
         gold = kw.pop("gold_label", None)
-        post = LabelPost(case_id=case_id, label=Classification(label), annotator=kw.pop("annotator", "a@x.test"),
+        post = LabelPost(case_id=case_id, label=_answer(label), annotator=kw.pop("annotator", "a@x.test"),
                          source=kw.pop("source", "tests"), task_id=kw.pop("task_id", self._seq),
                          annotation_id=annotation_id if annotation_id is not None else self._seq,
                          created_at=kw.pop("created_at", time.time()),
-                         gold_label=None if gold is None else Classification(gold), **kw)
+                         gold_label=None if gold is None else _answer(gold), **kw)
         r = self.client.post("/v1/labels", content=post.to_json(), headers={
             **self.bearer("labeler"), "content-type": "application/json"})
         assert r.status_code == 200, r.text
@@ -356,6 +359,10 @@ class InProcHub(HubReads):
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def _answer(label: int | Detection) -> Classification | Detection:
+    return label if isinstance(label, Detection) else Classification(label)
 
 
 def noise_png(seed: int, *, size: int = 16) -> bytes:

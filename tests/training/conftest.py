@@ -1,5 +1,6 @@
 """Small real data for the trainer's tests (sklearn's bundled digits and a slice of Fashion-MNIST), and the real hub
-in-process (tests/support/inproc.py) holding labeled digits for snapshots, and taking what the trainer publishes."""
+in-process (tests/support/inproc.py) holding labeled digits (or boxes of digit scenes, from a registered detector)
+for snapshots, and taking what the trainer publishes."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet.signing import KeyPair, generate_keypair, write_keypair
-from tests.support.data import digits_arrays
+from fleet.protocol import Box, Detection
+from fleet.signing import KeyPair, generate_keypair, load_private_key, write_keypair
+from tests.support.cases import make_detect_case
+from tests.support.data import digits_arrays, png_bytes
+from tests.support.detectors import make_detector_files
 from tests.support.inproc import InProcHub, inproc_hub
 from training.config import TrainArgs
 from training.hub_client import HubClient
 
-DEVICE, MODEL = "dev-1", "m0"
+DEVICE, MODEL, DETECTOR = "dev-1", "m0", "det-0"
 
 FASHION = Path(__file__).resolve().parents[2] / ".." / "shared" / "datasets" / "fashion-mnist" / "fashion_mnist.npz"
 
@@ -77,6 +81,33 @@ def add_case(hub: InProcHub, case_id: str, label: int, png: bytes, tags: dict[st
     receipt = hub.label(case_id, label)
     assert receipt.case_state == "labeled", receipt
     return hub.cases()[case_id].image_sha256
+
+
+def add_detect_cases(hub: InProcHub, n: int, *,
+                     class_names: tuple[str, ...] = ("car", "person")) -> dict[str, Detection]:
+    """Register detector det-0 (``class_names``) and send ``n`` digit scenes (32x32) from ``dev-1``, tagged
+    ``condition=fog``, as its cases (it found the true boxes, each at score 0.5), each labeled with its true boxes
+    (accepted by the hub); each box's class is its digit's parity (0 or 1). Case id -> its boxes, in id order."""
+    from fleet.sim.scenes import digit_scenes
+
+    files = make_detector_files(hub.data_dir.parent / "models", DETECTOR, class_names=list(class_names),
+                                class_channels=[i % 3 for i in range(len(class_names))],
+                                private_key=load_private_key(hub.keypair.private_pem))
+    hub.register(files)
+    s = digit_scenes(n, seed=5, size=32)
+    truth = {}
+    for i in range(n):
+        png = png_bytes(s.images[i])
+        boxes = [Box(*map(float, b), label=int(c % 2)) for b, c in zip(s.boxes[i], s.labels[i], strict=True)]
+        case = make_detect_case(case_id=f"c{i:02d}", device_id=DEVICE, model_version=DETECTOR, image=png,
+                                boxes=[Box(b.x1, b.y1, b.x2, b.y2, b.label, score=0.5) for b in boxes],
+                                captured_at=1.0, tags={"condition": "fog"})
+        r = hub.post_case(case, png)
+        assert r.status_code == 201, r.text
+        receipt = hub.label(case.case_id, Detection(boxes))
+        assert receipt.case_state == "labeled", receipt
+        truth[case.case_id] = Detection(boxes)
+    return truth
 
 
 def trainer(hub: InProcHub, url: str = "http://hub", token: str | None = None, **kw: Any) -> HubClient:

@@ -12,10 +12,11 @@ import pytest
 from fleet.errors import InvalidInput
 from fleet.sim.scenes import digit_scenes
 from tests.support.data import png_bytes
+from tests.support.inproc import InProcHub
 from training.detect.data import load_box_npz, load_coco, snapshot_to_boxset
 from training.snapshot import pull_snapshot
 
-from .detect_snapshot import SNAPSHOT, detect_entries, snapshot_client
+from .conftest import add_detect_cases, trainer
 
 
 def write_npz(path: Path, **override: np.ndarray) -> Path:
@@ -107,28 +108,28 @@ def test_a_bad_coco_folder_is_refused_with_what_was_received(tmp_path: Path, ann
         load_coco(tmp_path, channels=None, size=None)
 
 
-def test_a_snapshot_of_detect_labels_becomes_boxes(tmp_path: Path) -> None:
-    entries, blobs = detect_entries(6)
-    snap = pull_snapshot(snapshot_client(entries, blobs), cache_dir=tmp_path / "cache")
+def test_a_snapshot_of_detect_labels_becomes_boxes(tmp_path: Path, hub: InProcHub) -> None:
+    truth = add_detect_cases(hub, 6)
+    snap = pull_snapshot(trainer(hub), cache_dir=tmp_path / "cache")
     data = snapshot_to_boxset(snap, channels=1, size=(16, 16))
-    assert snap.snapshot_id == SNAPSHOT and snap.task == "detect" and snap.class_names == ["car", "person"]
+    assert snap.snapshot_id == hub.snapshots()[-1] and snap.task == "detect" and snap.class_names == ["car", "person"]
     assert len(data) == 6 and data.shape == (1, 16, 16)
-    assert data.images.ids == [f"c{i}" for i in range(6)]
+    assert data.images.ids == list(truth) == [f"c{i:02d}" for i in range(6)]
     assert data.tags[0] == {"condition": "fog", "source": "snapshot"}
-    for got, entry in zip(data.boxes, entries, strict=True):
-        assert np.allclose(got, [[b.x1, b.y1, b.x2, b.y2] for b in entry.label.boxes])
-    assert [c.tolist() for c in data.classes] == [[b.label for b in e.label.boxes] for e in entries]
+    for got, want in zip(data.boxes, truth.values(), strict=True):
+        assert np.allclose(got, [[b.x1, b.y1, b.x2, b.y2] for b in want.boxes])
+    assert [c.tolist() for c in data.classes] == [[b.label for b in d.boxes] for d in truth.values()]
 
 
-def test_the_classifier_refuses_a_detect_snapshot_and_a_coco_folder(tmp_path: Path) -> None:
+def test_the_classifier_refuses_a_snapshot_of_boxes_and_a_coco_folder(tmp_path: Path, hub: InProcHub) -> None:
     from training.config import TrainArgs
     from training.train import main
 
-    client = snapshot_client(*detect_entries(6))
-    args = TrainArgs(data="hub:http://hub", snapshot=SNAPSHOT, out=tmp_path / "r", channels=1, image_size=(16, 16),
-                     threads=1, cache_dir=tmp_path / "cache")
+    add_detect_cases(hub, 6)
+    args = TrainArgs(data="hub:http://hub", out=tmp_path / "r", channels=1, image_size=(16, 16), threads=1,
+                     cache_dir=tmp_path / "cache")
     with pytest.raises(InvalidInput, match="holds 'detect' labels; train it with --task detect"):
-        main(args, client_factory=lambda _: client)
+        main(args, client_factory=lambda _: trainer(hub))
     coco = write_coco(tmp_path / "coco")
     with pytest.raises(InvalidInput, match="holds boxes, which a classifier cannot learn"):
         main(TrainArgs(data=f"coco:{coco}", out=tmp_path / "r2", threads=1))

@@ -17,6 +17,7 @@ from fleet.cli import app
 from fleet.errors import InvalidInput
 from fleet.protocol import SignedManifest
 from fleet.signing import verify_manifest
+from tests.support.inproc import InProcHub
 from training.checkpoint import load_checkpoint
 from training.config import TrainArgs
 from training.detect.data import load_box_npz
@@ -24,8 +25,7 @@ from training.detect.evaluate import detection_metrics, predict
 from training.detect.models import build_detector
 from training.train import main
 
-from .conftest import write_scenes_npz
-from .detect_snapshot import detect_entries, snapshot_client
+from .conftest import add_detect_cases, trainer, write_scenes_npz
 
 MakeArgs = Callable[..., TrainArgs]
 
@@ -111,17 +111,18 @@ def test_a_warm_start_is_the_baseline_the_map_gate_holds_against(make_det_args: 
                        "checkpoint.pt", threads=1))
 
 
-def test_boxes_from_a_hub_snapshot_train_a_detector(make_det_args: MakeArgs, scenes_npz: Path,
-                                                    tmp_path: Path) -> None:
-    client = snapshot_client(*detect_entries(12), class_names=tuple(str(i) for i in range(4)))
+def test_boxes_from_a_hub_snapshot_train_a_detector(make_det_args: MakeArgs, scenes_npz: Path, tmp_path: Path,
+                                                    hub: InProcHub) -> None:
+    add_detect_cases(hub, 12, class_names=tuple(str(i) for i in range(4)))
     report = main(make_det_args(data="hub:http://hub", base=f"npz:{scenes_npz}", holdout=0.25),
-                  client_factory=lambda _: client)
-    assert report["data"]["snapshot"]["id"] == "snap-1" and report["data"]["snapshot"]["blobs"] == 12
+                  client_factory=lambda _: trainer(hub))
+    [snapshot] = hub.snapshots()
+    assert report["data"]["snapshot"]["id"] == snapshot and report["data"]["snapshot"]["blobs"] == 12
     assert report["data"]["shape"] == [1, 64, 64] and report["status"] == "ready"
     held = report["data"]["eval"]["test"] - 24  # the base's 24 test scenes, and the snapshot's held-out cases
     assert held > 0 and report["data"]["new"]["n"] + held == 12
     assert report["metrics"]["test"]["per_slice"]["condition=fog"]["n"] == held
-    assert report["export"]["manifest"]["data_snapshot"] == "hub-snapshot:snap-1"
+    assert report["export"]["manifest"]["data_snapshot"] == f"hub-snapshot:{snapshot}"
 
 
 @pytest.mark.parametrize(("model", "status"), [("ssdlite320_mobilenet_v3_large", "ready"),
