@@ -160,15 +160,18 @@ def fit_head(onnx_bytes: bytes, n_train: int = 6000) -> tuple[np.ndarray, np.nda
 def hub_transport(models: dict[str, tuple[str, bytes]], assignment: dict[str, Any]) -> Any:
     import httpx
 
+    from fleet.protocol import BatchReceipt, CaseReceipt
+
     def handle(request: httpx.Request) -> httpx.Response:
         path = request.url.path
-        if path == "/v1/cases":
-            request.read()
-            return httpx.Response(201, json={"case_id": "x", "duplicate_of": None})
+        if path == "/v1/cases":  # the contract's receipt for the case the body carries
+            found = re.search(rb'"case_id":\s*"([^"]+)"', request.read())
+            case_id = found.group(1).decode() if found else "unknown"
+            return httpx.Response(201, content=CaseReceipt(case_id=case_id, status="created").to_json())
         if path == "/v1/cases/batch":  # one result per case part, in order, as the hub answers
-            ids = re.findall(rb'name="case_(\d+)"', request.read())
-            return httpx.Response(200, json={"results": [
-                {"status": "created", "case_id": f"x{int(i)}", "duplicate_of": None} for i in ids]})
+            ids = re.findall(rb'"case_id":\s*"([^"]+)"', request.read())
+            return httpx.Response(200, content=BatchReceipt(
+                [CaseReceipt(case_id=i.decode(), status="created") for i in ids]).to_json())
         if path == "/v1/assignment":
             return httpx.Response(200, json=assignment)
         parts = path.strip("/").split("/")
