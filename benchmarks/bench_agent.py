@@ -184,7 +184,7 @@ def hub_transport(models: dict[str, tuple[str, bytes]], assignment: dict[str, An
 
 
 def make_agent(work: Path, public_key: str, models: dict[str, tuple[str, bytes]], frames: list[Any], *,
-               challenger: bool, window: int = 0) -> Any:
+               challenger: bool, window: int = 0, spec: dict[str, Any] | None = None) -> Any:
     """An agent on ``frames`` with the agent's default config, but for the hub, the model(s), the campaign
     and ``window`` (frames per trigger decision; 0: the agent's default)."""
     import httpx
@@ -197,7 +197,7 @@ def make_agent(work: Path, public_key: str, models: dict[str, tuple[str, bytes]]
     ref = {v: {"version": v, "onnx_sha256": json.loads(s)["manifest"]["onnx_sha256"]} for v, (s, _) in models.items()}
     assignment = {
         "device_id": "bench-dev", "active": ref["bench-v1"], "challenger": ref["bench-v2"] if challenger else None,
-        "campaigns": [{"campaign_id": "bench", "version": 1, "spec": SPEC}],
+        "campaigns": [{"campaign_id": "bench", "version": 1, "spec": SPEC if spec is None else spec}],
     }
     data_dir = Path(tempfile.mkdtemp(dir=work))
     cfg = config_from_dict({
@@ -260,10 +260,12 @@ def bare_fps(onnx_path: Path, frames: list[Any]) -> tuple[float, float]:
 
 
 def agent_fps(work: Path, public_key: str, models: dict[str, tuple[str, bytes]], frames: list[Any], *,
-              challenger: bool, window: int = 0) -> tuple[float, float, Any]:
-    """(frames/s, CPU seconds per frame of the inference thread, run summary)."""
+              challenger: bool, window: int = 0, spec: dict[str, Any] | None = None) -> tuple[float, float, Any]:
+    """(frames/s, CPU seconds per frame of the inference thread, run summary); ``spec``: the campaign (default
+    :data:`SPEC`)."""
     timed = Timed(frames)
-    agent = make_agent(work, public_key, models, timed, challenger=challenger, window=window)  # type: ignore[arg-type]
+    agent = make_agent(work, public_key, models, timed, challenger=challenger, window=window,  # type: ignore[arg-type]
+                       spec=spec)
     summary = agent.run()
     agent.close()
     assert summary.frames == len(frames), summary

@@ -119,12 +119,7 @@ def main() -> None:
 
     def agent(models: dict[str, tuple[str, bytes]], frames: list[Any], wdir: Path, spec: dict[str, Any]
               ) -> tuple[float, float, Any]:
-        saved = cls_bench.SPEC
-        cls_bench.SPEC = spec
-        try:
-            return cls_bench.agent_fps(wdir, pair.public_b64, models, frames, challenger=False)
-        finally:
-            cls_bench.SPEC = saved
+        return cls_bench.agent_fps(wdir, pair.public_b64, models, frames, challenger=False, spec=spec)
 
     det_onnx, cls_onnx = det_work / "bench-v1.onnx", cls_work / "bench-v1.onnx"
     bare_detect_fps(det_onnx, det_frames[:200])  # warm-ups

@@ -23,9 +23,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
-from fleet.errors import NotFound, ProtocolError
+from fleet.errors import ProtocolError
+from fleet.hub.campaign_versions import latest_live, next_version
 from fleet.hub.models import Campaign
 from fleet.hub.yields import trigger_yields
 
@@ -72,36 +73,33 @@ def resolve_auto(doc: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     except SpecError as exc:
         raise ProtocolError(f"invalid trigger spec: {exc}") from exc
     labels = spec.labels
-    return _with_shares(spec.to_dict(), {label: 1.0 / len(labels) for label in labels}), True
+    return with_shares(spec.to_dict(), {label: 1.0 / len(labels) for label in labels}), True
 
 
 def rebalance(s: Session, campaign_id: str, *, now: float) -> tuple[Campaign, bool]:
     """Move an auto campaign's trigger budgets towards yield (module doc). Returns the newest version and
     whether it is new. NotFound for no live campaign; ProtocolError for one whose budgets are not auto."""
-    row = s.exec(select(Campaign).where(Campaign.campaign_id == campaign_id, col(Campaign.deleted_at).is_(None))
-                 .order_by(col(Campaign.version).desc())).first()
-    if row is None:
-        raise NotFound(f"no live campaign {campaign_id!r}")
+    row = latest_live(s, campaign_id)
     if not row.auto_budgets:
         raise ProtocolError(f"campaign {campaign_id!r} v{row.version} has fixed budgets; post it with "
                             f'budgets.per_trigger "auto" to let the hub move them')
-    rates = {k: float(v["rate_per_s"]) for k, v in row.spec["budgets"]["per_trigger"].items()}
-    total = sum(rates.values())
-    current = {k: (v / total if total else 1.0 / len(rates)) for k, v in rates.items()}
+    current = shares_of(row.spec)
     found = {y.trigger: (y.labeled, y.errors) for y in trigger_yields(s, campaign_id=campaign_id).yields}
     seed = int.from_bytes(hashlib.sha256(f"{campaign_id}/{row.version}".encode()).digest()[:4], "big")
     shares = thompson_shares({k: found.get(k, (0, 0)) for k in current}, seed=seed)
     if max(abs(shares[k] - current[k]) for k in current) < MIN_MOVE:
         return row, False
-    doc = _with_shares(row.spec, shares)
-    doc["version"] = row.version + 1
-    new = Campaign(campaign_id=campaign_id, version=row.version + 1, spec=doc, groups=list(row.groups),
-                   expires_at=row.expires_at, novelty_bank=row.novelty_bank, created_at=now, auto_budgets=True)
-    s.add(new)
-    return new, True
+    return next_version(s, row, with_shares(row.spec, shares), now=now), True
 
 
-def _with_shares(doc: dict[str, Any], shares: Mapping[str, float]) -> dict[str, Any]:
+def shares_of(doc: dict[str, Any]) -> dict[str, float]:
+    """Each trigger's share of a spec document's per-trigger rates (even shares when they are all 0)."""
+    rates = {k: float(v["rate_per_s"]) for k, v in doc["budgets"]["per_trigger"].items()}
+    total = sum(rates.values())
+    return {k: (v / total if total else 1.0 / len(rates)) for k, v in rates.items()}
+
+
+def with_shares(doc: dict[str, Any], shares: Mapping[str, float]) -> dict[str, Any]:
     """``doc`` (a canonical spec document with a global bucket) with per-trigger buckets: each trigger's share
     of the global rate and burst (a burst of at least 1)."""
     glob = doc["budgets"]["global"]

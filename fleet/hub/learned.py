@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 
-from fleet.errors import NotFound, ProtocolError
+from fleet.errors import ProtocolError
 from fleet.hub import rollouts
+from fleet.hub.campaign_versions import latest_live, next_version
 from fleet.hub.models import Campaign, CaseRow
 from fleet.protocol import LearnedFit
 from trigger.learned import FEATURES, error_features
@@ -77,10 +78,7 @@ def learn(s: Session, campaign_id: str, *, now: float, target_rate: float) -> tu
 
     if not 0.0 < target_rate < 1.0:
         raise ProtocolError(f"target_rate must be in (0, 1); received {target_rate}")
-    row = s.exec(select(Campaign).where(Campaign.campaign_id == campaign_id, col(Campaign.deleted_at).is_(None))
-                 .order_by(col(Campaign.version).desc())).first()
-    if row is None:
-        raise NotFound(f"no live campaign {campaign_id!r}")
+    row = latest_live(s, campaign_id)
     active = rollouts.active_model(s)
     if active is None:
         raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
@@ -96,25 +94,19 @@ def learn(s: Session, campaign_id: str, *, now: float, target_rate: float) -> tu
     w, b = fit_logistic(x, y)
     leaf = {"trigger": LEAF, "label": LEAF, "target_rate": target_rate, "bias": round(b, 6),
             **{f"w_{f}": round(float(v), 6) for f, v in zip(FEATURES, w, strict=True)}}
-    doc = dict(row.spec)
-    doc["rule"] = _with_leaf(doc["rule"], leaf)
-    doc["version"] = row.version + 1
-    if row.auto_budgets:
-        from fleet.hub.autobudget import _with_shares
+    doc = {**row.spec, "rule": _with_leaf(row.spec["rule"], leaf), "version": row.version + 1}
+    if row.auto_budgets:  # the learned leaf gets an even share; the others keep their proportions
+        from fleet.hub.autobudget import shares_of, with_shares
 
-        labels = [k for k in doc["budgets"]["per_trigger"] if k != LEAF]
-        rates = {k: float(doc["budgets"]["per_trigger"][k]["rate_per_s"]) for k in labels}
-        total = sum(rates.values()) or 1.0
-        shares = {k: v / total * len(labels) / (len(labels) + 1) for k, v in rates.items()}
-        doc = _with_shares(doc, {**shares, LEAF: 1.0 / (len(labels) + 1)})
+        others = {k: v for k, v in shares_of(doc).items() if k != LEAF}
+        total = sum(others.values()) or 1.0
+        n = len(others) + 1
+        doc = with_shares(doc, {**{k: v / total * (n - 1) / n for k, v in others.items()}, LEAF: 1.0 / n})
     try:
         doc = parse_spec(doc).to_dict()
     except SpecError as exc:
         raise ProtocolError(f"the learned leaf does not fit campaign {campaign_id!r}'s spec: {exc}") from exc
-    new = Campaign(campaign_id=campaign_id, version=row.version + 1, spec=doc, groups=list(row.groups),
-                   expires_at=row.expires_at, novelty_bank=row.novelty_bank, created_at=now,
-                   auto_budgets=row.auto_budgets)
-    s.add(new)
+    new = next_version(s, row, doc, now=now)
     fit = LearnedFit(campaign_id=campaign_id, version=new.version, model_version=active.version, cases=len(rows),
                      errors=int(y.sum()), weights={f: float(v) for f, v in zip(FEATURES, w, strict=True)}, bias=b,
                      train_auc=auc(x @ w + b, y), target_rate=target_rate)

@@ -9,6 +9,7 @@ the fleet saw, and is trained by the same trainer with the same seeds.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -238,8 +239,8 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World, ws: Pat
         from fleet.sim.studio import find_studio_bin, install_studio, studio_requirement
 
         why = studio_available()
-        if why is not None and find_studio_bin() is None and settings.install_studio \
-                and "label-studio-sdk" not in why:
+        sdk = importlib.util.find_spec("label_studio_sdk") is not None  # the bridge's client, in our own venv
+        if why is not None and sdk and find_studio_bin() is None and settings.install_studio:
             venv = Path.cwd() / ".venv-studio"
             say(f"installing {studio_requirement()} into {venv} (once; a minute or two)")
             try:
