@@ -184,6 +184,6 @@ def trained_detector(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("detector")
     data = write_scenes_npz(root / "scenes96.npz", n_train=200, n_test=48, size=96)
-    main(TrainArgs(data=f"npz:{data}", out=root / "run", task="detect", epochs=4, batch_size=8, augment="none",
+    main(TrainArgs(data=f"npz:{data}", out=root / "run", task="detect", epochs=8, batch_size=8, augment="none",
                    threads=1, version="det-parent", min_slice_size=8))
     return root / "run"

@@ -88,6 +88,20 @@ def test_onnx_outputs_match_torch_to_1e5_with_a_dynamic_batch(exported: tuple) -
         assert np.all(boxes[..., 2] >= boxes[..., 0]) and np.all(boxes[..., 3] >= boxes[..., 1])
 
 
+def same_detections(a: tuple, b: tuple, *, atol: float) -> bool:
+    """The same detections, each matched once (class equal, score and box within ``atol``): the order of two whose
+    scores tie within ``atol`` may differ between onnxruntime's float arithmetic and torch's."""
+    (ab, as_, ac), (bb, bs, bc) = a, b
+    free = list(range(len(bs)))
+    for box, score, cls in zip(ab, as_, ac, strict=True):
+        hit = next((j for j in free if bc[j] == cls and abs(bs[j] - score) <= atol
+                    and np.allclose(bb[j], box, atol=atol)), None)
+        if hit is None:
+            return False
+        free.remove(hit)
+    return not free
+
+
 def test_the_device_decodes_the_boxes_the_gate_measured(exported: tuple, trained_detector: Path) -> None:
     model, meta, out, x = exported
     signed = SignedManifest.from_json((out / "manifest.json").read_text())
@@ -102,9 +116,7 @@ def test_the_device_decodes_the_boxes_the_gate_measured(exported: tuple, trained
     found = 0
     for (b, s, c), gb, gs, gc in zip(decoded, gate.boxes, gate.scores, gate.classes, strict=True):
         assert len(s) == len(gs)
-        assert np.array_equal(c, gc)
-        np.testing.assert_allclose(s, gs, atol=1e-5)
-        np.testing.assert_allclose(b, gb, atol=1e-5)
+        assert same_detections((b, s, c), (gb, gs, gc), atol=1e-5)
         found += int((s >= spec.operating_threshold).sum())
     assert found >= len(x) // 2  # a trained model: real detections, not just the score floor
 
