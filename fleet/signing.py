@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = ["KeyPair", "PRIVATE_KEY_ENV", "generate_keypair", "key_id", "load_private_key", "public_key_b64",
-    "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"]
+    "read_keypair", "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"]
 
 
 PRIVATE_KEY_ENV = "FLYWHEEL_SIGNING_KEY"  # PEM text of the private key, or a path to it
@@ -57,6 +57,17 @@ def write_keypair(pair: KeyPair, directory: Path) -> tuple[Path, Path]:
         fh.write(pair.private_pem)
     pub.write_text(pair.public_b64 + "\n")
     return priv, pub
+
+
+def read_keypair(directory: Path) -> KeyPair:
+    """The pair :func:`write_keypair` wrote into ``directory``; its public half is derived from the private key
+    (and must match ``signing.pub``, if that file is there)."""
+    priv, pub = directory / "signing.key", directory / "signing.pub"
+    key = load_private_key(priv)
+    public = public_key_b64(key)
+    if pub.exists() and pub.read_text().strip() != public:
+        raise InvalidInput(f"{pub} does not hold the public half of {priv}; expected {public}")
+    return KeyPair(private_pem=priv.read_bytes(), public_b64=public)
 
 
 def load_private_key(source: str | Path | bytes | None = None) -> Ed25519PrivateKey:

@@ -43,7 +43,7 @@ SURFACES = {
         "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction"],
     "fleet.signing": [
         "KeyPair", "PRIVATE_KEY_ENV", "generate_keypair", "key_id", "load_private_key", "public_key_b64",
-        "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"],
+        "read_keypair", "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"],
 }
 
 

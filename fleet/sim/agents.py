@@ -47,8 +47,12 @@ def enroll_agents(settings: DemoSettings, hub: HubProcess, ws: Path) -> list[Pat
 
 
 def run_agents(settings: DemoSettings, ws: Path, configs: list[Path], frames: Frames, turn: int,
-                procs: list[Any]) -> dict[str, Frames]:
-    """Give each device a disjoint shard and run all agents at once, as separate processes."""
+               procs: list[Any], *, started: Callable[[list[tuple[Path, Any]]], None] | None = None,
+               ) -> dict[str, Frames]:
+    """Give each device a disjoint shard and run all agents at once, as separate processes; ``started`` hears
+    of each (config, process) once all run."""
+    if not configs:
+        raise RuntimeError(f"no enrolled agents under {ws / 'agents'} in turn {turn}")
     shards: dict[str, Frames] = {}
     procs.clear()
     per = len(frames) // len(configs)
@@ -58,6 +62,8 @@ def run_agents(settings: DemoSettings, ws: Path, configs: list[Path], frames: Fr
         shards[cfg.parent.name] = shard
         procs.append(start_logged(flywheel_cmd("agent", "run", "--config", str(cfg), "--max-frames", str(per)),
                                   cfg.parent / "agent.log"))
+    if started is not None:
+        started(list(zip(configs, procs, strict=True)))
     deadline = time.monotonic() + 600
     for cfg, p in zip(configs, procs, strict=True):
         code = p.wait(max(1.0, deadline - time.monotonic()))
@@ -76,6 +82,13 @@ def pool_supply(hub: HubProcess, labeler: Labeler) -> int:
         r.raise_for_status()
         total += int(r.json()["total"])
     return total
+
+
+def labeled_total(hub: HubProcess, labeler: Labeler) -> int:
+    """Cases the hub holds labels for."""
+    r = httpx.get(hub.url + "/v1/pool", params={"state": "labeled", "limit": 1}, headers=labeler.headers, timeout=60)
+    r.raise_for_status()
+    return int(r.json()["total"])
 
 
 def uploaded_frames(hub: HubProcess, labeler: Labeler) -> dict[str, str]:

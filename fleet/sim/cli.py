@@ -12,6 +12,7 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     turns: int = typer.Option(4, "--turns", min=1, help="Loop turns after the base model."),
     devices: int = typer.Option(4, "--devices", min=1, help="Edge agents, each its own process."),
     budget: int = typer.Option(40, "--budget", min=1, help="Labels per turn, for each arm."),
@@ -42,9 +43,13 @@ def demo(
     allow_short: bool = typer.Option(
         False, "--allow-short", help="Carry on when a turn cannot spend its label budget (by default that is an "
         "error, unless the fleet's pool held too few cases)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Carry on with the interrupted demo in --workspace, where it stopped, with the "
+        "settings it started with."),
 ) -> None:
     """Turn the whole flywheel on this machine: hub, agents, labels, retraining, OTA, and a random control arm."""
     import logging
+    import signal
 
     from rich.console import Console
     from rich.live import Live
@@ -53,6 +58,8 @@ def demo(
     from fleet.sim.report import render_conditions, render_table
 
     console = Console()
+    if resume and workspace is None:
+        raise typer.BadParameter("--resume needs --workspace: the folder of the demo to carry on with")
     ws = workspace or Path("flywheel-demo") / time.strftime("%Y%m%d-%H%M%S")
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
                             frames_per_device=frames, labeler=labeler, strategy=strategy, allow_short=allow_short,
@@ -61,6 +68,8 @@ def demo(
                             turn_epochs=epochs)
     try:
         settings.validate()
+        if resume:
+            _check_resume(ctx, settings)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     logging.getLogger().setLevel(logging.WARNING)
@@ -76,11 +85,18 @@ def demo(
         def on_turn(results: list) -> None:  # type: ignore[type-arg]
             live.update(render_table(results, labeler=labeler_name["value"]))
 
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # a TERM stops the demo as Ctrl-C does: cleanly
         try:
-            results, report = run_demo(settings, progress=say, on_turn=on_turn)
+            results, report = run_demo(settings, progress=say, on_turn=on_turn, resume=resume)
         except (ValueError, RuntimeError) as exc:
             console.print(f"[red]demo failed:[/red] {exc}")
             raise typer.Exit(1) from exc
+        except KeyboardInterrupt:
+            console.print(f"[yellow]demo interrupted[/yellow]; carry on where it stopped with: flywheel demo --resume "
+                          f"--workspace {ws}")
+            raise typer.Exit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     last = results[-1]
     console.print()
     console.print(render_conditions(last))
@@ -89,3 +105,37 @@ def demo(
         f"{last.random.accuracy:.3f} test accuracy; {time.monotonic() - t0:.0f}s in all"
     )
     console.print(f"report: {report}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+# what a resumed demo may be told again: the rest of its settings are its own
+_RESUME_FREE = {"ctx", "workspace", "resume", "install_studio"}
+
+
+def _check_resume(ctx: typer.Context, asked: object) -> None:
+    """A resumed demo keeps the settings it started with: refuse any option given on this command line that
+    would change one (repeating the same value is fine)."""
+    from fleet.sim.resume import DemoState
+
+    def source(name: str) -> str:  # typer carries its own click: compare the source by name
+        return getattr(ctx.get_parameter_source(name), "name", "")
+
+    given = [p for p in ctx.command.params if p.name and p.name not in _RESUME_FREE
+             and source(p.name) not in ("DEFAULT", "DEFAULT_MAP")]
+    if not given:
+        return
+    saved = DemoState.load(asked.workspace).demo_settings()  # type: ignore[attr-defined]
+    attrs = {"frames": "frames_per_device", "epochs": "turn_epochs"}  # option -> DemoSettings field
+    changed = []
+    for p in given:
+        attr = attrs.get(str(p.name), str(p.name))
+        new, old = getattr(asked, attr), getattr(saved, attr)
+        if new != old:
+            changed.append(f"{p.opts[0]} {new} (it started with {old})")
+    if changed:
+        raise ValueError("--resume carries on with the settings the demo started with; this command line would "
+                         "change " + ", ".join(changed) + ": drop those options, or start a new demo in a new "
+                         "--workspace")

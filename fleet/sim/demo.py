@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fleet.protocol import CampaignCreate, CampaignReceipt
-from fleet.signing import generate_keypair, write_keypair
+from fleet.signing import generate_keypair, read_keypair, write_keypair
 from fleet.sim.agents import (
     DEMO_GROUP,
     Progress,
@@ -28,17 +29,27 @@ from fleet.sim.agents import (
     error_capture,
     evaluate_onnx,
     finish_rollout,
+    labeled_total,
     pool_supply,
     run_agents,
     uploaded_frames,
 )
 from fleet.sim.data import load_dataset, sample_test
 from fleet.sim.fleet import Frames, World, build_world
-from fleet.sim.labelers import Labeler, OracleLabeler, shortfall
+from fleet.sim.labelers import Labeler, LabelRound, OracleLabeler, shortfall
 from fleet.sim.procs import HubProcess, start_hub, stop_process
 from fleet.sim.report import ArmResult, TurnResult
+from fleet.sim.resume import (
+    DemoState,
+    TurnProgress,
+    rng_state,
+    save_frames,
+    set_rng_state,
+    settings_to_dict,
+    stop_leftovers,
+)
 from fleet.sim.settings import NEAR_CHANCE, TEST_CAP, Arm, DemoSettings
-from fleet.sim.trainer import Trainer, TrainResult
+from fleet.sim.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +74,39 @@ def campaign_spec(settings: DemoSettings) -> dict[str, Any]:
 
 
 def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
-             on_turn: Callable[[list[TurnResult]], None] | None = None) -> tuple[list[TurnResult], Path]:
-    """Run the demo; return the per-turn results and the HTML report's path."""
+             on_turn: Callable[[list[TurnResult]], None] | None = None,
+             resume: bool = False) -> tuple[list[TurnResult], Path]:
+    """Run the demo; return the per-turn results and the HTML report's path. ``resume``: carry on with the
+    interrupted demo in ``settings.workspace``, with the settings it started with (see fleet.sim.resume)."""
     from fleet.sim.report import write_report
 
-    settings.validate()
     say = progress or (lambda msg: log.info("%s", msg))
     ws = settings.workspace
-    ws.mkdir(parents=True, exist_ok=True)
-    if any(ws.iterdir()):
-        raise ValueError(f"workspace {ws} is not empty; pass a new folder (each run keeps its own)")
-    say(f"workspace {ws}")
-    pair = generate_keypair()
-    key_path, _ = write_keypair(pair, ws / "keys")
+    saved: DemoState | None = None
+    if resume:
+        saved = DemoState.load(ws)
+        settings = saved.demo_settings()
+        settings.validate()
+        done = len(saved.turns) - 1
+        if done >= settings.turns and saved.current is None and saved.rollout_id is None:
+            say(f"the demo in {ws} finished all {settings.turns} turn(s); nothing to resume")
+            return saved.turn_results(), ws / "report" / "index.html"
+        where = f"; turn {saved.current.turn} stopped after its {saved.current.phase} step" \
+            if saved.current and saved.current.phase != "start" else ""
+        say(f"resuming the demo in {ws}: {done} of {settings.turns} turn(s) done{where}")
+        stop_leftovers(saved.processes, say)
+        pair = read_keypair(ws / "keys")
+    else:
+        settings.validate()
+        ws.mkdir(parents=True, exist_ok=True)
+        if any(ws.iterdir()):
+            hint = " (it holds an interrupted demo: add --resume to carry on with it)" \
+                if DemoState.path(ws).exists() else ""
+            raise ValueError(f"workspace {ws} is not empty; pass a new folder (each run keeps its own){hint}")
+        say(f"workspace {ws}")
+        pair = generate_keypair()
+        write_keypair(pair, ws / "keys")
+    key_path = ws / "keys" / "signing.key"
 
     data = load_dataset(settings.dataset, seed=settings.seed)
     k = len(data.class_names)
@@ -85,125 +116,44 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
         f"seed set {len(world.seed_set)} (mostly clear), test {len(world.test_set)} across conditions")
     seed_npz = world.seed_set.save_training(ws / "seed.npz", test=world.test_set, class_names=data.class_names)
 
-    hub = start_hub(ws / "hub", pair)
+    hub = start_hub(ws / "hub", pair, port=saved.hub["port"] if saved else None,
+                    keys=saved.hub["keys"] if saved else None)
     say(f"hub on {hub.url} (SQLite in {ws / 'hub'}); its dashboard: {hub.url}/ui, log in with the admin token "
         f"{hub.admin_token}")
-    turns: list[TurnResult] = []
+    turns: list[TurnResult] = saved.turn_results() if saved else []
     agents_procs: list[Any] = []
     labeler: Labeler | None = None
     try:
-        trainer_token = hub.token("trainer", "demo-trainer")
-        labeler = _make_labeler(settings, hub, world, ws, say)
+        again = "" if saved is None else f"-resumed-{secrets.token_hex(3)}"  # token names are unique at the hub
+        trainer_token = hub.token("trainer", "demo-trainer" + again)
+        if saved is not None:  # the same labeler as before: Label Studio's project, or the oracle
+            settings = replace(settings, labeler="studio" if saved.studio else "oracle", install_studio=False)
+        labeler = _make_labeler(settings, hub, world, ws, say, session=saved.studio if saved else None,
+                                token_name="demo-labeler" + again)
         say(f"labels from: {labeler.name}")
         trainer = Trainer(settings, ws, key_path, hub, trainer_token, seed_npz, data.class_names)
-
-        # turn 0: the base model, trained on the small, mostly clear seed set, published and rolled out
-        t0 = time.monotonic()
-        fly, rnd = Arm("flywheel"), Arm("random")
-        base = trainer.train("base", data=f"npz:{seed_npz}", epochs=settings.base_epochs, publish=True,
-                             stages="1.0", warm=None)
-        for arm in (fly, rnd):
-            arm.checkpoint, arm.version, arm.onnx = base.checkpoint, base.version, base.onnx
-        if base.rollout_id is None:
-            raise RuntimeError(f"the base model was not published: {base.gate_summary}")
-        finish_rollout(hub, base.rollout_id, say)
-        hub.call("POST", "/v1/campaigns", CampaignReceipt,
-                 body=CampaignCreate(spec=campaign_spec(settings), groups=[DEMO_GROUP]))
-        configs = enroll_agents(settings, hub, ws)
-        acc0 = evaluate_onnx(base.onnx, base.manifest, world.test_set)
-        if acc0[0] < NEAR_CHANCE / k:
-            say(f"WARNING: the base model is near chance (test accuracy {acc0[0]:.3f}, chance {1 / k:.3f} with {k} "
-                f"classes): give it more seed frames (--seed-size, now {len(world.seed_set)}), more epochs "
-                f"(--base-epochs, now {settings.base_epochs}) or another model (--model, now {settings.model})")
-        turns.append(TurnResult(0, ArmResult(*acc0, labels=0, model_version=base.version),
-                                ArmResult(*acc0, labels=0, model_version=base.version),
-                                seconds=time.monotonic() - t0, gate="base"))
+        processes = {"hub": [hub.process.pid, str(ws / "hub")], **labeler.processes()}
+        state = saved if saved is not None else _base_turn(settings, ws, world, hub, trainer, say, turns)
+        state.studio, state.processes = labeler.session(), processes
+        state.save(ws)
         if on_turn:
             on_turn(turns)
 
-        rollout_id: str | None = None
-        for turn in range(1, settings.turns + 1):
-            t_turn = time.monotonic()
-            parts: dict[str, float] = {}
-            frames = world.stream(turn, settings.devices * settings.frames_per_device)
-
-            # the fleet streams its shards; canary devices pick the candidate up by OTA
-            t = time.monotonic()
-            shards = run_agents(settings, ws, configs, frames, turn, agents_procs)
-            parts["fleet"] = time.monotonic() - t
-            if rollout_id is not None:
-                gate_note = finish_rollout(hub, rollout_id, say)
-                rollout_id = None
-            else:
-                gate_note = ""
-            t = time.monotonic()
-            uploaded = uploaded_frames(hub, labeler)
-            errors, captured = error_capture(hub, ws, shards, uploaded)
-            parts["measure"] = time.monotonic() - t
-
-            # flywheel arm: the hub selects within the budget, the labeler labels, the trainer retrains
-            t = time.monotonic()
-            supply = pool_supply(hub, labeler)
-            labeled = labeler.label(settings.budget, turn)
-            fly.labels += labeled.labeled
-            parts["label"] = time.monotonic() - t
-            short, fault = shortfall(labeled, budget=settings.budget, supply=supply)
-            if fault:
-                message = f"turn {turn}: the flywheel arm could not spend its budget through {labeler.name}: {short}"
-                if not settings.allow_short:
-                    raise ShortTurn(message + " (pass --allow-short to carry on regardless)")
-                say(f"WARNING: {message}")
-            elif short:
-                say(f"turn {turn}: {short}")
-            t = time.monotonic()
-            cand: TrainResult | None = None
-            if labeled.labeled:
-                cand = trainer.train(f"fw-{turn}", data=f"hub:{hub.url}", epochs=settings.turn_epochs,
-                                     publish=True, stages="0.5,1.0", warm=fly)
-                parts.update({f"train.{k}": v for k, v in cand.timings.items()})
-                if cand.published:
-                    fly.checkpoint, fly.version, fly.onnx = cand.checkpoint, cand.version, cand.onnx
-                    rollout_id = cand.rollout_id
-                note = cand.gate_summary
-                if not cand.passed:
-                    say(f"{cand.gate_summary}: the fleet keeps {fly.version}")
-            else:
-                note = f"fw-{turn}: no new labels, no retrain; the fleet keeps {fly.version}"
-                say(note)
-            parts["train"] = time.monotonic() - t
-            gate_note = (gate_note + "; " if gate_note else "") + note
-
-            # control arm: the same budget on frames drawn uniformly at random from what the fleet saw
-            t = time.monotonic()
-            pick = world.rng.choice(len(frames), size=min(settings.budget, len(frames)), replace=False)
-            rnd.labeled.append(frames.take(pick))
-            rnd.labels += len(pick)
-            random_npz = _concat(rnd.labeled).save_training(ws / f"random-{turn}.npz", class_names=data.class_names)
-            ctrl = trainer.train(f"rnd-{turn}", data=f"npz:{random_npz}", epochs=settings.turn_epochs,
-                                 publish=False, stages="", warm=rnd)
-            if ctrl.passed:
-                rnd.checkpoint, rnd.version, rnd.onnx = ctrl.checkpoint, ctrl.version, ctrl.onnx
-            parts["control"] = time.monotonic() - t
-
-            t = time.monotonic()
-            fly_acc = evaluate_onnx(cand.onnx if cand is not None and cand.passed else fly.onnx, None, world.test_set)
-            rnd_acc = evaluate_onnx(rnd.onnx, None, world.test_set)
-            parts["evaluate"] = time.monotonic() - t
-            result = TurnResult(
-                turn, ArmResult(*fly_acc, labels=fly.labels, model_version=fly.version),
-                ArmResult(*rnd_acc, labels=rnd.labels, model_version=rnd.version),
-                frames_seen=len(frames), uploads=len(uploaded), model_errors=errors, errors_captured=captured,
-                seconds=time.monotonic() - t_turn, parts=parts, gate=gate_note, spent=labeled.labeled,
-                budget=settings.budget, short=short, short_fault=fault,
-            )
+        run = _Turns(settings, ws, world, hub, labeler, trainer, state, agents_procs, say, data.class_names)
+        start = state.current.turn if state.current is not None else len(state.turns)
+        for turn in range(start, settings.turns + 1):
+            result = run.turn(turn)
             turns.append(result)
             say(f"turn {turn}: flywheel {result.flywheel.accuracy:.3f} vs random {result.random.accuracy:.3f} "
-                f"after {fly.labels} labels each; uploads captured {result.error_capture:.0%} of the model's errors")
+                f"after {result.flywheel.labels} labels each; uploads captured {result.error_capture:.0%} of the "
+                f"model's errors")
             if on_turn:
                 on_turn(turns)
-        if rollout_id is not None:
-            finish_rollout(hub, rollout_id, say)
-        if settings.turns and fly.version == base.version and any(t.spent for t in turns):
+        if state.rollout_id is not None:
+            finish_rollout(hub, state.rollout_id, say)
+            state.rollout_id = None
+            state.save(ws)
+        if settings.turns and run.fly.version == state.base_version and any(t.spent for t in turns):
             say(f"WARNING: every flywheel candidate failed the gate, so the fleet still runs the base model: give "
                 f"each turn more labels (--budget, now {settings.budget}) or epochs (--epochs, now "
                 f"{settings.turn_epochs}), or a stronger base (--seed-size, --base-epochs)")
@@ -222,15 +172,193 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
     return turns, report
 
 
+def _base_turn(settings: DemoSettings, ws: Path, world: World, hub: HubProcess, trainer: Trainer, say: Progress,
+               turns: list[TurnResult]) -> DemoState:
+    """Turn 0: the base model, trained on the small, mostly clear seed set, published and rolled out to the
+    fleet, the campaign, the agents enrolled; then the demo's state, from which it can be resumed."""
+    t0 = time.monotonic()
+    k = len(trainer.class_names)
+    base = trainer.train("base", data=f"npz:{trainer.seed_npz}", epochs=settings.base_epochs, publish=True,
+                         stages="1.0", warm=None)
+    if base.rollout_id is None:
+        raise RuntimeError(f"the base model was not published: {base.gate_summary}")
+    finish_rollout(hub, base.rollout_id, say)
+    hub.call("POST", "/v1/campaigns", CampaignReceipt,
+             body=CampaignCreate(spec=campaign_spec(settings), groups=[DEMO_GROUP]))
+    enroll_agents(settings, hub, ws)
+    acc0 = evaluate_onnx(base.onnx, base.manifest, world.test_set)
+    if acc0[0] < NEAR_CHANCE / k:
+        say(f"WARNING: the base model is near chance (test accuracy {acc0[0]:.3f}, chance {1 / k:.3f} with {k} "
+            f"classes): give it more seed frames (--seed-size, now {len(world.seed_set)}), more epochs "
+            f"(--base-epochs, now {settings.base_epochs}) or another model (--model, now {settings.model})")
+    turns.append(TurnResult(0, ArmResult(*acc0, labels=0, model_version=base.version),
+                            ArmResult(*acc0, labels=0, model_version=base.version),
+                            seconds=time.monotonic() - t0, gate="base"))
+    state = DemoState(settings=settings_to_dict(settings), hub={"port": hub.port, "keys": hub.keys},
+                      base_version=base.version, arms={}, rng=rng_state(world.rng),
+                      turns=[asdict(t) for t in turns])
+    for name in ("flywheel", "random"):
+        state.set_arms(Arm(name, checkpoint=base.checkpoint, version=base.version, onnx=base.onnx))
+    return state
+
+
+class _Turns:
+    """The loop's turns, each in steps; the demo's state is saved after every step that must not be done twice,
+    so a resumed turn skips the steps it already took (fleet.sim.resume)."""
+
+    def __init__(self, settings: DemoSettings, ws: Path, world: World, hub: HubProcess, labeler: Labeler,
+                 trainer: Trainer, state: DemoState, agents_procs: list[Any], say: Progress,
+                 class_names: list[str]) -> None:
+        self.settings, self.ws, self.world, self.hub, self.labeler = settings, ws, world, hub, labeler
+        self.trainer, self.state, self.agents_procs, self.say, self.class_names = (
+            trainer, state, agents_procs, say, class_names)
+        self.fly, self.rnd = state.arm("flywheel", ws), state.arm("random", ws)
+        for turn, start in enumerate(state.starts[:len(state.turns) - 1], 1):  # resumed: the world's frames so far
+            set_rng_state(world.rng, start)
+            world.stream(turn, settings.devices * settings.frames_per_device)
+
+    def turn(self, turn: int) -> TurnResult:
+        s, ws, state, say = self.settings, self.ws, self.state, self.say
+        cur = state.current
+        if cur is None or cur.turn != turn:
+            set_rng_state(self.world.rng, state.rng)
+            cur = state.current = TurnProgress(turn, state.rng)
+            state.starts.append(state.rng)
+            state.save(ws)
+        else:  # a resumed turn: the same frames, shards and random pick as the uninterrupted run
+            set_rng_state(self.world.rng, cur.rng)
+        frames = self.world.stream(turn, s.devices * s.frames_per_device)
+
+        if cur.phase == "start":  # the fleet streams its shards; canary devices pick the candidate up by OTA
+            t = time.monotonic()
+            configs = sorted((ws / "agents").glob("*/agent.toml"))
+            shards = run_agents(s, ws, configs, frames, turn, self.agents_procs, started=self._agents_started)
+            cur.parts["fleet"] = time.monotonic() - t
+            if state.rollout_id is not None:
+                cur.gate_note = finish_rollout(self.hub, state.rollout_id, say)
+                state.rollout_id = None
+            t = time.monotonic()
+            uploaded = uploaded_frames(self.hub, self.labeler)
+            cur.model_errors, cur.errors_captured = error_capture(self.hub, ws, shards, uploaded)
+            cur.uploads = len(uploaded)
+            cur.parts["measure"] = time.monotonic() - t
+            cur.phase = "fleet"
+            state.processes = {k: v for k, v in state.processes.items() if not k.startswith("agent ")}
+            state.save(ws)
+
+        if cur.phase in ("fleet", "labeling"):  # the hub selects within the budget, the labeler labels
+            self._label(cur)
+        round_ = LabelRound(**{**(cur.label_round or {}), "problems": tuple((cur.label_round or {}).get(
+            "problems", ()))})
+
+        if cur.phase == "labeled":  # the flywheel arm retrains on the hub's labels
+            self._train(cur, round_)
+        cand = cur.candidate or {}
+
+        # control arm: the same budget on frames drawn uniformly at random from what the fleet saw; nothing
+        # outside the workspace changes, so a resumed turn does this again from the turn's random state
+        t = time.monotonic()
+        pick = self.world.rng.choice(len(frames), size=min(s.budget, len(frames)), replace=False)
+        picked = frames.take(pick)
+        picks_file = f"random-picks-{turn}.npz"
+        save_frames(picked, ws / picks_file)
+        rnd = self.rnd
+        rnd_labeled, rnd_labels = [*rnd.labeled, picked], rnd.labels + len(pick)
+        random_npz = _concat(rnd_labeled).save_training(ws / f"random-{turn}.npz", class_names=self.class_names)
+        ctrl = self.trainer.finished(f"rnd-{turn}") or self.trainer.train(
+            f"rnd-{turn}", data=f"npz:{random_npz}", epochs=s.turn_epochs, publish=False, stages="", warm=rnd)
+        rnd.labeled, rnd.labels = rnd_labeled, rnd_labels
+        if ctrl.passed:
+            rnd.checkpoint, rnd.version, rnd.onnx = ctrl.checkpoint, ctrl.version, ctrl.onnx
+        cur.parts["control"] = time.monotonic() - t
+
+        t = time.monotonic()
+        fly_onnx = Path(cand["onnx"]) if cand.get("passed") else self.fly.onnx
+        fly_acc = evaluate_onnx(fly_onnx, None, self.world.test_set)
+        rnd_acc = evaluate_onnx(rnd.onnx, None, self.world.test_set)
+        cur.parts["evaluate"] = time.monotonic() - t
+        result = TurnResult(
+            turn, ArmResult(*fly_acc, labels=self.fly.labels, model_version=self.fly.version),
+            ArmResult(*rnd_acc, labels=rnd.labels, model_version=rnd.version),
+            frames_seen=len(frames), uploads=cur.uploads, model_errors=cur.model_errors,
+            errors_captured=cur.errors_captured, seconds=sum(v for k, v in cur.parts.items() if "." not in k),
+            parts=cur.parts, gate=cur.gate_note, spent=round_.labeled, budget=s.budget, short=cur.short,
+            short_fault=cur.short_fault,
+        )
+        state.turns.append(asdict(result))
+        state.random_picks.append(picks_file)
+        state.set_arms(self.fly, rnd)
+        state.current, state.rng = None, rng_state(self.world.rng)
+        state.save(ws)
+        return result
+
+    def _agents_started(self, procs: list[Any]) -> None:
+        """Name the agents in the state, so a resume after a hard kill stops any still running."""
+        for cfg, p in procs:
+            self.state.processes[f"agent {cfg.parent.name}"] = [p.pid, str(cfg)]
+        self.state.save(self.ws)
+
+    def _label(self, cur: TurnProgress) -> None:
+        s, state, labeler = self.settings, self.state, self.labeler
+        t = time.monotonic()
+        supply = pool_supply(self.hub, labeler)
+        if cur.labeled_before is None:
+            cur.labeled_before = labeled_total(self.hub, labeler)
+            cur.phase = "labeling"
+            state.save(self.ws)
+        labeled = labeler.label(s.budget, cur.turn, before=cur.labeled_before)
+        cur.parts["label"] = cur.parts.get("label", 0.0) + time.monotonic() - t
+        short, fault = shortfall(labeled, budget=s.budget, supply=supply)
+        if fault:
+            message = f"turn {cur.turn}: the flywheel arm could not spend its budget through {labeler.name}: {short}"
+            if not s.allow_short:
+                raise ShortTurn(message + " (pass --allow-short to carry on regardless)")
+            self.say(f"WARNING: {message}")
+        elif short:
+            self.say(f"turn {cur.turn}: {short}")
+        self.fly.labels += labeled.labeled
+        cur.label_round = asdict(labeled)
+        cur.short, cur.short_fault, cur.phase = short, fault, "labeled"
+        state.set_arms(self.fly)
+        state.save(self.ws)
+
+    def _train(self, cur: TurnProgress, round_: LabelRound) -> None:
+        s, fly, state = self.settings, self.fly, self.state
+        t = time.monotonic()
+        note = ""
+        if round_.labeled:
+            name = f"fw-{cur.turn}"  # an interrupted demo may have trained it already, or half
+            cand = self.trainer.finished(name) or self.trainer.train(
+                self.trainer.name_free_at_hub(name), data=f"hub:{self.hub.url}", epochs=s.turn_epochs, publish=True,
+                stages="0.5,1.0", warm=fly)
+            cur.parts.update({f"train.{k}": v for k, v in cand.timings.items()})
+            if cand.published:
+                fly.checkpoint, fly.version, fly.onnx = cand.checkpoint, cand.version, cand.onnx
+                state.rollout_id = cand.rollout_id
+            note = cand.gate_summary
+            if not cand.passed:
+                self.say(f"{cand.gate_summary}: the fleet keeps {fly.version}")
+            cur.candidate = {"version": cand.version, "onnx": str(cand.onnx), "passed": cand.passed}
+        else:
+            note = f"fw-{cur.turn}: no new labels, no retrain; the fleet keeps {fly.version}"
+            self.say(note)
+        cur.parts["train"] = time.monotonic() - t
+        cur.gate_note = (cur.gate_note + "; " if cur.gate_note else "") + note
+        cur.phase = "trained"
+        state.set_arms(fly)
+        state.save(self.ws)
+
+
 def _concat(parts: list[Frames]) -> Frames:
     return Frames(*(np.concatenate([getattr(p, f) for p in parts]) for f in
                     ("images", "labels", "conditions", "frame_ids", "human")))
 
 
-def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World, ws: Path, say: Progress) -> Labeler:
+def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World, ws: Path, say: Progress, *,
+                  session: dict[str, Any] | None = None, token_name: str = "demo-labeler") -> Labeler:
     """Label Studio with simulated annotators (installed into ./.venv-studio the first time, unless told not
     to), or the oracle when asked, or when Label Studio cannot be had: then one line says why."""
-    token = hub.token("labeler", "demo-labeler")
+    token = hub.token("labeler", token_name)
     if settings.annotate:  # a person labels: Label Studio or nothing
         settings = replace(settings, labeler="studio")
     if settings.labeler in ("auto", "studio"):
@@ -253,7 +381,7 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World, ws: Pat
 
             try:
                 return StudioLabeler(hub, token, world, ws, strategy=settings.strategy, say=say,
-                                     annotate=settings.annotate)
+                                     annotate=settings.annotate, session=session)
             except ProcessFailed as exc:
                 if settings.labeler == "studio":
                     raise RuntimeError(f"--labeler studio: {exc}") from exc

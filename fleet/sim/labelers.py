@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from fleet.protocol import Classification, LabelPost, PoolPage, Selection, SelectionRequest
+from fleet.protocol import Classification, LabelPost, PoolPage, SelectedCase, Selection, SelectionRequest
 from fleet.sim.fleet import World
 
 if TYPE_CHECKING:
@@ -68,8 +68,18 @@ class Labeler(Protocol):
     @property
     def headers(self) -> dict[str, str]: ...
 
-    def label(self, budget: int, turn: int) -> LabelRound:
-        """Have the hub select up to ``budget`` cases and label them."""
+    def label(self, budget: int, turn: int, *, before: int | None = None) -> LabelRound:
+        """Have the hub select up to ``budget`` cases and label them. ``before``: the hub's labeled count when
+        this turn's labeling began, when it began before an interruption (the labels since count toward the
+        budget, and cases already selected are labeled before any new ones)."""
+        ...
+
+    def session(self) -> dict[str, Any]:
+        """What a resumed demo needs to come back to the same queue ({} when nothing)."""
+        ...
+
+    def processes(self) -> dict[str, list[Any]]:
+        """Processes this labeler started: name -> [pid, a word their command line holds]."""
         ...
 
     def close(self) -> None: ...
@@ -83,20 +93,26 @@ class OracleLabeler:
     def __init__(self, hub_url: str, token: str, world: World, *, strategy: str) -> None:
         self.url, self.world, self.strategy = hub_url, world, strategy
         self._headers = {"Authorization": f"Bearer {token}"}
-        self._next_id = 1
+        self._next_id = time.time_ns() // 1000  # task and annotation ids, unique across restarts of the demo
         self.client = httpx.Client(base_url=hub_url, headers=self._headers, timeout=60)
 
     @property
     def headers(self) -> dict[str, str]:
         return self._headers
 
-    def label(self, budget: int, turn: int) -> LabelRound:
-        r = self.client.post("/v1/selections", content=SelectionRequest(budget, strategy=self.strategy).to_json(),
-                             headers=_JSON)
-        r.raise_for_status()
-        done = 0
+    def label(self, budget: int, turn: int, *, before: int | None = None) -> LabelRound:
+        done_already, cases = 0, []
+        if before is not None:  # resumed: what the interrupted run selected but did not label comes first
+            done_already = max(0, self._total("labeled") - before)
+            cases = self._queued()
+        wanted = budget - done_already - len(cases)
+        if wanted > 0:
+            r = self.client.post("/v1/selections", content=SelectionRequest(wanted, strategy=self.strategy).to_json(),
+                                 headers=_JSON)
+            r.raise_for_status()
+            cases += Selection.from_json(r.content).cases
+        done = done_already
         problems: list[str] = []
-        cases = Selection.from_json(r.content).cases
         for c in cases:
             frame = c.case.tags.get("frame")
             if frame not in self.world.truth:
@@ -110,10 +126,32 @@ class OracleLabeler:
             self._next_id += 1
             self.client.post("/v1/labels", content=post.to_json(), headers=_JSON).raise_for_status()
             done += 1
-        return LabelRound(len(cases), done, tuple(problems))
+        return LabelRound(done_already + len(cases), done, tuple(problems))
+
+    def session(self) -> dict[str, Any]:
+        return {}
+
+    def processes(self) -> dict[str, list[Any]]:
+        return {}
 
     def close(self) -> None:
         self.client.close()
+
+    def _total(self, state: str) -> int:
+        r = self.client.get("/v1/pool", params={"state": state, "limit": 1})
+        r.raise_for_status()
+        return int(r.json()["total"])
+
+    def _queued(self) -> list[SelectedCase]:
+        """The cases selected for labeling and not labeled yet, as the hub hands them out."""
+        out: list[SelectedCase] = []
+        while True:
+            r = self.client.get("/v1/pool", params={"state": "queued", "limit": 1000, "offset": len(out)})
+            r.raise_for_status()
+            page = PoolPage.from_json(r.content).cases
+            out += page
+            if len(page) < 1000:
+                return out
 
 
 def studio_available() -> str | None:
@@ -146,11 +184,13 @@ class StudioLabeler:
     def __init__(self, hub: HubProcess, labeler_token: str, world: World, ws: Path, *,
                  strategy: str = "uncertainty+diversity", say: Callable[[str], None] | None = None,
                  annotators: int = 3, accuracy: float = 1.0, settle_s: float = 600.0, return_s: float = 120.0,
-                 annotate: bool = False, poll_s: float = 3.0) -> None:
+                 annotate: bool = False, poll_s: float = 3.0, session: dict[str, Any] | None = None) -> None:
         from fleet.sim.studio import StudioServer, find_studio_bin, start_studio, studio_version
 
         # settle_s: the most the bots may take for a turn's tasks; return_s: for their labels to reach the hub;
-        # annotate: a person labels in Label Studio's UI instead of the bots (the demo waits, polling every poll_s)
+        # annotate: a person labels in Label Studio's UI instead of the bots (the demo waits, polling every poll_s);
+        # session: what session() returned before an interruption (the same server login, project and annotators)
+        session = session or {}
         self.world, self.settle_s, self.return_s, self.strategy = world, settle_s, return_s, strategy
         self.annotate, self.poll_s = annotate, poll_s
         self.finish_path = ws / "finish-turn"  # --annotate: touch it to end a turn with the labels so far
@@ -167,7 +207,9 @@ class StudioLabeler:
             if binary is None:
                 raise RuntimeError("no label-studio executable found (install the studio extra)")
             self.say(f"starting Label Studio ({binary}); the first start takes a minute or two")
-            self.server = start_studio(ws / "label-studio" / "data", binary=binary)
+            login = session.get("server") or {}
+            self.server = start_studio(ws / "label-studio" / "data", binary=binary, port=login.get("port"),
+                                       token=login.get("token"), password=login.get("password"))
             self.url, self.token = self.server.url, self.server.token
             self.say(f"Label Studio on {self.url}: log in as {self.server.email} with password "
                      f"{self.server.password} to watch the queue fill (data in {ws / 'label-studio'})")
@@ -175,13 +217,13 @@ class StudioLabeler:
         self.dir = ws / "label-studio"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.truth_path = self.dir / "truth.jsonl"
-        self.project = f"Flywheel demo {time.strftime('%Y-%m-%d %H:%M')} {run}"
-        self.team = ",".join(f"demo-{run}-{i + 1}:{accuracy}@0" for i in range(annotators))
+        self.project = session.get("project") or f"Flywheel demo {time.strftime('%Y-%m-%d %H:%M')} {run}"
+        self.team = session.get("team") or ",".join(f"demo-{run}-{i + 1}:{accuracy}@0" for i in range(annotators))
         self.env = {
             **os.environ, "FLYWHEEL_HUB_URL": hub.url, "FLYWHEEL_LABELER_TOKEN": labeler_token,
             "FLYWHEEL_LS_URL": self.url, "FLYWHEEL_LS_TOKEN": self.token, "FLYWHEEL_LS_PROJECT": self.project,
             "FLYWHEEL_LABEL_STATE": str(self.dir / "bridge.sqlite"), "FLYWHEEL_WEBHOOK_SECRET": hub.webhook_secret,
-            "FLYWHEEL_BOT_PASSWORD": "fw-bot-" + secrets.token_urlsafe(12),
+            "FLYWHEEL_BOT_PASSWORD": session.get("bot_password") or "fw-bot-" + secrets.token_urlsafe(12),
         }
         self._answers: dict[str, int] = {}  # case id -> true label, for the cases pushed so far
         self.correct = 0
@@ -193,23 +235,41 @@ class StudioLabeler:
     def headers(self) -> dict[str, str]:
         return self._headers
 
-    def label(self, budget: int, turn: int) -> LabelRound:
-        before, open_before = self._labeled(), self._open_slots()
-        # the throttle lets the whole budget through at once: the bots keep no queue of their own
-        report = self._sync("--min-depth", str(budget), "--max-depth", str(budget))
+    def session(self) -> dict[str, Any]:
+        server = None if self.server is None else {
+            "port": int(self.server.url.rsplit(":", 1)[1]), "token": self.server.token,
+            "password": self.server.password}
+        return {"project": self.project, "team": self.team, "bot_password": self.env["FLYWHEEL_BOT_PASSWORD"],
+                "server": server}
+
+    def processes(self) -> dict[str, list[Any]]:
+        if self.server is None or self.server.process is None:
+            return {}
+        return {"label-studio": [self.server.process.pid, str(self.dir / "data")]}
+
+    def label(self, budget: int, turn: int, *, before: int | None = None) -> LabelRound:
+        start, open_before = self._labeled(), self._open_slots()
+        before = start if before is None else before
+        done_already = max(0, start - before)  # resumed: labels given since the turn's labeling began count
+        # the throttle lets the whole budget through at once: the bots keep no queue of their own; what is
+        # still open in Label Studio (an interrupted turn's tasks, or an earlier turn's unlabeled ones) counts
+        depth = budget - done_already
+        report = self._sync("--min-depth", str(depth), "--max-depth", str(depth)) if depth > 0 \
+            else self._sync("--no-push")
         problems = list(report.get("errors") or [])
         pushed = int(report.get("pushed") or 0)
+        tasks = done_already + pushed + open_before
         if pushed == 0 and not open_before:
-            return LabelRound(0, 0, tuple(problems))
+            return LabelRound(done_already, done_already, tuple(problems))
         if self.annotate:
-            return self._wait_for_person(turn, before, pushed + open_before, problems)
+            return self._wait_for_person(turn, before, tasks, problems)
         self._learn_answers()
         tallies = self._label_cmd("bots", "--truth", str(self.truth_path), "--team", self.team, "--until-idle",
                                   timeout=self.settle_s)
         answered = sum(int(t["answered"]) for t in tallies.values())
         self.correct += sum(int(t["correct"]) for t in tallies.values())
         # bring the annotations back: webhooks first, then a full reconciliation, until the hub has them
-        target = before + answered
+        target = start + answered
         deadline = time.monotonic() + self.return_s
         while True:
             report = self._sync("--no-push")
@@ -221,9 +281,10 @@ class StudioLabeler:
         done = got - before
         self.say(f"Label Studio turn {turn}: pushed {pushed} tasks, {answered} annotations by {len(tallies)} "
                  f"simulated annotators ({self.correct} correct in all so far), {done} labels in the hub")
-        if done < answered:
-            problems.append(f"only {done} of {answered} annotations reached the hub within {self.return_s:.0f}s")
-        return LabelRound(pushed + open_before, done, tuple(problems))
+        if got - start < answered:
+            problems.append(f"only {got - start} of {answered} annotations reached the hub within "
+                            f"{self.return_s:.0f}s")
+        return LabelRound(tasks, done, tuple(problems))
 
     def _wait_for_person(self, turn: int, before: int, tasks: int, problems: list[str]) -> LabelRound:
         """Wait until a person has labeled this turn's ``tasks`` in Label Studio's UI, or ends the turn early by

@@ -36,6 +36,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` now. SO_REUSEADDR, as uvicorn sets it: the connections a stopped
+    server leaves in TIME_WAIT do not keep its port from it."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def flywheel_cmd(*args: str) -> list[str]:
     """``python -m fleet.cli ARGS``: the same ``flywheel`` command, with this interpreter."""
     return [sys.executable, "-m", "fleet.cli", *args]
@@ -49,7 +61,7 @@ def tail(path: Path, lines: int = 30) -> str:
 
 @dataclass
 class HubProcess:
-    """A running ``flywheel hub serve`` on a free loopback port, with fresh strong secrets."""
+    """A running ``flywheel hub serve`` on a loopback port, with strong secrets."""
 
     url: str
     admin_token: str
@@ -59,6 +71,11 @@ class HubProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # HUB_SECRETS by name, to start it again as it was
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     @property
     def admin_headers(self) -> dict[str, str]:
@@ -87,13 +104,25 @@ class HubProcess:
         stop_process(self.process)
 
 
+HUB_SECRETS = ("admin", "fleet", "url", "webhook")
+
+
 def start_hub(data_dir: Path, keypair: KeyPair, *, database_url: str | None = None, workers: int = 1,
-              extra_env: dict[str, str] | None = None, timeout: float = 90.0,
-              log_level: str = "warning") -> HubProcess:
-    """Run the hub as a subprocess and wait until ``/healthz`` answers."""
+              extra_env: dict[str, str] | None = None, timeout: float = 90.0, log_level: str = "warning",
+              port: int | None = None, keys: dict[str, str] | None = None) -> HubProcess:
+    """Run the hub as a subprocess and wait until ``/healthz`` answers. ``port`` and ``keys`` (the secrets named
+    in HUB_SECRETS) bring a hub back as it was, for whatever already holds its URL and secrets (agents' configs,
+    Label Studio's tasks and webhook); by default a free port and fresh strong secrets."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    keys = {name: secrets.token_urlsafe(24) for name in ("admin", "fleet", "url", "webhook")}
+    if port is None:
+        port = free_port()
+    elif not port_free(port):
+        raise ProcessFailed(f"port {port} on 127.0.0.1 is taken; this hub needs it back (its agents and Label "
+                            f"Studio tasks name it): stop whatever holds it and try again")
+    if keys is None:
+        keys = {name: secrets.token_urlsafe(24) for name in HUB_SECRETS}
+    elif missing := [name for name in HUB_SECRETS if not keys.get(name)]:
+        raise ValueError(f"hub secrets missing: {missing}; expected all of {list(HUB_SECRETS)}")
     env = {
         **os.environ,
         "FLYWHEEL_HUB_ADMIN_TOKEN": keys["admin"],
@@ -113,7 +142,7 @@ def start_hub(data_dir: Path, keypair: KeyPair, *, database_url: str | None = No
     with log_path.open("ab") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     hub = HubProcess(f"http://127.0.0.1:{port}", keys["admin"], keys["fleet"], keys["webhook"], data_dir, proc,
-                     log_path, env)
+                     log_path, env, dict(keys))
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from fleet.sim.procs import ProcessFailed, free_port, start_logged, stop_process, tail
+from fleet.sim.procs import ProcessFailed, free_port, port_free, start_logged, stop_process, tail
 
 ADMIN_EMAIL = "admin@flywheel.demo"
 # what scripts/services.sh sets: legacy tokens are off by default in 1.23; webhooks go to a hub on loopback,
@@ -110,12 +110,15 @@ def whoami_ok(url: str, token: str) -> bool:
     return r.status_code == 200
 
 
-def start_studio(data_dir: Path, *, binary: Path, timeout: float = 300.0) -> StudioServer:
-    """Run Label Studio on a free loopback port with a fresh data dir; wait until the token answers."""
+def start_studio(data_dir: Path, *, binary: Path, timeout: float = 300.0, port: int | None = None,
+                 token: str | None = None, password: str | None = None) -> StudioServer:
+    """Run Label Studio on a loopback port with its data in ``data_dir``; wait until the token answers. Fresh
+    credentials and a free port by default; a server started again on the same data passes its own ``token``
+    and ``password`` back (and gets its old ``port`` if that is still free)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    token = secrets.token_hex(20)
-    password = "fw-" + secrets.token_urlsafe(12)
+    port = port if port is not None and port_free(port) else free_port()
+    token = token or secrets.token_hex(20)
+    password = password or "fw-" + secrets.token_urlsafe(12)
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, **STUDIO_ENV}
     cmd = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),

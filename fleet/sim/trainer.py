@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fleet.protocol import SignedManifest
+import httpx
+
+from fleet.protocol import RollbackRequest, RolloutList, RolloutPublic, SignedManifest
 from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged
 
 if TYPE_CHECKING:
@@ -39,6 +41,41 @@ class Trainer:
         self.settings, self.ws, self.key, self.hub, self.token = settings, ws, key, hub, token
         self.seed_npz, self.class_names = seed_npz, class_names
 
+    def finished(self, name: str) -> TrainResult | None:
+        """The result of ``name``'s run if an earlier, interrupted demo saw it through (its report is written
+        last, after publishing); None when it must run (again): a half-written output is removed first."""
+        import shutil
+
+        out = self.ws / "models" / name
+        if (out / "report.json").exists():
+            return self._result(name, out, publish=None)
+        if out.exists():
+            shutil.rmtree(out)
+        return None
+
+    def name_free_at_hub(self, name: str) -> str:
+        """``name``, or when the hub already took a model by that name (an interrupted run published it but never
+        wrote its report), the next ``name-rN``; that model's running rollout is rolled back first."""
+        n, candidate = 1, name
+        while self._at_hub(f"{candidate}-s{self.settings.seed}"):
+            self._roll_back(f"{candidate}-s{self.settings.seed}")
+            n += 1
+            candidate = f"{name}-r{n}"
+        return candidate
+
+    def _at_hub(self, version: str) -> bool:
+        r = httpx.get(f"{self.hub.url}/v1/models/{version}/manifest", headers=self.hub.admin_headers, timeout=30)
+        if r.status_code == 404:
+            return False
+        r.raise_for_status()
+        return True
+
+    def _roll_back(self, version: str) -> None:
+        for ro in self.hub.call("GET", "/v1/rollouts", RolloutList).rollouts:
+            if ro.version == version and ro.state == "running":
+                self.hub.call("POST", f"/v1/rollouts/{ro.rollout_id}/rollback", RolloutPublic, body=RollbackRequest(
+                    reason="the demo was interrupted before it recorded this model; it trains the turn again"))
+
     def train(self, name: str, *, data: str, epochs: int, publish: bool, stages: str, warm: Arm | None) -> TrainResult:
         s = self.settings
         out = self.ws / "models" / name
@@ -60,10 +97,18 @@ class Trainer:
             args += ["--dry-run"]
         run_logged(flywheel_cmd(*args), self.ws / "logs" / f"train-{name}.log", env=env,
                    ok_codes=(0, EXIT_REJECTED))
+        return self._result(name, out, publish=publish)
+
+    def _result(self, name: str, out: Path, *, publish: bool | None) -> TrainResult:
+        """A finished run's TrainResult, read from its report (``publish`` None: whether it was asked to publish
+        is read there too)."""
+        version = f"{name}-s{self.settings.seed}"
         report = json.loads((out / "report.json").read_text())
         gate = report.get("gate") or {}
         passed = bool(gate.get("passed", True))
         pub = report.get("publish") or {}
+        if publish is None:
+            publish = not pub.get("dry_run", True)
         manifest = SignedManifest.from_json((out / "manifest.json").read_text()) if (out / "manifest.json").exists() \
             else None
         reasons = "; ".join(str(r) for r in gate.get("reasons", [])[:1])

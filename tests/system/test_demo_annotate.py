@@ -66,15 +66,22 @@ def label_in_the_browser(url: str, email: str, password: str, project_id: int, p
             page.wait_for_timeout(1500)
 
 
-def test_you_label_in_label_studio_and_the_loop_turns_on_your_labels(tmp_path: Path) -> None:
+def studio_for_the_demo() -> tuple[str, str, str, str, dict[str, str]]:
+    """The Label Studio scripts/test.sh started: URL, API token, a person's login (email, password), and the
+    environment that points the demo at it."""
     env_keys = ("FLYWHEEL_TEST_LS_URL", "FLYWHEEL_TEST_LS_TOKEN", "FLYWHEEL_TEST_LS_USER", "FLYWHEEL_TEST_LS_PASSWORD")
     url, token, email, password = (os.environ.get(k) for k in env_keys)
     if not (url and token and email and password):
         missing_service(f"{', '.join(env_keys)} not set (scripts/test.sh starts Label Studio)")
+    env = {**os.environ, "FLYWHEEL_STUDIO_URL": url, "FLYWHEEL_STUDIO_TOKEN": token, "COLUMNS": "400"}
+    return url, token, email, password, env
+
+
+def test_you_label_in_label_studio_and_the_loop_turns_on_your_labels(tmp_path: Path) -> None:
+    url, token, email, password, env = studio_for_the_demo()
     from labeling.studio import Studio
 
     ws = tmp_path / "ws"
-    env = {**os.environ, "FLYWHEEL_STUDIO_URL": url, "FLYWHEEL_STUDIO_TOKEN": token, "COLUMNS": "400"}
     cmd = [sys.executable, "-m", "fleet.cli", "demo", "--workspace", str(ws), "--annotate", "--turns", "1",
            "--devices", "1", "--frames-per-device", "120", "--budget", "4", "--base-epochs", "3", "--epochs", "2",
            "--test-size", "60"]

@@ -1,0 +1,129 @@
+"""The demo's state on disk (fleet.sim.resume): what a resumed demo reads back, and what it refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fleet.sim.fleet import Frames
+from fleet.sim.report import ArmResult, TurnResult
+from fleet.sim.resume import (
+    DemoState,
+    NotResumable,
+    TurnProgress,
+    load_frames,
+    rng_state,
+    save_frames,
+    set_rng_state,
+    settings_from_dict,
+    settings_to_dict,
+    stop_leftovers,
+    turn_from_dict,
+)
+from fleet.sim.settings import Arm, DemoSettings
+
+
+def a_state(ws: Path) -> DemoState:
+    settings = DemoSettings(workspace=ws, turns=3, budget=8, test_size=40)
+    rng = np.random.default_rng(7)
+    state = DemoState(settings=settings_to_dict(settings), hub={"port": 1234, "keys": {"admin": "a"}},
+                      base_version="base-s0", arms={}, rng=rng_state(rng))
+    state.set_arms(Arm("flywheel", checkpoint=ws / "c.pt", version="fw-1-s0", onnx=ws / "m.onnx", labels=8),
+                   Arm("random", version="base-s0", labels=8))
+    state.turns.append({"turn": 0, "flywheel": {"accuracy": 0.5, "per_condition": {"clear": 0.5}, "labels": 0},
+                        "random": {"accuracy": 0.5, "per_condition": {}, "labels": 0}, "gate": "base"})
+    state.current = TurnProgress(1, rng_state(rng), phase="labeling", labeled_before=3, parts={"fleet": 1.5})
+    return state
+
+
+def test_the_state_round_trips_and_only_its_owner_reads_it(tmp_path: Path) -> None:
+    state = a_state(tmp_path)
+    state.save(tmp_path)
+    path = DemoState.path(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # it holds the hub's secrets
+    assert not list(tmp_path.glob("*.tmp"))  # replaced atomically, nothing half-written left beside it
+    back = DemoState.load(tmp_path)
+    assert back == state
+    assert back.demo_settings() == DemoSettings(workspace=tmp_path, turns=3, budget=8, test_size=40)
+    fly = back.arm("flywheel", tmp_path)
+    assert (fly.checkpoint, fly.version, fly.onnx, fly.labels) == (tmp_path / "c.pt", "fw-1-s0", tmp_path / "m.onnx", 8)
+    assert back.arm("random", tmp_path).checkpoint is None
+    [turn0] = back.turn_results()
+    assert turn0 == TurnResult(0, ArmResult(0.5, {"clear": 0.5}, 0), ArmResult(0.5, {}, 0), gate="base")
+
+
+def test_settings_and_turns_come_back_typed() -> None:
+    s = DemoSettings(workspace=Path("/w"), seed_size=None, dataset="digits", upload_rate=0.1, annotate=True)
+    assert settings_from_dict(json.loads(json.dumps(settings_to_dict(s)))) == s
+    t = TurnResult(2, ArmResult(0.7, {"fog": 0.6}, 16, "fw-2-s0"), ArmResult(0.6, {"fog": 0.5}, 16), uploads=5,
+                   parts={"fleet": 1.0}, short="why", short_fault=True)
+    from dataclasses import asdict
+
+    assert turn_from_dict(json.loads(json.dumps(asdict(t)))) == t
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "holds no demo-state.json: there is no demo to resume there"),
+    ("{not json", "is not JSON"),
+    ('["a list"]', "has format 'list'; expected 'flywheel.demo-state/1'"),
+    ('{"format": "flywheel.demo-state/0"}', "has format 'flywheel.demo-state/0'; expected 'flywheel.demo-state/1'"),
+    ('{"format": "flywheel.demo-state/1", "settings": {}}', "lacks ['arms', 'base_version', 'hub', 'rng']"),
+])
+def test_a_workspace_without_a_demo_state_is_refused_with_the_reason(tmp_path: Path, content: str | None,
+                                                                     expected: str) -> None:
+    if content is not None:
+        DemoState.path(tmp_path).write_text(content)
+    with pytest.raises(NotResumable, match=expected.replace("[", r"\[").replace("(", r"\(")):
+        DemoState.load(tmp_path)
+
+
+def test_a_missing_workspace_is_named(tmp_path: Path) -> None:
+    with pytest.raises(NotResumable, match="does not exist"):
+        DemoState.load(tmp_path / "nope")
+
+
+def test_the_world_replays_from_a_saved_generator_state() -> None:
+    rng = np.random.default_rng(3)
+    rng.random(5)
+    saved = json.loads(json.dumps(rng_state(rng)))
+    first = rng.integers(0, 1000, 20)
+    other = np.random.default_rng(99)
+    set_rng_state(other, saved)
+    assert (other.integers(0, 1000, 20) == first).all()
+
+
+def test_frames_round_trip(tmp_path: Path) -> None:
+    f = Frames(np.arange(2 * 8 * 8, dtype=np.uint8).reshape(2, 8, 8), np.array([3, 4]), np.array(["clear", "fog"]),
+               np.array(["t1-000001", "t1-000002"]), np.array([-1, 4]))
+    back = load_frames(save_frames(f, tmp_path / "f.npz"))
+    for name in ("images", "labels", "conditions", "frame_ids", "human"):
+        assert (getattr(back, name) == getattr(f, name)).all()
+
+
+def test_leftovers_are_stopped_by_pid_only_when_their_command_line_matches(tmp_path: Path) -> None:
+    marker = str(tmp_path / "hub")
+    code = "import time, sys; time.sleep(120)"
+    mine = subprocess.Popen([sys.executable, "-c", code, marker], start_new_session=True)
+    stranger = subprocess.Popen([sys.executable, "-c", code, "something else"], start_new_session=True)
+    said: list[str] = []
+    try:
+        stopped = stop_leftovers({"hub": [mine.pid, marker], "reused pid": [stranger.pid, marker],
+                                  "gone": [2**22 + 12345, marker]}, said.append)
+        assert stopped == ["hub"]
+        assert mine.wait(10) is not None
+        time.sleep(0.2)
+        assert stranger.poll() is None  # a pid now held by something else is left alone
+        assert said == [f"stopping hub (pid {mine.pid}), left running by the interrupted demo"]
+    finally:
+        for p in (mine, stranger):
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait(10)
