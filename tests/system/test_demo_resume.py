@@ -8,12 +8,14 @@ The oracle labels here (Label Studio across a resume: tests/system/test_demo_res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,16 @@ def leftovers(ws: Path) -> list[str]:
     return out
 
 
+@pytest.fixture
+def no_leftovers(tmp_path: Path) -> Iterator[None]:
+    """However the test ends, nothing it started (a hub a killed demo left behind) outlives it."""
+    yield
+    for line in leftovers(tmp_path):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int(line.split(":", 1)[0]), signal.SIGKILL)
+
+
+@pytest.mark.usefixtures("no_leftovers")
 def test_a_demo_killed_at_any_step_resumes_and_ends_as_the_uninterrupted_run(tmp_path: Path) -> None:
     straight = tmp_path / "straight"
     p = demo(straight, *SMALL)
