@@ -19,12 +19,23 @@ agree; a canary of one device is all the evidence there can be. The candidate ro
    The test is run once a heartbeat, so over a rollout it is looked at repeatedly; ``rollback_alpha``
    (0.01 by default) is set low to keep the false-rollback rate of those repeated looks small.
 
+4. **shadow disagreement, with no human**: canary devices run the candidate with the incumbent in
+   shadow, so every frame is a comparison of the two. Both are right where they agree, so on the data
+   they were tested on they disagree on at most ``bound`` = the candidate's test error + the incumbent's
+   (Boole's inequality over their error events; ``rollback_shadow_bound`` when the manifests carry no test
+   accuracy). The candidate rolls back when, over at least ``rollback_min_compared`` shadow comparisons,
+   its disagreement exceeds ``bound + rollback_shadow_margin`` by a one-sided one-proportion z-test
+   (H0: rate <= bound + margin; Agresti, section 1.3.2) at ``rollback_alpha``, and so does each of at
+   least ``needed`` devices with ``rollback_min_device_compared`` comparisons: the two models behave in the
+   field as neither does on its test set, which no retrain that held the gate should do.
+
 The reason names the test, its figures and the devices the evidence came from.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fleet.hub.settings import HubSettings
@@ -51,12 +62,77 @@ class DeviceEvidence(Pooled):
     device_id: str = ""
     health_failures: int = 0
     ota_failures: int = 0
+    challenger_compared: int = 0  # frames compared with the incumbent in shadow
+    challenger_agreed: int = 0
+
+    @property
+    def shadow(self) -> Pooled:
+        """Shadow comparisons with the incumbent, a disagreement where the two differ."""
+        return Pooled(self.challenger_compared, self.challenger_compared - self.challenger_agreed)
+
+
+@dataclass(frozen=True)
+class ShadowBound:
+    """The most shadow disagreement the candidate and incumbent can show on data like their test sets, and
+    where the figure comes from (for the reason)."""
+
+    rate: float
+    source: str
 
 
 def verdict(cfg: HubSettings, devices: list[DeviceEvidence], *, canary_size: int, candidate: Pooled,
-            incumbent: Pooled | None) -> str | None:
+            incumbent: Pooled | None, shadow: ShadowBound | None = None) -> str | None:
     """Why the candidate must roll back (naming the devices), or None if the evidence does not say so."""
     needed = max(1, min(cfg.rollback_min_devices, canary_size))
+    why = _human_verdict(cfg, devices, needed, canary_size=canary_size, candidate=candidate, incumbent=incumbent)
+    if why is None and shadow is not None:
+        why = shadow_verdict(cfg, devices, needed, shadow)
+    return why
+
+
+def shadow_verdict(cfg: HubSettings, devices: list[DeviceEvidence], needed: int, bound: ShadowBound) -> str | None:
+    """Rule 4: the candidate disagrees with the incumbent in shadow more than both models' test errors allow."""
+    pooled = Pooled(sum(d.challenger_compared for d in devices),
+                    sum(d.challenger_compared - d.challenger_agreed for d in devices))
+    limit = bound.rate + cfg.rollback_shadow_margin
+    if pooled.human_compared < cfg.rollback_min_compared or not 0.0 < limit < 1.0 or pooled.disagreement <= limit:
+        return None
+    z, p = one_proportion_z(pooled, limit)
+    if p >= cfg.rollback_alpha:
+        return None
+    dissent = _dissenting(devices, lambda d: d.shadow, min_compared=cfg.rollback_min_device_compared, above=limit)
+    if len(dissent) < needed:
+        return None
+    return (f"shadow disagreement with the incumbent {pooled.disagreement:.3f} over {pooled.human_compared} frames "
+            f"exceeds {limit:.3f}, the most {bound.source} allow ({bound.rate:.3f}) + margin "
+            f"{cfg.rollback_shadow_margin} (one-sided one-proportion z-test: z = {z:.2f}, p = {p:.2g} < alpha "
+            f"{cfg.rollback_alpha}; no human needed), and so does each of {len(dissent)} devices (evidence needed "
+            f"from {needed}): {_shown(dissent)}")
+
+
+def _dissenting(devices: list[DeviceEvidence], side: Callable[[DeviceEvidence], Pooled], *, min_compared: int,
+                above: float) -> list[tuple[str, object]]:
+    """(device, its rate) of each device whose ``side`` holds ``min_compared`` frames at a rate above ``above``,
+    most frames first."""
+    hits = sorted(((d.device_id, side(d)) for d in devices), key=lambda x: (-x[1].human_compared, x[0]))
+    return [(dev, round(p.disagreement, 3)) for dev, p in hits
+            if p.human_compared >= min_compared and p.disagreement > above]
+
+
+def one_proportion_z(a: Pooled, p0: float) -> tuple[float, float]:
+    """``(z, p)`` of the one-sided test that ``a``'s rate is higher than ``p0``: z = (rate - p0) / sqrt(p0 (1 -
+    p0) / n) and its upper-tail normal p-value."""
+    if a.human_compared <= 0:
+        raise ValueError(f"the test needs compared frames; received {a.human_compared}")
+    if not 0.0 < p0 < 1.0:
+        raise ValueError(f"the rate under test must be in (0, 1); received {p0}")
+    z = (a.disagreement - p0) / math.sqrt(p0 * (1.0 - p0) / a.human_compared)
+    return z, 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def _human_verdict(cfg: HubSettings, devices: list[DeviceEvidence], needed: int, *, canary_size: int,
+                   candidate: Pooled, incumbent: Pooled | None) -> str | None:
+    """Rules 1-3."""
     failing = sorted((d for d in devices if d.health_failures > 0), key=lambda d: (-d.health_failures, d.device_id))
     total = sum(d.health_failures for d in failing)
     if total >= cfg.rollback_health_failures and len(failing) >= needed:
@@ -78,15 +154,14 @@ def verdict(cfg: HubSettings, devices: list[DeviceEvidence], *, canary_size: int
     if p >= cfg.rollback_alpha:
         return None
     bar = incumbent.disagreement + cfg.rollback_margin
-    dissent = sorted((d for d in devices if d.human_compared >= cfg.rollback_min_device_compared
-                      and d.disagreement > bar), key=lambda d: (-d.human_compared, d.device_id))
+    dissent = _dissenting(devices, lambda d: d, min_compared=cfg.rollback_min_device_compared, above=bar)
     if len(dissent) < needed:
         return None
     return (f"field disagreement {candidate.disagreement:.3f} over {candidate.human_compared} frames exceeds the "
             f"incumbent's {incumbent.disagreement:.3f} over {incumbent.human_compared} by {gap:.3f} > margin "
             f"{cfg.rollback_margin} (one-sided two-proportion z-test: z = {z:.2f}, p = {p:.2g} < alpha "
             f"{cfg.rollback_alpha}), and so does each of {len(dissent)} devices (evidence needed from {needed}): "
-            f"{_shown([(d.device_id, round(d.disagreement, 3)) for d in dissent])}")
+            f"{_shown(dissent)}")
 
 
 def two_proportion_z(a: Pooled, b: Pooled) -> tuple[float, float]:

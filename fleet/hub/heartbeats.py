@@ -37,7 +37,7 @@ HEARTBEAT_VALUES = (
     "frames_seen", "flagged", "uploaded", "evicted", "upload_failures", "health_failures",
     "human_compared", "human_disagreed", "challenger_compared", "challenger_agreed",
 )
-_EVIDENCE = ("health_failures", "human_compared", "human_disagreed")
+_EVIDENCE = ("health_failures", "human_compared", "human_disagreed", "challenger_compared", "challenger_agreed")
 
 
 def heartbeat_values(hb: Heartbeat) -> dict[str, int]:

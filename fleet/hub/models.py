@@ -273,6 +273,8 @@ class RolloutDeviceMetric(SQLModel, table=True):
     ota_failures: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
     human_compared: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
     human_disagreed: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    challenger_compared: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]  # 0007
+    challenger_agreed: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
 
 
 class OtaReportRow(SQLModel, table=True):

@@ -29,7 +29,7 @@ from sqlmodel import Session, col, select
 
 from fleet.errors import Conflict, NotFound
 from fleet.hub.context import Hub
-from fleet.hub.evidence import DeviceEvidence, Pooled, verdict
+from fleet.hub.evidence import DeviceEvidence, Pooled, ShadowBound, verdict
 from fleet.hub.models import (
     Campaign,
     Device,
@@ -337,7 +337,9 @@ def rollback_reason(hub: Hub, s: Session, rollout: Rollout) -> str | None:
     rows = s.exec(select(RolloutDeviceMetric).where(RolloutDeviceMetric.rollout_id == rollout.rollout_id,
                                                     RolloutDeviceMetric.version == rollout.version)).all()
     devices = [DeviceEvidence(device_id=r.device_id, health_failures=r.health_failures, ota_failures=r.ota_failures,
-                              human_compared=r.human_compared, human_disagreed=r.human_disagreed) for r in rows]
+                              human_compared=r.human_compared, human_disagreed=r.human_disagreed,
+                              challenger_compared=r.challenger_compared, challenger_agreed=r.challenger_agreed)
+               for r in rows]
     if not devices:
         return None
     cand = field_metrics(s, rollout.version, rollout.rollout_id)
@@ -348,7 +350,24 @@ def rollback_reason(hub: Hub, s: Session, rollout: Rollout) -> str | None:
             inc = field_metrics(s, rollout.incumbent, "all")
         incumbent = Pooled(inc.human_compared, inc.human_disagreed)
     return verdict(hub.settings, devices, canary_size=canary_size(hub, s, rollout),
-                   candidate=Pooled(cand.human_compared, cand.human_disagreed), incumbent=incumbent)
+                   candidate=Pooled(cand.human_compared, cand.human_disagreed), incumbent=incumbent,
+                   shadow=shadow_bound(hub, s, rollout))
+
+
+def shadow_bound(hub: Hub, s: Session, rollout: Rollout) -> ShadowBound | None:
+    """Rule 4's bound: the candidate's and the incumbent's test errors (their manifests' ``test_accuracy``), or
+    ``rollback_shadow_bound`` for models without one; None when there is no shadow (an override) or no bound."""
+    if rollout.kind == "override" or rollout.incumbent is None:
+        return None
+    models = [s.get(ModelVersion, v) for v in (rollout.version, rollout.incumbent)]
+    accs = [mv.metrics.get("test_accuracy") if mv is not None else None for mv in models]
+    if all(isinstance(a, int | float) and 0.0 <= a <= 1.0 for a in accs):
+        errs = [1.0 - float(a) for a in accs]  # type: ignore[arg-type]
+        return ShadowBound(min(1.0, errs[0] + errs[1]), f"the candidate's and the incumbent's test errors "
+                           f"({errs[0]:.3f} + {errs[1]:.3f})")
+    if hub.settings.rollback_shadow_bound is not None:
+        return ShadowBound(hub.settings.rollback_shadow_bound, "rollback_shadow_bound")
+    return None
 
 
 def canary_size(hub: Hub, s: Session, rollout: Rollout) -> int:

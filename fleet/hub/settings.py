@@ -95,6 +95,12 @@ class HubSettings(BaseSettings):
                                       "come from (fewer only when the canary is smaller); see fleet.hub.evidence.")
     rollback_min_device_compared: int = Field(20, ge=1, description="Human-compared frames a device needs for "
                                               "its own disagreement to count as evidence.")
+    rollback_shadow_margin: float = Field(0.10, ge=0, le=1, description="Shadow disagreement with the incumbent "
+                                          "above the offline bound + this rolls a canary back, with no human "
+                                          "(fleet.hub.evidence, rule 4).")
+    rollback_shadow_bound: float | None = Field(None, gt=0, le=1, description="The shadow-disagreement bound for "
+                                                "models whose manifests carry no test accuracy (detectors); unset: "
+                                                "no shadow rule for them.")
     promote_hold_s: float = Field(600.0, gt=0, description="How long a promotion rolls out to the whole fleet "
                                   "(or, as an admin override, stays watched) before it completes.")
     heartbeat_max_rate_per_s: float = Field(100_000.0, gt=0, description="Fastest a heartbeat counter may rise, "

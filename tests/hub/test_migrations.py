@@ -40,7 +40,7 @@ def test_upgrade_from_the_first_revision_keeps_data(empty_url: str, tmp_path: Pa
                 " VALUES ('old-case', 'old-dev', 1.0, 1.0, 'm0', 1, '[0.4, 0.6]', 0.8, 0.0, '{}', '[]', '{}',"
                 " :sha, 10, 'unlabeled')"), {"sha": "b" * 64})
         migrate(engine)
-        assert current_revision(engine) == "0006"
+        assert current_revision(engine) == "0007"
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT device_id FROM devices")).scalars().all() == ["old-dev"]
             assert conn.execute(sa.text("SELECT case_id FROM cases")).scalars().all() == ["old-case"]
@@ -65,6 +65,24 @@ def test_upgrade_from_the_first_revision_keeps_data(empty_url: str, tmp_path: Pa
         admin = {"Authorization": "Bearer dev-admin-token"}
         assert [d["device_id"] for d in client.get("/v1/devices", headers=admin).json()["devices"]] == ["old-dev"]
         assert client.get("/v1/summary", headers=admin).json()["models"]["m0"]["cases"] == 1
+
+
+def test_rollout_evidence_kept_before_0007_gains_no_shadow_comparisons(empty_url: str) -> None:
+    engine = make_engine(empty_url, pool_size=2)
+    try:
+        migrate(engine, "0006")
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO rollout_device_metrics (rollout_id, version, device_id, heartbeats, health_failures,"
+                " ota_failures, human_compared, human_disagreed) VALUES ('ro-1', 'm2', 'd1', 3, 1, 0, 40, 9)"))
+        migrate(engine)
+        with engine.connect() as conn:
+            row = conn.execute(sa.text(
+                "SELECT human_compared, human_disagreed, challenger_compared, challenger_agreed"
+                " FROM rollout_device_metrics")).one()
+        assert tuple(row) == (40, 9, 0, 0)
+    finally:
+        engine.dispose()
 
 
 def test_revisions_match_the_tables(empty_url: str) -> None:

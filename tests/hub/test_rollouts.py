@@ -28,11 +28,14 @@ def _assign(hub: HubHarness, device: str) -> Assignment:
 
 
 def _hb(hub: HubHarness, device: str, version: str, *, boot: str = "b1", compared: int = 0, disagreed: int = 0,
-        health: int = 0, seen: int = 100, flagged: int = 5, challenger: str | None = None) -> None:
+        health: int = 0, seen: int = 100, flagged: int = 5, challenger: str | None = None,
+        shadow: tuple[int, int] = (0, 0)) -> None:
+    """One heartbeat; ``shadow``: (frames compared with the challenger, of which agreed), cumulative."""
     body = {"device_id": device, "sent_at": hub.clock(), "boot_id": boot, "model_version": version,
             "challenger_version": challenger,
             "counters": {"frames_seen": seen, "flagged": flagged, "health_failures": health},
-            "human_compared": compared, "human_disagreed": disagreed}
+            "human_compared": compared, "human_disagreed": disagreed,
+            "challenger_compared": shadow[0], "challenger_agreed": shadow[1]}
     r = hub.client.post("/v1/heartbeats", json=body, headers=hub.devices[device])
     assert r.status_code == 204, r.text
 
@@ -121,6 +124,37 @@ def test_field_disagreement_rolls_the_canary_back(hub: HubHarness) -> None:
     assert all(_assign(hub, d).active.version == "m1" for d in devices)  # type: ignore[union-attr]
     statuses = hub.model_statuses()
     assert statuses == {"m1": "active", "m2": "retired"}
+
+
+@pytest.mark.parametrize("agreed", [20, 50])
+def test_shadow_disagreement_rolls_a_canary_back_with_no_human_in_the_loop(hub_factory: Any, agreed: int) -> None:
+    """No device sees a human action: the canary's only evidence is the candidate against the incumbent in shadow.
+    Tested at 90% and 85%, the two may disagree on at most 25% of such frames (+ the 10% margin); 40 of 60 is far
+    beyond that and rolls back, 10 of 60 is within it and does not."""
+    hub = hub_factory()
+    hub.register_model("m1", promote=True, metrics={"test_accuracy": 0.90})
+    devices = _fleet(hub)
+    hub.register_model("m2", seed=1, metrics={"test_accuracy": 0.85})
+    ro = _rollout(hub, stages=[0.5, 1.0])
+    canary = [d for d in devices if _assign(hub, d).active.version == "m2"]  # type: ignore[union-attr]
+    assert canary and all(_assign(hub, d).challenger.version == "m1" for d in canary)  # type: ignore[union-attr]
+    for d in devices:
+        if d in canary:
+            _hb(hub, d, "m2", challenger="m1", shadow=(60, agreed))
+        else:
+            _hb(hub, d, "m1")
+    status = hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()
+    if agreed == 50:
+        assert status["state"] == "running", status["reason"]
+        return
+    assert status["state"] == "rolled_back", status
+    reason = status["reason"]
+    assert reason.startswith("shadow disagreement with the incumbent 0.667 over ")
+    assert "the most the candidate's and the incumbent's test errors (0.150 + 0.100) allow (0.250)" in reason
+    assert "one-sided one-proportion z-test" in reason and "no human needed" in reason
+    assert status["metrics"]["m2"]["human_compared"] == 0  # no human said anything
+    assert hub.model_statuses() == {"m1": "active", "m2": "retired"}
+    assert all(_assign(hub, d).active.version == "m1" for d in devices)  # type: ignore[union-attr]
 
 
 def test_a_healthy_canary_is_not_rolled_back(hub: HubHarness) -> None:
