@@ -96,29 +96,55 @@ PY
   echo "label-studio $LABEL_STUDIO_VERSION: $url (pid $STUDIO_PID)"
 }
 
+# wait_for WHAT PID LOG SECONDS CHECK...: run CHECK until it succeeds; if PID dies or SECONDS pass first, say
+# that WHAT did not start, show the end of LOG and fail.
+wait_for() {
+  local what=$1 pid=$2 log=$3 seconds=$4 deadline
+  shift 4
+  deadline=$((SECONDS + seconds))
+  until "$@" 2>/dev/null; do
+    if ! kill -0 "$pid" 2>/dev/null || ((SECONDS >= deadline)); then
+      echo "$what did not start; the last lines of $log:" >&2
+      tail -n 20 "$log" >&2
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
 # GStreamer's RTSP server (tests/support/rtsp_server.py, run by Debian's python3 with python3-gi), serving a
 # moving test pattern as /h264 and /mjpeg. Exports FLYWHEEL_TEST_RTSP_URL (rtsp://127.0.0.1:PORT, no path) and
 # FLYWHEEL_TEST_RTSP_SERVER (the command, for tests that stop and restart a server of their own).
 RTSP_PYTHON="${RTSP_PYTHON:-/usr/bin/python3}"
 
 start_rtsp_server() {
-  local port log deadline
+  local port log
   port=$(free_port)
   log="$SERVICES_DIR/rtsp.log"
   "$RTSP_PYTHON" tests/support/rtsp_server.py --port "$port" >"$log" 2>&1 &
   RTSP_PID=$!
-  deadline=$((SECONDS + 30))
-  until grep -q '^ready ' "$log" 2>/dev/null; do
-    if ! kill -0 "$RTSP_PID" 2>/dev/null || ((SECONDS >= deadline)); then
-      echo "the RTSP server did not start on port $port; the last lines of $log:" >&2
-      tail -n 20 "$log" >&2
-      return 1
-    fi
-    sleep 0.2
-  done
+  wait_for "the RTSP server on port $port" "$RTSP_PID" "$log" 30 grep -q '^ready ' "$log"
   export FLYWHEEL_TEST_RTSP_URL="rtsp://127.0.0.1:$port"
   export FLYWHEEL_TEST_RTSP_SERVER="$RTSP_PYTHON $PWD/tests/support/rtsp_server.py"
   echo "rtsp server: $FLYWHEEL_TEST_RTSP_URL (pid $RTSP_PID)"
+}
+
+# moto's standalone S3-compatible server (the dev extra installs moto[server] into .venv) for the object-store
+# tests. Exports FLYWHEEL_TEST_S3_URL and the (made-up) AWS credentials and region moto accepts; tests make their
+# own buckets.
+S3_SERVER="${S3_SERVER:-.venv/bin/moto_server}"
+
+start_s3() {
+  local port log
+  port=$(free_port)
+  log="$SERVICES_DIR/s3.log"
+  "$S3_SERVER" -H 127.0.0.1 -p "$port" >"$log" 2>&1 &
+  S3_PID=$!
+  wait_for "the S3 server ($S3_SERVER) on port $port" "$S3_PID" "$log" 60 \
+    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 1)"
+  export FLYWHEEL_TEST_S3_URL="http://127.0.0.1:$port"
+  export AWS_ACCESS_KEY_ID=flywheel-test AWS_SECRET_ACCESS_KEY=flywheel-test AWS_DEFAULT_REGION=us-east-1
+  echo "s3 server: $FLYWHEEL_TEST_S3_URL (pid $S3_PID)"
 }
 
 stop_services() {
@@ -127,5 +153,6 @@ stop_services() {
   fi
   if [ -n "${STUDIO_PID:-}" ]; then kill "$STUDIO_PID" 2>/dev/null || true; fi
   if [ -n "${RTSP_PID:-}" ]; then kill "$RTSP_PID" 2>/dev/null || true; fi
+  if [ -n "${S3_PID:-}" ]; then kill "$S3_PID" 2>/dev/null || true; fi
   rm -rf "$SERVICES_DIR"
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the test dependencies, start the real services the tests need (PostgreSQL, Label Studio, an RTSP
-# server) on loopback, then lint, type-check and run the whole suite. Exits non-zero on any failure.
+# server, an S3-compatible server) on loopback, then lint, type-check and run the whole suite. Exits non-zero on
+# any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,7 @@ trap stop_services EXIT
 start_postgres
 start_label_studio
 start_rtsp_server
+start_s3
 
 # --- lint, types, tests (a test whose service is missing fails instead of skipping)
 export FLYWHEEL_TEST_SERVICES=required

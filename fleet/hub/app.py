@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 
 from fleet.errors import FlywheelError, ProtocolError, headers_for, status_for
-from fleet.hub.blobs import BlobStore, FileBlobStore
+from fleet.hub.blobs import BlobStore, make_blob_store
 from fleet.hub.bodies import BodyGuard
 from fleet.hub.context import Hub
 from fleet.hub.db import make_engine, migrate
@@ -41,7 +41,7 @@ def create_app(
     engine = engine or make_engine(settings.resolved_database_url(), pool_size=settings.db_pool_size,
                                    sqlite_memory_mib=settings.sqlite_memory_mib)
     if blob_store is None:
-        blob_store = FileBlobStore(settings.resolved_blob_dir(), fsync=settings.blob_fsync)
+        blob_store = make_blob_store(settings)
     hub = Hub(settings=settings, engine=engine, blobs=blob_store, clock=clock)
 
     @asynccontextmanager

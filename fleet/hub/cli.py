@@ -231,7 +231,7 @@ def sweep_blobs(
     """Find and remove blobs that no case, model, novelty bank or snapshot refers to; print a JSON report."""
     import time
 
-    from fleet.hub.blobs import FileBlobStore
+    from fleet.hub.blobs import make_blob_store
     from fleet.hub.db import make_engine, migrate
     from fleet.hub.sweep import sweep_orphan_blobs
 
@@ -239,7 +239,7 @@ def sweep_blobs(
     engine = make_engine(settings.resolved_database_url(), pool_size=1)
     try:
         migrate(engine)
-        store = FileBlobStore(settings.resolved_blob_dir(), fsync=settings.blob_fsync)
+        store = make_blob_store(settings)
         report = sweep_orphan_blobs(engine, store, now=time.time(), min_age_s=min_age_s, dry_run=dry_run)
     finally:
         engine.dispose()

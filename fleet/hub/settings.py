@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,13 @@ class HubSettings(BaseSettings):
     data_dir: Path = Field(Path("hub-data"), description="Folder for the SQLite file and the blob store.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in data_dir.")
     blob_dir: Path | None = Field(None, description="Blob store folder; default: data_dir/blobs.")
+    blob_store: Literal["file", "s3"] = Field("file", description="Where blobs, models and snapshots live: a "
+                                              "folder (blob_dir) or an S3-compatible bucket (s3_*).")
+    s3_bucket: str | None = Field(None, description="The bucket, with blob_store=s3 (it must exist).")
+    s3_prefix: str = Field("blobs/", description="Key prefix in the bucket (ends with '/').")
+    s3_endpoint_url: str | None = Field(None, description="The S3 endpoint (MinIO, Ceph, moto); default: AWS. "
+                                        "Credentials: boto3's chain (AWS_ACCESS_KEY_ID, ...).")
+    s3_region: str | None = Field(None, description="The bucket's region.")
     public_url: str | None = Field(None, description="Base URL annotators reach the hub at (image links).")
 
     fleet_secret: SecretStr = SecretStr(DEV_FLEET_SECRET)
@@ -115,6 +123,13 @@ class HubSettings(BaseSettings):
     consensus_min_annotator_accuracy: float = Field(0.6, ge=0.0, le=1.0)
     consensus_min_gold_answers: int = Field(3, ge=1)
 
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v and not v.endswith("/"):
+            raise ValueError(f"s3_prefix must end with '/' (or be empty); received {v!r}")
+        return v
+
     @field_validator("database_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
@@ -131,6 +146,12 @@ class HubSettings(BaseSettings):
     def resolved_blob_dir(self) -> Path:
         return self.blob_dir or self.data_dir / "blobs"
 
+    def blob_store_where(self) -> str:
+        """Where the blobs are, for logs and errors."""
+        if self.blob_store == "s3":
+            return f"s3://{self.s3_bucket}/{self.s3_prefix} at {self.s3_endpoint_url or 'AWS'}"
+        return str(self.resolved_blob_dir())
+
     def public_key(self) -> str | None:
         """The fleet's public key (base64 raw ed25519), from the setting or its file."""
         if self.signing_public_key:
@@ -143,6 +164,8 @@ class HubSettings(BaseSettings):
 
     def check(self) -> None:
         """Refuse to run outside dev mode with a default, empty or short secret, or without a key."""
+        if self.blob_store == "s3" and not self.s3_bucket:
+            raise InvalidInput("FLYWHEEL_HUB_BLOB_STORE=s3 needs FLYWHEEL_HUB_S3_BUCKET (an existing bucket)")
         if self.dev:
             return
         problems = []

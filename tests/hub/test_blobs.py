@@ -11,8 +11,13 @@ from fleet.errors import IntegrityError, InvalidInput
 from fleet.hub.blobs import BlobStore, FileBlobStore, MemoryBlobStore
 
 
-@pytest.fixture(params=["file", "memory"])
+@pytest.fixture(params=["file", "memory", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    if request.param == "s3":  # the same tests against a real S3-compatible server (tests/support/s3.py)
+        from fleet.hub.blobs_s3 import S3BlobStore
+        from tests.support.s3 import new_bucket, s3_url
+
+        return S3BlobStore(new_bucket(), endpoint_url=s3_url())
     return FileBlobStore(tmp_path / "blobs") if request.param == "file" else MemoryBlobStore()
 
 

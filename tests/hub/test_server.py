@@ -36,6 +36,27 @@ def _case(device: str, i: int) -> tuple[Case, bytes]:
 
 
 def test_fleet_round_trip_over_real_http(server: RunningHub, tmp_path: Path) -> None:
+    round_trip(server, tmp_path)
+
+
+def test_fleet_round_trip_with_the_blobs_in_an_s3_bucket(database_url: str, tmp_path: Path) -> None:
+    """The same, the hub configured by environment to keep images and models in a real S3-compatible server: every
+    byte lands in the bucket, none on the hub's disk."""
+    from tests.support.s3 import new_bucket, s3_client, s3_env
+
+    bucket = new_bucket()
+    with start_hub(tmp_path / "hub", database_url=database_url, extra_env=s3_env(bucket)) as server:
+        round_trip(server, tmp_path)
+        model = httpx.get(server.url + "/v1/models/m1/onnx", headers=server.admin_headers, timeout=30)
+        assert model.status_code == 200 and model.content == (tmp_path / "m" / "m1.onnx").read_bytes()
+    keys = [o["Key"] for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    assert len(keys) == 41 and all(k.startswith("blobs/") for k in keys)  # 40 images and the model
+    blob_dir = tmp_path / "hub" / "blobs"
+    assert not blob_dir.exists() or not [p for p in blob_dir.rglob("*") if p.is_file()]
+
+
+def round_trip(server: RunningHub, tmp_path: Path) -> None:
     trainer = {"Authorization": f"Bearer {server.token('trainer')}"}
     files = make_model_files(tmp_path / "m", "m1", private_key=server.private_key())
     r = httpx.post(server.url + "/v1/models", headers=trainer, data={"manifest": files.signed.to_json()},
