@@ -85,7 +85,9 @@ def demo(
         def on_turn(results: list) -> None:  # type: ignore[type-arg]
             live.update(render_table(results, labeler=labeler_name["value"]))
 
-        previous = signal.signal(signal.SIGTERM, _interrupt)  # a TERM stops the demo as Ctrl-C does: cleanly
+        # Ctrl-C and a TERM stop the demo cleanly, even when it was started with SIGINT ignored (as a shell
+        # starts a background job): the resume command is printed either way
+        previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             results, report = run_demo(settings, progress=say, on_turn=on_turn, resume=resume)
         except (ValueError, RuntimeError) as exc:
@@ -96,7 +98,8 @@ def demo(
                           f"--workspace {ws}")
             raise typer.Exit(130) from None
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     last = results[-1]
     console.print()
     console.print(render_conditions(last))
