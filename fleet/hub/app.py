@@ -14,12 +14,13 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 
 from fleet.errors import FlywheelError, ProtocolError, headers_for, status_for
-from fleet.hub.blobs import BlobStore, make_blob_store
+from fleet.hub.blobs import BlobStore
 from fleet.hub.bodies import BodyGuard
 from fleet.hub.context import Hub
 from fleet.hub.db import make_engine, migrate
 from fleet.hub.observe import RequestMetrics
 from fleet.hub.settings import DEV_WARNING, HubSettings
+from fleet.hub.stores import make_blob_store
 from fleet.hub.trust import retire_untrusted_models
 
 log = logging.getLogger(__name__)

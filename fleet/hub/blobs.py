@@ -277,15 +277,3 @@ class MemoryBlobStore:
         for i in range(0, len(data), chunk_size):
             yield data[i : i + chunk_size]
 
-
-def make_blob_store(settings: Any) -> BlobStore:
-    """The store ``settings`` (a fleet.hub.settings.HubSettings) name: a folder, or an S3-compatible bucket (checked:
-    it must exist and answer)."""
-    if settings.blob_store == "s3":
-        from fleet.hub.blobs_s3 import S3BlobStore
-
-        store = S3BlobStore(settings.s3_bucket, prefix=settings.s3_prefix, endpoint_url=settings.s3_endpoint_url,
-                            region=settings.s3_region)
-        store.check()
-        return store
-    return FileBlobStore(settings.resolved_blob_dir(), fsync=settings.blob_fsync)

@@ -231,8 +231,8 @@ def sweep_blobs(
     """Find and remove blobs that no case, model, novelty bank or snapshot refers to; print a JSON report."""
     import time
 
-    from fleet.hub.blobs import make_blob_store
     from fleet.hub.db import make_engine, migrate
+    from fleet.hub.stores import make_blob_store
     from fleet.hub.sweep import sweep_orphan_blobs
 
     settings = _settings(data_dir, database_url, None)
