@@ -156,3 +156,12 @@ def test_webhook_needs_its_secret_and_json(hub: HubHarness) -> None:
                         headers={"X-Flywheel-Webhook-Secret": "dev-webhook-secret"})
     assert r.status_code == 400
     assert hub.client.get("/v1/labeling/events", params={"after": 0}, headers=hub.labeler).json()["events"] == []
+
+
+def test_listing_labels_refuses_a_case_id_that_is_not_a_name(hub: HubHarness) -> None:
+    """Found by the OpenAPI fuzzing on PostgreSQL: a NUL in ``case_id`` was a 500 (text cannot hold it there)."""
+    for bad in ("a\x00b", "\u0091,\u00d9", "x" * 200):
+        r = hub.client.get("/v1/labels", params={"case_id": bad}, headers=hub.trainer)
+        assert r.status_code == 422 and "case_id must be" in r.text, (bad, r.text)
+    r = hub.client.get("/v1/labels", params={"case_id": "c-1", "offset": 2**63 - 1, "limit": 986}, headers=hub.trainer)
+    assert r.status_code == 200 and r.json()["labels"] == []

@@ -16,7 +16,7 @@ from fleet.hub.api import HubDep, LabelerCaller, ReaderCaller, message_body, mes
 from fleet.hub.bodies import loads_or_none, parse_json
 from fleet.hub.db import insert_ignore, read_session, write_session
 from fleet.hub.models import HubState, LabelRow, WebhookEvent
-from fleet.protocol import Ack, EventPage, LabelPage, LabelPost, LabelReceipt, StoredEvent
+from fleet.protocol import Ack, EventPage, LabelPage, LabelPost, LabelReceipt, StoredEvent, check_name
 
 router = APIRouter(tags=["labels"])
 log = logging.getLogger(__name__)
@@ -43,8 +43,8 @@ def post_label(_: LabelerCaller, hub: HubDep, body: LabelPost = message_body(Lab
 def list_labels(_: ReaderCaller, hub: HubDep, case_id: str | None = Query(None),
                 limit: int = Query(1000, ge=1, le=10000), offset: int = Query(0, ge=0, le=2**63 - 1)) -> Response:
     q = select(LabelRow)
-    if case_id is not None:
-        q = q.where(LabelRow.case_id == case_id)
+    if case_id is not None:  # a case id is a name (PostgreSQL refuses a NUL in text: that was a 500)
+        q = q.where(LabelRow.case_id == check_name(case_id, "case_id"))
     with read_session(hub.engine) as s:
         rows = s.exec(q.order_by(LabelRow.id).offset(offset).limit(limit)).all()
     return message_response(LabelPage(labels=[labels.label_public(r) for r in rows]))
