@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fleet.sim.resume import PHASES
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SMALL = ["--labeler", "oracle", "--turns", "3", "--devices", "2", "--frames-per-device", "100", "--budget", "8",
@@ -45,7 +47,7 @@ def state(ws: Path) -> dict | None:  # type: ignore[type-arg]
 def stop_at(proc: subprocess.Popen[str], ws: Path, turn: int, phase: str, sig: int) -> str:
     """Send ``sig`` to the demo (not its children: they die or linger as they would) once its state shows ``turn``
     at ``phase`` or later; return what it printed."""
-    order = ["start", "fleet", "labeling", "labeled", "trained"]
+    order = list(PHASES)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         s = state(ws)
