@@ -10,7 +10,7 @@ Setup (everything seeded):
   CLI (a subprocess: this script never imports torch): the **base** model, deployed, and a
   **challenger** (another seed and width), run in shadow beside it as a candidate model would be.
   Both are exported to ONNX with ``logits`` and ``embedding`` outputs and run here through the
-  edge runtime (:class:`fleet.edge.runtime.ModelRuntime`), as on a device.
+  edge runtime (:class:`fleet.inference.runtime.ModelRuntime`), as on a device.
 * An **evaluated stream**: the Fashion-MNIST test images under ``STREAM_MIX`` conditions (half
   clear, the rest night, fog, rain, motion blur, occlusion). The human's action (the true class,
   wrong 3% of the time) is known on a random half of the frames. An error is a frame where the
@@ -401,7 +401,7 @@ def _train(work: Path, name: str, x: Arr, y: Arr, cond: Arr, n_val: int,
 
 
 def _infer(model: _Model, images: Arr, threads: int, batch: int = 500) -> Any:
-    from fleet.edge.runtime import ModelRuntime, Outputs
+    from fleet.inference.runtime import ModelRuntime, Outputs
 
     rt = ModelRuntime(model.onnx, model.manifest, threads=threads)
     outs = [rt.run(list(images[i : i + batch])) for i in range(0, len(images), batch)]

@@ -7,7 +7,7 @@ over a drifting gradient with mild noise), in the same process, interleaved in r
 * **decode**: PyAV decoding alone, no pixel conversion (FFmpeg's floor);
 * **source**: ``fleet.edge.video.VideoFileSource``: decode + conversion to RGB, what the agent receives
   (the baseline the others are compared with);
-* **source + model**: the source, the manifest's preprocessing (``fleet.edge.runtime.Preprocessor``) and a bare
+* **source + model**: the source, the manifest's preprocessing (``fleet.inference.runtime.Preprocessor``) and a bare
   onnxruntime call per frame;
 * **agent**: ``flywheel agent``'s loop on the source (preprocessing, the model, the trigger spec in windows,
   PNG-encoding and spooling what it keeps, the uplink sending to an in-process hub that accepts every case);
@@ -122,8 +122,8 @@ def loops(clip: Path, work: Path, public_key: str, models: dict[str, tuple[str, 
     import av
     import onnxruntime as ort
 
-    from fleet.edge.runtime import Preprocessor
     from fleet.edge.video import VideoFileSource
+    from fleet.inference.runtime import Preprocessor
 
     def decode() -> tuple[int, float]:
         t0 = time.perf_counter()

@@ -16,7 +16,8 @@ ALLOWED = {"trigger": set(), "fleet": {"trigger"}, "labeling": {"fleet", "trigge
 FLEET_APART = {"fleet.edge": ("fleet.hub", "fleet.sim"), "fleet.hub": ("fleet.edge", "fleet.sim"),
                "fleet.protocol": ("fleet.edge", "fleet.hub", "fleet.sim"),
                "fleet.errors": ("fleet.edge", "fleet.hub", "fleet.sim"),
-               "fleet.retry": ("fleet.edge", "fleet.hub", "fleet.sim")}
+               "fleet.retry": ("fleet.edge", "fleet.hub", "fleet.sim"),
+               "fleet.inference": ("fleet.edge", "fleet.hub", "fleet.sim")}
 
 
 def test_no_module_imports_one_that_imports_it_back() -> None:

@@ -116,8 +116,9 @@ def parse_budgets(doc: Any, labels: list[str]) -> BudgetSpec | None:
         return None
     if not isinstance(doc, Mapping):
         raise SpecError(f"budgets: expected an object; received {what(doc)}")
-    check_keys(doc, "budgets", ("global", "per_trigger", "per_class"))
+    check_keys(doc, "budgets", ("global", "per_trigger", "per_class", "fleet"))
     glob = None if doc.get("global") is None else _bucket(doc["global"], "budgets.global")
+    fleet = None if doc.get("fleet") is None else _bucket(doc["fleet"], "budgets.fleet")
     per_trigger: dict[str, BucketSpec] = {}
     raw = doc.get("per_trigger") or {}
     if not isinstance(raw, Mapping):
@@ -140,7 +141,7 @@ def parse_budgets(doc: Any, labels: list[str]) -> BudgetSpec | None:
         if cls < 0 or str(cls) != str(key).strip():
             raise SpecError(f"budgets.per_class: expected class indices such as \"3\" as keys; received {key!r}")
         per_class[cls] = _bucket(sub, f"budgets.per_class.{key}")
-    return BudgetSpec(global_bucket=glob, per_trigger=per_trigger, per_class=per_class)
+    return BudgetSpec(global_bucket=glob, per_trigger=per_trigger, per_class=per_class, fleet_bucket=fleet)
 
 
 def parse_expiry(value: Any) -> float | None:

@@ -17,7 +17,8 @@ Document (``format`` may be omitted; every other key not listed here is refused)
         {"trigger": "human_disagreement"},
         {"all_of": [{"trigger": "margin", "below": 0.1}, {"trigger": "novelty", "k": 5, "above": 0.3}]}]},
      "dedup": {"max_hamming": 4, "memory": 512},
-     "budgets": {"global": {"rate_per_min": 60, "burst": 20},
+     "budgets": {"global": {"rate_per_min": 60, "burst": 20},        # each device's
+                 "fleet": {"rate_per_min": 600, "burst": 100},       # all devices together, held by the hub
                  "per_trigger": {"entropy": {"rate_per_min": 30, "burst": 10}},
                  "per_class": {"3": {"rate_per_min": 5, "burst": 5}}}}
 

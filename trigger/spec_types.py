@@ -129,11 +129,14 @@ class BucketSpec:
 
 @dataclass(frozen=True)
 class BudgetSpec:
-    """The campaign's upload budgets."""
+    """The campaign's upload budgets: ``global``, ``per_trigger`` and ``per_class`` each device keeps to by itself;
+    ``fleet`` caps the campaign's uploads from all its devices together, held by the hub (429 + Retry-After,
+    fleet.hub.quota)."""
 
     global_bucket: BucketSpec | None = None
     per_trigger: Mapping[str, BucketSpec] = field(default_factory=dict)
     per_class: Mapping[int, BucketSpec] = field(default_factory=dict)
+    fleet_bucket: BucketSpec | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -143,6 +146,8 @@ class BudgetSpec:
             out["per_trigger"] = {k: v.to_dict() for k, v in sorted(self.per_trigger.items())}
         if self.per_class:
             out["per_class"] = {str(k): v.to_dict() for k, v in sorted(self.per_class.items())}
+        if self.fleet_bucket is not None:
+            out["fleet"] = self.fleet_bucket.to_dict()
         return out
 
 

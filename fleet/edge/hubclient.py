@@ -95,7 +95,7 @@ class HubClient:
             raise ProtocolError(f"POST {path}: expected {len(items)} results; received {len(results)}")
         return [r if r.status != "rejected" else
                 error_for_status(int(r.error_status or 422), f"POST {path} item {i} (case {r.case_id}): hub answered "
-                                 f"{r.error_status}: {(r.error or '')[:500]}")
+                                 f"{r.error_status}: {(r.error or '')[:500]}", retry_after=r.retry_after)
                 for i, r in enumerate(results)]
 
     def send_heartbeat(self, heartbeat: Heartbeat) -> None:

@@ -26,8 +26,8 @@ from numpy.typing import NDArray
 
 from fleet.edge.hubclient import HubClient
 from fleet.edge.modelstore import MANIFEST_NAME, ONNX_NAME, ModelStore, StoredModel
-from fleet.edge.runtime import ModelError, ModelRuntime, health_check
 from fleet.errors import FlywheelError, IntegrityError, PermanentError, ProtocolError, RetryableError
+from fleet.inference.runtime import ModelError, ModelRuntime, health_check
 from fleet.protocol import Assignment, ModelRef, OtaReport
 from fleet.signing import verify_manifest
 

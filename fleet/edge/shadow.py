@@ -7,7 +7,7 @@ per call off each frame; the library gives the same scores, firings and prioriti
 a shadow-mode decision is not urgent. The challenger is never acted on: its outputs only feed the
 agreement counters, the triggers that compare against it, and the context recorded with a case.
 
-A detector's batch carries the boxes each model kept per frame (:class:`~fleet.edge.detector.Detections`);
+A detector's batch carries the boxes each model kept per frame (:class:`~fleet.inference.detector.Detections`);
 the challenger agrees on a frame when both found the same objects (IoU matching at 0.5, same classes).
 """
 
@@ -24,11 +24,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fleet.edge.campaigns import Campaign
-from fleet.edge.detector import Detections, best_labels, box_sets_agree, to_detection
 from fleet.edge.frame import Frame
 from fleet.edge.ota import LoadedModels
 from fleet.edge.recorder import Capture, new_case_id
-from fleet.edge.runtime import ModelRuntime, Outputs
+from fleet.inference.detector import Detections, best_labels, box_sets_agree, to_detection
+from fleet.inference.runtime import ModelRuntime, Outputs
 from fleet.protocol import (
     ChallengerOutput,
     Classification,

@@ -1,4 +1,4 @@
-"""``flywheel hub`` (serve, migrate, token, enrollment-token, sweep-blobs): commands that act on the hub's own
+"""``flywheel hub`` (serve, migrate, token, enrollment-token, sweep-blobs, rescore): commands that act on the hub's own
 database (run them where the hub runs, with its environment). ``flywheel models`` and ``flywheel campaigns``,
 which talk to a running hub over HTTP, are in :mod:`fleet.hub.admin_cli`.
 """
@@ -244,6 +244,66 @@ def sweep_blobs(
     finally:
         engine.dispose()
     typer.echo(json.dumps(report.to_dict(), sort_keys=True))
+
+
+@app.command("rescore")
+def rescore_cmd(
+    version: str | None = typer.Option(None, "--version", help="The model to score with (default: the active one)."),
+    batch: int = typer.Option(64, "--batch", min=1, max=1024, help="Images per forward pass."),
+    follow: bool = typer.Option(False, "--follow", help="Keep running: re-score for whichever model is active, "
+                                "checking every --interval-s (a worker beside `flywheel hub serve`)."),
+    interval_s: float = typer.Option(10.0, "--interval-s", min=0.1),
+    data_dir: Path | None = typer.Option(None, "--data-dir"),
+    database_url: str | None = typer.Option(None, "--database-url"),
+) -> None:
+    """Re-score and re-embed the pool with a model (fleet.hub.rescore); resumable: a stopped run goes on where it
+    stopped. Prints progress, then a JSON report of the last version."""
+    import time
+
+    from fleet.errors import FlywheelError
+    from fleet.hub.context import Hub
+    from fleet.hub.db import make_engine, migrate
+    from fleet.hub.rescore import active_version, remaining, rescore
+    from fleet.hub.stores import make_blob_store
+
+    settings = _settings(data_dir, database_url, None)
+    engine = make_engine(settings.resolved_database_url(), pool_size=2)
+    totals = {"version": version, "scored": 0, "failed": 0, "remaining": 0}
+    try:
+        migrate(engine)
+        hub = Hub(settings=settings, engine=engine, blobs=make_blob_store(settings))
+        while True:
+            target = version or active_version(hub)
+            if target is None:
+                if not follow:
+                    typer.echo("error: no model is active; name one with --version", err=True)
+                    raise typer.Exit(1)
+                time.sleep(interval_s)
+                continue
+            if totals["version"] != target:
+                totals = {"version": target, "scored": 0, "failed": 0, "remaining": remaining(hub, target)}
+            t0 = time.monotonic()
+            step = rescore(hub, target, limit=batch * 8, batch=batch)
+            totals["scored"] += step.scored
+            totals["failed"] += step.failed
+            totals["remaining"] = step.remaining
+            done = totals["scored"] + totals["failed"]
+            if done or step.remaining:
+                rate = (step.scored + step.failed) / max(time.monotonic() - t0, 1e-9)
+                typer.echo(f"{target}: {done} re-scored ({totals['failed']} failed), {step.remaining} to go, "
+                           f"{rate:.0f} cases/s", err=True)
+            if step.remaining == 0 and not follow:
+                break
+            if step.remaining == 0:
+                time.sleep(interval_s)
+    except KeyboardInterrupt:
+        typer.echo("stopped; run the same command again to go on", err=True)
+    except FlywheelError as exc:  # an unknown version, a model that does not load
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(totals, sort_keys=True))
 
 
 if __name__ == "__main__":  # pragma: no cover

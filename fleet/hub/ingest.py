@@ -21,6 +21,7 @@ from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_connection
 from fleet.hub.images import check_png
 from fleet.hub.models import CaseRow, ModelVersion
+from fleet.hub.quota import admit, throttled
 from fleet.hub.selection import box_informativeness, informativeness
 from fleet.protocol import Case, CaseReceipt, Classification, Detection
 from trigger.boxes import Boxes
@@ -64,6 +65,9 @@ def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: b
     existing = _existing(hub, case)
     if existing is not None:
         return existing
+    admission = admit(hub, [(case.campaign_id, case.campaign_version)])
+    if not admission.all:
+        raise throttled(admission)
     sha, created = hub.blobs.put(image, sha256=case.image_sha256, verified=True)  # _check_image hashed it
     sql = _statements(hub)
     try:

@@ -33,6 +33,7 @@ from fleet.hub.ingest import (
     prepare_case,
     stored_identity,
 )
+from fleet.hub.quota import admit, throttled
 from fleet.protocol import CaseReceipt
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,23 @@ def ingest_batch(hub: Hub, principal: Principal, items: Sequence[tuple[bytes, by
         else:
             fresh[p.case.case_id] = (i, p)
     held = stored_identity(hub, list(fresh))  # the case ids the hub holds already
+    new = [(cid, p) for cid, (_, p) in fresh.items() if cid not in held]
+    throttled_out: dict[str, CaseReceipt] = {}  # over the fleet's upload caps (fleet.hub.quota): 429, not stored
+    if new:
+        admission = admit(hub, [(p.case.campaign_id, p.case.campaign_version) for _, p in new])
+        for (cid, _), ok in zip(new, admission.granted, strict=True):
+            if not ok:
+                fault = throttled(admission)
+                throttled_out[cid] = CaseReceipt(cid, REJECTED, error_status=status_for(fault), error=str(fault),
+                                                 retry_after=admission.retry_after)
+                results[fresh.pop(cid)[0]] = throttled_out[cid]
     stored = _store_batch(hub, [p for _, p in fresh.values()], held) if fresh else {}
     for cid, (i, _) in fresh.items():
         results[i] = stored[cid]
     for i, p in repeats:
+        if p.case.case_id in throttled_out:
+            results[i] = replace(throttled_out[p.case.case_id])
+            continue
         first = fresh[p.case.case_id][1]
         answer = stored[p.case.case_id]
         if p.case.case_id in held:  # answered against what the hub holds, like its first copy

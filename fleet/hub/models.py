@@ -135,6 +135,24 @@ class CaseRow(SQLModel, table=True):
     label_status: str | None = _id(16, default=None)
 
 
+class CaseScore(SQLModel, table=True):
+    """A case re-scored by a model other than the one that captured it (:mod:`fleet.hub.rescore`): its
+    informativeness and embedding in that model's space. A case's own model's scores are the ``cases`` row's;
+    ``error`` says why a case could not be re-scored (its scores are then null and it is not tried again)."""
+
+    __tablename__ = "case_scores"
+    __table_args__ = (sa.Index("ix_case_scores_version_uncertainty", "model_version", "uncertainty"),)
+
+    case_id: str = _id(primary_key=True)
+    model_version: str = _id(primary_key=True)
+    uncertainty: float | None = None
+    predicted_class: int | None = None
+    embedding: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))
+    embedding_dim: int | None = None
+    scored_at: float
+    error: str | None = _id(512, default=None)
+
+
 class LabelRow(SQLModel, table=True):
     """One annotator's answer on one case as it was posted, and the hub's verdict on it (fleet.consensus)."""
 
@@ -307,6 +325,16 @@ class Campaign(SQLModel, table=True):
     created_at: float
     deleted_at: float | None = None
     auto_budgets: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})  # fleet.hub.autobudget
+
+
+class UploadBucket(SQLModel, table=True):
+    """A token bucket every hub worker draws on (fleet.hub.quota): the fleet's uploads, or one campaign's."""
+
+    __tablename__ = "upload_buckets"
+
+    key: str = _id(primary_key=True)  # "fleet" or "campaign:<id>"
+    tokens: float
+    updated_at: float
 
 
 class NoveltyBankRow(SQLModel, table=True):

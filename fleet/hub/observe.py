@@ -11,7 +11,7 @@ from sqlmodel import Session, col, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.hub import rollouts
-from fleet.hub.models import CaseRow, Device, FieldMetric, LabelRow, ModelVersion, WebhookEvent
+from fleet.hub.models import CaseRow, Device, FieldMetric, LabelRow, ModelVersion, UploadBucket, WebhookEvent
 from fleet.protocol import CASE_STATES, FIELD_COUNTERS, FieldCounts, ModelSummary, QueueDepths, Summary
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -166,6 +166,10 @@ def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int
         for k in FIELD_COUNTERS:
             lines.append(f'flywheel_field_total{{version="{_esc(fm.version)}",counter="{k}"}} {getattr(fm, k)}')
     lines += _yield_lines(s)
+    lines += ["# HELP flywheel_upload_bucket_tokens Tokens left in an upload cap's bucket at its last draw "
+              "(fleet.hub.quota).", "# TYPE flywheel_upload_bucket_tokens gauge"]
+    for b in s.exec(select(UploadBucket).order_by(UploadBucket.key)).all():
+        lines.append(f'flywheel_upload_bucket_tokens{{bucket="{_esc(b.key)}"}} {b.tokens:.6g}')
     lines += request_metrics.render()
     return "\n".join(lines) + "\n"
 

@@ -69,6 +69,10 @@ class HubSettings(BaseSettings):
     signing_public_key_file: Path | None = None
 
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    fleet_upload_rate_per_min: float = Field(0.0, ge=0, description="Cases per minute the whole fleet may upload "
+                                             "(every worker draws on one bucket, fleet.hub.quota); over it the hub "
+                                             "answers 429 with Retry-After. 0: no fleet cap.")
+    fleet_upload_burst: float = Field(100.0, ge=1, description="The fleet bucket's capacity, in cases.")
     max_image_side: int = Field(4096, ge=8)
     max_image_pixels: int = Field(2048 * 2048, ge=64, description="Pixels (width x height) an uploaded image "
                                   "may decode to; its pixel data is inflated in bounded steps and must fit.")
@@ -117,6 +121,12 @@ class HubSettings(BaseSettings):
                                           "first heartbeat after a long run offline is measured from the last).")
     selection_pool_factor: int = Field(5, ge=1, description="uncertainty+diversity looks at budget x this.")
     duplicate_cosine: float = Field(0.02, ge=0, le=2, description="Cosine distance under which two are dups.")
+    selection_space: Literal["active", "capture"] = Field(
+        "active", description="Whose scores and embeddings selection uses: the active model's (cases it has "
+        "not re-scored come last; fleet.hub.rescore), or each case's capturing model's, mixed (the behaviour "
+        "before re-scoring, kept for comparison).")
+    rescore_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads when re-scoring the pool with "
+                                 "the active model (fleet.hub.rescore).")
     max_selection_budget: int = Field(5000, ge=1)
     # label consensus (fleet.consensus): the hold rules every label from any source goes through
     consensus_min_agreement: float = Field(0.6, ge=0.0, le=1.0)

@@ -197,6 +197,7 @@ class CaseReceipt(Message):
     duplicate_of: str | None = None
     error_status: int | None = None
     error: str | None = None
+    retry_after: float | None = None  # a case refused 429 (the fleet's upload cap): seconds to wait before again
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
@@ -206,6 +207,8 @@ class CaseReceipt(Message):
         if self.status == "rejected":
             check_int(self.error_status, "error_status", lo=400, hi=599)
             check_str(self.error, "error", max_len=4000)
+        if self.retry_after is not None and not (check_finite(self.retry_after, "retry_after") >= 0):
+            raise ProtocolError(f"retry_after must be >= 0 seconds; received {self.retry_after!r}")
 
 
 @dataclass

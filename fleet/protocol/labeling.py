@@ -133,6 +133,10 @@ class Selection(Message):
     budget: int
     pool_size: int
     cases: list[SelectedCase]
+    # the model whose scores and embeddings the selection used (the active one; None before any is), and the
+    # cases of the pool it has not re-scored yet, which fill only what the re-scored pool cannot (fleet.hub.rescore)
+    model_version: str | None = None
+    not_rescored: int = 0
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
@@ -140,6 +144,8 @@ class Selection(Message):
         check_one_of(self.strategy, STRATEGIES, "strategy")
         check_int(self.budget, "budget", lo=1)
         check_int(self.pool_size, "pool_size", lo=0)
+        opt(self.model_version, check_name, "model_version")
+        check_int(self.not_rescored, "not_rescored", lo=0)
 
 
 @dataclass

@@ -9,6 +9,7 @@ novelty banks are in :mod:`fleet.protocol.campaigns`.
 ``POST /v1/models/{version}/promote``           :class:`PromoteRequest` -> :class:`Promotion`
 ``POST /v1/models/{version}/retire``            -> :class:`ModelPublic`
 ``POST /v1/models/rollback``                    :class:`RollbackRequest` -> :class:`RollbackReceipt`
+``POST /v1/models/{version}/rescore``           :class:`RescoreRequest` -> :class:`RescoreProgress`
 ``POST /v1/rollouts``                           :class:`RolloutCreate` -> :class:`RolloutPublic`
 ``GET  /v1/rollouts``                           -> :class:`RolloutList`
 ``GET  /v1/rollouts/{id}``                      -> :class:`RolloutPublic` (``/advance``, ``/rollback`` the same)
@@ -120,6 +121,39 @@ class PromoteRequest(Message):
         check_reason(self.reason, "reason")
         if not self.reason.strip():
             raise ProtocolError("reason must say why (1-2000 characters); received an empty string")
+
+
+@dataclass
+class RescoreRequest(Message):
+    """Re-score up to ``limit`` more cases of the pool with a model (fleet.hub.rescore), ``batch`` images per
+    forward pass."""
+
+    limit: int = 1000
+    batch: int = 64
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_int(self.limit, "limit", lo=1, hi=100_000)
+        check_int(self.batch, "batch", lo=1, hi=1024)
+
+
+@dataclass
+class RescoreProgress(Message):
+    """How far re-scoring the pool with ``version`` has come: cases scored (and ``failed``, whose image could
+    not be read or run) by this call, and cases still waiting (``remaining``; 0 = the pool is in its space)."""
+
+    version: str
+    scored: int
+    failed: int
+    remaining: int
+    seconds: float = 0.0
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.version, "version")
+        for name in ("scored", "failed", "remaining"):
+            check_int(getattr(self, name), name, lo=0)
+        check_finite(self.seconds, "seconds")
 
 
 @dataclass

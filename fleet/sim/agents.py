@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import numpy as np
 
-from fleet.protocol import DeviceList, PoolPage, RolloutPublic, SignedManifest
+from fleet.protocol import (
+    DeviceList,
+    ModelList,
+    PoolPage,
+    RescoreProgress,
+    RescoreRequest,
+    RolloutPublic,
+    SignedManifest,
+)
 from fleet.sim.fleet import Frames
 from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged, start_logged, tail
 
@@ -132,7 +140,7 @@ def error_capture(hub: HubProcess, ws: Path, shards: dict[str, Frames], uploaded
 
 
 def load_model(hub: HubProcess, version: str, ws: Path) -> Any:
-    from fleet.edge.runtime import ModelRuntime
+    from fleet.inference.runtime import ModelRuntime
 
     d = ws / "cache" / "models"
     d.mkdir(parents=True, exist_ok=True)
@@ -147,7 +155,7 @@ def load_model(hub: HubProcess, version: str, ws: Path) -> Any:
 
 def evaluate_onnx(onnx: Path | None, manifest: SignedManifest | None, test: Frames) -> tuple[float, dict[str, float]]:
     """Accuracy overall and per condition of an exported model on the test frames (onnxruntime)."""
-    from fleet.edge.runtime import ModelRuntime
+    from fleet.inference.runtime import ModelRuntime
 
     if onnx is None:
         raise ValueError("no model to evaluate")
@@ -159,6 +167,26 @@ def evaluate_onnx(onnx: Path | None, manifest: SignedManifest | None, test: Fram
     ok = preds == test.labels
     per = {str(c): float(ok[test.conditions == c].mean()) for c in np.unique(test.conditions)}
     return float(ok.mean()), per
+
+
+def rescore_pool(hub: HubProcess, say: Progress) -> RescoreProgress | None:
+    """Re-score the pool with the active model before the hub selects from it (fleet.hub.rescore), in bounded
+    calls until none is left; what it did, summed (None with no active model)."""
+    active = next((m.version for m in hub.call("GET", "/v1/models", ModelList).models if m.status == "active"), None)
+    if active is None:
+        return None
+    total = RescoreProgress(version=active, scored=0, failed=0, remaining=0)
+    while True:
+        step = hub.call("POST", f"/v1/models/{active}/rescore", RescoreProgress,
+                        body=RescoreRequest(limit=2000, batch=128), timeout=600.0)
+        total.scored, total.failed = total.scored + step.scored, total.failed + step.failed
+        total.remaining, total.seconds = step.remaining, round(total.seconds + step.seconds, 3)
+        if step.remaining == 0 or step.scored + step.failed == 0:
+            break
+    if total.scored or total.failed:
+        say(f"the pool re-scored by the active model {active}: {total.scored} cases"
+            f"{f' ({total.failed} could not be)' if total.failed else ''} in {total.seconds:.1f} s")
+    return total
 
 
 def finish_rollout(hub: HubProcess, rollout_id: str, say: Progress) -> str:

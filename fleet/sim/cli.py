@@ -40,6 +40,8 @@ def demo(
     base_epochs: int = typer.Option(30, "--base-epochs", min=1, help="Epochs for the base model."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Epochs for each turn's retrain (both arms)."),
     strategy: str = typer.Option("uncertainty+diversity", "--strategy", help="The hub's selection strategy."),
+    rescore: bool = typer.Option(True, "--rescore/--no-rescore", help="Re-score the pool with each new active "
+                                 "model before the hub selects (--no-rescore: the scores of capture, for comparison)."),
     allow_short: bool = typer.Option(
         False, "--allow-short", help="Carry on when a turn cannot spend its label budget (by default that is an "
         "error, unless the fleet's pool held too few cases)."),
@@ -62,7 +64,8 @@ def demo(
         raise typer.BadParameter("--resume needs --workspace: the folder of the demo to carry on with")
     ws = workspace or Path("flywheel-demo") / time.strftime("%Y%m%d-%H%M%S")
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
-                            frames_per_device=frames, labeler=labeler, strategy=strategy, allow_short=allow_short,
+                            frames_per_device=frames, labeler=labeler, strategy=strategy, rescore=rescore,
+                            allow_short=allow_short,
                             install_studio=install_studio, annotate=annotate, seed_size=seed_size,
                             test_size=test_size, model=model, width=width, base_epochs=base_epochs,
                             turn_epochs=epochs)

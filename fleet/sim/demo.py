@@ -31,6 +31,7 @@ from fleet.sim.agents import (
     finish_rollout,
     labeled_total,
     pool_supply,
+    rescore_pool,
     run_agents,
     uploaded_frames,
 )
@@ -117,7 +118,8 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
     seed_npz = world.seed_set.save_training(ws / "seed.npz", test=world.test_set, class_names=data.class_names)
 
     hub = start_hub(ws / "hub", pair, port=saved.hub["port"] if saved else None,
-                    keys=saved.hub["keys"] if saved else None)
+                    keys=saved.hub["keys"] if saved else None,
+                    extra_env=None if settings.rescore else {"FLYWHEEL_HUB_SELECTION_SPACE": "capture"})
     say(f"hub on {hub.url} (SQLite in {ws / 'hub'}); its dashboard: {hub.url}/ui, log in with the admin token "
         f"{hub.admin_token}")
     turns: list[TurnResult] = saved.turn_results() if saved else []
@@ -301,6 +303,10 @@ class _Turns:
     def _label(self, cur: TurnProgress) -> None:
         s, state, labeler = self.settings, self.state, self.labeler
         t = time.monotonic()
+        if s.rescore:  # after an OTA the pool is scored in the new active model's space
+            rescore_pool(self.hub, self.say)
+            cur.parts["rescore"] = time.monotonic() - t
+            t = time.monotonic()
         supply = pool_supply(self.hub, labeler)
         if cur.labeled_before is None:
             cur.labeled_before = labeled_total(self.hub, labeler)

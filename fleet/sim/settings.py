@@ -28,6 +28,7 @@ class DemoSettings:
     turn_lr: float = 0.05  # fine-tuning rate from the current model's checkpoint (both arms)
     upload_rate: float = 0.08  # calibrated uncertainty trigger's target rate per device
     strategy: str = "uncertainty+diversity"
+    rescore: bool = True  # re-score the pool with each new active model before selecting (fleet.hub.rescore)
     labeler: str = "auto"  # auto | oracle | studio
     install_studio: bool = True  # auto/studio: install Label Studio into ./.venv-studio when it is missing
     annotate: bool = False  # a person labels each turn in Label Studio's UI (needs Label Studio)

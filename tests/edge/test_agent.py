@@ -13,8 +13,8 @@ from PIL import Image
 
 from fleet.edge.agent import Agent
 from fleet.edge.config import AgentConfig, config_from_dict
-from fleet.edge.runtime import ModelRuntime, Outputs
 from fleet.edge.sources import Frame
+from fleet.inference.runtime import ModelRuntime, Outputs
 from fleet.protocol import Enrollment, decode_embedding
 from tests.edge.conftest import DEVICE, Keys, assign, client, publish
 from tests.support.faults import replaced

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet.edge.detector import Detections, best_labels, box_sets_agree, decode, to_detection
 from fleet.edge.modelstore import ModelStore
 from fleet.edge.ota import LoadedModels, OtaManager
-from fleet.edge.runtime import ModelError, ModelRuntime, health_check, synthetic_frames
 from fleet.edge.shadow import decide, infer
 from fleet.edge.sources import Frame
+from fleet.inference.detector import Detections, best_labels, box_sets_agree, decode, to_detection
+from fleet.inference.runtime import ModelError, ModelRuntime, health_check, synthetic_frames
 from fleet.protocol import Detection, DetectorSpec, ModelManifest
 from fleet.signing import sign_manifest
 from tests.edge.conftest import DEVICE, Keys, assign, client, publish

@@ -16,8 +16,8 @@ import pytest
 
 from fleet.edge.modelstore import ModelStore
 from fleet.edge.ota import OtaManager
-from fleet.edge.runtime import ModelRuntime
 from fleet.errors import ProtocolError
+from fleet.inference.runtime import ModelRuntime
 from fleet.signing import sign_manifest
 from tests.edge.conftest import DEVICE, Keys, assign, client, publish
 from tests.support.faults import replaced

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fleet.edge.runtime import ModelError, ModelRuntime, Preprocessor, health_check, synthetic_frames
+from fleet.inference.runtime import ModelError, ModelRuntime, Preprocessor, health_check, synthetic_frames
 from fleet.protocol import InputSpec
 from tests.support.models import make_model_files
 

@@ -334,3 +334,40 @@ def test_single_uploads_never_linger(tmp_path: Path, hub: InProcHub) -> None:
     up = Uplink(spool, client(hub), batch_max_cases=1, linger_s=30.0)
     fill(spool, 1)
     assert up.step() == 0 and len(stored(hub)) == 1
+
+
+@pytest.mark.parametrize("batch", [1, 16], ids=["single", "batch16"])
+def test_the_fleets_upload_cap_holds_the_uplink_back_and_loses_nothing(tmp_path: Path, keys: Keys,
+                                                                        batch: int) -> None:
+    """The hub's fleet-wide cap (fleet.hub.quota: 60/min, burst 4) answers 429 with Retry-After; the uplink
+    waits that long and keeps the refused cases; cases captured meanwhile into a full spool evict the least
+    valuable, counted: every case is stored once or counted evicted, nothing else."""
+    now = [1_800_000_000.0]
+    with inproc_hub(tmp_path, keys.pair, seed=_with_model, seed_key="edge-uplink-cap", clock=lambda: now[0],
+                    fleet_upload_rate_per_min=60.0, fleet_upload_burst=4.0) as hub:
+        spool = Spool(tmp_path / "s.db", max_bytes=8 * 1100)  # room for about 8 cases of ~1 kB
+        ids = fill(spool, 6)
+        up = Uplink(spool, client(hub), batch_max_cases=batch,
+                    backoff=Backoff(base_s=0.01, cap_s=0.05, rng=random.Random(0)))
+        waits: list[float] = []
+        rec = Recorder(spool)
+        for _ in range(200):
+            wait = up.step()
+            if wait > 0:
+                waits.append(wait)
+                now[0] += wait  # the hub's buckets refill with the time the uplink waited
+                if len(waits) == 1:  # throttled: the fleet goes on capturing into the full spool
+                    for i in range(10):
+                        c = capture(priority=0.05 * i, seed=100 + i)
+                        rec.record(c)
+                        ids.append(str(c.fields["case_id"]))
+            if spool.stats().items == 0:
+                break
+        held = stored(hub)
+        stats = spool.stats()
+        assert waits and min(waits) >= 1.0  # Retry-After honoured (at least a second: 1/s refill)
+        assert up.stats.retries >= 1 and up.stats.dropped == 0 and stats.items == 0
+        assert stats.evicted > 0 and held <= set(ids) and len(held) + stats.evicted == len(ids)
+        assert len(hub.cases()) == len(held)  # none twice
+        status = 429 if batch == 1 else 200
+        assert hub.tap.find("POST", "/v1/cases" + ("" if batch == 1 else "/batch"), status=status)

@@ -78,6 +78,7 @@ def test_sweep_blobs_command(tmp_path: Path, monkeypatch: object) -> None:
     from fleet.hub.cli import app
 
     monkeypatch.setenv("FLYWHEEL_HUB_DEV", "1")  # type: ignore[attr-defined]
+    monkeypatch.setenv("FLYWHEEL_HUB_DATA_DIR", str(tmp_path))  # type: ignore[attr-defined]  # the command exports it
     store = FileBlobStore(tmp_path / "blobs")
     sha, _ = store.put(b"nobody's bytes")
     _age(store, sha, 7200)

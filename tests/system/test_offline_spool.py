@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet.edge.runtime import ModelRuntime
+from fleet.inference.runtime import ModelRuntime
 from tests.support.models import make_model_files
 
 from .support import (

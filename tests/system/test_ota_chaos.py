@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from fleet.edge.runtime import ModelRuntime
+from fleet.inference.runtime import ModelRuntime
 from fleet.protocol import RolloutPublic
 from fleet.signing import generate_keypair, load_private_key, sign_manifest
 from tests.support.hub import RunningHub

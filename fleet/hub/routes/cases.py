@@ -12,6 +12,7 @@ from sqlmodel import col, func, select
 from starlette.concurrency import run_in_threadpool
 
 from fleet.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, ProtocolError
+from fleet.hub import rescore as rescoring
 from fleet.hub.api import (
     DeviceCaller,
     HubDep,
@@ -27,7 +28,7 @@ from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes, ingest_case, model_info
 from fleet.hub.ingest_batch import ingest_batch
-from fleet.hub.models import CaseRow
+from fleet.hub.models import CaseRow, CaseScore
 from fleet.hub.models import Selection as SelectionRow
 from fleet.hub.multipart import TooManyParts, parse_form
 from fleet.hub.selection import assign_clusters, get_strategy
@@ -191,16 +192,30 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     whole = ("uncertainty+diversity", "typiclust", "adaptive")  # these weigh the pool's shape, not its top
     pool_n = MAX_POOL if body.strategy in whole else body.budget * cfg.selection_pool_factor
     rng = np.random.default_rng(body.seed)
-    q = select(CaseRow.case_id, CaseRow.uncertainty, CaseRow.embedding, CaseRow.image_sha256).where(
-        col(CaseRow.state).in_(states))
-    q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(
-        col(CaseRow.uncertainty).desc(), CaseRow.case_id)
+    # one model's scores and embeddings (fleet.hub.rescore), or each case's capturing model's
+    space = rescoring.active_version(hub) if cfg.selection_space == "active" else None
+    unc, emb, join = _space_columns(space)
+    q = select(CaseRow.case_id, unc, emb, CaseRow.image_sha256).select_from(join).where(
+        col(CaseRow.state).in_(states), _in_space(space))
+    q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(unc.desc(), CaseRow.case_id)
     with read_session(hub.engine) as s:
-        rows = s.exec(q.limit(pool_n)).all()
-        labeled = s.exec(select(CaseRow.embedding, CaseRow.image_sha256)
-                         .where(col(CaseRow.state).in_(["labeled", "held"]))).all()
-    labeled_hashes = {h for _, h in labeled}
+        rows = list(s.exec(q.limit(pool_n)).all())
+        labeled = s.exec(select(emb, CaseRow.image_sha256).select_from(join)
+                         .where(col(CaseRow.state).in_(["labeled", "held"]), _in_space(space))).all()
+        labeled_hashes = set(s.exec(select(CaseRow.image_sha256).where(col(CaseRow.state).in_(["labeled", "held"])))
+                             .all())
+        n_rest = 0 if space is None else int(s.exec(select(func.count()).select_from(CaseRow).where(
+            rescoring.not_rescored(space, tuple(states), failed_too=True))).one())
+        rest: list[Any] = []
+        if n_rest:  # not yet re-scored: ranked after every re-scored case, by capture-time score, no embeddings
+            rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256).where(
+                _not_in_space(space, tuple(states)))
+            rq = rq.order_by(func.random()) if body.strategy == "random" else rq.order_by(
+                col(CaseRow.uncertainty).desc(), CaseRow.case_id)
+            rest = list(s.exec(rq.limit(body.budget * cfg.selection_pool_factor)).all())
     rows = [r for r in rows if r[3] not in labeled_hashes]
+    rest = [r for r in rest if r[3] not in labeled_hashes]
+    pool_size = len(rows) + n_rest
     ids = [r[0] for r in rows]
     uncertainty = np.asarray([r[1] for r in rows], dtype=np.float64)
     embeddings, labeled_emb, with_emb = _embeddings(rows, [e for e, _ in labeled])
@@ -211,9 +226,19 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
                            dup_threshold=cfg.duplicate_cosine)
             picked_local = [int(with_emb[i]) for i in sub]
         if len(picked_local) < body.budget:  # cases without (comparable) embeddings fill what is left
-            rest = np.setdiff1d(np.arange(len(rows)), with_emb if embeddings is not None else [])
-            sub = strategy(uncertainty[rest], None, body.budget - len(picked_local), rng=rng)
-            picked_local += [int(rest[i]) for i in sub]
+            left = np.setdiff1d(np.arange(len(rows)), with_emb if embeddings is not None else [])
+            sub = strategy(uncertainty[left], None, body.budget - len(picked_local), rng=rng)
+            picked_local += [int(left[i]) for i in sub]
+    if len(_drop_same_image(picked_local, rows)) < body.budget and rest:  # then the cases not yet re-scored
+        seen = {r[3] for r in rows}
+        rest = [r for r in rest if r[3] not in seen]
+        sub = strategy(np.asarray([r[1] for r in rest], dtype=np.float64), None,
+                       body.budget - len(_drop_same_image(picked_local, rows)), rng=rng)
+        base_n = len(rows)
+        rows += [rest[int(i)] for i in sub]
+        ids += [r[0] for r in rows[base_n:]]
+        uncertainty = np.concatenate([uncertainty, [float(r[1]) for r in rows[base_n:]]])
+        picked_local += list(range(base_n, len(rows)))
     picked_local = _drop_same_image(picked_local, rows)
     clusters = _clusters(embeddings, with_emb, picked_local)
     selection_id = f"sel-{secrets.token_hex(8)}"
@@ -232,9 +257,12 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
         by_id = {r.case_id: r for r in s.exec(select(CaseRow).where(col(CaseRow.case_id).in_(final))).all()}
     base = base_url(hub, request)
     cluster_of = dict(zip(chosen, clusters, strict=True))
+    score_of = {ids[i]: float(uncertainty[i]) for i in picked_local}
     return message_response(Selection(
-        selection_id=selection_id, strategy=body.strategy, budget=body.budget, pool_size=len(rows),
-        cases=[selected_case(hub, by_id[cid], base, cluster=int(cluster_of[cid])) for cid in final]))
+        selection_id=selection_id, strategy=body.strategy, budget=body.budget, pool_size=pool_size,
+        model_version=space, not_rescored=n_rest,
+        cases=[selected_case(hub, by_id[cid], base, cluster=int(cluster_of[cid]), uncertainty=score_of[cid])
+               for cid in final]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,19 +274,45 @@ def base_url(hub: Hub, request: Request) -> str:
     return (hub.settings.public_url or str(request.base_url)).rstrip("/")
 
 
-def selected_case(hub: Hub, row: CaseRow, base: str, *, cluster: int = 0) -> SelectedCase:
-    """A stored case as the labeling side sees it, with a fresh signed link to its image."""
+def selected_case(hub: Hub, row: CaseRow, base: str, *, cluster: int = 0,
+                  uncertainty: float | None = None) -> SelectedCase:
+    """A stored case as the labeling side sees it, with a fresh signed link to its image; ``uncertainty``: its
+    informativeness in the model space a selection used, when not the capturing model's."""
+    u = row.uncertainty if uncertainty is None else uncertainty
     info = model_info(hub, row.model_version)
     query = image_query(hub.settings.url_secret.get_secret_value(), row.case_id, hub.settings.image_url_ttl_s,
                         now=hub.now())
     return SelectedCase(
         case=Case.from_dict(row.payload), image_url=f"{base}/v1/cases/{row.case_id}/image?{query}",
         class_names=list(info.class_names) if info else [], state=row.state,
-        score=round(1.0 - row.uncertainty, 6), uncertainty=row.uncertainty, received_at=row.received_at,
+        score=round(1.0 - u, 6), uncertainty=u, received_at=row.received_at,
         cluster=cluster, duplicate_of=row.duplicate_of, selection_id=row.selection_id,
         label=None if row.label_payload is None else parse_prediction(row.label_payload, "label"),
         label_status=row.label_status,
     )
+
+
+def _space_columns(space: str | None) -> tuple[Any, Any, Any]:
+    """(informativeness, embedding, from-clause) of cases in ``space``'s model: the case's own columns where that
+    model captured it (or with no active model), else its ``case_scores`` row for that model."""
+    if space is None:
+        return col(CaseRow.uncertainty), col(CaseRow.embedding), CaseRow
+    own = CaseRow.model_version == space
+    join = sa.outerjoin(CaseRow, CaseScore, sa.and_(CaseScore.case_id == CaseRow.case_id,  # type: ignore[arg-type]
+                                                    CaseScore.model_version == space))
+    unc = sa.case((own, CaseRow.uncertainty), else_=CaseScore.uncertainty)
+    emb = sa.case((own, CaseRow.embedding), else_=CaseScore.embedding)
+    return unc, emb, join
+
+
+def _in_space(space: str | None) -> Any:
+    if space is None:
+        return sa.true()
+    return sa.or_(CaseRow.model_version == space, col(CaseScore.uncertainty).is_not(None))
+
+
+def _not_in_space(space: str, states: tuple[str, ...]) -> Any:
+    return rescoring.not_rescored(space, states, failed_too=True)
 
 
 def _embeddings(rows: list[Any], labeled_raw: list[bytes | None]) -> tuple[np.ndarray | None, np.ndarray | None,

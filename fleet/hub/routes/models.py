@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
+from fleet.hub import rescore as rescoring
 from fleet.hub import rollouts
 from fleet.hub.api import (
     AdminCaller,
@@ -38,6 +39,8 @@ from fleet.protocol import (
     ModelReceipt,
     PromoteRequest,
     Promotion,
+    RescoreProgress,
+    RescoreRequest,
     RollbackReceipt,
     RollbackRequest,
     SignedManifest,
@@ -173,6 +176,16 @@ def promote(version: str, principal: AdminCaller, hub: HubDep,
                         rollout=rollouts.rollout_status(s, rollout) if rollout is not None else None)
     hub.models.clear()
     return message_response(out)
+
+
+@router.post("/v1/models/{version}/rescore", response_model=RescoreProgress,
+             openapi_extra=request_body(RescoreRequest, required=False))
+def rescore(version: str, _: ReaderCaller, hub: HubDep,
+            body: RescoreRequest = message_body(RescoreRequest, optional=True)) -> Response:
+    """Re-score up to ``limit`` more cases of the pool with ``version`` (fleet.hub.rescore): call again until
+    ``remaining`` is 0. The labeler calls it for the active model before it selects."""
+    _get(hub, version)
+    return message_response(rescoring.rescore(hub, version, limit=body.limit, batch=body.batch))
 
 
 @router.post("/v1/models/{version}/retire", response_model=ModelPublic)

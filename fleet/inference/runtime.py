@@ -3,7 +3,7 @@
 Any frame size and 1, 3 or 4 channels go in; the manifest's InputSpec (size, channels, scale,
 mean/std, layout) decides what the model sees, and its task which outputs come out: a classifier's
 ``logits`` and ``embedding``, or a detector's dense ``boxes``, ``scores`` and ``embedding``, decoded into
-kept boxes per frame as its DetectorSpec says (:mod:`fleet.edge.detector`). Nothing about a model is
+kept boxes per frame as its DetectorSpec says (:mod:`fleet.inference.detector`). Nothing about a model is
 hard-coded here.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fleet.edge.detector import Detections, decode
 from fleet.errors import PermanentError
+from fleet.inference.detector import Detections, decode
 from fleet.protocol import InputSpec, ModelManifest
 from fleet.protocol.model import OUTPUTS
 
