@@ -281,15 +281,17 @@ def count_cases(url: str, labeler: str) -> int:
 
 
 def soak(devices: int, seconds: float, *, workdir: Path, database_url: str | None = None, workers: int = 1,
-         period_s: float = 1.0, sample_s: float = 2.0, warmup: float = 0.2) -> SoakResult:
-    """Run the whole soak; the hub is stopped before this returns."""
+         period_s: float = 1.0, sample_s: float = 2.0, warmup: float = 0.2,
+         extra_env: dict[str, str] | None = None) -> SoakResult:
+    """Run the whole soak; the hub is stopped before this returns. ``extra_env``: the hub's own settings (say an
+    S3 blob store)."""
     import httpx
 
     from fleet.signing import generate_keypair
     from fleet.sim.procs import start_hub, stop_process
 
     keypair = generate_keypair()
-    hub = start_hub(workdir / "hub", keypair, database_url=database_url, workers=workers)
+    hub = start_hub(workdir / "hub", keypair, database_url=database_url, workers=workers, extra_env=extra_env)
     try:
         register_model(hub.url, hub.token("trainer"), keypair)
         httpx.post(f"{hub.url}/v1/models/{MODEL_VERSION}/promote", headers=hub.admin_headers,

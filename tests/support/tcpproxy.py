@@ -1,5 +1,7 @@
 """A TCP forwarder on loopback that can cut the network: for tests whose client holds one long connection (an
-RTSP stream over TCP), where :mod:`tests.support.proxy` (HTTP requests) does not fit."""
+RTSP stream over TCP), where :mod:`tests.support.proxy` (HTTP requests) does not fit. With several targets it is a
+round-robin balancer, as a layer-4 load balancer in front of hub workers is: each new connection goes to the next
+target that accepts one, so a dead target is passed over."""
 
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ class TcpProxy:
     """Forwards ``127.0.0.1:port`` to ``host:target_port``. ``cut(down_for=s)`` closes every open connection and
     refuses new ones (accepted, then closed at once, as a dead link looks) for ``s`` seconds."""
 
-    def __init__(self, host: str, target_port: int) -> None:
+    def __init__(self, host: str, target_port: int, *more_ports: int) -> None:
         self.target = (host, target_port)
+        self.targets = [(host, p) for p in (target_port, *more_ports)]
+        self.per_target = [0] * len(self.targets)  # connections forwarded to each
+        self._next = 0
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self.listener.getsockname()[1]
         self.accepted = 0  # connections forwarded
@@ -53,9 +58,8 @@ class TcpProxy:
                 self.refused += 1
                 _close(client)
                 continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
+            upstream = self._connect()
+            if upstream is None:
                 _close(client)
                 continue
             upstream.settimeout(None)
@@ -64,6 +68,19 @@ class TcpProxy:
                 self.accepted += 1
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+
+
+    def _connect(self) -> socket.socket | None:
+        """A connection to the next target in turn that takes one (None if none does)."""
+        for _ in range(len(self.targets)):
+            i, self._next = self._next, (self._next + 1) % len(self.targets)
+            try:
+                upstream = socket.create_connection(self.targets[i], timeout=5)
+            except OSError:
+                continue
+            self.per_target[i] += 1
+            return upstream
+        return None
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:

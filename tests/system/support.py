@@ -7,6 +7,7 @@ context manager that started it.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -150,6 +151,22 @@ def publish(hub: RunningHub, files: ModelFiles, trainer: str, *, promote: bool =
         r = httpx.post(f"{hub.url}/v1/models/{files.manifest.version}/promote", headers=hub.admin_headers, timeout=30,
                        json={"override": True, "reason": "system test: active at once"})
         assert r.status_code == 200, r.text
+
+
+def assert_each_frame_once(cases: list[Case], expected: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Every case id at most once, and per device exactly the ``expected`` frames, each once (the frames the
+    hub holds per device are returned)."""
+    by_id = collections.Counter(c.case_id for c in cases)
+    assert max(by_id.values()) == 1, f"cases stored twice: {[k for k, v in by_id.items() if v > 1][:5]}"
+    got: dict[str, list[str]] = collections.defaultdict(list)
+    for c in cases:
+        got[c.device_id].append(c.tags["frame"])
+    for dev, want in expected.items():
+        frames = got[dev]
+        assert len(frames) == len(set(frames)), f"{dev}: a frame was filed twice"
+        assert set(frames) == want, (f"{dev}: missing {sorted(want - set(frames))[:5]}, "
+                                     f"extra {sorted(set(frames) - want)[:5]}")
+    return got
 
 
 def model_statuses(client: httpx.Client, token: str) -> dict[str, str]:

@@ -5,7 +5,6 @@ The hub runs on PostgreSQL when scripts/test.sh started one (FLYWHEEL_TEST_PG_UR
 
 from __future__ import annotations
 
-import collections
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from tests.support.models import make_model_files
 from .support import (
     agents_running,
     all_cases,
+    assert_each_frame_once,
     flagging_spec,
     fresh_pg_database,
     kill9,
@@ -67,18 +67,10 @@ def test_hub_killed_mid_upload_loses_and_duplicates_nothing(tmp_path: Path) -> N
         assert all(c == 0 for c in codes.values()), {a.device_id: a.log_tail() for a in agents}
 
         cases = all_cases(hub, labeler)
-        by_id = collections.Counter(c.case_id for c in cases)
-        assert max(by_id.values()) == 1
-        got: dict[str, list[str]] = collections.defaultdict(list)
-        for c in cases:
-            got[c.device_id].append(c.tags["frame"])
+        assert_each_frame_once(cases, expected)
+        by_id = {c.case_id for c in cases}
         retried = 0
         for a in agents:
-            frames = got[a.device_id]
-            assert len(frames) == len(set(frames)), f"{a.device_id}: a frame was filed twice"
-            assert set(frames) == expected[a.device_id], (
-                f"{a.device_id}: missing {sorted(expected[a.device_id] - set(frames))[:5]}, "
-                f"extra {sorted(set(frames) - expected[a.device_id])[:5]}")
             s = a.summary()
             assert s["frames"] == FRAMES and s["flagged"] == len(expected[a.device_id]) == s["spooled"], s
             assert s["uploaded"] == s["spooled"] and s["spool_items"] == 0 and s["evicted"] == 0, s
