@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fleet.errors import IntegrityError, InvalidInput, require
-from fleet.protocol import ModelManifest, SignedManifest
+from fleet.protocol import KeyRotation, ModelManifest, SignedManifest
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["KeyPair", "PRIVATE_KEY_ENV", "generate_keypair", "key_id", "load_private_key", "public_key_b64",
-    "read_keypair", "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"]
+__all__ = ["KeyPair", "KeyRing", "PRIVATE_KEY_ENV", "TrustedKey", "generate_keypair", "key_id", "load_private_key",
+    "public_key_b64", "read_keypair", "sign_manifest", "sign_rotation", "verify_file_sha256", "verify_manifest",
+    "verify_rotation", "write_keypair"]
 
 
 PRIVATE_KEY_ENV = "FLYWHEEL_SIGNING_KEY"  # PEM text of the private key, or a path to it
@@ -135,6 +136,101 @@ def verify_manifest(signed: SignedManifest, public_b64: str) -> ModelManifest:
             f"{key_id(public_b64)} (signed by key {signed.key_id})"
         ) from exc
     return signed.manifest
+
+
+def sign_rotation(old_key: Ed25519PrivateKey, new_public_b64: str, *, old_key_until: float,
+                  issued_at: float) -> KeyRotation:
+    """Announce ``new_public_b64`` as the fleet's key under ``old_key``, which keeps verifying model signatures
+    until ``old_key_until`` (unix seconds)."""
+    key_id(new_public_b64)  # refuses a key that is not 32 raw bytes of base64
+    unsigned = KeyRotation(new_public_key=new_public_b64.strip(), old_key_id=key_id(public_key_b64(old_key)),
+                           old_key_until=float(old_key_until), issued_at=float(issued_at), signature="-")
+    if unsigned.old_key_id == key_id(new_public_b64):
+        raise InvalidInput("the new key is the old key; a rotation needs a new key pair (flywheel keys generate)")
+    unsigned.validate()
+    unsigned.signature = base64.b64encode(old_key.sign(unsigned.signed_bytes())).decode("ascii")
+    return unsigned
+
+
+def verify_rotation(rotation: KeyRotation, old_public_b64: str) -> None:
+    """Raise IntegrityError unless ``rotation`` was signed by ``old_public_b64`` (the key it names as old)."""
+    require("cryptography", "edge")
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    rotation.validate()
+    if key_id(old_public_b64) != rotation.old_key_id:
+        raise IntegrityError(f"key rotation names old key {rotation.old_key_id}, not {key_id(old_public_b64)}")
+    key_id(rotation.new_public_key)
+    pub: Ed25519PublicKey = Ed25519PublicKey.from_public_bytes(_raw_public(old_public_b64))
+    try:
+        pub.verify(base64.b64decode(rotation.signature, validate=True), rotation.signed_bytes())
+    except (InvalidSignature, ValueError) as exc:
+        raise IntegrityError(f"key rotation to {key_id(rotation.new_public_key)} does not verify under key "
+                             f"{rotation.old_key_id}") from exc
+
+
+@dataclass
+class TrustedKey:
+    """A fleet key and, once a rotation replaced it, the end of the overlap in which its signatures still count."""
+
+    public_key: str
+    until: float | None = None
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+
+class KeyRing:
+    """The fleet keys a device (or the hub) trusts: the key pinned at enrollment, then each key a trusted key
+    announced (:class:`~fleet.protocol.KeyRotation`). A manifest verifies under the key it names, and under an
+    old key only until that key's overlap ends."""
+
+    def __init__(self, pinned: str) -> None:
+        key_id(pinned)
+        self.keys: list[TrustedKey] = [TrustedKey(pinned.strip())]
+
+    @classmethod
+    def following(cls, pinned: str, rotations: list[KeyRotation]) -> KeyRing:
+        """The ring after ``rotations`` in order; one that no key on the ring signed is skipped."""
+        ring = cls(pinned)
+        for r in rotations:
+            try:
+                ring.accept(r)
+            except (IntegrityError, InvalidInput):
+                continue
+        return ring
+
+    def get(self, kid: str) -> TrustedKey | None:
+        return next((k for k in self.keys if k.key_id == kid), None)
+
+    def accept(self, rotation: KeyRotation) -> bool:
+        """Follow ``rotation`` if a key on the ring signed it: trust its new key, and its old key's signatures only
+        until ``old_key_until``. False if it is already followed; IntegrityError if no trusted key signed it."""
+        signer = self.get(rotation.old_key_id)
+        if signer is None:
+            raise IntegrityError(f"key rotation signed by key {rotation.old_key_id}, which is not trusted here "
+                                 f"(trusted: {[k.key_id for k in self.keys]})")
+        verify_rotation(rotation, signer.public_key)
+        if self.get(key_id(rotation.new_public_key)) is not None:
+            return False
+        signer.until = rotation.old_key_until if signer.until is None else min(signer.until, rotation.old_key_until)
+        self.keys.append(TrustedKey(rotation.new_public_key.strip()))
+        return True
+
+    def verify(self, signed: SignedManifest, *, now: float) -> ModelManifest:
+        """The manifest, if a key on the ring made its signature and still counts at ``now``; else IntegrityError
+        that says which key signed it and why that is not enough."""
+        key = self.get(signed.key_id)
+        what = f"manifest signature for model {signed.manifest.version!r} does not verify"
+        if key is None:
+            raise IntegrityError(f"{what}: it is made by key {signed.key_id}, which is not a trusted fleet key "
+                                 f"(trusted: {[k.key_id for k in self.keys]})")
+        if key.until is not None and now > key.until:
+            raise IntegrityError(f"{what} any more: it is made by key {signed.key_id}, which was rotated out; its "
+                                 f"signatures counted until {key.until:.0f} (now {now:.0f})")
+        return verify_manifest(signed, key.public_key)
 
 
 def verify_file_sha256(path: Path, expected: str, expected_size: int | None = None) -> None:

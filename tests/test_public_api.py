@@ -30,7 +30,8 @@ SURFACES = {
         "Classification", "DB_INT", "Detection", "DetectorSpec", "DeviceList", "DevicePublic", "DeviceRevoked",
         "ENROLL_OUTCOMES", "EnrollRequest", "Enrollment", "EnrollmentAttemptList", "EnrollmentAttemptPublic",
         "EventPage", "FIELD_COUNTERS", "FieldCounts", "FieldMetrics", "Grant", "GrantCreate", "HEARTBEAT_COUNTERS",
-        "Health", "Heartbeat", "ISSUED_SCOPES", "InputSpec", "LABEL_STATUSES", "LabelPage", "LabelPost", "LabelPublic",
+        "Health", "Heartbeat", "ISSUED_SCOPES", "InputSpec", "KeyRotation",
+        "KeyRotationList", "LABEL_STATUSES", "LabelPage", "LabelPost", "LabelPublic",
         "LabelReceipt", "LearnedFit", "MAX_BOXES", "MAX_INT", "MODEL_STATUSES", "Message", "ModelList",
         "ModelManifest", "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "NAME_RE", "OTA_OUTCOMES",
         "OUTPUTS", "OtaReport", "PoolPage", "Prediction", "PromoteRequest", "Promotion", "QueueDepths",
@@ -43,8 +44,9 @@ SURFACES = {
         "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
         "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction"],
     "fleet.signing": [
-        "KeyPair", "PRIVATE_KEY_ENV", "generate_keypair", "key_id", "load_private_key", "public_key_b64",
-        "read_keypair", "sign_manifest", "verify_file_sha256", "verify_manifest", "write_keypair"],
+        "KeyPair", "KeyRing", "PRIVATE_KEY_ENV", "TrustedKey", "generate_keypair", "key_id", "load_private_key",
+        "public_key_b64", "read_keypair", "sign_manifest", "sign_rotation", "verify_file_sha256", "verify_manifest",
+        "verify_rotation", "write_keypair"],
 }
 
 

@@ -83,6 +83,7 @@ class Decider:
             predicted=result.predicted, latency_ms=result.latency_ms, flagged=len(result.captures),
             human=result.human, challenger_predicted=result.challenger_predicted,
             challenger_agrees=result.challenger_agrees, human_agrees=result.human_agrees,
+            version=active.version if active is not None else None,
         )
         self.on_result(result)
         self.on_spooled(window)

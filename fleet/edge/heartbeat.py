@@ -21,6 +21,7 @@ from fleet.edge.spool import Spool
 from fleet.edge.uplink import UplinkStats
 from fleet.errors import FlywheelError
 from fleet.protocol import Heartbeat
+from fleet.protocol.device import MAX_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ class Telemetry:
         self.challenger_compared = 0
         self.challenger_agreed = 0
         self._latency: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.predicted_version: str | None = None  # the model the histogram below is of
+        self._predicted = np.zeros(0, dtype=np.int64)
+        self.predicted_none = 0
 
     def record_batch(
         self,
@@ -51,15 +55,26 @@ class Telemetry:
         challenger_predicted: NDArray[Any] | None = None,
         challenger_agrees: NDArray[Any] | None = None,
         human_agrees: NDArray[Any] | None = None,
+        version: str | None = None,
     ) -> None:
         """One processed batch. ``predicted``: (n,) top-1 classes; ``human``: (n,) with -1 = unknown;
         ``latency_ms``: per-frame latency, one number for all or (n,); ``challenger_predicted``: (n,) or None.
         Entries of -1 in ``predicted``/``challenger_predicted`` (no valid output) are left out of comparisons.
         ``challenger_agrees``: (n,) the agreement already decided per frame (a detector's box sets: 1 agree,
         0 disagree, -1 not comparable), counted instead of comparing ``challenger_predicted``; ``human_agrees``
-        the same against the human's boxes, counted with the human comparisons."""
+        the same against the human's boxes, counted with the human comparisons. ``version``: the model that
+        predicted (the histogram of predictions starts again when it changes)."""
         n = len(predicted)
         with self._lock:
+            if version is not None and version != self.predicted_version:
+                self.predicted_version, self._predicted, self.predicted_none = version, self._predicted[:0], 0
+            if self.predicted_version is not None:
+                labels = np.asarray(predicted, dtype=np.int64)
+                known = labels[(labels >= 0) & (labels < MAX_CLASSES)]
+                self.predicted_none += int((labels < 0).sum())
+                counts = np.bincount(known, minlength=len(self._predicted))
+                counts[: len(self._predicted)] += self._predicted
+                self._predicted = counts
             self.frames_seen += n
             self.flagged += flagged
             if isinstance(latency_ms, np.ndarray):
@@ -97,6 +112,11 @@ class Telemetry:
             return 0.0, 0.0
         p50, p95 = np.percentile(window, [50, 95])
         return float(p50), float(p95)
+
+    def predictions(self) -> tuple[str | None, list[int], int]:
+        """(model, frames per predicted class, frames with no prediction) since that model became active."""
+        with self._lock:
+            return self.predicted_version, self._predicted.tolist(), self.predicted_none
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -144,6 +164,7 @@ class HeartbeatSender:
         up = self.uplink_stats
         p50, p95 = self.telemetry.latency_percentiles()
         active, challenger = self.versions()
+        predicted_version, predicted_counts, predicted_none = self.telemetry.predictions()
         return Heartbeat(
             device_id=self.device_id,
             sent_at=self.clock(),
@@ -166,6 +187,9 @@ class HeartbeatSender:
             challenger_agreed=t["challenger_agreed"],
             latency_p50_ms=round(p50, 3),
             latency_p95_ms=round(p95, 3),
+            predicted_version=predicted_version,
+            predicted_counts=predicted_counts,
+            predicted_none=predicted_none,
         )
 
     def send(self) -> bool:

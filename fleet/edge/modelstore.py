@@ -18,7 +18,9 @@ import io
 import json
 import logging
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,13 +30,14 @@ from numpy.typing import NDArray
 
 from fleet.edge.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, remove_stale_tmp
 from fleet.errors import FlywheelError, IntegrityError
-from fleet.protocol import ModelManifest, SignedManifest
-from fleet.signing import verify_file_sha256, verify_manifest
+from fleet.protocol import KeyRotation, KeyRotationList, ModelManifest, SignedManifest
+from fleet.signing import KeyRing, key_id, verify_file_sha256
 
 log = logging.getLogger(__name__)
 
 SLOTS = ("active", "previous", "challenger")
 ONNX_NAME = "model.onnx"
+ROTATIONS_NAME = "key_rotations.json"  # the fleet key rotations this device follows (fleet.signing.KeyRing)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -63,14 +66,49 @@ def model_dir_name(version: str, sha256: str) -> str:
 
 
 class ModelStore:
-    def __init__(self, root: str | Path, public_key: str) -> None:
+    def __init__(self, root: str | Path, public_key: str, *, clock: Callable[[], float] = time.time) -> None:
         self.root = Path(root)
-        self.public_key = public_key
+        self.public_key = public_key  # the fleet key pinned at enrollment
+        self.clock = clock
         self.versions = self.root / "versions"
         self.incoming = self.root / "incoming"
         for d in (self.root, self.versions, self.incoming):
             d.mkdir(parents=True, exist_ok=True)
         self.state_path = self.root / "state.json"
+        self.rotations_path = self.root / ROTATIONS_NAME
+        self.keyring = KeyRing.following(public_key, self._rotations())
+
+    # -- the fleet keys -----------------------------------------------------------------------
+
+    def verify(self, signed: SignedManifest) -> ModelManifest:
+        """The manifest, if a fleet key this device trusts signed it and still counts now (fleet.signing.KeyRing)."""
+        return self.keyring.verify(signed, now=self.clock())
+
+    def follow_rotations(self, rotations: list[KeyRotation]) -> list[str]:
+        """Trust the keys that ``rotations`` announce under keys this device trusts (kept on disk, so a restart
+        trusts the same); returns the new keys' ids. A rotation no trusted key signed is refused and logged."""
+        accepted: list[KeyRotation] = []
+        for r in rotations:
+            try:
+                if self.keyring.accept(r):
+                    accepted.append(r)
+            except FlywheelError as exc:
+                log.error("refusing a fleet key rotation: %s", exc)
+        if accepted:
+            atomic_write_bytes(self.rotations_path,
+                               KeyRotationList(self._rotations() + accepted).to_json().encode("utf-8"), mode=0o600)
+            log.warning("fleet key rotated: trusting %s; %s", [key_id(r.new_public_key) for r in accepted],
+                        ", ".join(f"key {k.key_id} until {k.until:.0f}" for k in self.keyring.keys if k.until))
+        return [key_id(r.new_public_key) for r in accepted]
+
+    def _rotations(self) -> list[KeyRotation]:
+        try:
+            return KeyRotationList.from_json(self.rotations_path.read_bytes()).rotations
+        except FileNotFoundError:
+            return []
+        except FlywheelError as exc:
+            log.error("model store: %s is unreadable (%s); trusting only the pinned key", self.rotations_path, exc)
+            return []
 
     # -- slots --------------------------------------------------------------------------------
 
@@ -104,7 +142,7 @@ class ModelStore:
             raise IntegrityError(f"model folder {directory.name}: {MANIFEST_NAME} is missing") from exc
         except FlywheelError as exc:
             raise IntegrityError(f"model folder {directory.name}: manifest unreadable: {exc}") from exc
-        manifest = verify_manifest(signed, self.public_key)
+        manifest = self.verify(signed)
         onnx = directory / ONNX_NAME
         if not onnx.is_file():
             raise IntegrityError(f"model folder {directory.name}: {ONNX_NAME} is missing")

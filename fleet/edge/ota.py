@@ -29,7 +29,6 @@ from fleet.edge.modelstore import MANIFEST_NAME, ONNX_NAME, ModelStore, StoredMo
 from fleet.errors import FlywheelError, IntegrityError, PermanentError, ProtocolError, RetryableError
 from fleet.inference.runtime import ModelError, ModelRuntime, health_check
 from fleet.protocol import Assignment, ModelRef, OtaReport
-from fleet.signing import verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +99,7 @@ class OtaManager:
                 "refusing assignment: it is for device %r, this device is %r", assignment.device_id, self.device_id
             )
             return self.models
+        self.store.follow_rotations(assignment.key_rotations)  # a new fleet key, announced under a trusted one
         with self._lock:
             # changes collect in _next and go live together: the loop never sees a new active model
             # without the challenger the same assignment brought
@@ -188,7 +188,7 @@ class OtaManager:
         try:
             signed = self.client.get_manifest(ref.version)
             (staged / MANIFEST_NAME).write_text(signed.to_json())
-            manifest = verify_manifest(signed, self.store.public_key)
+            manifest = self.store.verify(signed)
             if (manifest.version, manifest.onnx_sha256) != (ref.version, ref.onnx_sha256):
                 raise IntegrityError(
                     f"manifest is for {manifest.version} sha256 {manifest.onnx_sha256[:16]}..., but the assignment "

@@ -29,6 +29,16 @@ agree; a canary of one device is all the evidence there can be. The candidate ro
    least ``needed`` devices with ``rollback_min_device_compared`` comparisons: the two models behave in the
    field as neither does on its test set, which no retrain that held the gate should do.
 
+5. **prediction shift, with no human**: heartbeats carry each device's histogram of the model's predictions
+   (frames per top-1 class, and frames with none). With at least ``rollback_min_compared`` predictions on each
+   side, the candidate rolls back when its histogram differs from the incumbent's over the same rollout by a total
+   variation distance above ``rollback_shift_margin`` (the smallest shift worth a rollback: a better model moves
+   some predictions, not most), Pearson's chi-square test of homogeneity on the 2 x k table rejects equal
+   distributions at ``rollback_alpha`` (Agresti, section 3.2.1; its p-value by the Wilson-Hilferty normal
+   approximation of the chi-square tail, Johnson, Kotz & Balakrishnan, *Continuous Univariate Distributions* 1,
+   eq. 18.24, within 1e-3 of the exact tail where it matters, tested against SciPy), and at least ``needed``
+   devices with ``rollback_min_device_compared`` predictions each shift that far on their own.
+
 The reason names the test, its figures and the devices the evidence came from.
 """
 
@@ -80,14 +90,97 @@ class ShadowBound:
     source: str
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Rule 5's evidence: the candidate's prediction histogram per device in the rollout (label -> frames), and
+    the incumbent's, summed over the same rollout."""
+
+    candidate: dict[str, dict[str, int]]
+    incumbent: dict[str, int]
+
+
 def verdict(cfg: HubSettings, devices: list[DeviceEvidence], *, canary_size: int, candidate: Pooled,
-            incumbent: Pooled | None, shadow: ShadowBound | None = None) -> str | None:
+            incumbent: Pooled | None, shadow: ShadowBound | None = None,
+            predictions: Predictions | None = None) -> str | None:
     """Why the candidate must roll back (naming the devices), or None if the evidence does not say so."""
     needed = max(1, min(cfg.rollback_min_devices, canary_size))
     why = _human_verdict(cfg, devices, needed, canary_size=canary_size, candidate=candidate, incumbent=incumbent)
     if why is None and shadow is not None:
         why = shadow_verdict(cfg, devices, needed, shadow)
+    if why is None and predictions is not None:
+        why = shift_verdict(cfg, predictions, needed)
     return why
+
+
+def shift_verdict(cfg: HubSettings, evidence: Predictions, needed: int) -> str | None:
+    """Rule 5: the candidate's predictions are distributed unlike the incumbent's, by far and significantly."""
+    pooled: dict[str, int] = {}
+    for hist in evidence.candidate.values():
+        for k, v in hist.items():
+            pooled[k] = pooled.get(k, 0) + v
+    n_cand, n_inc = sum(pooled.values()), sum(evidence.incumbent.values())
+    if n_cand < cfg.rollback_min_compared or n_inc < cfg.rollback_min_compared:
+        return None
+    tvd = total_variation(pooled, evidence.incumbent)
+    if tvd <= cfg.rollback_shift_margin:
+        return None
+    chi2, df, p = chi_square_homogeneity(pooled, evidence.incumbent)
+    if p >= cfg.rollback_alpha:
+        return None
+    shifted = sorted(((dev, round(total_variation(h, evidence.incumbent), 3)) for dev, h in evidence.candidate.items()
+                      if sum(h.values()) >= cfg.rollback_min_device_compared
+                      and total_variation(h, evidence.incumbent) > cfg.rollback_shift_margin),
+                     key=lambda x: (-x[1], x[0]))
+    if len(shifted) < needed:
+        return None
+    top = sorted(pooled, key=lambda k: -pooled[k])[:3]
+    shown = ", ".join(f"{k}: {pooled[k] / n_cand:.2f} vs {evidence.incumbent.get(k, 0) / n_inc:.2f}" for k in top)
+    return (f"prediction distribution shifted from the incumbent's: total variation {tvd:.3f} > margin "
+            f"{cfg.rollback_shift_margin} over {n_cand} vs {n_inc} predictions ({shown}; Pearson chi-square test of "
+            f"homogeneity: chi2 = {chi2:.1f}, df = {df}, p = {p:.2g} < alpha {cfg.rollback_alpha}; no human needed), "
+            f"and so does each of {len(shifted)} devices (evidence needed from {needed}): {_shown(shifted)}")
+
+
+def total_variation(a: dict[str, int], b: dict[str, int]) -> float:
+    """Half the L1 distance between the two histograms' distributions (0 = the same, 1 = disjoint)."""
+    na, nb = sum(a.values()), sum(b.values())
+    if na <= 0 or nb <= 0:
+        return 0.0
+    return 0.5 * sum(abs(a.get(k, 0) / na - b.get(k, 0) / nb) for k in set(a) | set(b))
+
+
+def chi_square_homogeneity(a: dict[str, int], b: dict[str, int]) -> tuple[float, int, float]:
+    """``(chi2, df, p)`` of Pearson's test that two histograms come from one distribution: the 2 x k table of
+    their counts (labels neither side saw dropped), df = k - 1, p the upper tail by Wilson-Hilferty."""
+    labels = sorted(k for k in set(a) | set(b) if a.get(k, 0) + b.get(k, 0) > 0)
+    na, nb = sum(a.get(k, 0) for k in labels), sum(b.get(k, 0) for k in labels)
+    if na <= 0 or nb <= 0:
+        raise ValueError(f"both histograms need counts; received {na} and {nb}")
+    n = na + nb
+    chi2 = 0.0
+    for k in labels:
+        col = a.get(k, 0) + b.get(k, 0)
+        for observed, row in ((a.get(k, 0), na), (b.get(k, 0), nb)):
+            expected = row * col / n
+            chi2 += (observed - expected) ** 2 / expected
+    df = len(labels) - 1
+    return chi2, df, chi_square_sf(chi2, df)
+
+
+def chi_square_sf(x: float, df: int) -> float:
+    """P(X >= x) for X ~ chi-square(df): exact for df 1 and 2, else the Wilson-Hilferty cube-root normal
+    approximation."""
+    if df <= 0:
+        return 1.0
+    if x <= 0:
+        return 1.0
+    if df == 1:
+        return math.erfc(math.sqrt(x / 2.0))
+    if df == 2:
+        return math.exp(-x / 2.0)
+    h = 2.0 / (9.0 * df)
+    z = ((x / df) ** (1.0 / 3.0) - (1.0 - h)) / math.sqrt(h)
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
 
 
 def shadow_verdict(cfg: HubSettings, devices: list[DeviceEvidence], needed: int, bound: ShadowBound) -> str | None:

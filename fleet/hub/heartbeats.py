@@ -27,7 +27,7 @@ from fleet.hub import rollouts
 from fleet.hub.context import Hub
 from fleet.hub.db import upsert_add
 from fleet.hub.evidence import rate_violation
-from fleet.hub.models import Device, FieldMetric, HeartbeatState, Rollout, RolloutDeviceMetric
+from fleet.hub.models import Device, FieldMetric, HeartbeatState, PredictionCount, Rollout, RolloutDeviceMetric
 from fleet.protocol import Heartbeat, OtaReport
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ HEARTBEAT_VALUES = (
     "frames_seen", "flagged", "uploaded", "evicted", "upload_failures", "health_failures",
     "human_compared", "human_disagreed", "challenger_compared", "challenger_agreed",
 )
+PREDICTED, PREDICTED_VERSION = "predicted", "predicted_version"  # kept beside the counters of a (device, boot)
 _EVIDENCE = ("health_failures", "human_compared", "human_disagreed", "challenger_compared", "challenger_agreed")
 
 
@@ -65,10 +66,14 @@ def record_heartbeat(hub: Hub, s: Session, hb: Heartbeat) -> None:
     current = heartbeat_values(hb)
     state = s.get(HeartbeatState, (hb.device_id, hb.boot_id))
     delta = deltas(state.values if state is not None else None, current)
+    predicted = prediction_values(hb)
+    before = (state.values or {}) if state is not None else {}
+    same = before.get(PREDICTED_VERSION) == hb.predicted_version
+    predicted_delta = deltas(before.get(PREDICTED) if same else None, predicted)
     cfg = hub.settings
     last = device.last_seen_at if device.last_seen_at is not None else device.enrolled_at
-    why = rate_violation(delta, elapsed_s=now - last, max_rate_per_s=cfg.heartbeat_max_rate_per_s,
-                         grace_s=cfg.heartbeat_rate_grace_s)
+    why = rate_violation({**delta, "predicted": sum(predicted_delta.values())}, elapsed_s=now - last,
+                         max_rate_per_s=cfg.heartbeat_max_rate_per_s, grace_s=cfg.heartbeat_rate_grace_s)
     if why is not None:
         log.warning("heartbeat of %s refused: %s", hb.device_id, why)
         raise ProtocolError(why)
@@ -77,12 +82,13 @@ def record_heartbeat(hub: Hub, s: Session, hb: Heartbeat) -> None:
     device.boot_id = hb.boot_id
     device.spool_bytes, device.spool_items = hb.spool_bytes, hb.spool_items
     s.add(device)
+    kept = {**current, PREDICTED: predicted, PREDICTED_VERSION: hb.predicted_version}
     if state is None:
         s.add(HeartbeatState(device_id=hb.device_id, boot_id=hb.boot_id, model_version=hb.model_version,
-                             challenger_version=hb.challenger_version, values=current, sent_at=hb.sent_at,
+                             challenger_version=hb.challenger_version, values=kept, sent_at=hb.sent_at,
                              received_at=now))
     else:
-        state.values = current
+        state.values = kept
         state.model_version = hb.model_version
         state.challenger_version = hb.challenger_version
         state.sent_at = hb.sent_at
@@ -95,6 +101,30 @@ def record_heartbeat(hub: Hub, s: Session, hb: Heartbeat) -> None:
         return
     delta["heartbeats"] = 1
     _add(s, hb.device_id, hb.model_version, rollout, delta, {k: delta[k] for k in _EVIDENCE} | {"heartbeats": 1})
+    if hb.predicted_version == hb.model_version:
+        _add_predictions(s, hb.device_id, hb.model_version, rollout, predicted_delta)
+
+
+def prediction_values(hb: Heartbeat) -> dict[str, int]:
+    """The heartbeat's prediction histogram by label: class indices as text, and ``none``."""
+    out = {str(i): int(v) for i, v in enumerate(hb.predicted_counts) if v}
+    if hb.predicted_none:
+        out["none"] = int(hb.predicted_none)
+    return out
+
+
+def _add_predictions(s: Session, device_id: str, version: str, rollout: Rollout | None,
+                     increments: dict[str, int]) -> None:
+    """Sum a histogram's increase fleet-wide and, for a version in the running rollout, per device in it."""
+    places = [("all", "*")]
+    if rollout is not None and version in (rollout.version, rollout.incumbent):
+        places.append((rollout.rollout_id, device_id))
+    for label, n in sorted(increments.items()):
+        if n <= 0:
+            continue
+        for scope, dev in places:
+            s.execute(upsert_add(s.get_bind(), PredictionCount.__table__,  # type: ignore[arg-type]
+                                 {"scope": scope, "version": version, "device_id": dev, "label": label}, {"count": n}))
 
 
 def record_ota_failure(hub: Hub, s: Session, report: OtaReport) -> bool:

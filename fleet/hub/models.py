@@ -337,6 +337,31 @@ class UploadBucket(SQLModel, table=True):
     updated_at: float
 
 
+class KeyRotationRow(SQLModel, table=True):
+    """A fleet key rotation an admin posted (fleet.hub.keys): the new key, announced under a trusted one."""
+
+    __tablename__ = "key_rotations"
+
+    seq: int | None = Field(default=None, primary_key=True)
+    new_key_id: str = _id(64, unique=True)
+    payload: dict[str, Any] = _json()  # the KeyRotation as posted
+    created_at: float
+
+
+class PredictionCount(SQLModel, table=True):
+    """Frames a model version predicted as ``label`` (a class index, or ``none``), from heartbeats: summed over the
+    fleet (``scope`` ``all``, ``device_id`` ``*``) and per device within a rollout (``scope`` its id), for rule 5 of
+    fleet.hub.evidence."""
+
+    __tablename__ = "prediction_counts"
+
+    scope: str = _id(primary_key=True)
+    version: str = _id(primary_key=True)
+    device_id: str = _id(primary_key=True)
+    label: str = _id(16, primary_key=True)
+    count: int = Field(default=0, sa_type=sa.BigInteger)  # type: ignore[call-overload]
+
+
 class NoveltyBankRow(SQLModel, table=True):
     __tablename__ = "novelty_banks"
 

@@ -28,14 +28,16 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from fleet.errors import Conflict, NotFound
+from fleet.hub import keys
 from fleet.hub.context import Hub
-from fleet.hub.evidence import DeviceEvidence, Pooled, ShadowBound, verdict
+from fleet.hub.evidence import DeviceEvidence, Pooled, Predictions, ShadowBound, verdict
 from fleet.hub.models import (
     Campaign,
     Device,
     FieldMetric,
     ModelVersion,
     NoveltyBankRow,
+    PredictionCount,
     Rollout,
     RolloutDeviceMetric,
 )
@@ -113,6 +115,7 @@ def assignment_for(s: Session, device: Device, *, now: float) -> Assignment:
         campaigns=campaigns_for(s, device.group, now=now, model_version=active.version if active else None),
         rollout_id=rollout.rollout_id if rollout is not None else None,
         issued_at=now,
+        key_rotations=keys.rotations(s),
     )
 
 
@@ -340,7 +343,8 @@ def rollback_reason(hub: Hub, s: Session, rollout: Rollout) -> str | None:
                               human_compared=r.human_compared, human_disagreed=r.human_disagreed,
                               challenger_compared=r.challenger_compared, challenger_agreed=r.challenger_agreed)
                for r in rows]
-    if not devices:
+    predictions = prediction_evidence(s, rollout)
+    if not devices and predictions is None:
         return None
     cand = field_metrics(s, rollout.version, rollout.rollout_id)
     incumbent = None
@@ -351,7 +355,23 @@ def rollback_reason(hub: Hub, s: Session, rollout: Rollout) -> str | None:
         incumbent = Pooled(inc.human_compared, inc.human_disagreed)
     return verdict(hub.settings, devices, canary_size=canary_size(hub, s, rollout),
                    candidate=Pooled(cand.human_compared, cand.human_disagreed), incumbent=incumbent,
-                   shadow=shadow_bound(hub, s, rollout))
+                   shadow=shadow_bound(hub, s, rollout), predictions=predictions)
+
+
+def prediction_evidence(s: Session, rollout: Rollout) -> Predictions | None:
+    """Rule 5's histograms for ``rollout``: the candidate's per device, the incumbent's summed (None without an
+    incumbent or any prediction counted for the candidate)."""
+    if rollout.incumbent is None:
+        return None
+    rows = s.exec(select(PredictionCount).where(PredictionCount.scope == rollout.rollout_id)).all()
+    candidate: dict[str, dict[str, int]] = {}
+    incumbent: dict[str, int] = {}
+    for r in rows:
+        if r.version == rollout.version:
+            candidate.setdefault(r.device_id, {})[r.label] = int(r.count)
+        elif r.version == rollout.incumbent:
+            incumbent[r.label] = incumbent.get(r.label, 0) + int(r.count)
+    return Predictions(candidate, incumbent) if candidate else None
 
 
 def shadow_bound(hub: Hub, s: Session, rollout: Rollout) -> ShadowBound | None:

@@ -107,6 +107,9 @@ class HubSettings(BaseSettings):
                                       "come from (fewer only when the canary is smaller); see fleet.hub.evidence.")
     rollback_min_device_compared: int = Field(20, ge=1, description="Human-compared frames a device needs for "
                                               "its own disagreement to count as evidence.")
+    rollback_shift_margin: float = Field(0.25, ge=0, le=1, description="A canary's prediction histogram may "
+                                         "differ from the incumbent's by this total variation before a significant "
+                                         "shift rolls it back (fleet.hub.evidence, rule 5).")
     rollback_shadow_margin: float = Field(0.10, ge=0, le=1, description="Shadow disagreement with the incumbent "
                                           "above the offline bound + this rolls a canary back, with no human "
                                           "(fleet.hub.evidence, rule 4).")

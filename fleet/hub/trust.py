@@ -1,8 +1,8 @@
 """Serve only what the fleet key signs: models signed by a key the hub no longer trusts are retired at start.
 
-The signing key is a setting, so it changes only with a restart. When it does (a key rotated, or
-switched back), every model that could still reach a device (active, canary, candidate) is checked
-against the key now configured. One that does not verify is retired, and a running rollout of it
+The signing key is a setting, so it changes only with a restart; a rotation (fleet.hub.keys) adds keys and ends
+an old key's overlap. At start every model that could still reach a device (active, canary, candidate) is
+checked against the keys that count now. One that does not verify is retired, and a running rollout of it
 rolled back; if that leaves no active model, the most recently active model that does verify is
 made active again (none: devices keep what they run until a model signed by the new key arrives).
 Devices would refuse such a model anyway (they pin the key at enrollment): this keeps the hub from
@@ -19,33 +19,34 @@ from fleet.errors import IntegrityError, ProtocolError
 from fleet.hub import rollouts
 from fleet.hub.context import Hub
 from fleet.hub.db import write_session
+from fleet.hub.keys import keyring
 from fleet.hub.models import ModelVersion
 from fleet.protocol import SignedManifest
-from fleet.signing import key_id, verify_manifest
+from fleet.signing import KeyRing
 
 log = logging.getLogger(__name__)
 
 LIVE = ("active", "canary", "candidate")
 
 
-def trusted(mv: ModelVersion, public_key: str) -> bool:
-    """Whether ``mv``'s stored signed manifest verifies under ``public_key``."""
+def trusted(mv: ModelVersion, ring: KeyRing, now: float) -> bool:
+    """Whether ``mv``'s stored signed manifest verifies under a key of ``ring`` that still counts at ``now``."""
     try:
-        verify_manifest(SignedManifest.from_dict(mv.signed_manifest), public_key)
+        ring.verify(SignedManifest.from_dict(mv.signed_manifest), now=now)
     except (IntegrityError, ProtocolError):
         return False
     return True
 
 
 def retire_untrusted_models(hub: Hub) -> list[str]:
-    """Retire the live models the configured key does not verify; return their versions."""
-    key = hub.settings.public_key()
-    if key is None:
+    """Retire the live models the keys that count now do not verify; return their versions."""
+    if hub.settings.public_key() is None:
         return []
-    kid = key_id(key)
+    key, now = keyring(hub), hub.now()
+    kid = ", ".join(k.key_id for k in key.keys if k.until is None or k.until >= now)
     with write_session(hub.engine) as s:
         live = s.exec(select(ModelVersion).where(col(ModelVersion.status).in_(LIVE))).all()
-        bad = {mv.version for mv in live if not trusted(mv, key)}
+        bad = {mv.version for mv in live if not trusted(mv, key, now)}
         if not bad:
             return []
         why = f"signed by a key this hub no longer trusts (it trusts {kid})"
@@ -63,7 +64,7 @@ def retire_untrusted_models(hub: Hub) -> list[str]:
                                                         col(ModelVersion.activated_at).is_not(None),
                                                         col(ModelVersion.version).not_in(sorted(bad)))
                              .order_by(col(ModelVersion.activated_at).desc())).all()
-            fallback = next((mv for mv in earlier if trusted(mv, key)), None)
+            fallback = next((mv for mv in earlier if trusted(mv, key, now)), None)
             if fallback is not None:
                 rollouts.promote(hub, s, fallback.version)
                 log.warning("re-activated %s, the last active model signed by key %s", fallback.version, kid)

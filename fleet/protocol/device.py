@@ -13,6 +13,8 @@ HTTP surface of the hub for devices (JSON unless said otherwise; devices send ``
 ``GET  /v1/models/{version}/onnx``       -> the ONNX bytes
 ``POST /v1/ota-reports``                 :class:`OtaReport`
 ``GET  /v1/novelty-banks/{bank_id}``     -> the bank as ``.npz`` (see ``trigger.novelty``)
+``POST /v1/keys/rotations``              :class:`KeyRotation` (admin) -> :class:`KeyRotation`
+``GET  /v1/keys/rotations``              -> :class:`KeyRotationList`
 =======================================  =========================================================
 """
 
@@ -29,6 +31,7 @@ from fleet.protocol.base import (
     MAX_NAME,
     SCHEMA_VERSION,
     Message,
+    canonical_json,
     check_finite,
     check_fraction,
     check_int,
@@ -270,12 +273,57 @@ class CampaignRef(Message):
         opt(self.novelty_bank_version, check_name, "novelty_bank_version")
 
 
+MAX_ROTATIONS = 64
+
+
+@dataclass
+class KeyRotation(Message):
+    """A new fleet signing key, announced under the key it replaces (fleet.signing.sign_rotation): a device that
+    trusts the key ``old_key_id`` names trusts ``new_public_key`` from then on, and the old key's model signatures
+    only until ``old_key_until`` (unix seconds): the overlap in which both verify. ``signature``: base64 ed25519
+    by the old key over :meth:`signed_bytes`."""
+
+    new_public_key: str  # base64 of the raw 32-byte ed25519 public key
+    old_key_id: str
+    old_key_until: float
+    issued_at: float
+    signature: str
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_str(self.new_public_key, "new_public_key", max_len=128)
+        check_str(self.old_key_id, "old_key_id", max_len=64)
+        check_finite(self.issued_at, "issued_at")
+        if check_finite(self.old_key_until, "old_key_until") < self.issued_at:
+            raise ProtocolError(f"old_key_until ({self.old_key_until}) is before issued_at ({self.issued_at}): the "
+                                f"overlap in which both keys verify must not be negative")
+        check_str(self.signature, "signature", max_len=128)
+
+    def signed_bytes(self) -> bytes:
+        """What the old key signs: every field but the signature, canonical JSON, with a purpose so the bytes
+        cannot be mistaken for a manifest's."""
+        return canonical_json({"purpose": "flywheel fleet key rotation", "new_public_key": self.new_public_key,
+                               "old_key_id": self.old_key_id, "old_key_until": self.old_key_until,
+                               "issued_at": self.issued_at})
+
+
+@dataclass
+class KeyRotationList(Message):
+    """The fleet's key rotations, oldest first: a device that pinned the first key follows them in order."""
+
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"rotations": (KeyRotation, MAX_ROTATIONS)}
+
+    rotations: list[KeyRotation]
+    schema: int = SCHEMA_VERSION
+
+
 @dataclass
 class Assignment(Message):
     """What a device should run now: the active model, an optional shadow challenger, campaigns."""
 
     PARTS: ClassVar[dict[str, type[Message] | str]] = {"active": ModelRef, "challenger": ModelRef}
-    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"campaigns": (CampaignRef, 256)}
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"campaigns": (CampaignRef, 256),
+                                                                   "key_rotations": (KeyRotation, MAX_ROTATIONS)}
 
     device_id: str
     active: ModelRef | None
@@ -283,6 +331,7 @@ class Assignment(Message):
     campaigns: list[CampaignRef] = field(default_factory=list)
     rollout_id: str | None = None
     issued_at: float = 0.0
+    key_rotations: list[KeyRotation] = field(default_factory=list)  # the fleet key's rotations, oldest first
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
@@ -300,6 +349,7 @@ class Assignment(Message):
 # telemetry
 # ---------------------------------------------------------------------------------------------
 
+MAX_CLASSES = 1000  # classes a heartbeat's prediction histogram may hold
 HEARTBEAT_COUNTERS = ("frames_seen", "flagged", "uploaded", "evicted", "upload_failures", "health_failures")
 
 
@@ -321,11 +371,24 @@ class Heartbeat(Message):
     challenger_agreed: int = 0
     latency_p50_ms: float = 0.0
     latency_p95_ms: float = 0.0
+    # what the model ``predicted_version`` predicted since it became active in this boot: frames per top-1 class
+    # (a detector: per best box's class), and frames with no prediction (a detector that found nothing); the
+    # hub compares a candidate's with its incumbent's (fleet.hub.evidence, rule 5)
+    predicted_version: str | None = None
+    predicted_counts: list[int] = field(default_factory=list)
+    predicted_none: int = 0
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
         check_name(self.device_id, "device_id")
         check_name(self.boot_id, "boot_id")
+        opt(self.predicted_version, check_name, "predicted_version")
+        if not isinstance(self.predicted_counts, list) or len(self.predicted_counts) > MAX_CLASSES:
+            raise ProtocolError(f"predicted_counts must be a list of at most {MAX_CLASSES} counts; received "
+                                f"{self.predicted_counts!r:.80}")
+        for i, v in enumerate(self.predicted_counts):
+            check_int(v, f"predicted_counts[{i}]", lo=0)
+        check_int(self.predicted_none, "predicted_none", lo=0)
         check_finite(self.sent_at, "sent_at")
         opt(self.model_version, check_name, "model_version")
         opt(self.challenger_version, check_name, "challenger_version")

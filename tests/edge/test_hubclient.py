@@ -11,7 +11,7 @@ from fleet.edge.hubclient import HubClient
 from fleet.edge.spool import Spool
 from fleet.edge.uplink import UplinkStats
 from fleet.errors import Forbidden, IntegrityError, InvalidInput, NotFound, ServerBusy, TransportError, Unauthorized
-from fleet.protocol import BatchReceipt, CaseReceipt
+from fleet.protocol import BatchReceipt, CaseReceipt, Heartbeat
 from tests.edge.conftest import bank, client
 from tests.support.inproc import InProcHub
 
@@ -87,6 +87,20 @@ def test_heartbeat_is_valid_and_counts_evictions_since_boot(tmp_path: Path, hub:
     assert '"evicted": 1' in values  # what the hub keeps of it
     hub.faults.add("POST", "^/v1/heartbeats$", "503")
     assert not sender.send() and sender.failed == 1
+
+
+def test_the_heartbeat_carries_the_active_models_prediction_histogram(tmp_path: Path, hub: InProcHub) -> None:
+    t = Telemetry()
+    t.record_batch(predicted=np.array([0, 2, 2, -1]), latency_ms=1.0, flagged=0, version="v1")
+    t.record_batch(predicted=np.array([1, 2]), latency_ms=1.0, flagged=0, version="v1")
+    assert t.predictions() == ("v1", [1, 1, 3], 1)
+    t.record_batch(predicted=np.array([0, -1]), latency_ms=1.0, flagged=0, version="v2")  # a new model: afresh
+    assert t.predictions() == ("v2", [1], 1)
+    sender = HeartbeatSender(device_id="dev-1", telemetry=t, spool=Spool(tmp_path / "s.db", max_bytes=1 << 20),
+                             uplink_stats=UplinkStats(), client=client(hub), versions=lambda: ("v2", None))
+    hb = sender.build()
+    assert (hb.predicted_version, hb.predicted_counts, hb.predicted_none) == ("v2", [1], 1)
+    assert Heartbeat.from_json(hb.to_json()) == hb
 
 
 @pytest.mark.parametrize(

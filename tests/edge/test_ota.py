@@ -18,7 +18,7 @@ from fleet.edge.modelstore import ModelStore
 from fleet.edge.ota import OtaManager
 from fleet.errors import ProtocolError
 from fleet.inference.runtime import ModelRuntime
-from fleet.signing import sign_manifest
+from fleet.signing import generate_keypair, load_private_key, sign_manifest, sign_rotation
 from tests.edge.conftest import DEVICE, Keys, assign, client, publish
 from tests.support.faults import replaced
 from tests.support.inproc import InProcHub
@@ -354,3 +354,46 @@ def test_kill_9_during_ota_swaps_leaves_a_valid_active_model(tmp_path: Path, hub
             referenced = {v for v in store.state().values() if v}
             assert {p.name for p in store.versions.iterdir()} == referenced
     assert seen_versions  # the child really swapped models under the kills
+
+
+def test_a_device_follows_a_key_rotation_across_otas_and_a_restart(tmp_path: Path, hub: InProcHub, keys: Keys,
+                                                                     make_model) -> None:
+    """A new fleet key announced under the pinned one: the device installs models signed by either during the
+    overlap, keeps trusting the new key after a restart, and after the overlap refuses the old key's models."""
+    now = [time.time()]
+    store = ModelStore(tmp_path / "models", keys.public_b64, clock=lambda: now[0])
+    ota = OtaManager(store, client(hub), device_id=DEVICE)
+    v1 = make_model("v1")
+    publish(hub, v1)
+    assign(hub, v1)
+    follow(ota)
+    new = generate_keypair()
+    rotation = sign_rotation(keys.private, new.public_b64, old_key_until=now[0] + 3600, issued_at=now[0])
+    r = hub.client.post("/v1/keys/rotations", content=rotation.to_json(),
+                        headers={**hub.admin, "Content-Type": "application/json"})
+    assert r.status_code == 201, r.text
+
+    v2 = make_model("v2", seed=2, private_key=load_private_key(new.private_pem))  # signed by the new key
+    publish(hub, v2)
+    assign(hub, v2)
+    follow(ota)
+    assert ota.models.active is not None and ota.models.active.version == "v2"
+    assert (store.root / "key_rotations.json").stat().st_mode & 0o777 == 0o600
+
+    restarted = ModelStore(tmp_path / "models", keys.public_b64, clock=lambda: now[0])  # a reboot
+    assert restarted.get("active").version == "v2"  # type: ignore[union-attr]
+    ota = OtaManager(restarted, client(hub), device_id=DEVICE)
+    v3 = make_model("v3", seed=3)  # the old key, within the overlap: still fine
+    publish(hub, v3)
+    assign(hub, v3)
+    follow(ota)
+    assert ota.models.active is not None and ota.models.active.version == "v3"
+
+    now[0] += 7200  # the overlap is over on the device's clock
+    v4 = make_model("v4", seed=4)
+    publish(hub, v4)  # the hub (its own clock still in the overlap) takes it; the device must not
+    assign(hub, v4)
+    follow(ota)
+    report = hub.ota_reports()[-1]
+    assert (report.version, report.outcome) == ("v4", "refused") and "rotated out" in report.reason
+    assert ota.models.active is not None and ota.models.active.version == "v3"

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from fleet.errors import IntegrityError, InvalidInput
+from fleet.errors import IntegrityError, InvalidInput, ProtocolError
+from fleet.protocol import InputSpec, ModelManifest, SignedManifest
 from fleet.signing import (
     PRIVATE_KEY_ENV,
+    KeyRing,
     generate_keypair,
     key_id,
     load_private_key,
     sign_manifest,
+    sign_rotation,
     verify_file_sha256,
     verify_manifest,
     write_keypair,
@@ -74,3 +77,56 @@ def test_keys_from_file_env_and_refusals(tmp_path: Path, monkeypatch: pytest.Mon
         load_private_key(b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
     with pytest.raises(InvalidInput, match="32 raw bytes"):
         key_id("c2hvcnQ=")
+
+
+# ---------------------------------------------------------------------------------------------
+# key rotation (fleet.signing.KeyRing)
+# ---------------------------------------------------------------------------------------------
+
+
+def _signed(version: str, private: object) -> SignedManifest:
+    spec = InputSpec(height=8, width=8, channels=1, mean=[0.0], std=[1.0])
+    manifest = ModelManifest(version=version, onnx_sha256="0" * 64, onnx_size=1, input=spec, class_names=["a", "b"],
+                             embedding_dim=4, created_at=0.0)
+    return sign_manifest(manifest, private)  # type: ignore[arg-type]
+
+
+def test_a_rotation_trusts_the_new_key_and_the_old_one_only_through_the_overlap() -> None:
+    old, new = generate_keypair(), generate_keypair()
+    old_key, new_key = load_private_key(old.private_pem), load_private_key(new.private_pem)
+    rotation = sign_rotation(old_key, new.public_b64, old_key_until=1_000.0, issued_at=100.0)
+    ring = KeyRing(old.public_b64)
+    with pytest.raises(IntegrityError, match="not a trusted fleet key"):
+        ring.verify(_signed("by-new", new_key), now=200.0)
+    assert ring.accept(rotation) and not ring.accept(rotation)  # the second time: already followed
+    assert ring.verify(_signed("by-old", old_key), now=1_000.0).version == "by-old"  # the overlap's last second
+    assert ring.verify(_signed("by-new", new_key), now=200.0).version == "by-new"
+    with pytest.raises(IntegrityError, match="rotated out"):
+        ring.verify(_signed("by-old", old_key), now=1_000.5)
+    assert ring.verify(_signed("by-new", new_key), now=10_000.0).version == "by-new"
+
+
+def test_a_rotation_signed_by_an_untrusted_key_or_tampered_with_is_refused() -> None:
+    old, new, stranger = generate_keypair(), generate_keypair(), generate_keypair()
+    ring = KeyRing(old.public_b64)
+    forged = sign_rotation(load_private_key(stranger.private_pem), new.public_b64, old_key_until=5.0, issued_at=1.0)
+    with pytest.raises(IntegrityError, match="not trusted here"):
+        ring.accept(forged)
+    good = sign_rotation(load_private_key(old.private_pem), new.public_b64, old_key_until=5.0, issued_at=1.0)
+    stretched = dataclasses.replace(good, old_key_until=5e9)  # a longer overlap than the old key signed
+    with pytest.raises(IntegrityError, match="does not verify"):
+        ring.accept(stretched)
+    assert [k.key_id for k in ring.keys] == [old.key_id]
+    with pytest.raises(InvalidInput, match="new key is the old key"):
+        sign_rotation(load_private_key(old.private_pem), old.public_b64, old_key_until=5.0, issued_at=1.0)
+    with pytest.raises(ProtocolError, match="before issued_at"):
+        sign_rotation(load_private_key(old.private_pem), new.public_b64, old_key_until=0.5, issued_at=1.0)
+
+
+def test_rotations_chain_and_a_ring_follows_them_in_order() -> None:
+    k1, k2, k3 = generate_keypair(), generate_keypair(), generate_keypair()
+    r12 = sign_rotation(load_private_key(k1.private_pem), k2.public_b64, old_key_until=10.0, issued_at=1.0)
+    r23 = sign_rotation(load_private_key(k2.private_pem), k3.public_b64, old_key_until=20.0, issued_at=11.0)
+    ring = KeyRing.following(k1.public_b64, [r12, r23])
+    assert [(k.key_id, k.until) for k in ring.keys] == [(k1.key_id, 10.0), (k2.key_id, 20.0), (k3.key_id, None)]
+    assert [k.key_id for k in KeyRing.following(k1.public_b64, [r23]).keys] == [k1.key_id]  # r23 needs k2 first

@@ -118,3 +118,30 @@ def test_a_dev_hub_logs_the_warning_when_it_starts(tmp_path: Path, caplog: pytes
     with caplog.at_level("WARNING", logger="fleet.hub.app"):
         create_app(HubSettings(dev=True, data_dir=tmp_path))
     assert any("DEV MODE" in r.getMessage() for r in caplog.records)
+
+
+def test_keys_rotate_announces_a_new_key_to_a_hub(live: RunningHub, tmp_path: Path) -> None:
+    from fleet.keys_cli import app as keys_app
+    from fleet.protocol import KeyRotation, KeyRotationList
+    from fleet.signing import KeyRing, write_keypair
+
+    old_dir = tmp_path / "old"
+    write_keypair(live.keypair, old_dir)
+    assert runner.invoke(keys_app, ["generate", "--out", str(tmp_path / "new")]).exit_code == 0
+    args = ["rotate", "--old-key", str(old_dir / "signing.key"), "--new-pub", str(tmp_path / "new" / "signing.pub"),
+            "--overlap-days", "2"]
+    printed = runner.invoke(keys_app, args)  # no --hub: the announcement, to post by other means
+    assert printed.exit_code == 0, printed.output
+    rotation = KeyRotation.from_json(printed.stdout)
+    assert KeyRing(live.keypair.public_b64).accept(rotation)
+    assert 2 * 86400 - 60 < rotation.old_key_until - rotation.issued_at <= 2 * 86400
+    r = runner.invoke(keys_app, [*args, "--hub", live.url, "--token", live.admin_token])
+    assert r.exit_code == 0 and "count until" in r.output, r.output
+    got = KeyRotationList.from_json(httpx.get(live.url + "/v1/keys/rotations",
+                                              headers={"Authorization": f"Bearer {live.token('trainer')}"}).content)
+    assert [x.new_public_key for x in got.rotations] == [rotation.new_public_key]
+    same = runner.invoke(keys_app, ["rotate", "--old-key", str(old_dir / "signing.key"), "--new-pub",
+                                    str(old_dir / "signing.pub")])
+    assert same.exit_code == 2 and "new key is the old key" in same.output
+    wrong = runner.invoke(keys_app, [*args, "--hub", live.url, "--token", "wrong"])
+    assert wrong.exit_code == 1 and "401" in wrong.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fleet.hub.evidence import DeviceEvidence, Pooled, two_proportion_z, verdict
@@ -95,3 +96,53 @@ def test_shadow_disagreement_rolls_back_without_humans_only_beyond_what_the_test
     # a bound so loose that nothing can exceed it: no test
     loose = ShadowBound(0.95, "x")
     assert verdict(cfg, shadow_devices(4, 50, 0), canary_size=4, candidate=none, incumbent=None, shadow=loose) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# rule 5: Pearson's chi-square test of homogeneity, cross-checked against SciPy
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 5, 9, 20, 99])
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 0.999])
+def test_chi_square_tail_matches_scipy(df: int, q: float) -> None:
+    from scipy import stats
+
+    from fleet.hub.evidence import chi_square_sf
+
+    x = float(stats.chi2.ppf(q, df))
+    assert chi_square_sf(x, df) == pytest.approx(1.0 - q, abs=2e-3, rel=0.15)
+
+
+def test_chi_square_homogeneity_matches_scipy_on_the_same_table() -> None:
+    from scipy import stats
+
+    from fleet.hub.evidence import chi_square_homogeneity
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        k = int(rng.integers(2, 12))
+        a = rng.integers(0, 60, k)
+        b = rng.integers(0, 60, k)
+        a[0] += 1
+        b[0] += 1
+        keep = (a + b) > 0
+        chi2, p, df, _ = stats.chi2_contingency(np.stack([a[keep], b[keep]]), correction=False)
+        ours = chi_square_homogeneity({str(i): int(v) for i, v in enumerate(a)}, {str(i): int(v) for i, v in
+                                                                                   enumerate(b)})
+        assert ours[0] == pytest.approx(chi2, rel=1e-9) and ours[1] == df
+        assert ours[2] == pytest.approx(p, abs=2e-3, rel=0.15)
+
+
+def test_shift_verdict_needs_size_distance_significance_and_devices() -> None:
+    from fleet.hub.evidence import Predictions, shift_verdict
+
+    cfg = HubSettings(dev=True, rollback_min_compared=50, rollback_min_device_compared=20)
+    even = {"0": 100, "1": 100, "2": 100}
+    far = {"d1": {"0": 50, "1": 5, "2": 5}, "d2": {"0": 48, "1": 6, "2": 6}}
+    assert shift_verdict(cfg, Predictions(far, even), needed=2) is not None
+    assert shift_verdict(cfg, Predictions({"d1": {"0": 40, "1": 4, "2": 4}}, even), needed=1) is None  # < 50
+    near = {"d1": {"0": 30, "1": 25, "2": 25}, "d2": {"0": 30, "1": 25, "2": 25}}
+    assert shift_verdict(cfg, Predictions(near, even), needed=2) is None  # total variation under 0.25
+    one = {"d1": {"0": 90, "1": 5, "2": 5}, "d2": {"0": 10, "1": 10, "2": 10}}
+    assert shift_verdict(cfg, Predictions(one, even), needed=2) is None  # one device alone shifted

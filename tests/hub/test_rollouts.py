@@ -403,3 +403,58 @@ def test_a_new_rollout_or_promotion_ends_an_overrides_watch(hub: HubHarness) -> 
     assert _status(hub, first)["state"] == "completed" and "watch ended: m3" in _status(hub, first)["reason"]
     ro = _rollout(hub, "m4", stages=[0.5, 1.0])  # the trainer's staged rollout is not blocked either
     assert ro["incumbent"] == "m3"
+
+
+def _hb_predicted(hub: HubHarness, device: str, version: str, counts: list[int], *, none: int = 0,
+                  boot: str = "b1") -> None:
+    """A heartbeat that carries the active model's prediction histogram (cumulative since it became active)."""
+    body = {"device_id": device, "sent_at": hub.clock(), "boot_id": boot, "model_version": version,
+            "counters": {"frames_seen": sum(counts) + none, "flagged": 1},
+            "predicted_version": version, "predicted_counts": counts, "predicted_none": none}
+    r = hub.client.post("/v1/heartbeats", json=body, headers=hub.devices[device])
+    assert r.status_code == 204, r.text
+
+
+@pytest.mark.parametrize("shifted", [True, False])
+def test_a_shift_in_the_prediction_distribution_rolls_a_canary_back_with_no_human(hub_factory: Any,
+                                                                                    shifted: bool) -> None:
+    """Neither humans nor a shadow model: the canary's only evidence is what it predicts. A candidate that puts
+    most frames in class 0 where the incumbent spreads them evenly rolls back; one within the margin does not."""
+    hub = hub_factory()
+    hub.register_model("m1", promote=True)
+    devices = _fleet(hub)
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[0.5, 1.0])
+    canary = [d for d in devices if _assign(hub, d).active.version == "m2"]  # type: ignore[union-attr]
+    for d in devices:
+        if d in canary:
+            _hb_predicted(hub, d, "m2", [50, 5, 5] if shifted else [24, 19, 17], none=0)
+        else:
+            _hb_predicted(hub, d, "m1", [20, 20, 20])
+    status = hub.client.get(f"/v1/rollouts/{ro['rollout_id']}", headers=hub.trainer).json()
+    if not shifted:
+        assert status["state"] == "running", status["reason"]
+        return
+    assert status["state"] == "rolled_back", status
+    reason = status["reason"]
+    assert reason.startswith("prediction distribution shifted from the incumbent's: total variation 0.500 > margin")
+    assert "Pearson chi-square test of homogeneity" in reason and "no human needed" in reason
+    assert hub.model_statuses() == {"m1": "active", "m2": "retired"}
+
+
+def test_prediction_histograms_count_per_version_and_restart_with_a_new_model(hub: HubHarness) -> None:
+    from sqlmodel import Session, select
+
+    from fleet.hub.models import PredictionCount
+
+    hub.enroll("d9")
+    _hb_predicted(hub, "d9", "m1", [3, 1])
+    _hb_predicted(hub, "d9", "m1", [5, 2], none=4)  # cumulative: +2, +1, +4
+    with Session(hub.hub.engine) as s:
+        got = {(r.version, r.label): r.count for r in s.exec(select(PredictionCount)
+                                                            .where(PredictionCount.scope == "all")).all()}
+    assert got == {("m1", "0"): 5, ("m1", "1"): 2, ("m1", "none"): 4}
+    body = {"device_id": "d9", "sent_at": hub.clock(), "boot_id": "b1", "model_version": "m1",
+            "predicted_counts": [1] * 1001}
+    r = hub.client.post("/v1/heartbeats", json=body, headers=hub.devices["d9"])
+    assert r.status_code == 422 and "predicted_counts" in r.text

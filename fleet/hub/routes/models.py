@@ -32,6 +32,7 @@ from fleet.hub.blobs import hash_file
 from fleet.hub.bodies import parse_json
 from fleet.hub.context import Hub
 from fleet.hub.db import insert_ignore, read_session, write_session
+from fleet.hub.keys import keyring
 from fleet.hub.models import Blob, ModelVersion
 from fleet.protocol import (
     ModelList,
@@ -46,7 +47,6 @@ from fleet.protocol import (
     SignedManifest,
     check_name,
 )
-from fleet.signing import verify_manifest
 
 router = APIRouter(tags=["models"])
 
@@ -77,11 +77,7 @@ def register_model(hub: Hub, manifest_text: str | bytes, onnx: BinaryIO | bytes)
     cfg = hub.settings
     signed = SignedManifest.from_dict(parse_json(manifest_text, "part 'manifest'", max_bytes=cfg.max_json_bytes,
                                                  max_depth=cfg.max_json_depth, invalid=ProtocolError))
-    key = cfg.public_key()
-    if key is None:
-        raise ProtocolError("this hub has no fleet public key configured (FLYWHEEL_HUB_SIGNING_PUBLIC_KEY); it "
-                            "cannot verify models")
-    manifest = verify_manifest(signed, key)  # IntegrityError -> 422
+    manifest = keyring(hub).verify(signed, now=hub.now())  # IntegrityError -> 422
     fh: BinaryIO = io.BytesIO(onnx) if isinstance(onnx, bytes) else onnx
     start = fh.tell()
     digest, size = hash_file(fh, limit=max(manifest.onnx_size, 0))
