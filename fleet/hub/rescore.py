@@ -80,6 +80,26 @@ def not_rescored(version: str, states: tuple[str, ...] = RESCORE_STATES, *, fail
     return sa.and_(col(CaseRow.state).in_(states), CaseRow.model_version != version, ~sa.exists().where(*row))
 
 
+def space_columns(space: str | None) -> tuple[Any, Any, Any]:
+    """(informativeness, embedding, from-clause) of cases in ``space``'s model: the case's own columns where that
+    model captured it (or with no model named), else its ``case_scores`` row for that model."""
+    if space is None:
+        return col(CaseRow.uncertainty), col(CaseRow.embedding), CaseRow
+    own = CaseRow.model_version == space
+    join = sa.outerjoin(CaseRow, CaseScore, sa.and_(CaseScore.case_id == CaseRow.case_id,  # type: ignore[arg-type]
+                                                    CaseScore.model_version == space))
+    unc = sa.case((own, CaseRow.uncertainty), else_=CaseScore.uncertainty)
+    emb = sa.case((own, CaseRow.embedding), else_=CaseScore.embedding)
+    return unc, emb, join
+
+
+def in_space(space: str | None) -> Any:
+    """The condition, over :func:`space_columns`' from-clause, for a case scored in ``space``'s model."""
+    if space is None:
+        return sa.true()
+    return sa.or_(CaseRow.model_version == space, col(CaseScore.uncertainty).is_not(None))
+
+
 def remaining(hub: Hub, version: str) -> int:
     with read_session(hub.engine) as s:
         return int(s.exec(select(sa.func.count()).select_from(CaseRow).where(not_rescored(version))).one())

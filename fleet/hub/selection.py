@@ -12,7 +12,7 @@ Every strategy has the same signature::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,7 +30,7 @@ TYPICALITY_K = 20  # neighbours in TypiClust's typicality
 class Strategy(Protocol):
     def __call__(
         self, uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
-        rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+        rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
     ) -> np.ndarray: ...
 
 
@@ -115,20 +115,97 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, 1e-12)
 
 
-def min_cosine_distance(a: np.ndarray, b: np.ndarray, *, chunk: int = 2048) -> np.ndarray:
-    """a: (n, d), b: (m, d) -> (n,) cosine distance from each row of a to its nearest row of b (inf if m=0)."""
-    a, b = l2_normalize(a), l2_normalize(b)
-    out = np.full(len(a), np.inf, dtype=np.float32)
-    if len(b) == 0 or len(a) == 0:
-        return out
-    for i in range(0, len(b), chunk):
-        sims = a @ b[i : i + chunk].T
-        out = np.minimum(out, 1.0 - sims.max(axis=1))
-    return np.maximum(out, 0.0)
+SIMILARITY_BACKENDS = ("auto", "faiss", "numpy")
+
+
+def _faiss(backend: str) -> Any:
+    """The faiss module for ``backend`` ("auto": if installed), or None for numpy."""
+    if backend not in SIMILARITY_BACKENDS:
+        raise InvalidInput(f"unknown similarity backend {backend!r}; expected one of {list(SIMILARITY_BACKENDS)}")
+    if backend == "numpy":
+        return None
+    try:
+        import faiss
+    except ImportError:
+        if backend == "faiss":
+            raise InvalidInput("similarity backend 'faiss' needs faiss-cpu: pip install 'edge-flywheel[hub]'") from None
+        return None
+    return faiss
+
+
+class CosineIndex:
+    """Vectors for nearest-neighbour queries by cosine distance: rows are unit-normalised and searched exactly by
+    inner product through FAISS (``IndexFlatIP``; "auto" uses it when installed) or numpy. It grows with
+    :meth:`add`, so a hub worker indexes its labeled set once and adds what gets labeled later."""
+
+    def __init__(self, dim: int, *, backend: str = "auto") -> None:
+        self.dim = int(dim)
+        self._faiss = _faiss(backend)
+        self._index = self._faiss.IndexFlatIP(self.dim) if self._faiss is not None else None
+        self._parts: list[np.ndarray] = []
+        self._n = 0
+
+    @classmethod
+    def of(cls, x: np.ndarray, *, backend: str = "auto") -> CosineIndex:
+        index = cls(np.asarray(x).shape[1], backend=backend)
+        index.add(x)
+        return index
+
+    def __len__(self) -> int:
+        return self._n
+
+    def add(self, x: np.ndarray) -> None:
+        """x: (k, dim) -> indexed (unit-normalised)."""
+        x = np.ascontiguousarray(l2_normalize(np.asarray(x).reshape(-1, self.dim)))
+        if not len(x):
+            return
+        if self._index is not None:
+            self._index.add(x)
+        self._parts.append(x)
+        self._n += len(x)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(n, dim) the unit rows indexed so far."""
+        if len(self._parts) > 1:
+            self._parts = [np.concatenate(self._parts)]
+        return self._parts[0] if self._parts else np.zeros((0, self.dim), np.float32)
+
+    def min_distance(self, a: np.ndarray, *, chunk: int = 2048) -> np.ndarray:
+        """a: (n, dim) -> (n,) cosine distance from each row to its nearest indexed row (inf if none)."""
+        a = np.ascontiguousarray(l2_normalize(a))
+        out = np.full(len(a), np.inf, dtype=np.float32)
+        if self._n == 0 or len(a) == 0:
+            return out
+        if self._index is not None:
+            sims, _ = self._index.search(a, 1)
+            return np.maximum(1.0 - sims[:, 0], 0.0).astype(np.float32)
+        b = self.vectors
+        for i in range(0, len(b), chunk):
+            out = np.minimum(out, 1.0 - (a @ b[i : i + chunk].T).max(axis=1))
+        return np.maximum(out, 0.0)
+
+
+Labeled = np.ndarray | CosineIndex  # what the strategies take as the labeled set: its embeddings, or an index
+
+
+def _vectors(labeled: Labeled | None) -> np.ndarray | None:
+    return labeled.vectors if isinstance(labeled, CosineIndex) else labeled
+
+
+def min_cosine_distance(a: np.ndarray, b: Labeled, *, chunk: int = 2048) -> np.ndarray:
+    """a: (n, d), b: (m, d) or a :class:`CosineIndex` -> (n,) cosine distance from each row of a to its nearest row
+    of b (inf if m=0)."""
+    if not isinstance(b, CosineIndex):
+        b = np.asarray(b, np.float32)
+        if b.ndim != 2:
+            raise InvalidInput(f"b must have shape (m, d); received {b.shape}")
+        b = CosineIndex.of(b)
+    return b.min_distance(a, chunk=chunk)
 
 
 def k_center_greedy(
-    embeddings: np.ndarray, budget: int, *, seeds: np.ndarray | None = None, first: int = 0,
+    embeddings: np.ndarray, budget: int, *, seeds: Labeled | None = None, first: int = 0,
 ) -> np.ndarray:
     """embeddings: (n, d) -> (<= budget,) indices of a greedy k-center cover (cosine distance).
 
@@ -161,7 +238,7 @@ def assign_clusters(embeddings: np.ndarray | None, picked: np.ndarray) -> np.nda
     return np.asarray(np.argmax(x @ centers.T, axis=1), dtype=np.int64)
 
 
-def _near_labeled(embeddings: np.ndarray | None, labeled: np.ndarray | None, threshold: float) -> np.ndarray:
+def _near_labeled(embeddings: np.ndarray | None, labeled: Labeled | None, threshold: float) -> np.ndarray:
     if embeddings is None or labeled is None or len(labeled) == 0 or threshold <= 0:
         n = 0 if embeddings is None else len(embeddings)
         return np.zeros(n, dtype=bool)
@@ -176,7 +253,7 @@ def _near_labeled(embeddings: np.ndarray | None, labeled: np.ndarray | None, thr
 @register("random")
 def random_strategy(
     uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
-    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
 ) -> np.ndarray:
     """A uniform sample of the pool (the baseline every other strategy must beat)."""
     n = len(uncertainty)
@@ -188,7 +265,7 @@ def random_strategy(
 @register("uncertainty")
 def uncertainty_strategy(
     uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
-    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
 ) -> np.ndarray:
     """The most uncertain first (ties broken at random)."""
     u = np.asarray(uncertainty, dtype=np.float64)
@@ -201,7 +278,7 @@ def uncertainty_strategy(
 @register("uncertainty+diversity")
 def uncertainty_diversity_strategy(
     uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
-    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
 ) -> np.ndarray:
     """Spread the budget over clusters of the pool in proportion to their informativeness mass.
 
@@ -247,7 +324,7 @@ def uncertainty_diversity_strategy(
 @register("uncertainty+kcenter")
 def uncertainty_kcenter_strategy(
     uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
-    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
 ) -> np.ndarray:
     """k-center greedy over the embeddings of the pool (the top-M most uncertain), seeded by the labeled.
 
@@ -268,7 +345,7 @@ def uncertainty_kcenter_strategy(
 @register("typiclust")
 def typiclust_strategy(
     uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
-    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
 ) -> np.ndarray:
     """Typical frames of the parts of the pool the labels do not cover yet (TypiClust, Hacohen et al., ICML
     2022), for the cold start, where a weak model's uncertainty is no better than chance.
@@ -285,7 +362,8 @@ def typiclust_strategy(
     if len(keep) == 0 or budget <= 0:
         return np.zeros(0, dtype=np.int64)
     x = l2_normalize(embeddings[keep])
-    lab = l2_normalize(labeled) if labeled is not None and len(labeled) else np.zeros((0, x.shape[1]))
+    vec = _vectors(labeled)
+    lab = l2_normalize(vec) if vec is not None and len(vec) else np.zeros((0, x.shape[1]))
     m = len(lab)
     k = int(min(TYPICLUST_MAX_CLUSTERS, len(keep), m + budget))
     clusters = spherical_kmeans(np.concatenate([lab, x]), k, rng=rng)
@@ -311,7 +389,7 @@ def typiclust_strategy(
 @register("adaptive")
 def adaptive_strategy(
     uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
-    rng: np.random.Generator, labeled: np.ndarray | None = None, dup_threshold: float = 0.0,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
 ) -> np.ndarray:
     """Budget-aware: ``typiclust`` while fewer than :data:`COLD_START_LABELS` frames are labeled (the model
     is too weak for its uncertainty to mean much), ``uncertainty+diversity`` from then on."""

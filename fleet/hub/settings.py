@@ -128,6 +128,9 @@ class HubSettings(BaseSettings):
         "active", description="Whose scores and embeddings selection uses: the active model's (cases it has "
         "not re-scored come last; fleet.hub.rescore), or each case's capturing model's, mixed (the behaviour "
         "before re-scoring, kept for comparison).")
+    similarity_search: Literal["auto", "faiss", "numpy"] = Field(
+        "auto", description="Nearest-neighbour search for selection's dedup and coverage: FAISS (exact inner product "
+        "on unit vectors; 'auto' when faiss-cpu is installed) or numpy (fleet.hub.selection.CosineIndex).")
     rescore_threads: int = Field(1, ge=1, le=64, description="onnxruntime threads when re-scoring the pool with "
                                  "the active model (fleet.hub.rescore).")
     max_selection_budget: int = Field(5000, ge=1)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
+from sqlmodel import Session
 
 from fleet.errors import InvalidInput
+from fleet.hub.models import CaseRow
 from fleet.hub.selection import (
     STRATEGIES,
+    CosineIndex,
     get_strategy,
     k_center_greedy,
     min_cosine_distance,
@@ -155,6 +160,56 @@ def test_selection_skips_near_duplicates_of_labeled_cases(hub: HubHarness) -> No
                                 headers=hub.labeler).json()["cases"]
         ids = {c["case"]["case_id"] for c in cases}
         assert twin not in ids and other in ids, strategy
+
+
+@pytest.mark.parametrize("backend", ["faiss", "numpy"])
+def test_the_labeled_set_is_indexed_once_and_grows_with_new_labels(hub_factory: Any, backend: str) -> None:
+    """Each worker keeps the labeled embeddings indexed (fleet.hub.labeled_set): a later selection adds only what
+    was labeled since, and dedup sees it; a withdrawn label makes it index again from scratch."""
+    hub = hub_factory(similarity_search=backend)
+    hub.register_model("m1", promote=True)
+    hub.enroll("d1")
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(6, 16)).astype(np.float32)
+    first = hub.send_case("d1", embedding=vecs[0], probs=[0.4, 0.3, 0.3])
+    hub.label(first, 0)
+    pool = [hub.send_case("d1", embedding=v, probs=[0.34, 0.33, 0.33]) for v in vecs[1:4]]
+
+    def select(budget: int) -> set[str]:
+        r = hub.client.post("/v1/selections", json={"budget": budget, "strategy": "uncertainty",
+                                                    "exclude_queued": False}, headers=hub.labeler)
+        assert r.status_code == 200, r.text
+        return {c["case"]["case_id"] for c in r.json()["cases"]}
+
+    assert select(3) == set(pool)
+    labeled = hub.hub.stats["labeled_sets"]["m1"]
+    index = labeled.indexes[16]
+    assert labeled.ids == {first} and len(index) == 1 and labeled.backend == backend
+    hub.label(pool[0], 1)  # labeled since: the next selection adds it, to the same index
+    twin = hub.send_case("d1", embedding=vecs[1] * 1.001, probs=[0.34, 0.33, 0.33])
+    assert twin not in select(5)  # a near duplicate of what was just labeled
+    assert hub.hub.stats["labeled_sets"]["m1"].indexes[16] is index and len(index) == 2
+    with Session(hub.hub.engine) as s:  # a label withdrawn (the case back in the pool)
+        s.exec(sa.update(CaseRow).where(CaseRow.case_id == first).values(state="unlabeled"))  # type: ignore[call-overload]
+        s.commit()
+    select(1)
+    rebuilt = hub.hub.stats["labeled_sets"]["m1"]
+    assert rebuilt.ids == {pool[0]} and len(rebuilt.indexes[16]) == 1
+
+
+@pytest.mark.parametrize("backend", ["faiss", "numpy"])
+def test_cosine_index_finds_the_nearest_row_as_brute_force_does(backend: str) -> None:
+    rng = np.random.default_rng(1)
+    b, a = rng.normal(size=(700, 24)).astype(np.float32), rng.normal(size=(60, 24)).astype(np.float32)
+    index = CosineIndex(24, backend=backend)
+    index.add(b[:300])
+    index.add(b[300:])
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    brute = 1.0 - (unit(a) @ unit(b).T).max(axis=1)
+    assert len(index) == 700 and index.vectors.shape == (700, 24)
+    assert index.min_distance(a) == pytest.approx(brute, abs=1e-5)
+    with pytest.raises(InvalidInput, match="annoy"):
+        CosineIndex(4, backend="annoy")
 
 
 def test_bad_selection_requests(hub: HubHarness) -> None:

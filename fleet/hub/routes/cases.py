@@ -28,7 +28,8 @@ from fleet.hub.context import Hub
 from fleet.hub.db import read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes, ingest_case, model_info
 from fleet.hub.ingest_batch import ingest_batch
-from fleet.hub.models import CaseRow, CaseScore
+from fleet.hub.labeled_set import labeled_set
+from fleet.hub.models import CaseRow
 from fleet.hub.models import Selection as SelectionRow
 from fleet.hub.multipart import TooManyParts, parse_form
 from fleet.hub.selection import assign_clusters, get_strategy
@@ -194,31 +195,29 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     rng = np.random.default_rng(body.seed)
     # one model's scores and embeddings (fleet.hub.rescore), or each case's capturing model's
     space = rescoring.active_version(hub) if cfg.selection_space == "active" else None
-    unc, emb, join = _space_columns(space)
+    unc, emb, join = rescoring.space_columns(space)
     q = select(CaseRow.case_id, unc, emb, CaseRow.image_sha256).select_from(join).where(
-        col(CaseRow.state).in_(states), _in_space(space))
+        col(CaseRow.state).in_(states), rescoring.in_space(space))
     q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(unc.desc(), CaseRow.case_id)
     with read_session(hub.engine) as s:
         rows = list(s.exec(q.limit(pool_n)).all())
-        labeled = s.exec(select(emb, CaseRow.image_sha256).select_from(join)
-                         .where(col(CaseRow.state).in_(["labeled", "held"]), _in_space(space))).all()
-        labeled_hashes = set(s.exec(select(CaseRow.image_sha256).where(col(CaseRow.state).in_(["labeled", "held"])))
-                             .all())
         n_rest = 0 if space is None else int(s.exec(select(func.count()).select_from(CaseRow).where(
             rescoring.not_rescored(space, tuple(states), failed_too=True))).one())
         rest: list[Any] = []
         if n_rest:  # not yet re-scored: ranked after every re-scored case, by capture-time score, no embeddings
             rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256).where(
-                _not_in_space(space, tuple(states)))
+                rescoring.not_rescored(space, tuple(states), failed_too=True))
             rq = rq.order_by(func.random()) if body.strategy == "random" else rq.order_by(
                 col(CaseRow.uncertainty).desc(), CaseRow.case_id)
             rest = list(s.exec(rq.limit(body.budget * cfg.selection_pool_factor)).all())
-    rows = [r for r in rows if r[3] not in labeled_hashes]
-    rest = [r for r in rest if r[3] not in labeled_hashes]
+    labeled = labeled_set(hub, space)  # indexed once per worker, then grown (fleet.hub.labeled_set)
+    rows = [r for r in rows if r[3] not in labeled.shas]
+    rest = [r for r in rest if r[3] not in labeled.shas]
     pool_size = len(rows) + n_rest
     ids = [r[0] for r in rows]
     uncertainty = np.asarray([r[1] for r in rows], dtype=np.float64)
-    embeddings, labeled_emb, with_emb = _embeddings(rows, [e for e, _ in labeled])
+    embeddings, with_emb = _embeddings(rows)
+    labeled_emb = None if embeddings is None else labeled.indexes.get(embeddings.shape[1])
     picked_local: list[int] = []
     if rows:
         if embeddings is not None:
@@ -292,42 +291,16 @@ def selected_case(hub: Hub, row: CaseRow, base: str, *, cluster: int = 0,
     )
 
 
-def _space_columns(space: str | None) -> tuple[Any, Any, Any]:
-    """(informativeness, embedding, from-clause) of cases in ``space``'s model: the case's own columns where that
-    model captured it (or with no active model), else its ``case_scores`` row for that model."""
-    if space is None:
-        return col(CaseRow.uncertainty), col(CaseRow.embedding), CaseRow
-    own = CaseRow.model_version == space
-    join = sa.outerjoin(CaseRow, CaseScore, sa.and_(CaseScore.case_id == CaseRow.case_id,  # type: ignore[arg-type]
-                                                    CaseScore.model_version == space))
-    unc = sa.case((own, CaseRow.uncertainty), else_=CaseScore.uncertainty)
-    emb = sa.case((own, CaseRow.embedding), else_=CaseScore.embedding)
-    return unc, emb, join
-
-
-def _in_space(space: str | None) -> Any:
-    if space is None:
-        return sa.true()
-    return sa.or_(CaseRow.model_version == space, col(CaseScore.uncertainty).is_not(None))
-
-
-def _not_in_space(space: str, states: tuple[str, ...]) -> Any:
-    return rescoring.not_rescored(space, states, failed_too=True)
-
-
-def _embeddings(rows: list[Any], labeled_raw: list[bytes | None]) -> tuple[np.ndarray | None, np.ndarray | None,
-                                                                            np.ndarray]:
-    """The pool's embeddings of its most common width, the labeled ones of that width, and their rows."""
+def _embeddings(rows: list[Any]) -> tuple[np.ndarray | None, np.ndarray]:
+    """The pool's embeddings of its most common width, and their rows."""
     dims = [len(r[2]) // 2 if r[2] else 0 for r in rows]
     widths = [d for d in dims if d > 0]
     if not widths:
-        return None, None, np.zeros(0, dtype=np.int64)
+        return None, np.zeros(0, dtype=np.int64)
     width = max(set(widths), key=widths.count)
     with_emb = np.asarray([i for i, d in enumerate(dims) if d == width], dtype=np.int64)
     emb = np.stack([decode_embedding_bytes(rows[i][2]) for i in with_emb])  # type: ignore[misc]
-    lab = [decode_embedding_bytes(e) for e in labeled_raw if e and len(e) // 2 == width]
-    labeled = np.stack(lab) if lab else None  # type: ignore[arg-type]
-    return emb, labeled, with_emb
+    return emb, with_emb
 
 
 def _drop_same_image(picked: list[int], rows: list[Any]) -> list[int]:
