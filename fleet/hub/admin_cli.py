@@ -121,6 +121,61 @@ def models_rollback(
     typer.echo(f"rolled back {r.rolled_back}; active: {r.active}")
 
 
+def _trial_line(t: Any) -> str:
+    agreement = "-" if t.agreement is None else f"{t.agreement:.3f}"
+    return (f"{t.trial_id}  {t.version} beside {t.incumbent} on group {t.group!r}: {t.state}, agreement {agreement} "
+            f"over {t.compared}/{t.frames} frames from {t.devices} devices"
+            + (f", rollout {t.rollout_id}" if t.rollout_id else ""))
+
+
+@models_app.command("shadow")
+def models_shadow(
+    version: str = typer.Argument(...),
+    group: str = typer.Option("default", "--group", help="The device group that runs it in shadow."),
+    frames: int = typer.Option(1000, "--frames", min=1, help="Frames to compare before the trial is done."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """Run VERSION as the challenger beside the active model on one group's devices for --frames frames; read its
+    field agreement with `flywheel models shadows`, then `flywheel models shadow-promote TRIAL`."""
+    from fleet.protocol import ShadowCreate, ShadowPublic
+
+    t = _call(hub, token, "POST", "/v1/shadows", ShadowPublic,
+              body=_request(ShadowCreate, version=version, group=group, frames=frames))
+    typer.echo(_trial_line(t))
+
+
+@models_app.command("shadows")
+def models_shadows(hub: str = HUB_URL, token: str = TOKEN,
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every shadow trial and its field agreement, newest first."""
+    from fleet.protocol import ShadowList
+
+    trials = _call(hub, token, "GET", "/v1/shadows", ShadowList).trials
+    if as_json:
+        typer.echo(json.dumps([t.to_dict() for t in trials], indent=2))
+        return
+    for t in trials:
+        typer.echo(_trial_line(t))
+
+
+@models_app.command("shadow-promote")
+def models_shadow_promote(
+    trial_id: str = typer.Argument(...),
+    stages: str = typer.Option("0.1,0.5,1.0", "--stages", help="The canary's stages, fractions of the fleet."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """Promote a shadow trial's candidate to a canary (a staged rollout with the usual rollback rules)."""
+    from fleet.protocol import RolloutPublic, ShadowPromote
+
+    try:
+        fractions = [float(x) for x in stages.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--stages must be fractions such as 0.1,0.5,1.0; received {stages!r}") from None
+    ro = _call(hub, token, "POST", f"/v1/shadows/{trial_id}/promote", RolloutPublic,
+               body=_request(ShadowPromote, stages=fractions))
+    typer.echo(f"{ro.version} is a canary: rollout {ro.rollout_id}, stages {ro.stages}")
+
+
 @campaigns_app.command("apply")
 def campaigns_apply(
     file: Path = typer.Argument(..., exists=True, dir_okay=False, help="Trigger spec JSON (or {spec, groups})."),

@@ -23,7 +23,7 @@ import logging
 from sqlmodel import Session
 
 from fleet.errors import NotFound, ProtocolError
-from fleet.hub import rollouts
+from fleet.hub import rollouts, shadows
 from fleet.hub.context import Hub
 from fleet.hub.db import upsert_add
 from fleet.hub.evidence import rate_violation
@@ -103,6 +103,9 @@ def record_heartbeat(hub: Hub, s: Session, hb: Heartbeat) -> None:
     _add(s, hb.device_id, hb.model_version, rollout, delta, {k: delta[k] for k in _EVIDENCE} | {"heartbeats": 1})
     if hb.predicted_version == hb.model_version:
         _add_predictions(s, hb.device_id, hb.model_version, rollout, predicted_delta)
+    if rollout is None and hb.challenger_version is not None:  # an operator's shadow trial on the device's group
+        shadows.record(hub, s, device_id=hb.device_id, group=device.group, model_version=hb.model_version,
+                       challenger_version=hb.challenger_version, increments=delta)
 
 
 def prediction_values(hb: Heartbeat) -> dict[str, int]:

@@ -243,6 +243,23 @@ class Rollout(SQLModel, table=True):
     finished_at: float | None = None
 
 
+class ShadowTrial(SQLModel, table=True):
+    """An operator's shadow trial (fleet.hub.shadows): ``version`` as the challenger on ``group`` for ``frames``."""
+
+    __tablename__ = "shadow_trials"
+
+    trial_id: str = _id(primary_key=True)
+    version: str = _id()
+    group: str = _id(index=True)
+    frames: int = Field(sa_type=sa.BigInteger)  # type: ignore[call-overload]
+    state: str = _id(16, default="running")
+    incumbent: str | None = _id(default=None)
+    created_at: float
+    ended_at: float | None = None
+    rollout_id: str | None = _id(default=None)
+    reason: str | None = Field(default=None, sa_type=sa.Text)  # type: ignore[call-overload]
+
+
 class HeartbeatState(SQLModel, table=True):
     """The last cumulative counters seen per (device, boot): heartbeat deltas are taken against it."""
 

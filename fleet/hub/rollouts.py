@@ -40,6 +40,7 @@ from fleet.hub.models import (
     PredictionCount,
     Rollout,
     RolloutDeviceMetric,
+    ShadowTrial,
 )
 from fleet.protocol import FIELD_COUNTERS, Assignment, CampaignRef, FieldMetrics, ModelRef, RolloutPublic
 
@@ -98,11 +99,24 @@ def assigned_models(s: Session, device_id: str) -> tuple[ModelVersion | None, Mo
     """(active, challenger) the hub assigns ``device_id`` now, and the running rollout if any."""
     rollout = running_rollout(s)
     if rollout is None:
-        return active_model(s), None, None
+        active = active_model(s)
+        return active, _trial_challenger(s, device_id, active), None
     incumbent = s.get(ModelVersion, rollout.incumbent) if rollout.incumbent else None
     if in_canary(device_id, rollout):
         return s.get(ModelVersion, rollout.version), (None if rollout.kind == "override" else incumbent), rollout
     return incumbent, None, rollout
+
+
+def _trial_challenger(s: Session, device_id: str, active: ModelVersion | None) -> ModelVersion | None:
+    """The candidate of a running shadow trial on the device's group (fleet.hub.shadows), beside ``active``."""
+    if active is None:
+        return None
+    device = s.get(Device, device_id)
+    if device is None:
+        return None
+    trial = s.exec(select(ShadowTrial).where(ShadowTrial.group == device.group, ShadowTrial.state == "running",
+                                             ShadowTrial.incumbent == active.version)).first()
+    return None if trial is None else s.get(ModelVersion, trial.version)
 
 
 def assignment_for(s: Session, device: Device, *, now: float) -> Assignment:

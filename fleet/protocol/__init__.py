@@ -136,6 +136,10 @@ from fleet.protocol.registry import (
     RolloutCreate,
     RolloutList,
     RolloutPublic,
+    ShadowCreate,
+    ShadowList,
+    ShadowPromote,
+    ShadowPublic,
 )
 from fleet.protocol.tasks import (
     MAX_BOXES,
@@ -163,7 +167,8 @@ __all__ = [
     "ModelPublic", "ModelReceipt", "ModelRef", "ModelSummary", "OtaReport", "PoolPage", "Prediction",
     "PromoteRequest", "Promotion", "QueueDepths", "Release", "RescoreProgress",
     "RescoreRequest", "RollbackReceipt", "RollbackRequest", "RolloutCreate",
-    "RolloutList", "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest", "SignedManifest",
+    "RolloutList", "RolloutPublic", "SelectedCase", "Selection", "SelectionRequest", "ShadowCreate", "ShadowList",
+    "ShadowPromote", "ShadowPublic", "SignedManifest",
     "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic", "StoredEvent", "Summary",
     "TokenCreate", "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "TriggerYield", "Verdict",
     "YieldReport", "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str",

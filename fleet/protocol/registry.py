@@ -10,6 +10,10 @@ novelty banks are in :mod:`fleet.protocol.campaigns`.
 ``POST /v1/models/{version}/retire``            -> :class:`ModelPublic`
 ``POST /v1/models/rollback``                    :class:`RollbackRequest` -> :class:`RollbackReceipt`
 ``POST /v1/models/{version}/rescore``           :class:`RescoreRequest` -> :class:`RescoreProgress`
+``POST /v1/shadows``                            :class:`ShadowCreate` -> :class:`ShadowPublic`
+``GET  /v1/shadows``                            -> :class:`ShadowList`
+``GET  /v1/shadows/{id}``                       -> :class:`ShadowPublic` (``/promote`` :class:`RolloutCreate`-like,
+                                                ``/cancel`` the same)
 ``POST /v1/rollouts``                           :class:`RolloutCreate` -> :class:`RolloutPublic`
 ``GET  /v1/rollouts``                           -> :class:`RolloutList`
 ``GET  /v1/rollouts/{id}``                      -> :class:`RolloutPublic` (``/advance``, ``/rollback`` the same)
@@ -331,3 +335,78 @@ def check_stages(value: Any) -> list[float]:
         raise ProtocolError(f"stages must be increasing fractions in (0, 1], like [0.1, 0.5, 1.0]; "
                             f"received {stages!r:.80}")
     return stages
+
+
+SHADOW_STATES = ("running", "done", "promoted", "cancelled")
+
+
+@dataclass
+class ShadowCreate(Message):
+    """Run ``version`` in shadow, as the challenger beside each device's active model, on the devices of
+    ``group`` until they have compared ``frames`` frames (fleet.hub.shadows)."""
+
+    version: str
+    group: str = "default"
+    frames: int = 1000
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.version, "version")
+        check_name(self.group, "group")
+        check_int(self.frames, "frames", lo=1, hi=10**9)
+
+
+@dataclass
+class ShadowPublic(Message):
+    """A shadow trial: where it stands, and the field agreement of its candidate with the active model so far
+    (``compared`` frames, of which ``agreed``; ``devices`` that reported)."""
+
+    trial_id: str
+    version: str
+    group: str
+    frames: int
+    state: str
+    created_at: float
+    incumbent: str | None = None
+    compared: int = 0
+    agreed: int = 0
+    agreement: float | None = None
+    devices: int = 0
+    ended_at: float | None = None
+    rollout_id: str | None = None
+    reason: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.trial_id, "trial_id")
+        check_name(self.version, "version")
+        check_name(self.group, "group")
+        check_int(self.frames, "frames", lo=1)
+        check_one_of(self.state, SHADOW_STATES, "state")
+        check_finite(self.created_at, "created_at")
+        for name in ("compared", "agreed", "devices"):
+            check_int(getattr(self, name), name, lo=0)
+        opt(self.agreement, check_fraction, "agreement")
+        opt(self.rollout_id, check_name, "rollout_id")
+
+
+@dataclass
+class ShadowList(Message):
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"trials": (ShadowPublic, 100_000)}
+
+    trials: list[ShadowPublic]
+    schema: int = SCHEMA_VERSION
+
+
+@dataclass
+class ShadowPromote(Message):
+    """Promote a shadow trial's candidate to a canary: a staged rollout over ``stages``."""
+
+    stages: list[float] = field(default_factory=lambda: [0.1, 0.5, 1.0])
+    stage_seconds: float | None = None
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_stages(self.stages)
+        if self.stage_seconds is not None and check_finite(self.stage_seconds, "stage_seconds") <= 0:
+            raise ProtocolError(f"stage_seconds must be > 0 (or null); received {self.stage_seconds}")

@@ -145,3 +145,27 @@ def test_keys_rotate_announces_a_new_key_to_a_hub(live: RunningHub, tmp_path: Pa
     assert same.exit_code == 2 and "new key is the old key" in same.output
     wrong = runner.invoke(keys_app, [*args, "--hub", live.url, "--token", "wrong"])
     assert wrong.exit_code == 1 and "401" in wrong.output
+
+
+def test_models_shadow_trials_from_the_command_line(live: RunningHub, tmp_path: Path) -> None:
+    trainer = {"Authorization": f"Bearer {live.token('trainer')}"}
+    files = make_model_files(tmp_path, "m-shadow", private_key=live.private_key(), seed=7)
+    r = httpx.post(live.url + "/v1/models", headers=trainer, data={"manifest": files.signed.to_json()},
+                   files={"onnx": ("m.onnx", files.onnx_path.read_bytes())})
+    assert r.status_code == 201, r.text
+    if not any(m["status"] == "active" for m in httpx.get(live.url + "/v1/models", headers=trainer).json()["models"]):
+        files0 = make_model_files(tmp_path, "m-base", private_key=live.private_key(), seed=8)
+        httpx.post(live.url + "/v1/models", headers=trainer, data={"manifest": files0.signed.to_json()},
+                   files={"onnx": ("m.onnx", files0.onnx_path.read_bytes())}).raise_for_status()
+        assert runner.invoke(models_app, ["promote", "m-base", "--hub", live.url, "--token",
+                                          live.admin_token]).exit_code == 0
+    opts = ["--hub", live.url, "--token", live.admin_token]
+    r = runner.invoke(models_app, ["shadow", "m-shadow", "--group", "cam-north", "--frames", "50", *opts])
+    assert r.exit_code == 0 and "m-shadow beside" in r.output and "running" in r.output, r.output
+    trial_id = r.output.split()[0]
+    listed = runner.invoke(models_app, ["shadows", "--json", *opts])
+    assert listed.exit_code == 0 and json.loads(listed.output)[0]["trial_id"] == trial_id
+    early = runner.invoke(models_app, ["shadow-promote", trial_id, *opts])
+    assert early.exit_code == 1 and "no field comparisons" in early.output
+    bad = runner.invoke(models_app, ["shadow-promote", trial_id, "--stages", "half", *opts])
+    assert bad.exit_code == 2 and "--stages" in bad.output

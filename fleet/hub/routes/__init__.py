@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from fleet.hub.routes import campaigns, cases, devices, keys, labels, lineage, models, observe, rollouts, snapshots
+from fleet.hub.routes import (
+    campaigns,
+    cases,
+    devices,
+    keys,
+    labels,
+    lineage,
+    models,
+    observe,
+    rollouts,
+    shadows,
+    snapshots,
+)
 
 ROUTERS = [
     observe.router, devices.router, cases.router, labels.router, snapshots.router, models.router,
-    rollouts.router, campaigns.router, lineage.router, keys.router,
+    rollouts.router, campaigns.router, lineage.router, keys.router, shadows.router,
 ]
