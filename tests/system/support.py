@@ -36,6 +36,7 @@ from fleet.protocol import (
 )
 from tests.support.hub import REPO, RunningHub, start_hub, stop
 from tests.support.models import ModelFiles
+from tests.support.services import missing_service
 
 PG_URL = os.environ.get("FLYWHEEL_TEST_PG_URL")
 PG_ADMIN_URL = os.environ.get("FLYWHEEL_TEST_PG_ADMIN_URL")
@@ -115,8 +116,11 @@ def respawn(hub: RunningHub, *, timeout: float = 60.0) -> None:
 
 @contextmanager
 def fresh_pg_database() -> Iterator[str | None]:
-    """A new empty PostgreSQL database (URL) on the server scripts/test.sh started; None without one."""
+    """A new empty PostgreSQL database (URL) on the server scripts/test.sh started; None without one (the test
+    then runs on SQLite), except under the test command, which promised PostgreSQL: then the test fails."""
     if not PG_URL or not PG_ADMIN_URL:
+        if os.environ.get("FLYWHEEL_TEST_SERVICES") == "required":
+            missing_service("FLYWHEEL_TEST_PG_URL is not set (scripts/test.sh starts PostgreSQL and sets it)")
         yield None
         return
     import psycopg
