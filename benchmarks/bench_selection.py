@@ -103,7 +103,7 @@ def child(db: Path, backend: str) -> dict[str, object]:
     out: dict[str, object] = {"backend": backend}
     with TestClient(create_app(settings)) as client:
         admin = {"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"}
-        r = client.post("/v1/tokens", json={"scope": "labeler", "name": "bench"}, headers=admin)
+        r = client.post("/v1/tokens", json={"scope": "labeler", "name": f"bench-{uuid.uuid4().hex[:8]}"}, headers=admin)
         assert r.status_code == 201, r.text
         token = r.json()["token"]
         for run in ("cold", "warm"):
