@@ -377,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--period", type=float, default=2.0, help="mean seconds between one device's actions")
     ap.add_argument("--workers", type=int, default=1, help="hub worker processes")
     ap.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite in the work dir)")
+    ap.add_argument("--s3-endpoint", default=None, help="Keep the hub's blobs in an S3-compatible server at this URL "
+                    "(a fresh bucket; credentials from boto3's chain) instead of its data folder")
     ap.add_argument("--max-growth", type=float, default=0.20, help="allowed RSS growth after warm-up")
     ap.add_argument("--max-late-slope", type=float, default=1.0,
                     help="allowed RSS slope over the second half of the run, MiB/min (steady memory)")
@@ -389,10 +391,20 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds if args.seconds is not None else 60.0 * (args.minutes if args.minutes is not None else 10)
     if not 1 <= seconds <= 4 * 3600:
         ap.error(f"the soak must last 1 s to 4 h; received {seconds:g} s")
+    extra_env = None
+    if args.s3_endpoint:
+        import secrets
+
+        import boto3
+
+        bucket = f"flywheel-soak-{secrets.token_hex(4)}"
+        boto3.client("s3", endpoint_url=args.s3_endpoint).create_bucket(Bucket=bucket)
+        extra_env = {"FLYWHEEL_HUB_BLOB_STORE": "s3", "FLYWHEEL_HUB_S3_BUCKET": bucket,
+                     "FLYWHEEL_HUB_S3_ENDPOINT_URL": args.s3_endpoint}
     with tempfile.TemporaryDirectory(prefix="flywheel-soak-") as tmp:
         work = args.workdir or Path(tmp)
         r = soak(args.devices, seconds, workdir=work, database_url=args.database_url, workers=args.workers,
-                 period_s=args.period)
+                 period_s=args.period, extra_env=extra_env)
     text = report(r, args.max_growth, args.max_late_slope)
     print(text)
     if r.error_samples:
@@ -403,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from _common import append
 
-        append(args.append, f"Soak: {r.devices} devices, {seconds / 60:g} min", text)
+        append(args.append, f"Soak: {r.devices} devices, {seconds / 60:g} min, {args.workers} worker(s)"
+               + (", blobs in S3" if args.s3_endpoint else ""), text)
     return 0 if r.ok(args.max_growth, args.max_late_slope) else 1
 
 
