@@ -124,9 +124,15 @@ def insert_ignore(engine: Engine, table: sa.Table, values: dict[str, Any]) -> sa
 
 def upsert_add(engine: Engine, table: sa.Table, keys: dict[str, Any], increments: dict[str, int]) -> Any:
     """INSERT keys+increments, or on conflict add the increments to the existing row."""
-    ins = dialect_insert(engine, table).values(**keys, **increments)
+    return upsert_add_rows(engine, table, [{**keys, **increments}], keys=list(keys), increments=list(increments))
+
+
+def upsert_add_rows(engine: Engine, table: sa.Table, rows: list[dict[str, Any]], *, keys: list[str],
+                    increments: list[str]) -> Any:
+    """:func:`upsert_add` for several rows in one statement (each key at most once among ``rows``)."""
+    ins = dialect_insert(engine, table).values(rows)
     return ins.on_conflict_do_update(
-        index_elements=list(keys),
+        index_elements=keys,
         set_={k: table.c[k] + ins.excluded[k] for k in increments},
     )
 

@@ -25,7 +25,7 @@ from sqlmodel import Session
 from fleet.errors import NotFound, ProtocolError
 from fleet.hub import rollouts, shadows
 from fleet.hub.context import Hub
-from fleet.hub.db import upsert_add
+from fleet.hub.db import upsert_add, upsert_add_rows
 from fleet.hub.evidence import rate_violation
 from fleet.hub.models import Device, FieldMetric, HeartbeatState, PredictionCount, Rollout, RolloutDeviceMetric
 from fleet.protocol import Heartbeat, OtaReport
@@ -122,12 +122,11 @@ def _add_predictions(s: Session, device_id: str, version: str, rollout: Rollout 
     places = [("all", "*")]
     if rollout is not None and version in (rollout.version, rollout.incumbent):
         places.append((rollout.rollout_id, device_id))
-    for label, n in sorted(increments.items()):
-        if n <= 0:
-            continue
-        for scope, dev in places:
-            s.execute(upsert_add(s.get_bind(), PredictionCount.__table__,  # type: ignore[arg-type]
-                                 {"scope": scope, "version": version, "device_id": dev, "label": label}, {"count": n}))
+    rows = [{"scope": scope, "version": version, "device_id": dev, "label": label, "count": n}
+            for label, n in sorted(increments.items()) if n > 0 for scope, dev in places]
+    if rows:  # one statement per heartbeat, whatever the number of classes
+        s.execute(upsert_add_rows(s.get_bind(), PredictionCount.__table__, rows,  # type: ignore[arg-type]
+                                  keys=["scope", "version", "device_id", "label"], increments=["count"]))
 
 
 def record_ota_failure(hub: Hub, s: Session, report: OtaReport) -> bool:

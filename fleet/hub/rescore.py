@@ -142,11 +142,8 @@ def score_cases(hub: Hub, runtime: Any, rows: list[tuple[str, str, dict[str, Any
     if ok:
         try:
             results = _score(runtime, frames, [p for _, p in ok])
-        except Exception as exc:  # onnxruntime refuses the batch (a frame the model cannot take): one by one
-            if len(ok) == 1:
-                results = [Scored("", None, None, None, None, error=f"model {runtime.version}: {exc}"[:500])]
-            else:
-                results = [_one(runtime, f, p) for f, (_, p) in zip(frames, ok, strict=True)]
+        except Exception:  # onnxruntime refuses the batch (a frame the model cannot take): one by one
+            results = [_one(runtime, f, p) for f, (_, p) in zip(frames, ok, strict=True)]
         for (case_id, _), r in zip(ok, results, strict=True):
             r.case_id = case_id
             out[case_id] = r

@@ -201,12 +201,11 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(unc.desc(), CaseRow.case_id)
     with read_session(hub.engine) as s:
         rows = list(s.exec(q.limit(pool_n)).all())
-        n_rest = 0 if space is None else int(s.exec(select(func.count()).select_from(CaseRow).where(
-            rescoring.not_rescored(space, tuple(states), failed_too=True))).one())
+        outside = None if space is None else rescoring.not_rescored(space, tuple(states), failed_too=True)
+        n_rest = 0 if outside is None else int(s.exec(select(func.count()).select_from(CaseRow).where(outside)).one())
         rest: list[Any] = []
         if n_rest:  # not yet re-scored: ranked after every re-scored case, by capture-time score, no embeddings
-            rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256).where(
-                rescoring.not_rescored(space, tuple(states), failed_too=True))
+            rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256).where(outside)
             rq = rq.order_by(func.random()) if body.strategy == "random" else rq.order_by(
                 col(CaseRow.uncertainty).desc(), CaseRow.case_id)
             rest = list(s.exec(rq.limit(body.budget * cfg.selection_pool_factor)).all())
