@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "label": ("labeling.cli", "app", "labeling", "Keep Label Studio and the hub in step."),
     "train": ("training.cli", "train_app", "train", "Retrain, gate, export and publish a model."),
     "export": ("training.cli", "export_app", "train", "Export a checkpoint to signed ONNX."),
+    "evaluate": ("training.cli", "evaluate_app", "train", "Evaluate an exported model on labeled images."),
     "keys": ("fleet.keys_cli", "app", "edge", "Generate the fleet's ed25519 signing keys."),
     "demo": ("fleet.sim.cli", "app", "all", "Run the whole loop on one machine, against random labeling."),
 }

@@ -20,6 +20,7 @@ EXIT_REJECTED = 3
 
 train_app = typer.Typer(add_completion=False, help="Retrain, gate, export and publish a model.")
 export_app = typer.Typer(add_completion=False, help="Export a checkpoint to signed ONNX.")
+evaluate_app = typer.Typer(add_completion=False, help="Evaluate an exported model on labeled images.")
 
 
 @train_app.command("train")
@@ -249,6 +250,36 @@ def export_command(
     (out / "export.json").write_text(json.dumps(result.to_dict(), indent=2))
     typer.echo(f"exported {result.manifest.version} ({result.shipped}, {result.size} bytes, parity "
                f"{result.parity_max_abs_diff:.2e}) -> {result.onnx_path}, {result.manifest_path}")
+
+
+@evaluate_app.command("evaluate")
+def evaluate_command(
+    model: Path = typer.Option(..., "--model", help="An exported model.onnx (its signed manifest.json beside it)."),
+    data: str = typer.Option(..., "--data", help="Labeled images: npz:PATH (detect: boxes) or coco:PATH (detect)."),
+    manifest: Path | None = typer.Option(None, "--manifest", help="The signed manifest (default: beside --model)."),
+    split: str = typer.Option("test", "--split", help="test | train: which split of --data."),
+    max_images: int | None = typer.Option(None, "--max-images", min=1, help="Evaluate at most this many images."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+) -> None:
+    """Run an exported model as the fleet does (onnxruntime, the device's decoding) over labeled images: top-1
+    accuracy (classifier) or COCO mAP (detector), overall and per slice."""
+    _logging()
+    import json
+
+    from training.evaluate_onnx import evaluate_exported
+
+    try:
+        result = evaluate_exported(model, data, manifest=manifest, split=split, max_images=max_images)
+    except FlywheelError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if as_json:
+        typer.echo(json.dumps(result, sort_keys=True, default=float))
+        return
+    head = "accuracy" if result["task"] == "classify" else "map"
+    typer.echo(f"{result['model_version']}: {head} {result[head]:.4f} on {result['n']} images")
+    for key, m in sorted(result["per_slice"].items()):
+        typer.echo(f"  {key}: {head} {m[head]:.4f} (n={m['n']})")
 
 
 def _export_detector(ckpt: dict[str, Any], out: Path, *, version: str | None, parent: str | None,

@@ -65,6 +65,19 @@ class DenseDetector(nn.Module):
         self.register_buffer("scale", torch.tensor([w, h, w, h], dtype=torch.float32, device=device),
                              persistent=False)
         self.image_size = (h, w)
+        with torch.no_grad():
+            width = sum(int(f.shape[1]) for f in features(detector, dummy))
+        self.register_buffer("embedding_center", torch.zeros(width, device=device), persistent=False)
+
+    @torch.no_grad()
+    def center_embedding(self, x: torch.Tensor, *, batch: int = 64) -> None:
+        """Subtract, from every embedding this module outputs, the mean embedding of the normalised images ``x``
+        (the training images). Pooled feature maps share a large common part (the background's response), so
+        uncentred, any two scenes lie within a few thousandths of cosine distance and the hub's dedup and
+        diversity see every scene as a near-duplicate; centred, cosine distance tells scenes apart."""
+        parts = [torch.cat([f.mean(dim=(2, 3)) for f in self.detector.backbone_features(x[i:i + batch])], dim=1)
+                 for i in range(0, len(x), batch)]
+        self.embedding_center.copy_(torch.cat(parts).mean(dim=0))
 
     @property
     def num_anchors(self) -> int:
@@ -75,7 +88,7 @@ class DenseDetector(nn.Module):
 
         net = self.detector.net
         feats = self.detector.backbone_features(x)
-        embedding = torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1)
+        embedding = torch.cat([f.mean(dim=(2, 3)) for f in feats], dim=1) - self.embedding_center
         out = net.head(feats)
         reg = out["bbox_regression"]
         if self.kind == "fcos":

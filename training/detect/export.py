@@ -99,6 +99,9 @@ def export_detector(
     shape = (spec.channels, spec.height, spec.width)
     detector = detector.cpu().float().eval()
     dense = DenseDetector(detector).eval()
+    centre_on = calibration if calibration is not None and len(calibration) else images
+    if len(centre_on):  # embeddings centred on the training images' mean (DenseDetector.center_embedding)
+        dense.center_embedding(torch.from_numpy(normalize_images(centre_on, spec).astype(np.float32)))
     post = detector_spec(detector, operating_threshold=operating_threshold)
     fp32 = out_dir / "model.fp32.onnx"
     export_onnx(dense, fp32, input_shape=shape, outputs=OUTPUTS)
