@@ -35,6 +35,7 @@ class ModelInfo:
     embedding_dim: int
     class_names: tuple[str, ...]
     task: str = "classify"
+    operating_threshold: float = 0.0  # a detector's: the boxes it reports score at least this
 
 
 def model_info(hub: Hub, version: str) -> ModelInfo | None:
@@ -44,9 +45,11 @@ def model_info(hub: Hub, version: str) -> ModelInfo | None:
         return hit if isinstance(hit, ModelInfo) else None
     with read_session(hub.engine) as s:
         mv = s.get(ModelVersion, version)
+    manifest = {} if mv is None else (mv.signed_manifest.get("manifest") or {})
     info = None if mv is None else ModelInfo(
         mv.version, len(mv.class_names), mv.embedding_dim, tuple(mv.class_names),
-        str((mv.signed_manifest.get("manifest") or {}).get("task", "classify")))
+        str(manifest.get("task", "classify")),
+        float((manifest.get("detector") or {}).get("operating_threshold", 0.0)))
     if info is not None:
         hub.models.put(version, info)
     return info
@@ -109,12 +112,14 @@ def prepare_case(hub: Hub, principal: Principal, case_text: str | bytes, image: 
     require_device(principal, case.device_id, "case")
     _check_image(hub, case, image)
     embedding, dim = _check_model(hub, case)
-    return PreparedCase(case=case, image=image, row=case_row(case, received_at=hub.now(), embedding=embedding,
-                                                              embedding_dim=dim, image_size=len(image)))
+    info = model_info(hub, case.model_version)
+    return PreparedCase(case=case, image=image, row=case_row(
+        case, received_at=hub.now(), embedding=embedding, embedding_dim=dim, image_size=len(image),
+        floor=info.operating_threshold if info is not None else 0.0))
 
 
 def case_row(case: Case, *, received_at: float, embedding: bytes | None, embedding_dim: int | None,
-             image_size: int) -> dict[str, Any]:
+             image_size: int, floor: float = 0.0) -> dict[str, Any]:
     """The ``cases`` row of a new case: the case itself as its payload (its embedding kept compactly beside
     it), and the columns the hub selects, counts and joins on."""
     payload = case.to_dict()
@@ -123,7 +128,7 @@ def case_row(case: Case, *, received_at: float, embedding: bytes | None, embeddi
         "case_id": case.case_id, "device_id": case.device_id, "captured_at": case.captured_at,
         "received_at": received_at, "model_version": case.model_version, "task": case.task,
         "predicted_class": case.prediction.label if isinstance(case.prediction, Classification) else None,
-        "uncertainty": case_informativeness(case),
+        "uncertainty": case_informativeness(case, floor=floor),
         "priority": case.priority, "campaign_id": case.campaign_id, "campaign_version": case.campaign_version,
         "payload": payload, "embedding": embedding, "embedding_dim": embedding_dim,
         "image_sha256": case.image_sha256, "image_size": image_size, "duplicate_of": None, "state": "unlabeled",
@@ -144,15 +149,15 @@ def detection_boxes(detections: list[Detection]) -> Boxes:
                              labels=[[b.label for b in bs] for bs in per], probs=probs)
 
 
-def case_informativeness(case: Case) -> float:
+def case_informativeness(case: Case, *, floor: float = 0.0) -> float:
     """How much labeling ``case`` would teach, in [0, 1] (see :func:`fleet.hub.selection.informativeness`, and
-    :func:`fleet.hub.selection.box_informativeness` for a detector's case)."""
+    :func:`fleet.hub.selection.box_informativeness` for a detector's case, ``floor`` its operating threshold)."""
     if isinstance(case.prediction, Detection):
         hb = case.human_action if isinstance(case.human_action, Detection) else None
         ch = case.challenger.prediction if case.challenger is not None else None
         return float(box_informativeness(
             detection_boxes([case.prediction]), human=None if hb is None else detection_boxes([hb]),
-            challenger=detection_boxes([ch]) if isinstance(ch, Detection) else None)[0])
+            challenger=detection_boxes([ch]) if isinstance(ch, Detection) else None, floor=floor)[0])
     assert isinstance(case.prediction, Classification)
     probs = np.asarray(case.prediction.probs, dtype=np.float64)[None, :]
     human = case.human_action.label if isinstance(case.human_action, Classification) else -1

@@ -166,8 +166,10 @@ def _score(runtime: Any, frames: list[np.ndarray], payloads: list[dict[str, Any]
     cases = [Case.from_dict({**p, "embedding": None}) for p in payloads]
     manifest: ModelManifest = runtime.manifest
     if out.detections is not None:
+        floor = manifest.detector.operating_threshold if manifest.detector is not None else 0.0
         u = [float(box_informativeness(out.detections.take([i]), human=_boxes(c.human_action),
-                                       challenger=_boxes(c.prediction))[0]) for i, c in enumerate(cases)]
+                                       challenger=_boxes(c.prediction), floor=floor)[0])
+             for i, c in enumerate(cases)]
         return [Scored("", u[i], None, raw[i], emb.shape[1]) for i in range(len(cases))]
     temperature = float(manifest.thresholds.get("temperature", 1.0))
     probs = softmax(np.asarray(out.logits, dtype=np.float64), temperature=temperature)

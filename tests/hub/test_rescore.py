@@ -187,7 +187,8 @@ def test_a_detector_pool_is_rescored_with_box_informativeness(hub: HubHarness) -
     from fleet.hub.ingest import detection_boxes
     from fleet.protocol import Detection
 
-    want = box_informativeness(det, challenger=detection_boxes([Detection([captured])]))[0]
+    want = box_informativeness(det, challenger=detection_boxes([Detection([captured])]),
+                               floor=files.manifest.detector.operating_threshold)[0]  # type: ignore[union-attr]
     row = scores(hub, "det2")["c-det"]
     assert row.embedding_dim == 8 and row.uncertainty == pytest.approx(float(want), abs=1e-6)
     assert row.uncertainty >= 0.5  # the two versions' boxes differ

@@ -284,3 +284,24 @@ def test_allocate_is_proportional_capped_and_exact() -> None:
     assert allocate(np.array([3.0, 1.0]), np.array([2, 100]), 8).tolist() == [2, 6]
     assert allocate(np.array([1.0, 1.0, 1.0]), np.array([1, 1, 1]), 10).sum() == 3
     assert allocate(np.array([0.0, 0.0]), np.array([5, 5]), 4).sum() == 4
+
+
+def test_a_detectors_frames_rank_by_how_much_the_human_disagrees() -> None:
+    """Where the human's boxes differ from the boxes the model reports (at its operating threshold), a frame
+    whose objects the model missed entirely outranks one where it missed one of three; a box under the
+    threshold is not reported, so it is no disagreement."""
+    from fleet.hub.selection import box_informativeness
+    from trigger.boxes import Boxes
+
+    obj = [[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.1, 0.6, 0.3, 0.9]]
+    model = Boxes.from_frames(
+        [np.zeros((0, 4)), np.array(obj[:2]), np.array(obj + [[0.7, 0.1, 0.9, 0.3]])],
+        scores=[[], [0.9, 0.9], [0.9, 0.9, 0.9, 0.2]], labels=[[], [0, 1], [0, 1, 2, 0]],
+        probs=[np.zeros((0, 3)), np.eye(3)[[0, 1]], np.eye(3)[[0, 1, 2, 0]]])
+    human = Boxes.from_frames([np.array(obj[:2]), np.array(obj), np.array(obj)],
+                              labels=[[0, 1], [0, 1, 2], [0, 1, 2]])
+    u = box_informativeness(model, human=human, floor=0.5)
+    assert u[0] == pytest.approx(1.0)  # both objects missed: 1 - F1 = 1
+    assert 0.9 < u[1] < u[0]  # one of three missed: 1 - F1 = 0.2
+    assert u[2] < 0.9  # the same objects reported; the low box under the floor is not a disagreement
+    assert box_informativeness(model, human=human, floor=0.0)[2] >= 0.9  # counted, it would be one
