@@ -77,6 +77,10 @@ class NpzSource:
 
     Arrays: ``images`` (n, h, w) or (n, h, w, c) uint8 (required); ``human`` (n,) int, -1 = unknown;
     ``ts`` (n,) float; and any ``tag_<name>`` (n,) array, which becomes tag ``<name>`` per frame.
+
+    For a detector, the human's boxes: ``human_boxes`` (t, 5) float ``[x1, y1, x2, y2, class]`` normalised,
+    ``human_box_frame`` (t,) int, the frame each box belongs to, and ``human_known`` (n,) bool, the frames where
+    the person's boxes are known (a known frame without a box: the person saw nothing). All three or none.
     """
 
     def __init__(self, path: str | Path, *, loop: bool = False, start: int = 0) -> None:
@@ -97,6 +101,7 @@ class NpzSource:
                 )
             self.human = self._column(data, "human", n, np.integer)
             self.ts = self._column(data, "ts", n, np.number)
+            self.human_boxes = self._human_boxes(data, n)
             self.tags: dict[str, NDArray[Any]] = {}
             for k in data.files:
                 col = self._column(data, k, n, None) if k.startswith("tag_") and len(k) > 4 else None
@@ -116,11 +121,41 @@ class NpzSource:
             raise InvalidInput(f"{self.path}: {key!r} must be {want}; received {col.dtype} {col.shape}")
         return col  # type: ignore[no-any-return]
 
+    def _human_boxes(self, data: Any, n: int) -> list[Detection | None] | None:
+        """Each frame's human boxes (None where unknown), from the three arrays the class docstring names."""
+        keys = ("human_boxes", "human_box_frame", "human_known")
+        present = [k for k in keys if k in data.files]
+        if not present:
+            return None
+        if len(present) != len(keys):
+            raise InvalidInput(f"{self.path}: the human's boxes need all of {list(keys)}; found only {present}")
+        rows, owner = data["human_boxes"], data["human_box_frame"]
+        known = self._column(data, "human_known", n, np.bool_)
+        assert known is not None
+        if rows.ndim != 2 or rows.shape[1] != 5 or not np.issubdtype(rows.dtype, np.number):
+            raise InvalidInput(f"{self.path}: 'human_boxes' must be numbers of shape (t, 5) [x1, y1, x2, y2, class]; "
+                               f"received {rows.dtype} {rows.shape}")
+        if owner.shape != (len(rows),) or not np.issubdtype(owner.dtype, np.integer) or \
+                (len(owner) and (owner.min() < 0 or owner.max() >= n)):
+            raise InvalidInput(f"{self.path}: 'human_box_frame' must be ({len(rows)},) frame indices in [0, {n}); "
+                               f"received {owner.dtype} {owner.shape}")
+        if len(owner) and not known[owner].all():
+            bad = int(owner[~known[owner]][0])
+            raise InvalidInput(f"{self.path}: frame {bad} has human boxes but 'human_known' is false there")
+        out: list[Detection | None] = [None] * n
+        order = np.argsort(owner, kind="stable")
+        starts = np.searchsorted(owner[order], np.arange(n + 1))
+        for i in np.flatnonzero(known):
+            sel = rows[order[starts[i]:starts[i + 1]]]
+            boxes = [[float(b[0]), float(b[1]), float(b[2]), float(b[3]), int(b[4])] for b in sel]
+            out[i] = human_boxes(boxes, f"{self.path}[{i}]")
+        return out
+
     def __len__(self) -> int:
         return len(self.images)
 
     def __iter__(self) -> Iterator[Frame]:
-        human_col, ts_col = self.human, self.ts
+        human_col, ts_col, boxes_col = self.human, self.ts, self.human_boxes
         first = self.start
         while True:
             for i in range(first, len(self.images)):
@@ -132,6 +167,7 @@ class NpzSource:
                     tags={name: str(col[i]) for name, col in self.tags.items()},
                     ts=float(ts_col[i]) if ts_col is not None else None,
                     position=i,
+                    human_boxes=boxes_col[i] if boxes_col is not None else None,
                 )
             first = 0
             if not self.loop or not len(self.images):

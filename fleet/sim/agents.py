@@ -22,6 +22,7 @@ from fleet.protocol import (
     RolloutPublic,
     SignedManifest,
 )
+from fleet.sim.detect_world import SceneFrames
 from fleet.sim.fleet import Frames
 from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged, start_logged, tail
 
@@ -121,8 +122,10 @@ def uploaded_frames(hub: HubProcess, labeler: Labeler) -> dict[str, str]:
     return out
 
 
-def error_capture(hub: HubProcess, ws: Path, shards: dict[str, Frames], uploaded: dict[str, str]) -> tuple[int, int]:
-    """How many frames each device's model got wrong this turn, and how many of those it uploaded."""
+def error_capture(hub: HubProcess, ws: Path, shards: dict[str, Frames] | dict[str, SceneFrames],
+                  uploaded: dict[str, str]) -> tuple[int, int]:
+    """How many errors each device's model made this turn, and how many of those were on frames it uploaded:
+    a classifier's wrong frames; a detector's missed and wrong boxes (:func:`box_errors`)."""
     versions = {d.device_id: d.model_version for d in hub.call("GET", "/v1/devices", DeviceList).devices}
     errors = captured = 0
     cache: dict[str, Any] = {}
@@ -132,11 +135,36 @@ def error_capture(hub: HubProcess, ws: Path, shards: dict[str, Frames], uploaded
             continue
         if version not in cache:
             cache[version] = load_model(hub, version, ws)
-        pred = cache[version].run(list(shard.images)).logits.argmax(1)
-        wrong = pred != shard.labels
+        runtime = cache[version]
+        if isinstance(shard, SceneFrames):
+            wrong = box_errors(runtime, shard)
+        else:
+            wrong = (runtime.run(list(shard.images)).logits.argmax(1) != shard.labels).astype(np.int64)
+        up = np.fromiter((str(f) in uploaded for f in shard.frame_ids), bool, len(shard))
         errors += int(wrong.sum())
-        captured += sum(1 for f in shard.frame_ids[wrong] if str(f) in uploaded)
+        captured += int(wrong[up].sum())
     return errors, captured
+
+
+def box_errors(runtime: Any, frames: SceneFrames, *, iou: float = 0.5) -> np.ndarray:
+    """(n,) per frame: the detector's missed true boxes plus its boxes that match no true box (or one of another
+    class), at IoU ``iou``, counting the boxes it reports (at its manifest's operating threshold)."""
+    from fleet.inference.detector import above
+    from trigger.boxes import Boxes, match_boxes
+
+    spec = runtime.manifest.detector
+    parts = [runtime.run(list(frames.images[i:i + 128])).detections for i in range(0, len(frames), 128)]
+    found = [above(d, spec.operating_threshold) for d in parts]
+    pred = Boxes.from_frames([d.boxes[d.rows(f)] for d in found for f in range(d.n)],
+                             labels=[d.labels[d.rows(f)] for d in found for f in range(d.n)])
+    boxes, labels = frames.truth_lists()
+    truth = Boxes.from_frames(boxes, labels=labels)
+    match_pred, match_true = match_boxes(pred, truth, iou=iou, classes=True)
+    same = match_pred >= 0
+    same[same] = pred.labels[same] == truth.labels[match_pred[same]]
+    wrong = np.bincount(pred.frame_index[~same], minlength=len(frames))
+    missed = np.bincount(truth.frame_index[match_true < 0], minlength=len(frames))
+    return (wrong + missed).astype(np.int64)
 
 
 def load_model(hub: HubProcess, version: str, ws: Path) -> Any:
@@ -167,6 +195,20 @@ def evaluate_onnx(onnx: Path | None, manifest: SignedManifest | None, test: Fram
     ok = preds == test.labels
     per = {str(c): float(ok[test.conditions == c].mean()) for c in np.unique(test.conditions)}
     return float(ok.mean()), per
+
+
+def evaluate_detector(onnx: Path | None, test_npz: Path, log_path: Path) -> tuple[float, dict[str, float]]:
+    """mAP@[.5:.95] overall and per condition of an exported detector on the test scenes of ``test_npz``, run as
+    the devices run it (``flywheel evaluate``: onnxruntime, the device's decoding, pycocotools' COCOeval)."""
+    from fleet.sim.procs import run_json
+
+    if onnx is None:
+        raise ValueError("no model to evaluate")
+    result = run_json(flywheel_cmd("evaluate", "--model", str(onnx), "--data", f"npz:{test_npz}", "--json"),
+                      log_path, timeout=600)
+    per = {k.removeprefix("condition="): float(v["map"]) for k, v in result["per_slice"].items()
+           if k.startswith("condition=")}
+    return float(result["map"]), per
 
 
 def rescore_pool(hub: HubProcess, say: Progress) -> RescoreProgress | None:

@@ -35,10 +35,16 @@ def demo(
         None, "--seed-size", min=1, help="Frames in the base model's seed set (default: 15 a class)."),
     test_size: int | None = typer.Option(
         None, "--test-size", min=1, help="Test images a condition, stratified by class (default: all, up to 500)."),
-    model: str = typer.Option("smallcnn", "--model", help="The classifier `flywheel train` builds (--model there)."),
+    task: str = typer.Option(
+        "classify", "--task", help="classify (image classifiers) or detect (an object detector on scenes of digits "
+        "with boxes: per-box triggers, boxes in Label Studio, mAP)."),
+    model: str | None = typer.Option(
+        None, "--model", help="The model `flywheel train` builds (default smallcnn; detect: fcos_tiny)."),
     width: int = typer.Option(16, "--width", min=1, help="The model's width."),
-    base_epochs: int = typer.Option(30, "--base-epochs", min=1, help="Epochs for the base model."),
-    epochs: int = typer.Option(20, "--epochs", min=1, help="Epochs for each turn's retrain (both arms)."),
+    base_epochs: int | None = typer.Option(
+        None, "--base-epochs", min=1, help="Epochs for the base model (default 30; detect: 12)."),
+    epochs: int | None = typer.Option(
+        None, "--epochs", min=1, help="Epochs for each turn's retrain, both arms (default 20; detect: 15)."),
     strategy: str = typer.Option("uncertainty+diversity", "--strategy", help="The hub's selection strategy."),
     rescore: bool = typer.Option(True, "--rescore/--no-rescore", help="Re-score the pool with each new active "
                                  "model before the hub selects (--no-rescore: the scores of capture, for comparison)."),
@@ -57,18 +63,25 @@ def demo(
     from rich.live import Live
 
     from fleet.sim.demo import DemoSettings, run_demo
-    from fleet.sim.report import render_conditions, render_table
+    from fleet.sim.report import METRICS, render_conditions, render_table
+    from fleet.sim.settings import TASK_DEFAULTS
 
     console = Console()
     if resume and workspace is None:
         raise typer.BadParameter("--resume needs --workspace: the folder of the demo to carry on with")
     ws = workspace or Path("flywheel-demo") / time.strftime("%Y%m%d-%H%M%S")
+    if task not in TASK_DEFAULTS:
+        raise typer.BadParameter(f"--task must be one of {', '.join(TASK_DEFAULTS)}; received {task!r}")
+    chosen = TASK_DEFAULTS[task]
+    model = model or str(chosen["model"])
+    base_epochs = base_epochs or int(chosen["base_epochs"])  # type: ignore[call-overload]
+    epochs = epochs or int(chosen["turn_epochs"])  # type: ignore[call-overload]
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
                             frames_per_device=frames, labeler=labeler, strategy=strategy, rescore=rescore,
                             allow_short=allow_short,
                             install_studio=install_studio, annotate=annotate, seed_size=seed_size,
                             test_size=test_size, model=model, width=width, base_epochs=base_epochs,
-                            turn_epochs=epochs)
+                            turn_epochs=epochs, task=task, turn_lr=float(chosen["turn_lr"]))  # type: ignore[arg-type]
     try:
         settings.validate()
         if resume:
@@ -86,7 +99,7 @@ def demo(
 
     with Live(console=console, refresh_per_second=2, transient=False) as live:
         def on_turn(results: list) -> None:  # type: ignore[type-arg]
-            live.update(render_table(results, labeler=labeler_name["value"]))
+            live.update(render_table(results, labeler=labeler_name["value"], metric=METRICS[task]))
 
         # Ctrl-C and a TERM stop the demo cleanly, even when it was started with SIGINT ignored (as a shell
         # starts a background job): the resume command is printed either way
@@ -105,10 +118,11 @@ def demo(
                 signal.signal(sig, handler)
     last = results[-1]
     console.print()
-    console.print(render_conditions(last))
+    metric = METRICS[settings.task]
+    console.print(render_conditions(last, metric=metric))
     console.print(
         f"after {last.flywheel.labels} labels: flywheel {last.flywheel.accuracy:.3f} vs random "
-        f"{last.random.accuracy:.3f} test accuracy; {time.monotonic() - t0:.0f}s in all"
+        f"{last.random.accuracy:.3f} test {metric}; {time.monotonic() - t0:.0f}s in all"
     )
     console.print(f"report: {report}")
 

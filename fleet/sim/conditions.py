@@ -13,12 +13,12 @@ import numpy as np
 import numpy.typing as npt
 
 Images = npt.NDArray[np.uint8]
-Condition = Callable[[Images, np.random.Generator], Images]
+Condition = Callable[..., Images]  # (images, rng, *, unit) -> images
 
 CLEAR = "clear"
 
 
-def night(images: Images, rng: np.random.Generator) -> Images:
+def night(images: Images, rng: np.random.Generator, *, unit: int | None = None) -> Images:
     """Low light: strong darkening, lifted black level, sensor noise."""
     x = images.astype(np.float32) / 255.0
     gain = rng.uniform(0.18, 0.3, size=(len(x),) + (1,) * (x.ndim - 1))
@@ -27,7 +27,7 @@ def night(images: Images, rng: np.random.Generator) -> Images:
     return _to_uint8(y * 255.0)
 
 
-def fog(images: Images, rng: np.random.Generator) -> Images:
+def fog(images: Images, rng: np.random.Generator, *, unit: int | None = None) -> Images:
     """Haze: contrast squeezed toward a bright grey veil."""
     x = images.astype(np.float32)
     alpha = rng.uniform(0.3, 0.42, size=(len(x),) + (1,) * (x.ndim - 1))
@@ -35,12 +35,15 @@ def fog(images: Images, rng: np.random.Generator) -> Images:
     return _to_uint8(x * alpha + veil * (1 - alpha))
 
 
-def rain(images: Images, rng: np.random.Generator) -> Images:
-    """Rain streaks: bright diagonal lines over a slightly darkened frame."""
+def rain(images: Images, rng: np.random.Generator, *, unit: int | None = None) -> Images:
+    """Rain streaks: bright diagonal lines over a slightly darkened frame. ``unit``: an object's side in pixels
+    (default the frame's: one object fills it); streaks are a third of it long, and sparser as objects get
+    smaller than the frame (density x (unit / h) ** 1.5), so a scene's objects stay partly visible."""
     out = images.astype(np.float32) * 0.85
     n, h, w = images.shape[:3]
-    n_streaks = max(2, (h * w) // 12)
-    length = max(2, h // 3)
+    u = unit or h
+    n_streaks = max(2, int((h * w) / 12 * min(1.0, u / h) ** 1.5))
+    length = max(2, u // 3)
     for i in range(n):
         ys = rng.integers(0, h, n_streaks)
         xs = rng.integers(0, w, n_streaks)
@@ -51,11 +54,11 @@ def rain(images: Images, rng: np.random.Generator) -> Images:
     return _to_uint8(out)
 
 
-def motion_blur(images: Images, rng: np.random.Generator) -> Images:
-    """Horizontal motion blur with a kernel about a third of the width."""
+def motion_blur(images: Images, rng: np.random.Generator, *, unit: int | None = None) -> Images:
+    """Horizontal motion blur with a kernel about a third of an object's side (``unit``; default the width)."""
     x = images.astype(np.float32)
     w = images.shape[2]
-    k = max(3, w // 3) | 1
+    k = max(3, (unit or w) // 3) | 1
     pad = k // 2
     padded = np.pad(x, [(0, 0), (0, 0), (pad, pad)] + [(0, 0)] * (x.ndim - 3), mode="edge")
     csum = np.cumsum(padded, axis=2, dtype=np.float64)
@@ -65,11 +68,12 @@ def motion_blur(images: Images, rng: np.random.Generator) -> Images:
     return _to_uint8(np.roll(blurred, int(shift), axis=2))
 
 
-def occlusion(images: Images, rng: np.random.Generator) -> Images:
-    """A dark block covering about a fifth of the frame, at a random place."""
+def occlusion(images: Images, rng: np.random.Generator, *, unit: int | None = None) -> Images:
+    """A dark block at a random place, its side 0.45 of an object's (``unit``; default the frame's: about a fifth
+    of the frame's area)."""
     out = images.copy()
     n, h, w = images.shape[:3]
-    bh, bw = max(1, int(round(h * 0.45))), max(1, int(round(w * 0.45)))
+    bh, bw = max(1, int(round((unit or h) * 0.45))), max(1, int(round((unit or w) * 0.45)))
     for i in range(n):
         y0 = int(rng.integers(0, h - bh + 1))
         x0 = int(rng.integers(0, w - bw + 1))
@@ -86,8 +90,10 @@ CONDITIONS: dict[str, Condition] = {
 }
 
 
-def apply_conditions(images: Images, conditions: list[str] | npt.NDArray[np.str_], *, seed: int) -> Images:
-    """Apply ``conditions[i]`` (a name in CONDITIONS or "clear") to ``images[i]``; shape kept."""
+def apply_conditions(images: Images, conditions: list[str] | npt.NDArray[np.str_], *, seed: int,
+                     unit: int | None = None) -> Images:
+    """Apply ``conditions[i]`` (a name in CONDITIONS or "clear") to ``images[i]``; shape kept. ``unit``: an
+    object's side in pixels when a frame holds several (a scene); default: one object fills the frame."""
     names = np.asarray(conditions)
     if names.shape != (len(images),):
         raise ValueError(f"need one condition per image: {len(images)} images, {names.shape} conditions")
@@ -99,7 +105,7 @@ def apply_conditions(images: Images, conditions: list[str] | npt.NDArray[np.str_
     for name, fn in CONDITIONS.items():
         idx = np.flatnonzero(names == name)
         if len(idx):
-            out[idx] = fn(images[idx], rng)
+            out[idx] = fn(images[idx], rng, unit=unit)
     return out
 
 

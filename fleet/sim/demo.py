@@ -18,15 +18,14 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from fleet.protocol import CampaignCreate, CampaignReceipt
+from fleet.protocol import CampaignCreate, CampaignReceipt, SignedManifest
 from fleet.signing import generate_keypair, read_keypair, write_keypair
 from fleet.sim.agents import (
     DEMO_GROUP,
     Progress,
     enroll_agents,
     error_capture,
+    evaluate_detector,
     evaluate_onnx,
     finish_rollout,
     labeled_total,
@@ -36,10 +35,11 @@ from fleet.sim.agents import (
     uploaded_frames,
 )
 from fleet.sim.data import load_dataset, sample_test
-from fleet.sim.fleet import Frames, World, build_world
+from fleet.sim.detect_world import SceneWorld, build_scene_world
+from fleet.sim.fleet import World, build_world
 from fleet.sim.labelers import Labeler, LabelRound, OracleLabeler, shortfall
 from fleet.sim.procs import HubProcess, start_hub, stop_process
-from fleet.sim.report import ArmResult, TurnResult
+from fleet.sim.report import METRICS, ArmResult, TurnResult
 from fleet.sim.resume import (
     DemoState,
     TurnProgress,
@@ -49,29 +49,40 @@ from fleet.sim.resume import (
     settings_to_dict,
     stop_leftovers,
 )
-from fleet.sim.settings import NEAR_CHANCE, TEST_CAP, Arm, DemoSettings
+from fleet.sim.settings import DETECT_TEST_SCENES, NEAR_CHANCE, TEST_CAP, Arm, DemoSettings
 from fleet.sim.trainer import Trainer
 
 log = logging.getLogger(__name__)
+
+DETECT_WEAK_MAP = 0.05  # a base detector under this test mAP@[.5:.95] is "weak"
+
 
 class ShortTurn(RuntimeError):
     """An arm could not spend its label budget for a reason other than the pool's supply."""
 
 
 def campaign_spec(settings: DemoSettings) -> dict[str, Any]:
-    """The fleet's trigger spec: the human disagreeing is the strongest signal; then calibrated uncertainty."""
-    return {
-        "format": "flywheel.trigger/1",
-        "id": "demo-edge-cases",
-        "version": 1,
-        "expires_at": None,
-        "description": "frames where the model disagrees with the human or is unsure",
-        "rule": {"any_of": [
+    """The fleet's trigger spec: the human disagreeing is the strongest signal; then calibrated uncertainty.
+
+    For a detector, the human's boxes disagreeing with the model's (1 - F1 at IoU 0.5) is also the signal that
+    sees objects the model missed entirely; then the least certain box of a frame (box entropy, calibrated to the
+    upload rate) and boxes scoring near the operating threshold."""
+    rate = settings.upload_rate
+    if settings.task == "detect":
+        name, what, leaves = "demo-detect-edge-cases", "the model's boxes disagree with the human's or are unsure", [
+            {"trigger": "box_human_disagreement", "weight": 1.0},
+            {"trigger": "box_challenger_disagreement", "weight": 0.8},
+            {"trigger": "box_entropy_max", "target_rate": rate, "weight": 0.7},
+            {"trigger": "box_ambiguous_count", "target_rate": rate / 2, "weight": 0.5},
+        ]
+    else:
+        name, what, leaves = "demo-edge-cases", "the model disagrees with the human or is unsure", [
             {"trigger": "human_disagreement", "weight": 1.0},
             {"trigger": "challenger_disagreement", "weight": 0.8},
-            {"trigger": "entropy", "target_rate": settings.upload_rate, "weight": 0.7},
-        ]},
-    }
+            {"trigger": "entropy", "target_rate": rate, "weight": 0.7},
+        ]
+    return {"format": "flywheel.trigger/1", "id": name, "version": 1, "expires_at": None,
+            "description": f"frames where {what}", "rule": {"any_of": leaves}}
 
 
 def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
@@ -109,13 +120,8 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
         write_keypair(pair, ws / "keys")
     key_path = ws / "keys" / "signing.key"
 
-    data = load_dataset(settings.dataset, seed=settings.seed)
-    k = len(data.class_names)
-    data = sample_test(data, settings.test_size if settings.test_size is not None else TEST_CAP, seed=settings.seed)
-    world = build_world(data, seed=settings.seed, seed_size=settings.seed_frames(k))
-    say(f"data: {data.name}, {len(data.class_names)} classes, images {data.x_train.shape[1:]}, "
-        f"seed set {len(world.seed_set)} (mostly clear), test {len(world.test_set)} across conditions")
-    seed_npz = world.seed_set.save_training(ws / "seed.npz", test=world.test_set, class_names=data.class_names)
+    world = _world(settings, say)
+    seed_npz = world.seed_set.save_training(ws / "seed.npz", test=world.test_set, class_names=world.class_names)
 
     hub = start_hub(ws / "hub", pair, port=saved.hub["port"] if saved else None,
                     keys=saved.hub["keys"] if saved else None,
@@ -133,7 +139,7 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
         labeler = _make_labeler(settings, hub, world, ws, say, session=saved.studio if saved else None,
                                 token_name="demo-labeler" + again)
         say(f"labels from: {labeler.name}")
-        trainer = Trainer(settings, ws, key_path, hub, trainer_token, seed_npz, data.class_names)
+        trainer = Trainer(settings, ws, key_path, hub, trainer_token, seed_npz, world.class_names)
         processes = {"hub": [hub.process.pid, str(ws / "hub")], **labeler.processes()}
         state = saved if saved is not None else _base_turn(settings, ws, world, hub, trainer, say, turns)
         state.studio, state.processes = labeler.session(), processes
@@ -141,14 +147,14 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
         if on_turn:
             on_turn(turns)
 
-        run = _Turns(settings, ws, world, hub, labeler, trainer, state, agents_procs, say, data.class_names)
+        run = _Turns(settings, ws, world, hub, labeler, trainer, state, agents_procs, say, world.class_names)
         start = state.current.turn if state.current is not None else len(state.turns)
         for turn in range(start, settings.turns + 1):
             result = run.turn(turn)
             turns.append(result)
-            say(f"turn {turn}: flywheel {result.flywheel.accuracy:.3f} vs random {result.random.accuracy:.3f} "
-                f"after {result.flywheel.labels} labels each; uploads captured {result.error_capture:.0%} of the "
-                f"model's errors")
+            say(f"turn {turn}: flywheel {result.flywheel.accuracy:.3f} vs random {result.random.accuracy:.3f} test "
+                f"{METRICS[settings.task]} after {result.flywheel.labels} labels each; uploads captured "
+                f"{result.error_capture:.0%} of the model's errors")
             if on_turn:
                 on_turn(turns)
         if state.rollout_id is not None:
@@ -160,8 +166,9 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
                 f"each turn more labels (--budget, now {settings.budget}) or epochs (--epochs, now "
                 f"{settings.turn_epochs}), or a stronger base (--seed-size, --base-epochs)")
     except ShortTurn as exc:  # the turns so far still get their report, with the reason it stopped
-        write_report(turns, ws / "report", title="Flywheel demo", labeler=labeler.name if labeler else "",
-                     settings={k: str(v) for k, v in asdict(settings).items()}, error=str(exc))
+        write_report(turns, ws / "report", title=_title(settings), labeler=labeler.name if labeler else "",
+                     settings={k: str(v) for k, v in asdict(settings).items()}, error=str(exc),
+                     metric=METRICS[settings.task])
         raise
     finally:
         for p in agents_procs:
@@ -169,12 +176,54 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
         if labeler is not None:
             labeler.close()
         hub.stop()
-    report = write_report(turns, ws / "report", title="Flywheel demo", labeler=labeler.name if labeler else "",
-                          settings={k: str(v) for k, v in asdict(settings).items()})
+    examples = None
+    if settings.task == "detect" and turns:
+        from fleet.sim.pictures import detection_examples
+
+        state_now = DemoState.load(ws)
+        examples = detection_examples(world, ws / "report", before=ws / "models" / "base" / "model.onnx",
+                                      after=state_now.arm("flywheel", ws).onnx,
+                                      random=state_now.arm("random", ws).onnx)
+    report = write_report(turns, ws / "report", title=_title(settings), labeler=labeler.name if labeler else "",
+                          settings={k: str(v) for k, v in asdict(settings).items()}, metric=METRICS[settings.task],
+                          examples=examples)
     return turns, report
 
 
-def _base_turn(settings: DemoSettings, ws: Path, world: World, hub: HubProcess, trainer: Trainer, say: Progress,
+def _title(settings: DemoSettings) -> str:
+    return "Flywheel demo (object detection)" if settings.task == "detect" else "Flywheel demo"
+
+
+def _world(settings: DemoSettings, say: Progress) -> World | SceneWorld:
+    """The demo's world: a dataset's images (classify) or scenes of digits with boxes (detect)."""
+    if settings.task == "detect":
+        test = settings.test_size if settings.test_size is not None else DETECT_TEST_SCENES
+        sw = build_scene_world(seed=settings.seed, seed_size=settings.seed_frames(0), test_per_condition=test)
+        say(f"data: scenes of scikit-learn's digits with boxes ({sw.size}x{sw.size}, 1-3 objects and clutter), "
+            f"{len(sw.class_names)} classes, seed set {len(sw.seed_set)} (mostly clear, {sw.seed_set.n_boxes} boxes), "
+            f"test {len(sw.test_set)} across conditions")
+        return sw
+    data = load_dataset(settings.dataset, seed=settings.seed)
+    k = len(data.class_names)
+    data = sample_test(data, settings.test_size if settings.test_size is not None else TEST_CAP, seed=settings.seed)
+    world = build_world(data, seed=settings.seed, seed_size=settings.seed_frames(k))
+    say(f"data: {data.name}, {len(data.class_names)} classes, images {data.x_train.shape[1:]}, "
+        f"seed set {len(world.seed_set)} (mostly clear), test {len(world.test_set)} across conditions")
+    return world
+
+
+def evaluate_arm(settings: DemoSettings, ws: Path, world: World | SceneWorld, onnx: Path | None,
+                 manifest: SignedManifest | None = None) -> tuple[float, dict[str, float]]:
+    """An arm's exported model on the held-out test set: accuracy (classify) or mAP (detect), overall and per
+    condition."""
+    if settings.task == "detect":
+        return evaluate_detector(onnx, ws / "seed.npz", ws / "logs" / "evaluate.log")
+    assert isinstance(world, World)
+    return evaluate_onnx(onnx, manifest, world.test_set)
+
+
+def _base_turn(settings: DemoSettings, ws: Path, world: World | SceneWorld, hub: HubProcess, trainer: Trainer,
+               say: Progress,
                turns: list[TurnResult]) -> DemoState:
     """Turn 0: the base model, trained on the small, mostly clear seed set, published and rolled out to the
     fleet, the campaign, the agents enrolled; then the demo's state, from which it can be resumed."""
@@ -188,8 +237,11 @@ def _base_turn(settings: DemoSettings, ws: Path, world: World, hub: HubProcess, 
     hub.call("POST", "/v1/campaigns", CampaignReceipt,
              body=CampaignCreate(spec=campaign_spec(settings), groups=[DEMO_GROUP]))
     enroll_agents(settings, hub, ws)
-    acc0 = evaluate_onnx(base.onnx, base.manifest, world.test_set)
-    if acc0[0] < NEAR_CHANCE / k:
+    acc0 = evaluate_arm(settings, ws, world, base.onnx, base.manifest)
+    if settings.task == "detect" and acc0[0] < DETECT_WEAK_MAP:
+        say(f"WARNING: the base detector is weak (test mAP {acc0[0]:.3f}): give it more seed scenes (--seed-size, "
+            f"now {len(world.seed_set)}) or more epochs (--base-epochs, now {settings.base_epochs})")
+    elif settings.task == "classify" and acc0[0] < NEAR_CHANCE / k:
         say(f"WARNING: the base model is near chance (test accuracy {acc0[0]:.3f}, chance {1 / k:.3f} with {k} "
             f"classes): give it more seed frames (--seed-size, now {len(world.seed_set)}), more epochs "
             f"(--base-epochs, now {settings.base_epochs}) or another model (--model, now {settings.model})")
@@ -208,7 +260,8 @@ class _Turns:
     """The loop's turns, each in steps; the demo's state is saved after every step that must not be done twice,
     so a resumed turn skips the steps it already took (fleet.sim.resume)."""
 
-    def __init__(self, settings: DemoSettings, ws: Path, world: World, hub: HubProcess, labeler: Labeler,
+    def __init__(self, settings: DemoSettings, ws: Path, world: World | SceneWorld, hub: HubProcess,
+                 labeler: Labeler,
                  trainer: Trainer, state: DemoState, agents_procs: list[Any], say: Progress,
                  class_names: list[str]) -> None:
         self.settings, self.ws, self.world, self.hub, self.labeler = settings, ws, world, hub, labeler
@@ -266,7 +319,8 @@ class _Turns:
         save_frames(picked, ws / picks_file)
         rnd = self.rnd
         rnd_labeled, rnd_labels = [*rnd.labeled, picked], rnd.labels + len(pick)
-        random_npz = _concat(rnd_labeled).save_training(ws / f"random-{turn}.npz", class_names=self.class_names)
+        random_npz = type(picked).concat(rnd_labeled).save_training(  # type: ignore[arg-type]
+            ws / f"random-{turn}.npz", class_names=self.class_names)
         ctrl = self.trainer.finished(f"rnd-{turn}") or self.trainer.train(
             f"rnd-{turn}", data=f"npz:{random_npz}", epochs=s.turn_epochs, publish=False, stages="", warm=rnd)
         rnd.labeled, rnd.labels = rnd_labeled, rnd_labels
@@ -276,8 +330,8 @@ class _Turns:
 
         t = time.monotonic()
         fly_onnx = Path(cand["onnx"]) if cand.get("passed") else self.fly.onnx
-        fly_acc = evaluate_onnx(fly_onnx, None, self.world.test_set)
-        rnd_acc = evaluate_onnx(rnd.onnx, None, self.world.test_set)
+        fly_acc = evaluate_arm(s, ws, self.world, fly_onnx)
+        rnd_acc = evaluate_arm(s, ws, self.world, rnd.onnx)
         cur.parts["evaluate"] = time.monotonic() - t
         result = TurnResult(
             turn, ArmResult(*fly_acc, labels=self.fly.labels, model_version=self.fly.version),
@@ -355,12 +409,7 @@ class _Turns:
         state.save(self.ws)
 
 
-def _concat(parts: list[Frames]) -> Frames:
-    return Frames(*(np.concatenate([getattr(p, f) for p in parts]) for f in
-                    ("images", "labels", "conditions", "frame_ids", "human")))
-
-
-def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World, ws: Path, say: Progress, *,
+def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World | SceneWorld, ws: Path, say: Progress, *,
                   session: dict[str, Any] | None = None, token_name: str = "demo-labeler") -> Labeler:
     """Label Studio with simulated annotators (installed into ./.venv-studio the first time, unless told not
     to), or the oracle when asked, or when Label Studio cannot be had: then one line says why."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from fleet.protocol import Classification
 from fleet.sim.conditions import CLEAR, CONDITIONS, apply_conditions, sample_conditions
 from fleet.sim.data import Dataset
 
@@ -66,6 +67,15 @@ class World:
     human_error: float
     seed: int
     truth: dict[str, int] = field(default_factory=dict)  # frame id -> true label, for every frame streamed
+    task: str = "classify"
+
+    def label(self, frame: str) -> Classification:
+        """The true label of a streamed frame, as the hub takes it."""
+        return Classification(int(self.truth[frame]))
+
+    def answer(self, frame: str) -> int:
+        """What a simulated annotator knows of a frame (``flywheel label bots --truth``)."""
+        return int(self.truth[frame])
 
     def stream(self, turn: int, n: int) -> Frames:
         """``n`` fresh frames for one turn: pool images under conditions drawn from the fleet's mix."""

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from fleet.protocol import Classification, LabelPost, PoolPage, SelectedCase, Selection, SelectionRequest
+from fleet.protocol import LabelPost, PoolPage, SelectedCase, Selection, SelectionRequest
 from fleet.sim.fleet import World
 
 if TYPE_CHECKING:
+    from fleet.sim.detect_world import SceneWorld
     from fleet.sim.procs import HubProcess
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class OracleLabeler:
 
     name = "built-in oracle labeler (ground truth)"
 
-    def __init__(self, hub_url: str, token: str, world: World, *, strategy: str) -> None:
+    def __init__(self, hub_url: str, token: str, world: World | SceneWorld, *, strategy: str) -> None:
         self.url, self.world, self.strategy = hub_url, world, strategy
         self._headers = {"Authorization": f"Bearer {token}"}
         self._next_id = time.time_ns() // 1000  # task and annotation ids, unique across restarts of the demo
@@ -120,7 +121,7 @@ class OracleLabeler:
                 log.warning("%s", problems[-1])
                 self.client.post(f"/v1/cases/{c.case_id}/release").raise_for_status()
                 continue
-            post = LabelPost(case_id=c.case_id, label=Classification(int(self.world.truth[frame])),
+            post = LabelPost(case_id=c.case_id, label=self.world.label(frame),
                              annotator="oracle", source="oracle", task_id=self._next_id,
                              annotation_id=self._next_id, created_at=time.time())
             self._next_id += 1
@@ -181,7 +182,7 @@ class StudioLabeler:
     (an admin's API token) name a running one.
     """
 
-    def __init__(self, hub: HubProcess, labeler_token: str, world: World, ws: Path, *,
+    def __init__(self, hub: HubProcess, labeler_token: str, world: World | SceneWorld, ws: Path, *,
                  strategy: str = "uncertainty+diversity", say: Callable[[str], None] | None = None,
                  annotators: int = 3, accuracy: float = 1.0, settle_s: float = 600.0, return_s: float = 120.0,
                  annotate: bool = False, poll_s: float = 3.0, session: dict[str, Any] | None = None) -> None:
@@ -225,7 +226,7 @@ class StudioLabeler:
             "FLYWHEEL_LABEL_STATE": str(self.dir / "bridge.sqlite"), "FLYWHEEL_WEBHOOK_SECRET": hub.webhook_secret,
             "FLYWHEEL_BOT_PASSWORD": session.get("bot_password") or "fw-bot-" + secrets.token_urlsafe(12),
         }
-        self._answers: dict[str, int] = {}  # case id -> true label, for the cases pushed so far
+        self._answers: dict[str, Any] = {}  # case id -> true label, for the cases pushed so far
         self.correct = 0
         version = studio_version(self.url, self.token)
         who = "you as the annotator" if annotate else f"{annotators} simulated annotators"
@@ -330,7 +331,7 @@ class StudioLabeler:
         the whole budget let through at once: the bots keep no queue of their own); its report (exit code 1
         only says the report lists errors)."""
         report = self._label_cmd("sync", "--overlap", "1", "--overlap-share", "0", "--strategy", self.strategy,
-                                 "--horizon", "1", "--reconcile-every", "0", *args)
+                                 "--horizon", "1", "--reconcile-every", "0", "--task", self.world.task, *args)
         if not isinstance(report, dict):
             raise RuntimeError(f"flywheel label sync printed no report: {report!r}")
         return report
@@ -356,7 +357,7 @@ class StudioLabeler:
             for c in cases:
                 frame = c.case.tags.get("frame")
                 if frame in self.world.truth:
-                    self._answers[c.case_id] = int(self.world.truth[frame])
+                    self._answers[c.case_id] = self.world.answer(frame)
             offset += len(cases)
             if len(cases) < 1000:
                 break

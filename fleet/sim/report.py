@@ -11,7 +11,8 @@ from typing import Any
 
 @dataclass
 class ArmResult:
-    """One arm's model after a turn: accuracy overall and per condition on the held-out test set."""
+    """One arm's model after a turn: its test metric overall and per condition on the held-out test set
+    (``accuracy`` holds top-1 accuracy for a classifier, COCO mAP@[.5:.95] for a detector: see METRICS)."""
 
     accuracy: float
     per_condition: dict[str, float]
@@ -41,11 +42,20 @@ class TurnResult:
         return self.errors_captured / self.model_errors if self.model_errors else 0.0
 
 
-def render_table(turns: list[TurnResult], *, labeler: str) -> Any:
-    """A rich Table of the turns so far (per-condition detail: :func:`render_conditions`)."""
+METRICS = {"classify": "accuracy", "detect": "mAP"}  # each arm's test metric, by task
+METRIC_NOTES = {
+    "accuracy": "Accuracy is top-1 on held-out test images under every condition, each condition weighing the same.",
+    "mAP": "mAP is COCO's mAP@[.5:.95] (pycocotools) of the exported model, run as the devices run it, on held-out "
+           "test scenes under every condition, each condition weighing the same.",
+}
+
+
+def render_table(turns: list[TurnResult], *, labeler: str, metric: str = "accuracy") -> Any:
+    """A rich Table of the turns so far (per-condition detail: :func:`render_conditions`); ``metric`` names what
+    ``ArmResult.accuracy`` holds (accuracy, or mAP for a detector)."""
     from rich.table import Table
 
-    table = Table(title=f"Flywheel vs random labeling (labels: {labeler})")
+    table = Table(title=f"Flywheel vs random labeling, test {metric} (labels: {labeler})")
     for col in ("turn", "labels", "flywheel", "random", "weakest (fw / rnd)", "errors uploaded", "uploads", "time"):
         table.add_column(col, justify="right")
     for t in turns:
@@ -62,11 +72,12 @@ def render_table(turns: list[TurnResult], *, labeler: str) -> Any:
     return table
 
 
-def render_conditions(turn: TurnResult) -> Any:
-    """Accuracy per condition for both arms after one turn."""
+def render_conditions(turn: TurnResult, *, metric: str = "accuracy") -> Any:
+    """The test metric per condition for both arms after one turn."""
     from rich.table import Table
 
-    table = Table(title=f"Accuracy per condition after turn {turn.turn} ({turn.flywheel.labels} labels each)")
+    table = Table(title=f"Test {metric} per condition after turn {turn.turn} "
+                        f"({turn.flywheel.labels} labels each)")
     for col in ("condition", "flywheel", "random"):
         table.add_column(col, justify="right")
     for c in sorted(turn.flywheel.per_condition):
@@ -75,14 +86,17 @@ def render_conditions(turn: TurnResult) -> Any:
 
 
 def write_report(turns: list[TurnResult], out_dir: Path, *, title: str, settings: dict[str, Any],
-                 labeler: str, error: str | None = None) -> Path:
+                 labeler: str, error: str | None = None, metric: str = "accuracy",
+                 examples: list[tuple[Path, str]] | None = None) -> Path:
     """Write ``results.json``, PNG plots and ``index.html`` into ``out_dir``; return the HTML path. ``error``:
-    why the run stopped early (the report then shows the turns before it)."""
+    why the run stopped early (the report then shows the turns before it). ``metric`` names the arms' test
+    metric; ``examples``: pictures already in ``out_dir`` with their captions (a detector's boxes before and
+    after)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(
-        {"settings": settings, "labeler": labeler, "error": error,
+        {"settings": settings, "labeler": labeler, "error": error, "metric": metric,
          "turns": [{**asdict(t), "error_capture": t.error_capture} for t in turns]}, indent=2))
-    plots = _plots(turns, out_dir) if turns else []
+    plots = _plots(turns, out_dir, metric=metric) if turns else []
     rows = "".join(
         f"<tr{_SHORT_ROW if t.short else ''}><td>{t.turn}</td><td>{t.flywheel.labels}"
         f"{_short_note(t)}</td><td>{t.flywheel.accuracy:.3f}</td>"
@@ -92,21 +106,22 @@ def write_report(turns: list[TurnResult], out_dir: Path, *, title: str, settings
     )
     imgs = "".join(f'<figure><img src="{p.name}" alt="{p.stem}"><figcaption>{p.stem}</figcaption></figure>'
                    for p in plots)
+    imgs += "".join(f'<figure><img src="{p.name}" alt="{p.stem}" class="example"><figcaption>'
+                    f'{html.escape(caption)}</figcaption></figure>' for p, caption in examples or [])
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}tr.short{{background:#fde8e8}}
 figure{{display:inline-block;margin:1em}}
-img{{max-width:500px}}</style></head><body>
+img{{max-width:500px}}img.example{{max-width:1000px}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>Labels from: <b>{html.escape(labeler)}</b>. Both arms spend the same labels per turn with the same trainer and
 seeds; the flywheel's come from the hub's selection among what the fleet uploaded, the random arm's uniformly from
-everything the fleet saw. Accuracy is on held-out test images under every condition, each condition weighing the
-same. "Errors captured" is the share of the deployed model's wrong answers on the fleet's frames that the devices
-uploaded.</p>
+everything the fleet saw. {METRIC_NOTES.get(metric, "")} "Errors captured" is the share of the deployed model's
+wrong answers on the fleet's frames (for a detector: its missed and wrong boxes) that the devices uploaded.</p>
 <p>Settings: <code>{html.escape(json.dumps(settings))}</code></p>
 {f'<p style="color:#b00"><b>The run stopped early:</b> {html.escape(error)}</p>' if error else ''}
 {_short_banner(turns)}
-<table><tr><th>turn</th><th>labels</th><th>accuracy (flywheel)</th><th>accuracy (random)</th>
+<table><tr><th>turn</th><th>labels</th><th>{metric} (flywheel)</th><th>{metric} (random)</th>
 <th>errors captured</th><th>uploads</th><th>gate</th><th>time</th></tr>{rows}</table>
 {imgs}
 </body></html>"""
@@ -137,7 +152,7 @@ def _capture(t: TurnResult) -> str:
     return f"{t.error_capture:.0%}" if t.model_errors else "-"
 
 
-def _plots(turns: list[TurnResult], out_dir: Path) -> list[Path]:
+def _plots(turns: list[TurnResult], out_dir: Path, *, metric: str = "accuracy") -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,11 +163,11 @@ def _plots(turns: list[TurnResult], out_dir: Path) -> list[Path]:
     ax.plot([t.flywheel.labels for t in turns], [t.flywheel.accuracy for t in turns], "o-", label="flywheel")
     ax.plot([t.random.labels for t in turns], [t.random.accuracy for t in turns], "s--", label="random")
     ax.set_xlabel("labels spent")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("Accuracy per label spent")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"Test {metric} per label spent")
     ax.grid(alpha=0.3)
     ax.legend()
-    paths.append(out_dir / "accuracy_vs_labels.png")
+    paths.append(out_dir / f"{metric.lower()}_vs_labels.png")
     fig.tight_layout()
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
@@ -167,7 +182,7 @@ def _plots(turns: list[TurnResult], out_dir: Path) -> list[Path]:
                label="random")
         ax.set_xticks(list(xs), conditions, rotation=20)
         ax.set_ylim(0, 1)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(f"test {metric}")
         ax.set_title(f"Per condition after turn {last.turn}")
         ax.legend()
         paths.append(out_dir / "per_condition.png")

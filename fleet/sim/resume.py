@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fleet.sim.detect_world import SceneFrames
 from fleet.sim.fleet import Frames
 from fleet.sim.report import ArmResult, TurnResult
 from fleet.sim.settings import Arm, DemoSettings
@@ -150,14 +151,16 @@ def turn_from_dict(d: dict[str, Any]) -> TurnResult:
     return TurnResult(**body)
 
 
-def save_frames(frames: Frames, path: Path) -> Path:
-    np.savez(path, **{f.name: getattr(frames, f.name) for f in fields(Frames)})
+def save_frames(frames: Frames | SceneFrames, path: Path) -> Path:
+    np.savez(path, **{f.name: getattr(frames, f.name) for f in fields(frames)})
     return path
 
 
-def load_frames(path: Path) -> Frames:
+def load_frames(path: Path) -> Frames | SceneFrames:
+    """Frames saved by :func:`save_frames`: a classifier's, or a detector's (they have boxes)."""
     with np.load(path) as z:
-        return Frames(*(z[f.name] for f in fields(Frames)))
+        cls: type[Frames] | type[SceneFrames] = SceneFrames if "box_frame" in z.files else Frames
+        return cls(*(z[f.name] for f in fields(cls)))
 
 
 def rng_state(rng: np.random.Generator) -> dict[str, Any]:

@@ -5,8 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleet.sim.detect_world import SceneFrames
 from fleet.sim.fleet import Frames
 
+TASKS = ("classify", "detect")
+DETECT_SEED_SCENES = 600  # the detection demo's default seed set: scenes of 1-3 objects, mostly clear
+DETECT_TEST_SCENES = 60  # ... and its test scenes a condition
+# what `flywheel demo` uses for each task when an option is not given
+TASK_DEFAULTS: dict[str, dict[str, object]] = {
+    "classify": {"model": "smallcnn", "base_epochs": 30, "turn_epochs": 20, "turn_lr": 0.05},
+    # AdamW's fine-tuning rate for the detector: 0.05 (SGD's, the classifier's) wrecks it in one turn
+    "detect": {"model": "fcos_tiny", "base_epochs": 12, "turn_epochs": 15, "turn_lr": 0.001},
+}
 SEED_PER_CLASS = 15  # the default seed set: this many frames a class (a many-class set needs more than digits)
 TEST_CAP = 500  # the default test set: at most this many images a condition (stratified), so turns stay short
 NEAR_CHANCE = 1.5  # a model below this many times chance accuracy is "near chance"
@@ -35,6 +45,7 @@ class DemoSettings:
     model: str = "smallcnn"
     width: int = 16
     allow_short: bool = False  # a turn whose labels fall short of the budget is an error unless this is set
+    task: str = "classify"  # classify | detect (scenes of digits with boxes: fleet.sim.detect_world)
 
     def validate(self) -> None:
         for name in ("turns", "devices", "budget", "frames_per_device", "seed_size", "test_size", "base_epochs",
@@ -48,12 +59,21 @@ class DemoSettings:
             raise ValueError(f"--upload-rate must be in (0, 1); received {self.upload_rate}")
         if self.labeler not in ("auto", "oracle", "studio"):
             raise ValueError(f"--labeler must be auto, oracle or studio; received {self.labeler!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}; received {self.task!r}")
+        if self.task == "detect" and self.dataset not in (None, "digits"):
+            raise ValueError(f"--task detect builds its scenes from scikit-learn's digits; --dataset {self.dataset!r} "
+                             f"is for the classifier demo (train a detector on a COCO folder with flywheel train "
+                             f"--task detect --data coco:PATH)")
         if self.annotate and self.labeler == "oracle":
             raise ValueError("--annotate has you label in Label Studio; it cannot go with --labeler oracle")
 
     def seed_frames(self, classes: int) -> int:
-        """The seed set's size: ``seed_size`` if given, else SEED_PER_CLASS frames a class."""
-        return self.seed_size if self.seed_size is not None else SEED_PER_CLASS * classes
+        """The seed set's size: ``seed_size`` if given, else SEED_PER_CLASS frames a class (a detector:
+        DETECT_SEED_SCENES scenes)."""
+        if self.seed_size is not None:
+            return self.seed_size
+        return DETECT_SEED_SCENES if self.task == "detect" else SEED_PER_CLASS * classes
 
 
 @dataclass
@@ -65,4 +85,4 @@ class Arm:
     version: str | None = None
     onnx: Path | None = None
     labels: int = 0
-    labeled: list[Frames] = field(default_factory=list)
+    labeled: list[Frames] | list[SceneFrames] = field(default_factory=list)

@@ -80,7 +80,8 @@ class Trainer:
         s = self.settings
         out = self.ws / "models" / name
         version = f"{name}-s{s.seed}"
-        args = ["train", "--data", data, "--out", str(out), "--model", s.model, "--width", str(s.width),
+        args = ["train", "--task", s.task, "--data", data, "--out", str(out), "--model", s.model,
+                "--width", str(s.width),
                 "--epochs", str(epochs), "--seed", str(s.seed), "--version", version, "--sign-key", str(self.key),
                 "--holdout", "0", "--no-progress", "--threads", "1", "--cache-dir", str(self.ws / "cache"),
                 "--class-names", ",".join(self.class_names), "--min-slice-size", "1000000"]
