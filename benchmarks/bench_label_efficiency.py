@@ -49,7 +49,8 @@ def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True) -> di
                                 labeler="oracle", dataset=args.dataset, rescore=rescore, task=args.task,
                                 model=str(chosen["model"]), base_epochs=int(chosen["base_epochs"]),  # type: ignore
                                 turn_epochs=int(chosen["turn_epochs"]),  # type: ignore[call-overload]
-                                turn_lr=float(chosen["turn_lr"]))  # type: ignore[arg-type]
+                                turn_lr=float(chosen["turn_lr"]),  # type: ignore[arg-type]
+                                strategy=str(chosen["strategy"]))
         t0 = time.monotonic()
         turns, _ = run_demo(settings, progress=lambda msg: None)
         seconds = time.monotonic() - t0

@@ -45,7 +45,8 @@ def demo(
         None, "--base-epochs", min=1, help="Epochs for the base model (default 30; detect: 12)."),
     epochs: int | None = typer.Option(
         None, "--epochs", min=1, help="Epochs for each turn's retrain, both arms (default 20; detect: 15)."),
-    strategy: str = typer.Option("uncertainty+diversity", "--strategy", help="The hub's selection strategy."),
+    strategy: str | None = typer.Option(
+        None, "--strategy", help="The hub's selection strategy (default uncertainty+diversity; detect: uncertainty)."),
     rescore: bool = typer.Option(True, "--rescore/--no-rescore", help="Re-score the pool with each new active "
                                  "model before the hub selects (--no-rescore: the scores of capture, for comparison)."),
     allow_short: bool = typer.Option(
@@ -76,6 +77,7 @@ def demo(
     model = model or str(chosen["model"])
     base_epochs = base_epochs or int(chosen["base_epochs"])  # type: ignore[call-overload]
     epochs = epochs or int(chosen["turn_epochs"])  # type: ignore[call-overload]
+    strategy = strategy or str(chosen["strategy"])
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
                             frames_per_device=frames, labeler=labeler, strategy=strategy, rescore=rescore,
                             allow_short=allow_short,
