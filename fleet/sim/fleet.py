@@ -37,6 +37,11 @@ class Frames:
     def take(self, idx: npt.NDArray[np.int64]) -> Frames:
         return Frames(self.images[idx], self.labels[idx], self.conditions[idx], self.frame_ids[idx], self.human[idx])
 
+    @classmethod
+    def concat(cls, parts: list[Frames]) -> Frames:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in
+                     ("images", "labels", "conditions", "frame_ids", "human")))
+
     def save_shard(self, path: Path) -> Path:
         """An npz the agent's NpzSource reads: images, human, and per-frame tags."""
         np.savez(path, images=self.images, human=self.human,

@@ -64,3 +64,16 @@ def test_image_folder_dataset(tmp_path: Path) -> None:
     d = load_dataset(str(tmp_path), seed=0)
     assert d.class_names == ["cat", "dog"] and d.channels == 3
     assert len(d.x_train) + len(d.x_test) == 12 and d.x_train.shape[1:] == (10, 12, 3)
+
+
+def test_frames_concatenate_in_order() -> None:
+    from fleet.sim.fleet import Frames
+
+    def part(start: int, n: int) -> Frames:
+        idx = np.arange(start, start + n)
+        return Frames(np.zeros((n, 4, 4), np.uint8) + idx[:, None, None].astype(np.uint8), idx, np.array(["clear"] * n),
+                      np.array([f"f{i}" for i in idx]), -np.ones(n, np.int64))
+
+    both = Frames.concat([part(0, 3), part(3, 2)])
+    assert len(both) == 5 and both.labels.tolist() == [0, 1, 2, 3, 4] and both.frame_ids[-1] == "f4"
+    assert both.images[4].max() == 4
