@@ -75,10 +75,12 @@ def test_onnx_outputs_match_torch_to_1e5_with_a_dynamic_batch(exported: tuple) -
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in sess.get_outputs()] == ["boxes", "scores", "embedding"]
     dense = DenseDetector(model).eval()
+    dense.center_embedding(torch.from_numpy(x))  # as the export did, on the images it was given (no calibration)
     with torch.inference_mode():
         want = [t.numpy() for t in dense(torch.from_numpy(x))]
     got = sess.run(None, {"input": x})
     assert max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)) <= 1e-5
+    assert np.abs(got[2].mean(axis=0)).max() < 1e-4  # centred on those images
     a = dense.num_anchors
     assert a == 12 * 12 + 6 * 6 + 3 * 3  # one anchor a place on the 96x96 input's strides 8, 16, 32
     for n in (1, 5):
@@ -221,3 +223,21 @@ def test_a_two_stage_detector_does_not_export(tmp_path: Path) -> None:
         build_detector("ssdlite320_mobilenet_v3_large", num_classes=2, in_channels=1, image_size=(320, 320))
     with pytest.raises(InvalidInput, match="unknown detector 'yolo'; choose one of"):
         build_detector("yolo", num_classes=2, in_channels=1, image_size=(64, 64))
+
+
+def test_a_detection_at_the_score_threshold_is_no_parity_failure() -> None:
+    """A box scoring within rounding of the decoder's threshold is kept on one side and dropped on the other
+    (seen on a fine-tuned fcos_tiny: 40 detections vs 41); it is left out of the comparison, while any other
+    difference still counts."""
+    from training.detect.dense import Detections
+    from training.detect.export import compare_detections
+
+    box = np.array([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.6, 0.6]], np.float32)
+    a = Detections([box], [np.array([0.9, 0.0500004], np.float32)], [np.array([1, 2])])
+    b = Detections([box[:1]], [np.array([0.9], np.float32)], [np.array([1])])
+    assert compare_detections(a, b, atol=1e-4) == "image 0: 2 detections vs 1"
+    assert compare_detections(a, b, atol=1e-4, score_threshold=0.05) is None
+    c = Detections([box[:1]], [np.array([0.9], np.float32)], [np.array([0])])
+    assert "classes" in str(compare_detections(a, c, atol=1e-4, score_threshold=0.05))
+    d = Detections([box], [np.array([0.9, 0.2], np.float32)], [np.array([1, 2])])
+    assert compare_detections(d, b, atol=1e-4, score_threshold=0.05) == "image 0: 2 detections vs 1"

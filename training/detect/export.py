@@ -41,28 +41,35 @@ INT8_MAX_MAP_DROP = 0.01  # int8 ships only if its mAP@[.5:.95] is within this o
 DECODE_ATOL = 1e-4  # boxes (normalised) and scores the device decodes from ONNX vs from torch
 
 
-def compare_detections(a: Detections, b: Detections, *, atol: float = DECODE_ATOL) -> str | None:
+def compare_detections(a: Detections, b: Detections, *, atol: float = DECODE_ATOL,
+                       score_threshold: float | None = None) -> str | None:
     """None when both hold the same detections, else what differs.
 
     Per image: the same count, the same scores in order (to ``atol``), and for every detection whose score no
     other detection of the image shares (to ``atol``) the same class and box (to ``atol``). Among detections
     of equal score, which one NMS keeps depends on the order of the tie, which neither side defines, so a tie
     is checked by its scores only (ties need a model that is not trained, or identical image regions).
+    ``score_threshold``: the decoder's; a detection scoring within ``atol`` of it is kept by one side and dropped
+    by the other on rounding alone, so detections under ``score_threshold + atol`` are left out on both sides.
     """
     if len(a) != len(b):
         return f"{len(a)} images vs {len(b)}"
     for i in range(len(a)):
         sa, sb = a.scores[i], b.scores[i]
+        if score_threshold is not None:  # scores are best first: keep each side's prefix clear of the threshold
+            sa, sb = sa[sa >= score_threshold + atol], sb[sb >= score_threshold + atol]
         if len(sa) != len(sb):
             return f"image {i}: {len(sa)} detections vs {len(sb)}"
         if len(sa) and float(np.max(np.abs(sa - sb))) > atol:
             return f"image {i}: scores differ by up to {float(np.max(np.abs(sa - sb))):.3g}"
         gaps = np.abs(sa[:, None] - sa[None, :]) <= atol
         unique = gaps.sum(axis=1) == 1
-        if not np.array_equal(a.classes[i][unique], b.classes[i][unique]):
-            return f"image {i}: classes {a.classes[i][unique].tolist()} vs {b.classes[i][unique].tolist()}"
+        n = len(sa)
+        ca, cb = a.classes[i][:n][unique], b.classes[i][:n][unique]
+        if not np.array_equal(ca, cb):
+            return f"image {i}: classes {ca.tolist()} vs {cb.tolist()}"
         if unique.any():
-            gap = float(np.max(np.abs(a.boxes[i][unique] - b.boxes[i][unique])))
+            gap = float(np.max(np.abs(a.boxes[i][:n][unique] - b.boxes[i][:n][unique])))
             if gap > atol:
                 return f"image {i}: boxes differ by up to {gap:.3g}"
     return None
@@ -112,7 +119,8 @@ def export_detector(
     with torch.inference_mode():
         boxes, scores, _ = dense(torch.from_numpy(x))
     reference = device_decode(boxes, scores, post)
-    mismatch = compare_detections(decoded, reference, atol=max(DECODE_ATOL, parity_threshold))
+    mismatch = compare_detections(decoded, reference, atol=max(DECODE_ATOL, parity_threshold),
+                                  score_threshold=post.score_threshold)
     if mismatch:
         raise ParityError(f"the device's boxes from {fp32.name} are not the boxes torch's outputs decode to "
                           f"({mismatch}); nothing is published")
