@@ -47,7 +47,9 @@ def _train(work: Path, seed_npz: Path, epochs: int) -> Path:
     cmd = [sys.executable, "-m", "fleet.cli", "train", "--task", "detect", "--data", f"npz:{seed_npz}", "--out",
            str(out), "--model", "fcos_tiny", "--epochs", str(epochs), "--holdout", "0", "--no-progress",
            "--threads", "2", "--version", "bench-base", "--dry-run"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"training the base detector failed ({run.returncode}):\n{run.stderr[-3000:]}")
     return out
 
 
@@ -62,8 +64,12 @@ def scores(found: Any, allboxes: Any, human: Any, op: float) -> dict[str, np.nda
         "box_low_score_mean (floor 0.1)": box_uncertainty(allboxes, measure="low_score", reduce="mean", floor=0.1),
         "box_ambiguous_count": ambiguous_boxes(allboxes, threshold=op, band=0.2, share=False),
     }
-    disagree = box_disagreement(found, human, iou=0.5).score  # NaN where the human's boxes are unknown
+    cmp = box_disagreement(found, human, iou=0.5)
+    disagree = cmp.score  # NaN where the human's boxes are unknown
     out["box_human_disagreement"] = disagree
+    # not a shipped trigger: the same comparison counting the boxes that differ (what the oracle ranks by)
+    out["human disagreement, boxes that differ (missed + extra + flips)"] = np.where(
+        np.isnan(disagree), np.nan, (cmp.missed + cmp.extra + cmp.flips).astype(np.float64))
     # the demo's campaign: the human disagreeing first (where known), then the least certain box
     unsure = out["box_entropy_max"] / max(1e-9, float(np.nanmax(out["box_entropy_max"])))
     out["campaign: human disagreement, else box entropy"] = np.where(np.isnan(disagree), unsure,
@@ -87,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     from trigger.boxes import Boxes
 
     t0 = time.monotonic()
-    world = build_scene_world(seed=args.seed, seed_size=600, test_per_condition=1)
+    world = build_scene_world(seed=args.seed, seed_size=600, test_per_condition=20)
     with tempfile.TemporaryDirectory(prefix="bec-det-") as tmp:
         work = Path(tmp)
-        seed_npz = world.seed_set.save_training(work / "seed.npz", class_names=world.class_names)
+        seed_npz = world.seed_set.save_training(work / "seed.npz", test=world.test_set, class_names=world.class_names)
         run = _train(work, seed_npz, args.epochs)
         manifest = ModelManifest.from_dict(json.loads((run / "manifest.unsigned.json").read_text()))
         rt = ModelRuntime(run / "model.onnx", manifest, threads=2)
