@@ -249,6 +249,11 @@ def _box_compare(other: str) -> Compute:
         if theirs is None:
             return np.full(i.n if rows is None else len(rows), np.nan)
         iou, floor, classes = float(p.get("iou", 0.5)), _box_floor(i, p), bool(p.get("classes", True))
+        if p.get("count"):  # how many boxes differ; NaN where unknown
+            def differing() -> F64:
+                c = _bs._compare(_model_boxes(i), theirs, iou, floor, classes)
+                return np.where(np.isnan(c.score), np.nan, (c.missed + c.extra + c.flips).astype(np.float64))
+            return _rows(_cached(i, f"{other}:{iou}:{floor}:{classes}:count", differing), rows)
         return _rows(_cached(i, f"{other}:{iou}:{floor}:{classes}",
                              lambda: _bs._compare(_model_boxes(i), theirs, iou, floor, classes).score), rows)
     return compute
@@ -329,6 +334,11 @@ def _box_defs() -> list[TriggerDef]:
               doc="share of the boxes scoring at least this (default: the band's lower edge)"),
     )
     compare = (_IOU, _FLOOR, _CLASSES)
+    count = Param("count", bool, False, doc="score how many boxes differ (missed + extra + class flips) instead of "
+                  "1 - F1: frames rank by how many errors they hold (bench_error_capture_detect.py)")
+
+    def compare_bounds(i: Inputs, p: Mapping[str, Any]) -> tuple[float, float]:
+        return (0.0, math.inf) if p.get("count") else (0.0, 1.0)
     return [
         *_box_uncertainty_defs(),
         TriggerDef("box_ambiguous_share", "share of the boxes whose score is within band of the operating threshold.",
@@ -337,12 +347,14 @@ def _box_defs() -> list[TriggerDef]:
         TriggerDef("box_ambiguous_count", "how many boxes score within band of the operating threshold.", "above",
                    _box_ambiguous(False), params=band, needs=("boxes",), bounds=lambda i, p: (0.0, math.inf),
                    task="detect"),
-        TriggerDef("box_human_disagreement", "1 - F1 of the model's boxes against the human's (NaN where unknown).",
-                   "above", _box_compare("human_boxes"), params=compare, needs=("boxes",), uses=("human_boxes",),
-                   default_threshold=0.0, bounds=lambda i, p: (0.0, 1.0), weight=0.8, task="detect"),
-        TriggerDef("box_challenger_disagreement", "1 - F1 of the model's boxes against the challenger's.", "above",
-                   _box_compare("challenger_boxes"), params=compare, needs=("boxes",), uses=("challenger_boxes",),
-                   default_threshold=0.0, bounds=lambda i, p: (0.0, 1.0), weight=0.5, task="detect"),
+        TriggerDef("box_human_disagreement", "1 - F1 of the model's boxes against the human's (NaN where unknown; "
+                   "with count, how many boxes differ).", "above", _box_compare("human_boxes"),
+                   params=(*compare, count), needs=("boxes",), uses=("human_boxes",), default_threshold=0.0,
+                   bounds=compare_bounds, weight=0.8, task="detect"),
+        TriggerDef("box_challenger_disagreement", "1 - F1 of the model's boxes against the challenger's (with count, "
+                   "how many boxes differ).", "above", _box_compare("challenger_boxes"), params=(*compare, count),
+                   needs=("boxes",), uses=("challenger_boxes",), default_threshold=0.0, bounds=compare_bounds,
+                   weight=0.5, task="detect"),
         TriggerDef("box_flicker", "1 - F1 against the previous frame of the stream: boxes that appear, vanish, "
                    "jump or change class (NaN without one).", "above", _box_flicker, params=(*compare, _MAX_GAP),
                    needs=("boxes",), uses=("stream", "timestamps"), bounds=lambda i, p: (0.0, 1.0), weight=0.5,

@@ -64,14 +64,15 @@ class ShortTurn(RuntimeError):
 def campaign_spec(settings: DemoSettings) -> dict[str, Any]:
     """The fleet's trigger spec: the human disagreeing is the strongest signal; then calibrated uncertainty.
 
-    For a detector, the human's boxes disagreeing with the model's (1 - F1 at IoU 0.5) is also the signal that
-    sees objects the model missed entirely; then the least certain box of a frame (box entropy, calibrated to the
-    upload rate) and boxes scoring near the operating threshold."""
+    For a detector, the human's boxes disagreeing with the model's (counted: how many boxes differ at IoU 0.5,
+    so frames with more errors go first) is also the signal that sees objects the model missed entirely; then
+    the least certain box of a frame (box entropy, calibrated to the upload rate) and boxes scoring near the
+    operating threshold."""
     rate = settings.upload_rate
     if settings.task == "detect":
         name, what, leaves = "demo-detect-edge-cases", "the model's boxes disagree with the human's or are unsure", [
-            {"trigger": "box_human_disagreement", "weight": 1.0},
-            {"trigger": "box_challenger_disagreement", "weight": 0.8},
+            {"trigger": "box_human_disagreement", "count": True, "weight": 1.0},
+            {"trigger": "box_challenger_disagreement", "count": True, "weight": 0.8},
             {"trigger": "box_entropy_max", "target_rate": rate, "weight": 0.7},
             {"trigger": "box_ambiguous_count", "target_rate": rate / 2, "weight": 0.5},
         ]
