@@ -109,14 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         parts = [rt.run(list(stream.images[i:i + 128])).detections for i in range(0, len(stream), 128)]
         errors = box_errors(rt, stream).astype(np.float64)
 
-    def cat(ds: list[Any]) -> Boxes:
-        rows = [(d, f) for d in ds for f in range(d.n)]
-        return Boxes.from_frames([d.boxes[d.rows(f)] for d, f in rows], scores=[d.scores[d.rows(f)] for d, f in rows],
-                                 labels=[d.labels[d.rows(f)] for d, f in rows],
-                                 probs=[d.probs[d.rows(f)] for d, f in rows])
-
-    allboxes = cat(parts)
-    found = cat([above(d, op) for d in parts])
+    allboxes = Boxes.concat(parts)
+    found = Boxes.concat([above(d, op) for d in parts])
     known = stream.human_known
     human = Boxes.from_frames([stream.human_boxes[stream.human_box_frame == i, :4] for i in range(len(stream))],
                               labels=[stream.human_boxes[stream.human_box_frame == i, 4].astype(np.int64)

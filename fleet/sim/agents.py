@@ -153,10 +153,8 @@ def box_errors(runtime: Any, frames: SceneFrames, *, iou: float = 0.5) -> np.nda
     from trigger.boxes import Boxes, match_boxes
 
     spec = runtime.manifest.detector
-    parts = [runtime.run(list(frames.images[i:i + 128])).detections for i in range(0, len(frames), 128)]
-    found = [above(d, spec.operating_threshold) for d in parts]
-    pred = Boxes.from_frames([d.boxes[d.rows(f)] for d in found for f in range(d.n)],
-                             labels=[d.labels[d.rows(f)] for d in found for f in range(d.n)])
+    pred = Boxes.concat([above(runtime.run(list(frames.images[i:i + 128])).detections, spec.operating_threshold)
+                         for i in range(0, len(frames), 128)])
     boxes, labels = frames.truth_lists()
     truth = Boxes.from_frames(boxes, labels=labels)
     match_pred, match_true = match_boxes(pred, truth, iou=iou, classes=True)

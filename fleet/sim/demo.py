@@ -181,10 +181,8 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
     if settings.task == "detect" and turns:
         from fleet.sim.pictures import detection_examples
 
-        state_now = DemoState.load(ws)
         examples = detection_examples(world, ws / "report", before=ws / "models" / "base" / "model.onnx",
-                                      after=state_now.arm("flywheel", ws).onnx,
-                                      random=state_now.arm("random", ws).onnx)
+                                      after=run.fly.onnx, random=run.rnd.onnx)
     report = write_report(turns, ws / "report", title=_title(settings), labeler=labeler.name if labeler else "",
                           settings={k: str(v) for k, v in asdict(settings).items()}, metric=METRICS[settings.task],
                           examples=examples)
@@ -224,8 +222,7 @@ def evaluate_arm(settings: DemoSettings, ws: Path, world: World | SceneWorld, on
 
 
 def _base_turn(settings: DemoSettings, ws: Path, world: World | SceneWorld, hub: HubProcess, trainer: Trainer,
-               say: Progress,
-               turns: list[TurnResult]) -> DemoState:
+               say: Progress, turns: list[TurnResult]) -> DemoState:
     """Turn 0: the base model, trained on the small, mostly clear seed set, published and rolled out to the
     fleet, the campaign, the agents enrolled; then the demo's state, from which it can be resumed."""
     t0 = time.monotonic()
