@@ -117,16 +117,18 @@ def main() -> None:
     cls_models = cls_bench.publish_models(cls_work, key)
     det_frames, cls_frames = scenes(args.frames, args.size), cls_bench.load_frames(args.frames)
 
-    def agent(models: dict[str, tuple[str, bytes]], frames: list[Any], wdir: Path, spec: dict[str, Any]
-              ) -> tuple[float, float, Any]:
-        return cls_bench.agent_fps(wdir, pair.public_b64, models, frames, challenger=False, spec=spec)
+    def agent(models: dict[str, tuple[str, bytes]], frames: list[Any], wdir: Path, spec: dict[str, Any],
+              inference: str = "process") -> tuple[float, float, Any]:
+        return cls_bench.agent_fps(wdir, pair.public_b64, models, frames, challenger=False, spec=spec,
+                                   inference=inference)
 
     det_onnx, cls_onnx = det_work / "bench-v1.onnx", cls_work / "bench-v1.onnx"
     bare_detect_fps(det_onnx, det_frames[:200])  # warm-ups
     agent(det_models, det_frames[:200], det_work, SPEC)
     cls_bench.bare_fps(cls_onnx, cls_frames[:200])
     agent(cls_models, cls_frames[:200], cls_work, cls_bench.SPEC)
-    runs: dict[str, list[float]] = {k: [] for k in ("det_bare", "det_agent", "cls_bare", "cls_agent")}
+    runs: dict[str, list[float]] = {k: [] for k in ("det_bare", "det_agent", "det_thread", "cls_bare", "cls_agent",
+                                                     "cls_thread")}
     cpu: dict[str, list[float]] = {k: [] for k in runs}
     flagged: dict[str, tuple[int, int]] = {}
     for _ in range(args.repeats):
@@ -137,6 +139,10 @@ def main() -> None:
         runs["det_agent"].append(fps)
         cpu["det_agent"].append(c)
         flagged["det"] = (s.flagged, s.uploaded)
+        fps, c, s = agent(det_models, det_frames, det_work, SPEC, "thread")
+        runs["det_thread"].append(fps)
+        cpu["det_thread"].append(c)
+        flagged["det_thread"] = (s.flagged, s.uploaded)
         fps, c = cls_bench.bare_fps(cls_onnx, cls_frames)
         runs["cls_bare"].append(fps)
         cpu["cls_bare"].append(c)
@@ -144,10 +150,17 @@ def main() -> None:
         runs["cls_agent"].append(fps)
         cpu["cls_agent"].append(c)
         flagged["cls"] = (s.flagged, s.uploaded)
+        fps, c, s = agent(cls_models, cls_frames, cls_work, cls_bench.SPEC, "thread")
+        runs["cls_thread"].append(fps)
+        cpu["cls_thread"].append(c)
+        flagged["cls_thread"] = (s.flagged, s.uploaded)
     med = {k: statistics.median(v) for k, v in runs.items()}
     ms = {k: 1000 * statistics.median(v) for k, v in cpu.items()}
-    ratio = {t: statistics.median(a / b for a, b in zip(runs[f"{t}_agent"], runs[f"{t}_bare"], strict=True))
-             for t in ("det", "cls")}
+    def vs_bare(t: str, loop: str) -> float:
+        return statistics.median(a / b for a, b in zip(runs[f"{t}_{loop}"], runs[f"{t}_bare"], strict=True))
+
+    ratio = {t: vs_bare(t, "agent") for t in ("det", "cls")}
+    ratio_thread = {t: vs_bare(t, "thread") for t in ("det", "cls")}
     per_round = {t: [round(a / b, 3) for a, b in zip(runs[f"{t}_agent"], runs[f"{t}_bare"], strict=True)]
                  for t in ("det", "cls")}
     load = os.getloadavg()[0]
@@ -160,16 +173,23 @@ def main() -> None:
         f"{args.size}x{args.size} ({(args.size // 4) ** 2} anchors, 3 classes); {args.frames} frames of one "
         "stream of drifting squares; spec: box_entropy_max at a calibrated 2%, ambiguous boxes, flicker, dedup, "
         "a 600/min budget. Classifier: bench_agent.py's smallcnn on Fashion-MNIST with its spec. Median of "
-        f"{args.repeats} rounds (bare and agent back to back in each); per-round ratios: {json.dumps(per_round)}.",
+        f"{args.repeats} rounds (bare, the agent with its inference process, the agent with the models in its own "
+        f"thread, back to back in each); per-round ratios of the agent (inference process): {json.dumps(per_round)}. "
+        "CPU: the bare loop's thread; the agent's threads (the in-process stand-in hub's included) and its "
+        "inference process.",
         "",
-        "| model | loop | frames/s | vs bare | inference-thread CPU ms/frame | flagged / uploaded |",
+        "| model | loop | frames/s | vs bare | CPU ms/frame | flagged / uploaded |",
         "|---|---|---:|---:|---:|---:|",
-        f"| detector | bare onnxruntime | {med['det_bare']:.0f} | 100% | {ms['det_bare']:.3f} | - |",
-        f"| detector | agent | {med['det_agent']:.0f} | {100 * ratio['det']:.1f}% | {ms['det_agent']:.3f} | "
-        f"{flagged['det'][0]} / {flagged['det'][1]} |",
-        f"| classifier | bare onnxruntime | {med['cls_bare']:.0f} | 100% | {ms['cls_bare']:.3f} | - |",
-        f"| classifier | agent | {med['cls_agent']:.0f} | {100 * ratio['cls']:.1f}% | {ms['cls_agent']:.3f} | "
-        f"{flagged['cls'][0]} / {flagged['cls'][1]} |",
+    ]
+    for t, name in (("det", "detector"), ("cls", "classifier")):
+        lines += [
+            f"| {name} | bare onnxruntime | {med[f'{t}_bare']:.0f} | 100% | {ms[f'{t}_bare']:.3f} | - |",
+            f"| {name} | agent, inference process (default) | {med[f'{t}_agent']:.0f} | {100 * ratio[t]:.1f}% | "
+            f"{ms[f'{t}_agent']:.3f} | {flagged[t][0]} / {flagged[t][1]} |",
+            f"| {name} | agent, models in its thread | {med[f'{t}_thread']:.0f} | {100 * ratio_thread[t]:.1f}% | "
+            f"{ms[f'{t}_thread']:.3f} | {flagged[t + '_thread'][0]} / {flagged[t + '_thread'][1]} |",
+        ]
+    lines += [
         "",
         f"Target >= 95% of bare: detector {verdict['det']} ({100 * ratio['det']:.1f}%), classifier "
         f"{verdict['cls']} ({100 * ratio['cls']:.1f}%).",

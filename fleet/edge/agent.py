@@ -1,7 +1,8 @@
 """The agent: wires source, runtime, shadow mode, triggers, spool, uplink, heartbeat and OTA together.
 
-Threads: the caller's thread runs the models; ``decider`` evaluates the trigger spec over windows of
-frames and spools what it keeps; ``uplink`` sends spooled cases; ``control`` sends heartbeats and
+Threads: the caller's thread reads the source and runs the models, or hands them to the inference process
+(``runtime.inference = "process"``, the default: fleet/edge/inference.py); ``decider`` evaluates the trigger
+spec over windows of frames and spools what it keeps; ``uplink`` sends spooled cases; ``control`` sends heartbeats and
 follows the assignment. Nothing on the inference path waits on the network or the disk.
 """
 
@@ -22,6 +23,7 @@ from fleet.edge.decider import Decider
 from fleet.edge.enrollment import load_enrollment
 from fleet.edge.heartbeat import HeartbeatSender, Telemetry
 from fleet.edge.hubclient import HubClient
+from fleet.edge.inference import Chunk, InferenceProcess
 from fleet.edge.modelstore import HealthFrames, ModelStore
 from fleet.edge.ota import OtaManager
 from fleet.edge.pacing import Backoff
@@ -104,6 +106,7 @@ class Agent:
         self._window: list[Inferred] = []
         self._window_frames = 0
         self._window_bytes = 0
+        self.inference: InferenceProcess | None = None  # the models' own process (runtime.inference = "process")
 
     def stop(self) -> None:
         """Ask the loop to finish its batch and shut down cleanly (safe from a signal handler)."""
@@ -115,6 +118,7 @@ class Agent:
         if max_frames is not None and max_frames < 1:
             raise InvalidInput(f"max_frames must be >= 1; received {max_frames}")
         self.ota.startup()
+        self._start_inference()
         self.decider.start()
         self.uplink.start()
         self.control.start()
@@ -131,6 +135,8 @@ class Agent:
     # -- the loop -----------------------------------------------------------------------------
 
     def _loop(self, max_frames: int | None) -> str:
+        if self.inference is not None:
+            return self._loop_process(max_frames)
         bs = self.config.runtime.batch_size
         batch: list[Frame] = []
         for seen, frame in enumerate(self._frames(), 1):
@@ -147,21 +153,74 @@ class Agent:
             self._process(batch)
         return "signal" if self._stop.is_set() else "source-ended"
 
+    def _loop_process(self, max_frames: int | None) -> str:
+        """The loop with the models in the inference process: frames go out in chunks, sized by how fast the
+        process takes them (fleet/edge/inference.py), and come back inferred, in order."""
+        stopped_by = "source-ended"
+        pending: list[Frame] = []
+        for seen, frame in enumerate(self._frames(), 1):
+            pending.append(frame)
+            self._collect(wait=False)
+            done = max_frames is not None and seen >= max_frames
+            assert self.inference is not None
+            if done or self.inference.wants(len(pending)):
+                self._send(pending)
+                pending = []
+            if done:
+                stopped_by = "max-frames"
+                break
+            if self._stop.is_set():
+                stopped_by = "signal"
+                break
+        else:
+            stopped_by = "signal" if self._stop.is_set() else "source-ended"
+        assert self.inference is not None
+        if pending:
+            self._send(pending)
+        while self.inference.in_flight:
+            self._collect(wait=True)
+        self._collect(wait=False)  # chunks the agent ran itself after the last one in flight
+        return stopped_by
+
+    def _send(self, frames: list[Frame]) -> None:
+        """Hand frames to the inference process, waiting while it holds as many chunks as it may."""
+        assert self.inference is not None
+        models = self.ota.models
+        if models.active is None:  # rolled back to nothing: wait for the hub
+            if not self._wait_for_model():
+                return
+            models = self.ota.models
+        while self.inference.full():
+            self._collect(wait=True)
+        self.inference.submit(Chunk(frames, models, self.config.runtime.batch_size))
+
+    def _collect(self, *, wait: bool) -> None:
+        """Take the chunks whose outputs are back (at least one when ``wait``) into the trigger window."""
+        assert self.inference is not None
+        for chunk, raws in self.inference.done(wait=wait):
+            now, bs = time.time(), chunk.batch_size
+            for i, raw in enumerate(raws):
+                self._accept(Inferred.from_raw(chunk.frames[i * bs:(i + 1) * bs], chunk.models, raw, now=now))
+
     def _process(self, frames: list[Frame]) -> None:
         models = self.ota.models
         if models.active is None:  # rolled back to nothing: wait for the hub
             if not self._wait_for_model():
                 return
             models = self.ota.models
-        if self._window and self._window[0].models is not models:
+        self._accept(infer(frames, models))
+
+    def _accept(self, inferred: Inferred) -> None:
+        """An inferred batch joins the trigger window; a full (or old, or large) window goes to the decider."""
+        if self._window and self._window[0].models is not inferred.models:
             self._decide()  # a model swap closes the window: one decision, one model generation
-        inferred = infer(frames, models)
+        frames = inferred.frames
         if not self.health.full:
             for f in frames[: self.health.capacity]:
                 self.health.offer(f.image)
         self._window.append(inferred)
         self._window_frames += len(frames)
-        self._window_bytes += sum(f.image.nbytes for f in frames)
+        self._window_bytes += inferred.nbytes
         rt = self.config.runtime
         if (
             self._window_frames >= rt.trigger_window
@@ -242,7 +301,21 @@ class Agent:
             self._stop.wait(0.1)
         return True
 
+    def _start_inference(self) -> None:
+        if self.config.runtime.inference != "process":
+            return
+        proc = InferenceProcess()
+        try:
+            proc.start()
+        except RuntimeError as exc:  # mining goes on, slower: the models run in the agent's own thread
+            log.error("%s; the models run in the agent's own thread", exc)
+            return
+        self.inference = proc
+
     def _shutdown(self) -> None:
+        if self.inference is not None:
+            self.inference.close()
+            self.inference = None
         if self._window:
             self._decide()
         self.control.stop()

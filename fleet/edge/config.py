@@ -13,6 +13,7 @@ Example (every key but ``device_id``, ``hub.url`` and ``source`` has a default):
 
     [runtime]
     threads = 1                         # onnxruntime intra-op threads
+    inference = "process"               # process: the models run in a process of their own; thread: in the agent's
     batch_size = 1                      # frames per inference call
     trigger_window = 64                 # frames per trigger decision (amortises its cost; no effect on scores)
     trigger_max_delay_s = 1.0           # decide sooner once the oldest frame has waited this long
@@ -72,6 +73,8 @@ from fleet.edge.streamurl import check_stream_url
 from fleet.errors import InvalidInput
 from fleet.protocol import NAME_RE
 
+INFERENCE_MODES = ("process", "thread")  # runtime.inference: where the models run (fleet/edge/inference.py)
+
 FLEET_SECRET_ENV = "FLYWHEEL_FLEET_SECRET"
 FILE_KINDS = ("npz", "folder", "replay", "video")
 LIVE_KINDS = ("stream", "camera")
@@ -94,6 +97,7 @@ class RuntimeConfig:
     batch_size: int = 1
     trigger_window: int = 64  # frames decided together by the trigger spec
     trigger_max_delay_s: float = 1.0  # ... or fewer, once the oldest has waited this long
+    inference: str = "process"  # where the models run: "process" (their own) or "thread" (fleet/edge/inference.py)
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,9 @@ def _validate(cfg: AgentConfig) -> None:
             f"agent config: runtime.trigger_window must be in 1..4096; received {cfg.runtime.trigger_window}"
         )
     positive("runtime.trigger_max_delay_s", cfg.runtime.trigger_max_delay_s, allow_zero=True)
+    if cfg.runtime.inference not in INFERENCE_MODES:
+        raise InvalidInput(f"agent config: runtime.inference must be one of {list(INFERENCE_MODES)}; received "
+                           f"{cfg.runtime.inference!r}")
     _validate_source(cfg.source)
     if cfg.spool.max_bytes < 64 * 1024:
         raise InvalidInput(f"agent config: spool.max_bytes must be >= 65536; received {cfg.spool.max_bytes}")

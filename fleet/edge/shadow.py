@@ -7,8 +7,9 @@ per call off each frame; the library gives the same scores, firings and prioriti
 a shadow-mode decision is not urgent. The challenger is never acted on: its outputs only feed the
 agreement counters, the triggers that compare against it, and the context recorded with a case.
 
-A detector's batch carries the boxes each model kept per frame (:class:`~fleet.inference.detector.Detections`);
-the challenger agrees on a frame when both found the same objects (IoU matching at 0.5, same classes).
+A detector's batch carries each model's dense outputs; the window decodes them all at once into the boxes each
+model kept per frame (:class:`~fleet.inference.detector.Detections`); the challenger agrees on a frame when both
+found the same objects (IoU matching at 0.5, same classes).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from numpy.typing import NDArray
 
 from fleet.edge.campaigns import Campaign
 from fleet.edge.frame import Frame
+from fleet.edge.inference import Raw, log_once, run_models
 from fleet.edge.ota import LoadedModels
 from fleet.edge.recorder import Capture, new_case_id
-from fleet.inference.detector import Detections, best_labels, box_sets_agree, to_detection
-from fleet.inference.runtime import ModelRuntime, Outputs
+from fleet.inference.detector import Detections, best_labels, box_sets_agree, decode, to_detection
 from fleet.protocol import (
     ChallengerOutput,
     Classification,
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Inferred:
-    """One batch right after inference: raw outputs only (all bookkeeping waits for the window)."""
+    """One batch right after inference: raw outputs only (all bookkeeping, a detector's decoding included, waits
+    for the window)."""
 
     frames: list[Frame]
     models: LoadedModels  # the models that produced these outputs
@@ -53,11 +55,30 @@ class Inferred:
     challenger_logits: NDArray[Any] | None  # (n, k), or None without a (working) challenger
     latency_ms: float  # active model, per frame (preprocess + inference)
     seen_at: float  # unix seconds when the batch was inferred
-    detections: Detections | None = None  # a detector's boxes per frame
-    challenger_detections: Detections | None = None  # the challenger's, or None without a (working) challenger
+    boxes: NDArray[Any] | None = None  # a detector's dense outputs: (n, A, 4) every anchor's box
+    scores: NDArray[Any] | None = None  # (n, A, k) every anchor's class scores
+    challenger_boxes: NDArray[Any] | None = None  # the challenger's, or None without a (working) challenger
+    challenger_scores: NDArray[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.frames)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the frames' pixels and the outputs (a detector's dense outputs can outweigh the pixels)."""
+        arrays = (self.logits, self.embedding, self.challenger_logits, self.boxes, self.scores,
+                  self.challenger_boxes, self.challenger_scores)
+        return sum(f.image.nbytes for f in self.frames) + sum(a.nbytes for a in arrays if a is not None)
+
+    @classmethod
+    def from_raw(cls, frames: Sequence[Frame], models: LoadedModels, raw: Raw, *, now: float | None = None
+                 ) -> Inferred:
+        return cls(
+            frames=list(frames), models=models, logits=raw.logits, embedding=raw.embedding,
+            challenger_logits=raw.challenger_logits, latency_ms=raw.latency_ms,
+            seen_at=time.time() if now is None else now, boxes=raw.boxes, scores=raw.scores,
+            challenger_boxes=raw.challenger_boxes, challenger_scores=raw.challenger_scores,
+        )
 
 
 @dataclass
@@ -79,20 +100,9 @@ class WindowResult:
 
 def infer(frames: Sequence[Frame], models: LoadedModels, *, now: float | None = None) -> Inferred:
     """Run the active model, and the challenger beside it, on a batch (models.active must be set)."""
-    active = models.active
-    assert active is not None, "infer needs an active model"
-    images = [f.image for f in frames]
-    t0 = time.perf_counter()
-    tensor = active.preprocess(images)
-    out = active.infer(tensor)
-    latency_ms = (time.perf_counter() - t0) * 1000.0 / len(images)
-    ch_out = _run_challenger(models.challenger, active, images, tensor)
-    return Inferred(
-        frames=list(frames), models=models, logits=out.logits, embedding=out.embedding,
-        challenger_logits=None if ch_out is None else ch_out.logits, latency_ms=latency_ms,
-        seen_at=time.time() if now is None else now, detections=out.detections,
-        challenger_detections=None if ch_out is None else ch_out.detections,
-    )
+    assert models.active is not None, "infer needs an active model"
+    raw = run_models([f.image for f in frames], models.active, models.challenger)
+    return Inferred.from_raw(frames, models, raw, now=now)
 
 
 def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_id: str,
@@ -102,7 +112,7 @@ def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_
     now = time.time() if now is None else now
     models = window[0].models
     assert all(w.models is models for w in window), "a decision window must hold one model generation"
-    if window[0].detections is not None:
+    if window[0].boxes is not None:  # a detector's dense outputs
         return _decide_detections(window, campaigns, device_id=device_id, now=now)
     frames = [f for w in window for f in w.frames]
     n = len(frames)
@@ -169,35 +179,6 @@ def decide(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_challenger(challenger: ModelRuntime | None, active: ModelRuntime, images: list[NDArray[Any]],
-                    tensor: NDArray[Any]) -> Outputs | None:
-    if challenger is None:
-        return None
-    task, ch_task = active.manifest.task, challenger.manifest.task
-    if ch_task != task:
-        _log_once(f"task-{challenger.version}", f"challenger {challenger.version} is a {ch_task!r} model beside a "
-                  f"{task!r} active model; not run")
-        return None
-    try:
-        same = challenger.preprocess.key() == active.preprocess.key()
-        out = challenger.infer(tensor if same else challenger.preprocess(images))
-    except Exception as exc:  # the challenger may be broken; it must never stop the active model
-        log.warning("challenger %s failed on a batch: %s", challenger.version, exc)
-        return None
-    if out.logits is None:  # a detector: its outputs were checked against its own manifest as it ran
-        k, ch_k = len(active.manifest.class_names), len(challenger.manifest.class_names)
-        if ch_k != k:
-            _log_once(f"shape-{challenger.version}", f"challenger {challenger.version} has another class list than "
-                      f"the active model ({ch_k} vs {k}); not compared")
-            return None
-        return out
-    if out.logits.shape != (len(images), len(active.manifest.class_names)):
-        _log_once(f"shape-{challenger.version}", f"challenger {challenger.version} has another class list than "
-                  f"the active model ({out.logits.shape[1]} vs {len(active.manifest.class_names)}); not compared")
-        return None
-    return out
-
-
 def _decide_detections(window: Sequence[Inferred], campaigns: Sequence[Campaign], *, device_id: str,
                        now: float) -> WindowResult:
     """A detector's window: its boxes, its challenger's and the human's compared frame by frame, and the campaigns'
@@ -210,16 +191,17 @@ def _decide_detections(window: Sequence[Inferred], campaigns: Sequence[Campaign]
     spec = models.active.manifest.detector
     k = len(models.active.manifest.class_names)
     frames = [f for w in window for f in w.frames]
-    dets = Detections.concat([w.detections for w in window if w.detections is not None])
-    n = len(dets)
     cat = (lambda xs: xs[0]) if len(window) == 1 else np.concatenate
+    dets = decode(cat([w.boxes for w in window]), cat([w.scores for w in window]), spec)
+    n = len(dets)
     embedding = cat([w.embedding for w in window])
     ok = dets.known_mask & _finite_rows(embedding)
     predicted = np.where(ok, best_labels(dets), -1)
     ch = agrees = None
-    if models.challenger is not None and all(w.challenger_detections is not None for w in window):
+    if models.challenger is not None and all(w.challenger_boxes is not None for w in window):
         assert models.challenger.manifest.detector is not None
-        ch = Detections.concat([w.challenger_detections for w in window if w.challenger_detections is not None])
+        ch = decode(cat([w.challenger_boxes for w in window]), cat([w.challenger_scores for w in window]),
+                    models.challenger.manifest.detector)
         agrees = box_sets_agree(dets, ch, a_threshold=spec.operating_threshold,
                                 b_threshold=models.challenger.manifest.detector.operating_threshold)
         agrees[~ok] = -1
@@ -274,7 +256,7 @@ def _best_per_frame(batch: Any, campaigns: Sequence[Campaign], now: float) -> di
         try:
             decision = campaign.evaluator.evaluate(batch, now=now)
         except ValueError as exc:  # a spec that needs what this device cannot give (say, embeddings)
-            _log_once(campaign.key, f"campaign {campaign.key} cannot run on this device's frames: {exc}")
+            log_once(campaign.key, f"campaign {campaign.key} cannot run on this device's frames: {exc}")
             continue
         for j in np.flatnonzero(decision.keep).tolist():
             prio = float(decision.priority[j])
@@ -340,15 +322,6 @@ def _images_or_hashes(images: list[NDArray[Any]], idx: NDArray[Any]) -> tuple[ND
         return hashed
 
     return None, np.concatenate([one(r) for r in rows])
-
-
-_logged: set[str] = set()
-
-
-def _log_once(key: str, message: str) -> None:
-    if key not in _logged:
-        _logged.add(key)
-        log.error(message)
 
 
 def _capture(frame: Frame, j: int, prio: float, campaign: Campaign, decision: Any, models: LoadedModels,

@@ -19,7 +19,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fleet.errors import PermanentError
-from fleet.inference.detector import Detections, decode
+from fleet.inference.detector import Detections
+from fleet.inference.detector import decode as decode_dense_outputs
 from fleet.protocol import InputSpec, ModelManifest
 from fleet.protocol.model import OUTPUTS
 
@@ -50,7 +51,8 @@ class Outputs:
 class Preprocessor:
     """Turns uint8 frames into the model's float32 input tensor, per an InputSpec.
 
-    ``images``: a sequence of (h, w) or (h, w, c) uint8 arrays, c in (1, 3, 4), any size.
+    ``images``: a sequence of (h, w) or (h, w, c) uint8 arrays, c in (1, 3, 4), any size; or one array of frames
+    stacked at the model's own size, (n, H, W[, C]), scaled in one pass.
     Returns (n, C, H, W) or (n, H, W, C) float32 as the spec's layout says.
     """
 
@@ -69,8 +71,15 @@ class Preprocessor:
         s = self.spec
         return (s.height, s.width, s.channels, tuple(s.mean), tuple(s.std), s.scale, s.layout, self.interpolation)
 
-    def __call__(self, images: Sequence[NDArray[Any]]) -> NDArray[Any]:
+    def __call__(self, images: Sequence[NDArray[Any]] | NDArray[Any]) -> NDArray[Any]:
         s = self.spec
+        if isinstance(images, np.ndarray) and images.shape[1:3] == (s.height, s.width) and (
+                images.shape[3:] == (s.channels,) or (images.ndim == 3 and s.channels == 1)):
+            # frames stacked at the model's size: one fused scale-and-cast over all of them
+            xs: NDArray[Any] = np.multiply(images.reshape(len(images), s.height, s.width, s.channels), self._a,
+                                           dtype=np.float32)
+            xs += self._b
+            return np.ascontiguousarray(xs.transpose(0, 3, 1, 2)) if s.layout == "NCHW" else xs
         if len(images) == 1:  # the per-frame path: one fused scale-and-cast, no batch buffer
             x: NDArray[Any] = np.multiply(self._resize(self._channels(images[0])), self._a, dtype=np.float32)
             x += self._b
@@ -134,6 +143,7 @@ class ModelRuntime:
         self.manifest = manifest
         self.version = manifest.version
         self.path = Path(onnx_path)
+        self.threads = threads
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -200,14 +210,17 @@ class ModelRuntime:
             raise ModelError(f"model {v!r}: outputs 'boxes' and 'scores' must cover the same anchors; they have "
                              f"{a_boxes} and {a_scores}")
 
-    def infer(self, tensor: NDArray[Any]) -> Outputs:
-        """Forward pass on an already preprocessed batch."""
+    def infer(self, tensor: NDArray[Any], *, decode: bool = True) -> Outputs:
+        """Forward pass on an already preprocessed batch. A detector's dense outputs are decoded into
+        ``detections`` unless ``decode`` is False (the agent decodes a whole trigger window at once, off the
+        inference path: one call over 64 frames costs a tenth of 64 calls, and each call between two forward
+        passes slowed the next one, measured in fleet/edge/inference.py's docstring)."""
         if self.manifest.detector is not None:
-            return self._detect(tensor)
+            return self._detect(tensor, decode=decode)
         logits, embedding = self.session.run(["logits", "embedding"], {self.input_name: tensor})
         return Outputs(logits=logits, embedding=embedding)
 
-    def _detect(self, tensor: NDArray[Any]) -> Outputs:
+    def _detect(self, tensor: NDArray[Any], *, decode: bool = True) -> Outputs:
         """A detector's forward pass, its dense outputs checked against the manifest and decoded."""
         m = self.manifest
         assert m.detector is not None
@@ -218,7 +231,8 @@ class ModelRuntime:
                                 ("embedding", embedding, (n, d))):
             if tuple(arr.shape) != want:
                 raise ModelError(f"model {m.version!r}: {name} shape {tuple(arr.shape)}, expected {want}")
-        return Outputs(logits=None, embedding=embedding, detections=decode(boxes, scores, m.detector),
+        return Outputs(logits=None, embedding=embedding,
+                       detections=decode_dense_outputs(boxes, scores, m.detector) if decode else None,
                        boxes=boxes, scores=scores)
 
     def run(self, images: Sequence[NDArray[Any]]) -> Outputs:

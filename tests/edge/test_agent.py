@@ -238,11 +238,12 @@ def test_nan_in_service_rolls_back_to_the_previous_model(tmp_path: Path, hub: In
     def v2_goes_bad(frames_: list[Frame], models: Any, *args: Any, **kwargs: Any) -> Any:
         if models.active.version == "v2":  # in service, v2 starts returning NaN
             infer = models.active.infer
-            models.active.infer = lambda t: Outputs(logits=infer(t).logits * np.nan, embedding=infer(t).embedding)
+            models.active.infer = lambda t, **kw: Outputs(logits=infer(t).logits * np.nan, embedding=infer(t).embedding)
         return real(frames_, models, *args, **kwargs)
 
-    monkeypatch.setattr(agent_module, "infer", v2_goes_bad)
-    agent = make_agent(tmp_path, hub, keys, frames(20), runtime={"batch_size": 2, "trigger_window": 2})
+    monkeypatch.setattr(agent_module, "infer", v2_goes_bad)  # in the agent's thread: a patch cannot reach a child
+    agent = make_agent(tmp_path, hub, keys, frames(20),
+                       runtime={"batch_size": 2, "trigger_window": 2, "inference": "thread"})
     summary = agent.run()
     agent.close()
     assert summary.model_version == "v1"

@@ -311,8 +311,11 @@ def test_challenger_detections_run_beside_the_active_detector(tmp_path: Path) ->
     frames = scenes()
     inferred = infer(frames[:3], LoadedModels(active, same), now=1.0)
     assert inferred.logits is None and inferred.challenger_logits is None
-    assert inferred.detections is not None and inferred.challenger_detections is not None
-    assert frame_boxes(inferred.challenger_detections, 1) == frame_boxes(inferred.detections, 1)
+    assert inferred.boxes is not None and inferred.challenger_boxes is not None  # dense: the window decodes them
+    alike = decide([inferred], [], device_id="dev")
+    assert alike.detections is not None and alike.challenger_detections is not None
+    assert frame_boxes(alike.challenger_detections, 1) == frame_boxes(alike.detections, 1)
+    assert alike.challenger_agrees is not None and alike.challenger_agrees.tolist() == [1, 1, 1]
     models = LoadedModels(active, swapped)
     window = [infer(frames[:3], models, now=1.0), infer(frames[3:], models, now=2.0)]
     result = decide(window, [], device_id="dev")
@@ -352,7 +355,7 @@ def test_a_challenger_of_another_task_is_not_run(tmp_path: Path, caplog: pytest.
     models = LoadedModels(detector(tmp_path), ModelRuntime(clf.onnx_path, clf.manifest))
     with caplog.at_level(logging.ERROR):
         inferred = infer(scenes(), models)
-    assert inferred.detections is not None and inferred.challenger_detections is None
+    assert inferred.boxes is not None and inferred.challenger_boxes is None
     assert "challenger c1 is a 'classify' model beside a 'detect' active model; not run" in caplog.text
     assert decide([inferred], [], device_id="dev").challenger_agrees is None
 

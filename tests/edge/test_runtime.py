@@ -31,6 +31,21 @@ def test_normalisation_and_layouts() -> None:
     assert np.allclose(out[0, 0, 0], [0.0, 1.0, -0.5])
 
 
+@pytest.mark.parametrize(("shape", "kw"), [
+    ((5, 8, 8), {}),  # gray frames for a 1-channel model
+    ((5, 8, 8, 3), {"channels": 3, "mean": [0.0, 0.5, 1.0], "std": [1.0, 0.5, 2.0]}),
+    ((5, 8, 8, 3), {"channels": 3, "mean": [0.1] * 3, "std": [0.3] * 3, "layout": "NHWC"}),
+    ((5, 8, 8, 4), {"channels": 3, "mean": [0.1] * 3, "std": [0.3] * 3}),  # RGBA: the per-frame path
+    ((5, 6, 10), {}),  # another size: resized frame by frame
+])
+def test_frames_stacked_in_one_array_give_the_tensor_of_the_frames_one_by_one(shape: tuple[int, ...],
+                                                                            kw: dict[str, object]) -> None:
+    stacked = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    pre = Preprocessor(spec(**kw))
+    one_by_one = np.concatenate([pre([img]) for img in stacked])
+    assert np.array_equal(pre(stacked), one_by_one) and pre(stacked).flags["C_CONTIGUOUS"]
+
+
 def test_any_size_and_channel_count_reaches_the_spec() -> None:
     pre = Preprocessor(spec(height=6, width=10, channels=3, mean=[0.5] * 3, std=[0.25] * 3))
     frames = [np.zeros((3, 4), np.uint8), np.zeros((31, 17, 3), np.uint8), np.zeros((5, 5, 4), np.uint8),
