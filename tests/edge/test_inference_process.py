@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -210,3 +212,40 @@ def test_a_batch_the_challenger_fails_on_gets_nan_rows_and_the_others_keep_their
     for r in (raws[0], raws[2]):
         assert r.challenger_logits is not None and np.isfinite(r.challenger_logits).all()
     assert np.array_equal(raws[2].challenger_logits, real(v1.preprocess([stream[6].image])).logits)
+
+
+def test_the_inference_process_ends_when_the_agent_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the agent leaves no orphan on the device: the child sees its pipe close and exits."""
+    script = tmp_path / "agent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from fleet.edge.inference import InferenceProcess\n"
+        "if __name__ == '__main__':\n"
+        "    p = InferenceProcess()\n"
+        "    p.start()\n"
+        "    print(p._proc.pid, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    agent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert agent.stdout is not None
+        child = int(agent.stdout.readline())
+        os.kill(child, 0)  # running
+        agent.kill()
+        agent.wait(10)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.1)
+        assert not _alive(child), f"inference process {child} outlived its agent"
+    finally:
+        agent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited (its parent, init, reaps it)
+    except FileNotFoundError:
+        return False
