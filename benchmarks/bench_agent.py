@@ -295,7 +295,7 @@ def memory_probe(args: argparse.Namespace) -> None:
         models[v] = ((args.probe / f"{v}.json").read_text(), (args.probe / f"{v}.onnx").read_bytes())
     frames = load_frames(args.frames)
     _, _, summary = agent_fps(args.probe, args.public_key, models, frames, challenger=args.challenger,
-                              window=args.trigger_window)
+                              window=args.trigger_window, inference=args.inference)
     status = Path("/proc/self/status").read_text()
     hwm_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     import resource
@@ -313,6 +313,8 @@ def main() -> None:
     ap.add_argument("--trigger-window", type=int, default=0,
                     help="Frames per trigger decision (0: the agent's default, runtime.trigger_window).")
     ap.add_argument("--append", type=Path, default=None, help="Append the result table to this Markdown file.")
+    ap.add_argument("--inference", choices=["process", "thread"], default="process",
+                    help="Where the agent runs its models (runtime.inference; default: process).")
     ap.add_argument("--probe", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--public-key", default="", help=argparse.SUPPRESS)
     ap.add_argument("--challenger", action="store_true", help=argparse.SUPPRESS)
@@ -335,7 +337,8 @@ def main() -> None:
     onnx_path = work / "bench-v1.onnx"
 
     bare_fps(onnx_path, frames[:300])  # warm-up
-    agent_fps(work, pair.public_b64, models, frames[:300], challenger=False, window=args.trigger_window)
+    agent_fps(work, pair.public_b64, models, frames[:300], challenger=False, window=args.trigger_window,
+              inference=args.inference)
     # Rounds of back-to-back runs: each round's ratio compares loops measured seconds apart, so load
     # from other processes on the machine shifts both sides of a ratio alike.
     runs: dict[str, list[float]] = {"bare": [], "agent": [], "agent+challenger": []}
@@ -347,7 +350,7 @@ def main() -> None:
         cpu["bare"].append(c)
         for name in ("agent", "agent+challenger"):
             fps, c, s = agent_fps(work, pair.public_b64, models, frames, challenger=name != "agent",
-                                  window=args.trigger_window)
+                                  window=args.trigger_window, inference=args.inference)
             runs[name].append(fps)
             cpu[name].append(c)
             flagged[name] = (s.flagged, s.uploaded)
@@ -361,7 +364,7 @@ def main() -> None:
         out = subprocess.run(
             [sys.executable, __file__, "--probe", str(work), "--public-key", pair.public_b64,
              "--frames", str(args.frames), "--cores", str(args.cores),
-             "--trigger-window", str(args.trigger_window), *extra],
+             "--trigger-window", str(args.trigger_window), "--inference", args.inference, *extra],
             capture_output=True, text=True, check=True,
         )
         mem[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
@@ -375,7 +378,8 @@ def main() -> None:
         f"## Edge agent loop vs bare onnxruntime ({time.strftime('%Y-%m-%d')})",
         "",
         f"`python benchmarks/bench_agent.py --frames {args.frames} --repeats {args.repeats} --cores {args.cores}"
-        f"{f' --trigger-window {args.trigger_window}' if args.trigger_window else ''}` "
+        f"{f' --trigger-window {args.trigger_window}' if args.trigger_window else ''}"
+        f"{' --inference thread' if args.inference == 'thread' else ''}` "
         f"on {platform.processor() or platform.machine()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} "
         "CPU cores, Python "
         f"{platform.python_version()}, onnxruntime {onnxruntime.__version__}, 1 intra-op thread, batch size 1. "

@@ -1,7 +1,7 @@
 """The agent: wires source, runtime, shadow mode, triggers, spool, uplink, heartbeat and OTA together.
 
 Threads: the caller's thread reads the source and runs the models, or hands them to the inference process
-(``runtime.inference = "process"``, the default: fleet/edge/inference.py); ``decider`` evaluates the trigger
+(``runtime.inference``, by default on two cores or more: fleet/edge/inference.py); ``decider`` evaluates the trigger
 spec over windows of frames and spools what it keeps; ``uplink`` sends spooled cases; ``control`` sends heartbeats and
 follows the assignment. Nothing on the inference path waits on the network or the disk.
 """
@@ -23,7 +23,7 @@ from fleet.edge.decider import Decider
 from fleet.edge.enrollment import load_enrollment
 from fleet.edge.heartbeat import HeartbeatSender, Telemetry
 from fleet.edge.hubclient import HubClient
-from fleet.edge.inference import Chunk, InferenceProcess
+from fleet.edge.inference import Chunk, InferenceProcess, resolve_mode
 from fleet.edge.modelstore import HealthFrames, ModelStore
 from fleet.edge.ota import OtaManager
 from fleet.edge.pacing import Backoff
@@ -302,7 +302,7 @@ class Agent:
         return True
 
     def _start_inference(self) -> None:
-        if self.config.runtime.inference != "process":
+        if resolve_mode(self.config.runtime.inference) != "process":
             return
         proc = InferenceProcess()
         try:

@@ -13,7 +13,8 @@ Example (every key but ``device_id``, ``hub.url`` and ``source`` has a default):
 
     [runtime]
     threads = 1                         # onnxruntime intra-op threads
-    inference = "process"               # process: the models run in a process of their own; thread: in the agent's
+    inference = "auto"                  # process: the models in a process of their own; thread: in the agent's;
+                                        # auto: process when the agent may use 2 or more cores, else thread
     batch_size = 1                      # frames per inference call
     trigger_window = 64                 # frames per trigger decision (amortises its cost; no effect on scores)
     trigger_max_delay_s = 1.0           # decide sooner once the oldest frame has waited this long
@@ -73,7 +74,7 @@ from fleet.edge.streamurl import check_stream_url
 from fleet.errors import InvalidInput
 from fleet.protocol import NAME_RE
 
-INFERENCE_MODES = ("process", "thread")  # runtime.inference: where the models run (fleet/edge/inference.py)
+INFERENCE_MODES = ("auto", "process", "thread")  # runtime.inference: where the models run (fleet/edge/inference.py)
 
 FLEET_SECRET_ENV = "FLYWHEEL_FLEET_SECRET"
 FILE_KINDS = ("npz", "folder", "replay", "video")
@@ -97,7 +98,7 @@ class RuntimeConfig:
     batch_size: int = 1
     trigger_window: int = 64  # frames decided together by the trigger spec
     trigger_max_delay_s: float = 1.0  # ... or fewer, once the oldest has waited this long
-    inference: str = "process"  # where the models run: "process" (their own) or "thread" (fleet/edge/inference.py)
+    inference: str = "auto"  # where the models run: "process", "thread" or "auto" (fleet/edge/inference.py)
 
 
 @dataclass(frozen=True)

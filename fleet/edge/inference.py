@@ -4,9 +4,12 @@ The agent's back office (trigger decisions, PNG encoding, spooling, uploads, hea
 GIL. In one process, every millisecond of it is a millisecond the inference thread waits on return from
 onnxruntime, so the agent's share of bare onnxruntime speed fell with the host's speed: measured on this project's
 2-core host, a 0.27 ms classifier ran at 84% of bare in the agent (``benchmarks/bench_agent_detect.py``). With
-``runtime.inference = "process"`` (the default) the models run in a child process that does nothing else: it
+``runtime.inference = "process"`` the models run in a child process that does nothing else: it
 receives chunks of frames' pixels over a pipe, runs the active model and the challenger on them in batches of
 ``runtime.batch_size`` and sends back the raw outputs; the parent keeps each frame's metadata and does all the rest.
+That pays on two cores or more; on one core the pipe is pure cost (the classifier agent at 75.5% of bare in a
+process, 81.9% in the agent's thread, ``bench_agent.py --cores 1``), so ``"auto"``, the default, picks the process
+only when the agent may use two cores or more (:func:`resolve_mode`).
 
 The parent sends a chunk at once while fewer than :data:`LOW_WATER` frames are in flight (a slow camera's frame
 goes out alone, without waiting for others), else when it holds :data:`MAX_CHUNK` frames, and waits for results
@@ -52,6 +55,17 @@ HIGH_WATER = 96  # frames in flight at most (the agent waits for results before 
 HIGH_WATER_BYTES = 16 * 1024 * 1024  # ... and bytes of pixels in flight at most
 MAX_RESTARTS = 3  # new children started in one run before the parent runs every frame itself
 START_TIMEOUT_S = 60.0  # for the child to import numpy and onnxruntime and say it is ready
+
+
+def resolve_mode(mode: str) -> str:
+    """``runtime.inference`` as run: ``"auto"`` is ``"process"`` when this process may use two cores or more."""
+    if mode != "auto":
+        return mode
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return "process" if cores >= 2 else "thread"
 
 
 @dataclass

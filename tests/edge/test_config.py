@@ -26,7 +26,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_minimal_config_gets_defaults_and_resolves_paths(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, MINIMAL))
     assert cfg.device_id == "cam-1"
-    assert cfg.runtime.threads == 1 and cfg.runtime.inference == "process"
+    assert cfg.runtime.threads == 1 and cfg.runtime.inference == "auto"
     assert cfg.source.path == tmp_path / "frames.npz"
     assert cfg.data_dir == tmp_path / "flywheel-agent"
     assert cfg.spool.max_bytes == 64 * 1024 * 1024
@@ -64,7 +64,8 @@ default_spec = "spec.json"
         ('[runtime]\nthreads = 0\n', "runtime.threads must be in 1..64; received 0"),
         ('[runtime]\nthreads = "two"\n', "runtime.threads must be an integer; received 'two'"),
         ('[runtime]\nthredas = 2\n', "unknown key(s) ['thredas']"),
-        ('[runtime]\ninference = "gpu"\n', "runtime.inference must be one of ['process', 'thread']; received 'gpu'"),
+        ('[runtime]\ninference = "gpu"\n',
+         "runtime.inference must be one of ['auto', 'process', 'thread']; received 'gpu'"),
         ('[spool]\nmax_bytes = 10\n', "spool.max_bytes must be >= 65536; received 10"),
         ('[uplink]\nbackoff_base_s = 5\nbackoff_max_s = 1\n', "backoff_max_s must be >= backoff_base_s"),
         ('[heartbeat]\ninterval_s = true\n', "heartbeat.interval_s must be a number; received True"),

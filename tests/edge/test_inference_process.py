@@ -249,3 +249,27 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"  # a zombie has exited (its parent, init, reaps it)
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize(("cores", "mode"), [({0}, "thread"), ({0, 1}, "process"), (set(range(8)), "process")])
+def test_auto_runs_the_models_in_a_process_only_with_two_cores_or_more(
+        tmp_path: Path, hub: InProcHub, keys: Keys, make_model, monkeypatch: pytest.MonkeyPatch,
+        cores: set[int], mode: str) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    assert inference.resolve_mode("auto") == mode
+    assert inference.resolve_mode("thread") == "thread" and inference.resolve_mode("process") == "process"
+    v1 = make_model("v1", seed=1)
+    publish(hub, v1)
+    assign(hub, v1, campaigns=(KEEP_ALL,))
+    agent = make_agent(tmp_path, hub, keys, frames(6))
+    started: list[bool] = []
+    real = agent._start_inference
+
+    def spy() -> None:
+        real()
+        started.append(agent.inference is not None)
+
+    monkeypatch.setattr(agent, "_start_inference", spy)
+    summary = agent.run()
+    agent.close()
+    assert started == [mode == "process"] and summary.frames == 6 and summary.uploaded == 6
