@@ -94,20 +94,6 @@ def log_once(key: str, message: str) -> None:
         log.error(message)
 
 
-def run_models(images: Sequence[NDArray[Any]], active: ModelRuntime, challenger: ModelRuntime | None) -> Raw:
-    """Run the active model, and the challenger beside it, on one batch of frames' pixels."""
-    t0 = time.perf_counter()
-    tensor = active.preprocess(images)
-    out = active.infer(tensor, decode=False)
-    latency_ms = (time.perf_counter() - t0) * 1000.0 / len(images)
-    ch = _run_challenger(challenger, active, images, tensor)
-    return Raw(
-        embedding=out.embedding, logits=out.logits, boxes=out.boxes, scores=out.scores,
-        challenger_logits=None if ch is None else ch.logits, challenger_boxes=None if ch is None else ch.boxes,
-        challenger_scores=None if ch is None else ch.scores, latency_ms=latency_ms,
-    )
-
-
 def _run_challenger(challenger: ModelRuntime | None, active: ModelRuntime,
                     images: Sequence[NDArray[Any]] | NDArray[Any], tensor: NDArray[Any]) -> Any:
     if challenger is None:

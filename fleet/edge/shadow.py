@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from fleet.edge.campaigns import Campaign
 from fleet.edge.frame import Frame
-from fleet.edge.inference import Raw, log_once, run_models
+from fleet.edge.inference import Raw, log_once, run_chunk
 from fleet.edge.ota import LoadedModels
 from fleet.edge.recorder import Capture, new_case_id
 from fleet.inference.detector import Detections, best_labels, box_sets_agree, decode, to_detection
@@ -101,7 +101,7 @@ class WindowResult:
 def infer(frames: Sequence[Frame], models: LoadedModels, *, now: float | None = None) -> Inferred:
     """Run the active model, and the challenger beside it, on a batch (models.active must be set)."""
     assert models.active is not None, "infer needs an active model"
-    raw = run_models([f.image for f in frames], models.active, models.challenger)
+    (raw,) = run_chunk([f.image for f in frames], len(frames), models.active, models.challenger)
     return Inferred.from_raw(frames, models, raw, now=now)
 
 
