@@ -84,12 +84,13 @@ def box_informativeness(boxes: Boxes, *, human: Boxes | None = None, challenger:
     """A detector's frames, ``boxes`` of n frames (``human`` and ``challenger``: the other box sets of the same
     frames, unknown where there is none) -> (n,) in [0, 1], higher = label first, ranked as
     :func:`informativeness` ranks a classifier's: the least sure box's normalised least confidence (1 - its score
-    without class distributions; 0 for a frame without a box); frames where the challenger's boxes differ
-    (1 - F1 > 0, :func:`trigger.box_scores.box_disagreement`) in [0.5, 1]; where the human's do, in [0.9, 1].
-    Within a band, the larger of the disagreement (1 - F1: a frame whose objects the model missed entirely
-    scores 1) and the uncertainty ranks. ``floor``: the model's operating threshold; only the boxes it reports
-    (scoring at least ``floor``) count, for the uncertainty and against the other box sets (the candidates under
-    it are many, mostly background, and nearly uniform over the classes: counted, every frame looks unsure)."""
+    without class distributions; 0 for a frame without a box); frames where the challenger's boxes differ in
+    [0.5, 1]; where the human's do, in [0.9, 1]. Within a band, frames rank by how many boxes differ (missed +
+    extra + class flips: the device's ``count`` triggers rank the same way), then by how much (1 - F1), through
+    ``1 - 2 ** -(count + (1 - F1))``, or by the uncertainty where that is larger. ``floor``: the model's
+    operating threshold; only the boxes it reports (scoring at least ``floor``) count, for the uncertainty and
+    against the other box sets (the candidates under it are many, mostly background, and nearly uniform over the
+    classes: counted, every frame looks unsure)."""
     if boxes.probs is not None or boxes.m == 0:
         u = box_uncertainty(boxes, measure="least_confidence", reduce="max", normalize=True, floor=floor)
     else:
@@ -97,8 +98,11 @@ def box_informativeness(boxes: Boxes, *, human: Boxes | None = None, challenger:
     out = np.nan_to_num(u, nan=0.0)
     for other, base in ((challenger, 0.5), (human, 0.9)):
         if other is not None:
-            d = np.nan_to_num(box_disagreement(boxes, other, floor=floor).score, nan=0.0)
-            out = np.where(d > 0, np.maximum(out, base + (1.0 - base) * np.maximum(d, out)), out)
+            cmp = box_disagreement(boxes, other, floor=floor)
+            d = np.nan_to_num(cmp.score, nan=0.0)
+            differing = (cmp.missed + cmp.extra + cmp.flips).astype(np.float64)
+            key = 1.0 - np.exp2(-(differing + d))
+            out = np.where(d > 0, np.maximum(out, base + (1.0 - base) * np.maximum(key, out)), out)
     return np.clip(out, 0.0, 1.0)
 
 

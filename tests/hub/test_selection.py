@@ -301,7 +301,25 @@ def test_a_detectors_frames_rank_by_how_much_the_human_disagrees() -> None:
     human = Boxes.from_frames([np.array(obj[:2]), np.array(obj), np.array(obj)],
                               labels=[[0, 1], [0, 1, 2], [0, 1, 2]])
     u = box_informativeness(model, human=human, floor=0.5)
-    assert u[0] == pytest.approx(1.0)  # both objects missed: 1 - F1 = 1
+    assert u[0] == pytest.approx(0.9 + 0.1 * (1 - 2.0 ** -3))  # two objects missed, 1 - F1 = 1
     assert 0.9 < u[1] < u[0]  # one of three missed: 1 - F1 = 0.2
     assert u[2] < 0.9  # the same objects reported; the low box under the floor is not a disagreement
     assert box_informativeness(model, human=human, floor=0.0)[2] >= 0.9  # counted, it would be one
+
+
+def test_a_detectors_frames_with_more_wrong_boxes_rank_first_as_the_devices_count_triggers_do() -> None:
+    """1 - F1 is 1 both for a frame whose one object the model missed and for one where it missed all three; the
+    frame holding three errors is worth more labels' worth of correction, and ranks first (as the device's
+    ``box_human_disagreement`` with ``count`` ranks it). A class flip and an extra box count as errors too."""
+    from fleet.hub.selection import box_informativeness
+    from trigger.boxes import Boxes
+
+    obj = [[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.1, 0.6, 0.3, 0.9]]
+    model = Boxes.from_frames([np.zeros((0, 4)), np.zeros((0, 4)), np.array(obj[:2]), np.array(obj[:1])],
+                              scores=[[], [], [0.9, 0.9], [0.9]], labels=[[], [], [0, 2], [0]],
+                              probs=[np.zeros((0, 3)), np.zeros((0, 3)), np.eye(3)[[0, 2]], np.eye(3)[[0]]])
+    human = Boxes.from_frames([np.array(obj[:1]), np.array(obj), np.array(obj), np.array(obj[:1])],
+                              labels=[[0], [0, 1, 2], [0, 1, 2], [0]])
+    u = box_informativeness(model, human=human, floor=0.5)
+    assert u[1] > u[2] > u[0] > 0.9  # 3 missed > a flip and a miss > 1 missed
+    assert u[3] < 0.9  # the same box: no disagreement
