@@ -19,7 +19,8 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seeds the data split, the stream and every training run."),
     dataset: str | None = typer.Option(
         None, "--dataset", help="'digits' (default, scikit-learn's bundled digits), an .npz with "
-        "x_train/y_train/x_test/y_test, or a folder with one subfolder of images per class."),
+        "x_train/y_train/x_test/y_test, or a folder with one subfolder of images per class; with --task detect, "
+        "'digits' (scenes of digits) or a COCO-format folder (annotations.json and its images)."),
     workspace: Path | None = typer.Option(
         None, "--workspace", help="A new folder for this run (default: ./flywheel-demo/<time>)."),
     frames: int = typer.Option(300, "--frames-per-device", min=10, help="Frames each device sees per turn."),
@@ -49,6 +50,9 @@ def demo(
         None, "--strategy", help="The hub's selection strategy (default uncertainty+diversity; detect: uncertainty)."),
     rescore: bool = typer.Option(True, "--rescore/--no-rescore", help="Re-score the pool with each new active "
                                  "model before the hub selects (--no-rescore: the scores of capture, for comparison)."),
+    gate_tolerance: float | None = typer.Option(
+        None, "--gate-tolerance", min=0.0, max=1.0, help="How far a turn's candidate may fall below the model the "
+        "fleet runs (test accuracy, or mAP) and still ship (default 0.01)."),
     allow_short: bool = typer.Option(
         False, "--allow-short", help="Carry on when a turn cannot spend its label budget (by default that is an "
         "error, unless the fleet's pool held too few cases)."),
@@ -80,7 +84,7 @@ def demo(
     strategy = strategy or str(chosen["strategy"])
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
                             frames_per_device=frames, labeler=labeler, strategy=strategy, rescore=rescore,
-                            allow_short=allow_short,
+                            allow_short=allow_short, gate_tolerance=gate_tolerance,
                             install_studio=install_studio, annotate=annotate, seed_size=seed_size,
                             test_size=test_size, model=model, width=width, base_epochs=base_epochs,
                             turn_epochs=epochs, task=task, turn_lr=float(chosen["turn_lr"]))  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ from fleet.sim.agents import (
     uploaded_frames,
 )
 from fleet.sim.data import load_dataset, sample_test
-from fleet.sim.detect_world import SceneWorld, build_scene_world
+from fleet.sim.detect_world import SceneWorld, build_coco_world, build_scene_world
 from fleet.sim.fleet import World, build_world
 from fleet.sim.labelers import Labeler, LabelRound, OracleLabeler, shortfall
 from fleet.sim.procs import HubProcess, start_hub, stop_process
@@ -197,10 +197,15 @@ def _world(settings: DemoSettings, say: Progress) -> World | SceneWorld:
     """The demo's world: a dataset's images (classify) or scenes of digits with boxes (detect)."""
     if settings.task == "detect":
         test = settings.test_size if settings.test_size is not None else DETECT_TEST_SCENES
-        sw = build_scene_world(seed=settings.seed, seed_size=settings.seed_frames(0), test_per_condition=test)
-        say(f"data: scenes of scikit-learn's digits with boxes ({sw.size}x{sw.size}, 1-3 objects and clutter), "
-            f"{len(sw.class_names)} classes, seed set {len(sw.seed_set)} (mostly clear, {sw.seed_set.n_boxes} boxes), "
-            f"test {len(sw.test_set)} across conditions")
+        if settings.dataset in (None, "digits"):
+            sw = build_scene_world(seed=settings.seed, seed_size=settings.seed_frames(0), test_per_condition=test)
+            what = f"{sw.source} with boxes ({sw.size}x{sw.size}, 1-3 objects and clutter)"
+        else:
+            sw = build_coco_world(settings.dataset, seed=settings.seed, seed_size=settings.seed_size,
+                                  test_per_condition=test)
+            what = f"{sw.source}, scaled to {sw.size}x{sw.size}"
+        say(f"data: {what}, {len(sw.class_names)} classes, seed set {len(sw.seed_set)} (mostly clear, "
+            f"{sw.seed_set.n_boxes} boxes), test {len(sw.test_set)} across conditions")
         return sw
     data = load_dataset(settings.dataset, seed=settings.seed)
     k = len(data.class_names)

@@ -1,5 +1,6 @@
 """The detection demo's world: scenes of real objects (scikit-learn's digits, placed on cluttered canvases by
-:mod:`fleet.sim.scenes`) under the same edge conditions as the classifier demo's, with their true boxes.
+:mod:`fleet.sim.scenes`), or a COCO-format folder's images (:func:`build_coco_world`), under the same edge
+conditions as the classifier demo's, with their true boxes.
 
 As in :mod:`fleet.sim.fleet`, the seed set is mostly clear and the fleet's stream mixes in the rarer conditions,
 so the base detector has real blind spots (fog and night hide objects, occlusion cuts them, blur smears them).
@@ -26,6 +27,7 @@ HUMAN_MISS = 0.05  # a person misses a true box this often
 HUMAN_JITTER = 0.02  # ... and places each corner off by this share of the box's side (Gaussian)
 SCENE_SIZE = 96  # canvas side in pixels (a multiple of 32, as fcos_tiny needs)
 MAX_OBJECTS = 3
+DETECT_SEED_SCENES = 600  # the detection demo's default seed set: scenes of 1-3 objects, mostly clear
 
 
 def _ragged_take(owner: npt.NDArray[np.int64], idx: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64],
@@ -108,9 +110,10 @@ class SceneFrames:
 
 def _from_scenes(scenes: Scenes, conditions: npt.NDArray[np.str_], ids: npt.NDArray[np.str_], *, seed: int,
                  human: tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32], npt.NDArray[np.int64]] | None = None,
-                 ) -> SceneFrames:
+                 unit: int | None = None) -> SceneFrames:
+    """``unit``: an object's side in pixels, which sizes the conditions (default a quarter of the scene)."""
     arrays = scenes.to_npz_arrays()
-    images = apply_conditions(scenes.images, conditions, seed=seed, unit=scenes.images.shape[1] // 4)
+    images = apply_conditions(scenes.images, conditions, seed=seed, unit=unit or scenes.images.shape[1] // 4)
     n = len(scenes)
     known, hb, hf = human if human is not None else (np.zeros(n, bool), np.zeros((0, 5), np.float32),
                                                      np.zeros(0, np.int64))
@@ -132,15 +135,23 @@ class SceneWorld:
     size: int = SCENE_SIZE
     truth: dict[str, Detection] = field(default_factory=dict)  # frame id -> true boxes, every frame streamed
     task: str = "detect"
+    pool: Scenes | None = None  # a COCO world: the images the fleet's stream draws from (None: fresh digit scenes)
+    unit: int | None = None  # an object's side in pixels, which sizes the conditions (None: a quarter of the scene)
+    source: str = "scenes of scikit-learn's digits"
 
     def stream(self, turn: int, n: int) -> SceneFrames:
-        """``n`` fresh scenes for one turn (training digits only) under conditions drawn from the fleet's mix."""
-        scenes = digit_scenes(n, seed=int(self.rng.integers(2**31)), size=self.size, max_objects=MAX_OBJECTS,
-                              split="train")
+        """``n`` scenes for one turn under conditions drawn from the fleet's mix: fresh scenes of training digits,
+        or a COCO world's stream images (each at most once a turn while there are enough; a fleet sees the same
+        places again on later turns, under other conditions)."""
+        if self.pool is None:
+            scenes = digit_scenes(n, seed=int(self.rng.integers(2**31)), size=self.size, max_objects=MAX_OBJECTS,
+                                  split="train")
+        else:
+            scenes = self.pool.take(self.rng.choice(len(self.pool), size=n, replace=n > len(self.pool)))
         conditions = sample_conditions(n, STREAM_MIX, rng=self.rng)
         ids = np.asarray([f"t{turn}-{i:06d}" for i in range(n)])
         frames = _from_scenes(scenes, conditions, ids, seed=self.seed * 1000 + turn,
-                              human=self._human(scenes))
+                              human=self._human(scenes), unit=self.unit)
         for i, fid in enumerate(ids.tolist()):
             self.truth[fid] = to_detection(*frames.truth(i))
         return frames
@@ -195,3 +206,68 @@ def build_scene_world(*, seed: int, seed_size: int, test_per_condition: int, siz
              for j, c in enumerate(names)]
     return SceneWorld(seed_set, SceneFrames.concat(parts), seed_scenes.class_names, rng, human_known, human_error,
                       seed, size)
+
+
+COCO_MAX_SIDE = 128  # a COCO world's scenes: the images' shorter side rounded down to a multiple of 32, at most this
+COCO_TEST_SHARE = 0.2  # at most this share of a COCO folder's images is held out as test scenes
+COCO_SEED_SHARE = 0.4  # ... and, unless --seed-size says otherwise, at most this share seeds the base model
+
+
+def coco_side(height: int, width: int) -> int:
+    """The square side a COCO world's images are scaled to: their shorter side rounded down to a multiple of 32
+    (fcos_tiny's stride), between 32 and COCO_MAX_SIDE (the demo trains and runs on a CPU)."""
+    return int(min(COCO_MAX_SIDE, max(32, (min(height, width) // 32) * 32)))
+
+
+def build_coco_world(path: str | Path, *, seed: int, seed_size: int | None, test_per_condition: int,
+                     human_known: float = 0.5, human_error: float = 0.03) -> SceneWorld:
+    """The detection demo's world from a COCO-format folder (:func:`fleet.coco.read_coco`): its images scaled to
+    a square :func:`coco_side` (grey or RGB, as the first image is), their boxes kept (normalised), the classes
+    its categories. The images are split at random by ``seed``, each used in one part only: up to
+    ``test_per_condition`` (at most COCO_TEST_SHARE of them) are the test scenes, shown under every condition;
+    ``seed_size`` (default: at most COCO_SEED_SHARE of them, DETECT_SEED_SCENES at most) seed the base model,
+    mostly clear; the rest are what the fleet's cameras see, under the stream's conditions, with the human's
+    boxes made from the true ones as for digit scenes. Too few images for the three parts is refused with the
+    counts."""
+    from PIL import Image
+
+    from fleet.coco import read_coco
+
+    folder = read_coco(path)
+    if any("," in name for name in folder.class_names):
+        raise ValueError(f"{folder.annotations}: a category name holds a comma ({folder.class_names}); the demo "
+                         "passes the class names comma-separated: rename it")
+    n = len(folder.images)
+    first = folder.images[0]
+    side = coco_side(first.height, first.width)
+    with Image.open(first.file) as im:
+        mode = "L" if im.mode in ("L", "1", "I", "I;16", "LA") else "RGB"
+    images = []
+    for item in folder.images:
+        with Image.open(item.file) as im:
+            images.append(np.asarray(im.convert(mode).resize((side, side), Image.Resampling.BILINEAR), np.uint8))
+    scenes = Scenes(np.stack(images), [im.boxes for im in folder.images], [im.classes for im in folder.images],
+                    folder.class_names)
+    n_test = min(test_per_condition, int(n * COCO_TEST_SHARE))
+    n_seed = seed_size if seed_size is not None else min(DETECT_SEED_SCENES, int(n * COCO_SEED_SHARE))
+    if n_test < 1 or n_seed < 1 or n - n_test - n_seed < 1:
+        raise ValueError(f"{folder.annotations}: {n} images are too few for the detection demo: it needs test scenes "
+                         f"({n_test}: at most {COCO_TEST_SHARE:.0%} of the images), a seed set ({n_seed}) and at least "
+                         "one image for the fleet's stream; add images, or give a smaller --seed-size / --test-size")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    test_idx, seed_idx, pool_idx = order[:n_test], order[n_test:n_test + n_seed], order[n_test + n_seed:]
+    sides = np.concatenate([np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) for b in scenes.boxes]) * side
+    unit = int(max(4, round(float(np.median(sides))))) if len(sides) else side // 4
+    seed_scenes = scenes.take(seed_idx)
+    seed_set = _from_scenes(seed_scenes, sample_conditions(n_seed, SEED_MIX, rng=rng),
+                            np.asarray([f"seed-{i:06d}" for i in range(n_seed)]), seed=seed, unit=unit)
+    test_scenes = scenes.take(test_idx)
+    parts = [_from_scenes(test_scenes, np.asarray([c] * n_test), np.asarray([f"test-{c}-{i:05d}" for i in
+                                                                              range(n_test)]),
+                          seed=seed + 7 + j, unit=unit)
+             for j, c in enumerate([CLEAR, *CONDITIONS])]
+    return SceneWorld(seed_set, SceneFrames.concat(parts), folder.class_names, rng, human_known, human_error, seed,
+                      side, pool=scenes.take(pool_idx), unit=unit,
+                      source=f"the COCO folder {folder.annotations.parent} ({n} images: {n_test} test, {n_seed} seed, "
+                             f"{len(pool_idx)} for the fleet's stream)")

@@ -38,6 +38,11 @@ class Scenes:
     def __len__(self) -> int:
         return len(self.images)
 
+    def take(self, idx: npt.NDArray[np.int64]) -> Scenes:
+        """The scenes ``idx``, in that order (repeats allowed)."""
+        return Scenes(self.images[idx], [self.boxes[int(i)] for i in idx], [self.labels[int(i)] for i in idx],
+                      self.class_names)
+
     def to_npz_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
         """Flat arrays for ``np.savez``: ``x``, ``boxes`` (total, 4), ``box_labels`` (total,), ``box_image`` (total,)
         (the scene each box belongs to) under ``prefix`` (e.g. ``"_train"`` gives ``x_train``, ``boxes_train``...)."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fleet.sim.detect_world import SceneFrames
+from fleet.sim.detect_world import DETECT_SEED_SCENES, SceneFrames
 from fleet.sim.fleet import Frames
 
 TASKS = ("classify", "detect")
-DETECT_SEED_SCENES = 600  # the detection demo's default seed set: scenes of 1-3 objects, mostly clear
 DETECT_TEST_SCENES = 60  # ... and its test scenes a condition
 # what `flywheel demo` uses for each task when an option is not given
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
@@ -51,6 +50,8 @@ class DemoSettings:
     width: int = 16
     allow_short: bool = False  # a turn whose labels fall short of the budget is an error unless this is set
     task: str = "classify"  # classify | detect (scenes of digits with boxes: fleet.sim.detect_world)
+    gate_tolerance: float | None = None  # how far a turn's candidate may fall below the fleet's model and ship;
+    # None: 0.01 overall and `flywheel train`'s default per slice and secondary metric
 
     def validate(self) -> None:
         for name in ("turns", "devices", "budget", "frames_per_device", "seed_size", "test_size", "base_epochs",
@@ -60,6 +61,9 @@ class DemoSettings:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; received {value!r}")
+        if self.gate_tolerance is not None and not 0 <= self.gate_tolerance <= 1:
+            raise ValueError(f"--gate-tolerance must be in [0, 1] (a drop in accuracy or mAP); received "
+                             f"{self.gate_tolerance}")
         if not 0 < self.upload_rate < 1:
             raise ValueError(f"--upload-rate must be in (0, 1); received {self.upload_rate}")
         if self.labeler not in ("auto", "oracle", "studio"):
@@ -67,9 +71,12 @@ class DemoSettings:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}; received {self.task!r}")
         if self.task == "detect" and self.dataset not in (None, "digits"):
-            raise ValueError(f"--task detect builds its scenes from scikit-learn's digits; --dataset {self.dataset!r} "
-                             f"is for the classifier demo (train a detector on a COCO folder with flywheel train "
-                             f"--task detect --data coco:PATH)")
+            path = Path(self.dataset)
+            if not ((path.is_dir() and (path / "annotations.json").is_file()) or
+                    (path.is_file() and path.suffix == ".json")):
+                raise ValueError(f"--task detect takes 'digits' (scenes of scikit-learn's digits, the default) or a "
+                                 f"COCO-format folder (annotations.json and its images) or its .json file; "
+                                 f"--dataset {self.dataset!r} is neither")
         if self.annotate and self.labeler == "oracle":
             raise ValueError("--annotate has you label in Label Studio; it cannot go with --labeler oracle")
 

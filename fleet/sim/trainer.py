@@ -89,7 +89,11 @@ class Trainer:
             args += ["--base", f"npz:{self.seed_npz}", "--replay-ratio", "0.5"]
         if warm is not None and warm.checkpoint is not None:
             args += ["--warm-start", str(warm.checkpoint), "--gate-against", str(warm.checkpoint),
-                     "--tolerance", "0.01", "--lr", str(s.turn_lr)]
+                     "--lr", str(s.turn_lr)]
+            if s.gate_tolerance is None:
+                args += ["--tolerance", "0.01"]
+            else:
+                args += ["--tolerance", str(s.gate_tolerance), "--slice-tolerance", str(s.gate_tolerance)]
         env = None
         if publish:  # the token goes in the environment: a command line is visible to every user (ps)
             args += ["--publish", self.hub.url, "--rollout-stages", stages]

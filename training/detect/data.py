@@ -9,10 +9,8 @@ known class; a bad one is refused with the image and the values received.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,13 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from fleet.coco import read_coco
 from fleet.errors import InvalidInput
 from training.data import ImageSet, concat, conform, decode_image, held_out, parse_tags, to_nchw_uint8
 
 log = logging.getLogger(__name__)
-
-COCO_ANNOTATIONS = "annotations.json"
-COCO_EDGE_SLACK = 1.0  # pixels a COCO box may overhang the image (rounding in exporters); clipped, not refused
 
 
 @dataclass
@@ -165,78 +161,26 @@ def load_box_npz(path: str | Path, *, name: str = "data") -> BoxSplits:
 
 def load_coco(path: str | Path, *, channels: int | None, size: tuple[int, int] | None, name: str = "data",
               class_names: Sequence[str] | None = None) -> BoxSplits:
-    """A COCO-format folder: ``ROOT/annotations.json`` (or a ``.json`` path) and the images it names, relative to
-    the json's folder or its ``images/`` subfolder. Read with pycocotools' COCO reader.
-
-    Categories become classes in the order of their ids (``class_names`` given: matched by name, and every
-    category must be one of them); crowd annotations are skipped; an image's optional ``tags`` (object) or
-    ``condition`` (string) become its slice tags. Everything is the training split (the run holds out a test
-    share by image file name).
-    """
-    from pycocotools.coco import COCO
-
-    path = Path(path)
-    ann_file = path / COCO_ANNOTATIONS if path.is_dir() else path
-    if not ann_file.is_file():
-        raise InvalidInput(f"coco:{path}: expected {COCO_ANNOTATIONS} in the folder (or a .json file); it is missing")
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO(str(ann_file))
-    except (ValueError, KeyError, TypeError, AssertionError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"{ann_file}: not a COCO annotation file ({type(exc).__name__}: {exc})") from exc
-    cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
-    if not cats:
-        raise InvalidInput(f"{ann_file}: lists no categories")
-    names = list(class_names or [])
-    for cat in cats:
-        if cat["name"] not in names:
-            if class_names:
-                raise InvalidInput(f"{ann_file}: category {cat['name']!r} (id {cat['id']}) is not one of the model's "
-                                   f"classes {names}")
-            names.append(str(cat["name"]))
-    index_of = {c["id"]: names.index(c["name"]) for c in cats}
-    roots = [ann_file.parent, ann_file.parent / "images"]
-    img_ids = sorted(coco.getImgIds())
-    if not img_ids:
-        raise InvalidInput(f"{ann_file}: lists no images")
-    images, all_boxes, all_classes, tags, ids = [], [], [], [], []
-    c = channels
-    for img_id in img_ids:
-        info = coco.loadImgs(img_id)[0]
-        file = next((r / info["file_name"] for r in roots if (r / info["file_name"]).is_file()), None)
-        if file is None:
-            raise InvalidInput(f"{ann_file}: image {img_id} file {info['file_name']!r} is missing (looked in "
-                               f"{[str(r) for r in roots]})")
-        raw = file.read_bytes()
-        width, height = info.get("width"), info.get("height")
-        if c is None or not (width and height):
+    """A COCO-format folder (:func:`fleet.coco.read_coco`: ``ROOT/annotations.json`` or a ``.json`` path, and the
+    images it names), decoded to ``channels`` (None: the first image's) at ``size`` (None: each image's own, which
+    must then agree). Everything is the training split (the run holds out a test share by image file name)."""
+    folder = read_coco(path, class_names=class_names)
+    images, c = [], channels
+    for im in folder.images:
+        raw = im.file.read_bytes()
+        if c is None:
             from PIL import Image
 
-            with Image.open(io.BytesIO(raw)) as im:
-                c = c or (1 if im.mode in ("L", "1", "I", "I;16", "LA") else 3)
-                width, height = width or im.width, height or im.height
-        hw = size or (int(height), int(width))
-        images.append(decode_image(raw, channels=c, size=hw, what=str(file)))
-        boxes, classes = [], []
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id)):
-            if ann.get("category_id") not in index_of:
-                raise InvalidInput(f"{ann_file}: annotation {ann.get('id')} has unknown category_id "
-                                   f"{ann.get('category_id')!r}; the categories are {sorted(index_of)}")
-            if ann.get("iscrowd", 0):
-                continue
-            boxes.append(_coco_box(ann, float(width), float(height), what=f"{ann_file}: annotation {ann.get('id')} "
-                                                                           f"on image {info['file_name']!r}"))
-            classes.append(index_of[ann["category_id"]])
-        all_boxes.append(np.asarray(boxes, np.float32).reshape(-1, 4))
-        all_classes.append(np.asarray(classes, np.int64))
-        tags.append(_coco_tags(info))
-        ids.append(str(info["file_name"]))
+            with Image.open(io.BytesIO(raw)) as pil:
+                c = 1 if pil.mode in ("L", "1", "I", "I;16", "LA") else 3
+        images.append(decode_image(raw, channels=c, size=size or (im.height, im.width), what=str(im.file)))
     if len({im.shape for im in images}) > 1:
-        raise InvalidInput(f"{ann_file}: images differ in size {sorted({im.shape for im in images})}; give "
+        raise InvalidInput(f"{folder.annotations}: images differ in size {sorted({im.shape for im in images})}; give "
                            "--image-size to resize them to one")
-    data = make_boxset(np.stack(images), all_boxes, all_classes, tags, name=f"{name}:train", ids=ids,
-                       num_classes=len(names))
-    return BoxSplits(train=data, test=None, class_names=names)
+    data = make_boxset(np.stack(images), [im.boxes for im in folder.images], [im.classes for im in folder.images],
+                       [im.tags for im in folder.images], name=f"{name}:train",
+                       ids=[im.name for im in folder.images], num_classes=len(folder.class_names))
+    return BoxSplits(train=data, test=None, class_names=folder.class_names)
 
 
 def snapshot_to_boxset(snap: Any, *, channels: int, size: tuple[int, int]) -> BoxSet:
@@ -275,25 +219,3 @@ def holdout_boxes(data: BoxSet, fraction: float) -> tuple[BoxSet, BoxSet | None]
     if held is None:
         return data, None
     return data.subset(np.flatnonzero(~held)), data.subset(np.flatnonzero(held))
-
-
-def _coco_box(ann: dict[str, Any], width: float, height: float, *, what: str) -> tuple[float, float, float, float]:
-    bbox = ann.get("bbox")
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)):
-        raise InvalidInput(f"{what}: bbox must be [x, y, width, height] in pixels; received {bbox!r}")
-    x, y, w, h = (float(v) for v in bbox)
-    if w <= 0 or h <= 0 or x < -COCO_EDGE_SLACK or y < -COCO_EDGE_SLACK or x + w > width + COCO_EDGE_SLACK \
-            or y + h > height + COCO_EDGE_SLACK:
-        raise InvalidInput(f"{what}: bbox {bbox} lies outside the {width:g}x{height:g} image or is empty; expected "
-                           "[x, y, width, height] with width, height > 0 inside the image")
-    x1, y1 = max(0.0, x) / width, max(0.0, y) / height
-    x2, y2 = min(width, x + w) / width, min(height, y + h) / height
-    return x1, y1, x2, y2
-
-
-def _coco_tags(info: dict[str, Any]) -> dict[str, str]:
-    tags = info.get("tags")
-    out = {str(k): str(v) for k, v in tags.items()} if isinstance(tags, dict) else {}
-    if isinstance(info.get("condition"), str):
-        out["condition"] = info["condition"]
-    return out

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fleet.coco import COCO_ANNOTATIONS
 from fleet.errors import InvalidInput
 from training.config import TrainArgs
 from training.data import EpochSampler, parse_source
 from training.detect.data import (
-    COCO_ANNOTATIONS,
     BoxSet,
     BoxSplits,
     concat_boxes,
