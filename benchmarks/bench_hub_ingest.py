@@ -12,6 +12,10 @@ generator share this machine's CPUs.
 
     .venv/bin/python benchmarks/bench_hub_ingest.py --devices 32 --duration 15 --batch 16
     .venv/bin/python benchmarks/bench_hub_ingest.py --backend postgres --pg-url postgresql+psycopg://...
+    .venv/bin/python benchmarks/bench_hub_ingest.py --backend postgres --workers 1 2 4 --s3-endpoint http://...
+
+``--workers 1 2 4`` runs each count against a fresh database (and, with ``--s3-endpoint``, a fresh bucket of an
+S3-compatible server for the blobs): the "vs fewest workers" column is the scaling.
 """
 
 from __future__ import annotations
@@ -231,10 +235,22 @@ def fresh_pg_database(pg_url: str) -> tuple[str, Any]:
     return u.set(database=name).render_as_string(hide_password=False), drop
 
 
-def bench(backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def s3_env(endpoint: str | None) -> dict[str, str]:
+    """The hub's settings for blobs in a fresh bucket of the S3-compatible server at ``endpoint`` (none: disk)."""
+    if not endpoint:
+        return {}
+    import secrets
+
+    import boto3
+
+    bucket = f"flywheel-ingest-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return {"FLYWHEEL_HUB_BLOB_STORE": "s3", "FLYWHEEL_HUB_S3_BUCKET": bucket, "FLYWHEEL_HUB_S3_ENDPOINT_URL": endpoint}
+
+
+def bench(backend: str, args: argparse.Namespace, workers: int) -> list[dict[str, Any]]:
     from tests.support.hub import start_hub
 
-    workers = args.workers or (1 if backend == "sqlite" else 2)
     with tempfile.TemporaryDirectory(prefix="bench-hub-") as d:
         tmp = Path(d)
         drop = None
@@ -243,7 +259,8 @@ def bench(backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             url, drop = fresh_pg_database(args.pg_url)
         try:
             with start_hub(tmp / "hub", database_url=url, workers=workers,
-                           extra_env={"FLYWHEEL_HUB_DB_POOL_SIZE": str(args.pool_size)}) as hub:
+                           extra_env={"FLYWHEEL_HUB_DB_POOL_SIZE": str(args.pool_size),
+                                      **s3_env(args.s3_endpoint)}) as hub:
                 tokens = setup_hub(hub, args.devices, tmp)
                 results = [run_load(hub.url, tokens, args, pgid=hub.process.pid)]  # the baseline
                 if args.batch:
@@ -253,7 +270,7 @@ def bench(backend: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             if drop:
                 drop()
     for r in results:
-        r.update(backend=backend, workers=workers, devices=args.devices,
+        r.update(backend=backend, workers=workers, devices=args.devices, blobs="S3" if args.s3_endpoint else "disk",
                  ratio=r["rate"] / results[0]["rate"] if results[0]["rate"] else float("nan"))
     return results
 
@@ -271,12 +288,13 @@ def append_results(rows: list[dict[str, Any]], args: argparse.Namespace, load_be
     lines += ["", f"## Hub ingest, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (`bench_hub_ingest.py`)", "",
               f"{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
               f"Python {platform.python_version()}, load average before {load_before}, at the end {load}: `{cmd}`", "",
-              "| backend | workers | devices | upload | cases/s | vs single | target | request p50 / p99 ms | "
-              "per case p50 / p99 ms | errors | hub CPU ms/case |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| backend | blobs | workers | devices | upload | cases/s | vs single | vs fewest workers | target | "
+              "request p50 / p99 ms | per case p50 / p99 ms | errors | hub CPU ms/case |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['backend']} | {r['workers']} | {r['devices']} | {r['mode']} | {r['rate']:.0f} | "
-                     f"{r['ratio']:.2f}x | >= {TARGETS[r['backend']]:.0f} | {r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
+        lines.append(f"| {r['backend']} | {r['blobs']} | {r['workers']} | {r['devices']} | {r['mode']} | "
+                     f"{r['rate']:.0f} | {r['ratio']:.2f}x | {r['scale']:.2f}x | >= {TARGETS[r['backend']]:.0f} | "
+                     f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f} | "
                      f"{r['case_p50_ms']:.2f} / {r['case_p99_ms']:.2f} | {r['errors']} | "
                      f"{r['hub_cpu_ms_per_case']:.2f} |")
     with path.open("a") as fh:
@@ -289,7 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=32)
     ap.add_argument("--duration", type=float, default=15.0, help="measured seconds")
     ap.add_argument("--warmup", type=float, default=3.0)
-    ap.add_argument("--workers", type=int, default=0, help="hub worker processes (default 1 SQLite, 2 PostgreSQL)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[],
+                    help="hub worker processes, one run for each count given, to show scaling (default 1 SQLite, 2 "
+                         "PostgreSQL)")
+    ap.add_argument("--s3-endpoint", default=None,
+                    help="Keep the hub's blobs in an S3-compatible server at this URL (a fresh bucket each run)")
     ap.add_argument("--client-procs", type=int, default=1, help="load-generator processes")
     ap.add_argument("--pool-size", type=int, default=20, help="database connections per worker")
     ap.add_argument("--max-rate", type=float, default=3000.0, help="cases prepared per second of run")
@@ -306,9 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     load_before = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     for b in backends:
-        for r in bench(b, args):
-            rows.append(r)
-            print(json.dumps(r))
+        first: dict[str, float] = {}  # upload mode -> cases/s with the fewest workers
+        for workers in sorted(args.workers or [1 if b == "sqlite" else 2]):
+            for r in bench(b, args, workers):
+                first.setdefault(r["mode"], r["rate"])
+                r["scale"] = r["rate"] / first[r["mode"]] if first[r["mode"]] else float("nan")
+                rows.append(r)
+                print(json.dumps(r))
     if rows and not args.no_write:
         append_results(rows, args, load_before)
     return 0 if all(r["errors"] == 0 for r in rows) else 1
