@@ -24,6 +24,7 @@ def next_version(s: Session, row: Campaign, doc: dict[str, Any], *, now: float) 
     """Store ``doc`` as the version after ``row`` (its ``version`` field set to match) and return it."""
     new = Campaign(campaign_id=row.campaign_id, version=row.version + 1, spec={**doc, "version": row.version + 1},
                    groups=list(row.groups), expires_at=row.expires_at, novelty_bank=row.novelty_bank,
-                   created_at=now, auto_budgets=row.auto_budgets)
+                   created_at=now, auto_budgets=row.auto_budgets, learned_for=row.learned_for,
+                   learned_rate=row.learned_rate)
     s.add(new)
     return new

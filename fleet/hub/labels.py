@@ -25,7 +25,9 @@ from fleet.consensus import AnnotatorScore, Rules, Vote, decide, merge_detection
 from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
 from fleet.hub.context import Hub
 from fleet.hub.ingest import model_info
+from fleet.hub.learned import refit_waiting
 from fleet.hub.models import CaseRow, LabelRow
+from fleet.hub.rollouts import active_model
 from fleet.protocol import Detection, LabelPost, LabelPublic, LabelReceipt, Verdict, parse_prediction
 
 
@@ -87,6 +89,9 @@ def apply(hub: Hub, s: Session, post: LabelPost) -> LabelReceipt:
         s.flush()
         label_id, action = row.id, "updated" if existing is not None else "created"
     decide_case(hub, s, case, rules)
+    if case.label_status == "accepted" and case.task == "classify" and case.campaign_id:
+        # a learned trigger waiting for the active model's labels
+        refit_waiting(s, case.campaign_id, active=active_model(s), now=now)
     for annotator in _flipped(s, before, rules):  # their record crossed the bar: their other cases again
         cases = s.exec(select(LabelRow.case_id).where(LabelRow.annotator == annotator).distinct()).all()
         for cid in cases:

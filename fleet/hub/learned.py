@@ -9,21 +9,33 @@ with the device's own :func:`trigger.learned.error_features`, and fits a logisti
 :data:`MIN_CASES` labeled cases with both outcomes. The campaign gets a new version whose rule also fires on
 the ``learned_error`` leaf at the asked ``target_rate`` (the device calibrates the threshold); an earlier
 learned leaf is replaced. The answer reports the fit: cases, errors, weights and the training AUC.
+
+A fit belongs to the model it was fitted for (the version's ``learned_for``; its ``learned_rate`` the rate asked).
+When another model becomes active (:func:`follow_active_model`, from :func:`fleet.hub.rollouts.promote`), each
+campaign with a learned leaf gets a new version: the leaf refitted for the new model where its labeled cases
+suffice, else the rule without the leaf (its budget share back to the others), so that no device scores frames
+with weights fitted to another model's scores. While the leaf waits, every accepted label of the campaign's
+cases tries the refit again (:func:`refit_waiting`, from :func:`fleet.hub.labels.apply`), and the first that
+finds enough cases publishes it. During a canary the fleet's active model is still the old one, and so is the
+leaf; a rollback changes nothing.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
-from sqlmodel import Session, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, func, select
 
 from fleet.errors import ProtocolError
-from fleet.hub import rollouts
 from fleet.hub.campaign_versions import latest_live, next_version
-from fleet.hub.models import Campaign, CaseRow
+from fleet.hub.models import Campaign, CaseRow, ModelVersion
 from fleet.protocol import LearnedFit
 from trigger.learned import FEATURES, error_features
+
+log = logging.getLogger(__name__)
 
 LEAF = "learned_error"
 MIN_CASES = 30
@@ -72,14 +84,15 @@ def case_features(payloads: list[dict[str, Any]]) -> np.ndarray:
     return error_features(probs, human, ch)
 
 
-def learn(s: Session, campaign_id: str, *, now: float, target_rate: float) -> tuple[Campaign, LearnedFit]:
-    """Fit the campaign's learned trigger on the active model's labeled cases and store the new version."""
+def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: float,
+          target_rate: float) -> tuple[Campaign, LearnedFit]:
+    """Fit the campaign's learned trigger on the labeled cases of ``active`` (the active model,
+    :func:`fleet.hub.rollouts.active_model`) and store the new version."""
     from trigger import SpecError, parse_spec
 
     if not 0.0 < target_rate < 1.0:
         raise ProtocolError(f"target_rate must be in (0, 1); received {target_rate}")
     row = latest_live(s, campaign_id)
-    active = rollouts.active_model(s)
     if active is None:
         raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
     rows = s.exec(select(CaseRow.payload, CaseRow.label, CaseRow.predicted_class).where(
@@ -107,6 +120,7 @@ def learn(s: Session, campaign_id: str, *, now: float, target_rate: float) -> tu
     except SpecError as exc:
         raise ProtocolError(f"the learned leaf does not fit campaign {campaign_id!r}'s spec: {exc}") from exc
     new = next_version(s, row, doc, now=now)
+    new.learned_for, new.learned_rate = active.version, target_rate
     fit = LearnedFit(campaign_id=campaign_id, version=new.version, model_version=active.version, cases=len(rows),
                      errors=int(y.sum()), weights={f: float(v) for f, v in zip(FEATURES, w, strict=True)}, bias=b,
                      train_auc=auc(x @ w + b, y), target_rate=target_rate)
@@ -121,3 +135,91 @@ def _with_leaf(rule: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
         kept = [r for r in rule["any_of"] if r.get("label") != LEAF and r.get("trigger") != LEAF]
         return {**rule, "any_of": [*kept, leaf]}
     return {"any_of": [rule, leaf]}
+
+
+def follow_active_model(s: Session, active: ModelVersion, *, now: float) -> dict[str, str]:
+    """``active`` just became the active model: every live campaign whose learned leaf was fitted for another
+    model gets a new version, refitted for ``version`` or without the leaf. Returns campaign id -> what was
+    done ("refitted" or "leaf removed until refit")."""
+    from trigger import SpecError, parse_spec
+
+    done: dict[str, str] = {}
+    for row in _latest_versions(s):
+        if row.learned_for is None or row.learned_for == active.version:
+            continue
+        rate = row.learned_rate if row.learned_rate is not None else 0.05
+        try:
+            learn(s, row.campaign_id, active=active, now=now, target_rate=rate)
+            done[row.campaign_id] = "refitted"
+        except ProtocolError:
+            stripped = _without_leaf(row.spec)
+            if stripped is None:  # the rule is the learned leaf alone: nothing would be left to fire
+                log.warning("campaign %s v%d fires on its learned leaf only; it keeps the fit for %s until a refit "
+                            "for %s", row.campaign_id, row.version, row.learned_for, active.version)
+                continue
+            if row.auto_budgets and (stripped.get("budgets") or {}).get("per_trigger"):
+                from fleet.hub.autobudget import shares_of, with_shares
+
+                stripped = with_shares(stripped, shares_of(stripped))
+            try:
+                stripped = parse_spec(stripped).to_dict()
+            except SpecError as exc:
+                log.warning("campaign %s v%d without its learned leaf is no valid spec (%s); it keeps the fit for %s",
+                            row.campaign_id, row.version, exc, row.learned_for)
+                continue
+            new = next_version(s, row, stripped, now=now)
+            new.learned_for, new.learned_rate = None, rate
+            done[row.campaign_id] = "leaf removed until refit"
+    return done
+
+
+def refit_waiting(s: Session, campaign_id: str, *, active: ModelVersion | None, now: float) -> bool:
+    """Refit ``campaign_id``'s learned leaf for ``active`` (the active model) if it waits for one (a fit asked,
+    none for that model) and its labeled cases now suffice; True if a new version was published. A concurrent
+    refit by another worker wins quietly."""
+    if active is None:
+        return False
+    row = next((r for r in _latest_versions(s, campaign_id) if r.learned_rate is not None
+                and r.learned_for != active.version), None)
+    if row is None:
+        return False
+    labeled = s.exec(select(func.count()).select_from(CaseRow).where(
+        CaseRow.campaign_id == campaign_id, CaseRow.model_version == active.version, CaseRow.task == "classify",
+        CaseRow.label_status == "accepted")).one()
+    if int(labeled) < MIN_CASES:
+        return False
+    try:
+        with s.begin_nested():
+            learn(s, campaign_id, active=active, now=now, target_rate=float(row.learned_rate or 0.05))
+    except ProtocolError:  # too few errors (or right answers) yet
+        return False
+    except IntegrityError:  # another worker published the version first
+        return False
+    return True
+
+
+def _latest_versions(s: Session, campaign_id: str | None = None) -> list[Campaign]:
+    query = select(Campaign).where(col(Campaign.deleted_at).is_(None))
+    if campaign_id is not None:
+        query = query.where(Campaign.campaign_id == campaign_id)
+    rows = s.exec(query.order_by(Campaign.campaign_id, col(Campaign.version).desc())).all()
+    out: dict[str, Campaign] = {}
+    for r in rows:
+        out.setdefault(r.campaign_id, r)
+    return list(out.values())
+
+
+def _without_leaf(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """``spec`` without its learned leaf (an auto-budgeted campaign's shares renormalised over the rest), or None
+    when the rule is the leaf alone."""
+    rule = spec["rule"]
+    if rule.get("trigger") == LEAF or rule.get("label") == LEAF:
+        return None
+    if "any_of" in rule:
+        kept = [r for r in rule["any_of"] if r.get("label") != LEAF and r.get("trigger") != LEAF]
+        rule = kept[0] if len(kept) == 1 else {**rule, "any_of": kept}
+    doc = {**spec, "rule": rule}
+    per = (doc.get("budgets") or {}).get("per_trigger") or {}
+    if LEAF in per:
+        doc = {**doc, "budgets": {**doc["budgets"], "per_trigger": {k: v for k, v in per.items() if k != LEAF}}}
+    return doc

@@ -342,6 +342,8 @@ class Campaign(SQLModel, table=True):
     created_at: float
     deleted_at: float | None = None
     auto_budgets: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})  # fleet.hub.autobudget
+    learned_for: str | None = _id(default=None)  # the model the spec's learned leaf was fitted for (fleet.hub.learned)
+    learned_rate: float | None = None  # the learned leaf's target rate: refitted for each new active model
 
 
 class UploadBucket(SQLModel, table=True):

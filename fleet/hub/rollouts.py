@@ -31,6 +31,7 @@ from fleet.errors import Conflict, NotFound
 from fleet.hub import keys
 from fleet.hub.context import Hub
 from fleet.hub.evidence import DeviceEvidence, Pooled, Predictions, ShadowBound, verdict
+from fleet.hub.learned import follow_active_model
 from fleet.hub.models import (
     Campaign,
     Device,
@@ -332,6 +333,9 @@ def promote(hub: Hub, s: Session, version: str) -> ModelVersion:
     _set_status(mv, "active", now)
     mv.activated_at = now
     s.add(mv)
+    s.flush()
+    for campaign, what in follow_active_model(s, mv, now=now).items():  # a learned fit belongs to one model
+        log.info("campaign %s: learned trigger %s for the new active model %s", campaign, what, version)
     return mv
 
 

@@ -4,6 +4,8 @@ version, and the device computing the same probability from the spec with numpy 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -110,3 +112,67 @@ def test_the_hub_fits_and_ships_a_learned_trigger(hub: HubHarness) -> None:
     assert hub.client.post("/v1/campaigns/mine/learn", params={"target_rate": 1.5},
                            headers=hub.admin).status_code == 422
     assert case_features([{"prediction": {"probs": [0.5, 0.5]}}]).shape == (1, len(FEATURES))
+
+
+def _leaf(hub: HubHarness) -> tuple[int, dict | None]:  # type: ignore[type-arg]
+    """The version the device d1 is assigned, and its learned leaf's parameters (None: no leaf)."""
+    a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices["d1"]).content)
+    spec = parse_spec(a.campaigns[0].spec)
+    leaves = [leaf.params for leaf in spec.leaves if leaf.trigger == "learned_error"]
+    return a.campaigns[0].version, leaves[0] if leaves else None
+
+
+def _label_all(hub: HubHarness, truth: Any) -> int:  # type: ignore[no-untyped-def]
+    sel = hub.client.post("/v1/selections", json={"budget": 200, "strategy": "random"}, headers=hub.labeler)
+    cases = sel.json()["cases"]
+    for c in cases:
+        assert hub.label(c["case"]["case_id"], truth(c["case"])).status_code in (200, 201)
+    return len(cases)
+
+
+def test_the_learned_trigger_follows_the_active_model_across_an_update_and_back(hub: HubHarness) -> None:
+    """A fit belongs to the model whose scores it was fitted on. m1's fit ships; when m2 becomes active, the
+    campaign's next version drops the leaf (m2 has no labeled cases), and the devices running m2 never get m1's
+    weights; once enough of m2's cases are labeled the hub refits on its own, on m2's cases only (m2 is wrong
+    where the human disagrees, not where it is unsure); when m1 comes back, m1's fit is made again from m1's
+    cases."""
+    spec = {"id": "mine", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    rng = np.random.default_rng(2)
+    send(hub, rng, 80)
+
+    def m1_truth(c: dict) -> int:  # type: ignore[type-arg]  # m1 is wrong where it is unsure
+        return 1 if c["prediction"]["probs"][0] < 0.6 else 0
+
+    assert _label_all(hub, m1_truth) == 80
+    assert hub.client.post("/v1/campaigns/mine/learn", params={"target_rate": 0.1},
+                           headers=hub.admin).status_code == 201
+    version, leaf = _leaf(hub)
+    assert version == 2 and leaf is not None and leaf["w_least_confidence"] > 1.0
+
+    hub.register_model("m2", promote=True)  # m2 active: m1's fit must not reach a device that runs m2
+    version, leaf = _leaf(hub)
+    assert version == 3 and leaf is None
+    spec3 = hub.client.get("/v1/campaigns/mine", headers=hub.admin).json()["versions"][0]["spec"]
+    assert parse_spec(spec3).labels == ("unsure",)
+
+    for _ in range(80):  # m2's cases: wrong exactly where the human names another class
+        top = float(rng.uniform(0.35, 0.98))
+        human = int(rng.integers(0, 3)) if rng.random() < 0.6 else None
+        case, image = hub.make_case("d1", model_version="m2", probs=[top, (1 - top) * 0.6, (1 - top) * 0.4],
+                                    campaign_id="mine", campaign_version=3, human=human,
+                                    triggers=[TriggerHit("unsure", 0.5, 0.1)])
+        assert hub.post_case(case, image).status_code == 201
+
+    def m2_truth(c: dict) -> int:  # type: ignore[type-arg]
+        human = (c["human_action"] or {}).get("label")
+        return human if human not in (None, 0) else 0
+
+    _label_all(hub, m2_truth)
+    version, leaf = _leaf(hub)  # refitted as the labels came in, without anyone asking
+    assert version == 4 and leaf is not None
+    assert leaf["w_human"] > 1.0 and leaf["w_human"] > abs(leaf["w_least_confidence"])
+
+    hub.client.post("/v1/models/m1/promote", headers=hub.admin, json={"override": True, "reason": "back to m1"})
+    version, leaf = _leaf(hub)  # m1 again: refitted from m1's labeled cases at once
+    assert version == 5 and leaf is not None and leaf["w_least_confidence"] > 1.0
