@@ -367,3 +367,33 @@ def spool_stats(agent: AgentDir) -> dict[str, Any]:
     assert run.returncode == 0, run.stdout + run.stderr
     return dict(json.loads(run.stdout))
 
+
+
+def digits_snapshot(hub: RunningHub, tmp: Path, prefix: str, n: int) -> tuple[str, str, dict[str, str]]:
+    """A digits classifier ``<prefix>-m0`` published and active on ``hub``, ``n`` of scikit-learn's digits sent by
+    device ``<prefix>-dev`` as its cases and labeled with their digit, and a snapshot of them. Returns the trainer
+    token, the snapshot id and the device's headers."""
+    from tests.support.cases import label_post, make_case
+    from tests.support.data import digits_arrays, png_bytes
+    from tests.support.models import make_model_files
+
+    trainer, labeler = hub.token("trainer"), hub.token("labeler")
+    m0 = make_model_files(tmp / "m", f"{prefix}-m0", private_key=hub.private_key(), num_classes=10,
+                          class_names=[str(i) for i in range(10)])
+    publish(hub, m0, trainer, promote=True)
+    x, y = digits_arrays()
+    with httpx.Client(base_url=hub.url, timeout=30) as c:
+        r = c.post("/v1/enroll", json={"device_id": f"{prefix}-seed", "fleet_secret": hub.fleet_secret})
+        device = bearer(r.json()["token"])
+        for i in range(n):
+            img = png_bytes(x[i])
+            case = make_case(case_id=f"{prefix}-case-{i:03d}", device_id=f"{prefix}-seed", model_version=f"{prefix}-m0",
+                             probs=[0.1] * 10, image=img, tags={}, triggers=[])
+            r = c.post("/v1/cases", headers=device, data={"case": case.to_json()},
+                       files={"image": ("f.png", img, "image/png")})
+            assert r.status_code in (200, 201), r.text
+            r = c.post("/v1/labels", headers=bearer(labeler),
+                       json=label_post(case.case_id, int(y[i]), annotation_id=i + 1))
+            assert r.status_code in (200, 201), r.text
+        snap = c.post("/v1/snapshots", headers=bearer(trainer), json={"name": prefix}).json()["snapshot_id"]
+    return trainer, str(snap), device

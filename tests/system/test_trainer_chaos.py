@@ -16,19 +16,16 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.support.cases import label_post, make_case
-from tests.support.data import digits_arrays, png_bytes
+from tests.support.data import digits_arrays
 from tests.support.hub import REPO
-from tests.support.models import make_model_files
 
 from .support import (
     agent_cmd,
     assignment_of,
-    bearer,
+    digits_snapshot,
     flagging_spec,
     make_agent,
     model_statuses,
-    publish,
     record,
     restartable_hub,
     spool_stats,
@@ -48,25 +45,8 @@ def train_cmd(hub_url: str, snapshot: str, base: Path, out: Path, key: Path, tra
 
 def test_trainer_killed_resumes_and_a_gate_failure_never_ships(tmp_path: Path) -> None:
     with restartable_hub(tmp_path / "hub") as hub:
-        trainer, labeler = hub.token("trainer"), hub.token("labeler")
-        m0 = make_model_files(tmp_path / "m", "tr-m0", private_key=hub.private_key(), num_classes=10,
-                              class_names=[str(i) for i in range(10)])
-        publish(hub, m0, trainer, promote=True)
+        trainer, snap, device = digits_snapshot(hub, tmp_path, "tr", 60)
         x, y = digits_arrays()
-        with httpx.Client(base_url=hub.url, timeout=30) as c:
-            r = c.post("/v1/enroll", json={"device_id": "tr-seed", "fleet_secret": hub.fleet_secret})
-            device = bearer(r.json()["token"])
-            for i in range(60):
-                img = png_bytes(x[i])
-                case = make_case(case_id=f"tr-case-{i:03d}", device_id="tr-seed", model_version="tr-m0",
-                                 probs=[0.1] * 10, image=img, tags={}, triggers=[])
-                r = c.post("/v1/cases", headers=device, data={"case": case.to_json()},
-                           files={"image": ("f.png", img, "image/png")})
-                assert r.status_code in (200, 201), r.text
-                r = c.post("/v1/labels", headers=bearer(labeler),
-                           json=label_post(case.case_id, int(y[i]), annotation_id=i + 1))
-                assert r.status_code in (200, 201), r.text
-            snap = c.post("/v1/snapshots", headers=bearer(trainer), json={"name": "sys"}).json()["snapshot_id"]
         base = tmp_path / "base.npz"
         np.savez(base, x_train=x[100:500], y_train=y[100:500], x_test=x[1500:1700], y_test=y[1500:1700])
         key = tmp_path / "fleet.key"
