@@ -323,3 +323,23 @@ def test_a_detectors_frames_with_more_wrong_boxes_rank_first_as_the_devices_coun
     u = box_informativeness(model, human=human, floor=0.5)
     assert u[1] > u[2] > u[0] > 0.9  # 3 missed > a flip and a miss > 1 missed
     assert u[3] < 0.9  # the same box: no disagreement
+
+
+def test_k_center_greedy_picks_what_scikit_activeml_core_set_picks() -> None:
+    """The core-set peer (Sener & Savarese 2018) against a published implementation on the same arrays:
+    scikit-activeml's ``k_greedy_center`` with cosine distance, the labeled rows as the first centres, picks the
+    same points in the same order as :func:`fleet.hub.selection.k_center_greedy` seeded by the labeled set."""
+    from skactiveml.pool._core_set import k_greedy_center
+
+    from fleet.hub.selection import k_center_greedy, l2_normalize
+
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pool = rng.normal(size=(300, 16)).astype(np.float32)
+        labeled = rng.normal(size=(25, 16)).astype(np.float32)
+        ours = k_center_greedy(pool, 20, seeds=l2_normalize(labeled))
+        x = np.vstack([labeled, pool]).astype(np.float64)
+        y = np.r_[np.zeros(25), np.full(300, np.nan)]
+        theirs, _ = k_greedy_center(x, y, batch_size=20, metric="cosine", random_state=0)
+        assert (np.asarray(theirs) - 25).tolist() == ours.tolist()
+

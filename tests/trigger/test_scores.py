@@ -118,3 +118,15 @@ def test_softmax_can_pass_rows_without_output_through_as_nan() -> None:
 def test_bad_input_is_refused_with_a_clear_message(call, message: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         call()
+
+
+def test_the_uncertainty_scores_are_scikit_activeml_s() -> None:
+    """Least confidence, margin and entropy (the scores the hub and the device rank by, and the peers' entropy
+    top-k) against scikit-activeml's ``uncertainty_scores`` on the same probabilities."""
+    from skactiveml.pool import uncertainty_scores
+
+    probs = np.random.default_rng(1).dirichlet(np.full(7, 0.5), size=500)
+    np.testing.assert_allclose(least_confidence(probs), uncertainty_scores(probs, method="least_confident"),
+                               atol=1e-12)
+    np.testing.assert_allclose(1.0 - margin(probs), uncertainty_scores(probs, method="margin_sampling"), atol=1e-12)
+    np.testing.assert_allclose(entropy(probs), uncertainty_scores(probs, method="entropy"), atol=1e-12)
