@@ -149,6 +149,7 @@ class CaseScore(SQLModel, table=True):
     predicted_class: int | None = None
     embedding: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))
     embedding_dim: int | None = None
+    probs: bytes | None = Field(default=None, sa_column=sa.Column(sa.LargeBinary, nullable=True))  # float32, classify
     scored_at: float
     error: str | None = _id(512, default=None)
 

@@ -69,6 +69,7 @@ class Scored:
     embedding: bytes | None
     embedding_dim: int | None
     error: str | None = None
+    probs: bytes | None = None  # a classifier's class probabilities, float32 (BADGE needs them)
 
 
 def not_rescored(version: str, states: tuple[str, ...] = RESCORE_STATES, *, failed_too: bool = False) -> Any:
@@ -177,7 +178,8 @@ def _score(runtime: Any, frames: list[np.ndarray], payloads: list[dict[str, Any]
     other = np.asarray([c.prediction.label if isinstance(c.prediction, Classification) else -1 for c in cases])
     u = informativeness(probs, human=human, challenger=other)
     top = probs.argmax(axis=1)
-    return [Scored("", float(u[i]), int(top[i]), raw[i], emb.shape[1]) for i in range(len(cases))]
+    return [Scored("", float(u[i]), int(top[i]), raw[i], emb.shape[1], probs=probs[i].astype("<f4").tobytes())
+            for i in range(len(cases))]
 
 
 def _boxes(pred: Any) -> Any:
@@ -202,7 +204,7 @@ def store_scores(hub: Hub, version: str, results: list[Scored]) -> None:
     now = hub.now()
     values = [{"case_id": r.case_id, "model_version": version, "uncertainty": r.uncertainty,
                "predicted_class": r.predicted_class, "embedding": r.embedding, "embedding_dim": r.embedding_dim,
-               "scored_at": now, "error": r.error} for r in results]
+               "probs": r.probs, "scored_at": now, "error": r.error} for r in results]
     with write_session(hub.engine) as s:
         s.execute(dialect_insert(hub.engine, CaseScore.__table__).values(values)  # type: ignore[attr-defined]
                   .on_conflict_do_nothing())

@@ -407,6 +407,86 @@ def adaptive_strategy(
     return inner(uncertainty, embeddings, budget, rng=rng, labeled=labeled, dup_threshold=dup_threshold)
 
 
+@register("entropy")
+def entropy_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """Entropy top-k, the classic peer: the cases whose predicted class distribution has the highest entropy in
+    the active model's space (the caller passes each case's entropy as ``uncertainty``), near-duplicates of the
+    labeled skipped. The ranking is :func:`uncertainty_strategy`'s."""
+    return uncertainty_strategy(uncertainty, embeddings, budget, rng=rng, labeled=labeled, dup_threshold=dup_threshold)
+
+
+@register("badge")
+def badge_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """BADGE (Ash et al., ICLR 2020): k-means++ seeding over the pool's gradient embeddings
+    (:func:`gradient_embeddings`, which the caller makes from each case's probabilities and embedding), so that
+    picks are both uncertain (a long gradient) and unlike each other. The first pick is the longest gradient, each
+    next one drawn with probability proportional to its squared distance to the nearest pick so far
+    (:func:`badge_probabilities`). Uncertainty is not used (BADGE's gradients already say how much a case would
+    move the model); candidates near ``labeled`` (given in the same space) are skipped as by every strategy.
+    Without embeddings it falls back to ``uncertainty``."""
+    if embeddings is None or len(embeddings) == 0:
+        return uncertainty_strategy(uncertainty, None, budget, rng=rng)
+    keep = np.flatnonzero(~_near_labeled(embeddings, labeled, dup_threshold))
+    g = np.asarray(embeddings, dtype=np.float32)[keep]
+    n = len(g)
+    if n == 0 or budget <= 0:
+        return np.zeros(0, dtype=np.int64)
+    chosen: list[int] = []
+    d2 = np.einsum("ij,ij->i", g, g).astype(np.float64)
+    for _ in range(min(budget, n)):
+        p = _d2_probabilities(d2, chosen)
+        i = int(np.argmax(d2)) if not chosen and d2.sum() > 0 else int(rng.choice(n, p=p))
+        chosen.append(i)
+        diff = g - g[i]
+        d2 = np.minimum(d2, np.einsum("ij,ij->i", diff, diff).astype(np.float64))
+        d2[chosen] = 0.0
+    return keep[np.asarray(chosen, dtype=np.int64)].astype(np.int64)
+
+
+def gradient_embeddings(probs: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """BADGE's gradient embedding: ``probs (n, k)`` and the model's ``embeddings (n, d)`` -> ``(n, k * d)``, the
+    gradient of the cross-entropy loss against the predicted class with respect to a last linear layer on the
+    embedding, ``(p - onehot(argmax p)) outer h``, flattened class by class."""
+    p = np.asarray(probs, dtype=np.float32)
+    h = np.asarray(embeddings, dtype=np.float32)
+    if p.ndim != 2 or h.ndim != 2 or len(p) != len(h):
+        raise InvalidInput(f"probs (n, k) and embeddings (n, d) must have the same n; received {p.shape}, {h.shape}")
+    diff = p.copy()
+    diff[np.arange(len(p)), p.argmax(axis=1)] -= 1.0
+    return (diff[:, :, None] * h[:, None, :]).reshape(len(p), -1)
+
+
+def badge_probabilities(g: np.ndarray, chosen: list[int]) -> list[np.ndarray]:
+    """For a sequence of picks ``chosen`` over gradient embeddings ``g``, the D^2 sampling probabilities BADGE
+    drew each pick from (the first: squared norms, normalised), as (n,) arrays: what a published implementation's
+    utilities can be checked against."""
+    g = np.asarray(g, dtype=np.float64)
+    d2 = np.einsum("ij,ij->i", g, g)
+    out = []
+    for step in range(len(chosen)):
+        out.append(_d2_probabilities(d2, chosen[:step]))
+        diff = g - g[chosen[step]]
+        d2 = np.minimum(d2, np.einsum("ij,ij->i", diff, diff))
+        d2[chosen[:step + 1]] = 0.0
+    return out
+
+
+def _d2_probabilities(d2: np.ndarray, chosen: list[int]) -> np.ndarray:
+    """D^2 sampling weights, normalised; uniform over the cases not yet chosen when every distance is 0."""
+    total = float(d2.sum())
+    if total > 0:
+        return d2 / total
+    p = np.ones(len(d2))
+    p[chosen] = 0.0
+    return p / p.sum()
+
+
 def typicality(x: np.ndarray, *, k: int = TYPICALITY_K) -> np.ndarray:
     """x: (n, d) unit rows -> (n,) TypiClust's typicality: the inverse of the mean cosine distance to the
     ``min(k, n - 1)`` nearest other rows (Hacohen et al. 2022, eq. 3, with cosine for Euclidean distance on

@@ -41,7 +41,8 @@ from fleet.protocol.tasks import Classification, Prediction, TaskMessage
 
 CASE_STATES = ("unlabeled", "queued", "labeled", "held", "duplicate")
 LABEL_STATUSES = ("accepted", "held", "gold")
-STRATEGIES = ("random", "uncertainty", "uncertainty+diversity", "uncertainty+kcenter", "typiclust", "adaptive")
+STRATEGIES = ("random", "uncertainty", "uncertainty+diversity", "uncertainty+kcenter", "typiclust", "adaptive",
+              "badge", "entropy")
 
 
 @dataclass

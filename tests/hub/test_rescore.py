@@ -239,3 +239,35 @@ def test_selection_space_capture_keeps_each_cases_own_scores(hub_factory: Any) -
     assert sel.model_version is None and sel.not_rescored == 0 and sel.pool_size == 6
     own = _own(hub, cases)
     assert [c.case.case_id for c in sel.cases] == sorted(own, key=lambda c: (-own[c], c))[:3]
+
+
+def test_rescoring_keeps_the_probabilities_badge_selects_from_in_the_active_space(hub: HubHarness) -> None:
+    """A re-scored classifier case keeps its class probabilities in the new model's space (as the model gives
+    them); BADGE then selects from the re-scored and the newly captured cases alike, with gradients made in m2's
+    space (m2's 8-wide embedding x 3 classes), never from m1's capture-time probabilities."""
+    old = send(hub, 10, "m1", seed=5)
+    promote(hub, "m2")
+    assert rescore(hub, "m2", limit=100).scored == 10
+    files = hub.model_files("m2", **VERSIONS["m2"])
+    out = ModelRuntime(files.onnx_path, files.manifest).run(
+        [np.asarray(Image.open(io.BytesIO(old[c][0]))) for c in old])
+    want = np.exp(out.logits - out.logits.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    stored = scores(hub, "m2")
+    for i, cid in enumerate(old):
+        np.testing.assert_allclose(np.frombuffer(stored[cid].probs or b"", dtype="<f4"), want[i], atol=1e-5)
+    new = send(hub, 4, "m2", seed=6)
+    from fleet.hub.routes.cases import _with_probs
+
+    ids = [*old, *new]
+    ones = np.ones((len(ids), 8), np.float32)
+    _, kept, got = _with_probs(hub.hub, "m2", [(c, 0.0, b"", "") for c in ids], ones, np.arange(len(ids)))
+    with Session(hub.hub.engine) as s:
+        captured = {r.case_id: r.payload["prediction"]["probs"] for r in s.exec(select(CaseRow)).all()}
+    probs = np.vstack([want, [captured[c] for c in new]])  # m2's output for m1's cases, the capture for m2's
+    assert kept.tolist() == list(range(len(ids)))
+    np.testing.assert_allclose(got, probs, atol=1e-5)
+    r = hub.client.post("/v1/selections", json={"budget": 14, "strategy": "badge", "seed": 0}, headers=hub.labeler)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == "m2" and {c["case"]["case_id"] for c in body["cases"]} == set(old) | set(new)

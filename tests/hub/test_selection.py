@@ -343,3 +343,74 @@ def test_k_center_greedy_picks_what_scikit_activeml_core_set_picks() -> None:
         theirs, _ = k_greedy_center(x, y, batch_size=20, metric="cosine", random_state=0)
         assert (np.asarray(theirs) - 25).tolist() == ours.tolist()
 
+
+
+def test_badge_draws_each_pick_as_scikit_activeml_badge_does() -> None:
+    """BADGE against a published implementation on the same arrays: scikit-activeml's ``Badge`` over a logistic
+    regression's probabilities, with the raw features as the embedding. Its first pick is ours (the longest
+    gradient), and for the sequence it drew, the D^2 probabilities it drew each pick from are ours to 1e-6."""
+    from skactiveml.classifier import SklearnClassifier
+    from skactiveml.pool import Badge
+    from sklearn.linear_model import LogisticRegression
+
+    from fleet.hub.selection import badge_probabilities, badge_strategy, gradient_embeddings
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(240, 6))
+    y = np.full(240, np.nan)
+    labeled = rng.choice(240, 30, replace=False)
+    y[labeled] = np.r_[[0, 1, 2, 3], rng.integers(0, 4, 26)]
+    clf = SklearnClassifier(LogisticRegression(), classes=np.arange(4)).fit(x, y)
+    picks, utilities = Badge(random_state=3).query(x, y, clf, fit_clf=False, batch_size=12, return_utilities=True)
+    pool = np.flatnonzero(np.isnan(y))
+    at = {int(j): i for i, j in enumerate(pool)}
+    g = gradient_embeddings(clf.predict_proba(x[pool]), x[pool])
+    assert g.shape == (len(pool), 4 * 6)
+    ours = badge_probabilities(g, [at[int(p)] for p in picks])
+    for step, theirs in enumerate(utilities):
+        theirs = theirs[pool]
+        drawn = np.isnan(theirs)  # they blank what was already picked; ours gives it probability 0
+        np.testing.assert_allclose(ours[step][~drawn], theirs[~drawn], atol=1e-6)
+        assert ours[step][drawn].sum() == 0.0
+    first = badge_strategy(np.zeros(len(pool)), g, 1, rng=np.random.default_rng(0))
+    assert pool[first[0]] == picks[0]
+    picked = badge_strategy(np.zeros(len(pool)), g, 12, rng=np.random.default_rng(0))
+    assert len(set(picked.tolist())) == 12
+
+
+def test_the_hub_selects_by_badge_from_each_cases_probabilities(hub: HubHarness) -> None:
+    """`strategy: badge` over the pool: gradient embeddings from each case's probabilities and embedding. The first
+    pick is the longest gradient: the one unsure case (its predicted class at 0.4), whatever order the pool comes
+    in; the rest are drawn by distance in gradient space, each case once."""
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(4, 16))
+    unsure = set()
+    for c in range(4):
+        for j in range(10):
+            top = 0.4 if (c, j) == (2, 0) else 0.97
+            cid = hub.send_case("d1", probs=[top, (1 - top) * 0.6, (1 - top) * 0.4],
+                                embedding=centres[c] + 0.01 * rng.normal(size=16))
+            if top < 0.5:
+                unsure.add(cid)
+    r = hub.client.post("/v1/selections", json={"budget": 4, "strategy": "badge", "seed": 1}, headers=hub.labeler)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    picked = [c["case"]["case_id"] for c in body["cases"]]
+    assert body["strategy"] == "badge" and len(set(picked)) == 4 and unsure <= set(picked)
+
+
+def test_entropy_top_k_ranks_by_entropy_where_least_confidence_ranks_otherwise(hub: HubHarness) -> None:
+    """The entropy peer ranks by the spread of the whole distribution: [0.6, 0.2, 0.2] (entropy 0.86 of log 3)
+    before [0.55, 0.45, 0] (0.63), which least confidence ranks the other way round (0.60 vs 0.68)."""
+    rng = np.random.default_rng(0)
+    spread = hub.send_case("d1", probs=[0.6, 0.2, 0.2], embedding=rng.normal(size=16))
+    two_way = hub.send_case("d1", probs=[0.55, 0.45, 0.0], embedding=rng.normal(size=16))
+    for _ in range(4):
+        hub.send_case("d1", probs=[0.96, 0.02, 0.02], embedding=rng.normal(size=16))
+    picks = {}
+    for strategy in ("entropy", "uncertainty"):
+        r = hub.client.post("/v1/selections", json={"budget": 1, "strategy": strategy}, headers=hub.labeler)
+        assert r.status_code == 200, r.text
+        picks[strategy] = r.json()["cases"][0]["case"]["case_id"]
+        hub.client.post(f"/v1/cases/{picks[strategy]}/release", headers=hub.labeler)
+    assert picks == {"entropy": spread, "uncertainty": two_way}

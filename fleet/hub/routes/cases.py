@@ -29,10 +29,10 @@ from fleet.hub.db import read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes, ingest_case, model_info
 from fleet.hub.ingest_batch import ingest_batch
 from fleet.hub.labeled_set import labeled_set
-from fleet.hub.models import CaseRow
+from fleet.hub.models import CaseRow, CaseScore
 from fleet.hub.models import Selection as SelectionRow
 from fleet.hub.multipart import TooManyParts, parse_form
-from fleet.hub.selection import assign_clusters, get_strategy
+from fleet.hub.selection import assign_clusters, get_strategy, gradient_embeddings, min_cosine_distance
 from fleet.protocol import (
     CASE_STATES,
     BatchReceipt,
@@ -46,6 +46,7 @@ from fleet.protocol import (
     check_name,
     parse_prediction,
 )
+from trigger.scores import entropy
 
 router = APIRouter(tags=["cases"])
 CaseState = Literal["unlabeled", "queued", "labeled", "held", "duplicate"]
@@ -190,7 +191,8 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
         raise InvalidInput(f"budget {body.budget} is over the limit {cfg.max_selection_budget}")
     states = ["unlabeled"] if body.exclude_queued else ["unlabeled", "queued"]
     # cluster-proportional and typical selection need the whole pool to weigh each cluster's mass
-    whole = ("uncertainty+diversity", "typiclust", "adaptive")  # these weigh the pool's shape, not its top
+    # these weigh the pool's shape, not its top (entropy: the top by another score than the stored one)
+    whole = ("uncertainty+diversity", "typiclust", "adaptive", "badge", "entropy")
     pool_n = MAX_POOL if body.strategy in whole else body.budget * cfg.selection_pool_factor
     rng = np.random.default_rng(body.seed)
     # one model's scores and embeddings (fleet.hub.rescore), or each case's capturing model's
@@ -217,14 +219,29 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     uncertainty = np.asarray([r[1] for r in rows], dtype=np.float64)
     embeddings, with_emb = _embeddings(rows)
     labeled_emb = None if embeddings is None else labeled.indexes.get(embeddings.shape[1])
+    strategy_emb = embeddings
+    skipped = np.zeros(0, dtype=np.int64)  # rows no strategy may pick (near-duplicates of labeled cases)
+    if body.strategy in ("badge", "entropy") and embeddings is not None:  # the cases with probabilities
+        if labeled_emb is not None and len(labeled_emb) and cfg.duplicate_cosine > 0:  # near-duplicates of labeled
+            near = min_cosine_distance(embeddings, labeled_emb) < cfg.duplicate_cosine
+            skipped = with_emb[near]
+            embeddings, with_emb = embeddings[~near], with_emb[~near]
+        embeddings, with_emb, probs = _with_probs(hub, space, rows, embeddings, with_emb)
+        if body.strategy == "badge":  # BADGE picks in gradient space
+            strategy_emb, labeled_emb = (None if probs is None else gradient_embeddings(probs, embeddings)), None
+        else:  # entropy top-k: each case's entropy in the model's space is its score
+            strategy_emb = embeddings
+            if probs is not None:
+                uncertainty[with_emb] = entropy(probs, normalize=True)  # in [0, 1], as every score
     picked_local: list[int] = []
     if rows:
         if embeddings is not None:
-            sub = strategy(uncertainty[with_emb], embeddings, body.budget, rng=rng, labeled=labeled_emb,
+            sub = strategy(uncertainty[with_emb], strategy_emb, body.budget, rng=rng, labeled=labeled_emb,
                            dup_threshold=cfg.duplicate_cosine)
             picked_local = [int(with_emb[i]) for i in sub]
         if len(picked_local) < body.budget:  # cases without (comparable) embeddings fill what is left
-            left = np.setdiff1d(np.arange(len(rows)), with_emb if embeddings is not None else [])
+            left = np.setdiff1d(np.arange(len(rows)), np.concatenate(
+                [with_emb if embeddings is not None else np.zeros(0, np.int64), skipped]))
             sub = strategy(uncertainty[left], None, body.budget - len(picked_local), rng=rng)
             picked_local += [int(left[i]) for i in sub]
     if len(_drop_same_image(picked_local, rows)) < body.budget and rest:  # then the cases not yet re-scored
@@ -300,6 +317,37 @@ def _embeddings(rows: list[Any]) -> tuple[np.ndarray | None, np.ndarray]:
     with_emb = np.asarray([i for i, d in enumerate(dims) if d == width], dtype=np.int64)
     emb = np.stack([decode_embedding_bytes(rows[i][2]) for i in with_emb])  # type: ignore[misc]
     return emb, with_emb
+
+
+def _with_probs(hub: Hub, space: str | None, rows: list[Any], embeddings: np.ndarray, with_emb: np.ndarray
+                ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """The rows of ``with_emb`` whose class probabilities in ``space``'s model are known (the capture's for a case
+    that model captured, else its ``case_scores`` row's): their embeddings, their rows and the probabilities (n, k),
+    for BADGE's gradient embeddings and entropy top-k. Rows without probabilities (a detector's case, one scored
+    before the hub kept probabilities) are left to the fallback without embeddings."""
+    ids = [rows[i][0] for i in with_emb]
+    probs: dict[str, np.ndarray] = {}
+    with read_session(hub.engine) as s:
+        for start in range(0, len(ids), 1000):
+            chunk = ids[start:start + 1000]
+            own = select(CaseRow.case_id, CaseRow.payload).where(col(CaseRow.case_id).in_(chunk))
+            if space is not None:
+                own = own.where(CaseRow.model_version == space)
+            for cid, payload in s.exec(own).all():
+                p = ((payload or {}).get("prediction") or {}).get("probs")
+                if p:
+                    probs[cid] = np.asarray(p, dtype=np.float32)
+            if space is not None:
+                for cid, raw in s.exec(select(CaseScore.case_id, CaseScore.probs).where(
+                        col(CaseScore.case_id).in_(chunk), CaseScore.model_version == space,
+                        col(CaseScore.probs).is_not(None))).all():
+                    probs.setdefault(cid, np.frombuffer(raw, dtype="<f4"))
+    widths = [len(probs[c]) for c in ids if c in probs]
+    if not widths:
+        return None, np.zeros(0, dtype=np.int64), None
+    k = max(set(widths), key=widths.count)
+    keep = np.asarray([j for j, c in enumerate(ids) if c in probs and len(probs[c]) == k], dtype=np.int64)
+    return embeddings[keep], with_emb[keep], np.stack([probs[ids[j]] for j in keep]).astype(np.float64)
 
 
 def _drop_same_image(picked: list[int], rows: list[Any]) -> list[int]:
