@@ -38,7 +38,9 @@ def labels_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return float(curve[-1][0]) if curve and curve[-1][1] >= target else None
 
 
-def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True) -> dict[str, object]:
+def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True,
+             strategy: str | None = None) -> dict[str, object]:
+    """One demo run on ``seed`` (``strategy``: the hub's selection, default the task's) -> its curves and ratio."""
     from fleet.sim.demo import DemoSettings, run_demo
     from fleet.sim.settings import TASK_DEFAULTS
 
@@ -50,7 +52,7 @@ def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True) -> di
                                 model=str(chosen["model"]), base_epochs=int(chosen["base_epochs"]),  # type: ignore
                                 turn_epochs=int(chosen["turn_epochs"]),  # type: ignore[call-overload]
                                 turn_lr=float(chosen["turn_lr"]),  # type: ignore[arg-type]
-                                strategy=str(chosen["strategy"]))
+                                strategy=strategy or str(chosen["strategy"]))
         t0 = time.monotonic()
         turns, _ = run_demo(settings, progress=lambda msg: None)
         seconds = time.monotonic() - t0
@@ -58,7 +60,8 @@ def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True) -> di
     rnd = [(t.random.labels, t.random.accuracy) for t in turns]
     final = rnd[-1][1]
     need = labels_to_reach(fly, final)
-    return {"seed": seed, "rescore": rescore, "random_final": final, "random_labels": rnd[-1][0],
+    return {"seed": seed, "rescore": rescore, "strategy": strategy or str(chosen["strategy"]),
+            "random_final": final, "random_labels": rnd[-1][0],
             "flywheel_final": fly[-1][1],
             "flywheel_labels_needed": need, "ratio": None if need is None else need / rnd[-1][0],
             "flywheel": fly, "random": rnd, "seconds": seconds,
