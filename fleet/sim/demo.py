@@ -271,6 +271,7 @@ class _Turns:
         self.trainer, self.state, self.agents_procs, self.say, self.class_names = (
             trainer, state, agents_procs, say, class_names)
         self.fly, self.rnd = state.arm("flywheel", ws), state.arm("random", ws)
+        trainer.started = self._train_started
         for turn, start in enumerate(state.starts[:len(state.turns) - 1], 1):  # resumed: the world's frames so far
             set_rng_state(world.rng, start)
             world.stream(turn, settings.devices * settings.frames_per_device)
@@ -350,6 +351,12 @@ class _Turns:
         state.current, state.rng = None, rng_state(self.world.rng)
         state.save(ws)
         return result
+
+    def _train_started(self, name: str, pid: int, marker: str) -> None:
+        """Name the trainer run in the state, so a resume after a hard kill stops it if it still runs."""
+        kept = {k: v for k, v in self.state.processes.items() if not k.startswith("train ")}  # runs one at a time
+        self.state.processes = {**kept, f"train {name}": [pid, marker]}
+        self.state.save(self.ws)
 
     def _agents_started(self, procs: list[Any]) -> None:
         """Name the agents in the state, so a resume after a hard kill stops any still running."""

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -177,18 +178,26 @@ def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> None:
 
 
 def run_logged(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None,
-               timeout: float = 900.0, ok_codes: tuple[int, ...] = (0,)) -> int:
-    """Run ``cmd`` to completion with its output in ``log_path``; raise ProcessFailed unless it exits ok."""
+               timeout: float = 900.0, ok_codes: tuple[int, ...] = (0,),
+               started: Callable[[int], None] | None = None) -> int:
+    """Run ``cmd`` to completion with its output in ``log_path``; raise ProcessFailed unless it exits ok.
+    ``started`` hears the process's pid as soon as it runs (its own session: a hard kill of the caller leaves it
+    running, so a resume must be able to find and stop it)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as fh:
         fh.write(("$ " + " ".join(cmd) + "\n").encode())
         fh.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
+            if started is not None:
+                started(proc.pid)
             code = proc.wait(timeout)
         except subprocess.TimeoutExpired:
             stop_process(proc)
             raise ProcessFailed(f"{cmd[3:5]} ran past {timeout:.0f}s:\n{tail(log_path)}") from None
+        except BaseException:  # Ctrl-C, TERM, or the caller failed: the run stops with it
+            stop_process(proc)
+            raise
     if code not in ok_codes:
         raise ProcessFailed(f"{' '.join(cmd[3:5])} exited with code {code}:\n{tail(log_path)}")
     return code

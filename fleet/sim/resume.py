@@ -189,6 +189,7 @@ def stop_leftovers(processes: dict[str, list[Any]], say: Any) -> list[str]:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(int(pid), sig)
+                os.killpg(int(pid), signal.SIGCONT)  # a stopped process (Ctrl-Z, a debugger) acts on TERM only then
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + 15

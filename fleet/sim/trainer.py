@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,9 @@ class Trainer:
                  class_names: list[str]) -> None:
         self.settings, self.ws, self.key, self.hub, self.token = settings, ws, key, hub, token
         self.seed_npz, self.class_names = seed_npz, class_names
+        # hears (name, pid, a word its command line holds) when a run starts, so a resume can stop a run a hard
+        # kill left behind before it trains the same model again into the same folder
+        self.started: Callable[[str, int, str], None] | None = None
 
     def finished(self, name: str) -> TrainResult | None:
         """The result of ``name``'s run if an earlier, interrupted demo saw it through (its report is written
@@ -100,8 +104,10 @@ class Trainer:
             env = {**os.environ, "FLYWHEEL_TOKEN": self.token}
         else:
             args += ["--dry-run"]
+        hook = self.started
         run_logged(flywheel_cmd(*args), self.ws / "logs" / f"train-{name}.log", env=env,
-                   ok_codes=(0, EXIT_REJECTED))
+                   ok_codes=(0, EXIT_REJECTED),
+                   started=None if hook is None else (lambda pid: hook(name, pid, str(out))))
         return self._result(name, out, publish=publish)
 
     def _result(self, name: str, out: Path, *, publish: bool | None) -> TrainResult:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -127,3 +128,54 @@ def test_leftovers_are_stopped_by_pid_only_when_their_command_line_matches(tmp_p
             if p.poll() is None:
                 os.killpg(p.pid, 9)
                 p.wait(10)
+
+
+def has_in_command_line(pid: int, word: bytes) -> bool:
+    """Whether ``pid``'s command line holds ``word``, waiting out the moment just after exec when /proc shows it
+    empty (the parent's Popen returns once the close-on-exec pipe closes, before the new argv is in place)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if word in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_stopped_leftover_is_stopped_too(tmp_path: Path) -> None:
+    """A leftover frozen by SIGSTOP (Ctrl-Z, a debugger) still ends on the first, polite signal."""
+    marker = str(tmp_path / "models" / "rnd-2")
+    frozen = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", marker], start_new_session=True)
+    try:
+        assert has_in_command_line(frozen.pid, marker.encode())
+        os.killpg(frozen.pid, signal.SIGSTOP)
+        t = time.monotonic()
+        assert stop_leftovers({"train rnd-2": [frozen.pid, marker]}, lambda _: None) == ["train rnd-2"]
+        assert frozen.wait(10) == -signal.SIGTERM
+        assert time.monotonic() - t < 10  # not the 15 s wait before SIGKILL
+    finally:
+        if frozen.poll() is None:
+            os.killpg(frozen.pid, signal.SIGKILL)
+            frozen.wait(10)
+
+
+def test_a_run_names_its_pid_at_once_and_stops_with_its_caller(tmp_path: Path) -> None:
+    """``run_logged`` tells its caller the pid while the run goes on (the demo writes it to its state, so a resume
+    stops a run a hard kill left behind); when the caller stops (Ctrl-C), the run stops with it."""
+    from fleet.sim.procs import run_logged
+
+    seen: list[int] = []
+
+    def started(pid: int) -> None:
+        seen.append(pid)
+        assert has_in_command_line(pid, b"run-marker")  # the run itself
+        raise KeyboardInterrupt  # the demo stopped while the run went on
+
+    with pytest.raises(KeyboardInterrupt):
+        run_logged([sys.executable, "-c", "import time; time.sleep(120)", "run-marker"], tmp_path / "run.log",
+                   started=started)
+    assert len(seen) == 1
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{seen[0]}").exists() and time.monotonic() < deadline:  # reaped by stop_process
+        time.sleep(0.05)
+    assert not Path(f"/proc/{seen[0]}").exists()
+    assert (tmp_path / "run.log").read_text().startswith("$ ")  # the command line, logged before it ran

@@ -44,17 +44,24 @@ def state(ws: Path) -> dict | None:  # type: ignore[type-arg]
         return None
 
 
-def stop_at(proc: subprocess.Popen[str], ws: Path, turn: int, phase: str, sig: int) -> str:
+def stop_at(proc: subprocess.Popen[str], ws: Path, turn: int, phase: str, sig: int, *, freeze: str = "") -> str:
     """Send ``sig`` to the demo (not its children: they die or linger as they would) once its state shows ``turn``
-    at ``phase`` or later; return what it printed."""
+    at ``phase`` or later; return what it printed. ``freeze``: instead, once the state names that process (a
+    trainer run), stop that process (SIGSTOP) and then the demo, so the run is certain to outlive it unfinished."""
     order = list(PHASES)
+    before = (state(ws) or {}).get("processes", {}).get(freeze)  # what an earlier run left named there
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         s = state(ws)
         if s is not None:
             cur = s.get("current")
             done = len(s["turns"]) - 1
-            if done >= turn or (cur and cur["turn"] == turn and order.index(cur["phase"]) >= order.index(phase)):
+            if freeze:
+                if s.get("processes", {}).get(freeze, before) != before:
+                    os.killpg(int(s["processes"][freeze][0]), signal.SIGSTOP)
+                    os.kill(proc.pid, sig)
+                    break
+            elif done >= turn or (cur and cur["turn"] == turn and order.index(cur["phase"]) >= order.index(phase)):
                 os.kill(proc.pid, sig)
                 break
         time.sleep(0.02)
@@ -98,12 +105,16 @@ def test_a_demo_killed_at_any_step_resumes_and_ends_as_the_uninterrupted_run(tmp
     assert "resume" not in said[0]  # a hard kill says nothing
     assert leftovers(ws), "the hub should outlive a SIGKILLed demo (it runs in its own session)"
     # each stop lands in a later step, whichever: the state on disk decides where the next run starts
-    for turn, phase, sig in ((1, "labeled", signal.SIGKILL), (2, "labeling", signal.SIGINT),
-                             (2, "trained", signal.SIGKILL), (3, "start", signal.SIGTERM)):
+    for turn, phase, sig in ((1, "labeled", signal.SIGKILL), (2, "labeling", signal.SIGINT)):
         said.append(stop_at(demo(ws, "--resume"), ws, turn, phase, sig))
+    # killed after turn 2's trained step, while the random arm's retrain runs in its own process: that run
+    # outlives the demo, unfinished
+    said.append(stop_at(demo(ws, "--resume"), ws, 2, "trained", signal.SIGKILL, freeze="train rnd-2"))
+    said.append(stop_at(demo(ws, "--resume"), ws, 3, "start", signal.SIGTERM))
     assert "resuming the demo in" in said[1]
     assert "stopping hub (pid" in said[1]  # the dead run's hub, found by its pid and command line
     assert f"flywheel demo --resume --workspace {ws}" in " ".join(said[2].split())  # Ctrl-C says how to go on
+    assert "stopping train rnd-2 (pid" in said[4], said[4]  # before it trains rnd-2 again into the same folder
     last = demo(ws, "--resume")
     out, _ = last.communicate(timeout=600)
     assert last.returncode == 0, out
