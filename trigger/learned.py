@@ -13,6 +13,13 @@ payload), by :func:`error_features`:
 The trigger ``learned_error`` (:data:`trigger.triggers.TRIGGERS`) returns ``sigmoid(bias + sum_f w_f x_f)``,
 with one spec parameter per weight (``w_<feature>``) and ``bias``: numpy only, on the device. A leaf usually
 fires at a ``target_rate``, so the device calibrates its threshold as for any other score.
+
+``learned_error_knn`` adds one feature from the model's own novelty bank (its training set's embeddings, with
+their labels), :data:`BANK_FEATURES`: ``neighbours_other``, the share of the frame's ``k`` nearest bank entries
+with a known label whose label is not the model's top class (0 where none has a known label), by
+:func:`neighbour_features`. Where the human's action is unknown it is the strongest single feature measured
+(`benchmarks/bench_error_capture.py`): a frame that looks like training frames of another class is a likely
+error even when the model is sure.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ from trigger import scores as _s
 from trigger._checks import F64, I64
 from trigger.disagreement import _outside_top_k
 
-__all__ = ["FEATURES", "error_features", "error_probability"]
+__all__ = ["BANK_FEATURES", "FEATURES", "error_features", "error_probability", "neighbour_features"]
 
 FEATURES = ("least_confidence", "margin", "entropy", "human", "human_known", "challenger", "challenger_known")
+BANK_FEATURES = (*FEATURES, "neighbours_other")
 
 
 def error_features(probs: Any, human: Any = None, challenger_probs: Any = None) -> F64:
@@ -58,6 +66,21 @@ def error_features(probs: Any, human: Any = None, challenger_probs: Any = None) 
         out[:, 5] = np.where(seen, _outside_top_k(p, top, 1), 0.0)
         out[:, 6] = seen
     return np.clip(out, 0.0, 1.0)
+
+
+def neighbour_features(probs: Any, neighbour_labels: Any) -> F64:
+    """``probs (n, k)``, ``neighbour_labels (n, m)``: the labels of each frame's m nearest bank entries (-1 =
+    unknown) -> ``(n,)`` in [0, 1]: the share of the known ones that are not the model's top class."""
+    p = np.asarray(probs, dtype=np.float64)
+    lab = np.asarray(neighbour_labels, dtype=np.int64)
+    if p.ndim != 2 or lab.ndim != 2 or lab.shape[0] != p.shape[0]:
+        raise ValueError(f"probs (n, k) and neighbour_labels (n, m) must agree on n; received {p.shape} and "
+                         f"{lab.shape}")
+    known = lab >= 0
+    other = known & (lab != p.argmax(axis=1)[:, None])
+    count = known.sum(axis=1)
+    out: F64 = np.where(count > 0, other.sum(axis=1) / np.maximum(count, 1), 0.0)
+    return out
 
 
 def error_probability(features: Any, weights: Any, bias: float) -> F64:

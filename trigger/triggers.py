@@ -192,9 +192,28 @@ def _learned_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
     return _learned.error_probability(_learned.error_features(probs, human, ch), weights, float(p.get("bias", 0.0)))
 
 
-_LEARNED_PARAMS = (*(Param(f"w_{f}", float, 0.0, low=-100.0, high=100.0, doc=f"weight of feature {f}")
-                     for f in _learned.FEATURES),
-                   Param("bias", float, 0.0, low=-100.0, high=100.0, doc="the logistic model's intercept"))
+def _learned_error_knn(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    assert i.embeddings is not None and i.bank is not None
+    probs = _rows(_probs(i), rows)
+    human = None if i.human is None else _rows(i.human, rows)  # type: ignore[arg-type]
+    ch = None if i.challenger_probs is None else _rows(i.challenger_probs, rows)
+    _, idx = i.bank.search(i.embeddings if rows is None else i.embeddings[rows], k=int(p.get("k", 10)),
+                           exact=bool(p.get("exact", False)))
+    x = np.column_stack([_learned.error_features(probs, human, ch),
+                         _learned.neighbour_features(probs, i.bank.labels[idx])])
+    weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.BANK_FEATURES]
+    return _learned.error_probability(x, weights, float(p.get("bias", 0.0)))
+
+
+def _weights(features: tuple[str, ...]) -> tuple[Param, ...]:
+    return (*(Param(f"w_{f}", float, 0.0, low=-100.0, high=100.0, doc=f"weight of feature {f}") for f in features),
+            Param("bias", float, 0.0, low=-100.0, high=100.0, doc="the logistic model's intercept"))
+
+
+_LEARNED_PARAMS = _weights(_learned.FEATURES)
+_LEARNED_KNN_PARAMS = (*_weights(_learned.BANK_FEATURES),
+                       Param("k", int, 10, low=1, high=1000, doc="nearest bank entries whose labels are read"),
+                       Param("exact", bool, False, doc="scan the whole bank"))
 
 _TOP_K = Param("top_k", int, 1, low=1, doc="disagree only when the other class is outside the model's top k")
 _WEIGHTED = Param("weighted", bool, False, doc="scale 0/1 disagreement by confidence (confident mistakes first)")
@@ -410,6 +429,13 @@ TRIGGERS: dict[str, TriggerDef] = {
             "(trigger.learned; weights w_<feature> and bias set by the hub).", "above", _learned_error,
             params=_LEARNED_PARAMS, uses=("human", "challenger_logits"), bounds=lambda i, p: (0.0, 1.0), weight=0.6,
             task="classify",
+        ),
+        TriggerDef(
+            "learned_error_knn", "learned_error with one more feature from the model's own novelty bank: the "
+            "share of the k nearest training frames labeled another class than the model's (trigger.learned).",
+            "above", _learned_error_knn, params=_LEARNED_KNN_PARAMS, needs=("embeddings", "bank"),
+            uses=("human", "challenger_logits"), bounds=lambda i, p: (0.0, 1.0), weight=0.6, task="classify",
+            costly=True,
         ),
         TriggerDef(
             "novelty", "mean cosine distance to the k nearest novelty-bank entries (needs embeddings).", "above",

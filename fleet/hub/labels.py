@@ -91,7 +91,7 @@ def apply(hub: Hub, s: Session, post: LabelPost) -> LabelReceipt:
     decide_case(hub, s, case, rules)
     if case.label_status == "accepted" and case.task == "classify" and case.campaign_id:
         # a learned trigger waiting for the active model's labels
-        refit_waiting(s, case.campaign_id, active=active_model(s), now=now)
+        refit_waiting(s, case.campaign_id, active=active_model(s), now=now, blobs=hub.blobs)
     for annotator in _flipped(s, before, rules):  # their record crossed the bar: their other cases again
         cases = s.exec(select(LabelRow.case_id).where(LabelRow.annotator == annotator).distinct()).all()
         for cid in cases:

@@ -10,6 +10,16 @@ with the device's own :func:`trigger.learned.error_features`, and fits a logisti
 the ``learned_error`` leaf at the asked ``target_rate`` (the device calibrates the threshold); an earlier
 learned leaf is replaced. The answer reports the fit: cases, errors, weights and the training AUC.
 
+With the model's own novelty bank (its training set's embeddings and labels, uploaded by the trainer with each
+model) the leaf is a ``learned_error_knn`` instead: one more feature, the share of each frame's
+:data:`KNN_K` nearest bank entries labeled another class than the model's top class
+(:func:`trigger.learned.neighbour_features`), computed here from each labeled case's stored embedding against
+that bank, and on the device from the frame's embedding against the same bank (the hub hands a device the bank
+of the model it runs). Rule: the bank feature is used when the active model has a bank with at least one known
+label and every case of the fit has an embedding of the bank's width; else the leaf is a plain ``learned_error``.
+Where the human's action is unknown the bank feature is what lifts the learned trigger's error capture
+(`benchmarks/bench_error_capture.py`).
+
 A fit belongs to the model it was fitted for (the version's ``learned_for``; its ``learned_rate`` the rate asked).
 When another model becomes active (:func:`follow_active_model`, from :func:`fleet.hub.rollouts.promote`), each
 campaign with a learned leaf gets a new version: the leaf refitted for the new model where its labeled cases
@@ -30,14 +40,18 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, func, select
 
 from fleet.errors import ProtocolError
+from fleet.hub.blobs import BlobStore
 from fleet.hub.campaign_versions import latest_live, next_version
-from fleet.hub.models import Campaign, CaseRow, ModelVersion
+from fleet.hub.ingest import decode_embedding_bytes
+from fleet.hub.models import Campaign, CaseRow, ModelVersion, NoveltyBankRow
 from fleet.protocol import LearnedFit
-from trigger.learned import FEATURES, error_features
+from trigger.learned import BANK_FEATURES, FEATURES, error_features, neighbour_features
 
 log = logging.getLogger(__name__)
 
-LEAF = "learned_error"
+LEAF = "learned_error"  # the leaf's label, whichever kind it is
+KNN_LEAF = "learned_error_knn"
+KNN_K = 10  # bank neighbours read by the bank feature
 MIN_CASES = 30
 L2 = 1.0
 
@@ -84,10 +98,43 @@ def case_features(payloads: list[dict[str, Any]]) -> np.ndarray:
     return error_features(probs, human, ch)
 
 
+def model_bank(s: Session, blobs: BlobStore | None, version: str) -> Any:
+    """The newest novelty bank of model ``version`` when it has known labels (a ``trigger.NoveltyBank``), else
+    None. A bank whose blob cannot be read is logged and treated as absent: the fit goes on without it."""
+    from trigger import NoveltyBank
+
+    if blobs is None:
+        return None
+    row = s.exec(select(NoveltyBankRow).where(NoveltyBankRow.model_version == version)
+                 .order_by(col(NoveltyBankRow.created_at).desc())).first()
+    if row is None:
+        return None
+    try:
+        bank = NoveltyBank.from_bytes(blobs.get(row.sha256), expected_sha256=row.sha256)
+    except Exception as exc:  # noqa: BLE001 - a missing or damaged blob only costs the feature
+        log.warning("novelty bank %s of model %s unreadable (%s); fitting without the bank feature", row.bank_id,
+                    version, exc)
+        return None
+    return bank if (bank.labels >= 0).any() else None
+
+
+def bank_features(payloads: list[dict[str, Any]], embeddings: list[bytes | None], bank: Any) -> np.ndarray | None:
+    """:func:`case_features` plus the bank feature (``BANK_FEATURES``), or None when a case has no embedding of
+    the bank's width."""
+    vecs = [decode_embedding_bytes(e) for e in embeddings]
+    if any(v is None or v.shape != (bank.dim,) for v in vecs):
+        return None
+    x = case_features(payloads)
+    probs = np.asarray([c["prediction"]["probs"] for c in payloads], dtype=np.float64)
+    _, idx = bank.search(np.stack(vecs), k=KNN_K)  # type: ignore[arg-type]
+    return np.column_stack([x, neighbour_features(probs, bank.labels[idx])])
+
+
 def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: float,
-          target_rate: float) -> tuple[Campaign, LearnedFit]:
+          target_rate: float, blobs: BlobStore | None = None) -> tuple[Campaign, LearnedFit]:
     """Fit the campaign's learned trigger on the labeled cases of ``active`` (the active model,
-    :func:`fleet.hub.rollouts.active_model`) and store the new version."""
+    :func:`fleet.hub.rollouts.active_model`) and store the new version. ``blobs``: where the active model's
+    novelty bank is read from (without it, or without a bank, the leaf has no bank feature)."""
     from trigger import SpecError, parse_spec
 
     if not 0.0 < target_rate < 1.0:
@@ -95,18 +142,25 @@ def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: flo
     row = latest_live(s, campaign_id)
     if active is None:
         raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
-    rows = s.exec(select(CaseRow.payload, CaseRow.label, CaseRow.predicted_class).where(
+    rows = s.exec(select(CaseRow.payload, CaseRow.label, CaseRow.predicted_class, CaseRow.embedding).where(
         CaseRow.campaign_id == campaign_id, CaseRow.model_version == active.version, CaseRow.task == "classify",
         CaseRow.label_status == "accepted")).all()
-    y = np.asarray([int(label != predicted) for _, label, predicted in rows], dtype=np.float64)
+    y = np.asarray([int(label != predicted) for _, label, predicted, _ in rows], dtype=np.float64)
     if len(rows) < MIN_CASES or y.sum() == 0 or y.sum() == len(y):
         raise ProtocolError(f"a learned trigger for campaign {campaign_id!r} needs at least {MIN_CASES} labeled "
                             f"cases from the active model {active.version} with both right and wrong ones; it has "
                             f"{len(rows)} ({int(y.sum())} wrong)")
-    x = case_features([p for p, _, _ in rows])
+    payloads = [p for p, _, _, _ in rows]
+    bank = model_bank(s, blobs, active.version)
+    x = None if bank is None else bank_features(payloads, [e for _, _, _, e in rows], bank)
+    kind, names = (LEAF, FEATURES) if x is None else (KNN_LEAF, BANK_FEATURES)
+    if x is None:
+        x = case_features(payloads)
     w, b = fit_logistic(x, y)
-    leaf = {"trigger": LEAF, "label": LEAF, "target_rate": target_rate, "bias": round(b, 6),
-            **{f"w_{f}": round(float(v), 6) for f, v in zip(FEATURES, w, strict=True)}}
+    leaf = {"trigger": kind, "label": LEAF, "target_rate": target_rate, "bias": round(b, 6),
+            **{f"w_{f}": round(float(v), 6) for f, v in zip(names, w, strict=True)}}
+    if kind == KNN_LEAF:
+        leaf["k"] = KNN_K
     doc = {**row.spec, "rule": _with_leaf(row.spec["rule"], leaf), "version": row.version + 1}
     if row.auto_budgets:  # the learned leaf gets an even share; the others keep their proportions
         from fleet.hub.autobudget import shares_of, with_shares
@@ -122,7 +176,7 @@ def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: flo
     new = next_version(s, row, doc, now=now)
     new.learned_for, new.learned_rate = active.version, target_rate
     fit = LearnedFit(campaign_id=campaign_id, version=new.version, model_version=active.version, cases=len(rows),
-                     errors=int(y.sum()), weights={f: float(v) for f, v in zip(FEATURES, w, strict=True)}, bias=b,
+                     errors=int(y.sum()), weights={f: float(v) for f, v in zip(names, w, strict=True)}, bias=b,
                      train_auc=auc(x @ w + b, y), target_rate=target_rate)
     return new, fit
 
@@ -137,7 +191,8 @@ def _with_leaf(rule: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
     return {"any_of": [rule, leaf]}
 
 
-def follow_active_model(s: Session, active: ModelVersion, *, now: float) -> dict[str, str]:
+def follow_active_model(s: Session, active: ModelVersion, *, now: float,
+                        blobs: BlobStore | None = None) -> dict[str, str]:
     """``active`` just became the active model: every live campaign whose learned leaf was fitted for another
     model gets a new version, refitted for ``version`` or without the leaf. Returns campaign id -> what was
     done ("refitted" or "leaf removed until refit")."""
@@ -149,7 +204,7 @@ def follow_active_model(s: Session, active: ModelVersion, *, now: float) -> dict
             continue
         rate = row.learned_rate if row.learned_rate is not None else 0.05
         try:
-            learn(s, row.campaign_id, active=active, now=now, target_rate=rate)
+            learn(s, row.campaign_id, active=active, now=now, target_rate=rate, blobs=blobs)
             done[row.campaign_id] = "refitted"
         except ProtocolError:
             stripped = _without_leaf(row.spec)
@@ -173,7 +228,8 @@ def follow_active_model(s: Session, active: ModelVersion, *, now: float) -> dict
     return done
 
 
-def refit_waiting(s: Session, campaign_id: str, *, active: ModelVersion | None, now: float) -> bool:
+def refit_waiting(s: Session, campaign_id: str, *, active: ModelVersion | None, now: float,
+                  blobs: BlobStore | None = None) -> bool:
     """Refit ``campaign_id``'s learned leaf for ``active`` (the active model) if it waits for one (a fit asked,
     none for that model) and its labeled cases now suffice; True if a new version was published. A concurrent
     refit by another worker wins quietly."""
@@ -190,7 +246,7 @@ def refit_waiting(s: Session, campaign_id: str, *, active: ModelVersion | None, 
         return False
     try:
         with s.begin_nested():
-            learn(s, campaign_id, active=active, now=now, target_rate=float(row.learned_rate or 0.05))
+            learn(s, campaign_id, active=active, now=now, target_rate=float(row.learned_rate or 0.05), blobs=blobs)
     except ProtocolError:  # too few errors (or right answers) yet
         return False
     except IntegrityError:  # another worker published the version first

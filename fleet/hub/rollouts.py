@@ -334,7 +334,8 @@ def promote(hub: Hub, s: Session, version: str) -> ModelVersion:
     mv.activated_at = now
     s.add(mv)
     s.flush()
-    for campaign, what in follow_active_model(s, mv, now=now).items():  # a learned fit belongs to one model
+    # a learned fit belongs to one model
+    for campaign, what in follow_active_model(s, mv, now=now, blobs=hub.blobs).items():
         log.info("campaign %s: learned trigger %s for the new active model %s", campaign, what, version)
     return mv
 

@@ -38,15 +38,16 @@ def direction(axis: int, n: int, seed: int) -> np.ndarray:
     return x
 
 
-def window(version: str, embedding: np.ndarray) -> list[Inferred]:
+def window(version: str, embedding: np.ndarray, logits: np.ndarray | None = None) -> list[Inferred]:
     """A window of frames from model ``version`` with these embeddings (only the version of the model is read)."""
     n = len(embedding)
     rng = np.random.default_rng(n)
     models = LoadedModels()
     object.__setattr__(models, "active", type("M", (), {"version": version})())
     frames = [Frame(image=rng.integers(0, 256, (8, 8), dtype=np.uint8), frame_id=str(i)) for i in range(n)]
-    return [Inferred(frames=frames, models=models, logits=rng.normal(0, 1, (n, 3)).astype(np.float32),
-                     embedding=embedding, challenger_logits=None, latency_ms=1.0, seen_at=1.0)]
+    logits = rng.normal(0, 1, (n, 3)).astype(np.float32) if logits is None else logits
+    return [Inferred(frames=frames, models=models, logits=logits, embedding=embedding, challenger_logits=None,
+                     latency_ms=1.0, seen_at=1.0)]
 
 
 class Device:
@@ -71,11 +72,11 @@ class Device:
         self.running = a.active.version  # the OTA swap
         return a
 
-    def run(self, embedding: np.ndarray) -> WindowResult:
+    def run(self, embedding: np.ndarray, logits: np.ndarray | None = None) -> WindowResult:
         assert self.running is not None
         self.campaigns.use_model(self.running)
         with self.campaigns.lock:
-            return decide(window(self.running, embedding), self.campaigns.current, device_id="dev")
+            return decide(window(self.running, embedding, logits), self.campaigns.current, device_id="dev")
 
     def bank(self) -> NoveltyBank | None:
         """The bank the live novelty campaign scores against (None: the campaign is paused)."""
@@ -187,3 +188,57 @@ def test_budgets_carry_over_when_the_bank_changes_with_the_model(hub: HubHarness
     result = device.run(direction(2, 24, seed=4))
     assert device.bank().sha256 == bank_v2.sha256  # type: ignore[union-attr]
     assert result.captures == []  # live on v2's bank, with the budget v1 spent
+
+
+def test_the_learned_trigger_with_the_bank_feature_runs_on_the_device(hub: HubHarness, tmp_path: Path) -> None:
+    """The hub fits ``learned_error_knn`` on v1's labeled cases against v1's own bank (with labels); the device
+    gets the leaf and that bank with its assignment and scores its frames with them: the values the agent's
+    decision path records are the hub's logistic model over the device's features."""
+    from fleet.hub.learned import KNN_K
+    from fleet.protocol import LearnedFit, TriggerHit
+    from fleet.protocol.base import decode_embedding
+    from trigger import TRIGGERS, softmax
+    from trigger.triggers import Inputs
+
+    labeled = np.concatenate([direction(0, 30, seed=1), direction(1, 30, seed=2)])
+    put_bank(hub, "v1", NoveltyBank.from_embeddings(labeled, labels=np.repeat([0, 1], 30)))
+    spec = {"id": "learn", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    device = Device(hub, tmp_path)
+    rng = np.random.default_rng(5)
+    truth = {}
+    for i in range(60):  # the model says class 0, sure of it; frames along axis 1 are class 1
+        y = i % 2
+        case, image = hub.make_case("dev", model_version="v1", probs=[0.9, 0.06, 0.04], campaign_id="learn",
+                                    campaign_version=1, embedding=direction(y, 1, seed=100 + i)[0],
+                                    triggers=[TriggerHit("unsure", 0.5, 0.1)])
+        assert hub.post_case(case, image).status_code == 201
+        truth[case.case_id] = y
+    cases = hub.client.post("/v1/selections", json={"budget": 100, "strategy": "random"},
+                            headers=hub.labeler).json()["cases"]
+    for c in cases:
+        assert hub.label(c["case"]["case_id"], truth[c["case"]["case_id"]]).status_code in (200, 201)
+    r = hub.client.post("/v1/campaigns/learn/learn", params={"target_rate": 0.5}, headers=hub.admin)
+    assert r.status_code == 201, r.text
+    assert "neighbours_other" in LearnedFit.from_json(r.content).weights
+
+    device.follow()
+    (live,) = device.campaigns.current
+    assert live.evaluator.bank is not None and live.evaluator.bank.sha256 == NoveltyBank.from_embeddings(
+        labeled, labels=np.repeat([0, 1], 30)).sha256
+    frames = np.concatenate([direction(0, 12, seed=7), direction(1, 12, seed=8)])
+    logits = np.tile(np.log(np.asarray([[0.9, 0.06, 0.04]], np.float32)), (24, 1)) + rng.normal(0, 0.01, (24, 3))
+    result = device.run(frames, logits.astype(np.float32))
+    leaf = next(x for x in live.evaluator.spec.leaves if x.label == "learned_error")
+    assert leaf.trigger == "learned_error_knn" and leaf.params["k"] == KNN_K
+    probs = softmax(logits.astype(np.float32))
+    want = TRIGGERS["learned_error_knn"].compute(
+        Inputs(logits=logits, probs=probs, embeddings=frames, bank=live.evaluator.bank), None, leaf.params)
+    got = {}
+    for c in result.captures:  # which frame: the one whose embedding the case carries
+        i = int(np.argmin(np.abs(frames - decode_embedding(c.fields["embedding"])).sum(axis=1)))
+        got[i] = c.fields["scores"]["learned_error"]
+    assert got and all(got[i] == pytest.approx(want[i], abs=1e-5) for i in got)
+    assert set(got) == set(range(24))  # every frame fires the plain entropy leaf, so every value is seen
+    # the frames that look like class 1 but are called 0 are the likely errors
+    assert min(got[i] for i in range(12, 24)) > 0.5 > max(got[i] for i in range(12))

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet.hub.learned import MIN_CASES, auc, case_features, fit_logistic
+from fleet.hub.learned import KNN_K, MIN_CASES, auc, case_features, fit_logistic
 from fleet.protocol import Assignment, LearnedFit, TriggerHit
 from tests.hub.conftest import HubHarness
 from trigger import TRIGGERS, parse_spec
-from trigger.learned import FEATURES, error_features, error_probability
+from trigger.learned import BANK_FEATURES, FEATURES, error_features, error_probability, neighbour_features
 from trigger.triggers import Inputs
 
 
@@ -176,3 +176,64 @@ def test_the_learned_trigger_follows_the_active_model_across_an_update_and_back(
     hub.client.post("/v1/models/m1/promote", headers=hub.admin, json={"override": True, "reason": "back to m1"})
     version, leaf = _leaf(hub)  # m1 again: refitted from m1's labeled cases at once
     assert version == 5 and leaf is not None and leaf["w_least_confidence"] > 1.0
+
+
+def test_with_the_model_s_bank_the_learned_trigger_reads_the_nearest_training_labels(hub: HubHarness) -> None:
+    """m1's own novelty bank (its training set's embeddings, with labels) adds the bank feature: frames that look
+    like training frames of another class are the model's errors even where it is sure and no human spoke. The leaf
+    ships as ``learned_error_knn``; the device computes the hub's probability against the bank it is handed."""
+    from tests.hub.test_model_banks import put_bank
+    from trigger import NoveltyBank
+
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(3, 16))
+    bank_y = np.repeat(np.arange(3), 40)
+    bank = NoveltyBank.from_embeddings(centres[bank_y] + 0.2 * rng.normal(size=(len(bank_y), 16)), labels=bank_y)
+    assert put_bank(hub, "m1", bank.to_bytes()).status_code == 201
+    spec = {"id": "mine", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    truth: dict[str, int] = {}
+    for i in range(80):  # the model always says class 0, sure of it; a third of the frames are class 2
+        y = 2 if i % 3 == 0 else 0
+        top = float(rng.uniform(0.8, 0.95))
+        case, image = hub.make_case("d1", probs=[top, (1 - top) / 2, (1 - top) / 2], campaign_id="mine",
+                                    campaign_version=1, embedding=centres[y] + 0.2 * rng.normal(size=16),
+                                    triggers=[TriggerHit("unsure", 0.5, 0.1)])
+        assert hub.post_case(case, image).status_code == 201
+        truth[case.case_id] = y
+    assert _label_all(hub, lambda c: truth[c["case_id"]]) == 80
+
+    fit = LearnedFit.from_json(hub.client.post("/v1/campaigns/mine/learn", headers=hub.admin).content)
+    assert set(fit.weights) == set(BANK_FEATURES) and fit.weights["neighbours_other"] > 1.0
+    assert fit.train_auc is not None and fit.train_auc > 0.95  # confidence alone says nothing here
+    a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices["d1"]).content)
+    ref = a.campaigns[0]
+    assert ref.novelty_bank == "model-m1"  # the device is handed its model's bank with the spec
+    leaf = next(x for x in parse_spec(ref.spec).leaves if x.label == "learned_error")
+    assert leaf.trigger == "learned_error_knn" and leaf.params["k"] == KNN_K
+
+    y = np.asarray([2, 0])
+    emb = (centres[y] + 0.2 * rng.normal(size=(2, 16))).astype(np.float32)
+    probs = np.asarray([[0.9, 0.05, 0.05]] * 2)
+    served = NoveltyBank.from_bytes(hub.client.get("/v1/novelty-banks/model-m1", headers=hub.devices["d1"]).content)
+    on_device = TRIGGERS["learned_error_knn"].compute(
+        Inputs(logits=np.log(probs), probs=probs, embeddings=emb, bank=served), None, leaf.params)
+    _, idx = bank.search(emb, k=KNN_K)
+    x = np.column_stack([error_features(probs), neighbour_features(probs, bank.labels[idx])])
+    want = error_probability(x, [fit.weights[f] for f in BANK_FEATURES], fit.bias)
+    np.testing.assert_allclose(on_device, want, atol=1e-5)
+    assert on_device[0] > 0.5 > on_device[1]  # looks like a 2, called a 0: a likely error
+
+
+def test_without_embeddings_or_a_labeled_bank_the_leaf_has_no_bank_feature(hub: HubHarness) -> None:
+    from tests.hub.test_model_banks import bank_bytes, put_bank
+
+    assert put_bank(hub, "m1", bank_bytes()).status_code == 201  # a bank without labels
+    spec = {"id": "mine", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    send(hub, np.random.default_rng(1), 60)  # no embeddings
+    _label_all(hub, lambda c: 0 if c["prediction"]["probs"][0] >= 0.6 else 1)
+    fit = LearnedFit.from_json(hub.client.post("/v1/campaigns/mine/learn", headers=hub.admin).content)
+    assert set(fit.weights) == set(FEATURES)
+    _, leaf = _leaf(hub)
+    assert leaf is not None and "w_neighbours_other" not in leaf

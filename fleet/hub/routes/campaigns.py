@@ -128,7 +128,8 @@ def learn_trigger(campaign_id: str, _: AdminCaller, hub: HubDep,
 
     check_name(campaign_id, "campaign id")
     with write_session(hub.engine) as s:
-        _, fit = learn(s, campaign_id, active=rollouts.active_model(s), now=hub.now(), target_rate=target_rate)
+        _, fit = learn(s, campaign_id, active=rollouts.active_model(s), now=hub.now(), target_rate=target_rate,
+                       blobs=hub.blobs)
     return message_response(fit, status_code=201)
 
 
