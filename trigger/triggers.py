@@ -184,25 +184,30 @@ def _random(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
     return rng.random(i.n if rows is None else len(rows))
 
 
-def _learned_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+def _learned_features(i: Inputs, rows: I64 | None) -> tuple[F64, F64]:
+    """The rows' probabilities and their :func:`trigger.learned.error_features`."""
     probs = _rows(_probs(i), rows)
     human = None if i.human is None else _rows(i.human, rows)  # type: ignore[arg-type]
     ch = None if i.challenger_probs is None else _rows(i.challenger_probs, rows)
-    weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.FEATURES]
-    return _learned.error_probability(_learned.error_features(probs, human, ch), weights, float(p.get("bias", 0.0)))
+    return probs, _learned.error_features(probs, human, ch)
+
+
+def _logistic(x: F64, p: Mapping[str, Any], features: tuple[str, ...]) -> F64:
+    weights = [float(p.get(f"w_{f}", 0.0)) for f in features]
+    return _learned.error_probability(x, weights, float(p.get("bias", 0.0)))
+
+
+def _learned_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    return _logistic(_learned_features(i, rows)[1], p, _learned.FEATURES)
 
 
 def _learned_error_knn(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
     assert i.embeddings is not None and i.bank is not None
-    probs = _rows(_probs(i), rows)
-    human = None if i.human is None else _rows(i.human, rows)  # type: ignore[arg-type]
-    ch = None if i.challenger_probs is None else _rows(i.challenger_probs, rows)
+    probs, x = _learned_features(i, rows)
     _, idx = i.bank.search(i.embeddings if rows is None else i.embeddings[rows], k=int(p.get("k", 10)),
                            exact=bool(p.get("exact", False)))
-    x = np.column_stack([_learned.error_features(probs, human, ch),
-                         _learned.neighbour_features(probs, i.bank.labels[idx])])
-    weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.BANK_FEATURES]
-    return _learned.error_probability(x, weights, float(p.get("bias", 0.0)))
+    x = np.column_stack([x, _learned.neighbour_features(probs, i.bank.labels[idx])])
+    return _logistic(x, p, _learned.BANK_FEATURES)
 
 
 def _weights(features: tuple[str, ...]) -> tuple[Param, ...]:

@@ -85,9 +85,13 @@ def auc(score: np.ndarray, y: np.ndarray) -> float | None:
     return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def _case_probs(payloads: list[dict[str, Any]]) -> np.ndarray:
+    return np.asarray([c["prediction"]["probs"] for c in payloads], dtype=np.float64)
+
+
 def case_features(payloads: list[dict[str, Any]]) -> np.ndarray:
     """The features of stored ``classify`` case payloads, as the device computes them."""
-    probs = np.asarray([c["prediction"]["probs"] for c in payloads], dtype=np.float64)
+    probs = _case_probs(payloads)
     human = np.asarray([(c.get("human_action") or {}).get("label", -1) for c in payloads], dtype=np.int64)
     k = probs.shape[1]
     ch = np.full(probs.shape, np.nan)
@@ -125,7 +129,7 @@ def bank_features(payloads: list[dict[str, Any]], embeddings: list[bytes | None]
     if any(v is None or v.shape != (bank.dim,) for v in vecs):
         return None
     x = case_features(payloads)
-    probs = np.asarray([c["prediction"]["probs"] for c in payloads], dtype=np.float64)
+    probs = _case_probs(payloads)
     _, idx = bank.search(np.stack(vecs), k=KNN_K)  # type: ignore[arg-type]
     return np.column_stack([x, neighbour_features(probs, bank.labels[idx])])
 
