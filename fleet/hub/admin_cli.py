@@ -121,6 +121,57 @@ def models_rollback(
     typer.echo(f"rolled back {r.rolled_back}; active: {r.active}")
 
 
+def _fractions(stages: str) -> list[float]:
+    try:
+        return [float(x) for x in stages.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--stages must be fractions such as 0.1,0.5,1.0; received {stages!r}") from None
+
+
+@models_app.command("rollout")
+def models_rollout(
+    version: str = typer.Argument(...),
+    group: str | None = typer.Option(None, "--group", help="Roll it out to this device group only; once done, the "
+                                     "group runs it as its own model (default: the whole fleet)."),
+    stages: str = typer.Option("0.1,0.5,1.0", "--stages", help="Fractions of the devices (of the group) per stage."),
+    stage_seconds: float | None = typer.Option(None, "--stage-seconds", min=0.001,
+                                               help="Hold each stage this long (default: until advanced)."),
+    hub: str = HUB_URL, token: str = TOKEN,
+) -> None:
+    """A staged rollout of VERSION with the rollout's checks, to the fleet or to one --group."""
+    from fleet.protocol import RolloutCreate, RolloutPublic
+
+    ro = _call(hub, token, "POST", "/v1/rollouts", RolloutPublic,
+               body=_request(RolloutCreate, version=version, stages=_fractions(stages), stage_seconds=stage_seconds,
+                             group=group))
+    where = f"group {ro.group!r}" if ro.group else "the fleet"
+    typer.echo(f"{ro.rollout_id}: {ro.version} over {ro.incumbent or '-'} on {where}, stages {ro.stages}")
+
+
+@models_app.command("groups")
+def models_groups(hub: str = HUB_URL, token: str = TOKEN, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every device group, its devices and the model it runs (its own, or the fleet's)."""
+    from fleet.protocol import GroupList
+
+    groups = _call(hub, token, "GET", "/v1/groups", GroupList).groups
+    if as_json:
+        typer.echo(json.dumps([g.to_dict() for g in groups], indent=2))
+        return
+    for g in groups:
+        own = f"its own (before: {g.previous or '-'})" if g.pinned else "the fleet's"
+        rollout = f", rollout {g.rollout_id}" if g.rollout_id else ""
+        typer.echo(f"{g.group}\t{g.devices} devices\t{g.model or '-'}, {own}{rollout}")
+
+
+@models_app.command("unpin")
+def models_unpin(group: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """GROUP runs the fleet's active model again and takes part in fleet rollouts."""
+    from fleet.protocol import GroupPublic
+
+    g = _call(hub, token, "DELETE", f"/v1/groups/{group}/model", GroupPublic)
+    typer.echo(f"{g.group} runs the fleet's model {g.model or '-'}")
+
+
 def _trial_line(t: Any) -> str:
     agreement = "-" if t.agreement is None else f"{t.agreement:.3f}"
     return (f"{t.trial_id}  {t.version} beside {t.incumbent} on group {t.group!r}: {t.state}, agreement {agreement} "
@@ -167,12 +218,8 @@ def models_shadow_promote(
     """Promote a shadow trial's candidate to a canary (a staged rollout with the usual rollback rules)."""
     from fleet.protocol import RolloutPublic, ShadowPromote
 
-    try:
-        fractions = [float(x) for x in stages.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"--stages must be fractions such as 0.1,0.5,1.0; received {stages!r}") from None
     ro = _call(hub, token, "POST", f"/v1/shadows/{trial_id}/promote", RolloutPublic,
-               body=_request(ShadowPromote, stages=fractions))
+               body=_request(ShadowPromote, stages=_fractions(stages)))
     typer.echo(f"{ro.version} is a canary: rollout {ro.rollout_id}, stages {ro.stages}")
 
 

@@ -242,6 +242,20 @@ class Rollout(SQLModel, table=True):
     created_at: float
     stage_started_at: float
     finished_at: float | None = None
+    group: str | None = _id(default=None, index=True)  # the device group it is aimed at; None: the fleet
+
+
+class GroupModel(SQLModel, table=True):
+    """A device group's own model (fleet.hub.rollouts): its devices run ``version`` instead of the fleet's
+    active model and stay out of fleet-wide rollouts. Set when a rollout on the group completes."""
+
+    __tablename__ = "group_models"
+
+    group: str = _id(primary_key=True)
+    version: str = _id()
+    previous: str | None = _id(default=None)  # what the group ran before (the rollout's incumbent)
+    rollout_id: str | None = _id(64, default=None)
+    set_at: float
 
 
 class ShadowTrial(SQLModel, table=True):

@@ -11,6 +11,15 @@ incumbent. Three kinds:
 - ``override``: the same with ``--override``: the model is active at once (no shadow), the override
   is recorded with who asked and why, and it is still undone if the evidence says so.
 
+Device groups (issue 19.4): a rollout may be aimed at one group (``group``); its stages are fractions of that
+group's devices and its incumbent is the group's model. When it completes, the group *pins* its version
+(``group_models``): its devices run it instead of the fleet's active model, and stay out of fleet-wide rollouts,
+until a later rollout on the group replaces it or an operator unpins the group (``DELETE /v1/groups/{group}/model``,
+back to the fleet's model). One rollout runs per group, and one fleet-wide. A group rollout never changes a model's
+fleet status (``active`` stays the fleet's model); rolling one back retires the candidate only when nothing else
+runs it. The hub's own work that needs one model's space (re-scoring, selection, learned triggers) follows the
+fleet's active model; a pinned group's devices get the novelty bank of the model they run.
+
 Field metrics come from :mod:`fleet.hub.heartbeats` (only what devices were assigned counts); the
 rules that roll a candidate back, and how many devices the evidence must come from, are in
 :mod:`fleet.hub.evidence`. A rollback assigns the incumbent everywhere and retires the candidate.
@@ -36,6 +45,7 @@ from fleet.hub.models import (
     Campaign,
     Device,
     FieldMetric,
+    GroupModel,
     ModelVersion,
     NoveltyBankRow,
     PredictionCount,
@@ -62,9 +72,30 @@ def in_canary(device_id: str, rollout: Rollout) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def running_rollout(s: Session) -> Rollout | None:
-    return s.exec(select(Rollout).where(Rollout.state == "running")
-                  .order_by(col(Rollout.created_at).desc())).first()
+def running_rollout(s: Session, group: str | None = None) -> Rollout | None:
+    """The running rollout aimed at ``group``; with None, the fleet-wide one."""
+    q = select(Rollout).where(Rollout.state == "running")
+    q = q.where(col(Rollout.group).is_(None)) if group is None else q.where(Rollout.group == group)
+    return s.exec(q.order_by(col(Rollout.created_at).desc())).first()
+
+
+def running_rollouts(s: Session) -> list[Rollout]:
+    """Every running rollout, the fleet's and the groups'."""
+    return list(s.exec(select(Rollout).where(Rollout.state == "running")).all())
+
+
+def governing_rollout(s: Session, group: str) -> Rollout | None:
+    """The rollout that decides what ``group``'s devices run: its own, else (unless it pins a model) the fleet's."""
+    own = running_rollout(s, group)
+    if own is not None or s.get(GroupModel, group) is not None:
+        return own
+    return running_rollout(s)
+
+
+def model_for_group(s: Session, group: str | None) -> ModelVersion | None:
+    """The model ``group`` runs outside a rollout: its pinned version, else the fleet's active model."""
+    pin = s.get(GroupModel, group) if group is not None else None
+    return s.get(ModelVersion, pin.version) if pin is not None else active_model(s)
 
 
 def active_model(s: Session) -> ModelVersion | None:
@@ -97,25 +128,24 @@ def _rate(num: int, den: int) -> float | None:
 
 
 def assigned_models(s: Session, device_id: str) -> tuple[ModelVersion | None, ModelVersion | None, Rollout | None]:
-    """(active, challenger) the hub assigns ``device_id`` now, and the running rollout if any."""
-    rollout = running_rollout(s)
+    """(active, challenger) the hub assigns ``device_id`` now, and the rollout that decides it if any."""
+    device = s.get(Device, device_id)
+    group = device.group if device is not None else None
+    rollout = governing_rollout(s, group) if group is not None else running_rollout(s)
     if rollout is None:
-        active = active_model(s)
-        return active, _trial_challenger(s, device_id, active), None
+        active = model_for_group(s, group)
+        return active, _trial_challenger(s, group, active), None
     incumbent = s.get(ModelVersion, rollout.incumbent) if rollout.incumbent else None
     if in_canary(device_id, rollout):
         return s.get(ModelVersion, rollout.version), (None if rollout.kind == "override" else incumbent), rollout
     return incumbent, None, rollout
 
 
-def _trial_challenger(s: Session, device_id: str, active: ModelVersion | None) -> ModelVersion | None:
+def _trial_challenger(s: Session, group: str | None, active: ModelVersion | None) -> ModelVersion | None:
     """The candidate of a running shadow trial on the device's group (fleet.hub.shadows), beside ``active``."""
-    if active is None:
+    if active is None or group is None:
         return None
-    device = s.get(Device, device_id)
-    if device is None:
-        return None
-    trial = s.exec(select(ShadowTrial).where(ShadowTrial.group == device.group, ShadowTrial.state == "running",
+    trial = s.exec(select(ShadowTrial).where(ShadowTrial.group == group, ShadowTrial.state == "running",
                                              ShadowTrial.incumbent == active.version)).first()
     return None if trial is None else s.get(ModelVersion, trial.version)
 
@@ -198,7 +228,9 @@ def _spec_needs(doc: str) -> frozenset[str]:
 
 
 def start(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds: float | None, *,
-          kind: str = "staged", reason: str | None = None) -> Rollout:
+          kind: str = "staged", reason: str | None = None, group: str | None = None) -> Rollout:
+    if group is not None:
+        return _start_on_group(hub, s, version, stages, stage_seconds, group=group, reason=reason)
     now = hub.now()
     mv = s.get(ModelVersion, version)
     if mv is None:
@@ -224,6 +256,54 @@ def start(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds
     s.add(rollout)
     log.info("rollout %s (%s): %s over %s, stages %s", rollout.rollout_id, kind, version, rollout.incumbent, stages)
     return rollout
+
+
+def _start_on_group(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds: float | None, *,
+                    group: str, reason: str | None) -> Rollout:
+    """A staged rollout on one group's devices, from the group's model; the model's fleet status is kept."""
+    now = hub.now()
+    mv = s.get(ModelVersion, version)
+    if mv is None:
+        raise NotFound(f"unknown model version {version!r}")
+    other = running_rollout(s, group)
+    if other is not None:
+        raise Conflict(f"rollout {other.rollout_id} of {other.version!r} is still running on group {group!r}; "
+                       f"advance it to the end or roll it back first")
+    incumbent = model_for_group(s, group)
+    if incumbent is not None and incumbent.version == version:
+        raise Conflict(f"group {group!r} runs {version!r} already")
+    rollout = Rollout(
+        rollout_id=f"ro-{int(now)}-{secrets.token_hex(3)}", version=version,
+        incumbent=incumbent.version if incumbent else None, stages=list(stages), stage_index=0,
+        stage_seconds=stage_seconds, state="running", kind="staged", reason=reason, created_at=now,
+        stage_started_at=now, group=group,
+    )
+    s.add(rollout)
+    log.info("rollout %s on group %s: %s over %s, stages %s", rollout.rollout_id, group, version,
+             rollout.incumbent, stages)
+    return rollout
+
+
+def unpin(hub: Hub, s: Session, group: str) -> GroupModel:
+    """The group runs the fleet's active model again (and joins fleet rollouts); the pin that was removed."""
+    pin = s.get(GroupModel, group)
+    if pin is None:
+        raise NotFound(f"group {group!r} has no model of its own; it runs the fleet's active model")
+    running = running_rollout(s, group)
+    if running is not None:
+        raise Conflict(f"rollout {running.rollout_id} of {running.version!r} is running on group {group!r}; "
+                       f"finish or roll it back first")
+    s.delete(pin)
+    s.flush()
+    log.info("group %s no longer pins %s; it runs the fleet's active model", group, pin.version)
+    return pin
+
+
+def pinned_groups(s: Session, version: str | None = None) -> list[GroupModel]:
+    q = select(GroupModel).order_by(GroupModel.group)
+    if version is not None:
+        q = q.where(GroupModel.version == version)
+    return list(s.exec(q).all())
 
 
 def promote_version(hub: Hub, s: Session, version: str, *, override: bool, reason: str, actor: str
@@ -290,11 +370,18 @@ def _supersede_override(hub: Hub, s: Session, running: Rollout | None, *, by: st
 
 
 def finish(hub: Hub, s: Session, rollout: Rollout, *, reason: str) -> Rollout:
-    """Complete ``rollout``: its version is the active model."""
+    """Complete ``rollout``: its version is the active model (of its group, for a group rollout)."""
     _require_running(rollout)
-    mv = s.get(ModelVersion, rollout.version)
-    if mv is None or mv.status != "active":
-        promote(hub, s, rollout.version)
+    if rollout.group is not None:
+        pin = s.get(GroupModel, rollout.group) or GroupModel(group=rollout.group, version=rollout.version,
+                                                            set_at=hub.now())
+        pin.version, pin.previous, pin.rollout_id, pin.set_at = (rollout.version, rollout.incumbent,
+                                                                 rollout.rollout_id, hub.now())
+        s.add(pin)
+    else:
+        mv = s.get(ModelVersion, rollout.version)
+        if mv is None or mv.status != "active":
+            promote(hub, s, rollout.version)
     rollout.state = "completed"
     rollout.finished_at = hub.now()
     rollout.reason = _joined(rollout.reason, reason) if rollout.kind != "staged" else reason
@@ -312,7 +399,13 @@ def rollback(hub: Hub, s: Session, rollout: Rollout, *, reason: str) -> Rollout:
     if rollout.kind == "override" and rollout.incumbent is not None:
         promote(hub, s, rollout.incumbent)  # the override made it active: bring the incumbent back
     mv = s.get(ModelVersion, rollout.version)
-    if mv is not None:
+    if mv is None or (rollout.group is not None and mv.status in ("active", "canary")):
+        pass  # the fleet runs it, or is rolling it out: one group's rollback does not retire it
+    elif pinned_groups(s, rollout.version):  # a group runs it: it stays a candidate
+        if mv.status == "canary":
+            _set_status(mv, "candidate", now)
+            s.add(mv)
+    else:
         _set_status(mv, "retired", now)
         s.add(mv)
     s.add(rollout)
@@ -416,7 +509,14 @@ def canary_size(hub: Hub, s: Session, rollout: Rollout) -> int:
     hit = cache.get(key)
     if hit is not None and hit[0] > hub.now() - 5.0:
         return int(hit[1])
-    ids = s.exec(select(Device.device_id).where(col(Device.revoked_at).is_(None))).all()
+    q = select(Device.device_id).where(col(Device.revoked_at).is_(None))
+    if rollout.group is not None:
+        q = q.where(Device.group == rollout.group)
+    else:  # groups with a model of their own, or a rollout of their own, are not in the fleet's
+        own = {p.group for p in pinned_groups(s)} | {r.group for r in running_rollouts(s) if r.group is not None}
+        if own:
+            q = q.where(col(Device.group).not_in(sorted(own)))
+    ids = s.exec(q).all()
     fraction = rollout.stages[rollout.stage_index]
     n = len(ids) if fraction >= 1.0 else sum(1 for d in ids if bucket(d, rollout.rollout_id) < fraction)
     if len(cache) > 64:
@@ -426,8 +526,11 @@ def canary_size(hub: Hub, s: Session, rollout: Rollout) -> int:
 
 
 def evaluate_running(hub: Hub, s: Session) -> str | None:
-    rollout = running_rollout(s)
-    return None if rollout is None else evaluate(hub, s, rollout)
+    """Evaluate every running rollout (the fleet's and the groups'); what happened to the last that moved."""
+    moved = None
+    for rollout in running_rollouts(s):
+        moved = evaluate(hub, s, rollout) or moved
+    return moved
 
 
 def rollout_status(s: Session, rollout: Rollout) -> RolloutPublic:
@@ -435,6 +538,7 @@ def rollout_status(s: Session, rollout: Rollout) -> RolloutPublic:
     versions = [rollout.version] + ([rollout.incumbent] if rollout.incumbent else [])
     return RolloutPublic(
         rollout_id=rollout.rollout_id, kind=rollout.kind, version=rollout.version, incumbent=rollout.incumbent,
+        group=rollout.group,
         state=rollout.state, stages=list(rollout.stages), stage=rollout.stage_index,
         fraction=rollout.stages[rollout.stage_index], stage_seconds=rollout.stage_seconds,
         stage_started_at=rollout.stage_started_at, created_at=rollout.created_at, finished_at=rollout.finished_at,

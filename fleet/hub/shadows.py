@@ -8,7 +8,9 @@ device), only while the device runs the trial's incumbent with the trial's versi
 has compared ``frames`` frames the trial is ``done`` and the challenger leaves the assignments. Promoting a trial
 (``POST /v1/shadows/{id}/promote``) starts a staged rollout of its version, a canary with the usual rollback
 rules (fleet.hub.evidence); a trial can be cancelled. One trial runs per group at a time, and none while a rollout
-runs (the canary's own shadow comparisons are the rollout's).
+that decides the group's model runs (the canary's own shadow comparisons are the rollout's). On a group with a model
+of its own (fleet.hub.rollouts, pinned), the trial runs beside that model and promotes to a canary on that group;
+elsewhere, beside the fleet's active model, to a fleet-wide canary.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from fleet.errors import Conflict, NotFound
 from fleet.hub import rollouts
 from fleet.hub.context import Hub
 from fleet.hub.db import upsert_add
-from fleet.hub.models import FieldMetric, ModelVersion, Rollout, RolloutDeviceMetric, ShadowTrial
+from fleet.hub.models import FieldMetric, GroupModel, ModelVersion, Rollout, RolloutDeviceMetric, ShadowTrial
 from fleet.protocol import ShadowCreate, ShadowPublic
 
 COUNTED = ("challenger_compared", "challenger_agreed")
@@ -36,17 +38,21 @@ def start(hub: Hub, s: Session, body: ShadowCreate) -> ShadowTrial:
     mv = s.get(ModelVersion, body.version)
     if mv is None:
         raise NotFound(f"unknown model version {body.version!r}")
-    if mv.status not in ("candidate", "retired"):
-        raise Conflict(f"model {body.version!r} is {mv.status}; a shadow trial runs a candidate (or a retired "
-                       f"version) beside the active model")
-    active = rollouts.active_model(s)
+    active = rollouts.model_for_group(s, body.group)
     if active is None:
         raise Conflict("no model is active: a shadow trial compares a candidate with the active model")
+    if active.version == body.version:
+        raise Conflict(f"model {body.version!r} is the active model of group {body.group!r}; a shadow trial runs "
+                       f"another version beside it")
+    if mv.status == "canary":
+        raise Conflict(f"model {body.version!r} is a canary of a fleet-wide rollout; a shadow trial runs a "
+                       f"candidate (or a retired version, or on a group with its own model the fleet's) beside the "
+                       f"group's model")
     other = running_trial(s, body.group)
     if other is not None:
         raise Conflict(f"shadow trial {other.trial_id} of {other.version!r} is still running on group "
                        f"{body.group!r}; cancel it or let it finish first")
-    running = rollouts.running_rollout(s)
+    running = rollouts.governing_rollout(s, body.group)
     if running is not None:
         raise Conflict(f"rollout {running.rollout_id} of {running.version!r} is running; its canary runs the "
                        f"incumbent in shadow already")
@@ -86,7 +92,8 @@ def promote(hub: Hub, s: Session, trial: ShadowTrial, stages: list[float], stage
     status = status_of(s, trial)
     if status.compared == 0:
         raise Conflict(f"shadow trial {trial.trial_id} has no field comparisons yet; wait for the group's devices")
-    rollout = rollouts.start(hub, s, trial.version, stages, stage_seconds,
+    own = s.get(GroupModel, trial.group) is not None  # a group with its own model gets a canary of its own
+    rollout = rollouts.start(hub, s, trial.version, stages, stage_seconds, group=trial.group if own else None,
                              reason=f"from shadow trial {trial.trial_id} on group {trial.group!r}: agreement "
                                     f"{status.agreement:.3f} over {status.compared} frames")
     trial.state, trial.ended_at, trial.rollout_id = "promoted", hub.now(), rollout.rollout_id

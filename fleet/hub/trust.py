@@ -50,9 +50,13 @@ def retire_untrusted_models(hub: Hub) -> list[str]:
         if not bad:
             return []
         why = f"signed by a key this hub no longer trusts (it trusts {kid})"
-        running = rollouts.running_rollout(s)
-        if running is not None and running.version in bad:
-            rollouts.rollback(hub, s, running, reason=f"{running.version} is {why}")
+        for running in rollouts.running_rollouts(s):
+            if running.version in bad:
+                rollouts.rollback(hub, s, running, reason=f"{running.version} is {why}")
+        for pin in rollouts.pinned_groups(s):  # such a group runs the fleet's model again
+            if pin.version in bad:
+                s.delete(pin)
+                log.warning("group %s no longer runs %s: %s", pin.group, pin.version, why)
         now = hub.now()
         for mv in s.exec(select(ModelVersion).where(col(ModelVersion.version).in_(sorted(bad)))).all():
             if mv.status != "retired":

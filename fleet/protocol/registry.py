@@ -249,10 +249,12 @@ class RolloutCreate(Message):
     version: str
     stages: list[float] = field(default_factory=lambda: [0.1, 0.5, 1.0])
     stage_seconds: float | None = None
+    group: str | None = None  # one device group's rollout (stages are fractions of its devices); None: the fleet
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
         check_name(self.version, "version")
+        opt(self.group, check_name, "group")
         check_stages(self.stages)
         if self.stage_seconds is not None and check_finite(self.stage_seconds, "stage_seconds") <= 0:
             raise ProtocolError(f"stage_seconds must be > 0 (or null: advance by request); "
@@ -279,6 +281,7 @@ class RolloutPublic(Message):
     finished_at: float | None = None
     reason: str | None = None
     metrics: dict[str, FieldMetrics] = field(default_factory=dict)
+    group: str | None = None  # the device group it is aimed at; None: the fleet
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
@@ -295,6 +298,38 @@ class RolloutPublic(Message):
         opt(self.stage_seconds, check_finite, "stage_seconds")
         opt(self.finished_at, check_finite, "finished_at")
         opt(self.reason, check_str, "reason", max_len=20_000)
+        opt(self.group, check_name, "group")
+
+
+@dataclass
+class GroupPublic(Message):
+    """A device group: its enrolled devices, the model they run outside a rollout (``pinned``: its own, set by a
+    completed rollout on the group; else the fleet's active model), and the rollout that decides it now."""
+
+    group: str
+    devices: int
+    model: str | None = None
+    pinned: bool = False
+    previous: str | None = None  # what the group ran before its pinned model
+    rollout_id: str | None = None
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.group, "group")
+        check_int(self.devices, "devices", lo=0, hi=10**12)
+        opt(self.model, check_name, "model")
+        opt(self.previous, check_name, "previous")
+        opt(self.rollout_id, check_name, "rollout_id")
+
+
+@dataclass
+class GroupList(Message):
+    """Every device group that has devices, a model of its own or a rollout, by name."""
+
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"groups": (GroupPublic, 1_000_000)}
+
+    groups: list[GroupPublic]
+    schema: int = SCHEMA_VERSION
 
 
 @dataclass

@@ -169,3 +169,28 @@ def test_models_shadow_trials_from_the_command_line(live: RunningHub, tmp_path: 
     assert early.exit_code == 1 and "no field comparisons" in early.output
     bad = runner.invoke(models_app, ["shadow-promote", trial_id, "--stages", "half", *opts])
     assert bad.exit_code == 2 and "--stages" in bad.output
+
+
+def test_models_rollout_to_a_group_groups_and_unpin_from_the_command_line(live: RunningHub, tmp_path: Path) -> None:
+    trainer = {"Authorization": f"Bearer {live.token('trainer')}"}
+    files = make_model_files(tmp_path, "m-east", private_key=live.private_key(), seed=11)
+    r = httpx.post(live.url + "/v1/models", headers=trainer, data={"manifest": files.signed.to_json()},
+                   files={"onnx": ("m.onnx", files.onnx_path.read_bytes())})
+    assert r.status_code == 201, r.text
+    opts = ["--hub", live.url, "--token", live.admin_token]
+    bad = runner.invoke(models_app, ["rollout", "m-east", "--group", "cam-east", "--stages", "all", *opts])
+    assert bad.exit_code == 2 and "--stages" in bad.output
+    r = runner.invoke(models_app, ["rollout", "m-east", "--group", "cam-east", "--stages", "1.0", *opts])
+    assert r.exit_code == 0 and "m-east over" in r.output and "on group 'cam-east'" in r.output, r.output
+    rollout_id = r.output.split(":")[0]
+    listed = runner.invoke(models_app, ["groups", "--json", *opts])
+    east = {g["group"]: g for g in json.loads(listed.output)}["cam-east"]
+    assert (east["pinned"], east["rollout_id"], east["devices"]) == (False, rollout_id, 0)
+    done = httpx.post(f"{live.url}/v1/rollouts/{rollout_id}/advance", headers=trainer)
+    assert done.status_code == 200 and done.json()["state"] == "completed", done.text
+    table = runner.invoke(models_app, ["groups", *opts])
+    assert table.exit_code == 0 and "cam-east\t0 devices\tm-east, its own (before:" in table.output, table.output
+    r = runner.invoke(models_app, ["unpin", "cam-east", *opts])
+    assert r.exit_code == 0 and "cam-east runs the fleet's model" in r.output, r.output
+    again = runner.invoke(models_app, ["unpin", "cam-east", *opts])
+    assert again.exit_code == 1 and "no model of its own" in again.output

@@ -279,7 +279,7 @@ def make_agent(root: Path, hub: RunningHub, device_id: str, *, spec: dict[str, A
                shard: str = "shard.npz", loop: bool = False, fps: float = 0.0, spool_max_bytes: int = 64 << 20,
                timeout_s: float = 2.0, backoff_max_s: float = 1.0, drain_timeout_s: float = 60.0,
                heartbeat_s: float = 0.5, poll_s: float = 0.5, batch_size: int = 8, trigger_window: int = 16,
-               enroll: bool = True, source: dict[str, Any] | None = None) -> AgentDir:
+               enroll: bool = True, source: dict[str, Any] | None = None, group: str = "default") -> AgentDir:
     """Write agent.toml (and the default spec) under ``root`` and enroll the device through the CLI. ``source``:
     the ``[source]`` table instead of the npz ``shard`` (say ``{"kind": "video", "path": "clip.mp4"}``)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -292,7 +292,7 @@ def make_agent(root: Path, hub: RunningHub, device_id: str, *, spec: dict[str, A
     (root / "agent.toml").write_text(
         f'device_id = "{device_id}"\ndata_dir = "data"\n\n'
         f'[hub]\nurl = "{hub.url}"\nfleet_secret = "{hub.fleet_secret}"\n'
-        f'fleet_public_key = "{hub.keypair.public_b64}"\ntimeout_s = {timeout_s}\n\n'
+        f'fleet_public_key = "{hub.keypair.public_b64}"\ntimeout_s = {timeout_s}\ngroup = "{group}"\n\n'
         f"[source]\n{source_table}\n"
         f"[runtime]\nthreads = 1\nbatch_size = {batch_size}\ntrigger_window = {trigger_window}\n"
         "trigger_max_delay_s = 0.5\n\n"

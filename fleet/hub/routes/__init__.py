@@ -6,6 +6,7 @@ from fleet.hub.routes import (
     campaigns,
     cases,
     devices,
+    groups,
     keys,
     labels,
     lineage,
@@ -19,4 +20,5 @@ from fleet.hub.routes import (
 ROUTERS = [
     observe.router, devices.router, cases.router, labels.router, snapshots.router, models.router,
     rollouts.router, campaigns.router, lineage.router, keys.router, shadows.router,
+    groups.router,
 ]

@@ -165,8 +165,8 @@ def assignment(principal: DeviceCaller, hub: HubDep, device_id: str | None = Que
 def _rollout_due(hub: Hub) -> bool:
     """Whether a running rollout's stage clock has run out (metric rollbacks happen on heartbeats)."""
     with read_session(hub.engine) as s:
-        r = rollouts.running_rollout(s)
-    return r is not None and r.stage_seconds is not None and hub.now() - r.stage_started_at >= r.stage_seconds
+        running = rollouts.running_rollouts(s)
+    return any(r.stage_seconds is not None and hub.now() - r.stage_started_at >= r.stage_seconds for r in running)
 
 
 @router.get("/v1/devices", response_model=DeviceList)

@@ -194,6 +194,13 @@ def retire(version: str, _: AdminCaller, hub: HubDep) -> Response:
             raise NotFound(f"unknown model version {version!r}")
         if mv.status == "active":
             raise Conflict(f"{version!r} is the active model; promote or roll back to another first")
+        pins = rollouts.pinned_groups(s, version)
+        if pins:
+            raise Conflict(f"group(s) {', '.join(p.group for p in pins)} run {version!r}; roll another model out "
+                           f"to them or unpin them first")
+        for running in rollouts.running_rollouts(s):
+            if running.group is not None and running.version == version:
+                rollouts.rollback(hub, s, running, reason="retired by an operator")
         running = rollouts.running_rollout(s)
         if running is not None and running.version == version:
             rollouts.rollback(hub, s, running, reason="retired by an operator")

@@ -18,7 +18,7 @@ router = APIRouter(tags=["rollouts"])
 @router.post("/v1/rollouts", status_code=201, response_model=RolloutPublic, openapi_extra=request_body(RolloutCreate))
 def start(_: TrainerCaller, hub: HubDep, body: RolloutCreate = message_body(RolloutCreate)) -> Response:
     with write_session(hub.engine) as s:
-        r = rollouts.start(hub, s, body.version, body.stages, body.stage_seconds)
+        r = rollouts.start(hub, s, body.version, body.stages, body.stage_seconds, group=body.group)
         s.flush()
         return message_response(rollouts.rollout_status(s, r), status_code=201)
 
