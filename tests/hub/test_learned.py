@@ -237,3 +237,74 @@ def test_without_embeddings_or_a_labeled_bank_the_leaf_has_no_bank_feature(hub: 
     assert set(fit.weights) == set(FEATURES)
     _, leaf = _leaf(hub)
     assert leaf is not None and "w_neighbours_other" not in leaf
+
+
+def test_the_bank_feature_follows_the_active_model_and_its_own_bank_across_an_update_and_back(
+        hub: HubHarness) -> None:
+    """m1 and m2 each have their own bank, in their own embedding space. Each fit reads the bank of the model it is
+    fitted for, on that model's cases; a device running that model is handed that bank and computes the hub's
+    probability with it; and back on m1, m1's bank and m1's cases again."""
+    from tests.hub.test_model_banks import put_bank
+    from trigger import NoveltyBank
+
+    rng = np.random.default_rng(5)
+    spaces = {"m1": rng.normal(size=(3, 16)), "m2": rng.normal(size=(3, 16))}
+    banks = {}
+    hub.register_model("m2")
+    for version, centres in spaces.items():
+        bank_y = np.repeat(np.arange(3), 40)
+        banks[version] = NoveltyBank.from_embeddings(centres[bank_y] + 0.2 * rng.normal(size=(len(bank_y), 16)),
+                                                     labels=bank_y)
+        assert put_bank(hub, version, banks[version].to_bytes()).status_code == 201
+    spec = {"id": "mine", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+
+    def knn_leaf() -> tuple[Any, Any]:
+        a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices["d1"]).content)
+        ref = a.campaigns[0]
+        leaves = [x for x in parse_spec(ref.spec).leaves if x.label == "learned_error"]
+        return ref, (leaves[0] if leaves else None)
+
+    def send_and_label(version: str, wrong_class: int) -> None:
+        """The model says 0, sure of it; a third of its frames are ``wrong_class`` (in its own space)."""
+        ref, _ = knn_leaf()
+        truth: dict[str, int] = {}
+        for i in range(60):
+            y = wrong_class if i % 3 == 0 else 0
+            top = float(rng.uniform(0.8, 0.95))
+            case, image = hub.make_case("d1", model_version=version, probs=[top, (1 - top) / 2, (1 - top) / 2],
+                                        campaign_id="mine", campaign_version=ref.version,
+                                        embedding=spaces[version][y] + 0.2 * rng.normal(size=16),
+                                        triggers=[TriggerHit("unsure", 0.5, 0.1)])
+            assert hub.post_case(case, image).status_code == 201
+            truth[case.case_id] = y
+        _label_all(hub, lambda c: truth[c["case_id"]])
+
+    def device_matches_hub(version: str, wrong_class: int) -> None:
+        ref, leaf = knn_leaf()
+        assert ref.novelty_bank == f"model-{version}" and leaf is not None and leaf.trigger == "learned_error_knn"
+        served = NoveltyBank.from_bytes(hub.client.get(f"/v1/novelty-banks/{ref.novelty_bank}",
+                                                       headers=hub.devices["d1"]).content)
+        y = np.asarray([wrong_class, 0])
+        emb = (spaces[version][y] + 0.2 * rng.normal(size=(2, 16))).astype(np.float32)
+        probs = np.asarray([[0.9, 0.05, 0.05]] * 2)
+        on_device = TRIGGERS["learned_error_knn"].compute(
+            Inputs(logits=np.log(probs), probs=probs, embeddings=emb, bank=served), None, leaf.params)
+        _, idx = banks[version].search(emb, k=KNN_K)
+        x = np.column_stack([error_features(probs), neighbour_features(probs, banks[version].labels[idx])])
+        weights = [leaf.params[f"w_{f}"] for f in BANK_FEATURES]
+        np.testing.assert_allclose(on_device, error_probability(x, weights, leaf.params["bias"]), atol=1e-5)
+        assert leaf.params["w_neighbours_other"] > 1.0 and on_device[0] > 0.5 > on_device[1]
+
+    send_and_label("m1", wrong_class=2)
+    assert hub.client.post("/v1/campaigns/mine/learn", headers=hub.admin).status_code == 201
+    device_matches_hub("m1", 2)
+    assert hub.client.post("/v1/models/m2/promote", headers=hub.admin,
+                           json={"override": True, "reason": "m2"}).status_code == 200
+    ref, leaf = knn_leaf()
+    assert leaf is None and ref.novelty_bank is None  # m1's fit (nor m1's bank) never reaches m2's devices
+    send_and_label("m2", wrong_class=1)  # refitted on m2's own cases against m2's own bank, unasked
+    device_matches_hub("m2", 1)
+    assert hub.client.post("/v1/models/m1/promote", headers=hub.admin,
+                           json={"override": True, "reason": "back"}).status_code == 200
+    device_matches_hub("m1", 2)
