@@ -1,10 +1,12 @@
 """Labeling bridge benchmark: push throughput into a real Label Studio, and the delay from an annotation's
 submission to its label in the hub.
 
-Push: 5,000 tasks through the bridge's bulk path (import in batches with the prediction inline, then
-each prediction's diversity cluster, which Label Studio's bulk import drops), against a baseline in the
-same run: one task and one prediction per request, the way a naive client pushes, on a subset. Reported
-as tasks/s and as a ratio.
+Push: 5,000 tasks through the bridge's bulk path (import in batches with the prediction inline, its score
+the queue's round-robin order over the diversity clusters: labeling.push.queue_scores), then, timed apart,
+each prediction's ``cluster`` field, which Label Studio's bulk import drops; against a baseline in the same
+run: one task and one prediction per request, the way a naive client pushes, on a subset. Reported as tasks/s
+and as a ratio, with the order Label Studio holds checked: its scores, and how many clusters its first tasks
+cover.
 
 Delay: simulated annotators submit through the Label Studio API while the bridge syncs in a loop;
 for every annotation, the time from its creation in Label Studio to the hub accepting its label.
@@ -33,10 +35,14 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import append  # noqa: E402
 
 from labeling.bots import BotSpec, BotTeam  # noqa: E402
 from labeling.bridge import Bridge  # noqa: E402
@@ -44,7 +50,7 @@ from labeling.config import BridgeConfig  # noqa: E402
 from labeling.configs import classification_result  # noqa: E402
 from labeling.hub_client import HubClient, SelectedCase  # noqa: E402
 from labeling.ledger import Ledger  # noqa: E402
-from labeling.push import push_cases  # noqa: E402
+from labeling.push import push_cases, queue_scores, set_clusters  # noqa: E402
 from labeling.studio import Studio  # noqa: E402
 from labeling.throttle import Throttle  # noqa: E402
 from tests.labeling.lsserver import StudioServer, studio_bin  # noqa: E402
@@ -77,19 +83,37 @@ def ingest(hub: LabelingHub, n: int, *, prefix: str) -> list[SelectedCase]:
     return [hub.selected(c) for c in ids]
 
 
-def bench_push(studio: Studio, hub: LabelingHub, n_tasks: int, n_baseline: int, batch: int) -> dict[str, float]:
+def bench_push(studio: Studio, hub: LabelingHub, n_tasks: int, n_baseline: int, batch: int,
+               clusters: bool) -> dict[str, float]:
     cases = ingest(hub, n_tasks + n_baseline + 50, prefix=f"push{uuid.uuid4().hex[:4]}")
     warm, bulk, base = cases[:50], cases[50:50 + n_tasks], cases[50 + n_tasks:]
     title = f"bench-push-{uuid.uuid4().hex[:6]}"
     bridge = Bridge(studio, hub.bridge_client(), Ledger(":memory:"),
-                    BridgeConfig(project_title=title, overlap=1, overlap_share=0.0, batch_size=batch))
+                    BridgeConfig(project_title=title, overlap=1, overlap_share=0.0, batch_size=batch,
+                                 cluster_budget_s=0.0))
     try:
         push_cases(bridge, warm)  # warm-up: project, caches, first imports
+        set_clusters(bridge)
         t0 = time.perf_counter()
         assert push_cases(bridge, bulk) == n_tasks
-        bulk_s = time.perf_counter() - t0
+        queued_s = time.perf_counter() - t0
         pid = bridge.project_id
-        timing = dict(bridge.push_timing)
+        # the order Label Studio holds: its prediction scores against queue_scores, and the clusters its
+        # first tasks (by score, as its uncertainty sampling serves them) cover
+        given = {t.case_id: t.predictions[0].score for t in studio.iter_tasks(pid, full=True)
+                 if t.case_id is not None and t.predictions}
+        ours = {c.case_id: c for c in bulk}
+        cluster_of = {row.case_id: row.cluster for row in bridge.ledger.tasks() if row.case_id in ours}
+        want = queue_scores(bulk, {k: int(v or 0) for k, v in cluster_of.items()})
+        in_order = sum(1 for k, v in want.items() if given.get(k) is not None and abs(given[k] - v) < 1e-6)
+        k = len(set(cluster_of.values()))
+        first = sorted(ours, key=lambda c: given.get(c, float("inf")))[:k]
+        covered = len({cluster_of[c] for c in first})
+        clusters_s = float("nan")
+        if clusters:
+            t1 = time.perf_counter()
+            set_clusters(bridge)
+            clusters_s = time.perf_counter() - t1
         n_clustered = sum(1 for t in studio.iter_tasks(pid, full=True) if t.predictions and
                           t.predictions[0].cluster is not None)
         t0 = time.perf_counter()
@@ -103,11 +127,12 @@ def bench_push(studio: Studio, hub: LabelingHub, n_tasks: int, n_baseline: int, 
     base_rate = n_baseline / base_s
     return {
         "tasks": n_tasks, "batch": batch,
-        "queued_s": timing["queue_s"], "queued_tasks_per_s": n_tasks / timing["queue_s"],
-        "clustered_s": bulk_s, "clustered_tasks_per_s": n_tasks / bulk_s,
+        "queued_s": queued_s, "queued_tasks_per_s": n_tasks / queued_s,
+        "tasks_in_round_robin_order": in_order, "clusters": k, "clusters_in_first_k": covered,
+        "cluster_fields_s": clusters_s, "cluster_fields_per_s": n_tasks / clusters_s,
         "baseline_tasks": n_baseline, "baseline_s": base_s, "baseline_tasks_per_s": base_rate,
-        "ratio_queued": n_tasks / timing["queue_s"] / base_rate, "ratio_clustered": n_tasks / bulk_s / base_rate,
-        "tasks_with_cluster": n_clustered,
+        "ratio_queued": n_tasks / queued_s / base_rate,
+        "tasks_with_cluster_field": n_clustered,
     }
 
 
@@ -172,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--annotations", type=int, default=60)
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between bridge turns")
     ap.add_argument("--skip-push", action="store_true")
+    ap.add_argument("--skip-cluster-fields", action="store_true",
+                    help="do not time setting every prediction's cluster field after the push")
     ap.add_argument("--skip-delay", action="store_true")
     ap.add_argument("--json", type=Path, help="write the results here too")
+    ap.add_argument("--append", type=Path, default=None, help="append the push figures to this RESULTS.md")
     args = ap.parse_args(argv)
 
     server = None
@@ -192,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_push:
             with tempfile.TemporaryDirectory(prefix="bench-hub-") as tmp, \
                     labeling_hub(Path(tmp), class_names=CLASSES) as hub:
-                results["push"] = bench_push(studio, hub, args.tasks, args.baseline, args.batch)
+                results["push"] = bench_push(studio, hub, args.tasks, args.baseline, args.batch,
+                                             clusters=not args.skip_cluster_fields)
             print(json.dumps(results["push"], indent=1), flush=True)
         if not args.skip_delay:
             results["delay"] = [
@@ -205,7 +234,29 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.append and "push" in results:
+        append(args.append, "Label Studio push with the queue's cluster order (issue 19.8)",
+               push_table(results["push"]))
     return 0
+
+
+def push_table(p: Any) -> str:
+    met = "met" if p["queued_s"] <= 30.0 else "**not met**"
+    fields = (f"{p['cluster_fields_s']:.1f} s ({p['cluster_fields_per_s']:.1f}/s)"
+              if p["cluster_fields_s"] == p["cluster_fields_s"] else "not timed")
+    return (
+        f"| | seconds | tasks/s | vs one by one |\n|---|---:|---:|---:|\n"
+        f"| {p['tasks']} tasks queued (bulk import, batches of {p['batch']}, score = round-robin order over "
+        f"clusters) | {p['queued_s']:.1f} | {p['queued_tasks_per_s']:.1f} | {p['ratio_queued']:.1f}x |\n"
+        f"| one by one (baseline, {p['baseline_tasks']} tasks: a task request, then a prediction request with "
+        f"score and cluster) | {p['baseline_s']:.1f} | {p['baseline_tasks_per_s']:.1f} | 1x |\n\n"
+        f"Order Label Studio holds after the import: {p['tasks_in_round_robin_order']} of {p['tasks']} predictions "
+        f"carry the queue score; its first {p['clusters']} tasks by score cover {p['clusters_in_first_k']} of the "
+        f"{p['clusters']} clusters. Every prediction's `cluster` field, set afterwards one request each (off the "
+        f"push's path, {p['tasks_with_cluster_field']} set at the end): {fields}.\n\n"
+        f"Target: {p['tasks']} tasks queued with score and cluster order in <= 30 s: {met} "
+        f"({p['queued_s']:.1f} s).\n"
+    )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ another):
 - :mod:`labeling.push` asks the hub for a selection (as many cases as the throttle allows: the queue is
   held near the depth annotators get through in ``--horizon`` seconds) and imports them in batches;
   each task's image is the hub's signed URL and the model's prediction is a pre-annotation with a
-  ``score`` and a ``cluster``; the project uses Label Studio's uncertainty sampling. Every prediction
+  ``score`` and a ``cluster``; the project uses Label Studio's uncertainty sampling. The score is the
+  queue's order, round-robin over the diversity clusters (``labeling.push.queue_scores``), because the bulk
+  import drops ``cluster``; the cluster field is set afterwards, a time budget per turn. Every prediction
   carries the bridge's queue version (``labeling.bridge.QUEUE_VERSION``), never a model's: Label Studio
   serves and pre-annotates only the project's version, so one version keeps one queue across retrains
   and canaries (the model behind each prediction is the task's ``model_version`` data field).

@@ -65,6 +65,9 @@ def sync(
                              help="The cases' task: 'classify' (choices) or 'detect' (boxes, RectangleLabels)."),
     gold: Path = typer.Option(None, "--gold", help="JSONL of {case_id, label}: push these as gold tasks once "  # noqa: B008
                               "(label: a class index, or a detect label {\"task\": \"detect\", \"boxes\": [...]})."),
+    cluster_budget: float = typer.Option(10.0, "--cluster-budget", min=0.0,
+                                         help="Seconds a turn spends setting Label Studio's per-prediction "
+                                              "diversity cluster (the queue is already round-robin over clusters)."),
     no_push: bool = typer.Option(False, "--no-push", help="Only bring labels back; push nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print each turn's report as JSON."),
 ) -> None:
@@ -87,6 +90,7 @@ def sync(
             webhook_url=(webhook_url or f"{hub_url.rstrip('/')}/v1/labeling/webhook") if webhook_secret else None,
             webhook_secret=webhook_secret or None,
             class_names=tuple(c.strip() for c in classes.split(",") if c.strip()),
+            cluster_budget_s=cluster_budget,
         )
     except FlywheelError as exc:
         raise typer.BadParameter(str(exc)) from None

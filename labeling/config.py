@@ -39,6 +39,9 @@ class BridgeConfig:
     in_doubt_grace_s: float = 2.0
     instructions: str | None = ""  # shown above the image; empty: the kind's own words; None: none
     queue_version: str = QUEUE_VERSION
+    # seconds a turn spends setting predictions' diversity clusters, one request each (labeling.push); the
+    # queue is already in round-robin order over the clusters without them
+    cluster_budget_s: float = 10.0
 
     def __post_init__(self) -> None:
         by_task = kind_for_task(self.task)
@@ -57,6 +60,8 @@ class BridgeConfig:
             raise InvalidInput(f"unknown selection strategy {self.strategy!r}; valid: {list(STRATEGIES)}")
         if not 1 <= self.batch_size <= 5000:
             raise InvalidInput(f"batch_size must be between 1 and 5000; received {self.batch_size}")
+        if not self.cluster_budget_s >= 0.0:  # (NaN fails too)
+            raise InvalidInput(f"cluster_budget_s must be >= 0 seconds; received {self.cluster_budget_s}")
         if self.webhook_url and not self.webhook_secret:
             raise InvalidInput("a webhook URL needs a webhook secret (the hub checks X-Flywheel-Webhook-Secret)")
 

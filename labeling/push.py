@@ -1,10 +1,18 @@
 """Push: the hub's selection becomes Label Studio tasks, in batches, at the pace annotators work.
 
 Each task's image is the hub's signed, expiring URL (the annotator's browser loads it directly); the
-model's prediction goes in as a pre-annotation with ``model_version`` and ``score``, and its diversity
+model's prediction goes in as a pre-annotation with ``model_version`` and a queue ``score``, and its diversity
 ``cluster`` is set on it, so the project's uncertainty sampling gives each annotator the most
 informative, least redundant task next. The throttle holds the queue near a target depth derived from
 how fast annotators finish, so the fleet never floods them.
+
+Label Studio's bulk import keeps a prediction's ``score`` but drops its ``cluster`` (only its one-prediction
+endpoint sets that, ~150 ms a request). So the diversity goes in with the import, in the score
+(:func:`queue_scores`: rank within the cluster, then informativeness, scaled into [0, 1), the range Label Studio
+accepts for a score): the queue serves every cluster's most
+informative case before any cluster's second from the moment the import returns. The ``cluster`` field itself,
+which adds Label Studio's per-annotator balancing, is then set a time budget per turn
+(``BridgeConfig.cluster_budget_s``), off the push's path.
 
 A bulk import whose answer is lost is "in doubt": the cases are looked up in Label Studio before
 anything is imported again, so a retry never duplicates a task.
@@ -60,13 +68,15 @@ def budget_now(bridge: BridgeContext) -> tuple[int, dict[str, float]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def task_json(case: SelectedCase, *, queue_version: str, cluster: int | None = None) -> dict[str, Any]:
+def task_json(case: SelectedCase, *, queue_version: str, cluster: int | None = None,
+              queue_score: float | None = None) -> dict[str, Any]:
     """A Label Studio task for one case: the signed image URL, and the prediction as a pre-annotation (the
     predicted class, or the model's boxes in percent coordinates with each box's score).
 
-    The prediction carries the queue's version (see :data:`labeling.bridge.QUEUE_VERSION`) and the case's
-    image-level queue score (lowest = most informative, served first); the model that made it is in the
-    task's data, where the data manager shows it as a column.
+    The prediction carries the queue's version (see :data:`labeling.bridge.QUEUE_VERSION`) and its place in the
+    queue (lowest served first): ``queue_score`` (:func:`queue_scores`), else the case's image-level score
+    (1 - informativeness). The model that made it, its score and its cluster are in the task's data, where the
+    data manager shows them as columns.
     """
     prediction = case.case.prediction
     return {
@@ -81,7 +91,7 @@ def task_json(case: SelectedCase, *, queue_version: str, cluster: int | None = N
         },
         "predictions": [{
             "model_version": queue_version,
-            "score": case.score,
+            "score": case.score if queue_score is None else queue_score,
             "result": kind_for_task(prediction.task).prediction(prediction, case.class_names),
         }],
     }
@@ -129,6 +139,7 @@ def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *,
                                f"(case {c.case_id})")
     project = bridge.project(names)
     clusters = _global_clusters(bridge, cases)
+    order = queue_scores(cases, clusters)
     gold = gold or {}
     pushed = 0
     size = bridge.config.batch_size
@@ -141,8 +152,8 @@ def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *,
         batch = [c for c in chunk if not _live(bridge, c.case_id)]
         if not batch:
             continue
-        payloads = [task_json(c, queue_version=bridge.config.queue_version, cluster=clusters[c.case_id])
-                    for c in batch]
+        payloads = [task_json(c, queue_version=bridge.config.queue_version, cluster=clusters[c.case_id],
+                              queue_score=order[c.case_id]) for c in batch]
         rows: list[dict[str, Any]] = [
             {"case_id": c.case_id, **_gold_fields(gold.get(c.case_id)), "model_version": c.model_version,
              "score": c.score, "cluster": clusters[c.case_id], "image_url": c.image_url, "task_json": p}
@@ -161,13 +172,41 @@ def push_cases(bridge: BridgeContext, cases: Sequence[SelectedCase], *,
         pushed += len(batch)
     queued_at = time.perf_counter()
     ensure_queue_version(bridge)
+    left = -1
     try:
-        set_clusters(bridge)
+        left = set_clusters(bridge, budget_s=bridge.config.cluster_budget_s)
     except FlywheelError as exc:  # the tasks are queued already; the next turn sets the rest
         log.warning("clusters not all set yet (%s); the next turn sets them", exc)
     bridge.push_timing = {"tasks": pushed, "queue_s": queued_at - started,
-                          "clusters_s": time.perf_counter() - queued_at}
+                          "clusters_s": time.perf_counter() - queued_at, "clusters_left": float(left)}
     return pushed
+
+
+RANKS = 100  # ranks within a cluster the queue score tells apart; later ones share the last rank, by score
+MAX_FRACTION = 0.999999  # the case's own score, kept below the next rank
+
+
+def queue_scores(cases: Sequence[SelectedCase], clusters: Mapping[str, int]) -> dict[str, float]:
+    """Each case's place in Label Studio's queue (lowest served first), in [0, 1) as Label Studio requires of a
+    prediction's score: ``(rank + score) / RANKS``, where ``rank`` is the case's rank within its diversity cluster
+    (0 = the cluster's most informative case; at most ``RANKS - 1``) and ``score`` its own score
+    (1 - informativeness, in [0, 1)).
+
+    Label Studio's uncertainty sampling serves tasks by score (and, once set, by how many tasks of the
+    prediction's cluster the annotator has done). With this score the queue serves every cluster's most
+    informative case, most informative first, before any cluster's second, and so on: a round-robin over the
+    clusters, in the one field Label Studio's bulk import keeps. A later push's first-rank cases go before this
+    push's second-rank ones, so the queue stays ordered while it fills.
+    """
+    members: dict[int, list[SelectedCase]] = {}
+    for c in cases:
+        members.setdefault(clusters[c.case_id], []).append(c)
+    out: dict[str, float] = {}
+    for group in members.values():
+        for rank, c in enumerate(sorted(group, key=lambda c: (c.score, c.case_id))):
+            own = min(round(max(float(c.score), 0.0), 6), MAX_FRACTION)
+            out[c.case_id] = round((min(rank, RANKS - 1) + own) / RANKS, 10)
+    return out
 
 
 def push_gold(bridge: BridgeContext, items: Sequence[tuple[SelectedCase, int | Detection]]) -> int:
@@ -219,19 +258,24 @@ def settle(bridge: BridgeContext) -> None:
             else:
                 _bind(bridge, task_ids)
     ensure_queue_version(bridge)
-    set_clusters(bridge)
+    set_clusters(bridge, budget_s=bridge.config.cluster_budget_s)
     if bridge.ledger.get("selection_in_doubt"):
         adopt_orphans(bridge)
 
 
-def set_clusters(bridge: BridgeContext, *, chunk: int = 100) -> int:
-    """Set the diversity cluster on every pushed prediction that lacks it, a chunk at a time (progress
-    is kept if Label Studio goes away half way). Label Studio's bulk import drops ``cluster`` and only
-    its one-prediction endpoint sets it, so this is the slow part of a push; tasks are already in the
-    queue, ordered by score, while it runs. A cluster Label Studio refuses is reported, not retried."""
+def set_clusters(bridge: BridgeContext, *, chunk: int = 100, budget_s: float | None = None) -> int:
+    """Set the diversity cluster on pushed predictions that lack it, a chunk at a time (progress is kept if
+    Label Studio goes away half way), for at most ``budget_s`` seconds (None: all of them); return how many
+    are left for a later turn. Label Studio's bulk import drops ``cluster`` and only its one-prediction
+    endpoint sets it, so this is the slow part; tasks are already in the queue, in round-robin order over
+    the clusters (:func:`queue_scores`), while it runs. A cluster Label Studio refuses is reported, not retried."""
     pending = [t for t in bridge.ledger.tasks("open", "done")
                if not t.cluster_set and t.prediction_id is not None and t.cluster is not None]
+    started = time.perf_counter()
     for start in range(0, len(pending), chunk):
+        if budget_s is not None and time.perf_counter() - started >= budget_s:
+            log.info("clusters: %d of %d set this turn; the rest next turn", start, len(pending))
+            return len(pending) - start
         part = pending[start:start + chunk]
         refused = bridge.studio.set_clusters([(int(t.prediction_id or 0), int(t.cluster or 0)) for t in part])
         if refused:
@@ -239,7 +283,7 @@ def set_clusters(bridge: BridgeContext, *, chunk: int = 100) -> int:
             bridge.problem(f"Label Studio refused the cluster of {len(refused)} prediction(s) (first: {pid}: {why}); "
                            f"those tasks stay queued by score alone")
         bridge.ledger.set_cluster_done([t.case_id for t in part])
-    return len(pending)
+    return 0
 
 
 def ensure_queue_version(bridge: BridgeContext) -> bool:
@@ -263,7 +307,11 @@ def ensure_queue_version(bridge: BridgeContext) -> bool:
         if stale:
             carried = [{**(t.task_json or {})["predictions"][0], "task": t.task_id, "model_version": queue}
                        for t in stale]
-            bridge.studio.import_predictions(project.id, carried)
+            created = bridge.studio.import_predictions(project.id, carried)
+            if created < len(carried):  # Label Studio drops a prediction it finds invalid and says only how many
+                bridge.problem(f"Label Studio created {created} of the {len(carried)} predictions carried to queue "
+                               f"version {queue!r} (it drops one it finds invalid, such as a score outside "
+                               f"[0, 1]); the others' tasks are served without a pre-annotation")
             for t in stale:
                 bridge.ledger.set_task(t.case_id, task_json={**(t.task_json or {}), "predictions": [
                     {**(t.task_json or {})["predictions"][0], "model_version": queue}]})

@@ -70,8 +70,18 @@ class FakeStudio:
 
                 raise InvalidInput(f"classes {old} -> {new}")
         pid = existing.id if existing else len(self.projects) + 1
-        self.projects[pid] = Project(pid, settings.title, f["label_config"], f["sampling"], f.get("model_version"),
+        version = f.get("model_version")
+        refused = (existing is not None and version != existing.model_version
+                   and not any(p["model_version"] == version for task in self.tasks.values()
+                               if task["project"] == pid for p in task["predictions"]))
+        self.projects[pid] = Project(pid, settings.title, f["label_config"], f["sampling"],
+                                     existing.model_version if refused and existing else version,
                                      f["maximum_annotations"], f["overlap_cohort_percentage"], True)
+        if refused:  # as Label Studio does: no prediction carries that version yet
+            from labeling.projects import ProjectUpdateRefused
+
+            raise ProjectUpdateRefused(f"fake Label Studio: no prediction has model_version {version!r}",
+                                       self.projects[pid])
         return self.projects[pid]
 
     def update_project(self, project_id: int, **fields: Any) -> None:
@@ -112,11 +122,15 @@ class FakeStudio:
 
     def import_predictions(self, project_id: int, predictions: Sequence[dict[str, Any]]) -> int:
         self._call("import_predictions")
+        created = 0
         for p in predictions:
+            if p.get("score") is not None and not 0.0 <= float(p["score"]) <= 1.0:
+                continue  # as Label Studio 1.23 does: dropped, and only the count says so
             self.tasks[p["task"]]["predictions"].append(
                 {"id": next(self._pred_ids), "task": p["task"], "model_version": p["model_version"],
                  "score": p.get("score"), "cluster": None, "result": p["result"]})
-        return len(predictions)
+            created += 1
+        return created
 
     def set_queue_version(self, project_id: int, version: str) -> None:
         from fleet.errors import InvalidInput

@@ -11,6 +11,7 @@ import pytest
 from labeling.bridge import Bridge
 from labeling.config import QUEUE_VERSION
 from labeling.pull import apply_webhook
+from labeling.push import queue_scores
 from tests.labeling.conftest import Clock, make_bridge
 from tests.labeling.fakestudio import FakeStudio
 from tests.labeling.realhub import CLASSES, LabelingHub
@@ -28,12 +29,15 @@ def test_push_creates_tasks_with_signed_images_predictions_and_clusters(bridge: 
     assert project.sampling == "Uncertainty sampling" and project.model_version == QUEUE_VERSION
     assert project.class_names == CLASSES
     clusters = hub.clusters()  # what the hub's selection said
-    for t in tasks_of(studio):
-        case = hub.selected(t["data"]["case_id"])
+    pushed = [hub.selected(t["data"]["case_id"]) for t in tasks_of(studio)]
+    order = queue_scores(pushed, clusters)  # rank in the cluster + the case's score
+    for t, case in zip(tasks_of(studio), pushed, strict=True):
         assert case.state == "queued"
         assert t["data"]["image"].startswith(f"{hub.public_url}/v1/cases/{case.case_id}/image?exp=")
         [p] = t["predictions"]
-        assert (p["score"], p["cluster"], p["model_version"]) == (case.score, clusters[case.case_id], QUEUE_VERSION)
+        assert (p["score"], p["cluster"], p["model_version"]) == (order[case.case_id], clusters[case.case_id],
+                                                                  QUEUE_VERSION)
+        assert t["data"]["score"] == case.score and t["data"]["cluster"] == clusters[case.case_id]
         assert t["data"]["model_version"] == hub.model_version  # the model that made the prediction
         assert p["result"][0]["value"]["choices"] == [CLASSES[case.case.prediction.label]]
     # the queue is full: the next turn pushes nothing

@@ -22,6 +22,7 @@ from labeling.bots import BotSpec, BotTeam
 from labeling.bridge import Bridge
 from labeling.config import QUEUE_VERSION, BridgeConfig
 from labeling.ledger import Ledger
+from labeling.push import queue_scores
 from labeling.studio import Studio
 from labeling.throttle import Throttle
 from tests.labeling.boxhub import CLASSES, DetectHub, detect_hub
@@ -62,10 +63,11 @@ def test_two_model_versions_of_boxes_come_back_exactly_once(boxes: BoxStack) -> 
     assert "<RectangleLabels" in project.label_config and project.class_names == CLASSES
     assert project.model_version == QUEUE_VERSION
     first = {t.case_id: t for t in studio.iter_tasks(bridge.project_id)}
-    scores = {cid: hub.selected(cid or "").score for cid in first}
+    ledger = {row.case_id: row.cluster for row in bridge.ledger.tasks()}
+    scores = queue_scores([hub.selected(cid or "") for cid in first], {c: int(k or 0) for c, k in ledger.items()})
     for cid, t in first.items():
         [p] = t.predictions
-        assert (p.model_version, p.score) == (QUEUE_VERSION, scores[cid])
+        assert (p.model_version, p.score) == (QUEUE_VERSION, scores[cid or ""])
 
     team = BotTeam(boxes.url, studio, bridge.project_id, [BotSpec("boxer", 0.85, 0.0, box_jitter=0.03)],
                    hub.truth_of, CLASSES, seed=5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,8 @@ import pytest
 
 from labeling.bots import BotSpec
 from labeling.config import QUEUE_VERSION
-from tests.labeling.livestack import CLASSES, Live
+from labeling.push import queue_scores
+from tests.labeling.livestack import CLASSES, Live, build
 from tests.labeling.realhub import labeling_hub
 
 pytestmark = pytest.mark.integration
@@ -29,10 +31,11 @@ def test_push_creates_ordered_tasks_with_predictions_and_signed_images(live: Liv
     tasks = list(live.studio.iter_tasks(live.bridge.project_id))
     assert len(tasks) == 8 and len({t.case_id for t in tasks}) == 8
     clusters = live.hub.clusters()
+    order = queue_scores([live.hub.selected(t.case_id or "") for t in tasks], clusters)
     for t in tasks:
         case = live.hub.selected(t.case_id or "")
         [p] = t.predictions
-        assert (p.model_version, p.score, p.cluster) == (QUEUE_VERSION, case.score, clusters[case.case_id])
+        assert (p.model_version, p.score, p.cluster) == (QUEUE_VERSION, order[case.case_id], clusters[case.case_id])
         assert t.data["model_version"] == live.hub.model_version
         image = httpx.get(t.data["image"], timeout=10)  # what an annotator's browser does
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
@@ -51,11 +54,50 @@ def test_the_queue_serves_the_most_informative_task_first_spread_over_clusters(l
         bot.studio.create_annotation(task.id, [{"from_name": "label", "to_name": "image", "type": "choices",
                                                 "value": {"choices": ["cat"]}}])
     pushed = [t.case_id for t in live.bridge.ledger.tasks()]
-    assert served[0].predictions[0].score == min(live.hub.selected(c).score for c in pushed)  # most informative
+    assert served[0].case_id == min(pushed, key=lambda c: live.hub.selected(c).score)  # most informative
     clusters = [t.predictions[0].cluster for t in served]
     available = {live.hub.clusters()[c] for c in pushed}
     assert len(set(clusters)) == min(4, len(available))  # one per cluster before any cluster repeats
     team.close()
+
+
+def test_the_queue_is_spread_over_clusters_as_soon_as_the_import_returns(ls_env: tuple[str, str],
+                                                                         ls_project_title: str,
+                                                                         tmp_path: Path) -> None:
+    """Label Studio's bulk import drops the prediction's ``cluster``; with no time to set any (budget 0), the queue
+    score alone (labeling.push.queue_scores) serves one task per cluster, most informative first, before any
+    cluster repeats; a later turn sets the clusters themselves."""
+    with labeling_hub(tmp_path, 60, serve=True) as hub:
+        live = build(ls_env, ls_project_title, tmp_path, hub, cluster_budget_s=0.0)
+        report = live.bridge.sync_once(reconcile=False)
+        assert report.pushed == 8 and not report.errors
+        tasks = list(live.studio.iter_tasks(live.bridge.project_id))
+        assert all(t.predictions[0].cluster is None for t in tasks)  # nothing set by the import
+        clusters = hub.clusters()
+        team = live.team(BotSpec("solo", 1.0, 0.0))
+        bot = team.bots[0]
+        served = []
+        for _ in range(4):
+            task = live.studio.get_task(bot.studio.next_task(live.bridge.project_id).id)  # type: ignore[union-attr]
+            assert task is not None and task.case_id is not None
+            served.append(task.case_id)
+            bot.studio.create_annotation(task.id, [{"from_name": "label", "to_name": "image", "type": "choices",
+                                                    "value": {"choices": ["cat"]}}])
+        team.close()
+        pushed = [t.case_id or "" for t in tasks]
+        heads = sorted((c for c in pushed if not any(clusters[o] == clusters[c] and
+                                                     hub.selected(o).score < hub.selected(c).score for o in pushed)),
+                       key=lambda c: hub.selected(c).score)
+        order = queue_scores([hub.selected(c) for c in pushed], clusters)
+        assert served == sorted(pushed, key=lambda c: order[c])[:4]  # Label Studio serves the queue's order
+        assert served[:len(heads)] == heads[:4]  # each cluster's most informative, most informative first
+        assert len({clusters[c] for c in served}) == min(4, len(set(clusters[c] for c in pushed)))
+        live.bridge.config = replace(live.bridge.config, cluster_budget_s=60.0)
+        assert not live.bridge.sync_once(reconcile=False).errors  # the next turn sets them
+        given = {row.case_id: row.cluster for row in live.bridge.ledger.tasks()}
+        after = list(live.studio.iter_tasks(live.bridge.project_id))
+        assert len(after) >= 8 and all(t.predictions[0].cluster == given[t.case_id or ""] for t in after)
+        live.studio.close()
 
 
 def test_bots_annotate_and_every_annotation_comes_back_exactly_once(live: Live) -> None:
