@@ -278,7 +278,8 @@ def campaigns_learn(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, 
     weights = ", ".join(f"{k} {v:+.2f}" for k, v in fit.weights.items())
     auc = "-" if fit.train_auc is None else f"{fit.train_auc:.3f}"
     typer.echo(f"learned: {fit.campaign_id} v{fit.version} for model {fit.model_version} on {fit.cases} cases "
-               f"({fit.errors} wrong), training AUC {auc}; bias {fit.bias:+.2f}, {weights}")
+               f"({fit.errors} wrong), training AUC {auc}; {fit.trigger}, bias {fit.bias:+.2f}, {weights}"
+               + (f"; {fit.bank_note}" if fit.bank_note else ""))
 
 
 @campaigns_app.command("yield")

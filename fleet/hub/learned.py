@@ -102,36 +102,44 @@ def case_features(payloads: list[dict[str, Any]]) -> np.ndarray:
     return error_features(probs, human, ch)
 
 
-def model_bank(s: Session, blobs: BlobStore | None, version: str) -> Any:
+def model_bank(s: Session, blobs: BlobStore | None, version: str) -> tuple[Any, str]:
     """The newest novelty bank of model ``version`` when it has known labels (a ``trigger.NoveltyBank``), else
-    None. A bank whose blob cannot be read is logged and treated as absent: the fit goes on without it."""
+    None; with a sentence naming the bank, or saying why there is none. A bank whose blob cannot be read is
+    logged and treated as absent: the fit goes on without it."""
     from trigger import NoveltyBank
 
     if blobs is None:
-        return None
+        return None, "this hub has no blob store to read novelty banks from"
     row = s.exec(select(NoveltyBankRow).where(NoveltyBankRow.model_version == version)
                  .order_by(col(NoveltyBankRow.created_at).desc())).first()
     if row is None:
-        return None
+        return None, f"model {version} has no novelty bank"
     try:
         bank = NoveltyBank.from_bytes(blobs.get(row.sha256), expected_sha256=row.sha256)
     except Exception as exc:  # noqa: BLE001 - a missing or damaged blob only costs the feature
         log.warning("novelty bank %s of model %s unreadable (%s); fitting without the bank feature", row.bank_id,
                     version, exc)
-        return None
-    return bank if (bank.labels >= 0).any() else None
+        return None, f"novelty bank {row.bank_id} of model {version} could not be read ({exc})"
+    if not (bank.labels >= 0).any():
+        return None, f"novelty bank {row.bank_id} of model {version} has no labels"
+    return bank, f"novelty bank {row.bank_id} of model {version} ({len(bank.labels)} entries, k={KNN_K})"
 
 
 def bank_features(payloads: list[dict[str, Any]], embeddings: list[bytes | None], bank: Any) -> np.ndarray | None:
     """:func:`case_features` plus the bank feature (``BANK_FEATURES``), or None when a case has no embedding of
-    the bank's width."""
-    vecs = [decode_embedding_bytes(e) for e in embeddings]
-    if any(v is None or v.shape != (bank.dim,) for v in vecs):
+    the bank's width (:func:`missing_embeddings` counts them)."""
+    if missing_embeddings(embeddings, bank.dim):
         return None
+    vecs = [decode_embedding_bytes(e) for e in embeddings]
     x = case_features(payloads)
     probs = _case_probs(payloads)
     _, idx = bank.search(np.stack(vecs), k=KNN_K)  # type: ignore[arg-type]
     return np.column_stack([x, neighbour_features(probs, bank.labels[idx])])
+
+
+def missing_embeddings(embeddings: list[bytes | None], dim: int) -> int:
+    """How many cases have no embedding of width ``dim``."""
+    return sum(1 for e in embeddings if (v := decode_embedding_bytes(e)) is None or v.shape != (dim,))
 
 
 def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: float,
@@ -155,8 +163,12 @@ def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: flo
                             f"cases from the active model {active.version} with both right and wrong ones; it has "
                             f"{len(rows)} ({int(y.sum())} wrong)")
     payloads = [p for p, _, _, _ in rows]
-    bank = model_bank(s, blobs, active.version)
-    x = None if bank is None else bank_features(payloads, [e for _, _, _, e in rows], bank)
+    bank, bank_note = model_bank(s, blobs, active.version)
+    embeddings = [e for _, _, _, e in rows]
+    x = None if bank is None else bank_features(payloads, embeddings, bank)
+    if bank is not None and x is None:
+        bank_note = (f"{missing_embeddings(embeddings, bank.dim)} of the {len(rows)} cases have no embedding of "
+                     f"the width of {bank_note.split(' (')[0]} ({bank.dim})")
     kind, names = (LEAF, FEATURES) if x is None else (KNN_LEAF, BANK_FEATURES)
     if x is None:
         x = case_features(payloads)
@@ -181,7 +193,8 @@ def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: flo
     new.learned_for, new.learned_rate = active.version, target_rate
     fit = LearnedFit(campaign_id=campaign_id, version=new.version, model_version=active.version, cases=len(rows),
                      errors=int(y.sum()), weights={f: float(v) for f, v in zip(names, w, strict=True)}, bias=b,
-                     train_auc=auc(x @ w + b, y), target_rate=target_rate)
+                     train_auc=auc(x @ w + b, y), target_rate=target_rate, trigger=kind,
+                     bank_note=("bank feature from " if kind == KNN_LEAF else "no bank feature: ") + bank_note)
     return new, fit
 
 

@@ -33,6 +33,7 @@ from fleet.protocol.base import (
     check_int,
     check_name,
     check_names_list,
+    check_one_of,
     check_sha256,
     check_str,
     opt,
@@ -236,7 +237,9 @@ class YieldReport(Message):
 class LearnedFit(Message):
     """The learned trigger the hub fitted for a campaign (``POST /v1/campaigns/{id}/learn``): the new campaign
     version that carries it, the model version and labeled cases it was fitted on, its weights per feature
-    (trigger.learned.FEATURES), intercept, training AUC and the rate it fires at."""
+    (trigger.learned.FEATURES), intercept, training AUC and the rate it fires at; the trigger kind shipped
+    (``learned_error_knn`` with the model's own bank) and a sentence on the bank feature: which bank it reads, or
+    why there is none."""
 
     campaign_id: str
     version: int
@@ -247,10 +250,14 @@ class LearnedFit(Message):
     bias: float
     target_rate: float
     train_auc: float | None = None
+    trigger: str = "learned_error"
+    bank_note: str | None = None
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
         check_name(self.campaign_id, "campaign_id")
+        check_one_of(self.trigger, ("learned_error", "learned_error_knn"), "trigger")
+        opt(self.bank_note, check_str, "bank_note", max_len=2000)
         check_int(self.version, "version", lo=0, hi=DB_INT)
         check_name(self.model_version, "model_version")
         check_int(self.cases, "cases", lo=0)

@@ -205,6 +205,8 @@ def test_with_the_model_s_bank_the_learned_trigger_reads_the_nearest_training_la
 
     fit = LearnedFit.from_json(hub.client.post("/v1/campaigns/mine/learn", headers=hub.admin).content)
     assert set(fit.weights) == set(BANK_FEATURES) and fit.weights["neighbours_other"] > 1.0
+    assert fit.trigger == "learned_error_knn"
+    assert fit.bank_note == "bank feature from novelty bank model-m1 of model m1 (120 entries, k=10)"
     assert fit.train_auc is not None and fit.train_auc > 0.95  # confidence alone says nothing here
     a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices["d1"]).content)
     ref = a.campaigns[0]
@@ -234,9 +236,19 @@ def test_without_embeddings_or_a_labeled_bank_the_leaf_has_no_bank_feature(hub: 
     send(hub, np.random.default_rng(1), 60)  # no embeddings
     _label_all(hub, lambda c: 0 if c["prediction"]["probs"][0] >= 0.6 else 1)
     fit = LearnedFit.from_json(hub.client.post("/v1/campaigns/mine/learn", headers=hub.admin).content)
-    assert set(fit.weights) == set(FEATURES)
+    assert set(fit.weights) == set(FEATURES) and fit.trigger == "learned_error"
+    assert fit.bank_note == "no bank feature: novelty bank model-m1 of model m1 has no labels"
     _, leaf = _leaf(hub)
     assert leaf is not None and "w_neighbours_other" not in leaf
+    from trigger import NoveltyBank
+
+    rng = np.random.default_rng(4)  # a bank with labels now, but the cases have no embeddings
+    labeled = NoveltyBank.from_embeddings(rng.normal(size=(30, 16)), labels=np.repeat(np.arange(3), 10))
+    assert put_bank(hub, "m1", labeled.to_bytes()).status_code in (200, 201)  # (replaces it)
+    again = LearnedFit.from_json(hub.client.post("/v1/campaigns/mine/learn", headers=hub.admin).content)
+    assert again.trigger == "learned_error" and again.bank_note is not None
+    assert again.bank_note.startswith(f"no bank feature: {again.cases} of the {again.cases} cases have no "
+                                      f"embedding of the width of novelty bank"), again.bank_note
 
 
 def test_the_bank_feature_follows_the_active_model_and_its_own_bank_across_an_update_and_back(
