@@ -136,9 +136,17 @@ def test_every_page_shows_the_loop(hub: HubHarness) -> None:
     loop = populate(hub)
     assert login(hub).status_code == 303
 
+    hub.register_model("m4", seed=4)  # the south group gets a model of its own
+    r = hub.client.post("/v1/rollouts", json={"version": "m4", "stages": [1.0], "group": "south"},
+                        headers=hub.trainer)
+    assert r.status_code == 201, r.text
+    assert hub.client.post(f"/v1/rollouts/{r.json()['rollout_id']}/advance", headers=hub.trainer).status_code == 200
+
     fleet = text_of(hub.client.get("/ui/fleet").text)
     for d in DEVICES:
         assert d in fleet
+    assert "south 1 m4 its own m1 –" in fleet  # the groups: south runs its own model
+    assert re.search(r"north 2 m1 the fleet's – ro-\d+-[0-9a-f]{6}", fleet), fleet  # north: the fleet's canary
     assert "cam-south-1 south m1 2 h ago 12 54.0 KiB 6 30.0% of 50" in fleet  # spool, evictions, disagreement
     assert "Devices per model version" in fleet
 
@@ -160,6 +168,7 @@ def test_every_page_shows_the_loop(hub: HubHarness) -> None:
     assert "m2 retired m1 hub-snapshot:snap-00001 test_accuracy = 0.710" in models
     assert "m3 canary m2 snap-00001 test_accuracy = 0.780" in models
     assert "canary disagreement rose 12% -> 31%" in html.unescape(models)
+    assert "m4 m1 group south staged completed" in models and "m4 candidate group south" in models
 
     m2 = text_of(hub.client.get("/ui/models/m2").text)
     assert "Parent m1" in m2 and "Children m3" in m2 and f"{loop.snapshot} (version 1, “turn-1”, 5 labels" in m2

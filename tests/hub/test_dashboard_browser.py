@@ -66,6 +66,10 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                         files={"onnx": ("det1.onnx", files.onnx_path.read_bytes(), "application/octet-stream")})
         assert r.status_code == 201, r.text
         det_case = _detect_case(h, DEVICES[0])
+        h.register_model("m4", seed=4)  # the south group gets a model of its own
+        r = client.post("/v1/rollouts", json={"version": "m4", "stages": [1.0], "group": "south"}, headers=h.trainer)
+        assert r.status_code == 201, r.text
+        assert client.post(f"/v1/rollouts/{r.json()['rollout_id']}/advance", headers=h.trainer).status_code == 200
 
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -100,6 +104,11 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 south = rows.filter(has_text="cam-south-1").inner_text()
                 assert "54.0 KiB" in south and "30.0%" in south and "s ago" in south
                 assert page.locator("svg.chart rect").count() >= 1
+                groups = page.locator("#groups tbody tr")
+                assert groups.filter(has_text="south").inner_text().split("\t")[:5] == [
+                    "south", "1", "m4", "its own", "m1"]
+                north = groups.filter(has_text="north").inner_text().split("\t")[:4]
+                assert north == ["north", "2", "m1", "the fleet's"]
                 shot("fleet")
 
                 page.click("nav >> text=Campaigns")

@@ -19,6 +19,7 @@ from fleet.hub.models import CaseRow, ModelVersion, Rollout
 from fleet.hub.routes.campaigns import campaign_list
 from fleet.hub.routes.cases import case_row, selected_case
 from fleet.hub.routes.devices import device_list
+from fleet.hub.routes.groups import group_list
 from fleet.hub.routes.labels import acked
 from fleet.hub.routes.models import model_public
 from fleet.hub.ui import charts, figures, filters
@@ -82,12 +83,14 @@ def fleet(request: Request, admin: Admin, hub: HubDep) -> Response:
     with read_session(hub.engine) as s:
         devices = device_list(s).devices
         summary = observe.summary(s, events_acked=acked(s))
+        groups = group_list(s).groups
     by_model: dict[str, int] = {}
     for d in devices:
         by_model[d.model_version or "(none)"] = by_model.get(d.model_version or "(none)", 0) + 1
     chart = charts.bar_chart(list(by_model), {"devices": list(by_model.values())}, title="Devices per model version",
                              fmt="{:.0f}")
-    return _page(request, "fleet.html", admin, devices=devices, summary=summary, now=hub.now(), chart=chart)
+    return _page(request, "fleet.html", admin, devices=devices, summary=summary, now=hub.now(), chart=chart,
+                 groups=groups)
 
 
 @router.get("/campaigns", response_class=HTMLResponse)
@@ -124,6 +127,9 @@ def models(request: Request, admin: Admin, hub: HubDep) -> Response:
         rows = s.exec(select(ModelVersion).order_by(col(ModelVersion.uploaded_at))).all()
         outs = s.exec(select(Rollout).order_by(col(Rollout.created_at).desc())).all()
         rollout_list = [rollouts.rollout_status(s, r) for r in outs]
+        pins: dict[str, list[str]] = {}
+        for pin in rollouts.pinned_groups(s):  # groups that run a version as their own model
+            pins.setdefault(pin.version, []).append(pin.group)
     versions = [model_public(r) for r in rows]
     gate = {m.version: _gate_metric(m.metrics) for m in versions}
     chart = charts.bar_chart(
@@ -134,7 +140,7 @@ def models(request: Request, admin: Admin, hub: HubDep) -> Response:
         title="Accuracy per model version", y_max=1.0, fmt="{:.2f}")
     snapshots = {r.version: lineage.data_snapshot_of(r) for r in rows}
     return _page(request, "models.html", admin, versions=versions, summary=summary, gate=gate, chart=chart,
-                 rollouts=rollout_list, snapshots=snapshots)
+                 rollouts=rollout_list, snapshots=snapshots, pins=pins)
 
 
 @router.get("/models/{version}", response_class=HTMLResponse)
