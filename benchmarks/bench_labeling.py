@@ -61,9 +61,10 @@ from tests.support.inproc import noise_png  # noqa: E402
 CLASSES = ["cat", "dog", "bird", "car"]
 
 
-def ingest(hub: LabelingHub, n: int, *, prefix: str) -> list[SelectedCase]:
+def ingest(hub: LabelingHub, n: int, *, prefix: str, select: tuple[int, ...] = ()) -> list[SelectedCase]:
     """``n`` cases into the hub in batches of 64 (small noise images: push never loads them), then read back as
-    the hub serves them to the bridge."""
+    the hub serves them to the bridge: from its pool, or with ``select`` as selections of those sizes (the default
+    strategy, so each case carries its diversity cluster within its selection)."""
     rng = np.random.default_rng(0)
     ids: list[str] = []
     k = len(hub.class_names)
@@ -80,13 +81,22 @@ def ingest(hub: LabelingHub, n: int, *, prefix: str) -> list[SelectedCase]:
             ids.append(case.case_id)
         r = hub.client.post("/v1/cases/batch", headers=hub.bearer(DEVICE), data=data, files=files)
         assert r.status_code == 200, r.text
+    if select:  # one selection per ``select`` cases, in order (the hub selects at most 5,000 at a time)
+        picked: list[SelectedCase] = []
+        client = hub.bridge_client()
+        for size in select:
+            picked += client.select(size).cases
+        assert len(picked) == n, f"the hub selected {len(picked)} of {n} cases"
+        return picked
     return [hub.selected(c) for c in ids]
 
 
 def bench_push(studio: Studio, hub: LabelingHub, n_tasks: int, n_baseline: int, batch: int,
                clusters: bool) -> dict[str, float]:
-    cases = ingest(hub, n_tasks + n_baseline + 50, prefix=f"push{uuid.uuid4().hex[:4]}")
-    warm, bulk, base = cases[:50], cases[50:50 + n_tasks], cases[50 + n_tasks:]
+    # the pushed tasks are one selection, as the bridge pushes them; the warm-up and the baseline another
+    cases = ingest(hub, n_tasks + n_baseline + 50, prefix=f"push{uuid.uuid4().hex[:4]}",
+                   select=(n_tasks, n_baseline + 50))
+    bulk, warm, base = cases[:n_tasks], cases[n_tasks:n_tasks + 50], cases[n_tasks + 50:]
     title = f"bench-push-{uuid.uuid4().hex[:6]}"
     bridge = Bridge(studio, hub.bridge_client(), Ledger(":memory:"),
                     BridgeConfig(project_title=title, overlap=1, overlap_share=0.0, batch_size=batch,
@@ -203,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--append", type=Path, default=None, help="append the push figures to this RESULTS.md")
     args = ap.parse_args(argv)
+    if not 1 <= args.tasks <= 5000 or not 1 <= args.baseline <= 4950:
+        ap.error(f"--tasks must be 1-5000 and --baseline 1-4950 (one selection each, the hub selects at most "
+                 f"5,000 cases at a time); received {args.tasks} and {args.baseline}")
 
     server = None
     if not args.ls_url:
