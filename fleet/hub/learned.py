@@ -213,8 +213,6 @@ def follow_active_model(s: Session, active: ModelVersion, *, now: float,
     """``active`` just became the active model: every live campaign whose learned leaf was fitted for another
     model gets a new version, refitted for ``version`` or without the leaf. Returns campaign id -> what was
     done ("refitted" or "leaf removed until refit")."""
-    from trigger import SpecError, parse_spec
-
     done: dict[str, str] = {}
     for row in _latest_versions(s):
         if row.learned_for is None or row.learned_for == active.version:
@@ -224,20 +222,10 @@ def follow_active_model(s: Session, active: ModelVersion, *, now: float,
             learn(s, row.campaign_id, active=active, now=now, target_rate=rate, blobs=blobs)
             done[row.campaign_id] = "refitted"
         except ProtocolError:
-            stripped = _without_leaf(row.spec)
-            if stripped is None:  # the rule is the learned leaf alone: nothing would be left to fire
-                log.warning("campaign %s v%d fires on its learned leaf only; it keeps the fit for %s until a refit "
-                            "for %s", row.campaign_id, row.version, row.learned_for, active.version)
-                continue
-            if row.auto_budgets and (stripped.get("budgets") or {}).get("per_trigger"):
-                from fleet.hub.autobudget import shares_of, with_shares
-
-                stripped = with_shares(stripped, shares_of(stripped))
-            try:
-                stripped = parse_spec(stripped).to_dict()
-            except SpecError as exc:
-                log.warning("campaign %s v%d without its learned leaf is no valid spec (%s); it keeps the fit for %s",
-                            row.campaign_id, row.version, exc, row.learned_for)
+            stripped, why = spec_without_leaf(row)
+            if stripped is None:
+                log.warning("campaign %s v%d %s; it keeps the fit for %s until a refit for %s", row.campaign_id,
+                            row.version, why, row.learned_for, active.version)
                 continue
             new = next_version(s, row, stripped, now=now)
             new.learned_for, new.learned_rate = None, rate
@@ -280,6 +268,33 @@ def _latest_versions(s: Session, campaign_id: str | None = None) -> list[Campaig
     for r in rows:
         out.setdefault(r.campaign_id, r)
     return list(out.values())
+
+
+def spec_without_leaf(row: Campaign) -> tuple[dict[str, Any] | None, str]:
+    """The campaign version's spec without its learned leaf, valid and with an auto-budgeted campaign's shares
+    renormalised; or None and why not (the rule is the leaf alone, or what is left is no valid spec)."""
+    from trigger import SpecError, parse_spec
+
+    stripped = _without_leaf(row.spec)
+    if stripped is None:  # nothing would be left to fire
+        return None, "fires on its learned leaf only"
+    if row.auto_budgets and (stripped.get("budgets") or {}).get("per_trigger"):
+        from fleet.hub.autobudget import shares_of, with_shares
+
+        stripped = with_shares(stripped, shares_of(stripped))
+    try:
+        return parse_spec(stripped).to_dict(), ""
+    except SpecError as exc:
+        return None, f"without its learned leaf is no valid spec ({exc})"
+
+
+def spec_for_model(row: Campaign, model_version: str | None) -> dict[str, Any] | None:
+    """What a device running ``model_version`` is sent of this campaign version: the spec, or without its learned
+    leaf when the leaf was fitted for another model (a group's own model, a canary), since its weights read that
+    model's scores; None when nothing would be left (the campaign is not sent to that device)."""
+    if row.learned_for is None or model_version is None or row.learned_for == model_version:
+        return row.spec
+    return spec_without_leaf(row)[0]
 
 
 def _without_leaf(spec: dict[str, Any]) -> dict[str, Any] | None:

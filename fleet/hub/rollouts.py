@@ -40,7 +40,7 @@ from fleet.errors import Conflict, NotFound
 from fleet.hub import keys
 from fleet.hub.context import Hub
 from fleet.hub.evidence import DeviceEvidence, Pooled, Predictions, ShadowBound, verdict
-from fleet.hub.learned import follow_active_model
+from fleet.hub.learned import follow_active_model, spec_for_model
 from fleet.hub.models import (
     Campaign,
     Device,
@@ -166,7 +166,8 @@ def assignment_for(s: Session, device: Device, *, now: float) -> Assignment:
 
 def campaigns_for(s: Session, group: str, *, now: float, model_version: str | None = None) -> list[CampaignRef]:
     """The newest live version of each campaign aimed at ``group`` (or at every group), each with the novelty
-    bank of ``model_version``, the model the device is assigned (see :func:`bank_for`)."""
+    bank of ``model_version``, the model the device is assigned (see :func:`bank_for`), and without a learned leaf
+    fitted for another model (fleet.hub.learned.spec_for_model: a group's own model, a canary's candidate)."""
     rows = s.exec(select(Campaign).where(col(Campaign.deleted_at).is_(None))
                   .order_by(Campaign.campaign_id, col(Campaign.version).desc())).all()
     out: list[CampaignRef] = []
@@ -179,8 +180,11 @@ def campaigns_for(s: Session, group: str, *, now: float, model_version: str | No
             continue
         if c.groups and group not in c.groups:
             continue
-        ref = CampaignRef(campaign_id=c.campaign_id, version=c.version, spec=c.spec, expires_at=c.expires_at)
-        if c.novelty_bank or _needs_bank(c.spec):
+        spec = spec_for_model(c, model_version)  # a learned leaf only for the model it was fitted for
+        if spec is None:
+            continue
+        ref = CampaignRef(campaign_id=c.campaign_id, version=c.version, spec=spec, expires_at=c.expires_at)
+        if c.novelty_bank or _needs_bank(spec):
             bank, ref.novelty_bank_version = bank_for(s, c.novelty_bank, model_version)
             if bank is not None:
                 ref.novelty_bank, ref.novelty_bank_sha256 = bank.bank_id, bank.sha256

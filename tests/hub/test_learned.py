@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fleet.hub.learned import KNN_K, MIN_CASES, auc, case_features, fit_logistic
+from fleet.hub.learned import KNN_K, MIN_CASES, auc, case_features, fit_logistic, spec_for_model
 from fleet.protocol import Assignment, LearnedFit, TriggerHit
 from tests.hub.conftest import HubHarness
 from trigger import TRIGGERS, parse_spec
@@ -320,3 +320,47 @@ def test_the_bank_feature_follows_the_active_model_and_its_own_bank_across_an_up
     assert hub.client.post("/v1/models/m1/promote", headers=hub.admin,
                            json={"override": True, "reason": "back"}).status_code == 200
     device_matches_hub("m1", 2)
+
+
+def test_a_device_running_another_model_gets_the_campaign_without_that_models_fit(hub: HubHarness) -> None:
+    """The learned leaf reads the scores of the model it was fitted for. A group that runs a model of its own (and
+    a canary device running a candidate) gets the campaign's version without the leaf; a campaign that is the leaf
+    alone is not sent to it at all."""
+    spec = {"id": "mine", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    send(hub, np.random.default_rng(2), 80)
+    _label_all(hub, lambda c: 1 if c["prediction"]["probs"][0] < 0.6 else 0)
+    assert hub.client.post("/v1/campaigns/mine/learn", params={"target_rate": 0.1},
+                           headers=hub.admin).status_code == 201
+    hub.enroll("s1", group="cam-south")
+    hub.register_model("m2", seed=1)
+    r = hub.client.post("/v1/rollouts", json={"version": "m2", "stages": [1.0], "group": "cam-south"},
+                        headers=hub.trainer)
+    assert r.status_code == 201, r.text
+    assert hub.client.post(f"/v1/rollouts/{r.json()['rollout_id']}/advance", headers=hub.trainer).status_code == 200
+
+    def served(device: str) -> tuple[str | None, list[Any]]:
+        a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices[device]).content)
+        return (a.active.version if a.active else None), [(c.version, parse_spec(c.spec)) for c in a.campaigns]
+
+    model, [(version, fleet_spec)] = served("d1")
+    assert model == "m1" and version == 2 and "learned_error" in [x.trigger for x in fleet_spec.leaves]
+    model, [(version, south_spec)] = served("s1")
+    assert model == "m2" and version == 2  # the same campaign version, without m1's fit
+    assert [x.trigger for x in south_spec.leaves] == ["entropy"] and south_spec.labels == ("unsure",)
+
+    row = _campaign_row(hub, "mine", 2)  # a campaign that is the leaf alone: not sent to another model's device
+    leaf = next(x for x in row.spec["rule"]["any_of"] if x.get("label", x.get("trigger")) == "learned_error")
+    row.spec = {**row.spec, "rule": leaf}
+    assert spec_for_model(row, "m1") == row.spec and spec_for_model(row, "m2") is None
+
+
+def _campaign_row(hub: HubHarness, campaign_id: str, version: int) -> Any:
+    from fleet.hub.db import read_session
+    from fleet.hub.models import Campaign
+
+    with read_session(hub.hub.engine) as s:
+        row = s.get(Campaign, (campaign_id, version))
+        assert row is not None and row.learned_for == "m1"
+        s.expunge(row)
+        return row
