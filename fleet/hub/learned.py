@@ -128,9 +128,9 @@ def model_bank(s: Session, blobs: BlobStore | None, version: str) -> tuple[Any, 
 def bank_features(payloads: list[dict[str, Any]], embeddings: list[bytes | None], bank: Any) -> np.ndarray | None:
     """:func:`case_features` plus the bank feature (``BANK_FEATURES``), or None when a case has no embedding of
     the bank's width (:func:`missing_embeddings` counts them)."""
-    if missing_embeddings(embeddings, bank.dim):
-        return None
     vecs = [decode_embedding_bytes(e) for e in embeddings]
+    if any(v is None or v.shape != (bank.dim,) for v in vecs):
+        return None
     x = case_features(payloads)
     probs = _case_probs(payloads)
     _, idx = bank.search(np.stack(vecs), k=KNN_K)  # type: ignore[arg-type]
