@@ -145,6 +145,16 @@ def train_command(
         None, "--cache-dir",
         help="Blob cache (default: $FLYWHEEL_CACHE or ~/.cache/flywheel/blobs).",
     ),
+    stream: bool = typer.Option(
+        False, "--stream/--no-stream",
+        help="Decode the data into memory-mapped files beside the blob cache and read each batch from them, so "
+             "the snapshot and replay set need disk, not memory (classifiers).",
+    ),
+    object_store: str | None = typer.Option(
+        None, "--object-store",
+        help="s3://BUCKET/PREFIX/: read the hub snapshot's manifest and blobs from the hub's object store "
+             "(endpoint and credentials: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+    ),
     eval_each_epoch: bool = typer.Option(False, "--eval-each-epoch", help="Record test accuracy after every epoch."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     tracking_uri: str | None = typer.Option(
@@ -174,7 +184,8 @@ def train_command(
             min_slice_size=min_slice_size, min_accuracy=min_accuracy, version=version, parent=parent,
             sign_key=sign_key, int8=int8, parity_threshold=parity_threshold, publish=publish, token=token,
             rollout_stages=parse_stages(rollout_stages), stage_seconds=stage_seconds, dry_run=dry_run,
-            device=device, amp=amp, threads=threads, cache_dir=cache_dir, eval_each_epoch=eval_each_epoch,
+            device=device, amp=amp, threads=threads, cache_dir=cache_dir, stream=stream,
+            object_store=object_store, eval_each_epoch=eval_each_epoch,
             tracking_uri=tracking_uri, experiment=experiment,
         ).validate()
     except FlywheelError as exc:

@@ -73,6 +73,8 @@ class TrainArgs:
     channels_last: bool = True
     threads: int | None = None
     cache_dir: Path | None = None
+    stream: bool = False  # decode into memory-mapped files and read batches from them (training.stream)
+    object_store: str | None = None  # s3://BUCKET/PREFIX/: read hub snapshots from the object store
     eval_each_epoch: bool = False
     tracking_uri: str | None = None  # MLflow store (training.tracking)
     experiment: str = "flywheel"
@@ -107,6 +109,16 @@ class TrainArgs:
         elif self.init_weights is not None:
             raise InvalidInput("--init-weights applies to detectors (--task detect); a classifier starts from "
                                f"--warm-start; received {self.init_weights}")
+        if self.task == "detect" and self.stream:
+            raise InvalidInput("--stream trains classifiers only for now; a detector's boxes and images are held in "
+                               "memory (leave out --stream with --task detect)")
+        if self.object_store is not None:
+            from training.objstore import parse_store_url
+
+            parse_store_url(self.object_store)
+            if not self.data.startswith("hub:"):
+                raise InvalidInput(f"--object-store reads hub snapshots; --data must be hub:URL with it; received "
+                                   f"{self.data!r}")
         if self.channels not in (None, 1, 3):
             raise InvalidInput(f"--channels must be 1 or 3; received {self.channels}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

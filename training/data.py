@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SOURCE_KINDS = ("npz", "folder", "hub", "coco")
+CHUNK_IMAGES = 4096  # images copied at a time when hashing or spilling a set to a mapped file
 
 
 @dataclass
@@ -58,11 +60,18 @@ class ImageSet:
         return ImageSet(self.images, self.labels, [{**t, key: value} for t in self.tags], self.name, self.ids)
 
     def fingerprint(self) -> str:
-        """sha256 over shapes, labels and pixels: tells whether a resumed run sees the same data."""
+        """sha256 over shapes, labels and pixels: tells whether a resumed run sees the same data. Read a chunk of
+        images at a time, so a memory-mapped set is never loaded whole."""
         h = hashlib.sha256(repr((self.images.shape, len(self.labels))).encode())
         h.update(np.ascontiguousarray(self.labels).tobytes())
-        h.update(np.ascontiguousarray(self.images).tobytes())
+        for i in range(0, len(self.images), CHUNK_IMAGES):
+            h.update(np.ascontiguousarray(self.images[i: i + CHUNK_IMAGES]).data)
         return h.hexdigest()
+
+    @property
+    def mapped(self) -> bool:
+        """Whether the images are read from a memory-mapped file (``--stream``) rather than held in memory."""
+        return isinstance(self.images, np.memmap) or isinstance(getattr(self.images, "base", None), np.memmap)
 
 
 @dataclass
@@ -150,10 +159,12 @@ def check_labels(y: np.ndarray, n: int, *, what: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def load_npz(path: str | Path, *, name: str = "data") -> Splits:
+def load_npz(path: str | Path, *, name: str = "data", mmap: bool = False) -> Splits:
     """Load ``x_train, y_train[, x_test, y_test, tags_train, tags_test, class_names]`` from an .npz file.
 
-    A regression set may instead hold just ``x, y[, tags]``; that becomes the training split.
+    A regression set may instead hold just ``x, y[, tags]``; that becomes the training split. With ``mmap``,
+    images stored uncompressed as uint8 (n, c, h, w) or (n, h, w) are mapped from the file, not read
+    (:func:`map_npz_member`); others are read, and the log says so.
     """
     path = Path(path)
     if not path.is_file():
@@ -177,7 +188,11 @@ def load_npz(path: str | Path, *, name: str = "data") -> Splits:
                 continue
             if yk not in keys:
                 raise InvalidInput(f"{path}: {xk} is present but {yk} is missing")
-            x = to_nchw_uint8(z[xk], what=f"{path}:{xk}")
+            x = _mapped_images(path, xk) if mmap else None
+            if x is None:
+                if mmap:
+                    log.info("%s:%s is compressed or not uint8 (n, c, h, w): read into memory", path, xk)
+                x = to_nchw_uint8(z[xk], what=f"{path}:{xk}")
             y = check_labels(z[yk], len(x), what=f"{path}:{yk}")
             if tk in keys:
                 raw = z[tk]
@@ -189,6 +204,15 @@ def load_npz(path: str | Path, *, name: str = "data") -> Splits:
             sets[split] = ImageSet(x, y, tags, name=f"{name}:{split}")
         names = [str(s) for s in z["class_names"].tolist()] if "class_names" in keys else None
     return Splits(train=sets["train"], test=sets.get("test"), class_names=names)
+
+
+def _mapped_images(path: Path, key: str) -> np.ndarray | None:
+    x = map_npz_member(path, key)
+    if x is None or x.dtype != np.uint8:
+        return None
+    if x.ndim == 3:
+        return x[:, None]
+    return x if x.ndim == 4 and x.shape[1] in (1, 3) else None
 
 
 def load_folder(
@@ -284,8 +308,11 @@ def conform(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
     return ImageSet(np.ascontiguousarray(x), images.labels, images.tags, images.name, images.ids)
 
 
-def concat(sets: Sequence[ImageSet], *, name: str) -> ImageSet:
-    """Concatenate sets of the same image shape; ids are kept only if every set has them."""
+def concat(sets: Sequence[ImageSet], *, name: str, spill: Path | None = None) -> ImageSet:
+    """Concatenate sets of the same image shape; ids are kept only if every set has them.
+
+    With ``spill`` (a folder), the images are copied a chunk at a time into a memory-mapped file there instead
+    of into memory (see :func:`spill_images`)."""
     sets = [s for s in sets if s is not None and len(s)]
     if not sets:
         raise InvalidInput(f"{name}: no images to concatenate")
@@ -293,10 +320,65 @@ def concat(sets: Sequence[ImageSet], *, name: str) -> ImageSet:
     if len(shapes) > 1:
         raise InvalidInput(f"{name}: image shapes differ {sorted(shapes)}; conform them first")
     ids = sum((s.ids for s in sets), []) if all(s.ids is not None for s in sets) else None  # type: ignore[arg-type]
-    return ImageSet(
-        np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]),
-        [t for s in sets for t in s.tags], name, ids,
-    )
+    if spill is not None:
+        images = sets[0].images if len(sets) == 1 and sets[0].mapped else spill_images([s.images for s in sets], spill)
+    else:
+        images = np.concatenate([s.images for s in sets])
+    return ImageSet(images, np.concatenate([s.labels for s in sets]), [t for s in sets for t in s.tags], name, ids)
+
+
+def spill_images(parts: Sequence[np.ndarray], folder: Path) -> np.ndarray:
+    """``parts`` one after another in a new ``.npy`` file in ``folder``, copied :data:`CHUNK_IMAGES` at a time,
+    then mapped read-only. The file is unlinked as soon as it is mapped: the mapping keeps it readable, and the
+    disk space comes back when the process ends, however it ends."""
+    import tempfile
+
+    n = sum(len(p) for p in parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".spill-", suffix=".npy")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *parts[0].shape[1:]))
+        at = 0
+        for part in parts:
+            for i in range(0, len(part), CHUNK_IMAGES):
+                piece = part[i: i + CHUNK_IMAGES]
+                out[at: at + len(piece)] = piece
+                at += len(piece)
+        out.flush()
+        del out
+        return np.load(tmp, mmap_mode="r")
+    finally:
+        os.unlink(tmp)
+
+
+def map_npz_member(path: Path, key: str) -> np.ndarray | None:
+    """The array ``key`` of the npz file ``path`` mapped read-only from the file, when it is stored uncompressed
+    (``np.savez``) in C order; None otherwise (compressed members, ``np.savez_compressed``, must be inflated)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        try:
+            info = zf.getinfo(f"{key}.npy")
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset)
+        local = fh.read(30)
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        start = info.header_offset + 30 + name_len + extra_len
+        fh.seek(start)
+        version = np.lib.format.read_magic(fh)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(fh)
+        offset = fh.tell()
+    if fortran or dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def holdout_by_id(images: ImageSet, fraction: float) -> tuple[ImageSet, ImageSet | None]:
@@ -373,13 +455,21 @@ def class_weights(counts: np.ndarray, *, clip: float = 10.0) -> np.ndarray:
 
 
 def channel_stats(images: np.ndarray, *, max_images: int = 10000, seed: int = 0) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of ``images`` (n, c, h, w) uint8 on the [0, 1] scale."""
+    """Per-channel mean and std of ``images`` (n, c, h, w) uint8 on the [0, 1] scale, over at most ``max_images``
+    of them. Summed exactly in integers a chunk at a time, so memory holds one chunk (a mapped set stays mapped)."""
+    rows = np.arange(len(images))
     if len(images) > max_images:
-        images = images[np.random.default_rng(seed).choice(len(images), max_images, replace=False)]
-    x = images.astype(np.float32) / 255.0
-    mean = x.mean(axis=(0, 2, 3))
-    std = np.maximum(x.std(axis=(0, 2, 3)), 1e-3)
-    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+        rows = np.sort(np.random.default_rng(seed).choice(len(images), max_images, replace=False))
+    c = images.shape[1]
+    total, squares = np.zeros(c, np.int64), np.zeros(c, np.int64)
+    for i in range(0, len(rows), 256):
+        x = np.asarray(images[rows[i: i + 256]], dtype=np.int64)
+        total += x.sum(axis=(0, 2, 3))
+        squares += (x * x).sum(axis=(0, 2, 3))
+    n = max(len(rows) * images.shape[2] * images.shape[3], 1)
+    mean = total / n
+    std = np.maximum(np.sqrt(np.maximum(squares / n - mean * mean, 0.0)) / 255.0, 1e-3)
+    return [round(float(v), 6) for v in mean / 255.0], [round(float(v), 6) for v in std]
 
 
 def slice_masks(tags: Sequence[dict[str, str]]) -> dict[str, np.ndarray]:

@@ -49,7 +49,8 @@ def predict(
     model.eval()
     logits, embs = [], []
     for i in range(0, len(images), batch_size):
-        x = normalize(torch.from_numpy(images[i: i + batch_size]).to(device, non_blocking=True), m, s)
+        batch = np.require(images[i: i + batch_size], requirements=["W"])  # a mapped set's batch is copied
+        x = normalize(torch.from_numpy(batch).to(device, non_blocking=True), m, s)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

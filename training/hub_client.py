@@ -28,6 +28,7 @@ from fleet.protocol import (
     RolloutCreate,
     RolloutPublic,
     SnapshotCreate,
+    SnapshotList,
     SnapshotPublic,
 )
 from fleet.retry import RetryPolicy
@@ -72,6 +73,10 @@ class HubClient:
         """POST /v1/snapshots: freeze the hub's accepted and gold labels."""
         resp = self._request("POST", "/v1/snapshots", **_json_body(SnapshotCreate(name=name)))
         return SnapshotPublic.from_json(resp.content)
+
+    def list_snapshots(self) -> list[SnapshotPublic]:
+        """GET /v1/snapshots: every snapshot, oldest first, with its manifest's sha256."""
+        return SnapshotList.from_json(self._request("GET", "/v1/snapshots").content).snapshots
 
     def snapshot_manifest(self, snapshot_id: str) -> tuple[bytes, str | None]:
         """GET /v1/snapshots/{id}/manifest -> (raw JSONL bytes, the sha256 the hub states in X-Manifest-Sha256)."""

@@ -7,9 +7,11 @@ and old ones; ``regression`` joins every ``--regression-set`` (past edge cases).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -22,13 +24,15 @@ from training.data import (
     Splits,
     concat,
     conform,
+    held_out,
     holdout_by_id,
     load_folder,
     load_npz,
     parse_source,
 )
 from training.hub_client import HubClient
-from training.snapshot import Snapshot, pull_snapshot, snapshot_to_imageset
+from training.objstore import ObjectStoreReader
+from training.snapshot import Snapshot, default_cache_dir, pull_snapshot, snapshot_to_imageset, snapshot_to_mapped
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +87,18 @@ def prepare_data(
             raise InvalidInput(
                 "hub data needs the input shape: give --image-size and --channels, a --base, or a --warm-start"
             )
-        snap = pull_snapshot(client_factory(src.location), args.snapshot, cache_dir=args.cache_dir)
+        snap = pull_snapshot(client_factory(src.location), args.snapshot, cache_dir=args.cache_dir,
+                             store=object_store(args))
         if snap.task != "classify":
             raise InvalidInput(f"snapshot {snap.snapshot_id} holds {snap.task!r} labels; train it with --task "
                                f"{snap.task}")
         snapshot_id, snap_stats = snap.snapshot_id, snap.stats
-        images = snapshot_to_imageset(snap, channels=shape[0], size=shape[1:])
-        if not len(images):
+        if not snap.entries:
             raise InvalidInput(f"snapshot {snap.snapshot_id} holds no accepted or gold labels yet; nothing to learn")
-        train, test = holdout_by_id(images, args.holdout)
+        if args.stream:
+            train, test = _mapped_snapshot(snap, shape, args)
+        else:
+            train, test = holdout_by_id(snapshot_to_imageset(snap, channels=shape[0], size=shape[1:]), args.holdout)
         data = Splits(train, test, class_names=extend_names(names, snap.class_names, snap.snapshot_id))
         names = list(data.class_names or [])
         new_tag = "snapshot"
@@ -104,12 +111,13 @@ def prepare_data(
     new, base_train, test_parts = split_sources(
         data, base, shape=shape, new_tag=new_tag, holdout=None if src.kind == "hub" else args.holdout,
         conform=conform, holdout_fn=holdout_by_id, missing="x_test/y_test")
-    eval_sets = {"test": concat(test_parts, name="test")}
+    spill = stream_dir(args) if args.stream else None
+    eval_sets = {"test": concat(test_parts, name="test", spill=spill)}
     regression = [_load_regression(spec, shape, names, args, client_factory) for spec in args.regression_sets]
     if regression:
         eval_sets["regression"] = concat(regression, name="regression")
 
-    pool = concat([s for s in (new, base_train) if s is not None and len(s)], name="train")
+    pool = concat([s for s in (new, base_train) if s is not None and len(s)], name="train", spill=spill)
     n_new = len(new) if base_train is not None else len(pool)
     all_labels = np.concatenate([pool.labels] + [s.labels for s in eval_sets.values()])
     names = _complete_names(names, int(all_labels.max()) + 1)
@@ -127,6 +135,7 @@ def prepare_data(
         "eval": {k: len(v) for k, v in eval_sets.items()},
         "snapshot": None if snapshot_id is None else {"id": snapshot_id, **(snap_stats or {})},
         "fingerprint": pool.fingerprint(),
+        "streamed": pool.mapped,
     }
     log.info("data: %d new + %d base images (%d per epoch), eval %s, %d classes, shape %s",
              n_new, len(pool) - n_new, sampler.epoch_size, info["eval"], len(names), shape)
@@ -179,11 +188,36 @@ def with_overrides(shape: tuple[int, int, int], args: TrainArgs) -> tuple[int, i
     return (args.channels or c, h, w)
 
 
+def object_store(args: TrainArgs) -> ObjectStoreReader | None:
+    """The reader of ``--object-store``, when one is given."""
+    return None if args.object_store is None else ObjectStoreReader(args.object_store)
+
+
+def stream_dir(args: TrainArgs) -> Path:
+    """Where ``--stream`` keeps decoded images: ``decoded/`` in the blob cache."""
+    return (args.cache_dir or default_cache_dir()) / "decoded"
+
+
+def _mapped_snapshot(snap: Snapshot, shape: tuple[int, int, int], args: TrainArgs) -> tuple[ImageSet, ImageSet | None]:
+    """The snapshot's training and held-out images, split by id as :func:`holdout_by_id` splits them, each decoded
+    into its own mapped file (named by the snapshot, the cases and the shape, so a rerun or another rank reuses
+    it)."""
+    held = held_out([e.case_id for e in snap.entries], args.holdout)
+    sides = [snap.entries] if held is None else [
+        [snap.entries[i] for i in np.flatnonzero(~held)], [snap.entries[i] for i in np.flatnonzero(held)]]
+    parts = []
+    for entries in sides:
+        key = hashlib.sha256(repr((shape, [e.case_id for e in entries])).encode()).hexdigest()[:16]
+        path = stream_dir(args) / f"{snap.snapshot_id}-{key}.npy"
+        parts.append(snapshot_to_mapped(snap, entries, channels=shape[0], size=shape[1:], path=path))
+    return parts[0], (parts[1] if len(parts) > 1 else None)
+
+
 def _load_local(
     kind: str, location: str, shape: tuple[int, int, int] | None, names: list[str], args: TrainArgs, *, name: str
 ) -> Splits:
     if kind == "npz":
-        return load_npz(location, name=name)
+        return load_npz(location, name=name, mmap=args.stream)
     if kind == "coco":
         raise InvalidInput(f"coco:{location} holds boxes, which a classifier cannot learn; train a detector with "
                            "--task detect")
@@ -199,7 +233,8 @@ def regression_snapshot(spec: str, args: TrainArgs, client_factory: ClientFactor
     url = src.location if src.kind == "hub" else args.publish
     if not url:
         raise InvalidInput(f"--regression-set {spec}: a snapshot needs a hub (--data hub:URL or --publish URL)")
-    snap = pull_snapshot(client_factory(url), spec.split(":", 1)[1], cache_dir=args.cache_dir)
+    snap = pull_snapshot(client_factory(url), spec.split(":", 1)[1], cache_dir=args.cache_dir,
+                         store=object_store(args))
     if snap.task != args.task:
         raise InvalidInput(f"--regression-set {spec} holds {snap.task!r} labels; this run trains a {args.task!r} model")
     return snap

@@ -1,8 +1,14 @@
-"""Pull a labeled snapshot from the hub into memory, with blobs cached locally by sha256.
+"""Pull a labeled snapshot from the hub, with blobs cached locally by sha256, and decode it.
 
-The snapshot is refused whole (:class:`training.errors.SnapshotError`) if its manifest does not
-match the hash the hub announced, or any blob is missing or does not hash to its name; the error
-names the case ids and hashes. Nothing unverified is written to the cache.
+The manifest and blobs come through the hub's API, or straight from its S3-compatible object store
+(``store``, :class:`training.objstore.ObjectStoreReader`). The snapshot is refused whole
+(:class:`training.errors.SnapshotError`) if its manifest does not match the hash the hub announced, or any blob
+is missing or does not hash to its name; the error names the case ids and hashes. Nothing unverified is
+written to the cache.
+
+:func:`snapshot_to_imageset` decodes every image into memory; :func:`snapshot_to_mapped` decodes a bounded
+chunk at a time into a memory-mapped ``.npy`` file, so a snapshot larger than the machine's memory trains
+(``flywheel train --stream``).
 """
 
 from __future__ import annotations
@@ -11,22 +17,25 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fleet.errors import ProtocolError
+from fleet.errors import InvalidInput, ProtocolError
 from fleet.protocol import SnapshotEntry, decode_manifest
 from training.data import ImageSet, decode_image
 from training.errors import SnapshotError
 from training.hub_client import HubClient
+from training.objstore import ObjectStoreReader
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "FLYWHEEL_CACHE"
 BULK_CHUNK = 256
+DECODE_CHUNK = 512  # images decoded at a time when streaming into a mapped file
 
 
 @dataclass
@@ -45,16 +54,28 @@ def default_cache_dir() -> Path:
 
 
 def pull_snapshot(
-    client: HubClient, snapshot_id: str | None = None, *, cache_dir: Path | None = None, name: str | None = None
+    client: HubClient, snapshot_id: str | None = None, *, cache_dir: Path | None = None, name: str | None = None,
+    store: ObjectStoreReader | None = None,
 ) -> Snapshot:
-    """Create (when ``snapshot_id`` is None) or reuse a snapshot, then make every blob present and verified."""
+    """Create (when ``snapshot_id`` is None) or reuse a snapshot, then make every blob present and verified.
+
+    With ``store``, the hub only names the snapshot's manifest (its sha256); the manifest and the blobs are read
+    from the object store."""
     expected_sha = None
     if snapshot_id is None:
         created = client.create_snapshot(name)
         snapshot_id, expected_sha = created.snapshot_id, created.manifest_sha256
         log.info("created snapshot %s with %s labels", snapshot_id, created.n_labels)
-    raw, stated_sha = client.snapshot_manifest(snapshot_id)
-    expected_sha = expected_sha or stated_sha
+    if store is None:
+        raw, stated_sha = client.snapshot_manifest(snapshot_id)
+        expected_sha = expected_sha or stated_sha
+    else:
+        expected_sha = expected_sha or _manifest_sha(client, snapshot_id)
+        got = store.get(expected_sha)
+        if got is None:
+            raise SnapshotError(f"snapshot {snapshot_id}: its manifest {expected_sha} is not in {store.url}; is "
+                                f"--object-store the hub's bucket and prefix?")
+        raw = got
     if expected_sha and hashlib.sha256(raw).hexdigest() != expected_sha:
         raise SnapshotError(
             f"snapshot {snapshot_id}: manifest sha256 {hashlib.sha256(raw).hexdigest()} does not match the "
@@ -65,10 +86,11 @@ def pull_snapshot(
     wanted = sorted({e.image_sha256 for e in entries})
     cached = {s for s in wanted if cache.get(s) is not None}
     todo = [s for s in wanted if s not in cached]
-    missing, corrupt = _fetch_into(client, cache, todo)
+    missing, corrupt = _fetch_into(client.blobs_bulk if store is None else _from_store(store), cache, todo)
     _refuse_if_bad(snapshot_id, entries, missing, corrupt)
     paths = {s: cache.path(s) for s in wanted}
-    stats = {"entries": len(entries), "blobs": len(wanted), "cache_hits": len(cached), "fetched": len(todo)}
+    stats = {"entries": len(entries), "blobs": len(wanted), "cache_hits": len(cached), "fetched": len(todo),
+             "read_from": "hub" if store is None else store.url}
     log.info("snapshot %s: %d entries, %d blobs (%d from cache)", snapshot_id, len(entries), len(wanted), len(cached))
     return Snapshot(snapshot_id, header.task, list(header.class_names), entries, paths, stats)
 
@@ -86,6 +108,60 @@ def snapshot_to_imageset(snap: Snapshot, *, channels: int, size: tuple[int, int]
     labels = np.array([e.label.label for e in snap.entries], dtype=np.int64)
     tags = [{**e.case.tags, "source": "snapshot"} for e in snap.entries]
     return ImageSet(images, labels, tags, f"snapshot:{snap.snapshot_id}", [e.case_id for e in snap.entries])
+
+
+def snapshot_to_mapped(snap: Snapshot, entries: list[SnapshotEntry], *, channels: int, size: tuple[int, int],
+                       path: Path) -> ImageSet:
+    """:func:`snapshot_to_imageset` for ``entries`` (of ``snap``), its images decoded :data:`DECODE_CHUNK` at a
+    time into the ``.npy`` file ``path`` and mapped read-only: memory holds one chunk, not the snapshot. The file
+    is written beside its final name and renamed when whole; one already there with this shape is reused (a
+    snapshot never changes, and ``path`` names the snapshot, the entries and the shape)."""
+    shape = (len(entries), channels, *size)
+    if path.is_file():
+        try:
+            mapped = np.load(path, mmap_mode="r")
+            if mapped.shape == shape and mapped.dtype == np.uint8:
+                return _mapped_set(snap, entries, mapped)
+        except (OSError, ValueError):
+            pass
+        log.warning("decoded snapshot file %s does not hold %s uint8 images; decoding again", path, shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        for i in range(0, len(entries), DECODE_CHUNK):
+            chunk = entries[i: i + DECODE_CHUNK]
+            out[i: i + len(chunk)] = np.stack([
+                decode_image(snap.blob_paths[e.image_sha256].read_bytes(), channels=channels, size=size,
+                             what=f"case {e.case_id} (blob {e.image_sha256})") for e in chunk
+            ])
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return _mapped_set(snap, entries, np.load(path, mmap_mode="r"))
+
+
+def _mapped_set(snap: Snapshot, entries: list[SnapshotEntry], images: np.ndarray) -> ImageSet:
+    labels = np.array([e.label.label for e in entries], dtype=np.int64)
+    tags = [{**e.case.tags, "source": "snapshot"} for e in entries]
+    return ImageSet(images, labels, tags, f"snapshot:{snap.snapshot_id}", [e.case_id for e in entries])
+
+
+def _manifest_sha(client: HubClient, snapshot_id: str) -> str:
+    for snap in client.list_snapshots():
+        if snap.snapshot_id == snapshot_id:
+            return snap.manifest_sha256
+    raise InvalidInput(f"the hub has no snapshot {snapshot_id!r}")
+
+
+def _from_store(store: ObjectStoreReader) -> Callable[[list[str]], tuple[dict[str, bytes], list[str]]]:
+    def fetch(chunk: list[str]) -> tuple[dict[str, bytes], list[str]]:
+        found = store.get_many(chunk)
+        return found, [s for s in chunk if s not in found]
+    return fetch
 
 
 def parse_manifest(raw: bytes, *, snapshot_id: str) -> tuple[Any, list[SnapshotEntry]]:
@@ -130,12 +206,13 @@ class BlobCache:
         return True
 
 
-def _fetch_into(client: HubClient, cache: BlobCache, todo: list[str]) -> tuple[set[str], dict[str, str]]:
+def _fetch_into(fetch: Callable[[list[str]], tuple[dict[str, bytes], list[str]]], cache: BlobCache,
+                todo: list[str]) -> tuple[set[str], dict[str, str]]:
     missing: set[str] = set()
     corrupt: dict[str, str] = {}  # expected -> received hash
     for i in range(0, len(todo), BULK_CHUNK):
         chunk = todo[i: i + BULK_CHUNK]
-        found, _ = client.blobs_bulk(chunk)
+        found, _ = fetch(chunk)
         for sha in chunk:
             data = found.get(sha)
             if data is None:

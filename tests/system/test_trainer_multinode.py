@@ -1,7 +1,8 @@
 """The trainer across two machines, as the README documents it: two ``torchrun`` launchers, one a node, with a
 static rendezvous on the first (here both on loopback, gloo on CPU), each with its own disk (``--out`` and
-``--cache-dir`` of its own, as two hosts have), both reading the same snapshot from a real hub; rank 0 alone
-evaluates, exports and publishes, and the other node writes nothing of the run."""
+``--cache-dir`` of its own, as two hosts have), both reading the same snapshot of a real hub straight from its
+object store (the real S3 server) and streaming it from mapped files (``--stream``); rank 0 alone evaluates,
+exports and publishes, and the other node writes nothing of the run."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 
 from tests.support.data import digits_arrays
 from tests.support.hub import REPO
+from tests.support.s3 import new_bucket, s3_env, s3_url
 
 from .support import bearer, digits_snapshot, restartable_hub
 
@@ -32,7 +34,8 @@ def _free_port() -> int:
 
 
 def test_torchrun_on_two_nodes_trains_one_model_from_a_hub_snapshot_and_publishes_it(tmp_path: Path) -> None:
-    with restartable_hub(tmp_path / "hub") as hub:
+    bucket = new_bucket()
+    with restartable_hub(tmp_path / "hub", extra_env=s3_env(bucket)) as hub:
         trainer, snap, _ = digits_snapshot(hub, tmp_path, "mn", 80)
         x, y = digits_arrays()
         key = tmp_path / "fleet.key"
@@ -48,9 +51,11 @@ def test_torchrun_on_two_nodes_trains_one_model_from_a_hub_snapshot_and_publishe
                    "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
                    "-m", "training", "--data", f"hub:{hub.url}", "--snapshot", snap, "--base", f"npz:{base}",
                    "--replay-ratio", "0.5", "--out", str(node / "run"), "--cache-dir", str(node / "cache"),
+                   "--stream", "--object-store", f"s3://{bucket}/blobs/",
                    "--epochs", "2", "--width", "4", "--threads", "1", "--version", "mn-v1", "--parent", "mn-m0",
                    "--sign-key", str(key), "--publish", hub.url, "--no-progress", "--no-int8"]
-            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FLYWHEEL_TOKEN": trainer}
+            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FLYWHEEL_TOKEN": trainer,
+                   "AWS_ENDPOINT_URL": s3_url()}
             procs.append(subprocess.Popen(cmd, cwd=node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                           text=True, start_new_session=True))
         outs = []
@@ -66,10 +71,12 @@ def test_torchrun_on_two_nodes_trains_one_model_from_a_hub_snapshot_and_publishe
         report = json.loads((tmp_path / "node0" / "run" / "report.json").read_text())
         assert report["training"]["world_size"] == 2 and report["status"] == "published", report["status"]
         assert report["data"]["snapshot"]["id"] == snap and 0 < report["data"]["new"]["n"] <= 80, report["data"]
+        assert report["data"]["snapshot"]["read_from"] == f"s3://{bucket}/blobs/" and report["data"]["streamed"]
         epoch = report["data"]["epoch_size"]
         assert [h["images"] for h in report["training"]["history"]] == [epoch, epoch]  # the two nodes' shards
         assert outs[0][0].count("mn-v1") >= 1 and "mn-v1" not in outs[1][0]  # rank 0 alone reports
         assert not (tmp_path / "node1" / "run").exists()  # the other node wrote nothing of the run
-        assert any((tmp_path / "node1" / "cache").rglob("*"))  # ... but read the snapshot itself, from the hub
+        for node in ("node0", "node1"):  # each read the snapshot itself, from the bucket, and decoded it to disk
+            assert len(list((tmp_path / node / "cache" / "decoded").glob(f"{snap}-*.npy"))) == 2
         models = httpx.get(hub.url + "/v1/models", headers=bearer(trainer), timeout=30).json()["models"]
         assert {m["version"]: m["status"] for m in models}.get("mn-v1") in ("candidate", "canary", "active")

@@ -28,7 +28,15 @@ from training.detect.data import (
     snapshot_to_boxset,
 )
 from training.detect.models import THREE_CHANNEL_MODELS, default_size
-from training.prepare import ClientFactory, Prepared, extend_names, regression_snapshot, split_sources, with_overrides
+from training.prepare import (
+    ClientFactory,
+    Prepared,
+    extend_names,
+    object_store,
+    regression_snapshot,
+    split_sources,
+    with_overrides,
+)
 from training.snapshot import pull_snapshot
 
 log = logging.getLogger(__name__)
@@ -63,7 +71,8 @@ def prepare_boxes(
         if shape is None:
             raise InvalidInput("hub data needs the input shape: give --image-size and --channels, a --base, or a "
                                "--warm-start")
-        snap = pull_snapshot(client_factory(src.location), args.snapshot, cache_dir=args.cache_dir)
+        snap = pull_snapshot(client_factory(src.location), args.snapshot, cache_dir=args.cache_dir,
+                             store=object_store(args))
         snapshot_id, snap_stats, new_tag = snap.snapshot_id, snap.stats, "snapshot"
         new_all = snapshot_to_boxset(snap, channels=shape[0], size=shape[1:])
         if not len(new_all):
