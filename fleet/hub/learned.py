@@ -102,27 +102,28 @@ def case_features(payloads: list[dict[str, Any]]) -> np.ndarray:
     return error_features(probs, human, ch)
 
 
-def model_bank(s: Session, blobs: BlobStore | None, version: str) -> tuple[Any, str]:
+def model_bank(s: Session, blobs: BlobStore | None, version: str) -> tuple[Any, str, str]:
     """The newest novelty bank of model ``version`` when it has known labels (a ``trigger.NoveltyBank``), else
-    None; with a sentence naming the bank, or saying why there is none. A bank whose blob cannot be read is
-    logged and treated as absent: the fit goes on without it."""
+    None; with the bank's name (empty when there is no bank row) and a sentence describing the bank, or saying
+    why there is none. A bank whose blob cannot be read is logged and treated as absent: the fit goes on without
+    it."""
     from trigger import NoveltyBank
 
     if blobs is None:
-        return None, "this hub has no blob store to read novelty banks from"
+        return None, "", "this hub has no blob store to read novelty banks from"
     row = s.exec(select(NoveltyBankRow).where(NoveltyBankRow.model_version == version)
                  .order_by(col(NoveltyBankRow.created_at).desc())).first()
     if row is None:
-        return None, f"model {version} has no novelty bank"
+        return None, "", f"model {version} has no novelty bank"
+    name = f"novelty bank {row.bank_id} of model {version}"
     try:
         bank = NoveltyBank.from_bytes(blobs.get(row.sha256), expected_sha256=row.sha256)
     except Exception as exc:  # noqa: BLE001 - a missing or damaged blob only costs the feature
-        log.warning("novelty bank %s of model %s unreadable (%s); fitting without the bank feature", row.bank_id,
-                    version, exc)
-        return None, f"novelty bank {row.bank_id} of model {version} could not be read ({exc})"
+        log.warning("%s unreadable (%s); fitting without the bank feature", name, exc)
+        return None, name, f"{name} could not be read ({exc})"
     if not (bank.labels >= 0).any():
-        return None, f"novelty bank {row.bank_id} of model {version} has no labels"
-    return bank, f"novelty bank {row.bank_id} of model {version} ({len(bank.labels)} entries, k={KNN_K})"
+        return None, name, f"{name} has no labels"
+    return bank, name, f"{name} ({len(bank.labels)} entries, k={KNN_K})"
 
 
 def bank_features(payloads: list[dict[str, Any]], embeddings: list[bytes | None], bank: Any) -> np.ndarray | None:
@@ -163,12 +164,12 @@ def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: flo
                             f"cases from the active model {active.version} with both right and wrong ones; it has "
                             f"{len(rows)} ({int(y.sum())} wrong)")
     payloads = [p for p, _, _, _ in rows]
-    bank, bank_note = model_bank(s, blobs, active.version)
+    bank, bank_name, bank_note = model_bank(s, blobs, active.version)
     embeddings = [e for _, _, _, e in rows]
     x = None if bank is None else bank_features(payloads, embeddings, bank)
     if bank is not None and x is None:
         bank_note = (f"{missing_embeddings(embeddings, bank.dim)} of the {len(rows)} cases have no embedding of "
-                     f"the width of {bank_note.split(' (')[0]} ({bank.dim})")
+                     f"the width of {bank_name} ({bank.dim})")
     kind, names = (LEAF, FEATURES) if x is None else (KNN_LEAF, BANK_FEATURES)
     if x is None:
         x = case_features(payloads)

@@ -246,12 +246,7 @@ def start(hub: Hub, s: Session, version: str, stages: list[float], stage_seconds
         raise Conflict(f"rollout {other.rollout_id} of {other.version!r} is still running; advance it to the end "
                        f"or roll it back first")
     incumbent = active_model(s)
-    rollout = Rollout(
-        rollout_id=f"ro-{int(now)}-{secrets.token_hex(3)}", version=version,
-        incumbent=incumbent.version if incumbent else None, stages=list(stages), stage_index=0,
-        stage_seconds=stage_seconds, state="running", kind=kind, reason=reason, created_at=now,
-        stage_started_at=now,
-    )
+    rollout = _new_rollout(version, incumbent, stages, stage_seconds, kind=kind, reason=reason, now=now)
     if kind == "override":  # active at once; the incumbent is what a rollback brings back
         promote(hub, s, version)
     else:
@@ -276,16 +271,23 @@ def _start_on_group(hub: Hub, s: Session, version: str, stages: list[float], sta
     incumbent = model_for_group(s, group)
     if incumbent is not None and incumbent.version == version:
         raise Conflict(f"group {group!r} runs {version!r} already")
-    rollout = Rollout(
-        rollout_id=f"ro-{int(now)}-{secrets.token_hex(3)}", version=version,
-        incumbent=incumbent.version if incumbent else None, stages=list(stages), stage_index=0,
-        stage_seconds=stage_seconds, state="running", kind="staged", reason=reason, created_at=now,
-        stage_started_at=now, group=group,
-    )
+    rollout = _new_rollout(version, incumbent, stages, stage_seconds, kind="staged", reason=reason, now=now,
+                           group=group)
     s.add(rollout)
     log.info("rollout %s on group %s: %s over %s, stages %s", rollout.rollout_id, group, version,
              rollout.incumbent, stages)
     return rollout
+
+
+def _new_rollout(version: str, incumbent: ModelVersion | None, stages: list[float], stage_seconds: float | None, *,
+                 kind: str, reason: str | None, now: float, group: str | None = None) -> Rollout:
+    """A running rollout of ``version`` over ``incumbent`` at its first stage (fleet-wide, or on ``group``)."""
+    return Rollout(
+        rollout_id=f"ro-{int(now)}-{secrets.token_hex(3)}", version=version,
+        incumbent=incumbent.version if incumbent else None, stages=list(stages), stage_index=0,
+        stage_seconds=stage_seconds, state="running", kind=kind, reason=reason, created_at=now,
+        stage_started_at=now, group=group,
+    )
 
 
 def unpin(hub: Hub, s: Session, group: str) -> GroupModel:
