@@ -148,7 +148,7 @@ def train_command(
     stream: bool = typer.Option(
         False, "--stream/--no-stream",
         help="Decode the data into memory-mapped files beside the blob cache and read each batch from them, so "
-             "the snapshot and replay set need disk, not memory (classifiers).",
+             "the snapshot and replay set need disk, not memory.",
     ),
     object_store: str | None = typer.Option(
         None, "--object-store",

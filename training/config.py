@@ -109,9 +109,6 @@ class TrainArgs:
         elif self.init_weights is not None:
             raise InvalidInput("--init-weights applies to detectors (--task detect); a classifier starts from "
                                f"--warm-start; received {self.init_weights}")
-        if self.task == "detect" and self.stream:
-            raise InvalidInput("--stream trains classifiers only for now; a detector's boxes and images are held in "
-                               "memory (leave out --stream with --task detect)")
         if self.object_store is not None:
             from training.objstore import parse_store_url
 

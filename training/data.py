@@ -188,7 +188,7 @@ def load_npz(path: str | Path, *, name: str = "data", mmap: bool = False) -> Spl
                 continue
             if yk not in keys:
                 raise InvalidInput(f"{path}: {xk} is present but {yk} is missing")
-            x = _mapped_images(path, xk) if mmap else None
+            x = mapped_npz_images(path, xk) if mmap else None
             if x is None:
                 if mmap:
                     log.info("%s:%s is compressed or not uint8 (n, c, h, w): read into memory", path, xk)
@@ -206,7 +206,9 @@ def load_npz(path: str | Path, *, name: str = "data", mmap: bool = False) -> Spl
     return Splits(train=sets["train"], test=sets.get("test"), class_names=names)
 
 
-def _mapped_images(path: Path, key: str) -> np.ndarray | None:
+def mapped_npz_images(path: Path, key: str) -> np.ndarray | None:
+    """The images ``key`` of an npz mapped from the file as (n, c, h, w) uint8 (:func:`map_npz_member`), or None
+    when they are compressed, not uint8, or not images of 1 or 3 channels."""
     x = map_npz_member(path, key)
     if x is None or x.dtype != np.uint8:
         return None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -269,3 +270,36 @@ def phase(progress: Progress, name: str) -> Progress:
 def shape_of(spec: dict[str, Any]) -> tuple[int, int, int]:
     """(channels, height, width) of a manifest input spec."""
     return int(spec["channels"]), int(spec["height"]), int(spec["width"])
+
+
+class MappedImages:
+    """The training pool's images in a memory-mapped file (``--stream``), read one batch at a time: indexing with
+    a tensor of indices reads those images (in file order, so the disk reads run forward) and returns them in the
+    order asked, as a CPU tensor (pinned for a GPU). Memory holds a batch; the page cache, which the system may
+    reclaim, holds what was read recently."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, images: np.ndarray, *, pin: bool = False) -> None:
+        self.images, self.pin = images, pin
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        index = idx.cpu().numpy()
+        order = np.argsort(index, kind="stable")
+        batch = np.empty((len(index), *self.images.shape[1:]), np.uint8)
+        batch[order] = self.images[index[order]]
+        out = torch.from_numpy(batch)
+        return out.pin_memory() if self.pin else out
+
+
+def pool_on_device(images: np.ndarray, mapped: bool, device: torch.device) -> torch.Tensor | MappedImages:
+    """The training pool's images where the loop indexes them: read a batch at a time from their mapped file
+    (``--stream``), or whole on the device (pinned host memory instead when a GPU would hold over 2 GiB)."""
+    if mapped:
+        return MappedImages(images, pin=device.type == "cuda")
+    tensor = torch.from_numpy(images)
+    big = images.nbytes > 2 * 1024**3
+    return tensor.pin_memory() if (device.type == "cuda" and big) else tensor.to(device)

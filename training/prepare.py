@@ -17,6 +17,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from fleet.errors import InvalidInput
+from fleet.protocol import SnapshotEntry
 from training.config import TrainArgs
 from training.data import (
     EpochSampler,
@@ -96,7 +97,8 @@ def prepare_data(
         if not snap.entries:
             raise InvalidInput(f"snapshot {snap.snapshot_id} holds no accepted or gold labels yet; nothing to learn")
         if args.stream:
-            train, test = _mapped_snapshot(snap, shape, args)
+            sides = [images for _, images in mapped_snapshot(snap, shape, args)]
+            train, test = sides[0], (sides[1] if len(sides) > 1 else None)
         else:
             train, test = holdout_by_id(snapshot_to_imageset(snap, channels=shape[0], size=shape[1:]), args.holdout)
         data = Splits(train, test, class_names=extend_names(names, snap.class_names, snap.snapshot_id))
@@ -198,19 +200,20 @@ def stream_dir(args: TrainArgs) -> Path:
     return (args.cache_dir or default_cache_dir()) / "decoded"
 
 
-def _mapped_snapshot(snap: Snapshot, shape: tuple[int, int, int], args: TrainArgs) -> tuple[ImageSet, ImageSet | None]:
-    """The snapshot's training and held-out images, split by id as :func:`holdout_by_id` splits them, each decoded
-    into its own mapped file (named by the snapshot, the cases and the shape, so a rerun or another rank reuses
-    it)."""
+def mapped_snapshot(snap: Snapshot, shape: tuple[int, int, int], args: TrainArgs
+                    ) -> list[tuple[list[SnapshotEntry], ImageSet]]:
+    """The snapshot's training side and, when ``--holdout`` leaves one, its held-out side (split by id as
+    :func:`holdout_by_id` splits), each with its images decoded into a mapped file of its own (named by the
+    snapshot, the cases and the shape, so a rerun or another rank reuses it)."""
     held = held_out([e.case_id for e in snap.entries], args.holdout)
     sides = [snap.entries] if held is None else [
         [snap.entries[i] for i in np.flatnonzero(~held)], [snap.entries[i] for i in np.flatnonzero(held)]]
-    parts = []
+    out = []
     for entries in sides:
         key = hashlib.sha256(repr((shape, [e.case_id for e in entries])).encode()).hexdigest()[:16]
         path = stream_dir(args) / f"{snap.snapshot_id}-{key}.npy"
-        parts.append(snapshot_to_mapped(snap, entries, channels=shape[0], size=shape[1:], path=path))
-    return parts[0], (parts[1] if len(parts) > 1 else None)
+        out.append((entries, snapshot_to_mapped(snap, entries, channels=shape[0], size=shape[1:], path=path)))
+    return out
 
 
 def _load_local(

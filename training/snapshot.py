@@ -145,7 +145,7 @@ def snapshot_to_mapped(snap: Snapshot, entries: list[SnapshotEntry], *, channels
 
 
 def _mapped_set(snap: Snapshot, entries: list[SnapshotEntry], images: np.ndarray) -> ImageSet:
-    labels = np.array([e.label.label for e in entries], dtype=np.int64)
+    labels = np.array([getattr(e.label, "label", -1) for e in entries], dtype=np.int64)  # -1: boxes, no class
     tags = [{**e.case.tags, "source": "snapshot"} for e in entries]
     return ImageSet(images, labels, tags, f"snapshot:{snap.snapshot_id}", [e.case_id for e in entries])
 

@@ -33,7 +33,17 @@ from training.data import channel_stats, class_weights
 from training.evaluate import normalize, stats_tensors
 from training.export import input_spec
 from training.hub_client import HubClient
-from training.loop import LoopCore, Progress, batch_starts, phase, prepare_on_ranks, set_threads, start_turn
+from training.loop import (
+    LoopCore,
+    MappedImages,
+    Progress,
+    batch_starts,
+    phase,
+    pool_on_device,
+    prepare_on_ranks,
+    set_threads,
+    start_turn,
+)
 from training.models import Classifier, build_model, default_width, load_warm_start
 from training.prepare import ClientFactory, Prepared, prepare_data
 from training.report import REPORT, finish_turn, write_report
@@ -177,29 +187,6 @@ def _turn(
     return finish_turn(args, train.core, data, meta, warm, key, factory, report, t_start, device=device)
 
 
-class MappedImages:
-    """The training pool's images in a memory-mapped file (``--stream``), read one batch at a time: indexing with
-    a tensor of indices reads those images (in file order, so the disk reads run forward) and returns them in the
-    order asked, as a CPU tensor (pinned for a GPU). Memory holds a batch; the page cache, which the system may
-    reclaim, holds what was read recently."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, images: np.ndarray, *, pin: bool = False) -> None:
-        self.images, self.pin = images, pin
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        index = idx.cpu().numpy()
-        order = np.argsort(index, kind="stable")
-        batch = np.empty((len(index), *self.images.shape[1:]), np.uint8)
-        batch[order] = self.images[index[order]]
-        out = torch.from_numpy(batch)
-        return out.pin_memory() if self.pin else out
-
-
 class _Trainer(LoopCore):
     """The classifier's loop state: :class:`LoopCore` plus the pool on the device, the loss and augmentation."""
 
@@ -216,13 +203,7 @@ class _Trainer(LoopCore):
             weights = torch.from_numpy(class_weights(counts)).to(device)
         self.criterion = nn.CrossEntropyLoss(weight=weights, label_smoothing=args.label_smoothing)
         self.mean, self.std = stats_tensors(spec.mean, spec.std, device)
-        self.images: torch.Tensor | MappedImages
-        if data.pool.mapped:  # --stream: each batch is read from the mapped file
-            self.images = MappedImages(data.pool.images, pin=device.type == "cuda")
-        else:
-            big = data.pool.images.nbytes > 2 * 1024**3
-            self.images = torch.from_numpy(data.pool.images)
-            self.images = self.images.pin_memory() if (device.type == "cuda" and big) else self.images.to(device)
+        self.images = pool_on_device(data.pool.images, data.pool.mapped, device)
         self.labels = torch.from_numpy(data.pool.labels).to(device)
         self.ops = aug.get_preset(args.augment)
 

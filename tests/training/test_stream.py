@@ -34,7 +34,7 @@ from training.prepare import prepare_data
 from training.snapshot import pull_snapshot
 from training.train import main
 
-from .conftest import _digits_fleet, add_case, trainer
+from .conftest import _digits_fleet, add_case, add_detect_cases, trainer
 
 MakeArgs = Callable[..., TrainArgs]
 
@@ -193,8 +193,27 @@ def test_spilled_sets_leave_no_file_behind(tmp_path: Path) -> None:
     (dict(object_store="http://bucket/blobs/", data="hub:http://hub"), "--object-store must be s3://BUCKET/PREFIX/"),
     (dict(object_store="s3:///blobs/", data="hub:http://hub"), "received 's3:///blobs/'"),
     (dict(object_store="s3://bucket/blobs/"), "--data must be hub:URL with it"),
-    (dict(stream=True, task="detect"), "--stream trains classifiers only"),
 ])
 def test_bad_stream_and_store_options_are_refused(make_args: MakeArgs, kw: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         make_args(**kw).validate()
+
+
+def test_a_streamed_detector_is_the_in_memory_one(make_det_args: MakeArgs, scenes_npz: Path, tmp_path: Path,
+                                                  hub: InProcHub) -> None:
+    """Boxes from a hub snapshot plus the scenes replay set (mapped from its npz), trained by fcos_tiny in memory
+    and streamed: the same data, losses and weights."""
+    add_detect_cases(hub, 24, class_names=("0", "1", "2", "3"))  # the classes of the scenes replay set
+    sid = pull_snapshot(trainer(hub), cache_dir=tmp_path / "warm").snapshot_id
+    common: dict[str, Any] = dict(data="hub:http://hub", snapshot=sid, base=f"npz:{scenes_npz}", holdout=0.25,
+                                  image_size=(64, 64), channels=1, gate_against=None)
+    mem = main(make_det_args(out=tmp_path / "mem", cache_dir=tmp_path / "c1", **common), client_factory=factory(hub))
+    streamed = main(make_det_args(out=tmp_path / "str", cache_dir=tmp_path / "c2", stream=True, **common),
+                    client_factory=factory(hub))
+    assert streamed["data"]["streamed"] is True and mem["data"]["streamed"] is False
+    assert streamed["data"]["fingerprint"] == mem["data"]["fingerprint"]
+    assert [h["loss"] for h in streamed["training"]["history"]] == [h["loss"] for h in mem["training"]["history"]]
+    a = torch.load(tmp_path / "mem" / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "str" / "checkpoint.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "c2" / "decoded").glob(f"{sid}-*.npy"))) == 2

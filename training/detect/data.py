@@ -21,7 +21,16 @@ import numpy as np
 
 from fleet.coco import read_coco
 from fleet.errors import InvalidInput
-from training.data import ImageSet, concat, conform, decode_image, held_out, parse_tags, to_nchw_uint8
+from training.data import (
+    ImageSet,
+    concat,
+    conform,
+    decode_image,
+    held_out,
+    mapped_npz_images,
+    parse_tags,
+    to_nchw_uint8,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +126,12 @@ def check_boxes(boxes: Any, classes: Any, *, num_classes: int | None, what: str)
     return b.astype(np.float32), c.astype(np.int64)
 
 
-def load_box_npz(path: str | Path, *, name: str = "data") -> BoxSplits:
+def load_box_npz(path: str | Path, *, name: str = "data", mmap: bool = False) -> BoxSplits:
     """Load an npz of scenes: ``x_train`` images, ``boxes_train`` (total, 4) normalised, ``box_labels_train``
     (total,), ``box_image_train`` (total,) the image each box belongs to, optional ``tags_train``, the same with
     ``_test``, and ``class_names`` (the layout :meth:`fleet.sim.scenes.Scenes.to_npz_arrays` writes).
-    Without the ``_train`` suffix (``x``, ``boxes``, ...), everything is the training split."""
+    Without the ``_train`` suffix (``x``, ``boxes``, ...), everything is the training split. With ``mmap``,
+    images stored uncompressed as uint8 are mapped from the file (:func:`training.data.mapped_npz_images`)."""
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"npz file {path} does not exist")
@@ -138,7 +148,9 @@ def load_box_npz(path: str | Path, *, name: str = "data") -> BoxSplits:
             if missing:
                 raise InvalidInput(f"{path}: a detection npz needs {needed} (and optionally tags{sfx}, class_names); "
                                    f"missing {missing}; received {sorted(keys)}")
-            x = to_nchw_uint8(z[f"x{sfx}"], what=f"{path}:x{sfx}")
+            x = mapped_npz_images(path, f"x{sfx}") if mmap else None
+            if x is None:
+                x = to_nchw_uint8(z[f"x{sfx}"], what=f"{path}:x{sfx}")
             boxes, labels, owner = z[f"boxes{sfx}"], z[f"box_labels{sfx}"], z[f"box_image{sfx}"]
             if boxes.ndim != 2 or boxes.shape[1] != 4 or labels.shape != (len(boxes),) or owner.shape != labels.shape:
                 raise InvalidInput(f"{path}: boxes{sfx} must be (m, 4) with box_labels{sfx} and box_image{sfx} (m,); "
@@ -183,23 +195,26 @@ def load_coco(path: str | Path, *, channels: int | None, size: tuple[int, int] |
     return BoxSplits(train=data, test=None, class_names=folder.class_names)
 
 
-def snapshot_to_boxset(snap: Any, *, channels: int, size: tuple[int, int]) -> BoxSet:
+def snapshot_to_boxset(snap: Any, *, channels: int, size: tuple[int, int], entries: list[Any] | None = None,
+                       images: np.ndarray | None = None) -> BoxSet:
     """A hub snapshot of ``detect`` labels (:class:`training.snapshot.Snapshot`) decoded to a BoxSet, tagged
-    with each case's tags and ``source=snapshot``."""
+    with each case's tags and ``source=snapshot``: all its entries, or ``entries`` with their ``images`` already
+    decoded (a mapped file, ``--stream``)."""
     if snap.task != "detect":
         raise InvalidInput(f"snapshot {snap.snapshot_id} holds {snap.task!r} labels; a detector needs 'detect' "
                            "labels (boxes)")
-    n = len(snap.entries)
-    images = np.stack([
-        decode_image(snap.blob_paths[e.image_sha256].read_bytes(), channels=channels, size=size,
-                     what=f"case {e.case_id} (blob {e.image_sha256})")
-        for e in snap.entries
-    ]) if n else np.zeros((0, channels, *size), np.uint8)
-    boxes = [[(b.x1, b.y1, b.x2, b.y2) for b in e.label.boxes] for e in snap.entries]
-    classes = [[b.label for b in e.label.boxes] for e in snap.entries]
-    tags = [{**e.case.tags, "source": "snapshot"} for e in snap.entries]
+    entries = snap.entries if entries is None else entries
+    if images is None:
+        images = np.stack([
+            decode_image(snap.blob_paths[e.image_sha256].read_bytes(), channels=channels, size=size,
+                         what=f"case {e.case_id} (blob {e.image_sha256})")
+            for e in entries
+        ]) if entries else np.zeros((0, channels, *size), np.uint8)
+    boxes = [[(b.x1, b.y1, b.x2, b.y2) for b in e.label.boxes] for e in entries]
+    classes = [[b.label for b in e.label.boxes] for e in entries]
+    tags = [{**e.case.tags, "source": "snapshot"} for e in entries]
     return make_boxset(images, boxes, classes, tags, name=f"snapshot:{snap.snapshot_id}",
-                       ids=[e.case_id for e in snap.entries], num_classes=len(snap.class_names))
+                       ids=[e.case_id for e in entries], num_classes=len(snap.class_names))
 
 
 def conform_boxes(data: BoxSet, shape: tuple[int, int, int]) -> BoxSet:
@@ -207,9 +222,10 @@ def conform_boxes(data: BoxSet, shape: tuple[int, int, int]) -> BoxSet:
     return BoxSet(conform(data.images, shape), data.boxes, data.classes)
 
 
-def concat_boxes(sets: Sequence[BoxSet | None], *, name: str) -> BoxSet:
+def concat_boxes(sets: Sequence[BoxSet | None], *, name: str, spill: Path | None = None) -> BoxSet:
+    """The sets one after another (images spilled to a mapped file in ``spill``, as :func:`training.data.concat`)."""
     present = [s for s in sets if s is not None and len(s)]
-    return BoxSet(concat([s.images for s in present], name=name), [b for s in present for b in s.boxes],
+    return BoxSet(concat([s.images for s in present], name=name, spill=spill), [b for s in present for b in s.boxes],
                   [c for s in present for c in s.classes])
 
 

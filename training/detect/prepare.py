@@ -32,9 +32,11 @@ from training.prepare import (
     ClientFactory,
     Prepared,
     extend_names,
+    mapped_snapshot,
     object_store,
     regression_snapshot,
     split_sources,
+    stream_dir,
     with_overrides,
 )
 from training.snapshot import pull_snapshot
@@ -63,7 +65,8 @@ def prepare_boxes(
     base: BoxSplits | None = None
     if args.base:
         base_src = parse_source(args.base, what="--base")
-        base = _load_local(base_src.kind, base_src.location, shape, names, what="--base", name="base")
+        base = _load_local(base_src.kind, base_src.location, shape, names, what="--base", name="base",
+                           mmap=args.stream)
         shape = shape or with_overrides(base.train.shape, args)
         names = names or list(base.class_names or [])
     snapshot_id, snap_stats, new_tag = None, None, "data"
@@ -74,21 +77,26 @@ def prepare_boxes(
         snap = pull_snapshot(client_factory(src.location), args.snapshot, cache_dir=args.cache_dir,
                              store=object_store(args))
         snapshot_id, snap_stats, new_tag = snap.snapshot_id, snap.stats, "snapshot"
-        new_all = snapshot_to_boxset(snap, channels=shape[0], size=shape[1:])
-        if not len(new_all):
+        if not snap.entries:
             raise InvalidInput(f"snapshot {snap.snapshot_id} holds no accepted or gold labels yet; nothing to learn")
         names = extend_names(names, list(snap.class_names), snap.snapshot_id)
-        train, held = holdout_boxes(new_all, args.holdout)
+        if args.stream:
+            sides = [snapshot_to_boxset(snap, channels=shape[0], size=shape[1:], entries=entries, images=mapped.images)
+                     for entries, mapped in mapped_snapshot(snap, shape, args)]
+            train, held = sides[0], (sides[1] if len(sides) > 1 else None)
+        else:
+            train, held = holdout_boxes(snapshot_to_boxset(snap, channels=shape[0], size=shape[1:]), args.holdout)
         data = BoxSplits(train, held, class_names=names)
     else:
-        data = _load_local(src.kind, src.location, shape, names, what="--data", name="data")
+        data = _load_local(src.kind, src.location, shape, names, what="--data", name="data", mmap=args.stream)
     shape = shape or with_overrides(data.train.shape, args)
     names = names or list(data.class_names or [])
 
     new, base_train, test_parts = split_sources(
         data, base, shape=shape, new_tag=new_tag, holdout=None if src.kind == "hub" else args.holdout,
         conform=conform_boxes, holdout_fn=holdout_boxes, missing="test scenes (x_test, boxes_test, ...)")
-    eval_sets = {"test": concat_boxes(test_parts, name="test")}
+    spill = stream_dir(args) if args.stream else None
+    eval_sets = {"test": concat_boxes(test_parts, name="test", spill=spill)}
     regression = []
     for spec in args.regression_sets:
         if spec.startswith("snapshot:"):
@@ -104,7 +112,7 @@ def prepare_boxes(
     if regression:
         eval_sets["regression"] = concat_boxes(regression, name="regression")
 
-    pool = concat_boxes([new, base_train], name="train")
+    pool = concat_boxes([new, base_train], name="train", spill=spill)
     n_new = len(new) if base_train is not None else len(pool)
     names = _complete_names(names, [pool, *eval_sets.values()])
     sampler = EpochSampler(np.zeros(len(pool), np.int64), n_new=n_new, replay_ratio=args.replay_ratio,
@@ -121,6 +129,7 @@ def prepare_boxes(
         "eval": {k: len(v) for k, v in eval_sets.items()},
         "snapshot": None if snapshot_id is None else {"id": snapshot_id, **(snap_stats or {})},
         "fingerprint": pool.fingerprint(),
+        "streamed": pool.images.mapped,
     }
     log.info("data: %d new + %d base images (%d per epoch), eval %s, %d classes, shape %s",
              n_new, len(pool) - n_new, sampler.epoch_size, info["eval"], len(names), shape)
@@ -134,9 +143,9 @@ def _explicit_shape(args: TrainArgs, model: str) -> tuple[int, int, int] | None:
 
 
 def _load_local(kind: str, location: str, shape: tuple[int, int, int] | None, names: list[str], *, what: str,
-                name: str) -> BoxSplits:
+                name: str, mmap: bool = False) -> BoxSplits:
     if kind == "npz":
-        return load_box_npz(location, name=name)
+        return load_box_npz(location, name=name, mmap=mmap)
     if kind == "coco" or (kind == "folder" and (Path(location) / COCO_ANNOTATIONS).is_file()):
         return load_coco(location, channels=shape[0] if shape else None, size=shape[1:] if shape else None,
                          name=name, class_names=names or None)

@@ -29,7 +29,16 @@ from training.detect.prepare import BoxPrepared, prepare_boxes
 from training.detect.report import finish_detect_turn
 from training.evaluate import normalize, stats_tensors
 from training.export import input_spec
-from training.loop import LoopCore, Progress, batch_starts, phase, prepare_on_ranks, start_turn
+from training.loop import (
+    LoopCore,
+    MappedImages,
+    Progress,
+    batch_starts,
+    phase,
+    pool_on_device,
+    prepare_on_ranks,
+    start_turn,
+)
 from training.models import load_warm_start
 from training.prepare import ClientFactory
 from training.tracking import Tracker
@@ -46,7 +55,7 @@ CALIBRATION_IMAGES = 64
 def train_one_epoch(
     model: nn.Module,
     loop: LoopCore,
-    images: torch.Tensor,
+    images: torch.Tensor | MappedImages,
     targets: list[dict[str, torch.Tensor]],
     order: torch.Tensor,
     *,
@@ -144,9 +153,7 @@ class _DetTrainer(LoopCore):
                          warm=warm, channels_last=False)
         self.mean, self.std = stats_tensors(spec.mean, spec.std, device)
         pool = data.pool
-        big = pool.images.images.nbytes > 2 * 1024**3
-        self.images = torch.from_numpy(pool.images.images)
-        self.images = self.images.pin_memory() if (device.type == "cuda" and big) else self.images.to(device)
+        self.images = pool_on_device(pool.images.images, pool.images.mapped, device)
         h, w = data.shape[1:]
         scale = torch.tensor([w, h, w, h], dtype=torch.float32)
         self.targets = [{"boxes": (torch.from_numpy(b) * scale).to(device), "labels": torch.from_numpy(c).to(device)}
