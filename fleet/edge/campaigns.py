@@ -53,6 +53,7 @@ class Campaign:
     calibrations: dict[str, Any] = field(default_factory=dict)  # other models' calibration, by version
     bank_version: str | None = None  # the model whose embeddings the novelty bank holds (None: no bank, or unknown)
     bank_key: tuple[str | None, str | None] = (None, None)  # (bank id, sha256) it was built with
+    spec_digest: str = ""  # of the spec it was built from (the hub may send one version in two forms)
 
     @property
     def key(self) -> str:
@@ -94,7 +95,7 @@ class Campaigns:
         self._default = self._build_default(default_spec) if default_spec is not None else None
         self.current: tuple[Campaign, ...] = (self._default,) if self._default else ()
         self._assigned: tuple[Campaign, ...] = ()  # built from the assignment, live or parked (see fits)
-        self._refused: set[tuple[str, int]] = set()
+        self._refused: set[tuple[str, int, str]] = set()  # (campaign, version, spec digest)
         self._waiting: set[tuple[str, int, str | None]] = set()  # logged once: (campaign, version, bank version)
         self.model_version: str | None = None  # the active model the triggers run on (see use_model)
         self._restore_assigned()
@@ -117,16 +118,17 @@ class Campaigns:
     def apply(self, refs: Sequence[CampaignRef]) -> tuple[Campaign, ...]:
         """Make the live set match the assignment's campaigns that fit the model (or the default spec if none do)."""
         now = self.clock()
-        built = {_key(c.campaign_id, c.version, c.bank_key): c for c in self._assigned}
+        built = {_key(c.campaign_id, c.version, c.bank_key, c.spec_digest): c for c in self._assigned}
         out: list[Campaign] = []
         for ref in refs:
             if ref.expires_at is not None and ref.expires_at <= now:
                 continue
-            key = _key(ref.campaign_id, ref.version, (ref.novelty_bank, ref.novelty_bank_sha256))
+            digest = spec_digest(ref.spec)
+            key = _key(ref.campaign_id, ref.version, (ref.novelty_bank, ref.novelty_bank_sha256), digest)
             if key in built:
                 out.append(built[key])
                 continue
-            if (ref.campaign_id, ref.version) in self._refused:
+            if (ref.campaign_id, ref.version, digest) in self._refused:
                 continue
             campaign = self._build(ref)
             if campaign is not None:
@@ -184,13 +186,13 @@ class Campaigns:
                         ref.campaign_id, ref.version, exc)
             return None
         except (SpecError, FlywheelError, ValueError) as exc:
-            self._refused.add((ref.campaign_id, ref.version))
+            self._refused.add((ref.campaign_id, ref.version, spec_digest(ref.spec)))
             log.error("refusing campaign %s v%d from the hub: %s", ref.campaign_id, ref.version, exc)
             return None
         self._waiting.discard((ref.campaign_id, ref.version, ref.novelty_bank_version))
         return Campaign(ref.campaign_id, ref.version, evaluator, ref.expires_at,
                         bank_version=ref.novelty_bank_version if bank is not None else None,
-                        bank_key=(ref.novelty_bank, ref.novelty_bank_sha256))
+                        bank_key=(ref.novelty_bank, ref.novelty_bank_sha256), spec_digest=spec_digest(ref.spec))
 
     def _wait(self, ref: CampaignRef) -> None:
         key = (ref.campaign_id, ref.version, ref.novelty_bank_version)
@@ -279,10 +281,17 @@ class Campaigns:
             log.warning("campaign %s: could not save trigger state: %s", c.key, exc)
 
 
-def _key(campaign_id: str, version: int | None, bank: tuple[str | None, str | None]
-         ) -> tuple[str, int | None, str | None, str | None]:
-    """What identifies a built campaign: a new campaign version, or a new bank for it, is a new evaluator."""
-    return (campaign_id, version, *bank)
+def _key(campaign_id: str, version: int | None, bank: tuple[str | None, str | None], digest: str
+         ) -> tuple[str, int | None, str | None, str | None, str]:
+    """What identifies a built campaign: a new campaign version, a new bank for it, or another form of its spec
+    (with or without a learned leaf fitted for another model, fleet.hub.learned.spec_for_model) is a new
+    evaluator; it takes back what still matches of the state the one it replaces saved (by trigger label)."""
+    return (campaign_id, version, *bank, digest)
+
+
+def spec_digest(spec: dict[str, Any]) -> str:
+    """A short sha256 of the spec's canonical JSON."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:

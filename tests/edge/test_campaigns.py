@@ -62,6 +62,33 @@ def test_same_campaign_keeps_its_evaluator_and_a_new_version_replaces_it(tmp_pat
     assert camps.apply([]) == ()
 
 
+def test_one_version_in_another_form_is_rebuilt_keeping_what_matches(tmp_path: Path, hub: InProcHub) -> None:
+    """The hub sends a campaign version without its learned leaf to a device running another model than the leaf
+    was fitted for (a canary), and with it once the device runs that model again: each form is its own evaluator,
+    and the triggers both forms share keep their calibration and budgets across the swaps."""
+    full = {"id": "two", "version": 3, "rule": {"any_of": [
+        {"trigger": "entropy", "target_rate": 0.1}, {"trigger": "margin", "label": "learned", "below": 0.2}]},
+        "budgets": {"global": {"rate_per_s": 1, "burst": 10}, "per_trigger": {
+            "entropy": {"rate_per_s": 0.5, "burst": 5}, "learned": {"rate_per_s": 0.5, "burst": 5}}}}
+    stripped = {**full, "rule": {"trigger": "entropy", "target_rate": 0.1},
+                "budgets": {"global": {"rate_per_s": 1, "burst": 10},
+                            "per_trigger": {"entropy": {"rate_per_s": 1, "burst": 10}}}}
+    camps = Campaigns(client(hub), tmp_path)
+    (a,) = camps.apply([ref(full)])
+    assert sorted(a.evaluator.calibrators) == ["entropy"] and "learned" in a.evaluator.fired_counts
+    for seed in range(3):
+        decide(window(64, seed), [a], device_id="d")
+    seen = a.evaluator.calibrators["entropy"].seen
+    (b,) = camps.apply([ref(stripped)])
+    assert b is not a and "learned" not in b.evaluator.fired_counts
+    assert b.evaluator.calibrators["entropy"].seen == seen  # carried over by label
+    decide(window(64, 7), [b], device_id="d")
+    (c,) = camps.apply([ref(full)])
+    assert c is not a and "learned" in c.evaluator.fired_counts
+    assert c.evaluator.calibrators["entropy"].seen == seen + 64
+    assert camps.apply([ref(full)]) == (c,)  # the same form again keeps its evaluator
+
+
 def test_expired_and_invalid_campaigns_are_left_out(tmp_path: Path, hub: InProcHub,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     camps = Campaigns(client(hub), tmp_path, clock=lambda: 1000.0)

@@ -4,11 +4,13 @@ version, and the device computing the same probability from the spec with numpy 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from fleet.edge.campaigns import Campaigns
 from fleet.hub.learned import KNN_K, MIN_CASES, auc, case_features, fit_logistic, spec_for_model
 from fleet.protocol import Assignment, LearnedFit, TriggerHit
 from tests.hub.conftest import HubHarness
@@ -322,7 +324,8 @@ def test_the_bank_feature_follows_the_active_model_and_its_own_bank_across_an_up
     device_matches_hub("m1", 2)
 
 
-def test_a_device_running_another_model_gets_the_campaign_without_that_models_fit(hub: HubHarness) -> None:
+def test_a_device_running_another_model_gets_the_campaign_without_that_models_fit(hub: HubHarness,
+                                                                                   tmp_path: Path) -> None:
     """The learned leaf reads the scores of the model it was fitted for. A group that runs a model of its own (and
     a canary device running a candidate) gets the campaign's version without the leaf; a campaign that is the leaf
     alone is not sent to it at all."""
@@ -348,6 +351,19 @@ def test_a_device_running_another_model_gets_the_campaign_without_that_models_fi
     model, [(version, south_spec)] = served("s1")
     assert model == "m2" and version == 2  # the same campaign version, without m1's fit
     assert [x.trigger for x in south_spec.leaves] == ["entropy"] and south_spec.labels == ("unsure",)
+
+    # the device's agent builds what it is sent; when its group goes back to m1, the same version comes with the
+    # leaf, and the agent builds that form anew (not the stripped one it already runs)
+    camps = Campaigns(None, tmp_path / "s1")
+    (stripped,) = camps.apply(Assignment.from_json(hub.client.get("/v1/assignment",
+                                                                  headers=hub.devices["s1"]).content).campaigns)
+    assert "learned_error" not in stripped.evaluator.fired_counts
+    assert hub.client.delete("/v1/groups/cam-south/model", headers=hub.admin).status_code == 200
+    model, [(version, _)] = served("s1")
+    assert model == "m1" and version == 2
+    (full,) = camps.apply(Assignment.from_json(hub.client.get("/v1/assignment",
+                                                              headers=hub.devices["s1"]).content).campaigns)
+    assert full is not stripped and "learned_error" in full.evaluator.fired_counts
 
     row = _campaign_row(hub, "mine", 2)  # a campaign that is the leaf alone: not sent to another model's device
     leaf = next(x for x in row.spec["rule"]["any_of"] if x.get("label", x.get("trigger")) == "learned_error")
