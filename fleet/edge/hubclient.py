@@ -102,8 +102,12 @@ class HubClient:
         self._call("POST", "/v1/heartbeats", content=heartbeat.to_json(), headers=_JSON)
 
     def get_assignment(self) -> Assignment:
-        """The device's assignment; ProtocolError if the hub's answer is malformed."""
-        return Assignment.from_json(self._call("GET", "/v1/assignment").content)
+        """The device's assignment, with campaigns cut to the trigger kinds this agent evaluates (it tells the hub
+        which, ``?triggers=``); ProtocolError if the hub's answer is malformed."""
+        from trigger import TRIGGERS
+
+        return Assignment.from_json(self._call("GET", "/v1/assignment",
+                                               params={"triggers": ",".join(sorted(TRIGGERS))}).content)
 
     def get_manifest(self, version: str) -> SignedManifest:
         return SignedManifest.from_json(self._call("GET", f"/v1/models/{version}/manifest").content)

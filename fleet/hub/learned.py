@@ -274,19 +274,8 @@ def _latest_versions(s: Session, campaign_id: str | None = None) -> list[Campaig
 def spec_without_leaf(row: Campaign) -> tuple[dict[str, Any] | None, str]:
     """The campaign version's spec without its learned leaf, valid and with an auto-budgeted campaign's shares
     renormalised; or None and why not (the rule is the leaf alone, or what is left is no valid spec)."""
-    from trigger import SpecError, parse_spec
-
-    stripped = _without_leaf(row.spec)
-    if stripped is None:  # nothing would be left to fire
-        return None, "fires on its learned leaf only"
-    if row.auto_budgets and (stripped.get("budgets") or {}).get("per_trigger"):
-        from fleet.hub.autobudget import shares_of, with_shares
-
-        stripped = with_shares(stripped, shares_of(stripped))
-    try:
-        return parse_spec(stripped).to_dict(), ""
-    except SpecError as exc:
-        return None, f"without its learned leaf is no valid spec ({exc})"
+    stripped, why = pruned_spec(row, row.spec, _not_the_leaf, what="its learned leaf")
+    return stripped, "fires on its learned leaf only" if why == NOTHING_LEFT else why
 
 
 def spec_for_model(row: Campaign, model_version: str | None) -> dict[str, Any] | None:
@@ -298,17 +287,62 @@ def spec_for_model(row: Campaign, model_version: str | None) -> dict[str, Any] |
     return spec_without_leaf(row)[0]
 
 
-def _without_leaf(spec: dict[str, Any]) -> dict[str, Any] | None:
-    """``spec`` without its learned leaf (an auto-budgeted campaign's shares renormalised over the rest), or None
-    when the rule is the leaf alone."""
-    rule = spec["rule"]
-    if rule.get("trigger") == LEAF or rule.get("label") == LEAF:
-        return None
-    if "any_of" in rule:
-        kept = [r for r in rule["any_of"] if r.get("label") != LEAF and r.get("trigger") != LEAF]
-        rule = kept[0] if len(kept) == 1 else {**rule, "any_of": kept}
+def spec_for_triggers(row: Campaign, spec: dict[str, Any], triggers: frozenset[str] | None) -> dict[str, Any] | None:
+    """``spec`` for a device whose agent evaluates only the trigger kinds ``triggers`` (None: it did not say, so
+    all): unchanged when it can run every leaf, else without the leaves it cannot (an ``all_of`` that holds one
+    goes whole; budgets follow, an auto-budgeted campaign's shares renormalised); None when nothing is left."""
+    if triggers is None or all(leaf["trigger"] in triggers for leaf in _leaves(spec["rule"])):
+        return spec
+    return pruned_spec(row, spec, lambda leaf: leaf["trigger"] in triggers, what="the triggers its agent lacks")[0]
+
+
+NOTHING_LEFT = "nothing would be left to fire"
+
+
+def pruned_spec(row: Campaign, spec: dict[str, Any], keep: Any, *, what: str) -> tuple[dict[str, Any] | None, str]:
+    """``spec`` with only the leaves ``keep(leaf)`` holds for (see :func:`_pruned_rule`), its per-trigger budgets
+    following and an auto-budgeted campaign's shares renormalised, parsed again; or None and why not."""
+    from trigger import SpecError, parse_spec
+
+    rule = _pruned_rule(spec["rule"], keep)
+    if rule is None:
+        return None, NOTHING_LEFT
     doc = {**spec, "rule": rule}
     per = (doc.get("budgets") or {}).get("per_trigger") or {}
-    if LEAF in per:
-        doc = {**doc, "budgets": {**doc["budgets"], "per_trigger": {k: v for k, v in per.items() if k != LEAF}}}
-    return doc
+    labels = {leaf.get("label", leaf["trigger"]) for leaf in _leaves(rule)}
+    if set(per) - labels:
+        doc = {**doc, "budgets": {**doc["budgets"], "per_trigger": {k: v for k, v in per.items() if k in labels}}}
+    if row.auto_budgets and (doc.get("budgets") or {}).get("per_trigger"):
+        from fleet.hub.autobudget import shares_of, with_shares
+
+        doc = with_shares(doc, shares_of(doc))
+    try:
+        return parse_spec(doc).to_dict(), ""
+    except SpecError as exc:
+        return None, f"without {what} is no valid spec ({exc})"
+
+
+def _pruned_rule(rule: dict[str, Any], keep: Any) -> dict[str, Any] | None:
+    """``rule`` with the leaves ``keep`` refuses taken out: an ``any_of`` keeps its other children (one left stands
+    alone), an ``all_of`` that loses a child goes whole (dropping a condition would widen it); None when nothing
+    is left."""
+    if "trigger" in rule:
+        return rule if keep(rule) else None
+    kind = "any_of" if "any_of" in rule else "all_of"
+    children = [_pruned_rule(c, keep) for c in rule[kind]]
+    kept = [c for c in children if c is not None]
+    if kind == "all_of":
+        return {**rule, kind: kept} if len(kept) == len(children) else None
+    if not kept:
+        return None
+    return kept[0] if len(kept) == 1 else {**rule, kind: kept}
+
+
+def _leaves(rule: dict[str, Any]) -> list[dict[str, Any]]:
+    if "trigger" in rule:
+        return [rule]
+    return [leaf for child in rule.get("any_of", rule.get("all_of", [])) for leaf in _leaves(child)]
+
+
+def _not_the_leaf(leaf: dict[str, Any]) -> bool:
+    return leaf.get("label") != LEAF and leaf.get("trigger") != LEAF

@@ -40,7 +40,7 @@ from fleet.errors import Conflict, NotFound
 from fleet.hub import keys
 from fleet.hub.context import Hub
 from fleet.hub.evidence import DeviceEvidence, Pooled, Predictions, ShadowBound, verdict
-from fleet.hub.learned import follow_active_model, spec_for_model
+from fleet.hub.learned import follow_active_model, spec_for_model, spec_for_triggers
 from fleet.hub.models import (
     Campaign,
     Device,
@@ -150,24 +150,28 @@ def _trial_challenger(s: Session, group: str | None, active: ModelVersion | None
     return None if trial is None else s.get(ModelVersion, trial.version)
 
 
-def assignment_for(s: Session, device: Device, *, now: float) -> Assignment:
-    """What ``device`` should run now."""
+def assignment_for(s: Session, device: Device, *, now: float, triggers: frozenset[str] | None = None) -> Assignment:
+    """What ``device`` should run now (``triggers``: the trigger kinds its agent evaluates, when it said)."""
     active, challenger, rollout = assigned_models(s, device.device_id)
     return Assignment(
         device_id=device.device_id,
         active=model_ref(active),
         challenger=model_ref(challenger),
-        campaigns=campaigns_for(s, device.group, now=now, model_version=active.version if active else None),
+        campaigns=campaigns_for(s, device.group, now=now, model_version=active.version if active else None,
+                                triggers=triggers),
         rollout_id=rollout.rollout_id if rollout is not None else None,
         issued_at=now,
         key_rotations=keys.rotations(s),
     )
 
 
-def campaigns_for(s: Session, group: str, *, now: float, model_version: str | None = None) -> list[CampaignRef]:
+def campaigns_for(s: Session, group: str, *, now: float, model_version: str | None = None,
+                  triggers: frozenset[str] | None = None) -> list[CampaignRef]:
     """The newest live version of each campaign aimed at ``group`` (or at every group), each with the novelty
-    bank of ``model_version``, the model the device is assigned (see :func:`bank_for`), and without a learned leaf
-    fitted for another model (fleet.hub.learned.spec_for_model: a group's own model, a canary's candidate)."""
+    bank of ``model_version``, the model the device is assigned (see :func:`bank_for`), without a learned leaf
+    fitted for another model (fleet.hub.learned.spec_for_model: a group's own model, a canary's candidate), and
+    without leaves of trigger kinds the device's agent does not evaluate (``triggers``, when it said;
+    fleet.hub.learned.spec_for_triggers). A campaign with nothing left is not sent."""
     rows = s.exec(select(Campaign).where(col(Campaign.deleted_at).is_(None))
                   .order_by(Campaign.campaign_id, col(Campaign.version).desc())).all()
     out: list[CampaignRef] = []
@@ -181,6 +185,7 @@ def campaigns_for(s: Session, group: str, *, now: float, model_version: str | No
         if c.groups and group not in c.groups:
             continue
         spec = spec_for_model(c, model_version)  # a learned leaf only for the model it was fitted for
+        spec = None if spec is None else spec_for_triggers(c, spec, triggers)
         if spec is None:
             continue
         ref = CampaignRef(campaign_id=c.campaign_id, version=c.version, spec=spec, expires_at=c.expires_at)

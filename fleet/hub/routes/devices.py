@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Literal
 
@@ -145,12 +146,16 @@ def ota_report(principal: DeviceCaller, hub: HubDep, report: OtaReport = message
 
 
 @router.get("/v1/assignment", response_model=Assignment)
-def assignment(principal: DeviceCaller, hub: HubDep, device_id: str | None = Query(None)) -> Response:
+def assignment(principal: DeviceCaller, hub: HubDep, device_id: str | None = Query(None),
+               triggers: str | None = Query(None, max_length=8192, description=(
+                   "The trigger kinds the device's agent evaluates, comma-separated; campaigns come without the "
+                   "leaves of other kinds (none left: the campaign is not sent). Absent: every kind."))) -> Response:
     """What the calling device should run (an admin may ask for any device with ?device_id=)."""
     target = principal.device_id if not principal.is_admin else device_id
     if target is None:
         raise ProtocolError("an admin must name the device: ?device_id=<id>")
     check_name(target, "device_id")
+    kinds = parse_trigger_kinds(triggers)
     require_device(principal, target, "assignment request")
     if _rollout_due(hub):
         with write_session(hub.engine) as s:
@@ -159,7 +164,23 @@ def assignment(principal: DeviceCaller, hub: HubDep, device_id: str | None = Que
         device = s.get(Device, target)
         if device is None or device.revoked_at is not None:
             raise NotFound(f"unknown or revoked device {target!r}")
-        return message_response(rollouts.assignment_for(s, device, now=hub.now()))
+        return message_response(rollouts.assignment_for(s, device, now=hub.now(), triggers=kinds))
+
+
+TRIGGER_KIND_RE = re.compile(r"[a-z0-9_]{1,64}")
+
+
+def parse_trigger_kinds(text: str | None) -> frozenset[str] | None:
+    """``?triggers=entropy,margin,...`` -> the set of kinds; None when absent. Each must be a trigger name
+    (lowercase letters, digits, '_'); at most 256."""
+    if text is None:
+        return None
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in kinds if not TRIGGER_KIND_RE.fullmatch(k)]
+    if bad or not kinds or len(kinds) > 256:
+        raise ProtocolError(f"triggers must be 1 to 256 comma-separated trigger kinds (lowercase letters, digits, "
+                            f"'_', up to 64 each); received {text[:200]!r}")
+    return frozenset(kinds)
 
 
 def _rollout_due(hub: Hub) -> bool:
