@@ -158,6 +158,23 @@ def test_streaming_holds_a_chunk_not_the_data(tmp_path: Path, make_args: MakeArg
     assert np.array_equal(b.pool.images[b.sampler.indices(0)], a.pool.images[a.sampler.indices(0)])
 
 
+def test_an_unreadable_image_leaves_no_decoded_file_behind(tmp_path: Path, hub: InProcHub) -> None:
+    """A cached blob that verifies but is no image (bytes a device sent as one, say) refuses the decode by case,
+    and neither the decoded file nor its temporary is left in the folder."""
+    from training.snapshot import snapshot_to_mapped
+
+    with_cases(hub, 3)
+    snap = pull_snapshot(trainer(hub), cache_dir=tmp_path / "cache")
+    bad = snap.entries[1]
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    snap.blob_paths[bad.image_sha256] = junk
+    out = tmp_path / "decoded" / "snap.npy"
+    with pytest.raises(InvalidInput, match=f"case {bad.case_id} .*not a readable image"):
+        snapshot_to_mapped(snap, snap.entries, channels=1, size=(8, 8), path=out)
+    assert list((tmp_path / "decoded").iterdir()) == []
+
+
 def test_npz_members_are_mapped_only_when_stored_uncompressed(tmp_path: Path) -> None:
     x = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
     np.savez(tmp_path / "plain.npz", x_train=x, y_train=np.zeros(2, np.int64))
