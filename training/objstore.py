@@ -33,7 +33,7 @@ def parse_store_url(url: str) -> tuple[str, str]:
 
 
 class ObjectStoreReader:
-    """Verified reads of ``<prefix><sha256>`` objects from one bucket."""
+    """Reads of ``<prefix><sha256>`` objects from one bucket (checked against their names by the caller)."""
 
     def __init__(self, url: str, *, client: Any = None) -> None:
         self.bucket, self.prefix = parse_store_url(url)

@@ -105,9 +105,7 @@ def snapshot_to_imageset(snap: Snapshot, *, channels: int, size: tuple[int, int]
                      what=f"case {e.case_id} (blob {e.image_sha256})")
         for e in snap.entries
     ])
-    labels = np.array([e.label.label for e in snap.entries], dtype=np.int64)
-    tags = [{**e.case.tags, "source": "snapshot"} for e in snap.entries]
-    return ImageSet(images, labels, tags, f"snapshot:{snap.snapshot_id}", [e.case_id for e in snap.entries])
+    return _image_set(snap, snap.entries, images)
 
 
 def snapshot_to_mapped(snap: Snapshot, entries: list[SnapshotEntry], *, channels: int, size: tuple[int, int],
@@ -121,7 +119,7 @@ def snapshot_to_mapped(snap: Snapshot, entries: list[SnapshotEntry], *, channels
         try:
             mapped = np.load(path, mmap_mode="r")
             if mapped.shape == shape and mapped.dtype == np.uint8:
-                return _mapped_set(snap, entries, mapped)
+                return _image_set(snap, entries, mapped)
         except (OSError, ValueError):
             pass
         log.warning("decoded snapshot file %s does not hold %s uint8 images; decoding again", path, shape)
@@ -141,10 +139,11 @@ def snapshot_to_mapped(snap: Snapshot, entries: list[SnapshotEntry], *, channels
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return _mapped_set(snap, entries, np.load(path, mmap_mode="r"))
+    return _image_set(snap, entries, np.load(path, mmap_mode="r"))
 
 
-def _mapped_set(snap: Snapshot, entries: list[SnapshotEntry], images: np.ndarray) -> ImageSet:
+def _image_set(snap: Snapshot, entries: list[SnapshotEntry], images: np.ndarray) -> ImageSet:
+    """``entries``' decoded ``images`` with their labels, tags (plus ``source=snapshot``) and case ids."""
     labels = np.array([getattr(e.label, "label", -1) for e in entries], dtype=np.int64)  # -1: boxes, no class
     tags = [{**e.case.tags, "source": "snapshot"} for e in entries]
     return ImageSet(images, labels, tags, f"snapshot:{snap.snapshot_id}", [e.case_id for e in entries])
