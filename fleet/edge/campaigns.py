@@ -130,7 +130,7 @@ class Campaigns:
                 continue
             if (ref.campaign_id, ref.version, digest) in self._refused:
                 continue
-            campaign = self._build(ref)
+            campaign = self._build(ref, digest)
             if campaign is not None:
                 log.info("campaign %s v%d is %s", ref.campaign_id, ref.version,
                          "live" if self.fits(campaign) else f"ready for model {campaign.bank_version}")
@@ -171,7 +171,7 @@ class Campaigns:
                     c.use_model(self.model_version)
         self.current = tuple(live)
 
-    def _build(self, ref: CampaignRef) -> Campaign | None:
+    def _build(self, ref: CampaignRef, digest: str) -> Campaign | None:
         from trigger import Evaluator, SpecError, parse_spec
 
         try:
@@ -186,13 +186,13 @@ class Campaigns:
                         ref.campaign_id, ref.version, exc)
             return None
         except (SpecError, FlywheelError, ValueError) as exc:
-            self._refused.add((ref.campaign_id, ref.version, spec_digest(ref.spec)))
+            self._refused.add((ref.campaign_id, ref.version, digest))
             log.error("refusing campaign %s v%d from the hub: %s", ref.campaign_id, ref.version, exc)
             return None
         self._waiting.discard((ref.campaign_id, ref.version, ref.novelty_bank_version))
         return Campaign(ref.campaign_id, ref.version, evaluator, ref.expires_at,
                         bank_version=ref.novelty_bank_version if bank is not None else None,
-                        bank_key=(ref.novelty_bank, ref.novelty_bank_sha256), spec_digest=spec_digest(ref.spec))
+                        bank_key=(ref.novelty_bank, ref.novelty_bank_sha256), spec_digest=digest)
 
     def _wait(self, ref: CampaignRef) -> None:
         key = (ref.campaign_id, ref.version, ref.novelty_bank_version)
