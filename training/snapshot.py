@@ -112,34 +112,71 @@ def snapshot_to_mapped(snap: Snapshot, entries: list[SnapshotEntry], *, channels
                        path: Path) -> ImageSet:
     """:func:`snapshot_to_imageset` for ``entries`` (of ``snap``), its images decoded :data:`DECODE_CHUNK` at a
     time into the ``.npy`` file ``path`` and mapped read-only: memory holds one chunk, not the snapshot. The file
-    is written beside its final name and renamed when whole; one already there with this shape is reused (a
-    snapshot never changes, and ``path`` names the snapshot, the entries and the shape)."""
+    is written beside its final name and renamed when whole, then the sha256 of its pixels is written beside it
+    (``path`` + ``.sha256``). A file already there (``path`` names the snapshot, the entries and the shape) is
+    reused only if it has that shape and its pixels still hash to the recorded sha256; otherwise (damaged on
+    disk, or a run that died before recording it) it is decoded again."""
     shape = (len(entries), channels, *size)
+    digest_path = path.with_name(path.name + ".sha256")
     if path.is_file():
-        try:
-            mapped = np.load(path, mmap_mode="r")
-            if mapped.shape == shape and mapped.dtype == np.uint8:
-                return _image_set(snap, entries, mapped)
-        except (OSError, ValueError):
-            pass
-        log.warning("decoded snapshot file %s does not hold %s uint8 images; decoding again", path, shape)
+        reason = _unusable(path, digest_path, shape)
+        if reason is None:
+            return _image_set(snap, entries, np.load(path, mmap_mode="r"))
+        log.warning("decoded snapshot file %s %s; decoding again", path, reason)
+        digest_path.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
     os.close(fd)
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        h = hashlib.sha256()
         for i in range(0, len(entries), DECODE_CHUNK):
             chunk = entries[i: i + DECODE_CHUNK]
-            out[i: i + len(chunk)] = np.stack([
+            block = np.stack([
                 decode_image(snap.blob_paths[e.image_sha256].read_bytes(), channels=channels, size=size,
                              what=f"case {e.case_id} (blob {e.image_sha256})") for e in chunk
-            ])
+            ]).astype(np.uint8, copy=False)
+            out[i: i + len(chunk)] = block
+            h.update(block.tobytes())
         out.flush()
         del out
         os.replace(tmp, path)
+        _write_atomic(digest_path, h.hexdigest().encode() + b"\n")
     finally:
         Path(tmp).unlink(missing_ok=True)
     return _image_set(snap, entries, np.load(path, mmap_mode="r"))
+
+
+def _unusable(path: Path, digest_path: Path, shape: tuple[int, ...]) -> str | None:
+    """Why the decoded file ``path`` cannot be reused for ``shape`` (None: it can): read and hashed a chunk at a
+    time, so checking it costs no more memory than decoding it."""
+    try:
+        mapped = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        return f"cannot be read ({exc})"
+    if mapped.shape != shape or mapped.dtype != np.uint8:
+        return f"holds {mapped.shape} {mapped.dtype} images, not {shape} uint8"
+    try:
+        expected = digest_path.read_text().strip()
+    except OSError:
+        return f"has no recorded sha256 ({digest_path.name})"
+    h = hashlib.sha256()
+    for i in range(0, len(mapped), DECODE_CHUNK):
+        h.update(np.ascontiguousarray(mapped[i: i + DECODE_CHUNK]).tobytes())
+    if h.hexdigest() != expected:
+        return f"has pixels hashing to {h.hexdigest()}, not the recorded {expected}"
+    return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` whole or not at all (written beside it, then renamed)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _image_set(snap: Snapshot, entries: list[SnapshotEntry], images: np.ndarray) -> ImageSet:
@@ -198,10 +235,7 @@ class BlobCache:
             return False
         p = self.path(sha256)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, p)
+        _write_atomic(p, data)
         return True
 
 

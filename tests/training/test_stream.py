@@ -175,6 +175,45 @@ def test_an_unreadable_image_leaves_no_decoded_file_behind(tmp_path: Path, hub: 
     assert list((tmp_path / "decoded").iterdir()) == []
 
 
+def test_a_reused_decoded_file_is_checked_against_its_recorded_hash(tmp_path: Path, hub: InProcHub,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The decoded file's pixels are hashed as they are written and the sha256 kept beside it. A later run
+    reuses the file only if it still hashes to that; a flipped byte on disk, or a file with no recorded hash (a
+    run that died between the rename and the record), is decoded again, with a warning that says why."""
+    from training.snapshot import snapshot_to_mapped
+
+    with_cases(hub, 5)
+    snap = pull_snapshot(trainer(hub), cache_dir=tmp_path / "cache")
+    out = tmp_path / "decoded" / "snap.npy"
+    record = tmp_path / "decoded" / "snap.npy.sha256"
+
+    def decode() -> np.ndarray:
+        return np.array(snapshot_to_mapped(snap, snap.entries, channels=1, size=(8, 8), path=out).images)
+
+    want = decode()
+    assert record.read_text().strip() == hashlib.sha256(want.tobytes()).hexdigest()
+    stamp = out.stat().st_mtime_ns
+    with caplog.at_level("WARNING", logger="training.snapshot"):
+        assert np.array_equal(decode(), want)
+    assert out.stat().st_mtime_ns == stamp and not caplog.records  # reused as it was
+
+    with open(out, "r+b") as fh:  # bit rot in the last pixel
+        fh.seek(-1, 2)
+        last = fh.read(1)[0]
+        fh.seek(-1, 2)
+        fh.write(bytes([last ^ 0xFF]))
+    with caplog.at_level("WARNING", logger="training.snapshot"):
+        assert np.array_equal(decode(), want)
+    assert "has pixels hashing to" in caplog.text and f"not the recorded {record.read_text().strip()}" in caplog.text
+
+    caplog.clear()
+    record.unlink()
+    with caplog.at_level("WARNING", logger="training.snapshot"):
+        assert np.array_equal(decode(), want)
+    assert "has no recorded sha256 (snap.npy.sha256)" in caplog.text
+    assert record.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["snap.npy", "snap.npy.sha256"]
+
+
 def test_npz_members_are_mapped_only_when_stored_uncompressed(tmp_path: Path) -> None:
     x = np.arange(2 * 3 * 4 * 5, dtype=np.uint8).reshape(2, 3, 4, 5)
     np.savez(tmp_path / "plain.npz", x_train=x, y_train=np.zeros(2, np.int64))
