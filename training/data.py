@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,12 +284,25 @@ def decode_image(data: bytes, *, channels: int, size: tuple[int, int], what: str
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def conform(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
-    """Convert channels (1 <-> 3) and resize to ``shape`` = (c, h, w) when the set differs."""
-    c, h, w = shape
+def conform(images: ImageSet, shape: tuple[int, int, int], *, spill: Path | None = None) -> ImageSet:
+    """Convert channels (1 <-> 3) and resize to ``shape`` = (c, h, w) when the set differs.
+
+    With ``spill`` (a folder), the set is converted :data:`CHUNK_IMAGES` at a time into a memory-mapped file
+    there (see :func:`spill_images`), so a mapped set larger than memory is conformed without loading it."""
     if images.shape == shape:
         return images
     x = images.images
+    if spill is not None:
+        chunks = (_conform_pixels(x[i: i + CHUNK_IMAGES], shape) for i in range(0, len(x), CHUNK_IMAGES))
+        out = _spill(chunks, len(x), shape, spill)
+    else:
+        out = np.ascontiguousarray(_conform_pixels(x, shape))
+    log.info("conformed %s from %s to %s%s", images.name, images.shape, shape, " (spilled to disk)" if spill else "")
+    return ImageSet(out, images.labels, images.tags, images.name, images.ids)
+
+
+def _conform_pixels(x: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    c, h, w = shape
     if x.shape[1] != c:
         if c == 3:
             x = np.repeat(x, 3, axis=1)
@@ -306,8 +319,7 @@ def conform(images: ImageSet, shape: tuple[int, int, int]) -> ImageSet:
             arr = np.asarray(pil.resize((w, h), Image.Resampling.BILINEAR), dtype=np.uint8)
             resized.append(arr[None] if c == 1 else arr.transpose(2, 0, 1))
         x = np.stack(resized) if resized else np.zeros((0, c, h, w), np.uint8)
-    log.info("conformed %s from %s to %s", images.name, images.shape, shape)
-    return ImageSet(np.ascontiguousarray(x), images.labels, images.tags, images.name, images.ids)
+    return x
 
 
 def concat(sets: Sequence[ImageSet], *, name: str, spill: Path | None = None) -> ImageSet:
@@ -333,20 +345,25 @@ def spill_images(parts: Sequence[np.ndarray], folder: Path) -> np.ndarray:
     """``parts`` one after another in a new ``.npy`` file in ``folder``, copied :data:`CHUNK_IMAGES` at a time,
     then mapped read-only. The file is unlinked as soon as it is mapped: the mapping keeps it readable, and the
     disk space comes back when the process ends, however it ends."""
+    chunks = (part[i: i + CHUNK_IMAGES] for part in parts for i in range(0, len(part), CHUNK_IMAGES))
+    return _spill(chunks, sum(len(p) for p in parts), parts[0].shape[1:], folder)
+
+
+def _spill(chunks: Iterable[np.ndarray], n: int, item_shape: tuple[int, ...], folder: Path) -> np.ndarray:
+    """:func:`spill_images` of ``n`` images of ``item_shape`` that arrive in ``chunks``."""
     import tempfile
 
-    n = sum(len(p) for p in parts)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".spill-", suffix=".npy")
     os.close(fd)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *parts[0].shape[1:]))
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *item_shape))
         at = 0
-        for part in parts:
-            for i in range(0, len(part), CHUNK_IMAGES):
-                piece = part[i: i + CHUNK_IMAGES]
-                out[at: at + len(piece)] = piece
-                at += len(piece)
+        for piece in chunks:
+            out[at: at + len(piece)] = piece
+            at += len(piece)
+        if at != n:
+            raise RuntimeError(f"spilled {at} images where {n} were expected")
         out.flush()
         del out
         return np.load(tmp, mmap_mode="r")

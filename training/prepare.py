@@ -7,6 +7,7 @@ and old ones; ``regression`` joins every ``--regression-set`` (past edge cases).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -110,10 +111,10 @@ def prepare_data(
     shape = shape or with_overrides(data.train.shape, args)
     names = names or list(data.class_names or [])
 
+    spill = stream_dir(args) if args.stream else None
     new, base_train, test_parts = split_sources(
         data, base, shape=shape, new_tag=new_tag, holdout=None if src.kind == "hub" else args.holdout,
-        conform=conform, holdout_fn=holdout_by_id, missing="x_test/y_test")
-    spill = stream_dir(args) if args.stream else None
+        conform=functools.partial(conform, spill=spill), holdout_fn=holdout_by_id, missing="x_test/y_test")
     eval_sets = {"test": concat(test_parts, name="test", spill=spill)}
     regression = [_load_regression(spec, shape, names, args, client_factory) for spec in args.regression_sets]
     if regression:

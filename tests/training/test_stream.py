@@ -128,34 +128,81 @@ def test_streamed_training_is_the_in_memory_run(make_args: MakeArgs, digits_npz:
     assert [p.stat().st_mtime_ns for p in decoded] == stamps  # reused, not decoded again
 
 
+def random_npz(path: Path, shape: tuple[int, int, int], *, seed: int) -> int:
+    """3,000 random images of ``shape`` in an uncompressed npz at ``path`` (2,400 to train on, 600 to test);
+    returns the training images' bytes."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (3000, *shape), dtype=np.uint8)
+    y = rng.integers(0, 10, 3000)
+    np.savez(path, x_train=x[:2400], y_train=y[:2400], x_test=x[2400:], y_test=y[2400:])
+    return x[:2400].nbytes
+
+
+def prepare_peak(args: TrainArgs) -> tuple[int, Any]:
+    """(peak bytes allocated, the prepared data) of preparing ``args``' data (tracemalloc counts numpy's
+    buffers; mapped pages are not allocations)."""
+    args = args.validate()
+    tracemalloc.start()
+    try:
+        prepared = prepare_data(args, client_factory=lambda url: None)  # type: ignore[arg-type,return-value]
+        return tracemalloc.get_traced_memory()[1], prepared
+    finally:
+        tracemalloc.stop()
+
+
 def test_streaming_holds_a_chunk_not_the_data(tmp_path: Path, make_args: MakeArgs) -> None:
     """Preparing a 20 MB data set (uncompressed npz) for training: in memory the process allocates the whole pool;
     streamed, a small part of it: the labels and tags, one per image (tracemalloc counts numpy's buffers; mapped
     pages are not allocations)."""
-    rng = np.random.default_rng(0)
-    n = 3000
-    x = rng.integers(0, 256, (n, 3, 48, 48), dtype=np.uint8)
-    y = rng.integers(0, 10, n)
     data = tmp_path / "big.npz"
-    np.savez(data, x_train=x[:2400], y_train=y[:2400], x_test=x[2400:], y_test=y[2400:])
-    pool_bytes = x[:2400].nbytes
+    pool_bytes = random_npz(data, (3, 48, 48), seed=0)
 
-    def peak(stream: bool) -> tuple[int, Any]:
-        args = make_args(data=f"npz:{data}", stream=stream, out=tmp_path / f"run-{stream}").validate()
-        tracemalloc.start()
-        try:
-            prepared = prepare_data(args, client_factory=lambda url: None)  # type: ignore[arg-type,return-value]
-            return tracemalloc.get_traced_memory()[1], prepared
-        finally:
-            tracemalloc.stop()
-
-    in_memory, a = peak(False)
-    streamed, b = peak(True)
+    in_memory, a = prepare_peak(make_args(data=f"npz:{data}", stream=False, out=tmp_path / "run-mem"))
+    streamed, b = prepare_peak(make_args(data=f"npz:{data}", stream=True, out=tmp_path / "run-str"))
     assert in_memory > pool_bytes  # the pool, at least once
     assert streamed < 0.25 * pool_bytes, (streamed, pool_bytes)
     assert b.pool.mapped and not a.pool.mapped
     assert b.info["fingerprint"] == a.info["fingerprint"]
     assert np.array_equal(b.pool.images[b.sampler.indices(0)], a.pool.images[a.sampler.indices(0)])
+
+
+def test_a_replay_set_of_another_size_is_conformed_a_chunk_at_a_time(tmp_path: Path, make_args: MakeArgs,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mapped set that must be resized for the model (64x64 images, --image-size 48 48): streamed, it is
+    resized a chunk at a time into a mapped file, so preparing it allocates a small part of what the in-memory
+    run does (the whole set, then its resized copy), and the pool is the same, pixel for pixel."""
+    import training.data
+
+    monkeypatch.setattr(training.data, "CHUNK_IMAGES", 128)
+    data = tmp_path / "big.npz"
+    source_bytes = random_npz(data, (3, 64, 64), seed=1)
+
+    common: dict[str, Any] = dict(data=f"npz:{data}", image_size=(48, 48))
+    in_memory, a = prepare_peak(make_args(stream=False, out=tmp_path / "run-mem", **common))
+    streamed, b = prepare_peak(make_args(stream=True, out=tmp_path / "run-str", **common))
+    assert a.pool.shape == b.pool.shape == (3, 48, 48)
+    assert in_memory > source_bytes
+    assert streamed < 0.25 * source_bytes, (streamed, source_bytes)
+    assert b.pool.mapped and b.eval_sets["test"].mapped and not a.pool.mapped
+    assert b.info["fingerprint"] == a.info["fingerprint"]
+    assert np.array_equal(b.pool.images, a.pool.images)
+    assert np.array_equal(b.eval_sets["test"].images, a.eval_sets["test"].images)
+    assert list((tmp_path / "cache" / "decoded").iterdir()) == []  # spill files are unlinked once mapped
+
+
+def test_conforming_in_chunks_is_conforming_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channels both ways and a resize, chunk by chunk into a spill file: the same pixels as in memory."""
+    import training.data
+    from training.data import ImageSet, conform
+
+    monkeypatch.setattr(training.data, "CHUNK_IMAGES", 7)
+    rng = np.random.default_rng(2)
+    for c_in, shape in ((3, (1, 10, 12)), (1, (3, 10, 12)), (3, (3, 9, 11))):
+        x = rng.integers(0, 256, (30, c_in, 16, 16), dtype=np.uint8)
+        s = ImageSet(x, np.zeros(30, np.int64), [{} for _ in range(30)], "s")
+        whole, chunked = conform(s, shape), conform(s, shape, spill=tmp_path)
+        assert chunked.mapped and chunked.images.shape == (30, *shape)
+        assert np.array_equal(np.asarray(chunked.images), whole.images), (c_in, shape)
 
 
 def test_an_unreadable_image_leaves_no_decoded_file_behind(tmp_path: Path, hub: InProcHub) -> None:

@@ -217,9 +217,10 @@ def snapshot_to_boxset(snap: Any, *, channels: int, size: tuple[int, int], entri
                        ids=[e.case_id for e in entries], num_classes=len(snap.class_names))
 
 
-def conform_boxes(data: BoxSet, shape: tuple[int, int, int]) -> BoxSet:
-    """Resize / convert the images to ``shape`` (c, h, w); normalised boxes stay as they are."""
-    return BoxSet(conform(data.images, shape), data.boxes, data.classes)
+def conform_boxes(data: BoxSet, shape: tuple[int, int, int], *, spill: Path | None = None) -> BoxSet:
+    """Resize / convert the images to ``shape`` (c, h, w); normalised boxes stay as they are. ``spill``: see
+    :func:`training.data.conform`."""
+    return BoxSet(conform(data.images, shape, spill=spill), data.boxes, data.classes)
 
 
 def concat_boxes(sets: Sequence[BoxSet | None], *, name: str, spill: Path | None = None) -> BoxSet:

@@ -8,6 +8,7 @@ The same shape as the classifier's :mod:`training.prepare`: ``test`` joins the n
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -92,10 +93,11 @@ def prepare_boxes(
     shape = shape or with_overrides(data.train.shape, args)
     names = names or list(data.class_names or [])
 
+    spill = stream_dir(args) if args.stream else None
     new, base_train, test_parts = split_sources(
         data, base, shape=shape, new_tag=new_tag, holdout=None if src.kind == "hub" else args.holdout,
-        conform=conform_boxes, holdout_fn=holdout_boxes, missing="test scenes (x_test, boxes_test, ...)")
-    spill = stream_dir(args) if args.stream else None
+        conform=functools.partial(conform_boxes, spill=spill), holdout_fn=holdout_boxes,
+        missing="test scenes (x_test, boxes_test, ...)")
     eval_sets = {"test": concat_boxes(test_parts, name="test", spill=spill)}
     regression = []
     for spec in args.regression_sets:
