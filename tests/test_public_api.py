@@ -25,9 +25,11 @@ SURFACES = {
     "fleet.protocol": [
         "Ack", "Assignment", "BankCreate", "BankList", "BankPublic", "BatchReceipt", "BlobRequest", "Box",
         "CASE_STATES", "CASE_STATUSES", "CampaignCreate", "CampaignDeleted", "CampaignList", "CampaignPublic",
-        "CampaignReceipt", "CampaignRef", "CampaignVersions", "Case", "CaseInfluence", "CaseReceipt",
+        "CampaignReceipt", "CampaignRef", "CampaignRefusal", "CampaignRefusals", "CampaignVersions", "Case",
+        "CaseInfluence", "CaseReceipt",
         "ChallengerOutput", "DeviceContribution", "LineageEntry", "ModelLineage",
-        "Classification", "DB_INT", "Detection", "DetectorSpec", "DeviceList", "DevicePublic", "DeviceRevoked",
+        "Classification", "DB_INT", "Detection", "DetectorSpec", "DeviceList", "DevicePublic", "DeviceRefusal",
+        "DeviceRevoked",
         "ENROLL_OUTCOMES", "EnrollRequest", "Enrollment", "EnrollmentAttemptList", "EnrollmentAttemptPublic",
         "EventPage", "FIELD_COUNTERS", "FieldCounts", "FieldMetrics", "Grant", "GrantCreate", "GroupList",
         "GroupPublic", "HEARTBEAT_COUNTERS",

@@ -1,7 +1,8 @@
 """The trigger campaigns a device evaluates: built from the hub's assignment, state kept across restarts.
 
 Each campaign's spec is validated with ``trigger.parse_spec``; a campaign whose spec or novelty bank
-does not check out is refused with a log line and the others go on. An evaluator's state
+does not check out is refused with a log line and the others go on, and the hub is told why
+(:meth:`Campaigns.flush_refusals`, ``POST /v1/campaign-refusals``), so an operator sees it there. An evaluator's state
 (calibration, budgets, dedup memory) is saved as JSON beside the agent's data, so a restart does not
 recalibrate from scratch or spend a budget twice. With no campaign assigned, an optional local
 default spec applies.
@@ -35,12 +36,14 @@ from typing import Any
 
 from fleet.edge.fsutil import atomic_write_json
 from fleet.edge.hubclient import HubClient
-from fleet.errors import FlywheelError, IntegrityError, InvalidInput, RetryableError
-from fleet.protocol import CampaignRef
+from fleet.errors import FlywheelError, IntegrityError, InvalidInput, NotFound, PermanentError, RetryableError
+from fleet.protocol import CampaignRef, CampaignRefusal
+from fleet.protocol.campaigns import MAX_REASON
 
 log = logging.getLogger(__name__)
 
 ASSIGNED_FILE = "assigned.json"
+MAX_PENDING_REFUSALS = 64  # refusals kept for the hub while it cannot be told (the newest)
 
 
 @dataclass(eq=False)
@@ -97,6 +100,7 @@ class Campaigns:
         self._assigned: tuple[Campaign, ...] = ()  # built from the assignment, live or parked (see fits)
         self._refused: set[tuple[str, int, str]] = set()  # (campaign, version, spec digest)
         self._waiting: set[tuple[str, int, str | None]] = set()  # logged once: (campaign, version, bank version)
+        self._untold: list[tuple[str, int, str, float]] = []  # refusals the hub has not had: (id, version, why, when)
         self.model_version: str | None = None  # the active model the triggers run on (see use_model)
         self._restore_assigned()
 
@@ -140,6 +144,30 @@ class Campaigns:
             self._go_live()
         self._remember(refs)
         return self.current
+
+    def flush_refusals(self, device_id: str) -> None:
+        """Tell the hub which campaign versions this device refused, and why; keep those that hit a retryable
+        fault for the next call. A hub that refuses one (or predates refusals: 404) is logged, not asked again."""
+        if self.client is None:
+            return
+        with self.lock:
+            pending, self._untold = self._untold, []
+        keep: list[tuple[str, int, str, float]] = []
+        for i, (campaign_id, version, reason, at) in enumerate(pending):
+            try:
+                self.client.send_campaign_refusal(CampaignRefusal(
+                    device_id=device_id, campaign_id=campaign_id, version=version,
+                    reason=reason[:MAX_REASON], refused_at=at))
+            except RetryableError as exc:
+                log.debug("refusal of campaign %s v%d not delivered yet: %s", campaign_id, version, exc)
+                keep = pending[i:]
+                break
+            except NotFound as exc:
+                log.warning("the hub did not take the refusal of campaign %s v%d: %s", campaign_id, version, exc)
+            except PermanentError as exc:
+                log.error("the hub refused the refusal of campaign %s v%d: %s", campaign_id, version, exc)
+        with self.lock:
+            self._untold = (keep + self._untold)[-MAX_PENDING_REFUSALS:]
 
     def save_state(self) -> None:
         """Persist every live evaluator's state."""
@@ -188,6 +216,9 @@ class Campaigns:
         except (SpecError, FlywheelError, ValueError) as exc:
             self._refused.add((ref.campaign_id, ref.version, digest))
             log.error("refusing campaign %s v%d from the hub: %s", ref.campaign_id, ref.version, exc)
+            with self.lock:
+                self._untold = [*self._untold, (ref.campaign_id, ref.version, str(exc), self.clock())][
+                    -MAX_PENDING_REFUSALS:]
             return None
         self._waiting.discard((ref.campaign_id, ref.version, ref.novelty_bank_version))
         return Campaign(ref.campaign_id, ref.version, evaluator, ref.expires_at,

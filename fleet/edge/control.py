@@ -86,6 +86,7 @@ class ControlLoop:
             self.ota.apply(assignment)
         finally:
             self.ota.flush_reports()
+            self.campaigns.flush_refusals(self.ota.device_id)
         return True
 
     def _loop(self) -> None:

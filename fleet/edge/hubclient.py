@@ -25,6 +25,7 @@ from fleet.errors import (
 from fleet.protocol import (
     Assignment,
     BatchReceipt,
+    CampaignRefusal,
     CaseReceipt,
     Enrollment,
     EnrollRequest,
@@ -121,6 +122,9 @@ class HubClient:
 
     def send_ota_report(self, report: OtaReport) -> None:
         self._call("POST", "/v1/ota-reports", content=report.to_json(), headers=_JSON)
+
+    def send_campaign_refusal(self, refusal: CampaignRefusal) -> None:
+        self._call("POST", "/v1/campaign-refusals", content=refusal.to_json(), headers=_JSON)
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 M = TypeVar("M", bound="Message")
 
 models_app = typer.Typer(help="List, promote and roll back model versions.", no_args_is_help=True)
-campaigns_app = typer.Typer(help="Apply, list and delete trigger campaigns.", no_args_is_help=True)
+campaigns_app = typer.Typer(help="Apply, list and delete trigger campaigns, and see their yields and refusals.",
+                             no_args_is_help=True)
 
 HUB_URL = typer.Option("http://127.0.0.1:8000", "--hub", envvar="FLYWHEEL_HUB_URL", help="The hub's base URL.")
 TOKEN = typer.Option(..., "--token", envvar="FLYWHEEL_HUB_TOKEN", help="An admin token for the hub.")
@@ -32,7 +33,7 @@ def _models() -> None:
 
 @campaigns_app.callback()
 def _campaigns() -> None:
-    """Apply, list and delete trigger campaigns."""
+    """Apply, list and delete trigger campaigns, and see their yields and refusals."""
 
 
 def _call(hub: str, token: str, method: str, path: str, answer: type[M], *, body: Message | None = None) -> M:
@@ -306,6 +307,28 @@ def campaigns_yield(campaign_id: str | None = typer.Argument(None, help="One cam
 
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+@campaigns_app.command("refusals")
+def campaigns_refusals(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN,
+                       as_json: bool = typer.Option(False, "--json", help="The hub's answer as JSON.")) -> None:
+    """The devices that could not run a version of CAMPAIGN_ID, and the reason each agent gave."""
+    import time
+
+    from fleet.protocol import CampaignRefusals
+
+    report = _call(hub, token, "GET", f"/v1/campaigns/{campaign_id}/refusals", CampaignRefusals)
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    if not report.refusals:
+        typer.echo(f"no device has refused a version of {campaign_id}")
+        return
+    typer.echo("version\tdevice\ttimes\tlast refused (UTC)\treason")
+    for r in report.refusals:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.refused_at))
+        reason = "".join(ch if ch.isprintable() else " " for ch in r.reason)  # a device's words, not our terminal's
+        typer.echo(f"v{r.version}\t{r.device_id}\t{r.times}\t{when}\t{reason}")
 
 
 @campaigns_app.command("delete")

@@ -361,6 +361,21 @@ class Campaign(SQLModel, table=True):
     learned_rate: float | None = None  # the learned leaf's target rate: refitted for each new active model
 
 
+class CampaignRefusalRow(SQLModel, table=True):
+    """A device that could not run a campaign version (``POST /v1/campaign-refusals``): its last reason, and how
+    many times it refused (again after each restart of its agent)."""
+
+    __tablename__ = "campaign_refusals"
+
+    campaign_id: str = _id(primary_key=True)
+    version: int = Field(primary_key=True)
+    device_id: str = _id(primary_key=True)
+    reason: str = Field(default="", sa_type=sa.Text)  # type: ignore[call-overload]
+    refused_at: float  # the device's clock
+    received_at: float
+    times: int = Field(default=1)
+
+
 class UploadBucket(SQLModel, table=True):
     """A token bucket every hub worker draws on (fleet.hub.quota): the fleet's uploads, or one campaign's."""
 

@@ -6,6 +6,8 @@ ship with (built at the hub from labeled cases' embeddings; devices download the
 ``GET  /v1/campaigns``                          -> :class:`CampaignList`
 ``GET  /v1/campaigns/{id}``                     -> :class:`CampaignVersions`
 ``DELETE /v1/campaigns/{id}``                   -> :class:`CampaignDeleted`
+``POST /v1/campaign-refusals``                  :class:`CampaignRefusal` (a device) -> 204
+``GET  /v1/campaigns/{id}/refusals``            -> :class:`CampaignRefusals`
 ``POST /v1/novelty-banks``                      :class:`BankCreate` -> :class:`BankPublic`
 ``GET  /v1/novelty-banks``                      -> :class:`BankList`
 ``GET  /v1/novelty-banks/{id}``                 -> the bank as ``.npz`` (``trigger.NoveltyBank``)
@@ -271,3 +273,65 @@ class LearnedFit(Message):
         check_finite(self.bias, "bias")
         check_fraction(self.target_rate, "target_rate")
         opt(self.train_auc, check_fraction, "train_auc")
+
+
+MAX_REASON = 2000  # characters of a refusal's reason kept
+
+
+@dataclass
+class CampaignRefusal(Message):
+    """A device could not run a campaign version it was assigned (``POST /v1/campaign-refusals``): its agent
+    refused the spec (a trigger kind or parameter it does not know) or the novelty bank (a download that did not
+    hash to the assignment's sha256), and says why. The device runs its other campaigns meanwhile."""
+
+    device_id: str
+    campaign_id: str
+    version: int
+    reason: str
+    refused_at: float
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.device_id, "device_id")
+        check_name(self.campaign_id, "campaign_id")
+        check_int(self.version, "version", lo=1, hi=DB_INT)
+        check_str(self.reason, "reason", max_len=MAX_REASON)
+        check_finite(self.refused_at, "refused_at")
+
+
+@dataclass
+class DeviceRefusal(Message):
+    """One device's refusal of one campaign version, as the hub keeps it: the last reason it gave, when it last
+    refused (its clock) and when the hub heard it, and how many times it refused (again after each restart)."""
+
+    VERSIONED: ClassVar[bool] = False
+
+    device_id: str
+    version: int
+    reason: str
+    refused_at: float
+    received_at: float
+    times: int = 1
+
+    def validate(self) -> None:
+        check_name(self.device_id, "device_id")
+        check_int(self.version, "version", lo=1, hi=DB_INT)
+        check_str(self.reason, "reason", max_len=MAX_REASON)
+        check_finite(self.refused_at, "refused_at")
+        check_finite(self.received_at, "received_at")
+        check_int(self.times, "times", lo=1)
+
+
+@dataclass
+class CampaignRefusals(Message):
+    """The devices that refused a version of one campaign, newest version first, then by device
+    (``GET /v1/campaigns/{id}/refusals``)."""
+
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"refusals": (DeviceRefusal, 1_000_000)}
+
+    campaign_id: str
+    refusals: list[DeviceRefusal]
+    schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_name(self.campaign_id, "campaign_id")

@@ -84,6 +84,34 @@ def test_campaigns_apply_list_delete(live: RunningHub, tmp_path: Path) -> None:
     assert runner.invoke(campaigns_app, ["list", *opts]).output.strip() == ""
 
 
+def test_campaigns_refusals_shows_what_devices_said(live: RunningHub, tmp_path: Path) -> None:
+    """A device's refusal, read by an operator: version, device, times, when and the agent's reason, with its
+    control characters (a device's words) blanked out."""
+    from fleet.protocol import CampaignRefusal, Enrollment, EnrollRequest
+
+    spec = {"format": "flywheel.trigger/1", "id": "dusk", "version": 1, "rule": {"trigger": "entropy", "above": 0.5}}
+    f = tmp_path / "dusk.json"
+    f.write_text(json.dumps(spec))
+    opts = ["--hub", live.url, "--token", live.admin_token]
+    assert runner.invoke(campaigns_app, ["apply", str(f), *opts]).exit_code == 0
+    assert "no device has refused a version of dusk" in runner.invoke(campaigns_app, ["refusals", "dusk", *opts]).output
+    r = httpx.post(f"{live.url}/v1/enroll", content=EnrollRequest("cam-7", fleet_secret=live.fleet_secret).to_json(),
+                   headers={"Content-Type": "application/json"})
+    token = Enrollment.from_json(r.content).token
+    refusal = CampaignRefusal(device_id="cam-7", campaign_id="dusk", version=1, refused_at=1_780_000_000.0,
+                              reason="unknown trigger 'entropy'\x1b[2J")
+    r = httpx.post(f"{live.url}/v1/campaign-refusals", content=refusal.to_json(),
+                   headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    assert r.status_code == 204, r.text
+    out = runner.invoke(campaigns_app, ["refusals", "dusk", *opts]).output
+    assert "v1\tcam-7\t1\t2026-05-28 20:26:40\tunknown trigger 'entropy' [2J" in out, out
+    assert "\x1b" not in out
+    as_json = json.loads(runner.invoke(campaigns_app, ["refusals", "dusk", "--json", *opts]).output)
+    assert as_json["refusals"][0]["reason"] == refusal.reason
+    r = runner.invoke(campaigns_app, ["refusals", "nope", *opts])
+    assert r.exit_code == 1 and "404" in r.output
+
+
 def test_root_cli_exposes_the_hub_commands() -> None:
     from fleet.cli import app as root
 

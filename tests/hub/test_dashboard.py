@@ -156,6 +156,13 @@ def test_every_page_shows_the_loop(hub: HubHarness) -> None:
     assert "Uploads per day (UTC)" in campaigns and "night-rare 2 north" in campaigns
     # the yield, as GET /v1/yields reports it: 2 of the campaign's 4 labeled cases caught m1 wrong
     assert "night-rare all triggers 6 4 2 50.0% 2.0" in campaigns and "night-rare novelty 3 2 1 50.0% 2.0" in campaigns
+    assert "Every device runs the campaigns it was given." in campaigns
+    refusal = {"device_id": "cam-north-1", "campaign_id": "night-rare", "version": 2, "refused_at": hub.clock(),
+               "reason": "unknown trigger 'entropy' <script>alert(1)</script>"}
+    assert hub.client.post("/v1/campaign-refusals", json=refusal, headers=hub.devices["cam-north-1"]).status_code == 204
+    page = hub.client.get("/ui/campaigns").text
+    assert "<script>alert" not in page and "&lt;script&gt;" in page  # a device's words, escaped
+    assert "night-rare 2 cam-north-1 1" in text_of(page) and "unknown trigger &#39;entropy&#39;" in text_of(page)
 
     queue = text_of(hub.client.get("/ui/queue").text)
     assert "4 in the pool" in queue and "5 labeled" in queue and "Labels per hour" in queue

@@ -70,6 +70,9 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
         r = client.post("/v1/rollouts", json={"version": "m4", "stages": [1.0], "group": "south"}, headers=h.trainer)
         assert r.status_code == 201, r.text
         assert client.post(f"/v1/rollouts/{r.json()['rollout_id']}/advance", headers=h.trainer).status_code == 200
+        refusal = {"device_id": "cam-north-2", "campaign_id": "night-rare", "version": 2, "refused_at": time.time(),
+                   "reason": "novelty bank bank-m1: sha256 " + "0" * 64 + ", expected " + "f" * 64}
+        assert client.post("/v1/campaign-refusals", json=refusal, headers=h.devices["cam-north-2"]).status_code == 204
 
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -117,6 +120,8 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 assert "night-rare" in page.locator("#campaigns").inner_text()
                 assert "night-rare\tall triggers\t6\t4\t2\t50.0%" in page.locator("#yields").inner_text()
                 assert page.locator("svg.chart[aria-label='Uploads per day (UTC)'] rect").count() >= 1
+                refused = page.locator("#refusals tbody tr").inner_text().split("\t")
+                assert refused[:4] == ["night-rare", "2", "cam-north-2", "1"] and "novelty bank bank-m1" in refused[5]
                 shot("campaigns")
 
                 page.click("nav >> text=Queue")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import tempfile
 from pathlib import Path
@@ -20,6 +21,7 @@ from fleet.hub import rollouts
 from fleet.hub.api import (
     AdminCaller,
     AnyCaller,
+    DeviceCaller,
     HubDep,
     TrainerCaller,
     binary_body,
@@ -27,10 +29,11 @@ from fleet.hub.api import (
     message_response,
     request_body,
 )
+from fleet.hub.auth import require_device
 from fleet.hub.context import Hub
-from fleet.hub.db import insert_ignore, read_session, write_session
+from fleet.hub.db import dialect_insert, insert_ignore, read_session, write_session
 from fleet.hub.ingest import decode_embedding_bytes
-from fleet.hub.models import Blob, Campaign, CaseRow, ModelVersion, NoveltyBankRow
+from fleet.hub.models import Blob, Campaign, CampaignRefusalRow, CaseRow, ModelVersion, NoveltyBankRow
 from fleet.protocol import (
     BankCreate,
     BankList,
@@ -40,11 +43,16 @@ from fleet.protocol import (
     CampaignList,
     CampaignPublic,
     CampaignReceipt,
+    CampaignRefusal,
+    CampaignRefusals,
     CampaignVersions,
+    DeviceRefusal,
     LearnedFit,
     YieldReport,
     check_name,
 )
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["campaigns"])
 
@@ -168,6 +176,43 @@ def delete_campaign(campaign_id: str, _: AdminCaller, hub: HubDep) -> Response:
     if n.rowcount == 0:
         raise NotFound(f"no live campaign {campaign_id!r}")
     return message_response(CampaignDeleted(campaign_id=campaign_id, deleted_versions=n.rowcount))
+
+
+@router.post("/v1/campaign-refusals", status_code=204, response_class=Response,
+             openapi_extra=request_body(CampaignRefusal))
+def campaign_refusal(principal: DeviceCaller, hub: HubDep,
+                     body: CampaignRefusal = message_body(CampaignRefusal)) -> Response:
+    """A device could not run a campaign version it was assigned; kept per (campaign, version, device) with the
+    last reason and how many times (404: no such campaign version)."""
+    require_device(principal, body.device_id, "campaign refusal")
+    table = CampaignRefusalRow.__table__  # type: ignore[attr-defined]
+    with write_session(hub.engine) as s:
+        if s.get(Campaign, (body.campaign_id, body.version)) is None:
+            raise NotFound(f"unknown campaign {body.campaign_id!r} v{body.version}")
+        ins = dialect_insert(hub.engine, table).values(
+            campaign_id=body.campaign_id, version=body.version, device_id=body.device_id, reason=body.reason,
+            refused_at=body.refused_at, received_at=hub.now(), times=1)
+        s.execute(ins.on_conflict_do_update(
+            index_elements=["campaign_id", "version", "device_id"],
+            set_={"reason": ins.excluded.reason, "refused_at": ins.excluded.refused_at,
+                  "received_at": ins.excluded.received_at, "times": table.c.times + 1}))
+    log.warning("device %s refused campaign %s v%d: %s", body.device_id, body.campaign_id, body.version,
+                body.reason[:300])
+    return Response(status_code=204)
+
+
+@router.get("/v1/campaigns/{campaign_id}/refusals", response_model=CampaignRefusals)
+def campaign_refusals(campaign_id: str, _: AdminCaller, hub: HubDep) -> Response:
+    """The devices that could not run a version of this campaign, newest version first."""
+    check_name(campaign_id, "campaign id")
+    with read_session(hub.engine) as s:
+        if s.exec(select(Campaign.version).where(Campaign.campaign_id == campaign_id).limit(1)).first() is None:
+            raise NotFound(f"unknown campaign {campaign_id!r}")
+        rows = s.exec(select(CampaignRefusalRow).where(CampaignRefusalRow.campaign_id == campaign_id)
+                      .order_by(col(CampaignRefusalRow.version).desc(), col(CampaignRefusalRow.device_id))).all()
+    return message_response(CampaignRefusals(campaign_id=campaign_id, refusals=[
+        DeviceRefusal(device_id=r.device_id, version=r.version, reason=r.reason, refused_at=r.refused_at,
+                      received_at=r.received_at, times=r.times) for r in rows]))
 
 
 def campaign_public(row: Campaign, *, now: float) -> CampaignPublic:

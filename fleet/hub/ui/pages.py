@@ -15,7 +15,7 @@ from fleet.hub.api import HubDep
 from fleet.hub.auth import Principal
 from fleet.hub.context import Hub, get_hub
 from fleet.hub.db import read_session
-from fleet.hub.models import CaseRow, ModelVersion, Rollout
+from fleet.hub.models import CampaignRefusalRow, CaseRow, ModelVersion, Rollout
 from fleet.hub.routes.campaigns import campaign_list
 from fleet.hub.routes.cases import case_row, selected_case
 from fleet.hub.routes.devices import device_list
@@ -93,17 +93,23 @@ def fleet(request: Request, admin: Admin, hub: HubDep) -> Response:
                  groups=groups)
 
 
+REFUSALS_SHOWN = 50  # the newest campaign refusals on the campaigns page (all: flywheel campaigns refusals ID)
+
+
 @router.get("/campaigns", response_class=HTMLResponse)
 def campaigns(request: Request, admin: Admin, hub: HubDep) -> Response:
     with read_session(hub.engine) as s:
         up = figures.uploads(s, now=hub.now())
         yields = trigger_yields(s).yields
+        refusals = s.exec(select(CampaignRefusalRow).order_by(col(CampaignRefusalRow.received_at).desc())
+                          .limit(REFUSALS_SHOWN)).all()
     day_chart = charts.bar_chart([d for d, _ in up.by_day], {"uploads": [n for _, n in up.by_day]},
                                  title="Uploads per day (UTC)", fmt="{:.0f}")
     trigger_chart = charts.bar_chart([t for t, _ in up.by_trigger], {"uploads": [n for _, n in up.by_trigger]},
                                      title="Uploads per trigger", fmt="{:.0f}")
     return _page(request, "campaigns.html", admin, campaigns=campaign_list(hub).campaigns, uploads=up,
-                 day_chart=day_chart, trigger_chart=trigger_chart, yields=yields)
+                 day_chart=day_chart, trigger_chart=trigger_chart, yields=yields, refusals=refusals,
+                 refusals_shown=REFUSALS_SHOWN)
 
 
 @router.get("/queue", response_class=HTMLResponse)
