@@ -11,7 +11,16 @@ from sqlmodel import Session, col, func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fleet.hub import rollouts
-from fleet.hub.models import CaseRow, Device, FieldMetric, LabelRow, ModelVersion, UploadBucket, WebhookEvent
+from fleet.hub.models import (
+    CampaignRefusalRow,
+    CaseRow,
+    Device,
+    FieldMetric,
+    LabelRow,
+    ModelVersion,
+    UploadBucket,
+    WebhookEvent,
+)
 from fleet.protocol import CASE_STATES, FIELD_COUNTERS, FieldCounts, ModelSummary, QueueDepths, Summary
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -166,6 +175,13 @@ def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int
         for k in FIELD_COUNTERS:
             lines.append(f'flywheel_field_total{{version="{_esc(fm.version)}",counter="{k}"}} {getattr(fm, k)}')
     lines += _yield_lines(s)
+    lines += ["# HELP flywheel_campaign_refusing_devices Devices that could not run a campaign version "
+              "(POST /v1/campaign-refusals).", "# TYPE flywheel_campaign_refusing_devices gauge"]
+    refusing = s.exec(select(CampaignRefusalRow.campaign_id, CampaignRefusalRow.version, func.count())
+                      .group_by(CampaignRefusalRow.campaign_id, CampaignRefusalRow.version)
+                      .order_by(CampaignRefusalRow.campaign_id, CampaignRefusalRow.version)).all()
+    for campaign_id, version, n in refusing:
+        lines.append(f'flywheel_campaign_refusing_devices{{campaign="{_esc(campaign_id)}",version="{version}"}} {n}')
     lines += ["# HELP flywheel_upload_bucket_tokens Tokens left in an upload cap's bucket at its last draw "
               "(fleet.hub.quota).", "# TYPE flywheel_upload_bucket_tokens gauge"]
     for b in s.exec(select(UploadBucket).order_by(UploadBucket.key)).all():
