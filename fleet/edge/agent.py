@@ -328,6 +328,7 @@ class Agent:
         self.health.flush()
         self.heartbeat.send()
         self.ota.flush_reports()
+        self.campaigns.flush_refusals(self.ota.device_id)
 
     def close(self) -> None:
         self.spool.close()

@@ -57,11 +57,11 @@ def write_frames(tmp_path: Path, n_frames: int, *, seed: int = 0) -> None:
              human=np.arange(n_frames) % 3, tag_site=np.array(["north"] * n_frames))
 
 
-def write_config(tmp_path: Path, hub: RunningHub, n_frames: int) -> Path:
+def write_config(tmp_path: Path, hub: RunningHub, n_frames: int, *, device_id: str = "edge-it-1") -> Path:
     write_frames(tmp_path, n_frames)
     cfg = tmp_path / "agent.toml"
     cfg.write_text(f"""
-device_id = "edge-it-1"
+device_id = "{device_id}"
 data_dir = "data"
 [hub]
 url = "{hub.url}"
@@ -169,3 +169,41 @@ def test_agent_against_the_real_hub(tmp_path: Path, hub: RunningHub) -> None:
         ("edge-it-v1", "installed"), ("edge-it-v2", "installed"), ("edge-it-v3", "refused"),
     ]
     assert "NaN" in reports[-1][2]
+
+
+def test_a_campaign_the_agent_cannot_run_is_reported_to_the_hub(tmp_path: Path, hub: RunningHub,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real agent is given two campaigns and its trigger package refuses one (a parameter it does not know:
+    an agent a release behind the hub's). It runs the other and tells the hub why; an agent restart refuses
+    and tells again, and the hub counts it."""
+    import trigger
+    from fleet.protocol import CampaignRefusals
+
+    real_parse = trigger.parse_spec
+
+    def behind(doc: Any) -> Any:
+        if isinstance(doc, dict) and doc.get("id") == "strict":
+            raise trigger.SpecError("entropy: unknown parameter 'hysteresis'")
+        return real_parse(doc)
+
+    monkeypatch.setattr(trigger, "parse_spec", behind)  # the agent's side only: the hub is another process
+    publish(hub, make_model_files(tmp_path / "models", "edge-it-r1", private_key=hub.private_key(), seed=5))
+    for spec in (SPEC, {**SPEC, "id": "strict"}):
+        r = httpx.post(hub.url + "/v1/campaigns", headers=hub.admin_headers, json=spec)
+        assert r.status_code in (200, 201), r.text
+    cfg = write_config(tmp_path, hub, 30, device_id="edge-it-2")
+    assert CliRunner().invoke(app, ["enroll", "--config", str(cfg)]).exit_code == 0
+    run = run_agent(cfg)
+    assert run.model_version == "edge-it-r1" and run.flagged > 0  # the campaign it could run mined
+
+    def refusals() -> list[tuple[int, str, int, str]]:
+        r = httpx.get(hub.url + "/v1/campaigns/strict/refusals", headers=hub.admin_headers)
+        assert r.status_code == 200, r.text
+        return [(x.version, x.device_id, x.times, x.reason) for x in CampaignRefusals.from_json(r.content).refusals]
+
+    assert refusals() == [(1, "edge-it-2", 1, "entropy: unknown parameter 'hysteresis'")]
+    r = httpx.get(hub.url + "/v1/campaigns/edge-it/refusals", headers=hub.admin_headers)
+    assert [x["device_id"] for x in r.json()["refusals"]] == []
+    write_frames(tmp_path, 10, seed=3)
+    run_agent(cfg)  # a restart: the remembered assignment is refused again, and said again
+    assert [(v, d, n) for v, d, n, _ in refusals()] == [(1, "edge-it-2", 2)]
