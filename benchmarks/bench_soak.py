@@ -104,23 +104,19 @@ def tree_rss_kib(pid: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _png_pool(n: int, seed: int) -> list[bytes]:
+def _png(rng: np.random.Generator) -> bytes:
     from PIL import Image
 
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 class Fleet:
     """``devices`` asyncio clients against ``url`` until ``deadline`` (monotonic); results in ``result``."""
 
     def __init__(self, url: str, fleet_secret: str, devices: int, seconds: float, *, period_s: float = 1.0,
-                 seed: int = 0, max_actions: int = 100_000) -> None:
+                 seed: int = 0, max_actions: int = 100_000, image_pool: int = 0) -> None:
         self.url = url
         self.fleet_secret = fleet_secret
         self.n = devices
@@ -128,7 +124,10 @@ class Fleet:
         self.period_s = period_s
         self.max_actions = max_actions
         self.rng = random.Random(seed)
-        self.pngs = _png_pool(256, seed)
+        # every case a new image, as a fleet's frames are; image_pool > 0: drawn from that many (most uploads are
+        # then images the hub already holds, which it stores by reference)
+        self.np_rng = np.random.default_rng(seed)
+        self.pngs = [_png(self.np_rng) for _ in range(image_pool)]
         self.result = SoakResult(devices=devices, seconds=seconds)
         self.latencies: dict[str, list[float]] = {}
         self.statuses: Counter[str] = Counter()
@@ -233,7 +232,7 @@ class Fleet:
                                 data={"case": text}, files={"image": ("frame.png", png, "image/png")})
 
     def _case(self, device_id: str, rng: random.Random) -> tuple[str, bytes]:
-        png = self.pngs[rng.randrange(len(self.pngs))]
+        png = self.pngs[rng.randrange(len(self.pngs))] if self.pngs else _png(self.np_rng)
         p = np.asarray([rng.random() + 0.01 for _ in range(3)])
         p = p / p.sum()
         emb = np.asarray([rng.gauss(0, 1) for _ in range(16)], np.float32)
@@ -282,7 +281,7 @@ def count_cases(url: str, labeler: str) -> int:
 
 def soak(devices: int, seconds: float, *, workdir: Path, database_url: str | None = None, workers: int = 1,
          period_s: float = 1.0, sample_s: float = 2.0, warmup: float = 0.2,
-         extra_env: dict[str, str] | None = None) -> SoakResult:
+         extra_env: dict[str, str] | None = None, image_pool: int = 0) -> SoakResult:
     """Run the whole soak; the hub is stopped before this returns. ``extra_env``: the hub's own settings (say an
     S3 blob store)."""
     import httpx
@@ -297,7 +296,7 @@ def soak(devices: int, seconds: float, *, workdir: Path, database_url: str | Non
         httpx.post(f"{hub.url}/v1/models/{MODEL_VERSION}/promote", headers=hub.admin_headers,
                    timeout=30).raise_for_status()
         labeler = hub.token("labeler")
-        fleet = Fleet(hub.url, hub.fleet_secret, devices, seconds, period_s=period_s)
+        fleet = Fleet(hub.url, hub.fleet_secret, devices, seconds, period_s=period_s, image_pool=image_pool)
         samples: list[tuple[float, float]] = []
 
         async def sampler(stop: asyncio.Event) -> None:
@@ -376,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     dur.add_argument("--seconds", type=float)
     ap.add_argument("--period", type=float, default=2.0, help="mean seconds between one device's actions")
     ap.add_argument("--workers", type=int, default=1, help="hub worker processes")
+    ap.add_argument("--image-pool", type=int, default=0,
+                    help="draw case images from this many (default 0: every case a new image, as a fleet's frames)")
     ap.add_argument("--database-url", default=None, help="SQLAlchemy URL (default: SQLite in the work dir)")
     ap.add_argument("--s3-endpoint", default=None, help="Keep the hub's blobs in an S3-compatible server at this URL "
                     "(a fresh bucket; credentials from boto3's chain) instead of its data folder")
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flywheel-soak-") as tmp:
         work = args.workdir or Path(tmp)
         r = soak(args.devices, seconds, workdir=work, database_url=args.database_url, workers=args.workers,
-                 period_s=args.period, extra_env=extra_env)
+                 period_s=args.period, extra_env=extra_env, image_pool=args.image_pool)
     text = report(r, args.max_growth, args.max_late_slope)
     print(text)
     if r.error_samples:
@@ -416,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         from _common import append
 
         append(args.append, f"Soak: {r.devices} devices, {seconds / 60:g} min, {args.workers} worker(s)"
-               + (", blobs in S3" if args.s3_endpoint else ""), text)
+               + (", blobs in S3" if args.s3_endpoint else "")
+               + (f", images from a pool of {args.image_pool}" if args.image_pool else ", a new image per case"), text)
     return 0 if r.ok(args.max_growth, args.max_late_slope) else 1
 
 
