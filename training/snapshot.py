@@ -119,9 +119,9 @@ def snapshot_to_mapped(snap: Snapshot, entries: list[SnapshotEntry], *, channels
     shape = (len(entries), channels, *size)
     digest_path = path.with_name(path.name + ".sha256")
     if path.is_file():
-        reason = _unusable(path, digest_path, shape)
-        if reason is None:
-            return _image_set(snap, entries, np.load(path, mmap_mode="r"))
+        mapped, reason = _verified(path, digest_path, shape)
+        if mapped is not None:
+            return _image_set(snap, entries, mapped)
         log.warning("decoded snapshot file %s %s; decoding again", path, reason)
         digest_path.unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,25 +147,25 @@ def snapshot_to_mapped(snap: Snapshot, entries: list[SnapshotEntry], *, channels
     return _image_set(snap, entries, np.load(path, mmap_mode="r"))
 
 
-def _unusable(path: Path, digest_path: Path, shape: tuple[int, ...]) -> str | None:
-    """Why the decoded file ``path`` cannot be reused for ``shape`` (None: it can): read and hashed a chunk at a
-    time, so checking it costs no more memory than decoding it."""
+def _verified(path: Path, digest_path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    """(the decoded file ``path`` mapped, "") when it can be reused for ``shape``; else (None, why not). Read and
+    hashed a chunk at a time, so checking it costs no more memory than decoding it."""
     try:
         mapped = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
-        return f"cannot be read ({exc})"
+        return None, f"cannot be read ({exc})"
     if mapped.shape != shape or mapped.dtype != np.uint8:
-        return f"holds {mapped.shape} {mapped.dtype} images, not {shape} uint8"
+        return None, f"holds {mapped.shape} {mapped.dtype} images, not {shape} uint8"
     try:
         expected = digest_path.read_text().strip()
     except OSError:
-        return f"has no recorded sha256 ({digest_path.name})"
+        return None, f"has no recorded sha256 ({digest_path.name})"
     h = hashlib.sha256()
     for i in range(0, len(mapped), DECODE_CHUNK):
         h.update(np.ascontiguousarray(mapped[i: i + DECODE_CHUNK]).tobytes())
     if h.hexdigest() != expected:
-        return f"has pixels hashing to {h.hexdigest()}, not the recorded {expected}"
-    return None
+        return None, f"has pixels hashing to {h.hexdigest()}, not the recorded {expected}"
+    return mapped, ""
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

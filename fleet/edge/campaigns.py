@@ -2,9 +2,9 @@
 
 Each campaign's spec is validated with ``trigger.parse_spec``; a campaign whose spec or novelty bank
 does not check out is refused with a log line and the others go on, and the hub is told why
-(:meth:`Campaigns.flush_refusals`, ``POST /v1/campaign-refusals``), so an operator sees it there. An evaluator's state
-(calibration, budgets, dedup memory) is saved as JSON beside the agent's data, so a restart does not
-recalibrate from scratch or spend a budget twice. With no campaign assigned, an optional local
+(:meth:`Campaigns.flush_refusals`, ``POST /v1/campaign-refusals``), so an operator sees it there.
+An evaluator's state (calibration, budgets, dedup memory) is saved as JSON beside the agent's data, so a
+restart does not recalibrate from scratch or spend a budget twice. With no campaign assigned, an optional local
 default spec applies.
 
 Calibrated thresholds are kept per model version (:meth:`Campaigns.use_model`): a threshold fitted to
