@@ -2,7 +2,10 @@
 
 Each campaign's spec is validated with ``trigger.parse_spec``; a campaign whose spec or novelty bank
 does not check out is refused with a log line and the others go on, and the hub is told why
-(:meth:`Campaigns.flush_refusals`, ``POST /v1/campaign-refusals``), so an operator sees it there.
+(:meth:`Campaigns.flush_refusals`, ``POST /v1/campaign-refusals``), so an operator sees it there. A spec refused
+stays refused for that campaign version; a novelty bank that arrives not hashing to the sha256 the assignment
+names may have been corrupted on the way, so it is fetched again after BANK_RETRY_S, then twice as long each
+time, up to BANK_RETRY_MAX_S (each failed try is a refusal the hub counts).
 An evaluator's state (calibration, budgets, dedup memory) is saved as JSON beside the agent's data, so a
 restart does not recalibrate from scratch or spend a budget twice. With no campaign assigned, an optional local
 default spec applies.
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 
 ASSIGNED_FILE = "assigned.json"
 MAX_PENDING_REFUSALS = 64  # refusals kept for the hub while it cannot be told (the newest)
+BANK_RETRY_S = 60.0  # a bank that arrived not hashing to its sha256 is fetched again after this, then twice as long
+BANK_RETRY_MAX_S = 3600.0  # ... up to this between tries
 
 
 @dataclass(eq=False)
@@ -101,6 +106,7 @@ class Campaigns:
         self._refused: set[tuple[str, int, str]] = set()  # (campaign, version, spec digest)
         self._waiting: set[tuple[str, int, str | None]] = set()  # logged once: (campaign, version, bank version)
         self._untold: list[tuple[str, int, str, float]] = []  # refusals the hub has not had: (id, version, why, when)
+        self._bank_retry: dict[tuple[str, int, str], tuple[int, float]] = {}  # refused on a bank: (tries, next at)
         self.model_version: str | None = None  # the active model the triggers run on (see use_model)
         self._restore_assigned()
 
@@ -133,7 +139,9 @@ class Campaigns:
                 out.append(built[key])
                 continue
             if (ref.campaign_id, ref.version, digest) in self._refused:
-                continue
+                if now < self._bank_retry.get((ref.campaign_id, ref.version, digest), (0, float("inf")))[1]:
+                    continue
+                self._refused.discard((ref.campaign_id, ref.version, digest))  # its bank is fetched again
             campaign = self._build(ref, digest)
             if campaign is not None:
                 log.info("campaign %s v%d is %s", ref.campaign_id, ref.version,
@@ -214,12 +222,20 @@ class Campaigns:
                         ref.campaign_id, ref.version, exc)
             return None
         except (SpecError, FlywheelError, ValueError) as exc:
-            self._refused.add((ref.campaign_id, ref.version, digest))
-            log.error("refusing campaign %s v%d from the hub: %s", ref.campaign_id, ref.version, exc)
+            key = (ref.campaign_id, ref.version, digest)
+            self._refused.add(key)
+            why = str(exc)
+            if isinstance(exc, IntegrityError):  # corrupted on the way, perhaps: fetched again later, less often
+                tries = self._bank_retry.get(key, (0, 0.0))[0] + 1
+                wait = min(BANK_RETRY_MAX_S, BANK_RETRY_S * 2 ** (tries - 1))
+                self._bank_retry[key] = (tries, self.clock() + wait)
+                why = f"{why} (try {tries}; fetching it again in {wait:.0f} s)"
+            log.error("refusing campaign %s v%d from the hub: %s", ref.campaign_id, ref.version, why)
             with self.lock:
-                self._untold = [*self._untold, (ref.campaign_id, ref.version, str(exc), self.clock())][
+                self._untold = [*self._untold, (ref.campaign_id, ref.version, why, self.clock())][
                     -MAX_PENDING_REFUSALS:]
             return None
+        self._bank_retry.pop((ref.campaign_id, ref.version, digest), None)
         self._waiting.discard((ref.campaign_id, ref.version, ref.novelty_bank_version))
         return Campaign(ref.campaign_id, ref.version, evaluator, ref.expires_at,
                         bank_version=ref.novelty_bank_version if bank is not None else None,

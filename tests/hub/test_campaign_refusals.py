@@ -84,6 +84,51 @@ def test_a_refused_campaign_reaches_the_hub_across_versions_and_a_restart(hub: H
     assert len(refusals(hub).refusals) == 2
 
 
+class FlakyLink(CorruptingLink):
+    """Corrupts the first ``bad`` novelty bank downloads, then delivers them whole; counts the downloads."""
+
+    def __init__(self, *args: Any, bad: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.bad, self.downloads = bad, 0
+
+    def download_novelty_bank(self, bank_id: str, dest: Path, *, max_bytes: int = 64 * 1024 * 1024) -> str:
+        self.downloads += 1
+        if self.downloads <= self.bad:
+            return super().download_novelty_bank(bank_id, dest, max_bytes=max_bytes)
+        return HubClient.download_novelty_bank(self, bank_id, dest, max_bytes=max_bytes)
+
+
+def test_a_bank_corrupted_on_the_way_is_fetched_again_later_less_often(hub: HubHarness, tmp_path: Path) -> None:
+    """A bank that does not hash right may have been corrupted in transit: the agent fetches it again after 60 s,
+    then 120 s, ..., and runs the campaign once it arrives whole; each failed try is a refusal the hub counts."""
+    with_bank(hub)
+    assert hub.client.post("/v1/campaigns", json={"spec": novelty_spec(1, 0.5), "novelty_bank": "bank-m1"},
+                           headers=hub.admin).status_code == 201
+    now = [1000.0]
+    agent = FlakyLink(hub.client, token=hub.devices["d1"]["Authorization"].split()[1], bad=2)
+    camps = Campaigns(agent, tmp_path / "agent", clock=lambda: now[0])
+    refs = agent.get_assignment().campaigns
+    assert camps.apply(refs) == () and agent.downloads == 1
+    now[0] += 59
+    assert camps.apply(refs) == () and agent.downloads == 1  # not before 60 s
+    camps.flush_refusals("d1")
+    (r,) = refusals(hub).refusals
+    assert r.times == 1 and "(try 1; fetching it again in 60 s)" in r.reason
+    now[0] += 1
+    assert camps.apply(refs) == () and agent.downloads == 2  # corrupted again: the next try waits twice as long
+    now[0] += 119
+    assert camps.apply(refs) == () and agent.downloads == 2
+    camps.flush_refusals("d1")
+    (r,) = refusals(hub).refusals
+    assert r.times == 2 and "(try 2; fetching it again in 120 s)" in r.reason
+    now[0] += 1
+    assert [c.campaign_id for c in camps.apply(refs)] == ["novel"] and agent.downloads == 3
+    now[0] += 10_000
+    assert [c.campaign_id for c in camps.apply(refs)] == ["novel"] and agent.downloads == 3  # built: kept
+    camps.flush_refusals("d1")
+    assert refusals(hub).refusals[0].times == 2
+
+
 def test_refusals_are_kept_while_the_hub_cannot_be_told(hub: HubHarness, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     with_bank(hub)
