@@ -48,10 +48,13 @@ class ObjectStoreError(FlywheelError, RuntimeError):
 
 
 class S3BlobStore:
-    """The :class:`fleet.hub.blobs.BlobStore` protocol over one bucket (and key prefix) of an S3-compatible store."""
+    """The :class:`fleet.hub.blobs.BlobStore` protocol over one bucket (and key prefix) of an S3-compatible store.
+
+    ``max_connections``: the client's connection pool; the hub passes its thread count (``threads``), so every
+    thread that reaches the store at once has a connection to keep."""
 
     def __init__(self, bucket: str, *, prefix: str = "blobs/", endpoint_url: str | None = None,
-                 region: str | None = None, client: Any = None) -> None:
+                 region: str | None = None, client: Any = None, max_connections: int = 40) -> None:
         require("boto3", "s3")
         import boto3
         from botocore.config import Config
@@ -63,7 +66,7 @@ class S3BlobStore:
         self.bucket, self.prefix = bucket, prefix
         self.client = client or boto3.client(
             "s3", endpoint_url=endpoint_url, region_name=region,
-            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32))
+            config=Config(retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=max_connections))
         from boto3.s3.transfer import TransferConfig
 
         self._transfer = TransferConfig(multipart_chunksize=8 * CHUNK, max_concurrency=4)

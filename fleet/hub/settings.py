@@ -92,6 +92,9 @@ class HubSettings(BaseSettings):
     blob_fsync: bool = Field(False, description="fsync each blob before it becomes visible.")
     migrate_on_start: bool = True
     db_pool_size: int = Field(20, ge=1)
+    threads: int = Field(40, ge=1, le=1024, description="Threads per worker for blocking work (database, blob "
+                         "store, image checks): requests beyond it wait for one. The S3 client keeps as many "
+                         "connections, so no thread waits on the connection pool or drops its connection.")
     malloc_arenas: int = Field(2, ge=0, le=64, description="glibc malloc arenas of a worker process (0: glibc's "
                                "default, 8 per core); few keep a threaded worker's memory from creeping up.")
     sqlite_memory_mib: int = Field(SQLITE_MEMORY_MIB, ge=1, description="Soft limit on the memory SQLite holds "

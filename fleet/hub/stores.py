@@ -16,7 +16,7 @@ def make_blob_store(settings: HubSettings) -> BlobStore:
         from fleet.hub.blobs_s3 import S3BlobStore
 
         store = S3BlobStore(settings.s3_bucket or "", prefix=settings.s3_prefix, endpoint_url=settings.s3_endpoint_url,
-                            region=settings.s3_region)
+                            region=settings.s3_region, max_connections=settings.threads)
         store.check()
         return store
     return FileBlobStore(settings.resolved_blob_dir(), fsync=settings.blob_fsync)

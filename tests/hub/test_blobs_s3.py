@@ -18,6 +18,12 @@ from tests.hub.conftest import png_bytes
 from tests.support.s3 import new_bucket, s3_client, s3_settings, s3_url
 
 
+async def thread_tokens() -> float:
+    import anyio.to_thread
+
+    return anyio.to_thread.current_default_thread_limiter().total_tokens
+
+
 def keys(bucket: str) -> list[str]:
     pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
     return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
@@ -63,7 +69,10 @@ def test_a_blob_a_case_comes_to_refer_to_during_the_sweep_is_kept() -> None:
 
 def test_the_hub_keeps_images_models_and_snapshots_in_the_bucket(hub_factory: Any) -> None:
     bucket = new_bucket()
-    hub = hub_factory(**s3_settings(bucket))
+    hub = hub_factory(**s3_settings(bucket), threads=12)
+    # as many S3 connections as threads that may reach the bucket at once
+    assert hub.hub.blobs.client.meta.config.max_pool_connections == 12
+    assert hub.client.portal.call(thread_tokens) == 12
     hub.register_model("m1", promote=True)
     hub.enroll("d1")
     case_ids = [hub.send_case("d1") for _ in range(3)]
