@@ -123,6 +123,31 @@ def test_the_device_decodes_the_boxes_the_gate_measured(exported: tuple, trained
     assert found >= len(x) // 2  # a trained model: real detections, not just the score floor
 
 
+def test_the_gate_reads_a_mapped_set_without_handing_torch_read_only_memory(
+        exported: tuple, trained_detector: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under --stream the evaluation images are a read-only mapping; torch warns on (and may not write to) a
+    read-only array, so each batch is copied first, and the detections are the same."""
+    model, meta, _, _ = exported
+    test = load_box_npz(trained_detector.parent / "scenes96.npz").test
+    assert test is not None
+    images = test.images.images[:16].copy()
+    writable = predict(model, images, mean=meta["input"]["mean"], std=meta["input"]["std"], batch_size=8)
+    images.setflags(write=False)
+    seen: list[bool] = []
+    real = torch.from_numpy
+
+    def spy(a: np.ndarray) -> torch.Tensor:
+        seen.append(bool(a.flags.writeable))
+        return real(a)
+
+    monkeypatch.setattr(torch, "from_numpy", spy)
+    mapped = predict(model, images, mean=meta["input"]["mean"], std=meta["input"]["std"], batch_size=8)
+    assert seen and all(seen)
+    for a, b in zip((writable.boxes, writable.scores, writable.classes), (mapped.boxes, mapped.scores,
+                                                                         mapped.classes), strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
 def test_the_signed_manifest_describes_a_detector(exported: tuple, signing_key: tuple[Path, str]) -> None:
     model, meta, out, _ = exported
     signed = SignedManifest.from_json((out / "manifest.json").read_text())

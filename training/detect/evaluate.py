@@ -46,7 +46,8 @@ def predict(model: torch.nn.Module, images: np.ndarray, *, mean: Sequence[float]
     spec = detector_spec(model) if isinstance(model, Detector) else None
     out = Detections([], [], [])
     for i in range(0, len(images), batch_size):
-        x = normalize(torch.from_numpy(images[i: i + batch_size]).to(device), m, s)
+        batch = np.require(images[i: i + batch_size], requirements=["W"])  # a mapped set's batch is copied
+        x = normalize(torch.from_numpy(batch).to(device), m, s)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if dense is not None and spec is not None:
                 boxes, scores, _ = dense(x)
