@@ -28,6 +28,7 @@ from training.detect.evaluate import mean_average_precision
 from training.detect.models import Detector
 from training.errors import ParityError
 from training.export import ExportResult, export_onnx, normalize_images, parity_check, quantize_int8, write_manifest
+from trigger import box_iou
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -61,11 +62,9 @@ def compare_dense(onnx: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarr
         return f"outputs of shape {one.best.shape} vs {two.best.shape}"
     for i in range(one.best.shape[0]):
         for side in sides:
-            if isinstance(side.kept[i], str):
-                return f"image {i}: {side.kept[i]}"
-        ka, kb = one.kept[i], two.kept[i]
-        assert not isinstance(ka, str) and not isinstance(kb, str)
-        union = np.union1d(ka, kb)
+            if i in side.untraced:
+                return f"image {i}: {side.untraced[i]}"
+        union = np.union1d(one.kept[i], two.kept[i])
         gap = float(np.max(np.abs(one.box[i, union] - two.box[i, union]), initial=0.0))
         if gap > atol:
             return f"image {i}: boxes differ by up to {gap:.3g}"
@@ -79,7 +78,6 @@ def compare_dense(onnx: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarr
             return f"image {i}: anchor {j} is class {int(one.cls[i, j])} vs {int(two.cls[i, j])}"
         for side, other in ((one, two), (two, one)):
             mine, theirs = side.kept[i], other.kept[i]
-            assert not isinstance(mine, str) and not isinstance(theirs, str)
             for j in np.setdiff1d(mine, theirs).tolist():
                 if not _dropped_at_a_boundary(other, side, i, j, spec, atol):
                     return (f"image {i}: {side.name} keeps a box (anchor {j}, class {int(side.cls[i, j])}, score "
@@ -90,7 +88,7 @@ def compare_dense(onnx: tuple[np.ndarray, np.ndarray], reference: tuple[np.ndarr
 
 class _Decoded:
     """One side's dense outputs, its device decoding and the anchor each kept box came from (``kept[i]``: the
-    anchors of image ``i``, or what went wrong tracing them)."""
+    anchors of image ``i``; ``untraced[i]``: why a box of image ``i`` could not be traced, its ``kept`` empty)."""
 
     def __init__(self, name: str, boxes: np.ndarray, scores: np.ndarray, spec: DetectorSpec) -> None:
         self.name = name
@@ -100,16 +98,19 @@ class _Decoded:
             [np.full_like(scores, -np.inf), scores], axis=2)
         self.best, self.margin = top2[..., -1], top2[..., -1] - top2[..., -2]
         self.cls = scores.argmax(axis=2)
-        self.detections = device_decode(boxes, scores, spec)
-        self.kept: list[np.ndarray | str] = [self._trace(i) for i in range(len(self.detections))]
+        self.untraced: dict[int, str] = {}
+        detections = device_decode(boxes, scores, spec)
+        self.kept = [self._trace(i, b, s) for i, (b, s) in enumerate(zip(detections.boxes, detections.scores,
+                                                                        strict=True))]
 
-    def _trace(self, i: int) -> np.ndarray | str:
-        out = []
-        for box, score in zip(self.detections.boxes[i], self.detections.scores[i], strict=True):
+    def _trace(self, i: int, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out: list[int] = []
+        for box, score in zip(boxes, scores, strict=True):
             same = np.flatnonzero((self.best[i] == score) & np.all(self.box[i] == box, axis=1))
             same = same[~np.isin(same, out)]
             if not len(same):
-                return f"{self.name}'s box {box.tolist()} (score {float(score):.6g}) comes from no anchor"
+                self.untraced[i] = f"{self.name}'s box {box.tolist()} (score {float(score):.6g}) comes from no anchor"
+                return np.zeros(0, np.int64)
             out.append(int(same[0]))
         return np.asarray(out, np.int64)
 
@@ -119,11 +120,7 @@ class _Decoded:
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    w = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
-    h = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
-    inter = w * h
-    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
-    return inter / union if union > 0 else 0.0
+    return float(box_iou(a[None], b[None])[0, 0])
 
 
 def _dropped_at_a_boundary(other: _Decoded, side: _Decoded, i: int, j: int, spec: DetectorSpec,
@@ -142,12 +139,9 @@ def _dropped_at_a_boundary(other: _Decoded, side: _Decoded, i: int, j: int, spec
                                                                                   - spec.pre_nms_top_k])
         if score <= cut:
             return cut - score <= 2 * atol
-    theirs = other.kept[i]
-    assert not isinstance(theirs, str)
+    theirs, mine = other.kept[i], side.kept[i]
     if len(theirs) >= spec.max_detections and score <= float(other.best[i, theirs].min()):
         return True  # capped: a difference above it moved the cap
-    mine = side.kept[i]
-    assert not isinstance(mine, str)
     for k in theirs.tolist():
         if (k == j or other.cls[i, k] != other.cls[i, j] or not other.before(i, k, j)
                 or _iou(other.box[i, k], other.box[i, j]) <= spec.nms_iou):
