@@ -27,7 +27,6 @@ from fleet.hub.context import Hub
 from fleet.hub.ingest import model_info
 from fleet.hub.learned import refit_waiting
 from fleet.hub.models import CaseRow, LabelRow
-from fleet.hub.rollouts import active_model
 from fleet.protocol import Detection, LabelPost, LabelPublic, LabelReceipt, Verdict, parse_prediction
 
 
@@ -90,8 +89,8 @@ def apply(hub: Hub, s: Session, post: LabelPost) -> LabelReceipt:
         label_id, action = row.id, "updated" if existing is not None else "created"
     decide_case(hub, s, case, rules)
     if case.label_status == "accepted" and case.task == "classify" and case.campaign_id:
-        # a learned trigger waiting for the active model's labels
-        refit_waiting(s, case.campaign_id, active=active_model(s), now=now, blobs=hub.blobs)
+        # a learned trigger waiting for the labels of the model the campaign's devices run
+        refit_waiting(s, case.campaign_id, now=now, blobs=hub.blobs)
     for annotator in _flipped(s, before, rules):  # their record crossed the bar: their other cases again
         cases = s.exec(select(LabelRow.case_id).where(LabelRow.annotator == annotator).distinct()).all()
         for cid in cases:

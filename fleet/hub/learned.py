@@ -21,13 +21,17 @@ Where the human's action is unknown the bank feature is what lifts the learned t
 (`benchmarks/bench_error_capture.py`).
 
 A fit belongs to the model it was fitted for (the version's ``learned_for``; its ``learned_rate`` the rate asked).
-When another model becomes active (:func:`follow_active_model`, from :func:`fleet.hub.rollouts.promote`), each
-campaign with a learned leaf gets a new version: the leaf refitted for the new model where its labeled cases
-suffice, else the rule without the leaf (its budget share back to the others), so that no device scores frames
-with weights fitted to another model's scores. While the leaf waits, every accepted label of the campaign's
-cases tries the refit again (:func:`refit_waiting`, from :func:`fleet.hub.labels.apply`), and the first that
-finds enough cases publishes it. During a canary the fleet's active model is still the old one, and so is the
-leaf; a rollback changes nothing.
+Which model that is (:func:`fit_model`): the model the campaign's devices run outside a rollout. A campaign aimed
+at groups that all run one model of their own (a group rollout completed on them) is fitted for that model, on the
+cases it captured; any other campaign (no groups, or groups running different models) for the fleet's active
+model, and a device running another model gets the campaign without the leaf (:func:`spec_for_model`). When that
+model changes (:func:`follow_models`, from :func:`fleet.hub.rollouts.promote`, from a group rollout's completion and
+from a group's unpinning), each campaign with a learned leaf gets a new version: the leaf refitted for the new model
+where its labeled cases suffice, else the rule without the leaf (its budget share back to the others), so that no
+device scores frames with weights fitted to another model's scores. While the leaf waits, every accepted label of
+the campaign's cases tries the refit again (:func:`refit_waiting`, from :func:`fleet.hub.labels.apply`), and the
+first that finds enough cases publishes it. During a canary the model the campaign's devices run is still the old
+one, and so is the leaf; a rollback changes nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from fleet.hub.blobs import BlobStore
 from fleet.hub.campaign_versions import latest_live, next_version
 from fleet.hub.ingest import decode_embedding_bytes
 from fleet.hub.models import Campaign, CaseRow, ModelVersion, NoveltyBankRow
+from fleet.hub.running import active_model, model_for_group
 from fleet.protocol import LearnedFit
 from trigger.learned import BANK_FEATURES, FEATURES, error_features, neighbour_features
 
@@ -143,16 +148,31 @@ def missing_embeddings(embeddings: list[bytes | None], dim: int) -> int:
     return sum(1 for e in embeddings if (v := decode_embedding_bytes(e)) is None or v.shape != (dim,))
 
 
-def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: float,
-          target_rate: float, blobs: BlobStore | None = None) -> tuple[Campaign, LearnedFit]:
-    """Fit the campaign's learned trigger on the labeled cases of ``active`` (the active model,
-    :func:`fleet.hub.rollouts.active_model`) and store the new version. ``blobs``: where the active model's
-    novelty bank is read from (without it, or without a bank, the leaf has no bank feature)."""
+def fit_model(s: Session, row: Campaign) -> tuple[ModelVersion | None, str]:
+    """The model campaign version ``row``'s learned leaf is fitted for, and how to name it: the model its devices
+    run outside a rollout. Aimed at groups that all run one model of their own (:class:`fleet.hub.models.GroupModel`),
+    that model; otherwise the fleet's active model (None without one)."""
+    fleet = active_model(s)
+    if row.groups:
+        models = {g: model_for_group(s, g) for g in row.groups}
+        versions = {m.version if m is not None else None for m in models.values()}
+        own = next(iter(models.values()))
+        if len(versions) == 1 and own is not None and (fleet is None or own.version != fleet.version):
+            return own, f"model {own.version} (run by group{'s' * (len(models) > 1)} {', '.join(sorted(models))})"
+    return fleet, f"the active model {fleet.version}" if fleet is not None else "no active model"
+
+
+def learn(s: Session, campaign_id: str, *, now: float, target_rate: float, blobs: BlobStore | None = None,
+          model: ModelVersion | None = None) -> tuple[Campaign, LearnedFit]:
+    """Fit the campaign's learned trigger on the labeled cases of ``model`` (default: :func:`fit_model`'s, the
+    model the campaign's devices run) and store the new version. ``blobs``: where that model's novelty bank is
+    read from (without it, or without a bank, the leaf has no bank feature)."""
     from trigger import SpecError, parse_spec
 
     if not 0.0 < target_rate < 1.0:
         raise ProtocolError(f"target_rate must be in (0, 1); received {target_rate}")
     row = latest_live(s, campaign_id)
+    active, named = (model, f"model {model.version}") if model is not None else fit_model(s, row)
     if active is None:
         raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
     rows = s.exec(select(CaseRow.payload, CaseRow.label, CaseRow.predicted_class, CaseRow.embedding).where(
@@ -161,7 +181,7 @@ def learn(s: Session, campaign_id: str, *, active: ModelVersion | None, now: flo
     y = np.asarray([int(label != predicted) for _, label, predicted, _ in rows], dtype=np.float64)
     if len(rows) < MIN_CASES or y.sum() == 0 or y.sum() == len(y):
         raise ProtocolError(f"a learned trigger for campaign {campaign_id!r} needs at least {MIN_CASES} labeled "
-                            f"cases from the active model {active.version} with both right and wrong ones; it has "
+                            f"cases from {named} with both right and wrong ones; it has "
                             f"{len(rows)} ({int(y.sum())} wrong)")
     payloads = [p for p, _, _, _ in rows]
     bank, bank_name, bank_note = model_bank(s, blobs, active.version)
@@ -209,50 +229,52 @@ def _with_leaf(rule: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
     return {"any_of": [rule, leaf]}
 
 
-def follow_active_model(s: Session, active: ModelVersion, *, now: float,
-                        blobs: BlobStore | None = None) -> dict[str, str]:
-    """``active`` just became the active model: every live campaign whose learned leaf was fitted for another
-    model gets a new version, refitted for ``version`` or without the leaf. Returns campaign id -> what was
-    done ("refitted" or "leaf removed until refit")."""
+def follow_models(s: Session, *, now: float, blobs: BlobStore | None = None) -> dict[str, str]:
+    """The model some campaigns' devices run has changed (the fleet's active model, or a group's own): every live
+    campaign whose learned leaf was fitted for another model than :func:`fit_model` names now gets a new version,
+    refitted for that model or without the leaf. Returns campaign id -> what was done ("refitted for M" or "leaf
+    removed until refit for M")."""
     done: dict[str, str] = {}
     for row in _latest_versions(s):
-        if row.learned_for is None or row.learned_for == active.version:
+        if row.learned_for is None:
+            continue
+        model, _ = fit_model(s, row)
+        if model is None or row.learned_for == model.version:
             continue
         rate = row.learned_rate if row.learned_rate is not None else 0.05
         try:
-            learn(s, row.campaign_id, active=active, now=now, target_rate=rate, blobs=blobs)
-            done[row.campaign_id] = "refitted"
+            learn(s, row.campaign_id, model=model, now=now, target_rate=rate, blobs=blobs)
+            done[row.campaign_id] = f"refitted for {model.version}"
         except ProtocolError:
             stripped, why = spec_without_leaf(row)
             if stripped is None:
                 log.warning("campaign %s v%d %s; it keeps the fit for %s until a refit for %s", row.campaign_id,
-                            row.version, why, row.learned_for, active.version)
+                            row.version, why, row.learned_for, model.version)
                 continue
             new = next_version(s, row, stripped, now=now)
             new.learned_for, new.learned_rate = None, rate
-            done[row.campaign_id] = "leaf removed until refit"
+            done[row.campaign_id] = f"leaf removed until refit for {model.version}"
     return done
 
 
-def refit_waiting(s: Session, campaign_id: str, *, active: ModelVersion | None, now: float,
-                  blobs: BlobStore | None = None) -> bool:
-    """Refit ``campaign_id``'s learned leaf for ``active`` (the active model) if it waits for one (a fit asked,
-    none for that model) and its labeled cases now suffice; True if a new version was published. A concurrent
-    refit by another worker wins quietly."""
-    if active is None:
-        return False
-    row = next((r for r in _latest_versions(s, campaign_id) if r.learned_rate is not None
-                and r.learned_for != active.version), None)
+def refit_waiting(s: Session, campaign_id: str, *, now: float, blobs: BlobStore | None = None) -> bool:
+    """Refit ``campaign_id``'s learned leaf for the model its devices run (:func:`fit_model`) if it waits for one
+    (a fit asked, none for that model) and its labeled cases now suffice; True if a new version was published. A
+    concurrent refit by another worker wins quietly."""
+    row = next((r for r in _latest_versions(s, campaign_id) if r.learned_rate is not None), None)
     if row is None:
         return False
+    model, _ = fit_model(s, row)
+    if model is None or row.learned_for == model.version:
+        return False
     labeled = s.exec(select(func.count()).select_from(CaseRow).where(
-        CaseRow.campaign_id == campaign_id, CaseRow.model_version == active.version, CaseRow.task == "classify",
+        CaseRow.campaign_id == campaign_id, CaseRow.model_version == model.version, CaseRow.task == "classify",
         CaseRow.label_status == "accepted")).one()
     if int(labeled) < MIN_CASES:
         return False
     try:
         with s.begin_nested():
-            learn(s, campaign_id, active=active, now=now, target_rate=float(row.learned_rate or 0.05), blobs=blobs)
+            learn(s, campaign_id, model=model, now=now, target_rate=float(row.learned_rate or 0.05), blobs=blobs)
     except ProtocolError:  # too few errors (or right answers) yet
         return False
     except IntegrityError:  # another worker published the version first

@@ -40,7 +40,7 @@ from fleet.errors import Conflict, NotFound
 from fleet.hub import keys
 from fleet.hub.context import Hub
 from fleet.hub.evidence import DeviceEvidence, Pooled, Predictions, ShadowBound, verdict
-from fleet.hub.learned import follow_active_model, spec_for_model, spec_for_triggers
+from fleet.hub.learned import follow_models, spec_for_model, spec_for_triggers
 from fleet.hub.models import (
     Campaign,
     Device,
@@ -53,6 +53,7 @@ from fleet.hub.models import (
     RolloutDeviceMetric,
     ShadowTrial,
 )
+from fleet.hub.running import active_model, model_for_group
 from fleet.protocol import FIELD_COUNTERS, Assignment, CampaignRef, FieldMetrics, ModelRef, RolloutPublic
 
 log = logging.getLogger(__name__)
@@ -90,17 +91,6 @@ def governing_rollout(s: Session, group: str) -> Rollout | None:
     if own is not None or s.get(GroupModel, group) is not None:
         return own
     return running_rollout(s)
-
-
-def model_for_group(s: Session, group: str | None) -> ModelVersion | None:
-    """The model ``group`` runs outside a rollout: its pinned version, else the fleet's active model."""
-    pin = s.get(GroupModel, group) if group is not None else None
-    return s.get(ModelVersion, pin.version) if pin is not None else active_model(s)
-
-
-def active_model(s: Session) -> ModelVersion | None:
-    return s.exec(select(ModelVersion).where(ModelVersion.status == "active")
-                  .order_by(col(ModelVersion.activated_at).desc())).first()
 
 
 def model_ref(mv: ModelVersion | None) -> ModelRef | None:
@@ -307,6 +297,7 @@ def unpin(hub: Hub, s: Session, group: str) -> GroupModel:
     s.delete(pin)
     s.flush()
     log.info("group %s no longer pins %s; it runs the fleet's active model", group, pin.version)
+    _follow_models(hub, s, why=f"group {group} runs the fleet's active model again")
     return pin
 
 
@@ -389,6 +380,8 @@ def finish(hub: Hub, s: Session, rollout: Rollout, *, reason: str) -> Rollout:
         pin.version, pin.previous, pin.rollout_id, pin.set_at = (rollout.version, rollout.incumbent,
                                                                  rollout.rollout_id, hub.now())
         s.add(pin)
+        s.flush()
+        _follow_models(hub, s, why=f"group {rollout.group} runs {rollout.version}")
     else:
         mv = s.get(ModelVersion, rollout.version)
         if mv is None or mv.status != "active":
@@ -438,10 +431,14 @@ def promote(hub: Hub, s: Session, version: str) -> ModelVersion:
     mv.activated_at = now
     s.add(mv)
     s.flush()
-    # a learned fit belongs to one model
-    for campaign, what in follow_active_model(s, mv, now=now, blobs=hub.blobs).items():
-        log.info("campaign %s: learned trigger %s for the new active model %s", campaign, what, version)
+    _follow_models(hub, s, why=f"{version} is the fleet's active model")
     return mv
+
+
+def _follow_models(hub: Hub, s: Session, *, why: str) -> None:
+    """A learned fit belongs to one model: the campaigns whose devices now run another one follow it."""
+    for campaign, what in follow_models(s, now=hub.now(), blobs=hub.blobs).items():
+        log.info("campaign %s: learned trigger %s (%s)", campaign, what, why)
 
 
 def evaluate(hub: Hub, s: Session, rollout: Rollout) -> str | None:

@@ -371,12 +371,87 @@ def test_a_device_running_another_model_gets_the_campaign_without_that_models_fi
     assert spec_for_model(row, "m1") == row.spec and spec_for_model(row, "m2") is None
 
 
-def _campaign_row(hub: HubHarness, campaign_id: str, version: int) -> Any:
+def _campaign_row(hub: HubHarness, campaign_id: str, version: int, learned_for: str = "m1") -> Any:
     from fleet.hub.db import read_session
     from fleet.hub.models import Campaign
 
     with read_session(hub.hub.engine) as s:
         row = s.get(Campaign, (campaign_id, version))
-        assert row is not None and row.learned_for == "m1"
+        assert row is not None and row.learned_for == learned_for
         s.expunge(row)
         return row
+
+
+def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_versions(hub: HubHarness) -> None:
+    """A campaign aimed at cam-south, which runs a model of its own (m2, then m4), is fitted on the cases that
+    model captured and ships with the leaf to the group's devices; a new fleet model (m3) leaves it alone; the
+    group's next model takes the leaf away until that model's own labels refit it, unasked; and when the group runs
+    the fleet's model again, the fit for the group's model goes too."""
+    hub.enroll("s1", group="cam-south")
+    for version, seed in (("m2", 1), ("m3", 2), ("m4", 3)):
+        hub.register_model(version, seed=seed)
+
+    def group_rollout(version: str) -> None:
+        r = hub.client.post("/v1/rollouts", json={"version": version, "stages": [1.0], "group": "cam-south"},
+                            headers=hub.trainer)
+        assert r.status_code == 201, r.text
+        r = hub.client.post(f"/v1/rollouts/{r.json()['rollout_id']}/advance", headers=hub.trainer)
+        assert r.status_code == 200 and r.json()["state"] == "completed", r.text
+
+    def served() -> tuple[str | None, int, dict | None]:  # type: ignore[type-arg]
+        a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices["s1"]).content)
+        (ref,) = a.campaigns
+        leaves = [x.params for x in parse_spec(ref.spec).leaves if x.trigger == "learned_error"]
+        return (a.active.version if a.active else None), ref.version, (leaves[0] if leaves else None)
+
+    def send_and_label(model: str, n: int, truth: Any, rng: np.random.Generator) -> None:
+        _, version, _ = served()
+        for _ in range(n):
+            top = float(rng.uniform(0.35, 0.98))
+            human = int(rng.integers(0, 3)) if rng.random() < 0.6 else None
+            case, image = hub.make_case("s1", model_version=model, probs=[top, (1 - top) * 0.6, (1 - top) * 0.4],
+                                        campaign_id="south", campaign_version=version, human=human,
+                                        triggers=[TriggerHit("unsure", 0.5, 0.1)])
+            assert hub.post_case(case, image).status_code == 201
+        _label_all(hub, truth)
+
+    def unsure_wrong(c: dict) -> int:  # type: ignore[type-arg]
+        return 1 if c["prediction"]["probs"][0] < 0.6 else 0
+
+    def human_wrong(c: dict) -> int:  # type: ignore[type-arg]
+        human = (c["human_action"] or {}).get("label")
+        return human if human not in (None, 0) else 0
+
+    group_rollout("m2")
+    spec = {"id": "south", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    r = hub.client.post("/v1/campaigns", json={"spec": spec, "groups": ["cam-south"]}, headers=hub.admin)
+    assert r.status_code == 201, r.text
+    rng = np.random.default_rng(6)
+    send_and_label("m1", 40, unsure_wrong, rng)  # the fleet model's cases do not count for the group's fit
+    r = hub.client.post("/v1/campaigns/south/learn", params={"target_rate": 0.1}, headers=hub.admin)
+    assert r.status_code == 422 and (f"at least {MIN_CASES} labeled cases from model m2 (run by group cam-south) "
+                                     f"with both right and wrong ones; it has 0") in r.text, r.text
+    send_and_label("m2", 60, unsure_wrong, rng)
+    r = hub.client.post("/v1/campaigns/south/learn", params={"target_rate": 0.1}, headers=hub.admin)
+    assert r.status_code == 201, r.text
+    fit = LearnedFit.from_json(r.content)
+    assert (fit.model_version, fit.cases, fit.version) == ("m2", 60, 2)
+    model, version, leaf = served()
+    assert (model, version) == ("m2", 2) and leaf is not None and leaf["w_least_confidence"] > 1.0
+
+    assert hub.client.post("/v1/models/m3/promote", headers=hub.admin,
+                           json={"override": True, "reason": "m3"}).status_code == 200
+    assert served() == (model, version, leaf)  # the fleet's new model is not the group's: no new version
+
+    group_rollout("m4")  # the group's next model: no labels of its own yet, so no leaf
+    model, version, leaf = served()
+    assert (model, version, leaf) == ("m4", 3, None)
+    send_and_label("m4", 80, human_wrong, rng)  # refitted on m4's cases as their labels came in
+    model, version, leaf = served()
+    assert (model, version) == ("m4", 4) and leaf is not None
+    assert leaf["w_human"] > 1.0 and leaf["w_human"] > abs(leaf["w_least_confidence"])
+    _campaign_row(hub, "south", 4, learned_for="m4")
+
+    assert hub.client.delete("/v1/groups/cam-south/model", headers=hub.admin).status_code == 200
+    model, version, leaf = served()  # the fleet's m3 again, and no case of m3's to fit on
+    assert (model, version, leaf) == ("m3", 5, None)

@@ -130,14 +130,14 @@ def rebalance_campaign(campaign_id: str, _: AdminCaller, hub: HubDep) -> Respons
 @router.post("/v1/campaigns/{campaign_id}/learn", status_code=201, response_model=LearnedFit)
 def learn_trigger(campaign_id: str, _: AdminCaller, hub: HubDep,
                   target_rate: float = Query(0.05, gt=0, lt=1)) -> Response:
-    """Fit the campaign's learned trigger (:mod:`fleet.hub.learned`) on the active model's labeled cases and
-    publish it as a new campaign version firing at ``target_rate``."""
+    """Fit the campaign's learned trigger (:mod:`fleet.hub.learned`) on the labeled cases of the model its devices
+    run (its groups' own model when they all run one, else the fleet's active model) and publish it as a new
+    campaign version firing at ``target_rate``."""
     from fleet.hub.learned import learn
 
     check_name(campaign_id, "campaign id")
     with write_session(hub.engine) as s:
-        _, fit = learn(s, campaign_id, active=rollouts.active_model(s), now=hub.now(), target_rate=target_rate,
-                       blobs=hub.blobs)
+        _, fit = learn(s, campaign_id, now=hub.now(), target_rate=target_rate, blobs=hub.blobs)
     return message_response(fit, status_code=201)
 
 
