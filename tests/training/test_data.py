@@ -12,6 +12,8 @@ from tests.support.data import png_bytes
 from training.data import (
     EpochSampler,
     ImageSet,
+    Tags,
+    concat,
     channel_stats,
     class_weights,
     conform,
@@ -142,3 +144,32 @@ def test_channel_stats_and_slices() -> None:
     masks = slice_masks([{"condition": "night"}, {"condition": "day"}, {"condition": "night", "source": "base"}])
     assert list(masks) == ["condition=day", "condition=night", "source=base"]
     assert masks["condition=night"].tolist() == [True, False, True]
+
+
+def test_tags_are_one_code_an_image_and_behave_as_the_list_of_dicts() -> None:
+    """A million images under a few conditions: one int32 an image and a table of the distinct dicts; subsets,
+    an added tag, concatenation and slice masks give what the same operations on a list of dicts give, and a
+    dict read out is a copy."""
+    raw = np.asarray(["night" if i % 5 == 0 else "condition=clear;device=d1" if i % 2 else "" for i in range(10**6)])
+    tags = Tags.parsed(raw)
+    assert tags.codes.dtype == np.int32 and tags.codes.nbytes == 4 * 10**6 and len(tags.table) == 3
+    as_list = [parse_tags(s) for s in raw[:1000].tolist()]
+    assert tags[:1000] == as_list and list(tags[:1000]) == as_list and tags[5] == {"condition": "night"}
+    tags[5]["condition"] = "day"  # a copy: the set's tags are unchanged
+    assert tags[5] == {"condition": "night"}
+
+    images = np.zeros((1000, 1, 2, 2), np.uint8)
+    a = ImageSet(images, np.zeros(1000, np.int64), tags[:1000])
+    b = ImageSet(images[:10], np.ones(10, np.int64), [{"condition": "fog"}] * 10)  # a list is held as Tags too
+    assert isinstance(b.tags, Tags) and len(b.tags.table) == 1
+    index = np.asarray([3, 0, 999, 5])
+    assert a.subset(index).tags == [as_list[i] for i in index]
+    based = a.with_tag("source", "base")
+    assert based.tags == [{**t, "source": "base"} for t in as_list] and len(based.tags.table) == 3
+    both = concat([based, b.with_tag("source", "base")], name="both")
+    want = [{**t, "source": "base"} for t in as_list] + [{"condition": "fog", "source": "base"}] * 10
+    assert both.tags == want and len(both.tags.table) == 4  # each distinct dict once
+    masks, ref = slice_masks(both.tags), slice_masks(want)
+    assert list(masks) == list(ref) and all(np.array_equal(masks[k], ref[k]) for k in ref)
+    empty = Tags.parsed(np.asarray([], dtype=str))
+    assert len(empty) == 0 and empty.with_tag("source", "base") == [] and slice_masks(empty) == {}

@@ -23,12 +23,12 @@ from fleet.coco import read_coco
 from fleet.errors import InvalidInput
 from training.data import (
     ImageSet,
+    Tags,
     concat,
     conform,
     decode_image,
     held_out,
     mapped_npz_images,
-    parse_tags,
     to_nchw_uint8,
 )
 
@@ -54,7 +54,7 @@ class BoxSet:
         return self.images.shape
 
     @property
-    def tags(self) -> list[dict[str, str]]:
+    def tags(self) -> Tags:
         return self.images.tags
 
     @property
@@ -100,8 +100,7 @@ def make_boxset(images: np.ndarray, boxes: Sequence[np.ndarray], classes: Sequen
     checked = [check_boxes(b, c, num_classes=num_classes, what=f"{name} image {ids[i] if ids else i}")
                for i, (b, c) in enumerate(zip(boxes, classes, strict=True))]
     counts = np.array([len(b) for b, _ in checked], dtype=np.int64)
-    image_set = ImageSet(images, counts, list(tags) if tags is not None else [{} for _ in range(len(images))],
-                         name, ids)
+    image_set = ImageSet(images, counts, Tags.of(tags) if tags is not None else Tags.empty(len(images)), name, ids)
     return BoxSet(image_set, [b for b, _ in checked], [c for _, c in checked])
 
 
@@ -159,12 +158,12 @@ def load_box_npz(path: str | Path, *, name: str = "data", mmap: bool = False) ->
                 raise InvalidInput(f"{path}: box_image{sfx} must index the {len(x)} images; received range "
                                    f"[{owner.min()}, {owner.max()}]")
             per = [np.flatnonzero(owner == i) for i in range(len(x))]
-            tags = [{} for _ in range(len(x))]
+            tags = Tags.empty(len(x))
             if f"tags{sfx}" in keys:
                 raw = z[f"tags{sfx}"]
                 if raw.shape != (len(x),):
                     raise InvalidInput(f"{path}:tags{sfx} must have shape ({len(x)},); received {raw.shape}")
-                tags = [parse_tags(t) for t in raw.tolist()]
+                tags = Tags.parsed(raw)
             sets[split] = make_boxset(x, [boxes[p] for p in per], [labels[p] for p in per], tags,
                                       name=f"{name}:{split}", ids=[f"{path.stem}{sfx}:{i}" for i in range(len(x))],
                                       num_classes=len(names) if names else None)
