@@ -282,6 +282,23 @@ def refit_waiting(s: Session, campaign_id: str, *, now: float, blobs: BlobStore 
     return True
 
 
+def learned_states(s: Session) -> dict[str, str]:
+    """Per live campaign that asked for a learned trigger, what the dashboard says of it: the model it is fitted for
+    and the rate it fires at (``fitted for m2, 10% of frames``), or whose labels it waits for."""
+    out: dict[str, str] = {}
+    for row in _latest_versions(s):
+        if row.learned_rate is None:
+            continue
+        model, named = fit_model(s, row)
+        if row.learned_for is not None and (model is None or model.version == row.learned_for):
+            out[row.campaign_id] = f"fitted for {row.learned_for}, {row.learned_rate:.0%} of frames"
+        elif model is None:
+            out[row.campaign_id] = "waits for an active model"
+        else:
+            out[row.campaign_id] = f"waits for {MIN_CASES} labeled cases from {named}"
+    return out
+
+
 def _latest_versions(s: Session, campaign_id: str | None = None) -> list[Campaign]:
     query = select(Campaign).where(col(Campaign.deleted_at).is_(None))
     if campaign_id is not None:

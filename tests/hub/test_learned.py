@@ -415,6 +415,12 @@ def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_version
             assert hub.post_case(case, image).status_code == 201
         _label_all(hub, truth)
 
+    def dashboard() -> str:
+        from tests.hub.test_dashboard import login, text_of
+
+        assert login(hub).status_code == 303
+        return text_of(hub.client.get("/ui/campaigns").text)
+
     def unsure_wrong(c: dict) -> int:  # type: ignore[type-arg]
         return 1 if c["prediction"]["probs"][0] < 0.6 else 0
 
@@ -438,6 +444,7 @@ def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_version
     assert (fit.model_version, fit.cases, fit.version) == ("m2", 60, 2)
     model, version, leaf = served()
     assert (model, version) == ("m2", 2) and leaf is not None and leaf["w_least_confidence"] > 1.0
+    assert "south 2 cam-south fitted for m2, 10% of frames" in dashboard()  # the operator sees which model
 
     assert hub.client.post("/v1/models/m3/promote", headers=hub.admin,
                            json={"override": True, "reason": "m3"}).status_code == 200
@@ -446,6 +453,8 @@ def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_version
     group_rollout("m4")  # the group's next model: no labels of its own yet, so no leaf
     model, version, leaf = served()
     assert (model, version, leaf) == ("m4", 3, None)
+    assert (f"south 3 cam-south waits for {MIN_CASES} labeled cases from model m4 (run by group cam-south)"
+            in dashboard())
     send_and_label("m4", 80, human_wrong, rng)  # refitted on m4's cases as their labels came in
     model, version, leaf = served()
     assert (model, version) == ("m4", 4) and leaf is not None
@@ -455,3 +464,4 @@ def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_version
     assert hub.client.delete("/v1/groups/cam-south/model", headers=hub.admin).status_code == 200
     model, version, leaf = served()  # the fleet's m3 again, and no case of m3's to fit on
     assert (model, version, leaf) == ("m3", 5, None)
+    assert f"south 5 cam-south waits for {MIN_CASES} labeled cases from the active model m3" in dashboard()

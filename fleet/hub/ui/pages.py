@@ -15,6 +15,7 @@ from fleet.hub.api import HubDep
 from fleet.hub.auth import Principal
 from fleet.hub.context import Hub, get_hub
 from fleet.hub.db import read_session
+from fleet.hub.learned import learned_states
 from fleet.hub.models import CampaignRefusalRow, CaseRow, ModelVersion, Rollout
 from fleet.hub.routes.campaigns import campaign_list
 from fleet.hub.routes.cases import case_row, selected_case
@@ -101,6 +102,7 @@ def campaigns(request: Request, admin: Admin, hub: HubDep) -> Response:
     with read_session(hub.engine) as s:
         up = figures.uploads(s, now=hub.now())
         yields = trigger_yields(s).yields
+        learned = learned_states(s)
         refusals = s.exec(select(CampaignRefusalRow).order_by(col(CampaignRefusalRow.received_at).desc())
                           .limit(REFUSALS_SHOWN)).all()
     day_chart = charts.bar_chart([d for d, _ in up.by_day], {"uploads": [n for _, n in up.by_day]},
@@ -108,7 +110,7 @@ def campaigns(request: Request, admin: Admin, hub: HubDep) -> Response:
     trigger_chart = charts.bar_chart([t for t, _ in up.by_trigger], {"uploads": [n for _, n in up.by_trigger]},
                                      title="Uploads per trigger", fmt="{:.0f}")
     return _page(request, "campaigns.html", admin, campaigns=campaign_list(hub).campaigns, uploads=up,
-                 day_chart=day_chart, trigger_chart=trigger_chart, yields=yields, refusals=refusals,
+                 day_chart=day_chart, trigger_chart=trigger_chart, yields=yields, refusals=refusals, learned=learned,
                  refusals_shown=REFUSALS_SHOWN)
 
 
