@@ -13,7 +13,7 @@ from fleet.protocol import Assignment, GroupList, RolloutPublic, ShadowPublic
 from tests.hub.conftest import HubHarness
 
 
-def _groups(hub: HubHarness, north: int = 8, south: int = 8) -> tuple[list[str], list[str]]:
+def _groups(hub: HubHarness, north: int = 8, south: int = 24) -> tuple[list[str], list[str]]:
     ns = [f"n{i}" for i in range(north)]
     ss = [f"s{i}" for i in range(south)]
     for d in ns:
