@@ -283,6 +283,13 @@ def _box_compare(other: str) -> Compute:
     return compute
 
 
+def _learned_box_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    floor = _box_floor(i, p)
+    x = _cached(i, f"learned-box:{floor}", lambda: _learned.box_error_features(
+        _model_boxes(i), i.human_boxes, i.challenger_boxes, floor=floor))
+    return _logistic(_rows(x, rows), p, _learned.BOX_FEATURES)
+
+
 def _previous(i: Inputs, p: Mapping[str, Any]) -> Boxes | None:
     if i.previous is None or i.gap is None:
         return None
@@ -379,6 +386,12 @@ def _box_defs() -> list[TriggerDef]:
                    "how many boxes differ).", "above", _box_compare("challenger_boxes"), params=(*compare, count),
                    needs=("boxes",), uses=("challenger_boxes",), default_threshold=0.0, bounds=compare_bounds,
                    weight=0.5, task="detect"),
+        TriggerDef("learned_box_error", "the chance the detector misses or misplaces a box on the frame, by the "
+                   "hub's logistic model over the box scores (trigger.learned.BOX_FEATURES; weights w_<feature> and "
+                   "bias set by the hub; floor: the operating threshold they were fitted at).", "above",
+                   _learned_box_error, params=(*_weights(_learned.BOX_FEATURES), _FLOOR), needs=("boxes",),
+                   uses=("human_boxes", "challenger_boxes"), bounds=lambda i, p: (0.0, 1.0), weight=0.6,
+                   task="detect"),
         TriggerDef("box_flicker", "1 - F1 against the previous frame of the stream: boxes that appear, vanish, "
                    "jump or change class (NaN without one).", "above", _box_flicker, params=(*compare, _MAX_GAP),
                    needs=("boxes",), uses=("stream", "timestamps"), bounds=lambda i, p: (0.0, 1.0), weight=0.5,

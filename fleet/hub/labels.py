@@ -88,7 +88,7 @@ def apply(hub: Hub, s: Session, post: LabelPost) -> LabelReceipt:
         s.flush()
         label_id, action = row.id, "updated" if existing is not None else "created"
     decide_case(hub, s, case, rules)
-    if case.label_status == "accepted" and case.task == "classify" and case.campaign_id:
+    if case.label_status == "accepted" and case.campaign_id:
         # a learned trigger waiting for the labels of the model the campaign's devices run
         refit_waiting(s, case.campaign_id, now=now, blobs=hub.blobs)
     for annotator in _flipped(s, before, rules):  # their record crossed the bar: their other cases again

@@ -46,32 +46,44 @@ from sqlmodel import Session, col, func, select
 from fleet.errors import ProtocolError
 from fleet.hub.blobs import BlobStore
 from fleet.hub.campaign_versions import latest_live, next_version
-from fleet.hub.ingest import decode_embedding_bytes
+from fleet.hub.ingest import decode_embedding_bytes, detection_boxes
 from fleet.hub.models import Campaign, CaseRow, ModelVersion, NoveltyBankRow
 from fleet.hub.running import active_model, model_for_group
-from fleet.protocol import LearnedFit
-from trigger.learned import BANK_FEATURES, FEATURES, error_features, neighbour_features
+from fleet.hub.yields import DEFAULT_OPERATING, model_wrong
+from fleet.protocol import Detection, LearnedFit
+from trigger.learned import (
+    BANK_FEATURES,
+    BOX_FEATURES,
+    FEATURES,
+    box_error_features,
+    error_features,
+    neighbour_features,
+)
 
 log = logging.getLogger(__name__)
 
 LEAF = "learned_error"  # the leaf's label, whichever kind it is
 KNN_LEAF = "learned_error_knn"
+BOX_LEAF = "learned_box_error"  # a detector's
 KNN_K = 10  # bank neighbours read by the bank feature
 MIN_CASES = 30
 L2 = 1.0
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = L2, iters: int = 100) -> tuple[np.ndarray, float]:
-    """``x (n, F)``, ``y (n,)`` in {0, 1} -> ``(weights (F,), bias)`` maximising the log-likelihood minus
-    ``l2 / 2 * |w|^2`` (the bias is not penalised), by Newton's method until the step is below 1e-10."""
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, l2: float = L2, iters: int = 100,
+                 sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """``x (n, F)``, ``y (n,)`` in {0, 1} -> ``(weights (F,), bias)`` maximising the log-likelihood (each case's
+    term times its ``sample_weight``, default 1) minus ``l2 / 2 * |w|^2`` (the bias is not penalised), by Newton's
+    method until the step is below 1e-10."""
     n, f = x.shape
+    sw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
     a = np.hstack([x, np.ones((n, 1))])
     theta = np.zeros(f + 1)
     penalty = np.diag([l2] * f + [0.0])
     for _ in range(iters):
         p = 1.0 / (1.0 + np.exp(-(a @ theta)))
-        grad = a.T @ (y - p) - penalty @ theta
-        hess = a.T @ (a * (p * (1.0 - p))[:, None]) + penalty + 1e-9 * np.eye(f + 1)
+        grad = a.T @ (sw * (y - p)) - penalty @ theta
+        hess = a.T @ (a * (sw * p * (1.0 - p))[:, None]) + penalty + 1e-9 * np.eye(f + 1)
         step = np.linalg.solve(hess, grad)
         theta += step
         if float(np.abs(step).max()) < 1e-10:
@@ -105,6 +117,51 @@ def case_features(payloads: list[dict[str, Any]]) -> np.ndarray:
         if q is not None and len(q) == k:
             ch[i] = q
     return error_features(probs, human, ch)
+
+
+def operating_threshold(mv: ModelVersion) -> float | None:
+    """A detector's operating threshold (the boxes it reports score at least this), from its signed manifest;
+    None for a classifier."""
+    detector = ((mv.signed_manifest or {}).get("manifest") or {}).get("detector")
+    return None if not detector else float(detector.get("operating_threshold", DEFAULT_OPERATING))
+
+
+def detect_case_features(payloads: list[dict[str, Any]], *, floor: float) -> np.ndarray:
+    """The features of stored ``detect`` case payloads (:data:`trigger.learned.BOX_FEATURES`), as the device
+    computes them from the same boxes: the model's (every decoded box), the human's where known, the
+    challenger's where it gave an output."""
+    model = detect_boxes([p.get("prediction") for p in payloads])
+    human = detect_boxes([p.get("human_action") for p in payloads])
+    challenger = detect_boxes([(p.get("challenger") or {}).get("prediction") for p in payloads])
+    return box_error_features(model, human, challenger, floor=floor)
+
+
+def box_error_counts(payloads: list[dict[str, Any]], labels: list[dict[str, Any] | None], *,
+                     floor: float) -> np.ndarray:
+    """Per stored ``detect`` case, how many of its boxes the label contradicts: the model's boxes scoring at least
+    ``floor`` against the label's (missed + extra + class flips, at IoU 0.5, one to one). A detector's fit counts a
+    wrong case once per box error, so that the trigger ranks frames by how many errors they hold, as a fleet's
+    upload budget is best spent (``benchmarks/bench_error_capture_detect.py`` measures capture so)."""
+    from trigger.box_scores import box_disagreement
+
+    model = detect_boxes([p.get("prediction") for p in payloads])
+    truth = detect_boxes([lp if lp is not None else {"task": "detect", "boxes": []} for lp in labels])
+    c = box_disagreement(model, truth, iou=0.5, floor=floor)
+    out: np.ndarray = (c.missed + c.extra + c.flips).astype(np.float64)
+    return out
+
+
+def detect_boxes(detections: list[dict[str, Any] | None]) -> Any:
+    """Stored detections (wire dicts, one per case) as :class:`trigger.boxes.Boxes`; a missing one is an unknown
+    frame."""
+    from trigger.boxes import Boxes
+
+    def one(d: dict[str, Any] | None) -> Boxes:
+        if not d or d.get("task", "detect") != "detect":
+            return Boxes.empty(1, known=np.zeros(1, bool))
+        return detection_boxes([Detection.from_dict(d)])
+
+    return Boxes.concat([one(d) for d in detections])
 
 
 def model_bank(s: Session, blobs: BlobStore | None, version: str) -> tuple[Any, str, str]:
@@ -175,29 +232,47 @@ def learn(s: Session, campaign_id: str, *, now: float, target_rate: float, blobs
     active, named = (model, f"model {model.version}") if model is not None else fit_model(s, row)
     if active is None:
         raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
-    rows = s.exec(select(CaseRow.payload, CaseRow.label, CaseRow.predicted_class, CaseRow.embedding).where(
-        CaseRow.campaign_id == campaign_id, CaseRow.model_version == active.version, CaseRow.task == "classify",
+    floor = operating_threshold(active)  # None: a classifier
+    task = "classify" if floor is None else "detect"
+    rows = s.exec(select(CaseRow.payload, CaseRow.label, CaseRow.predicted_class, CaseRow.embedding,
+                         CaseRow.label_payload).where(
+        CaseRow.campaign_id == campaign_id, CaseRow.model_version == active.version, CaseRow.task == task,
         CaseRow.label_status == "accepted")).all()
-    y = np.asarray([int(label != predicted) for _, label, predicted, _ in rows], dtype=np.float64)
+    payloads = [p for p, _, _, _, _ in rows]
+    if floor is None:
+        y = np.asarray([int(label != predicted) for _, label, predicted, _, _ in rows], dtype=np.float64)
+    else:
+        y = np.asarray([int(model_wrong("detect", None, None, p, lp, floor)) for p, _, _, _, lp in rows],
+                       dtype=np.float64)
     if len(rows) < MIN_CASES or y.sum() == 0 or y.sum() == len(y):
         raise ProtocolError(f"a learned trigger for campaign {campaign_id!r} needs at least {MIN_CASES} labeled "
                             f"cases from {named} with both right and wrong ones; it has "
-                            f"{len(rows)} ({int(y.sum())} wrong)")
-    payloads = [p for p, _, _, _ in rows]
-    bank, bank_name, bank_note = model_bank(s, blobs, active.version)
-    embeddings = [e for _, _, _, e in rows]
-    x = None if bank is None else bank_features(payloads, embeddings, bank)
-    if bank is not None and x is None:
-        bank_note = (f"{missing_embeddings(embeddings, bank.dim)} of the {len(rows)} cases have no embedding of "
-                     f"the width of {bank_name} ({bank.dim})")
-    kind, names = (LEAF, FEATURES) if x is None else (KNN_LEAF, BANK_FEATURES)
-    if x is None:
-        x = case_features(payloads)
-    w, b = fit_logistic(x, y)
+                            f"{len(rows)} {task} cases ({int(y.sum())} wrong)")
+    x: np.ndarray | None = None
+    sample_weight = None
+    if floor is not None:  # a detector: the box features, no bank, each wrong case counted once per box error
+        kind, names = BOX_LEAF, BOX_FEATURES
+        bank_note = f"a detector's fit reads no bank (boxes reported from its operating threshold {floor:.3g})"
+        x = detect_case_features(payloads, floor=floor)
+        sample_weight = np.where(y > 0, np.maximum(box_error_counts(payloads, [lp for *_, lp in rows], floor=floor),
+                                                   1.0), 1.0)
+    else:
+        bank, bank_name, bank_note = model_bank(s, blobs, active.version)
+        embeddings = [e for _, _, _, e, _ in rows]
+        x = None if bank is None else bank_features(payloads, embeddings, bank)
+        if bank is not None and x is None:
+            bank_note = (f"{missing_embeddings(embeddings, bank.dim)} of the {len(rows)} cases have no embedding "
+                         f"of the width of {bank_name} ({bank.dim})")
+        kind, names = (LEAF, FEATURES) if x is None else (KNN_LEAF, BANK_FEATURES)
+        if x is None:
+            x = case_features(payloads)
+    w, b = fit_logistic(x, y, sample_weight=sample_weight)
     leaf = {"trigger": kind, "label": LEAF, "target_rate": target_rate, "bias": round(b, 6),
             **{f"w_{f}": round(float(v), 6) for f, v in zip(names, w, strict=True)}}
     if kind == KNN_LEAF:
         leaf["k"] = KNN_K
+    if floor is not None:
+        leaf["floor"] = round(floor, 6)
     doc = {**row.spec, "rule": _with_leaf(row.spec["rule"], leaf), "version": row.version + 1}
     if row.auto_budgets:  # the learned leaf gets an even share; the others keep their proportions
         from fleet.hub.autobudget import shares_of, with_shares
@@ -267,8 +342,9 @@ def refit_waiting(s: Session, campaign_id: str, *, now: float, blobs: BlobStore 
     model, _ = fit_model(s, row)
     if model is None or row.learned_for == model.version:
         return False
+    task = "classify" if operating_threshold(model) is None else "detect"
     labeled = s.exec(select(func.count()).select_from(CaseRow).where(
-        CaseRow.campaign_id == campaign_id, CaseRow.model_version == model.version, CaseRow.task == "classify",
+        CaseRow.campaign_id == campaign_id, CaseRow.model_version == model.version, CaseRow.task == task,
         CaseRow.label_status == "accepted")).one()
     if int(labeled) < MIN_CASES:
         return False

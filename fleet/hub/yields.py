@@ -46,8 +46,8 @@ def trigger_yields(s: Session, *, campaign_id: str | None = None) -> YieldReport
     for cid, task, payload, size, status, label, predicted, label_payload, version in \
             s.exec(q.execution_options(yield_per=CHUNK)):
         labeled = status == "accepted"
-        wrong = labeled and _wrong(task, label, predicted, payload, label_payload,
-                                   thresholds.get(version, DEFAULT_OPERATING))
+        wrong = labeled and model_wrong(task, label, predicted, payload, label_payload,
+                                        thresholds.get(version, DEFAULT_OPERATING))
         names = {ALL} | {str(h.get("name")) for h in payload.get("triggers") or () if isinstance(h, dict)}
         for name in names:
             t = tally[(cid, name)]
@@ -66,8 +66,10 @@ def _row(campaign_id: str, trigger: str, uploads: int, size: int, labeled: int, 
                         bytes_per_error=size / errors if errors else None)
 
 
-def _wrong(task: str, label: int | None, predicted: int | None, payload: dict[str, Any],
-           label_payload: dict[str, Any] | None, threshold: float) -> bool:
+def model_wrong(task: str, label: int | None, predicted: int | None, payload: dict[str, Any],
+                label_payload: dict[str, Any] | None, threshold: float) -> bool:
+    """Whether the model that captured a labeled case was wrong on it: another class than the label, or (a
+    detector, its boxes scoring at least ``threshold``) boxes that differ from the label's (:func:`boxes_differ`)."""
     if task != "detect":
         return label is not None and label != predicted
     if label_payload is None:

@@ -29,6 +29,11 @@ def test_the_fit_and_the_auc_agree_with_scikit_learn() -> None:
     ref = sklearn_lm.LogisticRegression(C=1.0, tol=1e-12, max_iter=10_000).fit(x, y)  # lbfgs: intercept free
     np.testing.assert_allclose(w, ref.coef_[0], atol=1e-4)
     assert b == pytest.approx(float(ref.intercept_[0]), abs=1e-4)
+    sw = rng.integers(1, 4, 400).astype(float)  # a detector's fit weighs each wrong case by its box errors
+    w2, b2 = fit_logistic(x, y, l2=1.0, sample_weight=sw)
+    ref2 = sklearn_lm.LogisticRegression(C=1.0, tol=1e-12, max_iter=10_000).fit(x, y, sample_weight=sw)
+    np.testing.assert_allclose(w2, ref2.coef_[0], atol=1e-4)
+    assert b2 == pytest.approx(float(ref2.intercept_[0]), abs=1e-4)
     score = np.round(x @ w + b, 1)  # rounded: ties must count half, as scikit-learn counts them
     assert auc(score, y) == pytest.approx(metrics.roc_auc_score(y, score), abs=1e-12)
     assert auc(score, np.zeros(400)) is None
@@ -45,6 +50,28 @@ def test_features_are_the_devices_scores() -> None:
     assert f[:, 5].tolist() == [1, 0, 0] and f[:, 6].tolist() == [1, 0, 1]  # challenger: no output on frame 1
     with pytest.raises(ValueError, match="human must have shape"):
         error_features(probs, np.asarray([0, 5, 1]))
+
+
+def test_box_features_are_read_from_the_reported_boxes_and_the_others() -> None:
+    """Three frames at an operating threshold of 0.4: a sure box the human also drew and a faint one under the
+    threshold; no box where the human drew one; a box at 0.5 and no human. The challenger saw only frame 0 and
+    found nothing there."""
+    from trigger.boxes import Boxes
+    from trigger.learned import BOX_FEATURES, box_error_features
+
+    model = Boxes.from_frames([[(0, 0, .5, .5), (.1, .1, .6, .6)], [], [(.2, .2, .4, .4)]],
+                              scores=[[0.9, 0.35], [], [0.5]], labels=[[0, 1], [], [1]])
+    human = Boxes.from_frames([[(0, 0, .5, .5)], [(.3, .3, .5, .5)], []], labels=[[0], [1], []],
+                              known=[True, True, False])
+    challenger = Boxes.from_frames([[], [], []], known=[True, False, False])
+    f = dict(zip(BOX_FEATURES, box_error_features(model, human, challenger, floor=0.4).T, strict=True))
+    np.testing.assert_allclose(f["low_score"], [0.1, 0.0, 0.5])  # 1 - the lowest reported score
+    assert f["near_floor"].tolist() == [0.5, 0.0, 0.5] and f["reported"].tolist() == [1 / 8, 0.0, 1 / 8]
+    assert f["entropy_sum"].tolist() == [0, 0, 0]  # no class distributions
+    assert f["human"].tolist() == [0.0, 0.5, 0.0] and f["human_known"].tolist() == [1, 1, 0]  # frame 1: one missed
+    assert f["challenger"].tolist() == [0.5, 0, 0] and f["challenger_known"].tolist() == [1, 0, 0]
+    with pytest.raises(ValueError, match="human must be Boxes of the same 3 frames"):
+        box_error_features(model, Boxes.empty(2), floor=0.4)
 
 
 def send(hub: HubHarness, rng: np.random.Generator, n: int) -> None:
@@ -465,3 +492,71 @@ def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_version
     model, version, leaf = served()  # the fleet's m3 again, and no case of m3's to fit on
     assert (model, version, leaf) == ("m3", 5, None)
     assert f"south 5 cam-south waits for {MIN_CASES} labeled cases from the active model m3" in dashboard()
+
+
+def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_computes_it(hub: HubHarness) -> None:
+    """For a detector the label says the model was wrong when its reported boxes differ from the labeled ones.
+    Here the model misses the object it scored just under its operating threshold, and the human's boxes, where
+    known, are the truth: the fit learns both signals (near_floor and human), ships a ``learned_box_error`` leaf
+    at the model's operating threshold, and the device's trigger gives the hub's probability from the same boxes."""
+    from fleet.hub.learned import BOX_LEAF, detect_case_features
+    from fleet.protocol import Box, Detection
+    from tests.hub.test_detect_cases import box_label, frame_png, register_detector
+    from tests.support.cases import make_detect_case
+    from trigger.boxes import Boxes
+    from trigger.learned import BOX_FEATURES
+
+    register_detector(hub, "det1")
+    assert hub.client.post("/v1/models/det1/promote", headers=hub.admin,
+                           json={"override": True, "reason": "a detector"}).status_code == 200
+    op = 0.5  # register_detector's: DetectorSpec's default operating threshold
+    spec = {"id": "boxes", "version": 1, "rule": {"trigger": "box_ambiguous_count", "above": 0, "label": "unsure"}}
+    r = hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin)
+    assert r.status_code == 201, r.text
+    rng = np.random.default_rng(7)
+    png = frame_png()
+    sure = Box(0.1, 0.1, 0.4, 0.4, 0, 0.95)
+    faint = Box(0.6, 0.6, 0.9, 0.9, 1, max(op - 0.05, 0.01))  # under the threshold: not reported
+    for i in range(80):
+        has_faint, human_known, human_right = rng.random() < 0.4, rng.random() < 0.5, rng.random() < 0.8
+        found = [sure, faint] if has_faint else [sure]
+        truth = [sure, faint] if has_faint and rng.random() < 0.9 else [sure]  # the faint box mostly is an object
+        human = None
+        if human_known:  # the human's boxes: the truth, or (now and then) one missed
+            human = Detection([Box(b.x1, b.y1, b.x2, b.y2, b.label) for b in (truth if human_right else truth[:1])])
+        case = make_detect_case(case_id=f"det-{i}", device_id="d1", model_version="det1", boxes=found, image=png,
+                                campaign_id="boxes", campaign_version=1, human_action=human,
+                                triggers=[TriggerHit("unsure", 1.0, 0.5)])
+        assert hub.post_case(case, png).status_code == 201
+        r = box_label(hub, case.case_id, [[b.x1, b.y1, b.x2, b.y2, b.label] for b in truth])
+        assert r.status_code in (200, 201), r.text
+    r = hub.client.post("/v1/campaigns/boxes/learn", params={"target_rate": 0.1}, headers=hub.admin)
+    assert r.status_code == 201, r.text
+    fit = LearnedFit.from_json(r.content)
+    assert (fit.trigger, fit.model_version, fit.cases, set(fit.weights)) == (BOX_LEAF, "det1", 80, set(BOX_FEATURES))
+    assert fit.weights["near_floor"] > 1.0 and fit.weights["human"] > 1.0
+    assert fit.train_auc is not None and fit.train_auc > 0.85
+    assert fit.bank_note is not None and "operating threshold" in fit.bank_note
+
+    a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices["d1"]).content)
+    (ref,) = a.campaigns
+    leaf = next(x for x in parse_spec(ref.spec).leaves if x.label == "learned_error")
+    assert ref.version == 2 and leaf.trigger == BOX_LEAF and leaf.params["floor"] == pytest.approx(op, abs=1e-6)
+    # the device's trigger on three frames: the faint box alone, the faint box and a human who drew it, a clear
+    # frame the human agrees with; the hub's features of the same boxes give the same probability
+    frames = [[sure, faint], [sure, faint], [sure]]
+    humans = [None, Detection([Box(s.x1, s.y1, s.x2, s.y2, s.label) for s in (sure, faint)]),
+              Detection([Box(sure.x1, sure.y1, sure.x2, sure.y2, 0)])]
+    model = Boxes.from_frames([[(b.x1, b.y1, b.x2, b.y2) for b in f] for f in frames],
+                              scores=[[b.score for b in f] for f in frames],
+                              labels=[[b.label for b in f] for f in frames])
+    human_boxes = Boxes.from_frames([[(b.x1, b.y1, b.x2, b.y2) for b in (h.boxes if h else [])] for h in humans],
+                                    labels=[[b.label for b in (h.boxes if h else [])] for h in humans],
+                                    known=[h is not None for h in humans])
+    on_device = TRIGGERS[BOX_LEAF].compute(Inputs(boxes=model, human_boxes=human_boxes, operating_threshold=0.99),
+                                           None, leaf.params)  # the leaf's floor, not the device's default
+    stored = [make_detect_case(case_id=f"x-{j}", device_id="d1", model_version="det1", boxes=f, image=png,
+                               human_action=h).to_dict() for j, (f, h) in enumerate(zip(frames, humans, strict=True))]
+    want = error_probability(detect_case_features(stored, floor=op), [fit.weights[f] for f in BOX_FEATURES], fit.bias)
+    np.testing.assert_allclose(on_device, want, atol=1e-5)
+    assert on_device[1] > on_device[0] > on_device[2]  # a human who drew the missed box; a faint box; all agree

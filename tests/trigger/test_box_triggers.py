@@ -200,3 +200,26 @@ def test_novelty_dedup_calibration_and_budgets_work_on_detector_batches() -> Non
     again = Evaluator(doc, bank=bank, clock=lambda: clock[0])
     again.load_state_dict(state)
     assert again.calibration_state() == ev.calibration_state()
+
+
+def test_the_learned_box_trigger_runs_in_a_spec_on_a_detector_s_batch() -> None:
+    """``learned_box_error`` through parse_spec and the Evaluator, as an agent runs it: the hub's weights and
+    floor from the spec, the human's boxes from the batch; its score is the logistic model over
+    trigger.learned.box_error_features, and it fires where the human drew a box the model did not report."""
+    from trigger.learned import BOX_FEATURES, box_error_features, error_probability
+
+    obj, other = [0.2, 0.2, 0.5, 0.6], [0.6, 0.6, 0.9, 0.9]
+    model = Boxes.from_frames([[obj, other], [obj], [obj]], scores=[[0.9, 0.45], [0.9], [0.9]],
+                              labels=[[1, 0], [1], [1]])
+    human = Boxes.from_frames([[obj, other], [obj], []], labels=[[1, 0], [1], []],
+                              known=np.array([True, True, False]))
+    weights = {"w_human": 4.0, "w_near_floor": 1.0, "bias": -2.0}
+    ev = Evaluator(spec({"trigger": "learned_box_error", "above": 0.5, "floor": 0.5, **weights}))
+    d = ev.evaluate(FrameBatch(boxes=model, human_boxes=human))
+    want = error_probability(box_error_features(model, human, floor=0.5),
+                             [weights.get(f"w_{f}", 0.0) for f in BOX_FEATURES], weights["bias"])
+    np.testing.assert_allclose(d.scores["learned_box_error"], want, atol=1e-9)
+    assert d.keep.tolist() == [True, False, False]  # the human's second box is one the model missed
+    assert TRIGGERS["learned_box_error"].task == "detect"
+    with pytest.raises(SpecError, match="w_humna"):
+        parse_spec(spec({"trigger": "learned_box_error", "above": 0.5, "w_humna": 1.0}))
