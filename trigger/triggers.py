@@ -210,9 +210,9 @@ def _learned_error_knn(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64
     return _logistic(x, p, _learned.BANK_FEATURES)
 
 
-def _weights(features: tuple[str, ...]) -> tuple[Param, ...]:
+def _weights(features: tuple[str, ...], model: str = "logistic") -> tuple[Param, ...]:
     return (*(Param(f"w_{f}", float, 0.0, low=-100.0, high=100.0, doc=f"weight of feature {f}") for f in features),
-            Param("bias", float, 0.0, low=-100.0, high=100.0, doc="the logistic model's intercept"))
+            Param("bias", float, 0.0, low=-100.0, high=100.0, doc=f"the {model} model's intercept"))
 
 
 _LEARNED_PARAMS = _weights(_learned.FEATURES)
@@ -288,6 +288,14 @@ def _learned_box_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64
     x = _cached(i, f"learned-box:{floor}", lambda: _learned.box_error_features(
         _model_boxes(i), i.human_boxes, i.challenger_boxes, floor=floor))
     return _logistic(_rows(x, rows), p, _learned.BOX_FEATURES)
+
+
+def _learned_box_error_count(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    floor = _box_floor(i, p)
+    x = _cached(i, f"learned-box:{floor}", lambda: _learned.box_error_features(
+        _model_boxes(i), i.human_boxes, i.challenger_boxes, floor=floor))
+    weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.BOX_COUNT_FEATURES]
+    return _learned.expected_count(_learned.with_pairs(_rows(x, rows)), weights, float(p.get("bias", 0.0)))
 
 
 def _previous(i: Inputs, p: Mapping[str, Any]) -> Boxes | None:
@@ -391,6 +399,13 @@ def _box_defs() -> list[TriggerDef]:
                    "bias set by the hub; floor: the operating threshold they were fitted at).", "above",
                    _learned_box_error, params=(*_weights(_learned.BOX_FEATURES), _FLOOR), needs=("boxes",),
                    uses=("human_boxes", "challenger_boxes"), bounds=lambda i, p: (0.0, 1.0), weight=0.6,
+                   task="detect"),
+        TriggerDef("learned_box_error_count", "the expected number of boxes the detector misses or misplaces on the "
+                   "frame, by the hub's Poisson model over the box scores and their products two by two "
+                   "(trigger.learned.BOX_COUNT_FEATURES; weights w_<feature> and bias set by the hub; floor: the "
+                   "operating threshold they were fitted at).", "above", _learned_box_error_count,
+                   params=(*_weights(_learned.BOX_COUNT_FEATURES, "Poisson"), _FLOOR), needs=("boxes",),
+                   uses=("human_boxes", "challenger_boxes"), bounds=lambda i, p: (0.0, math.inf), weight=0.6,
                    task="detect"),
         TriggerDef("box_flicker", "1 - F1 against the previous frame of the stream: boxes that appear, vanish, "
                    "jump or change class (NaN without one).", "above", _box_flicker, params=(*compare, _MAX_GAP),

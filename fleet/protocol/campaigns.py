@@ -240,8 +240,9 @@ class LearnedFit(Message):
     """The learned trigger the hub fitted for a campaign (``POST /v1/campaigns/{id}/learn``): the new campaign
     version that carries it, the model version and labeled cases it was fitted on, its weights per feature
     (trigger.learned.FEATURES), intercept, training AUC and the rate it fires at; the trigger kind shipped
-    (``learned_error_knn`` with the model's own bank; ``learned_box_error`` for a detector) and a sentence on the
-    bank feature: which bank it reads, or why there is none."""
+    (``learned_error_knn`` with the model's own bank; ``learned_box_error_count`` for a detector, whose weights are
+    over trigger.learned.BOX_COUNT_FEATURES; ``learned_box_error`` from hubs before it) and a sentence on the bank
+    feature: which bank it reads, or why there is none."""
 
     campaign_id: str
     version: int
@@ -258,7 +259,8 @@ class LearnedFit(Message):
 
     def validate(self) -> None:
         check_name(self.campaign_id, "campaign_id")
-        check_one_of(self.trigger, ("learned_error", "learned_error_knn", "learned_box_error"), "trigger")
+        check_one_of(self.trigger, ("learned_error", "learned_error_knn", "learned_box_error",
+                                    "learned_box_error_count"), "trigger")
         opt(self.bank_note, check_str, "bank_note", max_len=2000)
         check_int(self.version, "version", lo=0, hi=DB_INT)
         check_name(self.model_version, "model_version")

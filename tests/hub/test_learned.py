@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fleet.edge.campaigns import Campaigns
-from fleet.hub.learned import KNN_K, MIN_CASES, auc, case_features, fit_logistic, spec_for_model
+from fleet.hub.learned import KNN_K, MIN_CASES, auc, case_features, fit_logistic, fit_poisson, spec_for_model
 from fleet.protocol import Assignment, LearnedFit, TriggerHit
 from tests.hub.conftest import HubHarness
 from trigger import TRIGGERS, parse_spec
@@ -37,6 +37,28 @@ def test_the_fit_and_the_auc_agree_with_scikit_learn() -> None:
     score = np.round(x @ w + b, 1)  # rounded: ties must count half, as scikit-learn counts them
     assert auc(score, y) == pytest.approx(metrics.roc_auc_score(y, score), abs=1e-12)
     assert auc(score, np.zeros(400)) is None
+
+
+def test_the_poisson_fit_agrees_with_scikit_learn_and_refuses_bad_counts() -> None:
+    """A detector's fit: counts of box errors from the box features and their products, as scikit-learn's
+    PoissonRegressor fits them (the same objective), at the hub's penalty and without one."""
+    from fleet.hub.learned import POISSON_L2
+    from trigger.learned import BOX_COUNT_FEATURES, BOX_FEATURES, with_pairs
+
+    sklearn_lm = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(3)
+    raw = rng.random((600, len(BOX_FEATURES)))
+    x = with_pairs(raw)
+    assert x.shape == (600, len(BOX_COUNT_FEATURES)) and x[:, len(BOX_FEATURES)] == pytest.approx(raw[:, 0] * raw[:, 1])
+    y = rng.poisson(np.exp(-1.0 + 2.0 * raw[:, 1] + 1.5 * raw[:, 0] * raw[:, 4])).astype(float)
+    for l2 in (POISSON_L2, 1e-1):
+        w, b = fit_poisson(x, y, l2=l2)
+        ref = sklearn_lm.PoissonRegressor(alpha=l2, tol=1e-12, max_iter=10_000).fit(x, y)
+        np.testing.assert_allclose(w, ref.coef_, atol=1e-4)
+        assert b == pytest.approx(float(ref.intercept_), abs=1e-4)
+    for bad in (-y, np.where(y > 0, np.nan, y)):
+        with pytest.raises(ValueError, match="counts >= 0"):
+            fit_poisson(x, bad)
 
 
 def test_features_are_the_devices_scores() -> None:
@@ -497,14 +519,15 @@ def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_version
 def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_computes_it(hub: HubHarness) -> None:
     """For a detector the label says the model was wrong when its reported boxes differ from the labeled ones.
     Here the model misses the object it scored just under its operating threshold, and the human's boxes, where
-    known, are the truth: the fit learns both signals (near_floor and human), ships a ``learned_box_error`` leaf
-    at the model's operating threshold, and the device's trigger gives the hub's probability from the same boxes."""
+    known, are the truth: the fit learns both signals (near_floor and human), ships a ``learned_box_error_count``
+    leaf at the model's operating threshold, and the device's trigger gives the hub's expected count of box errors
+    from the same boxes."""
     from fleet.hub.learned import BOX_LEAF, detect_case_features
     from fleet.protocol import Box, Detection
     from tests.hub.test_detect_cases import box_label, frame_png, register_detector
     from tests.support.cases import make_detect_case
     from trigger.boxes import Boxes
-    from trigger.learned import BOX_FEATURES
+    from trigger.learned import BOX_COUNT_FEATURES, expected_count, with_pairs
 
     register_detector(hub, "det1")
     assert hub.client.post("/v1/models/det1/promote", headers=hub.admin,
@@ -533,8 +556,9 @@ def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_com
     r = hub.client.post("/v1/campaigns/boxes/learn", params={"target_rate": 0.1}, headers=hub.admin)
     assert r.status_code == 201, r.text
     fit = LearnedFit.from_json(r.content)
-    assert (fit.trigger, fit.model_version, fit.cases, set(fit.weights)) == (BOX_LEAF, "det1", 80, set(BOX_FEATURES))
-    assert fit.weights["near_floor"] > 1.0 and fit.weights["human"] > 1.0
+    assert BOX_LEAF == "learned_box_error_count"
+    assert (fit.trigger, fit.model_version, fit.cases, set(fit.weights)) == (BOX_LEAF, "det1", 80,
+                                                                             set(BOX_COUNT_FEATURES))
     assert fit.train_auc is not None and fit.train_auc > 0.85
     assert fit.bank_note is not None and "operating threshold" in fit.bank_note
 
@@ -557,6 +581,8 @@ def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_com
                                            None, leaf.params)  # the leaf's floor, not the device's default
     stored = [make_detect_case(case_id=f"x-{j}", device_id="d1", model_version="det1", boxes=f, image=png,
                                human_action=h).to_dict() for j, (f, h) in enumerate(zip(frames, humans, strict=True))]
-    want = error_probability(detect_case_features(stored, floor=op), [fit.weights[f] for f in BOX_FEATURES], fit.bias)
-    np.testing.assert_allclose(on_device, want, atol=1e-5)
-    assert on_device[1] > on_device[0] > on_device[2]  # a human who drew the missed box; a faint box; all agree
+    want = expected_count(with_pairs(detect_case_features(stored, floor=op)),
+                          [fit.weights[f] for f in BOX_COUNT_FEATURES], fit.bias)
+    np.testing.assert_allclose(on_device, want, rtol=1e-5)
+    # a human who drew the missed box; a faint box alone; all agree (an expected count of errors, not a chance)
+    assert on_device[1] > on_device[0] > 0.3 and on_device[2] < 0.05

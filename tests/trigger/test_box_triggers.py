@@ -223,3 +223,30 @@ def test_the_learned_box_trigger_runs_in_a_spec_on_a_detector_s_batch() -> None:
     assert TRIGGERS["learned_box_error"].task == "detect"
     with pytest.raises(SpecError, match="w_humna"):
         parse_spec(spec({"trigger": "learned_box_error", "above": 0.5, "w_humna": 1.0}))
+
+
+def test_the_learned_box_error_count_runs_in_a_spec_and_reads_products_of_features() -> None:
+    """``learned_box_error_count`` (what the hub ships for a detector) through parse_spec and the Evaluator: the
+    expected number of box errors, exp(bias + w . features and their products two by two); a product's weight
+    (w_human__human_known) acts only where both features are set, and the value is a count, not a chance."""
+    from trigger.learned import BOX_COUNT_FEATURES, BOX_FEATURES, box_error_features, expected_count, with_pairs
+
+    assert len(BOX_COUNT_FEATURES) == len(BOX_FEATURES) * (len(BOX_FEATURES) + 1) // 2
+    obj, other = [0.2, 0.2, 0.5, 0.6], [0.6, 0.6, 0.9, 0.9]
+    model = Boxes.from_frames([[obj], [obj], [obj, other]], scores=[[0.9], [0.9], [0.9, 0.45]],
+                              labels=[[1], [1], [1, 0]])
+    human = Boxes.from_frames([[obj, other], [obj], []], labels=[[1, 0], [1], []],
+                              known=np.array([True, True, False]))
+    weights = {"w_human__human_known": 30.0, "w_near_floor": 2.0, "bias": -3.0}
+    ev = Evaluator(spec({"trigger": "learned_box_error_count", "above": 1.0, "floor": 0.5, **weights}))
+    d = ev.evaluate(FrameBatch(boxes=model, human_boxes=human))
+    x = box_error_features(model, human, floor=0.5)
+    want = expected_count(with_pairs(x), [weights.get(f"w_{f}", 0.0) for f in BOX_COUNT_FEATURES], weights["bias"])
+    got = d.scores["learned_box_error_count"]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # the human missed-box frame: exp(-3 + 30 * human * 1); the agreed frame: exp(-3); the faint box: exp(-3 + 2 * .5)
+    np.testing.assert_allclose(got, np.exp([-3.0 + 30.0 * x[0, 4], -3.0, -3.0 + 2.0 * x[2, 1]]), rtol=1e-12)
+    assert got[0] > 1.0 > got[2] > got[1]
+    assert d.keep.tolist() == [True, False, False]
+    with pytest.raises(SpecError, match="w_human__human_knwon"):
+        parse_spec(spec({"trigger": "learned_box_error_count", "above": 1.0, "w_human__human_knwon": 1.0}))
