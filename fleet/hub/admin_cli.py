@@ -267,16 +267,26 @@ def campaigns_rebalance(campaign_id: str = typer.Argument(...), hub: str = HUB_U
     typer.echo(f"{'unchanged' if c.already else 'rebalanced'}: {c.campaign_id} v{c.version}: {shares}")
 
 
+SHOWN_WEIGHTS = 10  # weights `campaigns learn` prints, the largest first when there are more
+
+
 @campaigns_app.command("learn")
 def campaigns_learn(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN,
                     target_rate: float = typer.Option(0.05, "--target-rate", help="Share of frames it fires on.")
                     ) -> None:
-    """Fit the campaign's learned trigger (is the model wrong on this frame?) on the active model's labeled
-    cases and publish it as a new campaign version."""
+    """Fit the campaign's learned trigger (is the model wrong on this frame? for a detector: how many boxes does
+    it get wrong?) on the labeled cases of the model its devices run, and publish it as a new campaign version."""
     from fleet.protocol import LearnedFit
 
     fit = _call(hub, token, "POST", f"/v1/campaigns/{campaign_id}/learn?target_rate={target_rate}", LearnedFit)
-    weights = ", ".join(f"{k} {v:+.2f}" for k, v in fit.weights.items())
+    items = list(fit.weights.items())
+    if len(items) > SHOWN_WEIGHTS:  # a detector's 36: the largest, and how small the rest are
+        items.sort(key=lambda kv: -abs(kv[1]))
+        rest = f" and {len(items) - SHOWN_WEIGHTS} more of |w| <= {abs(items[SHOWN_WEIGHTS][1]):.2f}"
+        items = items[:SHOWN_WEIGHTS]
+    else:
+        rest = ""
+    weights = ", ".join(f"{k} {v:+.2f}" for k, v in items) + rest
     auc = "-" if fit.train_auc is None else f"{fit.train_auc:.3f}"
     typer.echo(f"learned: {fit.campaign_id} v{fit.version} for model {fit.model_version} on {fit.cases} cases "
                f"({fit.errors} wrong), training AUC {auc}; {fit.trigger}, bias {fit.bias:+.2f}, {weights}"

@@ -516,7 +516,8 @@ def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_version
     assert f"south 5 cam-south waits for {MIN_CASES} labeled cases from the active model m3" in dashboard()
 
 
-def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_computes_it(hub: HubHarness) -> None:
+def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_computes_it(
+        hub: HubHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     """For a detector the label says the model was wrong when its reported boxes differ from the labeled ones.
     Here the model misses the object it scored just under its operating threshold, and the human's boxes, where
     known, are the truth: the fit learns both signals (near_floor and human), ships a ``learned_box_error_count``
@@ -586,3 +587,24 @@ def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_com
     np.testing.assert_allclose(on_device, want, rtol=1e-5)
     # a human who drew the missed box; a faint box alone; all agree (an expected count of errors, not a chance)
     assert on_device[1] > on_device[0] > 0.3 and on_device[2] < 0.05
+
+    # the operator's command refits it (a new version) and prints the largest weights of the 36
+    import httpx
+    from typer.testing import CliRunner
+
+    from fleet.hub import admin_cli
+
+    def request(method: str, url: str, **kw: Any) -> Any:  # the CLI's httpx call, into the in-process hub
+        kw.pop("timeout", None)
+        return hub.client.request(method, "/" + url.split("://", 1)[1].split("/", 1)[1], **kw)
+
+    monkeypatch.setattr(httpx, "request", request)
+    run = CliRunner().invoke(admin_cli.campaigns_app, ["learn", "boxes", "--target-rate", "0.1", "--hub",
+                                                       "http://hub.test", "--token",
+                                                       hub.settings.admin_token.get_secret_value()])
+    assert run.exit_code == 0, run.output
+    assert run.output.startswith("learned: boxes v3 for model det1 on 80 cases") and BOX_LEAF in run.output
+    shown = run.output.split(f"{BOX_LEAF}, bias ", 1)[1]
+    top = sorted(fit.weights, key=lambda f: -abs(fit.weights[f]))[:admin_cli.SHOWN_WEIGHTS]
+    assert all(f"{f} {fit.weights[f]:+.2f}" in shown for f in top)
+    assert f"and {len(BOX_COUNT_FEATURES) - admin_cli.SHOWN_WEIGHTS} more of |w| <= " in shown
