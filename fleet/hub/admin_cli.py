@@ -275,7 +275,8 @@ def campaigns_learn(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, 
                     target_rate: float = typer.Option(0.05, "--target-rate", help="Share of frames it fires on.")
                     ) -> None:
     """Fit the campaign's learned trigger (is the model wrong on this frame? for a detector: how many boxes does
-    it get wrong?) on the labeled cases of the model its devices run, and publish it as a new campaign version."""
+    it get wrong?) for each model its devices run, on that model's labeled cases, and publish it as a new campaign
+    version; prints the first fit (the fleet's active model's where it was fitted)."""
     from fleet.protocol import LearnedFit
 
     fit = _call(hub, token, "POST", f"/v1/campaigns/{campaign_id}/learn?target_rate={target_rate}", LearnedFit)

@@ -25,6 +25,6 @@ def next_version(s: Session, row: Campaign, doc: dict[str, Any], *, now: float) 
     new = Campaign(campaign_id=row.campaign_id, version=row.version + 1, spec={**doc, "version": row.version + 1},
                    groups=list(row.groups), expires_at=row.expires_at, novelty_bank=row.novelty_bank,
                    created_at=now, auto_budgets=row.auto_budgets, learned_for=row.learned_for,
-                   learned_rate=row.learned_rate)
+                   learned_rate=row.learned_rate, learned_leaves=dict(row.learned_leaves or {}))
     s.add(new)
     return new

@@ -28,16 +28,19 @@ label and every case of the fit has an embedding of the bank's width; else the l
 Where the human's action is unknown the bank feature is what lifts the learned trigger's error capture
 (`benchmarks/bench_error_capture.py`).
 
-A fit belongs to the model it was fitted for (the version's ``learned_for``; its ``learned_rate`` the rate asked).
-Which model that is (:func:`fit_model`): the model the campaign's devices run outside a rollout. A campaign aimed
-at groups that all run one model of their own (a group rollout completed on them) is fitted for that model, on the
-cases it captured; any other campaign (no groups, or groups running different models) for the fleet's active
-model, and a device running another model gets the campaign without the leaf (:func:`spec_for_model`). When that
-model changes (:func:`follow_models`, from :func:`fleet.hub.rollouts.promote`, from a group rollout's completion and
-from a group's unpinning), each campaign with a learned leaf gets a new version: the leaf refitted for the new model
-where its labeled cases suffice, else the rule without the leaf (its budget share back to the others), so that no
-device scores frames with weights fitted to another model's scores. While the leaf waits, every accepted label of
-the campaign's cases tries the refit again (:func:`refit_waiting`, from :func:`fleet.hub.labels.apply`), and the
+A fit belongs to the model it was fitted for: a leaf's weights read that model's scores. A campaign is fitted for
+each model its devices run outside a rollout (:func:`fit_models`): aimed at groups, each group's model (its own,
+where a group rollout completed on it, else the fleet's active model); for the whole fleet, the fleet's active model
+and every group's own. Each model's leaf is fitted on the cases that model captured. The campaign version's spec
+carries one of them (its ``learned_for``: the fleet's active model's where it has one), the others are kept beside
+it (``learned_leaves``), and a device gets the spec with the leaf of the model it runs, or without a learned leaf
+when that model has none (:func:`spec_for_model`: a canary's candidate, a model without enough labels). Its
+``learned_rate`` is the rate asked. When the models change (:func:`follow_models`, from
+:func:`fleet.hub.rollouts.promote`, from a group rollout's completion and from a group's unpinning), each campaign
+that asked for a learned trigger gets a new version if its leaves changed: the leaves of models no longer run go,
+a new model is fitted where its labeled cases suffice, and the other leaves stay as they were; with no leaf left,
+the rule goes without it (its budget share back to the others). While a model waits for its leaf, every accepted
+label of the campaign's cases tries again (:func:`refit_waiting`, from :func:`fleet.hub.labels.apply`), and the
 first that finds enough cases publishes it. During a canary the model the campaign's devices run is still the old
 one, and so is the leaf; a rollback changes nothing.
 """
@@ -55,8 +58,8 @@ from fleet.errors import ProtocolError
 from fleet.hub.blobs import BlobStore
 from fleet.hub.campaign_versions import latest_live, next_version
 from fleet.hub.ingest import decode_embedding_bytes, detection_boxes
-from fleet.hub.models import Campaign, CaseRow, ModelVersion, NoveltyBankRow
-from fleet.hub.running import active_model, model_for_group
+from fleet.hub.models import Campaign, CaseRow, GroupModel, ModelVersion, NoveltyBankRow
+from fleet.hub.running import active_model
 from fleet.hub.yields import DEFAULT_OPERATING, model_wrong
 from fleet.protocol import Detection, LearnedFit
 from trigger.learned import (
@@ -252,33 +255,85 @@ def missing_embeddings(embeddings: list[bytes | None], dim: int) -> int:
     return sum(1 for e in embeddings if (v := decode_embedding_bytes(e)) is None or v.shape != (dim,))
 
 
-def fit_model(s: Session, row: Campaign) -> tuple[ModelVersion | None, str]:
-    """The model campaign version ``row``'s learned leaf is fitted for, and how to name it: the model its devices
-    run outside a rollout. Aimed at groups that all run one model of their own (:class:`fleet.hub.models.GroupModel`),
-    that model; otherwise the fleet's active model (None without one)."""
+def fit_models(s: Session, row: Campaign) -> list[tuple[ModelVersion, str]]:
+    """The models campaign version ``row``'s devices run outside a rollout, each with how to name it, the fleet's
+    active model first where they run it: a campaign aimed at groups, each group's model (its own
+    (:class:`fleet.hub.models.GroupModel`), else the fleet's); a campaign for every group, the fleet's active model
+    and every group's own. Empty without an active model and group models."""
     fleet = active_model(s)
+    runs: dict[str, tuple[ModelVersion, list[str]]] = {}
     if row.groups:
-        models = {g: model_for_group(s, g) for g in row.groups}
-        versions = {m.version if m is not None else None for m in models.values()}
-        own = next(iter(models.values()))
-        if len(versions) == 1 and own is not None and (fleet is None or own.version != fleet.version):
-            return own, f"model {own.version} (run by group{'s' * (len(models) > 1)} {', '.join(sorted(models))})"
-    return fleet, f"the active model {fleet.version}" if fleet is not None else "no active model"
+        for group in sorted(row.groups):
+            pin = s.get(GroupModel, group)
+            model = s.get(ModelVersion, pin.version) if pin is not None else fleet
+            if model is not None:
+                runs.setdefault(model.version, (model, []))[1].append(group if pin is not None else "")
+    else:
+        if fleet is not None:
+            runs[fleet.version] = (fleet, [""])
+        for pin in s.exec(select(GroupModel).order_by(col(GroupModel.group))).all():
+            model = s.get(ModelVersion, pin.version)
+            if model is not None:
+                runs.setdefault(model.version, (model, []))[1].append(pin.group)
+    out: list[tuple[ModelVersion, str]] = []
+    for version, (model, groups) in runs.items():
+        pinned = sorted(g for g in groups if g)
+        if fleet is not None and version == fleet.version:
+            out.insert(0, (model, f"the active model {version}"))
+        else:
+            out.append((model, f"model {version} (run by group{'s' * (len(pinned) > 1)} {', '.join(pinned)})"))
+    return out
+
+
+def fit_model(s: Session, row: Campaign) -> tuple[ModelVersion | None, str]:
+    """The first of :func:`fit_models` (the fleet's active model where the campaign's devices run it), or None and
+    "no active model"."""
+    models = fit_models(s, row)
+    return models[0] if models else (None, "no active model")
+
+
+def fitted_leaves(row: Campaign) -> dict[str, dict[str, Any]]:
+    """Campaign version ``row``'s learned leaves by the model each was fitted for: the one in its spec (for
+    ``learned_for``) first, then the others (``learned_leaves``); empty without a learned leaf."""
+    if row.learned_for is None:
+        return {}
+    in_spec = next((leaf for leaf in _leaves(row.spec["rule"]) if not _not_the_leaf(leaf)), None)
+    out = {row.learned_for: in_spec} if in_spec is not None else {}
+    return {**out, **{v: leaf for v, leaf in (row.learned_leaves or {}).items() if v != row.learned_for}}
 
 
 def learn(s: Session, campaign_id: str, *, now: float, target_rate: float, blobs: BlobStore | None = None,
           model: ModelVersion | None = None) -> tuple[Campaign, LearnedFit]:
-    """Fit the campaign's learned trigger on the labeled cases of ``model`` (default: :func:`fit_model`'s, the
-    model the campaign's devices run) and store the new version. ``blobs``: where that model's novelty bank is
-    read from (without it, or without a bank, the leaf has no bank feature)."""
-    from trigger import SpecError, parse_spec
-
+    """Fit the campaign's learned trigger for each model its devices run (:func:`fit_models`; or ``model`` alone)
+    on that model's labeled cases, and store the new version with every leaf that could be fitted; the answer
+    describes the first (the fleet's active model's where it was fitted). ProtocolError when none could be, saying
+    why for each. ``blobs``: where each model's novelty bank is read from (without it, or without a bank, the leaf
+    has no bank feature)."""
     if not 0.0 < target_rate < 1.0:
         raise ProtocolError(f"target_rate must be in (0, 1); received {target_rate}")
     row = latest_live(s, campaign_id)
-    active, named = (model, f"model {model.version}") if model is not None else fit_model(s, row)
-    if active is None:
+    models = [(model, f"model {model.version}")] if model is not None else fit_models(s, row)
+    if not models:
         raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
+    fits: dict[str, tuple[dict[str, Any], LearnedFit]] = {}
+    why: list[str] = []
+    for m, named in models:
+        try:
+            fits[m.version] = _fit_leaf(s, campaign_id, m, named, target_rate=target_rate, blobs=blobs)
+        except ProtocolError as exc:
+            why.append(str(exc))
+    if not fits:
+        raise ProtocolError("; ".join(why))
+    new = _publish(s, row, {v: leaf for v, (leaf, _) in fits.items()}, now=now, target_rate=target_rate)
+    fit = next(iter(fits.values()))[1]
+    fit.version = new.version
+    return new, fit
+
+
+def _fit_leaf(s: Session, campaign_id: str, active: ModelVersion, named: str, *, target_rate: float,
+              blobs: BlobStore | None) -> tuple[dict[str, Any], LearnedFit]:
+    """The learned leaf fitted for model ``active`` on the campaign's labeled cases of that model, and the fit's
+    report (its ``version`` set by the caller); ProtocolError when its cases do not suffice."""
     floor = operating_threshold(active)  # None: a classifier
     task = "classify" if floor is None else "detect"
     rows = s.exec(select(CaseRow.payload, CaseRow.label, CaseRow.predicted_class, CaseRow.embedding,
@@ -319,7 +374,21 @@ def learn(s: Session, campaign_id: str, *, now: float, target_rate: float, blobs
         leaf["k"] = KNN_K
     if floor is not None:
         leaf["floor"] = round(floor, 6)
-    doc = {**row.spec, "rule": _with_leaf(row.spec["rule"], leaf), "version": row.version + 1}
+    fit = LearnedFit(campaign_id=campaign_id, version=0, model_version=active.version, cases=len(rows),
+                     errors=int(y.sum()), weights={f: float(v) for f, v in zip(names, w, strict=True)}, bias=b,
+                     train_auc=auc(x @ w + b, y), target_rate=target_rate, trigger=kind,
+                     bank_note=("bank feature from " if kind == KNN_LEAF else "no bank feature: ") + bank_note)
+    return leaf, fit
+
+
+def _publish(s: Session, row: Campaign, leaves: dict[str, dict[str, Any]], *, now: float,
+             target_rate: float) -> Campaign:
+    """The version after ``row`` with learned ``leaves`` (model version -> leaf, at least one): the first in its
+    spec (``learned_for``), the others kept for the devices running their models (``learned_leaves``)."""
+    from trigger import SpecError, parse_spec
+
+    primary = next(iter(leaves))
+    doc = {**row.spec, "rule": _with_leaf(row.spec["rule"], leaves[primary]), "version": row.version + 1}
     if row.auto_budgets:  # the learned leaf gets an even share; the others keep their proportions
         from fleet.hub.autobudget import shares_of, with_shares
 
@@ -329,15 +398,15 @@ def learn(s: Session, campaign_id: str, *, now: float, target_rate: float, blobs
         doc = with_shares(doc, {**{k: v / total * (n - 1) / n for k, v in others.items()}, LEAF: 1.0 / n})
     try:
         doc = parse_spec(doc).to_dict()
+        for version, leaf in leaves.items():
+            if version != primary:
+                parse_spec({**doc, "rule": _with_leaf(doc["rule"], leaf)})
     except SpecError as exc:
-        raise ProtocolError(f"the learned leaf does not fit campaign {campaign_id!r}'s spec: {exc}") from exc
+        raise ProtocolError(f"the learned leaf does not fit campaign {row.campaign_id!r}'s spec: {exc}") from exc
     new = next_version(s, row, doc, now=now)
-    new.learned_for, new.learned_rate = active.version, target_rate
-    fit = LearnedFit(campaign_id=campaign_id, version=new.version, model_version=active.version, cases=len(rows),
-                     errors=int(y.sum()), weights={f: float(v) for f, v in zip(names, w, strict=True)}, bias=b,
-                     train_auc=auc(x @ w + b, y), target_rate=target_rate, trigger=kind,
-                     bank_note=("bank feature from " if kind == KNN_LEAF else "no bank feature: ") + bank_note)
-    return new, fit
+    new.learned_for, new.learned_rate = primary, target_rate
+    new.learned_leaves = {v: leaf for v, leaf in leaves.items() if v != primary}
+    return new
 
 
 def _with_leaf(rule: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
@@ -351,73 +420,88 @@ def _with_leaf(rule: dict[str, Any], leaf: dict[str, Any]) -> dict[str, Any]:
 
 
 def follow_models(s: Session, *, now: float, blobs: BlobStore | None = None) -> dict[str, str]:
-    """The model some campaigns' devices run has changed (the fleet's active model, or a group's own): every live
-    campaign whose learned leaf was fitted for another model than :func:`fit_model` names now gets a new version,
-    refitted for that model or without the leaf. Returns campaign id -> what was done ("refitted for M" or "leaf
-    removed until refit for M")."""
+    """The models some campaigns' devices run have changed (the fleet's active model, or a group's own): every live
+    campaign that asked for a learned trigger gets its leaves in line (:func:`_follow`). Returns campaign id ->
+    what was done."""
     done: dict[str, str] = {}
     for row in _latest_versions(s):
-        if row.learned_for is None:
-            continue
-        model, _ = fit_model(s, row)
-        if model is None or row.learned_for == model.version:
-            continue
-        rate = row.learned_rate if row.learned_rate is not None else 0.05
-        try:
-            learn(s, row.campaign_id, model=model, now=now, target_rate=rate, blobs=blobs)
-            done[row.campaign_id] = f"refitted for {model.version}"
-        except ProtocolError:
-            stripped, why = spec_without_leaf(row)
-            if stripped is None:
-                log.warning("campaign %s v%d %s; it keeps the fit for %s until a refit for %s", row.campaign_id,
-                            row.version, why, row.learned_for, model.version)
-                continue
-            new = next_version(s, row, stripped, now=now)
-            new.learned_for, new.learned_rate = None, rate
-            done[row.campaign_id] = f"leaf removed until refit for {model.version}"
+        if row.learned_rate is not None and (what := _follow(s, row, now=now, blobs=blobs)) is not None:
+            done[row.campaign_id] = what
     return done
 
 
 def refit_waiting(s: Session, campaign_id: str, *, now: float, blobs: BlobStore | None = None) -> bool:
-    """Refit ``campaign_id``'s learned leaf for the model its devices run (:func:`fit_model`) if it waits for one
-    (a fit asked, none for that model) and its labeled cases now suffice; True if a new version was published. A
-    concurrent refit by another worker wins quietly."""
+    """Fit ``campaign_id``'s learned leaf for each model its devices run that has none yet (a fit was asked) where
+    that model's labeled cases now suffice (:func:`_follow`); True if a new version was published. A concurrent
+    refit by another worker wins quietly."""
     row = next((r for r in _latest_versions(s, campaign_id) if r.learned_rate is not None), None)
     if row is None:
         return False
-    model, _ = fit_model(s, row)
-    if model is None or row.learned_for == model.version:
-        return False
-    task = "classify" if operating_threshold(model) is None else "detect"
-    labeled = s.exec(select(func.count()).select_from(CaseRow).where(
-        CaseRow.campaign_id == campaign_id, CaseRow.model_version == model.version, CaseRow.task == task,
-        CaseRow.label_status == "accepted")).one()
-    if int(labeled) < MIN_CASES:
-        return False
     try:
         with s.begin_nested():
-            learn(s, campaign_id, model=model, now=now, target_rate=float(row.learned_rate or 0.05), blobs=blobs)
-    except ProtocolError:  # too few errors (or right answers) yet
-        return False
+            return _follow(s, row, now=now, blobs=blobs) is not None
     except IntegrityError:  # another worker published the version first
         return False
-    return True
+
+
+def _follow(s: Session, row: Campaign, *, now: float, blobs: BlobStore | None) -> str | None:
+    """Campaign version ``row``'s learned leaves in line with the models its devices run (:func:`fit_models`): the
+    leaves of models they no longer run go, each model without a leaf whose labeled cases now suffice is fitted,
+    and the other leaves stay as fitted. A new version when anything changed (without the leaf when no model has
+    one); what was done, or None."""
+    models = fit_models(s, row)
+    have = fitted_leaves(row)
+    wanted = [m.version for m, _ in models]
+    fitted: dict[str, dict[str, Any]] = {}
+    for m, named in models:
+        if m.version in have or _labeled(s, row.campaign_id, m) < MIN_CASES:
+            continue
+        try:
+            fitted[m.version] = _fit_leaf(s, row.campaign_id, m, named, target_rate=float(row.learned_rate or 0.05),
+                                          blobs=blobs)[0]
+        except ProtocolError:  # too few errors (or right answers) yet
+            continue
+    dropped = sorted(set(have) - set(wanted))
+    if not fitted and not dropped:
+        return None
+    leaves = {v: have.get(v) or fitted[v] for v in wanted if v in have or v in fitted}
+    what = "; ".join([*([f"fitted for {', '.join(fitted)}"] if fitted else []),
+                      *([f"the fit for {', '.join(dropped)} removed"] if dropped else [])])
+    if leaves:
+        _publish(s, row, leaves, now=now, target_rate=float(row.learned_rate or 0.05))
+        return what
+    stripped, why = spec_without_leaf(row)
+    if stripped is None:
+        log.warning("campaign %s v%d %s; it keeps its fit for %s until a model its devices run has one",
+                    row.campaign_id, row.version, why, ", ".join(dropped))
+        return None
+    new = next_version(s, row, stripped, now=now)
+    new.learned_for, new.learned_leaves = None, {}
+    return f"{what}; leaf removed until refit for {', '.join(wanted) or 'an active model'}"
+
+
+def _labeled(s: Session, campaign_id: str, model: ModelVersion) -> int:
+    task = "classify" if operating_threshold(model) is None else "detect"
+    return int(s.exec(select(func.count()).select_from(CaseRow).where(
+        CaseRow.campaign_id == campaign_id, CaseRow.model_version == model.version, CaseRow.task == task,
+        CaseRow.label_status == "accepted")).one())
 
 
 def learned_states(s: Session) -> dict[str, str]:
-    """Per live campaign that asked for a learned trigger, what the dashboard says of it: the model it is fitted for
-    and the rate it fires at (``fitted for m2, 10% of frames``), or whose labels it waits for."""
+    """Per live campaign that asked for a learned trigger, what the dashboard says of it: the models it is fitted
+    for and the rate it fires at (``fitted for m2, 10% of frames``), and whose labels it waits for."""
     out: dict[str, str] = {}
     for row in _latest_versions(s):
         if row.learned_rate is None:
             continue
-        model, named = fit_model(s, row)
-        if row.learned_for is not None and (model is None or model.version == row.learned_for):
-            out[row.campaign_id] = f"fitted for {row.learned_for}, {row.learned_rate:.0%} of frames"
-        elif model is None:
-            out[row.campaign_id] = "waits for an active model"
-        else:
-            out[row.campaign_id] = f"waits for {MIN_CASES} labeled cases from {named}"
+        models = fit_models(s, row)
+        have = fitted_leaves(row)
+        fitted = [m.version for m, _ in models if m.version in have]
+        waiting = [named for m, named in models if m.version not in have]
+        parts = [f"fitted for {', '.join(fitted)}, {row.learned_rate:.0%} of frames"] if fitted else []
+        if waiting:
+            parts.append(f"waits for {MIN_CASES} labeled cases from {' and from '.join(waiting)}")
+        out[row.campaign_id] = "; ".join(parts) or "waits for an active model"
     return out
 
 
@@ -440,11 +524,16 @@ def spec_without_leaf(row: Campaign) -> tuple[dict[str, Any] | None, str]:
 
 
 def spec_for_model(row: Campaign, model_version: str | None) -> dict[str, Any] | None:
-    """What a device running ``model_version`` is sent of this campaign version: the spec, or without its learned
-    leaf when the leaf was fitted for another model (a group's own model, a canary), since its weights read that
-    model's scores; None when nothing would be left (the campaign is not sent to that device)."""
+    """What a device running ``model_version`` is sent of this campaign version: the spec, with the learned leaf
+    fitted for that model (:func:`fitted_leaves`: the spec's own, or another model's in its place), or without a
+    learned leaf when none was fitted for it (a canary's candidate, a model without enough labels), since a leaf's
+    weights read its own model's scores; None when nothing would be left (the campaign is not sent to that
+    device)."""
     if row.learned_for is None or model_version is None or row.learned_for == model_version:
         return row.spec
+    leaf = (row.learned_leaves or {}).get(model_version)
+    if leaf is not None:
+        return {**row.spec, "rule": _with_leaf(row.spec["rule"], leaf)}
     return spec_without_leaf(row)[0]
 
 

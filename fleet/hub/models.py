@@ -359,6 +359,10 @@ class Campaign(SQLModel, table=True):
     auto_budgets: bool = Field(default=False, sa_column_kwargs={"server_default": sa.false()})  # fleet.hub.autobudget
     learned_for: str | None = _id(default=None)  # the model the spec's learned leaf was fitted for (fleet.hub.learned)
     learned_rate: float | None = None  # the learned leaf's target rate: refitted for each new active model
+    # the learned leaves fitted for the other models the campaign's devices run (model version -> leaf), each sent
+    # in place of the spec's own to the devices running that model (fleet.hub.learned.spec_for_model)
+    learned_leaves: dict[str, Any] = Field(default_factory=dict, sa_column=sa.Column(sa.JSON, nullable=False,
+                                                                                       server_default="{}"))
 
 
 class CampaignRefusalRow(SQLModel, table=True):

@@ -158,8 +158,8 @@ def assignment_for(s: Session, device: Device, *, now: float, triggers: frozense
 def campaigns_for(s: Session, group: str, *, now: float, model_version: str | None = None,
                   triggers: frozenset[str] | None = None) -> list[CampaignRef]:
     """The newest live version of each campaign aimed at ``group`` (or at every group), each with the novelty
-    bank of ``model_version``, the model the device is assigned (see :func:`bank_for`), without a learned leaf
-    fitted for another model (fleet.hub.learned.spec_for_model: a group's own model, a canary's candidate), and
+    bank of ``model_version``, the model the device is assigned (see :func:`bank_for`), with the learned leaf
+    fitted for that model or without one (fleet.hub.learned.spec_for_model: never another model's weights), and
     without leaves of trigger kinds the device's agent does not evaluate (``triggers``, when it said;
     fleet.hub.learned.spec_for_triggers). A campaign with nothing left is not sent."""
     rows = s.exec(select(Campaign).where(col(Campaign.deleted_at).is_(None))
@@ -174,7 +174,7 @@ def campaigns_for(s: Session, group: str, *, now: float, model_version: str | No
             continue
         if c.groups and group not in c.groups:
             continue
-        spec = spec_for_model(c, model_version)  # a learned leaf only for the model it was fitted for
+        spec = spec_for_model(c, model_version)  # the learned leaf of the model the device runs, or none
         spec = None if spec is None else spec_for_triggers(c, spec, triggers)
         if spec is None:
             continue

@@ -431,89 +431,145 @@ def _campaign_row(hub: HubHarness, campaign_id: str, version: int, learned_for: 
         return row
 
 
+class _Groups:
+    """A hub with models m2, m3 and m4 beside m1, device s1 in cam-south (and, ``north``, n1 in cam-north): group
+    rollouts, what a device is served of its one campaign, cases sent and labeled, the dashboard's campaigns page."""
+
+    def __init__(self, hub: HubHarness, campaign: str, *, north: bool = False) -> None:
+        self.hub, self.campaign = hub, campaign
+        hub.enroll("s1", group="cam-south")
+        if north:
+            hub.enroll("n1", group="cam-north")
+        for version, seed in (("m2", 1), ("m3", 2), ("m4", 3)):
+            hub.register_model(version, seed=seed)
+
+    def group_rollout(self, version: str) -> None:
+        r = self.hub.client.post("/v1/rollouts", json={"version": version, "stages": [1.0], "group": "cam-south"},
+                                 headers=self.hub.trainer)
+        assert r.status_code == 201, r.text
+        r = self.hub.client.post(f"/v1/rollouts/{r.json()['rollout_id']}/advance", headers=self.hub.trainer)
+        assert r.status_code == 200 and r.json()["state"] == "completed", r.text
+
+    def served(self, device: str = "s1") -> tuple[str | None, int, dict | None]:  # type: ignore[type-arg]
+        a = Assignment.from_json(self.hub.client.get("/v1/assignment", headers=self.hub.devices[device]).content)
+        (ref,) = a.campaigns
+        leaves = [x.params for x in parse_spec(ref.spec).leaves if x.trigger == "learned_error"]
+        return (a.active.version if a.active else None), ref.version, (leaves[0] if leaves else None)
+
+    def send_and_label(self, model: str, n: int, truth: Any, rng: np.random.Generator, device: str = "s1") -> None:
+        _, version, _ = self.served(device)
+        for _ in range(n):
+            top = float(rng.uniform(0.35, 0.98))
+            human = int(rng.integers(0, 3)) if rng.random() < 0.6 else None
+            case, image = self.hub.make_case(device, model_version=model,
+                                             probs=[top, (1 - top) * 0.6, (1 - top) * 0.4], campaign_id=self.campaign,
+                                             campaign_version=version, human=human,
+                                             triggers=[TriggerHit("unsure", 0.5, 0.1)])
+            assert self.hub.post_case(case, image).status_code == 201
+        _label_all(self.hub, truth)
+
+    def dashboard(self) -> str:
+        from tests.hub.test_dashboard import login, text_of
+
+        assert login(self.hub).status_code == 303
+        return text_of(self.hub.client.get("/ui/campaigns").text)
+
+
+def _unsure_wrong(c: dict) -> int:  # type: ignore[type-arg]  # the model is wrong where it is unsure
+    return 1 if c["prediction"]["probs"][0] < 0.6 else 0
+
+
+def _human_wrong(c: dict) -> int:  # type: ignore[type-arg]  # ... where the human disagrees
+    human = (c["human_action"] or {}).get("label")
+    return human if human not in (None, 0) else 0
+
+
 def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_versions(hub: HubHarness) -> None:
     """A campaign aimed at cam-south, which runs a model of its own (m2, then m4), is fitted on the cases that
     model captured and ships with the leaf to the group's devices; a new fleet model (m3) leaves it alone; the
     group's next model takes the leaf away until that model's own labels refit it, unasked; and when the group runs
     the fleet's model again, the fit for the group's model goes too."""
-    hub.enroll("s1", group="cam-south")
-    for version, seed in (("m2", 1), ("m3", 2), ("m4", 3)):
-        hub.register_model(version, seed=seed)
-
-    def group_rollout(version: str) -> None:
-        r = hub.client.post("/v1/rollouts", json={"version": version, "stages": [1.0], "group": "cam-south"},
-                            headers=hub.trainer)
-        assert r.status_code == 201, r.text
-        r = hub.client.post(f"/v1/rollouts/{r.json()['rollout_id']}/advance", headers=hub.trainer)
-        assert r.status_code == 200 and r.json()["state"] == "completed", r.text
-
-    def served() -> tuple[str | None, int, dict | None]:  # type: ignore[type-arg]
-        a = Assignment.from_json(hub.client.get("/v1/assignment", headers=hub.devices["s1"]).content)
-        (ref,) = a.campaigns
-        leaves = [x.params for x in parse_spec(ref.spec).leaves if x.trigger == "learned_error"]
-        return (a.active.version if a.active else None), ref.version, (leaves[0] if leaves else None)
-
-    def send_and_label(model: str, n: int, truth: Any, rng: np.random.Generator) -> None:
-        _, version, _ = served()
-        for _ in range(n):
-            top = float(rng.uniform(0.35, 0.98))
-            human = int(rng.integers(0, 3)) if rng.random() < 0.6 else None
-            case, image = hub.make_case("s1", model_version=model, probs=[top, (1 - top) * 0.6, (1 - top) * 0.4],
-                                        campaign_id="south", campaign_version=version, human=human,
-                                        triggers=[TriggerHit("unsure", 0.5, 0.1)])
-            assert hub.post_case(case, image).status_code == 201
-        _label_all(hub, truth)
-
-    def dashboard() -> str:
-        from tests.hub.test_dashboard import login, text_of
-
-        assert login(hub).status_code == 303
-        return text_of(hub.client.get("/ui/campaigns").text)
-
-    def unsure_wrong(c: dict) -> int:  # type: ignore[type-arg]
-        return 1 if c["prediction"]["probs"][0] < 0.6 else 0
-
-    def human_wrong(c: dict) -> int:  # type: ignore[type-arg]
-        human = (c["human_action"] or {}).get("label")
-        return human if human not in (None, 0) else 0
-
-    group_rollout("m2")
+    g = _Groups(hub, "south")
+    g.group_rollout("m2")
     spec = {"id": "south", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
     r = hub.client.post("/v1/campaigns", json={"spec": spec, "groups": ["cam-south"]}, headers=hub.admin)
     assert r.status_code == 201, r.text
     rng = np.random.default_rng(6)
-    send_and_label("m1", 40, unsure_wrong, rng)  # the fleet model's cases do not count for the group's fit
+    g.send_and_label("m1", 40, _unsure_wrong, rng)  # the fleet model's cases do not count for the group's fit
     r = hub.client.post("/v1/campaigns/south/learn", params={"target_rate": 0.1}, headers=hub.admin)
     assert r.status_code == 422 and (f"at least {MIN_CASES} labeled cases from model m2 (run by group cam-south) "
                                      f"with both right and wrong ones; it has 0") in r.text, r.text
-    send_and_label("m2", 60, unsure_wrong, rng)
+    g.send_and_label("m2", 60, _unsure_wrong, rng)
     r = hub.client.post("/v1/campaigns/south/learn", params={"target_rate": 0.1}, headers=hub.admin)
     assert r.status_code == 201, r.text
     fit = LearnedFit.from_json(r.content)
     assert (fit.model_version, fit.cases, fit.version) == ("m2", 60, 2)
-    model, version, leaf = served()
+    model, version, leaf = g.served()
     assert (model, version) == ("m2", 2) and leaf is not None and leaf["w_least_confidence"] > 1.0
-    assert "south 2 cam-south fitted for m2, 10% of frames" in dashboard()  # the operator sees which model
+    assert "south 2 cam-south fitted for m2, 10% of frames" in g.dashboard()  # the operator sees which model
 
     assert hub.client.post("/v1/models/m3/promote", headers=hub.admin,
                            json={"override": True, "reason": "m3"}).status_code == 200
-    assert served() == (model, version, leaf)  # the fleet's new model is not the group's: no new version
+    assert g.served() == (model, version, leaf)  # the fleet's new model is not the group's: no new version
 
-    group_rollout("m4")  # the group's next model: no labels of its own yet, so no leaf
-    model, version, leaf = served()
+    g.group_rollout("m4")  # the group's next model: no labels of its own yet, so no leaf
+    model, version, leaf = g.served()
     assert (model, version, leaf) == ("m4", 3, None)
     assert (f"south 3 cam-south waits for {MIN_CASES} labeled cases from model m4 (run by group cam-south)"
-            in dashboard())
-    send_and_label("m4", 80, human_wrong, rng)  # refitted on m4's cases as their labels came in
-    model, version, leaf = served()
+            in g.dashboard())
+    g.send_and_label("m4", 80, _human_wrong, rng)  # refitted on m4's cases as their labels came in
+    model, version, leaf = g.served()
     assert (model, version) == ("m4", 4) and leaf is not None
     assert leaf["w_human"] > 1.0 and leaf["w_human"] > abs(leaf["w_least_confidence"])
     _campaign_row(hub, "south", 4, learned_for="m4")
 
     assert hub.client.delete("/v1/groups/cam-south/model", headers=hub.admin).status_code == 200
-    model, version, leaf = served()  # the fleet's m3 again, and no case of m3's to fit on
+    model, version, leaf = g.served()  # the fleet's m3 again, and no case of m3's to fit on
     assert (model, version, leaf) == ("m3", 5, None)
-    assert f"south 5 cam-south waits for {MIN_CASES} labeled cases from the active model m3" in dashboard()
+    assert f"south 5 cam-south waits for {MIN_CASES} labeled cases from the active model m3" in g.dashboard()
+
+
+def test_a_fleet_campaign_is_fitted_for_every_model_its_devices_run_across_their_versions(hub: HubHarness) -> None:
+    """A campaign for the whole fleet while cam-south runs a model of its own: one fit for each model the devices
+    run (the fleet's m1, the group's m2), each device served the leaf of its own model in the same campaign version.
+    Across the models' versions: the group's next model (m4) takes only the group's leaf away until m4's labels
+    refit it, unasked, leaving m1's leaf as it was; the fleet's next model (m3) takes only m1's away."""
+    from fleet.hub.learned import fitted_leaves
+
+    g = _Groups(hub, "fleet", north=True)
+    g.group_rollout("m2")
+    spec = {"id": "fleet", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    rng = np.random.default_rng(8)
+    g.send_and_label("m1", 60, _unsure_wrong, rng, device="n1")  # m1 is wrong where it is unsure
+    g.send_and_label("m2", 60, _human_wrong, rng, device="s1")  # m2 where the human disagrees
+    r = hub.client.post("/v1/campaigns/fleet/learn", params={"target_rate": 0.1}, headers=hub.admin)
+    assert r.status_code == 201, r.text
+    fit = LearnedFit.from_json(r.content)
+    assert (fit.model_version, fit.cases, fit.version) == ("m1", 60, 2)  # the answer: the fleet model's fit
+    m1_model, version, m1_leaf = g.served("n1")
+    m2_model, version2, m2_leaf = g.served("s1")
+    assert (m1_model, m2_model, version, version2) == ("m1", "m2", 2, 2) and m1_leaf and m2_leaf
+    assert m1_leaf["w_least_confidence"] > 1.0 and m1_leaf["w_least_confidence"] > abs(m1_leaf["w_human"])
+    assert m2_leaf["w_human"] > 1.0 and m2_leaf["w_human"] > abs(m2_leaf["w_least_confidence"])
+    assert "fleet 2 every group fitted for m1, m2, 10% of frames" in g.dashboard()
+
+    g.group_rollout("m4")  # the group's next model, no labels yet: its devices lose the leaf, m1's stays
+    assert g.served("s1") == ("m4", 3, None) and g.served("n1") == ("m1", 3, m1_leaf)
+    assert ("fleet 3 every group fitted for m1, 10% of frames; waits for 30 labeled cases from model m4 (run by group "
+            "cam-south)") in g.dashboard()
+    g.send_and_label("m4", 80, _human_wrong, rng, device="s1")  # refitted for m4 as its labels came in
+    model, version, m4_leaf = g.served("s1")
+    assert (model, version) == ("m4", 4) and m4_leaf and m4_leaf["w_human"] > 1.0
+    assert g.served("n1") == ("m1", 4, m1_leaf)  # kept as fitted: m1's cases did not change
+
+    assert hub.client.post("/v1/models/m3/promote", headers=hub.admin,
+                           json={"override": True, "reason": "m3"}).status_code == 200
+    assert g.served("n1") == ("m3", 5, None) and g.served("s1") == ("m4", 5, m4_leaf)
+    row = _campaign_row(hub, "fleet", 5, learned_for="m4")  # the group's leaf is the spec's own now
+    assert set(fitted_leaves(row)) == {"m4"} and row.learned_leaves == {}
+    assert ("fleet 5 every group fitted for m4, 10% of frames; waits for 30 labeled cases from the active model m3"
+            in g.dashboard())
 
 
 def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_computes_it(

@@ -40,7 +40,7 @@ def test_upgrade_from_the_first_revision_keeps_data(empty_url: str, tmp_path: Pa
                 " VALUES ('old-case', 'old-dev', 1.0, 1.0, 'm0', 1, '[0.4, 0.6]', 0.8, 0.0, '{}', '[]', '{}',"
                 " :sha, 10, 'unlabeled')"), {"sha": "b" * 64})
         migrate(engine)
-        assert current_revision(engine) == "0016"
+        assert current_revision(engine) == "0017"
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT device_id FROM devices")).scalars().all() == ["old-dev"]
             assert conn.execute(sa.text("SELECT case_id FROM cases")).scalars().all() == ["old-case"]

@@ -130,9 +130,10 @@ def rebalance_campaign(campaign_id: str, _: AdminCaller, hub: HubDep) -> Respons
 @router.post("/v1/campaigns/{campaign_id}/learn", status_code=201, response_model=LearnedFit)
 def learn_trigger(campaign_id: str, _: AdminCaller, hub: HubDep,
                   target_rate: float = Query(0.05, gt=0, lt=1)) -> Response:
-    """Fit the campaign's learned trigger (:mod:`fleet.hub.learned`) on the labeled cases of the model its devices
-    run (its groups' own model when they all run one, else the fleet's active model) and publish it as a new
-    campaign version firing at ``target_rate``."""
+    """Fit the campaign's learned trigger (:mod:`fleet.hub.learned`) for each model its devices run (the fleet's
+    active model, and each targeted group's own), on that model's labeled cases, and publish the leaves as a new
+    campaign version firing at ``target_rate``; the answer describes the first fit (the fleet's active model's where
+    it was fitted), the dashboard every model's. 422 when no model's cases suffice, saying why for each."""
     from fleet.hub.learned import learn
 
     check_name(campaign_id, "campaign id")
