@@ -283,19 +283,22 @@ def _box_compare(other: str) -> Compute:
     return compute
 
 
-def _learned_box_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+def _box_error_features(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    """The rows' :func:`trigger.learned.box_error_features` at the leaf's floor, computed once per batch."""
     floor = _box_floor(i, p)
     x = _cached(i, f"learned-box:{floor}", lambda: _learned.box_error_features(
         _model_boxes(i), i.human_boxes, i.challenger_boxes, floor=floor))
-    return _logistic(_rows(x, rows), p, _learned.BOX_FEATURES)
+    return _rows(x, rows)
+
+
+def _learned_box_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    return _logistic(_box_error_features(i, rows, p), p, _learned.BOX_FEATURES)
 
 
 def _learned_box_error_count(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
-    floor = _box_floor(i, p)
-    x = _cached(i, f"learned-box:{floor}", lambda: _learned.box_error_features(
-        _model_boxes(i), i.human_boxes, i.challenger_boxes, floor=floor))
     weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.BOX_COUNT_FEATURES]
-    return _learned.expected_count(_learned.with_pairs(_rows(x, rows)), weights, float(p.get("bias", 0.0)))
+    return _learned.expected_count(_learned.with_pairs(_box_error_features(i, rows, p)), weights,
+                                   float(p.get("bias", 0.0)))
 
 
 def _previous(i: Inputs, p: Mapping[str, Any]) -> Boxes | None:

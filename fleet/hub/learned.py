@@ -285,13 +285,6 @@ def fit_models(s: Session, row: Campaign) -> list[tuple[ModelVersion, str]]:
     return out
 
 
-def fit_model(s: Session, row: Campaign) -> tuple[ModelVersion | None, str]:
-    """The first of :func:`fit_models` (the fleet's active model where the campaign's devices run it), or None and
-    "no active model"."""
-    models = fit_models(s, row)
-    return models[0] if models else (None, "no active model")
-
-
 def fitted_leaves(row: Campaign) -> dict[str, dict[str, Any]]:
     """Campaign version ``row``'s learned leaves by the model each was fitted for: the one in its spec (for
     ``learned_for``) first, then the others (``learned_leaves``); empty without a learned leaf."""
@@ -302,17 +295,17 @@ def fitted_leaves(row: Campaign) -> dict[str, dict[str, Any]]:
     return {**out, **{v: leaf for v, leaf in (row.learned_leaves or {}).items() if v != row.learned_for}}
 
 
-def learn(s: Session, campaign_id: str, *, now: float, target_rate: float, blobs: BlobStore | None = None,
-          model: ModelVersion | None = None) -> tuple[Campaign, LearnedFit]:
-    """Fit the campaign's learned trigger for each model its devices run (:func:`fit_models`; or ``model`` alone)
-    on that model's labeled cases, and store the new version with every leaf that could be fitted; the answer
+def learn(s: Session, campaign_id: str, *, now: float, target_rate: float,
+          blobs: BlobStore | None = None) -> tuple[Campaign, LearnedFit]:
+    """Fit the campaign's learned trigger for each model its devices run (:func:`fit_models`) on that model's
+    labeled cases, and store the new version with every leaf that could be fitted; the answer
     describes the first (the fleet's active model's where it was fitted). ProtocolError when none could be, saying
     why for each. ``blobs``: where each model's novelty bank is read from (without it, or without a bank, the leaf
     has no bank feature)."""
     if not 0.0 < target_rate < 1.0:
         raise ProtocolError(f"target_rate must be in (0, 1); received {target_rate}")
     row = latest_live(s, campaign_id)
-    models = [(model, f"model {model.version}")] if model is not None else fit_models(s, row)
+    models = fit_models(s, row)
     if not models:
         raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
     fits: dict[str, tuple[dict[str, Any], LearnedFit]] = {}
@@ -468,8 +461,13 @@ def _follow(s: Session, row: Campaign, *, now: float, blobs: BlobStore | None) -
     what = "; ".join([*([f"fitted for {', '.join(fitted)}"] if fitted else []),
                       *([f"the fit for {', '.join(dropped)} removed"] if dropped else [])])
     if leaves:
-        _publish(s, row, leaves, now=now, target_rate=float(row.learned_rate or 0.05))
-        return what
+        try:
+            _publish(s, row, leaves, now=now, target_rate=float(row.learned_rate or 0.05))
+            return what
+        except ProtocolError as exc:  # the leaves no longer fit the spec: go without them, as with none fitted
+            log.warning("campaign %s v%d: %s", row.campaign_id, row.version, exc)
+            if not have:  # it has none to take away
+                return None
     stripped, why = spec_without_leaf(row)
     if stripped is None:
         log.warning("campaign %s v%d %s; it keeps its fit for %s until a model its devices run has one",

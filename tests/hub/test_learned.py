@@ -229,6 +229,41 @@ def test_the_learned_trigger_follows_the_active_model_across_an_update_and_back(
     assert version == 5 and leaf is not None and leaf["w_least_confidence"] > 1.0
 
 
+def test_a_leaf_that_no_longer_fits_the_spec_neither_fails_labels_nor_ships(hub: HubHarness,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Injected fault: publishing the fitted leaves fails (they do not fit the campaign's spec). A label that
+    would have refitted a waiting campaign is still accepted and publishes nothing; a model change that keeps a
+    leaf publishes the campaign without it instead of failing the promotion."""
+    import fleet.hub.learned as learned
+    from fleet.errors import ProtocolError
+
+    spec = {"id": "mine", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    send(hub, np.random.default_rng(2), 80)
+    assert hub.client.post("/v1/campaigns/mine/learn", params={"target_rate": 0.1},
+                           headers=hub.admin).status_code == 422  # nothing labeled yet: the campaign waits
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise ProtocolError("the learned leaf does not fit campaign 'mine''s spec: injected")
+
+    monkeypatch.setattr(learned, "_publish", refuse)
+    assert _label_all(hub, lambda c: 1 if c["prediction"]["probs"][0] < 0.6 else 0) == 80  # every label accepted
+    version, leaf = _leaf(hub)
+    assert version == 1 and leaf is None  # no version published, none half-written
+    monkeypatch.undo()
+
+    assert hub.client.post("/v1/campaigns/mine/learn", params={"target_rate": 0.1},
+                           headers=hub.admin).status_code == 201  # m1's leaf: version 2
+    g = _Groups(hub, "mine")  # s1 in cam-south, which gets a model of its own, m2, and m2's labels fit its leaf
+    g.group_rollout("m2")
+    g.send_and_label("m2", 60, _human_wrong, np.random.default_rng(5))
+    model, version, leaf = g.served("s1")
+    assert (model, version) == ("m2", 3) and leaf is not None
+    monkeypatch.setattr(learned, "_publish", refuse)
+    g.group_rollout("m4")  # m2's leaf goes and m1's would stay, but publishing it fails: the campaign goes without
+    assert _leaf(hub) == (4, None) and g.served("s1") == ("m4", 4, None)
+
+
 def test_with_the_model_s_bank_the_learned_trigger_reads_the_nearest_training_labels(hub: HubHarness) -> None:
     """m1's own novelty bank (its training set's embeddings, with labels) adds the bank feature: frames that look
     like training frames of another class are the model's errors even where it is sure and no human spoke. The leaf
