@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 
 if TYPE_CHECKING:
-    from fleet.protocol import Message
+    from fleet.protocol import LearnedFit, Message
 
 M = TypeVar("M", bound="Message")
 
@@ -276,10 +276,17 @@ def campaigns_learn(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, 
                     ) -> None:
     """Fit the campaign's learned trigger (is the model wrong on this frame? for a detector: how many boxes does
     it get wrong?) for each model its devices run, on that model's labeled cases, and publish it as a new campaign
-    version; prints the first fit (the fleet's active model's where it was fitted)."""
+    version; prints each model's fit, the fleet's active model's first, and why any model was not fitted."""
     from fleet.protocol import LearnedFit
 
     fit = _call(hub, token, "POST", f"/v1/campaigns/{campaign_id}/learn?target_rate={target_rate}", LearnedFit)
+    for each in (fit, *fit.others):
+        typer.echo(_fit_line(each))
+    for model, why in fit.not_fitted.items():
+        typer.echo(f"not fitted for model {model}: {why}")
+
+
+def _fit_line(fit: LearnedFit) -> str:
     items = list(fit.weights.items())
     if len(items) > SHOWN_WEIGHTS:  # a detector's 36: the largest, and how small the rest are
         items.sort(key=lambda kv: -abs(kv[1]))
@@ -289,9 +296,9 @@ def campaigns_learn(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, 
         rest = ""
     weights = ", ".join(f"{k} {v:+.2f}" for k, v in items) + rest
     auc = "-" if fit.train_auc is None else f"{fit.train_auc:.3f}"
-    typer.echo(f"learned: {fit.campaign_id} v{fit.version} for model {fit.model_version} on {fit.cases} cases "
-               f"({fit.errors} wrong), training AUC {auc}; {fit.trigger}, bias {fit.bias:+.2f}, {weights}"
-               + (f"; {fit.bank_note}" if fit.bank_note else ""))
+    return (f"learned: {fit.campaign_id} v{fit.version} for model {fit.model_version} on {fit.cases} cases "
+            f"({fit.errors} wrong), training AUC {auc}; {fit.trigger}, bias {fit.bias:+.2f}, {weights}"
+            + (f"; {fit.bank_note}" if fit.bank_note else ""))
 
 
 @campaigns_app.command("yield")

@@ -299,9 +299,10 @@ def learn(s: Session, campaign_id: str, *, now: float, target_rate: float,
           blobs: BlobStore | None = None) -> tuple[Campaign, LearnedFit]:
     """Fit the campaign's learned trigger for each model its devices run (:func:`fit_models`) on that model's
     labeled cases, and store the new version with every leaf that could be fitted; the answer
-    describes the first (the fleet's active model's where it was fitted). ProtocolError when none could be, saying
-    why for each. ``blobs``: where each model's novelty bank is read from (without it, or without a bank, the leaf
-    has no bank feature)."""
+    describes the first (the fleet's active model's where it was fitted), the other fits in its ``others`` and the
+    models that could not be fitted, and why, in its ``not_fitted``. ProtocolError when none could be, saying why
+    for each. ``blobs``: where each model's novelty bank is read from (without it, or without a bank, the leaf has
+    no bank feature)."""
     if not 0.0 < target_rate < 1.0:
         raise ProtocolError(f"target_rate must be in (0, 1); received {target_rate}")
     row = latest_live(s, campaign_id)
@@ -309,18 +310,21 @@ def learn(s: Session, campaign_id: str, *, now: float, target_rate: float,
     if not models:
         raise ProtocolError("no active model: a learned trigger is fitted to the model the devices run")
     fits: dict[str, tuple[dict[str, Any], LearnedFit]] = {}
-    why: list[str] = []
+    why: dict[str, str] = {}
     for m, named in models:
         try:
             fits[m.version] = _fit_leaf(s, campaign_id, m, named, target_rate=target_rate, blobs=blobs)
         except ProtocolError as exc:
-            why.append(str(exc))
+            why[m.version] = str(exc)
     if not fits:
-        raise ProtocolError("; ".join(why))
+        raise ProtocolError("; ".join(why.values()))
     new = _publish(s, row, {v: leaf for v, (leaf, _) in fits.items()}, now=now, target_rate=target_rate)
-    fit = next(iter(fits.values()))[1]
-    fit.version = new.version
-    return new, fit
+    first, *others = (f for _, f in fits.values())
+    for f in (first, *others):
+        f.version = new.version
+    first.others, first.not_fitted = others, why
+    first.validate()
+    return new, first
 
 
 def _fit_leaf(s: Session, campaign_id: str, active: ModelVersion, named: str, *, target_rate: float,

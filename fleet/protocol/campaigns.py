@@ -41,6 +41,8 @@ from fleet.protocol.base import (
     opt,
 )
 
+MAX_FITS = 64  # models one learned-trigger answer describes (fits and models not fitted)
+
 
 @dataclass
 class CampaignCreate(Message):
@@ -242,7 +244,14 @@ class LearnedFit(Message):
     (trigger.learned.FEATURES), intercept, training AUC and the rate it fires at; the trigger kind shipped
     (``learned_error_knn`` with the model's own bank; ``learned_box_error_count`` for a detector, whose weights are
     over trigger.learned.BOX_COUNT_FEATURES; ``learned_box_error`` from hubs before it) and a sentence on the bank
-    feature: which bank it reads, or why there is none."""
+    feature: which bank it reads, or why there is none.
+
+    A campaign is fitted for every model its devices run; this message describes the first fit (the fleet's
+    active model's where it was fitted), ``others`` the fits for the other models in the same version (each
+    with empty ``others`` and ``not_fitted``), and ``not_fitted`` each model whose cases did not suffice and
+    why."""
+
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"others": ("LearnedFit", MAX_FITS)}
 
     campaign_id: str
     version: int
@@ -255,12 +264,29 @@ class LearnedFit(Message):
     train_auc: float | None = None
     trigger: str = "learned_error"
     bank_note: str | None = None
+    others: list[LearnedFit] = field(default_factory=list)
+    not_fitted: dict[str, str] = field(default_factory=dict)
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
         check_name(self.campaign_id, "campaign_id")
         check_one_of(self.trigger, ("learned_error", "learned_error_knn", "learned_box_error",
                                     "learned_box_error_count"), "trigger")
+        if not isinstance(self.not_fitted, dict) or len(self.not_fitted) > MAX_FITS:
+            raise ProtocolError(f"not_fitted must be an object of at most {MAX_FITS} model version -> reason; "
+                                f"received {self.not_fitted!r:.80}")
+        for model, why in self.not_fitted.items():
+            check_name(model, "not_fitted model version")
+            check_str(why, f"not_fitted[{model!r}]", max_len=2000)
+        models = [self.model_version]
+        for other in self.others:
+            if other.others or other.not_fitted or other.campaign_id != self.campaign_id:
+                raise ProtocolError(f"others must be fits of campaign {self.campaign_id!r} with no others or "
+                                    f"not_fitted of their own; received one for model {other.model_version!r}")
+            models.append(other.model_version)
+        if len(set(models) | set(self.not_fitted)) != len(models) + len(self.not_fitted):
+            raise ProtocolError(f"each model is fitted or not_fitted once; received fits for {models} and "
+                                f"not_fitted {sorted(self.not_fitted)}")
         opt(self.bank_note, check_str, "bank_note", max_len=2000)
         check_int(self.version, "version", lo=0, hi=DB_INT)
         check_name(self.model_version, "model_version")

@@ -564,11 +564,13 @@ def test_a_group_campaign_is_fitted_for_the_group_s_own_model_across_its_version
     assert f"south 5 cam-south waits for {MIN_CASES} labeled cases from the active model m3" in g.dashboard()
 
 
-def test_a_fleet_campaign_is_fitted_for_every_model_its_devices_run_across_their_versions(hub: HubHarness) -> None:
+def test_a_fleet_campaign_is_fitted_for_every_model_its_devices_run_across_their_versions(
+        hub: HubHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     """A campaign for the whole fleet while cam-south runs a model of its own: one fit for each model the devices
     run (the fleet's m1, the group's m2), each device served the leaf of its own model in the same campaign version.
     Across the models' versions: the group's next model (m4) takes only the group's leaf away until m4's labels
-    refit it, unasked, leaving m1's leaf as it was; the fleet's next model (m3) takes only m1's away."""
+    refit it, unasked, leaving m1's leaf as it was; the fleet's next model (m3) takes only m1's away. The
+    operator's command then says which model was fitted and why the other was not."""
     from fleet.hub.learned import fitted_leaves
 
     g = _Groups(hub, "fleet", north=True)
@@ -581,7 +583,10 @@ def test_a_fleet_campaign_is_fitted_for_every_model_its_devices_run_across_their
     r = hub.client.post("/v1/campaigns/fleet/learn", params={"target_rate": 0.1}, headers=hub.admin)
     assert r.status_code == 201, r.text
     fit = LearnedFit.from_json(r.content)
-    assert (fit.model_version, fit.cases, fit.version) == ("m1", 60, 2)  # the answer: the fleet model's fit
+    assert (fit.model_version, fit.cases, fit.version) == ("m1", 60, 2)  # the answer: the fleet model's fit,
+    (other,) = fit.others  # then the group model's, and no model left out
+    assert (other.model_version, other.cases, other.version, fit.not_fitted) == ("m2", 60, 2, {})
+    assert other.weights["human"] > 1.0 and fit.weights["least_confidence"] > 1.0
     m1_model, version, m1_leaf = g.served("n1")
     m2_model, version2, m2_leaf = g.served("s1")
     assert (m1_model, m2_model, version, version2) == ("m1", "m2", 2, 2) and m1_leaf and m2_leaf
@@ -605,6 +610,13 @@ def test_a_fleet_campaign_is_fitted_for_every_model_its_devices_run_across_their
     assert set(fitted_leaves(row)) == {"m4"} and row.learned_leaves == {}
     assert ("fleet 5 every group fitted for m4, 10% of frames; waits for 30 labeled cases from the active model m3"
             in g.dashboard())
+
+    run = _cli(hub, monkeypatch, ["learn", "fleet", "--target-rate", "0.1"])
+    assert run.exit_code == 0, run.output
+    fitted, not_fitted = run.output.splitlines()
+    assert fitted.startswith("learned: fleet v6 for model m4 on 80 cases")
+    assert not_fitted.startswith("not fitted for model m3: a learned trigger for campaign 'fleet' needs at least 30 "
+                                 "labeled cases from the active model m3")
 
 
 def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_computes_it(
@@ -680,22 +692,28 @@ def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_com
     assert on_device[1] > on_device[0] > 0.3 and on_device[2] < 0.05
 
     # the operator's command refits it (a new version) and prints the largest weights of the 36
-    import httpx
-    from typer.testing import CliRunner
-
     from fleet.hub import admin_cli
 
-    def request(method: str, url: str, **kw: Any) -> Any:  # the CLI's httpx call, into the in-process hub
-        kw.pop("timeout", None)
-        return hub.client.request(method, "/" + url.split("://", 1)[1].split("/", 1)[1], **kw)
-
-    monkeypatch.setattr(httpx, "request", request)
-    run = CliRunner().invoke(admin_cli.campaigns_app, ["learn", "boxes", "--target-rate", "0.1", "--hub",
-                                                       "http://hub.test", "--token",
-                                                       hub.settings.admin_token.get_secret_value()])
+    run = _cli(hub, monkeypatch, ["learn", "boxes", "--target-rate", "0.1"])
     assert run.exit_code == 0, run.output
     assert run.output.startswith("learned: boxes v3 for model det1 on 80 cases") and BOX_LEAF in run.output
     shown = run.output.split(f"{BOX_LEAF}, bias ", 1)[1]
     top = sorted(fit.weights, key=lambda f: -abs(fit.weights[f]))[:admin_cli.SHOWN_WEIGHTS]
     assert all(f"{f} {fit.weights[f]:+.2f}" in shown for f in top)
     assert f"and {len(BOX_COUNT_FEATURES) - admin_cli.SHOWN_WEIGHTS} more of |w| <= " in shown
+
+
+def _cli(hub: HubHarness, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> Any:
+    """``flywheel campaigns <args>`` as the admin, its HTTP calls answered by the in-process hub."""
+    import httpx
+    from typer.testing import CliRunner
+
+    from fleet.hub import admin_cli
+
+    def request(method: str, url: str, **kw: Any) -> Any:
+        kw.pop("timeout", None)
+        return hub.client.request(method, "/" + url.split("://", 1)[1].split("/", 1)[1], **kw)
+
+    monkeypatch.setattr(httpx, "request", request)
+    return CliRunner().invoke(admin_cli.campaigns_app, [*args, "--hub", "http://hub.test", "--token",
+                                                        hub.settings.admin_token.get_secret_value()])

@@ -133,7 +133,8 @@ def learn_trigger(campaign_id: str, _: AdminCaller, hub: HubDep,
     """Fit the campaign's learned trigger (:mod:`fleet.hub.learned`) for each model its devices run (the fleet's
     active model, and each targeted group's own), on that model's labeled cases, and publish the leaves as a new
     campaign version firing at ``target_rate``; the answer describes the first fit (the fleet's active model's where
-    it was fitted), the dashboard every model's. 422 when no model's cases suffice, saying why for each."""
+    it was fitted), the other models' fits in its ``others`` and why any model was not fitted in its
+    ``not_fitted``. 422 when no model's cases suffice, saying why for each."""
     from fleet.hub.learned import learn
 
     check_name(campaign_id, "campaign id")
