@@ -301,6 +301,14 @@ def _learned_box_error_count(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) 
                                    float(p.get("bias", 0.0)))
 
 
+def _learned_box_error_hist(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    floor = _box_floor(i, p)
+    bins = _rows(_cached(i, f"box-bins:{floor}", lambda: _learned.box_score_bins(_model_boxes(i), floor=floor)), rows)
+    x = np.hstack([_learned.with_pairs(_box_error_features(i, rows, p)), bins])
+    weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.BOX_HIST_FEATURES]
+    return _learned.expected_count(x, weights, float(p.get("bias", 0.0)))
+
+
 def _previous(i: Inputs, p: Mapping[str, Any]) -> Boxes | None:
     if i.previous is None or i.gap is None:
         return None
@@ -408,6 +416,14 @@ def _box_defs() -> list[TriggerDef]:
                    "(trigger.learned.BOX_COUNT_FEATURES; weights w_<feature> and bias set by the hub; floor: the "
                    "operating threshold they were fitted at).", "above", _learned_box_error_count,
                    params=(*_weights(_learned.BOX_COUNT_FEATURES, "Poisson"), _FLOOR), needs=("boxes",),
+                   uses=("human_boxes", "challenger_boxes"), bounds=lambda i, p: (0.0, math.inf), weight=0.6,
+                   task="detect"),
+        TriggerDef("learned_box_error_hist", "the expected number of boxes the detector misses or misplaces on the "
+                   "frame, by the hub's Poisson model over the box scores, their products two by two and how many "
+                   "boxes score in each bin around the operating threshold (trigger.learned.BOX_HIST_FEATURES; "
+                   "weights w_<feature> and bias set by the hub; floor: the operating threshold they were fitted "
+                   "at).", "above", _learned_box_error_hist,
+                   params=(*_weights(_learned.BOX_HIST_FEATURES, "Poisson"), _FLOOR), needs=("boxes",),
                    uses=("human_boxes", "challenger_boxes"), bounds=lambda i, p: (0.0, math.inf), weight=0.6,
                    task="detect"),
         TriggerDef("box_flicker", "1 - F1 against the previous frame of the stream: boxes that appear, vanish, "

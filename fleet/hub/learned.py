@@ -11,12 +11,14 @@ the ``learned_error`` leaf at the asked ``target_rate`` (the device calibrates t
 learned leaf is replaced. The answer reports the fit: cases, errors, weights and the training AUC.
 
 For a detector (the model's manifest has ``detector``) the cases are its labeled ``detect`` cases, and the leaf is
-a ``learned_box_error_count``: a Poisson regression (:func:`fit_poisson`, penalty :data:`POISSON_L2`) of how many
+a ``learned_box_error_hist``: a Poisson regression (:func:`fit_poisson`, penalty :data:`POISSON_L2`) of how many
 boxes the label contradicts on each case (the model's boxes at its operating threshold against the label's:
-missed, extra, class flips) on the box features of :func:`trigger.learned.box_error_features` and their products
-two by two, computed from the stored boxes the device uploaded. Its value is the expected number of box errors on
-a frame, so a budget goes to the frames with the most errors (see :mod:`trigger.learned` for the measurement). The
-training AUC is of its value against "the case has a box error".
+missed, extra, class flips) on the box features of :func:`trigger.learned.box_error_features`, their products
+two by two and the histogram of box scores around the operating threshold (:func:`trigger.learned.box_score_bins`),
+computed from the stored boxes the device uploaded (:func:`trigger.learned.box_hist_features`). Its value is the
+expected number of box errors on a frame, so a budget goes to the frames with the most errors (see
+:mod:`trigger.learned` for the measurement). The training AUC is of its value against "the case has a box error".
+Hubs before it shipped ``learned_box_error_count`` (without the histogram), which devices still run.
 
 With the model's own novelty bank (its training set's embeddings and labels, uploaded by the trainer with each
 model) the leaf is a ``learned_error_knn`` instead: one more feature, the share of each frame's
@@ -64,19 +66,18 @@ from fleet.hub.yields import DEFAULT_OPERATING, model_wrong
 from fleet.protocol import Detection, LearnedFit
 from trigger.learned import (
     BANK_FEATURES,
-    BOX_COUNT_FEATURES,
+    BOX_HIST_FEATURES,
     FEATURES,
-    box_error_features,
+    box_hist_features,
     error_features,
     neighbour_features,
-    with_pairs,
 )
 
 log = logging.getLogger(__name__)
 
 LEAF = "learned_error"  # the leaf's label, whichever kind it is
 KNN_LEAF = "learned_error_knn"
-BOX_LEAF = "learned_box_error_count"  # a detector's
+BOX_LEAF = "learned_box_error_hist"  # a detector's
 KNN_K = 10  # bank neighbours read by the bank feature
 MIN_CASES = 30
 L2 = 1.0
@@ -177,13 +178,13 @@ def operating_threshold(mv: ModelVersion) -> float | None:
 
 
 def detect_case_features(payloads: list[dict[str, Any]], *, floor: float) -> np.ndarray:
-    """The features of stored ``detect`` case payloads (:data:`trigger.learned.BOX_FEATURES`), as the device
+    """The features of stored ``detect`` case payloads (:data:`trigger.learned.BOX_HIST_FEATURES`), as the device
     computes them from the same boxes: the model's (every decoded box), the human's where known, the
     challenger's where it gave an output."""
     model = detect_boxes([p.get("prediction") for p in payloads])
     human = detect_boxes([p.get("human_action") for p in payloads])
     challenger = detect_boxes([(p.get("challenger") or {}).get("prediction") for p in payloads])
-    return box_error_features(model, human, challenger, floor=floor)
+    return box_hist_features(model, human, challenger, floor=floor)
 
 
 def box_error_counts(payloads: list[dict[str, Any]], labels: list[dict[str, Any] | None], *,
@@ -348,10 +349,10 @@ def _fit_leaf(s: Session, campaign_id: str, active: ModelVersion, named: str, *,
                             f"cases from {named} with both right and wrong ones; it has "
                             f"{len(rows)} {task} cases ({int(y.sum())} wrong)")
     x: np.ndarray | None = None
-    if floor is not None:  # a detector: how many boxes each case got wrong, from the box features and their products
-        kind, names = BOX_LEAF, BOX_COUNT_FEATURES
+    if floor is not None:  # a detector: how many boxes each case got wrong, from its boxes (trigger.learned)
+        kind, names = BOX_LEAF, BOX_HIST_FEATURES
         bank_note = f"a detector's fit reads no bank (boxes reported from its operating threshold {floor:.3g})"
-        x = with_pairs(detect_case_features(payloads, floor=floor))
+        x = detect_case_features(payloads, floor=floor)
         counts = np.maximum(box_error_counts(payloads, [lp for *_, lp in rows], floor=floor), y)
         w, b = fit_poisson(x, counts)
     else:

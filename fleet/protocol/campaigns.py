@@ -242,8 +242,9 @@ class LearnedFit(Message):
     """The learned trigger the hub fitted for a campaign (``POST /v1/campaigns/{id}/learn``): the new campaign
     version that carries it, the model version and labeled cases it was fitted on, its weights per feature
     (trigger.learned.FEATURES), intercept, training AUC and the rate it fires at; the trigger kind shipped
-    (``learned_error_knn`` with the model's own bank; ``learned_box_error_count`` for a detector, whose weights are
-    over trigger.learned.BOX_COUNT_FEATURES; ``learned_box_error`` from hubs before it) and a sentence on the bank
+    (``learned_error_knn`` with the model's own bank; ``learned_box_error_hist`` for a detector, whose weights are
+    over trigger.learned.BOX_HIST_FEATURES; ``learned_box_error_count`` and ``learned_box_error`` from hubs before
+    it) and a sentence on the bank
     feature: which bank it reads, or why there is none.
 
     A campaign is fitted for every model its devices run; this message describes the first fit (the fleet's
@@ -271,7 +272,7 @@ class LearnedFit(Message):
     def validate(self) -> None:
         check_name(self.campaign_id, "campaign_id")
         check_one_of(self.trigger, ("learned_error", "learned_error_knn", "learned_box_error",
-                                    "learned_box_error_count"), "trigger")
+                                    "learned_box_error_count", "learned_box_error_hist"), "trigger")
         if not isinstance(self.not_fitted, dict) or len(self.not_fitted) > MAX_FITS:
             raise ProtocolError(f"not_fitted must be an object of at most {MAX_FITS} model version -> reason; "
                                 f"received {self.not_fitted!r:.80}")

@@ -623,15 +623,15 @@ def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_com
         hub: HubHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     """For a detector the label says the model was wrong when its reported boxes differ from the labeled ones.
     Here the model misses the object it scored just under its operating threshold, and the human's boxes, where
-    known, are the truth: the fit learns both signals (near_floor and human), ships a ``learned_box_error_count``
-    leaf at the model's operating threshold, and the device's trigger gives the hub's expected count of box errors
-    from the same boxes."""
+    known, are the truth: the fit learns both signals (the faint box under the floor and the human), ships a
+    ``learned_box_error_hist`` leaf at the model's operating threshold, and the device's trigger gives the hub's
+    expected count of box errors from the same boxes."""
     from fleet.hub.learned import BOX_LEAF, detect_case_features
     from fleet.protocol import Box, Detection
     from tests.hub.test_detect_cases import box_label, frame_png, register_detector
     from tests.support.cases import make_detect_case
     from trigger.boxes import Boxes
-    from trigger.learned import BOX_COUNT_FEATURES, expected_count, with_pairs
+    from trigger.learned import BOX_HIST_FEATURES, expected_count
 
     register_detector(hub, "det1")
     assert hub.client.post("/v1/models/det1/promote", headers=hub.admin,
@@ -660,9 +660,9 @@ def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_com
     r = hub.client.post("/v1/campaigns/boxes/learn", params={"target_rate": 0.1}, headers=hub.admin)
     assert r.status_code == 201, r.text
     fit = LearnedFit.from_json(r.content)
-    assert BOX_LEAF == "learned_box_error_count"
+    assert BOX_LEAF == "learned_box_error_hist"
     assert (fit.trigger, fit.model_version, fit.cases, set(fit.weights)) == (BOX_LEAF, "det1", 80,
-                                                                             set(BOX_COUNT_FEATURES))
+                                                                             set(BOX_HIST_FEATURES))
     assert fit.train_auc is not None and fit.train_auc > 0.85
     assert fit.bank_note is not None and "operating threshold" in fit.bank_note
 
@@ -685,13 +685,13 @@ def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_com
                                            None, leaf.params)  # the leaf's floor, not the device's default
     stored = [make_detect_case(case_id=f"x-{j}", device_id="d1", model_version="det1", boxes=f, image=png,
                                human_action=h).to_dict() for j, (f, h) in enumerate(zip(frames, humans, strict=True))]
-    want = expected_count(with_pairs(detect_case_features(stored, floor=op)),
-                          [fit.weights[f] for f in BOX_COUNT_FEATURES], fit.bias)
+    want = expected_count(detect_case_features(stored, floor=op), [fit.weights[f] for f in BOX_HIST_FEATURES],
+                          fit.bias)
     np.testing.assert_allclose(on_device, want, rtol=1e-5)
     # a human who drew the missed box; a faint box alone; all agree (an expected count of errors, not a chance)
     assert on_device[1] > on_device[0] > 0.3 and on_device[2] < 0.05
 
-    # the operator's command refits it (a new version) and prints the largest weights of the 36
+    # the operator's command refits it (a new version) and prints the largest weights of the 44
     from fleet.hub import admin_cli
 
     run = _cli(hub, monkeypatch, ["learn", "boxes", "--target-rate", "0.1"])
@@ -700,7 +700,7 @@ def test_a_detector_s_learned_trigger_is_fitted_on_box_errors_and_the_device_com
     shown = run.output.split(f"{BOX_LEAF}, bias ", 1)[1]
     top = sorted(fit.weights, key=lambda f: -abs(fit.weights[f]))[:admin_cli.SHOWN_WEIGHTS]
     assert all(f"{f} {fit.weights[f]:+.2f}" in shown for f in top)
-    assert f"and {len(BOX_COUNT_FEATURES) - admin_cli.SHOWN_WEIGHTS} more of |w| <= " in shown
+    assert f"and {len(BOX_HIST_FEATURES) - admin_cli.SHOWN_WEIGHTS} more of |w| <= " in shown
 
 
 def _cli(hub: HubHarness, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> Any:

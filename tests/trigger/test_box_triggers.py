@@ -250,3 +250,51 @@ def test_the_learned_box_error_count_runs_in_a_spec_and_reads_products_of_featur
     assert d.keep.tolist() == [True, False, False]
     with pytest.raises(SpecError, match="w_human__human_knwon"):
         parse_spec(spec({"trigger": "learned_box_error_count", "above": 1.0, "w_human__human_knwon": 1.0}))
+
+
+def test_the_score_bins_count_reported_boxes_by_fifths_and_only_isolated_boxes_under_the_floor() -> None:
+    """trigger.learned.box_score_bins at floor 0.4: a reported box counts in the fifth of [0.4, 1] its score falls
+    in; a box under the floor counts (in its quarter of the floor) only when it overlaps no reported box at IoU 0.3
+    (a candidate missed object, not a duplicate of a found one); counts enter as 1 - 2**-c; a frame with no sound
+    output reads nothing; a floor outside [0, 1] is refused with what was received."""
+    from trigger.learned import SCORE_BINS, box_score_bins
+
+    a, near_a, b, c = [0.0, 0.0, 0.2, 0.2], [0.0, 0.0, 0.2, 0.21], [0.5, 0.5, 0.7, 0.7], [0.1, 0.1, 0.3, 0.3]
+    boxes = Boxes.from_frames([[a, near_a, b, c], [], [a, b, c], [a]],
+                              scores=[[0.9, 0.3, 0.35, 0.6], [], [0.12, 0.15, 0.55], [0.95]],
+                              labels=[[0, 0, 1, 0], [], [0, 1, 0], [0]], known=np.array([True, True, True, False]))
+    got = box_score_bins(boxes, floor=0.4)
+    assert got.shape == (4, len(SCORE_BINS)) and SCORE_BINS[2] == "under_75" and SCORE_BINS[4] == "over_20"
+    want = np.zeros((4, len(SCORE_BINS)))
+    # frame 0: 0.9 in [0.88, 1]; 0.3 a duplicate of it (left out); 0.35 isolated, in [0.3, 0.4); 0.6 in [0.52, 0.64)
+    want[0, [2, 4, 7]] = 0.5
+    # frame 2: 0.12 and 0.15 both in [0.1, 0.2): neither overlaps the one reported box (0.55, in [0.52, 0.64))
+    want[2, 0], want[2, 4] = 0.75, 0.5
+    np.testing.assert_allclose(got, want)  # frame 1 has no boxes, frame 3 no sound output
+    for bad in (1.5, -0.1, "0.4", None):
+        with pytest.raises(ValueError, match=r"floor must be a number in \[0, 1\]; received"):
+            box_score_bins(boxes, floor=bad)
+
+
+def test_the_learned_box_error_hist_runs_in_a_spec_and_reads_the_score_bins() -> None:
+    """``learned_box_error_hist`` (what the hub ships for a detector) through parse_spec and the Evaluator: the
+    expected number of box errors over the box features, their products and the score bins
+    (trigger.learned.box_hist_features), at the leaf's floor; a faint isolated box under the floor raises it."""
+    from trigger.learned import BOX_COUNT_FEATURES, BOX_HIST_FEATURES, SCORE_BINS, box_hist_features, expected_count
+
+    assert (*BOX_COUNT_FEATURES, *SCORE_BINS) == BOX_HIST_FEATURES
+    obj, faint = [0.2, 0.2, 0.5, 0.6], [0.6, 0.6, 0.9, 0.9]
+    model = Boxes.from_frames([[obj, faint], [obj], [obj, faint]], scores=[[0.9, 0.45], [0.9], [0.9, 0.2]],
+                              labels=[[1, 0], [1], [1, 0]])
+    weights = {"w_under_75": 3.0, "w_under_50": 1.0, "w_over_80": -0.5, "bias": -2.0}
+    ev = Evaluator(spec({"trigger": "learned_box_error_hist", "above": 0.3, "floor": 0.5, **weights}))
+    d = ev.evaluate(FrameBatch(boxes=model))
+    want = expected_count(box_hist_features(model, floor=0.5),
+                          [weights.get(f"w_{f}", 0.0) for f in BOX_HIST_FEATURES], weights["bias"])
+    got = d.scores["learned_box_error_hist"]
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    # 0.45 is in [0.375, 0.5) of floor 0.5 (under_75), 0.2 in [0.125, 0.25) (under_25, no weight); 0.9 in over_80
+    np.testing.assert_allclose(got, np.exp([-2.0 + 1.5 - 0.25, -2.0 - 0.25, -2.0 - 0.25]), rtol=1e-12)
+    assert d.keep.tolist() == [True, False, False]
+    with pytest.raises(SpecError, match="w_under_57"):
+        parse_spec(spec({"trigger": "learned_box_error_hist", "above": 1.0, "w_under_57": 1.0}))

@@ -97,8 +97,8 @@ def test_every_registered_trigger_parses_with_its_defaults() -> None:
          "box_entropy_sum, box_flicker, box_human_disagreement, box_instability, box_least_confidence_max, "
          "box_least_confidence_mean, box_least_confidence_sum, box_low_score_max, box_low_score_mean, "
          "box_low_score_sum, box_margin_max, box_margin_mean, box_margin_sum, challenger_disagreement, energy, "
-         "entropy, human_disagreement, learned_box_error, learned_box_error_count, learned_error, learned_error_knn, "
-         "least_confidence, margin, novelty, random, variation_ratio"),
+         "entropy, human_disagreement, learned_box_error, learned_box_error_count, learned_box_error_hist, "
+         "learned_error, learned_error_knn, least_confidence, margin, novelty, random, variation_ratio"),
         (with_change("rule.any_of.2.all_of.1.abvoe", 0.3), "unknown key 'abvoe' (did you mean 'above'?)"),
         (with_change("rule.any_of.0", {"trigger": "entropy"}),
          "rule.any_of[0]: trigger 'entropy' needs one of 'above', 'below' or 'target_rate'"),
