@@ -68,6 +68,15 @@ def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True,
             "capture": [round(t.error_capture, 3) for t in turns[1:]]}
 
 
+def with_rounded_curves(row: dict[str, object]) -> dict[str, object]:
+    """``row`` (one of :func:`run_seed`'s) with its two curves' (labels, accuracy) points rounded to 4 places, as the
+    JSON line the command prints carries them."""
+    out = dict(row)
+    for arm in ("flywheel", "random"):
+        out[arm] = [[int(n), round(float(a), 4)] for n, a in row[arm]]  # type: ignore[attr-defined]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         for rescore in variants:
             r = run_seed(seed, args, rescore=rescore)
             rows.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k not in ("flywheel", "random")}), flush=True)
+            print(json.dumps(with_rounded_curves(r)), flush=True)
     metric = "mAP" if args.task == "detect" else "acc"
     lines = [f"| seed | pool | random: labels -> final {metric} | flywheel final {metric} | flywheel labels to match | "
              "ratio | "
