@@ -288,7 +288,7 @@ def campaigns_learn(campaign_id: str = typer.Argument(...), hub: str = HUB_URL, 
 
 def _fit_line(fit: LearnedFit) -> str:
     items = list(fit.weights.items())
-    if len(items) > SHOWN_WEIGHTS:  # a detector's 36: the largest, and how small the rest are
+    if len(items) > SHOWN_WEIGHTS:  # a detector's 44: the largest, and how small the rest are
         items.sort(key=lambda kv: -abs(kv[1]))
         rest = f" and {len(items) - SHOWN_WEIGHTS} more of |w| <= {abs(items[SHOWN_WEIGHTS][1]):.2f}"
         items = items[:SHOWN_WEIGHTS]

@@ -177,25 +177,27 @@ def operating_threshold(mv: ModelVersion) -> float | None:
     return None if not detector else float(detector.get("operating_threshold", DEFAULT_OPERATING))
 
 
-def detect_case_features(payloads: list[dict[str, Any]], *, floor: float) -> np.ndarray:
+def detect_case_features(payloads: list[dict[str, Any]], *, floor: float, model: Any = None) -> np.ndarray:
     """The features of stored ``detect`` case payloads (:data:`trigger.learned.BOX_HIST_FEATURES`), as the device
-    computes them from the same boxes: the model's (every decoded box), the human's where known, the
-    challenger's where it gave an output."""
-    model = detect_boxes([p.get("prediction") for p in payloads])
+    computes them from the same boxes: the model's (every decoded box; ``model``, their
+    :func:`detect_boxes` where the caller has it already), the human's where known, the challenger's where it gave
+    an output."""
+    model = detect_boxes([p.get("prediction") for p in payloads]) if model is None else model
     human = detect_boxes([p.get("human_action") for p in payloads])
     challenger = detect_boxes([(p.get("challenger") or {}).get("prediction") for p in payloads])
     return box_hist_features(model, human, challenger, floor=floor)
 
 
 def box_error_counts(payloads: list[dict[str, Any]], labels: list[dict[str, Any] | None], *,
-                     floor: float) -> np.ndarray:
+                     floor: float, model: Any = None) -> np.ndarray:
     """Per stored ``detect`` case, how many of its boxes the label contradicts: the model's boxes scoring at least
     ``floor`` against the label's (missed + extra + class flips, at IoU 0.5, one to one). A detector's fit counts a
     wrong case once per box error, so that the trigger ranks frames by how many errors they hold, as a fleet's
-    upload budget is best spent (``benchmarks/bench_error_capture_detect.py`` measures capture so)."""
+    upload budget is best spent (``benchmarks/bench_error_capture_detect.py`` measures capture so). ``model``: the
+    payloads' :func:`detect_boxes`, where the caller has them already."""
     from trigger.box_scores import box_disagreement
 
-    model = detect_boxes([p.get("prediction") for p in payloads])
+    model = detect_boxes([p.get("prediction") for p in payloads]) if model is None else model
     truth = detect_boxes([lp if lp is not None else {"task": "detect", "boxes": []} for lp in labels])
     c = box_disagreement(model, truth, iou=0.5, floor=floor)
     out: np.ndarray = (c.missed + c.extra + c.flips).astype(np.float64)
@@ -352,8 +354,9 @@ def _fit_leaf(s: Session, campaign_id: str, active: ModelVersion, named: str, *,
     if floor is not None:  # a detector: how many boxes each case got wrong, from its boxes (trigger.learned)
         kind, names = BOX_LEAF, BOX_HIST_FEATURES
         bank_note = f"a detector's fit reads no bank (boxes reported from its operating threshold {floor:.3g})"
-        x = detect_case_features(payloads, floor=floor)
-        counts = np.maximum(box_error_counts(payloads, [lp for *_, lp in rows], floor=floor), y)
+        model = detect_boxes([p.get("prediction") for p in payloads])  # parsed once, read twice
+        x = detect_case_features(payloads, floor=floor, model=model)
+        counts = np.maximum(box_error_counts(payloads, [lp for *_, lp in rows], floor=floor, model=model), y)
         w, b = fit_poisson(x, counts)
     else:
         bank, bank_name, bank_note = model_bank(s, blobs, active.version)
