@@ -244,8 +244,7 @@ class LearnedFit(Message):
     (trigger.learned.FEATURES), intercept, training AUC and the rate it fires at; the trigger kind shipped
     (``learned_error_knn`` with the model's own bank; ``learned_box_error_hist`` for a detector, whose weights are
     over trigger.learned.BOX_HIST_FEATURES; ``learned_box_error_count`` and ``learned_box_error`` from hubs before
-    it) and a sentence on the bank
-    feature: which bank it reads, or why there is none.
+    it) and a sentence on the bank feature: which bank it reads, or why there is none.
 
     A campaign is fitted for every model its devices run; this message describes the first fit (the fleet's
     active model's where it was fitted), ``others`` the fits for the other models in the same version (each
