@@ -52,7 +52,7 @@ def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True,
                                 model=str(chosen["model"]), base_epochs=int(chosen["base_epochs"]),  # type: ignore
                                 turn_epochs=int(chosen["turn_epochs"]),  # type: ignore[call-overload]
                                 turn_lr=float(chosen["turn_lr"]),  # type: ignore[arg-type]
-                                strategy=strategy or str(chosen["strategy"]))
+                                strategy=strategy or str(chosen["strategy"]), replay_ratio=args.replay_ratio)
         t0 = time.monotonic()
         turns, _ = run_demo(settings, progress=lambda msg: None)
         seconds = time.monotonic() - t0
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append", type=Path, default=None, help="Append the figures to this RESULTS.md.")
     p.add_argument("--compare-rescore", action="store_true", help="Run every seed with and without re-scoring.")
     p.add_argument("--target", type=float, default=0.6, help="The ratio to meet (issue 18 asks 0.4).")
+    p.add_argument("--replay-ratio", type=float, default=None, help="Each retrain's --replay-ratio (both arms; "
+                   "default: the demo's for the task).")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     variants = [True, False] if args.compare_rescore else [True]

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--frames-per-device", type=int, default=300)
     p.add_argument("--dataset", default=None)
+    p.add_argument("--replay-ratio", type=float, default=None, help="Each retrain's --replay-ratio (both arms; "
+                   "default: the demo's).")
     p.add_argument("--append", type=Path, default=None, help="Append the figures to this RESULTS.md.")
     args = p.parse_args(argv)
     args.task = "classify"

@@ -38,7 +38,9 @@ def train_command(
         None, "--base",
         help="Base training set replayed beside the new data: npz:PATH | folder:PATH | coco:PATH (detect).",
     ),
-    replay_ratio: float = typer.Option(0.5, "--replay-ratio", help="Share of each epoch drawn from --base (0..1)."),
+    replay_ratio: float = typer.Option(
+        0.5, "--replay-ratio", help="Share of each epoch drawn from --base (0..1; 1: all of --base every epoch, beside "
+        "all the new data)."),
     snapshot: str | None = typer.Option(
         None, "--snapshot",
         help="Use this existing hub snapshot id instead of creating one.",

@@ -50,6 +50,10 @@ def demo(
         None, "--strategy", help="The hub's selection strategy (default uncertainty+diversity; detect: uncertainty)."),
     rescore: bool = typer.Option(True, "--rescore/--no-rescore", help="Re-score the pool with each new active "
                                  "model before the hub selects (--no-rescore: the scores of capture, for comparison)."),
+    replay_ratio: float | None = typer.Option(
+        None, "--replay-ratio", min=0.0, max=1.0, help="The seed set's share of each turn's retraining epochs, both "
+        "arms (`flywheel train --replay-ratio`; default 1: the whole seed set every epoch beside every label so far; "
+        "detect: 0.5)."),
     gate_tolerance: float | None = typer.Option(
         None, "--gate-tolerance", min=0.0, max=1.0, help="How far a turn's candidate may fall below the model the "
         "fleet runs (test accuracy, or mAP) and still ship (default 0.01)."),
@@ -84,7 +88,7 @@ def demo(
     strategy = strategy or str(chosen["strategy"])
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
                             frames_per_device=frames, labeler=labeler, strategy=strategy, rescore=rescore,
-                            allow_short=allow_short, gate_tolerance=gate_tolerance,
+                            allow_short=allow_short, gate_tolerance=gate_tolerance, replay_ratio=replay_ratio,
                             install_studio=install_studio, annotate=annotate, seed_size=seed_size,
                             test_size=test_size, model=model, width=width, base_epochs=base_epochs,
                             turn_epochs=epochs, task=task, turn_lr=float(chosen["turn_lr"]))  # type: ignore[arg-type]

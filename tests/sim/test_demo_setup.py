@@ -82,6 +82,43 @@ def test_the_seed_set_scales_with_the_classes_and_options_are_checked(tmp_path: 
             DemoSettings(workspace=tmp_path, **bad).validate()  # type: ignore[arg-type]
 
 
+def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A classifier's turns retrain on the whole seed set beside every label so far (``--replay-ratio 1``), a
+    detector's on half and half; ``--replay-ratio`` sets it for both arms, the seed set's own model replays
+    nothing, and a ratio outside [0, 1] is refused with what was received."""
+    import fleet.sim.trainer as trainer_mod
+
+    assert DemoSettings(workspace=tmp_path).replay() == 1.0
+    assert DemoSettings(workspace=tmp_path, task="detect").replay() == 0.5
+    assert DemoSettings(workspace=tmp_path, task="detect", replay_ratio=0.25).replay() == 0.25
+    for bad in (1.5, -0.1):
+        with pytest.raises(ValueError, match=f"--replay-ratio must be in \\[0, 1\\].*received {bad}"):
+            DemoSettings(workspace=tmp_path, replay_ratio=bad).validate()
+
+    commands: list[list[str]] = []
+
+    class Ran(Exception):
+        pass
+
+    def run_logged(cmd: list[str], *args: Any, **kw: Any) -> None:
+        commands.append(list(cmd))
+        raise Ran
+
+    monkeypatch.setattr(trainer_mod, "run_logged", run_logged)
+    seed = tmp_path / "seed.npz"
+    for task, data, want in (("classify", "npz:new.npz", "1.0"), ("detect", "npz:new.npz", "0.5"),
+                             ("classify", f"npz:{seed}", None)):
+        t = trainer_mod.Trainer(DemoSettings(workspace=tmp_path, task=task), tmp_path, tmp_path / "key",
+                                None, "token", seed, ["a", "b"])  # type: ignore[arg-type]
+        with pytest.raises(Ran):
+            t.train("fw-1", data=data, epochs=1, publish=False, stages="", warm=None)
+        cmd = commands[-1]
+        if want is None:
+            assert "--replay-ratio" not in cmd and "--base" not in cmd
+        else:
+            assert cmd[cmd.index("--base") + 1] == f"npz:{seed}" and cmd[cmd.index("--replay-ratio") + 1] == want
+
+
 def test_the_test_sample_keeps_every_class_in_proportion() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(40), np.r_[np.full(20, 50), np.full(20, 10)])  # 1200 test images, two class sizes

@@ -120,6 +120,8 @@ def test_replay_sampler_mixes_at_the_ratio_and_is_deterministic() -> None:
     seen = set(np.concatenate([s.indices(e) for e in range(10)]).tolist())
     assert len(seen) > 900  # over epochs the base is replayed broadly
     assert EpochSampler(labels, n_new=100, replay_ratio=0.0).epoch_size == 100
+    whole = EpochSampler(labels, n_new=100, replay_ratio=1.0, seed=2)  # 1: the whole base beside the new, each epoch
+    assert whole.epoch_size == 1100 and sorted(whole.indices(3).tolist()) == list(range(1100))
     with pytest.raises(InvalidInput, match=r"\[0, 1\]; received 1.5"):
         EpochSampler(labels, n_new=100, replay_ratio=1.5)
 
