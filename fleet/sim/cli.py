@@ -163,6 +163,8 @@ def _check_resume(ctx: typer.Context, asked: object) -> None:
     for p in given:
         attr = attrs.get(str(p.name), str(p.name))
         new, old = getattr(asked, attr), getattr(saved, attr)
+        if attr == "replay_ratio":  # unset is the task's default: compare what each retrain gets
+            new, old = asked.replay(), saved.replay()  # type: ignore[attr-defined]
         if new != old:
             changed.append(f"{p.opts[0]} {new} (it started with {old})")
     if changed:

@@ -119,6 +119,25 @@ def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, m
             assert cmd[cmd.index("--base") + 1] == f"npz:{seed}" and cmd[cmd.index("--replay-ratio") + 1] == want
 
 
+def test_a_resume_compares_the_replay_ratio_each_retrain_gets(tmp_path: Path) -> None:
+    """``flywheel demo --resume --replay-ratio R``: R is the ratio the demo started with when it left the option
+    unset and R is the task's default (1 for a classifier), so the resume goes on; another R is refused, naming
+    what it started with."""
+    from types import SimpleNamespace
+
+    from fleet.sim.cli import _check_resume
+    from fleet.sim.resume import DemoState, settings_to_dict
+
+    DemoState(settings=settings_to_dict(DemoSettings(workspace=tmp_path)), hub={}, base_version="base-s0", arms={},
+              rng={}).save(tmp_path)
+    option = SimpleNamespace(name="replay_ratio", opts=["--replay-ratio"])
+    ctx = SimpleNamespace(command=SimpleNamespace(params=[option]),
+                          get_parameter_source=lambda name: SimpleNamespace(name="COMMANDLINE"))
+    _check_resume(ctx, DemoSettings(workspace=tmp_path, replay_ratio=1.0))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"would change --replay-ratio 0.5 \(it started with 1.0\)"):
+        _check_resume(ctx, DemoSettings(workspace=tmp_path, replay_ratio=0.5))  # type: ignore[arg-type]
+
+
 def test_the_test_sample_keeps_every_class_in_proportion() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(40), np.r_[np.full(20, 50), np.full(20, 10)])  # 1200 test images, two class sizes
