@@ -295,18 +295,21 @@ def _learned_box_error(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64
     return _logistic(_box_error_features(i, rows, p), p, _learned.BOX_FEATURES)
 
 
+def _poisson(x: F64, p: Mapping[str, Any], features: tuple[str, ...]) -> F64:
+    weights = [float(p.get(f"w_{f}", 0.0)) for f in features]
+    return _learned.expected_count(x, weights, float(p.get("bias", 0.0)))
+
+
 def _learned_box_error_count(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
-    weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.BOX_COUNT_FEATURES]
-    return _learned.expected_count(_learned.with_pairs(_box_error_features(i, rows, p)), weights,
-                                   float(p.get("bias", 0.0)))
+    return _poisson(_learned.with_pairs(_box_error_features(i, rows, p)), p, _learned.BOX_COUNT_FEATURES)
 
 
 def _learned_box_error_hist(i: Inputs, rows: I64 | None, p: Mapping[str, Any]) -> F64:
+    """The box features with their products (shared with the other box leaves' cache), then the score bins."""
     floor = _box_floor(i, p)
     bins = _rows(_cached(i, f"box-bins:{floor}", lambda: _learned.box_score_bins(_model_boxes(i), floor=floor)), rows)
-    x = np.hstack([_learned.with_pairs(_box_error_features(i, rows, p)), bins])
-    weights = [float(p.get(f"w_{f}", 0.0)) for f in _learned.BOX_HIST_FEATURES]
-    return _learned.expected_count(x, weights, float(p.get("bias", 0.0)))
+    return _poisson(np.hstack([_learned.with_pairs(_box_error_features(i, rows, p)), bins]), p,
+                    _learned.BOX_HIST_FEATURES)
 
 
 def _previous(i: Inputs, p: Mapping[str, Any]) -> Boxes | None:
