@@ -23,6 +23,13 @@ or a rollback to that model brings it in at once, without a download on the infe
 whose hub has no bank yet for the assigned model waits (retried at each assignment, logged once). So a
 device never scores novelty against another model's bank: between an OTA and the bank of the new model,
 the campaign is paused.
+
+A learned leaf (a ``learned_*`` trigger: the hub's weights over one model's scores, fleet.hub.learned) belongs to
+one model in the same way. The hub sends each campaign with the leaf fitted for the model the same assignment
+makes active (fleet.hub.learned.spec_for_model), so a campaign with such a leaf is live only while that model
+runs: between taking the assignment and the OTA swap (a download, a canary check), or after the device falls back
+to another model on its own, it is parked, and the old model's outputs are never scored with the new model's
+weights. The assignment's model is recorded with its campaigns, so this holds across a restart.
 """
 
 from __future__ import annotations
@@ -45,7 +52,8 @@ from fleet.protocol.campaigns import MAX_REASON
 
 log = logging.getLogger(__name__)
 
-ASSIGNED_FILE = "assigned.json"
+ASSIGNED_FILE = "assigned.json"  # {"model_version": the assignment's active model, "campaigns": [its refs]}
+LEARNED_PREFIX = "learned_"  # trigger kinds whose parameters are the hub's fit to one model's scores
 MAX_PENDING_REFUSALS = 64  # refusals kept for the hub while it cannot be told (the newest)
 BANK_RETRY_S = 60.0  # a bank that arrived not hashing to its sha256 is fetched again after this, then twice as long
 BANK_RETRY_MAX_S = 3600.0  # ... up to this between tries
@@ -61,6 +69,7 @@ class Campaign:
     calibrations: dict[str, Any] = field(default_factory=dict)  # other models' calibration, by version
     bank_version: str | None = None  # the model whose embeddings the novelty bank holds (None: no bank, or unknown)
     bank_key: tuple[str | None, str | None] = (None, None)  # (bank id, sha256) it was built with
+    leaf_version: str | None = None  # the model its learned leaf was fitted for (None: it has no learned leaf)
     spec_digest: str = ""  # of the spec it was built from (the hub may send one version in two forms)
 
     @property
@@ -122,11 +131,25 @@ class Campaigns:
                 c.use_model(version)
 
     def fits(self, c: Campaign) -> bool:
-        """Whether ``c`` may run on the current model: it has no bank, or a bank of this model's space."""
-        return c.bank_version is None or self.model_version is None or c.bank_version == self.model_version
+        """Whether ``c`` may run on the current model: its novelty bank (if any) holds this model's space and its
+        learned leaf (if any) was fitted to this model's scores."""
+        return self.waits_for(c) is None
 
-    def apply(self, refs: Sequence[CampaignRef]) -> tuple[Campaign, ...]:
-        """Make the live set match the assignment's campaigns that fit the model (or the default spec if none do)."""
+    def waits_for(self, c: Campaign) -> str | None:
+        """None when ``c`` may run on the current model, else why not (the model its bank or leaf belongs to)."""
+        if self.model_version is None:
+            return None
+        if c.bank_version is not None and c.bank_version != self.model_version:
+            return f"its novelty bank holds model {c.bank_version}'s embeddings"
+        if c.leaf_version is not None and c.leaf_version != self.model_version:
+            return f"its learned leaf was fitted for model {c.leaf_version}"
+        return None
+
+    def apply(self, refs: Sequence[CampaignRef], model_version: str | None = None) -> tuple[Campaign, ...]:
+        """Make the live set match the assignment's campaigns that fit the model (or the default spec if none do).
+        ``model_version``: the active model of the same assignment, which the campaigns' learned leaves were
+        fitted for (None: not known, an assignment recorded before it was kept; the leaves then run whatever
+        model runs)."""
         now = self.clock()
         built = {_key(c.campaign_id, c.version, c.bank_key, c.spec_digest): c for c in self._assigned}
         out: list[Campaign] = []
@@ -136,6 +159,7 @@ class Campaigns:
             digest = spec_digest(ref.spec)
             key = _key(ref.campaign_id, ref.version, (ref.novelty_bank, ref.novelty_bank_sha256), digest)
             if key in built:
+                built[key].leaf_version = _leaf_version(built[key], model_version)
                 out.append(built[key])
                 continue
             if (ref.campaign_id, ref.version, digest) in self._refused:
@@ -144,13 +168,15 @@ class Campaigns:
                 self._refused.discard((ref.campaign_id, ref.version, digest))  # its bank is fetched again
             campaign = self._build(ref, digest)
             if campaign is not None:
+                campaign.leaf_version = _leaf_version(campaign, model_version)
+                why = self.waits_for(campaign)
                 log.info("campaign %s v%d is %s", ref.campaign_id, ref.version,
-                         "live" if self.fits(campaign) else f"ready for model {campaign.bank_version}")
+                         "live" if why is None else f"parked: {why}, the device runs {self.model_version}")
                 out.append(campaign)
         with self.lock:  # what leaves the live set saves its state there; a parked campaign never ran
             self._assigned = tuple(out)
             self._go_live()
-        self._remember(refs)
+        self._remember(refs, model_version)
         return self.current
 
     def flush_refusals(self, device_id: str) -> None:
@@ -191,15 +217,14 @@ class Campaigns:
         Campaigns that leave save their state first; those that come in (a parked one: the same campaign with
         the bank of the model now running) take it back, so budgets and dedup memory carry over."""
         live = [c for c in self._assigned if self.fits(c)]
-        paused = [c for c in self._assigned if not self.fits(c)]
+        paused = {id(c): why for c in self._assigned if (why := self.waits_for(c)) is not None}
         if not live and self._default is not None:  # nothing assigned runs (none, or all paused): the local spec
             live = [self._default]
         leaving = [c for c in self.current if all(c is not o for o in live)]
         for c in leaving:
             self._save(c)
-            if any(c is p for p in paused):
-                log.info("campaign %s paused: its novelty bank holds model %s's embeddings, the device runs %s",
-                         c.key, c.bank_version, self.model_version)
+            if id(c) in paused:
+                log.info("campaign %s paused: %s, the device runs %s", c.key, paused[id(c)], self.model_version)
         for c in live:
             if all(c is not o for o in self.current):
                 self._restore(c)
@@ -277,9 +302,9 @@ class Campaigns:
             tmp.replace(path)
         return NoveltyBank.load(path)
 
-    def _remember(self, refs: Sequence[CampaignRef]) -> None:
-        """Keep the assignment's campaigns on disk, so the next start mines at once, even offline."""
-        doc = [r.to_dict() for r in refs]
+    def _remember(self, refs: Sequence[CampaignRef], model_version: str | None) -> None:
+        """Keep the assignment's campaigns and its model on disk, so the next start mines at once, even offline."""
+        doc = {"model_version": model_version, "campaigns": [r.to_dict() for r in refs]}
         path = self.state_dir / ASSIGNED_FILE
         try:
             if not path.exists() or json.loads(path.read_text()) != doc:
@@ -292,11 +317,19 @@ class Campaigns:
         if not path.exists():
             return
         try:
-            refs = [CampaignRef.from_dict(d) for d in json.loads(path.read_text())]
+            doc = json.loads(path.read_text())
+            if isinstance(doc, list):  # recorded before the assignment's model was kept with its campaigns
+                doc = {"model_version": None, "campaigns": doc}
+            if not isinstance(doc, dict) or not isinstance(doc.get("campaigns"), list):
+                raise ValueError(f"expected an object with a list of campaigns; received {type(doc).__name__}")
+            model_version = doc.get("model_version")
+            if model_version is not None and not isinstance(model_version, str):
+                raise ValueError(f"model_version must be a string or null; received {model_version!r}")
+            refs = [CampaignRef.from_dict(d) for d in doc["campaigns"]]
         except (OSError, ValueError, TypeError, FlywheelError) as exc:
             log.warning("recorded campaigns in %s are unusable (%s); waiting for the hub", path, exc)
             return
-        self.apply(refs)
+        self.apply(refs, model_version)
         if refs:
             log.info("resumed %d campaign(s) from the last assignment", len(self.current))
 
@@ -326,6 +359,13 @@ class Campaigns:
             atomic_write_json(self._state_path(c), state)
         except (OSError, TypeError, ValueError) as exc:
             log.warning("campaign %s: could not save trigger state: %s", c.key, exc)
+
+
+def _leaf_version(c: Campaign, model_version: str | None) -> str | None:
+    """The model ``c``'s learned leaf was fitted for: the assignment's model when its spec has such a leaf."""
+    if model_version is None or not any(x.trigger.startswith(LEARNED_PREFIX) for x in c.evaluator.spec.leaves):
+        return None
+    return model_version
 
 
 def _key(campaign_id: str, version: int | None, bank: tuple[str | None, str | None], digest: str

@@ -82,7 +82,8 @@ class ControlLoop:
             return False
         try:
             # campaigns first: once the first model is in, the frames it sees already have a spec
-            self.campaigns.apply(assignment.campaigns)
+            self.campaigns.apply(assignment.campaigns,
+                                 assignment.active.version if assignment.active is not None else None)
             self.ota.apply(assignment)
         finally:
             self.ota.flush_reports()

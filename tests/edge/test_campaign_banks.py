@@ -1,5 +1,6 @@
-"""A device never scores novelty against another model's bank: the real hub (in-process, SQLite and PostgreSQL)
-assigns each campaign the bank of the device's model, and the device follows it across an OTA and a rollback."""
+"""A device never scores novelty against another model's bank, nor its frames with a learned leaf fitted for
+another model: the real hub (in-process, SQLite and PostgreSQL) assigns each campaign the bank and the leaf of the
+device's model, and the device follows them across an OTA, a fallback, a restart and a rollback."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class Device:
 
     def poll(self) -> Assignment:
         a = self.client.get_assignment()
-        self.campaigns.apply(a.campaigns)
+        self.campaigns.apply(a.campaigns, a.active.version if a.active is not None else None)
         return a
 
     def follow(self) -> Assignment:
@@ -242,3 +243,84 @@ def test_the_learned_trigger_with_the_bank_feature_runs_on_the_device(hub: HubHa
     assert set(got) == set(range(24))  # every frame fires the plain entropy leaf, so every value is seen
     # the frames that look like class 1 but are called 0 are the likely errors
     assert min(got[i] for i in range(12, 24)) > 0.5 > max(got[i] for i in range(12))
+
+
+def _learned_leaf(device: Device) -> dict[str, Any] | None:
+    """The parameters of the learned leaf the live campaign runs (None: the campaign runs without one)."""
+    (live,) = device.campaigns.current
+    leaves = [x.params for x in live.evaluator.spec.leaves if x.trigger == "learned_error"]
+    return leaves[0] if leaves else None
+
+
+def test_a_learned_leaf_runs_only_on_the_model_it_was_fitted_for(hub: HubHarness, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The hub sends a campaign with the leaf fitted for the model the same assignment makes active. Between
+    taking that assignment and the OTA swap, after a fallback to the old model, and after a restart in that
+    state, the campaign is parked: the old model's outputs are never scored with the new model's weights. A
+    rollback brings back the first model's own leaf, again only once that model runs."""
+    from fleet.protocol import TriggerHit
+
+    spec = {"id": "learn", "version": 1, "rule": {"trigger": "entropy", "above": 0.1, "label": "unsure"}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    device = Device(hub, tmp_path)
+    rng = np.random.default_rng(3)
+
+    def send_and_label(version: str, campaign_version: int, wrong: Any) -> None:
+        truth = {}
+        for _ in range(40):
+            top = float(rng.uniform(0.35, 0.98))
+            human = int(rng.integers(0, 3)) if rng.random() < 0.5 else None
+            case, image = hub.make_case("dev", model_version=version, probs=[top, (1 - top) * 0.6, (1 - top) * 0.4],
+                                        campaign_id="learn", campaign_version=campaign_version, human=human,
+                                        triggers=[TriggerHit("unsure", 0.5, 0.1)])
+            assert hub.post_case(case, image).status_code == 201
+            truth[case.case_id] = 1 if wrong(top, human) else 0
+        for c in hub.client.post("/v1/selections", json={"budget": 100, "strategy": "random"},
+                                 headers=hub.labeler).json()["cases"]:
+            assert hub.label(c["case"]["case_id"], truth[c["case"]["case_id"]]).status_code in (200, 201)
+
+    send_and_label("v1", 1, lambda top, human: top < 0.6)  # v1 is wrong where it is unsure
+    assert hub.client.post("/v1/campaigns/learn/learn", params={"target_rate": 0.2},
+                           headers=hub.admin).status_code == 201
+    frames = direction(0, 24, seed=5)
+    device.follow()
+    v1_leaf = _learned_leaf(device)
+    assert v1_leaf is not None and v1_leaf["w_least_confidence"] > 1.0
+    assert device.run(frames).captures
+
+    # v2 active, no labels of its own yet: the campaign comes without a leaf and runs on either model
+    hub.register_model("v2", seed=2, promote=True)
+    a = device.poll()  # the control thread took the assignment; the swap has not happened yet
+    assert a.active is not None and a.active.version == "v2" and _learned_leaf(device) is None
+    assert device.run(frames).captures  # v1 still runs, the leafless campaign with it
+
+    # v2's labels come in and the hub refits for v2: while v1 still runs, the campaign with v2's leaf is parked
+    send_and_label("v2", a.campaigns[0].version, lambda top, human: human not in (None, 0))
+    with caplog.at_level(logging.INFO, logger="fleet.edge.campaigns"):
+        a = device.poll()
+        assert device.run(frames).captures == [] and device.campaigns.current == ()
+    assert "its learned leaf was fitted for model v2, the device runs v1" in caplog.text
+    # ... and after a restart in that state, from the recorded assignment, before any hub call
+    restarted = Campaigns(None, tmp_path / "agent")
+    restarted.use_model("v1")
+    assert restarted.current == ()
+    restarted.use_model("v2")
+    (ref,) = restarted.current
+    assert (ref.campaign_id, ref.version, ref.leaf_version) == ("learn", a.campaigns[0].version, "v2")
+
+    device.follow()  # the swap: v2 runs its own leaf
+    assert device.run(frames).captures
+    v2_leaf = _learned_leaf(device)
+    assert v2_leaf is not None and v2_leaf != v1_leaf and v2_leaf["w_human"] > 1.0
+    device.running = "v1"  # the device falls back to v1 on its own (a failed health check): parked at once
+    assert device.run(frames).captures == [] and device.campaigns.current == ()
+    device.running = "v2"
+    assert device.run(frames).captures and _learned_leaf(device) == v2_leaf
+
+    # the fleet rolls back to v1: the hub refits v1's leaf from v1's cases, which waits until v1 runs again
+    r = hub.client.post("/v1/models/rollback", json={"reason": "test"}, headers=hub.admin)
+    assert r.status_code == 200 and r.json()["active"] == "v1", r.text
+    device.poll()
+    assert device.run(frames).captures == [] and device.campaigns.current == ()
+    device.follow()
+    assert device.run(frames).captures and _learned_leaf(device) == v1_leaf

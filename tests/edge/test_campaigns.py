@@ -141,6 +141,21 @@ def test_assigned_campaigns_resume_at_start_even_offline(tmp_path: Path, hub: In
     assert Campaigns(client(hub), tmp_path).current == ()
 
 
+def test_the_recorded_assignment_keeps_its_model_and_reads_the_older_list(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """assigned.json holds the assignment's model beside its campaigns (a learned leaf runs only on that model);
+    a file from before, a bare list of campaigns, still resumes them; a model that is no name is refused whole."""
+    Campaigns(None, tmp_path).apply([ref(CALIBRATED)], "m7")
+    doc = json.loads((tmp_path / "assigned.json").read_text())
+    assert doc["model_version"] == "m7" and [c["campaign_id"] for c in doc["campaigns"]] == ["cal"]
+    (tmp_path / "assigned.json").write_text(json.dumps(doc["campaigns"]))
+    assert [c.key for c in Campaigns(None, tmp_path).current] == ["cal-v1"]
+    (tmp_path / "assigned.json").write_text(json.dumps({"model_version": 7, "campaigns": doc["campaigns"]}))
+    with caplog.at_level(logging.WARNING):
+        assert Campaigns(None, tmp_path).current == ()
+    assert "model_version must be a string or null; received 7" in caplog.text
+
+
 def scaled_window(n: int, seed: int, *, version: str, scale: float) -> list[Inferred]:
     """A window from model ``version`` whose logits have spread ``scale`` (small: unsure, high entropy)."""
     from fleet.edge.ota import LoadedModels

@@ -108,7 +108,7 @@ def _leaf_held(agent: AgentDir, campaign: str) -> tuple[int, dict[str, Any] | No
     """The version of ``campaign`` the agent recorded from its last assignment, and its learned leaf (or None)."""
     from trigger import parse_spec
 
-    assigned = json.loads((agent.data / "campaigns" / "assigned.json").read_text())
+    assigned = json.loads((agent.data / "campaigns" / "assigned.json").read_text())["campaigns"]
     (ref,) = [r for r in assigned if r["campaign_id"] == campaign]
     leaves = [x.params for x in parse_spec(ref["spec"]).leaves if x.trigger == "learned_error"]
     return int(ref["version"]), (leaves[0] if leaves else None)
