@@ -89,7 +89,7 @@ def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, m
     import fleet.sim.trainer as trainer_mod
 
     assert DemoSettings(workspace=tmp_path).replay() == 1.0
-    assert DemoSettings(workspace=tmp_path, task="detect").replay() == 0.5
+    assert DemoSettings(workspace=tmp_path, task="detect").replay() == 1.0
     assert DemoSettings(workspace=tmp_path, task="detect", replay_ratio=0.25).replay() == 0.25
     for bad in (1.5, -0.1):
         with pytest.raises(ValueError, match=f"--replay-ratio must be in \\[0, 1\\].*received {bad}"):
@@ -106,10 +106,10 @@ def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, m
 
     monkeypatch.setattr(trainer_mod, "run_logged", run_logged)
     seed = tmp_path / "seed.npz"
-    for task, data, want in (("classify", "npz:new.npz", "1.0"), ("detect", "npz:new.npz", "0.5"),
-                             ("classify", f"npz:{seed}", None)):
-        t = trainer_mod.Trainer(DemoSettings(workspace=tmp_path, task=task), tmp_path, tmp_path / "key",
-                                None, "token", seed, ["a", "b"])  # type: ignore[arg-type]
+    for task, data, want, ratio in (("classify", "npz:new.npz", "1.0", None), ("detect", "npz:new.npz", "1.0", None),
+                                    ("detect", "npz:new.npz", "0.5", 0.5), ("classify", f"npz:{seed}", None, None)):
+        t = trainer_mod.Trainer(DemoSettings(workspace=tmp_path, task=task, replay_ratio=ratio), tmp_path,
+                                tmp_path / "key", None, "token", seed, ["a", "b"])  # type: ignore[arg-type]
         with pytest.raises(Ran):
             t.train("fw-1", data=data, epochs=1, publish=False, stages="", warm=None)
         cmd = commands[-1]
