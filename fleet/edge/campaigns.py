@@ -215,7 +215,8 @@ class Campaigns:
         """Set ``current`` to the assigned campaigns that fit the model (else the default spec); hold ``lock``.
 
         Campaigns that leave save their state first; those that come in (a parked one: the same campaign with
-        the bank of the model now running) take it back, so budgets and dedup memory carry over."""
+        the bank or the learned leaf of the model now running) take it back, so budgets and dedup memory carry
+        over."""
         live = [c for c in self._assigned if self.fits(c)]
         paused = {id(c): why for c in self._assigned if (why := self.waits_for(c)) is not None}
         if not live and self._default is not None:  # nothing assigned runs (none, or all paused): the local spec
