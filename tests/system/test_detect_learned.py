@@ -18,6 +18,7 @@ from fleet.hub.admin_cli import campaigns_app, models_app
 from fleet.hub.learned import BOX_LEAF
 from fleet.protocol import Box, Detection, TriggerHit
 from tests.support.cases import make_detect_case
+from tests.support.data import png_bytes
 from tests.support.hub import RunningHub, start_hub
 from tests.support.video import write_clip
 
@@ -33,22 +34,12 @@ FAINT = Box(0.6, 0.6, 0.9, 0.9, 1, 0.45)  # under the detector's operating thres
 OTHER = Box(0.5, 0.1, 0.8, 0.4, 2)  # an object only the human drew
 
 
-def _frame_png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.fromarray(scene(0)).save(out, format="PNG")
-    return out.getvalue()
-
-
 def _labeled(hub: RunningHub, model: str, campaign_version: int, faint_misses: bool, rng: np.random.Generator) -> None:
     """40 cases of ``model`` for the campaign, from a device of their own, each labeled with its true boxes.
     ``faint_misses``: the model's faint box under the threshold is an object it missed, the human never known;
     else the model finds everything it reports, and is wrong exactly where the human drew an object it did not."""
     labeler = bearer(hub.token("labeler"))
-    png = _frame_png()
+    png = png_bytes(scene(0))
     with httpx.Client(base_url=hub.url, timeout=30) as c:
         r = c.post("/v1/enroll", json={"device_id": f"seed-{model}", "fleet_secret": hub.fleet_secret})
         device = bearer(r.json()["token"])
