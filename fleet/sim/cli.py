@@ -45,15 +45,15 @@ def demo(
     base_epochs: int | None = typer.Option(
         None, "--base-epochs", min=1, help="Epochs for the base model (default 30; detect: 12)."),
     epochs: int | None = typer.Option(
-        None, "--epochs", min=1, help="Epochs for each turn's retrain, both arms (default 20; detect: 15)."),
+        None, "--epochs", min=1, help="Epochs for each turn's retrain, both arms (default 20; detect: 4)."),
     strategy: str | None = typer.Option(
         None, "--strategy", help="The hub's selection strategy (default uncertainty+diversity; detect: uncertainty)."),
     rescore: bool = typer.Option(True, "--rescore/--no-rescore", help="Re-score the pool with each new active "
                                  "model before the hub selects (--no-rescore: the scores of capture, for comparison)."),
     replay_ratio: float | None = typer.Option(
         None, "--replay-ratio", min=0.0, max=1.0, help="The seed set's share of each turn's retraining epochs, both "
-        "arms (`flywheel train --replay-ratio`; default 1: the whole seed set every epoch beside every label so far; "
-        "detect: 0.5)."),
+        "arms (`flywheel train --replay-ratio`; default 1, both tasks: the whole seed set every epoch beside every "
+        "label so far)."),
     gate_tolerance: float | None = typer.Option(
         None, "--gate-tolerance", min=0.0, max=1.0, help="How far a turn's candidate may fall below the model the "
         "fleet runs (test accuracy, or mAP) and still ship (default 0.01)."),

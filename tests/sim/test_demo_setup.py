@@ -153,3 +153,20 @@ def test_the_test_sample_keeps_every_class_in_proportion() -> None:
     assert sample_test(data, 5000) is data
     with pytest.raises(ValueError, match="positive number of images; received 0"):
         sample_test(data, 0)
+
+
+def test_the_demo_s_help_names_each_task_s_defaults() -> None:
+    """`flywheel demo --help` states what each option defaults to per task; it must follow TASK_DEFAULTS (it once
+    still said a detector's retrain ran 15 epochs at half and half after both had changed)."""
+    import inspect
+
+    from fleet.sim.cli import demo
+
+    params = inspect.signature(demo).parameters
+    classify, detect = settings.TASK_DEFAULTS["classify"], settings.TASK_DEFAULTS["detect"]
+    for option, key in (("model", "model"), ("base_epochs", "base_epochs"), ("epochs", "turn_epochs"),
+                        ("strategy", "strategy")):
+        text = params[option].default.help
+        assert f"default {classify[key]}; detect: {detect[key]})" in text, (option, text)
+    assert classify["replay_ratio"] == detect["replay_ratio"] == 1.0
+    assert "default 1, both tasks" in params["replay_ratio"].default.help
