@@ -41,6 +41,9 @@ def train_command(
     replay_ratio: float = typer.Option(
         0.5, "--replay-ratio", help="Share of each epoch drawn from --base (0..1; 1: all of --base every epoch, beside "
         "all the new data)."),
+    new_repeats: int = typer.Option(
+        1, "--new-repeats", help="Each new image this many times an epoch, beside the base that --replay-ratio "
+        "replays (needs --base): weighs a turn's few edge cases against a large base without dropping any of it."),
     snapshot: str | None = typer.Option(
         None, "--snapshot",
         help="Use this existing hub snapshot id instead of creating one.",
@@ -175,7 +178,8 @@ def train_command(
     try:
         default_tol, named_tol = parse_slice_tolerances(slice_tolerance)
         args = TrainArgs(
-            data=data, out=out, task=task, base=base, replay_ratio=replay_ratio, snapshot=snapshot, holdout=holdout,
+            data=data, out=out, task=task, base=base, replay_ratio=replay_ratio, new_repeats=new_repeats,
+            snapshot=snapshot, holdout=holdout,
             class_names=[c.strip() for c in class_names.split(",")] if class_names else None,
             image_size=parse_image_size(image_size), channels=channels, balance=balance, augment=augment,
             model=model, width=width, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer,

@@ -32,6 +32,7 @@ class TrainArgs:
     task: str = "classify"
     base: str | None = None
     replay_ratio: float = 0.5
+    new_repeats: int = 1  # each new image this many times an epoch beside the replayed base (needs base)
     snapshot: str | None = None
     holdout: float = 0.2
     class_names: list[str] | None = None
@@ -89,6 +90,11 @@ class TrainArgs:
         self.batch_size = batch_size if self.batch_size is None else self.batch_size
         self.balance = self.balance or balance
         _in_range("--replay-ratio", self.replay_ratio, 0.0, 1.0)
+        if isinstance(self.new_repeats, bool) or not isinstance(self.new_repeats, int) or self.new_repeats < 1:
+            raise InvalidInput(f"--new-repeats must be an integer >= 1; received {self.new_repeats!r}")
+        if self.new_repeats > 1 and not self.base:
+            raise InvalidInput(f"--new-repeats {self.new_repeats} weighs the new data against a replayed base; give "
+                               "--base (without one, raise --epochs instead)")
         _in_range("--holdout", self.holdout, 0.0, 0.9)
         _in_range("--tolerance", self.tolerance, 0.0, 1.0)
         _in_range("--slice-tolerance", self.slice_tolerance, 0.0, 1.0)

@@ -519,33 +519,43 @@ def held_out(keys: Sequence[str], fraction: float) -> np.ndarray | None:
 class EpochSampler:
     """The training indices for each epoch over ``pool = concat(new, base)``: replay mixing and balancing.
 
-    Every new image is seen once per epoch, plus ``round(n_new * ratio / (1 - ratio))`` base images
-    (a fresh draw each epoch, so over the run the whole base is replayed); ``ratio`` is the share of
-    base images in an epoch. With ``balance="sampler"`` the epoch is instead drawn with replacement,
+    Every new image is seen ``new_repeats`` times per epoch (1 unless a base is replayed beside it), plus
+    ``round(n_new * new_repeats * ratio / (1 - ratio))`` base images (a fresh draw each epoch, so over the run
+    the whole base is replayed); ``ratio`` is the share of base images in an epoch. Repeating the new images
+    weighs the few edge cases of a turn against a base many times their size without dropping any of the base
+    (which a lower ratio would). With ``balance="sampler"`` the epoch is instead drawn with replacement,
     each class equally likely. Indices depend only on (seed, epoch), so a resumed run sees the same
     batches as an uninterrupted one.
     """
 
     def __init__(
-        self, labels: np.ndarray, *, n_new: int, replay_ratio: float, balance: str = "none", seed: int = 0
+        self, labels: np.ndarray, *, n_new: int, replay_ratio: float, balance: str = "none", seed: int = 0,
+        new_repeats: int = 1,
     ) -> None:
         if not 0.0 <= replay_ratio <= 1.0:
             raise InvalidInput(f"--replay-ratio must be in [0, 1]; received {replay_ratio}")
+        if isinstance(new_repeats, bool) or not isinstance(new_repeats, int) or new_repeats < 1:
+            raise InvalidInput(f"--new-repeats must be an integer >= 1; received {new_repeats!r}")
         self.labels = labels
         self.n_new = n_new
         self.n_base = len(labels) - n_new
+        if new_repeats > 1 and self.n_base == 0:
+            raise InvalidInput(f"--new-repeats {new_repeats} weighs the new data against a replayed base, and this run "
+                               "has none: give --base (without one, raise --epochs instead)")
+        self.new_repeats = new_repeats
         self.balance = balance
         self.seed = seed
+        new_slots = n_new * new_repeats
         if self.n_new == 0 or self.n_base == 0 or replay_ratio >= 1.0:
             self.base_per_epoch = self.n_base
         else:
-            self.base_per_epoch = min(self.n_base, int(round(n_new * replay_ratio / (1.0 - replay_ratio))))
-        self.epoch_size = self.n_new + self.base_per_epoch
+            self.base_per_epoch = min(self.n_base, int(round(new_slots * replay_ratio / (1.0 - replay_ratio))))
+        self.epoch_size = new_slots + self.base_per_epoch
 
     def indices(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         base = self.n_new + rng.permutation(self.n_base)[: self.base_per_epoch]
-        pool = np.concatenate([np.arange(self.n_new), base])
+        pool = np.concatenate([np.tile(np.arange(self.n_new), self.new_repeats), base])
         if self.balance == "sampler":
             y = self.labels[pool]
             counts = np.bincount(y)
@@ -555,7 +565,7 @@ class EpochSampler:
 
     def expected_class_counts(self, num_classes: int) -> np.ndarray:
         """How many images of each class one epoch holds on average (for loss weights)."""
-        new = np.bincount(self.labels[: self.n_new], minlength=num_classes).astype(np.float64)
+        new = np.bincount(self.labels[: self.n_new], minlength=num_classes).astype(np.float64) * self.new_repeats
         base = np.bincount(self.labels[self.n_new:], minlength=num_classes).astype(np.float64)
         if self.n_base:
             base *= self.base_per_epoch / self.n_base

@@ -124,7 +124,7 @@ def prepare_data(
     n_new = len(new) if base_train is not None else len(pool)
     all_labels = np.concatenate([pool.labels] + [s.labels for s in eval_sets.values()])
     names = _complete_names(names, int(all_labels.max()) + 1)
-    sampler = EpochSampler(pool.labels, n_new=n_new, replay_ratio=args.replay_ratio,
+    sampler = EpochSampler(pool.labels, n_new=n_new, replay_ratio=args.replay_ratio, new_repeats=args.new_repeats,
                            balance="sampler" if args.balance == "sampler" else "none", seed=args.seed)
     info = {
         "shape": list(shape),
@@ -132,7 +132,7 @@ def prepare_data(
         "new": {"source": str(src), "n": n_new, "per_class": _counts(pool.labels[:n_new], len(names))},
         "base": None if base_train is None else {
             "source": args.base, "n": len(base_train), "per_epoch": sampler.base_per_epoch,
-            "replay_ratio": args.replay_ratio,
+            "replay_ratio": args.replay_ratio, "new_repeats": args.new_repeats,
         },
         "epoch_size": sampler.epoch_size,
         "eval": {k: len(v) for k, v in eval_sets.items()},

@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "flywheel"
 # The arguments that describe a model (never the token, the signing key or the hub URL).
-PARAMS = ("task", "data", "base", "replay_ratio", "snapshot", "holdout", "model", "width", "epochs", "batch_size",
-          "lr", "optimizer", "weight_decay", "label_smoothing", "seed", "balance", "augment", "warm_start",
-          "init_weights", "version", "parent", "int8", "tolerance", "slice_tolerance", "min_accuracy")
+PARAMS = ("task", "data", "base", "replay_ratio", "new_repeats", "snapshot", "holdout", "model", "width", "epochs",
+          "batch_size", "lr", "optimizer", "weight_decay", "label_smoothing", "seed", "balance", "augment",
+          "warm_start", "init_weights", "version", "parent", "int8", "tolerance", "slice_tolerance", "min_accuracy")
 REPORT_ARTIFACT = "report.json"
 _BAD_NAME_CHARS = re.compile(r"[^/\w.\- ]")  # what MLflow accepts in a metric name on every platform
 _BATCH = 500  # metrics per request (MLflow takes at most 1000)

@@ -51,8 +51,8 @@ from training.tracking import NullTracker, Tracker, open_tracker, track_turn
 
 log = logging.getLogger(__name__)
 
-RESUME_KEYS = ("data", "base", "replay_ratio", "model", "width", "epochs", "batch_size", "lr", "optimizer",
-               "weight_decay", "label_smoothing", "seed", "balance", "augment", "holdout")
+RESUME_KEYS = ("data", "base", "replay_ratio", "new_repeats", "model", "width", "epochs", "batch_size", "lr",
+               "optimizer", "weight_decay", "label_smoothing", "seed", "balance", "augment", "holdout")
 CALIBRATION_IMAGES = 128
 
 

@@ -126,6 +126,25 @@ def test_replay_sampler_mixes_at_the_ratio_and_is_deterministic() -> None:
         EpochSampler(labels, n_new=100, replay_ratio=1.5)
 
 
+def test_new_repeats_weigh_the_new_images_against_the_whole_base() -> None:
+    labels = np.concatenate([np.zeros(100), np.ones(1000)]).astype(np.int64)  # 100 new, 1000 base
+    s = EpochSampler(labels, n_new=100, replay_ratio=1.0, seed=1, new_repeats=3)
+    idx = s.indices(0)
+    assert s.epoch_size == len(idx) == 1300
+    assert np.array_equal(np.bincount(idx[idx < 100], minlength=100), np.full(100, 3))  # each new image 3 times
+    assert sorted(idx[idx >= 100].tolist()) == list(range(100, 1100))  # ... beside the whole base, once
+    assert np.array_equal(idx, s.indices(0)) and not np.array_equal(idx, s.indices(1))
+    assert np.array_equal(s.expected_class_counts(2), [300, 1000])
+    mixed = EpochSampler(labels, n_new=100, replay_ratio=0.75, new_repeats=2)  # the ratio holds over the repeats
+    assert mixed.base_per_epoch == 600 and mixed.epoch_size == 800
+    assert EpochSampler(labels, n_new=100, replay_ratio=1.0).epoch_size == 1100  # 1: as before
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(InvalidInput, match=rf"--new-repeats must be an integer >= 1; received {bad!r}"):
+            EpochSampler(labels, n_new=100, replay_ratio=1.0, new_repeats=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="this run has none: give --base"):
+        EpochSampler(labels, n_new=len(labels), replay_ratio=0.5, new_repeats=2)
+
+
 def test_balanced_sampler_evens_out_classes() -> None:
     labels = np.array([0] * 900 + [1] * 100, np.int64)
     s = EpochSampler(labels, n_new=1000, replay_ratio=0.0, balance="sampler", seed=0)

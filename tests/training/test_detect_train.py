@@ -88,6 +88,10 @@ def test_new_boxes_are_trained_beside_a_replayed_base(make_det_args: MakeArgs, s
     assert 0 <= report["training"]["history"][0]["test_map_50"] <= 1
     assert report["metrics"]["regression"]["boxes"] > 0
     assert {"source=data", "source=base"} <= set(report["metrics"]["test"]["per_slice"])
+    twice = main(make_det_args(out=tmp_path / "twice", data=f"npz:{new}", base=f"npz:{scenes_npz}", replay_ratio=1.0,
+                               new_repeats=2, epochs=1))  # each new scene twice an epoch, beside the whole base
+    assert twice["data"]["base"]["new_repeats"] == 2 and twice["data"]["epoch_size"] == 2 * 16 + 48
+    assert twice["training"]["history"][0]["images"] == 80
 
 
 def test_a_warm_start_is_the_baseline_the_map_gate_holds_against(make_det_args: MakeArgs, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from fleet.errors import InvalidInput
 from tests.support.data import digits_arrays, png_bytes
 from tests.support.inproc import InProcHub
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainArgs
 from training.hub_client import HubClient
 from training.train import main
@@ -75,6 +75,33 @@ def test_existing_checkpoint_needs_resume_and_the_same_arguments(make_args: Make
         main(make_args(epochs=2, resume=True))
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "failed" and "epochs" in report["error"]
+
+
+def test_new_repeats_weigh_the_new_data_against_the_base(make_args: MakeArgs, digits_npz: Path,
+                                                         tmp_path: Path) -> None:
+    x, y = digits_arrays()
+    new = tmp_path / "new.npz"
+    np.savez(new, x_train=x[:60] // 4, y_train=y[:60], x_test=x[60:80] // 4, y_test=y[60:80])
+    args = dict(data=f"npz:{new}", base=f"npz:{digits_npz}", replay_ratio=1.0, epochs=1)
+    report = main(make_args(out=tmp_path / "r3", new_repeats=3, **args))
+    data = report["data"]
+    assert data["new"]["n"] == 60 and data["base"]["new_repeats"] == 3
+    assert data["epoch_size"] == 3 * 60 + data["base"]["per_epoch"] and data["base"]["per_epoch"] == data["base"]["n"]
+    with pytest.raises(InvalidInput, match="--new-repeats 2 weighs the new data against a replayed base; give --base"):
+        main(make_args(out=tmp_path / "nobase", new_repeats=2))
+    with pytest.raises(InvalidInput, match="--new-repeats must be an integer >= 1; received 0"):
+        main(make_args(out=tmp_path / "zero", new_repeats=0, **args))
+    assert not (tmp_path / "nobase").exists() and not (tmp_path / "zero").exists()
+
+    # a checkpoint saved before the option existed holds no new_repeats: it ran each new image once an epoch
+    main(make_args(out=tmp_path / "old", **args))
+    path = tmp_path / "old" / "checkpoint.pt"
+    ckpt = load_checkpoint(path)
+    del ckpt["args"]["new_repeats"]
+    save_checkpoint(ckpt, path)
+    with pytest.raises(InvalidInput, match="new_repeats: checkpoint 1, now 2"):
+        main(make_args(out=tmp_path / "old", new_repeats=2, resume=True, **args))
+    assert main(make_args(out=tmp_path / "old", resume=True, **args))["status"] == "ready"
 
 
 def test_warm_start_is_the_gate_baseline_and_parent(make_args: MakeArgs, trained: Path) -> None:

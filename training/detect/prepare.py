@@ -118,7 +118,7 @@ def prepare_boxes(
     n_new = len(new) if base_train is not None else len(pool)
     names = _complete_names(names, [pool, *eval_sets.values()])
     sampler = EpochSampler(np.zeros(len(pool), np.int64), n_new=n_new, replay_ratio=args.replay_ratio,
-                           balance="none", seed=args.seed)
+                           new_repeats=args.new_repeats, balance="none", seed=args.seed)
     info = {
         "shape": list(shape), "class_names": names,
         "new": {"source": str(src), "n": n_new, "boxes": pool.subset(np.arange(n_new)).n_boxes,
@@ -126,6 +126,7 @@ def prepare_boxes(
         "base": None if base_train is None else {
             "source": args.base, "n": len(base_train), "boxes": base_train.n_boxes,
             "per_epoch": sampler.base_per_epoch, "replay_ratio": args.replay_ratio,
+            "new_repeats": args.new_repeats,
         },
         "epoch_size": sampler.epoch_size,
         "eval": {k: len(v) for k, v in eval_sets.items()},

@@ -46,8 +46,8 @@ from training.tracking import Tracker
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "fcos_tiny"
-RESUME_KEYS = ("task", "data", "base", "replay_ratio", "model", "width", "epochs", "batch_size", "lr", "optimizer",
-               "weight_decay", "seed", "augment", "holdout", "init_weights")
+RESUME_KEYS = ("task", "data", "base", "replay_ratio", "new_repeats", "model", "width", "epochs", "batch_size", "lr",
+               "optimizer", "weight_decay", "seed", "augment", "holdout", "init_weights")
 AUGMENT: dict[str, tuple[aug.Op, ...]] = {"none": (), "light": (aug.noise,), "robust": (aug.photometric, aug.noise)}
 CALIBRATION_IMAGES = 64
 
