@@ -54,6 +54,9 @@ def demo(
         None, "--replay-ratio", min=0.0, max=1.0, help="The seed set's share of each turn's retraining epochs, both "
         "arms (`flywheel train --replay-ratio`; default 1, both tasks: the whole seed set every epoch beside every "
         "label so far)."),
+    new_repeats: int | None = typer.Option(
+        None, "--new-repeats", min=1, help="Each label's copies in each turn's retraining epoch, beside the seed set, "
+        "both arms (`flywheel train --new-repeats`; default 2; detect: 1)."),
     gate_tolerance: float | None = typer.Option(
         None, "--gate-tolerance", min=0.0, max=1.0, help="How far a turn's candidate may fall below the model the "
         "fleet runs (test accuracy, or mAP) and still ship (default 0.01)."),
@@ -89,6 +92,7 @@ def demo(
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
                             frames_per_device=frames, labeler=labeler, strategy=strategy, rescore=rescore,
                             allow_short=allow_short, gate_tolerance=gate_tolerance, replay_ratio=replay_ratio,
+                            new_repeats=new_repeats,
                             install_studio=install_studio, annotate=annotate, seed_size=seed_size,
                             test_size=test_size, model=model, width=width, base_epochs=base_epochs,
                             turn_epochs=epochs, task=task, turn_lr=float(chosen["turn_lr"]))  # type: ignore[arg-type]
@@ -165,6 +169,8 @@ def _check_resume(ctx: typer.Context, asked: object) -> None:
         new, old = getattr(asked, attr), getattr(saved, attr)
         if attr == "replay_ratio":  # unset is the task's default: compare what each retrain gets
             new, old = asked.replay(), saved.replay()  # type: ignore[attr-defined]
+        if attr == "new_repeats":
+            new, old = asked.repeats(), saved.repeats()  # type: ignore[attr-defined]
         if new != old:
             changed.append(f"{p.opts[0]} {new} (it started with {old})")
     if changed:

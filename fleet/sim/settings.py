@@ -14,18 +14,22 @@ DETECT_TEST_SCENES = 60  # ... and its test scenes a condition
 TASK_DEFAULTS: dict[str, dict[str, object]] = {
     # Each retrain replays the whole seed set beside every label so far (replay_ratio 1): at 0.5, a turn's 20 new
     # labels and 20 seed frames made an epoch of 40, one SGD step, and the first fine-tune forgot more than it
-    # learned (seed 0: 0.375 from the base model's 0.414, refused by the gate); measured in benchmarks/RESULTS.md
+    # learned (seed 0: 0.375 from the base model's 0.414, refused by the gate). Each label twice an epoch
+    # (new_repeats 2): on digits the flywheel then reached random's final accuracy with 0.29 / 0.22 / 0.26 of its
+    # labels (once each: 0.42 / 0.30 / 0.27), on Fashion-MNIST with 0.58 / 0.57 / 0.78 (0.69 / 0.68 / 0.66);
+    # measured in benchmarks/RESULTS.md, 2026-12-04
     "classify": {"model": "smallcnn", "base_epochs": 30, "turn_epochs": 20, "turn_lr": 0.05,
-                 "strategy": "uncertainty+diversity", "replay_ratio": 1.0},
+                 "strategy": "uncertainty+diversity", "replay_ratio": 1.0, "new_repeats": 2},
     # AdamW's fine-tuning rate for the detector: 0.05 (SGD's, the classifier's) wrecks it in one turn. Selection
     # by informativeness alone: a young detector disagrees with the human on nearly every frame, so the
     # informativeness mass of a cluster follows its size and uncertainty+diversity labels the common clear
     # scenes (seed 0, 160 labels: 0.451 vs random's 0.469 with it, 0.474 with uncertainty alone). Each retrain
     # replays the whole seed set too, in 4 epochs (about the image-steps of 15 half-and-half epochs over 4 turns):
     # at 0.5 and 15 the flywheel fell short of random's final mAP on 2 of 3 seeds, here it reached it on all 3
-    # (benchmarks/RESULTS.md, 2026-12-04; 8 epochs was tried and fell short on seed 0)
+    # (benchmarks/RESULTS.md, 2026-12-04; 8 epochs was tried and fell short on seed 0). Each label once an epoch:
+    # twice gave 0.40 / 0.63 / 0.93 of random's labels, no better (RESULTS.md, 2026-12-04 18:09)
     "detect": {"model": "fcos_tiny", "base_epochs": 12, "turn_epochs": 4, "turn_lr": 0.001,
-               "strategy": "uncertainty", "replay_ratio": 1.0},
+               "strategy": "uncertainty", "replay_ratio": 1.0, "new_repeats": 1},
 }
 SEED_PER_CLASS = 15  # the default seed set: this many frames a class (a many-class set needs more than digits)
 TEST_CAP = 500  # the default test set: at most this many images a condition (stratified), so turns stay short
@@ -48,6 +52,8 @@ class DemoSettings:
     turn_lr: float = 0.05  # fine-tuning rate from the current model's checkpoint (both arms)
     replay_ratio: float | None = None  # each retrain's `flywheel train --replay-ratio` (both arms; 1: the whole seed
     # set every epoch); None: the task's (TASK_DEFAULTS)
+    new_repeats: int | None = None  # each retrain's `flywheel train --new-repeats` (both arms: each label this many
+    # times an epoch beside the seed set); None: the task's (TASK_DEFAULTS)
     upload_rate: float = 0.08  # calibrated uncertainty trigger's target rate per device
     strategy: str = "uncertainty+diversity"
     rescore: bool = True  # re-score the pool with each new active model before selecting (fleet.hub.rescore)
@@ -67,6 +73,12 @@ class DemoSettings:
             return self.replay_ratio
         return float(TASK_DEFAULTS[self.task]["replay_ratio"])  # type: ignore[arg-type]
 
+    def repeats(self) -> int:
+        """Each retrain's ``--new-repeats``: the one set, else the task's default."""
+        if self.new_repeats is not None:
+            return self.new_repeats
+        return int(TASK_DEFAULTS[self.task]["new_repeats"])  # type: ignore[call-overload]
+
     def validate(self) -> None:
         for name in ("turns", "devices", "budget", "frames_per_device", "seed_size", "test_size", "base_epochs",
                      "turn_epochs", "width"):
@@ -81,6 +93,10 @@ class DemoSettings:
         if self.replay_ratio is not None and not 0 <= self.replay_ratio <= 1:
             raise ValueError(f"--replay-ratio must be in [0, 1] (the seed set's share of each retrain's epoch; 1: all "
                              f"of it every epoch); received {self.replay_ratio}")
+        if self.new_repeats is not None and (isinstance(self.new_repeats, bool) or
+                                             not isinstance(self.new_repeats, int) or self.new_repeats < 1):
+            raise ValueError(f"--new-repeats must be a positive integer (each label's copies in a retrain's epoch); "
+                             f"received {self.new_repeats!r}")
         if not 0 < self.upload_rate < 1:
             raise ValueError(f"--upload-rate must be in (0, 1); received {self.upload_rate}")
         if self.labeler not in ("auto", "oracle", "studio"):

@@ -90,7 +90,8 @@ class Trainer:
                 "--holdout", "0", "--no-progress", "--threads", "1", "--cache-dir", str(self.ws / "cache"),
                 "--class-names", ",".join(self.class_names), "--min-slice-size", "1000000"]
         if data != f"npz:{self.seed_npz}":
-            args += ["--base", f"npz:{self.seed_npz}", "--replay-ratio", str(s.replay())]
+            args += ["--base", f"npz:{self.seed_npz}", "--replay-ratio", str(s.replay()),
+                     "--new-repeats", str(s.repeats())]
         if warm is not None and warm.checkpoint is not None:
             args += ["--warm-start", str(warm.checkpoint), "--gate-against", str(warm.checkpoint),
                      "--lr", str(s.turn_lr)]

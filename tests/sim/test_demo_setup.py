@@ -83,9 +83,9 @@ def test_the_seed_set_scales_with_the_classes_and_options_are_checked(tmp_path: 
 
 
 def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A classifier's turns retrain on the whole seed set beside every label so far (``--replay-ratio 1``), a
-    detector's on half and half; ``--replay-ratio`` sets it for both arms, the seed set's own model replays
-    nothing, and a ratio outside [0, 1] is refused with what was received."""
+    """Each turn retrains on the whole seed set beside every label so far (``--replay-ratio 1``), each label the
+    task's ``--new-repeats`` times an epoch; the options set them for both arms, the seed set's own model replays
+    nothing, and a ratio outside [0, 1] or a repeat count under 1 is refused with what was received."""
     import fleet.sim.trainer as trainer_mod
 
     assert DemoSettings(workspace=tmp_path).replay() == 1.0
@@ -94,6 +94,12 @@ def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, m
     for bad in (1.5, -0.1):
         with pytest.raises(ValueError, match=f"--replay-ratio must be in \\[0, 1\\].*received {bad}"):
             DemoSettings(workspace=tmp_path, replay_ratio=bad).validate()
+    for task in settings.TASKS:
+        assert DemoSettings(workspace=tmp_path, task=task).repeats() == settings.TASK_DEFAULTS[task]["new_repeats"]
+    assert DemoSettings(workspace=tmp_path, task="detect", new_repeats=5).repeats() == 5
+    for bad_n in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"--new-repeats must be a positive integer.*received {bad_n!r}"):
+            DemoSettings(workspace=tmp_path, new_repeats=bad_n).validate()  # type: ignore[arg-type]
 
     commands: list[list[str]] = []
 
@@ -106,17 +112,20 @@ def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, m
 
     monkeypatch.setattr(trainer_mod, "run_logged", run_logged)
     seed = tmp_path / "seed.npz"
-    for task, data, want, ratio in (("classify", "npz:new.npz", "1.0", None), ("detect", "npz:new.npz", "1.0", None),
-                                    ("detect", "npz:new.npz", "0.5", 0.5), ("classify", f"npz:{seed}", None, None)):
-        t = trainer_mod.Trainer(DemoSettings(workspace=tmp_path, task=task, replay_ratio=ratio), tmp_path,
-                                tmp_path / "key", None, "token", seed, ["a", "b"])  # type: ignore[arg-type]
+    for task, data, want, ratio, repeats in (
+            ("classify", "npz:new.npz", "1.0", None, None), ("detect", "npz:new.npz", "1.0", None, None),
+            ("detect", "npz:new.npz", "0.5", 0.5, 3), ("classify", f"npz:{seed}", None, None, None)):
+        t = trainer_mod.Trainer(DemoSettings(workspace=tmp_path, task=task, replay_ratio=ratio, new_repeats=repeats),
+                                tmp_path, tmp_path / "key", None, "token", seed, ["a", "b"])  # type: ignore[arg-type]
         with pytest.raises(Ran):
             t.train("fw-1", data=data, epochs=1, publish=False, stages="", warm=None)
         cmd = commands[-1]
         if want is None:
-            assert "--replay-ratio" not in cmd and "--base" not in cmd
+            assert "--replay-ratio" not in cmd and "--base" not in cmd and "--new-repeats" not in cmd
         else:
             assert cmd[cmd.index("--base") + 1] == f"npz:{seed}" and cmd[cmd.index("--replay-ratio") + 1] == want
+            n = repeats or settings.TASK_DEFAULTS[task]["new_repeats"]
+            assert cmd[cmd.index("--new-repeats") + 1] == str(n)
 
 
 def test_a_resume_compares_the_replay_ratio_each_retrain_gets(tmp_path: Path) -> None:
@@ -136,6 +145,12 @@ def test_a_resume_compares_the_replay_ratio_each_retrain_gets(tmp_path: Path) ->
     _check_resume(ctx, DemoSettings(workspace=tmp_path, replay_ratio=1.0))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"would change --replay-ratio 0.5 \(it started with 1.0\)"):
         _check_resume(ctx, DemoSettings(workspace=tmp_path, replay_ratio=0.5))  # type: ignore[arg-type]
+    repeats = SimpleNamespace(name="new_repeats", opts=["--new-repeats"])  # the same for each label's copies
+    ctx.command.params = [repeats]
+    default = int(settings.TASK_DEFAULTS["classify"]["new_repeats"])  # type: ignore[call-overload]
+    _check_resume(ctx, DemoSettings(workspace=tmp_path, new_repeats=default))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=rf"would change --new-repeats {default + 2} \(it started with {default}\)"):
+        _check_resume(ctx, DemoSettings(workspace=tmp_path, new_repeats=default + 2))  # type: ignore[arg-type]
 
 
 def test_the_test_sample_keeps_every_class_in_proportion() -> None:
@@ -165,7 +180,7 @@ def test_the_demo_s_help_names_each_task_s_defaults() -> None:
     params = inspect.signature(demo).parameters
     classify, detect = settings.TASK_DEFAULTS["classify"], settings.TASK_DEFAULTS["detect"]
     for option, key in (("model", "model"), ("base_epochs", "base_epochs"), ("epochs", "turn_epochs"),
-                        ("strategy", "strategy")):
+                        ("strategy", "strategy"), ("new_repeats", "new_repeats")):
         text = params[option].default.help
         assert f"default {classify[key]}; detect: {detect[key]})" in text, (option, text)
     assert classify["replay_ratio"] == detect["replay_ratio"] == 1.0
