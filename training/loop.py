@@ -12,7 +12,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -212,7 +212,7 @@ def resume_checkpoint(args: TrainArgs, path: Path, keys: tuple[str, ...]) -> dic
     args.width = args.width or saved.get("width")
     mine = args.to_dict()
     # a key the checkpoint lacks was saved before it existed: that run had its default (the old behaviour)
-    defaults = {f.name: f.default for f in fields(args)}
+    defaults = {f.name: f.default for f in fields(args) if f.default is not MISSING}
     was = {k: saved.get(k, defaults.get(k)) for k in keys}
     diff = [f"{k}: checkpoint {was[k]!r}, now {mine.get(k)!r}" for k in keys if was[k] != mine.get(k)]
     if diff:
