@@ -137,9 +137,13 @@ def settings_to_dict(s: DemoSettings) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
 
 
+# what a demo saved before a setting existed ran with (today's default may differ, and a resumed demo keeps its own)
+SAVED_BEFORE = {"new_repeats": 1}
+
+
 def settings_from_dict(d: dict[str, Any]) -> DemoSettings:
     known = {f.name for f in fields(DemoSettings)}
-    body: dict[str, Any] = {k: v for k, v in d.items() if k in known}
+    body: dict[str, Any] = {**SAVED_BEFORE, **{k: v for k, v in d.items() if k in known}}
     body["workspace"] = Path(body["workspace"])
     return DemoSettings(**body)
 

@@ -71,6 +71,18 @@ def test_settings_and_turns_come_back_typed() -> None:
     assert turn_from_dict(json.loads(json.dumps(asdict(t)))) == t
 
 
+def test_a_demo_saved_before_new_repeats_existed_resumes_with_each_label_once() -> None:
+    """Each label's copies in a retrain's epoch came with a classifier's default of 2; a demo saved before then ran
+    with 1 and keeps it when resumed, while one saved since with the option unset still follows the task's default."""
+    saved = settings_to_dict(DemoSettings(workspace=Path("/w")))
+    from fleet.sim.settings import TASK_DEFAULTS
+
+    assert saved["new_repeats"] is None
+    assert settings_from_dict(saved).repeats() == TASK_DEFAULTS["classify"]["new_repeats"]
+    del saved["new_repeats"]
+    assert settings_from_dict(saved).new_repeats == 1 and settings_from_dict(saved).repeats() == 1
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     (None, "holds no demo-state.json: there is no demo to resume there"),
     ("{not json", "is not JSON"),
