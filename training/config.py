@@ -90,8 +90,7 @@ class TrainArgs:
         self.batch_size = batch_size if self.batch_size is None else self.batch_size
         self.balance = self.balance or balance
         _in_range("--replay-ratio", self.replay_ratio, 0.0, 1.0)
-        if isinstance(self.new_repeats, bool) or not isinstance(self.new_repeats, int) or self.new_repeats < 1:
-            raise InvalidInput(f"--new-repeats must be an integer >= 1; received {self.new_repeats!r}")
+        check_new_repeats(self.new_repeats)
         if self.new_repeats > 1 and not self.base:
             raise InvalidInput(f"--new-repeats {self.new_repeats} weighs the new data against a replayed base; give "
                                "--base (without one, raise --epochs instead)")
@@ -159,6 +158,12 @@ def parse_image_size(text: str | None) -> tuple[int, int] | None:
         raise InvalidInput(f"--image-size must be N or HxW; received {text!r}")
     h = int(m.group(1))
     return h, int(m.group(2) or h)
+
+
+def check_new_repeats(value: object) -> None:
+    """``--new-repeats``: a whole number >= 1 (checked where the arguments are read and where the epochs are drawn)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"--new-repeats must be an integer >= 1; received {value!r}")
 
 
 def _in_range(name: str, value: float, lo: float, hi: float) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fleet.errors import InvalidInput
+from training.config import check_new_repeats
 
 log = logging.getLogger(__name__)
 
@@ -534,8 +535,7 @@ class EpochSampler:
     ) -> None:
         if not 0.0 <= replay_ratio <= 1.0:
             raise InvalidInput(f"--replay-ratio must be in [0, 1]; received {replay_ratio}")
-        if isinstance(new_repeats, bool) or not isinstance(new_repeats, int) or new_repeats < 1:
-            raise InvalidInput(f"--new-repeats must be an integer >= 1; received {new_repeats!r}")
+        check_new_repeats(new_repeats)
         self.labels = labels
         self.n_new = n_new
         self.n_base = len(labels) - n_new

@@ -29,7 +29,7 @@ from fleet.sim.resume import (
     stop_leftovers,
     turn_from_dict,
 )
-from fleet.sim.settings import Arm, DemoSettings
+from fleet.sim.settings import TASK_DEFAULTS, Arm, DemoSettings
 
 
 def a_state(ws: Path) -> DemoState:
@@ -75,8 +75,6 @@ def test_a_demo_saved_before_new_repeats_existed_resumes_with_each_label_once() 
     """Each label's copies in a retrain's epoch came with a classifier's default of 2; a demo saved before then ran
     with 1 and keeps it when resumed, while one saved since with the option unset still follows the task's default."""
     saved = settings_to_dict(DemoSettings(workspace=Path("/w")))
-    from fleet.sim.settings import TASK_DEFAULTS
-
     assert saved["new_repeats"] is None
     assert settings_from_dict(saved).repeats() == TASK_DEFAULTS["classify"]["new_repeats"]
     del saved["new_repeats"]
