@@ -50,6 +50,8 @@ def sync(
     overlap_share: float = typer.Option(0.2, "--overlap-share", min=0.0, max=1.0,
                                         help="Share of tasks labeled by --overlap annotators."),
     strategy: str = typer.Option("uncertainty+diversity", "--strategy", help="The hub's selection strategy."),
+    balance: str = typer.Option("", "--balance", help="A case tag (e.g. condition): the hub splits each selection's "
+                                "budget evenly over the tag's values in the pool (default: over the whole pool)."),
     horizon: float = typer.Option(900.0, "--horizon", min=1.0,
                                   help="Seconds of annotator work to keep queued (sets the target depth)."),
     min_depth: int = typer.Option(20, "--min-depth", min=0, help="Smallest queue depth, in annotations."),
@@ -84,7 +86,7 @@ def sync(
     try:
         config = BridgeConfig(
             project_title=project, task=task, overlap=overlap, overlap_share=overlap_share,
-            strategy=strategy,
+            strategy=strategy, balance=balance or None,
             throttle=Throttle(horizon_s=horizon, min_depth=min_depth, max_depth=max_depth),
             reconcile_every_s=reconcile_every,
             webhook_url=(webhook_url or f"{hub_url.rstrip('/')}/v1/labeling/webhook") if webhook_secret else None,

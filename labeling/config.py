@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.errors import InvalidInput
-from fleet.protocol import STRATEGIES
+from fleet.errors import InvalidInput, ProtocolError
+from fleet.protocol import STRATEGIES, check_balance
 from labeling.configs import LabelKind, check_class_names, get_kind, kind_for_task
 from labeling.throttle import Throttle
 
@@ -31,6 +31,7 @@ class BridgeConfig:
     overlap_share: float = 0.2
     throttle: Throttle = field(default_factory=Throttle)
     strategy: str = "uncertainty+diversity"
+    balance: str | None = None  # a case tag: the hub splits each selection evenly over its values
     batch_size: int = 500
     reconcile_every_s: float = 60.0
     webhook_url: str | None = None
@@ -58,6 +59,11 @@ class BridgeConfig:
             raise InvalidInput(f"overlap_share must lie in [0, 1]; received {self.overlap_share}")
         if self.strategy not in STRATEGIES:
             raise InvalidInput(f"unknown selection strategy {self.strategy!r}; valid: {list(STRATEGIES)}")
+        if self.balance is not None:
+            try:
+                check_balance(self.balance)
+            except ProtocolError as exc:
+                raise InvalidInput(str(exc)) from None
         if not 1 <= self.batch_size <= 5000:
             raise InvalidInput(f"batch_size must be between 1 and 5000; received {self.batch_size}")
         if not self.cluster_budget_s >= 0.0:  # (NaN fails too)

@@ -55,10 +55,12 @@ class HubClient:
 
     # -----------------------------------------------------------------------------------------
 
-    def select(self, budget: int, *, strategy: str = "uncertainty+diversity", seed: int | None = None) -> Selection:
-        """Ask for up to ``budget`` cases; they move to ``queued`` in the hub. Not retried (see module doc)."""
+    def select(self, budget: int, *, strategy: str = "uncertainty+diversity", seed: int | None = None,
+               balance: str | None = None) -> Selection:
+        """Ask for up to ``budget`` cases (``balance``: a case tag the hub splits the budget evenly over); they move
+        to ``queued`` in the hub. Not retried (see module doc)."""
         try:
-            body = SelectionRequest(budget=budget, strategy=strategy, exclude_queued=True, seed=seed)
+            body = SelectionRequest(budget=budget, strategy=strategy, exclude_queued=True, seed=seed, balance=balance)
             body.validate()
         except ProtocolError as exc:
             raise InvalidInput(str(exc)) from None

@@ -45,7 +45,8 @@ SURFACES = {
         "ShadowPromote", "ShadowPublic", "SignedManifest", "SnapshotCreate", "SnapshotEntry", "SnapshotHeader",
         "SnapshotList", "SnapshotPublic", "StoredEvent", "Summary", "TASKS", "TASK_TYPES", "TokenCreate",
         "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "TriggerYield", "Verdict", "YieldReport",
-        "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str", "check_tags",
+        "canonical_json", "check_balance", "check_finite", "check_int", "check_name", "check_sha256", "check_str",
+        "check_tags",
         "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags", "parse_prediction"],
     "fleet.signing": [
         "KeyPair", "KeyRing", "PRIVATE_KEY_ENV", "TrustedKey", "generate_keypair", "key_id", "load_private_key",

@@ -53,6 +53,43 @@ def get_strategy(name: str) -> Strategy:
         raise InvalidInput(f"unknown selection strategy {name!r}; expected one of {sorted(STRATEGIES)}") from None
 
 
+def pick_balanced(strategy: Strategy, groups: np.ndarray | None, uncertainty: np.ndarray,
+                  embeddings: np.ndarray | None, budget: int, *, rng: np.random.Generator,
+                  labeled: Labeled | None = None, dup_threshold: float = 0.0) -> np.ndarray:
+    """``strategy`` run within each group of the pool, the budget split evenly over the groups (the values of a
+    tag, such as a frame's condition) -> indices into the pool, each group's best first, groups interleaved.
+
+    The split is :func:`allocate` with equal weights, capped at each group's size, so a group with fewer cases
+    than its share gives them all and the others take the rest. Where a group's strategy returns fewer than its
+    share (near-duplicates of labeled cases), the strategy over the rest of the pool fills the budget. A
+    deployment's metric often weighs each slice the same (the mAP gate's per-slice rule, the demo's test set),
+    while the stream is mostly the common slice: over the whole pool a budget follows the stream's mix.
+    ``groups`` None: the strategy over the whole pool."""
+    if groups is None:
+        return strategy(uncertainty, embeddings, budget, rng=rng, labeled=labeled, dup_threshold=dup_threshold)
+    g = np.asarray(groups)
+    if len(g) != len(uncertainty):
+        raise InvalidInput(f"groups must have one value per pool case ({len(uncertainty)}); received {len(g)}")
+    values, inv = np.unique(g, return_inverse=True)
+    shares = allocate(np.ones(len(values)), np.bincount(inv, minlength=len(values)), budget)
+    per_group: list[np.ndarray] = []
+    for j, share in enumerate(shares):
+        if share == 0:
+            continue
+        idx = np.flatnonzero(inv == j)
+        sub = strategy(uncertainty[idx], None if embeddings is None else embeddings[idx], int(share), rng=rng,
+                       labeled=labeled, dup_threshold=dup_threshold)
+        per_group.append(idx[np.asarray(sub, dtype=np.int64)])
+    picked = [int(p[rank]) for rank in range(max((len(p) for p in per_group), default=0))
+              for p in per_group if rank < len(p)]
+    if len(picked) < min(budget, len(g)):
+        rest = np.setdiff1d(np.arange(len(g)), picked)
+        sub = strategy(uncertainty[rest], None if embeddings is None else embeddings[rest], budget - len(picked),
+                       rng=rng, labeled=labeled, dup_threshold=dup_threshold)
+        picked.extend(int(rest[i]) for i in sub)
+    return np.asarray(picked, dtype=np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # scores and geometry
 # ---------------------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ from fleet.protocol.labeling import (
     SelectionRequest,
     StoredEvent,
     Verdict,
+    check_balance,
 )
 from fleet.protocol.lineage import CaseInfluence, DeviceContribution, LineageEntry, ModelLineage
 from fleet.protocol.model import OUTPUTS, DetectorSpec, InputSpec, ModelManifest, SignedManifest
@@ -178,7 +179,7 @@ __all__ = [
     "ShadowPromote", "ShadowPublic", "SignedManifest",
     "SnapshotCreate", "SnapshotEntry", "SnapshotHeader", "SnapshotList", "SnapshotPublic", "StoredEvent", "Summary",
     "TokenCreate", "TokenIssued", "TokenList", "TokenPublic", "TriggerHit", "TriggerYield", "Verdict",
-    "YieldReport", "canonical_json", "check_finite", "check_int", "check_name", "check_sha256", "check_str",
-    "check_tags", "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags",
+    "YieldReport", "canonical_json", "check_balance", "check_finite", "check_int", "check_name", "check_sha256",
+    "check_str", "check_tags", "decode_embedding", "decode_manifest", "encode_embedding", "encode_manifest", "fit_tags",
     "parse_prediction",
 ]

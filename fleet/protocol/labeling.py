@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from fleet.errors import ProtocolError
 from fleet.protocol.base import (
     DB_INT,
+    MAX_TAG_NAME,
     SCHEMA_VERSION,
     Message,
     check_bool,
@@ -45,6 +46,14 @@ STRATEGIES = ("random", "uncertainty", "uncertainty+diversity", "uncertainty+kce
               "badge", "entropy")
 
 
+def check_balance(value: Any, what: str = "balance") -> str:
+    """A tag name a selection is balanced over (:class:`SelectionRequest`): 1-64 printable characters."""
+    if not isinstance(value, str) or not value or len(value) > MAX_TAG_NAME or not value.isprintable():
+        raise ProtocolError(f"{what} must be a tag name of 1-{MAX_TAG_NAME} printable characters (as in a case's "
+                            f"tags, e.g. 'condition'); received {value!r:.80}")
+    return value
+
+
 @dataclass
 class SelectionRequest(Message):
     """Pick up to ``budget`` informative, non-redundant cases; they move to ``queued``."""
@@ -53,6 +62,9 @@ class SelectionRequest(Message):
     strategy: str = "uncertainty+diversity"
     exclude_queued: bool = True
     seed: int | None = None
+    # a tag name (a case's ``tags``, e.g. "condition"): the budget is split evenly over the tag's values in the
+    # pool, and the strategy picks within each (fleet.hub.selection.pick_balanced); None: over the whole pool
+    balance: str | None = None
     schema: int = SCHEMA_VERSION
 
     def validate(self) -> None:
@@ -60,6 +72,7 @@ class SelectionRequest(Message):
         check_one_of(self.strategy, STRATEGIES, "strategy")
         check_bool(self.exclude_queued, "exclude_queued")
         opt(self.seed, check_int, "seed", lo=0, hi=2**63 - 1)
+        opt(self.balance, check_balance, "balance")
 
 
 @dataclass

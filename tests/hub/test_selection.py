@@ -19,6 +19,7 @@ from fleet.hub.selection import (
     k_center_greedy,
     min_cosine_distance,
     normalized_least_confidence,
+    pick_balanced,
 )
 from tests.hub.conftest import HubHarness
 
@@ -85,6 +86,50 @@ def test_k_center_seeded_by_labeled_avoids_covered_regions() -> None:
     emb = np.array([[1, 0], [0.99, 0.1], [0, 1], [-1, 0]], dtype=np.float32)
     picked = k_center_greedy(emb, 2, seeds=np.array([[1, 0.05]], dtype=np.float32))
     assert set(picked.tolist()) == {2, 3}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_a_balanced_pick_splits_the_budget_evenly_over_the_groups(name: str) -> None:
+    """Four conditions, the common one 60% of the pool: each gets a quarter of the budget, whatever its size."""
+    rng = np.random.default_rng(0)
+    groups = np.array(["clear"] * 120 + ["night"] * 30 + ["fog"] * 25 + ["rain"] * 25)
+    u, emb = rng.random(200), rng.normal(size=(200, 8)).astype(np.float32)
+    idx = pick_balanced(get_strategy(name), groups, u, emb, 12, rng=np.random.default_rng(1))
+    assert len(idx) == 12 and len(set(idx.tolist())) == 12
+    values, counts = np.unique(groups[idx], return_counts=True)
+    assert dict(zip(values.tolist(), counts.tolist(), strict=True)) == {"clear": 3, "night": 3, "fog": 3, "rain": 3}
+    unbalanced = get_strategy("random")(u, emb, 12, rng=np.random.default_rng(1))
+    assert (groups[unbalanced] == "clear").sum() > 3  # over the whole pool the common group takes more
+
+
+def test_a_balanced_pick_gives_a_small_group_all_it_has_and_the_rest_to_the_others() -> None:
+    groups = np.array(["clear"] * 50 + ["night"] * 2 + ["fog"] * 50)
+    u = np.linspace(0.0, 1.0, 102)
+    idx = pick_balanced(get_strategy("uncertainty"), groups, u, None, 12, rng=np.random.default_rng(0))
+    values, counts = np.unique(groups[idx], return_counts=True)
+    assert dict(zip(values.tolist(), counts.tolist(), strict=True)) == {"clear": 5, "night": 2, "fog": 5}
+    fog = idx[groups[idx] == "fog"]
+    assert sorted(fog.tolist()) == list(range(97, 102))  # within a group, the strategy's own order: the top 5
+    assert groups[idx[:3]].tolist() == ["clear", "fog", "night"]  # each group's best first, groups interleaved
+
+
+def test_a_balanced_pick_fills_from_the_rest_when_a_group_gives_less_than_its_share() -> None:
+    """A group whose cases are all near-duplicates of labeled ones gives none; the other groups fill the budget."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 8)).astype(np.float32)
+    groups = np.array(["night"] * 10 + ["clear"] * 20)
+    labeled = emb[:10] * 1.0001  # every night case is a duplicate of a labeled one
+    idx = pick_balanced(get_strategy("uncertainty"), groups, rng.random(30), emb, 10, rng=rng, labeled=labeled,
+                        dup_threshold=0.01)
+    assert len(idx) == 10 and set(groups[idx].tolist()) == {"clear"} and len(set(idx.tolist())) == 10
+
+
+def test_a_balanced_pick_without_groups_is_the_strategy_itself_and_refuses_a_misfit() -> None:
+    u = np.array([0.1, 0.9, 0.5, 0.95, 0.2])
+    plain = pick_balanced(get_strategy("uncertainty"), None, u, None, 2, rng=np.random.default_rng(0))
+    assert plain.tolist() == [3, 1]
+    with pytest.raises(InvalidInput, match=r"one value per pool case \(5\); received 4"):
+        pick_balanced(get_strategy("uncertainty"), np.array(["a"] * 4), u, None, 2, rng=np.random.default_rng(0))
 
 
 def test_min_cosine_distance() -> None:
@@ -210,6 +255,44 @@ def test_cosine_index_finds_the_nearest_row_as_brute_force_does(backend: str) ->
     assert index.min_distance(a) == pytest.approx(brute, abs=1e-5)
     with pytest.raises(InvalidInput, match="annoy"):
         CosineIndex(4, backend="annoy")
+
+
+def test_the_hub_balances_a_selection_over_a_tag(hub: HubHarness) -> None:
+    """``balance``: the budget is split evenly over the tag's values in the pool (cases without the tag are one
+    more group); the most uncertain of each come first. Runs on SQLite and PostgreSQL (the tag is read in SQL)."""
+    rng = np.random.default_rng(0)
+    cond_of: dict[str, str] = {}
+    for i in range(40):
+        cond = "clear" if i < 28 else ("night" if i < 34 else "fog")
+        p = rng.dirichlet(np.ones(3))
+        cid = hub.send_case("d1", probs=[float(x) for x in p / p.sum()], embedding=rng.normal(size=16).astype(
+            np.float32), tags={"condition": cond, "frame": f"f{i}"})
+        cond_of[cid] = cond
+    untagged = hub.send_case("d1", probs=[0.34, 0.33, 0.33], embedding=rng.normal(size=16).astype(np.float32),
+                             tags={"frame": "no condition"})
+    cond_of[untagged] = ""
+    r = hub.client.post("/v1/selections", json={"budget": 8, "strategy": "uncertainty", "balance": "condition"},
+                        headers=hub.labeler)
+    assert r.status_code == 200, r.text
+    got = [cond_of[c["case"]["case_id"]] for c in r.json()["cases"]]
+    assert sorted(got) == ["", "clear", "clear", "clear", "fog", "fog", "night", "night"]
+    # without it, the same request over the whole pool follows the pool's mix
+    hub.client.post("/v1/selections", json={"budget": 100}, headers=hub.labeler)  # empty the pool ...
+    for i in range(30):
+        hub.send_case("d1", probs=[0.5, 0.3, 0.2], embedding=rng.normal(size=16).astype(np.float32),
+                      tags={"condition": "clear" if i < 24 else "night"})
+    cases = hub.client.post("/v1/selections", json={"budget": 6, "strategy": "random", "seed": 3},
+                            headers=hub.labeler).json()["cases"]
+    assert sum(c["case"]["tags"].get("condition") == "clear" for c in cases) >= 3
+
+
+@pytest.mark.parametrize("balance", ["", "x" * 65, 3, "tab\tname"])
+def test_a_bad_balance_tag_is_refused_with_what_was_received(hub: HubHarness, balance: Any) -> None:
+    _send_pool(hub, 3)
+    r = hub.client.post("/v1/selections", json={"budget": 2, "balance": balance}, headers=hub.labeler)
+    assert r.status_code == 422 and "balance must be a tag name of 1-64 printable characters" in r.json()["detail"]
+    assert "received" in r.json()["detail"]
+    assert hub.client.get("/v1/pool", headers=hub.labeler).json()["total"] == 3  # nothing queued
 
 
 def test_bad_selection_requests(hub: HubHarness) -> None:

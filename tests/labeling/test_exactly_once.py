@@ -8,8 +8,9 @@ import logging
 
 import pytest
 
+from fleet.errors import InvalidInput
 from labeling.bridge import Bridge
-from labeling.config import QUEUE_VERSION
+from labeling.config import QUEUE_VERSION, BridgeConfig
 from labeling.pull import apply_webhook
 from labeling.push import queue_scores
 from tests.labeling.conftest import Clock, make_bridge
@@ -386,3 +387,16 @@ def test_expiring_image_links_are_refreshed_from_the_hub(bridge: Bridge, hub: La
         assert t["data"]["image"] != before[t["id"]] and t["data"]["case_id"]  # other task data kept
         assert bridge.ledger.task(task_id=t["id"]).image_url == t["data"]["image"]  # type: ignore[union-attr]
     assert bridge.sync_once(push=False).images_refreshed == 0
+
+
+def test_the_bridge_asks_the_hub_to_balance_its_selection_over_a_tag(hub: LabelingHub, studio: FakeStudio,
+                                                                     clock: Clock) -> None:
+    """``flywheel label sync --balance condition``: each selection asks the hub to split its budget evenly over the
+    cases' conditions (the hub's side: tests/hub/test_selection.py); a bad tag is refused before any request."""
+    hub.add_cases(8)
+    bridge = make_bridge(hub, studio, clock, balance="condition")
+    assert bridge.sync_once().pushed == 6
+    [exchange] = hub.tap.find("POST", "/v1/selections", status=200)
+    assert exchange.request_json()["balance"] == "condition"
+    with pytest.raises(InvalidInput, match=r"balance must be a tag name of 1-64 printable characters.*received ''"):
+        BridgeConfig(balance="")

@@ -32,7 +32,13 @@ from fleet.hub.labeled_set import labeled_set
 from fleet.hub.models import CaseRow, CaseScore
 from fleet.hub.models import Selection as SelectionRow
 from fleet.hub.multipart import TooManyParts, parse_form
-from fleet.hub.selection import assign_clusters, get_strategy, gradient_embeddings, min_cosine_distance
+from fleet.hub.selection import (
+    assign_clusters,
+    get_strategy,
+    gradient_embeddings,
+    min_cosine_distance,
+    pick_balanced,
+)
 from fleet.protocol import (
     CASE_STATES,
     BatchReceipt,
@@ -198,7 +204,8 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     # one model's scores and embeddings (fleet.hub.rescore), or each case's capturing model's
     space = rescoring.active_version(hub) if cfg.selection_space == "active" else None
     unc, emb, join = rescoring.space_columns(space)
-    q = select(CaseRow.case_id, unc, emb, CaseRow.image_sha256).select_from(join).where(
+    tag = sa.null() if body.balance is None else col(CaseRow.payload)["tags"][body.balance].as_string()
+    q = select(CaseRow.case_id, unc, emb, CaseRow.image_sha256, tag).select_from(join).where(
         col(CaseRow.state).in_(states), rescoring.in_space(space))
     q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(unc.desc(), CaseRow.case_id)
     with read_session(hub.engine) as s:
@@ -207,7 +214,7 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
         n_rest = 0 if outside is None else int(s.exec(select(func.count()).select_from(CaseRow).where(outside)).one())
         rest: list[Any] = []
         if n_rest:  # not yet re-scored: ranked after every re-scored case, by capture-time score, no embeddings
-            rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256).where(outside)
+            rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256, tag).where(outside)
             rq = rq.order_by(func.random()) if body.strategy == "random" else rq.order_by(
                 col(CaseRow.uncertainty).desc(), CaseRow.case_id)
             rest = list(s.exec(rq.limit(body.budget * cfg.selection_pool_factor)).all())
@@ -218,6 +225,7 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     ids = [r[0] for r in rows]
     uncertainty = np.asarray([r[1] for r in rows], dtype=np.float64)
     embeddings, with_emb = _embeddings(rows)
+    groups = None if body.balance is None else np.asarray(["" if r[4] is None else str(r[4]) for r in rows])
     labeled_emb = None if embeddings is None else labeled.indexes.get(embeddings.shape[1])
     strategy_emb = embeddings
     skipped = np.zeros(0, dtype=np.int64)  # rows no strategy may pick (near-duplicates of labeled cases)
@@ -236,19 +244,23 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     picked_local: list[int] = []
     if rows:
         if embeddings is not None:
-            sub = strategy(uncertainty[with_emb], strategy_emb, body.budget, rng=rng, labeled=labeled_emb,
-                           dup_threshold=cfg.duplicate_cosine)
+            sub = pick_balanced(strategy, None if groups is None else groups[with_emb], uncertainty[with_emb],
+                                strategy_emb, body.budget, rng=rng, labeled=labeled_emb,
+                                dup_threshold=cfg.duplicate_cosine)
             picked_local = [int(with_emb[i]) for i in sub]
         if len(picked_local) < body.budget:  # cases without (comparable) embeddings fill what is left
             left = np.setdiff1d(np.arange(len(rows)), np.concatenate(
                 [with_emb if embeddings is not None else np.zeros(0, np.int64), skipped]))
-            sub = strategy(uncertainty[left], None, body.budget - len(picked_local), rng=rng)
+            sub = pick_balanced(strategy, None if groups is None else groups[left], uncertainty[left], None,
+                                body.budget - len(picked_local), rng=rng)
             picked_local += [int(left[i]) for i in sub]
     if len(_drop_same_image(picked_local, rows)) < body.budget and rest:  # then the cases not yet re-scored
         seen = {r[3] for r in rows}
         rest = [r for r in rest if r[3] not in seen]
-        sub = strategy(np.asarray([r[1] for r in rest], dtype=np.float64), None,
-                       body.budget - len(_drop_same_image(picked_local, rows)), rng=rng)
+        sub = pick_balanced(strategy, None if groups is None else np.asarray(["" if r[4] is None else str(r[4])
+                                                                              for r in rest]),
+                            np.asarray([r[1] for r in rest], dtype=np.float64), None,
+                            body.budget - len(_drop_same_image(picked_local, rows)), rng=rng)
         base_n = len(rows)
         rows += [rest[int(i)] for i in sub]
         ids += [r[0] for r in rows[base_n:]]
