@@ -19,6 +19,7 @@ label of the case (:class:`LabelReceipt`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -46,11 +47,15 @@ STRATEGIES = ("random", "uncertainty", "uncertainty+diversity", "uncertainty+kce
               "badge", "entropy")
 
 
+BALANCE_RE = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_TAG_NAME}}}$")
+
+
 def check_balance(value: Any, what: str = "balance") -> str:
-    """A tag name a selection is balanced over (:class:`SelectionRequest`): 1-64 printable characters."""
-    if not isinstance(value, str) or not value or len(value) > MAX_TAG_NAME or not value.isprintable():
-        raise ProtocolError(f"{what} must be a tag name of 1-{MAX_TAG_NAME} printable characters (as in a case's "
-                            f"tags, e.g. 'condition'); received {value!r:.80}")
+    """A tag name a selection is balanced over (:class:`SelectionRequest`): 1-64 letters, digits, '_', '.' or '-'
+    (the hub reads it with the database's JSON operators; SQLite's JSON path cannot hold a quote)."""
+    if not isinstance(value, str) or not BALANCE_RE.match(value):
+        raise ProtocolError(f"{what} must be a tag name of 1-{MAX_TAG_NAME} letters, digits, '_', '.' or '-' (as in "
+                            f"a case's tags, e.g. 'condition'); received {value!r:.80}")
     return value
 
 

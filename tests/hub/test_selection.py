@@ -286,11 +286,24 @@ def test_the_hub_balances_a_selection_over_a_tag(hub: HubHarness) -> None:
     assert sum(c["case"]["tags"].get("condition") == "clear" for c in cases) >= 3
 
 
-@pytest.mark.parametrize("balance", ["", "x" * 65, 3, "tab\tname"])
+@pytest.mark.parametrize("tag", ["x.y", "time-of_day", "0"])
+def test_a_balance_tag_with_dots_or_dashes_is_read_as_one_name(hub: HubHarness, tag: str) -> None:
+    """The tag is a JSON key, not a path: SQLite's and PostgreSQL's JSON operators get it quoted."""
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        hub.send_case("d1", probs=[0.5, 0.3, 0.2], embedding=rng.normal(size=16).astype(np.float32),
+                      tags={tag: "v" if i < 4 else "w"})
+    r = hub.client.post("/v1/selections", json={"budget": 2, "strategy": "uncertainty", "balance": tag},
+                        headers=hub.labeler)
+    assert r.status_code == 200, r.text
+    assert sorted(c["case"]["tags"][tag] for c in r.json()["cases"]) == ["v", "w"]
+
+
+@pytest.mark.parametrize("balance", ["", "x" * 65, 3, "tab\tname", 'a"b', "$[0]"])
 def test_a_bad_balance_tag_is_refused_with_what_was_received(hub: HubHarness, balance: Any) -> None:
     _send_pool(hub, 3)
     r = hub.client.post("/v1/selections", json={"budget": 2, "balance": balance}, headers=hub.labeler)
-    assert r.status_code == 422 and "balance must be a tag name of 1-64 printable characters" in r.json()["detail"]
+    assert r.status_code == 422 and "balance must be a tag name of 1-64 letters, digits" in r.json()["detail"]
     assert "received" in r.json()["detail"]
     assert hub.client.get("/v1/pool", headers=hub.labeler).json()["total"] == 3  # nothing queued
 

@@ -398,5 +398,5 @@ def test_the_bridge_asks_the_hub_to_balance_its_selection_over_a_tag(hub: Labeli
     assert bridge.sync_once().pushed == 6
     [exchange] = hub.tap.find("POST", "/v1/selections", status=200)
     assert exchange.request_json()["balance"] == "condition"
-    with pytest.raises(InvalidInput, match=r"balance must be a tag name of 1-64 printable characters.*received ''"):
+    with pytest.raises(InvalidInput, match=r"balance must be a tag name of 1-64 letters, digits.*received ''"):
         BridgeConfig(balance="")
