@@ -53,7 +53,7 @@ def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True,
                                 turn_epochs=int(chosen["turn_epochs"]),  # type: ignore[call-overload]
                                 turn_lr=float(chosen["turn_lr"]),  # type: ignore[arg-type]
                                 strategy=strategy or str(chosen["strategy"]), replay_ratio=args.replay_ratio,
-                                new_repeats=args.new_repeats)
+                                new_repeats=args.new_repeats, balance=args.balance)
         t0 = time.monotonic()
         turns, _ = run_demo(settings, progress=lambda msg: None)
         seconds = time.monotonic() - t0
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                    "default: the demo's for the task).")
     p.add_argument("--new-repeats", type=int, default=None, help="Each retrain's --new-repeats (both arms; default: "
                    "the demo's for the task).")
+    p.add_argument("--balance", default=None, help="The tag the hub splits each turn's selection evenly over, or "
+                   "'none' (default: the demo's for the task).")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     variants = [True, False] if args.compare_rescore else [True]
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "\n\n" + "; ".join(summaries) + f". {verdict}\n\nSetup: `flywheel demo` with the oracle labeler, "
         f"{args.devices} agents x {args.frames_per_device} frames per turn, {args.turns} turns of {args.budget} "
         f"labels per arm, {_data(args)} with edge conditions (stream 75% clear, 5% each of "
-        f"night, fog, rain, motion blur, occlusion), seed set mostly clear; {_retrain(args)}; {_metric(args)} on the "
+        f"night, fog, rain, motion blur, occlusion), seed set mostly clear; {_selection(args)}; {_retrain(args)}; "
+        f"{_metric(args)} on the "
         f"test images under "
         f"every condition (each condition weighs the same). Curves (labels, {metric}) per seed are in the JSON lines "
         "the command prints.\n")
@@ -163,6 +166,16 @@ def _retrain(args: argparse.Namespace) -> str:
     repeats = chosen["new_repeats"] if args.new_repeats is None else args.new_repeats
     return (f"each turn retrains from the arm's model for {chosen['turn_epochs']} epochs at {chosen['turn_lr']}, "
             f"replay ratio {ratio}, each label {repeats} time{'s' if repeats != 1 else ''} an epoch")
+
+
+def _selection(args: argparse.Namespace) -> str:
+    """How the hub picked each turn's labels for the flywheel arm: the task's strategy, and the tag it balanced."""
+    from fleet.sim.settings import TASK_DEFAULTS
+
+    chosen = TASK_DEFAULTS[args.task]
+    tag = chosen["balance"] if args.balance is None else args.balance
+    over = "over the whole pool" if tag == "none" else f"the budget split evenly over the frames' {tag} tags"
+    return f"the hub selects by {chosen['strategy']}, {over}"
 
 
 def _metric(args: argparse.Namespace) -> str:

@@ -48,6 +48,9 @@ def demo(
         None, "--epochs", min=1, help="Epochs for each turn's retrain, both arms (default 20; detect: 4)."),
     strategy: str | None = typer.Option(
         None, "--strategy", help="The hub's selection strategy (default uncertainty+diversity; detect: uncertainty)."),
+    balance: str | None = typer.Option(
+        None, "--balance", help="A frame tag the hub splits each turn's selection evenly over, or 'none' (over the "
+        "whole pool; default condition; detect: none)."),
     rescore: bool = typer.Option(True, "--rescore/--no-rescore", help="Re-score the pool with each new active "
                                  "model before the hub selects (--no-rescore: the scores of capture, for comparison)."),
     replay_ratio: float | None = typer.Option(
@@ -90,7 +93,8 @@ def demo(
     epochs = epochs or int(chosen["turn_epochs"])  # type: ignore[call-overload]
     strategy = strategy or str(chosen["strategy"])
     settings = DemoSettings(workspace=ws, turns=turns, devices=devices, budget=budget, seed=seed, dataset=dataset,
-                            frames_per_device=frames, labeler=labeler, strategy=strategy, rescore=rescore,
+                            frames_per_device=frames, labeler=labeler, strategy=strategy, balance=balance,
+                            rescore=rescore,
                             allow_short=allow_short, gate_tolerance=gate_tolerance, replay_ratio=replay_ratio,
                             new_repeats=new_repeats,
                             install_studio=install_studio, annotate=annotate, seed_size=seed_size,
@@ -171,6 +175,8 @@ def _check_resume(ctx: typer.Context, asked: object) -> None:
             new, old = asked.replay(), saved.replay()  # type: ignore[attr-defined]
         if attr == "new_repeats":
             new, old = asked.repeats(), saved.repeats()  # type: ignore[attr-defined]
+        if attr == "balance":
+            new, old = asked.balanced() or "none", saved.balanced() or "none"  # type: ignore[attr-defined]
         if new != old:
             changed.append(f"{p.opts[0]} {new} (it started with {old})")
     if changed:

@@ -445,8 +445,8 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World | SceneW
             from fleet.sim.labelers import StudioLabeler
 
             try:
-                return StudioLabeler(hub, token, world, ws, strategy=settings.strategy, say=say,
-                                     annotate=settings.annotate, session=session)
+                return StudioLabeler(hub, token, world, ws, strategy=settings.strategy, balance=settings.balanced(),
+                                     say=say, annotate=settings.annotate, session=session)
             except ProcessFailed as exc:
                 if settings.labeler == "studio":
                     raise RuntimeError(f"--labeler studio: {exc}") from exc
@@ -454,4 +454,4 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World | SceneW
         if settings.labeler == "studio":
             raise RuntimeError(f"--labeler studio: {why}")
         say(f"Label Studio not used ({why}); the built-in oracle labels instead")
-    return OracleLabeler(hub.url, token, world, strategy=settings.strategy)
+    return OracleLabeler(hub.url, token, world, strategy=settings.strategy, balance=settings.balanced())

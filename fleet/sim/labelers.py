@@ -91,8 +91,9 @@ class OracleLabeler:
 
     name = "built-in oracle labeler (ground truth)"
 
-    def __init__(self, hub_url: str, token: str, world: World | SceneWorld, *, strategy: str) -> None:
-        self.url, self.world, self.strategy = hub_url, world, strategy
+    def __init__(self, hub_url: str, token: str, world: World | SceneWorld, *, strategy: str,
+                 balance: str | None = None) -> None:
+        self.url, self.world, self.strategy, self.balance = hub_url, world, strategy, balance
         self._headers = {"Authorization": f"Bearer {token}"}
         self._next_id = time.time_ns() // 1000  # task and annotation ids, unique across restarts of the demo
         self.client = httpx.Client(base_url=hub_url, headers=self._headers, timeout=60)
@@ -108,8 +109,8 @@ class OracleLabeler:
             cases = self._queued()
         wanted = budget - done_already - len(cases)
         if wanted > 0:
-            r = self.client.post("/v1/selections", content=SelectionRequest(wanted, strategy=self.strategy).to_json(),
-                                 headers=_JSON)
+            body = SelectionRequest(wanted, strategy=self.strategy, balance=self.balance)
+            r = self.client.post("/v1/selections", content=body.to_json(), headers=_JSON)
             r.raise_for_status()
             cases += Selection.from_json(r.content).cases
         done = done_already
@@ -183,8 +184,9 @@ class StudioLabeler:
     """
 
     def __init__(self, hub: HubProcess, labeler_token: str, world: World | SceneWorld, ws: Path, *,
-                 strategy: str = "uncertainty+diversity", say: Callable[[str], None] | None = None,
-                 annotators: int = 3, accuracy: float = 1.0, settle_s: float = 600.0, return_s: float = 120.0,
+                 strategy: str = "uncertainty+diversity", balance: str | None = None,
+                 say: Callable[[str], None] | None = None, annotators: int = 3, accuracy: float = 1.0,
+                 settle_s: float = 600.0, return_s: float = 120.0,
                  annotate: bool = False, poll_s: float = 3.0, session: dict[str, Any] | None = None) -> None:
         from fleet.sim.studio import StudioServer, find_studio_bin, start_studio, studio_version
 
@@ -193,6 +195,7 @@ class StudioLabeler:
         # session: what session() returned before an interruption (the same server login, project and annotators)
         session = session or {}
         self.world, self.settle_s, self.return_s, self.strategy = world, settle_s, return_s, strategy
+        self.balance = balance
         self.annotate, self.poll_s = annotate, poll_s
         self.finish_path = ws / "finish-turn"  # --annotate: touch it to end a turn with the labels so far
         self.say = say or (lambda msg: log.info("%s", msg))
@@ -331,6 +334,7 @@ class StudioLabeler:
         the whole budget let through at once: the bots keep no queue of their own); its report (exit code 1
         only says the report lists errors)."""
         report = self._label_cmd("sync", "--overlap", "1", "--overlap-share", "0", "--strategy", self.strategy,
+                                 *(("--balance", self.balance) if self.balance else ()),
                                  "--horizon", "1", "--reconcile-every", "0", "--task", self.world.task, *args)
         if not isinstance(report, dict):
             raise RuntimeError(f"flywheel label sync printed no report: {report!r}")

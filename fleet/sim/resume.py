@@ -138,7 +138,7 @@ def settings_to_dict(s: DemoSettings) -> dict[str, Any]:
 
 
 # what a demo saved before a setting existed ran with (today's default may differ, and a resumed demo keeps its own)
-SAVED_BEFORE = {"new_repeats": 1}
+SAVED_BEFORE = {"new_repeats": 1, "balance": "none"}
 
 
 def settings_from_dict(d: dict[str, Any]) -> DemoSettings:

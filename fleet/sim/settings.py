@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fleet.errors import ProtocolError
+from fleet.protocol import check_balance
 from fleet.sim.detect_world import DETECT_SEED_SCENES, SceneFrames
 from fleet.sim.fleet import Frames
 
@@ -17,9 +19,16 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
     # learned (seed 0: 0.375 from the base model's 0.414, refused by the gate). Each label twice an epoch
     # (new_repeats 2): on digits the flywheel then reached random's final accuracy with 0.29 / 0.22 / 0.26 of its
     # labels (once each: 0.42 / 0.30 / 0.27), on Fashion-MNIST with 0.58 / 0.57 / 0.78 (0.69 / 0.68 / 0.66);
-    # measured in benchmarks/RESULTS.md, 2026-12-04
+    # measured in benchmarks/RESULTS.md, 2026-12-04 (3 copies was tried: it lowered the random arm's final
+    # accuracy, not the flywheel's labels). Each turn's selection is split evenly over the frames' conditions
+    # (balance "condition"): the test accuracy weighs each condition the same while the stream is 75% clear, and
+    # over the whole pool 12 of turn 1's 20 labels were clear frames and none night, where the base model was at
+    # chance (Fashion-MNIST seed 0: 0.337 after turn 1, against 0.412 balanced). Fashion-MNIST then needed
+    # 0.45 / 0.18 / 0.44 of random's labels (0.58 / 0.57 / 0.78 over the whole pool), digits 0.35 / 0.29 / 0.38
+    # (0.32 / 0.31 / 0.35); a detector balanced was no better (0.44 / 0.81 / 0.78): RESULTS.md, 2026-12-04 21:25-21:50
     "classify": {"model": "smallcnn", "base_epochs": 30, "turn_epochs": 20, "turn_lr": 0.05,
-                 "strategy": "uncertainty+diversity", "replay_ratio": 1.0, "new_repeats": 2},
+                 "strategy": "uncertainty+diversity", "balance": "condition", "replay_ratio": 1.0,
+                 "new_repeats": 2},
     # AdamW's fine-tuning rate for the detector: 0.05 (SGD's, the classifier's) wrecks it in one turn. Selection
     # by informativeness alone: a young detector disagrees with the human on nearly every frame, so the
     # informativeness mass of a cluster follows its size and uncertainty+diversity labels the common clear
@@ -29,7 +38,7 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
     # (benchmarks/RESULTS.md, 2026-12-04; 8 epochs was tried and fell short on seed 0). Each label once an epoch:
     # twice gave 0.40 / 0.63 / 0.93 of random's labels, no better (RESULTS.md, 2026-12-04 18:09)
     "detect": {"model": "fcos_tiny", "base_epochs": 12, "turn_epochs": 4, "turn_lr": 0.001,
-               "strategy": "uncertainty", "replay_ratio": 1.0, "new_repeats": 1},
+               "strategy": "uncertainty", "balance": "none", "replay_ratio": 1.0, "new_repeats": 1},
 }
 SEED_PER_CLASS = 15  # the default seed set: this many frames a class (a many-class set needs more than digits)
 TEST_CAP = 500  # the default test set: at most this many images a condition (stratified), so turns stay short
@@ -56,6 +65,8 @@ class DemoSettings:
     # times an epoch beside the seed set); None: the task's (TASK_DEFAULTS)
     upload_rate: float = 0.08  # calibrated uncertainty trigger's target rate per device
     strategy: str = "uncertainty+diversity"
+    balance: str | None = None  # the case tag the hub splits each turn's selection evenly over (SelectionRequest);
+    # "none": over the whole pool; None: the task's (TASK_DEFAULTS)
     rescore: bool = True  # re-score the pool with each new active model before selecting (fleet.hub.rescore)
     labeler: str = "auto"  # auto | oracle | studio
     install_studio: bool = True  # auto/studio: install Label Studio into ./.venv-studio when it is missing
@@ -79,6 +90,11 @@ class DemoSettings:
             return self.new_repeats
         return int(TASK_DEFAULTS[self.task]["new_repeats"])  # type: ignore[call-overload]
 
+    def balanced(self) -> str | None:
+        """The tag each turn's selection is balanced over: the one set (None for "none"), else the task's."""
+        chosen = self.balance if self.balance is not None else str(TASK_DEFAULTS[self.task]["balance"])
+        return None if chosen == "none" else chosen
+
     def validate(self) -> None:
         for name in ("turns", "devices", "budget", "frames_per_device", "seed_size", "test_size", "base_epochs",
                      "turn_epochs", "width"):
@@ -87,6 +103,11 @@ class DemoSettings:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; received {value!r}")
+        if self.balance is not None:
+            try:
+                check_balance(self.balance, "--balance")
+            except ProtocolError as exc:
+                raise ValueError(f"{exc}; or 'none' to select over the whole pool") from None
         if self.gate_tolerance is not None and not 0 <= self.gate_tolerance <= 1:
             raise ValueError(f"--gate-tolerance must be in [0, 1] (a drop in accuracy or mAP); received "
                              f"{self.gate_tolerance}")

@@ -3,6 +3,7 @@ the pin read from the package's own `studio` extra, and a stratified test sample
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,53 @@ def test_a_resume_compares_the_replay_ratio_each_retrain_gets(tmp_path: Path) ->
         _check_resume(ctx, DemoSettings(workspace=tmp_path, new_repeats=default + 2))  # type: ignore[arg-type]
 
 
+def test_each_turn_s_selection_is_balanced_over_the_task_s_tag(tmp_path: Path) -> None:
+    """The labelers ask the hub to split each turn's budget over the frames' conditions (a classifier's default;
+    the test accuracy weighs each condition the same); --balance names another tag or 'none', and a bad one is
+    refused with what was received. A resume compares the tag each selection gets."""
+    from types import SimpleNamespace
+
+    import httpx
+
+    from fleet.sim.cli import _check_resume
+    from fleet.sim.resume import DemoState, settings_to_dict
+
+    for task in settings.TASKS:
+        want = settings.TASK_DEFAULTS[task]["balance"]
+        assert DemoSettings(workspace=tmp_path, task=task).balanced() == (None if want == "none" else want)
+    assert DemoSettings(workspace=tmp_path, task="detect", balance="condition").balanced() == "condition"
+    assert DemoSettings(workspace=tmp_path, balance="none").balanced() is None
+    for bad in ("", "x" * 65, "new\nline"):
+        with pytest.raises(ValueError, match=r"--balance must be a tag name of 1-64 letters, digits.*received "
+                                             r".*; or 'none' to select over the whole pool"):
+            DemoSettings(workspace=tmp_path, balance=bad).validate()
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"selection_id": "sel-1", "strategy": "uncertainty", "budget": 3,
+                                         "pool_size": 0, "cases": []})
+
+    labeler = OracleLabeler("http://hub.test", "t", _world(), strategy="uncertainty",  # type: ignore[arg-type]
+                            balance=DemoSettings(workspace=tmp_path).balanced())
+    labeler.client = httpx.Client(base_url="http://hub.test", transport=httpx.MockTransport(handler))
+    labeler.label(3, 1)
+    assert bodies[-1]["balance"] == settings.TASK_DEFAULTS["classify"]["balance"] and bodies[-1]["budget"] == 3
+    labeler.balance = None
+    labeler.label(3, 2)
+    assert bodies[-1]["balance"] is None
+    labeler.close()
+
+    DemoState(settings=settings_to_dict(DemoSettings(workspace=tmp_path)), hub={}, base_version="base-s0", arms={},
+              rng={}).save(tmp_path)
+    option = SimpleNamespace(name="balance", opts=["--balance"])
+    ctx = SimpleNamespace(command=SimpleNamespace(params=[option]),
+                          get_parameter_source=lambda name: SimpleNamespace(name="COMMANDLINE"))
+    _check_resume(ctx, DemoSettings(workspace=tmp_path, balance="condition"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"would change --balance none \(it started with condition\)"):
+        _check_resume(ctx, DemoSettings(workspace=tmp_path, balance="none"))  # type: ignore[arg-type]
+
+
 def test_the_test_sample_keeps_every_class_in_proportion() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(40), np.r_[np.full(20, 50), np.full(20, 10)])  # 1200 test images, two class sizes
@@ -180,7 +228,7 @@ def test_the_demo_s_help_names_each_task_s_defaults() -> None:
     params = inspect.signature(demo).parameters
     classify, detect = settings.TASK_DEFAULTS["classify"], settings.TASK_DEFAULTS["detect"]
     for option, key in (("model", "model"), ("base_epochs", "base_epochs"), ("epochs", "turn_epochs"),
-                        ("strategy", "strategy"), ("new_repeats", "new_repeats")):
+                        ("strategy", "strategy"), ("new_repeats", "new_repeats"), ("balance", "balance")):
         text = params[option].default.help
         assert f"default {classify[key]}; detect: {detect[key]})" in text, (option, text)
     assert classify["replay_ratio"] == detect["replay_ratio"] == 1.0

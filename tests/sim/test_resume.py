@@ -81,6 +81,15 @@ def test_a_demo_saved_before_new_repeats_existed_resumes_with_each_label_once() 
     assert settings_from_dict(saved).new_repeats == 1 and settings_from_dict(saved).repeats() == 1
 
 
+def test_a_demo_saved_before_balance_existed_resumes_selecting_over_the_whole_pool() -> None:
+    """The demo's selection came to be balanced over conditions (a classifier's default); a demo saved before ran
+    over the whole pool and keeps doing so when resumed."""
+    saved = settings_to_dict(DemoSettings(workspace=Path("/w")))
+    assert saved["balance"] is None and settings_from_dict(saved).balanced() == TASK_DEFAULTS["classify"]["balance"]
+    del saved["balance"]
+    assert settings_from_dict(saved).balance == "none" and settings_from_dict(saved).balanced() is None
+
+
 @pytest.mark.parametrize(("content", "expected"), [
     (None, "holds no demo-state.json: there is no demo to resume there"),
     ("{not json", "is not JSON"),
