@@ -19,13 +19,14 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
     # learned (seed 0: 0.375 from the base model's 0.414, refused by the gate). Each label twice an epoch
     # (new_repeats 2): on digits the flywheel then reached random's final accuracy with 0.29 / 0.22 / 0.26 of its
     # labels (once each: 0.42 / 0.30 / 0.27), on Fashion-MNIST with 0.58 / 0.57 / 0.78 (0.69 / 0.68 / 0.66);
-    # measured in benchmarks/RESULTS.md, 2026-12-04 (3 copies was tried: it lowered the random arm's final
-    # accuracy, not the flywheel's labels). Each turn's selection is split evenly over the frames' conditions
-    # (balance "condition"): the test accuracy weighs each condition the same while the stream is 75% clear, and
-    # over the whole pool 12 of turn 1's 20 labels were clear frames and none night, where the base model was at
-    # chance (Fashion-MNIST seed 0: 0.337 after turn 1, against 0.412 balanced). Fashion-MNIST then needed
-    # 0.45 / 0.18 / 0.44 of random's labels (0.58 / 0.57 / 0.78 over the whole pool), digits 0.35 / 0.29 / 0.38
-    # (0.32 / 0.31 / 0.35); a detector balanced was no better (0.44 / 0.81 / 0.78): RESULTS.md, 2026-12-04 21:25-21:50
+    # measured in benchmarks/RESULTS.md, 2026-12-04 (3 copies was tried: the ratio fell because the random arm's
+    # final accuracy fell, not because the flywheel learned faster). Each turn's selection is split evenly over the
+    # frames' conditions (balance "condition"): the test accuracy weighs each condition the same while the stream
+    # is 75% clear, and over the whole pool 12 of turn 1's 20 labels were clear frames and none night, where the
+    # base model was at chance (Fashion-MNIST seed 0: 0.337 after turn 1, against 0.412 balanced). Fashion-MNIST
+    # then needed 0.45 / 0.18 / 0.44 of random's labels (0.58 / 0.57 / 0.78 over the whole pool), digits
+    # 0.35 / 0.29 / 0.38 (0.32 / 0.31 / 0.35); a detector balanced was no better (0.44 / 0.81 / 0.78):
+    # RESULTS.md, 2026-12-04 21:25-21:50
     "classify": {"model": "smallcnn", "base_epochs": 30, "turn_epochs": 20, "turn_lr": 0.05,
                  "strategy": "uncertainty+diversity", "balance": "condition", "replay_ratio": 1.0,
                  "new_repeats": 2},
