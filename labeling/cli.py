@@ -52,6 +52,9 @@ def sync(
     strategy: str = typer.Option("uncertainty+diversity", "--strategy", help="The hub's selection strategy."),
     balance: str = typer.Option("", "--balance", help="A case tag (e.g. condition): the hub splits each selection's "
                                 "budget evenly over the tag's values in the pool (default: over the whole pool)."),
+    seed: int = typer.Option(None, "--seed", min=0, max=2**63 - 1,  # noqa: B008
+                             help="Seeds the hub's selection, so the same pool gives the same picks "
+                                  "(default: unseeded)."),
     horizon: float = typer.Option(900.0, "--horizon", min=1.0,
                                   help="Seconds of annotator work to keep queued (sets the target depth)."),
     min_depth: int = typer.Option(20, "--min-depth", min=0, help="Smallest queue depth, in annotations."),
@@ -86,7 +89,7 @@ def sync(
     try:
         config = BridgeConfig(
             project_title=project, task=task, overlap=overlap, overlap_share=overlap_share,
-            strategy=strategy, balance=balance or None,
+            strategy=strategy, balance=balance or None, selection_seed=seed,
             throttle=Throttle(horizon_s=horizon, min_depth=min_depth, max_depth=max_depth),
             reconcile_every_s=reconcile_every,
             webhook_url=(webhook_url or f"{hub_url.rstrip('/')}/v1/labeling/webhook") if webhook_secret else None,

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleet.errors import InvalidInput, ProtocolError
-from fleet.protocol import STRATEGIES, check_balance
+from fleet.protocol import STRATEGIES, check_balance, check_int
 from labeling.configs import LabelKind, check_class_names, get_kind, kind_for_task
 from labeling.throttle import Throttle
 
@@ -32,6 +32,7 @@ class BridgeConfig:
     throttle: Throttle = field(default_factory=Throttle)
     strategy: str = "uncertainty+diversity"
     balance: str | None = None  # a case tag: the hub splits each selection evenly over its values
+    selection_seed: int | None = None  # seeds each of the hub's selections (the same pool, the same picks)
     batch_size: int = 500
     reconcile_every_s: float = 60.0
     webhook_url: str | None = None
@@ -59,11 +60,13 @@ class BridgeConfig:
             raise InvalidInput(f"overlap_share must lie in [0, 1]; received {self.overlap_share}")
         if self.strategy not in STRATEGIES:
             raise InvalidInput(f"unknown selection strategy {self.strategy!r}; valid: {list(STRATEGIES)}")
-        if self.balance is not None:
-            try:
+        try:
+            if self.balance is not None:
                 check_balance(self.balance)
-            except ProtocolError as exc:
-                raise InvalidInput(str(exc)) from None
+            if self.selection_seed is not None:
+                check_int(self.selection_seed, "selection_seed", lo=0, hi=2**63 - 1)
+        except ProtocolError as exc:
+            raise InvalidInput(str(exc)) from None
         if not 1 <= self.batch_size <= 5000:
             raise InvalidInput(f"batch_size must be between 1 and 5000; received {self.batch_size}")
         if not self.cluster_budget_s >= 0.0:  # (NaN fails too)

@@ -109,7 +109,8 @@ def push_once(bridge: BridgeContext) -> int:
     # makes the next turn adopt them from the hub's queued pool
     bridge.ledger.put("selection_in_doubt", True)
     try:
-        selection = bridge.hub.select(budget, strategy=bridge.config.strategy, balance=bridge.config.balance)
+        selection = bridge.hub.select(budget, strategy=bridge.config.strategy, balance=bridge.config.balance,
+                                      seed=bridge.config.selection_seed)
     except RetryableError:
         log.warning("selection answer lost; queued cases will be adopted from the hub's pool next turn")
         raise

@@ -446,7 +446,7 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World | SceneW
 
             try:
                 return StudioLabeler(hub, token, world, ws, strategy=settings.strategy, balance=settings.balanced(),
-                                     say=say, annotate=settings.annotate, session=session)
+                                     seed=settings.seed, say=say, annotate=settings.annotate, session=session)
             except ProcessFailed as exc:
                 if settings.labeler == "studio":
                     raise RuntimeError(f"--labeler studio: {exc}") from exc
@@ -454,4 +454,5 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World | SceneW
         if settings.labeler == "studio":
             raise RuntimeError(f"--labeler studio: {why}")
         say(f"Label Studio not used ({why}); the built-in oracle labels instead")
-    return OracleLabeler(hub.url, token, world, strategy=settings.strategy, balance=settings.balanced())
+    return OracleLabeler(hub.url, token, world, strategy=settings.strategy, balance=settings.balanced(),
+                         seed=settings.seed)

@@ -17,6 +17,7 @@ import httpx
 
 from fleet.protocol import LabelPost, PoolPage, SelectedCase, Selection, SelectionRequest
 from fleet.sim.fleet import World
+from fleet.sim.settings import selection_seed
 
 if TYPE_CHECKING:
     from fleet.sim.detect_world import SceneWorld
@@ -92,8 +93,9 @@ class OracleLabeler:
     name = "built-in oracle labeler (ground truth)"
 
     def __init__(self, hub_url: str, token: str, world: World | SceneWorld, *, strategy: str,
-                 balance: str | None = None) -> None:
-        self.url, self.world, self.strategy, self.balance = hub_url, world, strategy, balance
+                 balance: str | None = None, seed: int | None = None) -> None:
+        # seed: the demo's; each turn's selection asks the hub for selection_seed(seed, turn) (None: unseeded)
+        self.url, self.world, self.strategy, self.balance, self.seed = hub_url, world, strategy, balance, seed
         self._headers = {"Authorization": f"Bearer {token}"}
         self._next_id = time.time_ns() // 1000  # task and annotation ids, unique across restarts of the demo
         self.client = httpx.Client(base_url=hub_url, headers=self._headers, timeout=60)
@@ -109,7 +111,8 @@ class OracleLabeler:
             cases = self._queued()
         wanted = budget - done_already - len(cases)
         if wanted > 0:
-            body = SelectionRequest(wanted, strategy=self.strategy, balance=self.balance)
+            body = SelectionRequest(wanted, strategy=self.strategy, balance=self.balance,
+                                    seed=None if self.seed is None else selection_seed(self.seed, turn))
             r = self.client.post("/v1/selections", content=body.to_json(), headers=_JSON)
             r.raise_for_status()
             cases += Selection.from_json(r.content).cases
@@ -184,7 +187,7 @@ class StudioLabeler:
     """
 
     def __init__(self, hub: HubProcess, labeler_token: str, world: World | SceneWorld, ws: Path, *,
-                 strategy: str = "uncertainty+diversity", balance: str | None = None,
+                 strategy: str = "uncertainty+diversity", balance: str | None = None, seed: int | None = None,
                  say: Callable[[str], None] | None = None, annotators: int = 3, accuracy: float = 1.0,
                  settle_s: float = 600.0, return_s: float = 120.0,
                  annotate: bool = False, poll_s: float = 3.0, session: dict[str, Any] | None = None) -> None:
@@ -195,7 +198,7 @@ class StudioLabeler:
         # session: what session() returned before an interruption (the same server login, project and annotators)
         session = session or {}
         self.world, self.settle_s, self.return_s, self.strategy = world, settle_s, return_s, strategy
-        self.balance = balance
+        self.balance, self.seed = balance, seed  # seed: the demo's, as OracleLabeler's
         self.annotate, self.poll_s = annotate, poll_s
         self.finish_path = ws / "finish-turn"  # --annotate: touch it to end a turn with the labels so far
         self.say = say or (lambda msg: log.info("%s", msg))
@@ -258,7 +261,8 @@ class StudioLabeler:
         # the throttle lets the whole budget through at once: the bots keep no queue of their own; what is
         # still open in Label Studio (an interrupted turn's tasks, or an earlier turn's unlabeled ones) counts
         depth = budget - done_already
-        report = self._sync("--min-depth", str(depth), "--max-depth", str(depth)) if depth > 0 \
+        seeded = () if self.seed is None else ("--seed", str(selection_seed(self.seed, turn)))
+        report = self._sync("--min-depth", str(depth), "--max-depth", str(depth), *seeded) if depth > 0 \
             else self._sync("--no-push")
         problems = list(report.get("errors") or [])
         pushed = int(report.get("pushed") or 0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fleet.errors import ProtocolError
 from fleet.protocol import check_balance
 from fleet.sim.detect_world import DETECT_SEED_SCENES, SceneFrames
@@ -44,6 +46,13 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
 SEED_PER_CLASS = 15  # the default seed set: this many frames a class (a many-class set needs more than digits)
 TEST_CAP = 500  # the default test set: at most this many images a condition (stratified), so turns stay short
 NEAR_CHANCE = 1.5  # a model below this many times chance accuracy is "near chance"
+
+
+def selection_seed(seed: int, turn: int) -> int:
+    """The seed of a demo's selection request in turn ``turn``, from the demo's ``--seed``: the hub's picks then
+    repeat run for run over the same pool (unseeded, the hub draws from the operating system: two runs of one
+    ``--seed`` picked 11 of turn 1's 40 digits differently from the same 184 uploads). In [0, 2**32)."""
+    return int(np.random.SeedSequence([abs(seed), int(seed < 0), turn]).generate_state(1)[0])
 
 
 @dataclass

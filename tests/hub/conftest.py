@@ -278,7 +278,7 @@ def hub_factory(database_url: str, tmp_path: Path, keypair: KeyPair) -> Iterator
 
     def make(**overrides: Any) -> HubHarness:
         clock = FakeClock()
-        settings = build_settings(tmp_path, database_url, keypair, **overrides)
+        settings = build_settings(tmp_path, overrides.pop("database_url", database_url), keypair, **overrides)
         app = create_app(settings, clock=clock)
         client = TestClient(app)
         client.__enter__()

@@ -286,6 +286,27 @@ def test_the_hub_balances_a_selection_over_a_tag(hub: HubHarness) -> None:
     assert sum(c["case"]["tags"].get("condition") == "clear" for c in cases) >= 3
 
 
+@pytest.mark.parametrize("strategy", sorted(set(STRATEGIES) - {"random"}))  # random: SQL's random(), unseeded
+def test_a_seeded_selection_repeats_over_the_same_pool_in_another_hub(hub: HubHarness, hub_factory: Any,
+                                                                      tmp_path: Any, strategy: str) -> None:
+    """Two runs of one demo seed upload the same frames as cases with other ids; a seeded selection picks the
+    same images in both, ties in the score included (they go by image, not by case id)."""
+    other: HubHarness = hub_factory(database_url=f"sqlite:///{tmp_path / 'second.db'}", data_dir=tmp_path / "second")
+    other.register_model("m1", promote=True)
+    other.enroll("d1")
+    picked = []
+    for h in (hub, other):
+        rng = np.random.default_rng(0)
+        for i in range(16):  # four scores, four cases each: every score is tied
+            h.send_case("d1", probs=[0.4 + 0.1 * (i % 4), 0.3 - 0.05 * (i % 4), 0.3 - 0.05 * (i % 4)],
+                        embedding=rng.normal(size=16).astype(np.float32), tags={"condition": "ab"[i % 2]})
+        r = h.client.post("/v1/selections", json={"budget": 6, "strategy": strategy, "seed": 11},
+                          headers=h.labeler)
+        assert r.status_code == 200, r.text
+        picked.append(sorted(c["case"]["image_sha256"] for c in r.json()["cases"]))
+    assert len(picked[0]) == 6 and picked[0] == picked[1]
+
+
 @pytest.mark.parametrize("tag", ["x.y", "time-of_day", "0"])
 def test_a_balance_tag_with_dots_or_dashes_is_read_as_one_name(hub: HubHarness, tag: str) -> None:
     """The tag is a JSON key, not a path: SQLite's and PostgreSQL's JSON operators get it quoted."""

@@ -400,3 +400,16 @@ def test_the_bridge_asks_the_hub_to_balance_its_selection_over_a_tag(hub: Labeli
     assert exchange.request_json()["balance"] == "condition"
     with pytest.raises(InvalidInput, match=r"balance must be a tag name of 1-64 letters, digits.*received ''"):
         BridgeConfig(balance="")
+
+
+def test_the_bridge_seeds_the_hub_s_selection_when_asked(hub: LabelingHub, studio: FakeStudio, clock: Clock) -> None:
+    """``flywheel label sync --seed 7``: each selection carries the seed (the same pool, the same picks:
+    tests/hub/test_selection.py); unseeded by default; a bad seed is refused before any request."""
+    hub.add_cases(8)
+    make_bridge(hub, studio, clock, selection_seed=7).sync_once()
+    [exchange] = hub.tap.find("POST", "/v1/selections", status=200)
+    assert exchange.request_json()["seed"] == 7
+    assert BridgeConfig().selection_seed is None
+    for bad in (-1, 2**63, "7"):
+        with pytest.raises(InvalidInput, match=r"selection_seed must be"):
+            BridgeConfig(selection_seed=bad)  # type: ignore[arg-type]

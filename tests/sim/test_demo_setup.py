@@ -17,6 +17,7 @@ from fleet.sim.data import Dataset, sample_test
 from fleet.sim.demo import DemoSettings, _make_labeler
 from fleet.sim.labelers import OracleLabeler
 from fleet.sim.procs import ProcessFailed
+from fleet.sim.settings import selection_seed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,7 +158,8 @@ def test_a_resume_compares_the_replay_ratio_each_retrain_gets(tmp_path: Path) ->
 def test_each_turn_s_selection_is_balanced_over_the_task_s_tag(tmp_path: Path) -> None:
     """The labelers ask the hub to split each turn's budget over the frames' conditions (a classifier's default;
     the test accuracy weighs each condition the same); --balance names another tag or 'none', and a bad one is
-    refused with what was received. A resume compares the tag each selection gets."""
+    refused with what was received. A resume compares the tag each selection gets. Each turn's request carries a
+    seed from the demo's --seed and the turn (fleet.sim.settings.selection_seed), the same again on a resume."""
     from types import SimpleNamespace
 
     import httpx
@@ -189,7 +191,15 @@ def test_each_turn_s_selection_is_balanced_over_the_task_s_tag(tmp_path: Path) -
     labeler.balance = None
     labeler.label(3, 2)
     assert bodies[-1]["balance"] is None
+    assert bodies[-1]["seed"] is None  # a labeler made without the demo's seed asks unseeded
+    labeler.seed = 0
+    labeler.label(3, 1)
+    labeler.label(3, 2)
+    labeler.label(3, 1)  # a resumed turn asks as the interrupted one did
+    assert [b["seed"] for b in bodies[-3:]] == [selection_seed(0, 1), selection_seed(0, 2), selection_seed(0, 1)]
     labeler.close()
+    seeds = {selection_seed(seed, turn) for seed in (-1, 0, 1, 2**40) for turn in (1, 2, 3)}
+    assert len(seeds) == 12 and all(0 <= x < 2**32 for x in seeds)
 
     DemoState(settings=settings_to_dict(DemoSettings(workspace=tmp_path)), hub={}, base_version="base-s0", arms={},
               rng={}).save(tmp_path)

@@ -207,7 +207,9 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     tag = sa.null() if body.balance is None else col(CaseRow.payload)["tags"][body.balance].as_string()
     q = select(CaseRow.case_id, unc, emb, CaseRow.image_sha256, tag).select_from(join).where(
         col(CaseRow.state).in_(states), rescoring.in_space(space))
-    q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(unc.desc(), CaseRow.case_id)
+    # ties go by image, which is the same run for run (a case id is not), so a seeded selection repeats
+    q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(unc.desc(), CaseRow.image_sha256,
+                                                                               CaseRow.case_id)
     with read_session(hub.engine) as s:
         rows = list(s.exec(q.limit(pool_n)).all())
         outside = None if space is None else rescoring.not_rescored(space, tuple(states), failed_too=True)
@@ -216,7 +218,7 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
         if n_rest:  # not yet re-scored: ranked after every re-scored case, by capture-time score, no embeddings
             rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256, tag).where(outside)
             rq = rq.order_by(func.random()) if body.strategy == "random" else rq.order_by(
-                col(CaseRow.uncertainty).desc(), CaseRow.case_id)
+                col(CaseRow.uncertainty).desc(), CaseRow.image_sha256, CaseRow.case_id)
             rest = list(s.exec(rq.limit(body.budget * cfg.selection_pool_factor)).all())
     labeled = labeled_set(hub, space)  # indexed once per worker, then grown (fleet.hub.labeled_set)
     rows = [r for r in rows if r[3] not in labeled.shas]
