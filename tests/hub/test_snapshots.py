@@ -36,6 +36,20 @@ def test_snapshot_holds_accepted_and_gold_labels_only(hub: HubHarness) -> None:
     assert [s["version"] for s in listing["snapshots"]] == [1, 2]
 
 
+def test_a_snapshot_lists_its_frames_in_image_order_whatever_their_case_ids(hub: HubHarness) -> None:
+    """The trainer's order is the manifest's: by image, so the same labeled frames under other case ids (another
+    run of one demo seed) make the same manifest order and the retrain repeats."""
+    ids = [hub.send_case("d1", case_id=f"c-{n}") for n in ("zz", "aa", "mm", "bb", "yy")]  # ids out of image order
+    for i, case_id in enumerate(ids):
+        hub.label(case_id, i % 3)
+    snap = hub.client.post("/v1/snapshots", headers=hub.trainer).json()
+    _, entries = decode_manifest(hub.client.get(f"/v1/snapshots/{snap['snapshot_id']}/manifest",
+                                                headers=hub.trainer).content)
+    shas = [e.case.image_sha256 for e in entries]
+    assert len(shas) == 5 and shas == sorted(shas)
+    assert [e.case_id for e in entries] != sorted(ids)  # (the ids' order differs: this test shows something)
+
+
 def test_blob_download_single_and_bulk(hub: HubHarness) -> None:
     case, image = hub.make_case("d1")
     assert hub.post_case(case, image).status_code == 201

@@ -41,10 +41,12 @@ _MEDIA = {"image": "image/png", "manifest": "application/x-ndjson", "model": "ap
              openapi_extra=request_body(SnapshotCreate, required=False))
 def create_snapshot(_: TrainerCaller, hub: HubDep,
                     body: SnapshotCreate = message_body(SnapshotCreate, optional=True)) -> Response:
-    """Freeze every accepted or gold label into a manifest (fleet.protocol.dataset) with a new version number."""
+    """Freeze every accepted or gold label into a manifest (fleet.protocol.dataset) with a new version number.
+    Entries go in image order (then case id): the same labeled frames make the same training order in any hub,
+    whatever ids the devices gave their cases, so a retrain on them repeats."""
     with read_session(hub.engine) as s:
         rows = s.exec(select(CaseRow).where(col(CaseRow.label_status).in_(["accepted", "gold"]))
-                      .order_by(CaseRow.case_id)).all()
+                      .order_by(CaseRow.image_sha256, CaseRow.case_id)).all()
     task, class_names = _classes(hub, rows)
     entries = [SnapshotEntry(case=Case.from_dict(r.payload), label=parse_prediction(r.label_payload, "label"),
                              status=str(r.label_status)) for r in rows]
