@@ -66,6 +66,8 @@ class SelectionRequest(Message):
     budget: int
     strategy: str = "uncertainty+diversity"
     exclude_queued: bool = True
+    # seeds the hub's generator: the same pool (the same images, whatever their case ids) gives the same picks,
+    # for every strategy; None: drawn from the operating system
     seed: int | None = None
     # a tag name (a case's ``tags``, e.g. "condition"): the budget is split evenly over the tag's values in the
     # pool, and the strategy picks within each (fleet.hub.selection.pick_balanced); None: over the whole pool

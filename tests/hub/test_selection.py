@@ -286,11 +286,12 @@ def test_the_hub_balances_a_selection_over_a_tag(hub: HubHarness) -> None:
     assert sum(c["case"]["tags"].get("condition") == "clear" for c in cases) >= 3
 
 
-@pytest.mark.parametrize("strategy", sorted(set(STRATEGIES) - {"random"}))  # random: SQL's random(), unseeded
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_a_seeded_selection_repeats_over_the_same_pool_in_another_hub(hub: HubHarness, hub_factory: Any,
                                                                       tmp_path: Any, strategy: str) -> None:
     """Two runs of one demo seed upload the same frames as cases with other ids; a seeded selection picks the
-    same images in both, ties in the score included (they go by image, not by case id)."""
+    same images in both, ties in the score included (they go by image, not by case id); ``random`` too (seeded,
+    it draws with the hub's generator over the pool read in image order, not with SQL's random())."""
     other: HubHarness = hub_factory(database_url=f"sqlite:///{tmp_path / 'second.db'}", data_dir=tmp_path / "second")
     other.register_model("m1", promote=True)
     other.enroll("d1")

@@ -187,6 +187,14 @@ def image(case_id: str, hub: HubDep, exp: int = Query(...), sig: str = Query(...
 MAX_POOL = 20_000
 
 
+def _pool_order(body: SelectionRequest, score: Any, by_image: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The order a selection reads its pool in: the highest scores first, ties by image; for ``random``, SQL's
+    random(), or by image where the request is seeded (the seeded generator then draws)."""
+    if body.strategy != "random":
+        return (score.desc(), *by_image)
+    return by_image if body.seed is not None else (func.random(),)
+
+
 @router.post("/v1/selections", response_model=Selection, openapi_extra=request_body(SelectionRequest))
 def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
                  body: SelectionRequest = message_body(SelectionRequest)) -> Response:
@@ -199,7 +207,10 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     # cluster-proportional and typical selection need the whole pool to weigh each cluster's mass
     # these weigh the pool's shape, not its top (entropy: the top by another score than the stored one)
     whole = ("uncertainty+diversity", "typiclust", "adaptive", "badge", "entropy")
-    pool_n = MAX_POOL if body.strategy in whole else body.budget * cfg.selection_pool_factor
+    # random: SQL's random() draws the pool; seeded, the pool is read in image order (a hash, blind to the scores)
+    # and the seeded generator draws from it, so the same pool gives the same picks
+    seeded_random = body.strategy == "random" and body.seed is not None
+    pool_n = MAX_POOL if body.strategy in whole or seeded_random else body.budget * cfg.selection_pool_factor
     rng = np.random.default_rng(body.seed)
     # one model's scores and embeddings (fleet.hub.rescore), or each case's capturing model's
     space = rescoring.active_version(hub) if cfg.selection_space == "active" else None
@@ -208,8 +219,8 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     q = select(CaseRow.case_id, unc, emb, CaseRow.image_sha256, tag).select_from(join).where(
         col(CaseRow.state).in_(states), rescoring.in_space(space))
     # ties go by image, which is the same run for run (a case id is not), so a seeded selection repeats
-    q = q.order_by(func.random()) if body.strategy == "random" else q.order_by(unc.desc(), CaseRow.image_sha256,
-                                                                               CaseRow.case_id)
+    by_image = (CaseRow.image_sha256, CaseRow.case_id)
+    q = q.order_by(*_pool_order(body, unc, by_image))
     with read_session(hub.engine) as s:
         rows = list(s.exec(q.limit(pool_n)).all())
         outside = None if space is None else rescoring.not_rescored(space, tuple(states), failed_too=True)
@@ -217,8 +228,7 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
         rest: list[Any] = []
         if n_rest:  # not yet re-scored: ranked after every re-scored case, by capture-time score, no embeddings
             rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256, tag).where(outside)
-            rq = rq.order_by(func.random()) if body.strategy == "random" else rq.order_by(
-                col(CaseRow.uncertainty).desc(), CaseRow.image_sha256, CaseRow.case_id)
+            rq = rq.order_by(*_pool_order(body, col(CaseRow.uncertainty), by_image))
             rest = list(s.exec(rq.limit(body.budget * cfg.selection_pool_factor)).all())
     labeled = labeled_set(hub, space)  # indexed once per worker, then grown (fleet.hub.labeled_set)
     rows = [r for r in rows if r[3] not in labeled.shas]
