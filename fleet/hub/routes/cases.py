@@ -187,9 +187,11 @@ def image(case_id: str, hub: HubDep, exp: int = Query(...), sig: str = Query(...
 MAX_POOL = 20_000
 
 
-def _pool_order(body: SelectionRequest, score: Any, by_image: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The order a selection reads its pool in: the highest scores first, ties by image; for ``random``, SQL's
-    random(), or by image where the request is seeded (the seeded generator then draws)."""
+def _pool_order(body: SelectionRequest, score: Any) -> tuple[Any, ...]:
+    """The order a selection reads its pool in: the highest scores first, ties by image (the same run for run; a
+    case id is not, so a seeded selection repeats); for ``random``, SQL's random(), or by image where the request is
+    seeded (the seeded generator then draws)."""
+    by_image = (CaseRow.image_sha256, CaseRow.case_id)
     if body.strategy != "random":
         return (score.desc(), *by_image)
     return by_image if body.seed is not None else (func.random(),)
@@ -218,9 +220,7 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     tag = sa.null() if body.balance is None else col(CaseRow.payload)["tags"][body.balance].as_string()
     q = select(CaseRow.case_id, unc, emb, CaseRow.image_sha256, tag).select_from(join).where(
         col(CaseRow.state).in_(states), rescoring.in_space(space))
-    # ties go by image, which is the same run for run (a case id is not), so a seeded selection repeats
-    by_image = (CaseRow.image_sha256, CaseRow.case_id)
-    q = q.order_by(*_pool_order(body, unc, by_image))
+    q = q.order_by(*_pool_order(body, unc))
     with read_session(hub.engine) as s:
         rows = list(s.exec(q.limit(pool_n)).all())
         outside = None if space is None else rescoring.not_rescored(space, tuple(states), failed_too=True)
@@ -228,7 +228,7 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
         rest: list[Any] = []
         if n_rest:  # not yet re-scored: ranked after every re-scored case, by capture-time score, no embeddings
             rq = select(CaseRow.case_id, CaseRow.uncertainty, sa.null(), CaseRow.image_sha256, tag).where(outside)
-            rq = rq.order_by(*_pool_order(body, col(CaseRow.uncertainty), by_image))
+            rq = rq.order_by(*_pool_order(body, col(CaseRow.uncertainty)))
             rest = list(s.exec(rq.limit(body.budget * cfg.selection_pool_factor)).all())
     labeled = labeled_set(hub, space)  # indexed once per worker, then grown (fleet.hub.labeled_set)
     rows = [r for r in rows if r[3] not in labeled.shas]
