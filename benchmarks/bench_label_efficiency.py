@@ -53,7 +53,7 @@ def run_seed(seed: int, args: argparse.Namespace, *, rescore: bool = True,
                                 turn_epochs=int(chosen["turn_epochs"]),  # type: ignore[call-overload]
                                 turn_lr=float(chosen["turn_lr"]),  # type: ignore[arg-type]
                                 strategy=strategy or str(chosen["strategy"]), replay_ratio=args.replay_ratio,
-                                new_repeats=args.new_repeats, balance=args.balance)
+                                new_repeats=args.new_repeats, balance=args.balance, seed_size=args.seed_size)
         t0 = time.monotonic()
         turns, _ = run_demo(settings, progress=lambda msg: None)
         seconds = time.monotonic() - t0
@@ -78,24 +78,31 @@ def with_rounded_curves(row: dict[str, object]) -> dict[str, object]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+def add_demo_options(p: argparse.ArgumentParser, *, turns: int, budget: int) -> None:
+    """The demo settings a label-efficiency run may set, shared by every benchmark that calls :func:`run_seed`."""
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--turns", type=int, default=8)
-    p.add_argument("--budget", type=int, default=20)
+    p.add_argument("--turns", type=int, default=turns)
+    p.add_argument("--budget", type=int, default=budget)
     p.add_argument("--devices", type=int, default=4)
     p.add_argument("--frames-per-device", type=int, default=300)
     p.add_argument("--dataset", default=None)
-    p.add_argument("--task", choices=["classify", "detect"], default="classify")
-    p.add_argument("--append", type=Path, default=None, help="Append the figures to this RESULTS.md.")
-    p.add_argument("--compare-rescore", action="store_true", help="Run every seed with and without re-scoring.")
-    p.add_argument("--target", type=float, default=0.6, help="The ratio to meet (issue 18 asks 0.4).")
+    p.add_argument("--seed-size", type=int, default=None, help="Frames in the seed set the base model trains on "
+                   "(default: the demo's, 15 a class; a cold start: a few a class).")
     p.add_argument("--replay-ratio", type=float, default=None, help="Each retrain's --replay-ratio (both arms; "
                    "default: the demo's for the task).")
     p.add_argument("--new-repeats", type=int, default=None, help="Each retrain's --new-repeats (both arms; default: "
                    "the demo's for the task).")
     p.add_argument("--balance", default=None, help="The tag the hub splits each turn's selection evenly over, or "
                    "'none' (default: the demo's for the task).")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_demo_options(p, turns=8, budget=20)
+    p.add_argument("--task", choices=["classify", "detect"], default="classify")
+    p.add_argument("--append", type=Path, default=None, help="Append the figures to this RESULTS.md.")
+    p.add_argument("--compare-rescore", action="store_true", help="Run every seed with and without re-scoring.")
+    p.add_argument("--target", type=float, default=0.6, help="The ratio to meet (issue 18 asks 0.4).")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     variants = [True, False] if args.compare_rescore else [True]
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         "\n\n" + "; ".join(summaries) + f". {verdict}\n\nSetup: `flywheel demo` with the oracle labeler, "
         f"{args.devices} agents x {args.frames_per_device} frames per turn, {args.turns} turns of {args.budget} "
         f"labels per arm, {_data(args)} with edge conditions (stream 75% clear, 5% each of "
-        f"night, fog, rain, motion blur, occlusion), seed set mostly clear; {_selection(args)}; {_retrain(args)}; "
+        f"night, fog, rain, motion blur, occlusion), {_seed_set(args)}; {_selection(args)}; {_retrain(args)}; "
         f"{_metric(args)} on the "
         f"test images under "
         f"every condition (each condition weighs the same). Curves (labels, {metric}) per seed are in the JSON lines "
@@ -157,6 +164,12 @@ def _data(args: argparse.Namespace) -> str:
     return f"dataset {args.dataset or 'digits'}"
 
 
+def _seed_set(args: argparse.Namespace) -> str:
+    """The base model's seed set, as the demo chose it."""
+    size = "the demo's size" if args.seed_size is None else f"{args.seed_size} frames"
+    return f"seed set mostly clear ({size})"
+
+
 def _retrain(args: argparse.Namespace) -> str:
     """How each turn's retrain ran (both arms): the task's defaults, or what the options set."""
     from fleet.sim.settings import TASK_DEFAULTS
@@ -168,14 +181,15 @@ def _retrain(args: argparse.Namespace) -> str:
             f"replay ratio {ratio}, each label {repeats} time{'s' if repeats != 1 else ''} an epoch")
 
 
-def _selection(args: argparse.Namespace) -> str:
-    """How the hub picked each turn's labels for the flywheel arm: the task's strategy, and the tag it balanced."""
+def _selection(args: argparse.Namespace, strategy: str | None = None) -> str:
+    """How the hub picked each turn's labels for the flywheel arm: ``strategy`` (default the task's), and the tag it
+    balanced."""
     from fleet.sim.settings import TASK_DEFAULTS
 
     chosen = TASK_DEFAULTS[args.task]
     tag = chosen["balance"] if args.balance is None else args.balance
     over = "over the whole pool" if tag == "none" else f"the budget split evenly over the frames' {tag} tags"
-    return f"the hub selects by {chosen['strategy']}, {over}"
+    return f"the hub selects by {strategy or chosen['strategy']}, {over}"
 
 
 def _metric(args: argparse.Namespace) -> str:

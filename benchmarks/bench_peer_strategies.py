@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import append  # noqa: E402
-from bench_label_efficiency import run_seed  # noqa: E402
+from bench_label_efficiency import _seed_set, _selection, add_demo_options, run_seed  # noqa: E402
 
 DEFAULT = "uncertainty+diversity"
 PEERS = ("entropy", "badge", "uncertainty+kcenter")
@@ -27,15 +27,8 @@ PEERS = ("entropy", "badge", "uncertainty+kcenter")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_demo_options(p, turns=4, budget=40)
     p.add_argument("--strategies", nargs="+", default=[DEFAULT, *PEERS])
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--budget", type=int, default=40)
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--frames-per-device", type=int, default=300)
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--replay-ratio", type=float, default=None, help="Each retrain's --replay-ratio (both arms; "
-                   "default: the demo's).")
     p.add_argument("--append", type=Path, default=None, help="Append the figures to this RESULTS.md.")
     args = p.parse_args(argv)
     args.task = "classify"
@@ -63,14 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         if ours is not None and peers:
             verdicts.append(ours["ratio"] is not None and ours["ratio"] <= min(peers) + 1e-9)
     met = bool(verdicts) and all(verdicts)
+    how = _selection(args, "the column's strategy")
     body = "\n".join(lines) + (
         f"\n\nEach cell: labels to reach that run's random arm's final accuracy / random's {args.turns * args.budget} "
         f"labels (the strategy's final accuracy). Target: `{DEFAULT}` needs no more labels than the best peer on "
         f"every seed: {'met' if met else 'NOT met'} ({sum(verdicts)} of {len(verdicts)} seeds).\n\nSetup: "
         f"`flywheel demo` with the oracle labeler and `--strategy S`, {args.devices} agents x "
         f"{args.frames_per_device} frames per turn, {args.turns} turns of {args.budget} labels per arm, dataset "
-        f"{args.dataset or 'digits'}, the pool re-scored by each new active model. Curves per run are in the JSON "
-        "lines the command prints.\n")
+        f"{args.dataset or 'digits'}, {_seed_set(args)}; {how}; the pool re-scored by each new active model. Curves "
+        "per run are in the JSON lines the command prints.\n")
     print(body)
     if args.append:
         append(args.append, "Selection against peer strategies in the same loop", body)
