@@ -70,6 +70,7 @@ def test_the_peer_benchmark_passes_every_demo_option_on(demo_settings: list, tmp
     # 0.5 -> 0.6 -> 0.7 against random's final 0.6 at 20 labels: 10 labels, 0.50 of random's
     assert "| 3 | 0.50 (0.700) | 0.50 (0.700) | 0.600 |" in text
     assert "seed set mostly clear (30 frames)" in text
+    assert "No target: it compares `uncertainty+diversity` with the peers" in text  # typiclust is not a peer
     assert "over the whole pool" in text
     assert "0.50 (0.700)" in capsys.readouterr().out
 
@@ -90,3 +91,12 @@ def test_the_demo_s_own_seed_set_is_named_when_none_is_given(demo_settings: list
     assert eff.main(["--seeds", "0", "--turns", "1", "--append", str(out)]) == 0
     assert demo_settings[0].seed_size is None
     assert "seed set mostly clear (the demo's size)" in out.read_text()
+
+
+def test_the_peer_target_compares_the_default_with_the_peers_only(demo_settings: list, tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    assert peers.main(["--seeds", "0", "--strategies", "uncertainty+diversity", "entropy", "typiclust", "--turns",
+                       "1", "--append", str(out)]) == 0
+    text = out.read_text()  # every made-up curve is the same: the default ties the best peer
+    assert "needs no more labels than the best peer (entropy, badge, uncertainty+kcenter) on every seed: met " \
+           "(1 of 1 seeds)" in text
