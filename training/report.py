@@ -51,7 +51,8 @@ def finish_turn(
         pick = np.random.default_rng(args.seed).choice(len(test), min(PARITY_IMAGES, len(test)), replace=False)
         result = export_model(
             model, args.out, meta=meta, version=str(args.version), parent_version=meta["parent_version"],
-            images=test.images[np.sort(pick)], metrics=manifest_metrics(candidate),
+            images=test.images[np.sort(pick)],
+            metrics={**manifest_metrics(candidate), "train_n": float(len(data.pool))},  # fleet.hub.selection.cold_start
             thresholds=recommended_thresholds(logits["test"]), data_snapshot=snapshot_name(args, data),
             key=key, int8=args.int8, calibration=meta["calibration"].numpy(), parity_threshold=args.parity_threshold,
         )

@@ -1,5 +1,6 @@
 """Cold-start selection (fleet.hub.selection): TypiClust's typicality reproduced from its definition on the same
-arrays, typical frames of uncovered clusters first, and the adaptive switch to uncertainty+diversity."""
+arrays, typical frames of uncovered clusters first, and the adaptive switch to uncertainty+diversity (on what the
+active model trained on, else on the labels at the hub)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import pytest
 
 from fleet.hub.selection import (
     COLD_START_LABELS,
+    COLD_START_PER_CLASS,
     adaptive_strategy,
+    cold_start,
     l2_normalize,
+    resolve_adaptive,
     typicality,
     typiclust_strategy,
     uncertainty_diversity_strategy,
@@ -83,3 +87,41 @@ def test_the_hub_selects_with_the_cold_start_strategies(hub: HubHarness, strateg
     r = hub.client.post("/v1/selections", json={"budget": 3, "strategy": strategy}, headers=hub.labeler)
     assert r.status_code in (200, 201), r.text
     assert len(r.json()["cases"]) == 3 and r.json()["strategy"] == strategy
+
+
+def test_the_cold_start_is_what_the_model_trained_on_per_class() -> None:
+    bar = COLD_START_PER_CLASS * 10
+    assert cold_start({"train_n": bar - 1, "test_accuracy": 0.3}, 10) is True
+    assert cold_start({"train_n": bar}, 10) is False
+    assert cold_start({"train_n": bar - 1}, 5) is False  # fewer classes: more frames a class
+    for metrics, classes in (({"test_accuracy": 0.9}, 10), (None, 10), ({"train_n": 5.0}, 0)):
+        assert cold_start(metrics, classes) is None  # the model does not say: the labels at the hub decide
+        assert resolve_adaptive(metrics, classes) is adaptive_strategy
+    assert resolve_adaptive({"train_n": bar - 1}, 10) is typiclust_strategy
+    assert resolve_adaptive({"train_n": bar}, 10) is uncertainty_diversity_strategy
+
+
+def test_the_hub_s_adaptive_selection_follows_the_active_model_s_training_set(hub_factory) -> None:
+    """Two model versions, each active in turn: a model trained on 10 frames a class gets typiclust's picks, the
+    next, on 15 a class, uncertainty+diversity's, over the same pool and seed; no label is at the hub in either."""
+    h: HubHarness = hub_factory()
+    h.enroll("d1")
+    rng = np.random.default_rng(11)
+    x, _, _ = blobs(rng, [14, 9, 7, 4])
+    top = rng.uniform(0.34, 0.98, size=len(x))
+
+    def picks(strategy: str) -> list[str]:
+        r = h.client.post("/v1/selections", json={"budget": 4, "strategy": strategy, "seed": 7,
+                                                  "exclude_queued": False}, headers=h.labeler)
+        assert r.status_code in (200, 201), r.text
+        return sorted(c["case"]["case_id"] for c in r.json()["cases"])
+
+    for version, train_n, same, other in (("m1", 3 * 10, "typiclust", "uncertainty+diversity"),
+                                          ("m2", 3 * COLD_START_PER_CLASS, "uncertainty+diversity", "typiclust")):
+        h.register_model(version, promote=True, metrics={"test_accuracy": 0.5, "train_n": float(train_n)})
+        for e, t in zip(x, top, strict=True):  # the same frames, captured by this version
+            h.send_case("d1", model_version=version, embedding=e.astype(np.float32),
+                        probs=[float(t), float(1 - t) * 0.6, float(1 - t) * 0.4])
+        got = picks("adaptive")
+        assert got == picks(same), version
+        assert got != picks(other), version  # the two strategies differ on this pool: the test tells them apart

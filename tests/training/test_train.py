@@ -35,6 +35,12 @@ def test_digits_turn_learns_and_reports(trained: Path) -> None:
     assert {"checkpoint.pt", "model.onnx", "report.json"} <= set(report["artifacts"])
     assert report["gate"]["passed"] and report["training"]["device"] == "cpu"
     assert len(report["training"]["history"]) == 6
+    # the manifest says what the model trained on: the hub's adaptive selection reads its cold start from it
+    manifest = json.loads((trained / "manifest.unsigned.json").read_text())
+    data = report["data"]
+    trained_on = data["new"]["n"] + (data["base"]["n"] if data["base"] else 0)
+    assert manifest["metrics"]["train_n"] == trained_on > 0, (manifest["metrics"], data)
+    assert manifest["metrics"]["test_accuracy"] == pytest.approx(test["accuracy"], abs=1e-6)
 
 
 def test_checkpoint_holds_everything_to_resume_and_export(trained: Path) -> None:

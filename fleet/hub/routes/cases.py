@@ -32,12 +32,14 @@ from fleet.hub.labeled_set import labeled_set
 from fleet.hub.models import CaseRow, CaseScore
 from fleet.hub.models import Selection as SelectionRow
 from fleet.hub.multipart import TooManyParts, parse_form
+from fleet.hub.running import active_model
 from fleet.hub.selection import (
     assign_clusters,
     get_strategy,
     gradient_embeddings,
     min_cosine_distance,
     pick_balanced,
+    resolve_adaptive,
 )
 from fleet.protocol import (
     CASE_STATES,
@@ -202,6 +204,10 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
                  body: SelectionRequest = message_body(SelectionRequest)) -> Response:
     """Pick up to ``budget`` informative, non-redundant cases and move them to ``queued``."""
     strategy = get_strategy(body.strategy)
+    if body.strategy == "adaptive":  # the cold start is the active model's: what it trained on
+        with read_session(hub.engine) as s:
+            mv = active_model(s)
+            strategy = resolve_adaptive(None if mv is None else mv.metrics, 0 if mv is None else len(mv.class_names))
     cfg = hub.settings
     if body.budget > cfg.max_selection_budget:
         raise InvalidInput(f"budget {body.budget} is over the limit {cfg.max_selection_budget}")
