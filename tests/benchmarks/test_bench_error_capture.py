@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_error_capture.py"
+from tests.benchmarks import BENCHMARKS, load_bench
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_error_capture", _PATH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_error_capture", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-bec = _load()
+bec = load_bench("bench_error_capture")
 
 
 def test_upload_count_rounds_half_up_and_refuses_bad_budgets() -> None:
@@ -105,7 +93,7 @@ def test_importing_the_benchmark_does_not_import_torch() -> None:
 
     code = (
         "import importlib.util, sys; "
-        f"spec = importlib.util.spec_from_file_location('b', {str(_PATH)!r}); "
+        f"spec = importlib.util.spec_from_file_location('b', {str(BENCHMARKS / 'bench_error_capture.py')!r}); "
         "m = importlib.util.module_from_spec(spec); sys.modules['b'] = m; spec.loader.exec_module(m); "
         "print('torch' in sys.modules)"
     )

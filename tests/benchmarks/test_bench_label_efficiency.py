@@ -4,30 +4,15 @@ minutes; tests/sim runs the real one)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from fleet.sim.report import ArmResult, TurnResult
+from tests.benchmarks import load_bench
 
-_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    if str(_DIR) not in sys.path:
-        sys.path.insert(0, str(_DIR))  # the benchmarks import each other as scripts do
-    spec = importlib.util.spec_from_file_location(name, _DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-eff = _load("bench_label_efficiency")
-peers = _load("bench_peer_strategies")
+eff = load_bench("bench_label_efficiency")
+peers = load_bench("bench_peer_strategies")
 
 
 def test_labels_to_reach_interpolates_between_turns() -> None:
