@@ -52,7 +52,7 @@ def finish_turn(
         result = export_model(
             model, args.out, meta=meta, version=str(args.version), parent_version=meta["parent_version"],
             images=test.images[np.sort(pick)],
-            metrics={**manifest_metrics(candidate), "train_n": float(len(data.pool))},  # fleet.hub.selection.cold_start
+            metrics={**manifest_metrics(candidate), **training_counts(data.pool.labels, data.class_names)},
             thresholds=recommended_thresholds(logits["test"]), data_snapshot=snapshot_name(args, data),
             key=key, int8=args.int8, calibration=meta["calibration"].numpy(), parity_threshold=args.parity_threshold,
         )
@@ -132,6 +132,23 @@ def evaluate_checkpoint(
     model.to(device)
     metrics, _ = evaluate_sets(model, sets, class_names, spec["mean"], spec["std"], device)
     return metrics
+
+
+TRAIN_N_CLASS = "train_n/class="  # fleet.hub.selection reads these to tell which classes are in the cold start
+MAX_CLASS_COUNTS = 256  # a manifest holds at most 1000 metrics: more classes give only the total
+
+
+def training_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, float]:
+    """The frames a model trained on, for the manifest: ``train_n`` and, per class, ``train_n/class=<name>``
+    (each class, zeros too; only the total for more than :data:`MAX_CLASS_COUNTS` classes or a name too long for
+    a metric's 128 characters)."""
+    y = np.asarray(labels, dtype=np.int64)
+    out = {"train_n": float(len(y))}
+    names = [f"{TRAIN_N_CLASS}{c}" for c in class_names]
+    if len(names) <= MAX_CLASS_COUNTS and all(len(n) <= 128 for n in names):
+        counts = np.bincount(y[(y >= 0) & (y < len(names))], minlength=len(names))
+        out.update({n: float(c) for n, c in zip(names, counts, strict=True)})
+    return out
 
 
 def manifest_metrics(metrics: dict[str, dict[str, Any]], *, keys: tuple[str, ...] = ("accuracy",),

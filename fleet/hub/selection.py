@@ -11,7 +11,7 @@ Every strategy has the same signature::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -454,23 +454,59 @@ def adaptive_strategy(
     return inner(uncertainty, embeddings, budget, rng=rng, labeled=labeled, dup_threshold=dup_threshold)
 
 
-def cold_start(metrics: dict[str, float] | None, classes: int) -> bool | None:
-    """Whether a model is in the cold start, from its manifest's ``metrics`` (``train_n``: the frames it trained
-    on) over its ``classes``: fewer than :data:`COLD_START_PER_CLASS` a class. None when the model does not say
-    (no model, no ``train_n``, no classes): :func:`adaptive_strategy`'s count of labels decides."""
-    n = None if metrics is None else metrics.get("train_n")
-    if n is None or classes < 1:
+TRAIN_N_CLASS = "train_n/class="  # a manifest metric's prefix: the frames of one class the model trained on
+
+
+def cold_start(metrics: dict[str, float] | None, class_names: Sequence[str]) -> float | None:
+    """The share of a model's classes in the cold start, from its manifest's ``metrics``: each class's training
+    frames (``train_n/class=<name>``; a class the metrics leave out counts 0) under :data:`COLD_START_PER_CLASS`;
+    for a model that gives only ``train_n`` (the frames it trained on), 1.0 or 0.0 by their number a class. None
+    when the model does not say (no model, no counts, no classes): :func:`adaptive_strategy`'s count of labels
+    decides."""
+    if metrics is None or not class_names:
         return None
-    return float(n) / classes < COLD_START_PER_CLASS
+    per_class = {k[len(TRAIN_N_CLASS):]: v for k, v in metrics.items() if k.startswith(TRAIN_N_CLASS)}
+    if per_class:
+        return sum(per_class.get(c, 0.0) < COLD_START_PER_CLASS for c in class_names) / len(class_names)
+    n = metrics.get("train_n")
+    if n is None:
+        return None
+    return float(float(n) / len(class_names) < COLD_START_PER_CLASS)
 
 
-def resolve_adaptive(metrics: dict[str, float] | None, classes: int) -> Strategy:
-    """``adaptive`` for the active model: ``typiclust`` in its :func:`cold_start`, ``uncertainty+diversity`` out of
-    it, and :func:`adaptive_strategy` (labels counted at the hub) when the model does not say."""
-    cold = cold_start(metrics, classes)
-    if cold is None:
+def cold_start_mix(share: float) -> Strategy:
+    """``typiclust`` for ``share`` of each budget (rounded half up), ``uncertainty+diversity`` over the rest of the
+    pool for the remainder. TypiClust takes the clusters with the fewest labels first, so its part goes where the
+    cold classes' few labels leave the pool uncovered; the warm classes' part goes to the uncertain frames."""
+    if not 0.0 <= share <= 1.0:
+        raise InvalidInput(f"the cold start's share of a budget must be in [0, 1]; received {share!r}")
+
+    def mix(uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+            rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0) -> np.ndarray:
+        n_typical = int(np.floor(budget * share + 0.5))
+        first = typiclust_strategy(uncertainty, embeddings, n_typical, rng=rng, labeled=labeled,
+                                   dup_threshold=dup_threshold) if n_typical else np.zeros(0, dtype=np.int64)
+        rest = np.setdiff1d(np.arange(len(uncertainty)), first)
+        if budget <= len(first) or len(rest) == 0:
+            return first.astype(np.int64)
+        second = uncertainty_diversity_strategy(
+            uncertainty[rest], None if embeddings is None else embeddings[rest], budget - len(first), rng=rng,
+            labeled=labeled, dup_threshold=dup_threshold)
+        return np.concatenate([first, rest[second]]).astype(np.int64)
+
+    return mix
+
+
+def resolve_adaptive(metrics: dict[str, float] | None, class_names: Sequence[str]) -> Strategy:
+    """``adaptive`` for the active model: ``typiclust`` with every class in its :func:`cold_start`,
+    ``uncertainty+diversity`` with none, :func:`cold_start_mix` of the two where its classes differ, and
+    :func:`adaptive_strategy` (labels counted at the hub) when the model does not say."""
+    share = cold_start(metrics, class_names)
+    if share is None:
         return adaptive_strategy
-    return typiclust_strategy if cold else uncertainty_diversity_strategy
+    if share >= 1.0:
+        return typiclust_strategy
+    return uncertainty_diversity_strategy if share <= 0.0 else cold_start_mix(share)
 
 
 @register("entropy")

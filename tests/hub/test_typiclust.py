@@ -7,11 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fleet.errors import InvalidInput
 from fleet.hub.selection import (
     COLD_START_LABELS,
     COLD_START_PER_CLASS,
+    TRAIN_N_CLASS,
     adaptive_strategy,
     cold_start,
+    cold_start_mix,
     l2_normalize,
     resolve_adaptive,
     typicality,
@@ -89,16 +92,56 @@ def test_the_hub_selects_with_the_cold_start_strategies(hub: HubHarness, strateg
     assert len(r.json()["cases"]) == 3 and r.json()["strategy"] == strategy
 
 
+CLASSES = [f"c{i}" for i in range(10)]
+
+
 def test_the_cold_start_is_what_the_model_trained_on_per_class() -> None:
     bar = COLD_START_PER_CLASS * 10
-    assert cold_start({"train_n": bar - 1, "test_accuracy": 0.3}, 10) is True
-    assert cold_start({"train_n": bar}, 10) is False
-    assert cold_start({"train_n": bar - 1}, 5) is False  # fewer classes: more frames a class
-    for metrics, classes in (({"test_accuracy": 0.9}, 10), (None, 10), ({"train_n": 5.0}, 0)):
+    assert cold_start({"train_n": bar - 1, "test_accuracy": 0.3}, CLASSES) == 1.0
+    assert cold_start({"train_n": bar}, CLASSES) == 0.0
+    assert cold_start({"train_n": bar - 1}, CLASSES[:5]) == 0.0  # fewer classes: more frames a class
+    for metrics, classes in (({"test_accuracy": 0.9}, CLASSES), (None, CLASSES), ({"train_n": 5.0}, [])):
         assert cold_start(metrics, classes) is None  # the model does not say: the labels at the hub decide
         assert resolve_adaptive(metrics, classes) is adaptive_strategy
-    assert resolve_adaptive({"train_n": bar - 1}, 10) is typiclust_strategy
-    assert resolve_adaptive({"train_n": bar}, 10) is uncertainty_diversity_strategy
+    assert resolve_adaptive({"train_n": bar - 1}, CLASSES) is typiclust_strategy
+    assert resolve_adaptive({"train_n": bar}, CLASSES) is uncertainty_diversity_strategy
+
+
+def test_classes_that_differ_are_each_in_or_out_of_the_cold_start() -> None:
+    """Per-class counts win over the total: 3 of 10 classes under the bar (one of them left out of the metrics, so
+    0) put 0.3 of each budget on typical frames, although the total is well over 15 a class."""
+    counts = {f"{TRAIN_N_CLASS}c{i}": float(COLD_START_PER_CLASS + 40) for i in range(10)}
+    counts[f"{TRAIN_N_CLASS}c3"] = COLD_START_PER_CLASS - 1
+    counts[f"{TRAIN_N_CLASS}c7"] = 0.0
+    del counts[f"{TRAIN_N_CLASS}c9"]
+    metrics = {"train_n": sum(counts.values()), **counts}
+    assert cold_start(metrics, CLASSES) == pytest.approx(0.3)
+    counts[f"{TRAIN_N_CLASS}c3"] = float(COLD_START_PER_CLASS)  # at the bar: out of the cold start
+    assert cold_start({"train_n": 1.0, **counts}, CLASSES) == pytest.approx(0.2)
+    assert resolve_adaptive({f"{TRAIN_N_CLASS}{c}": 0.0 for c in CLASSES}, CLASSES) is typiclust_strategy
+
+
+def test_the_cold_start_mix_takes_typical_frames_for_its_share_and_uncertain_ones_for_the_rest() -> None:
+    rng = np.random.default_rng(3)
+    x, _, _ = blobs(rng, [30, 20, 12, 8])
+    u = rng.uniform(0.0, 1.0, len(x))
+    budget = 10
+    got = cold_start_mix(0.3)(u, x, budget, rng=np.random.default_rng(1))
+    same = np.random.default_rng(1)  # the generator the mix drew from, drawn in the same order
+    typical = typiclust_strategy(u, x, 3, rng=same)
+    rest = np.setdiff1d(np.arange(len(x)), typical)
+    uncertain = rest[uncertainty_diversity_strategy(u[rest], x[rest], budget - 3, rng=same)]
+    assert len(got) == budget == len(set(got.tolist()))
+    assert got.tolist() == [*typical.tolist(), *uncertain.tolist()]
+    assert set(uncertain.tolist()).isdisjoint(typical.tolist())
+    for share, n_typical in ((0.0, 0), (0.04, 0), (0.05, 1), (1.0, budget)):  # rounded half up
+        picked = cold_start_mix(share)(u, x, budget, rng=np.random.default_rng(1))
+        assert picked[:n_typical].tolist() == typiclust_strategy(u, x, n_typical, rng=np.random.default_rng(1)
+                                                                ).tolist(), share
+        assert len(picked) == budget
+    assert len(cold_start_mix(0.5)(u[:4], x[:4], budget, rng=rng)) == 4  # a pool smaller than the budget: all
+    with pytest.raises(InvalidInput, match="received 1.5"):
+        cold_start_mix(1.5)
 
 
 def test_the_hub_s_adaptive_selection_follows_the_active_model_s_training_set(hub_factory) -> None:

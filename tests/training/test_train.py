@@ -12,11 +12,13 @@ import pytest
 import torch
 
 from fleet.errors import InvalidInput
+from fleet.hub.selection import TRAIN_N_CLASS as HUB_TRAIN_N_CLASS
 from tests.support.data import digits_arrays, png_bytes
 from tests.support.inproc import InProcHub
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainArgs
 from training.hub_client import HubClient
+from training.report import MAX_CLASS_COUNTS, TRAIN_N_CLASS, training_counts
 from training.train import main
 
 from .conftest import add_case, trainer
@@ -40,7 +42,19 @@ def test_digits_turn_learns_and_reports(trained: Path) -> None:
     data = report["data"]
     trained_on = data["new"]["n"] + (data["base"]["n"] if data["base"] else 0)
     assert manifest["metrics"]["train_n"] == trained_on > 0, (manifest["metrics"], data)
+    per_class = {k: v for k, v in manifest["metrics"].items() if k.startswith(TRAIN_N_CLASS)}
+    assert set(per_class) == {f"{TRAIN_N_CLASS}{c}" for c in manifest["class_names"]}, per_class
+    assert sum(per_class.values()) == trained_on and min(per_class.values()) > 0, per_class
+    assert TRAIN_N_CLASS == HUB_TRAIN_N_CLASS  # what the hub's adaptive selection reads
     assert manifest["metrics"]["test_accuracy"] == pytest.approx(test["accuracy"], abs=1e-6)
+
+
+def test_training_counts_give_each_class_or_only_the_total() -> None:
+    assert training_counts(np.asarray([0, 2, 2, 2]), ["a", "b", "c"]) == {
+        "train_n": 4.0, f"{TRAIN_N_CLASS}a": 1.0, f"{TRAIN_N_CLASS}b": 0.0, f"{TRAIN_N_CLASS}c": 3.0}
+    many = [f"class-{i}" for i in range(MAX_CLASS_COUNTS + 1)]
+    assert training_counts(np.arange(len(many)), many) == {"train_n": float(len(many))}  # over a manifest's room
+    assert training_counts(np.asarray([0, 1]), ["a", "x" * 128]) == {"train_n": 2.0}  # a name over 128 characters
 
 
 def test_checkpoint_holds_everything_to_resume_and_export(trained: Path) -> None:

@@ -207,7 +207,7 @@ def select_cases(request: Request, _: LabelerCaller, hub: HubDep,
     if body.strategy == "adaptive":  # the cold start is the active model's: what it trained on
         with read_session(hub.engine) as s:
             mv = active_model(s)
-            strategy = resolve_adaptive(None if mv is None else mv.metrics, 0 if mv is None else len(mv.class_names))
+            strategy = resolve_adaptive(None if mv is None else mv.metrics, [] if mv is None else mv.class_names)
     cfg = hub.settings
     if body.budget > cfg.max_selection_budget:
         raise InvalidInput(f"budget {body.budget} is over the limit {cfg.max_selection_budget}")
