@@ -138,12 +138,13 @@ TRAIN_N_CLASS = "train_n/class="  # fleet.hub.selection reads these to tell whic
 MAX_CLASS_COUNTS = 256  # a manifest holds at most 1000 metrics: more classes give only the total
 
 
-def training_counts(labels: np.ndarray, class_names: list[str]) -> dict[str, float]:
-    """The frames a model trained on, for the manifest: ``train_n`` and, per class, ``train_n/class=<name>``
-    (each class, zeros too; only the total for more than :data:`MAX_CLASS_COUNTS` classes or a name too long for
-    a metric's 128 characters)."""
-    y = np.asarray(labels, dtype=np.int64)
-    out = {"train_n": float(len(y))}
+def training_counts(labels: np.ndarray, class_names: list[str], *, frames: int | None = None) -> dict[str, float]:
+    """What a model trained on, for the manifest: ``train_n``, its frames (``frames``, else one a label), and per
+    class ``train_n/class=<name>``, the ``labels`` of that class: a classifier's frames, a detector's objects (each
+    class, zeros too; only the total for more than :data:`MAX_CLASS_COUNTS` classes or a name too long for a
+    metric's 128 characters)."""
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    out = {"train_n": float(len(y) if frames is None else frames)}
     names = [f"{TRAIN_N_CLASS}{c}" for c in class_names]
     if len(names) <= MAX_CLASS_COUNTS and all(len(n) <= 128 for n in names):
         counts = np.bincount(y[(y >= 0) & (y < len(names))], minlength=len(names))

@@ -51,6 +51,11 @@ def test_the_detector_learns_to_find_digits(trained_detector: Path) -> None:
     assert 300_000 < report["training"]["parameters"] < 600_000  # the ~0.4M FCOS at width 16
     assert {"checkpoint.pt", "model.onnx", "report.json"} <= set(report["artifacts"])
     assert report["export"]["manifest"]["detector"]["operating_threshold"] == round(test["operating_threshold"], 6)
+    # what it trained on, for the hub's adaptive selection: frames, and objects of each class
+    metrics = report["export"]["manifest"]["metrics"]
+    train = load_box_npz(trained_detector.parent / "scenes96.npz").train
+    assert metrics["train_n"] == len(train) == 200
+    assert [metrics[f"train_n/class={c}"] for c in meta["class_names"]] == train.class_counts(4)
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(make_det_args: MakeArgs, tmp_path: Path) -> None:

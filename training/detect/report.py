@@ -25,6 +25,7 @@ from training.report import (
     manifest_metrics,
     publish_export,
     snapshot_name,
+    training_counts,
     write_report,
 )
 
@@ -67,7 +68,8 @@ def finish_detect_turn(
                                                                    replace=False))
             result = export_detector(
                 model, args.out, meta=meta, version=str(args.version), parent_version=meta["parent_version"],
-                images=test.images.images[pick], truth=test, metrics=manifest_metrics(candidate, keys=METRICS),
+                images=test.images.images[pick], truth=test,
+                metrics={**manifest_metrics(candidate, keys=METRICS), **box_counts(data.pool, data.class_names)},
                 operating_threshold=candidate["test"]["operating_threshold"],
                 data_snapshot=snapshot_name(args, data), key=key, int8=args.int8,
                 calibration=meta["calibration"].numpy(), parity_threshold=args.parity_threshold,
@@ -77,6 +79,12 @@ def finish_detect_turn(
     timings["total"] = time.perf_counter() - t_start
     write_report(args.out, report)
     return report
+
+
+def box_counts(pool: BoxSet, class_names: list[str]) -> dict[str, float]:
+    """The manifest's training counts for a detector: its frames, and its objects (boxes) of each class."""
+    classes = np.concatenate(pool.classes) if pool.n_boxes else np.zeros(0, np.int64)
+    return training_counts(classes, class_names, frames=len(pool))
 
 
 def evaluate_box_sets(model: torch.nn.Module, sets: dict[str, BoxSet], class_names: list[str], mean: list[float],
