@@ -145,8 +145,10 @@ def test_the_cold_start_mix_takes_typical_frames_for_its_share_and_uncertain_one
 
 
 def test_the_hub_s_adaptive_selection_follows_the_active_model_s_training_set(hub_factory) -> None:
-    """Two model versions, each active in turn: a model trained on 10 frames a class gets typiclust's picks, the
-    next, on 15 a class, uncertainty+diversity's, over the same pool and seed; no label is at the hub in either."""
+    """Model versions, each active in turn: a model trained on 10 frames a class gets typiclust's picks, the next,
+    on 15 a class, uncertainty+diversity's, one whose classes each had fewer than 15 typiclust's again (its counts
+    per class win over its total), and one with one class of three under the bar neither's, over the same pool and
+    seed; no label is at the hub in any."""
     h: HubHarness = hub_factory()
     h.enroll("d1")
     rng = np.random.default_rng(11)
@@ -159,12 +161,22 @@ def test_the_hub_s_adaptive_selection_follows_the_active_model_s_training_set(hu
         assert r.status_code in (200, 201), r.text
         return sorted(c["case"]["case_id"] for c in r.json()["cases"])
 
-    for version, train_n, same, other in (("m1", 3 * 10, "typiclust", "uncertainty+diversity"),
-                                          ("m2", 3 * COLD_START_PER_CLASS, "uncertainty+diversity", "typiclust")):
-        h.register_model(version, promote=True, metrics={"test_accuracy": 0.5, "train_n": float(train_n)})
+    def per_class(*counts: int) -> dict[str, float]:
+        return {f"{TRAIN_N_CLASS}class_{i}": float(n) for i, n in enumerate(counts)}
+
+    bar = COLD_START_PER_CLASS
+    for version, metrics, same in (("m1", {"train_n": 3.0 * 10}, "typiclust"),
+                                   ("m2", {"train_n": 3.0 * bar}, "uncertainty+diversity"),
+                                   ("m3", {"train_n": 9.0 * bar, **per_class(bar - 1, bar - 1, bar - 1)}, "typiclust"),
+                                   ("m4", {"train_n": 3.0 * bar, **per_class(bar - 5, bar, bar + 5)}, None)):
+        h.register_model(version, promote=True, metrics={"test_accuracy": 0.5, **metrics})
         for e, t in zip(x, top, strict=True):  # the same frames, captured by this version
             h.send_case("d1", model_version=version, embedding=e.astype(np.float32),
                         probs=[float(t), float(1 - t) * 0.6, float(1 - t) * 0.4])
         got = picks("adaptive")
-        assert got == picks(same), version
-        assert got != picks(other), version  # the two strategies differ on this pool: the test tells them apart
+        pure = {name: picks(name) for name in ("typiclust", "uncertainty+diversity")}
+        assert pure["typiclust"] != pure["uncertainty+diversity"], version  # the test tells the two apart
+        if same is None:  # one typical frame and three uncertain ones: neither strategy's four alone
+            assert got not in pure.values(), (version, got, pure)
+        else:
+            assert got == pure[same], version
