@@ -21,13 +21,17 @@ from trigger.box_scores import box_disagreement, box_uncertainty
 from trigger.boxes import Boxes
 from trigger.scores import least_confidence
 
-# adaptive: typical frames while the active model trained on fewer than this many frames a class (its manifest's
-# ``train_n`` over its classes): the budget TypiClust's low-budget regime counts is the model's, not the hub's labels
-# alone (a model trained on thousands of frames is not in a cold start before the hub's 100th label). In the demo's
-# loop on Fashion-MNIST, 4 turns of 40 labels (benchmarks/RESULTS.md, 2026-12-05): from 3 seed frames a class,
-# typiclust needed fewer of random's labels than uncertainty+diversity on every seed (0.60 / 0.60 / 0.55 against
-# 0.61 / 0.95 / 0.63); from the demo's 15 a class the two were level (0.28 / 0.25 / 0.52 against 0.29 / 0.27 /
-# 0.40), as on digits from 3 a class. The bar is the second point, one run a seed; not a measured optimum.
+# adaptive: typical frames for the classes the active model trained on fewer than this many frames of (its manifest's
+# ``train_n/class=<name>``, else ``train_n`` over its classes): the budget TypiClust's low-budget regime counts is the
+# model's, not the hub's labels alone (a model trained on thousands of frames is not in a cold start before the hub's
+# 100th label). In the demo's loop on Fashion-MNIST, 4 turns of 40 labels (benchmarks/RESULTS.md, 2026-12-05): from 3
+# seed frames a class, typiclust needed fewer of random's labels than uncertainty+diversity on every seed (0.60 / 0.60 /
+# 0.55 against 0.61 / 0.95 / 0.63); from the demo's 15 a class the two were level (0.28 / 0.25 / 0.52 against 0.29 /
+# 0.27 / 0.40), as on digits from 3 a class. The bar is the second point, one run a seed; not a measured optimum. Per
+# class (cold_start_mix, from each class's count in the manifest) the mix was no better than the pure strategy beside
+# it: from the demo's seed set 0.26 / 0.42 / 0.43 against uncertainty+diversity's 0.29 / 0.27 / 0.47 (Fashion-MNIST),
+# 0.31 / 0.49 / 0.43 against 0.24 / 0.50 / 0.38 (digits); from 3 a class 0.63 / 0.60 / 0.66 against typiclust's 0.57 /
+# 0.63 / 0.50 (Fashion-MNIST).
 COLD_START_PER_CLASS = 15
 COLD_START_LABELS = 100  # adaptive, for a model that does not say what it trained on: typical frames until this
 # many are labeled at the hub (TypiClust's low-budget regime)
