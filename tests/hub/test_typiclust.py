@@ -133,7 +133,9 @@ def test_the_cold_start_mix_takes_typical_frames_for_its_share_and_uncertain_one
     uncertain = rest[uncertainty_diversity_strategy(u[rest], x[rest], budget - 3, rng=same)]
     assert len(got) == budget == len(set(got.tolist()))
     assert got.tolist() == [*typical.tolist(), *uncertain.tolist()]
-    assert set(uncertain.tolist()).isdisjoint(typical.tolist())
+    # a mix, not either pure strategy's picks over the whole budget
+    assert set(got.tolist()) != set(typiclust_strategy(u, x, budget, rng=np.random.default_rng(1)).tolist())
+    assert set(got.tolist()) != set(uncertainty_diversity_strategy(u, x, budget, rng=np.random.default_rng(1)).tolist())
     for share, n_typical in ((0.0, 0), (0.04, 0), (0.05, 1), (1.0, budget)):  # rounded half up
         picked = cold_start_mix(share)(u, x, budget, rng=np.random.default_rng(1))
         assert picked[:n_typical].tolist() == typiclust_strategy(u, x, n_typical, rng=np.random.default_rng(1)
