@@ -118,6 +118,8 @@ class Agent:
         if max_frames is not None and max_frames < 1:
             raise InvalidInput(f"max_frames must be >= 1; received {max_frames}")
         self.ota.startup()
+        if self.config.ota.sync_at_start:  # the hub's assignment before the first frame, not a poll period later
+            self.control.poll()
         self._start_inference()
         self.decider.start()
         self.uplink.start()

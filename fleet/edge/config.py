@@ -57,6 +57,7 @@ Example (every key but ``device_id``, ``hub.url`` and ``source`` has a default):
     [ota]
     poll_interval_s = 60
     health_frames = 8
+    sync_at_start = false               # poll the hub once, and follow its assignment, before the first frame
 
     [triggers]
     default_spec = ""                   # optional trigger spec JSON used while no campaign is assigned
@@ -161,6 +162,10 @@ class HeartbeatConfig:
 class OtaConfig:
     poll_interval_s: float = 60.0
     health_frames: int = 8
+    # true: the agent polls the hub once, and follows what it assigns (a new model, a campaign version), before it
+    # runs the first frame, so no frame goes through a model the hub has already replaced; a poll that fails leaves
+    # the stored models, and mining starts with them (the control thread goes on polling)
+    sync_at_start: bool = False
 
 
 @dataclass(frozen=True)

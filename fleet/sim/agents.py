@@ -48,7 +48,7 @@ def enroll_agents(settings: DemoSettings, hub: HubProcess, ws: Path) -> list[Pat
             f'fleet_secret = "{hub.fleet_secret}"\n\n[source]\nkind = "npz"\npath = "shard.npz"\n\n'
             "[runtime]\nthreads = 1\nbatch_size = 16\ntrigger_window = 32\n\n"
             "[uplink]\ndrain_timeout_s = 60\nbackoff_base_s = 0.2\nbackoff_max_s = 2\n\n"
-            "[heartbeat]\ninterval_s = 1\n\n[ota]\npoll_interval_s = 1\n"
+            "[heartbeat]\ninterval_s = 1\n\n[ota]\npoll_interval_s = 1\nsync_at_start = true\n"
         )
         run_logged(flywheel_cmd("agent", "enroll", "--config", str(cfg)), d / "agent.log")
         configs.append(cfg)

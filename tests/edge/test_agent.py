@@ -326,3 +326,48 @@ def test_trigger_calibration_is_kept_per_model_across_an_ota(tmp_path: Path, hub
     assert state["model_version"] == "v2"
     v1_seen, v2_seen = state["calibration_by_model"]["v1"]["entropy"]["seen"], state["calibrators"]["entropy"]["seen"]
     assert v1_seen >= 96 and v2_seen >= 96 and v1_seen + v2_seen == 194  # each model's calibrator saw its own
+
+
+def test_sync_at_start_follows_the_hub_before_the_first_frame(tmp_path: Path, hub: InProcHub, keys: Keys,
+                                                              make_model) -> None:
+    """An agent that ran v1 restarts after the hub moved the fleet to v2: with ``ota.sync_at_start`` it polls and
+    takes v2 before it reads a frame, so no case of the new run is captured by the replaced model."""
+    v1, v2 = make_model("v1", seed=1), make_model("v2", seed=2)
+    publish(hub, v1)
+    publish(hub, v2)
+    assign(hub, v1, campaigns=(KEEP_ALL,))
+    first = make_agent(tmp_path, hub, keys, frames(8), runtime={"batch_size": 4})
+    assert first.run().model_version == "v1"
+    first.close()
+    assign(hub, v2)
+    events: list[str] = []
+
+    def source() -> Any:
+        for i, f in enumerate(frames(24, seed=5)):
+            events.append("frame")
+            yield Frame(image=f.image, frame_id=f"n{i}", human_action=f.human_action, tags={**f.tags, "frame": f"n{i}"},
+                        ts=f.ts)
+
+    agent = make_agent(tmp_path, hub, keys, [], runtime={"batch_size": 4},
+                       ota={"poll_interval_s": 3600.0, "sync_at_start": True})
+    agent.source = source()
+    polled = agent.client.get_assignment
+
+    def logged_poll() -> Any:
+        events.append("poll")
+        return polled()
+
+    agent.client.get_assignment = logged_poll  # type: ignore[method-assign]
+    summary = agent.run()
+    agent.close()
+    assert events[0] == "poll" and events.count("frame") == 24
+    assert summary.model_version == "v2" and summary.frames == 24
+    new = [c for c in hub.cases().values() if c.tags.get("frame", "").startswith("n")]
+    assert len(new) == 24 and {c.model_version for c in new} == {"v2"}
+
+
+def test_sync_at_start_must_be_a_boolean(tmp_path: Path) -> None:
+    doc = {"device_id": DEVICE, "hub": {"url": "http://hub.test"}, "source": {"kind": "npz", "path": "x.npz"},
+           "ota": {"sync_at_start": "yes"}}
+    with pytest.raises(Exception, match="sync_at_start"):
+        config_from_dict(doc, base_dir=tmp_path)
