@@ -228,13 +228,12 @@ def main(argv: list[str] | None = None) -> int:
         fit_boxes = Boxes.concat([rt.run(list(fit_stream.images[i:i + 128])).detections
                                   for i in range(0, len(fit_stream), 128)])
         fit_errors = box_errors(rt, fit_stream).astype(np.float64)
-        if args.headroom:
-            shift = shift_consistency(rt, stream.images, Boxes.concat([above(d, op) for d in parts]), op)
-            fit_found = above(fit_boxes, op)
-            fit_shift = shift_consistency(rt, fit_stream.images, fit_found, op)
+        found = Boxes.concat([above(d, op) for d in parts])
+        if args.headroom:  # the second inference needs the model, which lives in the temporary folder
+            shift = shift_consistency(rt, stream.images, found, op)
+            fit_shift = shift_consistency(rt, fit_stream.images, above(fit_boxes, op), op)
 
     allboxes = Boxes.concat(parts)
-    found = Boxes.concat([above(d, op) for d in parts])
     known = stream.human_known
     human = human_boxes(stream)
     table = scores(found, allboxes, human, op)

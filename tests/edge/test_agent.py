@@ -14,6 +14,7 @@ from PIL import Image
 from fleet.edge.agent import Agent
 from fleet.edge.config import AgentConfig, config_from_dict
 from fleet.edge.sources import Frame
+from fleet.errors import InvalidInput
 from fleet.inference.runtime import ModelRuntime, Outputs
 from fleet.protocol import Enrollment, decode_embedding
 from tests.edge.conftest import DEVICE, Keys, assign, client, publish
@@ -369,5 +370,5 @@ def test_sync_at_start_follows_the_hub_before_the_first_frame(tmp_path: Path, hu
 def test_sync_at_start_must_be_a_boolean(tmp_path: Path) -> None:
     doc = {"device_id": DEVICE, "hub": {"url": "http://hub.test"}, "source": {"kind": "npz", "path": "x.npz"},
            "ota": {"sync_at_start": "yes"}}
-    with pytest.raises(Exception, match="sync_at_start"):
+    with pytest.raises(InvalidInput, match=r"ota\.sync_at_start must be .*; received 'yes'"):
         config_from_dict(doc, base_dir=tmp_path)
