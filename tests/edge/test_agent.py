@@ -14,7 +14,7 @@ from PIL import Image
 from fleet.edge.agent import Agent
 from fleet.edge.config import AgentConfig, config_from_dict
 from fleet.edge.sources import Frame
-from fleet.errors import InvalidInput
+from fleet.errors import InvalidInput, RetryableError
 from fleet.inference.runtime import ModelRuntime, Outputs
 from fleet.protocol import Enrollment, decode_embedding
 from tests.edge.conftest import DEVICE, Keys, assign, client, publish
@@ -372,3 +372,26 @@ def test_sync_at_start_must_be_a_boolean(tmp_path: Path) -> None:
            "ota": {"sync_at_start": "yes"}}
     with pytest.raises(InvalidInput, match=r"ota\.sync_at_start must be .*; received 'yes'"):
         config_from_dict(doc, base_dir=tmp_path)
+
+
+def test_sync_at_start_with_the_hub_down_mines_with_the_stored_model(tmp_path: Path, hub: InProcHub, keys: Keys,
+                                                                    make_model) -> None:
+    """The start-up poll fails (the hub cannot be reached): the agent does not wait for it, it mines every frame
+    with the model it stored."""
+    v1 = make_model("v1", seed=1)
+    publish(hub, v1)
+    assign(hub, v1, campaigns=(KEEP_ALL,))
+    first = make_agent(tmp_path, hub, keys, frames(8), runtime={"batch_size": 4})
+    assert first.run().model_version == "v1"
+    first.close()
+    agent = make_agent(tmp_path, hub, keys, frames(12, seed=7), runtime={"batch_size": 4},
+                       ota={"poll_interval_s": 3600.0, "sync_at_start": True})
+
+    def down() -> Any:
+        raise RetryableError("hub unreachable: connection refused")
+
+    agent.client.get_assignment = down  # type: ignore[method-assign]
+    summary = agent.run()
+    agent.close()
+    assert summary.model_version == "v1" and summary.frames == 12 and summary.uploaded == 12
+    assert len(hub.cases()) == 20 and {c.model_version for c in hub.cases().values()} == {"v1"}
