@@ -1,9 +1,13 @@
 """Staged rollouts: device bucketing, assignments, promotions, the rollout state machine and automatic rollback.
 
-A rollout moves a candidate through stages (fractions of the fleet). A device is in the canary when
-``bucket(device_id, rollout_id) < stage fraction``: it runs the candidate as ``active`` and the
-incumbent as ``challenger`` (shadow), so field agreement is measured; every other device keeps the
-incumbent. Three kinds:
+A rollout moves a candidate through stages (fractions of the fleet). A stage of fraction f holds the
+ceil(f x n) of the n devices it covers (at least one) with the lowest ``bucket(device_id, candidate version)``: it
+runs the candidate as ``active`` and the incumbent as ``challenger`` (shadow), so field agreement is measured;
+every other device keeps the incumbent. So a 50% canary on four devices is two of them, never none or all four (a
+draw per device made it either one time in eight), and the same version goes to the same devices, run after run
+(a seeded demo repeats). A device that enrolls during a stage joins it if its bucket is under the stage's
+threshold (:func:`stage_threshold`); the threshold is recomputed when the hub sees a device it did not count,
+so the stage grows with the fleet, and a newcomer with a lower bucket may take a member's place. Three kinds:
 
 - ``staged``: ``POST /v1/rollouts`` (the trainer publishes this way);
 - ``promotion``: ``flywheel models promote`` over an active model, a one-stage rollout to the whole
@@ -31,7 +35,9 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import secrets
+import time
 from typing import Any
 
 from sqlmodel import Session, col, select
@@ -59,13 +65,53 @@ from fleet.protocol import FIELD_COUNTERS, Assignment, CampaignRef, FieldMetrics
 log = logging.getLogger(__name__)
 
 
-def bucket(device_id: str, rollout_id: str) -> float:
-    """The device's stable position in [0, 1) for this rollout."""
-    return int(hashlib.sha256((device_id + rollout_id).encode()).hexdigest()[:8], 16) / 2**32
+def bucket(device_id: str, key: str) -> float:
+    """The device's stable position in [0, 1) for ``key`` (a rollout's candidate version)."""
+    return int(hashlib.sha256((device_id + key).encode()).hexdigest()[:8], 16) / 2**32
 
 
-def in_canary(device_id: str, rollout: Rollout) -> bool:
-    return bucket(device_id, rollout.rollout_id) < rollout.stages[rollout.stage_index]
+_THRESHOLDS: dict[tuple[str, int], tuple[float, float, frozenset[str]]] = {}
+_THRESHOLD_TTL_S = 5.0
+
+
+def stage_threshold(s: Session, rollout: Rollout) -> tuple[float, frozenset[str]]:
+    """(threshold, devices counted) of the rollout's current stage: a device is in it when its bucket is at or
+    under the threshold, the k-th lowest bucket of the n devices the rollout covers, k = ceil(fraction x n), at
+    least 1 (infinite at a stage of 1.0, none with no device). Cached a few seconds per stage; an enrollment or a
+    revocation in this worker (:func:`fleet_changed`), or the assignment of a device it did not count, recomputes
+    it."""
+    key = (rollout.rollout_id, rollout.stage_index)
+    hit = _THRESHOLDS.get(key)
+    if hit is not None and hit[0] > time.monotonic() - _THRESHOLD_TTL_S:
+        return hit[1], hit[2]
+    ids = frozenset(_covered(s, rollout))
+    fraction = rollout.stages[rollout.stage_index]
+    if fraction >= 1.0:
+        threshold = math.inf
+    elif not ids:
+        threshold = -math.inf
+    else:
+        ranked = sorted(bucket(d, rollout.version) for d in ids)
+        threshold = ranked[min(len(ranked), max(1, math.ceil(fraction * len(ranked)))) - 1]
+    if len(_THRESHOLDS) > 256:
+        _THRESHOLDS.clear()
+    _THRESHOLDS[key] = (time.monotonic(), threshold, ids)
+    return threshold, ids
+
+
+def fleet_changed() -> None:
+    """A device enrolled, moved or was revoked: this worker counts every stage again (another worker within
+    ``_THRESHOLD_TTL_S``, or at once when a device it did not count asks)."""
+    _THRESHOLDS.clear()
+
+
+def in_canary(s: Session, device_id: str, rollout: Rollout) -> bool:
+    """Whether ``device_id`` is in the rollout's current stage (see :func:`stage_threshold`)."""
+    threshold, counted = stage_threshold(s, rollout)
+    if device_id not in counted and math.isfinite(threshold):  # enrolled since: count it
+        _THRESHOLDS.pop((rollout.rollout_id, rollout.stage_index), None)
+        threshold, counted = stage_threshold(s, rollout)
+    return bucket(device_id, rollout.version) <= threshold
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,7 +172,7 @@ def assigned_models(s: Session, device_id: str) -> tuple[ModelVersion | None, Mo
         active = model_for_group(s, group)
         return active, _trial_challenger(s, group, active), None
     incumbent = s.get(ModelVersion, rollout.incumbent) if rollout.incumbent else None
-    if in_canary(device_id, rollout):
+    if in_canary(s, device_id, rollout):
         return s.get(ModelVersion, rollout.version), (None if rollout.kind == "override" else incumbent), rollout
     return incumbent, None, rollout
 
@@ -511,26 +557,22 @@ def shadow_bound(hub: Hub, s: Session, rollout: Rollout) -> ShadowBound | None:
 
 
 def canary_size(hub: Hub, s: Session, rollout: Rollout) -> int:
-    """Enrolled, unrevoked devices in the rollout's current stage (cached a few seconds per stage)."""
-    key = ("canary_size", rollout.rollout_id, rollout.stage_index)
-    cache = hub.stats.setdefault("canary_sizes", {})
-    hit = cache.get(key)
-    if hit is not None and hit[0] > hub.now() - 5.0:
-        return int(hit[1])
+    """Enrolled, unrevoked devices in the rollout's current stage."""
+    threshold, ids = stage_threshold(s, rollout)
+    return sum(1 for d in ids if bucket(d, rollout.version) <= threshold)
+
+
+def _covered(s: Session, rollout: Rollout) -> list[str]:
+    """The enrolled, unrevoked devices ``rollout`` covers: its group's, or for a fleet-wide one every device
+    outside the groups that run a model (or a rollout) of their own."""
     q = select(Device.device_id).where(col(Device.revoked_at).is_(None))
     if rollout.group is not None:
         q = q.where(Device.group == rollout.group)
-    else:  # groups with a model of their own, or a rollout of their own, are not in the fleet's
+    else:
         own = {p.group for p in pinned_groups(s)} | {r.group for r in running_rollouts(s) if r.group is not None}
         if own:
             q = q.where(col(Device.group).not_in(sorted(own)))
-    ids = s.exec(q).all()
-    fraction = rollout.stages[rollout.stage_index]
-    n = len(ids) if fraction >= 1.0 else sum(1 for d in ids if bucket(d, rollout.rollout_id) < fraction)
-    if len(cache) > 64:
-        cache.clear()
-    cache[key] = (hub.now(), n)
-    return n
+    return list(s.exec(q).all())
 
 
 def evaluate_running(hub: Hub, s: Session) -> str | None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
+from sqlmodel import select
 
+from fleet.hub import rollouts
+from fleet.hub.db import read_session
 from fleet.hub.heartbeats import deltas
+from fleet.hub.models import Device, Rollout
 from fleet.hub.rollouts import bucket
 from fleet.protocol import Assignment, RolloutList
 from tests.hub.conftest import HubHarness
@@ -47,11 +52,50 @@ def _rollout(hub: HubHarness, version: str = "m2", stages: list[float] | None = 
     return r.json()  # type: ignore[no-any-return]
 
 
-def test_bucket_is_stable_uniform_and_per_rollout() -> None:
-    b = [bucket(f"dev-{i}", "ro-1") for i in range(4000)]
+def _enrolled(hub: HubHarness) -> list[str]:
+    with read_session(hub.hub.engine) as s:
+        return list(s.exec(select(Device.device_id)).all())
+
+
+def _expected_canary(hub: HubHarness, version: str, fraction: float) -> set[str]:
+    """The stage's rule, stated again: the ceil(fraction x n) enrolled devices with the lowest buckets."""
+    enrolled = sorted(_enrolled(hub), key=lambda d: bucket(d, version))
+    return set(enrolled[:max(1, math.ceil(fraction * len(enrolled)))])
+
+
+def test_bucket_is_stable_uniform_and_per_version() -> None:
+    b = [bucket(f"dev-{i}", "m2") for i in range(4000)]
     assert all(0 <= x < 1 for x in b)
     assert abs(sum(x < 0.1 for x in b) / 4000 - 0.1) < 0.02
-    assert bucket("dev-1", "ro-1") == bucket("dev-1", "ro-1") != bucket("dev-1", "ro-2")
+    assert bucket("dev-1", "m2") == bucket("dev-1", "m2") != bucket("dev-1", "m3")
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.75])
+def test_a_stage_holds_its_share_of_a_small_fleet_exactly(hub: HubHarness, fraction: float) -> None:
+    """A 50% canary on a small fleet used to be a draw per device: on four devices, none or all of them one
+    time in eight. Now it is ceil(f x n) devices, the same ones for the same version on a new hub."""
+    _fleet(hub, 3)  # with the harness's own device(s), a small fleet
+    n = len(_enrolled(hub))
+    hub.register_model("m2", seed=1)
+    ro = _rollout(hub, stages=[fraction, 1.0])
+    canary = {d for d in _enrolled(hub) if _assign(hub, d).active.version == "m2"}  # type: ignore[union-attr]
+    assert len(canary) == max(1, math.ceil(fraction * n)) and canary == _expected_canary(hub, "m2", fraction)
+    with read_session(hub.hub.engine) as s:
+        row = s.get(Rollout, ro["rollout_id"])
+        assert row is not None and rollouts.canary_size(hub.hub, s, row) == len(canary)
+
+
+def test_a_device_enrolled_during_a_stage_is_counted(hub: HubHarness) -> None:
+    devices = _fleet(hub, 4)
+    hub.register_model("m2", seed=1)
+    _rollout(hub, stages=[0.5, 1.0])
+    before = {d for d in _enrolled(hub) if _assign(hub, d).active.version == "m2"}  # type: ignore[union-attr]
+    late = [f"late-{i}" for i in range(6)]
+    for d in late:
+        hub.enroll(d)
+    after = {d for d in _enrolled(hub) if _assign(hub, d).active.version == "m2"}  # type: ignore[union-attr]
+    assert after == _expected_canary(hub, "m2", 0.5) and len(after) == math.ceil(0.5 * len(_enrolled(hub)))
+    assert len(after) > len(before) and set(devices) | set(late) <= set(_enrolled(hub))
 
 
 def test_deltas_handle_counter_restarts() -> None:
@@ -73,7 +117,7 @@ def test_staged_rollout_buckets_devices_and_completes(hub: HubHarness) -> None:
     for stage, fraction in enumerate([0.25, 0.5, 1.0]):
         got = {d: _assign(hub, d) for d in devices}
         canary = {d for d, a in got.items() if a.active and a.active.version == "m2"}
-        expected = {d for d in devices if bucket(d, ro["rollout_id"]) < fraction}
+        expected = _expected_canary(hub, "m2", fraction) & set(devices)
         assert canary == expected, stage
         for d, a in got.items():
             assert a.rollout_id == ro["rollout_id"]
@@ -254,7 +298,7 @@ def _status(hub: HubHarness, ro: dict[str, Any]) -> dict[str, Any]:
 
 
 def _split(hub: HubHarness, devices: list[str], ro: dict[str, Any]) -> tuple[list[str], list[str]]:
-    canary = [d for d in devices if bucket(d, ro["rollout_id"]) < ro["fraction"]]
+    canary = sorted(_expected_canary(hub, ro["version"], ro["fraction"]) & set(devices))
     return canary, [d for d in devices if d not in canary]
 
 

@@ -78,6 +78,7 @@ def enroll(request: Request, hub: HubDep, body: EnrollRequest = message_body(Enr
         raise Conflict(f"device {body.device_id!r} is enrolling concurrently; retry") from None
     enrollment.record(hub, client=client, device_id=body.device_id, outcome="re-enrolled" if again else "enrolled",
                       method=granted.method)
+    rollouts.fleet_changed()  # a canary stage counts the fleet's devices
     hub.tokens.clear()
     return message_response(Enrollment(device_id=body.device_id, token=token,
                                        fleet_public_key=hub.settings.public_key() or "", hub_time=now))
@@ -229,6 +230,7 @@ def revoke_device(device_id: str, _: AdminCaller, hub: HubDep) -> Response:
         n = s.execute(sa.update(ApiToken).where(col(ApiToken.device_id) == device_id,
                                                 col(ApiToken.revoked_at).is_(None)).values(revoked_at=now))
     hub.tokens.clear()
+    rollouts.fleet_changed()
     return message_response(DeviceRevoked(device_id=device_id, revoked_at=device.revoked_at, tokens_revoked=n.rowcount))
 
 
