@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlmodel import select
+from sqlmodel import col, select
 
 from fleet.errors import Conflict, PayloadTooLarge, ProtocolError
 from fleet.hub.auth import Principal, require_device
 from fleet.hub.blobs import sha256_hex
 from fleet.hub.bodies import parse_json
 from fleet.hub.context import Hub
-from fleet.hub.db import read_session, write_connection
+from fleet.hub.db import read_session, write_connection, write_session
 from fleet.hub.images import check_png
 from fleet.hub.models import CaseRow, ModelVersion
 from fleet.hub.quota import admit, throttled
@@ -85,10 +85,47 @@ def ingest_case(hub: Hub, principal: Principal, case_text: str | bytes, image: b
         _undo_blob(hub, sha, created)
         raise
     if row["duplicate_of"]:
-        log.info("case %s from %s duplicates %s (image %s)", case.case_id, case.device_id, row["duplicate_of"],
-                 sha[:12])
-        return 201, CaseReceipt(case.case_id, "duplicate", duplicate_of=row["duplicate_of"])
+        kept = settle_duplicates(hub, [sha]).get(sha, row["duplicate_of"])
+        if kept != case.case_id:
+            log.info("case %s from %s duplicates %s (image %s)", case.case_id, case.device_id, kept, sha[:12])
+            return 201, CaseReceipt(case.case_id, "duplicate", duplicate_of=kept)
     return 201, CaseReceipt(case.case_id, "created")
+
+
+def settle_duplicates(hub: Hub, shas: list[str]) -> dict[str, str]:
+    """Which copy of each image the pool keeps, whatever order the copies arrived in -> {sha256: kept case id}.
+
+    A case whose image the hub already holds is stored as a ``duplicate`` of the kept one (the first received).
+    While the kept case is still ``unlabeled``, a strictly more informative copy (capture-time informativeness:
+    the copy whose human disagreed with the model, or whose model doubted more) takes its place, and the others
+    point at it; among equals the first received stays, and once the kept case is queued, labeled or held it
+    stays whatever arrives. So when two devices upload one frame, the pool holds the copy that says most, and the
+    same copy whichever device's arrived first: a seeded demo repeats (before, the copy kept, with its human
+    action and capturing model, followed the upload race, and runs of one seed parted from the second turn on).
+    Equal copies differ in nothing selection reads (image, informativeness, tags)."""
+    kept_of: dict[str, str] = {}
+    for sha in sorted(set(shas)):
+        with write_session(hub.engine) as s:
+            rows = list(s.exec(select(CaseRow).where(CaseRow.image_sha256 == sha)
+                               .order_by(col(CaseRow.received_at), col(CaseRow.case_id)).with_for_update()).all())
+            heads = [r for r in rows if r.duplicate_of is None]
+            if not heads:
+                continue
+            head = heads[0]
+            kept_of[sha] = head.case_id
+            if len(heads) > 1 or head.state != "unlabeled":
+                continue
+            copies = [r for r in rows if r.state == "duplicate" and r.duplicate_of == head.case_id]
+            best = max([head, *copies], key=lambda r: r.uncertainty)  # the first of equals: the earliest received
+            if best is head or best.uncertainty <= head.uncertainty:
+                continue
+            for r in (head, *copies):
+                r.state, r.duplicate_of = ("unlabeled", None) if r is best else ("duplicate", best.case_id)
+                s.add(r)
+            kept_of[sha] = best.case_id
+            log.info("image %s: case %s (informativeness %.3f) is kept in place of %s (%.3f)", sha[:12],
+                     best.case_id, best.uncertainty, head.case_id, head.uncertainty)
+    return kept_of
 
 
 @dataclass(frozen=True)

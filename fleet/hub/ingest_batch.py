@@ -31,6 +31,7 @@ from fleet.hub.ingest import (
     conflict,
     identities,
     prepare_case,
+    settle_duplicates,
     stored_identity,
 )
 from fleet.hub.quota import admit, throttled
@@ -161,13 +162,16 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, CaseReceipt
                     out[cid] = _known(by_id[cid], owner)
         finally:
             cur.close()
-    for x in new:
+    stored = [x for x in new if x.case.case_id in inserted]
+    kept = settle_duplicates(hub, [x.row["image_sha256"] for x in stored if x.row["duplicate_of"]])
+    for x in stored:
         cid = x.case.case_id
-        if cid in inserted:
-            dup = x.row["duplicate_of"]
-            out[cid] = _result(cid, DUPLICATE if dup else CREATED, duplicate_of=dup)
-            if dup:
-                log.info("case %s from %s duplicates %s", cid, x.case.device_id, dup)
+        dup = kept.get(x.row["image_sha256"], x.row["duplicate_of"])
+        if dup == cid:  # the copy the pool keeps (the first, or a more informative one than it)
+            dup = None
+        out[cid] = _result(cid, DUPLICATE if dup else CREATED, duplicate_of=dup)
+        if dup:
+            log.info("case %s from %s duplicates %s", cid, x.case.device_id, dup)
     return out
 
 

@@ -108,7 +108,7 @@ def fleet_changed() -> None:
 def in_canary(s: Session, device_id: str, rollout: Rollout) -> bool:
     """Whether ``device_id`` is in the rollout's current stage (see :func:`stage_threshold`)."""
     threshold, counted = stage_threshold(s, rollout)
-    if device_id not in counted and math.isfinite(threshold):  # enrolled since: count it
+    if device_id not in counted and threshold < math.inf:  # enrolled since (or the first): count it
         _THRESHOLDS.pop((rollout.rollout_id, rollout.stage_index), None)
         threshold, counted = stage_threshold(s, rollout)
     return bucket(device_id, rollout.version) <= threshold

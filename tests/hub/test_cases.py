@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from sqlmodel import Session, func, select
+from sqlmodel import Session, col, func, select
 
 from fleet.hub.models import Blob, CaseRow
 from fleet.protocol import Case, CaseReceipt, Classification
@@ -279,3 +279,52 @@ def test_a_case_id_that_races_in_after_the_check_leaves_no_blob(hub: HubHarness,
     r = hub.post_case(case, other)
     assert r.status_code == 409 and "different content" in r.json()["detail"]
     assert len(calls) == 2 and _counts(hub) == (1, 1, 1)
+
+
+def _states(hub: HubHarness, *case_ids: str) -> list[tuple[str, str | None]]:
+    with Session(hub.hub.engine) as s:
+        rows = {r.case_id: r for r in s.exec(select(CaseRow).where(col(CaseRow.case_id).in_(case_ids))).all()}
+    return [(rows[c].state, rows[c].duplicate_of) for c in case_ids]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+@pytest.mark.parametrize("order", ["plain-first", "telling-first"])
+def test_the_pool_keeps_the_copy_that_says_most_whichever_arrives_first(hub: HubHarness, order: str,
+                                                                        batch: bool) -> None:
+    """Two devices upload one frame: d1's model was sure and the human agreed, d2's human contradicted the model
+    (informativeness 0.9 and up). The pool keeps d2's copy in either arrival order, and answers each device so."""
+    hub.enroll("d2")
+    image = png_bytes(4242)
+    plain, _ = hub.make_case("d1", image=image, probs=[0.8, 0.1, 0.1], human=0)
+    telling, _ = hub.make_case("d2", image=image, probs=[0.8, 0.1, 0.1], human=2)
+    first, second = (plain, telling) if order == "plain-first" else (telling, plain)
+    receipts = {}
+    for case in (first, second):
+        if batch:
+            r = hub.client.post("/v1/cases/batch", headers=hub.devices[case.device_id],
+                                files=[("case_0", (None, case.to_json())), ("image_0", ("f.png", image, "image/png"))])
+            assert r.status_code == 200, r.text
+            receipts[case.case_id] = r.json()["results"][0]
+        else:
+            r = hub.post_case(case, image)
+            assert r.status_code == 201, r.text
+            receipts[case.case_id] = r.json()
+    assert _states(hub, telling.case_id, plain.case_id) == [("unlabeled", None), ("duplicate", telling.case_id)]
+    assert receipts[second.case_id]["status"] == ("created" if second is telling else "duplicate")
+    assert receipts[second.case_id]["duplicate_of"] == (None if second is telling else telling.case_id)
+    pool = hub.client.get("/v1/pool", headers=hub.labeler).json()
+    assert [c["case"]["case_id"] for c in pool["cases"]] == [telling.case_id]
+
+
+def test_a_kept_copy_once_queued_stays_kept_and_equal_copies_keep_the_first(hub: HubHarness) -> None:
+    hub.enroll("d2")
+    hub.enroll("d3")
+    image = png_bytes(4343)
+    first = hub.send_case("d1", image=image, probs=[0.8, 0.1, 0.1], human=0)
+    same = hub.send_case("d2", image=image, probs=[0.8, 0.1, 0.1], human=0)  # says no more: the first stays
+    assert _states(hub, first, same) == [("unlabeled", None), ("duplicate", first)]
+    r = hub.client.post("/v1/selections", json={"budget": 1, "strategy": "uncertainty"}, headers=hub.labeler)
+    assert r.status_code == 200, r.text
+    assert [c["case"]["case_id"] for c in r.json()["cases"]] == [first]
+    late = hub.send_case("d3", image=image, probs=[0.8, 0.1, 0.1], human=2)  # says more, but too late
+    assert _states(hub, first, same, late) == [("queued", None), ("duplicate", first), ("duplicate", first)]

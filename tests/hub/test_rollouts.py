@@ -502,3 +502,19 @@ def test_prediction_histograms_count_per_version_and_restart_with_a_new_model(hu
             "predicted_counts": [1] * 1001}
     r = hub.client.post("/v1/heartbeats", json=body, headers=hub.devices["d9"])
     assert r.status_code == 422 and "predicted_counts" in r.text
+
+
+def test_a_device_another_worker_enrolled_is_counted_when_it_asks(hub: HubHarness) -> None:
+    """Another hub worker enrolled the newcomers: this worker's stage does not know them until one asks."""
+    _fleet(hub, 4)
+    hub.register_model("m2", seed=1)
+    _rollout(hub, stages=[0.5, 1.0])
+    for d in _enrolled(hub):
+        _assign(hub, d)
+    stale = dict(rollouts._THRESHOLDS)
+    late = [f"late-{i}" for i in range(6)]
+    for d in late:
+        hub.enroll(d)
+    rollouts._THRESHOLDS.update(stale)  # this worker did not see the enrollments
+    got = {d for d in late + _enrolled(hub) if _assign(hub, d).active.version == "m2"}  # type: ignore[union-attr]
+    assert got == _expected_canary(hub, "m2", 0.5)
