@@ -102,7 +102,8 @@ def settle_duplicates(hub: Hub, shas: list[str]) -> dict[str, str]:
     stays whatever arrives. So when two devices upload one frame, the pool holds the copy that says most, and the
     same copy whichever device's arrived first: a seeded demo repeats (before, the copy kept, with its human
     action and capturing model, followed the upload race, and runs of one seed parted from the second turn on).
-    Equal copies differ in nothing selection reads (image, informativeness, tags)."""
+    Equal copies share the image and its informativeness; the first received is kept with its own tags (two
+    devices could tag one frame differently, and a balanced selection reads a tag)."""
     kept_of: dict[str, str] = {}
     for sha in sorted(set(shas)):
         with write_session(hub.engine) as s:
