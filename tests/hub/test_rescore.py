@@ -42,15 +42,15 @@ def scores(hub: HubHarness, version: str) -> dict[str, CaseScore]:
 
 
 def expected_scores(hub: HubHarness, version: str, cases: dict[str, tuple[bytes, int]]) -> dict[str, float]:
-    """What ``version`` makes of each case: its informativeness with the capturing model's class as the other
-    model's vote, computed here from the model file and the images as the device would."""
+    """What ``version`` makes of each case: its informativeness from its own softmax (the capturing model's class
+    is no vote: fleet.hub.rescore's rules), computed here from the model file and the images as the device would."""
     files = hub.model_files(version, **VERSIONS[version])
     rt = ModelRuntime(files.onnx_path, files.manifest)
     ids = list(cases)
     out = rt.run([np.asarray(Image.open(io.BytesIO(cases[c][0]))) for c in ids])
     probs = np.exp(out.logits - out.logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
-    u = informativeness(probs, human=np.full(len(ids), -1), challenger=np.asarray([cases[c][1] for c in ids]))
+    u = informativeness(probs, human=np.full(len(ids), -1))
     return dict(zip(ids, u.tolist(), strict=True))
 
 
@@ -168,7 +168,7 @@ def test_a_detector_pool_is_rescored_with_box_informativeness(hub: HubHarness) -
     r = hub.client.post("/v1/models/det1/promote", headers=hub.admin, json={"override": True, "reason": "test"})
     assert r.status_code == 200, r.text
     image = frame_png()
-    captured = Box(0.1, 0.1, 0.3, 0.3, 1, 0.6, [0.2, 0.6, 0.2])  # not what det2 will see: a disagreement
+    captured = Box(0.1, 0.1, 0.3, 0.3, 1, 0.6, [0.2, 0.6, 0.2])  # not what det2 will see: the old model's miss
     case = make_detect_case(case_id="c-det", device_id="d1", model_version="det1", boxes=[captured], image=image,
                             captured_at=hub.clock(), embedding=np.ones(16, np.float32))
     assert hub.post_case(case, image).status_code == 201
@@ -187,11 +187,12 @@ def test_a_detector_pool_is_rescored_with_box_informativeness(hub: HubHarness) -
     from fleet.hub.ingest import detection_boxes
     from fleet.protocol import Detection
 
-    want = box_informativeness(det, challenger=detection_boxes([Detection([captured])]),
-                               floor=files.manifest.detector.operating_threshold)[0]  # type: ignore[union-attr]
+    floor = files.manifest.detector.operating_threshold  # type: ignore[union-attr]
+    want = box_informativeness(det, floor=floor)[0]  # det2's own doubt: the capturing model's boxes are no vote
+    voted = box_informativeness(det, challenger=detection_boxes([Detection([captured])]), floor=floor)[0]
+    assert voted >= 0.5 and want < voted  # as a vote, the old model's boxes would have ranked the frame up
     row = scores(hub, "det2")["c-det"]
     assert row.embedding_dim == 8 and row.uncertainty == pytest.approx(float(want), abs=1e-6)
-    assert row.uncertainty >= 0.5  # the two versions' boxes differ
 
 
 def test_decode_image_reads_every_stored_png_mode() -> None:
