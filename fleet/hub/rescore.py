@@ -18,11 +18,11 @@ The rules, stated once:
   softmax, with the human's action where the device saw one. The capturing model's class is no challenger's
   vote: the older model is the weaker one, so where the two disagree it is mostly the old model's error that the
   new one has fixed, and ranking such frames up spent labels on them (Fashion-MNIST, benchmarks/RESULTS.md
-  2026-12-05 19:50 UTC: with the vote 0.25 / 0.38 / 0.41 of random's labels, without it 0.26 / 0.36 / 0.35).
-  A detector's is :func:`fleet.hub.selection.box_informativeness` with the human's boxes and the capturing
+  2026-12-05 19:07 and 19:46 UTC: with the vote 0.25 / 0.38 / 0.41 of random's labels, without it 0.26 / 0.36 /
+  0.35). A detector's is :func:`fleet.hub.selection.box_informativeness` with the human's boxes and the capturing
   model's boxes as the other model's (two versions that find different boxes: a committee disagreement): without
   that vote, detection seed 2 ranked up frames whose retrain the mAP gate refused twice and never reached the
-  random arm's final mAP (0.460 against 0.473; with it, 149 of 160 labels, RESULTS 2026-12-05 17:58). A shadow
+  random arm's final mAP (0.460 against 0.473; with it, 149 of 160 labels: RESULTS 2026-12-05 17:58, 19:46). A shadow
   challenger's vote counts in the capture-time score only.
 - A case whose image cannot be read or run gets a row with ``error`` set and null scores: it is not tried again,
   and selection treats it as not re-scored.
