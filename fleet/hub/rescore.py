@@ -20,10 +20,10 @@ The rules, stated once:
   new one has fixed, and ranking such frames up spent labels on them (Fashion-MNIST, benchmarks/RESULTS.md
   2026-12-05 19:07 and 19:46 UTC: with the vote 0.25 / 0.38 / 0.41 of random's labels, without it 0.26 / 0.36 /
   0.35). A detector's is :func:`fleet.hub.selection.box_informativeness` with the human's boxes and the capturing
-  model's boxes as the other model's (two versions that find different boxes: a committee disagreement): without
-  that vote, detection seed 2 ranked up frames whose retrain the mAP gate refused twice and never reached the
-  random arm's final mAP (0.460 against 0.473; with it, 149 of 160 labels: RESULTS 2026-12-05 17:58, 19:46). A shadow
-  challenger's vote counts in the capture-time score only.
+  model's boxes as the other model's (two versions that find different boxes: a committee disagreement), kept on
+  one screen: without that vote, on detection seed 2 the mAP gate refused turns 3 and 4's retrains and the
+  flywheel stayed below the random arm's final mAP (0.460 against 0.473; with it, it got there at 149 of 160
+  labels: RESULTS 2026-12-05 17:58, 19:46). A shadow challenger's vote counts in the capture-time score only.
 - A case whose image cannot be read or run gets a row with ``error`` set and null scores: it is not tried again,
   and selection treats it as not re-scored.
 - Selection (``fleet.hub.routes.cases.select_cases``) with an active model uses only that model's scores and
