@@ -41,13 +41,13 @@ def scores(hub: HubHarness, version: str) -> dict[str, CaseScore]:
         return {r.case_id: r for r in s.exec(select(CaseScore).where(CaseScore.model_version == version)).all()}
 
 
-def expected_scores(hub: HubHarness, version: str, cases: dict[str, tuple[bytes, int]]) -> dict[str, float]:
+def expected_scores(hub: HubHarness, version: str, cases: dict[str, bytes]) -> dict[str, float]:
     """What ``version`` makes of each case: its informativeness from its own softmax (the capturing model's class
     is no vote: fleet.hub.rescore's rules), computed here from the model file and the images as the device would."""
     files = hub.model_files(version, **VERSIONS[version])
     rt = ModelRuntime(files.onnx_path, files.manifest)
     ids = list(cases)
-    out = rt.run([np.asarray(Image.open(io.BytesIO(cases[c][0]))) for c in ids])
+    out = rt.run([np.asarray(Image.open(io.BytesIO(cases[c]))) for c in ids])
     probs = np.exp(out.logits - out.logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     u = informativeness(probs, human=np.full(len(ids), -1))
@@ -58,15 +58,15 @@ VERSIONS: dict[str, dict[str, Any]] = {"m1": {}, "m2": {"seed": 1, "embedding_di
                                        "m3": {"seed": 2, "embedding_dim": 12}}
 
 
-def send(hub: HubHarness, n: int, version: str, *, seed: int) -> dict[str, tuple[bytes, int]]:
+def send(hub: HubHarness, n: int, version: str, *, seed: int) -> dict[str, bytes]:
+    """``n`` cases captured by ``version`` -> {case id: its image}."""
     rng = np.random.default_rng(seed)
     out = {}
     for i in range(n):
         probs = rng.dirichlet(np.ones(3)).tolist()
         image = png_bytes(seed * 1000 + i)
         emb = rng.normal(size=VERSIONS[version].get("embedding_dim", 16)).astype(np.float32)
-        out[hub.send_case("d1", model_version=version, probs=probs, image=image, embedding=emb)] = (
-            image, int(np.argmax(probs)))
+        out[hub.send_case("d1", model_version=version, probs=probs, image=image, embedding=emb)] = image
     return out
 
 
@@ -250,7 +250,7 @@ def test_rescoring_keeps_the_probabilities_badge_selects_from_in_the_active_spac
     assert rescore(hub, "m2", limit=100).scored == 10
     files = hub.model_files("m2", **VERSIONS["m2"])
     out = ModelRuntime(files.onnx_path, files.manifest).run(
-        [np.asarray(Image.open(io.BytesIO(old[c][0]))) for c in old])
+        [np.asarray(Image.open(io.BytesIO(old[c]))) for c in old])
     want = np.exp(out.logits - out.logits.max(axis=1, keepdims=True))
     want /= want.sum(axis=1, keepdims=True)
     stored = scores(hub, "m2")
