@@ -165,9 +165,12 @@ def _data(args: argparse.Namespace) -> str:
 
 
 def _seed_set(args: argparse.Namespace) -> str:
-    """The base model's seed set, as the demo chose it."""
+    """The base model's seed set, as the demo chose it, and its epochs (the task's default)."""
+    from fleet.sim.settings import TASK_DEFAULTS
+
     size = "the demo's size" if args.seed_size is None else f"{args.seed_size} frames"
-    return f"seed set mostly clear ({size})"
+    epochs = TASK_DEFAULTS[args.task]["base_epochs"]
+    return f"seed set mostly clear ({size}), the base model trained on it for {epochs} epochs"
 
 
 def _retrain(args: argparse.Namespace) -> str:

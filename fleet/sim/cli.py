@@ -43,9 +43,9 @@ def demo(
         None, "--model", help="The model `flywheel train` builds (default smallcnn; detect: fcos_tiny)."),
     width: int = typer.Option(16, "--width", min=1, help="The model's width."),
     base_epochs: int | None = typer.Option(
-        None, "--base-epochs", min=1, help="Epochs for the base model (default 30; detect: 12)."),
+        None, "--base-epochs", min=1, help="Epochs for the base model (default 30; detect: 36)."),
     epochs: int | None = typer.Option(
-        None, "--epochs", min=1, help="Epochs for each turn's retrain, both arms (default 20; detect: 4)."),
+        None, "--epochs", min=1, help="Epochs for each turn's retrain, both arms (default 20; detect: 6)."),
     strategy: str | None = typer.Option(
         None, "--strategy", help="The hub's selection strategy (default uncertainty+diversity; detect: uncertainty)."),
     balance: str | None = typer.Option(

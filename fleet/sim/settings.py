@@ -35,12 +35,17 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
     # AdamW's fine-tuning rate for the detector: 0.05 (SGD's, the classifier's) wrecks it in one turn. Selection
     # by informativeness alone: a young detector disagrees with the human on nearly every frame, so the
     # informativeness mass of a cluster follows its size and uncertainty+diversity labels the common clear
-    # scenes (seed 0, 160 labels: 0.451 vs random's 0.469 with it, 0.474 with uncertainty alone). Each retrain
-    # replays the whole seed set too, in 4 epochs (about the image-steps of 15 half-and-half epochs over 4 turns):
-    # at 0.5 and 15 the flywheel fell short of random's final mAP on 2 of 3 seeds, here it reached it on all 3
-    # (benchmarks/RESULTS.md, 2026-12-04; 8 epochs was tried and fell short on seed 0). Each label once an epoch:
-    # twice gave 0.40 / 0.63 / 0.93 of random's labels, no better (RESULTS.md, 2026-12-04 18:09)
-    "detect": {"model": "fcos_tiny", "base_epochs": 12, "turn_epochs": 4, "turn_lr": 0.001,
+    # scenes (seed 0, 160 labels: 0.451 vs random's 0.469 with it, 0.474 with uncertainty alone; with the 36-epoch
+    # base below, seeds 1 and 2 took 0.90 and 0.89 of random's labels with it). Each retrain replays the whole seed
+    # set too (at half and half and 15 epochs the flywheel fell short of random's final mAP on 2 of 3 seeds;
+    # RESULTS.md, 2026-12-04). Each label once an epoch: twice gave 0.40 / 0.63 / 0.93 of random's labels, no
+    # better (RESULTS.md, 2026-12-04 18:09). The base model trains 36 epochs, to its plateau (seed 0: 0.446 mAP at
+    # 24, 0.437 at 36): at 12 it was still learning (seed 2: 0.372, 0.480 at 24, 0.516 at 36), and each turn's gain
+    # was mostly more epochs, not its labels (seed 2: the random arm gained 0.10 mAP over 160 labels, at 36 0.04).
+    # Each turn then trains 6 epochs: over seeds 0 to 5 the flywheel needed 0.33 / 0.50 / 0.42 / 0.86 / 0.62 / 0.23
+    # of random's labels, against 0.35 / 0.48 / 0.93 / 0.92 / 0.98 / 0.85 at 12 and 4 epochs (36 and 4, seeds 0 to
+    # 2: 0.39 / 0.52 / 0.88), and ended with more mAP on every seed; RESULTS.md, 2026-12-06
+    "detect": {"model": "fcos_tiny", "base_epochs": 36, "turn_epochs": 6, "turn_lr": 0.001,
                "strategy": "uncertainty", "balance": "none", "replay_ratio": 1.0, "new_repeats": 1},
 }
 SEED_PER_CLASS = 15  # the default seed set: this many frames a class (a many-class set needs more than digits)

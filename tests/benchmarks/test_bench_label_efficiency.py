@@ -75,7 +75,9 @@ def test_the_demo_s_own_seed_set_is_named_when_none_is_given(demo_settings: list
     out = tmp_path / "RESULTS.md"
     assert eff.main(["--seeds", "0", "--turns", "1", "--append", str(out)]) == 0
     assert demo_settings[0].seed_size is None
-    assert "seed set mostly clear (the demo's size)" in out.read_text()
+    text = out.read_text()  # the base model's epochs are the ones the demo ran, named beside the seed set
+    assert f"seed set mostly clear (the demo's size), the base model trained on it for " \
+           f"{demo_settings[0].base_epochs} epochs" in text
 
 
 def test_the_peer_target_compares_the_default_with_the_peers_only(demo_settings: list, tmp_path: Path) -> None:
