@@ -1,8 +1,9 @@
 """Error capture for detection (issue 16): the share of a deployed detector's missed and wrong boxes that the
 fleet's uploads contain, at 2%, 5% and 10% upload budgets, against random uploading and an oracle.
 
-The detector is the detection demo's base model: ``flywheel train --task detect`` (fcos_tiny, width 16) on the
-demo's mostly clear seed set of 96x96 scenes of digits (``fleet.sim.detect_world``), exported and run by the
+The detector is the detection demo's base model: ``flywheel train --task detect`` (fcos_tiny, width 16, as many
+epochs as the demo's base model by default: ``TASK_DEFAULTS["detect"]["base_epochs"]``) on the demo's mostly clear
+seed set of 96x96 scenes of digits (``fleet.sim.detect_world``), exported and run by the
 device runtime (onnxruntime and the device's decoding). The stream is fresh scenes under the demo's condition mix
 (75% clear, 5% each of night, fog, rain, motion blur, occlusion) with the human's boxes (the true boxes with a
 person's errors) on half the frames. A frame's errors are its missed true boxes plus the boxes the model reports
@@ -196,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--frames", type=int, default=3000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=12)
+    from fleet.sim.settings import TASK_DEFAULTS
+
+    p.add_argument("--epochs", type=int, default=int(TASK_DEFAULTS["detect"]["base_epochs"]),  # type: ignore[call-overload]
+                   help="the base detector's epochs (default: the detection demo's base model's, %(default)s)")
     p.add_argument("--fit-frames", type=int, default=3000, help="frames of the other stream the learned trigger "
                    "is fitted on")
     p.add_argument("--append", type=Path, default=None)

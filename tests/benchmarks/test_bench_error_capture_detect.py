@@ -55,3 +55,14 @@ def test_shift_consistency_counts_the_boxes_that_do_not_follow_the_object(fixed:
     assert got.shape == (3, 2)
     np.testing.assert_allclose(got[:, 0], count)
     np.testing.assert_allclose(got[:, 1], score)
+
+
+def test_the_base_detector_trains_as_many_epochs_as_the_demos_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    from fleet.sim.settings import TASK_DEFAULTS
+
+    with pytest.raises(SystemExit) as done:
+        becd.main(["--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"the base detector's epochs (default: the detection demo's base model's, " \
+           f"{TASK_DEFAULTS['detect']['base_epochs']})" in text
