@@ -44,7 +44,9 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
     # was mostly more epochs, not its labels (seed 2: the random arm gained 0.10 mAP over 160 labels, at 36 0.04).
     # Each turn then trains 6 epochs: over seeds 0 to 5 the flywheel needed 0.33 / 0.50 / 0.42 / 0.86 / 0.62 / 0.23
     # of random's labels, against 0.35 / 0.48 / 0.93 / 0.92 / 0.98 / 0.85 at 12 and 4 epochs (36 and 4, seeds 0 to
-    # 2: 0.39 / 0.52 / 0.88), and ended with more mAP on every seed; RESULTS.md, 2026-12-06
+    # 2: 0.39 / 0.52 / 0.88), and ended with more mAP on every seed, on an Intel Xeon (on an AMD EPYC the same code
+    # never reached random's final mAP on seeds 0 and 4: the CPU's arithmetic moves a run that far); RESULTS.md,
+    # 2026-12-06
     "detect": {"model": "fcos_tiny", "base_epochs": 36, "turn_epochs": 6, "turn_lr": 0.001,
                "strategy": "uncertainty", "balance": "none", "replay_ratio": 1.0, "new_repeats": 1},
 }
