@@ -27,8 +27,12 @@ the same frames: ``learned_box_error_count``, the same Poisson fit without the h
 ``--headroom`` asks where more could come from, in rows that no device runs: (a) a second signal, the boxes that
 differ between the frame and the same frame shifted by :data:`SHIFT` pixels (a second inference, the agreement of
 a detector with itself under a small translation), alone and added to the Poisson fit; (b) a richer model on the
-same features, scikit-learn's gradient-boosted trees with a Poisson loss. If neither lifts the capture where the
-human's action is unknown, the limit is in what the device's scores say, not in the fit.
+same features, scikit-learn's gradient-boosted trees with a Poisson loss; (c) what the frame itself says, each added
+to the Poisson fit: its novelty (the mean cosine distance to its :data:`BANK_K` nearest entries of the novelty bank
+the trainer ships with the model, the model's embeddings of its training set), its image statistics
+(:func:`image_statistics`: brightness, contrast, sharpness; numpy on the frame), and, as a bound no device can
+reach, its true condition (one column a condition). If none lifts the capture where the human's action is unknown,
+the limit is in what the device's scores say, not in the fit.
 """
 
 from __future__ import annotations
@@ -59,7 +63,11 @@ SHIFT = (4, 4)  # --headroom: pixels right and down
 SHIFT_ALONE = "shift consistency: boxes that differ under a 4-pixel shift (a second inference; headroom, not shipped)"
 SHIFT_FIT = "learned_box_error_hist's fit with shift consistency added (headroom, not shipped)"
 TREES = "gradient-boosted trees on learned_box_error_hist's features (Poisson, depth 3; headroom, not shipped)"
-HEADROOM = (SHIFT_ALONE, SHIFT_FIT, TREES)
+NOVELTY_FIT = "learned_box_error_hist's fit with novelty against the model's own bank added (headroom, not shipped)"
+IMAGE_FIT = "learned_box_error_hist's fit with image statistics added (headroom, not shipped)"
+CONDITION_FIT = "learned_box_error_hist's fit with the frame's true condition added (a bound no device reaches)"
+HEADROOM = (SHIFT_ALONE, SHIFT_FIT, TREES, NOVELTY_FIT, IMAGE_FIT, CONDITION_FIT)
+BANK_K = 5  # --headroom: bank entries a frame's novelty averages over (the device's novelty trigger's default)
 
 
 def capture(score: np.ndarray, errors: np.ndarray, budget: float) -> float:
@@ -177,20 +185,42 @@ def shift_consistency(rt: Any, images: np.ndarray, boxes: Any, op: float) -> np.
     return np.stack([np.minimum(1.0, count / 8.0), np.nan_to_num(cmp.score)], axis=1)
 
 
-def headroom_scores(fit_boxes: Any, fit_human: Any, fit_errors: np.ndarray, fit_shift: np.ndarray, boxes: Any,
-                    human: Any, shift: np.ndarray, op: float) -> dict[str, np.ndarray]:
-    """The rows of ``--headroom``, fitted on one stream and scored on another (see the module docstring)."""
+def image_statistics(images: np.ndarray) -> np.ndarray:
+    """``images (n, h, w[, c])`` uint8 -> ``(n, 3)`` in [0, 1]: the mean brightness, the contrast (twice the
+    standard deviation, at most 1) and the sharpness (four times the mean absolute difference of neighbouring
+    pixels across and down, at most 1), of the frame's grey levels."""
+    x = images.astype(np.float64) / 255.0
+    if x.ndim == 4:
+        x = x.mean(axis=3)
+    sharp = np.abs(np.diff(x, axis=2)).mean(axis=(1, 2)) + np.abs(np.diff(x, axis=1)).mean(axis=(1, 2))
+    return np.stack([x.mean(axis=(1, 2)), np.minimum(1.0, 2.0 * x.std(axis=(1, 2))), np.minimum(1.0, 4.0 * sharp)],
+                    axis=1)
+
+
+def conditions_onehot(conditions: np.ndarray, names: list[str]) -> np.ndarray:
+    """``(n,)`` condition names -> ``(n, len(names))``: 1 in the frame's condition's column."""
+    return (np.asarray(conditions)[:, None] == np.asarray(names)[None, :]).astype(np.float64)
+
+
+def headroom_scores(fit_boxes: Any, fit_human: Any, fit_errors: np.ndarray, boxes: Any, human: Any, op: float, *,
+                    shift: tuple[np.ndarray, np.ndarray], frame: dict[str, tuple[np.ndarray, np.ndarray]],
+                    ) -> dict[str, np.ndarray]:
+    """The rows of ``--headroom``, fitted on one stream and scored on another (see the module docstring).
+    ``shift``: :func:`shift_consistency` of (the fit stream, the measured stream); ``frame``: per row name, the
+    columns a row adds to the Poisson fit, of (the fit stream, the measured stream)."""
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     from fleet.hub.learned import fit_poisson
     from trigger.learned import box_hist_features
 
     xf, xe = box_hist_features(fit_boxes, fit_human, None, floor=op), box_hist_features(boxes, human, None, floor=op)
-    w, b = fit_poisson(np.hstack([xf, fit_shift]), fit_errors)
     trees = HistGradientBoostingRegressor(loss="poisson", max_depth=3, max_iter=200, learning_rate=0.05,
                                           random_state=0).fit(xf, fit_errors)
-    return {SHIFT_ALONE: shift[:, 0] + 1e-3 * shift[:, 1], SHIFT_FIT: np.hstack([xe, shift]) @ w + b,
-            TREES: trees.predict(xe)}
+    out = {SHIFT_ALONE: shift[1][:, 0] + 1e-3 * shift[1][:, 1], TREES: trees.predict(xe)}
+    for name, (cf, ce) in {SHIFT_FIT: shift, **frame}.items():
+        w, b = fit_poisson(np.hstack([xf, cf]), fit_errors)
+        out[name] = np.hstack([xe, ce]) @ w + b
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                    "is fitted on")
     p.add_argument("--append", type=Path, default=None)
     p.add_argument("--headroom", action="store_true", help="add rows no device runs: a second inference on the "
-                   "shifted frame, and gradient-boosted trees on the learned trigger's features")
+                   "shifted frame, gradient-boosted trees on the learned trigger's features, and the fit with the "
+                   "frame's novelty, image statistics or true condition added")
     args = p.parse_args(argv)
 
     from fleet.inference.detector import above
@@ -213,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     from fleet.protocol import ModelManifest
     from fleet.sim.agents import box_errors
     from fleet.sim.detect_world import build_scene_world
+    from training.bank import BANK_FILE
+    from trigger import NoveltyBank
     from trigger.boxes import Boxes
 
     t0 = time.monotonic()
@@ -233,9 +266,13 @@ def main(argv: list[str] | None = None) -> int:
                                   for i in range(0, len(fit_stream), 128)])
         fit_errors = box_errors(rt, fit_stream).astype(np.float64)
         found = Boxes.concat([above(d, op) for d in parts])
-        if args.headroom:  # the second inference needs the model, which lives in the temporary folder
-            shift = shift_consistency(rt, stream.images, found, op)
-            fit_shift = shift_consistency(rt, fit_stream.images, above(fit_boxes, op), op)
+        if args.headroom:  # the second inference, the embeddings and the bank need the model's temporary folder
+            shift = (shift_consistency(rt, fit_stream.images, above(fit_boxes, op), op),
+                     shift_consistency(rt, stream.images, found, op))
+            bank = NoveltyBank.load(run / BANK_FILE)
+            novelty = tuple(np.minimum(1.0, bank.distance(np.concatenate(
+                [rt.run(list(f.images[i:i + 128])).embedding for i in range(0, len(f), 128)]), k=BANK_K))[:, None]
+                for f in (fit_stream, stream))
 
     allboxes = Boxes.concat(parts)
     known = stream.human_known
@@ -244,8 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     fitted_scores, fitted = learned_scores(fit_boxes, human_boxes(fit_stream), fit_errors, allboxes, human, op)
     table.update(fitted_scores)
     if args.headroom:
-        table.update(headroom_scores(fit_boxes, human_boxes(fit_stream), fit_errors, fit_shift, allboxes, human,
-                                     shift, op))
+        names = sorted(set(fit_stream.conditions.tolist()) | set(stream.conditions.tolist()))
+        frame = {NOVELTY_FIT: novelty,
+                 IMAGE_FIT: (image_statistics(fit_stream.images), image_statistics(stream.images)),
+                 CONDITION_FIT: (conditions_onehot(fit_stream.conditions, names),
+                                 conditions_onehot(stream.conditions, names))}
+        table.update(headroom_scores(fit_boxes, human_boxes(fit_stream), fit_errors, allboxes, human, op,
+                                     shift=shift, frame=frame))
     rng = np.random.default_rng(args.seed)
     table["random (one draw)"] = rng.random(len(stream))
     lines = ["| frames | score | " + " | ".join(f"{b:.0%}" for b in BUDGETS) + " |",

@@ -66,3 +66,37 @@ def test_the_base_detector_trains_as_many_epochs_as_the_demos_by_default(capsys:
     text = " ".join(capsys.readouterr().out.split())
     assert f"the base detector's epochs (default: the detection demo's base model's, " \
            f"{TASK_DEFAULTS['detect']['base_epochs']})" in text
+
+
+def test_image_statistics_tell_a_dark_flat_frame_from_a_bright_sharp_one() -> None:
+    flat = np.full((SIZE, SIZE), 40, np.uint8)
+    checker = (np.indices((SIZE, SIZE)).sum(axis=0) % 2 * 255).astype(np.uint8)  # every neighbour differs by 255
+    got = becd.image_statistics(np.stack([flat, checker]))
+    assert got.shape == (2, 3) and ((got >= 0) & (got <= 1)).all()
+    np.testing.assert_allclose(got[0], [40 / 255, 0.0, 0.0], atol=1e-12)
+    np.testing.assert_allclose(got[1], [0.5, 1.0, 1.0])  # std 0.5 -> contrast 1; sharpness 4 * 2, capped
+    rgb = becd.image_statistics(np.repeat(np.stack([flat, checker])[..., None], 3, axis=3))
+    np.testing.assert_allclose(rgb, got)  # colour frames: their grey levels
+
+
+def test_conditions_onehot_puts_one_in_each_frames_condition_column() -> None:
+    got = becd.conditions_onehot(np.array(["fog", "clear", "fog"]), ["clear", "fog", "night"])
+    np.testing.assert_array_equal(got, [[0, 1, 0], [1, 0, 0], [0, 1, 0]])
+
+
+def test_a_frame_column_that_counts_the_errors_lifts_its_fit_to_the_oracles_order() -> None:
+    """headroom_scores: a column added through ``frame`` enters the Poisson fit, and a column that carries the errors
+    ranks the measured stream's frames by them."""
+    rng = np.random.default_rng(0)
+    n = 60
+    boxes = Boxes.from_frames([np.array([[0.1, 0.1, 0.4, 0.4]])] * n, scores=[np.array([0.6])] * n,
+                              labels=[np.array([1])] * n)
+    human = Boxes.from_frames([np.zeros((0, 4))] * n, labels=[np.zeros(0, np.int64)] * n, known=np.zeros(n, bool))
+    fit_errors, errors = rng.poisson(1.0, n).astype(np.float64), rng.poisson(1.0, n).astype(np.float64)
+    col = (fit_errors / 4.0)[:, None], (errors / 4.0)[:, None]
+    noise = rng.random((n, 2)), rng.random((n, 2))
+    out = becd.headroom_scores(boxes, human, fit_errors, boxes, human, 0.5, shift=noise,
+                               frame={becd.NOVELTY_FIT: col})
+    assert set(out) == {becd.SHIFT_ALONE, becd.SHIFT_FIT, becd.TREES, becd.NOVELTY_FIT}
+    assert all(v.shape == (n,) for v in out.values())
+    assert becd.capture(out[becd.NOVELTY_FIT], errors, 0.1) == becd.capture(errors, errors, 0.1)
