@@ -88,6 +88,15 @@ def _train(work: Path, seed_npz: Path, epochs: int) -> Path:
     return out
 
 
+def infer(rt: Any, images: np.ndarray) -> tuple[Any, np.ndarray]:
+    """The deployed detector on ``images`` in batches of 128, one forward pass: (every frame's boxes, as the device
+    keeps them, ``(n, d)`` embeddings)."""
+    from trigger.boxes import Boxes
+
+    outs = [rt.run(list(images[i:i + 128])) for i in range(0, len(images), 128)]
+    return Boxes.concat([o.detections for o in outs]), np.concatenate([o.embedding for o in outs])
+
+
 def scores(found: Any, allboxes: Any, human: Any, op: float) -> dict[str, np.ndarray]:
     """Per frame, each candidate score, as the device's triggers compute it."""
     from trigger.box_scores import ambiguous_boxes, box_disagreement, box_uncertainty
@@ -173,11 +182,10 @@ def shift_consistency(rt: Any, images: np.ndarray, boxes: Any, op: float) -> np.
     import dataclasses
 
     from trigger.box_scores import box_disagreement
-    from trigger.boxes import Boxes
 
     dx, dy = SHIFT
     moved = shifted(images, dx, dy)
-    other = Boxes.concat([rt.run(list(moved[i:i + 128])).detections for i in range(0, len(moved), 128)])
+    other, _ = infer(rt, moved)
     h, w = images.shape[1:3]
     other = dataclasses.replace(other, boxes=other.boxes - np.array([dx / w, dy / h, dx / w, dy / h]))
     cmp = box_disagreement(boxes, other, iou=0.5, floor=op)
@@ -246,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     from fleet.sim.detect_world import build_scene_world
     from training.bank import BANK_FILE
     from trigger import NoveltyBank
-    from trigger.boxes import Boxes
 
     t0 = time.monotonic()
     world = build_scene_world(seed=args.seed, seed_size=600, test_per_condition=20)
@@ -259,22 +266,18 @@ def main(argv: list[str] | None = None) -> int:
         stream = world.stream(1, args.frames)
         assert manifest.detector is not None
         op = manifest.detector.operating_threshold
-        parts = [rt.run(list(stream.images[i:i + 128])).detections for i in range(0, len(stream), 128)]
+        allboxes, embedding = infer(rt, stream.images)
         errors = box_errors(rt, stream).astype(np.float64)
         fit_stream = world.stream(2, args.fit_frames)
-        fit_boxes = Boxes.concat([rt.run(list(fit_stream.images[i:i + 128])).detections
-                                  for i in range(0, len(fit_stream), 128)])
+        fit_boxes, fit_embedding = infer(rt, fit_stream.images)
         fit_errors = box_errors(rt, fit_stream).astype(np.float64)
-        found = Boxes.concat([above(d, op) for d in parts])
-        if args.headroom:  # the second inference, the embeddings and the bank need the model's temporary folder
+        found = above(allboxes, op)
+        if args.headroom:  # the second inference and the bank need the model's temporary folder
             shift = (shift_consistency(rt, fit_stream.images, above(fit_boxes, op), op),
                      shift_consistency(rt, stream.images, found, op))
             bank = NoveltyBank.load(run / BANK_FILE)
-            novelty = tuple(np.minimum(1.0, bank.distance(np.concatenate(
-                [rt.run(list(f.images[i:i + 128])).embedding for i in range(0, len(f), 128)]), k=BANK_K))[:, None]
-                for f in (fit_stream, stream))
+            novelty = tuple(np.minimum(1.0, bank.distance(e, k=BANK_K))[:, None] for e in (fit_embedding, embedding))
 
-    allboxes = Boxes.concat(parts)
     known = stream.human_known
     human = human_boxes(stream)
     table = scores(found, allboxes, human, op)

@@ -38,7 +38,8 @@ class Bright:
             y, x = (10, 20) if self.fixed else np.unravel_index(int(np.argmax(im)), im.shape)
             boxes.append(np.array([[x - 4, y - 4, x + 4, y + 4]], np.float64) / SIZE)
         return SimpleNamespace(detections=Boxes.from_frames(boxes, scores=[np.array([0.9])] * len(images),
-                                                            labels=[np.array([1])] * len(images)))
+                                                            labels=[np.array([1])] * len(images)),
+                               embedding=np.zeros((len(images), 4), np.float32))  # as the runtime's Outputs
 
 
 @pytest.mark.parametrize(("fixed", "count", "score"), [(False, 0.0, 0.0), (True, 2 / 8, 1.0)])
