@@ -334,6 +334,29 @@ def uncertainty_strategy(
     return order[:budget].astype(np.int64)
 
 
+EXPLORE_SHARE = 0.25  # uncertainty+random: this share of each budget is drawn uniformly from the rest of the pool
+
+
+@register("uncertainty+random")
+def uncertainty_random_strategy(
+    uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,
+    rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
+) -> np.ndarray:
+    """The most uncertain for all but :data:`EXPLORE_SHARE` of the budget (rounded half up), and that share drawn
+    uniformly from the rest of the pool (near-duplicates of the labeled skipped for both parts). Ranked by
+    uncertainty alone, every pick is a frame of the kind the model finds hardest now, and the frames it is wrong
+    about without doubting never come up; a uniform part keeps sampling the pool as it is. The detector's default:
+    balanced over the conditions, it reached the random arm's final mAP with fewer labels than ``uncertainty`` on
+    the seeds where that fell short (see ``fleet.sim.settings.TASK_DEFAULTS``)."""
+    order = uncertainty_strategy(uncertainty, embeddings, len(uncertainty), rng=rng, labeled=labeled,
+                                 dup_threshold=dup_threshold)
+    n = max(0, min(budget, len(order)))
+    n_random = int(np.floor(n * EXPLORE_SHARE + 0.5))
+    top, rest = order[:n - n_random], order[n - n_random:]
+    drawn = rng.choice(rest, size=n_random, replace=False) if n_random else rest[:0]
+    return np.concatenate([top, drawn]).astype(np.int64)
+
+
 @register("uncertainty+diversity")
 def uncertainty_diversity_strategy(
     uncertainty: np.ndarray, embeddings: np.ndarray | None, budget: int, *,

@@ -43,8 +43,8 @@ from fleet.protocol.tasks import Classification, Prediction, TaskMessage
 
 CASE_STATES = ("unlabeled", "queued", "labeled", "held", "duplicate")
 LABEL_STATUSES = ("accepted", "held", "gold")
-STRATEGIES = ("random", "uncertainty", "uncertainty+diversity", "uncertainty+kcenter", "typiclust", "adaptive",
-              "badge", "entropy")
+STRATEGIES = ("random", "uncertainty", "uncertainty+random", "uncertainty+diversity", "uncertainty+kcenter",
+              "typiclust", "adaptive", "badge", "entropy")
 
 
 BALANCE_RE = re.compile(rf"^[A-Za-z0-9_.-]{{1,{MAX_TAG_NAME}}}$")

@@ -47,10 +47,11 @@ def demo(
     epochs: int | None = typer.Option(
         None, "--epochs", min=1, help="Epochs for each turn's retrain, both arms (default 20; detect: 6)."),
     strategy: str | None = typer.Option(
-        None, "--strategy", help="The hub's selection strategy (default uncertainty+diversity; detect: uncertainty)."),
+        None, "--strategy",
+        help="The hub's selection strategy (default uncertainty+diversity; detect: uncertainty+random)."),
     balance: str | None = typer.Option(
         None, "--balance", help="A frame tag the hub splits each turn's selection evenly over, or 'none' (over the "
-        "whole pool; default condition; detect: none)."),
+        "whole pool; default condition; detect: condition)."),
     rescore: bool = typer.Option(True, "--rescore/--no-rescore", help="Re-score the pool with each new active "
                                  "model before the hub selects (--no-rescore: the scores of capture, for comparison)."),
     replay_ratio: float | None = typer.Option(

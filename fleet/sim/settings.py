@@ -27,7 +27,7 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
     # is 75% clear, and over the whole pool 12 of turn 1's 20 labels were clear frames and none night, where the
     # base model was at chance (Fashion-MNIST seed 0: 0.337 after turn 1, against 0.412 balanced). Fashion-MNIST
     # then needed 0.45 / 0.18 / 0.44 of random's labels (0.58 / 0.57 / 0.78 over the whole pool), digits
-    # 0.35 / 0.29 / 0.38 (0.32 / 0.31 / 0.35); a detector balanced was no better (0.44 / 0.81 / 0.78):
+    # 0.35 / 0.29 / 0.38 (0.32 / 0.31 / 0.35); a detector balanced was no better then (0.44 / 0.81 / 0.78):
     # RESULTS.md, 2026-12-04 21:25-21:50
     "classify": {"model": "smallcnn", "base_epochs": 30, "turn_epochs": 20, "turn_lr": 0.05,
                  "strategy": "uncertainty+diversity", "balance": "condition", "replay_ratio": 1.0,
@@ -46,9 +46,14 @@ TASK_DEFAULTS: dict[str, dict[str, object]] = {
     # of random's labels, against 0.35 / 0.48 / 0.93 / 0.92 / 0.98 / 0.85 at 12 and 4 epochs (36 and 4, seeds 0 to
     # 2: 0.39 / 0.52 / 0.88), and ended with more mAP on every seed, on an Intel Xeon (on an AMD EPYC the same code
     # never reached random's final mAP on seeds 0 and 4: the CPU's arithmetic moves a run that far); RESULTS.md,
-    # 2026-12-06
+    # 2026-12-06. Each turn's selection is then split evenly over the frames' conditions, and a quarter of each
+    # condition's share is drawn at random from its frames past the most uncertain (uncertainty+random): over seeds
+    # 0 to 5 the flywheel needed 0.27 / 0.60 / 0.42 / 0.52 / 0.47 / 0.15 of random's labels (uncertainty over the
+    # whole pool: 0.33 / 0.50 / 0.42 / 0.86 / 0.62 / 0.23). On seeds 3 and 4, where that fell short, either part
+    # alone was not enough (balanced 0.71 / 0.77, a quarter at random 0.77 / 0.64); RESULTS.md, 2026-12-06 14:28,
+    # the same Intel Xeon
     "detect": {"model": "fcos_tiny", "base_epochs": 36, "turn_epochs": 6, "turn_lr": 0.001,
-               "strategy": "uncertainty", "balance": "none", "replay_ratio": 1.0, "new_repeats": 1},
+               "strategy": "uncertainty+random", "balance": "condition", "replay_ratio": 1.0, "new_repeats": 1},
 }
 SEED_PER_CLASS = 15  # the default seed set: this many frames a class (a many-class set needs more than digits)
 TEST_CAP = 500  # the default test set: at most this many images a condition (stratified), so turns stay short

@@ -57,6 +57,23 @@ def test_uncertainty_picks_the_most_uncertain() -> None:
     assert idx.tolist() == [3, 1]
 
 
+def test_uncertainty_random_takes_the_most_uncertain_then_a_uniform_quarter_of_the_rest() -> None:
+    """Budget 8 of 100: the 6 most uncertain, then 2 drawn uniformly from the other 94 (a quarter, rounded half
+    up); over many draws the random part covers the rest of the pool evenly, not its uncertain end."""
+    u = np.arange(100) / 100  # case i has uncertainty i / 100
+    strategy = get_strategy("uncertainty+random")
+    drawn: list[int] = []
+    for seed in range(500):
+        idx = strategy(u, None, 8, rng=np.random.default_rng(seed))
+        assert idx[:6].tolist() == [99, 98, 97, 96, 95, 94]
+        assert len(set(idx.tolist())) == 8 and set(idx[6:].tolist()) <= set(range(94))
+        drawn += idx[6:].tolist()
+    counts = np.bincount(np.asarray(drawn) // 47, minlength=2)  # the rest's lower and upper halves
+    assert counts.sum() == 1000 and abs(counts[0] - counts[1]) < 100, counts
+    assert strategy(u, None, 1, rng=np.random.default_rng(0)).tolist() == [99]  # a quarter of 1 rounds to 0
+    assert sorted(strategy(u, None, 500, rng=np.random.default_rng(0)).tolist()) == list(range(100))
+
+
 def test_diversity_spreads_over_clusters_where_uncertainty_piles_into_one() -> None:
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(4, 16)) * 5
