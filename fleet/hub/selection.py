@@ -343,11 +343,11 @@ def uncertainty_random_strategy(
     rng: np.random.Generator, labeled: Labeled | None = None, dup_threshold: float = 0.0,
 ) -> np.ndarray:
     """The most uncertain for all but :data:`EXPLORE_SHARE` of the budget (rounded half up), and that share drawn
-    uniformly from the rest of the pool (near-duplicates of the labeled skipped for both parts). Ranked by
-    uncertainty alone, every pick is a frame of the kind the model finds hardest now, and the frames it is wrong
-    about without doubting never come up; a uniform part keeps sampling the pool as it is. The detector's default:
-    balanced over the conditions, it reached the random arm's final mAP with fewer labels than ``uncertainty`` on
-    the seeds where that fell short (see ``fleet.sim.settings.TASK_DEFAULTS``)."""
+    uniformly from the rest of the pool (near-duplicates of the labeled skipped for both parts), so that some
+    labels keep sampling the pool as it is rather than only the frames the model finds hardest now (why that helps
+    is not measured; that it helps is). The detector's default: balanced over the conditions, it reached the random
+    arm's final mAP with fewer labels than ``uncertainty`` on the seeds where that fell short (see
+    ``fleet.sim.settings.TASK_DEFAULTS``)."""
     order = uncertainty_strategy(uncertainty, embeddings, len(uncertainty), rng=rng, labeled=labeled,
                                  dup_threshold=dup_threshold)
     n = max(0, min(budget, len(order)))
