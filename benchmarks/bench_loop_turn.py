@@ -3,7 +3,8 @@
 Parts: fleet (the agents streaming, flagging and uploading, OTA included), measure (the demo's own
 bookkeeping of which errors were uploaded), label (hub selection + labels), train (the trainer as a
 process: snapshot pull, train, evaluate, gate, export, sign, publish; its own phases beside it),
-control (the random arm's retrain), evaluate (both arms on the test set). The baseline in the same
+control (the random arm's pick, and the part of its retrain that outlasts the flywheel's: the two retrain side
+by side, one core each; its own phases beside it), evaluate (both arms on the test set). The baseline in the same
 run is the trainer's in-process work; the ratio says how much the loop around it costs.
 """
 

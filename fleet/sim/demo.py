@@ -50,7 +50,7 @@ from fleet.sim.resume import (
     stop_leftovers,
 )
 from fleet.sim.settings import DETECT_TEST_SCENES, NEAR_CHANCE, TEST_CAP, Arm, DemoSettings
-from fleet.sim.trainer import Trainer
+from fleet.sim.trainer import Trainer, TrainRun
 
 log = logging.getLogger(__name__)
 
@@ -137,12 +137,26 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
         trainer_token = hub.token("trainer", "demo-trainer" + again)
         if saved is not None:  # the same labeler as before: Label Studio's project, or the oracle
             settings = replace(settings, labeler="studio" if saved.studio else "oracle", install_studio=False)
-        labeler = _make_labeler(settings, hub, world, ws, say, session=saved.studio if saved else None,
-                                token_name="demo-labeler" + again)
-        say(f"labels from: {labeler.name}")
         trainer = Trainer(settings, ws, key_path, hub, trainer_token, seed_npz, world.class_names)
-        processes = {"hub": [hub.process.pid, str(ws / "hub")], **labeler.processes()}
-        state = saved if saved is not None else _base_turn(settings, ws, world, hub, trainer, say, turns)
+        # turn 0's base model trains on one core while Label Studio installs and starts beside it
+        t0 = time.monotonic()
+        base_run = None if saved is not None else trainer.start(
+            "base", data=f"npz:{trainer.seed_npz}", epochs=settings.base_epochs, publish=True, stages="1.0",
+            warm=None)
+        try:
+            labeler = _make_labeler(settings, hub, world, ws, say, session=saved.studio if saved else None,
+                                    token_name="demo-labeler" + again)
+            say(f"labels from: {labeler.name}")
+            processes = {"hub": [hub.process.pid, str(ws / "hub")], **labeler.processes()}
+            if saved is not None:
+                state = saved
+            else:
+                assert base_run is not None
+                state = _base_turn(settings, ws, world, hub, base_run, say, turns, t0)
+        except BaseException:
+            if base_run is not None:
+                base_run.stop()
+            raise
         state.studio, state.processes = labeler.session(), processes
         state.save(ws)
         if on_turn:
@@ -226,14 +240,13 @@ def evaluate_arm(settings: DemoSettings, ws: Path, world: World | SceneWorld, on
     return evaluate_onnx(onnx, manifest, world.test_set)
 
 
-def _base_turn(settings: DemoSettings, ws: Path, world: World | SceneWorld, hub: HubProcess, trainer: Trainer,
-               say: Progress, turns: list[TurnResult]) -> DemoState:
-    """Turn 0: the base model, trained on the small, mostly clear seed set, published and rolled out to the
-    fleet, the campaign, the agents enrolled; then the demo's state, from which it can be resumed."""
-    t0 = time.monotonic()
-    k = len(trainer.class_names)
-    base = trainer.train("base", data=f"npz:{trainer.seed_npz}", epochs=settings.base_epochs, publish=True,
-                         stages="1.0", warm=None)
+def _base_turn(settings: DemoSettings, ws: Path, world: World | SceneWorld, hub: HubProcess, base_run: TrainRun,
+               say: Progress, turns: list[TurnResult], t0: float) -> DemoState:
+    """Turn 0 (begun at ``t0``): the base model, trained on the small, mostly clear seed set (``base_run``),
+    published and rolled out to the fleet, the campaign, the agents enrolled; then the demo's state, from which it
+    can be resumed."""
+    k = len(world.class_names)
+    base = base_run.result()
     if base.rollout_id is None:
         raise RuntimeError(f"the base model was not published: {base.gate_summary}")
     finish_rollout(hub, base.rollout_id, say)
@@ -305,17 +318,10 @@ class _Turns:
             state.processes = {k: v for k, v in state.processes.items() if not k.startswith("agent ")}
             state.save(ws)
 
-        if cur.phase in ("fleet", "labeling"):  # the hub selects within the budget, the labeler labels
-            self._label(cur)
-        round_ = LabelRound(**{**(cur.label_round or {}), "problems": tuple((cur.label_round or {}).get(
-            "problems", ()))})
-
-        if cur.phase == "labeled":  # the flywheel arm retrains on the hub's labels
-            self._train(cur, round_)
-        cand = cur.candidate or {}
-
         # control arm: the same budget on frames drawn uniformly at random from what the fleet saw; nothing
-        # outside the workspace changes, so a resumed turn does this again from the turn's random state
+        # outside the workspace changes, so a resumed turn does this again from the turn's random state (the fleet
+        # and the labeling draw nothing from it). Its retrain runs while the flywheel arm is labeled and retrained
+        # (each retrain on one core)
         t = time.monotonic()
         pick = self.world.rng.choice(len(frames), size=min(s.budget, len(frames)), replace=False)
         picked = frames.take(pick)
@@ -325,12 +331,33 @@ class _Turns:
         rnd_labeled, rnd_labels = [*rnd.labeled, picked], rnd.labels + len(pick)
         random_npz = type(picked).concat(rnd_labeled).save_training(  # type: ignore[arg-type]
             ws / f"random-{turn}.npz", class_names=self.class_names)
-        ctrl = self.trainer.finished(f"rnd-{turn}") or self.trainer.train(
+        done = self.trainer.finished(f"rnd-{turn}")
+        ctrl_run = None if done is not None else self.trainer.start(
             f"rnd-{turn}", data=f"npz:{random_npz}", epochs=s.turn_epochs, publish=False, stages="", warm=rnd)
+        cur.parts["control"] = time.monotonic() - t
+        try:
+            if cur.phase in ("fleet", "labeling"):  # the hub selects within the budget, the labeler labels
+                self._label(cur)
+            round_ = LabelRound(**{**(cur.label_round or {}), "problems": tuple((cur.label_round or {}).get(
+                "problems", ()))})
+
+            if cur.phase == "labeled":  # the flywheel arm retrains on the hub's labels
+                self._train(cur, round_)
+            t = time.monotonic()
+            ctrl = ctrl_run.result() if ctrl_run is not None else done
+        except BaseException:
+            if ctrl_run is not None:
+                ctrl_run.stop()
+            raise
+        assert ctrl is not None
+        cand = cur.candidate or {}
         rnd.labeled, rnd.labels = rnd_labeled, rnd_labels
         if ctrl.passed:
             rnd.checkpoint, rnd.version, rnd.onnx = ctrl.checkpoint, ctrl.version, ctrl.onnx
-        cur.parts["control"] = time.monotonic() - t
+        # the control arm's time beyond the flywheel's retrain (the turn's parts add up to its wall time); its
+        # whole retrain, as the trainer saw it, beside
+        cur.parts["control"] += time.monotonic() - t
+        cur.parts.update({f"control.{k}": v for k, v in ctrl.timings.items()})
 
         t = time.monotonic()
         fly_onnx = Path(cand["onnx"]) if cand.get("passed") else self.fly.onnx
@@ -353,8 +380,10 @@ class _Turns:
         return result
 
     def _train_started(self, name: str, pid: int, marker: str) -> None:
-        """Name the trainer run in the state, so a resume after a hard kill stops it if it still runs."""
-        kept = {k: v for k, v in self.state.processes.items() if not k.startswith("train ")}  # runs one at a time
+        """Name the trainer run in the state, so a resume after a hard kill stops it if it still runs (two run at
+        once: the flywheel's and the control arm's; runs that ended are dropped)."""
+        kept = {k: v for k, v in self.state.processes.items()
+                if not k.startswith("train ") or Path(f"/proc/{int(v[0])}").exists()}
         self.state.processes = {**kept, f"train {name}": [pid, marker]}
         self.state.save(self.ws)
 

@@ -177,30 +177,53 @@ def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> None:
         proc.wait()
 
 
+class LoggedRun:
+    """``cmd`` started in its own session (a hard kill of the caller leaves it running, so a resume must be able
+    to find and stop it: :attr:`proc`'s pid), its output appended to ``log_path``; :meth:`wait` for it, or
+    :meth:`stop` it. ``timeout`` counts from the start."""
+
+    def __init__(self, cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None,
+                 timeout: float = 900.0, ok_codes: tuple[int, ...] = (0,)) -> None:
+        self.cmd, self.log_path, self.timeout, self.ok_codes = cmd, log_path, timeout, ok_codes
+        self.deadline = time.monotonic() + timeout
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as fh:
+            fh.write(("$ " + " ".join(cmd) + "\n").encode())
+            fh.flush()
+            self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self) -> int:
+        """Its exit code once it ends; ProcessFailed (with the log's tail) unless that is one of ``ok_codes``, or
+        when it runs past its timeout. It is stopped when the wait ends otherwise (the timeout, Ctrl-C, TERM)."""
+        try:
+            code = self.proc.wait(max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise ProcessFailed(f"{self.cmd[3:5]} ran past {self.timeout:.0f}s:\n{tail(self.log_path)}") from None
+        except BaseException:
+            self.stop()
+            raise
+        if code not in self.ok_codes:
+            raise ProcessFailed(f"{' '.join(self.cmd[3:5])} exited with code {code}:\n{tail(self.log_path)}")
+        return code
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
 def run_logged(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None,
                timeout: float = 900.0, ok_codes: tuple[int, ...] = (0,),
                started: Callable[[int], None] | None = None) -> int:
-    """Run ``cmd`` to completion with its output in ``log_path``; raise ProcessFailed unless it exits ok.
-    ``started`` hears the process's pid as soon as it runs (its own session: a hard kill of the caller leaves it
-    running, so a resume must be able to find and stop it)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as fh:
-        fh.write(("$ " + " ".join(cmd) + "\n").encode())
-        fh.flush()
-        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    """Run ``cmd`` to completion with its output in ``log_path`` (:class:`LoggedRun`); raise ProcessFailed unless
+    it exits ok. ``started`` hears the process's pid as soon as it runs."""
+    run = LoggedRun(cmd, log_path, env=env, timeout=timeout, ok_codes=ok_codes)
+    if started is not None:
         try:
-            if started is not None:
-                started(proc.pid)
-            code = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop_process(proc)
-            raise ProcessFailed(f"{cmd[3:5]} ran past {timeout:.0f}s:\n{tail(log_path)}") from None
-        except BaseException:  # Ctrl-C, TERM, or the caller failed: the run stops with it
-            stop_process(proc)
+            started(run.proc.pid)
+        except BaseException:
+            run.stop()
             raise
-    if code not in ok_codes:
-        raise ProcessFailed(f"{' '.join(cmd[3:5])} exited with code {code}:\n{tail(log_path)}")
-    return code
+    return run.wait()
 
 
 def run_json(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None, timeout: float = 300.0,

@@ -1,6 +1,7 @@
 """The demo's trainer: ``flywheel train`` run as its own process for every model, as on a GPU box; its
-report read back into a :class:`TrainResult`. The hub token travels in the environment, never on the command
-line (``ps`` shows command lines to every user)."""
+report read back into a :class:`TrainResult`. Runs may overlap (:meth:`Trainer.start`): each has one CPU thread
+(``--threads 1``), so two side by side on two cores compute what they would one after the other. The hub token
+travels in the environment, never on the command line (``ps`` shows command lines to every user)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from fleet.protocol import RollbackRequest, RolloutList, RolloutPublic, SignedManifest
-from fleet.sim.procs import HubProcess, flywheel_cmd, run_logged
+from fleet.sim.procs import HubProcess, LoggedRun, flywheel_cmd
 
 if TYPE_CHECKING:
     from fleet.sim.settings import Arm, DemoSettings
@@ -81,6 +82,12 @@ class Trainer:
                     reason="the demo was interrupted before it recorded this model; it trains the turn again"))
 
     def train(self, name: str, *, data: str, epochs: int, publish: bool, stages: str, warm: Arm | None) -> TrainResult:
+        """Train ``name`` to the end (:meth:`start`, then :meth:`TrainRun.result`)."""
+        return self.start(name, data=data, epochs=epochs, publish=publish, stages=stages, warm=warm).result()
+
+    def start(self, name: str, *, data: str, epochs: int, publish: bool, stages: str, warm: Arm | None) -> TrainRun:
+        """Start ``flywheel train`` for ``name`` (into ``models/NAME``, its log in ``logs/train-NAME.log``) and
+        return at once; the caller must take its :meth:`TrainRun.result` or :meth:`TrainRun.stop` it."""
         s = self.settings
         out = self.ws / "models" / name
         version = f"{name}-s{s.seed}"
@@ -105,11 +112,15 @@ class Trainer:
             env = {**os.environ, "FLYWHEEL_TOKEN": self.token}
         else:
             args += ["--dry-run"]
-        hook = self.started
-        run_logged(flywheel_cmd(*args), self.ws / "logs" / f"train-{name}.log", env=env,
-                   ok_codes=(0, EXIT_REJECTED),
-                   started=None if hook is None else (lambda pid: hook(name, pid, str(out))))
-        return self._result(name, out, publish=publish)
+        run = LoggedRun(flywheel_cmd(*args), self.ws / "logs" / f"train-{name}.log", env=env,
+                        ok_codes=(0, EXIT_REJECTED))
+        if self.started is not None:
+            try:
+                self.started(name, run.proc.pid, str(out))
+            except BaseException:
+                run.stop()
+                raise
+        return TrainRun(self, name, out, publish, run)
 
     def _result(self, name: str, out: Path, *, publish: bool | None) -> TrainResult:
         """A finished run's TrainResult, read from its report (``publish`` None: whether it was asked to publish
@@ -131,3 +142,22 @@ class Trainer:
                            bool(pub.get("uploaded") or pub.get("version")) and publish and passed,
                            pub.get("rollout_id") or (pub.get("rollout") or {}).get("rollout_id"), summary,
                            {k: float(v) for k, v in (report.get("timings") or {}).items()})
+
+
+@dataclass
+class TrainRun:
+    """A ``flywheel train`` run :meth:`Trainer.start` started."""
+
+    trainer: Trainer
+    name: str
+    out: Path
+    publish: bool
+    run: LoggedRun
+
+    def result(self) -> TrainResult:
+        """Wait for the run (ProcessFailed when it fails; stopped on Ctrl-C) and read its report."""
+        self.run.wait()
+        return self.trainer._result(self.name, self.out, publish=self.publish)
+
+    def stop(self) -> None:
+        self.run.stop()

@@ -108,11 +108,12 @@ def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, m
     class Ran(Exception):
         pass
 
-    def run_logged(cmd: list[str], *args: Any, **kw: Any) -> None:
-        commands.append(list(cmd))
-        raise Ran
+    class Started:  # the trainer's process, never started: its command is all this test reads
+        def __init__(self, cmd: list[str], *args: Any, **kw: Any) -> None:
+            commands.append(list(cmd))
+            raise Ran
 
-    monkeypatch.setattr(trainer_mod, "run_logged", run_logged)
+    monkeypatch.setattr(trainer_mod, "LoggedRun", Started)
     seed = tmp_path / "seed.npz"
     for task, data, want, ratio, repeats in (
             ("classify", "npz:new.npz", "1.0", None, None), ("detect", "npz:new.npz", "1.0", None, None),

@@ -198,3 +198,28 @@ def test_a_run_names_its_pid_at_once_and_stops_with_its_caller(tmp_path: Path) -
         time.sleep(0.05)
     assert not Path(f"/proc/{seen[0]}").exists()
     assert (tmp_path / "run.log").read_text().startswith("$ ")  # the command line, logged before it ran
+
+
+def test_runs_started_side_by_side_each_end_on_their_own_terms(tmp_path: Path) -> None:
+    """``LoggedRun`` (the demo's two retrains of a turn run at once): each run's exit code, its log's tail when it
+    fails, and its timeout counted from its start, after which it is stopped, not left running."""
+    from fleet.sim.procs import LoggedRun, ProcessFailed
+
+    def py(code: str, name: str, **kw: object) -> LoggedRun:
+        return LoggedRun([sys.executable, "-c", code, name], tmp_path / f"{name}.log", **kw)  # type: ignore[arg-type]
+
+    t = time.monotonic()
+    slow = py("import time; time.sleep(1.5)", "slow")
+    rejected = py("import sys, time; time.sleep(1.5); print('gate refused'); sys.exit(3)", "rejected",
+                  ok_codes=(0, 3))
+    assert slow.wait() == 0 and rejected.wait() == 3
+    assert time.monotonic() - t < 2.9  # side by side, not one after the other
+    failed = py("import sys; print('the trainer broke'); sys.exit(2)", "failed")
+    with pytest.raises(ProcessFailed, match=r"(?s)exited with code 2.*the trainer broke"):
+        failed.wait()
+    hung = py("import time; time.sleep(120)", "hung", timeout=1.0)
+    time.sleep(1.2)  # the time before the wait counts
+    with pytest.raises(ProcessFailed, match="ran past 1s"):
+        hung.wait()
+    assert hung.proc.poll() is not None  # stopped and reaped
+    assert (tmp_path / "hung.log").read_text().startswith("$ ")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.demo import assert_control_arm_did_not_wait
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
@@ -32,6 +34,7 @@ def test_demo_turns_the_whole_loop(tmp_path: Path) -> None:
     # the agents really ran the real agent code and picked the retrained model up by OTA
     for dev in ("dev-000", "dev-001"):
         assert (ws / "agents" / dev / "data" / "spool.db").exists()
+    assert_control_arm_did_not_wait(ws, 1, side_by_side=True)
 
 
 def test_demo_refuses_a_used_workspace_and_bad_options(tmp_path: Path) -> None:

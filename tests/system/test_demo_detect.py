@@ -16,6 +16,7 @@ from PIL import Image
 from labeling.config import QUEUE_VERSION
 from labeling.studio import Studio
 from tests.support.coco import NAMES, write_scene_coco
+from tests.support.demo import assert_control_arm_did_not_wait
 from tests.support.services import missing_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -67,6 +68,7 @@ def test_the_detection_demo_turns_the_whole_loop_with_the_oracle(tmp_path: Path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "scenes of scikit-learn's digits with boxes" in out and "test mAP" in out and "report:" in out
     _check_report(ws, 2, 20)
+    assert_control_arm_did_not_wait(ws, 2, side_by_side=True)
 
 
 def test_the_detection_demo_labels_boxes_through_label_studio_across_model_versions(tmp_path: Path) -> None:
@@ -83,6 +85,7 @@ def test_the_detection_demo_labels_boxes_through_label_studio_across_model_versi
     out = run.stdout + run.stderr
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = _check_report(ws, 2, 20)
+    assert_control_arm_did_not_wait(ws, 2, side_by_side=False)
     assert results["labeler"].startswith("Label Studio") and "simulated annotators" in results["labeler"]
     versions = [t["flywheel"]["model_version"] for t in results["turns"]]
     assert versions == ["base-s0", "fw-1-s0", "fw-2-s0"], versions

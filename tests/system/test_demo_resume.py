@@ -107,9 +107,9 @@ def test_a_demo_killed_at_any_step_resumes_and_ends_as_the_uninterrupted_run(tmp
     # each stop lands in a later step, whichever: the state on disk decides where the next run starts
     for turn, phase, sig in ((1, "labeled", signal.SIGKILL), (2, "labeling", signal.SIGINT)):
         said.append(stop_at(demo(ws, "--resume"), ws, turn, phase, sig))
-    # killed after turn 2's trained step, while the random arm's retrain runs in its own process: that run
+    # killed once turn 2's random-arm retrain runs in its own process (while the flywheel arm labels): that run
     # outlives the demo, unfinished
-    said.append(stop_at(demo(ws, "--resume"), ws, 2, "trained", signal.SIGKILL, freeze="train rnd-2"))
+    said.append(stop_at(demo(ws, "--resume"), ws, 2, "labeled", signal.SIGKILL, freeze="train rnd-2"))
     said.append(stop_at(demo(ws, "--resume"), ws, 3, "start", signal.SIGTERM))
     assert "resuming the demo in" in said[1]
     assert "stopping hub (pid" in said[1]  # the dead run's hub, found by its pid and command line

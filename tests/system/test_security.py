@@ -733,14 +733,17 @@ def test_the_demo_passes_the_trainers_token_in_the_environment(tmp_path: Path, m
 
     seen: dict[str, Any] = {}
 
-    def fake_run(cmd: list[str], log: Path, *, env: dict[str, str] | None = None, **kw: Any) -> int:
-        seen["cmd"], seen["env"] = cmd, env
-        out = Path(cmd[cmd.index("--out") + 1])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.json").write_text(json.dumps({"gate": {"passed": True}, "publish": {"version": "v"}}))
-        return 0
+    class FakeRun:  # the trainer's process: records how it was started, writes the report a run leaves
+        def __init__(self, cmd: list[str], log: Path, *, env: dict[str, str] | None = None, **kw: Any) -> None:
+            seen["cmd"], seen["env"] = cmd, env
+            out = Path(cmd[cmd.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "report.json").write_text(json.dumps({"gate": {"passed": True}, "publish": {"version": "v"}}))
 
-    monkeypatch.setattr(demo_trainer, "run_logged", fake_run)
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(demo_trainer, "LoggedRun", FakeRun)
     hub = demo.HubProcess(url="http://127.0.0.1:9", admin_token="a", fleet_secret="f", webhook_secret="w",
                           data_dir=tmp_path, process=None, log_path=tmp_path / "log")  # type: ignore[arg-type]
     trainer = demo.Trainer(demo.DemoSettings(workspace=tmp_path), tmp_path, tmp_path / "key", hub, "fwt_TRAINER",

@@ -1,0 +1,19 @@
+"""What the demo's end-to-end tests check in a finished demo's workspace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def assert_control_arm_did_not_wait(ws: Path, turns_run: int, *, side_by_side: bool) -> None:
+    """Each turn's random-arm retrain started before the flywheel arm's (it does not wait for the flywheel's
+    labels), each on one CPU thread (what a one-thread run computes does not depend on what runs beside it).
+    ``side_by_side``: the two retrains also overlapped (with the oracle, whose labels take a second; Label Studio's
+    round can outlast a small test's whole random-arm retrain)."""
+    for turn in range(1, turns_run + 1):
+        fw, rnd = (json.loads((ws / "models" / f"{arm}-{turn}" / "report.json").read_text()) for arm in ("fw", "rnd"))
+        assert rnd["started_at"] < fw["started_at"], (turn, rnd["started_at"], fw["started_at"])
+        if side_by_side:
+            assert fw["started_at"] < rnd["started_at"] + rnd["timings"]["total"], (turn, rnd["timings"])
+        assert fw["training"]["threads"] == rnd["training"]["threads"] == 1
