@@ -178,19 +178,26 @@ def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> None:
 
 
 class LoggedRun:
-    """``cmd`` started in its own session (a hard kill of the caller leaves it running, so a resume must be able
-    to find and stop it: :attr:`proc`'s pid), its output appended to ``log_path``; :meth:`wait` for it, or
-    :meth:`stop` it. ``timeout`` counts from the start."""
+    """``cmd`` started in its own session (:func:`start_logged`: a hard kill of the caller leaves it running, so a
+    resume must be able to find and stop it), its command line and output appended to ``log_path``; :meth:`wait`
+    for it, or :meth:`stop` it. ``timeout`` counts from the start; ``started`` hears the pid at once (the run is
+    stopped if it raises)."""
 
     def __init__(self, cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None,
-                 timeout: float = 900.0, ok_codes: tuple[int, ...] = (0,)) -> None:
+                 timeout: float = 900.0, ok_codes: tuple[int, ...] = (0,),
+                 started: Callable[[int], None] | None = None) -> None:
         self.cmd, self.log_path, self.timeout, self.ok_codes = cmd, log_path, timeout, ok_codes
         self.deadline = time.monotonic() + timeout
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as fh:
             fh.write(("$ " + " ".join(cmd) + "\n").encode())
-            fh.flush()
-            self.proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = start_logged(cmd, log_path, env=env)
+        if started is not None:
+            try:
+                started(self.proc.pid)
+            except BaseException:
+                self.stop()
+                raise
 
     def wait(self) -> int:
         """Its exit code once it ends; ProcessFailed (with the log's tail) unless that is one of ``ok_codes``, or
@@ -216,14 +223,7 @@ def run_logged(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = N
                started: Callable[[int], None] | None = None) -> int:
     """Run ``cmd`` to completion with its output in ``log_path`` (:class:`LoggedRun`); raise ProcessFailed unless
     it exits ok. ``started`` hears the process's pid as soon as it runs."""
-    run = LoggedRun(cmd, log_path, env=env, timeout=timeout, ok_codes=ok_codes)
-    if started is not None:
-        try:
-            started(run.proc.pid)
-        except BaseException:
-            run.stop()
-            raise
-    return run.wait()
+    return LoggedRun(cmd, log_path, env=env, timeout=timeout, ok_codes=ok_codes, started=started).wait()
 
 
 def run_json(cmd: list[str], log_path: Path, *, env: dict[str, str] | None = None, timeout: float = 300.0,

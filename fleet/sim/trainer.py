@@ -112,14 +112,10 @@ class Trainer:
             env = {**os.environ, "FLYWHEEL_TOKEN": self.token}
         else:
             args += ["--dry-run"]
+        hook = self.started
         run = LoggedRun(flywheel_cmd(*args), self.ws / "logs" / f"train-{name}.log", env=env,
-                        ok_codes=(0, EXIT_REJECTED))
-        if self.started is not None:
-            try:
-                self.started(name, run.proc.pid, str(out))
-            except BaseException:
-                run.stop()
-                raise
+                        ok_codes=(0, EXIT_REJECTED),
+                        started=None if hook is None else (lambda pid: hook(name, pid, str(out))))
         return TrainRun(self, name, out, publish, run)
 
     def _result(self, name: str, out: Path, *, publish: bool | None) -> TrainResult:
