@@ -43,6 +43,7 @@ from fleet.sim.report import METRICS, ArmResult, TurnResult
 from fleet.sim.resume import (
     DemoState,
     TurnProgress,
+    marking_children,
     rng_state,
     save_frames,
     set_rng_state,
@@ -90,7 +91,14 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
              on_turn: Callable[[list[TurnResult]], None] | None = None,
              resume: bool = False) -> tuple[list[TurnResult], Path]:
     """Run the demo; return the per-turn results and the HTML report's path. ``resume``: carry on with the
-    interrupted demo in ``settings.workspace``, with the settings it started with (see fleet.sim.resume)."""
+    interrupted demo in ``settings.workspace``, with the settings it started with (see fleet.sim.resume). Every
+    process it starts carries the workspace's mark, so a resume finds whatever a hard kill left running."""
+    with marking_children(settings.workspace):
+        return _run_demo(settings, progress=progress, on_turn=on_turn, resume=resume)
+
+
+def _run_demo(settings: DemoSettings, *, progress: Progress | None,
+              on_turn: Callable[[list[TurnResult]], None] | None, resume: bool) -> tuple[list[TurnResult], Path]:
     from fleet.sim.report import write_report
 
     say = progress or (lambda msg: log.info("%s", msg))
@@ -107,7 +115,7 @@ def run_demo(settings: DemoSettings, *, progress: Progress | None = None,
         where = f"; turn {saved.current.turn} stopped after its {saved.current.phase} step" \
             if saved.current and saved.current.phase != "start" else ""
         say(f"resuming the demo in {ws}: {done} of {settings.turns} turn(s) done{where}")
-        stop_leftovers(saved.processes, say)
+        stop_leftovers(saved.processes, say, ws=ws)
         pair = read_keypair(ws / "keys")
     else:
         settings.validate()

@@ -7,15 +7,20 @@ again on the same port with the same secrets (agents' configs, Label Studio's ta
 comes back to the same Label Studio project, and replays the world's random stream from the interrupted turn's
 start, so the frames, shards and the random arm's picks are the ones the uninterrupted run would have had.
 
-Processes a hard kill left behind (the hub, Label Studio, agents: each runs in its own session) are named in
-the state and stopped before anything starts again.
+Processes a hard kill left behind (the hub, Label Studio, agents, trainer runs: each runs in its own session)
+are stopped before anything starts again: those the state names, by pid and command line, and any the kill left
+before the state could name it (it landed between a process's start and the state's next save), by the mark every
+process a demo starts carries in its environment (``FLYWHEEL_DEMO_WORKSPACE``: the workspace).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ from fleet.sim.settings import Arm, DemoSettings
 STATE_FILE = "demo-state.json"
 FORMAT = "flywheel.demo-state/1"
 PHASES = ("start", "fleet", "labeling", "labeled", "trained")  # a turn's steps, in order
+DEMO_MARK = "FLYWHEEL_DEMO_WORKSPACE"  # in the environment of every process a demo starts: its workspace
 
 
 class NotResumable(ValueError):
@@ -176,11 +182,25 @@ def set_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
     rng.bit_generator.state = state
 
 
-def stop_leftovers(processes: dict[str, list[Any]], say: Any) -> list[str]:
-    """SIGTERM (then SIGKILL) the process group of each leftover still running whose command line holds its
-    marker (a pid reused by something else is left alone); return the names stopped."""
-    import time
+@contextlib.contextmanager
+def marking_children(ws: Path) -> Iterator[None]:
+    """Inside, every process started from here (and every process those start) carries ``DEMO_MARK`` = the
+    resolved ``ws`` in its environment, so a resume finds it even when a hard kill left it unnamed in the state."""
+    before = os.environ.get(DEMO_MARK)
+    os.environ[DEMO_MARK] = str(ws.resolve())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DEMO_MARK, None)
+        else:
+            os.environ[DEMO_MARK] = before
 
+
+def stop_leftovers(processes: dict[str, list[Any]], say: Any, *, ws: Path | None = None) -> list[str]:
+    """SIGTERM (then SIGKILL) the process group of each leftover still running whose command line holds its
+    marker (a pid reused by something else is left alone); then, with ``ws``, of every process still running
+    that carries that workspace's ``DEMO_MARK`` (one the state never named); return the names stopped."""
     stopped = []
     for name, (pid, marker) in processes.items():
         try:
@@ -190,19 +210,65 @@ def stop_leftovers(processes: dict[str, list[Any]], say: Any) -> list[str]:
         if str(marker) not in cmdline:
             continue
         say(f"stopping {name} (pid {pid}), left running by the interrupted demo")
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(int(pid), sig)
-                os.killpg(int(pid), signal.SIGCONT)  # a stopped process (Ctrl-Z, a debugger) acts on TERM only then
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and Path(f"/proc/{int(pid)}").exists() and not _zombie(int(pid)):
-                time.sleep(0.2)
-            if not Path(f"/proc/{int(pid)}").exists() or _zombie(int(pid)):
-                break
+        _stop_group(int(pid))
         stopped.append(name)
+    if ws is not None:
+        for pgid, what in _marked_groups(ws).items():
+            say(f"stopping {what} (pid {pgid}), left running by the interrupted demo before its state named it")
+            _stop_group(pgid)
+            stopped.append(what)
     return stopped
+
+
+def _marked_groups(ws: Path) -> dict[int, str]:
+    """The process groups (other than this process's) holding a process marked with ``ws``, each with what its
+    leader runs (``flywheel train``, ``label-studio``)."""
+    mark = f"{DEMO_MARK}={ws.resolve()}".encode()
+    groups: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if mark not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            pgid = os.getpgid(int(d.name))
+        except OSError:  # gone, or another user's
+            continue
+        if pgid == os.getpgrp() or _zombie(int(d.name)):
+            continue
+        if pgid not in groups or int(d.name) == pgid:
+            groups[pgid] = _describe(d)
+    return groups
+
+
+def _describe(proc: Path) -> str:
+    try:
+        argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return "a process"
+    if "fleet.cli" in argv:  # flywheel hub serve, flywheel agent run, flywheel train rnd-2
+        rest = argv[argv.index("fleet.cli") + 1:]
+        words = list(itertools.takewhile(lambda w: not w.startswith("-"), rest))[:2]
+        if "--out" in rest[:-1]:
+            words.append(Path(rest[rest.index("--out") + 1]).name)
+        return "flywheel " + " ".join(words)
+    return Path(argv[0]).name if argv else "a process"
+
+
+def _stop_group(pid: int) -> None:
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+            os.killpg(pid, signal.SIGCONT)  # a stopped process (Ctrl-Z, a debugger) acts on TERM only then
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and not _zombie(pid):
+            time.sleep(0.2)
+        if not Path(f"/proc/{pid}").exists() or _zombie(pid):
+            return
 
 
 def _zombie(pid: int) -> bool:

@@ -48,11 +48,12 @@ class Trainer:
 
     def finished(self, name: str) -> TrainResult | None:
         """The result of ``name``'s run if an earlier, interrupted demo saw it through (its report is written
-        last, after publishing); None when it must run (again): a half-written output is removed first."""
+        last, after publishing, with one of ``FINISHED``); None when it must run (again): a half-written output,
+        or the report of a run that failed (a fault the interrupted demo never saw), is removed first."""
         import shutil
 
         out = self.ws / "models" / name
-        if (out / "report.json").exists():
+        if _status(out) in FINISHED:
             return self._result(name, out, publish=None)
         if out.exists():
             shutil.rmtree(out)
@@ -138,6 +139,17 @@ class Trainer:
                            bool(pub.get("uploaded") or pub.get("version")) and publish and passed,
                            pub.get("rollout_id") or (pub.get("rollout") or {}).get("rollout_id"), summary,
                            {k: float(v) for k, v in (report.get("timings") or {}).items()})
+
+
+FINISHED = ("ready", "dry_run", "published", "rejected")  # a report's status once its run has seen it through
+
+
+def _status(out: Path) -> str | None:
+    try:
+        status = json.loads((out / "report.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return status if isinstance(status, str) else None
 
 
 @dataclass

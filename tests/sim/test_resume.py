@@ -17,10 +17,12 @@ import pytest
 from fleet.sim.fleet import Frames
 from fleet.sim.report import ArmResult, TurnResult
 from fleet.sim.resume import (
+    DEMO_MARK,
     DemoState,
     NotResumable,
     TurnProgress,
     load_frames,
+    marking_children,
     rng_state,
     save_frames,
     set_rng_state,
@@ -177,6 +179,68 @@ def test_a_stopped_leftover_is_stopped_too(tmp_path: Path) -> None:
             frozen.wait(10)
 
 
+def marked(pid: int, ws: Path) -> bool:
+    """Whether ``pid``'s environment holds ``ws``'s mark yet (empty in /proc just after exec)."""
+    mark = f"{DEMO_MARK}={ws.resolve()}".encode()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_a_run_killed_before_the_state_named_it_is_found_by_its_mark(tmp_path: Path) -> None:
+    """The fault: the demo dies hard after starting a trainer run and before its state names the run (the pid
+    hook never returns). The resume still stops that run, found by the workspace's mark in its environment;
+    runs marked for another workspace, and unmarked ones, are left alone."""
+    ws, other = tmp_path / "ws", tmp_path / "other"
+    pid_file = tmp_path / "orphan.pid"
+    crash = (
+        "import os, sys; from pathlib import Path\n"
+        "from fleet.sim.procs import LoggedRun\n"
+        "from fleet.sim.resume import marking_children\n"
+        f"with marking_children(Path({str(ws)!r})):\n"
+        "    LoggedRun([sys.executable, '-c', 'import time; time.sleep(120)', 'orphan'],\n"
+        f"              Path({str(tmp_path / 'orphan.log')!r}),\n"
+        f"              started=lambda pid: (Path({str(pid_file)!r}).write_text(str(pid)), os._exit(9)))\n"
+    )
+    code = "import time; time.sleep(120)"
+    assert DEMO_MARK not in os.environ
+    with marking_children(other):
+        stranger = subprocess.Popen([sys.executable, "-c", code, "stranger"], start_new_session=True)
+    assert DEMO_MARK not in os.environ  # restored: only what starts inside carries the mark
+    plain = subprocess.Popen([sys.executable, "-c", code, "plain"], start_new_session=True)
+    died = subprocess.run([sys.executable, "-c", crash], timeout=60)
+    assert died.returncode == 9
+    orphan = int(pid_file.read_text())
+    said: list[str] = []
+    try:
+        assert marked(orphan, ws) and marked(stranger.pid, other)
+        assert stop_leftovers({}, said.append) == []  # the state names nothing: by pid alone, nothing is found
+        assert stop_leftovers({}, said.append, ws=ws) == [Path(sys.executable).name]
+        assert said == [f"stopping {Path(sys.executable).name} (pid {orphan}), left running by the interrupted "
+                        f"demo before its state named it"], said
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:  # reaped by init once killed
+            time.sleep(0.05)
+        assert not Path(f"/proc/{orphan}").exists() or _is_zombie(orphan)
+        assert stranger.poll() is None and plain.poll() is None
+    finally:
+        for p in (stranger, plain):
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(10)
+        if Path(f"/proc/{orphan}").exists():
+            os.killpg(orphan, signal.SIGKILL)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
 def test_a_run_names_its_pid_at_once_and_stops_with_its_caller(tmp_path: Path) -> None:
     """``run_logged`` tells its caller the pid while the run goes on (the demo writes it to its state, so a resume
     stops a run a hard kill left behind); when the caller stops (Ctrl-C), the run stops with it."""
@@ -223,3 +287,28 @@ def test_runs_started_side_by_side_each_end_on_their_own_terms(tmp_path: Path) -
         hung.wait()
     assert hung.proc.poll() is not None  # stopped and reaped
     assert (tmp_path / "hung.log").read_text().startswith("$ ")
+
+
+def test_a_run_that_failed_unseen_is_trained_again_not_taken_as_finished(tmp_path: Path) -> None:
+    """The fault: a trainer run a hard kill left behind failed later (its folder pulled from under it), so its
+    report says ``failed``, with no gate and no model. A resume trains it again instead of taking that report for
+    a finished run (and then reading a model that was never exported); a run seen through is kept."""
+    from fleet.sim.trainer import Trainer
+
+    t = Trainer(DemoSettings(workspace=tmp_path), tmp_path, tmp_path / "key", None, "token",  # type: ignore[arg-type]
+                tmp_path / "seed.npz", ["a", "b"])
+    out = tmp_path / "models" / "rnd-1"
+    for status in ("failed", "running", None):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoint.pt").write_bytes(b"half")
+        (out / "report.json").write_text(json.dumps({"status": status, "error": "FileNotFoundError: ..."}))
+        assert t.finished("rnd-1") is None, status
+        assert not out.exists()  # removed, so the new run starts clean
+    out.mkdir(parents=True)
+    (out / "report.json").write_text("{not json")
+    assert t.finished("rnd-1") is None and not out.exists()
+    out.mkdir(parents=True)
+    gate = {"passed": False, "reasons": ["fell 0.02 below the baseline"]}
+    (out / "report.json").write_text(json.dumps({"status": "rejected", "gate": gate, "timings": {"total": 3.0}}))
+    done = t.finished("rnd-1")
+    assert done is not None and not done.passed and done.timings == {"total": 3.0} and out.exists()
