@@ -272,12 +272,18 @@ def test_runs_started_side_by_side_each_end_on_their_own_terms(tmp_path: Path) -
     def py(code: str, name: str, **kw: object) -> LoggedRun:
         return LoggedRun([sys.executable, "-c", code, name], tmp_path / f"{name}.log", **kw)  # type: ignore[arg-type]
 
-    t = time.monotonic()
-    slow = py("import time; time.sleep(1.5)", "slow")
-    rejected = py("import sys, time; time.sleep(1.5); print('gate refused'); sys.exit(3)", "rejected",
-                  ok_codes=(0, 3))
+    # side by side, not one after the other: each run ends only once it has seen the other one started (a
+    # file each), and gives up with exit 9 after 60 s
+    meet = ("import sys, time; from pathlib import Path; d = Path({d!r}); (d / '{me}.up').touch()\n"
+            "t = time.monotonic()\n"
+            "while not (d / '{other}.up').exists():\n"
+            "    time.sleep(0.01)\n"
+            "    if time.monotonic() - t > 60: sys.exit(9)\n")
+    slow = py(meet.format(d=str(tmp_path), me="slow", other="rejected"), "slow")
+    rejected = py(meet.format(d=str(tmp_path), me="rejected", other="slow") + "print('gate refused'); sys.exit(3)",
+                  "rejected", ok_codes=(0, 3))
     assert slow.wait() == 0 and rejected.wait() == 3
-    assert time.monotonic() - t < 2.9  # side by side, not one after the other
+    assert "gate refused" in (tmp_path / "rejected.log").read_text()
     failed = py("import sys; print('the trainer broke'); sys.exit(2)", "failed")
     with pytest.raises(ProcessFailed, match=r"(?s)exited with code 2.*the trainer broke"):
         failed.wait()
