@@ -297,8 +297,9 @@ def test_runs_started_side_by_side_each_end_on_their_own_terms(tmp_path: Path) -
 
 def test_a_run_that_failed_unseen_is_trained_again_not_taken_as_finished(tmp_path: Path) -> None:
     """The fault: a trainer run a hard kill left behind failed later (its folder pulled from under it), so its
-    report says ``failed``, with no gate and no model. A resume trains it again instead of taking that report for
-    a finished run (and then reading a model that was never exported); a run seen through is kept."""
+    report says ``failed`` (its gate may have passed) and there is no model. A resume trains it again instead of
+    taking that report for a finished run (and then reading a model that was never exported); a run seen through
+    is kept."""
     from fleet.sim.trainer import Trainer
 
     t = Trainer(DemoSettings(workspace=tmp_path), tmp_path, tmp_path / "key", None, "token",  # type: ignore[arg-type]
@@ -307,7 +308,8 @@ def test_a_run_that_failed_unseen_is_trained_again_not_taken_as_finished(tmp_pat
     for status in ("failed", "running", None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "checkpoint.pt").write_bytes(b"half")
-        (out / "report.json").write_text(json.dumps({"status": status, "error": "FileNotFoundError: ..."}))
+        (out / "report.json").write_text(json.dumps({"status": status, "gate": {"passed": True},
+                                                     "error": "FileNotFoundError: ...model.fp32.onnx"}))
         assert t.finished("rnd-1") is None, status
         assert not out.exists()  # removed, so the new run starts clean
     out.mkdir(parents=True)
