@@ -21,6 +21,7 @@ from fleet.sim.resume import (
     DemoState,
     NotResumable,
     TurnProgress,
+    _zombie,
     load_frames,
     marking_children,
     rng_state,
@@ -224,7 +225,7 @@ def test_a_run_killed_before_the_state_named_it_is_found_by_its_mark(tmp_path: P
         deadline = time.monotonic() + 10
         while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:  # reaped by init once killed
             time.sleep(0.05)
-        assert not Path(f"/proc/{orphan}").exists() or _is_zombie(orphan)
+        assert not Path(f"/proc/{orphan}").exists() or _zombie(orphan)
         assert stranger.poll() is None and plain.poll() is None
     finally:
         for p in (stranger, plain):
@@ -232,13 +233,6 @@ def test_a_run_killed_before_the_state_named_it_is_found_by_its_mark(tmp_path: P
             p.wait(10)
         if Path(f"/proc/{orphan}").exists():
             os.killpg(orphan, signal.SIGKILL)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
-        return True
 
 
 def test_a_run_names_its_pid_at_once_and_stops_with_its_caller(tmp_path: Path) -> None:
