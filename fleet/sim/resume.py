@@ -34,6 +34,7 @@ from fleet.sim.settings import Arm, DemoSettings
 
 STATE_FILE = "demo-state.json"
 FORMAT = "flywheel.demo-state/1"
+TERM_WAIT_S = 15.0  # how long a leftover's process group has to end on SIGTERM before it gets SIGKILL
 PHASES = ("start", "fleet", "labeling", "labeled", "trained")  # a turn's steps, in order
 DEMO_MARK = "FLYWHEEL_DEMO_WORKSPACE"  # in the environment of every process a demo starts: its workspace
 
@@ -256,6 +257,8 @@ def _describe(proc: Path) -> str:
 
 
 def _stop_group(pid: int) -> None:
+    """SIGTERM the process group ``pid`` leads, then SIGKILL it if any of its members (not only the leader: a
+    child that ignores SIGTERM outlives its parent) is still running ``TERM_WAIT_S`` later."""
     import time
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -264,17 +267,38 @@ def _stop_group(pid: int) -> None:
             os.killpg(pid, signal.SIGCONT)  # a stopped process (Ctrl-Z, a debugger) acts on TERM only then
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and not _zombie(pid):
+        deadline = time.monotonic() + TERM_WAIT_S
+        while time.monotonic() < deadline and _group_running(pid):
             time.sleep(0.2)
-        if not Path(f"/proc/{pid}").exists() or _zombie(pid):
+        if not _group_running(pid):
             return
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (a zombie is not: it only waits to be reaped)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            state, group = _stat(d)
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if group == pgid and state != "Z":
+            return True
+    return False
+
+
+def _stat(proc: Path) -> tuple[str, int]:
+    """A process's state letter and process group, from ``/proc/PID/stat`` (after the name, which may hold
+    spaces and parentheses)."""
+    fields = proc.joinpath("stat").read_text().rsplit(") ", 1)[1].split()
+    return fields[0], int(fields[2])
 
 
 def _zombie(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
+        return _stat(Path(f"/proc/{pid}"))[0] == "Z"
+    except (OSError, IndexError, ValueError):
         return True
 
 

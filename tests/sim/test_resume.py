@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -178,6 +179,36 @@ def test_a_stopped_leftover_is_stopped_too(tmp_path: Path) -> None:
         if frozen.poll() is None:
             os.killpg(frozen.pid, signal.SIGKILL)
             frozen.wait(10)
+
+
+def test_a_member_that_outlives_its_leader_on_sigterm_is_killed_too(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fault: a leftover's child ignores SIGTERM and so outlives its leader (which ends at once). Waiting for
+    the leader alone would leave the child running; the whole group gets SIGKILL once the wait is up."""
+    monkeypatch.setattr("fleet.sim.resume.TERM_WAIT_S", 1.0)
+    marker = str(tmp_path / "models" / "rnd-3")
+    child_pid = tmp_path / "child.pid"
+    stubborn = ("import signal, time, os, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(120)")
+    leader_code = ("import subprocess, sys, time; "
+                   f"subprocess.Popen([sys.executable, '-c', {stubborn!r}, {str(child_pid)!r}]); time.sleep(120)")
+    leader = subprocess.Popen([sys.executable, "-c", leader_code, marker], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (child_pid.exists() and child_pid.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child = int(child_pid.read_text())
+        assert os.getpgid(child) == leader.pid and has_in_command_line(leader.pid, marker.encode())
+        assert stop_leftovers({"train rnd-3": [leader.pid, marker]}, lambda _: None) == ["train rnd-3"]
+        assert leader.wait(10) == -signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}").exists() and not _zombie(child) and time.monotonic() < deadline:
+            time.sleep(0.05)  # reaped by init once killed
+        assert not Path(f"/proc/{child}").exists() or _zombie(child)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        leader.wait(10)
 
 
 def marked(pid: int, ws: Path) -> bool:
