@@ -9,6 +9,13 @@ also send malformed answers. Used by the demo and the benchmarks.
 On a detect project a bot draws boxes: the true boxes with a person's small errors. Each true box is
 missed with probability ``1 - accuracy``, and every box it draws has its corners jittered by Gaussian
 noise of ``box_jitter`` times the box's width and height (clipped to the image).
+
+In a team, an answer's draws (skip, slip, right or wrong, which boxes are missed, the jitter) are keyed by the
+team's seed, the task's case and how many answers the team has given that case before, not by the bot that
+happens to take it: Label Studio serves each annotator a random one of its most uncertain tasks, so which bot
+gets which task changes from run to run, while a seeded team gives every task the same answer each time. Two
+annotators of one task (overlap above 1) still draw apart (the second answer has its own key); a bot's spec
+(its accuracy, jitter, skip rate) still sets what each draw means. Think times stay the bot's own.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import math
 import threading
 import time
 import uuid
+import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,13 +113,15 @@ class Bot:
 
     def __init__(self, spec: BotSpec, studio: Studio, project_id: int, truth: Callable[[str], Truth],
                  class_names: Sequence[str], *, seed: int | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 draws: Callable[[str], np.random.Generator] | None = None) -> None:
         self.spec = spec
         self.studio = studio
         self.project_id = project_id
         self.truth = truth
         self.class_names = list(class_names)
         self.rng = np.random.default_rng(seed)
+        self.draws = draws  # a task's own draws, by case id (a team's); else the bot's generator
         self.sleep = sleep
         self.stats = BotStats()
         self._lock = threading.Lock()
@@ -118,34 +129,36 @@ class Bot:
     def answer(self, case_id: str | None) -> tuple[list[dict[str, Any]], bool, bool, int | Detection | None]:
         """``(result, was_cancelled, malformed, label)`` for one task, drawn from the bot's spec."""
         k = len(self.class_names)
-        if self.rng.random() < self.spec.skip_rate:
+        rng = self.draws(case_id) if self.draws is not None and case_id else self.rng
+        if rng.random() < self.spec.skip_rate:
             return [], True, False, None
         known = self.truth(case_id) if case_id else None
         if isinstance(known, Detection):
-            return self._draw(known)
-        if self.rng.random() < self.spec.malformed_rate:
-            two = list(self.rng.choice(self.class_names, size=min(2, k), replace=False))
+            return self._draw(known, rng)
+        if rng.random() < self.spec.malformed_rate:
+            two = list(rng.choice(self.class_names, size=min(2, k), replace=False))
             bad = [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "choices", "value": {"choices": two}}]
             return bad, False, True, None
         if known is None:
-            label = int(self.rng.integers(k))
-        elif self.rng.random() < self.spec.accuracy or k == 1:
+            label = int(rng.integers(k))
+        elif rng.random() < self.spec.accuracy or k == 1:
             label = int(known)
         else:
-            label = int(self.rng.choice([c for c in range(k) if c != known]))
+            label = int(rng.choice([c for c in range(k) if c != known]))
         return classification_result(self.class_names[label]), False, False, label
 
-    def _draw(self, truth: Detection) -> tuple[list[dict[str, Any]], bool, bool, Detection | None]:
+    def _draw(self, truth: Detection, rng: np.random.Generator) -> tuple[list[dict[str, Any]], bool, bool,
+                                                                         Detection | None]:
         """The true boxes with a person's errors (see the module docstring), or a malformed region."""
-        if self.rng.random() < self.spec.malformed_rate:  # a box of no size, as a slipped click makes
+        if rng.random() < self.spec.malformed_rate:  # a box of no size, as a slipped click makes
             bad = [{"from_name": FROM_NAME, "to_name": TO_NAME, "type": "rectanglelabels",
                     "value": {"x": 10.0, "y": 10.0, "width": 0.0, "height": 0.0, "rotation": 0,
                               "rectanglelabels": [self.class_names[0]]}}]
             return bad, False, True, None
         xyxy = np.array([[b.x1, b.y1, b.x2, b.y2] for b in truth.boxes], np.float64).reshape(-1, 4)
-        kept = self.rng.random(len(xyxy)) < self.spec.accuracy
+        kept = rng.random(len(xyxy)) < self.spec.accuracy
         size = np.tile(xyxy[:, 2:] - xyxy[:, :2], 2)
-        drawn = np.clip(xyxy + self.rng.normal(0.0, self.spec.box_jitter, xyxy.shape) * size, 0.0, 1.0)
+        drawn = np.clip(xyxy + rng.normal(0.0, self.spec.box_jitter, xyxy.shape) * size, 0.0, 1.0)
         ok = kept & (drawn[:, 2] > drawn[:, 0] + 1e-4) & (drawn[:, 3] > drawn[:, 1] + 1e-4)
         answer = Detection([Box(x1, y1, x2, y2, truth.boxes[i].label)
                             for i, (x1, y1, x2, y2) in zip(np.flatnonzero(ok), drawn[ok].tolist(), strict=True)])
@@ -221,20 +234,32 @@ def enroll(url: str, admin: Studio, specs: Sequence[BotSpec], *, password: str,
 
 
 class BotTeam:
-    """Several bots working the same project in threads."""
+    """Several bots working the same project, in threads or one after another. Answers are drawn per task (see
+    the module docstring)."""
 
     def __init__(self, url: str, admin: Studio, project_id: int, specs: Sequence[BotSpec],
                  truth: Callable[[str], Truth], class_names: Sequence[str], *,
                  password: str = "flywheel-bot-password", seed: int = 0,
                  http_factory: Callable[[], httpx.Client] | None = None) -> None:
         tokens = enroll(url, admin, specs, password=password)
+        self.seed = seed
+        self._given: Counter[str] = Counter()  # answers drawn so far, by case id
+        self._given_lock = threading.Lock()
         self.bots = [
             Bot(s, Studio(url, tokens[s.name], http=http_factory() if http_factory else None), project_id, truth,
-                class_names, seed=seed + i)
+                class_names, seed=seed + i, draws=self.draws)
             for i, s in enumerate(specs)
         ]
         self.stop = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    def draws(self, case_id: str) -> np.random.Generator:
+        """The draws for the team's next answer to ``case_id``: keyed by the seed, the case and how many answers
+        the team has drawn for it before."""
+        with self._given_lock:
+            nth = self._given[case_id]
+            self._given[case_id] += 1
+        return np.random.default_rng([self.seed, zlib.crc32(case_id.encode()), nth])
 
     def start(self, *, max_tasks: int | None = None) -> None:
         for bot in self.bots:

@@ -166,6 +166,9 @@ def bots(
     max_tasks: int = typer.Option(0, "--max-tasks", min=0, help="Stop each bot after this many tasks (0: never)."),
     until_idle: bool = typer.Option(False, "--until-idle",
                                     help="Work bot after bot until the queue has nothing left for any of them."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1,
+                             help="Seeds the answers: each task's answer is drawn from the seed and its case, "
+                                  "whichever bot takes it."),
     as_json: bool = typer.Option(False, "--json", help="Print the bots' tallies as one JSON object."),
 ) -> None:
     """Simulated annotators working the project's queue in Label Studio (for the demo and benchmarks)."""
@@ -182,7 +185,7 @@ def bots(
         typer.echo(f"no Label Studio project titled {project!r}: run 'flywheel label sync' first", err=True)
         raise typer.Exit(2)
     specs = [replace(s, skip_rate=skip_rate) for s in parse_bot_specs(team)]
-    crew = BotTeam(ls_url, admin, found.id, specs, answers.get, found.class_names, password=password)
+    crew = BotTeam(ls_url, admin, found.id, specs, answers.get, found.class_names, password=password, seed=seed)
     try:
         if until_idle:
             crew.run_until_idle()

@@ -7,16 +7,18 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from xml.etree import ElementTree
 
 import pytest
 
 from fleet.errors import InvalidInput
 from fleet.protocol import Box, Case, Classification, Detection, LabelPost, SelectedCase
-from labeling.bots import Bot, BotSpec
+from labeling.bots import Bot, BotSpec, BotTeam
 from labeling.bridge import Bridge
 from labeling.config import BridgeConfig
 from labeling.configs import (
+    classification_result,
     config_classes,
     detection_result,
     get_kind,
@@ -26,6 +28,7 @@ from labeling.configs import (
 )
 from labeling.ledger import Ledger
 from labeling.push import push_gold, task_json
+from labeling.records import TaskRecord
 from labeling.status import collect
 from labeling.throttle import Throttle
 from tests.labeling.boxhub import CLASSES, DetectHub, detect_hub
@@ -239,6 +242,67 @@ def test_bots_draw_the_true_boxes_with_small_errors() -> None:
     assert malformed
     with pytest.raises(InvalidInput, match="no area inside the image"):
         parse_detection(result, CLASSES)
+
+
+class ServedQueue:
+    """Label Studio's queue as a team meets it: each ``next_task`` serves the next of ``order`` to whichever bot
+    asks; every answer is kept by case, in the order given."""
+
+    def __init__(self, order: list[str]) -> None:
+        self.order = list(order)
+        self.answers: dict[str, list[object]] = {}
+        self.by_task: dict[int, str] = {}
+
+    def studio(self) -> object:
+        queue = self
+
+        class Served:
+            def next_task(self, project_id: int) -> TaskRecord | None:
+                if not queue.order:
+                    return None
+                case = queue.order.pop(0)
+                tid = len(queue.by_task) + 1
+                queue.by_task[tid] = case
+                return TaskRecord(id=tid, project_id=project_id, data={"case_id": case}, overlap=1)
+
+            def create_annotation(self, task_id: int, result: object, **_: object) -> SimpleNamespace:
+                queue.answers.setdefault(queue.by_task[task_id], []).append(result)
+                return SimpleNamespace(id=task_id)
+
+            def close(self) -> None:
+                pass
+
+        return Served()
+
+
+def team_answers(monkeypatch: pytest.MonkeyPatch, specs: list[BotSpec], order: list[str],
+                 truth: dict[str, object], seed: int) -> dict[str, list[object]]:
+    queue = ServedQueue(order)
+    monkeypatch.setattr("labeling.bots.enroll", lambda url, admin, specs, **_: {s.name: "t" for s in specs})
+    monkeypatch.setattr("labeling.bots.Studio", lambda url, token, **_: queue.studio())
+    team = BotTeam("http://ls", None, 1, specs, truth.get, CLASSES, seed=seed)  # type: ignore[arg-type]
+    team.run_until_idle()
+    return queue.answers
+
+
+def test_a_seeded_team_answers_each_task_alike_whichever_bot_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label Studio serves each annotator a random one of its top tasks, so which bot takes which task changes
+    from run to run. A seeded team's answer to a task does not: here three bots in one order and two in another
+    (so every task goes to another bot) give every task the same boxes, misses and classes; a second answer to a
+    task (overlap 2) draws apart from the first; another seed answers otherwise."""
+    boxes = Detection([Box(0.1, 0.1, 0.3, 0.4, 0), Box(0.5, 0.5, 0.9, 0.8, 2), Box(0.6, 0.1, 0.7, 0.3, 1)])
+    truth: dict[str, object] = {f"d{i}": boxes for i in range(12)} | {f"c{i}": i % len(CLASSES) for i in range(12)}
+    cases = sorted(truth)
+    sloppy = [BotSpec(f"b{i}", 0.6, 0.0, box_jitter=0.05) for i in range(3)]
+    first = team_answers(monkeypatch, sloppy, cases, truth, seed=7)
+    again = team_answers(monkeypatch, sloppy[:2], cases[::-1], truth, seed=7)
+    assert again == first
+    assert len({json.dumps(first[c]) for c in cases if c.startswith("d")}) > 1  # the draws differ by task
+    assert any(a != [classification_result(CLASSES[truth[c]])] for c, a in first.items() if c.startswith("c"))
+    twice = team_answers(monkeypatch, sloppy, [c for c in cases for _ in range(2)], truth, seed=7)
+    assert all(twice[c][0] == first[c][0] for c in cases)  # the first answer is the one a lone annotator gives
+    assert any(twice[c][1] != twice[c][0] for c in cases if c.startswith("d"))
+    assert team_answers(monkeypatch, sloppy, cases, truth, seed=8) != first
 
 
 def test_the_cli_reads_class_and_box_answers_from_jsonl(tmp_path: Path) -> None:
