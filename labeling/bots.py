@@ -11,7 +11,8 @@ missed with probability ``1 - accuracy``, and every box it draws has its corners
 noise of ``box_jitter`` times the box's width and height (clipped to the image).
 
 In a team, an answer's draws (skip, slip, right or wrong, which boxes are missed, the jitter) are keyed by the
-team's seed, the task's case and how many answers the team has given that case before, not by the bot that
+team's seed, the task's case (or a stable key the caller gives for it, such as the frame it shows: case ids are
+made afresh by each upload) and how many answers the team has given that case before, not by the bot that
 happens to take it: Label Studio serves each annotator a random one of its most uncertain tasks, so which bot
 gets which task changes from run to run, while a seeded team gives every task the same answer each time. Two
 annotators of one task (overlap above 1) still draw apart (the second answer has its own key); a bot's spec
@@ -240,9 +241,11 @@ class BotTeam:
     def __init__(self, url: str, admin: Studio, project_id: int, specs: Sequence[BotSpec],
                  truth: Callable[[str], Truth], class_names: Sequence[str], *,
                  password: str = "flywheel-bot-password", seed: int = 0,
-                 http_factory: Callable[[], httpx.Client] | None = None) -> None:
+                 http_factory: Callable[[], httpx.Client] | None = None,
+                 draw_key: Callable[[str], str | None] | None = None) -> None:
         tokens = enroll(url, admin, specs, password=password)
         self.seed = seed
+        self.draw_key = draw_key  # a case's stable key for its draws (None: the case id)
         self._given: Counter[str] = Counter()  # answers drawn so far, by case id
         self._given_lock = threading.Lock()
         self.bots = [
@@ -254,12 +257,13 @@ class BotTeam:
         self._threads: list[threading.Thread] = []
 
     def draws(self, case_id: str) -> np.random.Generator:
-        """The draws for the team's next answer to ``case_id``: keyed by the seed, the case and how many answers
-        the team has drawn for it before."""
+        """The draws for the team's next answer to ``case_id``: keyed by the seed, the case's key (its id when it
+        has none) and how many answers the team has drawn for the case before."""
         with self._given_lock:
             nth = self._given[case_id]
             self._given[case_id] += 1
-        return np.random.default_rng([self.seed, zlib.crc32(case_id.encode()), nth])
+        key = (self.draw_key(case_id) if self.draw_key is not None else None) or case_id
+        return np.random.default_rng([self.seed, zlib.crc32(key.encode()), nth])
 
     def start(self, *, max_tasks: int | None = None) -> None:
         for bot in self.bots:

@@ -159,7 +159,8 @@ def bots(
     ls_token: str = LsToken,
     project: str = Project,
     truth: Path = typer.Option(..., "--truth", help="JSONL of {case_id, label}: the answers bots know (a class "  # noqa: B008
-                               "index, or a detect label {\"task\": \"detect\", \"boxes\": [...]})."),
+                               "index, or a detect label {\"task\": \"detect\", \"boxes\": [...]}), and "
+                               "optionally a stable \"key\" per case (the frame it shows) that seeds its answer."),
     team: str = typer.Option("3x0.9@2", "--team", help="'NxACCURACY@SECONDS' or 'name:accuracy@seconds,...'."),
     skip_rate: float = typer.Option(0.0, "--skip-rate", min=0.0, max=1.0),
     password: str = typer.Option("flywheel-bot-password", "--password", envvar="FLYWHEEL_BOT_PASSWORD"),
@@ -178,14 +179,17 @@ def bots(
     from labeling.studio import Studio
 
     _need(ls_token, "--ls-token / FLYWHEEL_LS_TOKEN")
-    answers = {str(d["case_id"]): d["label"] for d in _read_jsonl(truth)}
+    rows = _read_jsonl(truth)
+    answers = {str(d["case_id"]): d["label"] for d in rows}
+    keys = {str(d["case_id"]): str(d["key"]) for d in rows if d.get("key") is not None}
     admin = Studio(ls_url, ls_token)
     found = admin.find_project(project)
     if found is None:
         typer.echo(f"no Label Studio project titled {project!r}: run 'flywheel label sync' first", err=True)
         raise typer.Exit(2)
     specs = [replace(s, skip_rate=skip_rate) for s in parse_bot_specs(team)]
-    crew = BotTeam(ls_url, admin, found.id, specs, answers.get, found.class_names, password=password, seed=seed)
+    crew = BotTeam(ls_url, admin, found.id, specs, answers.get, found.class_names, password=password, seed=seed,
+                   draw_key=keys.get)
     try:
         if until_idle:
             crew.run_until_idle()

@@ -233,6 +233,7 @@ class StudioLabeler:
             "FLYWHEEL_BOT_PASSWORD": session.get("bot_password") or "fw-bot-" + secrets.token_urlsafe(12),
         }
         self._answers: dict[str, Any] = {}  # case id -> true label, for the cases pushed so far
+        self._frames: dict[str, str] = {}  # case id -> the frame it shows: the bots' stable key for its answer
         self.correct = 0
         version = studio_version(self.url, self.token)
         who = "you as the annotator" if annotate else f"{annotators} simulated annotators"
@@ -366,8 +367,9 @@ class StudioLabeler:
                 frame = c.case.tags.get("frame")
                 if frame in self.world.truth:
                     self._answers[c.case_id] = self.world.answer(frame)
+                    self._frames[c.case_id] = str(frame)
             offset += len(cases)
             if len(cases) < 1000:
                 break
-        self.truth_path.write_text("".join(json.dumps({"case_id": c, "label": v}) + "\n"
+        self.truth_path.write_text("".join(json.dumps({"case_id": c, "label": v, "key": self._frames[c]}) + "\n"
                                            for c, v in self._answers.items()))

@@ -8,6 +8,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 from xml.etree import ElementTree
 
 import pytest
@@ -275,34 +276,48 @@ class ServedQueue:
         return Served()
 
 
-def team_answers(monkeypatch: pytest.MonkeyPatch, specs: list[BotSpec], order: list[str],
-                 truth: dict[str, object], seed: int) -> dict[str, list[object]]:
-    queue = ServedQueue(order)
+def team_answers(monkeypatch: pytest.MonkeyPatch, specs: list[BotSpec], frames: list[str],
+                 truth: dict[str, object], seed: int, upload: str = "u1") -> dict[str, list[object]]:
+    """What a team answers to tasks showing ``frames`` (served in that order), by frame. Each upload makes its
+    own case ids (``upload`` names them), as devices do; the frame is the team's stable key for a case."""
+    queue = ServedQueue([f"{upload}-{f}" for f in frames])
     monkeypatch.setattr("labeling.bots.enroll", lambda url, admin, specs, **_: {s.name: "t" for s in specs})
     monkeypatch.setattr("labeling.bots.Studio", lambda url, token, **_: queue.studio())
-    team = BotTeam("http://ls", None, 1, specs, truth.get, CLASSES, seed=seed)  # type: ignore[arg-type]
+    frame_of = lambda case: case.split("-", 1)[1]  # noqa: E731
+    team = BotTeam("http://ls", None, 1, specs, lambda case: truth[frame_of(case)], CLASSES,  # type: ignore[arg-type]
+                   seed=seed, draw_key=frame_of)
     team.run_until_idle()
-    return queue.answers
+    return {frame_of(case): answers for case, answers in queue.answers.items()}
 
 
 def test_a_seeded_team_answers_each_task_alike_whichever_bot_takes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Label Studio serves each annotator a random one of its top tasks, so which bot takes which task changes
-    from run to run. A seeded team's answer to a task does not: here three bots in one order and two in another
-    (so every task goes to another bot) give every task the same boxes, misses and classes; a second answer to a
-    task (overlap 2) draws apart from the first; another seed answers otherwise."""
+    from run to run, and every run's uploads have new case ids. A seeded team's answer to a frame does not change:
+    here three bots in one order and two in another (so every task goes to another bot), over other case ids, give
+    every frame the same boxes, misses and classes; a second answer to a task (overlap 2) draws apart from the
+    first; another seed answers otherwise; keyed by case id alone, the answers follow the upload."""
     boxes = Detection([Box(0.1, 0.1, 0.3, 0.4, 0), Box(0.5, 0.5, 0.9, 0.8, 2), Box(0.6, 0.1, 0.7, 0.3, 1)])
     truth: dict[str, object] = {f"d{i}": boxes for i in range(12)} | {f"c{i}": i % len(CLASSES) for i in range(12)}
-    cases = sorted(truth)
+    frames = sorted(truth)
     sloppy = [BotSpec(f"b{i}", 0.6, 0.0, box_jitter=0.05) for i in range(3)]
-    first = team_answers(monkeypatch, sloppy, cases, truth, seed=7)
-    again = team_answers(monkeypatch, sloppy[:2], cases[::-1], truth, seed=7)
+    first = team_answers(monkeypatch, sloppy, frames, truth, seed=7)
+    again = team_answers(monkeypatch, sloppy[:2], frames[::-1], truth, seed=7, upload="u2")
     assert again == first
-    assert len({json.dumps(first[c]) for c in cases if c.startswith("d")}) > 1  # the draws differ by task
-    assert any(a != [classification_result(CLASSES[truth[c]])] for c, a in first.items() if c.startswith("c"))
-    twice = team_answers(monkeypatch, sloppy, [c for c in cases for _ in range(2)], truth, seed=7)
-    assert all(twice[c][0] == first[c][0] for c in cases)  # the first answer is the one a lone annotator gives
-    assert any(twice[c][1] != twice[c][0] for c in cases if c.startswith("d"))
-    assert team_answers(monkeypatch, sloppy, cases, truth, seed=8) != first
+    assert len({json.dumps(first[f]) for f in frames if f.startswith("d")}) > 1  # the draws differ by task
+    assert any(a != [classification_result(CLASSES[truth[f]])] for f, a in first.items() if f.startswith("c"))
+    twice = team_answers(monkeypatch, sloppy, [f for f in frames for _ in range(2)], truth, seed=7)
+    assert all(twice[f][0] == first[f][0] for f in frames)  # the first answer is the one a lone annotator gives
+    assert any(twice[f][1] != twice[f][0] for f in frames if f.startswith("d"))
+    assert team_answers(monkeypatch, sloppy, frames, truth, seed=8) != first
+    monkeypatch.setattr(BotTeam, "__init__", keyed_by_case(BotTeam.__init__))
+    assert team_answers(monkeypatch, sloppy, frames, truth, seed=7, upload="u3") != first
+
+
+def keyed_by_case(init: Any) -> Any:
+    """``BotTeam.__init__`` without the stable key: draws keyed by case id."""
+    def without_key(self: BotTeam, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "draw_key": None})
+    return without_key
 
 
 def test_the_cli_reads_class_and_box_answers_from_jsonl(tmp_path: Path) -> None:
