@@ -168,8 +168,8 @@ def bots(
     until_idle: bool = typer.Option(False, "--until-idle",
                                     help="Work bot after bot until the queue has nothing left for any of them."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**63 - 1,
-                             help="Seeds the answers: each task's answer is drawn from the seed and its case, "
-                                  "whichever bot takes it."),
+                             help="Seeds the answers: each task's answer is drawn from the seed and its case (its "
+                                  "--truth key when given), whichever bot takes it."),
     as_json: bool = typer.Option(False, "--json", help="Print the bots' tallies as one JSON object."),
 ) -> None:
     """Simulated annotators working the project's queue in Label Studio (for the demo and benchmarks)."""

@@ -274,7 +274,8 @@ class StudioLabeler:
             return self._wait_for_person(turn, before, tasks, problems)
         self._learn_answers()
         tallies = self._label_cmd("bots", "--truth", str(self.truth_path), "--team", self.team, "--until-idle",
-                                  *(("--seed", str(self.seed)) if self.seed is not None else ()), timeout=self.settle_s)
+                                  *(("--seed", str(self.seed % 2**63)) if self.seed is not None else ()),  # >= 0
+                                  timeout=self.settle_s)
         answered = sum(int(t["answered"]) for t in tallies.values())
         self.correct += sum(int(t["correct"]) for t in tallies.values())
         # bring the annotations back: webhooks first, then a full reconciliation, until the hub has them
