@@ -232,8 +232,8 @@ class StudioLabeler:
             "FLYWHEEL_LABEL_STATE": str(self.dir / "bridge.sqlite"), "FLYWHEEL_WEBHOOK_SECRET": hub.webhook_secret,
             "FLYWHEEL_BOT_PASSWORD": session.get("bot_password") or "fw-bot-" + secrets.token_urlsafe(12),
         }
-        self._answers: dict[str, Any] = {}  # case id -> true label, for the cases pushed so far
-        self._frames: dict[str, str] = {}  # case id -> the frame it shows: the bots' stable key for its answer
+        # case id -> the bots' truth row: its true label, and the frame it shows as the stable key of its answer
+        self._answers: dict[str, dict[str, Any]] = {}
         self.correct = 0
         version = studio_version(self.url, self.token)
         who = "you as the annotator" if annotate else f"{annotators} simulated annotators"
@@ -367,10 +367,9 @@ class StudioLabeler:
             for c in cases:
                 frame = c.case.tags.get("frame")
                 if frame in self.world.truth:
-                    self._answers[c.case_id] = self.world.answer(frame)
-                    self._frames[c.case_id] = str(frame)
+                    self._answers[c.case_id] = {"case_id": c.case_id, "label": self.world.answer(frame),
+                                                "key": str(frame)}
             offset += len(cases)
             if len(cases) < 1000:
                 break
-        self.truth_path.write_text("".join(json.dumps({"case_id": c, "label": v, "key": self._frames[c]}) + "\n"
-                                           for c, v in self._answers.items()))
+        self.truth_path.write_text("".join(json.dumps(row) + "\n" for row in self._answers.values()))

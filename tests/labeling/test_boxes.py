@@ -8,7 +8,6 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 from xml.etree import ElementTree
 
 import pytest
@@ -277,15 +276,17 @@ class ServedQueue:
 
 
 def team_answers(monkeypatch: pytest.MonkeyPatch, specs: list[BotSpec], frames: list[str],
-                 truth: dict[str, object], seed: int, upload: str = "u1") -> dict[str, list[object]]:
+                 truth: dict[str, object], seed: int, upload: str = "u1",
+                 keyed: bool = True) -> dict[str, list[object]]:
     """What a team answers to tasks showing ``frames`` (served in that order), by frame. Each upload makes its
-    own case ids (``upload`` names them), as devices do; the frame is the team's stable key for a case."""
+    own case ids (``upload`` names them), as devices do; the frame is the team's stable key for a case (with
+    ``keyed``; else the team keys its draws by case id)."""
     queue = ServedQueue([f"{upload}-{f}" for f in frames])
     monkeypatch.setattr("labeling.bots.enroll", lambda url, admin, specs, **_: {s.name: "t" for s in specs})
     monkeypatch.setattr("labeling.bots.Studio", lambda url, token, **_: queue.studio())
     frame_of = lambda case: case.split("-", 1)[1]  # noqa: E731
     team = BotTeam("http://ls", None, 1, specs, lambda case: truth[frame_of(case)], CLASSES,  # type: ignore[arg-type]
-                   seed=seed, draw_key=frame_of)
+                   seed=seed, draw_key=frame_of if keyed else None)
     team.run_until_idle()
     return {frame_of(case): answers for case, answers in queue.answers.items()}
 
@@ -309,15 +310,7 @@ def test_a_seeded_team_answers_each_task_alike_whichever_bot_takes_it(monkeypatc
     assert all(twice[f][0] == first[f][0] for f in frames)  # the first answer is the one a lone annotator gives
     assert any(twice[f][1] != twice[f][0] for f in frames if f.startswith("d"))
     assert team_answers(monkeypatch, sloppy, frames, truth, seed=8) != first
-    monkeypatch.setattr(BotTeam, "__init__", keyed_by_case(BotTeam.__init__))
-    assert team_answers(monkeypatch, sloppy, frames, truth, seed=7, upload="u3") != first
-
-
-def keyed_by_case(init: Any) -> Any:
-    """``BotTeam.__init__`` without the stable key: draws keyed by case id."""
-    def without_key(self: BotTeam, *args: Any, **kwargs: Any) -> None:
-        init(self, *args, **{**kwargs, "draw_key": None})
-    return without_key
+    assert team_answers(monkeypatch, sloppy, frames, truth, seed=7, upload="u3", keyed=False) != first
 
 
 def test_the_cli_reads_class_and_box_answers_from_jsonl(tmp_path: Path) -> None:
