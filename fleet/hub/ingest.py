@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -96,14 +97,11 @@ def settle_duplicates(hub: Hub, shas: list[str]) -> dict[str, str]:
     """Which copy of each image the pool keeps, whatever order the copies arrived in -> {sha256: kept case id}.
 
     A case whose image the hub already holds is stored as a ``duplicate`` of the kept one (the first received).
-    While the kept case is still ``unlabeled``, a strictly more informative copy (capture-time informativeness:
-    the copy whose human disagreed with the model, or whose model doubted more) takes its place, and the others
-    point at it; among equals the first received stays, and once the kept case is queued, labeled or held it
-    stays whatever arrives. So when two devices upload one frame, the pool holds the copy that says most, and the
-    same copy whichever device's arrived first: a seeded demo repeats (before, the copy kept, with its human
-    action and capturing model, followed the upload race, and runs of one seed parted from the second turn on).
-    Equal copies share the image and its informativeness; the first received is kept with its own tags (two
-    devices could tag one frame differently, and a balanced selection reads a tag)."""
+    While the kept case is still ``unlabeled``, a copy that ranks higher by :func:`copy_rank` takes its place, and
+    the others point at it; once the kept case is queued, labeled or held it stays whatever arrives. So when two
+    devices upload one frame, the pool holds the copy that says most, and the same copy whichever device's arrived
+    first: a seeded demo repeats (before, the copy kept, with its human action and capturing model, followed the
+    upload race, and runs of one seed parted from the second turn on)."""
     kept_of: dict[str, str] = {}
     for sha in sorted(set(shas)):
         with write_session(hub.engine) as s:
@@ -117,8 +115,8 @@ def settle_duplicates(hub: Hub, shas: list[str]) -> dict[str, str]:
             if len(heads) > 1 or head.state != "unlabeled":
                 continue
             copies = [r for r in rows if r.state == "duplicate" and r.duplicate_of == head.case_id]
-            best = max([head, *copies], key=lambda r: r.uncertainty)  # the first of equals: the earliest received
-            if best is head or best.uncertainty <= head.uncertainty:
+            best = max([head, *copies], key=copy_rank)  # of copies alike but for id and time: the earliest received
+            if best is head:
                 continue
             for r in (head, *copies):
                 r.state, r.duplicate_of = ("unlabeled", None) if r is best else ("duplicate", best.case_id)
@@ -127,6 +125,22 @@ def settle_duplicates(hub: Hub, shas: list[str]) -> dict[str, str]:
             log.info("image %s: case %s (informativeness %.3f) is kept in place of %s (%.3f)", sha[:12],
                      best.case_id, best.uncertainty, head.case_id, head.uncertainty)
     return kept_of
+
+
+_VOLATILE = ("case_id", "captured_at")  # what differs between two copies of one frame that say the same
+
+
+def copy_rank(row: CaseRow) -> tuple[float, bool, str]:
+    """How much a copy of an image says, to choose the copy the pool keeps: its capture-time informativeness (the
+    copy whose human disagreed with the model, or whose model doubted more), then whether the human's action is
+    known (a later model can disagree with it: re-scoring reads it), then a digest of all it carries but its id
+    and capture time. The digest orders copies of equal informativeness that differ in what the re-scoring or a
+    balanced selection reads (the human's action, the tags), the same way whichever arrived first: two copies of
+    one digits frame, one with the human's label and one without, both scored 0.797 at capture, and the pool kept
+    whichever came first, so runs of one seed re-scored different copies and parted from the second turn on."""
+    payload = {k: v for k, v in (row.payload or {}).items() if k not in _VOLATILE}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return float(row.uncertainty), (row.payload or {}).get("human_action") is not None, digest
 
 
 @dataclass(frozen=True)

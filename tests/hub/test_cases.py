@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from sqlmodel import Session, col, func, select
 
 from fleet.hub.models import Blob, CaseRow
 from fleet.protocol import Case, CaseReceipt, Classification
-from tests.hub.conftest import HubHarness, png_bytes
+from tests.hub.conftest import HubHarness, fresh_database, png_bytes
 
 
 def _counts(hub: HubHarness) -> tuple[int, int, int]:
@@ -317,14 +319,54 @@ def test_the_pool_keeps_the_copy_that_says_most_whichever_arrives_first(hub: Hub
 
 
 def test_a_kept_copy_once_queued_stays_kept_and_equal_copies_keep_the_first(hub: HubHarness) -> None:
-    hub.enroll("d2")
     hub.enroll("d3")
     image = png_bytes(4343)
     first = hub.send_case("d1", image=image, probs=[0.8, 0.1, 0.1], human=0)
-    same = hub.send_case("d2", image=image, probs=[0.8, 0.1, 0.1], human=0)  # says no more: the first stays
+    same = hub.send_case("d1", image=image, probs=[0.8, 0.1, 0.1], human=0)  # alike but for id and time: first stays
     assert _states(hub, first, same) == [("unlabeled", None), ("duplicate", first)]
     r = hub.client.post("/v1/selections", json={"budget": 1, "strategy": "uncertainty"}, headers=hub.labeler)
     assert r.status_code == 200, r.text
     assert [c["case"]["case_id"] for c in r.json()["cases"]] == [first]
     late = hub.send_case("d3", image=image, probs=[0.8, 0.1, 0.1], human=2)  # says more, but too late
     assert _states(hub, first, same, late) == [("queued", None), ("duplicate", first), ("duplicate", first)]
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_copies_that_score_alike_keep_the_same_one_whichever_arrives_first(
+        hub: HubHarness, hub_factory: Any, backend: str, tmp_path: Path, sqlite_template: Path,
+        pg_template: str | None, batch: bool) -> None:
+    """Three devices upload one frame and their models were equally sure (informativeness 0.3 each): d1's human did
+    nothing, d2's and d3's agreed with the model. Two hubs get the copies in opposite orders and keep the same one,
+    with the human's action (re-scoring reads it: a later model may disagree with it). Before, each kept the first
+    received, so two runs of a seeded demo re-scored different copies and parted (digits, 0.695 and 0.703 after
+    turn 2)."""
+    (tmp_path / "other").mkdir()
+    url, cleanup = fresh_database(backend, tmp_path / "other", sqlite_template=sqlite_template,
+                                  pg_template=pg_template)
+    try:
+        other = hub_factory(database_url=url, data_dir=tmp_path / "other")
+        other.register_model("m1", promote=True)
+        image = png_bytes(4444)
+        copies = [hub.make_case(d, image=image, probs=[0.8, 0.1, 0.1], human=h)[0]
+                  for d, h in (("d1", None), ("d2", 0), ("d3", 0))]
+        kept = []
+        for h, order in ((hub, copies), (other, copies[::-1])):
+            for case in order:
+                if case.device_id not in h.devices:
+                    h.enroll(case.device_id)
+                if batch:
+                    r = h.client.post("/v1/cases/batch", headers=h.devices[case.device_id],
+                                      files=[("case_0", (None, case.to_json())),
+                                             ("image_0", ("f.png", image, "image/png"))])
+                    assert r.status_code == 200 and r.json()["results"][0]["status"] in ("created", "duplicate")
+                else:
+                    assert h.post_case(case, image).status_code == 201
+            pool = h.client.get("/v1/pool", headers=h.labeler).json()["cases"]
+            assert len(pool) == 1
+            kept.append(pool[0]["case"]["case_id"])
+            states = _states(h, *(c.case_id for c in copies))
+            assert sorted(states) == sorted([("unlabeled", None), ("duplicate", kept[-1]), ("duplicate", kept[-1])])
+        assert kept[0] == kept[1]
+        assert kept[0] in (copies[1].case_id, copies[2].case_id)  # a copy with the human's action
+    finally:
+        cleanup()
