@@ -167,7 +167,7 @@ def _store_rows(hub: Hub, prepared: list[PreparedCase]) -> dict[str, CaseReceipt
     for x in stored:
         cid = x.case.case_id
         dup = kept.get(x.row["image_sha256"], x.row["duplicate_of"])
-        if dup == cid:  # the copy the pool keeps (the first, or a more informative one than it)
+        if dup == cid:  # the copy the pool keeps (the first, or one that ranks above it: ingest.copy_rank)
             dup = None
         out[cid] = _result(cid, DUPLICATE if dup else CREATED, duplicate_of=dup)
         if dup:

@@ -101,3 +101,24 @@ def test_a_frame_column_that_counts_the_errors_lifts_its_fit_to_the_oracles_orde
     assert set(out) == {becd.SHIFT_ALONE, becd.SHIFT_FIT, becd.TREES, becd.NOVELTY_FIT}
     assert all(v.shape == (n,) for v in out.values())
     assert becd.capture(out[becd.NOVELTY_FIT], errors, 0.1) == becd.capture(errors, errors, 0.1)
+
+
+def _frames(wrong: np.ndarray, *, moved: bool) -> Boxes:
+    """One 0.9 box a frame; with ``moved``, the frames in ``wrong`` get it 8 px off (IoU 1/7 with the other)."""
+    boxes = [np.array([[10 + 8 * (moved and w), 10, 18 + 8 * (moved and w), 18]], np.float64) / SIZE for w in wrong]
+    return Boxes.from_frames(boxes, scores=[np.array([0.9])] * len(wrong), labels=[np.array([1])] * len(wrong))
+
+
+def test_a_shadow_challenger_ranks_the_frames_it_disagrees_on_first() -> None:
+    """A challenger that moves the box on exactly the frames where the model is wrong: its disagreement alone
+    counts two boxes there (one missed, one extra) and none elsewhere, and the learned trigger fitted with its
+    boxes on one stream puts those frames of another stream first."""
+    rng = np.random.default_rng(0)
+    fit_wrong, wrong = rng.random(200) < 0.3, rng.random(100) < 0.3
+    got = becd.challenger_scores(_frames(fit_wrong, moved=False), None, fit_wrong.astype(np.float64),
+                                 _frames(fit_wrong, moved=True), _frames(wrong, moved=False), None,
+                                 _frames(wrong, moved=True), 0.5)
+    np.testing.assert_array_equal(got[becd.CHALLENGER_ALONE], np.where(wrong, 2.0, 0.0))
+    fitted = got[becd.CHALLENGER_FIT]
+    assert fitted[wrong].min() > fitted[~wrong].max()
+    assert becd.capture(fitted, wrong.astype(np.float64), 0.10) == pytest.approx(10 / wrong.sum())
