@@ -33,17 +33,28 @@ start_postgres() {
   echo "postgres: $FLYWHEEL_TEST_PG_URL"
 }
 
-# --- Label Studio, in its own virtualenv (its Django pins stay out of .venv; see pyproject's `studio` extra)
-LABEL_STUDIO_VERSION="${LABEL_STUDIO_VERSION:-1.23.2}"
+# --- Label Studio, in its own virtualenv (its Django pins stay out of .venv), as pinned by pyproject's `studio`
+# extra: Label Studio's version and the pins that keep it starting (sentry-sdk below 3)
+mapfile -t STUDIO_PINS < <(python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["studio"]))')
+LABEL_STUDIO_VERSION="${LABEL_STUDIO_VERSION:-$(printf '%s\n' "${STUDIO_PINS[@]}" | sed -n 's/^label-studio==//p')}"
+STUDIO_OTHER_PINS=()
+for pin in "${STUDIO_PINS[@]}"; do [[ $pin == label-studio* ]] || STUDIO_OTHER_PINS+=("$pin"); done
 STUDIO_VENV="${STUDIO_VENV:-.venv-studio}"
 STUDIO_START_TIMEOUT="${STUDIO_START_TIMEOUT:-300}"
 
+studio_venv_ok() {  # every pin met by what the virtualenv holds
+  "$STUDIO_VENV/bin/python" - "label-studio==$LABEL_STUDIO_VERSION" "${STUDIO_OTHER_PINS[@]}" 2>/dev/null <<'PY'
+import importlib.metadata as m, sys
+from pip._vendor.packaging.requirements import Requirement
+sys.exit(any(m.version(r.name) not in r.specifier for r in map(Requirement, sys.argv[1:])))
+PY
+}
+
 ensure_studio_venv() {
-  if [ ! -x "$STUDIO_VENV/bin/label-studio" ] ||
-     ! "$STUDIO_VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('label-studio') != '$LABEL_STUDIO_VERSION')" 2>/dev/null; then
+  if [ ! -x "$STUDIO_VENV/bin/label-studio" ] || ! studio_venv_ok; then
     [ -x "$STUDIO_VENV/bin/python" ] || python3 -m venv "$STUDIO_VENV"
     "$STUDIO_VENV/bin/python" -m pip install -q --upgrade pip
-    "$STUDIO_VENV/bin/python" -m pip install -q "label-studio==$LABEL_STUDIO_VERSION"
+    "$STUDIO_VENV/bin/python" -m pip install -q "label-studio==$LABEL_STUDIO_VERSION" "${STUDIO_OTHER_PINS[@]}"
   fi
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -466,16 +467,30 @@ def _make_labeler(settings: DemoSettings, hub: HubProcess, world: World | SceneW
     if settings.labeler in ("auto", "studio"):
         from fleet.sim.labelers import studio_available
         from fleet.sim.procs import ProcessFailed
-        from fleet.sim.studio import find_studio_bin, install_studio, studio_requirement
+        from fleet.sim.studio import (
+            find_studio_bin,
+            install_studio,
+            studio_pins_met,
+            studio_requirement,
+            studio_requirements,
+        )
 
         why = studio_available()
         sdk = importlib.util.find_spec("label_studio_sdk") is not None  # the bridge's client, in our own venv
-        if why is not None and sdk and find_studio_bin() is None and settings.install_studio:
-            venv = Path.cwd() / ".venv-studio"
+        venv = Path.cwd() / ".venv-studio"
+        found = find_studio_bin()
+        if why is not None and sdk and found is None and settings.install_studio:
             say(f"installing {studio_requirement()} into {venv} (once; a minute or two)")
             try:
                 install_studio(venv)
                 why = studio_available()
+            except ProcessFailed as exc:
+                why = str(exc).splitlines()[0]
+        elif (why is None and found == venv / "bin" / "label-studio" and settings.install_studio
+              and not os.environ.get("FLYWHEEL_STUDIO_URL") and not studio_pins_met(venv)):
+            say(f"bringing {venv} to the studio extra's pins ({', '.join(studio_requirements())})")
+            try:  # one made before a pin was added: Label Studio 1.23 beside sentry-sdk 3 exits as it starts
+                install_studio(venv)
             except ProcessFailed as exc:
                 why = str(exc).splitlines()[0]
         if why is None:

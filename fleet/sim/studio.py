@@ -26,23 +26,62 @@ STUDIO_ENV = {
 }
 
 
-STUDIO_REQUIREMENT = "label-studio==1.23.2"  # the `studio` extra's pin, when the installed metadata lacks it
+# the `studio` extra, when the installed metadata lacks it: Label Studio's pin, and sentry-sdk below 3 (3.0
+# refuses an option Label Studio 1.23 passes as it starts, so the server exits at once)
+STUDIO_REQUIREMENTS = ("label-studio==1.23.2", "sentry-sdk>=2.16,<3")
+STUDIO_REQUIREMENT = STUDIO_REQUIREMENTS[0]
 
 
-def studio_requirement() -> str:
-    """The Label Studio pin of this package's ``studio`` extra (pyproject.toml is the one place it is written)."""
+def _studio_extra() -> list[str]:
+    """The requirements of this package's ``studio`` extra (pyproject.toml is the one place they are written)."""
     import importlib.metadata as md
     import re
 
     try:
         reqs = md.requires("edge-flywheel") or []
     except md.PackageNotFoundError:
-        return STUDIO_REQUIREMENT
-    for r in reqs:
-        name, _, marker = r.partition(";")
-        if re.search(r"extra\s*==\s*['\"]studio['\"]", marker) and name.strip().startswith("label-studio"):
-            return name.strip().replace(" ", "")
-    return STUDIO_REQUIREMENT
+        return list(STUDIO_REQUIREMENTS)
+    found = [name.strip().replace(" ", "") for name, _, marker in (r.partition(";") for r in reqs)
+             if re.search(r"extra\s*==\s*['\"]studio['\"]", marker)]
+    return found if any(r.startswith("label-studio") for r in found) else list(STUDIO_REQUIREMENTS)
+
+
+def studio_requirement() -> str:
+    """The Label Studio pin of this package's ``studio`` extra."""
+    return next(r for r in _studio_extra() if r.startswith("label-studio"))
+
+
+def studio_requirements() -> list[str]:
+    """What :func:`install_studio` installs: :func:`studio_requirement` and the extra's other pins (with those of
+    :data:`STUDIO_REQUIREMENTS` the installed metadata does not name: an editable install made before a pin was
+    added still gets it)."""
+    import re
+
+    def name(r: str) -> str:
+        return re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower()
+
+    extra = [r for r in _studio_extra() if not r.startswith("label-studio")]
+    named = {name(r) for r in extra}
+    return [studio_requirement(), *extra, *(r for r in STUDIO_REQUIREMENTS[1:] if name(r) not in named)]
+
+
+def studio_pins_met(venv: Path) -> bool:
+    """Whether the virtualenv ``venv`` holds what :func:`studio_requirements` pins (a ``.venv-studio`` made before a
+    pin was added, or by hand, may not: Label Studio 1.23 beside sentry-sdk 3 exits as it starts)."""
+    python = venv / "bin" / "python"
+    check = ("import importlib.metadata as m, sys\n"
+             "from pip._vendor.packaging.requirements import Requirement\n"
+             "def ok(r):\n"
+             "    try:\n"
+             "        return m.version(r.name) in r.specifier\n"
+             "    except m.PackageNotFoundError:\n"
+             "        return False\n"
+             "sys.exit(not all(ok(Requirement(a)) for a in sys.argv[1:]))\n")
+    try:
+        return subprocess.run([str(python), "-c", check, *studio_requirements()], capture_output=True,
+                              timeout=120).returncode == 0
+    except (subprocess.SubprocessError, OSError):
+        return False
 
 
 def install_studio(venv: Path, *, timeout: float = 900.0) -> Path:
@@ -57,7 +96,7 @@ def install_studio(venv: Path, *, timeout: float = 900.0) -> Path:
                 subprocess.run([sys.executable, "-m", "venv", str(venv)], stdout=log, stderr=subprocess.STDOUT,
                                check=True, timeout=timeout)
             subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-                            "-q", studio_requirement()], stdout=log, stderr=subprocess.STDOUT, check=True,
+                            "-q", *studio_requirements()], stdout=log, stderr=subprocess.STDOUT, check=True,
                            timeout=timeout)
     except (subprocess.SubprocessError, OSError) as exc:
         if made:

@@ -4,6 +4,7 @@ the pin read from the package's own `studio` extra, and a stratified test sample
 from __future__ import annotations
 
 import json
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,21 @@ from fleet.sim.settings import selection_seed
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_studio_pin_is_the_studio_extra_of_pyproject() -> None:
+def test_the_studio_pins_are_the_studio_extra_of_pyproject() -> None:
+    from packaging.requirements import Requirement
+
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert studio.studio_requirement() == extras["studio"][0].replace(" ", "")
-    assert extras["studio"][0] == studio.STUDIO_REQUIREMENT  # the fallback when no metadata is installed
+    assert tuple(extras["studio"]) == studio.STUDIO_REQUIREMENTS  # the fallback when no metadata is installed
+    assert [str(Requirement(r)) for r in studio.studio_requirements()] == [str(Requirement(r))
+                                                                         for r in extras["studio"]]
+    # sentry-sdk 3.0 refuses `send_default_pii`, which Label Studio 1.23 passes as it starts: the server exits
+    assert "3.0.0" not in Requirement(next(r for r in extras["studio"] if r.startswith("sentry-sdk"))).specifier
+
+
+def test_an_install_made_before_a_pin_was_added_still_gets_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(studio, "_studio_extra", lambda: ["label-studio==1.23.2"])  # metadata of an older pyproject
+    assert studio.studio_requirements() == list(studio.STUDIO_REQUIREMENTS)
 
 
 def test_a_failed_install_leaves_no_half_made_virtualenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,3 +256,45 @@ def test_the_demo_s_help_names_each_task_s_defaults() -> None:
         assert f"default {classify[key]}; detect: {detect[key]})" in text, (option, text)
     assert classify["replay_ratio"] == detect["replay_ratio"] == 1.0
     assert "default 1, both tasks" in params["replay_ratio"].default.help
+
+
+def test_the_pins_check_reads_what_a_virtualenv_holds() -> None:
+    """The Label Studio that the test command installed meets every pin; this test's own virtualenv (no Label
+    Studio in it) does not, nor a folder with no Python."""
+    from tests.labeling.lsserver import studio_bin
+    from tests.support.services import missing_service
+
+    binary = studio_bin()
+    if binary is None:
+        missing_service("no label-studio executable (scripts/test.sh installs one into .venv-studio)")
+    assert studio.studio_pins_met(Path(binary).parent.parent)
+    assert not studio.studio_pins_met(Path(sys.executable).parent.parent)
+    assert not studio.studio_pins_met(Path("/no/such/venv"))
+
+
+@pytest.mark.parametrize("met", [True, False], ids=["pins-met", "pins-unmet"])
+def test_a_studio_virtualenv_that_misses_a_pin_is_brought_to_the_pins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      met: bool) -> None:
+    """A ./.venv-studio made before a pin was added (sentry-sdk 3 beside Label Studio 1.23: the server exits as it
+    starts) gets the studio extra's pins before the demo starts it; one that meets them is left alone."""
+    import fleet.sim.labelers as labelers
+
+    said: list[str] = []
+    installed: list[Path] = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FLYWHEEL_STUDIO_URL", raising=False)
+    binary = tmp_path / ".venv-studio" / "bin" / "label-studio"
+    monkeypatch.setattr(studio, "find_studio_bin", lambda: binary)
+    monkeypatch.setattr(studio, "studio_pins_met", lambda venv: met)
+    monkeypatch.setattr(studio, "install_studio", lambda venv, **_: installed.append(venv) or binary)
+
+    class NotStarted:
+        def __init__(self, *_: Any, **__: Any) -> None:
+            raise ProcessFailed("label-studio exited while starting")
+
+    monkeypatch.setattr(labelers, "StudioLabeler", NotStarted)
+    _make_labeler(DemoSettings(workspace=tmp_path / "ws"), _Hub(), _world(), tmp_path, said.append).close()  # type: ignore[arg-type]
+    assert installed == ([] if met else [tmp_path / ".venv-studio"])
+    assert any(s.startswith(f"bringing {tmp_path / '.venv-studio'} to the studio extra's pins (label-studio==1.23.2, "
+                            "sentry-sdk") for s in said) is not met
+    assert said[-1].startswith("Label Studio not used (it did not start: label-studio exited while starting)")
