@@ -138,9 +138,10 @@ def copy_rank(row: CaseRow) -> tuple[float, bool, str]:
     balanced selection reads (the human's action, the tags), the same way whichever arrived first: two copies of
     one digits frame, one with the human's label and one without, both scored 0.797 at capture, and the pool kept
     whichever came first, so runs of one seed re-scored different copies and parted from the second turn on."""
-    payload = {k: v for k, v in (row.payload or {}).items() if k not in _VOLATILE}
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    return float(row.uncertainty), (row.payload or {}).get("human_action") is not None, digest
+    payload = row.payload or {}
+    kept = {k: v for k, v in payload.items() if k not in _VOLATILE}
+    digest = hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return float(row.uncertainty), payload.get("human_action") is not None, digest
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,6 @@ STUDIO_ENV = {
 # the `studio` extra, when the installed metadata lacks it: Label Studio's pin, and sentry-sdk below 3 (3.0
 # refuses an option Label Studio 1.23 passes as it starts, so the server exits at once)
 STUDIO_REQUIREMENTS = ("label-studio==1.23.2", "sentry-sdk>=2.16,<3")
-STUDIO_REQUIREMENT = STUDIO_REQUIREMENTS[0]
 
 
 def _studio_extra() -> list[str]:
