@@ -379,7 +379,7 @@ class _Turns:
             frames_seen=len(frames), uploads=cur.uploads, model_errors=cur.model_errors,
             errors_captured=cur.errors_captured, seconds=sum(v for k, v in cur.parts.items() if "." not in k),
             parts=cur.parts, gate=cur.gate_note, spent=round_.labeled, budget=s.budget, short=cur.short,
-            short_fault=cur.short_fault,
+            short_fault=cur.short_fault, launched=dict(cur.launched),
         )
         state.turns.append(asdict(result))
         state.random_picks.append(picks_file)
@@ -390,10 +390,13 @@ class _Turns:
 
     def _train_started(self, name: str, pid: int, marker: str) -> None:
         """Name the trainer run in the state, so a resume after a hard kill stops it if it still runs (two run at
-        once: the flywheel's and the control arm's; runs that ended are dropped)."""
+        once: the flywheel's and the control arm's; runs that ended are dropped), and note when the turn launched it
+        (a trainer's report stamps its start only once torch is imported, which takes a varying while)."""
         kept = {k: v for k, v in self.state.processes.items()
                 if not k.startswith("train ") or Path(f"/proc/{int(v[0])}").exists()}
         self.state.processes = {**kept, f"train {name}": [pid, marker]}
+        if self.state.current is not None:
+            self.state.current.launched[name] = time.time()
         self.state.save(self.ws)
 
     def _agents_started(self, procs: list[Any]) -> None:

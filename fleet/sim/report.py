@@ -36,6 +36,7 @@ class TurnResult:
     budget: int = 0  # ... of this budget
     short: str = ""  # why it spent less than the budget ("" when it spent it all)
     short_fault: bool = False  # the shortfall was a fault (labeling broke), not the pool's supply
+    launched: dict[str, float] = field(default_factory=dict)  # trainer run (rnd-1, fw-1) -> when the demo launched it
 
     @property
     def error_capture(self) -> float:

@@ -60,6 +60,7 @@ class TurnProgress:
     short: str = ""
     short_fault: bool = False
     candidate: dict[str, Any] | None = None  # the flywheel candidate, once trained: version, paths, gate
+    launched: dict[str, float] = field(default_factory=dict)  # trainer run -> wall time the demo launched it
 
 
 @dataclass

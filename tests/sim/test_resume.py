@@ -45,7 +45,8 @@ def a_state(ws: Path) -> DemoState:
                    Arm("random", version="base-s0", labels=8))
     state.turns.append({"turn": 0, "flywheel": {"accuracy": 0.5, "per_condition": {"clear": 0.5}, "labels": 0},
                         "random": {"accuracy": 0.5, "per_condition": {}, "labels": 0}, "gate": "base"})
-    state.current = TurnProgress(1, rng_state(rng), phase="labeling", labeled_before=3, parts={"fleet": 1.5})
+    state.current = TurnProgress(1, rng_state(rng), phase="labeling", labeled_before=3, parts={"fleet": 1.5},
+                                 launched={"rnd-1": 1796617547.963})
     return state
 
 
@@ -69,7 +70,7 @@ def test_settings_and_turns_come_back_typed() -> None:
     s = DemoSettings(workspace=Path("/w"), seed_size=None, dataset="digits", upload_rate=0.1, annotate=True)
     assert settings_from_dict(json.loads(json.dumps(settings_to_dict(s)))) == s
     t = TurnResult(2, ArmResult(0.7, {"fog": 0.6}, 16, "fw-2-s0"), ArmResult(0.6, {"fog": 0.5}, 16), uploads=5,
-                   parts={"fleet": 1.0}, short="why", short_fault=True)
+                   parts={"fleet": 1.0}, short="why", short_fault=True, launched={"rnd-2": 10.5, "fw-2": 12.25})
     from dataclasses import asdict
 
     assert turn_from_dict(json.loads(json.dumps(asdict(t)))) == t
