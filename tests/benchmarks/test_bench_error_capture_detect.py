@@ -122,3 +122,21 @@ def test_a_shadow_challenger_ranks_the_frames_it_disagrees_on_first() -> None:
     fitted = got[becd.CHALLENGER_FIT]
     assert fitted[wrong].min() > fitted[~wrong].max()
     assert becd.capture(fitted, wrong.astype(np.float64), 0.10) == pytest.approx(10 / wrong.sum())
+
+
+def test_a_stronger_challengers_extra_scenes_are_none_of_the_measured_or_fitted_ones() -> None:
+    from fleet.sim.detect_world import build_scene_world
+
+    world = build_scene_world(seed=0, seed_size=12, test_per_condition=1)
+    measured, fitted = world.stream(1, 40), world.stream(2, 40)
+    got = becd.challenger_frames(world, 40)
+    assert len(got) == len(world.seed_set) + 40
+
+    def scenes(frames: Any) -> set[bytes]:
+        return {b.round(6).tobytes() for b in frames.truth_lists()[0]}
+
+    extra = scenes(got.take(np.arange(len(world.seed_set), len(got))))
+    assert len(extra) == 40 and not extra & scenes(measured) and not extra & scenes(fitted)
+    # the trap it avoids: a fresh world's first draw is the measured stream's scenes
+    again = build_scene_world(seed=0, seed_size=12, test_per_condition=1)
+    assert scenes(again.stream(becd.CHALLENGER_STREAM, 40)) == scenes(measured)
