@@ -30,9 +30,9 @@ campaign's challenger: a second detector trained like the first on the same seed
 (``box_challenger_disagreement`` with count, the device's trigger) and the learned trigger fitted and scored with the
 challenger's boxes (its ``challenger`` and ``challenger_known`` features, which read 0 without one): a committee of
 two finds the frames where the two detectors see different boxes, with no human. A fleet's challenger is often
-stronger than the deployed model (the next model, trained on more labels; or a larger one): ``--challenger-extra N``
-adds N labeled scenes of a third stream of the world (drawn after the measured and the fit streams, so that the
-challenger has seen none of their scenes) to the challenger's training set, and ``--challenger-width W`` widens it.
+stronger than the deployed model (the next model, trained on more labels): ``--challenger-extra N`` adds N labeled
+scenes of a third stream of the world (drawn after the measured and the fit streams, so that the challenger has seen
+none of their scenes) to the challenger's training set.
 
 ``--headroom`` asks where more could come from, in rows that no device runs: (a) a second signal, the boxes that
 differ between the frame and the same frame shifted by :data:`SHIFT` pixels (a second inference, the agreement of
@@ -90,16 +90,14 @@ def capture(score: np.ndarray, errors: np.ndarray, budget: float) -> float:
     return float(errors[order[:k]].sum() / max(1, errors.sum()))
 
 
-def _train(work: Path, seed_npz: Path, epochs: int, *, name: str = "base", seed: int = 0,
-           width: int | None = None) -> Path:
+def _train(work: Path, seed_npz: Path, epochs: int, *, name: str = "base", seed: int = 0) -> Path:
     out = work / name
     cmd = [sys.executable, "-m", "fleet.cli", "train", "--task", "detect", "--data", f"npz:{seed_npz}", "--out",
            str(out), "--model", "fcos_tiny", "--epochs", str(epochs), "--holdout", "0", "--no-progress",
-           "--threads", "2", "--version", f"bench-{name}", "--seed", str(seed), "--dry-run",
-           *(["--width", str(width)] if width else [])]
+           "--threads", "2", "--version", f"bench-{name}", "--seed", str(seed), "--dry-run"]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
-        raise SystemExit(f"training the base detector failed ({run.returncode}):\n{run.stderr[-3000:]}")
+        raise SystemExit(f"training the {name} detector failed ({run.returncode}):\n{run.stderr[-3000:]}")
     return out
 
 
@@ -290,8 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--challenger-seed", type=int, default=1, help="the challenger's training seed")
     p.add_argument("--challenger-extra", type=int, default=0, help="labeled scenes of a third stream added to the "
                    "challenger's training set (a stronger challenger: the next model, trained on more labels)")
-    p.add_argument("--challenger-width", type=int, default=None, help="the challenger's width (default: the "
-                   "deployed model's, fcos_tiny's 16)")
     args = p.parse_args(argv)
 
     from fleet.inference.detector import above
@@ -324,8 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.challenger_extra:
                 challenger_npz = challenger_frames(world, args.challenger_extra).save_training(
                     work / "challenger.npz", test=world.test_set, class_names=world.class_names)
-            crun = _train(work, challenger_npz, args.epochs, name="challenger", seed=args.challenger_seed,
-                          width=args.challenger_width)
+            crun = _train(work, challenger_npz, args.epochs, name="challenger", seed=args.challenger_seed)
             cmanifest = ModelManifest.from_dict(json.loads((crun / "manifest.unsigned.json").read_text()))
             crt = ModelRuntime(crun / "model.onnx", cmanifest, threads=2)
             ch_boxes, _ = infer(crt, stream.images)
@@ -415,7 +410,6 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if not args.challenger else
            f"\nWith a shadow challenger (`--challenger`: fcos_tiny trained alike with training seed "
            f"{args.challenger_seed}"
-           + (f", width {args.challenger_width}" if args.challenger_width else "")
            + (f", on the seed set plus {args.challenger_extra} labeled scenes of a third stream"
               if args.challenger_extra else "")
            + f"; its own box errors on the measured stream: {challenger_errors}), at 2% / 5% / 10%: " + "; ".join(
