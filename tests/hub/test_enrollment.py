@@ -120,6 +120,15 @@ def test_failed_attempts_are_rate_limited_per_client_and_audited(hub_factory: An
     assert hub.client.get("/v1/enrollment-attempts", headers=hub.devices.get("cam-9", {})).status_code == 401
 
 
+def test_the_enrollment_audit_refuses_a_device_id_that_is_not_a_name(hub: HubHarness) -> None:
+    """Found by the OpenAPI fuzzing on PostgreSQL: a NUL in ``device_id`` was a 500 (text cannot hold it there)."""
+    assert _enroll(hub, "cam-7", fleet_secret=SECRET).status_code == 200
+    for bad in ("a\x00b", "\u008f\x00^\U0005179e", "x" * 200):
+        r = hub.client.get("/v1/enrollment-attempts", params={"device_id": bad}, headers=hub.admin)
+        assert r.status_code == 422 and "device_id" in r.json()["detail"], (bad, r.text)
+    assert [a.device_id for a in _audit(hub, device_id="cam-7", outcome="enrolled")] == ["cam-7"]
+
+
 @pytest.mark.parametrize("body", [{}, {"fleet_secret": ""}, {"enrollment_token": ""}])
 def test_enrolling_without_any_credential_is_401(hub: HubHarness, body: dict[str, str]) -> None:
     r = _enroll(hub, "cam-5", **body)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -390,6 +391,39 @@ def test_openapi_fuzzing_finds_no_server_error(tmp_path: Path) -> None:
         assert "Exception in ASGI application" not in hub.log(), hub.log()[-4000:]
         assert httpx.get(hub.url + "/healthz", timeout=10).status_code == 200
     record("openapi_fuzz", backend="postgresql" if db_url else "sqlite", server_errors=0, **results)
+
+
+def _text_parameters(spec: dict[str, Any]) -> Iterator[tuple[str, str, str, str]]:
+    """(method, path template, where, name) for every path or query parameter of the schema that takes text."""
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            for p in op.get("parameters", []):
+                kinds = {p["schema"].get("type")} | {a.get("type") for a in p["schema"].get("anyOf", [])}
+                if p["in"] in ("path", "query") and "string" in kinds and "enum" not in p["schema"]:
+                    yield method.upper(), path, p["in"], p["name"]
+
+
+def test_every_text_parameter_with_a_nul_byte_is_refused_not_a_500(tmp_path: Path) -> None:
+    """What the fuzzing found once by chance (``GET /v1/enrollment-attempts?device_id=...%00...`` was a 500 on
+    PostgreSQL, whose text cannot hold a NUL), tried on purpose: every path and query parameter that takes text,
+    one at a time, with a NUL in it, with an admin token."""
+    with fresh_pg_database() as db_url, restartable_hub(tmp_path / "hub", database_url=db_url) as hub:
+        with httpx.Client(base_url=hub.url, timeout=30) as c:
+            spec = c.get("/openapi.json").json()
+            params = list(_text_parameters(spec))
+            assert len(params) >= 20, params
+            errors = []
+            for method, path, where, name in params:
+                bad = "cam\x00-1"
+                url = re.sub(r"\{[^}]+\}", "x-1", path.replace("{" + name + "}", quote(bad, safe=""))) \
+                    if where == "path" else re.sub(r"\{[^}]+\}", "x-1", path)
+                query = {name: bad} if where == "query" else {}
+                r = c.request(method, url, params=query, headers=hub.admin_headers)
+                if r.status_code >= 500:
+                    errors.append(f"{method} {path} ({where} {name}): {r.status_code} {r.text[:200]}")
+            assert not errors, "\n".join(errors) + "\n" + hub.log()[-3000:]
+        assert "Exception in ASGI application" not in hub.log(), hub.log()[-4000:]
+    record("nul_parameters", backend="postgresql" if db_url else "sqlite", parameters=len(params), server_errors=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,8 +108,8 @@ def enrollment_attempts(_: AdminCaller, hub: HubDep, device_id: str | None = Que
                         limit: int = Query(100, ge=1, le=1000)) -> Response:
     """The enrollment audit, newest first: who enrolled which device how, and every refused attempt."""
     q = select(EnrollmentAttempt)
-    if device_id is not None:
-        q = q.where(EnrollmentAttempt.device_id == device_id)
+    if device_id is not None:  # a device id is a name (PostgreSQL refuses a NUL in text: that was a 500)
+        q = q.where(EnrollmentAttempt.device_id == check_name(device_id, "device_id"))
     if outcome is not None:
         q = q.where(EnrollmentAttempt.outcome == outcome)
     with read_session(hub.engine) as s:

@@ -10,7 +10,7 @@ from fleet.hub import rollouts
 from fleet.hub.api import HubDep, TrainerCaller, message_body, message_response, request_body
 from fleet.hub.db import read_session, write_session
 from fleet.hub.models import Rollout
-from fleet.protocol import RollbackRequest, RolloutCreate, RolloutList, RolloutPublic
+from fleet.protocol import RollbackRequest, RolloutCreate, RolloutList, RolloutPublic, check_name
 
 router = APIRouter(tags=["rollouts"])
 
@@ -68,7 +68,8 @@ def rollback(rollout_id: str, _: TrainerCaller, hub: HubDep,
 
 
 def _get(s: Session, rollout_id: str) -> Rollout:
-    r = s.get(Rollout, rollout_id[:64])
+    check_name(rollout_id, "rollout id")  # (PostgreSQL refuses a NUL in text: that was a 500)
+    r = s.get(Rollout, rollout_id) if len(rollout_id) <= 64 else None  # (a rollout id has at most 64)
     if r is None:
         raise NotFound(f"unknown rollout {rollout_id!r}")
     return r
