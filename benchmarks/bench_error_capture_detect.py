@@ -12,7 +12,11 @@ person's errors) on half the frames. A frame's errors are its missed true boxes 
 Each score ranks the frames; uploading the top ``budget`` share captures the errors on those frames. The oracle
 uploads the frames with the most errors; random captures the budget's share in expectation. Target: the headline
 score (the demo's campaign: how many of the human's boxes disagree where known, else the least certain box) captures
->= 0.75 of the oracle at 5%.
+>= 0.75 of the oracle at 5%. That headline simplifies the campaign; beside it, the campaign itself
+(``fleet.sim.demo.campaign_spec`` at the budget's upload rate) as the device's ``trigger.Evaluator`` runs it: each
+leaf that fires adds to a frame's priority, the uncertainty leaves fire on their calibrated share of frames (their
+calibrators warmed on the fit stream first), and only frames something fired on are uploaded
+(:func:`shipped_campaign`, :func:`capture_uploaded`).
 
 The learned trigger (issue 18.5, ``learned_box_error_hist``, what the hub ships for a detector): the hub's Poisson
 fit (``fleet.hub.learned.fit_poisson``) of each frame's number of box errors on the features of

@@ -140,3 +140,46 @@ def test_a_stronger_challengers_extra_scenes_are_none_of_the_measured_or_fitted_
     # the trap it avoids: a fresh world's first draw is the measured stream's scenes
     again = build_scene_world(seed=0, seed_size=12, test_per_condition=1)
     assert scenes(again.stream(becd.CHALLENGER_STREAM, 40)) == scenes(measured)
+
+
+def test_only_frames_the_campaign_fired_on_are_uploaded() -> None:
+    priority = np.array([0.0, 0.9, 0.0, 0.4, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    errors = np.array([5.0, 1.0, 0.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0])
+    # a 50% budget allows 5 frames, but the campaign fired on 2: frame 0's errors are not uploaded
+    assert becd.capture_uploaded(priority, errors, 0.5) == pytest.approx(3 / 10)
+    assert becd.capture_uploaded(priority, errors, 0.1) == pytest.approx(1 / 10)
+    assert becd.capture(priority, errors, 0.5) == pytest.approx(8 / 10)  # the plain ranking takes unfired frames too
+
+
+def _campaign_frames(n: int, rng: np.random.Generator) -> tuple[Boxes, Boxes]:
+    """Detector boxes on n frames, one sure box each (frames 7, 107, ... also an unsure one), and the human's
+    boxes: the same sure box, plus one the model missed on frames 3, 103, ... ; known on even frames only."""
+    box = np.array([[0.1, 0.1, 0.3, 0.3]])
+    other = np.array([[0.6, 0.6, 0.8, 0.8]])
+    probs, scores, boxes, human = [], [], [], []
+    for f in range(n):
+        unsure = f % 100 == 7
+        boxes.append(np.vstack([box, other]) if unsure else box)
+        p = [np.array([0.97, 0.01, 0.01, 0.01])] + ([np.array([0.3, 0.3, 0.2, 0.2])] if unsure else [])
+        probs.append(np.array(p))
+        scores.append(np.array([0.9, 0.45][:len(p)]) + rng.uniform(0, 0.01, len(p)))
+        human.append(np.vstack([box, other]) if f % 100 == 4 else box)
+    labels = [np.zeros(len(s), np.int64) for s in scores]
+    model = Boxes.from_frames(boxes, scores=scores, labels=labels, probs=probs)
+    people = Boxes.from_frames(human, labels=[np.zeros(len(h), np.int64) for h in human],
+                               known=np.arange(n) % 2 == 0)
+    return model, people
+
+
+def test_the_shipped_campaign_puts_frames_the_human_disagrees_on_first_and_skips_quiet_ones() -> None:
+    rng = np.random.default_rng(0)
+    fit_model, fit_human = _campaign_frames(400, rng)
+    model, human = _campaign_frames(400, rng)
+    prio = becd.shipped_campaign(fit_model, fit_human, model, human, 0.5, 0.05)
+    assert prio.shape == (400,)
+    disagree = np.arange(400) % 100 == 4  # known (even) frames where the human has a box the model missed
+    unsure = np.arange(400) % 100 == 7
+    assert (prio[disagree] > 0).all() and (prio[disagree].min() > prio[~disagree].max())
+    assert (prio[unsure] > 0).all()  # the least certain boxes fire the calibrated entropy leaf
+    quiet = ~disagree & ~unsure
+    assert (prio[quiet] == 0).all()  # frames with one sure box, agreed on or not seen by a human: not uploaded
