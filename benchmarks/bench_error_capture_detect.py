@@ -372,10 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     table = scores(found, allboxes, human, op)
     fit_human = human_boxes(fit_stream)
     campaign = {f"{b:.0%}": shipped_campaign(fit_boxes, fit_human, allboxes, human, op, b) for b in BUDGETS}
-    fitted_scores, fitted = learned_scores(fit_boxes, human_boxes(fit_stream), fit_errors, allboxes, human, op)
+    fitted_scores, fitted = learned_scores(fit_boxes, fit_human, fit_errors, allboxes, human, op)
     table.update(fitted_scores)
     if args.challenger:
-        table.update(challenger_scores(fit_boxes, human_boxes(fit_stream), fit_errors, fit_ch_boxes, allboxes, human,
+        table.update(challenger_scores(fit_boxes, fit_human, fit_errors, fit_ch_boxes, allboxes, human,
                                        ch_boxes, op))
     if args.headroom:
         names = sorted(set(fit_stream.conditions.tolist()) | set(stream.conditions.tolist()))
@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                  IMAGE_FIT: (image_statistics(fit_stream.images), image_statistics(stream.images)),
                  CONDITION_FIT: (conditions_onehot(fit_stream.conditions, names),
                                  conditions_onehot(stream.conditions, names))}
-        table.update(headroom_scores(fit_boxes, human_boxes(fit_stream), fit_errors, allboxes, human, op,
+        table.update(headroom_scores(fit_boxes, fit_human, fit_errors, allboxes, human, op,
                                      shift=shift, frame=frame))
     rng = np.random.default_rng(args.seed)
     table["random (one draw)"] = rng.random(len(stream))

@@ -153,7 +153,7 @@ def test_only_frames_the_campaign_fired_on_are_uploaded() -> None:
 
 def _campaign_frames(n: int, rng: np.random.Generator) -> tuple[Boxes, Boxes]:
     """Detector boxes on n frames, one sure box each (frames 7, 107, ... also an unsure one), and the human's
-    boxes: the same sure box, plus one the model missed on frames 3, 103, ... ; known on even frames only."""
+    boxes: the same sure box, plus one the model missed on frames 4, 104, ... ; known on even frames only."""
     box = np.array([[0.1, 0.1, 0.3, 0.3]])
     other = np.array([[0.6, 0.6, 0.8, 0.8]])
     probs, scores, boxes, human = [], [], [], []
