@@ -163,6 +163,9 @@ def bots(
                                "optionally a stable \"key\" per case (the frame it shows) that seeds its answer."),
     team: str = typer.Option("3x0.9@2", "--team", help="'NxACCURACY@SECONDS' or 'name:accuracy@seconds,...'."),
     skip_rate: float = typer.Option(0.0, "--skip-rate", min=0.0, max=1.0),
+    box_jitter: float | None = typer.Option(None, "--box-jitter", min=0.0, max=0.5,
+                                            help="Detect: each drawn box's corner noise, as a fraction of the box's "
+                                                 "width and height (default 0.03); 0 draws the true boxes."),
     password: str = typer.Option("flywheel-bot-password", "--password", envvar="FLYWHEEL_BOT_PASSWORD"),
     max_tasks: int = typer.Option(0, "--max-tasks", min=0, help="Stop each bot after this many tasks (0: never)."),
     until_idle: bool = typer.Option(False, "--until-idle",
@@ -187,7 +190,8 @@ def bots(
     if found is None:
         typer.echo(f"no Label Studio project titled {project!r}: run 'flywheel label sync' first", err=True)
         raise typer.Exit(2)
-    specs = [replace(s, skip_rate=skip_rate) for s in parse_bot_specs(team)]
+    specs = [replace(s, skip_rate=skip_rate, **({} if box_jitter is None else {"box_jitter": box_jitter}))
+             for s in parse_bot_specs(team)]
     crew = BotTeam(ls_url, admin, found.id, specs, answers.get, found.class_names, password=password, seed=seed,
                    draw_key=keys.get)
     try:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -105,6 +108,15 @@ def test_the_detection_demo_labels_boxes_through_label_studio_across_model_versi
     assert len(tasks) == 40
     assert all(any(p.model_version == QUEUE_VERSION for p in t.predictions) for t in tasks)
     assert len({t.case_id for t in tasks} - {None}) == 40  # each a case of the hub's, once
+    # the annotators draw the true boxes, as the random arm's labels are, and the hub holds what they drew
+    truth = {d["case_id"]: d["label"] for d in map(json.loads, (ws / "label-studio" / "truth.jsonl").open())}
+    with closing(sqlite3.connect(ws / "hub" / "hub.db")) as db:
+        held = db.execute("SELECT case_id, payload FROM labels WHERE status = 'accepted'").fetchall()
+    assert sorted(cid for cid, _ in held) == sorted(t.case_id for t in tasks)
+    for cid, payload in held:  # (class, x1, y1, x2, y2) rows, in one order
+        got, want = (np.array(sorted((b["label"], b["x1"], b["y1"], b["x2"], b["y2"]) for b in d["boxes"]),
+                              dtype=np.float64).reshape(-1, 5) for d in (json.loads(payload), truth[cid]))
+        np.testing.assert_allclose(got, want, atol=1e-6, err_msg=cid)
 
 
 def test_the_detection_demo_turns_on_a_coco_folder(tmp_path: Path) -> None:
