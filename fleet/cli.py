@@ -27,6 +27,19 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+def with_received(message: str, cause: BaseException | None) -> str:
+    """A bad option's message naming the value received: typer checks an option's type and range with pydantic, whose
+    first error says what was expected ("Input should be greater than or equal to 1") but not what came."""
+    errors = getattr(cause, "errors", None)
+    try:
+        found = errors()[0] if callable(errors) else None
+    except (IndexError, TypeError):
+        found = None
+    if not isinstance(found, dict) or "input" not in found or "received" in message:
+        return message
+    return f"{message}; received {found['input']!r}"
+
+
 def _load(name: str) -> Any:
     module, attr, extra, _ = SUBCOMMANDS[name]
     try:
@@ -62,6 +75,13 @@ if typer is not None:
                 cmd.name = args[0]
                 return args[0], cmd, args[1:]
             return super()._click_resolve_command(ctx, args)  # type: ignore[no-any-return]
+
+        def invoke(self, ctx: Any) -> Any:
+            try:
+                return super().invoke(ctx)
+            except typer.BadParameter as exc:
+                exc.message = with_received(exc.message, exc.__cause__)
+                raise
 
     app = typer.Typer(
         cls=LazyGroup,

@@ -59,3 +59,40 @@ def test_a_video_source_without_pyav_names_the_extra_to_install(tmp_path: object
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "'av' is not installed; install it with: pip install 'edge-flywheel[video]'" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected", "received"),
+    [
+        (["demo", "--turns", "0"], "greater than or equal to 1", "'0'"),
+        (["demo", "--budget", "forty"], "a valid integer", "'forty'"),
+        (["label", "bots", "--truth", "truth.jsonl", "--box-jitter", "0.7"], "less than or equal to 0.5", "'0.7'"),
+        (["agent", "run", "--max-frames", "-3"], "greater than or equal to 1", "'-3'"),
+        (["hub", "rescore", "--batch", "4096"], "less than or equal to 1024", "'4096'"),
+    ],
+)
+def test_a_bad_option_value_names_what_was_received_and_what_was_expected(args: list[str], expected: str,
+                                                                           received: str) -> None:
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{args[-2]}'" in text and expected in text and f"received {received}" in text, text
+
+
+def test_an_option_error_that_already_names_its_value_is_left_alone() -> None:
+    from pydantic import TypeAdapter, ValidationError
+
+    from fleet.cli import with_received
+
+    try:
+        TypeAdapter(int).validate_python("x")
+    except ValidationError as exc:
+        cause = exc
+    assert with_received("Input should be a valid integer", cause) == \
+        "Input should be a valid integer; received 'x'"
+    assert with_received("got 'x'; received 'x'", cause) == "got 'x'; received 'x'"
+    assert with_received("no such file", None) == with_received("no such file", ValueError("x")) == "no such file"
