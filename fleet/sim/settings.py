@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from fleet.errors import ProtocolError
-from fleet.protocol import check_balance
+from fleet.protocol import STRATEGIES, check_balance
 from fleet.sim.detect_world import DETECT_SEED_SCENES, SceneFrames
 from fleet.sim.fleet import Frames
 
@@ -142,6 +142,8 @@ class DemoSettings:
                              f"received {self.new_repeats!r}")
         if not 0 < self.upload_rate < 1:
             raise ValueError(f"--upload-rate must be in (0, 1); received {self.upload_rate}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}; received {self.strategy!r}")
         if self.labeler not in ("auto", "oracle", "studio"):
             raise ValueError(f"--labeler must be auto, oracle or studio; received {self.labeler!r}")
         if self.task not in TASKS:

@@ -94,6 +94,9 @@ def test_the_seed_set_scales_with_the_classes_and_options_are_checked(tmp_path: 
         with pytest.raises(ValueError, match=f"--{next(iter(bad)).replace('_', '-')} must be a positive integer; "
                                              f"received {next(iter(bad.values()))}"):
             DemoSettings(workspace=tmp_path, **bad).validate()  # type: ignore[arg-type]
+    # a strategy the hub has no such selection for is refused before anything starts, not at the first turn's pick
+    with pytest.raises(ValueError, match="--strategy must be one of random, uncertainty, .*; received 'bogus'"):
+        DemoSettings(workspace=tmp_path, strategy="bogus").validate()
 
 
 def test_each_retrain_replays_the_task_s_share_of_the_seed_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
