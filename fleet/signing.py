@@ -47,16 +47,30 @@ def generate_keypair() -> KeyPair:
 
 
 def write_keypair(pair: KeyPair, directory: Path) -> tuple[Path, Path]:
-    """Write ``signing.key`` (mode 0600) and ``signing.pub`` into ``directory``; refuse to overwrite."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``signing.key`` (mode 0600) and ``signing.pub`` into ``directory``; refuse to overwrite. A pair that
+    cannot be written whole leaves neither file behind."""
+    if directory.exists() and not directory.is_dir():
+        raise InvalidInput(f"{directory} is a file; expected a folder to write signing.key and signing.pub into")
     priv, pub = directory / "signing.key", directory / "signing.pub"
     for p in (priv, pub):
         if p.exists():
             raise InvalidInput(f"{p} already exists; refusing to overwrite a signing key")
-    fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pair.private_pem)
-    pub.write_text(pair.public_b64 + "\n")
+    made: list[Path] = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        made.append(priv)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pair.private_pem)
+        fd = os.open(pub, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        made.append(pub)
+        with os.fdopen(fd, "w") as text:
+            text.write(pair.public_b64 + "\n")
+    except OSError as exc:
+        for p in made:
+            p.unlink(missing_ok=True)
+        raise InvalidInput(f"cannot write signing.key and signing.pub into {directory}: {exc.strerror or exc}") \
+            from None
     return priv, pub
 
 

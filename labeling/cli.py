@@ -68,7 +68,8 @@ def sync(
     classes: str = typer.Option("", "--classes", help="Comma-separated class names (default: from the hub)."),
     task: str = typer.Option("classify", "--task",
                              help="The cases' task: 'classify' (choices) or 'detect' (boxes, RectangleLabels)."),
-    gold: Path = typer.Option(None, "--gold", help="JSONL of {case_id, label}: push these as gold tasks once "  # noqa: B008
+    gold: Path = typer.Option(None, "--gold", exists=True, dir_okay=False, readable=True,  # noqa: B008
+                              help="JSONL of {case_id, label}: push these as gold tasks once "
                               "(label: a class index, or a detect label {\"task\": \"detect\", \"boxes\": [...]})."),
     cluster_budget: float = typer.Option(10.0, "--cluster-budget", min=0.0,
                                          help="Seconds a turn spends setting Label Studio's per-prediction "
@@ -158,7 +159,8 @@ def bots(
     ls_url: str = LsUrl,
     ls_token: str = LsToken,
     project: str = Project,
-    truth: Path = typer.Option(..., "--truth", help="JSONL of {case_id, label}: the answers bots know (a class "  # noqa: B008
+    truth: Path = typer.Option(..., "--truth", exists=True, dir_okay=False, readable=True,  # noqa: B008
+                               help="JSONL of {case_id, label}: the answers bots know (a class "
                                "index, or a detect label {\"task\": \"detect\", \"boxes\": [...]}), and "
                                "optionally a stable \"key\" per case (the frame it shows) that seeds its answer."),
     team: str = typer.Option("3x0.9@2", "--team", help="'NxACCURACY@SECONDS' or 'name:accuracy@seconds,...'."),

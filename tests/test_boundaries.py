@@ -66,7 +66,7 @@ def test_a_video_source_without_pyav_names_the_extra_to_install(tmp_path: object
     [
         (["demo", "--turns", "0"], "greater than or equal to 1", "'0'"),
         (["demo", "--budget", "forty"], "a valid integer", "'forty'"),
-        (["label", "bots", "--truth", "truth.jsonl", "--box-jitter", "0.7"], "less than or equal to 0.5", "'0.7'"),
+        (["label", "bots", "--truth", __file__, "--box-jitter", "0.7"], "less than or equal to 0.5", "'0.7'"),
         (["agent", "run", "--max-frames", "-3"], "greater than or equal to 1", "'-3'"),
         (["hub", "rescore", "--batch", "4096"], "less than or equal to 1024", "'4096'"),
     ],
@@ -96,3 +96,15 @@ def test_an_option_error_that_already_names_its_value_is_left_alone() -> None:
         "Input should be a valid integer; received 'x'"
     assert with_received("got 'x'; received 'x'", cause) == "got 'x'; received 'x'"
     assert with_received("no such file", None) == with_received("no such file", ValueError("x")) == "no such file"
+
+
+@pytest.mark.parametrize("args", [["label", "bots", "--truth", "/nonexistent/truth.jsonl"],
+                                  ["label", "sync", "--gold", "/nonexistent/gold.jsonl"]])
+def test_a_missing_input_file_is_named_not_a_traceback(args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from fleet.cli import app
+
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and f"Invalid value for '{args[-2]}': file '{args[-1]}' does not exist" in text, text

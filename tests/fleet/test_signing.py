@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,6 +68,23 @@ def test_keys_from_file_env_and_refusals(tmp_path: Path, monkeypatch: pytest.Mon
     assert pub.read_text().strip() == pair.public_b64
     with pytest.raises(InvalidInput, match="refusing to overwrite"):
         write_keypair(generate_keypair(), tmp_path)
+    with pytest.raises(InvalidInput, match=f"{pub} is a file; expected a folder"):
+        write_keypair(generate_keypair(), pub)
+    # a pair that cannot be written whole leaves neither half: a full disk as the public half is written
+    real_fdopen, calls = os.fdopen, []
+
+    def full_on_second(fd: int, mode: str = "r") -> Any:
+        calls.append(mode)
+        if len(calls) == 2:
+            os.close(fd)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fdopen(fd, mode)
+
+    monkeypatch.setattr(os, "fdopen", full_on_second)
+    with pytest.raises(InvalidInput, match="cannot write signing.key and signing.pub into .*No space left"):
+        write_keypair(generate_keypair(), tmp_path / "full")
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert list((tmp_path / "full").iterdir()) == []
     monkeypatch.setenv(PRIVATE_KEY_ENV, str(priv))
     m = make_model_files(tmp_path / "m", "v1").manifest
     assert verify_manifest(sign_manifest(m, load_private_key()), pair.public_b64) == m
