@@ -41,6 +41,25 @@ def _settings(data_dir: Path | None, database_url: str | None, dev: bool | None)
     return HubSettings()
 
 
+def _existing_hub(settings: Any, *, pool_size: int = 1) -> Any:
+    """An engine on the database of a hub that exists, for the commands that work on one (sweep-blobs, rescore,
+    token list and revoke): a misdirected one (a wrong --data-dir, a forgotten --database-url) stops here, before it
+    makes an empty database (in which every blob would look like an orphan to a sweep)."""
+    import sqlalchemy as sa
+
+    from fleet.hub.db import hub_missing, make_engine
+
+    url = settings.resolved_database_url()
+    why = hub_missing(url)
+    if why is not None:
+        typer.echo(f"error: no hub database at {sa.make_url(url).render_as_string(hide_password=True)}: {why}; "
+                   "expected the database of a hub that `flywheel hub serve` (or `flywheel hub migrate`) has set up: "
+                   "check --data-dir and --database-url (or FLYWHEEL_HUB_DATA_DIR, FLYWHEEL_HUB_DATABASE_URL)",
+                   err=True)
+        raise typer.Exit(2)
+    return make_engine(url, pool_size=pool_size)
+
+
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
@@ -147,11 +166,10 @@ def token_revoke(
 
     import sqlalchemy as sa
 
-    from fleet.hub.db import make_engine, write_session
+    from fleet.hub.db import write_session
     from fleet.hub.models import ApiToken
 
-    settings = _settings(data_dir, database_url, None)
-    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    engine = _existing_hub(_settings(data_dir, database_url, None))
     with write_session(engine) as s:
         n = s.execute(sa.update(ApiToken).where(ApiToken.name == name)  # type: ignore[arg-type]
                       .values(revoked_at=time.time())).rowcount
@@ -170,11 +188,10 @@ def token_list(
     """List the non-device tokens."""
     from sqlmodel import select
 
-    from fleet.hub.db import make_engine, read_session
+    from fleet.hub.db import read_session
     from fleet.hub.models import ApiToken
 
-    settings = _settings(data_dir, database_url, None)
-    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    engine = _existing_hub(_settings(data_dir, database_url, None))
     with read_session(engine) as s:
         rows = s.exec(select(ApiToken).where(ApiToken.scope != "device").order_by(ApiToken.name)).all()
     engine.dispose()
@@ -231,12 +248,12 @@ def sweep_blobs(
     """Find and remove blobs that no case, model, novelty bank or snapshot refers to; print a JSON report."""
     import time
 
-    from fleet.hub.db import make_engine, migrate
+    from fleet.hub.db import migrate
     from fleet.hub.stores import make_blob_store
     from fleet.hub.sweep import sweep_orphan_blobs
 
     settings = _settings(data_dir, database_url, None)
-    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    engine = _existing_hub(settings)
     try:
         migrate(engine)
         store = make_blob_store(settings)
@@ -262,12 +279,12 @@ def rescore_cmd(
 
     from fleet.errors import FlywheelError
     from fleet.hub.context import Hub
-    from fleet.hub.db import make_engine, migrate
+    from fleet.hub.db import migrate
     from fleet.hub.rescore import active_version, remaining, rescore
     from fleet.hub.stores import make_blob_store
 
     settings = _settings(data_dir, database_url, None)
-    engine = make_engine(settings.resolved_database_url(), pool_size=2)
+    engine = _existing_hub(settings, pool_size=2)
     totals = {"version": version, "scored": 0, "failed": 0, "remaining": 0}
     try:
         migrate(engine)

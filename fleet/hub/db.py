@@ -184,3 +184,25 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def hub_missing(url: str) -> str | None:
+    """Why ``url`` holds no hub to work on, or None when it does: a SQLite file that does not exist, a server that
+    cannot be reached, or a database no hub has set up (no schema revision). Creates nothing: a command that works
+    on an existing hub (a sweep, a re-score, the token list) must not make an empty one where it was misdirected."""
+    u = sa.make_url(url)
+    if u.get_backend_name() == "sqlite":
+        database = u.database or ""
+        if not database or database == ":memory:":
+            return "an in-memory SQLite database holds no hub"
+        if not database.startswith("file:") and not Path(database).is_file():
+            return f"{database} does not exist"
+    engine = make_engine(url, pool_size=1)
+    try:
+        revision = current_revision(engine)
+    except sa.exc.SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+        return f"it cannot be opened ({type(exc).__name__}: {first})"
+    finally:
+        engine.dispose()
+    return None if revision is not None else "no hub has set it up (it has no schema revision)"

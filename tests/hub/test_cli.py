@@ -33,6 +33,38 @@ def test_token_create_writes_a_working_token(tmp_path: Path, monkeypatch: pytest
     assert "ci\ttrainer\trevoked" in runner.invoke(app, ["token", "list", "--data-dir", str(tmp_path)]).output
 
 
+@pytest.mark.parametrize("args", [["token", "list"], ["token", "revoke", "ci"], ["sweep-blobs"], ["rescore"]])
+def test_a_command_on_an_existing_hub_refuses_a_database_no_hub_set_up(
+        args: list[str], backend: str, tmp_path: Path, sqlite_template: Path, pg_template: str | None,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong --data-dir or a forgotten --database-url: the command names the database and what it expected, and
+    makes nothing there (a SQLite file, tables)."""
+    import sqlalchemy as sa
+
+    from fleet.hub.db import current_revision, make_engine
+    from tests.hub.conftest import fresh_database
+
+    monkeypatch.setenv("FLYWHEEL_HUB_DEV", "1")
+    url, cleanup = fresh_database(backend, tmp_path, sqlite_template=sqlite_template, pg_template=pg_template,
+                                  migrated=False)
+    # the command exports its options for its workers: set here, they are put back after the test
+    monkeypatch.setenv("FLYWHEEL_HUB_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("FLYWHEEL_HUB_DATABASE_URL", url)
+    try:
+        r = runner.invoke(app, [*args, "--data-dir", str(tmp_path / "data"), "--database-url", url])
+        shown = sa.make_url(url).render_as_string(hide_password=True)
+        assert r.exit_code == 2 and f"error: no hub database at {shown}: " in r.output, r.output
+        assert "`flywheel hub serve` (or `flywheel hub migrate`) has set up" in r.output
+        if backend == "sqlite":
+            assert not Path(sa.make_url(url).database or "").exists() and not (tmp_path / "data").exists()
+        else:
+            engine = make_engine(url, pool_size=1)
+            assert current_revision(engine) is None and not sa.inspect(engine).get_table_names()
+            engine.dispose()
+    finally:
+        cleanup()
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> RunningHub:
     with start_hub(tmp_path_factory.mktemp("cli-hub")) as hub:

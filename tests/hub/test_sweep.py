@@ -83,6 +83,12 @@ def test_sweep_blobs_command(tmp_path: Path, monkeypatch: object) -> None:
     sha, _ = store.put(b"nobody's bytes")
     _age(store, sha, 7200)
     runner = CliRunner()
+    # a data folder whose hub has no database (a misdirected sweep) is refused: in an empty database every blob
+    # would look like an orphan
+    r = runner.invoke(app, ["sweep-blobs", "--data-dir", str(tmp_path)])
+    assert r.exit_code == 2 and f"no hub database at sqlite:///{tmp_path / 'hub.db'}" in r.output, r.output
+    assert store.exists(sha) and not (tmp_path / "hub.db").exists()
+    assert runner.invoke(app, ["migrate", "--data-dir", str(tmp_path)]).exit_code == 0
     r = runner.invoke(app, ["sweep-blobs", "--data-dir", str(tmp_path), "--dry-run"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["orphans"] == 1 and store.exists(sha)
