@@ -120,17 +120,23 @@ def _run_demo(settings: DemoSettings, *, progress: Progress | None,
         pair = read_keypair(ws / "keys")
     else:
         settings.validate()
-        ws.mkdir(parents=True, exist_ok=True)
-        if any(ws.iterdir()):
+        if ws.exists() and not ws.is_dir():
+            raise ValueError(f"workspace {ws} is a file; expected a new folder for this run")
+        if ws.exists() and any(ws.iterdir()):
             hint = " (it holds an interrupted demo: add --resume to carry on with it)" \
                 if DemoState.path(ws).exists() else ""
             raise ValueError(f"workspace {ws} is not empty; pass a new folder (each run keeps its own){hint}")
         say(f"workspace {ws}")
+
+    world = _world(settings, say)  # a dataset it cannot read is refused before the workspace holds anything
+    if saved is None:
+        try:
+            ws.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"cannot make the workspace {ws}: {exc.strerror or exc}") from None
         pair = generate_keypair()
         write_keypair(pair, ws / "keys")
     key_path = ws / "keys" / "signing.key"
-
-    world = _world(settings, say)
     seed_npz = world.seed_set.save_training(ws / "seed.npz", test=world.test_set, class_names=world.class_names)
 
     hub = start_hub(ws / "hub", pair, port=saved.hub["port"] if saved else None,

@@ -47,6 +47,22 @@ def test_demo_refuses_a_used_workspace_and_bad_options(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, "-m", "fleet.cli", "demo", "--labeler", "crowd"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "labeler" in run.stdout + run.stderr
+    # a file where the workspace should go is named, not a traceback; a dataset the demo cannot read is refused
+    # before the new workspace holds anything (it used to keep a fresh signing key there)
+    (tmp_path / "file").write_text("keep me")
+    run = subprocess.run([sys.executable, "-m", "fleet.cli", "demo", "--workspace", str(tmp_path / "file")],
+                         capture_output=True, text=True, timeout=120)
+    out = " ".join((run.stdout + run.stderr).split())
+    assert run.returncode == 1 and f"workspace {tmp_path / 'file'} is a file; expected a new folder" in out, out
+    assert "Traceback" not in out and (tmp_path / "file").read_text() == "keep me"
+    import numpy as np
+
+    np.savez(tmp_path / "wrong.npz", images=np.zeros((4, 8, 8), np.uint8))
+    run = subprocess.run([sys.executable, "-m", "fleet.cli", "demo", "--workspace", str(tmp_path / "new"),
+                          "--dataset", str(tmp_path / "wrong.npz")], capture_output=True, text=True, timeout=120)
+    out = " ".join((run.stdout + run.stderr).split())
+    assert run.returncode == 1 and "lacks array(s) ['x_train', 'y_train', 'x_test', 'y_test']" in out, out
+    assert not (tmp_path / "new").exists()
 
 
 def test_demo_on_a_many_class_rgb_set_says_which_option_to_change(tmp_path: Path) -> None:
