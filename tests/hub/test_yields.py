@@ -53,6 +53,14 @@ def test_yield_counts_errors_found_per_trigger_and_per_campaign(hub: HubHarness)
     assert set(yields(hub, campaign_id="other")) == {("other", "*"), ("other", "flicker")}
     assert hub.client.get("/v1/yields", params={"campaign_id": "bad id!"},
                           headers=hub.admin).status_code == 422
+    # a campaign id the hub has never seen (a typo) is a 404, not an empty table; a campaign with no uploads yet
+    # answers with no rows
+    r = hub.client.get("/v1/yields", params={"campaign_id": "rar"}, headers=hub.admin)
+    assert r.status_code == 404 and "unknown campaign 'rar'" in r.text, r.text
+    spec = {"id": "quiet", "version": 1, "rule": {"trigger": "entropy", "above": 0.5},
+            "budgets": {"global": {"rate_per_min": 60, "burst": 20}}}
+    assert hub.client.post("/v1/campaigns", json={"spec": spec}, headers=hub.admin).status_code == 201
+    assert yields(hub, campaign_id="quiet") == {}
     assert hub.client.get("/v1/yields", headers=hub.labeler).status_code == 403
 
     text = hub.client.get("/metrics", headers=hub.admin).text

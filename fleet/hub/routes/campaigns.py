@@ -146,13 +146,18 @@ def learn_trigger(campaign_id: str, _: AdminCaller, hub: HubDep,
 @router.get("/v1/yields", response_model=YieldReport)
 def get_yields(_: AdminCaller, hub: HubDep, campaign_id: str | None = Query(None)) -> Response:
     """Per campaign and trigger: uploads, labeled, errors found, yield, labels and bytes per error found
-    (:mod:`fleet.hub.yields`); ``campaign_id`` keeps one campaign's rows."""
+    (:mod:`fleet.hub.yields`); ``campaign_id`` keeps one campaign's rows (404 for an id the hub has seen neither
+    as a campaign nor on an upload: a mistyped one is not an empty table)."""
     from fleet.hub.yields import trigger_yields
 
     if campaign_id is not None:
         check_name(campaign_id, "campaign id")
     with read_session(hub.engine) as s:
-        return message_response(trigger_yields(s, campaign_id=campaign_id))
+        report = trigger_yields(s, campaign_id=campaign_id)
+        if campaign_id is not None and not report.yields and s.exec(
+                select(Campaign.campaign_id).where(Campaign.campaign_id == campaign_id)).first() is None:
+            raise NotFound(f"unknown campaign {campaign_id!r}: the hub has no version of it and no case it uploaded")
+    return message_response(report)
 
 
 @router.get("/v1/campaigns/{campaign_id}", response_model=CampaignVersions)
