@@ -35,9 +35,9 @@ def with_received(message: str, cause: BaseException | None) -> str:
         found = errors()[0] if callable(errors) else None
     except (IndexError, TypeError):
         found = None
-    if not isinstance(found, dict) or "input" not in found or "received" in message:
-        return message
-    return f"{message}; received {found['input']!r}"
+    if not isinstance(found, dict) or not isinstance(found.get("input"), str) or "received" in message:
+        return message  # what came on a command line is text; anything else is not typer's check of an option
+    return f"{message}; received {found['input']!r:.200}"
 
 
 def _load(name: str) -> Any:

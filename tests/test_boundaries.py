@@ -96,6 +96,11 @@ def test_an_option_error_that_already_names_its_value_is_left_alone() -> None:
         "Input should be a valid integer; received 'x'"
     assert with_received("got 'x'; received 'x'", cause) == "got 'x'; received 'x'"
     assert with_received("no such file", None) == with_received("no such file", ValueError("x")) == "no such file"
+    try:
+        TypeAdapter(int).validate_python({"secret": "s3cr3t"})
+    except ValidationError as exc:
+        not_text = exc
+    assert with_received("Input should be a valid integer", not_text) == "Input should be a valid integer"
 
 
 @pytest.mark.parametrize("args", [["label", "bots", "--truth", "/nonexistent/truth.jsonl"],
