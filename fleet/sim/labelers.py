@@ -274,7 +274,7 @@ class StudioLabeler:
             return self._wait_for_person(turn, before, tasks, problems)
         self._learn_answers()
         # the bots draw the true boxes, as the random arm's labels are: the two arms differ in which frames they
-        # label, not in how well (a person's errors are the human action's, at the device)
+        # label, not in how well (the world's person errs in the human action at the device, not here)
         tallies = self._label_cmd("bots", "--truth", str(self.truth_path), "--team", self.team, "--until-idle",
                                   "--box-jitter", "0",
                                   *(("--seed", str(self.seed % 2**63)) if self.seed is not None else ()),  # >= 0
