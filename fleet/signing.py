@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def generate_keypair() -> KeyPair:
 
 def write_keypair(pair: KeyPair, directory: Path) -> tuple[Path, Path]:
     """Write ``signing.key`` (mode 0600) and ``signing.pub`` into ``directory``; refuse to overwrite. A pair that
-    cannot be written whole leaves neither file behind."""
+    cannot be written whole leaves neither file behind, nor the folders this call made for it."""
     if directory.exists() and not directory.is_dir():
         raise InvalidInput(f"{directory} is a file; expected a folder to write signing.key and signing.pub into")
     priv, pub = directory / "signing.key", directory / "signing.pub"
@@ -56,6 +57,7 @@ def write_keypair(pair: KeyPair, directory: Path) -> tuple[Path, Path]:
         if p.exists():
             raise InvalidInput(f"{p} already exists; refusing to overwrite a signing key")
     made: list[Path] = []
+    folders = [d for d in (directory, *directory.parents) if not d.exists()]  # innermost first
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -69,6 +71,9 @@ def write_keypair(pair: KeyPair, directory: Path) -> tuple[Path, Path]:
     except OSError as exc:
         for p in made:
             p.unlink(missing_ok=True)
+        for d in folders:
+            with contextlib.suppress(OSError):  # not made, or no longer empty: left as it is
+                d.rmdir()
         raise InvalidInput(f"cannot write signing.key and signing.pub into {directory}: {exc.strerror or exc}") \
             from None
     return priv, pub

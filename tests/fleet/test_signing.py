@@ -81,10 +81,15 @@ def test_keys_from_file_env_and_refusals(tmp_path: Path, monkeypatch: pytest.Mon
         return real_fdopen(fd, mode)
 
     monkeypatch.setattr(os, "fdopen", full_on_second)
+    (tmp_path / "full").mkdir()
     with pytest.raises(InvalidInput, match="cannot write signing.key and signing.pub into .*No space left"):
         write_keypair(generate_keypair(), tmp_path / "full")
+    assert list((tmp_path / "full").iterdir()) == []  # the folder was there before: it stays, empty
+    calls.clear()  # folders the call made for the pair go too, and nothing above them
+    with pytest.raises(InvalidInput, match="No space left"):
+        write_keypair(generate_keypair(), tmp_path / "new" / "keys")
     monkeypatch.setattr(os, "fdopen", real_fdopen)
-    assert list((tmp_path / "full").iterdir()) == []
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
     monkeypatch.setenv(PRIVATE_KEY_ENV, str(priv))
     m = make_model_files(tmp_path / "m", "v1").manifest
     assert verify_manifest(sign_manifest(m, load_private_key()), pair.public_b64) == m
