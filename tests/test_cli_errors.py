@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 from pydantic import TypeAdapter, ValidationError
 from typer.testing import CliRunner
 
 from fleet.cli import app, with_received
 
+_HUB_EXPORTS = ("FLYWHEEL_HUB_DATA_DIR", "FLYWHEEL_HUB_DATABASE_URL", "FLYWHEEL_HUB_DEV")
+
 
 def flywheel(args: list[str]) -> tuple[int, str]:
-    """Exit code and output of ``flywheel ARGS``, the error box's frame and line breaks taken out."""
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    """Exit code and output of ``flywheel ARGS``, the error box's frame and line breaks taken out; the variables the
+    hub commands export for their workers (their --data-dir, --database-url) are put back as they were."""
+    before = {var: os.environ.get(var) for var in _HUB_EXPORTS}
+    try:
+        result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    finally:
+        for var, value in before.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
     return result.exit_code, " ".join(result.output.replace("│", " ").split())
 
 
@@ -53,3 +67,68 @@ def test_only_text_from_the_command_line_is_added_and_only_once() -> None:
 def test_a_missing_input_file_is_named_not_a_traceback(args: list[str]) -> None:
     code, text = flywheel(args)
     assert code == 2 and f"Invalid value for '{args[-2]}': file '{args[-1]}' does not exist" in text, text
+
+
+def _hub_environment_restored(monkeypatch: pytest.MonkeyPatch, *more: str) -> None:
+    """Unset the variables the hub commands export, and have the test's end put them back as they were."""
+    for var in (*_HUB_EXPORTS, *more):
+        monkeypatch.setenv(var, "")  # records the value before, which teardown restores
+        monkeypatch.delenv(var)
+
+
+def _refused_port() -> int:
+    """A loopback port no server listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("command", [["hub", "migrate"], ["hub", "token", "create", "--scope", "admin", "--name", "a"],
+                                     ["hub", "enrollment-token", "cam-1"], ["hub", "serve", "--dev"]])
+def test_a_hub_database_that_cannot_be_opened_is_named_not_a_traceback(
+        command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _hub_environment_restored(monkeypatch)
+    data = ["--data-dir", str(tmp_path / "data")]
+    # a PostgreSQL server that is not running: its address, the password hidden
+    url = f"postgresql+psycopg://flywheel:s3cr3t@127.0.0.1:{_refused_port()}/hub"
+    code, text = flywheel([*command, *data, "--database-url", url])
+    assert code == 2, text
+    assert "error: cannot open the hub database at postgresql+psycopg://flywheel:***@127.0.0.1:" in text, text
+    assert "OperationalError" in text and "s3cr3t" not in text and "Traceback" not in text, text
+    # a data folder under a file: the SQLite file cannot be made, and nothing is
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, text = flywheel([*command, "--data-dir", str(blocker / "hub")])
+    assert code == 2 and ("cannot open the hub database at sqlite:///" in text or
+                          "cannot make the hub's data folder" in text) and "Not a directory" in text, text
+    assert blocker.read_text() == "not a folder"
+    # a URL of no kind the hub knows, and a malformed one
+    code, text = flywheel([*command, *data, "--database-url", "mysql://db/hub"])
+    assert code == 2 and "database_url must be sqlite or postgresql; received 'mysql'" in text, text
+    code, text = flywheel([*command, *data, "--database-url", "not a url"])
+    assert code == 2 and "error: FLYWHEEL_HUB_DATABASE_URL:" in text and "received 'not a url'" in text, text
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_hub_setting_out_of_its_type_names_the_variable_and_the_value(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLYWHEEL_HUB_TOKEN_CACHE_TTL_S", "soon")
+    code, text = flywheel(["hub", "migrate", "--data-dir", str(tmp_path / "data")])
+    assert code == 2, text
+    assert "error: FLYWHEEL_HUB_TOKEN_CACHE_TTL_S: Input should be a valid number" in text, text
+    assert "received 'soon'" in text and not (tmp_path / "data").exists(), text
+
+
+def test_a_token_made_where_no_hub_was_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator may make tokens before the hub's first start, so a new database is set up; a note says so, or a
+    misdirected --data-dir would show only later, as a token the real hub does not know."""
+    _hub_environment_restored(monkeypatch)
+    data = ["--data-dir", str(tmp_path / "hub")]
+    result = CliRunner().invoke(app, ["hub", "token", "create", "--scope", "trainer", "--name", "gpu", *data])
+    assert result.exit_code == 0, result.output
+    assert "note: no hub database was at sqlite:///" in result.stderr, result.stderr
+    assert "made the trainer token 'gpu' in it" in result.stderr and result.stdout.startswith("fwt_"), result.output
+    again = CliRunner().invoke(app, ["hub", "enrollment-token", "cam-1", *data])
+    assert again.exit_code == 0 and "note:" not in again.stderr, again.output  # the hub is there now

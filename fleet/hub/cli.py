@@ -29,7 +29,10 @@ def _hub() -> None:
 
 
 def _settings(data_dir: Path | None, database_url: str | None, dev: bool | None) -> Any:
-    """Settings from the environment, with command-line overrides exported so workers see them too."""
+    """Settings from the environment, with command-line overrides exported so workers see them too; a value the
+    settings refuse (a malformed --database-url, a FLYWHEEL_HUB_* variable out of range) is a clear error (exit 2)."""
+    from pydantic import ValidationError
+
     from fleet.hub.settings import HubSettings
 
     if data_dir is not None:
@@ -38,7 +41,65 @@ def _settings(data_dir: Path | None, database_url: str | None, dev: bool | None)
         os.environ["FLYWHEEL_HUB_DATABASE_URL"] = database_url
     if dev:
         os.environ["FLYWHEEL_HUB_DEV"] = "1"
-    return HubSettings()
+    try:
+        return HubSettings()
+    except ValidationError as exc:
+        for e in exc.errors():
+            where = "FLYWHEEL_HUB_" + "_".join(str(x) for x in e["loc"]).upper()
+            received = "" if "received" in e["msg"] else f"; received {str(e.get('input'))[:200]!r}"
+            typer.echo(f"error: {where}: {e['msg']}{received}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _shown(url: str) -> str:
+    """``url`` as the errors show it: the password hidden."""
+    import sqlalchemy as sa
+
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return repr(url)
+
+
+def _open_hub(settings: Any, *, pool_size: int = 1, data_dir: bool = False, new_hub_note: str = "") -> Any:
+    """An engine on the hub's database, migrated to the newest schema, for the commands that set a hub up or work on
+    one (serve, migrate, token create, enrollment-token); with ``data_dir``, the hub's data folder made once the
+    database opened (a PostgreSQL hub keeps its blobs there; a SQLite one has made it for its file already). What
+    cannot be made or opened (a folder that cannot be created, a database server that is not running, a URL of
+    another kind) stops here with what was received and what was expected (exit 2), not a traceback. Where no hub
+    was there yet and ``new_hub_note`` says what the command does, a note on stderr says a new one was set up: a
+    misdirected --data-dir shows at once, not later as a token the real hub does not know."""
+    import sqlalchemy as sa
+
+    from fleet.hub.db import hub_missing, make_engine, migrate
+    from fleet.hub.fsperm import private_dir
+
+    url = settings.resolved_database_url()
+    try:
+        missing = hub_missing(url) if new_hub_note else None
+        engine = make_engine(url, pool_size=pool_size)
+        migrate(engine)
+    except (OSError, ValueError, sa.exc.SQLAlchemyError) as exc:
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [""])[0]
+        typer.echo(f"error: cannot open the hub database at {_shown(url)} ({type(exc).__name__}: {first}); "
+                   "expected a SQLite file in a folder this user can write, or a PostgreSQL server that is running "
+                   "and accepts this user (--data-dir, --database-url, or FLYWHEEL_HUB_DATA_DIR, "
+                   "FLYWHEEL_HUB_DATABASE_URL)", err=True)
+        raise typer.Exit(2) from None
+    if data_dir:
+        try:
+            private_dir(settings.data_dir)
+        except OSError as exc:
+            engine.dispose()
+            typer.echo(f"error: cannot make the hub's data folder {settings.data_dir}: {exc.strerror or exc}; "
+                       "expected a folder this user can create and write (--data-dir or FLYWHEEL_HUB_DATA_DIR)",
+                       err=True)
+            raise typer.Exit(2) from None
+    if missing is not None:
+        typer.echo(f"note: no hub database was at {_shown(url)} ({missing}); set up a new one there and "
+                   f"{new_hub_note} it. If your hub keeps its data elsewhere, pass its --data-dir or --database-url",
+                   err=True)
+    return engine
 
 
 def _existing_hub(settings: Any, *, pool_size: int = 1) -> Any:
@@ -50,9 +111,12 @@ def _existing_hub(settings: Any, *, pool_size: int = 1) -> Any:
     from fleet.hub.db import hub_missing, make_engine
 
     url = settings.resolved_database_url()
-    why = hub_missing(url)
+    try:
+        why = hub_missing(url)
+    except (ValueError, sa.exc.ArgumentError) as exc:
+        why = str(exc)
     if why is not None:
-        typer.echo(f"error: no hub database at {sa.make_url(url).render_as_string(hide_password=True)}: {why}; "
+        typer.echo(f"error: no hub database at {_shown(url)}: {why}; "
                    "expected the database of a hub that `flywheel hub serve` (or `flywheel hub migrate`) has set up: "
                    "check --data-dir and --database-url (or FLYWHEEL_HUB_DATA_DIR, FLYWHEEL_HUB_DATABASE_URL)",
                    err=True)
@@ -74,8 +138,6 @@ def serve(
     import uvicorn
 
     from fleet.errors import InvalidInput
-    from fleet.hub.db import make_engine, migrate
-    from fleet.hub.fsperm import private_dir
 
     settings = _settings(data_dir, database_url, dev)
     try:
@@ -85,10 +147,7 @@ def serve(
         raise typer.Exit(2) from None
     if settings.dev:
         _dev_banner()
-    private_dir(settings.data_dir)
-    engine = make_engine(settings.resolved_database_url(), pool_size=1)
-    migrate(engine)
-    engine.dispose()
+    _open_hub(settings, data_dir=True).dispose()
     os.environ["FLYWHEEL_HUB_MIGRATE_ON_START"] = "0"  # done once, here, before the workers start
     typer.echo(f"dashboard: http://{host}:{port}/ui (log in with the admin token)", err=True)
     uvicorn.run("fleet.hub.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
@@ -109,11 +168,9 @@ def migrate_cmd(
     database_url: str | None = typer.Option(None, "--database-url"),
 ) -> None:
     """Upgrade the database to the newest schema (the hub also does this when it starts)."""
-    from fleet.hub.db import current_revision, make_engine, migrate
+    from fleet.hub.db import current_revision
 
-    settings = _settings(data_dir, database_url, None)
-    engine = make_engine(settings.resolved_database_url(), pool_size=1)
-    migrate(engine)
+    engine = _open_hub(_settings(data_dir, database_url, None))
     typer.echo(f"database at revision {current_revision(engine)}")
     engine.dispose()
 
@@ -130,7 +187,7 @@ def token_create(
 
     from fleet.errors import ProtocolError
     from fleet.hub.auth import issue_token
-    from fleet.hub.db import make_engine, migrate, write_session
+    from fleet.hub.db import write_session
     from fleet.protocol import check_name
 
     if scope not in ("admin", "labeler", "trainer"):
@@ -141,9 +198,7 @@ def token_create(
         raise typer.BadParameter(str(exc)) from None
     import time
 
-    settings = _settings(data_dir, database_url, None)
-    engine = make_engine(settings.resolved_database_url(), pool_size=1)
-    migrate(engine)
+    engine = _open_hub(_settings(data_dir, database_url, None), new_hub_note=f"made the {scope} token {name!r} in")
     try:
         with write_session(engine) as s:
             token = issue_token(s, scope=scope, name=name, now=time.time())
@@ -212,7 +267,7 @@ def enrollment_token(
     import time
 
     from fleet.errors import Conflict, ProtocolError
-    from fleet.hub.db import make_engine, migrate, write_session
+    from fleet.hub.db import write_session
     from fleet.hub.enrollment import issue_grant
     from fleet.protocol import check_name
 
@@ -223,9 +278,8 @@ def enrollment_token(
     except ProtocolError as exc:
         raise typer.BadParameter(str(exc)) from None
     settings = _settings(data_dir, database_url, None)
-    engine = make_engine(settings.resolved_database_url(), pool_size=1)
+    engine = _open_hub(settings, new_hub_note=f"made the enrollment token for {device_id!r} in")
     try:
-        migrate(engine)
         with write_session(engine) as s:
             token, _expires = issue_grant(s, device_id=device_id, group=group, now=time.time(),
                                           ttl_s=ttl_s or settings.enrollment_token_ttl_s, created_by="cli")

@@ -21,7 +21,7 @@ def test_token_create_writes_a_working_token(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setenv("FLYWHEEL_HUB_DEV", "1")
     r = runner.invoke(app, ["token", "create", "--scope", "trainer", "--name", "ci", "--data-dir", str(tmp_path)])
     assert r.exit_code == 0, r.output
-    token = r.output.strip()
+    token = r.stdout.strip()  # a note on stderr says a new hub database was set up
     assert token.startswith("fwt_")
     again = runner.invoke(app, ["token", "create", "--scope", "trainer", "--name", "ci", "--data-dir", str(tmp_path)])
     assert again.exit_code == 1
