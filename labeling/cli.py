@@ -36,6 +36,17 @@ def _state_path(state: Path | None, project: str) -> Path:
     return Path.home() / ".flywheel" / f"labeling-{safe}.sqlite"
 
 
+def _open_ledger(path: Path) -> Any:
+    """The bridge's ledger at ``path``; one that cannot be opened is a clear error (exit 2), not a traceback."""
+    from labeling.ledger import Ledger
+
+    try:
+        return Ledger(path)
+    except FlywheelError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def sync(
     hub_url: str = HubUrl,
@@ -81,7 +92,6 @@ def sync(
     from labeling.bridge import Bridge
     from labeling.config import BridgeConfig
     from labeling.hub_client import HubClient
-    from labeling.ledger import Ledger
     from labeling.studio import Studio
     from labeling.throttle import Throttle
 
@@ -100,7 +110,7 @@ def sync(
         )
     except FlywheelError as exc:
         raise typer.BadParameter(str(exc)) from None
-    ledger = Ledger(_state_path(state, project))
+    ledger = _open_ledger(_state_path(state, project))
     studio = Studio(ls_url, ls_token)
     hub = HubClient(hub_url, hub_token)
     bridge = Bridge(studio, hub, ledger, config)
@@ -141,9 +151,7 @@ def status(
     if not path.exists():
         typer.echo(f"no ledger at {path}: run 'flywheel label sync' first (or pass --state)", err=True)
         raise typer.Exit(2)
-    from labeling.ledger import Ledger
-
-    ledger = Ledger(path)
+    ledger = _open_ledger(path)
     try:
         info = collect(ledger, window_s=window)
     finally:

@@ -20,29 +20,48 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from fleet.errors import InvalidInput
 from fleet.protocol import Detection
 from labeling.ledger_rows import ADDED_COLUMNS, SCHEMA, AnnotationRow, TaskRow, annotation_row, task_row
+
+
+def _unopenable(path: str | Path, exc: Exception) -> InvalidInput:
+    return InvalidInput(f"cannot open the labeling ledger at {path}: {exc}; expected a SQLite file the bridge writes "
+                        "(or a new one in a folder this user can write): check --state")
 
 
 class Ledger:
     """One SQLite file (or ``:memory:``), safe to share between threads."""
 
     def __init__(self, path: str | Path = ":memory:", *, clock: Any = time.time) -> None:
-        if str(path) != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        """Open (or start) the ledger at ``path``; a path that is a folder, cannot be made, or holds something other
+        than a SQLite database is an InvalidInput that names it (and a file that was not there is not left behind)."""
+        new = str(path) != ":memory:" and not Path(path).exists()
+        try:
+            if str(path) != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise _unopenable(path, exc) from None
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         self.clock = clock
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(SCHEMA)
-            for table, columns in ADDED_COLUMNS.items():
-                have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
-                for name, kind in columns:
-                    if name not in have:
-                        self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        try:
+            with self._lock:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(SCHEMA)
+                for table, columns in ADDED_COLUMNS.items():
+                    have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                    for name, kind in columns:
+                        if name not in have:
+                            self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        except sqlite3.Error as exc:
+            self._db.close()
+            if new:
+                for leftover in (Path(str(path) + suffix) for suffix in ("", "-wal", "-shm")):
+                    leftover.unlink(missing_ok=True)
+            raise _unopenable(path, exc) from None
 
     def close(self) -> None:
         self._db.close()

@@ -132,3 +132,29 @@ def test_a_token_made_where_no_hub_was_says_so(tmp_path: Path, monkeypatch: pyte
     assert "made the trainer token 'gpu' in it" in result.stderr and result.stdout.startswith("fwt_"), result.output
     again = CliRunner().invoke(app, ["hub", "enrollment-token", "cam-1", *data])
     assert again.exit_code == 0 and "note:" not in again.stderr, again.output  # the hub is there now
+
+
+def test_a_labeling_ledger_that_cannot_be_opened_is_named_not_a_traceback(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet.errors import InvalidInput
+    from labeling import ledger
+
+    junk = tmp_path / "notes.sqlite"
+    junk.write_text("not a database")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    sync = ["label", "sync", "--hub-token", "h", "--ls-token", "l"]
+    for args, state, why in [(["label", "status"], junk, "file is not a database"), (sync, junk, "not a database"),
+                             (["label", "status"], tmp_path, "unable to open database file"),
+                             (sync, tmp_path, "unable to open database file"),
+                             (sync, blocker / "ledger.sqlite", "File exists")]:
+        code, text = flywheel([*args, "--state", str(state)])
+        assert code == 2, text
+        assert f"error: cannot open the labeling ledger at {state}: " in text and why in text, text
+        assert "check --state" in text, text
+    assert junk.read_text() == "not a database" and blocker.read_text() == "x"
+    # a new ledger whose schema cannot be set up leaves no file behind
+    monkeypatch.setattr(ledger, "SCHEMA", "CREATE TABLE broken (")
+    with pytest.raises(InvalidInput, match="cannot open the labeling ledger at .*new.sqlite: incomplete input"):
+        ledger.Ledger(tmp_path / "new.sqlite")
+    assert not list(tmp_path.glob("new.sqlite*"))
