@@ -94,3 +94,12 @@ def test_bad_source_kind_and_device_id(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     with pytest.raises(InvalidInput, match="hub.url must start with http"):
         load_config(write(tmp_path, MINIMAL.replace("http://hub.local:8000", "hub.local")))
+
+
+@pytest.mark.parametrize("data_dir", ["taken", "taken/sub"])
+def test_a_data_dir_at_or_under_a_file_is_refused_before_anything_runs(tmp_path: Path, data_dir: str) -> None:
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(InvalidInput) as err:
+        load_config(write(tmp_path, f'data_dir = "{data_dir}"\n' + MINIMAL))
+    assert f"data_dir {tmp_path / data_dir} cannot be a folder: {tmp_path / 'taken'} is a file" in str(err.value)
+    assert (tmp_path / "taken").read_text() == "a file"
