@@ -25,12 +25,14 @@ from __future__ import annotations
 import email.utils
 import math
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = ["Conflict", "FlywheelError", "Forbidden", "IntegrityError", "InvalidInput", "MissingExtra", "NotFound",
     "PayloadTooLarge", "PermanentError", "ProtocolError", "RETRYABLE_STATUS", "RequestTimeout", "RetryableError",
-    "ServerBusy", "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "error_for_response",
-    "error_for_status", "headers_for", "parse_retry_after", "require", "response_detail", "status_for"]
+    "ServerBusy", "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "check_folder",
+    "error_for_response", "error_for_status", "headers_for", "parse_retry_after", "require", "response_detail",
+    "status_for"]
 
 
 class FlywheelError(Exception):
@@ -116,6 +118,15 @@ def require(module: str, extra: str) -> None:
         raise MissingExtra(
             f"{module!r} is not installed; install it with: pip install 'edge-flywheel[{extra}]'"
         ) from exc
+
+
+def check_folder(path: Path, what: str, purpose: str) -> None:
+    """InvalidInput when ``path`` cannot be a folder because it, or a folder above it, is a file: checked before a
+    long job (a training run, an agent's start) that would write there only at its end."""
+    on_disk = next(p for p in (path, *path.absolute().parents) if p.exists())  # the root always exists
+    if not on_disk.is_dir():
+        raise InvalidInput(f"{what} {path} cannot be a folder: {on_disk} is a file; expected a folder (or one that "
+                           f"can be made) for {purpose}")
 
 
 # ---------------------------------------------------------------------------------------------

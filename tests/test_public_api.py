@@ -13,8 +13,9 @@ SURFACES = {
     "fleet.errors": [
         "Conflict", "FlywheelError", "Forbidden", "IntegrityError", "InvalidInput", "MissingExtra", "NotFound",
         "PayloadTooLarge", "PermanentError", "ProtocolError", "RETRYABLE_STATUS", "RequestTimeout", "RetryableError",
-        "ServerBusy", "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "error_for_response",
-        "error_for_status", "headers_for", "parse_retry_after", "require", "response_detail", "status_for"],
+        "ServerBusy", "TooManyRequests", "TransportError", "Unauthorized", "UnsupportedMedia", "check_folder",
+        "error_for_response", "error_for_status", "headers_for", "parse_retry_after", "require", "response_detail",
+        "status_for"],
     "fleet.retry": ["NO_RETRY", "RetryPolicy", "retrying"],
     "fleet.consensus": [
         "AnnotatorScore", "Rules", "Ruling", "STATUSES", "Vote", "box_f1", "decide", "detection_f1", "gold_accuracy",

@@ -232,12 +232,14 @@ def export_command(
     import json
     import os
 
+    from fleet.errors import check_folder
     from fleet.signing import PRIVATE_KEY_ENV, load_private_key
     from training.checkpoint import load_checkpoint
     from training.export import export_model
     from training.models import build_model
 
     try:
+        check_folder(out, "--out", "model.onnx and manifest.json")
         ckpt = load_checkpoint(checkpoint)
         meta = ckpt["meta"]
         if meta.get("task") == "detect":

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleet.errors import InvalidInput
+from fleet.errors import InvalidInput, check_folder
 from fleet.protocol import NAME_RE
 
 OPTIMIZERS = {"sgd": 0.1, "adamw": 5e-3}  # name -> default peak learning rate at batch size 64 (classify)
@@ -83,6 +83,7 @@ class TrainArgs:
     def validate(self) -> TrainArgs:
         """Check ranges and fill defaults (lr, version); returns self."""
         self.out = Path(self.out)
+        check_folder(self.out, "--out", "the checkpoint, the exported model and report.json")
         if self.task not in TASKS:
             raise InvalidInput(f"unknown --task {self.task!r}; choose one of {list(TASKS)}")
         optimizer, batch_size, balance, rates = TASK_DEFAULTS[self.task]

@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from fleet.edge.streamurl import check_stream_url
-from fleet.errors import InvalidInput
+from fleet.errors import InvalidInput, check_folder
 from fleet.protocol import NAME_RE
 
 INFERENCE_MODES = ("auto", "process", "thread")  # runtime.inference: where the models run (fleet/edge/inference.py)
@@ -297,10 +297,7 @@ def _validate(cfg: AgentConfig) -> None:
             bound = ">= 0" if allow_zero else "> 0"
             raise InvalidInput(f"agent config: {what} must be {bound}; received {v!r}")
 
-    on_disk = next(p for p in (cfg.data_dir, *cfg.data_dir.parents) if p.exists())  # the root always exists
-    if not on_disk.is_dir():
-        raise InvalidInput(f"agent config: data_dir {cfg.data_dir} cannot be a folder: {on_disk} is a file; expected "
-                           "a folder (or one the agent can make) for its enrollment, models and spool")
+    check_folder(cfg.data_dir, "agent config: data_dir", "the agent's enrollment, models and spool")
     if not cfg.hub.url.startswith(("http://", "https://")):
         raise InvalidInput(f"agent config: hub.url must start with http:// or https://; received {cfg.hub.url!r}")
     positive("hub.timeout_s", cfg.hub.timeout_s)

@@ -52,6 +52,14 @@ def test_bad_arguments_exit_2_with_the_value_received(digits_npz: Path, tmp_path
     assert code == 2 and "received 1.5" in out
     code, out = flywheel("train", "--data", f"npz:{digits_npz}", "--out", str(tmp_path), "--rollout-stages", "0.5")
     assert code == 2 and "end at 1.0" in out
+    # an --out that cannot be a folder is refused before anything trains, not when the checkpoint is written
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    wide = CliRunner().invoke(app, ["train", "--data", f"npz:{digits_npz}", "--out", str(taken / "run")],
+                              env={"COLUMNS": "400"})
+    flat = " ".join(wide.output.replace("│", " ").split())
+    assert wide.exit_code == 2 and f"--out {taken / 'run'} cannot be a folder: {taken} is a file" in flat, flat
+    assert taken.read_text() == "a file"
 
 
 def test_export_cli(trained: Path, tmp_path: Path, signing_key: tuple[Path, str]) -> None:
@@ -65,6 +73,9 @@ def test_export_cli(trained: Path, tmp_path: Path, signing_key: tuple[Path, str]
     assert info["int8_agreement"] is not None and info["shipped"] in ("fp32", "int8")
     code, out = flywheel("export", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "y"))
     assert code == 1 and "does not exist" in out
+    (tmp_path / "taken").write_text("a file")
+    code, out = flywheel("export", str(trained / "checkpoint.pt"), "--out", str(tmp_path / "taken" / "x"))
+    assert code == 1 and "cannot be a folder" in out and "is a file" in out, out
 
 
 def test_importing_the_cli_does_not_import_torch() -> None:
