@@ -26,6 +26,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("fleet.sim.cli", "app", "all", "Run the whole loop on one machine, against random labeling."),
 }
 
+# loggers whose INFO lines (one per HTTP request, one per alembic plugin) show only with --verbose
+QUIET_LOGGERS = ("httpx", "httpcore", "alembic.runtime.plugins")
+
 
 def with_received(message: str, cause: BaseException | None) -> str:
     """A bad option's message naming the value received: typer checks an option's type and range with pydantic, whose
@@ -101,6 +104,9 @@ if typer is not None:
             level=logging.DEBUG if verbose else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        if not verbose:  # a line per HTTP request and per alembic plugin is --verbose's detail, not news
+            for chatty in QUIET_LOGGERS:
+                logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def main() -> None:

@@ -254,3 +254,18 @@ def test_models_rollout_to_a_group_groups_and_unpin_from_the_command_line(live: 
     assert r.exit_code == 0 and "cam-east runs the fleet's model" in r.output, r.output
     again = runner.invoke(models_app, ["unpin", "cam-east", *opts])
     assert again.exit_code == 1 and "no model of its own" in again.output
+
+
+def test_an_admin_command_prints_its_answer_not_a_log_line_per_request(live: RunningHub) -> None:
+    """`flywheel models list` on an operator's terminal: the answer, without httpx's INFO line for each request,
+    which --verbose brings back."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "fleet.cli"]
+    opts = ["models", "list", "--hub", live.url, "--token", live.token("admin")]
+    quiet = subprocess.run([*base, *opts], capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "HTTP Request" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run([*base, "--verbose", *opts], capture_output=True, text=True, timeout=60)
+    assert loud.returncode == 0 and f"HTTP Request: GET {live.url}/v1/models" in loud.stderr, loud.stderr
