@@ -195,15 +195,21 @@ def bots(
     rows = _read_jsonl(truth)
     answers = {str(d["case_id"]): d["label"] for d in rows}
     keys = {str(d["case_id"]): str(d["key"]) for d in rows if d.get("key") is not None}
-    admin = Studio(ls_url, ls_token)
-    found = admin.find_project(project)
-    if found is None:
-        typer.echo(f"no Label Studio project titled {project!r}: run 'flywheel label sync' first", err=True)
-        raise typer.Exit(2)
     specs = [replace(s, skip_rate=skip_rate, **({} if box_jitter is None else {"box_jitter": box_jitter}))
              for s in parse_bot_specs(team)]
-    crew = BotTeam(ls_url, admin, found.id, specs, answers.get, found.class_names, password=password, seed=seed,
-                   draw_key=keys.get)
+    admin = Studio(ls_url, ls_token)
+    try:  # Label Studio down, or the token refused: said in a line, after the retries, not as a traceback
+        found = admin.find_project(project)
+        crew = None if found is None else BotTeam(ls_url, admin, found.id, specs, answers.get, found.class_names,
+                                                  password=password, seed=seed, draw_key=keys.get)
+    except FlywheelError as exc:
+        admin.close()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if found is None or crew is None:
+        admin.close()
+        typer.echo(f"no Label Studio project titled {project!r}: run 'flywheel label sync' first", err=True)
+        raise typer.Exit(2)
     try:
         if until_idle:
             crew.run_until_idle()

@@ -158,3 +158,17 @@ def test_a_labeling_ledger_that_cannot_be_opened_is_named_not_a_traceback(tmp_pa
     with pytest.raises(InvalidInput, match="cannot open the labeling ledger at .*new.sqlite: incomplete input"):
         ledger.Ledger(tmp_path / "new.sqlite")
     assert not list(tmp_path.glob("new.sqlite*"))
+
+
+def test_label_bots_says_in_a_line_that_label_studio_cannot_be_reached(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet.retry import RetryPolicy
+    from labeling import studio
+
+    monkeypatch.setattr(studio, "RetryPolicy", lambda: RetryPolicy(attempts=2, deadline_s=1.0))  # fewer waits
+    truth = tmp_path / "truth.jsonl"
+    truth.write_text('{"case_id": "c1", "label": 1}\n')
+    url = f"http://127.0.0.1:{_refused_port()}"
+    code, text = flywheel(["label", "bots", "--truth", str(truth), "--ls-url", url, "--ls-token", "t"])
+    assert code == 1, text
+    assert "error: Label Studio list projects: ConnectError" in text and "Traceback" not in text, text
