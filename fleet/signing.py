@@ -104,6 +104,9 @@ def load_private_key(source: str | Path | bytes | None = None) -> Ed25519Private
     if isinstance(source, str):
         source = source.encode() if "BEGIN" in source else Path(source)
     if isinstance(source, Path):
+        if source.is_dir():
+            raise InvalidInput(f"signing key file {source} is a folder; expected the private key file in it "
+                               f"({source / 'signing.key'}, from flywheel keys generate) or another PEM file")
         if not source.is_file():
             raise InvalidInput(f"signing key file {source} does not exist")
         source = source.read_bytes()

@@ -98,6 +98,8 @@ def test_keys_from_file_env_and_refusals(tmp_path: Path, monkeypatch: pytest.Mon
         load_private_key()
     with pytest.raises(InvalidInput, match="does not exist"):
         load_private_key(tmp_path / "missing.key")
+    with pytest.raises(InvalidInput, match=f"signing key file {tmp_path} is a folder; expected .*signing.key"):
+        load_private_key(tmp_path)
     with pytest.raises(InvalidInput, match="not a PEM private key"):
         load_private_key(b"-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
     with pytest.raises(InvalidInput, match="32 raw bytes"):
