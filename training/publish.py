@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleet.errors import InvalidInput
+from fleet.errors import FlywheelError, InvalidInput
 from fleet.protocol import SignedManifest
 from fleet.signing import verify_file_sha256
 from training.hub_client import HubClient
@@ -26,6 +26,17 @@ def parse_stages(text: str) -> list[float]:
     if not stages or any(not 0 < s <= 1 for s in stages) or stages != sorted(set(stages)) or stages[-1] != 1.0:
         raise InvalidInput(f"--rollout-stages must increase within (0, 1] and end at 1.0; received {text!r}")
     return stages
+
+
+def reach_hub(client: HubClient) -> None:
+    """Reach the hub a run will publish to, with its token, before anything trains (as the tracking store is): a hub
+    that is down, a wrong URL or a token it refuses is found now, not after the training, when only the upload is
+    left. A read proves the token; the upload's own check of the trainer scope comes at the end."""
+    try:
+        client.list_models()
+    except FlywheelError as exc:
+        raise InvalidInput(f"cannot publish to {client.base_url}: {exc}; expected a running hub that accepts --token "
+                           "(checked before training; --dry-run trains without publishing)") from exc
 
 
 def publish(

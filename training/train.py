@@ -46,6 +46,7 @@ from training.loop import (
 )
 from training.models import Classifier, build_model, default_width, load_warm_start
 from training.prepare import ClientFactory, Prepared, prepare_data
+from training.publish import reach_hub
 from training.report import REPORT, finish_turn, write_report
 from training.tracking import NullTracker, Tracker, open_tracker, track_turn
 
@@ -130,8 +131,10 @@ def main(
         turn = _turn
     tracker: Tracker = NullTracker()
     try:
-        if dist.is_main:  # reach the tracking store before anything trains (training.tracking)
+        if dist.is_main:  # reach the tracking store and the hub to publish to before anything trains
             tracker = open_tracker(args.tracking_uri, args.experiment)
+            if args.publish and not args.dry_run:
+                reach_hub(factory(args.publish))
         result = turn(args, dist, device, factory, progress, report, t_start, tracker)
         track_turn(tracker, report, args.out)
         tracker.end("FINISHED")

@@ -85,3 +85,28 @@ def test_train_publishes_to_a_real_hub(running_hub: RunningHub, digits_npz: Path
     rollout_id = report["publish"]["rollout"]["rollout_id"]
     status = httpx.get(f"{hub.url}/v1/rollouts/{rollout_id}", headers=headers).json()
     assert status["version"] == "hub-1"
+
+
+def test_a_hub_that_cannot_be_published_to_stops_the_run_before_it_trains(
+        running_hub: RunningHub, digits_npz: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A token the hub refuses, or a hub that is down, is found before the training, not after it, when only the
+    upload is left (on a GPU, an hour later)."""
+    import socket
+
+    key_path = tmp_path / "signing.key"
+    key_path.write_bytes(running_hub.keypair.private_pem)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{s.getsockname()[1]}"
+    for i, (url, token, said) in enumerate([(running_hub.url, "fwt_not-a-token", "401"),
+                                            (down, running_hub.token("trainer"), "ConnectError")]):
+        out = tmp_path / f"run{i}"
+        result = CliRunner().invoke(app, [
+            "train", "--data", f"npz:{digits_npz}", "--out", str(out), "--epochs", "1", "--width", "4",
+            "--threads", "1", "--sign-key", str(key_path), "--publish", url, "--token", token, "--no-progress",
+        ], env={"COLUMNS": "400"})
+        text = " ".join(result.output.split())
+        assert result.exit_code != 0 and f"cannot publish to {url}" in text and said in text, text
+        report = json.loads((out / "report.json").read_text())
+        assert report["status"] == "failed" and "checked before training" in report["error"], report
+        assert "train" not in report["timings"] and not (out / "checkpoint.pt").exists(), report
