@@ -71,7 +71,7 @@ def _detector(runtime: Any, src: Any, shape: tuple[int, int, int], class_names: 
     from training.detect.evaluate import detection_metrics
 
     if src.kind not in ("npz", "coco"):
-        raise InvalidInput(f"--data for a detector must be npz:PATH or coco:PATH; received {src.kind}:")
+        raise InvalidInput(f"--data for a detector must be npz:PATH or coco:PATH; received {src.kind}:{src.location}")
     splits = load_box_npz(src.location) if src.kind == "npz" else \
         load_coco(src.location, channels=shape[0], size=shape[1:], class_names=class_names)
     truth = _pick(splits, split, f"{src.kind}:{src.location}")

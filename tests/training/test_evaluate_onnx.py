@@ -61,7 +61,7 @@ def test_bad_input_is_refused_with_what_was_received(trained_detector: Path, tmp
     (lone / "manifest.json").write_text('{"hello": 1}')
     code, out = _run("--model", str(lone / "model.onnx"), "--data", data)
     assert code == 1 and "is not a model manifest" in " ".join(out.split())
-    with pytest.raises(InvalidInput, match="must be npz:PATH or coco:PATH; received folder"):
+    with pytest.raises(InvalidInput, match=f"must be npz:PATH or coco:PATH; received folder:{tmp_path}"):
         evaluate_exported(model, f"folder:{tmp_path}")
     with pytest.raises(InvalidInput, match="--split must be test or train"):
         evaluate_exported(model, data, split="val")
