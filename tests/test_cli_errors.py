@@ -37,6 +37,7 @@ def flywheel(args: list[str]) -> tuple[int, str]:
         (["label", "bots", "--truth", __file__, "--box-jitter", "0.7"], "less than or equal to 0.5", "'0.7'"),
         (["agent", "run", "--max-frames", "-3"], "greater than or equal to 1", "'-3'"),
         (["hub", "rescore", "--batch", "4096"], "less than or equal to 1024", "'4096'"),
+        (["hub", "serve", "--port", "99999"], "less than or equal to 65535", "'99999'"),
     ],
 )
 def test_a_bad_option_value_names_what_was_received_and_what_was_expected(args: list[str], expected: str,

@@ -127,7 +127,7 @@ def _existing_hub(settings: Any, *, pool_size: int = 1) -> Any:
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
-    port: int = typer.Option(8000, help="TCP port."),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="SQLite file and blobs (FLYWHEEL_HUB_DATA_DIR)."),
     database_url: str | None = typer.Option(None, "--database-url", help="SQLAlchemy URL (FLYWHEEL_HUB_DATABASE_URL)."),
     dev: bool = typer.Option(False, "--dev", help="Allow the built-in dev secrets (never in production)."),
