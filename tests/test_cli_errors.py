@@ -173,3 +173,12 @@ def test_label_bots_says_in_a_line_that_label_studio_cannot_be_reached(tmp_path:
     code, text = flywheel(["label", "bots", "--truth", str(truth), "--ls-url", url, "--ls-token", "t"])
     assert code == 1, text
     assert "error: Label Studio list projects: ConnectError" in text and "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_demo_seed_out_of_range_is_refused_before_the_workspace_is_made(seed: str, tmp_path: Path) -> None:
+    """The trainer seeds each epoch with seed * 100003 + ... in torch's int64: a seed past 32 bits failed in the
+    base model's first epoch, a negative one when the world was drawn."""
+    code, text = flywheel(["demo", "--labeler", "oracle", "--workspace", str(tmp_path / "ws"), "--seed", seed])
+    assert code == 2 and "--seed must be an integer in [0, 2**32)" in text and f"received {seed}" in text, text
+    assert not (tmp_path / "ws").exists()

@@ -100,9 +100,18 @@ class TrainArgs:
         _in_range("--slice-tolerance", self.slice_tolerance, 0.0, 1.0)
         _in_range("--min-accuracy", self.min_accuracy, 0.0, 1.0)
         _in_range("--label-smoothing", self.label_smoothing, 0.0, 0.5)
-        for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
-            if value < 1:
+        for name, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--width", self.width),
+                            ("--threads", self.threads)):
+            if value is not None and value < 1:  # width and threads: None takes the default
                 raise InvalidInput(f"{name} must be >= 1; received {value}")
+        if self.min_slice_size < 0:
+            raise InvalidInput(f"--min-slice-size must be >= 0; received {self.min_slice_size}")
+        if not 0 <= self.seed < 2**32:  # each epoch's generator is seeded with seed * 100003 + ..., in torch's int64
+            raise InvalidInput(f"--seed must be in [0, 2**32); received {self.seed}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise InvalidInput(f"--weight-decay must be a number >= 0; received {self.weight_decay}")
+        if self.stage_seconds is not None and not (math.isfinite(self.stage_seconds) and self.stage_seconds > 0):
+            raise InvalidInput(f"--stage-seconds must be a number > 0; received {self.stage_seconds}")
         if self.optimizer not in OPTIMIZERS:
             raise InvalidInput(f"unknown --optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
         if self.balance not in BALANCE:

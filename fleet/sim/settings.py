@@ -125,6 +125,9 @@ class DemoSettings:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; received {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"--seed must be an integer in [0, 2**32) (the trainer's own seeds derive from it); "
+                             f"received {self.seed!r}")
         if self.balance is not None:
             try:
                 check_balance(self.balance, "--balance")

@@ -52,6 +52,17 @@ def test_bad_arguments_exit_2_with_the_value_received(digits_npz: Path, tmp_path
     assert code == 2 and "received 1.5" in out
     code, out = flywheel("train", "--data", f"npz:{digits_npz}", "--out", str(tmp_path), "--rollout-stages", "0.5")
     assert code == 2 and "end at 1.0" in out
+    for option, value, expected in [("--width", "0", "--width must be >= 1; received 0"),
+                                    ("--threads", "0", "--threads must be >= 1; received 0"),
+                                    ("--weight-decay", "-1", "--weight-decay must be a number >= 0; received -1.0"),
+                                    ("--stage-seconds", "-1", "--stage-seconds must be a number > 0; received -1.0"),
+                                    ("--min-slice-size", "-1", "--min-slice-size must be >= 0; received -1"),
+                                    ("--seed", "-1", "--seed must be in [0, 2**32); received -1"),
+                                    ("--seed", "4294967296", "--seed must be in [0, 2**32); received 4294967296")]:
+        bad = CliRunner().invoke(app, ["train", "--data", f"npz:{digits_npz}", "--out", str(tmp_path / "bad"),
+                                       option, value], env={"COLUMNS": "400"})
+        assert bad.exit_code == 2 and expected in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()  # refused before anything ran
     # an --out that cannot be a folder is refused before anything trains, not when the checkpoint is written
     taken = tmp_path / "taken"
     taken.write_text("a file")
