@@ -42,6 +42,7 @@ from training.loop import (
     pool_on_device,
     prepare_on_ranks,
     set_threads,
+    signing_key,
     start_turn,
 )
 from training.models import Classifier, build_model, default_width, load_warm_start
@@ -134,6 +135,7 @@ def main(
         if dist.is_main:  # reach the tracking store and the hub to publish to before anything trains
             tracker = open_tracker(args.tracking_uri, args.experiment)
             if args.publish and not args.dry_run:
+                signing_key(args)  # no key to sign with is said first: it needs no hub to find
                 reach_hub(factory(args.publish))
         result = turn(args, dist, device, factory, progress, report, t_start, tracker)
         track_turn(tracker, report, args.out)
