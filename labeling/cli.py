@@ -206,7 +206,7 @@ def bots(
         admin.close()
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    if found is None or crew is None:
+    if crew is None:  # no such project
         admin.close()
         typer.echo(f"no Label Studio project titled {project!r}: run 'flywheel label sync' first", err=True)
         raise typer.Exit(2)

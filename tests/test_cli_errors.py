@@ -10,6 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 from typer.testing import CliRunner
 
 from fleet.cli import app, with_received
+from tests.support.asgi import free_port  # a loopback port no server listens on
 
 _HUB_EXPORTS = ("FLYWHEEL_HUB_DATA_DIR", "FLYWHEEL_HUB_DATABASE_URL", "FLYWHEEL_HUB_DEV")
 
@@ -77,15 +78,6 @@ def _hub_environment_restored(monkeypatch: pytest.MonkeyPatch, *more: str) -> No
         monkeypatch.delenv(var)
 
 
-def _refused_port() -> int:
-    """A loopback port no server listens on."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("command", [["hub", "migrate"], ["hub", "token", "create", "--scope", "admin", "--name", "a"],
                                      ["hub", "enrollment-token", "cam-1"], ["hub", "serve", "--dev"]])
 def test_a_hub_database_that_cannot_be_opened_is_named_not_a_traceback(
@@ -93,7 +85,7 @@ def test_a_hub_database_that_cannot_be_opened_is_named_not_a_traceback(
     _hub_environment_restored(monkeypatch)
     data = ["--data-dir", str(tmp_path / "data")]
     # a PostgreSQL server that is not running: its address, the password hidden
-    url = f"postgresql+psycopg://flywheel:s3cr3t@127.0.0.1:{_refused_port()}/hub"
+    url = f"postgresql+psycopg://flywheel:s3cr3t@127.0.0.1:{free_port()}/hub"
     code, text = flywheel([*command, *data, "--database-url", url])
     assert code == 2, text
     assert "error: cannot open the hub database at postgresql+psycopg://flywheel:***@127.0.0.1:" in text, text
@@ -169,7 +161,7 @@ def test_label_bots_says_in_a_line_that_label_studio_cannot_be_reached(tmp_path:
     monkeypatch.setattr(studio, "RetryPolicy", lambda: RetryPolicy(attempts=2, deadline_s=1.0))  # fewer waits
     truth = tmp_path / "truth.jsonl"
     truth.write_text('{"case_id": "c1", "label": 1}\n')
-    url = f"http://127.0.0.1:{_refused_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     code, text = flywheel(["label", "bots", "--truth", str(truth), "--ls-url", url, "--ls-token", "t"])
     assert code == 1, text
     assert "error: Label Studio list projects: ConnectError" in text and "Traceback" not in text, text
