@@ -26,6 +26,7 @@ from fleet.protocol import (
     ModelPublic,
     ModelReceipt,
     RolloutCreate,
+    RolloutList,
     RolloutPublic,
     SnapshotCreate,
     SnapshotList,
@@ -126,6 +127,10 @@ class HubClient:
     def list_models(self) -> list[ModelPublic]:
         """GET /v1/models: every registered version, oldest upload first."""
         return ModelList.from_json(self._request("GET", "/v1/models").content).models
+
+    def list_rollouts(self) -> list[RolloutPublic]:
+        """GET /v1/rollouts: every rollout, newest first (a read only a trainer or an admin token may make)."""
+        return RolloutList.from_json(self._request("GET", "/v1/rollouts").content).rollouts
 
     # --- plumbing ------------------------------------------------------------------------------
 

@@ -31,9 +31,10 @@ def parse_stages(text: str) -> list[float]:
 def reach_hub(client: HubClient) -> None:
     """Reach the hub a run will publish to, with its token, before anything trains (as the tracking store is): a hub
     that is down, a wrong URL or a token it refuses is found now, not after the training, when only the upload is
-    left. A read proves the token; the upload's own check of the trainer scope comes at the end."""
+    left. The read is one only a trainer's (or an admin's) token may make, as the upload and the rollout are, so a
+    labeler's token is refused now too."""
     try:
-        client.list_models()
+        client.list_rollouts()
     except FlywheelError as exc:
         raise InvalidInput(f"cannot publish to {client.base_url}: {exc}; expected a running hub that accepts --token "
                            "(checked before training; --dry-run trains without publishing)") from exc

@@ -89,14 +89,15 @@ def test_train_publishes_to_a_real_hub(running_hub: RunningHub, digits_npz: Path
 
 def test_a_hub_that_cannot_be_published_to_stops_the_run_before_it_trains(
         running_hub: RunningHub, digits_npz: Path, tmp_path: Path) -> None:  # noqa: F811
-    """A token the hub refuses, or a hub that is down, is found before the training, not after it, when only the
-    upload is left (on a GPU, an hour later)."""
+    """A token the hub refuses (unknown, or a labeler's, which may not publish), or a hub that is down, is found
+    before the training, not after it, when only the upload is left (on a GPU, an hour later)."""
     from tests.support.asgi import free_port
 
     key_path = tmp_path / "signing.key"
     key_path.write_bytes(running_hub.keypair.private_pem)
     down = f"http://127.0.0.1:{free_port()}"
     for i, (url, token, said) in enumerate([(running_hub.url, "fwt_not-a-token", "401"),
+                                            (running_hub.url, running_hub.token("labeler"), "403"),
                                             (down, running_hub.token("trainer"), "ConnectError")]):
         out = tmp_path / f"run{i}"
         result = CliRunner().invoke(app, [

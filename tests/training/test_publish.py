@@ -68,7 +68,7 @@ def test_a_candidate_that_fails_the_gate_never_reaches_the_hub(
     report = main(make_args(publish="http://hub", sign_key=str(signing_key[0]), epochs=1, width=4,
                             gate_against=trained / "checkpoint.pt"), client_factory=factory_for(hub))
     assert report["status"] == "rejected" and not report["published"]
-    assert hub.requests() == ["GET /v1/models"]  # only the read that checked the hub before training
+    assert hub.requests() == ["GET /v1/rollouts"]  # only the read that checked the hub before training
     assert report["baseline"]["metrics"]["test"]["accuracy"] > report["metrics"]["test"]["accuracy"]
 
 
@@ -87,7 +87,7 @@ def test_parity_failure_publishes_nothing(make_args: MakeArgs, signing_key: tupl
     monkeypatch.setattr(export_mod, "parity_check", mismatch)
     with pytest.raises(ParityError):
         main(make_args(publish="http://hub", sign_key=str(signing_key[0]), epochs=1), client_factory=factory_for(hub))
-    assert hub.requests() == ["GET /v1/models"]  # only the read that checked the hub before training
+    assert hub.requests() == ["GET /v1/rollouts"]  # only the read that checked the hub before training
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "failed" and "ParityError" in report["error"] and not report["published"]
     assert not (tmp_path / "run" / "manifest.json").exists()
