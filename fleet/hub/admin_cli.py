@@ -62,6 +62,12 @@ def _call(hub: str, token: str, method: str, path: str, answer: type[M], *, body
         raise typer.Exit(1) from None
 
 
+def _say_none(note: str) -> None:
+    """An empty listing says so on stderr, so that a person sees why nothing was printed and stdout stays the list's
+    lines only (empty) for a script."""
+    typer.echo(note, err=True)
+
+
 @models_app.command("list")
 def models_list(hub: str = HUB_URL, token: str = TOKEN, as_json: bool = typer.Option(False, "--json")) -> None:
     """Every registered version with its parent, status and metrics."""
@@ -158,6 +164,9 @@ def models_groups(hub: str = HUB_URL, token: str = TOKEN, as_json: bool = typer.
     if as_json:
         typer.echo(json.dumps([g.to_dict() for g in groups], indent=2))
         return
+    if not groups:
+        _say_none("no device group yet (no device has enrolled: each joins its agent config's `group`, 'default' "
+                  "unless set)")
     for g in groups:
         own = f"its own (before: {g.previous or '-'})" if g.pinned else "the fleet's"
         rollout = f", rollout {g.rollout_id}" if g.rollout_id else ""
@@ -206,6 +215,8 @@ def models_shadows(hub: str = HUB_URL, token: str = TOKEN,
     if as_json:
         typer.echo(json.dumps([t.to_dict() for t in trials], indent=2))
         return
+    if not trials:
+        _say_none("no shadow trial yet (`flywheel models shadow VERSION --group GROUP` starts one)")
     for t in trials:
         typer.echo(_trial_line(t))
 
@@ -251,7 +262,10 @@ def campaigns_list(hub: str = HUB_URL, token: str = TOKEN) -> None:
     """The newest version of each live campaign."""
     from fleet.protocol import CampaignList
 
-    for c in _call(hub, token, "GET", "/v1/campaigns", CampaignList).campaigns:
+    campaigns = _call(hub, token, "GET", "/v1/campaigns", CampaignList).campaigns
+    if not campaigns:
+        _say_none("no live campaign (`flywheel campaigns apply FILE` makes one)")
+    for c in campaigns:
         flag = " (expired)" if c.expired else ""
         typer.echo(f"{c.campaign_id}\tv{c.version}\t{','.join(c.groups) or '*'}{flag}")
 

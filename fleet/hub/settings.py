@@ -200,7 +200,7 @@ class HubSettings(BaseSettings):
         if self.public_key() is None:
             problems.append("no fleet signing key: set FLYWHEEL_HUB_SIGNING_PUBLIC_KEY or _FILE")
         if problems:
-            raise InvalidInput("refusing to start outside dev mode (FLYWHEEL_HUB_DEV=1 allows it): "
+            raise InvalidInput("refusing to start outside dev mode (`serve --dev` or FLYWHEEL_HUB_DEV=1 allows it): "
                                + "; ".join(problems))
         from fleet.signing import key_id
 

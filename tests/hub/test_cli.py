@@ -113,7 +113,20 @@ def test_campaigns_apply_list_delete(live: RunningHub, tmp_path: Path) -> None:
     r = runner.invoke(campaigns_app, ["apply", str(bad), *opts])
     assert r.exit_code == 1 and "vibes" in r.output
     assert runner.invoke(campaigns_app, ["delete", "night-fog", *opts]).exit_code == 0
-    assert runner.invoke(campaigns_app, ["list", *opts]).output.strip() == ""
+    r = runner.invoke(campaigns_app, ["list", *opts])
+    assert r.exit_code == 0 and r.stdout == "" and "no live campaign" in r.stderr, (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("args, said", [(["models", "groups"], "no device group yet"),
+                                        (["models", "shadows"], "no shadow trial yet"),
+                                        (["campaigns", "list"], "no live campaign")])
+def test_an_empty_listing_says_so_on_stderr(tmp_path: Path, args: list[str], said: str) -> None:
+    """A person sees why nothing was listed; a script reads an empty stdout."""
+    from fleet.cli import app as root
+
+    with start_hub(tmp_path / "hub") as hub:
+        r = runner.invoke(root, [*args, "--hub", hub.url, "--token", hub.admin_token])
+    assert r.exit_code == 0 and r.stdout == "" and said in r.stderr, (r.stdout, r.stderr)
 
 
 def test_campaigns_refusals_shows_what_devices_said(live: RunningHub, tmp_path: Path) -> None:
