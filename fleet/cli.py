@@ -28,6 +28,15 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 # loggers whose INFO lines (one per HTTP request, one per alembic plugin) show only with --verbose
 QUIET_LOGGERS = ("httpx", "httpcore", "alembic.runtime.plugins")
+# alembic's lines on every database opened, which --verbose brings back; the migrations it runs are always said
+MIGRATION_LOGGER = "alembic.runtime.migration"
+QUIET_MIGRATION_LINES = ("Context impl ", "Will assume ")
+
+
+def quiet_migration_line(record: Any) -> bool:
+    """A logging filter: False (drop) for alembic's note of the database kind, which comes each time a hub command
+    opens its database, not only when a migration runs."""
+    return not str(record.msg).startswith(QUIET_MIGRATION_LINES)
 
 
 def with_received(message: str, cause: BaseException | None) -> str:
@@ -107,6 +116,7 @@ if typer is not None:
         if not verbose:  # a line per HTTP request and per alembic plugin is --verbose's detail, not news
             for chatty in QUIET_LOGGERS:
                 logging.getLogger(chatty).setLevel(logging.WARNING)
+            logging.getLogger(MIGRATION_LOGGER).addFilter(quiet_migration_line)
 
 
 def main() -> None:

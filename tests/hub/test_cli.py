@@ -282,3 +282,20 @@ def test_an_admin_command_prints_its_answer_not_a_log_line_per_request(live: Run
     assert "HTTP Request" not in quiet.stderr, quiet.stderr
     loud = subprocess.run([*base, "--verbose", *opts], capture_output=True, text=True, timeout=60)
     assert loud.returncode == 0 and f"HTTP Request: GET {live.url}/v1/models" in loud.stderr, loud.stderr
+
+
+def test_a_hub_command_says_which_migrations_ran_but_not_the_database_kind_each_time(tmp_path: Path) -> None:
+    """alembic notes the database's kind ("Context impl SQLiteImpl") each time a hub command opens it; that is
+    --verbose's detail. The migrations it runs are news, and are said."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "fleet.cli"]
+    opts = ["hub", "migrate", "--data-dir", str(tmp_path / "hub")]
+    first = subprocess.run([*base, *opts], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "Running upgrade  -> 0001" in first.stderr, first.stderr
+    assert "Context impl" not in first.stderr and "Will assume" not in first.stderr, first.stderr
+    again = subprocess.run([*base, *opts], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "alembic" not in again.stderr, again.stderr
+    loud = subprocess.run([*base, "--verbose", *opts], capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 0 and "Context impl SQLiteImpl" in loud.stderr, loud.stderr
