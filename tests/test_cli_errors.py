@@ -114,6 +114,31 @@ def test_a_hub_setting_out_of_its_type_names_the_variable_and_the_value(tmp_path
     assert "received 'soon'" in text and not (tmp_path / "data").exists(), text
 
 
+def test_an_s3_blob_store_that_cannot_be_reached_is_named_not_a_traceback(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`serve` checks the bucket before it sets up a database; `sweep-blobs` and `rescore` name it too. A malformed
+    endpoint names the variable and the value."""
+    _hub_environment_restored(monkeypatch)
+    data = ["--data-dir", str(tmp_path / "data")]
+    for var, value in {"FLYWHEEL_HUB_BLOB_STORE": "s3", "FLYWHEEL_HUB_S3_BUCKET": "frames",
+                       "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret"}.items():
+        monkeypatch.setenv(var, value)
+    down = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("FLYWHEEL_HUB_S3_ENDPOINT_URL", down)
+    code, text = flywheel(["hub", "serve", "--dev", *data])
+    assert code == 2 and f"error: cannot open the hub's blob store s3://frames/blobs/ at {down}" in text, text
+    assert "the S3 bucket 'frames' cannot be reached (EndpointConnectionError)" in text, text
+    assert "Traceback" not in text and not (tmp_path / "data").exists(), text
+    assert flywheel(["hub", "migrate", *data])[0] == 0  # a hub whose bucket has gone away since
+    for command in (["hub", "sweep-blobs"], ["hub", "rescore", "--version", "m1"]):
+        code, text = flywheel([*command, *data])
+        assert code == 2 and "the S3 bucket 'frames' cannot be reached" in text and "Traceback" not in text, text
+    monkeypatch.setenv("FLYWHEEL_HUB_S3_ENDPOINT_URL", "127.0.0.1:9000")
+    code, text = flywheel(["hub", "serve", "--dev", "--data-dir", str(tmp_path / "other")])
+    assert code == 2 and "FLYWHEEL_HUB_S3_ENDPOINT_URL: s3_endpoint_url must be an http:// or https:// URL" in text
+    assert "received '127.0.0.1:9000'" in text and not (tmp_path / "other").exists(), text
+
+
 def test_a_token_made_where_no_hub_was_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An operator may make tokens before the hub's first start, so a new database is set up; a note says so, or a
     misdirected --data-dir would show only later, as a token the real hub does not know."""

@@ -47,7 +47,8 @@ def _settings(data_dir: Path | None, database_url: str | None, dev: bool | None)
         for e in exc.errors():
             where = "FLYWHEEL_HUB_" + "_".join(str(x) for x in e["loc"]).upper()
             received = "" if "received" in e["msg"] else f"; received {str(e.get('input'))[:200]!r}"
-            typer.echo(f"error: {where}: {e['msg']}{received}", err=True)
+            said = e["msg"].removeprefix("Value error, ")  # pydantic's prefix to a validator's own message
+            typer.echo(f"error: {where}: {said}{received}", err=True)
         raise typer.Exit(2) from None
 
 
@@ -147,11 +148,26 @@ def serve(
         raise typer.Exit(2) from None
     if settings.dev:
         _dev_banner()
+    if settings.blob_store == "s3":  # a bucket that does not answer stops the hub before its database is set up
+        _blob_store(settings)
     _open_hub(settings, data_dir=True).dispose()
     os.environ["FLYWHEEL_HUB_MIGRATE_ON_START"] = "0"  # done once, here, before the workers start
     typer.echo(f"dashboard: http://{host}:{port}/ui (log in with the admin token)", err=True)
     uvicorn.run("fleet.hub.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False)
+
+
+def _blob_store(settings: Any) -> Any:
+    """The blob store ``settings`` name, checked (a bucket must exist and answer); one that cannot be reached stops the
+    command with what was received and what was expected (exit 2), not a traceback."""
+    from fleet.errors import FlywheelError
+    from fleet.hub.stores import make_blob_store
+
+    try:
+        return make_blob_store(settings)
+    except (FlywheelError, ValueError) as exc:
+        typer.echo(f"error: cannot open the hub's blob store {settings.blob_store_where()}: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def _dev_banner() -> None:
@@ -303,14 +319,13 @@ def sweep_blobs(
     import time
 
     from fleet.hub.db import migrate
-    from fleet.hub.stores import make_blob_store
     from fleet.hub.sweep import sweep_orphan_blobs
 
     settings = _settings(data_dir, database_url, None)
     engine = _existing_hub(settings)
     try:
         migrate(engine)
-        store = make_blob_store(settings)
+        store = _blob_store(settings)
         report = sweep_orphan_blobs(engine, store, now=time.time(), min_age_s=min_age_s, dry_run=dry_run)
     finally:
         engine.dispose()
@@ -335,14 +350,13 @@ def rescore_cmd(
     from fleet.hub.context import Hub
     from fleet.hub.db import migrate
     from fleet.hub.rescore import active_version, remaining, rescore
-    from fleet.hub.stores import make_blob_store
 
     settings = _settings(data_dir, database_url, None)
     engine = _existing_hub(settings, pool_size=2)
     totals = {"version": version, "scored": 0, "failed": 0, "remaining": 0}
     try:
         migrate(engine)
-        hub = Hub(settings=settings, engine=engine, blobs=make_blob_store(settings))
+        hub = Hub(settings=settings, engine=engine, blobs=_blob_store(settings))
         while True:
             target = version or active_version(hub)
             if target is None:

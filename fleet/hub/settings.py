@@ -149,6 +149,14 @@ class HubSettings(BaseSettings):
             raise ValueError(f"s3_prefix must end with '/' (or be empty); received {v!r}")
         return v
 
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError(f"s3_endpoint_url must be an http:// or https:// URL like http://127.0.0.1:9000; "
+                             f"received {v!r}")
+        return v
+
     @field_validator("database_url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
