@@ -26,9 +26,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": ("fleet.sim.cli", "app", "all", "Run the whole loop on one machine, against random labeling."),
 }
 
-# loggers whose INFO lines (one per HTTP request, one per alembic plugin, where boto3 found its credentials)
-# show only with --verbose
-QUIET_LOGGERS = ("httpx", "httpcore", "alembic.runtime.plugins", "botocore.credentials")
+# loggers whose INFO lines (one per HTTP request, one per alembic plugin, where boto3 found its credentials and
+# endpoint) show only with --verbose
+QUIET_LOGGERS = ("httpx", "httpcore", "alembic.runtime.plugins", "botocore")
 # alembic's lines on every database opened, which --verbose brings back; the migrations it runs are always said
 MIGRATION_LOGGER = "alembic.runtime.migration"
 QUIET_MIGRATION_LINES = ("Context impl ", "Will assume ")

@@ -43,8 +43,13 @@ class ObjectStoreReader:
             import boto3
             from botocore.config import Config
 
-            client = boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"},
-                                                      max_pool_connections=THREADS))
+            try:
+                client = boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"},
+                                                          max_pool_connections=THREADS))
+            except ValueError as exc:  # boto3's check of the endpoint it was given (AWS_ENDPOINT_URL, a profile)
+                raise InvalidInput(f"--object-store {url}: boto3 cannot make an S3 client ({exc}); expected "
+                                   "AWS_ENDPOINT_URL (or the profile's endpoint_url) to be an http:// or https:// "
+                                   "URL, or unset for AWS") from exc
         self.client = client
 
     def __repr__(self) -> str:

@@ -302,6 +302,13 @@ def test_bad_stream_and_store_options_are_refused(make_args: MakeArgs, kw: dict[
         make_args(**kw).validate()
 
 
+def test_an_endpoint_boto3_cannot_use_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "minio.local:9000")
+    with pytest.raises(InvalidInput, match="--object-store s3://bucket/blobs/: boto3 cannot make an S3 client "
+                       r"\(Invalid endpoint: minio.local:9000\); expected AWS_ENDPOINT_URL"):
+        ObjectStoreReader("s3://bucket/blobs/")
+
+
 def test_a_streamed_detector_is_the_in_memory_one(make_det_args: MakeArgs, scenes_npz: Path, tmp_path: Path,
                                                   hub: InProcHub) -> None:
     """Boxes from a hub snapshot plus the scenes replay set (mapped from its npz), trained by fcos_tiny in memory
