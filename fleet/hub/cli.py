@@ -151,6 +151,10 @@ def serve(
     if settings.blob_store == "s3":  # a bucket that does not answer stops the hub before its database is set up
         _blob_store(settings)
     _open_hub(settings, data_dir=True).dispose()
+    url = settings.resolved_database_url()
+    if workers > 1 and url.startswith("sqlite"):
+        typer.echo(f"note: the {workers} workers share one SQLite file ({_shown(url)}), so their writes take turns; "
+                   "PostgreSQL (--database-url postgresql+psycopg://...) lets them write at once", err=True)
     os.environ["FLYWHEEL_HUB_MIGRATE_ON_START"] = "0"  # done once, here, before the workers start
     typer.echo(f"dashboard: http://{host}:{port}/ui (log in with the admin token)", err=True)
     uvicorn.run("fleet.hub.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,

@@ -179,6 +179,10 @@ def test_serve_dev_prints_a_loud_warning_and_still_serves(tmp_path: Path, monkey
     assert "WARNING: DEV MODE" in r.output and "dev-admin-token" in r.output and "Never expose it" in r.output
     assert started and started[0][0] == ("fleet.hub.app:create_app_from_env",)
     assert (tmp_path / "hub").stat().st_mode & 0o777 == 0o700
+    assert "note:" not in r.stderr, r.stderr
+    two = CliRunner().invoke(app, ["serve", "--dev", "--workers", "2", "--data-dir", str(tmp_path / "hub")])
+    assert two.exit_code == 0 and started[-1][1]["workers"] == 2, two.output
+    assert "note: the 2 workers share one SQLite file (sqlite:///" in two.stderr, two.stderr
     monkeypatch.setenv("FLYWHEEL_HUB_DEV", "0")
     quiet = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "prod")])
     assert quiet.exit_code == 2 and "DEV MODE" not in quiet.output  # no dev mode: refuses the default secrets
