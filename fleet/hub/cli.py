@@ -146,6 +146,11 @@ def serve(
     except InvalidInput as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if settings.dev and not _loopback(host):
+        typer.echo(f"error: a dev hub takes the built-in secrets (anyone who reaches it is an admin), so it listens on "
+                   f"this machine only; received --host {host!r}; expected 127.0.0.1, ::1 or localhost, or the hub's "
+                   "own secrets without dev mode (see `flywheel hub serve` without --dev)", err=True)
+        raise typer.Exit(2)
     if settings.dev:
         _dev_banner()
     if settings.blob_store == "s3":  # a bucket that does not answer stops the hub before its database is set up
@@ -159,6 +164,18 @@ def serve(
     typer.echo(f"dashboard: http://{host}:{port}/ui (log in with the admin token)", err=True)
     uvicorn.run("fleet.hub.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False)
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is an address of this machine only (a loopback address, or localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _blob_store(settings: Any) -> Any:

@@ -183,6 +183,12 @@ def test_serve_dev_prints_a_loud_warning_and_still_serves(tmp_path: Path, monkey
     two = CliRunner().invoke(app, ["serve", "--dev", "--workers", "2", "--data-dir", str(tmp_path / "hub")])
     assert two.exit_code == 0 and started[-1][1]["workers"] == 2, two.output
     assert "note: the 2 workers share one SQLite file (sqlite:///" in two.stderr, two.stderr
+    for host in ("0.0.0.0", "192.168.1.5", "::", "cam-hub.local"):  # the dev secrets stay on this machine
+        wide = CliRunner().invoke(app, ["serve", "--dev", "--host", host, "--data-dir", str(tmp_path / "wide")])
+        assert wide.exit_code == 2 and f"received --host {host!r}" in wide.stderr, wide.output
+    assert len(started) == 2 and not (tmp_path / "wide").exists()
+    ipv6 = CliRunner().invoke(app, ["serve", "--dev", "--host", "::1", "--data-dir", str(tmp_path / "hub")])
+    assert ipv6.exit_code == 0 and started[-1][1]["host"] == "::1", ipv6.output
     monkeypatch.setenv("FLYWHEEL_HUB_DEV", "0")
     quiet = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "prod")])
     assert quiet.exit_code == 2 and "DEV MODE" not in quiet.output  # no dev mode: refuses the default secrets
