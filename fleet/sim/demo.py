@@ -197,7 +197,7 @@ def _run_demo(settings: DemoSettings, *, progress: Progress | None,
                 f"{settings.turn_epochs}), or a stronger base (--seed-size, --base-epochs)")
     except ShortTurn as exc:  # the turns so far still get their report, with the reason it stopped
         write_report(turns, ws / "report", title=_title(settings), labeler=labeler.name if labeler else "",
-                     settings={k: str(v) for k, v in asdict(settings).items()}, error=str(exc),
+                     settings=settings_to_dict(settings), error=str(exc),
                      metric=METRICS[settings.task])
         raise
     finally:
@@ -213,7 +213,7 @@ def _run_demo(settings: DemoSettings, *, progress: Progress | None,
         examples = detection_examples(world, ws / "report", before=ws / "models" / "base" / "model.onnx",
                                       after=run.fly.onnx, random=run.rnd.onnx)
     report = write_report(turns, ws / "report", title=_title(settings), labeler=labeler.name if labeler else "",
-                          settings={k: str(v) for k, v in asdict(settings).items()}, metric=METRICS[settings.task],
+                          settings=settings_to_dict(settings), metric=METRICS[settings.task],
                           examples=examples)
     return turns, report
 

@@ -86,4 +86,5 @@ def test_demo_on_a_many_class_rgb_set_says_which_option_to_change(tmp_path: Path
     assert "WARNING: the base model is near chance" in out
     assert "(--seed-size, now 60)" in out and "(--base-epochs, now 1)" in out and "(--model, now smallcnn)" in out
     settings = json.loads((ws / "report" / "results.json").read_text())["settings"]
-    assert settings["seed_size"] == "60" and settings["test_size"] == "90" and settings["turn_epochs"] == "1"
+    assert settings["seed_size"] == 60 and settings["test_size"] == 90 and settings["turn_epochs"] == 1
+    assert settings["dataset"] == str(data) and isinstance(settings["install_studio"], bool)  # values, not str()
