@@ -6,6 +6,7 @@ through the form, opens every page, checks what each shows, and saves a screensh
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import time
 import types
@@ -133,6 +134,8 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 page.click("nav >> text=Models")
                 models = page.locator("#models").inner_text()
                 assert "m2\tretired\tm1\thub-snapshot:" in models and "m3\tcanary\tm2" in models
+                # the labeled accuracy says how many labels it is over (0% of 1 label is not 0% of 40)
+                assert re.search(r"\t\d+\.\d%\s+of \d+\t", models), models
                 assert "canary disagreement rose 12% -> 31%" in page.locator("table.rollouts").inner_text()
                 assert page.locator("svg.chart[aria-label='Accuracy per model version'] rect").count() >= 1
                 shot("models")
