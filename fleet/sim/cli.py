@@ -70,6 +70,9 @@ def demo(
     resume: bool = typer.Option(
         False, "--resume", help="Carry on with the interrupted demo in --workspace, where it stopped, with the "
         "settings it started with."),
+    serve: bool = typer.Option(
+        False, "--serve", help="Start the hub and Label Studio of the demo in --workspace again, after it stopped, "
+        "to browse its dashboard and annotations (the same logins); Ctrl-C stops them. Nothing is trained."),
 ) -> None:
     """Turn the whole flywheel on this machine: hub, agents, labels, retraining, OTA, and a random control arm."""
     import logging
@@ -83,6 +86,9 @@ def demo(
     from fleet.sim.settings import TASK_DEFAULTS
 
     console = Console()
+    if serve:
+        _serve(ctx, workspace)
+        return
     if resume and workspace is None:
         raise typer.BadParameter("--resume needs --workspace: the folder of the demo to carry on with")
     ws = workspace or Path("flywheel-demo") / time.strftime("%Y%m%d-%H%M%S")
@@ -144,10 +150,45 @@ def demo(
         f"{last.random.accuracy:.3f} test {metric}; {time.monotonic() - t0:.0f}s in all"
     )
     console.print(f"report: {report}")
+    console.print(f"its hub's dashboard and Label Studio, again: flywheel demo --serve --workspace {ws}",
+                  soft_wrap=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _serve(ctx: typer.Context, workspace: Path | None) -> None:
+    """``--serve``: the demo's hub and Label Studio from ``workspace``, up until Ctrl-C or a TERM (exit 0); a
+    server that stops on its own is exit 1. Each line goes out plain and at once, for a script that reads them."""
+    import signal
+
+    from fleet.sim.serve import serving, wait
+
+    if workspace is None:
+        raise typer.BadParameter("--serve needs --workspace: the folder of the demo whose servers to start")
+    given = [p.opts[0] for p in ctx.command.params if p.name not in ("workspace", "serve", None)
+             and getattr(ctx.get_parameter_source(p.name), "name", "") not in ("DEFAULT", "DEFAULT_MAP")]
+    if given:
+        raise typer.BadParameter(f"--serve starts a stopped demo's servers as they were and runs nothing, so it takes "
+                                 f"only --workspace; received {', '.join(given)}")
+
+    def say(msg: str) -> None:
+        typer.echo(msg)
+
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with serving(workspace, say) as served:
+            say("serving until Ctrl-C")
+            wait(served)
+    except KeyboardInterrupt:
+        say("stopped")
+    except (ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # what a resumed demo may be told again: the rest of its settings are its own

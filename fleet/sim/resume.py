@@ -215,14 +215,14 @@ def stop_leftovers(processes: dict[str, list[Any]], say: Any, *, ws: Path | None
         _stop_group(int(pid))
         stopped.append(name)
     if ws is not None:
-        for pgid, what in _marked_groups(ws).items():
+        for pgid, what in marked_processes(ws).items():
             say(f"stopping {what} (pid {pgid}), left running by the interrupted demo before its state named it")
             _stop_group(pgid)
             stopped.append(what)
     return stopped
 
 
-def _marked_groups(ws: Path) -> dict[int, str]:
+def marked_processes(ws: Path) -> dict[int, str]:
     """The process groups (other than this process's) holding a process marked with ``ws``, each with what its
     leader runs (``flywheel train``, ``label-studio``)."""
     mark = f"{DEMO_MARK}={ws.resolve()}".encode()

@@ -21,6 +21,7 @@ def test_demo_turns_the_whole_loop(tmp_path: Path) -> None:
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "built-in oracle" in run.stdout and "report:" in run.stdout
+    assert f"flywheel demo --serve --workspace {ws}" in " ".join(run.stdout.split())
     results = json.loads((ws / "report" / "results.json").read_text())
     turns = results["turns"]
     assert [t["turn"] for t in turns] == [0, 1]
