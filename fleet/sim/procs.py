@@ -145,18 +145,21 @@ def start_hub(data_dir: Path, keypair: KeyPair, *, database_url: str | None = No
     hub = HubProcess(f"http://127.0.0.1:{port}", keys["admin"], keys["fleet"], keys["webhook"], data_dir, proc,
                      log_path, env, dict(keys))
     deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise ProcessFailed(f"the hub exited with code {proc.returncode}:\n{tail(log_path)}")
-        try:
-            if httpx.get(hub.url + "/healthz", timeout=1.0).status_code == 200:
-                return hub
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            stop_process(proc)
-            raise ProcessFailed(f"the hub did not answer /healthz within {timeout:.0f}s:\n{tail(log_path)}")
-        time.sleep(0.2)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise ProcessFailed(f"the hub exited with code {proc.returncode}:\n{tail(log_path)}")
+            try:
+                if httpx.get(hub.url + "/healthz", timeout=1.0).status_code == 200:
+                    return hub
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ProcessFailed(f"the hub did not answer /healthz within {timeout:.0f}s:\n{tail(log_path)}")
+            time.sleep(0.2)
+    except BaseException:  # a timeout, or Ctrl-C while it starts: no hub is left behind
+        stop_process(proc)
+        raise
 
 
 def stop_process(proc: subprocess.Popen[Any], *, grace: float = 10.0) -> None:

@@ -166,14 +166,18 @@ def start_studio(data_dir: Path, *, binary: Path, timeout: float = 300.0, port: 
     proc = start_logged(cmd, log_path, env=env)
     server = StudioServer(url, token, ADMIN_EMAIL, password, proc, log_path)
     deadline = time.monotonic() + timeout
-    while not whoami_ok(url, token):
-        if proc.poll() is not None:
-            raise ProcessFailed(f"Label Studio exited with code {proc.returncode} while starting:\n"
-                                f"{tail(log_path, 40)}")
-        if time.monotonic() > deadline:
-            server.stop()
-            raise ProcessFailed(f"Label Studio did not answer at {url} within {timeout:.0f}s:\n{tail(log_path, 40)}")
-        time.sleep(2.0)
+    try:
+        while not whoami_ok(url, token):
+            if proc.poll() is not None:
+                raise ProcessFailed(f"Label Studio exited with code {proc.returncode} while starting:\n"
+                                    f"{tail(log_path, 40)}")
+            if time.monotonic() > deadline:
+                raise ProcessFailed(f"Label Studio did not answer at {url} within {timeout:.0f}s:\n"
+                                    f"{tail(log_path, 40)}")
+            time.sleep(2.0)
+    except BaseException:  # a timeout, or Ctrl-C while it starts: no server is left behind
+        server.stop()
+        raise
     return server
 
 
