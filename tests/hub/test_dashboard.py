@@ -171,7 +171,7 @@ def test_every_page_shows_the_loop(hub: HubHarness) -> None:
     models = hub.client.get("/ui/models").text
     assert "Accuracy per model version" in models and "<svg" in models and "<script" not in models
     models = text_of(models)
-    assert "m1 active – – – 9 40.0% 20.0%" in models  # 2 of the 5 labels agree with m1; heartbeats: 15 / 150
+    assert "m1 active – – – 9 40.0% of 5 20.0%" in models  # 2 of the 5 labels agree with m1; heartbeats: 15 / 150
     assert "m2 retired m1 hub-snapshot:snap-00001 test_accuracy = 0.710" in models
     assert "m3 canary m2 snap-00001 test_accuracy = 0.780" in models
     assert "canary disagreement rose 12% -> 31%" in html.unescape(models)
