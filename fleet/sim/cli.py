@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -167,8 +168,7 @@ def _serve(ctx: typer.Context, workspace: Path | None) -> None:
 
     if workspace is None:
         raise typer.BadParameter("--serve needs --workspace: the folder of the demo whose servers to start")
-    given = [p.opts[0] for p in ctx.command.params if p.name not in ("workspace", "serve", None)
-             and getattr(ctx.get_parameter_source(p.name), "name", "") not in ("DEFAULT", "DEFAULT_MAP")]
+    given = [p.opts[0] for p in _given(ctx, {"ctx", "workspace", "serve"})]
     if given:
         raise typer.BadParameter(f"--serve starts a stopped demo's servers as they were and runs nothing, so it takes "
                                  f"only --workspace; received {', '.join(given)}")
@@ -191,6 +191,16 @@ def _serve(ctx: typer.Context, workspace: Path | None) -> None:
             signal.signal(sig, handler)
 
 
+def _given(ctx: typer.Context, free: set[str]) -> list[Any]:
+    """The options of this command line that were given (not left at their defaults), other than ``free``."""
+
+    def source(name: str) -> str:  # typer carries its own click: compare the source by name
+        return getattr(ctx.get_parameter_source(name), "name", "")
+
+    return [p for p in ctx.command.params if p.name and p.name not in free
+            and source(p.name) not in ("DEFAULT", "DEFAULT_MAP")]
+
+
 # what a resumed demo may be told again: the rest of its settings are its own
 _RESUME_FREE = {"ctx", "workspace", "resume", "install_studio"}
 
@@ -200,11 +210,7 @@ def _check_resume(ctx: typer.Context, asked: object) -> None:
     would change one (repeating the same value is fine)."""
     from fleet.sim.resume import DemoState
 
-    def source(name: str) -> str:  # typer carries its own click: compare the source by name
-        return getattr(ctx.get_parameter_source(name), "name", "")
-
-    given = [p for p in ctx.command.params if p.name and p.name not in _RESUME_FREE
-             and source(p.name) not in ("DEFAULT", "DEFAULT_MAP")]
+    given = _given(ctx, _RESUME_FREE)
     if not given:
         return
     saved = DemoState.load(asked.workspace).demo_settings()  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fleet.sim.procs import HubProcess, port_free, start_hub, stop_process
+from fleet.sim.procs import HubProcess, ProcessFailed, port_free, start_hub, stop_process
 from fleet.sim.resume import STATE_FILE, DemoState, NotResumable, marked_processes, marking_children
 
 Say = Callable[[str], None]
@@ -91,7 +91,6 @@ def _studio(ws: Path, session: dict[str, Any], say: Say) -> Any:
         say("Label Studio: this demo did not run one (it labeled with the built-in oracle, or with a server of your "
             "own: FLYWHEEL_STUDIO_URL)")
         return None
-    from fleet.sim.procs import ProcessFailed
     from fleet.sim.studio import find_studio_bin, start_studio
 
     binary = find_studio_bin()
