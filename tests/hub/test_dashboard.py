@@ -217,3 +217,50 @@ def test_device_list_carries_spool_evictions_and_disagreement(hub: HubHarness) -
         2048 * 27, 12, 6, 50, 15)
     assert south.disagreement == 0.3
     assert (listed["d1"].spool_bytes, listed["d1"].evicted, listed["d1"].disagreement) == (None, 0, None)
+
+
+def test_the_fleet_page_lists_a_large_fleet_a_page_at_a_time_and_searches_it(bare_hub: HubHarness) -> None:
+    """250 devices: the page says how many, lists 100 by id with links to the next and previous pages, finds
+    devices by id or group in any case (a % is a character, not a wildcard), and names a bad page or search."""
+    h = bare_hub
+    for i in range(250):
+        h.enroll(f"cam-{i:03d}", group="North" if i % 5 == 0 else "south")
+    hb = {"device_id": "cam-105", "sent_at": h.clock(), "boot_id": "boot-1", "model_version": None,
+          "counters": {"frames_seen": 10, "evicted": 7}, "spool_bytes": 2048, "spool_items": 3}
+    assert h.client.post("/v1/heartbeats", json=hb, headers=h.devices["cam-105"]).status_code == 204
+    assert login(h).status_code == 303
+
+    first = h.client.get("/ui/fleet")
+    text = text_of(first.text)
+    assert "250 devices 1 ever heard from" in text  # the tiles count the whole fleet, not the page
+    assert "devices 1–100 of 250 · page 1 of 3" in text and "cam-099" in text and "cam-100" not in text
+    assert 'href="/ui/fleet?page=2" rel="next"' in first.text and 'rel="prev"' not in first.text
+    assert "devices (none): 250" in first.text  # the chart of devices per model version: none has one yet
+    second = h.client.get("/ui/fleet?page=2")
+    assert "devices 101–200 of 250 · page 2 of 3" in text_of(second.text)
+    row = re.search(r"cam-105 .{0,60}", text_of(second.text))
+    assert row and row.group().startswith("cam-105 North none 0 s ago 3 2.0 KiB 7 –"), row  # its heartbeat, on its page
+    assert 'href="/ui/fleet?page=1" rel="prev"' in second.text and 'href="/ui/fleet?page=3" rel="next"' in second.text
+    last = text_of(h.client.get("/ui/fleet?page=3").text)
+    assert "devices 201–250 of 250 · page 3 of 3" in last and "cam-249" in last and "cam-199" not in last
+
+    north = h.client.get("/ui/fleet?q=north")  # by group, in any case
+    assert "50 devices holding “north”" in text_of(north.text)
+    assert {m for m in re.findall(r"cam-\d{3}", north.text)} == {f"cam-{i:03d}" for i in range(0, 250, 5)}
+    assert 'value="north"' in north.text and 'rel="next"' not in north.text
+    by_id = text_of(h.client.get("/ui/fleet?q=CAM-24").text)  # by id
+    assert "10 devices holding “CAM-24”" in by_id and "cam-249" in by_id and "cam-239" not in by_id
+    wildcard = h.client.get("/ui/fleet?q=%25")
+    assert wildcard.status_code == 200 and "No device's id or group holds “%”." in text_of(wildcard.text)
+    many = h.client.get("/ui/fleet?q=south&page=2")
+    assert "devices 101–200 of 200 holding “south” · page 2 of 2" in text_of(many.text)
+    assert 'href="/ui/fleet?q=south&amp;page=1" rel="prev"' in many.text
+
+    for query, said in (("page=0", "page must be a whole number from 1; received '0'"),
+                        ("page=two", "page must be a whole number from 1; received 'two'"),
+                        ("page=4", "page 4 is past the last page of devices (3)"),
+                        ("q=north&page=2", "page 2 is past the last page of devices holding 'north' (1)"),
+                        ("q=" + "x" * 65, "the search may be at most 64 characters; received 65")):
+        r = h.client.get(f"/ui/fleet?{query}")
+        assert r.status_code == 400 and "<html" in r.text, query
+        assert said in html.unescape(r.text), (query, text_of(r.text))

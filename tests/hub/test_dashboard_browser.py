@@ -114,6 +114,16 @@ def test_the_dashboard_in_chromium(tmp_path: Path) -> None:
                 north = groups.filter(has_text="north").inner_text().split("\t")[:4]
                 assert north == ["north", "2", "m1", "the fleet's"]
                 shot("fleet")
+                # the search box: the devices whose id or group holds the text, and a way back to all of them
+                page.fill("form.search input[name=q]", "SOUTH")
+                page.click("form.search button")
+                page.wait_for_url(f"{hub.url}/ui/fleet?q=SOUTH")
+                assert rows.count() == 1 and "cam-south-1" in rows.inner_text()
+                assert page.locator(".pager").inner_text().strip() == "1 device holding “SOUTH”"
+                shot("fleet-search")
+                page.click("form.search >> text=show all")
+                page.wait_for_url(f"{hub.url}/ui/fleet")
+                assert rows.count() == 3
 
                 page.click("nav >> text=Campaigns")
                 assert page.locator("#triggers").inner_text().split("\n")[1:3] == ["entropy\t9", "novelty\t4"]

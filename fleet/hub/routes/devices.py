@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import sqlalchemy as sa
@@ -200,17 +202,52 @@ def list_devices(_: AdminCaller, hub: HubDep) -> Response:
 
 def device_list(s: Session) -> DeviceList:
     """Every enrolled device, by id, with its spool and its evictions and human comparisons over its boots."""
-    rows = s.exec(select(Device).order_by(Device.device_id)).all()
+    return DeviceList(devices=_public(s, s.exec(select(Device).order_by(Device.device_id)).all(), every=True))
+
+
+@dataclass(frozen=True)
+class DevicePage:
+    """One page of the enrolled devices (by id) matching a search, and how many match in all."""
+
+    devices: list[DevicePublic]
+    matching: int
+
+
+def device_page(s: Session, *, offset: int, limit: int, search: str = "") -> DevicePage:
+    """:func:`device_list`'s rows ``offset`` to ``offset + limit`` of the devices whose id or group holds
+    ``search`` (any case; empty: every device). The heartbeat sums are read for those devices alone, so a page
+    costs the same in a fleet of a hundred devices or of a hundred thousand."""
+    where = sa.true() if not search else sa.or_(col(Device.device_id).icontains(search, autoescape=True),
+                                                col(Device.group).icontains(search, autoescape=True))
+    matching = s.exec(select(sa.func.count()).select_from(Device).where(where)).one()
+    rows = s.exec(select(Device).where(where).order_by(Device.device_id).offset(offset).limit(limit)).all()
+    return DevicePage(_public(s, rows), int(matching))
+
+
+def _public(s: Session, rows: Sequence[Device], *, every: bool = False) -> list[DevicePublic]:
+    """The devices ``rows`` with their sums over their boots' heartbeats (``every``: rows are all the devices,
+    so every heartbeat state is read at once rather than those of the rows' ids)."""
+    query = select(HeartbeatState.device_id, HeartbeatState.values)
+    if not every:
+        query = query.where(col(HeartbeatState.device_id).in_([d.device_id for d in rows]))
     summed: dict[str, dict[str, int]] = {}
-    for device_id, values in s.exec(select(HeartbeatState.device_id, HeartbeatState.values)).all():
+    for device_id, values in s.exec(query).all():
         acc = summed.setdefault(device_id, {})
         for k in _SUMMED:
             acc[k] = acc.get(k, 0) + int(values.get(k, 0))
-    return DeviceList(devices=[
-        DevicePublic(device_id=d.device_id, group=d.group, enrolled_at=d.enrolled_at, revoked_at=d.revoked_at,
-                     last_seen_at=d.last_seen_at, model_version=d.model_version, boot_id=d.boot_id,
-                     spool_bytes=d.spool_bytes, spool_items=d.spool_items, **summed.get(d.device_id, {}))
-        for d in rows])
+    return [DevicePublic(device_id=d.device_id, group=d.group, enrolled_at=d.enrolled_at, revoked_at=d.revoked_at,
+                         last_seen_at=d.last_seen_at, model_version=d.model_version, boot_id=d.boot_id,
+                         spool_bytes=d.spool_bytes, spool_items=d.spool_items, **summed.get(d.device_id, {}))
+            for d in rows]
+
+
+def fleet_counts(s: Session) -> tuple[int, int, dict[str, int]]:
+    """Enrolled devices, those ever heard from, and devices per model version (``(none)``: no model yet)."""
+    total, heard = s.exec(select(sa.func.count(), sa.func.count(col(Device.last_seen_at)))).one()
+    per_model = {str(v or "(none)"): int(n) for v, n in s.exec(
+        select(Device.model_version, sa.func.count()).group_by(Device.model_version)
+        .order_by(Device.model_version)).all()}
+    return int(total), int(heard), per_model
 
 
 _SUMMED = ("evicted", "human_compared", "human_disagreed")  # cumulative per boot in HeartbeatState.values

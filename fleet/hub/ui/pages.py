@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 from sqlmodel import col, select
 
+from fleet.errors import InvalidInput
 from fleet.hub import lineage, observe, rollouts
 from fleet.hub.api import HubDep
 from fleet.hub.auth import Principal
@@ -19,7 +21,7 @@ from fleet.hub.learned import learned_states
 from fleet.hub.models import CampaignRefusalRow, CaseRow, ModelVersion, Rollout
 from fleet.hub.routes.campaigns import campaign_list
 from fleet.hub.routes.cases import case_row, selected_case
-from fleet.hub.routes.devices import device_list
+from fleet.hub.routes.devices import device_page, fleet_counts
 from fleet.hub.routes.groups import group_list
 from fleet.hub.routes.labels import acked
 from fleet.hub.routes.models import model_public
@@ -79,19 +81,52 @@ def logout() -> Response:
     return response
 
 
+DEVICES_SHOWN = 100  # devices a page of the fleet page lists
+
+
 @router.get("/fleet", response_class=HTMLResponse)
-def fleet(request: Request, admin: Admin, hub: HubDep) -> Response:
+def fleet(request: Request, admin: Admin, hub: HubDep, page: str = "1", q: str = "") -> Response:
+    """The fleet's counts, its groups, and its devices a page of :data:`DEVICES_SHOWN` at a time (``?page=N``),
+    those whose id or group holds ``?q=`` where one is given."""
+    number = _page_number(page)
+    search = q.strip()
+    if len(search) > MAX_SEARCH:
+        raise InvalidInput(f"the search may be at most {MAX_SEARCH} characters; received {len(search)}")
     with read_session(hub.engine) as s:
-        devices = device_list(s).devices
+        shown = device_page(s, offset=(number - 1) * DEVICES_SHOWN, limit=DEVICES_SHOWN, search=search)
+        total, heard, by_model = fleet_counts(s)
         summary = observe.summary(s, events_acked=acked(s))
         groups = group_list(s).groups
-    by_model: dict[str, int] = {}
-    for d in devices:
-        by_model[d.model_version or "(none)"] = by_model.get(d.model_version or "(none)", 0) + 1
+    pages = max(1, -(-shown.matching // DEVICES_SHOWN))
+    if number > pages:
+        raise InvalidInput(f"page {number} is past the last page of devices{f' holding {search!r}' if search else ''}"
+                           f" ({pages})")
     chart = charts.bar_chart(list(by_model), {"devices": list(by_model.values())}, title="Devices per model version",
                              fmt="{:.0f}")
-    return _page(request, "fleet.html", admin, devices=devices, summary=summary, now=hub.now(), chart=chart,
-                 groups=groups)
+    first = (number - 1) * DEVICES_SHOWN
+    return _page(request, "fleet.html", admin, devices=shown.devices, total=total, heard=heard, summary=summary,
+                 now=hub.now(), chart=chart, groups=groups, search=search, matching=shown.matching, page=number,
+                 pages=pages, first=first + 1, last=first + len(shown.devices),
+                 prev_href=_fleet_href(search, number - 1) if number > 1 else None,
+                 next_href=_fleet_href(search, number + 1) if number < pages else None)
+
+
+def _fleet_href(search: str, number: int) -> str:
+    return "/ui/fleet?" + urlencode({**({"q": search} if search else {}), "page": number})
+
+
+MAX_SEARCH = 64  # characters of the fleet page's search (a device id or group is at most 64)
+
+
+def _page_number(text: str) -> int:
+    """``?page=`` as a whole number from 1, or an InvalidInput naming what was received."""
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise InvalidInput(f"page must be a whole number from 1; received {text[:32]!r}")
+    return number
 
 
 REFUSALS_SHOWN = 50  # the newest campaign refusals on the campaigns page (all: flywheel campaigns refusals ID)
