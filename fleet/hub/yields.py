@@ -12,8 +12,9 @@ each case once):
 - ``labeled``, ``errors``: those with an accepted label, and those among them the model got wrong;
 - ``yield_ = errors / labeled``, ``labels_per_error = labeled / errors``, ``bytes_per_error = bytes / errors``.
 
-Rows stream from the database in chunks (:data:`CHUNK`), only the columns needed, so memory stays flat however
-many cases there are.
+The database counts (a case's trigger names read from its JSON in SQL, a classifier's error as its label against
+its top class); only a detector's cases with an accepted label are read into Python, in chunks (:data:`CHUNK`),
+to match their boxes. Nothing else of a case's JSON is decoded outside the database, however many there are.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, select
 
 from fleet.hub.models import CaseRow, ModelVersion
@@ -35,28 +37,59 @@ CHUNK = 5_000
 
 def trigger_yields(s: Session, *, campaign_id: str | None = None) -> YieldReport:
     """The yield of every (campaign, trigger) pair, or of one campaign's triggers; sorted by campaign, then
-    trigger (``"*"`` first)."""
-    q = select(CaseRow.campaign_id, CaseRow.task, CaseRow.payload, CaseRow.image_size, CaseRow.label_status,
-               CaseRow.label, CaseRow.predicted_class, CaseRow.label_payload, CaseRow.model_version) \
-        .where(col(CaseRow.campaign_id).is_not(None))
+    trigger (``"*"`` first). The database counts (:func:`_counted`); only the detectors' cases with an accepted
+    label are read here, to match their boxes."""
+    tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # uploads, bytes, labeled, errors
+    for cid, name, *counts in _counted(s, campaign_id):
+        tally[(cid, name)] = counts
+    q = select(CaseRow.campaign_id, CaseRow.payload, CaseRow.label_payload, CaseRow.model_version) \
+        .where(col(CaseRow.campaign_id).is_not(None), CaseRow.state == "labeled", CaseRow.label_status == "accepted",
+               CaseRow.task == "detect")
     if campaign_id is not None:
         q = q.where(CaseRow.campaign_id == campaign_id)
     thresholds = _operating_thresholds(s)
-    tally: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # uploads, bytes, labeled, errors
-    for cid, task, payload, size, status, label, predicted, label_payload, version in \
-            s.exec(q.execution_options(yield_per=CHUNK)):
-        labeled = status == "accepted"
-        wrong = labeled and model_wrong(task, label, predicted, payload, label_payload,
-                                        thresholds.get(version, DEFAULT_OPERATING))
-        names = {ALL} | {str(h.get("name")) for h in payload.get("triggers") or () if isinstance(h, dict)}
-        for name in names:
+    for cid, payload, label_payload, version in s.exec(q.execution_options(yield_per=CHUNK)):
+        wrong = model_wrong("detect", None, None, payload, label_payload, thresholds.get(version, DEFAULT_OPERATING))
+        for name in {ALL} | {str(h.get("name")) for h in payload.get("triggers") or () if isinstance(h, dict)}:
             t = tally[(cid, name)]
-            t[0] += 1
-            t[1] += int(size)
-            t[2] += int(labeled)
+            t[2] += 1
             t[3] += int(wrong)
     return YieldReport(yields=[_row(cid, name, *t) for (cid, name), t in
                                sorted(tally.items(), key=lambda kv: (kv[0][0], kv[0][1] != ALL, kv[0][1]))])
+
+
+# Each campaign case once per trigger name among its hits (DISTINCT: a name twice in one case counts once), with
+# the columns _COUNTS reads, as each database reads a JSON array (a case's triggers are a list: fleet.protocol)
+_CASE = "c.campaign_id, c.image_size, c.task, c.label_status, c.label, c.predicted_class"
+_HITS = {
+    "sqlite": f"SELECT DISTINCT c.case_id, json_extract(t.value, '$.name') AS name, {_CASE} FROM cases c, "
+              "json_each(c.payload, '$.triggers') t WHERE c.campaign_id IS NOT NULL{one}",
+    "postgresql": f"SELECT DISTINCT c.case_id, t.value ->> 'name' AS name, {_CASE} FROM cases c CROSS JOIN LATERAL "
+                  "json_array_elements(c.payload -> 'triggers') AS t(value) WHERE c.campaign_id IS NOT NULL{one}",
+}
+# per case: its bytes, whether a classifier's case has an accepted label, and whether that label is another class
+# than the model's top one (a detector's case is counted by trigger_yields, which matches its boxes)
+_COUNTS = ("count(*), sum(c.image_size), "
+           "sum(CASE WHEN c.label_status = 'accepted' AND c.task <> 'detect' THEN 1 ELSE 0 END), "
+           "sum(CASE WHEN c.label_status = 'accepted' AND c.task <> 'detect' AND c.label IS NOT NULL AND "
+           "(c.predicted_class IS NULL OR c.label <> c.predicted_class) THEN 1 ELSE 0 END)")
+
+
+def _counted(s: Session, campaign_id: str | None) -> list[tuple[Any, ...]]:
+    """(campaign, trigger, uploads, bytes, labeled, errors) for every trigger name that fired on a campaign's
+    cases, and for :data:`ALL`, counted in SQL without decoding a case's JSON here (a detector's labeled cases
+    are left to the caller)."""
+    dialect = s.get_bind().dialect.name
+    if dialect not in _HITS:
+        raise NotImplementedError(f"per-trigger yields are counted in SQLite or PostgreSQL, not {dialect}")
+    one = " AND c.campaign_id = :cid" if campaign_id is not None else ""
+    params = {"cid": campaign_id} if campaign_id is not None else {}
+    per_trigger = sa.text(f"SELECT c.campaign_id, c.name, {_COUNTS} FROM ({_HITS[dialect].format(one=one)}) AS c "
+                          f"WHERE c.name IS NOT NULL GROUP BY c.campaign_id, c.name")
+    every = sa.text(f"SELECT c.campaign_id, '{ALL}', {_COUNTS} FROM cases c WHERE c.campaign_id IS NOT NULL{one} "
+                    f"GROUP BY c.campaign_id")
+    return [(str(r[0]), str(r[1]), *(int(v or 0) for v in r[2:])) for q in (per_trigger, every)
+            for r in s.execute(q, params).all()]
 
 
 def _row(campaign_id: str, trigger: str, uploads: int, size: int, labeled: int, errors: int) -> TriggerYield:

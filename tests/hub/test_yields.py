@@ -69,6 +69,76 @@ def test_yield_counts_errors_found_per_trigger_and_per_campaign(hub: HubHarness)
     assert 'flywheel_trigger_uploads{campaign="rare",trigger="*"} 5' in text
 
 
+def test_the_databases_counts_match_each_cases_json(hub: HubHarness) -> None:
+    """Uploads and bytes are counted in SQL (SQLite's json_each, PostgreSQL's json_array_elements): over 60 cases
+    of three campaigns with random trigger hits, one name twice in a case and one case with none, they match a
+    count made here from each case's own JSON, and the labeled columns still come from the accepted labels."""
+    import random
+
+    hub.enroll("d1")
+    rng = random.Random(7)
+    sent: dict[str, tuple[str, list[str], int]] = {}
+    for i in range(60):
+        campaign = ("rare", "night", "fog")[i % 3]
+        names = rng.sample(["entropy", "novelty", "margin", "flicker"], rng.randint(0, 3))
+        if i == 5:
+            names = ["entropy", "entropy"]  # the same trigger twice: the case counts once for it
+        predicted = rng.randrange(3)
+        sent[send(hub, campaign, names, predicted=predicted)] = (campaign, names, predicted)
+    r = hub.client.post("/v1/selections", json={"budget": 20, "strategy": "random"}, headers=hub.labeler)
+    assert r.status_code in (200, 201), r.text
+    labels = {c["case"]["case_id"]: rng.randrange(3) for c in r.json()["cases"]}
+    for cid, label in labels.items():
+        assert hub.label(cid, label).status_code in (200, 201)
+    expected: dict[tuple[str, str], list[int]] = {}
+    for cid, (campaign, names, predicted) in sent.items():
+        size = hub.client.get(f"/v1/cases/{cid}", headers=hub.admin).json()["case"]["image_size"]
+        for name in {"*", *names}:
+            row = expected.setdefault((campaign, name), [0, 0, 0, 0])
+            row[0] += 1
+            row[1] += size
+            if cid in labels:
+                row[2] += 1
+                row[3] += int(labels[cid] != predicted)
+    got = {k: [v[0], v[5], v[1], v[2]] for k, v in yields(hub).items()}
+    assert got == expected
+    assert got[("rare", "entropy")][0] >= 1 and sum(v[2] for v in got.values()) > 0
+
+
+def test_a_detectors_cases_count_as_errors_by_their_boxes_beside_a_classifiers(hub: HubHarness) -> None:
+    """A detector's labeled cases are errors when the human's boxes differ from the model's at its operating
+    threshold (0.5 here); a classifier's in the same pool by their class, each counted once per campaign."""
+    from fleet.protocol import Box
+    from tests.hub.test_detect_cases import box_label, frame_png, register_detector
+    from tests.support.cases import make_detect_case
+
+    hub.enroll("d1")
+    register_detector(hub, "det1")
+    png = frame_png()
+    car, faint = Box(0.1, 0.1, 0.4, 0.4, 0, 0.9), Box(0.6, 0.6, 0.9, 0.9, 1, 0.3)  # faint: under the threshold
+    cases = {  # case: (the model's boxes, its triggers, the human's boxes)
+        "agree": ([car], ["box_flicker"], [car]),
+        "faint-missed": ([car, faint], ["box_flicker", "box_ambiguity"], [car, faint]),  # an error: one missed
+        "faint-absent": ([car, faint], ["box_ambiguity"], [car]),  # right: the faint box is not reported
+        "wrong-class": ([car], ["box_ambiguity"], [Box(car.x1, car.y1, car.x2, car.y2, 2)]),
+        "unlabeled": ([car], ["box_flicker"], None),
+    }
+    for cid, (boxes, triggers, _) in cases.items():
+        case = make_detect_case(case_id=cid, device_id="d1", model_version="det1", boxes=boxes, image=png,
+                                campaign_id="boxes", campaign_version=1,
+                                triggers=[TriggerHit(t, 1.0, 0.5) for t in triggers])
+        assert hub.post_case(case, png).status_code == 201
+    right = send(hub, "boxes", ["entropy"], predicted=1)  # a classifier's case in the same campaign, labeled right
+    for cid, (_, _, human) in cases.items():
+        if human is not None:
+            r = box_label(hub, cid, [[b.x1, b.y1, b.x2, b.y2, b.label] for b in human])
+            assert r.status_code in (200, 201), r.text
+    assert hub.label(right, 1).status_code in (200, 201)
+    got = {k: v[:3] for k, v in yields(hub, campaign_id="boxes").items()}
+    assert got == {("boxes", "*"): (6, 5, 2), ("boxes", "box_flicker"): (3, 2, 1),
+                   ("boxes", "box_ambiguity"): (3, 3, 2), ("boxes", "entropy"): (1, 1, 0)}
+
+
 def test_a_detection_is_wrong_when_a_box_is_missed_added_or_of_another_class() -> None:
     car = {"x1": 0.1, "y1": 0.1, "x2": 0.4, "y2": 0.4, "label": 0}
     person = {"x1": 0.5, "y1": 0.5, "x2": 0.9, "y2": 0.9, "label": 1}
