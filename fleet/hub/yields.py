@@ -58,15 +58,21 @@ def trigger_yields(s: Session, *, campaign_id: str | None = None) -> YieldReport
                                sorted(tally.items(), key=lambda kv: (kv[0][0], kv[0][1] != ALL, kv[0][1]))])
 
 
-# Each campaign case once per trigger name among its hits (DISTINCT: a name twice in one case counts once), with
-# the columns _COUNTS reads, as each database reads a JSON array (a case's triggers are a list: fleet.protocol)
-_CASE = "c.campaign_id, c.image_size, c.task, c.label_status, c.label, c.predicted_class"
-_HITS = {
-    "sqlite": f"SELECT DISTINCT c.case_id, json_extract(t.value, '$.name') AS name, {_CASE} FROM cases c, "
-              "json_each(c.payload, '$.triggers') t WHERE c.campaign_id IS NOT NULL{one}",
-    "postgresql": f"SELECT DISTINCT c.case_id, t.value ->> 'name' AS name, {_CASE} FROM cases c CROSS JOIN LATERAL "
-                  "json_array_elements(c.payload -> 'triggers') AS t(value) WHERE c.campaign_id IS NOT NULL{one}",
-}
+def trigger_hits(s: Session, columns: str, where: str) -> str:
+    """SQL listing each case ``c`` that matches ``where`` once per trigger name among its hits, as ``name``
+    beside its ``columns`` (DISTINCT: a name twice in one case counts once), as this database reads a JSON array
+    (a case's triggers are a list: fleet.protocol); a case without hits gives no row."""
+    dialect = s.get_bind().dialect.name
+    if dialect == "sqlite":
+        return (f"SELECT DISTINCT c.case_id, json_extract(t.value, '$.name') AS name, {columns} FROM cases c, "
+                f"json_each(c.payload, '$.triggers') t WHERE {where}")
+    if dialect == "postgresql":
+        return (f"SELECT DISTINCT c.case_id, t.value ->> 'name' AS name, {columns} FROM cases c CROSS JOIN LATERAL "
+                f"json_array_elements(c.payload -> 'triggers') AS t(value) WHERE {where}")
+    raise NotImplementedError(f"trigger hits are counted in SQLite or PostgreSQL, not {dialect}")
+
+
+_CASE = "c.campaign_id, c.image_size, c.task, c.label_status, c.label, c.predicted_class"  # what _COUNTS reads
 # per case: its bytes, whether a classifier's case has an accepted label, and whether that label is another class
 # than the model's top one (a detector's case is counted by trigger_yields, which matches its boxes)
 _COUNTS = ("count(*), sum(c.image_size), "
@@ -79,13 +85,11 @@ def _counted(s: Session, campaign_id: str | None) -> list[tuple[Any, ...]]:
     """(campaign, trigger, uploads, bytes, labeled, errors) for every trigger name that fired on a campaign's
     cases, and for :data:`ALL`, counted in SQL without decoding a case's JSON here (a detector's labeled cases
     are left to the caller)."""
-    dialect = s.get_bind().dialect.name
-    if dialect not in _HITS:
-        raise NotImplementedError(f"per-trigger yields are counted in SQLite or PostgreSQL, not {dialect}")
     one = " AND c.campaign_id = :cid" if campaign_id is not None else ""
     params = {"cid": campaign_id} if campaign_id is not None else {}
-    per_trigger = sa.text(f"SELECT c.campaign_id, c.name, {_COUNTS} FROM ({_HITS[dialect].format(one=one)}) AS c "
-                          f"WHERE c.name IS NOT NULL GROUP BY c.campaign_id, c.name")
+    hits = trigger_hits(s, _CASE, f"c.campaign_id IS NOT NULL{one}")
+    per_trigger = sa.text(f"SELECT c.campaign_id, c.name, {_COUNTS} FROM ({hits}) AS c WHERE c.name IS NOT NULL "
+                          f"GROUP BY c.campaign_id, c.name")
     every = sa.text(f"SELECT c.campaign_id, '{ALL}', {_COUNTS} FROM cases c WHERE c.campaign_id IS NOT NULL{one} "
                     f"GROUP BY c.campaign_id")
     return [(str(r[0]), str(r[1]), *(int(v or 0) for v in r[2:])) for q in (per_trigger, every)

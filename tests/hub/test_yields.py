@@ -103,6 +103,15 @@ def test_the_databases_counts_match_each_cases_json(hub: HubHarness) -> None:
     got = {k: [v[0], v[5], v[1], v[2]] for k, v in yields(hub).items()}
     assert got == expected
     assert got[("rare", "entropy")][0] >= 1 and sum(v[2] for v in got.values()) > 0
+    # the dashboard's uploads per trigger and per campaign, counted the same way
+    from fleet.hub.db import read_session
+    from fleet.hub.ui.figures import uploads
+
+    with read_session(hub.hub.engine) as s:
+        up = uploads(s, now=hub.clock())
+    per_trigger = {t: sum(v[0] for (_, name), v in expected.items() if name == t) for _, t in expected if t != "*"}
+    assert dict(up.by_trigger) == per_trigger and up.total == 60
+    assert dict(up.by_campaign) == {f"{c} v1": 20 for c in ("rare", "night", "fog")}
 
 
 def test_a_detectors_cases_count_as_errors_by_their_boxes_beside_a_classifiers(hub: HubHarness) -> None:

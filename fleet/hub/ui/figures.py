@@ -9,9 +9,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import sqlalchemy as sa
 from sqlmodel import Session, col, func, select
 
 from fleet.hub.models import CaseRow, LabelRow
+from fleet.hub.yields import trigger_hits
 
 DAY = 86_400.0
 HOUR = 3_600.0
@@ -30,16 +32,23 @@ class Uploads:
 
 
 def uploads(s: Session, *, now: float, days: int = 14) -> Uploads:
+    """Counted by the database: trigger names are read from each case's JSON in SQL
+    (:func:`fleet.hub.yields.trigger_hits`), so no case's JSON is decoded here."""
     since = _day_start(now) - (days - 1) * DAY
-    rows = s.exec(select(CaseRow.received_at, CaseRow.campaign_id, CaseRow.campaign_version, CaseRow.payload)
-                  .where(col(CaseRow.received_at) >= since)).all()
-    triggers: Counter[str] = Counter()
-    campaigns: Counter[str] = Counter()
-    per_day = Counter(int((r[0] - since) // DAY) for r in rows)
-    for _, campaign_id, campaign_version, payload in rows:
-        triggers.update({str(t.get("name")) for t in (payload or {}).get("triggers", []) if isinstance(t, dict)})
-        campaigns[f"{campaign_id} v{campaign_version}" if campaign_id else "(none)"] += 1
-    return Uploads(since=since, total=len(rows), by_trigger=triggers.most_common(), by_campaign=campaigns.most_common(),
+    window = {"since": since}
+    hits = trigger_hits(s, "c.received_at", "c.received_at >= :since")
+    triggers = s.execute(sa.text(f"SELECT h.name, count(*) AS n FROM ({hits}) AS h WHERE h.name IS NOT NULL "
+                                 "GROUP BY h.name ORDER BY n DESC, h.name"), window).all()
+    campaigns = s.execute(sa.text("SELECT c.campaign_id, c.campaign_version, count(*) AS n FROM cases c "
+                                  "WHERE c.received_at >= :since GROUP BY c.campaign_id, c.campaign_version "
+                                  "ORDER BY n DESC, c.campaign_id, c.campaign_version"), window).all()
+    by_campaign: Counter[str] = Counter()
+    for cid, version, n in campaigns:
+        by_campaign[f"{cid} v{version}" if cid else "(none)"] += int(n)
+    received = s.exec(select(CaseRow.received_at).where(col(CaseRow.received_at) >= since)).all()
+    per_day = Counter(int((t - since) // DAY) for t in received)
+    return Uploads(since=since, total=len(received), by_trigger=[(str(name), int(n)) for name, n in triggers],
+                   by_campaign=by_campaign.most_common(),
                    by_day=[(_day_name(since + d * DAY), per_day.get(d, 0)) for d in range(days)])
 
 
