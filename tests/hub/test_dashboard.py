@@ -259,6 +259,7 @@ def test_the_fleet_page_lists_a_large_fleet_a_page_at_a_time_and_searches_it(bar
     for query, said in (("page=0", "page must be a whole number from 1; received '0'"),
                         ("page=two", "page must be a whole number from 1; received 'two'"),
                         ("page=4", "page 4 is past the last page of devices (3)"),
+                        ("page=" + "9" * 30, f"page {'9' * 30} is past the last page of devices (3)"),
                         ("q=north&page=2", "page 2 is past the last page of devices holding 'north' (1)"),
                         ("q=" + "x" * 65, "the search may be at most 64 characters; received 65")):
         r = h.client.get(f"/ui/fleet?{query}")

@@ -219,9 +219,11 @@ def device_page(s: Session, *, offset: int, limit: int, search: str = "") -> Dev
     costs the same in a fleet of a hundred devices or of a hundred thousand."""
     where = sa.true() if not search else sa.or_(col(Device.device_id).icontains(search, autoescape=True),
                                                 col(Device.group).icontains(search, autoescape=True))
-    matching = s.exec(select(sa.func.count()).select_from(Device).where(where)).one()
+    matching = int(s.exec(select(sa.func.count()).select_from(Device).where(where)).one())
+    if offset >= matching:  # past the last (an offset beyond what the database's integers hold is not sent)
+        return DevicePage([], matching)
     rows = s.exec(select(Device).where(where).order_by(Device.device_id).offset(offset).limit(limit)).all()
-    return DevicePage(_public(s, rows), int(matching))
+    return DevicePage(_public(s, rows), matching)
 
 
 def _public(s: Session, rows: Sequence[Device], *, every: bool = False) -> list[DevicePublic]:
