@@ -250,6 +250,8 @@ def test_the_fleet_page_lists_a_large_fleet_a_page_at_a_time_and_searches_it(bar
     assert 'value="north"' in north.text and 'rel="next"' not in north.text
     by_id = text_of(h.client.get("/ui/fleet?q=CAM-24").text)  # by id
     assert "10 devices holding “CAM-24”" in by_id and "cam-249" in by_id and "cam-239" not in by_id
+    markup = h.client.get("/ui/fleet", params={"q": '"><b>x'})  # the search comes back as text, never markup
+    assert markup.status_code == 200 and "<b>x" not in markup.text and "&#34;&gt;&lt;b&gt;x" in markup.text
     wildcard = h.client.get("/ui/fleet?q=%25")
     assert wildcard.status_code == 200 and "No device's id or group holds “%”." in text_of(wildcard.text)
     many = h.client.get("/ui/fleet?q=south&page=2")
