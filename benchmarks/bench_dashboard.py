@@ -25,34 +25,25 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import append  # noqa: E402
+from benchmarks._common import append, started_hub  # noqa: E402
 from fleet.hub.db import write_session  # noqa: E402
 from fleet.hub.models import Device, HeartbeatState  # noqa: E402
 from fleet.hub.routes.devices import DevicePage, device_list, device_page  # noqa: E402
 from fleet.hub.ui import pages  # noqa: E402
-from fleet.signing import generate_keypair  # noqa: E402
 
 
 def hub_with(n: int, tmp: Path) -> Any:
     """A logged-in test client of a fresh SQLite hub holding ``n`` devices in 20 groups."""
-    from starlette.testclient import TestClient
-
-    from fleet.hub.app import create_app
-    from fleet.hub.settings import HubSettings
-
-    settings = HubSettings(dev=True, data_dir=tmp, database_url=f"sqlite:///{tmp / 'hub.sqlite'}",
-                           signing_public_key=generate_keypair().public_b64, public_url="http://hub.bench")
-    app = create_app(settings)
-    client = TestClient(app)
-    client.__enter__()
-    with write_session(app.state.hub.engine) as s:
+    client = started_hub(f"sqlite:///{tmp / 'hub.sqlite'}", tmp)
+    hub = client.app.state.hub
+    with write_session(hub.engine) as s:
         for i in range(n):
             device_id = f"cam-{i:07d}"
             s.add(Device(device_id=device_id, group=f"site-{i % 20:02d}", enrolled_at=1.0, last_seen_at=2.0 + i,
                          model_version=f"m{i % 3}", spool_bytes=4096, spool_items=2))
             s.add(HeartbeatState(device_id=device_id, boot_id="boot-1", values={"evicted": i % 7}, sent_at=2.0,
                                  received_at=2.0))
-    r = client.post("/ui/login", data={"token": settings.admin_token.get_secret_value()}, follow_redirects=False)
+    r = client.post("/ui/login", data={"token": hub.settings.admin_token.get_secret_value()}, follow_redirects=False)
     if r.status_code != 303:
         raise SystemExit(f"the benchmark's login was refused: {r.status_code} {r.text[:200]}")
     return client

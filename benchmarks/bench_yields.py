@@ -30,7 +30,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import append  # noqa: E402
+from benchmarks._common import append, started_hub  # noqa: E402
 from fleet.hub.db import read_session  # noqa: E402
 from fleet.hub.models import CaseRow  # noqa: E402
 from fleet.hub.yields import (  # noqa: E402
@@ -42,7 +42,6 @@ from fleet.hub.yields import (  # noqa: E402
     trigger_yields,
 )
 from fleet.protocol import YieldReport  # noqa: E402
-from fleet.signing import generate_keypair  # noqa: E402
 
 TRIGGERS = ({"name": "entropy", "score": 0.9, "threshold": 0.5}, {"name": "novelty", "score": 0.7, "threshold": 0.5})
 
@@ -91,17 +90,8 @@ def fill(engine: sa.Engine, n: int) -> None:
 
 
 def hub_engine(url: str, tmp: Path) -> tuple[Any, sa.Engine]:
-    """A started hub app on ``url`` (its migrations run as it starts: close the client it returns), and its
-    engine."""
-    from starlette.testclient import TestClient
-
-    from fleet.hub.app import create_app
-    from fleet.hub.settings import HubSettings
-
-    settings = HubSettings(dev=True, data_dir=tmp, database_url=url, signing_public_key=generate_keypair().public_b64,
-                           public_url="http://hub.bench")
-    client = TestClient(create_app(settings))
-    client.__enter__()
+    """A started hub app on ``url`` (close the client it returns), and its engine."""
+    client = started_hub(url, tmp)
     return client, client.app.state.hub.engine
 
 
