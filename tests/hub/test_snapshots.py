@@ -76,3 +76,20 @@ def test_blob_names_must_be_hashes(hub: HubHarness) -> None:
 def test_devices_cannot_read_snapshots_or_blobs(hub: HubHarness) -> None:
     assert hub.client.post("/v1/snapshots", headers=hub.devices["d1"]).status_code == 403
     assert hub.client.get(f"/v1/blobs/{'0' * 64}", headers=hub.devices["d1"]).status_code == 403
+
+
+def test_a_snapshot_of_no_labels_is_refused_and_takes_no_version(hub: HubHarness) -> None:
+    """Training on a hub with nothing labeled used to freeze an empty snapshot (a version number and a manifest)
+    that the trainer then refused: now the hub says why, and writes nothing."""
+    r = hub.client.post("/v1/snapshots", json={"name": "too-early"}, headers=hub.trainer)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == ("nothing to snapshot: the hub holds no accepted or gold labels yet (0 case(s), "
+                                  "0 of them held without a consensus); label cases first")
+    a, b = hub.send_case("d1"), hub.send_case("d1")
+    hub.label(a, 0, gold=1)  # a wrong answer to a gold task: held, never trained on
+    r = hub.client.post("/v1/snapshots", headers=hub.trainer)
+    assert r.status_code == 409 and "(2 case(s), 1 of them held without a consensus)" in r.json()["detail"]
+    assert hub.client.get("/v1/snapshots", headers=hub.trainer).json()["snapshots"] == []
+    hub.label(b, 2)
+    snap = hub.client.post("/v1/snapshots", headers=hub.trainer).json()
+    assert (snap["snapshot_id"], snap["version"], snap["n_labels"]) == ("snap-00001", 1, 1)

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from fleet.cli import app
-from fleet.errors import InvalidInput
+from fleet.errors import Conflict, InvalidInput
 from fleet.protocol import SignedManifest
 from fleet.signing import verify_manifest
 from tests.support.inproc import InProcHub
@@ -118,6 +118,16 @@ def test_a_warm_start_is_the_baseline_the_map_gate_holds_against(make_det_args: 
     with pytest.raises(InvalidInput, match="is a 'detect' model; this run trains a 'classify' model"):
         main(TrainArgs(data=f"npz:{tmp_path}/x.npz", out=tmp_path / "c", warm_start=tmp_path / "parent" /
                        "checkpoint.pt", threads=1))
+
+
+def test_a_detector_on_a_hub_with_no_labels_is_refused_and_leaves_no_snapshot(make_det_args: MakeArgs, scenes_npz: Path,
+                                                                          tmp_path: Path, hub: InProcHub) -> None:
+    out = tmp_path / "empty"
+    with pytest.raises(Conflict, match=r"nothing to snapshot: the hub holds no accepted or gold labels yet"):
+        main(make_det_args(data="hub:http://hub", base=f"npz:{scenes_npz}", out=out),
+             client_factory=lambda _: trainer(hub))
+    assert hub.snapshots() == [] and [p.name for p in out.iterdir()] == ["report.json"]  # the failed run's
+    assert json.loads((out / "report.json").read_text())["status"] == "failed"
 
 
 def test_boxes_from_a_hub_snapshot_train_a_detector(make_det_args: MakeArgs, scenes_npz: Path, tmp_path: Path,

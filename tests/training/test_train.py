@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fleet.errors import InvalidInput
+from fleet.errors import Conflict, InvalidInput
 from fleet.hub.selection import TRAIN_N_CLASS as HUB_TRAIN_N_CLASS
 from tests.support.data import digits_arrays, png_bytes
 from tests.support.inproc import InProcHub
@@ -197,6 +197,13 @@ def test_rgb_image_folder_with_a_torchvision_model(tmp_path: Path, make_args: Ma
     assert report["export"]["manifest"]["input"]["channels"] == 3
 
 
-def test_an_empty_snapshot_is_refused(make_args: MakeArgs, digits_npz: Path, hub: InProcHub) -> None:
-    with pytest.raises(InvalidInput, match=r"snap-\d+ holds no accepted or gold labels yet"):
+def test_training_on_a_hub_with_no_labels_is_refused_and_leaves_no_snapshot(make_args: MakeArgs, digits_npz: Path,
+                                                                           tmp_path: Path, hub: InProcHub) -> None:
+    """The hub refuses to freeze an empty snapshot: no snapshot is left on the hub, no model here."""
+    with pytest.raises(Conflict, match=r"nothing to snapshot: the hub holds no accepted or gold labels yet \(0 "):
         main(make_args(data="hub:http://hub", base=f"npz:{digits_npz}"), client_factory=lambda url: trainer(hub, url))
+    assert hub.snapshots() == []  # and the run folder holds only the failed run's report
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["report.json"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert report["error"].startswith("Conflict: POST /v1/snapshots: HTTP 409: nothing to snapshot")

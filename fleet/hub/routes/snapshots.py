@@ -42,12 +42,17 @@ _MEDIA = {"image": "image/png", "manifest": "application/x-ndjson", "model": "ap
              openapi_extra=request_body(SnapshotCreate, required=False))
 def create_snapshot(_: TrainerCaller, hub: HubDep,
                     body: SnapshotCreate = message_body(SnapshotCreate, optional=True)) -> Response:
-    """Freeze every accepted or gold label into a manifest (fleet.protocol.dataset) with a new version number.
+    """Freeze every accepted or gold label into a manifest (fleet.protocol.dataset) with a new version number
+    (none yet: 409, and nothing is written).
     Entries go in image order (then case id): the same labeled frames make the same training order in any hub,
     whatever ids the devices gave their cases, so a retrain on them repeats."""
     with read_session(hub.engine) as s:
         rows = s.exec(select(CaseRow).where(col(CaseRow.label_status).in_(["accepted", "gold"]))
                       .order_by(CaseRow.image_sha256, CaseRow.case_id)).all()
+        if not rows:  # an empty snapshot would take a version number and teach nothing: refuse, write nothing
+            cases, held = s.exec(select(func.count(), func.count(col(CaseRow.label_status)))).one()
+            raise Conflict(f"nothing to snapshot: the hub holds no accepted or gold labels yet ({cases} case(s), "
+                           f"{held} of them held without a consensus); label cases first")
     task, class_names = _classes(hub, rows)
     entries = [SnapshotEntry(case=Case.from_dict(r.payload), label=parse_prediction(r.label_payload, "label"),
                              status=str(r.label_status)) for r in rows]
