@@ -25,11 +25,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sqlmodel import select  # noqa: E402
+
 from benchmarks._common import append, started_hub  # noqa: E402
 from fleet.hub.db import write_session  # noqa: E402
 from fleet.hub.models import Device, HeartbeatState  # noqa: E402
-from fleet.hub.routes.devices import DevicePage, device_list, device_page  # noqa: E402
+from fleet.hub.routes.devices import DevicePage, device_page  # noqa: E402
 from fleet.hub.ui import pages  # noqa: E402
+from fleet.protocol import DevicePublic  # noqa: E402
 
 
 def hub_with(n: int, tmp: Path) -> Any:
@@ -50,7 +53,16 @@ def hub_with(n: int, tmp: Path) -> Any:
 
 
 def whole_fleet(s: Any, **_: Any) -> DevicePage:
-    devices = device_list(s).devices
+    """The page's rows as the hub read them before: every device, and every heartbeat state at once."""
+    summed: dict[str, dict[str, int]] = {}
+    for device_id, values in s.exec(select(HeartbeatState.device_id, HeartbeatState.values)).all():
+        acc = summed.setdefault(device_id, {})
+        for k in ("evicted", "human_compared", "human_disagreed"):
+            acc[k] = acc.get(k, 0) + int(values.get(k, 0))
+    devices = [DevicePublic(device_id=d.device_id, group=d.group, enrolled_at=d.enrolled_at, revoked_at=d.revoked_at,
+                            last_seen_at=d.last_seen_at, model_version=d.model_version, boot_id=d.boot_id,
+                            spool_bytes=d.spool_bytes, spool_items=d.spool_items, **summed.get(d.device_id, {}))
+               for d in s.exec(select(Device).order_by(Device.device_id)).all()]
     return DevicePage(devices, len(devices))
 
 

@@ -19,6 +19,7 @@ parses with them. Each top-level message carries ``schema`` so a peer refuses a 
 from fleet.protocol.admin import (
     ENROLL_OUTCOMES,
     ISSUED_SCOPES,
+    MAX_DEVICES_PAGE,
     SCOPES,
     DeviceList,
     DevicePublic,
@@ -160,7 +161,8 @@ from fleet.protocol.tasks import (
 
 __all__ = [
     "CASE_STATES", "CASE_STATUSES", "DB_INT", "ENROLL_OUTCOMES", "FIELD_COUNTERS", "HEARTBEAT_COUNTERS",
-    "ISSUED_SCOPES", "LABEL_STATUSES", "MAX_BOXES", "MAX_INT", "MODEL_STATUSES", "NAME_RE", "OTA_OUTCOMES",
+    "ISSUED_SCOPES", "LABEL_STATUSES", "MAX_BOXES", "MAX_DEVICES_PAGE", "MAX_INT", "MODEL_STATUSES", "NAME_RE",
+    "OTA_OUTCOMES",
     "OUTPUTS", "ROLLOUT_KINDS", "ROLLOUT_STATES", "SCHEMA_VERSION", "SCOPES", "SHA256_RE", "STRATEGIES", "TASKS",
     "TASK_TYPES", "Ack", "Assignment", "BankCreate", "BankList", "BankPublic", "BatchReceipt", "BlobRequest", "Box",
     "CampaignCreate", "CampaignDeleted", "CampaignList", "CampaignPublic", "CampaignReceipt", "CampaignRef",

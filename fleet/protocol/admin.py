@@ -3,7 +3,7 @@ what the hub says about itself (health, the summary). The model registry's messa
 :mod:`fleet.protocol.registry`.
 
 ==============================================  ================================================================
-``GET  /v1/devices``                            -> :class:`DeviceList`
+``GET  /v1/devices?limit=&offset=&q=``         -> :class:`DeviceList`
 ``POST /v1/devices/{device_id}/revoke``         -> :class:`DeviceRevoked`
 ``POST /v1/devices/{device_id}/enrollment-token``  :class:`GrantCreate` -> :class:`Grant`
 ``GET  /v1/enrollment-attempts``                -> :class:`EnrollmentAttemptList`
@@ -43,6 +43,7 @@ ISSUED_SCOPES = ("admin", "labeler", "trainer")  # what POST /v1/tokens makes; d
 ENROLL_OUTCOMES = ("enrolled", "re-enrolled", "refused")
 ENROLL_METHODS = ("fleet-secret", "enrollment-token", "device-token", "admin", "")
 MAX_GRANT_TTL_S = 366 * 24 * 3600.0
+MAX_DEVICES_PAGE = 10_000  # devices one DeviceList holds at most (GET /v1/devices?limit=)
 
 # ---------------------------------------------------------------------------------------------
 # devices and enrollment
@@ -89,12 +90,17 @@ class DevicePublic(Message):
 
 @dataclass
 class DeviceList(Message):
-    """Every enrolled device, by id."""
+    """A page of the enrolled devices, by id, and ``total``: how many devices match the request in all (every
+    enrolled device, or those its search holds), so a client asks for the next page until it has them."""
 
-    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"devices": (DevicePublic, 10_000_000)}
+    LISTS: ClassVar[dict[str, tuple[type[Message] | str, int]]] = {"devices": (DevicePublic, MAX_DEVICES_PAGE)}
 
     devices: list[DevicePublic]
+    total: int
     schema: int = SCHEMA_VERSION
+
+    def validate(self) -> None:
+        check_int(self.total, "total", lo=len(self.devices))
 
 
 @dataclass

@@ -14,7 +14,9 @@ import httpx
 import numpy as np
 
 from fleet.protocol import (
+    MAX_DEVICES_PAGE,
     DeviceList,
+    DevicePublic,
     ModelList,
     PoolPage,
     RescoreProgress,
@@ -122,11 +124,21 @@ def uploaded_frames(hub: HubProcess, labeler: Labeler) -> dict[str, str]:
     return out
 
 
+def fleet_devices(hub: HubProcess) -> list[DevicePublic]:
+    """Every enrolled device, by id: GET /v1/devices a page at a time."""
+    out: list[DevicePublic] = []
+    while True:
+        page = hub.call("GET", f"/v1/devices?limit={MAX_DEVICES_PAGE}&offset={len(out)}", DeviceList)
+        out += page.devices
+        if not page.devices or len(out) >= page.total:
+            return out
+
+
 def error_capture(hub: HubProcess, ws: Path, shards: dict[str, Frames] | dict[str, SceneFrames],
                   uploaded: dict[str, str]) -> tuple[int, int]:
     """How many errors each device's model made this turn, and how many of those were on frames it uploaded:
     a classifier's wrong frames; a detector's missed and wrong boxes (:func:`box_errors`)."""
-    versions = {d.device_id: d.model_version for d in hub.call("GET", "/v1/devices", DeviceList).devices}
+    versions = {d.device_id: d.model_version for d in fleet_devices(hub)}
     errors = captured = 0
     cache: dict[str, Any] = {}
     for dev, shard in shards.items():

@@ -263,7 +263,8 @@ def test_the_fleet_page_lists_a_large_fleet_a_page_at_a_time_and_searches_it(bar
                         ("page=4", "page 4 is past the last page of devices (3)"),
                         ("page=" + "9" * 30, f"page {'9' * 30} is past the last page of devices (3)"),
                         ("q=north&page=2", "page 2 is past the last page of devices holding 'north' (1)"),
-                        ("q=" + "x" * 65, "the search may be at most 64 characters; received 65")):
+                        ("q=" + "x" * 65, "the search may be at most 64 characters; received 65"),
+                        ("q=cam%00", "the search may not hold a NUL character; received 'cam\\x00'")):
         r = h.client.get(f"/ui/fleet?{query}")
         assert r.status_code == 400 and "<html" in r.text, query
         assert said in html.unescape(r.text), (query, text_of(r.text))

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from fleet.protocol import EnrollmentAttemptList, EnrollmentAttemptPublic
+from fleet.errors import ProtocolError
+from fleet.protocol import DeviceList, EnrollmentAttemptList, EnrollmentAttemptPublic
 from tests.hub.conftest import HubHarness
 
 SECRET = "dev-fleet-secret"
@@ -141,3 +142,45 @@ def test_credentials_that_are_not_text_a_hub_issued_are_refused_not_a_500(hub: H
     body = ('{"device_id": "cam-6", "' + field + '": "' + lone + '"}').encode()
     r = hub.client.post("/v1/enroll", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code in (401, 422) and isinstance(r.json()["detail"], str), r.text
+
+
+def test_the_devices_api_answers_a_page_at_a_time_with_the_total_and_searches(bare_hub: HubHarness) -> None:
+    """GET /v1/devices answered every enrolled device in one message, however large the fleet: now a page of
+    ``limit`` (1,000 unless asked) from ``offset``, with ``total`` so a client pages until it has them all, and
+    ``q`` finds devices by id or group as the fleet page does."""
+    h = bare_hub
+    for i in range(25):
+        h.enroll(f"cam-{i:02d}", group="North" if i % 5 == 0 else "south")
+
+    def page(**params: Any) -> DeviceList:
+        r = h.client.get("/v1/devices", params=params, headers=h.admin)
+        assert r.status_code == 200, r.text
+        return DeviceList.from_json(r.content)
+
+    everything = page()
+    assert everything.total == 25 and [d.device_id for d in everything.devices] == [f"cam-{i:02d}" for i in range(25)]
+    seen, offset = [], 0
+    while offset < 25:  # as a client pages
+        got = page(limit=10, offset=offset)
+        assert got.total == 25 and len(got.devices) == min(10, 25 - offset)
+        seen += [d.device_id for d in got.devices]
+        offset += len(got.devices)
+    assert seen == [d.device_id for d in everything.devices]
+    past = page(offset=25)
+    assert past.total == 25 and past.devices == []
+    north = page(q=" NORTH ", limit=3)  # by group, any case, surrounding spaces dropped
+    assert north.total == 5 and [d.device_id for d in north.devices] == ["cam-00", "cam-05", "cam-10"]
+    assert [d.device_id for d in page(q="m-2").devices] == [f"cam-2{i}" for i in range(5)]  # by id
+    assert page(q="%").total == 0  # a character, not a wildcard
+
+    for params, said in (({"limit": 0}, "limit"), ({"limit": 10_001}, "limit"), ({"offset": -1}, "offset"),
+                         ({"q": "x" * 65}, "the search may be at most 64 characters; received 65"),
+                         ({"q": "cam\x00"}, r"the search may not hold a NUL character; received 'cam\\x00'")):
+        r = h.client.get("/v1/devices", params=params, headers=h.admin)
+        assert r.status_code in (400, 422) and said in r.text, (params, r.text)
+    assert h.client.get("/v1/devices", headers=h.devices["cam-00"]).status_code == 403
+
+
+def test_a_device_list_refuses_a_total_below_its_devices() -> None:
+    with pytest.raises(ProtocolError, match="total must be >= 1; received 0"):
+        DeviceList.from_json('{"devices": [{"device_id": "a", "group": "g", "enrolled_at": 1.0}], "total": 0}')

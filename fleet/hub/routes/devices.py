@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlmodel import Session, col, select
 
-from fleet.errors import Conflict, NotFound, ProtocolError
+from fleet.errors import Conflict, InvalidInput, NotFound, ProtocolError
 from fleet.hub import enrollment, heartbeats, rollouts
 from fleet.hub.api import AdminCaller, DeviceCaller, HubDep, message_body, message_response, request_body
 from fleet.hub.auth import bearer, issue_token, require_device
@@ -22,6 +22,7 @@ from fleet.hub.db import read_session, write_session
 from fleet.hub.models import ApiToken, Device, EnrollmentAttempt, HeartbeatState, OtaReportRow
 from fleet.protocol import (
     ENROLL_OUTCOMES,
+    MAX_DEVICES_PAGE,
     Assignment,
     DeviceList,
     DevicePublic,
@@ -193,16 +194,20 @@ def _rollout_due(hub: Hub) -> bool:
     return any(r.stage_seconds is not None and hub.now() - r.stage_started_at >= r.stage_seconds for r in running)
 
 
+DEVICES_LISTED = 1000  # devices a GET /v1/devices answers by default (?limit=, up to MAX_DEVICES_PAGE)
+MAX_SEARCH = 64  # characters of a search of the devices (a device id or group is at most 64)
+
+
 @router.get("/v1/devices", response_model=DeviceList)
-def list_devices(_: AdminCaller, hub: HubDep) -> Response:
-    """Every enrolled device, by id."""
+def list_devices(_: AdminCaller, hub: HubDep, limit: int = Query(DEVICES_LISTED, ge=1, le=MAX_DEVICES_PAGE),
+                 offset: int = Query(0, ge=0, le=2**63 - 1),
+                 q: str = Query("", description="only devices whose id or group holds this text, in any case "
+                                                f"(at most {MAX_SEARCH} characters)")) -> Response:
+    """The enrolled devices by id, ``limit`` of them from ``offset`` (``total``: how many match in all, so a
+    client pages until it has them), those whose id or group holds ``?q=`` where one is given."""
     with read_session(hub.engine) as s:
-        return message_response(device_list(s))
-
-
-def device_list(s: Session) -> DeviceList:
-    """Every enrolled device, by id, with its spool and its evictions and human comparisons over its boots."""
-    return DeviceList(devices=_public(s, s.exec(select(Device).order_by(Device.device_id)).all(), every=True))
+        page = device_page(s, offset=offset, limit=limit, search=q)
+    return message_response(DeviceList(devices=page.devices, total=page.matching))
 
 
 @dataclass(frozen=True)
@@ -214,9 +219,16 @@ class DevicePage:
 
 
 def device_page(s: Session, *, offset: int, limit: int, search: str = "") -> DevicePage:
-    """:func:`device_list`'s rows ``offset`` to ``offset + limit`` of the devices whose id or group holds
-    ``search`` (any case; empty: every device). The heartbeat sums are read for those devices alone, so a page
-    costs the same in a fleet of a hundred devices or of a hundred thousand."""
+    """Rows ``offset`` to ``offset + limit`` of the enrolled devices, by id, whose id or group holds ``search``
+    (any case, surrounding spaces dropped; empty: every device), with their spools and their evictions and human
+    comparisons summed over their boots. The heartbeat sums are read for those devices alone, so a page costs the
+    same in a fleet of a hundred devices or of a hundred thousand. A search over :data:`MAX_SEARCH` characters, or
+    with a NUL, is an InvalidInput."""
+    search = search.strip()
+    if len(search) > MAX_SEARCH:
+        raise InvalidInput(f"the search may be at most {MAX_SEARCH} characters; received {len(search)}")
+    if "\x00" in search:  # PostgreSQL's text cannot hold a NUL (that was a 500); no id or group holds one
+        raise InvalidInput(f"the search may not hold a NUL character; received {search!r}")
     where = sa.true() if not search else sa.or_(col(Device.device_id).icontains(search, autoescape=True),
                                                 col(Device.group).icontains(search, autoescape=True))
     matching = int(s.exec(select(sa.func.count()).select_from(Device).where(where)).one())
@@ -226,14 +238,11 @@ def device_page(s: Session, *, offset: int, limit: int, search: str = "") -> Dev
     return DevicePage(_public(s, rows), matching)
 
 
-def _public(s: Session, rows: Sequence[Device], *, every: bool = False) -> list[DevicePublic]:
-    """The devices ``rows`` with their sums over their boots' heartbeats (``every``: rows are all the devices,
-    so every heartbeat state is read at once rather than those of the rows' ids)."""
-    query = select(HeartbeatState.device_id, HeartbeatState.values)
-    if not every:
-        query = query.where(col(HeartbeatState.device_id).in_([d.device_id for d in rows]))
+def _public(s: Session, rows: Sequence[Device]) -> list[DevicePublic]:
+    """The devices ``rows`` with their sums over their boots' heartbeats."""
     summed: dict[str, dict[str, int]] = {}
-    for device_id, values in s.exec(query).all():
+    for device_id, values in s.exec(select(HeartbeatState.device_id, HeartbeatState.values)
+                                    .where(col(HeartbeatState.device_id).in_([d.device_id for d in rows]))).all():
         acc = summed.setdefault(device_id, {})
         for k in _SUMMED:
             acc[k] = acc.get(k, 0) + int(values.get(k, 0))
