@@ -1,6 +1,8 @@
 """Per-trigger yields over a large pool: the database counting uploads and bytes (fleet.hub.yields, trigger names
 read from each case's JSON in SQL) against every campaign case decoded and counted in Python, as the hub counted
-before, in one run. ``/metrics``, ``GET /v1/yields``, the campaigns page and ``auto`` budgets all read them.
+before, in one run. ``/metrics``, ``GET /v1/yields``, the campaigns page and ``auto`` budgets all read them. And a
+``/metrics`` scrape that counts them against one that reads them counted within the last minute
+(``metrics_yields_max_age_s``), in the same run.
 
 For each pool size, campaign cases are written in bulk into a fresh hub database (SQLite, and PostgreSQL when
 ``--pg-admin-url`` or FLYWHEEL_TEST_PG_ADMIN_URL names a server: a database is made for the run and dropped).
@@ -106,18 +108,37 @@ def timed(fn: Any, engine: sa.Engine, repeat: int) -> tuple[float, YieldReport]:
     return statistics.median(times), report
 
 
-def run(backend: str, url: str, n: int, repeat: int, tmp: Path) -> tuple[float, float]:
+def scrapes(client: Any, repeat: int) -> tuple[float, float]:
+    """(median seconds of ``GET /metrics`` that counts the yields, median of one that reads them counted within
+    ``metrics_yields_max_age_s``), ``repeat`` of each through the app."""
+    hub = client.app.state.hub
+    admin = {"Authorization": f"Bearer {hub.settings.admin_token.get_secret_value()}"}
+    sides: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(repeat):
+        for counts in (True, False):
+            if counts:
+                hub.yields.clear()
+            t = time.perf_counter()
+            r = client.get("/metrics", headers=admin)
+            sides[counts].append(time.perf_counter() - t)
+            if r.status_code != 200 or "flywheel_trigger_uploads" not in r.text:
+                raise SystemExit(f"GET /metrics answered {r.status_code}: {r.text[:300]}")
+    return statistics.median(sides[True]), statistics.median(sides[False])
+
+
+def run(backend: str, url: str, n: int, repeat: int, tmp: Path) -> tuple[float, float, float, float]:
     client, engine = hub_engine(url, tmp)
     try:
         fill(engine, n)
         sql_s, sql_report = timed(trigger_yields, engine, repeat)
         py_s, py_report = timed(python_yields, engine, repeat)
+        counting_s, recent_s = scrapes(client, repeat)
     finally:
         client.__exit__(None, None, None)
         engine.dispose()
     if sql_report != py_report:
         raise SystemExit(f"{backend}, {n} cases: the two counts differ:\n{sql_report}\n{py_report}")
-    return sql_s, py_s
+    return sql_s, py_s, counting_s, recent_s
 
 
 def main() -> int:
@@ -131,9 +152,10 @@ def main() -> int:
     rows = []
     for n in [int(x) for x in args.cases.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
-            sql_s, py_s = run("sqlite", f"sqlite:///{Path(tmp) / 'hub.sqlite'}", n, args.repeat, Path(tmp))
-        rows.append(("SQLite", n, sql_s, py_s))
-        print(f"SQLite, {n} cases: SQL {sql_s:.3f} s, Python {py_s:.3f} s", flush=True)
+            times = run("sqlite", f"sqlite:///{Path(tmp) / 'hub.sqlite'}", n, args.repeat, Path(tmp))
+        rows.append(("SQLite", n, *times))
+        print(f"SQLite, {n} cases: SQL {times[0]:.3f} s, Python {times[1]:.3f} s, /metrics {times[2]:.3f} s "
+              f"counting, {times[3]:.3f} s within the max age", flush=True)
         if args.pg_admin_url:
             import psycopg
 
@@ -143,21 +165,26 @@ def main() -> int:
             try:
                 base = sa.make_url(args.pg_admin_url).set(drivername="postgresql+psycopg", database=name)
                 with tempfile.TemporaryDirectory() as tmp:
-                    sql_s, py_s = run("postgresql", base.render_as_string(hide_password=False), n, args.repeat,
-                                      Path(tmp))
+                    times = run("postgresql", base.render_as_string(hide_password=False), n, args.repeat,
+                                Path(tmp))
             finally:
                 with psycopg.connect(args.pg_admin_url, autocommit=True) as conn:
                     conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
-            rows.append(("PostgreSQL", n, sql_s, py_s))
-            print(f"PostgreSQL, {n} cases: SQL {sql_s:.3f} s, Python {py_s:.3f} s", flush=True)
-    lines = ["| database | campaign cases | counted in SQL: s | every case in Python (before): s | SQL / Python |",
-             "|---|---:|---:|---:|---:|"]
-    for backend, n, sql_s, py_s in rows:
-        lines.append(f"| {backend} | {n:,} | {sql_s:.3f} | {py_s:.3f} | {sql_s / py_s:.3f} |")
+            rows.append(("PostgreSQL", n, *times))
+            print(f"PostgreSQL, {n} cases: SQL {times[0]:.3f} s, Python {times[1]:.3f} s, /metrics {times[2]:.3f} s "
+                  f"counting, {times[3]:.3f} s within the max age", flush=True)
+    lines = ["| database | campaign cases | counted in SQL: s | every case in Python (before): s | SQL / Python | "
+             "/metrics counting them: s | /metrics within the max age: s | recent / counting |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for backend, n, sql_s, py_s, counting_s, recent_s in rows:
+        lines.append(f"| {backend} | {n:,} | {sql_s:.3f} | {py_s:.3f} | {sql_s / py_s:.3f} | {counting_s:.3f} | "
+                     f"{recent_s:.3f} | {recent_s / counting_s:.3f} |")
     body = "\n".join(lines) + (
         f"\n\nThe median of {args.repeat} runs of `trigger_yields` per side, on one read session; both sides gave the "
         "same report. One case in ten has an accepted label, which both sides read into Python to tell the model's "
-        "errors.\n")
+        f"errors. Then the median of {args.repeat} scrapes of `GET /metrics` through the app each way: one that "
+        "counts the yields (the worker's copy cleared first), and one that reads those counted within "
+        "`metrics_yields_max_age_s` (60 s), as every scrape but one a minute does.\n")
     print(body)
     if args.append:
         append(args.append, "Per-trigger yields: counted in SQL vs every case in Python (bench_yields.py)", body)

@@ -61,11 +61,13 @@ class Hub:
     clock: Callable[[], float] = time.time
     tokens: TTLCache[str, Any] = field(init=False)
     models: TTLCache[str, Any] = field(init=False)
+    yields: TTLCache[str, Any] = field(init=False)  # /metrics' per-trigger yields: (counted at, YieldReport)
     stats: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tokens = TTLCache(self.settings.token_cache_ttl_s)
         self.models = TTLCache(max(self.settings.token_cache_ttl_s, 1.0))
+        self.yields = TTLCache(self.settings.metrics_yields_max_age_s, max_size=1, clock=lambda: self.clock())
 
     def now(self) -> float:
         return self.clock()

@@ -21,7 +21,15 @@ from fleet.hub.models import (
     UploadBucket,
     WebhookEvent,
 )
-from fleet.protocol import CASE_STATES, FIELD_COUNTERS, FieldCounts, ModelSummary, QueueDepths, Summary
+from fleet.protocol import (
+    CASE_STATES,
+    FIELD_COUNTERS,
+    FieldCounts,
+    ModelSummary,
+    QueueDepths,
+    Summary,
+    YieldReport,
+)
 
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -140,7 +148,10 @@ def summary(s: Session, *, events_acked: int) -> Summary:
     )
 
 
-def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int) -> str:
+def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int,
+               yields: tuple[YieldReport, float] | None = None) -> str:
+    """The Prometheus text of the hub's state; ``yields``: the per-trigger yields and their age in seconds (None:
+    counted now, :func:`fleet.hub.yields.trigger_yields`)."""
     data = summary(s, events_acked=events_acked)
     lines = ["# HELP flywheel_cases Cases held by the hub, by state.", "# TYPE flywheel_cases gauge"]
     for state in CASE_STATES:
@@ -174,7 +185,11 @@ def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int
     for fm in counters:
         for k in FIELD_COUNTERS:
             lines.append(f'flywheel_field_total{{version="{_esc(fm.version)}",counter="{k}"}} {getattr(fm, k)}')
-    lines += _yield_lines(s)
+    if yields is None:
+        from fleet.hub.yields import trigger_yields
+
+        yields = trigger_yields(s), 0.0
+    lines += _yield_lines(*yields)
     lines += ["# HELP flywheel_campaign_refusing_devices Devices that could not run a campaign version "
               "(POST /v1/campaign-refusals).", "# TYPE flywheel_campaign_refusing_devices gauge"]
     refusing = s.exec(select(CampaignRefusalRow.campaign_id, CampaignRefusalRow.version, func.count())
@@ -190,12 +205,13 @@ def prometheus(s: Session, request_metrics: RequestMetrics, *, events_acked: int
     return "\n".join(lines) + "\n"
 
 
-def _yield_lines(s: Session) -> list[str]:
-    """Per campaign and trigger (fleet.hub.yields): uploads, labeled and errors found as gauges, and the yield."""
-    from fleet.hub.yields import trigger_yields
-
-    rows = trigger_yields(s).yields
-    lines = []
+def _yield_lines(report: YieldReport, age: float) -> list[str]:
+    """Per campaign and trigger (fleet.hub.yields): uploads, labeled and errors found as gauges, and the yield;
+    and how long ago they were counted."""
+    rows = report.yields
+    lines = ["# HELP flywheel_trigger_yields_age_seconds How long ago the flywheel_trigger_* gauges were counted "
+             "(FLYWHEEL_HUB_METRICS_YIELDS_MAX_AGE_S).", "# TYPE flywheel_trigger_yields_age_seconds gauge",
+             f"flywheel_trigger_yields_age_seconds {age:.6g}"]
     for key, help_text in (("uploads", "Cases a campaign's trigger flagged."),
                            ("labeled", "Of those, cases with an accepted label."),
                            ("errors", "Of those, cases the capturing model got wrong."),

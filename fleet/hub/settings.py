@@ -89,6 +89,10 @@ class HubSettings(BaseSettings):
     max_batch_bytes: int = Field(32 * 1024 * 1024, ge=4096, description="Body limit of POST /v1/cases/batch.")
     image_url_ttl_s: float = Field(7 * 24 * 3600.0, gt=0)
     token_cache_ttl_s: float = Field(2.0, ge=0, description="How long a worker trusts a cached token lookup.")
+    metrics_yields_max_age_s: float = Field(60.0, ge=0, description="How old /metrics' per-trigger yields may be: "
+                                            "a worker counts them again (one scan of the campaign cases) at most "
+                                            "this often, and says their age (0: every scrape). GET /v1/yields, "
+                                            "the CLI, the dashboard and auto budgets always count afresh.")
     blob_fsync: bool = Field(False, description="fsync each blob before it becomes visible.")
     migrate_on_start: bool = True
     db_pool_size: int = Field(20, ge=1)

@@ -10,6 +10,7 @@ from fleet.hub import observe
 from fleet.hub.api import AdminCaller, HubDep, ReaderCaller, message_response
 from fleet.hub.db import read_session
 from fleet.hub.routes.labels import acked
+from fleet.hub.yields import recent_yields
 from fleet.protocol import Health, Summary
 
 router = APIRouter(tags=["observability"])
@@ -34,7 +35,8 @@ def healthz(hub: HubDep) -> Response:
                              "description": "Prometheus text exposition format"}})
 def metrics(request: Request, _: AdminCaller, hub: HubDep) -> Response:
     with read_session(hub.engine) as s:
-        text = observe.prometheus(s, request.app.state.request_metrics, events_acked=acked(s))
+        text = observe.prometheus(s, request.app.state.request_metrics, events_acked=acked(s),
+                                  yields=recent_yields(hub, s))
     return Response(text, media_type=PROMETHEUS_TEXT)
 
 
