@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str, str]] = {
     "hub": ("fleet.hub.cli", "app", "hub", "Serve the hub and manage its tokens."),
     "models": ("fleet.hub.admin_cli", "models_app", "hub", "List, promote and roll back model versions."),
     "campaigns": ("fleet.hub.admin_cli", "campaigns_app", "hub", "Apply and list trigger campaigns."),
+    "devices": ("fleet.hub.admin_cli", "devices_app", "hub", "List, find and revoke enrolled devices."),
     "label": ("labeling.cli", "app", "labeling", "Keep Label Studio and the hub in step."),
     "train": ("training.cli", "train_app", "train", "Retrain, gate, export and publish a model."),
     "export": ("training.cli", "export_app", "train", "Export a checkpoint to signed ONNX."),

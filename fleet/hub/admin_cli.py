@@ -1,6 +1,6 @@
-"""``flywheel models`` and ``flywheel campaigns``: a running hub's model registry and campaigns, over HTTP with
-an admin token. Requests are built and answers read with fleet.protocol's messages; a refusal is reported
-with the hub's reason (fleet.errors.error_for_response) and exits 1.
+"""``flywheel models``, ``flywheel campaigns`` and ``flywheel devices``: a running hub's model registry, campaigns
+and enrolled devices, over HTTP with an admin token. Requests are built and answers read with fleet.protocol's
+messages; a refusal is reported with the hub's reason (fleet.errors.error_for_response) and exits 1.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ models_app = typer.Typer(help="List, promote and roll back model versions.", no_
 campaigns_app = typer.Typer(help="Apply, list and delete trigger campaigns, and see their yields and refusals.",
                              no_args_is_help=True)
 
+devices_app = typer.Typer(help="List, find and revoke the fleet's enrolled devices.", no_args_is_help=True)
+
 HUB_URL = typer.Option("http://127.0.0.1:8000", "--hub", envvar="FLYWHEEL_HUB_URL", help="The hub's base URL.")
 TOKEN = typer.Option(..., "--token", envvar="FLYWHEEL_HUB_TOKEN", help="An admin token for the hub.")
 
@@ -34,6 +36,11 @@ def _models() -> None:
 @campaigns_app.callback()
 def _campaigns() -> None:
     """Apply, list and delete trigger campaigns, and see their yields and refusals."""
+
+
+@devices_app.callback()
+def _devices() -> None:
+    """List, find and revoke the fleet's enrolled devices."""
 
 
 def _call(hub: str, token: str, method: str, path: str, answer: type[M], *, body: Message | None = None) -> M:
@@ -383,3 +390,50 @@ def _request(build: Callable[..., M], *args: Any, **fields: Any) -> M:
     except ProtocolError as exc:
         raise typer.BadParameter(str(exc)) from None
 
+
+
+@devices_app.command("list")
+def devices_list(search: str = typer.Option("", "--search", "-q", help="Only devices whose id or group holds this "
+                                            "text, in any case."),
+                 hub: str = HUB_URL, token: str = TOKEN,
+                 as_json: bool = typer.Option(False, "--json", help="The devices as a JSON list.")) -> None:
+    """Every enrolled device by id (or those --search finds): its group, the model it last ran, when it was last
+    heard from, its spool, and whether it is revoked. Read from GET /v1/devices a page at a time."""
+    import time
+    from urllib.parse import urlencode
+
+    from fleet.protocol import MAX_DEVICES_PAGE, DeviceList, DevicePublic
+
+    devices: list[DevicePublic] = []
+    while True:
+        query = {"limit": MAX_DEVICES_PAGE, "offset": len(devices), **({"q": search} if search else {})}
+        page = _call(hub, token, "GET", f"/v1/devices?{urlencode(query)}", DeviceList)
+        devices += page.devices
+        if not page.devices or len(devices) >= page.total:
+            break
+    if as_json:
+        typer.echo(json.dumps([d.to_dict() for d in devices], indent=2))
+        return
+    if not devices:
+        _say_none(f"no enrolled device's id or group holds {search!r}" if search else "no device has enrolled yet")
+        return
+
+    def utc(t: float | None) -> str:
+        return "never" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+    typer.echo("device\tgroup\tmodel\tlast seen (UTC)\tspool items\tspool KiB\trevoked (UTC)")
+    for d in devices:
+        typer.echo(f"{d.device_id}\t{d.group}\t{d.model_version or '-'}\t{utc(d.last_seen_at)}\t"
+                   f"{_fmt(d.spool_items, 'd')}\t{_fmt(None if d.spool_bytes is None else d.spool_bytes / 1024, '.1f')}"
+                   f"\t{'-' if d.revoked_at is None else utc(d.revoked_at)}")
+
+
+@devices_app.command("revoke")
+def devices_revoke(device_id: str = typer.Argument(...), hub: str = HUB_URL, token: str = TOKEN) -> None:
+    """Revoke DEVICE_ID (a lost or stolen device): it never enrolls again, and every token it holds stops working."""
+    from urllib.parse import quote
+
+    from fleet.protocol import DeviceRevoked
+
+    r = _call(hub, token, "POST", f"/v1/devices/{quote(device_id, safe='')}/revoke", DeviceRevoked)
+    typer.echo(f"revoked {r.device_id}: it cannot enroll again; {r.tokens_revoked} token(s) it held stopped working")

@@ -1,4 +1,4 @@
-"""`flywheel hub token`, `flywheel models` and `flywheel campaigns` against real hubs."""
+"""`flywheel hub token`, `flywheel models`, `flywheel campaigns` and `flywheel devices` against real hubs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from fleet.hub.admin_cli import campaigns_app, models_app
+from fleet.hub.admin_cli import campaigns_app, devices_app, models_app
 from fleet.hub.cli import app
 from tests.support.hub import RunningHub, start_hub
 from tests.support.models import make_model_files
@@ -119,7 +119,9 @@ def test_campaigns_apply_list_delete(live: RunningHub, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("args, said", [(["models", "groups"], "no device group yet"),
                                         (["models", "shadows"], "no shadow trial yet"),
-                                        (["campaigns", "list"], "no live campaign")])
+                                        (["campaigns", "list"], "no live campaign"),
+                                        (["devices", "list"], "no device has enrolled yet"),
+                                        (["devices", "list", "-q", "x"], "no enrolled device's id or group holds 'x'")])
 def test_an_empty_listing_says_so_on_stderr(tmp_path: Path, args: list[str], said: str) -> None:
     """A person sees why nothing was listed; a script reads an empty stdout."""
     from fleet.cli import app as root
@@ -157,10 +159,52 @@ def test_campaigns_refusals_shows_what_devices_said(live: RunningHub, tmp_path: 
     assert r.exit_code == 1 and "404" in r.output
 
 
+def test_devices_list_finds_and_revoke_from_the_command_line(live: RunningHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator lists the fleet (read a page at a time: two devices a page here), finds devices by id or group,
+    and revokes a lost one, whose token then stops working."""
+    import fleet.protocol
+    from fleet.protocol import Enrollment, EnrollRequest, Heartbeat
+
+    tokens = {}
+    for i, group in enumerate(("dock", "dock", "yard", "dock", "yard")):
+        r = httpx.post(f"{live.url}/v1/enroll", headers={"Content-Type": "application/json"},
+                       content=EnrollRequest(f"ops-{i}", fleet_secret=live.fleet_secret, group=group).to_json())
+        assert r.status_code == 200, r.text
+        tokens[f"ops-{i}"] = {"Authorization": f"Bearer {Enrollment.from_json(r.content).token}"}
+    hb = Heartbeat(device_id="ops-1", sent_at=1_780_000_000.0, boot_id="b1", model_version=None,
+                   counters={"frames_seen": 5}, spool_bytes=3072, spool_items=4)
+    r = httpx.post(f"{live.url}/v1/heartbeats", content=hb.to_json(),
+                   headers={"Content-Type": "application/json", **tokens["ops-1"]})
+    assert r.status_code == 204, r.text
+    opts = ["--hub", live.url, "--token", live.admin_token]
+    monkeypatch.setattr(fleet.protocol, "MAX_DEVICES_PAGE", 2)  # the CLI reads 2 a page: 3 pages for 5 devices
+
+    r = runner.invoke(devices_app, ["list", "--search", "OPS-", *opts])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[0] == "device\tgroup\tmodel\tlast seen (UTC)\tspool items\tspool KiB\trevoked (UTC)"
+    assert [line.split("\t")[0] for line in lines[1:]] == [f"ops-{i}" for i in range(5)]
+    row = lines[2].split("\t")
+    assert row[:2] == ["ops-1", "dock"] and row[4:] == ["4", "3.0", "-"] and row[3] != "never", row
+    assert lines[1].split("\t")[3] == "never"
+    yard = json.loads(runner.invoke(devices_app, ["list", "-q", "yard", "--json", *opts]).stdout)
+    assert [d["device_id"] for d in yard] == ["ops-2", "ops-4"] and yard[0]["group"] == "yard"
+
+    r = runner.invoke(devices_app, ["revoke", "ops-4", *opts])
+    assert r.exit_code == 0 and "revoked ops-4: it cannot enroll again; 1 token(s) it held stopped working" in r.output
+    assert httpx.get(f"{live.url}/v1/assignment", headers=tokens["ops-4"]).status_code == 401
+    revoked = runner.invoke(devices_app, ["list", "-q", "ops-4", *opts]).stdout.splitlines()[1].split("\t")
+    assert revoked[0] == "ops-4" and revoked[-1] != "-"
+    r = runner.invoke(devices_app, ["revoke", "ops-99", *opts])
+    assert r.exit_code == 1 and "404" in r.output and "unknown device 'ops-99'" in r.output
+    r = runner.invoke(devices_app, ["list", "-q", "x" * 65, *opts])
+    assert r.exit_code == 1 and "the search may be at most 64 characters; received 65" in r.output
+
+
 def test_root_cli_exposes_the_hub_commands() -> None:
     from fleet.cli import app as root
 
-    for cmd in (["hub", "--help"], ["models", "--help"], ["campaigns", "--help"]):
+    for cmd in (["hub", "--help"], ["models", "--help"], ["campaigns", "--help"], ["devices", "--help"]):
         r = runner.invoke(root, cmd)
         assert r.exit_code == 0, r.output
 
