@@ -112,6 +112,7 @@ def _run_demo(settings: DemoSettings, *, progress: Progress | None,
         done = len(saved.turns) - 1
         if done >= settings.turns and saved.current is None and saved.rollout_id is None:
             say(f"the demo in {ws} finished all {settings.turns} turn(s); nothing to resume")
+            stop_leftovers(saved.processes, say, ws=ws)  # what a killed --serve (or run) of it left running
             return saved.turn_results(), ws / "report" / "index.html"
         where = f"; turn {saved.current.turn} stopped after its {saved.current.phase} step" \
             if saved.current and saved.current.phase != "start" else ""

@@ -66,7 +66,8 @@ def serving(ws: Path, say: Say) -> Iterator[Served]:
     if running or not port_free(port):
         what = ", ".join(sorted(set(running.values()))) or f"a process on the hub's port {port}"
         raise ValueError(f"the demo in {ws} is still running ({what}): its hub is up already at "
-                         f"http://127.0.0.1:{port}/ui; --serve is for a demo that has stopped")
+                         f"http://127.0.0.1:{port}/ui; --serve is for a demo that has stopped (where a killed run or "
+                         f"--serve left these running, `flywheel demo --resume --workspace {ws}` stops them)")
     settings = state.demo_settings()
     with marking_children(ws):  # a later --resume finds and stops these, as it does a run's leftovers
         hub = start_hub(ws / "hub", read_keypair(ws / "keys"), port=port, keys=state.hub["keys"],

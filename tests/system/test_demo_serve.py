@@ -101,3 +101,50 @@ def test_a_stopped_demo_serves_its_dashboard_and_label_studio_again(tmp_path: Pa
     for gone in (url, ls_url):
         with pytest.raises(httpx.ConnectError):
             httpx.get(gone, timeout=5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_stops_what_a_killed_serve_left_running(tmp_path: Path) -> None:
+    """--serve killed hard (its hub lives on, orphaned): a second --serve is refused and says how to stop it;
+    --resume of the finished demo stops it, resumes nothing, and --serve works again."""
+    ws = tmp_path / "ws"
+    run = subprocess.run([*DEMO, "--workspace", str(ws), "--turns", "1", "--devices", "1", "--frames-per-device",
+                          "60", "--budget", "10", "--labeler", "oracle", "--base-epochs", "1", "--epochs", "1",
+                          "--seed-size", "60", "--test-size", "30", "--width", "8"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    url = f"http://127.0.0.1:{json.loads((ws / 'demo-state.json').read_text())['hub']['port']}"
+
+    def serve() -> tuple[subprocess.Popen[str], Lines]:
+        proc = subprocess.Popen([*DEMO, "--serve", "--workspace", str(ws)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        lines = Lines(proc)
+        lines.wait_for("serving until Ctrl-C", 120)
+        return proc, lines
+
+    proc, _ = serve()
+    try:
+        proc.kill()  # the --serve process alone, not its hub (another process group)
+        proc.wait(timeout=30)
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200  # the hub, orphaned
+        code, out = _refused("--serve", "--workspace", str(ws))
+        assert code == 1 and f"the demo in {ws} is still running (flywheel hub serve)" in out, out
+        assert f"`flywheel demo --resume --workspace {ws}` stops them" in out, out
+        resumed = subprocess.run([*DEMO, "--resume", "--workspace", str(ws)], capture_output=True, text=True,
+                                 timeout=120)
+        said = " ".join((resumed.stdout + resumed.stderr).split())
+        assert resumed.returncode == 0 and "finished all 1 turn(s); nothing to resume" in said, said
+        assert "stopping flywheel hub serve" in said, said
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", timeout=5)
+        again, lines = serve()  # the workspace serves again
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+        again.send_signal(signal.SIGINT)
+        assert again.wait(timeout=60) == 0
+        lines.wait_for("stopped", 10)
+    finally:
+        for p in (proc, locals().get("again")):
+            if p is not None and p.poll() is None:
+                p.kill()
+        subprocess.run([*DEMO, "--resume", "--workspace", str(ws)], capture_output=True, timeout=120)
