@@ -391,7 +391,6 @@ def _request(build: Callable[..., M], *args: Any, **fields: Any) -> M:
         raise typer.BadParameter(str(exc)) from None
 
 
-
 @devices_app.command("list")
 def devices_list(search: str = typer.Option("", "--search", "-q", help="Only devices whose id or group holds this "
                                             "text, in any case."),
