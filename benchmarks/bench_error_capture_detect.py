@@ -45,8 +45,14 @@ same features, scikit-learn's gradient-boosted trees with a Poisson loss; (c) wh
 to the Poisson fit: its novelty (the mean cosine distance to its :data:`BANK_K` nearest entries of the novelty bank
 the trainer ships with the model, the model's embeddings of its training set), its image statistics
 (:func:`image_statistics`: brightness, contrast, sharpness; numpy on the frame), and, as a bound no device can
-reach, its true condition (one column a condition). If none lifts the capture where the human's action is unknown,
-the limit is in what the device's scores say, not in the fit.
+reach, its true condition (one column a condition); (d) the reported boxes' geometry (:func:`box_geometry`: the
+smallest box, two boxes overlapping, suppressed candidates beside a box, boxes at the frame's edge, the runner-up
+class), added to the Poisson fit. If none lifts the capture where the human's action is unknown, the limit is in
+what the device's scores say, not in the fit.
+
+Every run also says what the errors are (:func:`error_kinds`): missed true boxes, those of them with no decoded box
+near them at all (no candidate at IoU 0.3 or more scoring a quarter of the operating threshold or more: invisible to
+any trigger on the model's boxes), and reported boxes that match no true box of their class.
 """
 
 from __future__ import annotations
@@ -81,9 +87,10 @@ TREES = "gradient-boosted trees on learned_box_error_hist's features (Poisson, d
 NOVELTY_FIT = "learned_box_error_hist's fit with novelty against the model's own bank added (headroom, not shipped)"
 IMAGE_FIT = "learned_box_error_hist's fit with image statistics added (headroom, not shipped)"
 CONDITION_FIT = "learned_box_error_hist's fit with the frame's true condition added (a bound no device reaches)"
+GEOMETRY_FIT = "learned_box_error_hist's fit with the reported boxes' geometry added (headroom, not shipped)"
 CHALLENGER_ALONE = "box_challenger_disagreement (count; a shadow challenger, the device's trigger)"
 CHALLENGER_FIT = "learned_box_error_hist with a shadow challenger (the hub's Poisson fit, the device's trigger)"
-HEADROOM = (SHIFT_ALONE, SHIFT_FIT, TREES, NOVELTY_FIT, IMAGE_FIT, CONDITION_FIT)
+HEADROOM = (SHIFT_ALONE, SHIFT_FIT, TREES, NOVELTY_FIT, IMAGE_FIT, CONDITION_FIT, GEOMETRY_FIT)
 CHALLENGER_STREAM = 3  # --challenger-extra: the world's stream (turn) the challenger's extra scenes come from
 BANK_K = 5  # --headroom: bank entries a frame's novelty averages over (the device's novelty trigger's default)
 
@@ -278,6 +285,63 @@ def image_statistics(images: np.ndarray) -> np.ndarray:
                     axis=1)
 
 
+def box_geometry(boxes: Any, op: float) -> np.ndarray:
+    """A detector's ``boxes`` of n frames (every decoded box) -> ``(n, 5)`` in [0, 1], of the boxes it reports (at
+    ``op``): 1 - the square root of the smallest one's area (0 without one); the largest IoU of two of them; the
+    boxes under ``op`` but at half of it or more that overlap one of them at IoU 0.3 or more (suppressed candidates
+    beside a box), as ``1 - 2**-count``; those touching the frame's edge (within 2%), the same way; and the largest
+    runner-up class probability among them (0 without class distributions)."""
+    from trigger.boxes import _best_iou, _select
+
+    n, b, fi = boxes.n, boxes.boxes, boxes.frame_index
+    rep = boxes.scores >= op
+    out = np.zeros((n, 5))
+    has = np.bincount(fi[rep], minlength=n) > 0
+    smallest = np.ones(n)
+    np.minimum.at(smallest, fi[rep], (b[rep, 2] - b[rep, 0]) * (b[rep, 3] - b[rep, 1]))
+    out[:, 0] = np.where(has, 1.0 - np.sqrt(np.clip(smallest, 0.0, 1.0)), 0.0)
+    reported = _select(boxes, rep)
+    for f in np.unique(reported.frame_index):
+        bb = reported.boxes[reported.frame_index == f]
+        if len(bb) < 2:
+            continue
+        lo, hi = np.maximum(bb[:, None, :2], bb[None, :, :2]), np.minimum(bb[:, None, 2:], bb[None, :, 2:])
+        inter = np.prod(np.clip(hi - lo, 0.0, None), axis=2)
+        area = np.prod(bb[:, 2:] - bb[:, :2], axis=1)
+        iou = inter / np.maximum(area[:, None] + area[None, :] - inter, 1e-12)
+        np.fill_diagonal(iou, 0.0)
+        out[f, 1] = iou.max()
+    near = ~rep & (boxes.scores >= 0.5 * op)
+    if near.any() and rep.any():
+        beside = np.zeros(boxes.m, bool)
+        beside[near] = _best_iou(_select(boxes, near), reported) >= 0.3
+        out[:, 2] = 1.0 - 2.0 ** -np.bincount(fi[beside], minlength=n)
+    edge = rep & ((b[:, :2] < 0.02).any(axis=1) | (b[:, 2:] > 0.98).any(axis=1))
+    out[:, 3] = 1.0 - 2.0 ** -np.bincount(fi[edge], minlength=n)
+    if reported.probs is not None and reported.m and reported.probs.shape[1] > 1:
+        np.maximum.at(out[:, 4], reported.frame_index, np.sort(reported.probs, axis=1)[:, -2])
+    return out
+
+
+def error_kinds(allboxes: Any, stream: Any, op: float) -> tuple[int, int, int]:
+    """(missed true boxes, those of them with no decoded box scoring ``op / 4`` or more at IoU 0.3 or more, reported
+    boxes matching no true box of their class) over ``stream``, as :func:`fleet.sim.agents.box_errors` counts them."""
+    from fleet.inference.detector import above
+    from trigger.boxes import Boxes, _best_iou, _select, match_boxes
+
+    boxes, labels = stream.truth_lists()
+    truth = Boxes.from_frames(boxes, labels=labels)
+    pred = above(allboxes, op)
+    match_pred, match_true = match_boxes(pred, truth, iou=0.5, classes=True)
+    same = match_pred >= 0
+    same[same] = pred.labels[same] == truth.labels[match_pred[same]]
+    missed = match_true < 0
+    candidates = _select(allboxes, allboxes.scores >= 0.25 * op)
+    unseen = int(missed.sum()) if not candidates.m else \
+        int((_best_iou(_select(truth, missed), candidates) < 0.3).sum())
+    return int(missed.sum()), unseen, int((~same).sum())
+
+
 def conditions_onehot(conditions: np.ndarray, names: list[str]) -> np.ndarray:
     """``(n,)`` condition names -> ``(n, len(names))``: 1 in the frame's condition's column."""
     return (np.asarray(conditions)[:, None] == np.asarray(names)[None, :]).astype(np.float64)
@@ -350,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         fit_boxes, fit_embedding = infer(rt, fit_stream.images)
         fit_errors = box_errors(rt, fit_stream).astype(np.float64)
         found = above(allboxes, op)
+        kinds = error_kinds(allboxes, stream, op)
         if args.challenger:  # the shadow challenger, run on both streams as the device runs it
             challenger_npz = seed_npz
             if args.challenger_extra:
@@ -382,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
         frame = {NOVELTY_FIT: novelty,
                  IMAGE_FIT: (image_statistics(fit_stream.images), image_statistics(stream.images)),
                  CONDITION_FIT: (conditions_onehot(fit_stream.conditions, names),
-                                 conditions_onehot(stream.conditions, names))}
+                                 conditions_onehot(stream.conditions, names)),
+                 GEOMETRY_FIT: (box_geometry(fit_boxes, op), box_geometry(allboxes, op))}
         table.update(headroom_scores(fit_boxes, fit_human, fit_errors, allboxes, human, op,
                                      shift=shift, frame=frame))
     rng = np.random.default_rng(args.seed)
@@ -437,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines) + (
         f"\n\nEach cell: capture / oracle capture (raw capture: the share of all the model's box errors on the "
         f"uploaded frames). {args.frames} frames, {int(errors.sum())} box errors ({(errors > 0).mean():.1%} of "
-        f"frames have one); errors per frame by condition: "
+        f"frames have one): {kinds[0]} true boxes missed ({kinds[1]} of them with no decoded box near them at all) "
+        f"and {kinds[2]} reported boxes that match no true box of their class; errors per frame by condition: "
         + ", ".join(f"{c} {v:.2f}" for c, v in per_cond.items())
         + f". Detector: fcos_tiny trained {args.epochs} epochs on the demo's 600 seed scenes (seed {args.seed}), "
         f"operating threshold {op:.3f}. Human boxes known on {known.mean():.0%} of frames. "

@@ -183,3 +183,31 @@ def test_the_shipped_campaign_puts_frames_the_human_disagrees_on_first_and_skips
     assert (prio[unsure] > 0).all()  # the least certain boxes fire the calibrated entropy leaf
     quiet = ~disagree & ~unsure
     assert (prio[quiet] == 0).all()  # frames with one sure box, agreed on or not seen by a human: not uploaded
+
+
+def test_box_geometry_reads_the_reported_boxes_by_hand() -> None:
+    """Frame 0: two reported boxes overlapping (IoU 1/3), a small one at the edge, a suppressed candidate beside
+    one; frame 1: one box alone; frame 2: nothing reported."""
+    op = 0.4
+    boxes = Boxes.from_frames(
+        [np.array([[0.2, 0.2, 0.6, 0.6], [0.4, 0.2, 0.8, 0.6], [0.0, 0.9, 0.1, 1.0], [0.21, 0.2, 0.6, 0.6]]),
+         np.array([[0.3, 0.3, 0.7, 0.7]]), np.array([[0.3, 0.3, 0.7, 0.7]])],
+        scores=[np.array([0.9, 0.8, 0.5, 0.3]), np.array([0.95]), np.array([0.1])],
+        probs=[np.array([[0.7, 0.3], [0.9, 0.1], [0.6, 0.4], [0.5, 0.5]]), np.array([[1.0, 0.0]]),
+               np.array([[0.5, 0.5]])])
+    g = becd.box_geometry(boxes, op)
+    assert g.shape == (3, 5)
+    assert g[0] == pytest.approx([0.9, 1 / 3, 0.5, 0.5, 0.4])  # smallest 0.1 x 0.1; the 0.3 box beside the first
+    assert g[1] == pytest.approx([0.6, 0.0, 0.0, 0.0, 0.0])
+    assert g[2] == pytest.approx([0.0] * 5)
+
+
+def test_error_kinds_tells_missed_boxes_with_and_without_a_candidate_from_wrong_ones() -> None:
+    """Three true boxes: one found, one with a faint candidate under the threshold, one with nothing near it; and
+    one reported box on empty ground."""
+    op = 0.5
+    truth = [np.array([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.1, 0.6, 0.3, 0.8]])]
+    stream = SimpleNamespace(truth_lists=lambda: (truth, [np.array([0, 1, 2])]))
+    found = Boxes.from_frames([np.array([[0.1, 0.1, 0.3, 0.3], [0.5, 0.5, 0.7, 0.7], [0.8, 0.0, 0.95, 0.1]])],
+                              scores=[np.array([0.9, 0.2, 0.7])], labels=[np.array([0, 1, 2])])
+    assert becd.error_kinds(found, stream, op) == (2, 1, 1)
