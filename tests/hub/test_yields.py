@@ -72,9 +72,9 @@ def test_yield_counts_errors_found_per_trigger_and_per_campaign(hub: HubHarness)
 
 
 def test_metrics_count_the_yields_at_most_once_a_minute_and_say_how_old_they_are(hub: HubHarness) -> None:
-    """A scrape every few seconds scanned every campaign case each time (2 s at 200,000 cases here): /metrics
-    reads yields counted at most FLYWHEEL_HUB_METRICS_YIELDS_MAX_AGE_S (60) ago in its worker, and their age;
-    GET /v1/yields always counts afresh."""
+    """A scrape every few seconds scanned every campaign case each time (5 s a scrape at a million cases:
+    benchmarks/bench_yields.py): /metrics reads yields counted at most FLYWHEEL_HUB_METRICS_YIELDS_MAX_AGE_S (60)
+    ago in its worker, and their age; GET /v1/yields always counts afresh."""
     hub.enroll("d1")
     a = send(hub, "rare", ["entropy"], predicted=0)
     b = send(hub, "rare", ["entropy"], predicted=1)
