@@ -25,6 +25,15 @@ def _refused(*args: str) -> tuple[int, str]:
     return run.returncode, " ".join((run.stdout + run.stderr).replace("│", " ").split())
 
 
+def short_demo(ws: Path) -> None:
+    """A one-turn oracle demo small enough for a test, run to its end in ``ws``."""
+    run = subprocess.run([*DEMO, "--workspace", str(ws), "--turns", "1", "--devices", "1", "--frames-per-device",
+                          "60", "--budget", "10", "--labeler", "oracle", "--base-epochs", "1", "--epochs", "1",
+                          "--seed-size", "60", "--test-size", "30", "--width", "8"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 def test_serve_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     code, out = _refused("--serve")
     assert code == 2 and "--serve needs --workspace" in out, out
@@ -50,11 +59,7 @@ def test_a_stopped_demo_serves_its_dashboard_and_label_studio_again(tmp_path: Pa
     if binary is None:
         missing_service("no label-studio executable (scripts/test.sh installs one into .venv-studio)")
     ws = tmp_path / "ws"
-    run = subprocess.run([*DEMO, "--workspace", str(ws), "--turns", "1", "--devices", "1", "--frames-per-device",
-                          "60", "--budget", "10", "--labeler", "oracle", "--base-epochs", "1", "--epochs", "1",
-                          "--seed-size", "60", "--test-size", "30", "--width", "8"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    short_demo(ws)
     state_path = ws / "demo-state.json"
     state = json.loads(state_path.read_text())
     versions = {state["base_version"], state["arms"]["flywheel"]["version"]}
@@ -109,11 +114,7 @@ def test_resume_stops_what_a_killed_serve_left_running(tmp_path: Path) -> None:
     """--serve killed hard (its hub lives on, orphaned): a second --serve is refused and says how to stop it;
     --resume of the finished demo stops it, resumes nothing, and --serve works again."""
     ws = tmp_path / "ws"
-    run = subprocess.run([*DEMO, "--workspace", str(ws), "--turns", "1", "--devices", "1", "--frames-per-device",
-                          "60", "--budget", "10", "--labeler", "oracle", "--base-epochs", "1", "--epochs", "1",
-                          "--seed-size", "60", "--test-size", "30", "--width", "8"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    short_demo(ws)
     url = f"http://127.0.0.1:{json.loads((ws / 'demo-state.json').read_text())['hub']['port']}"
 
     def serve() -> tuple[subprocess.Popen[str], Lines]:
@@ -124,6 +125,7 @@ def test_resume_stops_what_a_killed_serve_left_running(tmp_path: Path) -> None:
         return proc, lines
 
     proc, _ = serve()
+    again: subprocess.Popen[str] | None = None
     try:
         proc.kill()  # the --serve process alone, not its hub (another process group)
         proc.wait(timeout=30)
@@ -144,7 +146,7 @@ def test_resume_stops_what_a_killed_serve_left_running(tmp_path: Path) -> None:
         assert again.wait(timeout=60) == 0
         lines.wait_for("stopped", 10)
     finally:
-        for p in (proc, locals().get("again")):
+        for p in (proc, again):
             if p is not None and p.poll() is None:
                 p.kill()
         subprocess.run([*DEMO, "--resume", "--workspace", str(ws)], capture_output=True, timeout=120)
